@@ -1,0 +1,744 @@
+//! Configuration: the raw layers (file, `SIDECACHE_*` environment, flags) and the validated
+//! [`Config`] built from them.
+//!
+//! Precedence is flag > env > file > default. Every key is declared once, in the
+//! `config_keys!` table below, so the three layers cannot drift apart. Validation happens before
+//! any port is bound; each error names the key and where its value came from.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+
+use crate::size::{ByteSize, MinFree};
+
+/// Where a configuration value came from; printed in every configuration error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The built-in default.
+    Default,
+    /// A YAML configuration file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("the default"),
+            Source::File(path) => write!(f, "config file {}", path.display()),
+            Source::Env(var) => write!(f, "environment variable {var}"),
+            Source::Flag(key) => write!(f, "flag --{}", key.replace('_', "-")),
+        }
+    }
+}
+
+/// A configuration that cannot be used. Reported before anything is bound; exit status 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML for the schema (this includes unknown keys).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key and the line.
+        message: String,
+    },
+    /// An environment variable names no key.
+    #[error("unknown key `{key}` in environment variable {var}; known keys: {known}")]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// The key derived from it.
+        key: String,
+        /// The list of keys.
+        known: String,
+    },
+    /// A value is malformed or out of range.
+    #[error("invalid value for `{key}` from {origin}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Where the value came from.
+        origin: Source,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Declares every configuration key once: its type in the raw layers, with a doc line.
+macro_rules! config_keys {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty, )*) => {
+        /// One layer of configuration, every key optional. Unknown keys are refused.
+        #[derive(Debug, Default, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawConfig {
+            $( $(#[$doc])* pub $name: Option<$ty>, )*
+        }
+
+        impl RawConfig {
+            /// Every key, as spelled in YAML; `SIDECACHE_<KEY>` upper-cases it.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($name)),*];
+
+            /// Keys set in this layer.
+            fn set_keys(&self) -> Vec<&'static str> {
+                let mut keys = Vec::new();
+                $( if self.$name.is_some() { keys.push(stringify!($name)); } )*
+                keys
+            }
+
+            /// Lays `over` on top of `self`: every key `over` sets wins.
+            fn overlay(&mut self, over: RawConfig) {
+                $( if over.$name.is_some() { self.$name = over.$name; } )*
+            }
+
+            /// Sets `key` from an environment string. `Ok(false)` when no such key exists.
+            fn set_from_env(&mut self, key: &str, value: &str) -> Result<bool, String> {
+                match key {
+                    $( stringify!($name) => {
+                        self.$name = Some(parse_env_value::<$ty>(value)?);
+                        Ok(true)
+                    } )*
+                    _ => Ok(false),
+                }
+            }
+        }
+    };
+}
+
+config_keys! {
+    /// Public listener address.
+    listen: String,
+    /// The app's base URL (`http://host:port`).
+    upstream: String,
+    /// Admin listener address (metrics, health, purge, prime).
+    admin_listen: String,
+    /// Bearer token the admin port requires for purge and prime, when set.
+    admin_token: String,
+    /// Directory holding the cache; nonpersistent, private to the instance.
+    cache_dir: PathBuf,
+    /// Disk budget for the cache: bodies plus metadata.
+    max_size: ByteSize,
+    /// Room to keep free on the cache's filesystem: bytes or a percentage.
+    min_free: MinFree,
+    /// Largest object kept; larger ones are served but not stored.
+    max_object_size: ByteSize,
+    /// Bytes of the in-memory hot tier; 0 turns it off.
+    memory_size: ByteSize,
+    /// Largest object the hot tier holds.
+    memory_object_max: ByteSize,
+    /// Eviction starts above this share of `max_size`.
+    high_watermark: f64,
+    /// Eviction stops below this share of `max_size`.
+    low_watermark: f64,
+    /// How often the eviction loop checks usage when not woken.
+    evict_interval: HumanDuration,
+    /// How long a request waits on another request's fill before going to the app itself.
+    coalesce_timeout: HumanDuration,
+    /// Drain period on SIGTERM.
+    grace_period: HumanDuration,
+    /// Timeout for connecting to the app.
+    upstream_connect_timeout: HumanDuration,
+    /// Timeout for the app's response headers.
+    upstream_timeout: HumanDuration,
+    /// Timeout for reading a client's request headers (also bounds HTTP/1 keep-alive idle).
+    client_header_timeout: HumanDuration,
+    /// A connection with no bytes moving either way for this long is closed.
+    idle_timeout: HumanDuration,
+    /// Largest request head accepted.
+    max_header_size: ByteSize,
+    /// Concurrent client connections; further ones wait in the listen backlog.
+    max_connections: usize,
+    /// How long `serve -- <app>` waits for the app to accept connections.
+    app_start_timeout: HumanDuration,
+    /// One log line per request.
+    access_log: bool,
+    /// `text` or `json`.
+    log_format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `sidecache=debug,info`, ...
+    log_level: String,
+    /// Trust `X-Forwarded-*` headers from clients (set when behind a platform router).
+    trust_forwarded: bool,
+    /// How long past its freshness a stored object may stand in for a failing app.
+    stale_if_error: HumanDuration,
+    /// Heuristic freshness as a share of the time since `Last-Modified` (RFC 9111 §4.2.2).
+    heuristic_fraction: f64,
+    /// Upper bound of heuristic freshness.
+    heuristic_max: HumanDuration,
+}
+
+/// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
+/// whole), then as YAML (numbers, booleans, lists).
+fn parse_env_value<T: for<'de> Deserialize<'de>>(value: &str) -> Result<T, String> {
+    let plain: Result<T, serde::de::value::Error> = T::deserialize(value.into_deserializer());
+    match plain {
+        Ok(v) => Ok(v),
+        Err(_) => serde_saphyr::from_str_with_options(value, yaml_options()).map_err(|e| e.to_string()),
+    }
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! { strict_booleans: true }
+}
+
+/// A duration written as `25s`, `500ms`, `1h 30m` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as `25s`, `500ms` or `1h`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HumanDuration, E> {
+                Ok(HumanDuration(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HumanDuration, E> {
+                u64::try_from(v)
+                    .map(|v| HumanDuration(Duration::from_secs(v)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                let v = v.trim();
+                if let Ok(secs) = v.parse::<u64>() {
+                    return Ok(HumanDuration(Duration::from_secs(secs)));
+                }
+                humantime::parse_duration(v)
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("`{v}`: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// The validated configuration the program runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public listener.
+    pub listen: SocketAddr,
+    /// The app.
+    pub upstream: Upstream,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Admin bearer token.
+    pub admin_token: Option<String>,
+    /// Cache directory.
+    pub cache_dir: PathBuf,
+    /// Disk budget in bytes.
+    pub max_size: u64,
+    /// Room kept free on the filesystem.
+    pub min_free: MinFree,
+    /// Largest stored object in bytes.
+    pub max_object_size: u64,
+    /// Hot tier bytes; 0 = off.
+    pub memory_size: u64,
+    /// Largest hot-tier object.
+    pub memory_object_max: u64,
+    /// Eviction high watermark (share of `max_size`).
+    pub high_watermark: f64,
+    /// Eviction low watermark (share of `max_size`).
+    pub low_watermark: f64,
+    /// Eviction timer.
+    pub evict_interval: Duration,
+    /// Bound on waiting for another request's fill.
+    pub coalesce_timeout: Duration,
+    /// Drain period.
+    pub grace_period: Duration,
+    /// Connect timeout to the app.
+    pub upstream_connect_timeout: Duration,
+    /// Response-header timeout from the app.
+    pub upstream_timeout: Duration,
+    /// Client header read timeout.
+    pub client_header_timeout: Duration,
+    /// Connection idle timeout.
+    pub idle_timeout: Duration,
+    /// Largest request head.
+    pub max_header_size: usize,
+    /// Concurrent connections.
+    pub max_connections: usize,
+    /// Wait for a supervised app to come up.
+    pub app_start_timeout: Duration,
+    /// Access log on/off.
+    pub access_log: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Tracing filter.
+    pub log_level: String,
+    /// Trust client `X-Forwarded-*`.
+    pub trust_forwarded: bool,
+    /// Stale-if-error window.
+    pub stale_if_error: Duration,
+    /// Heuristic freshness fraction.
+    pub heuristic_fraction: f64,
+    /// Heuristic freshness cap.
+    pub heuristic_max: Duration,
+}
+
+/// The app's address: always plain HTTP on a local or private network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http`.
+    pub scheme: Scheme,
+    /// `host:port`.
+    pub authority: Authority,
+}
+
+impl Upstream {
+    /// Parses `http://host:port` (a bare `host:port` is taken as http).
+    pub fn parse(s: &str) -> Result<Upstream, String> {
+        let with_scheme = if s.contains("://") {
+            s.to_owned()
+        } else {
+            format!("http://{s}")
+        };
+        let uri: http::Uri = with_scheme.parse().map_err(|e| format!("`{s}`: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                return Err(format!(
+                    "`{s}`: scheme `{other}` is not supported (the app is reached over plain http)"
+                ));
+            }
+            None => return Err(format!("`{s}`: missing scheme")),
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(format!("`{s}`: a path prefix is not supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}`: missing host"))?;
+        if authority.port_u16().is_none() {
+            let authority = format!("{}:80", authority.host())
+                .parse()
+                .map_err(|e| format!("`{s}`: {e}"))?;
+            return Ok(Upstream {
+                scheme: Scheme::HTTP,
+                authority,
+            });
+        }
+        Ok(Upstream {
+            scheme: Scheme::HTTP,
+            authority,
+        })
+    }
+
+    /// The port the app listens on.
+    pub fn port(&self) -> u16 {
+        self.authority.port_u16().unwrap_or(80)
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// Reads and merges the layers, then validates. `env` is the process environment (passed in so
+/// tests can supply their own).
+#[derive(Debug, Default)]
+pub struct Loader {
+    file: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    flags: Vec<(&'static str, String)>,
+}
+
+impl Loader {
+    /// A loader over the given environment.
+    pub fn new(env: impl IntoIterator<Item = (String, String)>) -> Loader {
+        Loader {
+            env: env.into_iter().collect(),
+            ..Loader::default()
+        }
+    }
+
+    /// Reads this YAML file as the file layer (otherwise `SIDECACHE_CONFIG`, if set).
+    pub fn file(mut self, path: Option<PathBuf>) -> Loader {
+        self.file = path;
+        self
+    }
+
+    /// The flag layer: `(key, value)` pairs; a flag is named like its key (`--max-size`).
+    pub fn flags(mut self, flags: Vec<(&'static str, String)>) -> Loader {
+        self.flags = flags;
+        self
+    }
+
+    /// Merges all layers and validates the result.
+    pub fn load(self) -> Result<Config, ConfigError> {
+        let mut origins: HashMap<&'static str, Source> = HashMap::new();
+        let mut merged = RawConfig::default();
+
+        let file = self.file.clone().or_else(|| {
+            self.env
+                .iter()
+                .find(|(k, _)| k == "SIDECACHE_CONFIG")
+                .map(|(_, v)| PathBuf::from(v))
+        });
+        if let Some(path) = file {
+            let layer = read_file(&path)?;
+            for key in layer.set_keys() {
+                origins.insert(key, Source::File(path.clone()));
+            }
+            merged.overlay(layer);
+        }
+
+        // PORT is the platform's word for the public port; SIDECACHE_LISTEN beats it.
+        let mut env_layer = RawConfig::default();
+        if let Some((_, port)) = self.env.iter().find(|(k, _)| k == "PORT") {
+            let port: u16 = port.trim().parse().map_err(|_| ConfigError::Invalid {
+                key: "listen",
+                origin: Source::Env("PORT".into()),
+                message: format!("`{port}` is not a port number"),
+            })?;
+            env_layer.listen = Some(format!("0.0.0.0:{port}"));
+            origins.insert("listen", Source::Env("PORT".into()));
+        }
+        let mut vars: Vec<&(String, String)> = self.env.iter().collect();
+        vars.sort();
+        for (var, value) in vars {
+            let Some(suffix) = var.strip_prefix("SIDECACHE_") else {
+                continue;
+            };
+            if suffix == "CONFIG" {
+                continue;
+            }
+            let key = suffix.to_ascii_lowercase();
+            match env_layer.set_from_env(&key, value) {
+                Ok(true) => {
+                    let key = RawConfig::KEYS.iter().find(|k| **k == key).copied().unwrap_or("?");
+                    origins.insert(key, Source::Env(var.clone()));
+                }
+                Ok(false) => {
+                    return Err(ConfigError::UnknownEnv {
+                        var: var.clone(),
+                        key,
+                        known: RawConfig::KEYS.join(", "),
+                    });
+                }
+                Err(message) => {
+                    let key = RawConfig::KEYS.iter().find(|k| **k == key).copied().unwrap_or("?");
+                    return Err(ConfigError::Invalid {
+                        key,
+                        origin: Source::Env(var.clone()),
+                        message,
+                    });
+                }
+            }
+        }
+        merged.overlay(env_layer);
+
+        let mut flag_layer = RawConfig::default();
+        for (key, value) in self.flags {
+            let origin = Source::Flag(key);
+            match flag_layer.set_from_env(key, &value) {
+                Ok(true) => {
+                    origins.insert(key, origin);
+                }
+                Ok(false) => {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        origin,
+                        message: "no such key".into(),
+                    });
+                }
+                Err(message) => return Err(ConfigError::Invalid { key, origin, message }),
+            }
+        }
+        merged.overlay(flag_layer);
+
+        validate(merged, &origins)
+    }
+}
+
+fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_yaml(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// Parses a YAML document as one configuration layer.
+pub fn parse_yaml(text: &str) -> Result<RawConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(RawConfig::default());
+    }
+    serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| e.to_string())
+}
+
+/// Default cache directory: under the system temp dir, writable on Heroku-like platforms.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("sidecache")
+}
+
+fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<Config, ConfigError> {
+    let source = |key: &'static str| origins.get(key).cloned().unwrap_or(Source::Default);
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        key,
+        origin: source(key),
+        message,
+    };
+
+    let addr = |key: &'static str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
+        let s = v.unwrap_or_else(|| default.to_owned());
+        s.parse()
+            .map_err(|_| invalid(key, format!("`{s}` is not an address such as 127.0.0.1:8080")))
+    };
+    let listen = addr("listen", raw.listen, "0.0.0.0:8080")?;
+    let admin_listen = addr("admin_listen", raw.admin_listen, "127.0.0.1:9090")?;
+    let upstream_str = raw.upstream.unwrap_or_else(|| "http://127.0.0.1:3000".into());
+    let upstream = Upstream::parse(&upstream_str).map_err(|m| invalid("upstream", m))?;
+
+    let dur = |v: Option<HumanDuration>, default: Duration| v.map(|d| d.0).unwrap_or(default);
+    let nonzero = |key: &'static str, d: Duration| -> Result<Duration, ConfigError> {
+        if d.is_zero() {
+            Err(invalid(key, "must be greater than zero".into()))
+        } else {
+            Ok(d)
+        }
+    };
+
+    let max_size = raw.max_size.map(|s| s.0).unwrap_or(4_000_000_000);
+    // By default a quarter of a small budget, so one object never crowds out the rest.
+    let max_object_size = raw
+        .max_object_size
+        .map(|s| s.0)
+        .unwrap_or((256 << 20).min(max_size / 4));
+    let memory_size = raw.memory_size.map(|s| s.0).unwrap_or(32 << 20);
+    let memory_object_max = raw.memory_object_max.map(|s| s.0).unwrap_or(256 << 10);
+    if max_size < 1 << 20 {
+        return Err(invalid(
+            "max_size",
+            format!("{max_size} bytes is below the 1MiB minimum"),
+        ));
+    }
+    if max_object_size == 0 || max_object_size > max_size / 2 {
+        return Err(invalid(
+            "max_object_size",
+            format!("must be between 1 byte and half of max_size ({} bytes)", max_size / 2),
+        ));
+    }
+    let high_watermark = raw.high_watermark.unwrap_or(0.95);
+    let low_watermark = raw.low_watermark.unwrap_or(0.90);
+    if !(0.1..=1.0).contains(&high_watermark) {
+        return Err(invalid("high_watermark", "must be between 0.1 and 1.0".into()));
+    }
+    if !(0.05..=1.0).contains(&low_watermark) || low_watermark > high_watermark {
+        return Err(invalid(
+            "low_watermark",
+            "must be between 0.05 and high_watermark".into(),
+        ));
+    }
+    let heuristic_fraction = raw.heuristic_fraction.unwrap_or(0.1);
+    if !(0.0..=1.0).contains(&heuristic_fraction) {
+        return Err(invalid("heuristic_fraction", "must be between 0.0 and 1.0".into()));
+    }
+    let max_header_size = raw.max_header_size.map(|s| s.0).unwrap_or(64 << 10) as usize;
+    if !(8192..=1 << 24).contains(&max_header_size) {
+        return Err(invalid("max_header_size", "must be between 8KiB and 16MiB".into()));
+    }
+    let max_connections = raw.max_connections.unwrap_or(4096);
+    if max_connections == 0 {
+        return Err(invalid("max_connections", "must be at least 1".into()));
+    }
+    let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        return Err(invalid("log_level", format!("`{log_level}` is not a log filter")));
+    }
+    let admin_token = raw.admin_token.filter(|t| !t.is_empty());
+
+    Ok(Config {
+        listen,
+        upstream,
+        admin_listen,
+        admin_token,
+        cache_dir: raw.cache_dir.unwrap_or_else(default_cache_dir),
+        max_size,
+        min_free: raw.min_free.unwrap_or(MinFree::Percent(5.0)),
+        max_object_size,
+        memory_size,
+        memory_object_max,
+        high_watermark,
+        low_watermark,
+        evict_interval: nonzero("evict_interval", dur(raw.evict_interval, Duration::from_secs(10)))?,
+        coalesce_timeout: nonzero("coalesce_timeout", dur(raw.coalesce_timeout, Duration::from_secs(30)))?,
+        grace_period: dur(raw.grace_period, Duration::from_secs(25)),
+        upstream_connect_timeout: nonzero(
+            "upstream_connect_timeout",
+            dur(raw.upstream_connect_timeout, Duration::from_secs(5)),
+        )?,
+        upstream_timeout: nonzero("upstream_timeout", dur(raw.upstream_timeout, Duration::from_secs(60)))?,
+        client_header_timeout: nonzero(
+            "client_header_timeout",
+            dur(raw.client_header_timeout, Duration::from_secs(30)),
+        )?,
+        idle_timeout: nonzero("idle_timeout", dur(raw.idle_timeout, Duration::from_secs(120)))?,
+        max_header_size,
+        max_connections,
+        app_start_timeout: nonzero("app_start_timeout", dur(raw.app_start_timeout, Duration::from_secs(60)))?,
+        access_log: raw.access_log.unwrap_or(true),
+        log_format: raw.log_format.unwrap_or(LogFormat::Text),
+        log_level,
+        trust_forwarded: raw.trust_forwarded.unwrap_or(false),
+        stale_if_error: dur(raw.stale_if_error, Duration::from_secs(3600)),
+        heuristic_fraction,
+        heuristic_max: dur(raw.heuristic_max, Duration::from_secs(86_400)),
+    })
+}
+
+impl Config {
+    /// The configuration with every default, for tests and the demo.
+    pub fn defaults() -> Config {
+        Loader::new(std::iter::empty())
+            .load()
+            .expect("the built-in defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::defaults();
+        assert_eq!(c.max_size, 4_000_000_000);
+        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.grace_period, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn env_overrides_file_and_flag_overrides_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "max_size: 1GB\nmemory_size: 1MiB\nlisten: 127.0.0.1:1000\n").unwrap();
+        let flags = vec![("listen", "127.0.0.1:3000".to_owned())];
+        let c = Loader::new(env(&[
+            ("SIDECACHE_MAX_SIZE", "2GB"),
+            ("SIDECACHE_LISTEN", "127.0.0.1:2000"),
+        ]))
+        .file(Some(path))
+        .flags(flags)
+        .load()
+        .unwrap();
+        assert_eq!(c.max_size, 2_000_000_000, "env beats file");
+        assert_eq!(c.memory_size, 1 << 20, "file beats default");
+        assert_eq!(c.listen, "127.0.0.1:3000".parse().unwrap(), "flag beats env");
+    }
+
+    #[test]
+    fn port_sets_public_listener_but_sidecache_listen_wins() {
+        let c = Loader::new(env(&[("PORT", "5000")])).load().unwrap();
+        assert_eq!(c.listen, "0.0.0.0:5000".parse().unwrap());
+        let c = Loader::new(env(&[("PORT", "5000"), ("SIDECACHE_LISTEN", "127.0.0.1:7")]))
+            .load()
+            .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_file_key_is_refused_naming_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, "max_sise: 1GB\n").unwrap();
+        let err = Loader::new(std::iter::empty())
+            .file(Some(path.clone()))
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_sise"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_and_bad_env_value_are_refused() {
+        let err = Loader::new(env(&[("SIDECACHE_MAX_SIZ", "1")]))
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SIDECACHE_MAX_SIZ"), "{err}");
+        let err = Loader::new(env(&[("SIDECACHE_MAX_SIZE", "lots")]))
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_size") && err.contains("SIDECACHE_MAX_SIZE"), "{err}");
+    }
+
+    #[test]
+    fn env_values_parse_as_their_types() {
+        let c = Loader::new(env(&[
+            ("SIDECACHE_ACCESS_LOG", "false"),
+            ("SIDECACHE_MAX_CONNECTIONS", "12"),
+            ("SIDECACHE_GRACE_PERIOD", "3s"),
+            ("SIDECACHE_ADMIN_TOKEN", "a#b: c"),
+            ("SIDECACHE_MIN_FREE", "10%"),
+        ]))
+        .load()
+        .unwrap();
+        assert!(!c.access_log);
+        assert_eq!(c.max_connections, 12);
+        assert_eq!(c.grace_period, Duration::from_secs(3));
+        assert_eq!(c.admin_token.as_deref(), Some("a#b: c"));
+        assert_eq!(c.min_free, MinFree::Percent(10.0));
+    }
+
+    #[test]
+    fn bad_flag_value_names_the_flag() {
+        let err = Loader::new(std::iter::empty())
+            .flags(vec![("max_size", "4XB".into())])
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--max-size") && err.contains("max_size"), "{err}");
+    }
+
+    #[test]
+    fn strict_booleans_refuse_yes() {
+        let err = parse_yaml("access_log: yes\n").unwrap_err();
+        assert!(err.contains("access_log") || err.contains("bool"), "{err}");
+    }
+
+    #[test]
+    fn upstream_must_be_plain_http_without_path() {
+        assert!(Upstream::parse("http://127.0.0.1:3000").is_ok());
+        assert_eq!(Upstream::parse("localhost").unwrap().port(), 80);
+        assert!(Upstream::parse("https://x:1").is_err());
+        assert!(Upstream::parse("http://x:1/app").is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! A built-in sample origin for `sidecache demo`: a few static assets with the caching headers
+//! real apps send (and one dynamic endpoint), so the sidecar can be tried with nothing else
+//! running.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{self, ProxyBody};
+
+/// One sample asset.
+struct Asset {
+    path: &'static str,
+    content_type: &'static str,
+    cache_control: &'static str,
+    body: Bytes,
+}
+
+fn assets() -> Vec<Asset> {
+    let js = "console.log('hello from sidecache demo');\n".repeat(400);
+    let css = "body { font-family: sans-serif; color: #222; }\n".repeat(300);
+    let svg = r##"<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><circle cx="32" cy="32" r="30" fill="#3b82f6"/></svg>"##;
+    vec![
+        Asset {
+            path: "/assets/app-3f2a9c81.js",
+            content_type: "application/javascript",
+            cache_control: "public, max-age=31536000, immutable",
+            body: Bytes::from(js),
+        },
+        Asset {
+            path: "/assets/style.css",
+            content_type: "text/css",
+            cache_control: "public, max-age=3600",
+            body: Bytes::from(css),
+        },
+        Asset {
+            path: "/images/logo.svg",
+            content_type: "image/svg+xml",
+            cache_control: "public, max-age=86400",
+            body: Bytes::from_static(svg.as_bytes()),
+        },
+    ]
+}
+
+/// Serves the sample origin on `listener` until `shutdown` is cancelled.
+pub async fn run_origin(listener: TcpListener, shutdown: CancellationToken) {
+    let assets = Arc::new(assets());
+    let served = Arc::new(AtomicU64::new(0));
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        let assets = assets.clone();
+        let served = served.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let assets = assets.clone();
+                let served = served.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&assets, &served, req)) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(assets: &[Asset], served: &AtomicU64, req: Request<Incoming>) -> Response<ProxyBody> {
+    let n = served.fetch_add(1, Ordering::Relaxed) + 1;
+    let path = req.uri().path();
+    if let Some(asset) = assets.iter().find(|a| a.path == path) {
+        let mut resp = Response::new(body::full(asset.body.clone()));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static(asset.cache_control));
+        h.insert(
+            header::ETAG,
+            HeaderValue::from_str(&format!("\"{}\"", blake3::hash(&asset.body).to_hex()[..16].to_owned()))
+                .expect("hex is a valid header"),
+        );
+        return resp;
+    }
+    let (status, content_type, text) = match path {
+        "/" => (
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            format!(
+                "<!doctype html><title>sidecache demo</title><h1>sidecache demo origin</h1>\
+                 <p>The origin has answered {n} requests. Reload an asset: the count stops growing \
+                 because the sidecar serves it from its cache (see the Cache-Status header).</p><ul>{}</ul>\
+                 <p><a href=\"/api/time\">/api/time</a> is dynamic and never cached.</p>",
+                assets
+                    .iter()
+                    .map(|a| format!("<li><a href=\"{0}\">{0}</a></li>", a.path))
+                    .collect::<String>()
+            ),
+        ),
+        "/api/time" => (
+            StatusCode::OK,
+            "application/json",
+            format!(
+                "{{\"now\":\"{}\",\"origin_requests\":{n}}}\n",
+                httpdate::fmt_http_date(std::time::SystemTime::now())
+            ),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".to_owned(),
+        ),
+    };
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

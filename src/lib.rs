@@ -1,0 +1,27 @@
+//! sidecache: a caching reverse proxy that runs beside an app on every instance and keeps its
+//! static assets on the instance's local, nonpersistent disk.
+//!
+//! ```text
+//! client -> server -> proxy --(bypass, upgrade)------------------------> upstream -> app
+//!                       |
+//!                       '-- (cache lookup: hit | miss+fill | wait) ----> upstream -> app
+//! admin: /metrics /healthz /readyz            supervise: `serve -- <app command>`
+//! ```
+//!
+//! Modules: [`config`] (layers and validation), [`server`] (accept loop, limits, drain),
+//! [`proxy`] (the request path), [`upstream`] (client to the app), [`admin`] (admin port),
+//! [`supervise`] (child app), [`sidecar`] (wiring), [`demo`] (built-in sample origin),
+//! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types).
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod sidecar;
+pub mod size;
+pub mod supervise;
+pub mod upstream;

@@ -1,0 +1,323 @@
+//! The `sidecache` command: CLI dispatch. Configuration is loaded and validated before any port
+//! is bound; a bad configuration exits with status 64.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use sidecache::config::{Config, Loader, LogFormat};
+use sidecache::sidecar::Sidecar;
+use sidecache::supervise::{self, App};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Exit status for a configuration error (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "sidecache",
+    version,
+    about = "A caching reverse-proxy sidecar for static assets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy in front of the app; with `-- <command>`, start and supervise the app too.
+    Serve {
+        #[command(flatten)]
+        opts: ConfigOpts,
+        /// The app to start and supervise (gets PORT set to the upstream port).
+        #[arg(last = true)]
+        app: Vec<String>,
+    },
+    /// Validate the configuration (file, environment, flags) and print it.
+    CheckConfig {
+        #[command(flatten)]
+        opts: ConfigOpts,
+    },
+    /// Run a built-in sample origin with the sidecar in front of it.
+    Demo {
+        /// Public address of the demo sidecar.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Admin address of the demo sidecar.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: String,
+    },
+}
+
+/// Flags shared by `serve` and `check-config`; each overrides its config key.
+#[derive(Args, Default)]
+struct ConfigOpts {
+    /// YAML configuration file (also SIDECACHE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Public listen address (key `listen`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The app's URL, e.g. http://127.0.0.1:3000 (key `upstream`).
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Cache directory (key `cache_dir`).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<String>,
+    /// Disk budget, e.g. 4GB or 512MiB (key `max_size`).
+    #[arg(long, value_name = "SIZE")]
+    max_size: Option<String>,
+    /// Largest object kept (key `max_object_size`).
+    #[arg(long, value_name = "SIZE")]
+    max_object_size: Option<String>,
+    /// Hot tier size; 0 turns it off (key `memory_size`).
+    #[arg(long, value_name = "SIZE")]
+    memory_size: Option<String>,
+    /// Admin listen address (key `admin_listen`).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Drain period on SIGTERM, e.g. 25s (key `grace_period`).
+    #[arg(long, value_name = "DURATION")]
+    grace_period: Option<String>,
+    /// `text` or `json` (key `log_format`).
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Log filter, e.g. info or debug (key `log_level`).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+impl ConfigOpts {
+    fn load(self) -> Result<Config, sidecache::config::ConfigError> {
+        let flags = [
+            ("listen", self.listen),
+            ("upstream", self.upstream),
+            ("cache_dir", self.cache_dir),
+            ("max_size", self.max_size),
+            ("max_object_size", self.max_object_size),
+            ("memory_size", self.memory_size),
+            ("admin_listen", self.admin_listen),
+            ("grace_period", self.grace_period),
+            ("log_format", self.log_format),
+            ("log_level", self.log_level),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+        Loader::new(std::env::vars()).file(self.config).flags(flags).load()
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { opts } => match opts.load() {
+            Ok(config) => {
+                println!("configuration is valid\n{config:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sidecache: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Serve { opts, app } => {
+            let config = match opts.load() {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("sidecache: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(&config);
+            run_async(serve(config, app))
+        }
+        Command::Demo { listen, admin_listen } => {
+            let flags = vec![("listen", listen), ("admin_listen", admin_listen)];
+            let config = match Loader::new(std::env::vars()).flags(flags).load() {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("sidecache: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(&config);
+            run_async(demo(config))
+        }
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sidecache: failed to start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("sidecache: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stdout);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT, naming it.
+async fn termination() -> anyhow::Result<i32> {
+    let mut term = signal(SignalKind::terminate()).context("failed to install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to install SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => libc::SIGTERM,
+        _ = int.recv() => libc::SIGINT,
+    })
+}
+
+async fn serve(mut config: Config, app_command: Vec<String>) -> anyhow::Result<u8> {
+    let mut app = None;
+    if !app_command.is_empty() {
+        // With no explicit upstream port for the app, give it a free loopback port.
+        if config.upstream.port() == 3000 && std::env::var_os("SIDECACHE_UPSTREAM").is_none() {
+            let port = supervise::free_port().context("failed to find a free port for the app")?;
+            config.upstream =
+                sidecache::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
+        }
+        app = Some(App::spawn(&app_command, config.upstream.port())?);
+    }
+
+    let app_start_timeout = config.app_start_timeout;
+    let upstream_host = config.upstream.authority.host().to_owned();
+    let upstream_port = config.upstream.port();
+    let sidecar = Sidecar::start(config)
+        .await
+        .context("failed to start the admin listener")?;
+    let signals = termination();
+    tokio::pin!(signals);
+
+    if let Some(app) = app.as_mut() {
+        tokio::select! {
+            ready = app.wait_ready(&upstream_host, upstream_port, app_start_timeout) => {
+                if let Err(e) = ready {
+                    error!(error = %e, "app failed to start");
+                    return Ok(match e {
+                        supervise::StartError::Exited { status } => supervise::exit_code(status).clamp(1, 255) as u8,
+                        _ => { app.signal(libc::SIGKILL); 1 }
+                    });
+                }
+                info!(port = upstream_port, "app ready");
+            }
+            sig = &mut signals => {
+                app.signal(sig?);
+                let status = app.wait().await?;
+                return Ok(supervise::exit_code(status) as u8);
+            }
+        }
+    }
+
+    let listener = sidecar
+        .bind_public()
+        .await
+        .context("failed to bind the public listener")?;
+    let serving = sidecar.serve(listener);
+    tokio::pin!(serving);
+
+    let mut app_status = None;
+    tokio::select! {
+        _ = &mut serving => {}
+        sig = &mut signals => {
+            let sig = sig?;
+            info!(signal = sig, "shutting down");
+            if let Some(app) = app.as_ref() {
+                app.signal(sig);
+            }
+            sidecar.shutdown.cancel();
+            let drained = serving.await;
+            if !drained {
+                warn!("some requests were cut off at the end of the grace period");
+            }
+        }
+        status = wait_app(&mut app) => {
+            let status = status?;
+            warn!(status = %status, "app exited; shutting down");
+            app_status = Some(status);
+            sidecar.shutdown.cancel();
+            let grace = Duration::from_secs(2);
+            let _ = tokio::time::timeout(grace, serving).await;
+        }
+    }
+    if let Some(mut app) = app {
+        let status = match app_status {
+            Some(status) => status,
+            None => app.wait().await?,
+        };
+        info!(status = %status, "app exited");
+        return Ok(supervise::exit_code(status).clamp(0, 255) as u8);
+    }
+    Ok(0)
+}
+
+async fn wait_app(app: &mut Option<App>) -> std::io::Result<std::process::ExitStatus> {
+    match app {
+        Some(app) => app.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn demo(mut config: Config) -> anyhow::Result<u8> {
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let origin_addr = origin.local_addr()?;
+    config.upstream =
+        sidecache::config::Upstream::parse(&format!("http://{origin_addr}")).map_err(anyhow::Error::msg)?;
+    config.cache_dir = std::env::temp_dir().join(format!("sidecache-demo-{}", std::process::id()));
+    let stop = CancellationToken::new();
+    tokio::spawn(sidecache::demo::run_origin(origin, stop.clone()));
+    let sidecar = Sidecar::start(config)
+        .await
+        .context("failed to start the admin listener")?;
+    let listener = sidecar
+        .bind_public()
+        .await
+        .context("failed to bind the public listener")?;
+    let public = listener.local_addr()?;
+    println!("\nsidecache demo: a sample app on {origin_addr}, the sidecar in front of it.");
+    println!("  try:      curl -si http://{public}/assets/app-3f2a9c81.js | head -12   (twice: miss, then hit)");
+    println!("  browse:   http://{public}/");
+    println!(
+        "  metrics:  curl -s http://{}/metrics | grep sidecache_requests",
+        sidecar.admin_addr()
+    );
+    println!("  stop:     Ctrl-C\n");
+    let serving = sidecar.serve(listener);
+    tokio::pin!(serving);
+    tokio::select! {
+        _ = &mut serving => {}
+        sig = termination() => {
+            sig?;
+            sidecar.shutdown.cancel();
+            serving.await;
+        }
+    }
+    stop.cancel();
+    Ok(0)
+}

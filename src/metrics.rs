@@ -1,0 +1,129 @@
+//! Every metric name, as a constant, described once. Labels come only from closed enums.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by `outcome` and `method` class.
+pub const REQUESTS: &str = "sidecache_requests_total";
+/// Time from request head to response head, by `outcome`.
+pub const REQUEST_DURATION: &str = "sidecache_request_duration_seconds";
+/// Time for the app to answer with a response head.
+pub const UPSTREAM_DURATION: &str = "sidecache_upstream_duration_seconds";
+/// Upstream failures, by `kind` (connect, timeout, protocol).
+pub const UPSTREAM_ERRORS: &str = "sidecache_upstream_errors_total";
+/// Body bytes sent to clients from the cache.
+pub const SERVED_CACHE_BYTES: &str = "sidecache_served_from_cache_bytes_total";
+/// Body bytes received from the app.
+pub const UPSTREAM_BYTES: &str = "sidecache_upstream_bytes_total";
+/// Client connections open now.
+pub const CONNECTIONS: &str = "sidecache_connections";
+/// Bytes the cache holds on disk (bodies and metadata).
+pub const CACHE_SIZE: &str = "sidecache_cache_size_bytes";
+/// Bytes reserved by fills in progress.
+pub const CACHE_RESERVED: &str = "sidecache_cache_reserved_bytes";
+/// Objects in the cache index.
+pub const CACHE_OBJECTS: &str = "sidecache_cache_objects";
+/// The disk budget in force (max_size, lowered by min_free when the disk is short).
+pub const CACHE_BUDGET: &str = "sidecache_cache_budget_bytes";
+/// Bytes held by the in-memory hot tier.
+pub const HOT_SIZE: &str = "sidecache_hot_tier_size_bytes";
+/// Objects evicted by the LRU loop.
+pub const EVICTIONS: &str = "sidecache_evictions_total";
+/// Bytes freed by eviction.
+pub const EVICTED_BYTES: &str = "sidecache_evicted_bytes_total";
+/// Fills started.
+pub const FILLS_STARTED: &str = "sidecache_fills_started_total";
+/// Fills committed to the cache.
+pub const FILLS_COMPLETED: &str = "sidecache_fills_completed_total";
+/// Fills abandoned, by `reason`.
+pub const FILLS_ABORTED: &str = "sidecache_fills_aborted_total";
+/// Storage errors, by `kind`.
+pub const STORAGE_ERRORS: &str = "sidecache_storage_errors_total";
+/// Requests that waited on another request's fill.
+pub const COALESCED_WAITS: &str = "sidecache_coalesced_waits_total";
+/// Objects removed by purge requests.
+pub const PURGED_OBJECTS: &str = "sidecache_purged_objects_total";
+/// Objects found on disk at startup and indexed.
+pub const INDEX_LOADED: &str = "sidecache_index_loaded_objects";
+/// Objects found corrupt (length, checksum) and removed.
+pub const CORRUPT_OBJECTS: &str = "sidecache_corrupt_objects_total";
+/// Seconds the startup index rebuild took.
+pub const INDEX_REBUILD_SECONDS: &str = "sidecache_index_rebuild_seconds";
+/// 1 when the startup index rebuild is done.
+pub const INDEX_READY: &str = "sidecache_index_ready";
+/// Constant 1 with the version as a label.
+pub const BUILD_INFO: &str = "sidecache_build_info";
+
+/// Latency buckets in seconds: 100 µs to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs the global recorder (once per process) and describes every metric. Returns the
+/// handle `/metrics` renders from; later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    static GLOBAL: OnceLock<PrometheusHandle> = OnceLock::new();
+    GLOBAL
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (an embedding program's).
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            let upkeep = handle.clone();
+            // Histograms drain their buffers on upkeep; a plain thread keeps it off the runtime.
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                });
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "Requests answered, by outcome and method class.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request head to response head, by outcome."
+    );
+    describe_histogram!(UPSTREAM_DURATION, Unit::Seconds, "App response-head latency.");
+    describe_counter!(UPSTREAM_ERRORS, "Failed requests to the app, by kind.");
+    describe_counter!(SERVED_CACHE_BYTES, Unit::Bytes, "Body bytes served from the cache.");
+    describe_counter!(UPSTREAM_BYTES, Unit::Bytes, "Body bytes received from the app.");
+    describe_gauge!(CONNECTIONS, "Client connections open.");
+    describe_gauge!(CACHE_SIZE, Unit::Bytes, "Bytes the cache holds on disk.");
+    describe_gauge!(CACHE_RESERVED, Unit::Bytes, "Bytes reserved by fills in progress.");
+    describe_gauge!(CACHE_OBJECTS, "Objects in the cache index.");
+    describe_gauge!(CACHE_BUDGET, Unit::Bytes, "Disk budget in force.");
+    describe_gauge!(HOT_SIZE, Unit::Bytes, "Bytes in the in-memory hot tier.");
+    describe_counter!(EVICTIONS, "Objects evicted by the LRU loop.");
+    describe_counter!(EVICTED_BYTES, Unit::Bytes, "Bytes freed by eviction.");
+    describe_counter!(FILLS_STARTED, "Cache fills started.");
+    describe_counter!(FILLS_COMPLETED, "Cache fills committed.");
+    describe_counter!(FILLS_ABORTED, "Cache fills abandoned, by reason.");
+    describe_counter!(STORAGE_ERRORS, "Storage errors, by kind.");
+    describe_counter!(COALESCED_WAITS, "Requests that waited on another request's fill.");
+    describe_counter!(PURGED_OBJECTS, "Objects removed by purge.");
+    describe_gauge!(INDEX_LOADED, "Objects indexed from disk at startup.");
+    describe_counter!(CORRUPT_OBJECTS, "Objects found corrupt and removed.");
+    describe_gauge!(
+        INDEX_REBUILD_SECONDS,
+        Unit::Seconds,
+        "Duration of the startup index rebuild."
+    );
+    describe_gauge!(INDEX_READY, "1 once the startup index rebuild is done.");
+    describe_gauge!(BUILD_INFO, "Constant 1, labelled with the version.");
+}

@@ -1,0 +1,212 @@
+//! The public listener: accept loop, connection limit, timeouts, graceful shutdown.
+//!
+//! `run` takes a bound listener, the shared [`Proxy`] and a shutdown future (mini-redis): tests
+//! bind 127.0.0.1:0 and pass their own future.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::metrics as m;
+use crate::proxy::Proxy;
+
+/// Serves the public port until `shutdown` completes, then drains in-flight requests for at
+/// most `config.grace_period`. Returns true when every connection finished in time.
+pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) -> bool {
+    let config = proxy.config.clone();
+    let builder = Arc::new(connection_builder(&config));
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let idle_timeout = config.idle_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics::gauge!(m::CONNECTIONS).increment(1.0);
+            serve_connection(stream, peer, proxy, &builder, watcher, idle_timeout).await;
+            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+        });
+    }
+
+    info!(grace = ?config.grace_period, open = graceful.count(), "draining connections");
+    drop(listener);
+    match tokio::time::timeout(config.grace_period, graceful.shutdown()).await {
+        Ok(()) => {
+            info!("all connections drained");
+            true
+        }
+        Err(_) => {
+            warn!("grace period ended with connections still open");
+            false
+        }
+    }
+}
+
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.client_header_timeout)
+        .max_buf_size(config.max_header_size.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_size as u32)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256);
+    builder
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    idle_timeout: Duration,
+) {
+    let activity = Activity::new();
+    let io = TokioIo::new(IdleIo {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    let conn = watcher.watch(conn.into_owned());
+    tokio::select! {
+        result = conn => {
+            if let Err(e) = result {
+                debug!(error = %e, client = %peer.ip(), "connection ended with an error");
+            }
+        }
+        _ = activity.idle_for(idle_timeout) => {
+            debug!(client = %peer.ip(), "idle connection closed");
+        }
+    }
+}
+
+/// Last time bytes moved on a connection, in milliseconds since the connection began.
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Completes once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.start + last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// A stream that records when bytes last moved, for the idle timeout.
+struct IdleIo<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

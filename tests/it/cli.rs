@@ -1,0 +1,150 @@
+//! The binary's interface: configuration layers and refusal, graceful shutdown.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{Behaviour, Binary, Origin, binary_path, client};
+
+fn check_config(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(binary_path());
+    cmd.arg("check-config").args(args).env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn precedence_is_flag_then_env_then_file_then_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sidecache.yaml");
+    std::fs::write(&file, "max_size: 1GB\nmemory_size: 3MiB\n").unwrap();
+    let f = file.to_str().unwrap();
+
+    let (code, out, err) = check_config(&["--config", f, "--max-size", "3GB"], &[("SIDECACHE_MAX_SIZE", "2GB")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("max_size: 3000000000"), "flag wins: {out}");
+    assert!(out.contains("memory_size: 3145728"), "file beats default: {out}");
+
+    let (_, out, _) = check_config(&["--config", f], &[("SIDECACHE_MAX_SIZE", "2GB")]);
+    assert!(out.contains("max_size: 2000000000"), "env beats file: {out}");
+
+    let (_, out, _) = check_config(&["--config", f], &[]);
+    assert!(out.contains("max_size: 1000000000"), "file beats default: {out}");
+
+    let (_, out, _) = check_config(&[], &[]);
+    assert!(out.contains("max_size: 4000000000"), "default: {out}");
+
+    let (_, out, _) = check_config(&[], &[("PORT", "5123")]);
+    assert!(out.contains("0.0.0.0:5123"), "PORT sets the public listener: {out}");
+}
+
+#[test]
+fn unknown_key_is_refused_with_status_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, "max_size: 1GB\ncache_dri: /tmp/x\n").unwrap();
+    // Hold the port: if serve tried to bind before validating, it would fail differently.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let out = Command::new(binary_path())
+        .args([
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &listen,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("cache_dri"), "names the key: {err}");
+    assert!(err.contains(file.to_str().unwrap()), "names the file: {err}");
+    assert!(!err.contains("in use"), "{err}");
+
+    let (code, _, err) = check_config(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 64, "check-config runs the same validation: {err}");
+}
+
+#[test]
+fn bad_values_from_env_and_flags_are_refused_naming_their_source() {
+    let (code, _, err) = check_config(&[], &[("SIDECACHE_MAX_SIZE", "lots")]);
+    assert_eq!(code, 64);
+    assert!(err.contains("max_size") && err.contains("SIDECACHE_MAX_SIZE"), "{err}");
+    let (code, _, err) = check_config(&[], &[("SIDECACHE_NO_SUCH_KEY", "1")]);
+    assert_eq!(code, 64);
+    assert!(err.contains("SIDECACHE_NO_SUCH_KEY"), "{err}");
+    let (code, _, err) = check_config(&["--listen", "not-an-address"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("--listen"), "{err}");
+}
+
+#[test]
+fn config_example_is_valid_and_documents_every_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml");
+    let (code, _, err) = check_config(&["--config", example], &[]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(example).unwrap();
+    for key in sidecache::config::RawConfig::KEYS {
+        assert!(
+            text.contains(&format!("\n{key}:")),
+            "config.example.yaml does not document `{key}`"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_request_then_exits_0() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/slow",
+        Behaviour::Delay(
+            Duration::from_millis(1500),
+            Box::new(Behaviour::Fixed {
+                status: 200,
+                headers: vec![],
+                body: "finished".into(),
+            }),
+        ),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut bin = Binary::spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &origin.url(),
+        ],
+        &[("SIDECACHE_CACHE_DIR", cache.path().to_str().unwrap())],
+    );
+    let addr = bin.public_addr();
+    let in_flight = tokio::spawn(async move { client().get(format!("http://{addr}/slow")).send().await });
+    origin.wait_hits("/slow", 1).await;
+
+    bin.signal(libc::SIGTERM);
+    bin.wait_line("draining connections");
+    // No new connections once draining.
+    assert!(
+        crate::support::eventually(Duration::from_secs(5), async || tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err())
+        .await,
+        "still accepting after SIGTERM"
+    );
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "finished");
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,0 +1,112 @@
+//! `sidecache serve -- <app>`: a real child process, its readiness, signals and exit status.
+
+use std::time::Duration;
+
+use crate::support::{Binary, client};
+
+/// A stand-in app: HTTP on $PORT after a delay; exits 42 on SIGTERM; `/exit/N` exits N.
+const APP: &str = r#"
+import http.server, os, signal, sys, time
+port = int(os.environ["PORT"])
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))
+time.sleep(0.5)
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = f"app on {port}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        if self.path.startswith("/exit/"):
+            os._exit(int(self.path[6:]))
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+fn spawn_supervised(dir: &std::path::Path, app: &[&str]) -> Binary {
+    let script = dir.join("app.py");
+    std::fs::write(&script, APP).unwrap();
+    let cache = dir.join("cache");
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+    ];
+    args.push(cache.to_str().unwrap());
+    args.push("--");
+    let script = script.to_str().unwrap().to_owned();
+    let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if app.is_empty() {
+        full.extend(["python3".to_owned(), script]);
+    } else {
+        full.extend(app.iter().map(|s| s.to_string()));
+    }
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    Binary::spawn(&refs, &[("SIDECACHE_ACCESS_LOG", "false")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervised_app_gets_port_and_sidecar_reports_ready_only_after_it_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = spawn_supervised(dir.path(), &[]);
+    let admin = bin.admin_addr();
+    let ready_line = bin.wait_line("app ready");
+    let addr = bin.public_addr();
+    let port: u16 = ready_line
+        .split("port=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Public port bound only after the app accepts: the very first request reaches it.
+    let resp = client().get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), format!("app on {port}"));
+    let ready = client().get(format!("http://{admin}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    bin.signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "SIGTERM reached the app and its status is ours"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_exit_status_becomes_sidecache_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = spawn_supervised(dir.path(), &[]);
+    let addr = bin.public_addr();
+    let resp = client().get(format!("http://{addr}/exit/7")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_that_dies_at_startup_is_reported_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = spawn_supervised(dir.path(), &["sh", "-c", "exit 3"]);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_is_forwarded_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = spawn_supervised(dir.path(), &[]);
+    let _ = bin.public_addr();
+    bin.signal(libc::SIGINT);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    // Python's default SIGINT handler raises KeyboardInterrupt: exit status 1 (or 130).
+    assert!(matches!(status.code(), Some(1) | Some(130)), "{status:?}");
+}

@@ -1,0 +1,225 @@
+//! Test support: an in-process origin, an in-process sidecar on 127.0.0.1:0 with a temp cache
+//! dir, and a harness around the real `sidecache` binary. Not every test module uses every helper.
+#![allow(dead_code)]
+
+pub mod origin;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sidecache::config::{Config, Loader};
+use sidecache::sidecar::Sidecar;
+
+pub use origin::{Behaviour, Origin, matches_pattern, pattern_bytes, pattern_chunk};
+
+/// A sidecar running in this process.
+pub struct TestSidecar {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub sidecar: std::sync::Arc<Sidecar>,
+    pub dir: tempfile::TempDir,
+    serving: tokio::task::JoinHandle<bool>,
+}
+
+/// A config for tests: loopback, port 0, a fresh temp cache dir, quiet.
+pub fn test_config(upstream: &str, dir: &Path) -> Config {
+    let flags = vec![
+        ("listen", "127.0.0.1:0".to_owned()),
+        ("admin_listen", "127.0.0.1:0".to_owned()),
+        ("upstream", upstream.to_owned()),
+        ("cache_dir", dir.join("cache").display().to_string()),
+        ("max_size", "64MiB".to_owned()),
+        ("access_log", "false".to_owned()),
+    ];
+    Loader::new(std::iter::empty())
+        .flags(flags)
+        .load()
+        .expect("test config is valid")
+}
+
+impl TestSidecar {
+    pub async fn start(upstream: &str) -> TestSidecar {
+        TestSidecar::start_with(upstream, |_| {}).await
+    }
+
+    pub async fn start_with(upstream: &str, tweak: impl FnOnce(&mut Config)) -> TestSidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(upstream, dir.path());
+        tweak(&mut config);
+        TestSidecar::start_config(config, dir).await
+    }
+
+    pub async fn start_config(config: Config, dir: tempfile::TempDir) -> TestSidecar {
+        let sidecar = std::sync::Arc::new(Sidecar::start(config).await.unwrap());
+        let listener = sidecar.bind_public().await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = sidecar.admin_addr();
+        let s = sidecar.clone();
+        let serving = tokio::spawn(async move { s.serve(listener).await });
+        TestSidecar {
+            addr,
+            admin,
+            sidecar,
+            dir,
+            serving,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Stops accepting, drains, and returns whether every connection finished in time.
+    pub async fn stop(self) -> bool {
+        self.sidecar.shutdown.cancel();
+        self.serving.await.unwrap()
+    }
+}
+
+/// A plain HTTP/1.1 client with no pooling surprises.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// The real binary, with its stdout read line by line on a thread.
+pub struct Binary {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+pub fn binary_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sidecache"))
+}
+
+impl Binary {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut cmd = Command::new(binary_path());
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn sidecache");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Binary {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a log line containing `needle`; returns it.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no log line with {needle:?}; saw:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// The address in the `listening` (public) log line.
+    pub fn public_addr(&mut self) -> SocketAddr {
+        addr_field(&self.wait_line("proxy listening addr="))
+    }
+
+    /// The address in the `admin listening` log line.
+    pub fn admin_addr(&mut self) -> SocketAddr {
+        addr_field(&self.wait_line("admin listening addr="))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("sidecache did not exit within {limit:?}");
+            }
+            // Polling a child's exit status: there is no readiness event to wait on here.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory of the process, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc status")
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn addr_field(line: &str) -> SocketAddr {
+    let start = line.find("addr=").expect("addr field") + 5;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    rest[..end].trim_matches('"').parse().expect("socket address")
+}
+
+/// Retries `f` until it returns true, at most `limit` (readiness, not synchronisation by sleep).
+pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
