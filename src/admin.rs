@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` (and the cache's `/purge`). Never on
-//! the public port, where every path belongs to the app. Bound to loopback by default.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge`. Never on the public
+//! port, where every path belongs to the app. Bound to loopback by default; with `admin_token`
+//! set, purge requires `Authorization: Bearer <token>`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,9 +14,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::body::{self, ProxyBody};
+use crate::cache::Purge;
 use crate::proxy::Proxy;
 
 /// What the admin endpoints read.
@@ -72,16 +74,81 @@ impl Admin {
             }
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET, "/readyz") => {
-                let app = self.proxy.upstream.is_reachable(Duration::from_secs(1)).await;
-                if app {
-                    text(StatusCode::OK, "ready\n".into())
-                } else {
+                if !self.proxy.upstream.is_reachable(Duration::from_secs(1)).await {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready: app unreachable\n".into())
+                } else if !self.proxy.cache.is_loaded() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: cache index loading\n".into(),
+                    )
+                } else {
+                    text(StatusCode::OK, "ready\n".into())
                 }
+            }
+            (&Method::POST, "/purge") => {
+                if let Some(denied) = self.authorize(&req) {
+                    return denied;
+                }
+                let Some(what) = purge_selector(req.uri().query().unwrap_or("")) else {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "purge needs ?url=, ?prefix= or ?all=true\n".into(),
+                    );
+                };
+                let n = self.proxy.cache.purge(&what).await;
+                info!(objects = n, "purged");
+                json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }
+}
+
+impl Admin {
+    /// `None` when the request may go on; otherwise the refusal. Without a configured token
+    /// the admin port relies on being bound to loopback.
+    fn authorize(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+        let token = self.proxy.config.admin_token.as_deref()?;
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
+            _ => {
+                let mut resp = text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                Some(resp)
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads `url=`, `prefix=` or `all=true` from a query string.
+pub fn purge_selector(query: &str) -> Option<Purge> {
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "all" if v == "true" || v == "1" => return Some(Purge::All),
+            "url" if !v.is_empty() => return Some(Purge::Url(v.into_owned())),
+            "prefix" if !v.is_empty() => return Some(Purge::Prefix(v.into_owned())),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = text(status, body);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// A plain-text response.

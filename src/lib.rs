@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod metrics;

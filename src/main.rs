@@ -43,6 +43,24 @@ enum Command {
         #[command(flatten)]
         opts: ConfigOpts,
     },
+    /// Purge cached objects through the admin port: one URL, a prefix, or everything.
+    Purge {
+        /// One URL: a path (`/app.js?v=1`, any host) or a full `http://host/path` URL.
+        #[arg(long, conflicts_with_all = ["prefix", "all"])]
+        url: Option<String>,
+        /// Every URL whose path (or full URL) starts with this.
+        #[arg(long, conflicts_with = "all")]
+        prefix: Option<String>,
+        /// Everything.
+        #[arg(long)]
+        all: bool,
+        /// The sidecar's admin address.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        target: String,
+        /// Admin bearer token (also SIDECACHE_ADMIN_TOKEN).
+        #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Run a built-in sample origin with the sidecar in front of it.
     Demo {
         /// Public address of the demo sidecar.
@@ -136,6 +154,24 @@ fn main() -> ExitCode {
             };
             init_logging(&config);
             run_async(serve(config, app))
+        }
+        Command::Purge {
+            url,
+            prefix,
+            all,
+            target,
+            token,
+        } => {
+            let query = match (url, prefix, all) {
+                (Some(u), _, _) => ("url", u),
+                (_, Some(p), _) => ("prefix", p),
+                (_, _, true) => ("all", "true".to_owned()),
+                _ => {
+                    eprintln!("sidecache: purge needs --url, --prefix or --all");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            run_async(purge(target, query, token))
         }
         Command::Demo { listen, admin_listen } => {
             let flags = vec![("listen", listen), ("admin_listen", admin_listen)];
@@ -282,6 +318,32 @@ async fn wait_app(app: &mut Option<App>) -> std::io::Result<std::process::ExitSt
         Some(app) => app.wait().await,
         None => std::future::pending().await,
     }
+}
+
+async fn purge(target: String, query: (&'static str, String), token: Option<String>) -> anyhow::Result<u8> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let encoded = form_urlencoded::Serializer::new(String::new())
+        .append_pair(query.0, &query.1)
+        .finish();
+    let url = format!("{}/purge?{encoded}", target.trim_end_matches('/'));
+    let mut req = client.post(&url);
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        req = req.bearer_auth(token);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("failed to reach the admin port at {target}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("purge refused ({status}): {}", body.trim());
+    }
+    print!("{body}");
+    Ok(0)
 }
 
 async fn demo(mut config: Config) -> anyhow::Result<u8> {

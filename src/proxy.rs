@@ -8,15 +8,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{self, HeaderValue};
+use std::time::SystemTime;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
+use crate::cache::key::{CacheKey, Digest};
+use crate::cache::meta::Meta;
+use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
 use crate::config::Config;
 use crate::metrics as m;
+use crate::policy::{self, CacheControl, Heuristic};
 use crate::upstream::{Upstream, strip_hop_by_hop};
 
 /// What the cache did for one request: the metric label, the log field and the
@@ -64,20 +70,87 @@ fn method_class(method: &Method) -> &'static str {
     }
 }
 
-/// A response on its way out, with what the cache did and the detail for `Cache-Status`.
+/// Why a request went to the app: the `fwd` parameter of `Cache-Status` (RFC 9211 §2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fwd {
+    /// Not a cache candidate (method, upgrade, no host).
+    Bypass,
+    /// The method is not cacheable.
+    Method,
+    /// The request asked for a fresh copy.
+    Request,
+    /// Nothing stored for the URL.
+    UriMiss,
+    /// Stored for the URL, not for this request's `Vary` values.
+    VaryMiss,
+    /// Stored but stale.
+    Stale,
+}
+
+impl Fwd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fwd::Bypass => "bypass",
+            Fwd::Method => "method",
+            Fwd::Request => "request",
+            Fwd::UriMiss => "uri-miss",
+            Fwd::VaryMiss => "vary-miss",
+            Fwd::Stale => "stale",
+        }
+    }
+}
+
+/// A response on its way out, with what the cache did.
 pub struct Answer {
     /// The response.
     pub response: Response<ProxyBody>,
     /// What happened.
     pub outcome: Outcome,
-    /// The `Cache-Status` parameters after the cache name, e.g. `hit` or `fwd=uri-miss; stored`.
-    pub status_detail: &'static str,
+    /// Why it went to the app, when it did.
+    pub fwd: Option<Fwd>,
+    /// Whether the response is being stored.
+    pub stored: bool,
+}
+
+impl Answer {
+    fn new(response: Response<ProxyBody>, outcome: Outcome, fwd: Option<Fwd>) -> Answer {
+        Answer {
+            response,
+            outcome,
+            fwd,
+            stored: false,
+        }
+    }
+
+    /// The `Cache-Status` value (RFC 9211).
+    fn cache_status(&self) -> String {
+        let mut v = String::from("sidecache");
+        match self.fwd {
+            None => v.push_str("; hit"),
+            Some(fwd) => {
+                v.push_str("; fwd=");
+                v.push_str(fwd.as_str());
+            }
+        }
+        if self.outcome == Outcome::Coalesced {
+            v.push_str("; collapsed");
+        }
+        if self.stored {
+            v.push_str("; stored");
+        }
+        if self.outcome == Outcome::Error {
+            v.push_str("; detail=upstream-error");
+        }
+        v
+    }
 }
 
 /// Everything the request path needs, shared by every connection.
 pub struct Proxy {
     /// The pooled client to the app.
     pub upstream: Upstream,
+    /// The disk cache.
+    pub cache: Arc<Cache>,
     /// Configuration in force.
     pub config: Arc<Config>,
 }
@@ -91,13 +164,10 @@ impl Proxy {
         let version = req.version();
 
         let answer = self.route(req, client).await;
+        let cache_status = answer.cache_status();
         let Answer {
-            mut response,
-            outcome,
-            status_detail,
+            mut response, outcome, ..
         } = answer;
-
-        let cache_status = format!("sidecache; {status_detail}");
         if let Ok(v) = HeaderValue::from_str(&cache_status) {
             response.headers_mut().append(CACHE_STATUS.clone(), v);
         }
@@ -126,31 +196,183 @@ impl Proxy {
             return self.tunnel(req, client).await;
         }
         let req = req.map(body::boxed);
-        self.forward(req, client, Outcome::Bypass, "fwd=bypass").await
+        if !policy::is_cacheable_request(req.method(), req.headers()) {
+            let fwd = if matches!(*req.method(), Method::GET | Method::HEAD) {
+                Fwd::Request
+            } else {
+                Fwd::Method
+            };
+            return self.forward(req, client, Outcome::Bypass, fwd).await;
+        }
+        let Some(key) = CacheKey::from_request(&req, self.scheme(&req)) else {
+            return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+        };
+        let req_cc = CacheControl::parse(req.headers());
+        // RFC 9111 §5.2.1: the client asks for a response validated with the app.
+        let reload = req_cc.no_cache
+            || req_cc.max_age == Some(0)
+            || req
+                .headers()
+                .get(header::PRAGMA)
+                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+        let mut fwd = if reload { Fwd::Request } else { Fwd::UriMiss };
+        // A released waiter retries the cache; bounded so a flapping app cannot loop us.
+        for _ in 0..3 {
+            if !reload && let Some(hit) = self.cache.lookup(&key).await {
+                if !vary_matches(&hit.meta.vary, req.headers()) {
+                    fwd = Fwd::VaryMiss;
+                } else if self.is_fresh(&hit.meta) {
+                    return Answer::new(self.serve_hit(req.method(), hit), Outcome::Hit, None);
+                } else {
+                    fwd = Fwd::Stale;
+                }
+            }
+            if req.method() == Method::HEAD {
+                // A HEAD response has no body to store: ask the app directly.
+                return self.forward(req, client, Outcome::Miss, fwd).await;
+            }
+            match self.cache.claim(&key) {
+                Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd).await,
+                Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
+                    Some(Flight::Streaming(fill)) if vary_matches(&fill.meta.vary, req.headers()) => {
+                        let response = fill_response(&fill.meta, fill.reader());
+                        return Answer::new(response, Outcome::Coalesced, Some(fwd));
+                    }
+                    Some(Flight::Released { retry: true }) => continue,
+                    // Not shareable, another variant, or the leader is too slow: go alone.
+                    _ => return self.forward(req, client, Outcome::Miss, fwd).await,
+                },
+            }
+        }
+        self.forward(req, client, Outcome::Miss, fwd).await
     }
 
-    /// Forwards to the app and relays the answer without storing it.
-    pub async fn forward(
+    /// The scheme the client used, for the cache key.
+    fn scheme(&self, req: &Request<ProxyBody>) -> &'static str {
+        let https = self.config.trust_forwarded
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+        if https { "https" } else { "http" }
+    }
+
+    fn is_fresh(&self, meta: &Meta) -> bool {
+        let heuristic = Heuristic {
+            fraction: self.config.heuristic_fraction,
+            max: self.config.heuristic_max,
+        };
+        let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+        let lifetime = policy::freshness_lifetime(status, &meta.headers, meta.response_time, heuristic);
+        let age = policy::current_age(&meta.headers, meta.request_time, meta.response_time, SystemTime::now());
+        age < lifetime
+    }
+
+    fn serve_hit(&self, method: &Method, hit: Hit) -> Response<ProxyBody> {
+        let Hit { meta, body } = hit;
+        let len = body.len() as u64;
+        let mut resp = Response::new(if method == Method::HEAD {
+            body::empty()
+        } else {
+            body::full(body)
+        });
+        *resp.status_mut() = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+        *resp.headers_mut() = meta.headers.clone();
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        // RFC 9111 §4.2.3 / §5.1: the age the client sees includes our residence time.
+        let age = policy::current_age(&meta.headers, meta.request_time, meta.response_time, SystemTime::now());
+        resp.headers_mut().insert(header::AGE, HeaderValue::from(age.as_secs()));
+        if method != Method::HEAD {
+            metrics::counter!(m::SERVED_CACHE_BYTES).increment(len);
+        }
+        resp
+    }
+
+    /// The leader's fetch: ask the app, then store the answer while streaming it, or relay it.
+    async fn fetch(
         &self,
         mut req: Request<ProxyBody>,
         client: SocketAddr,
-        outcome: Outcome,
-        detail: &'static str,
+        key: CacheKey,
+        permit: FillPermit,
+        fwd: Fwd,
     ) -> Answer {
+        let method = req.method().clone();
+        let req_headers = req.headers().clone();
+        let request_time = SystemTime::now();
         self.upstream.prepare(&mut req, client, None);
-        match self.upstream.send(req).await {
-            Ok(resp) => Answer {
-                response: relay_response(resp),
-                outcome,
-                status_detail: detail,
-            },
+        let resp = match self.upstream.send(req).await {
+            Ok(resp) => resp,
             Err(err) => {
                 warn!(error = %err, "upstream request failed");
-                Answer {
-                    response: err.response(),
-                    outcome: Outcome::Error,
-                    status_detail: "fwd=miss; detail=upstream-error",
+                drop(permit);
+                return Answer::new(err.response(), Outcome::Error, Some(fwd));
+            }
+        };
+        let response_time = SystemTime::now();
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = body::boxed(body);
+        let heuristic = Heuristic {
+            fraction: self.config.heuristic_fraction,
+            max: self.config.heuristic_max,
+        };
+        let storable = policy::storable(&method, &req_headers, parts.status, &parts.headers);
+        let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, heuristic);
+        if let Err(why) = storable {
+            debug!(reason = why.as_str(), "response not stored");
+        }
+        if storable.is_err() || lifetime.is_zero() {
+            permit.release(false);
+            return Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
+        }
+        let meta = Meta {
+            key,
+            status: parts.status.as_u16(),
+            headers: parts.headers.clone(),
+            request_time,
+            response_time,
+            body_len: 0,
+            digest: Digest([0; 32]),
+            body_gen: 0,
+            vary: vary_values(&parts.headers, &req_headers),
+        };
+        let length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        match length {
+            Some(len) => match self.cache.start_fill(permit, Meta { body_len: len, ..meta }, body) {
+                Ok(fill) => {
+                    let mut answer = Answer::new(fill_response(&fill.meta, fill.reader()), Outcome::Miss, Some(fwd));
+                    answer.stored = true;
+                    answer
                 }
+                Err((permit, body)) => {
+                    permit.release(false);
+                    Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd))
+                }
+            },
+            None => {
+                permit.release(false);
+                let body = self.cache.tee_fill(meta, body);
+                let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
+                answer.stored = true;
+                answer
+            }
+        }
+    }
+
+    /// Forwards to the app and relays the answer without storing it.
+    pub async fn forward(&self, mut req: Request<ProxyBody>, client: SocketAddr, outcome: Outcome, fwd: Fwd) -> Answer {
+        self.upstream.prepare(&mut req, client, None);
+        match self.upstream.send(req).await {
+            Ok(resp) => Answer::new(relay_response(resp), outcome, Some(fwd)),
+            Err(err) => {
+                warn!(error = %err, "upstream request failed");
+                Answer::new(err.response(), Outcome::Error, Some(fwd))
             }
         }
     }
@@ -166,19 +388,11 @@ impl Proxy {
             Ok(resp) => resp,
             Err(err) => {
                 warn!(error = %err, "upstream upgrade request failed");
-                return Answer {
-                    response: err.response(),
-                    outcome: Outcome::Error,
-                    status_detail: "fwd=bypass; detail=upstream-error",
-                };
+                return Answer::new(err.response(), Outcome::Error, Some(Fwd::Bypass));
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Answer {
-                response: relay_response(resp),
-                outcome: Outcome::Bypass,
-                status_detail: "fwd=bypass",
-            };
+            return Answer::new(relay_response(resp), Outcome::Bypass, Some(Fwd::Bypass));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
@@ -195,11 +409,11 @@ impl Proxy {
             }
         });
         let (parts, _) = resp.into_parts();
-        Answer {
-            response: Response::from_parts(parts, body::empty()),
-            outcome: Outcome::Bypass,
-            status_detail: "fwd=bypass",
-        }
+        Answer::new(
+            Response::from_parts(parts, body::empty()),
+            Outcome::Bypass,
+            Some(Fwd::Bypass),
+        )
     }
 }
 
@@ -217,6 +431,38 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
         // h2c upgrade is deprecated (RFC 9113 §3.1) and hop-by-hop: serve it as HTTP/1.1.
         && !req.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"h2c"))
+}
+
+/// A response built from a fill's stored head, its body read while the fill writes it.
+fn fill_response(meta: &Meta, body: ProxyBody) -> Response<ProxyBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+    *resp.headers_mut() = meta.headers.clone();
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(meta.body_len));
+    resp
+}
+
+/// For each header a response's `Vary` names, the value this request had (RFC 9111 §4.1).
+fn vary_values(resp_headers: &HeaderMap, req_headers: &HeaderMap) -> Vec<(HeaderName, Option<HeaderValue>)> {
+    resp_headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(|name| {
+            let value = req_headers.get(&name).cloned();
+            (name, value)
+        })
+        .collect()
+}
+
+/// Whether a request has the values a stored response's `Vary` recorded.
+fn vary_matches(stored: &[(HeaderName, Option<HeaderValue>)], req_headers: &HeaderMap) -> bool {
+    stored
+        .iter()
+        .all(|(name, value)| req_headers.get(name) == value.as_ref())
 }
 
 /// An app response made ready for the client: hop-by-hop headers removed, body streamed.

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::admin::Admin;
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
@@ -28,13 +29,16 @@ impl Sidecar {
     pub async fn start(config: Config) -> std::io::Result<Sidecar> {
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
+        let cache = Cache::open(config.clone());
         let proxy = Arc::new(Proxy {
             upstream: Upstream::new(&config),
+            cache: cache.clone(),
             config: config.clone(),
         });
         let admin_listener = TcpListener::bind(config.admin_listen).await?;
         let admin_addr = admin_listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        tokio::spawn(crate::cache::evict::run(cache, shutdown.clone()));
         let admin = Arc::new(Admin {
             proxy: proxy.clone(),
             metrics,

@@ -1,0 +1,222 @@
+//! Filling the cache from a response while clients read it.
+//!
+//! A response with a `Content-Length` is filled by its own task ([`Fill`]): it writes the tmp
+//! file (pre-allocated, so a full disk shows before the first byte is promised), hashes as it
+//! writes, and publishes progress. Every reader, including the request that started it, reads
+//! the file up to the published length (read-while-write), so a slow or vanished client never
+//! holds the fill back, and the fill finishes for the others when one leaves.
+//!
+//! A response without a length is not shared: [`tee`] passes it straight to its one client and
+//! copies it to disk on the side, giving up the copy (never the client) if it grows too large.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::body::{BoxError, ProxyBody};
+use crate::cache::meta::Meta;
+
+/// How much a reader asks the file for at once.
+const READ_CHUNK: u64 = 256 << 10;
+
+/// Where a fill stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillState {
+    /// Bytes are still arriving.
+    Writing,
+    /// All bytes written and the length checked.
+    Complete,
+    /// The upstream body broke or the disk failed: readers get an error.
+    Failed,
+}
+
+/// Published progress of a fill.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Bytes durably in the file (readable by `pread`).
+    pub written: u64,
+    /// Where it stands.
+    pub state: FillState,
+}
+
+/// A fill in progress, shared by its task and its readers.
+pub struct Fill {
+    /// The response head being stored (digest not known yet).
+    pub meta: Arc<Meta>,
+    file: Arc<File>,
+    progress: watch::Sender<Progress>,
+}
+
+impl Fill {
+    /// A fill writing `file` for a response described by `meta` (`body_len` is the length).
+    pub fn new(meta: Arc<Meta>, file: File) -> Arc<Fill> {
+        let (progress, _) = watch::channel(Progress {
+            written: 0,
+            state: FillState::Writing,
+        });
+        Arc::new(Fill {
+            meta,
+            file: Arc::new(file),
+            progress,
+        })
+    }
+
+    /// The file being written.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Publishes that `written` bytes are in the file.
+    pub fn advance(&self, written: u64) {
+        self.progress.send_modify(|p| p.written = written);
+    }
+
+    /// Publishes the final state.
+    pub fn finish(&self, state: FillState) {
+        self.progress.send_modify(|p| p.state = state);
+    }
+
+    /// Current progress.
+    pub fn progress(&self) -> Progress {
+        *self.progress.borrow()
+    }
+
+    /// A body that streams this fill's bytes as they land in the file.
+    pub fn reader(self: &Arc<Self>) -> ProxyBody {
+        let len = self.meta.body_len;
+        let stream = futures_util::stream::unfold(
+            Some((self.clone(), self.progress.subscribe(), 0u64)),
+            move |state| async move {
+                let (fill, mut rx, offset) = state?;
+                loop {
+                    let p = *rx.borrow_and_update();
+                    if offset < p.written {
+                        let n = (p.written - offset).min(READ_CHUNK) as usize;
+                        let file = fill.file.clone();
+                        let read = tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0u8; n];
+                            file.read_exact_at(&mut buf, offset).map(|()| buf)
+                        })
+                        .await;
+                        return match read {
+                            Ok(Ok(buf)) => {
+                                Some((Ok(Frame::data(Bytes::from(buf))), Some((fill, rx, offset + n as u64))))
+                            }
+                            Ok(Err(e)) => Some((Err(BoxError::from(e)), None)),
+                            Err(e) => Some((Err(BoxError::from(e)), None)),
+                        };
+                    }
+                    match p.state {
+                        FillState::Complete if offset >= len => return None,
+                        FillState::Failed => return Some((Err(BoxError::from("cache fill failed upstream")), None)),
+                        _ => {
+                            if rx.changed().await.is_err() {
+                                return Some((Err(BoxError::from("cache fill abandoned")), None));
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        let body = http_body_util::StreamBody::new(Box::pin(stream));
+        ProxyBody::new(Sized { inner: body, len })
+    }
+}
+
+/// A body with a known exact length (so HTTP/1.1 sends Content-Length, not chunked).
+struct Sized<B> {
+    inner: B,
+    len: u64,
+}
+
+impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Body for Sized<B> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len)
+    }
+}
+
+/// One message from a tee to its writer.
+pub enum TeeMsg {
+    /// More body.
+    Data(Bytes),
+    /// The body ended cleanly.
+    End,
+}
+
+/// Passes `body` through to the client and sends a copy of each chunk to `tx`. The copy is
+/// dropped (never the client's bytes) when the writer falls behind or goes away; the writer
+/// learns of a clean end only through [`TeeMsg::End`].
+pub fn tee(body: ProxyBody, tx: mpsc::Sender<TeeMsg>) -> ProxyBody {
+    ProxyBody::new(Tee {
+        inner: body,
+        tx: Some(tx),
+    })
+}
+
+struct Tee {
+    inner: ProxyBody,
+    tx: Option<mpsc::Sender<TeeMsg>>,
+}
+
+impl Body for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && let Some(tx) = &self.tx
+                    && tx.try_send(TeeMsg::Data(data.clone())).is_err()
+                {
+                    self.tx = None;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(tx) = self.tx.take() {
+                    let _ = tx.try_send(TeeMsg::End);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.tx = None,
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Reads the next data chunk of an upstream body, skipping trailers.
+pub async fn next_chunk(body: &mut ProxyBody) -> Option<Result<Bytes, BoxError>> {
+    loop {
+        match body.frame().await? {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    return Some(Ok(data));
+                }
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}

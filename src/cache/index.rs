@@ -1,0 +1,409 @@
+//! The in-memory index of what is on disk: entries in exact LRU order, body reference counts
+//! (bodies are content-addressed and shared), and the byte budget.
+//!
+//! Bytes are accounted as `used` (committed files), `reserved` (fills in progress) and
+//! `unlinking` (removed from the index, not yet off the disk). Their sum is what the disk may
+//! hold at any instant; a reservation is granted only while that sum stays within the budget.
+//! This module does no I/O: it says which files to remove, the caller removes them and then
+//! reports [`Index::unlinked`].
+
+use std::collections::HashMap;
+
+use lru::LruCache;
+
+use crate::cache::key::{Digest, KeyHash};
+
+/// One stored version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The full key (for purge by path or prefix, and collision checks).
+    pub key: Box<str>,
+    /// Version of the meta record file.
+    pub meta_gen: u64,
+    /// Size of the meta record file.
+    pub meta_len: u64,
+    /// The body's content hash.
+    pub digest: Digest,
+    /// Version of the body file.
+    pub body_gen: u64,
+    /// Body length.
+    pub body_len: u64,
+    /// The body's hash has been checked since this process started.
+    pub verified: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BodyRef {
+    generation: u64,
+    len: u64,
+    refs: u32,
+}
+
+/// Files an index change made unreachable: the caller unlinks them, then calls
+/// [`Index::unlinked`] with `bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The key's hash and meta version.
+    pub meta: (KeyHash, u64),
+    /// The body version, when no other entry shares it.
+    pub body: Option<(Digest, u64)>,
+    /// Bytes these files hold.
+    pub bytes: u64,
+}
+
+/// The index.
+pub struct Index {
+    entries: LruCache<KeyHash, Entry>,
+    bodies: HashMap<Digest, BodyRef>,
+    used: u64,
+    reserved: u64,
+    unlinking: u64,
+    unindexed: u64,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index::new()
+    }
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new() -> Index {
+        Index {
+            entries: LruCache::unbounded(),
+            bodies: HashMap::new(),
+            used: 0,
+            reserved: 0,
+            unlinking: 0,
+            unindexed: 0,
+        }
+    }
+
+    /// Objects indexed.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of committed files.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Bytes reserved by fills in progress.
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+
+    /// Everything the disk may hold right now: committed, reserved, being unlinked, and found
+    /// at startup but not indexed yet.
+    pub fn usage(&self) -> u64 {
+        self.used + self.reserved + self.unlinking + self.unindexed
+    }
+
+    /// Looks up an entry and marks it most recently used (a hit counts as a use).
+    pub fn touch(&mut self, key: &KeyHash) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// Looks up an entry without changing the LRU order.
+    pub fn peek(&self, key: &KeyHash) -> Option<&Entry> {
+        self.entries.peek(key)
+    }
+
+    /// Records that an entry's body hash was checked.
+    pub fn mark_verified(&mut self, key: &KeyHash, meta_gen: u64) {
+        if let Some(e) = self.entries.peek_mut(key)
+            && e.meta_gen == meta_gen
+        {
+            e.verified = true;
+        }
+    }
+
+    /// Reserves `bytes` for a fill if the budget allows. Never lets `usage()` pass `budget`.
+    pub fn reserve(&mut self, bytes: u64, budget: u64) -> bool {
+        if self.usage().saturating_add(bytes) > budget {
+            return false;
+        }
+        self.reserved += bytes;
+        true
+    }
+
+    /// Returns reserved bytes a fill will not use.
+    pub fn release(&mut self, bytes: u64) {
+        self.reserved = self.reserved.saturating_sub(bytes);
+    }
+
+    /// Takes a reference on a body for an entry about to be inserted, converting `from_reserved`
+    /// reserved bytes. When the content is already stored, the existing version is shared and
+    /// `(its generation, false)` returned; otherwise `ours` becomes the body's version.
+    pub fn acquire_body(&mut self, digest: Digest, len: u64, ours: u64, from_reserved: u64) -> (u64, bool) {
+        self.release(from_reserved);
+        match self.bodies.get_mut(&digest) {
+            Some(b) => {
+                b.refs += 1;
+                (b.generation, false)
+            }
+            None => {
+                self.bodies.insert(
+                    digest,
+                    BodyRef {
+                        generation: ours,
+                        len,
+                        refs: 1,
+                    },
+                );
+                self.used += len;
+                (ours, true)
+            }
+        }
+    }
+
+    /// Drops a body reference taken by [`Index::acquire_body`] that no entry ended up holding.
+    pub fn release_body(&mut self, digest: &Digest) -> Option<(Digest, u64, u64)> {
+        let freed = self.drop_body_ref(digest)?;
+        self.unlinking += freed.2;
+        Some(freed)
+    }
+
+    fn drop_body_ref(&mut self, digest: &Digest) -> Option<(Digest, u64, u64)> {
+        let b = self.bodies.get_mut(digest)?;
+        b.refs -= 1;
+        if b.refs > 0 {
+            return None;
+        }
+        let b = self.bodies.remove(digest).expect("present above");
+        self.used -= b.len;
+        Some((*digest, b.generation, b.len))
+    }
+
+    /// Inserts an entry whose body reference was acquired, converting `from_reserved` reserved
+    /// bytes for its meta record. A previous version of the key is returned for removal.
+    pub fn insert(&mut self, key: KeyHash, entry: Entry, from_reserved: u64) -> Option<Removed> {
+        self.release(from_reserved);
+        self.used += entry.meta_len;
+        let old = self
+            .entries
+            .push(key, entry)
+            .and_then(|(k, old)| (k == key).then_some(old));
+        old.map(|old| self.account_removal(key, old))
+    }
+
+    /// Counts bytes found on disk at startup that are not indexed yet: they are on the disk,
+    /// so they count against the budget until indexed or removed.
+    pub fn add_unindexed(&mut self, bytes: u64) {
+        self.unindexed += bytes;
+    }
+
+    /// Stops counting unindexed bytes (removed, or found to be gone).
+    pub fn forget_unindexed(&mut self, bytes: u64) {
+        self.unindexed = self.unindexed.saturating_sub(bytes);
+    }
+
+    /// Inserts an entry found on disk at startup, unless the index already holds a newer version
+    /// of the key (then the found meta record is returned for removal). A body whose content is
+    /// already indexed under another version is shared; the duplicate file stays unindexed and
+    /// is swept with the orphans.
+    pub fn insert_scanned(&mut self, key: KeyHash, entry: Entry) -> Option<Removed> {
+        if let Some(existing) = self.entries.peek(&key)
+            && existing.meta_gen >= entry.meta_gen
+        {
+            self.forget_unindexed(entry.meta_len);
+            self.unlinking += entry.meta_len;
+            return Some(Removed {
+                meta: (key, entry.meta_gen),
+                body: None,
+                bytes: entry.meta_len,
+            });
+        }
+        let (generation, new) = self.acquire_body(entry.digest, entry.body_len, entry.body_gen, 0);
+        if new {
+            self.forget_unindexed(entry.body_len);
+        }
+        self.forget_unindexed(entry.meta_len);
+        self.insert(
+            key,
+            Entry {
+                body_gen: generation,
+                ..entry
+            },
+            0,
+        )
+    }
+
+    /// Removes one key's entry.
+    pub fn remove(&mut self, key: &KeyHash) -> Option<Removed> {
+        let old = self.entries.pop(key)?;
+        Some(self.account_removal(*key, old))
+    }
+
+    /// Removes the least recently used entry.
+    pub fn pop_lru(&mut self) -> Option<Removed> {
+        let (key, old) = self.entries.pop_lru()?;
+        Some(self.account_removal(key, old))
+    }
+
+    /// Keys whose entry matches `pred`, least recently used first.
+    pub fn keys_where(&self, mut pred: impl FnMut(&Entry) -> bool) -> Vec<KeyHash> {
+        self.entries
+            .iter()
+            .rev()
+            .filter(|(_, e)| pred(e))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Whether a body version is referenced by any entry.
+    pub fn has_body(&self, digest: &Digest, generation: u64) -> bool {
+        self.bodies.get(digest).is_some_and(|b| b.generation == generation)
+    }
+
+    fn account_removal(&mut self, key: KeyHash, old: Entry) -> Removed {
+        self.used -= old.meta_len;
+        let body = self.drop_body_ref(&old.digest);
+        let bytes = old.meta_len + body.map(|b| b.2).unwrap_or(0);
+        self.unlinking += bytes;
+        Removed {
+            meta: (key, old.meta_gen),
+            body: body.map(|(d, g, _)| (d, g)),
+            bytes,
+        }
+    }
+
+    /// Reports that removed files are off the disk.
+    pub fn unlinked(&mut self, bytes: u64) {
+        self.unlinking = self.unlinking.saturating_sub(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kh(i: u32) -> KeyHash {
+        KeyHash::of(&i.to_be_bytes())
+    }
+
+    fn digest(i: u32) -> Digest {
+        Digest::from(blake3::hash(&i.to_be_bytes()))
+    }
+
+    fn add(ix: &mut Index, key: u32, body: u32, len: u64) -> Option<Removed> {
+        let (generation, _) = ix.acquire_body(digest(body), len, u64::from(key) + 1000, 0);
+        let entry = Entry {
+            key: format!("http://h/{key}").into(),
+            meta_gen: u64::from(key),
+            meta_len: 10,
+            digest: digest(body),
+            body_gen: generation,
+            body_len: len,
+            verified: true,
+        };
+        ix.insert(kh(key), entry, 0)
+    }
+
+    #[test]
+    fn eviction_follows_exact_lru_order_and_hits_count_as_use() {
+        let mut ix = Index::new();
+        for k in 0..5 {
+            add(&mut ix, k, k, 100);
+        }
+        ix.touch(&kh(0));
+        ix.touch(&kh(2));
+        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.meta.0)).collect();
+        assert_eq!(order, vec![kh(1), kh(3), kh(4), kh(0), kh(2)]);
+        assert_eq!(ix.used(), 0);
+    }
+
+    #[test]
+    fn shared_bodies_are_counted_once_and_removed_with_their_last_reference() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 7, 1000);
+        add(&mut ix, 2, 7, 1000);
+        assert_eq!(ix.used(), 1000 + 20);
+        let r = ix.remove(&kh(1)).unwrap();
+        assert_eq!(r.body, None, "still referenced by key 2");
+        assert_eq!(r.bytes, 10);
+        let r = ix.remove(&kh(2)).unwrap();
+        assert_eq!(r.body.map(|b| b.0), Some(digest(7)));
+        assert_eq!(r.bytes, 1010);
+        assert_eq!(ix.used(), 0);
+        assert_eq!(ix.usage(), 1020, "until unlinked");
+        ix.unlinked(1020);
+        assert_eq!(ix.usage(), 0);
+    }
+
+    #[test]
+    fn replacing_a_key_returns_the_old_version() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 1, 100);
+        let (generation, _) = ix.acquire_body(digest(2), 50, 99, 0);
+        let e = Entry {
+            key: "http://h/1".into(),
+            meta_gen: 5000,
+            meta_len: 10,
+            digest: digest(2),
+            body_gen: generation,
+            body_len: 50,
+            verified: true,
+        };
+        let old = ix.insert(kh(1), e, 0).unwrap();
+        assert_eq!(old.meta, (kh(1), 1));
+        assert_eq!(old.body.map(|b| b.0), Some(digest(1)));
+        assert_eq!(ix.used(), 60);
+        assert_eq!(ix.len(), 1);
+    }
+
+    #[test]
+    fn reservations_never_exceed_the_budget() {
+        let mut ix = Index::new();
+        assert!(ix.reserve(600, 1000));
+        assert!(!ix.reserve(500, 1000));
+        assert!(ix.reserve(400, 1000));
+        ix.release(400);
+        assert_eq!(ix.usage(), 600);
+        // Converting a reservation into committed bytes keeps usage unchanged.
+        ix.acquire_body(digest(1), 590, 1, 590);
+        let e = Entry {
+            key: "k".into(),
+            meta_gen: 1,
+            meta_len: 10,
+            digest: digest(1),
+            body_gen: 1,
+            body_len: 590,
+            verified: true,
+        };
+        ix.insert(kh(1), e, 10);
+        assert_eq!((ix.used(), ix.reserved(), ix.usage()), (600, 0, 600));
+    }
+
+    #[test]
+    fn scanned_entries_keep_the_newest_version() {
+        let mut ix = Index::new();
+        let e = |meta_gen: u64, body: u32| Entry {
+            key: "k".into(),
+            meta_gen,
+            meta_len: 10,
+            digest: digest(body),
+            body_gen: meta_gen,
+            body_len: 100,
+            verified: false,
+        };
+        ix.add_unindexed(330);
+        assert!(ix.insert_scanned(kh(1), e(5, 1)).is_none());
+        let stale = ix.insert_scanned(kh(1), e(3, 2)).unwrap();
+        assert_eq!(stale.meta, (kh(1), 3));
+        let replaced = ix.insert_scanned(kh(1), e(9, 3)).unwrap();
+        assert_eq!(replaced.meta, (kh(1), 5));
+        assert_eq!(ix.peek(&kh(1)).unwrap().meta_gen, 9);
+        assert_eq!(ix.used(), 110);
+        // Found bytes moved to used (110) or to removal (10 + 110); the rest is the unswept body.
+        ix.unlinked(10 + 110);
+        assert_eq!(ix.usage(), 110 + 100);
+    }
+}

@@ -1,0 +1,190 @@
+//! Request identity: [`CacheKey`] (what the request names) and its [`KeyHash`], versus
+//! [`Digest`] (what a body contains). Only `store.rs` turns either into a path.
+
+use std::fmt;
+
+use http::Request;
+use http::header;
+
+/// The cache key of a request: scheme, host (lower-cased, default port dropped), path and
+/// query. GET and HEAD share a key (HEAD is answered from a stored GET).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    /// The key of a request, or `None` when it names no host (then it is not cached).
+    pub fn from_request<B>(req: &Request<B>, scheme: &str) -> Option<CacheKey> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+        let host = host.trim().to_ascii_lowercase();
+        let host = host.strip_suffix(":80").unwrap_or(&host);
+        if host.is_empty() || host.contains(['/', ' ', '\\', '@']) {
+            return None;
+        }
+        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        Some(CacheKey(format!("{scheme}://{host}{path_and_query}")))
+    }
+
+    /// Wraps a key string read back from disk.
+    pub fn from_stored(s: String) -> CacheKey {
+        CacheKey(s)
+    }
+
+    /// The key as text (it contains the query string: never log it).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The path and query part of the key.
+    pub fn path_and_query(&self) -> &str {
+        path_and_query(&self.0)
+    }
+
+    /// The key's hash.
+    pub fn hash(&self) -> KeyHash {
+        KeyHash::of(self.0.as_bytes())
+    }
+}
+
+/// The path and query of a key string (`scheme://host/path?query`).
+pub fn path_and_query(key: &str) -> &str {
+    let after_scheme = key.split_once("://").map(|(_, rest)| rest).unwrap_or(key);
+    after_scheme.find('/').map(|i| &after_scheme[i..]).unwrap_or("/")
+}
+
+/// A 128-bit blake3 hash of a cache key: the index's key and the meta file's name. Collisions
+/// cannot serve a wrong object: the stored record carries the full key and is compared.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub [u8; 16]);
+
+impl KeyHash {
+    /// Hashes bytes.
+    pub fn of(bytes: &[u8]) -> KeyHash {
+        let full = blake3::hash(bytes);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full.as_bytes()[..16]);
+        KeyHash(out)
+    }
+
+    /// Parses 32 hex digits.
+    pub fn from_hex(s: &str) -> Option<KeyHash> {
+        let mut out = [0u8; 16];
+        hex_decode(s, &mut out)?;
+        Some(KeyHash(out))
+    }
+
+    /// 32 hex digits.
+    pub fn to_hex(&self) -> String {
+        hex_encode(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The blake3 hash of a body: bodies are content-addressed by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Digest> {
+        let mut out = [0u8; 32];
+        hex_decode(s, &mut out)?;
+        Some(Digest(out))
+    }
+
+    /// 64 hex digits.
+    pub fn to_hex(&self) -> String {
+        hex_encode(&self.0)
+    }
+}
+
+impl From<blake3::Hash> for Digest {
+    fn from(h: blake3::Hash) -> Digest {
+        Digest(*h.as_bytes())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn hex_decode(s: &str, out: &mut [u8]) -> Option<()> {
+    let s = s.as_bytes();
+    if s.len() != out.len() * 2 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = nibble(s[2 * i])? << 4 | nibble(s[2 * i + 1])?;
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(host: &str, uri: &str) -> Request<()> {
+        Request::builder().uri(uri).header("host", host).body(()).unwrap()
+    }
+
+    #[test]
+    fn key_includes_scheme_host_path_and_query() {
+        let k = CacheKey::from_request(&req("Shop.Example:80", "/a.js?v=1"), "http").unwrap();
+        assert_eq!(k.as_str(), "http://shop.example/a.js?v=1");
+        assert_eq!(k.path_and_query(), "/a.js?v=1");
+        let other_host = CacheKey::from_request(&req("evil.example", "/a.js?v=1"), "http").unwrap();
+        assert_ne!(k.hash(), other_host.hash());
+    }
+
+    #[test]
+    fn hosts_that_could_smuggle_a_path_are_refused() {
+        assert!(CacheKey::from_request(&req("a.example/evil", "/x"), "http").is_none());
+        assert!(CacheKey::from_request(&req("", "/x"), "http").is_none());
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let h = KeyHash::of(b"x");
+        assert_eq!(KeyHash::from_hex(&h.to_hex()), Some(h));
+        let d = Digest::from(blake3::hash(b"y"));
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        assert_eq!(KeyHash::from_hex("zz"), None);
+    }
+}

@@ -1,0 +1,72 @@
+//! The only `unsafe` in the cache: mapping stored bodies into memory, and asking the
+//! filesystem for its free space.
+//!
+//! SAFETY contract for mappings: a body file is written under `tmp/`, renamed into place, and
+//! from then on never modified, only unlinked. Unlinking leaves a live mapping valid until it
+//! is dropped, so eviction can run while readers hold mappings. What no process can prevent is
+//! another actor truncating the file underneath (that would fault the reader); the file's
+//! length is checked against the record when it is opened, and its hash before first use.
+
+use std::fs::File;
+use std::path::Path;
+
+use bytes::Bytes;
+
+/// Maps `len` bytes of `file` read-only and returns them as [`Bytes`] that own the mapping.
+/// Bodies under `min_mmap` bytes are read instead: a mapping costs more than a copy there.
+pub fn map_body(file: &File, len: u64, min_mmap: u64) -> std::io::Result<Bytes> {
+    let actual = file.metadata()?.len();
+    if actual != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("body file is {actual} bytes, its record says {len}"),
+        ));
+    }
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    if len < min_mmap {
+        let mut buf = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0)?;
+        return Ok(Bytes::from(buf));
+    }
+    // SAFETY: see the module contract: the file is immutable after rename and only unlinked.
+    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
+    Ok(Bytes::from_owner(map))
+}
+
+/// Free bytes available to unprivileged writers, and the filesystem's total size.
+pub fn disk_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: c_path is a valid NUL-terminated string; st points to writable memory of the
+    // right type, fully initialised by statvfs on success (checked below).
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    let frsize = st.f_frsize;
+    Ok((st.f_bavail * frsize, st.f_blocks * frsize))
+}
+
+/// Allocates `len` bytes for `file` up front, so a full disk is reported now rather than in
+/// the middle of a fill that clients are already reading.
+pub fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: a valid open descriptor owned by `file`; posix_fallocate takes integers only.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match rc {
+        0 => Ok(()),
+        // Filesystems without allocation support: the writes themselves will tell.
+        libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
+}

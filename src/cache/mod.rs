@@ -1,0 +1,850 @@
+//! The disk cache: lookup (hot tier, then disk), fill coalescing, commit, purge, the startup
+//! rebuild and the budget. HTTP decisions (what to store, freshness) are `policy`'s; the
+//! request path that uses this API is `proxy`'s.
+//!
+//! Fail open: every storage error is counted and logged, and the request goes on to the app.
+
+pub mod evict;
+pub mod fill;
+pub mod index;
+pub mod key;
+pub mod meta;
+pub mod mmap;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::body::ProxyBody;
+use crate::config::Config;
+use crate::metrics as m;
+use fill::{Fill, FillState, TeeMsg, next_chunk};
+use index::{Entry, Index, Removed};
+use key::{CacheKey, Digest, KeyHash};
+use meta::Meta;
+use store::{Store, StoreError};
+
+/// Bodies smaller than this are read into memory rather than mapped.
+const MIN_MMAP: u64 = 64 << 10;
+/// Unknown-length fills reserve budget in steps of this many bytes.
+const TEE_STEP: u64 = 1 << 20;
+
+/// A stored response ready to serve.
+pub struct Hit {
+    /// Its metadata.
+    pub meta: Arc<Meta>,
+    /// Its whole body (memory or a mapping of the file).
+    pub body: Bytes,
+}
+
+/// What to purge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purge {
+    /// Everything.
+    All,
+    /// One URL: a path (any host) or a full `http://host/path` URL; the query is part of it.
+    Url(String),
+    /// Every URL whose path (or full URL) starts with this.
+    Prefix(String),
+}
+
+/// The state of a key being fetched by one request for many.
+#[derive(Clone)]
+pub enum Flight {
+    /// The leader waits for the app's response head.
+    Pending,
+    /// The body is being written; read it while it lands.
+    Streaming(Arc<Fill>),
+    /// The leader gave up: `retry` means try again (one waiter becomes leader); otherwise go
+    /// to the app directly (the response was not shareable).
+    Released {
+        /// Whether to retry the cache.
+        retry: bool,
+    },
+}
+
+/// One in-flight fetch that requests for the same key wait on.
+pub struct InFlight {
+    state: watch::Sender<Flight>,
+}
+
+impl InFlight {
+    /// Waits (at most `limit`) for the leader to stream or give up.
+    pub async fn wait(&self, limit: Duration) -> Option<Flight> {
+        let mut rx = self.state.subscribe();
+        let result = tokio::time::timeout(limit, rx.wait_for(|f| !matches!(f, Flight::Pending))).await;
+        match result {
+            Ok(Ok(flight)) => Some(flight.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of claiming a key for fetching.
+pub enum Claim {
+    /// This request fetches for everyone.
+    Leader(FillPermit),
+    /// Another request is fetching: wait on it.
+    Wait(Arc<InFlight>),
+}
+
+/// The right (and duty) to fetch a key for the waiters. Dropped unused, it releases them to
+/// retry, so a leader that fails or vanishes never strands anyone.
+pub struct FillPermit {
+    cache: Arc<Cache>,
+    hash: KeyHash,
+    flight: Arc<InFlight>,
+    settled: bool,
+}
+
+impl FillPermit {
+    /// Releases the waiters: to retry the cache, or to go to the app themselves.
+    pub fn release(mut self, retry: bool) {
+        self.settle(Flight::Released { retry });
+    }
+
+    fn settle(&mut self, flight: Flight) {
+        self.settled = true;
+        let streaming = matches!(flight, Flight::Streaming(_));
+        self.flight.state.send_replace(flight);
+        if !streaming {
+            self.cache.forget_flight(&self.hash, &self.flight);
+        }
+    }
+}
+
+impl Drop for FillPermit {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle(Flight::Released { retry: true });
+        }
+    }
+}
+
+/// The cache.
+pub struct Cache {
+    config: Arc<Config>,
+    store: OnceLock<Arc<Store>>,
+    index: Mutex<Index>,
+    hot: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
+    metas: moka::sync::Cache<KeyHash, Arc<Meta>>,
+    flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
+    /// Wakes the eviction loop.
+    pub evict_wakeup: Notify,
+    /// Set once files found at startup are counted (fills may reserve from then on).
+    accounted: AtomicBool,
+    /// Set once the startup rebuild is complete.
+    loaded: AtomicBool,
+    budget: Mutex<(u64, Instant)>,
+}
+
+/// A hot-tier object: the metadata and the whole body in memory.
+pub struct HotObject {
+    meta: Arc<Meta>,
+    body: Bytes,
+}
+
+impl Cache {
+    /// Opens the cache directory and starts the background rebuild of the index. A directory
+    /// that cannot be used leaves the cache off (fail open); [`Cache::retry_open`] tries again.
+    pub fn open(config: Arc<Config>) -> Arc<Cache> {
+        let hot = (config.memory_size > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(config.memory_size)
+                .weigher(|_, v: &Arc<HotObject>| (v.body.len() + 512).min(u32::MAX as usize) as u32)
+                .build()
+        });
+        let metas = moka::sync::Cache::builder()
+            .max_capacity(4 << 20)
+            .weigher(|_, v: &Arc<Meta>| {
+                (v.headers.len() * 64 + v.key.as_str().len() + 128).min(u32::MAX as usize) as u32
+            })
+            .build();
+        let cache = Arc::new(Cache {
+            budget: Mutex::new((config.max_size, Instant::now() - Duration::from_secs(60))),
+            config,
+            store: OnceLock::new(),
+            index: Mutex::new(Index::new()),
+            hot,
+            metas,
+            flights: Mutex::new(HashMap::new()),
+            evict_wakeup: Notify::new(),
+            accounted: AtomicBool::new(false),
+            loaded: AtomicBool::new(false),
+        });
+        cache.retry_open();
+        cache
+    }
+
+    /// Opens the store if it is not open yet, then rebuilds the index in the background.
+    pub fn retry_open(self: &Arc<Self>) {
+        if self.store.get().is_some() {
+            return;
+        }
+        match Store::open(&self.config.cache_dir) {
+            Ok(store) => {
+                if self.store.set(Arc::new(store)).is_ok() {
+                    info!(dir = %self.config.cache_dir.display(), "cache directory ready");
+                    let cache = self.clone();
+                    tokio::task::spawn_blocking(move || cache.rebuild());
+                }
+            }
+            Err(e) => {
+                metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
+                warn!(error = %e, "cache disabled until the directory is usable; serving from the app");
+            }
+        }
+    }
+
+    /// The configuration the cache runs on.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn store(&self) -> Option<Arc<Store>> {
+        self.store.get().cloned()
+    }
+
+    /// True once the startup index rebuild is complete.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// (objects, bytes used, bytes reserved).
+    pub fn stats(&self) -> (usize, u64, u64) {
+        let ix = self.lock_index();
+        (ix.len(), ix.used(), ix.reserved())
+    }
+
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, Index> {
+        // A panic while holding the lock cannot leave the index half-updated in a way that
+        // serves wrong bytes (lookups re-check keys and hashes), so poisoning is ignored.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks a key up: hot tier, then disk. Any storage problem removes the entry and reads
+    /// as a miss.
+    pub async fn lookup(&self, key: &CacheKey) -> Option<Hit> {
+        let store = self.store()?;
+        let hash = key.hash();
+        if let Some(hot) = &self.hot
+            && let Some(obj) = hot.get(&hash)
+            && obj.meta.key == *key
+        {
+            self.lock_index().touch(&hash);
+            return Some(Hit {
+                meta: obj.meta.clone(),
+                body: obj.body.clone(),
+            });
+        }
+        let (meta_gen, digest, body_gen, body_len, verified) = {
+            let mut ix = self.lock_index();
+            let e = ix.touch(&hash)?;
+            if &*e.key != key.as_str() {
+                return None;
+            }
+            (e.meta_gen, e.digest, e.body_gen, e.body_len, e.verified)
+        };
+        let meta = match self
+            .metas
+            .get(&hash)
+            .filter(|m| m.digest == digest && m.body_gen == body_gen)
+        {
+            Some(meta) => meta,
+            None => {
+                let path = store.meta_path(&hash, meta_gen);
+                match tokio::task::spawn_blocking(move || store::read_meta_file(&path)).await {
+                    Ok(Ok(meta)) if meta.key == *key && meta.digest == digest && meta.body_len == body_len => {
+                        let meta = Arc::new(meta);
+                        self.metas.insert(hash, meta.clone());
+                        meta
+                    }
+                    Ok(Ok(_)) => {
+                        self.drop_corrupt(&hash, meta_gen, "meta record does not match the index")
+                            .await;
+                        return None;
+                    }
+                    Ok(Err(e)) => {
+                        self.storage_error(&e);
+                        self.drop_entry(&hash, meta_gen).await;
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        let path = store.body_path(&digest, body_gen);
+        let opened = tokio::task::spawn_blocking(move || -> Result<(Bytes, bool), StoreError> {
+            let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+                op: "open",
+                path: path.clone(),
+                source,
+            })?;
+            let body = mmap::map_body(&file, body_len, MIN_MMAP).map_err(|source| StoreError::Io {
+                op: "map",
+                path: path.clone(),
+                source,
+            })?;
+            // Objects from before a restart are hashed once before they are first served.
+            let ok = verified || Digest::from(blake3::hash(&body)) == digest;
+            Ok((body, ok))
+        })
+        .await;
+        let body = match opened {
+            Ok(Ok((body, true))) => body,
+            Ok(Ok((_, false))) => {
+                self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
+                return None;
+            }
+            Ok(Err(e)) => {
+                self.storage_error(&e);
+                self.drop_entry(&hash, meta_gen).await;
+                return None;
+            }
+            Err(_) => return None,
+        };
+        if !verified {
+            self.lock_index().mark_verified(&hash, meta_gen);
+        }
+        if let Some(hot) = &self.hot
+            && body_len <= self.config.memory_object_max
+        {
+            hot.insert(
+                hash,
+                Arc::new(HotObject {
+                    meta: meta.clone(),
+                    body: body.clone(),
+                }),
+            );
+        }
+        Some(Hit { meta, body })
+    }
+
+    fn storage_error(&self, e: &StoreError) {
+        metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
+        warn!(error = %e, "storage error; serving from the app");
+    }
+
+    async fn drop_corrupt(&self, hash: &KeyHash, meta_gen: u64, why: &'static str) {
+        metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
+        warn!(key = %hash, reason = why, "corrupt object removed");
+        self.drop_entry(hash, meta_gen).await;
+    }
+
+    /// Removes a key's entry if it is still the given version.
+    async fn drop_entry(&self, hash: &KeyHash, meta_gen: u64) {
+        let removed = {
+            let mut ix = self.lock_index();
+            match ix.peek(hash) {
+                Some(e) if e.meta_gen == meta_gen => ix.remove(hash),
+                _ => None,
+            }
+        };
+        self.forget(hash);
+        if let Some(r) = removed {
+            self.unlink(vec![r]).await;
+        }
+    }
+
+    fn forget(&self, hash: &KeyHash) {
+        if let Some(hot) = &self.hot {
+            hot.invalidate(hash);
+        }
+        self.metas.invalidate(hash);
+    }
+
+    /// Claims a key: become its fetcher, or wait on the request that is.
+    pub fn claim(self: &Arc<Self>, key: &CacheKey) -> Claim {
+        let hash = key.hash();
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = flights.get(&hash) {
+            metrics::counter!(m::COALESCED_WAITS).increment(1);
+            return Claim::Wait(f.clone());
+        }
+        let (state, _) = watch::channel(Flight::Pending);
+        let flight = Arc::new(InFlight { state });
+        flights.insert(hash, flight.clone());
+        Claim::Leader(FillPermit {
+            cache: self.clone(),
+            hash,
+            flight,
+            settled: false,
+        })
+    }
+
+    fn forget_flight(&self, hash: &KeyHash, flight: &Arc<InFlight>) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if flights.get(hash).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(hash);
+        }
+    }
+
+    /// The disk budget in force: `max_size`, lowered when the filesystem is short of
+    /// `min_free` (checked at most once a second).
+    pub fn budget(&self) -> u64 {
+        let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        if b.1.elapsed() >= Duration::from_secs(1) {
+            b.0 = self.compute_budget();
+            b.1 = Instant::now();
+            metrics::gauge!(m::CACHE_BUDGET).set(b.0 as f64);
+        }
+        b.0
+    }
+
+    fn compute_budget(&self) -> u64 {
+        let Ok((free, total)) = mmap::disk_space(&self.config.cache_dir) else {
+            return self.config.max_size;
+        };
+        let ours = self.lock_index().usage();
+        let keep = self.config.min_free.bytes(total);
+        self.config.max_size.min((ours + free).saturating_sub(keep))
+    }
+
+    fn reserve(&self, bytes: u64) -> bool {
+        if !self.accounted.load(Ordering::Acquire) {
+            return false;
+        }
+        let budget = self.budget();
+        let (ok, usage) = {
+            let mut ix = self.lock_index();
+            (ix.reserve(bytes, budget), ix.usage())
+        };
+        if !ok || usage as f64 > budget as f64 * self.config.high_watermark {
+            self.evict_wakeup.notify_one();
+        }
+        ok
+    }
+
+    fn release(&self, bytes: u64) {
+        self.lock_index().release(bytes);
+    }
+
+    /// Starts filling `meta.key` with `body` (exactly `meta.body_len` bytes). On success the
+    /// waiters are told to read along and the fill runs on its own task; otherwise the body is
+    /// handed back, unread, to be relayed uncached.
+    pub fn start_fill(
+        self: &Arc<Self>,
+        mut permit: FillPermit,
+        meta: Meta,
+        body: ProxyBody,
+    ) -> Result<Arc<Fill>, (FillPermit, ProxyBody)> {
+        let Some(store) = self.store() else {
+            return Err((permit, body));
+        };
+        let len = meta.body_len;
+        let meta_len = meta.encoded_len();
+        let reservation = len + meta_len;
+        if len > self.config.max_object_size || !self.reserve(reservation) {
+            metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
+            return Err((permit, body));
+        }
+        let generation = store.next_gen();
+        let created = store
+            .create_tmp_body(generation)
+            .and_then(|(file, path)| match mmap::preallocate(&file, len) {
+                Ok(()) => Ok((file, path)),
+                Err(source) => {
+                    let _ = std::fs::remove_file(&path);
+                    Err(StoreError::Io {
+                        op: "allocate",
+                        path,
+                        source,
+                    })
+                }
+            });
+        let (file, tmp_path) = match created {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.release(reservation);
+                self.storage_error(&e);
+                metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                return Err((permit, body));
+            }
+        };
+        metrics::counter!(m::FILLS_STARTED).increment(1);
+        let fill = Fill::new(Arc::new(meta), file);
+        permit.settle(Flight::Streaming(fill.clone()));
+        let cache = self.clone();
+        let task_fill = fill.clone();
+        tokio::spawn(async move {
+            let ok = cache
+                .run_fill(&task_fill, body, generation, &tmp_path, reservation)
+                .await;
+            task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
+            cache.forget_flight(&permit.hash, &permit.flight);
+            drop(permit);
+        });
+        Ok(fill)
+    }
+
+    async fn run_fill(
+        &self,
+        fill: &Arc<Fill>,
+        mut body: ProxyBody,
+        generation: u64,
+        tmp: &std::path::Path,
+        reserved: u64,
+    ) -> bool {
+        let len = fill.meta.body_len;
+        let mut hasher = Some(blake3::Hasher::new());
+        let mut written = 0u64;
+        let mut failure = None;
+        while let Some(chunk) = next_chunk(&mut body).await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(("upstream", e.to_string()));
+                    break;
+                }
+            };
+            if written + chunk.len() as u64 > len {
+                failure = Some(("upstream", "body longer than its Content-Length".to_owned()));
+                break;
+            }
+            metrics::counter!(m::UPSTREAM_BYTES).increment(chunk.len() as u64);
+            let file = fill.file().clone();
+            let mut h = hasher.take().expect("hasher is returned after every write");
+            let at = written;
+            let res = tokio::task::spawn_blocking(move || {
+                h.update(&chunk);
+                std::os::unix::fs::FileExt::write_all_at(&*file, &chunk, at).map(|()| (h, chunk.len() as u64))
+            })
+            .await;
+            match res {
+                Ok(Ok((h, n))) => {
+                    hasher = Some(h);
+                    written += n;
+                    fill.advance(written);
+                }
+                Ok(Err(e)) => {
+                    let err = StoreError::Io {
+                        op: "write",
+                        path: tmp.to_owned(),
+                        source: e,
+                    };
+                    self.storage_error(&err);
+                    failure = Some(("storage", err.to_string()));
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(("storage", e.to_string()));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() && written != len {
+            failure = Some(("truncated", format!("upstream body ended at {written} of {len} bytes")));
+        }
+        if let Some((reason, detail)) = failure {
+            debug!(reason, detail = %detail, "fill discarded");
+            metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+            let _ = std::fs::remove_file(tmp);
+            self.release(reserved);
+            return false;
+        }
+        let digest = Digest::from(hasher.expect("present after the loop").finalize());
+        let mut meta = (*fill.meta).clone();
+        meta.digest = digest;
+        self.commit(meta, tmp.to_owned(), generation, reserved).await
+    }
+
+    /// Makes a finished body and its record durable and visible. Blocking work runs off the
+    /// runtime.
+    async fn commit(&self, mut meta: Meta, tmp: std::path::PathBuf, generation: u64, reserved: u64) -> bool {
+        let Some(store) = self.store() else { return false };
+        let hash = meta.key.hash();
+        let len = meta.body_len;
+        let (body_gen, new_body) = self.lock_index().acquire_body(meta.digest, len, generation, len);
+        meta.body_gen = body_gen;
+        let meta_gen = store.next_gen();
+        let record = meta.encode();
+        let meta_len = record.len() as u64;
+        let digest = meta.digest;
+        let blocking_store = store.clone();
+        let written = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            if new_body {
+                blocking_store.commit_body(&tmp, &digest, body_gen)?;
+            } else {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            blocking_store.write_meta(&hash, meta_gen, &record)
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            if let Ok(Err(e)) = &written {
+                self.storage_error(e);
+            }
+            let freed = {
+                let mut ix = self.lock_index();
+                ix.release(reserved.saturating_sub(len));
+                ix.release_body(&digest)
+            };
+            if let Some((d, g, bytes)) = freed {
+                let path = store.body_path(&d, g);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+                self.lock_index().unlinked(bytes);
+            }
+            metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+            return false;
+        }
+        let entry = Entry {
+            key: meta.key.as_str().into(),
+            meta_gen,
+            meta_len,
+            digest,
+            body_gen,
+            body_len: len,
+            verified: true,
+        };
+        let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
+        self.forget(&hash);
+        self.metas.insert(hash, Arc::new(meta));
+        if let Some(r) = removed {
+            self.unlink(vec![r]).await;
+        }
+        metrics::counter!(m::FILLS_COMPLETED).increment(1);
+        self.publish_gauges();
+        true
+    }
+
+    /// Fills `meta.key` from a body of unknown length that is streamed to one client. The
+    /// returned body is what the client reads; the copy to disk is dropped if it grows past
+    /// `max_object_size`, falls behind, or the budget is full.
+    pub fn tee_fill(self: &Arc<Self>, meta: Meta, body: ProxyBody) -> ProxyBody {
+        let Some(store) = self.store() else { return body };
+        let generation = store.next_gen();
+        let Ok((file, tmp)) = store.create_tmp_body(generation) else {
+            return body;
+        };
+        let (tx, mut rx) = mpsc::channel::<TeeMsg>(256);
+        let cache = self.clone();
+        metrics::counter!(m::FILLS_STARTED).increment(1);
+        tokio::spawn(async move {
+            let mut hasher = Some(blake3::Hasher::new());
+            let mut written = 0u64;
+            let mut reserved = 0u64;
+            let file = Arc::new(file);
+            let mut ended = false;
+            while let Some(msg) = rx.recv().await {
+                let chunk = match msg {
+                    TeeMsg::Data(c) => c,
+                    TeeMsg::End => {
+                        ended = true;
+                        break;
+                    }
+                };
+                let need = written + chunk.len() as u64 + 4096;
+                if need > cache.config.max_object_size {
+                    break;
+                }
+                if need > reserved {
+                    let step = (need - reserved).max(TEE_STEP);
+                    if !cache.reserve(step) {
+                        break;
+                    }
+                    reserved += step;
+                }
+                let f = file.clone();
+                let mut h = hasher.take().expect("hasher is returned after every write");
+                let at = written;
+                let res = tokio::task::spawn_blocking(move || {
+                    h.update(&chunk);
+                    std::os::unix::fs::FileExt::write_all_at(&*f, &chunk, at).map(|()| (h, chunk.len() as u64))
+                })
+                .await;
+                match res {
+                    Ok(Ok((h, n))) => {
+                        hasher = Some(h);
+                        written += n;
+                    }
+                    _ => break,
+                }
+            }
+            let mut meta = meta;
+            meta.body_len = written;
+            let meta_len = meta.encoded_len();
+            if !ended || meta_len + written > reserved && !cache.reserve(meta_len + written - reserved) {
+                metrics::counter!(m::FILLS_ABORTED, "reason" => if ended { "budget" } else { "incomplete" })
+                    .increment(1);
+                let _ = std::fs::remove_file(&tmp);
+                cache.release(reserved);
+                return;
+            }
+            let reserved = reserved.max(meta_len + written);
+            meta.digest = Digest::from(hasher.expect("present after the loop").finalize());
+            cache.commit(meta, tmp, generation, reserved).await;
+        });
+        fill::tee(body, tx)
+    }
+
+    /// Removes files an index change made unreachable, off the runtime, then accounts them.
+    async fn unlink(&self, removed: Vec<Removed>) {
+        let Some(store) = self.store() else { return };
+        let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
+        let _ = tokio::task::spawn_blocking(move || {
+            for r in &removed {
+                let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
+                if let Some((d, g)) = &r.body {
+                    let _ = store.remove(&store.body_path(d, *g));
+                }
+            }
+        })
+        .await;
+        self.lock_index().unlinked(bytes);
+    }
+
+    /// Evicts least-recently-used objects until usage is under the low watermark. Returns
+    /// (objects, bytes) evicted.
+    pub async fn evict_pass(&self) -> (usize, u64) {
+        let budget = self.budget();
+        let high = (budget as f64 * self.config.high_watermark) as u64;
+        let low = (budget as f64 * self.config.low_watermark) as u64;
+        let removed: Vec<Removed> = {
+            let mut ix = self.lock_index();
+            if ix.usage() <= high && ix.usage() <= budget {
+                return (0, 0);
+            }
+            // Bytes popped here stay in `usage()` (as unlinking) until they are off the disk,
+            // so the pass counts what it frees itself.
+            let mut out = Vec::new();
+            let mut freeing = 0u64;
+            while ix.usage().saturating_sub(freeing) > low {
+                match ix.pop_lru() {
+                    Some(r) => {
+                        freeing += r.bytes;
+                        out.push(r);
+                    }
+                    None => break,
+                }
+            }
+            out
+        };
+        for r in &removed {
+            self.forget(&r.meta.0);
+        }
+        let n = removed.len();
+        let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
+        self.unlink(removed).await;
+        metrics::counter!(m::EVICTIONS).increment(n as u64);
+        metrics::counter!(m::EVICTED_BYTES).increment(bytes);
+        self.publish_gauges();
+        (n, bytes)
+    }
+
+    /// Purges matching objects; returns how many.
+    pub async fn purge(&self, what: &Purge) -> usize {
+        let matches = |e: &Entry| -> bool {
+            let full = &*e.key;
+            let pq = key::path_and_query(full);
+            match what {
+                Purge::All => true,
+                Purge::Url(u) if u.contains("://") => full == u,
+                Purge::Url(u) => pq == u,
+                Purge::Prefix(p) if p.contains("://") => full.starts_with(p.as_str()),
+                Purge::Prefix(p) => pq.starts_with(p.as_str()),
+            }
+        };
+        let removed: Vec<Removed> = {
+            let mut ix = self.lock_index();
+            let keys = ix.keys_where(matches);
+            keys.iter().filter_map(|k| ix.remove(k)).collect()
+        };
+        for r in &removed {
+            self.forget(&r.meta.0);
+        }
+        let n = removed.len();
+        self.unlink(removed).await;
+        metrics::counter!(m::PURGED_OBJECTS).increment(n as u64);
+        self.publish_gauges();
+        n
+    }
+
+    /// Updates the size gauges.
+    pub fn publish_gauges(&self) {
+        let (objects, used, reserved) = self.stats();
+        metrics::gauge!(m::CACHE_OBJECTS).set(objects as f64);
+        metrics::gauge!(m::CACHE_SIZE).set(used as f64);
+        metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
+        if let Some(hot) = &self.hot {
+            metrics::gauge!(m::HOT_SIZE).set(hot.weighted_size() as f64);
+        }
+    }
+
+    /// Rebuilds the index from disk (blocking; runs on a blocking thread at startup).
+    fn rebuild(self: Arc<Self>) {
+        let Some(store) = self.store() else { return };
+        let started = Instant::now();
+        let scan_start = SystemTime::now();
+        let mut metas = store.scan_meta();
+        let bodies = store.scan_bodies();
+        let found: u64 = metas.iter().map(|f| f.len).sum::<u64>() + bodies.iter().map(|f| f.len).sum::<u64>();
+        self.lock_index().add_unindexed(found);
+        self.accounted.store(true, Ordering::Release);
+        let body_len: HashMap<(Digest, u64), u64> = bodies.iter().map(|b| ((b.id, b.generation), b.len)).collect();
+
+        // Oldest first, so the most recently stored end up most recently used.
+        metas.sort_by_key(|f| f.generation);
+        let mut loaded = 0u64;
+        let mut corrupt = 0u64;
+        for found in metas {
+            let meta = match store::read_meta_file(&found.path) {
+                Ok(meta)
+                    if meta.key.hash() == found.id
+                        && body_len.get(&(meta.digest, meta.body_gen)) == Some(&meta.body_len) =>
+                {
+                    meta
+                }
+                _ => {
+                    // Torn, corrupt, foreign, or its body is missing or the wrong length.
+                    corrupt += 1;
+                    let _ = store.remove(&found.path);
+                    self.lock_index().forget_unindexed(found.len);
+                    continue;
+                }
+            };
+            let entry = Entry {
+                key: meta.key.as_str().into(),
+                meta_gen: found.generation,
+                meta_len: found.len,
+                digest: meta.digest,
+                body_gen: meta.body_gen,
+                body_len: meta.body_len,
+                verified: false,
+            };
+            let removed = self.lock_index().insert_scanned(found.id, entry);
+            if let Some(r) = removed {
+                let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
+                if let Some((d, g)) = r.body {
+                    let _ = store.remove(&store.body_path(&d, g));
+                }
+                self.lock_index().unlinked(r.bytes);
+            }
+            loaded += 1;
+            if loaded.is_multiple_of(10_000) {
+                metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
+            }
+        }
+        // Bodies no record points to: leftovers of a crash between the two renames.
+        for b in bodies {
+            if b.modified < scan_start && !self.lock_index().has_body(&b.id, b.generation) {
+                let _ = store.remove(&b.path);
+            }
+        }
+        self.lock_index().forget_unindexed(u64::MAX);
+        self.loaded.store(true, Ordering::Release);
+        let secs = started.elapsed().as_secs_f64();
+        metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
+        metrics::counter!(m::CORRUPT_OBJECTS).increment(corrupt);
+        metrics::gauge!(m::INDEX_REBUILD_SECONDS).set(secs);
+        metrics::gauge!(m::INDEX_READY).set(1.0);
+        self.publish_gauges();
+        info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
+        self.evict_wakeup.notify_one();
+    }
+}

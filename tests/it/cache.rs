@@ -1,0 +1,716 @@
+//! The disk cache: fill, coalescing, budget, LRU, restart, crash, corruption, full disk, purge.
+
+use std::io::Read as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::support::{
+    Behaviour, Binary, Origin, TestSidecar, binary_path, eventually, matches_pattern, origin::owned, pattern_bytes,
+    pattern_chunk,
+};
+
+const CACHEABLE: &[(&str, &str)] = &[
+    ("cache-control", "public, max-age=3600"),
+    ("content-type", "application/javascript"),
+];
+
+fn cache_status(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// Sum of the lengths of every file under `dir`.
+fn bytes_on_disk(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    for e in entries.flatten() {
+        let Ok(md) = e.metadata() else { continue };
+        if md.is_dir() {
+            total += bytes_on_disk(&e.path());
+        } else {
+            total += md.len();
+        }
+    }
+    total
+}
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        if e.path().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// A client that sends a fixed Host, as real clients of one app do: the sidecar's own port
+/// changes across the restarts in these tests, and the cache key includes the Host.
+fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn get(url: &str) -> (reqwest::StatusCode, String, Bytes) {
+    let resp = client().get(url).send().await.unwrap();
+    let status = resp.status();
+    let cs = cache_status(&resp);
+    (status, cs, resp.bytes().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_fetch_origin_once_and_all_get_identical_bytes() {
+    let origin = Origin::start().await;
+    let len = 2 << 20;
+    origin.route(
+        "/bundle.js",
+        Behaviour::Delay(
+            Duration::from_millis(300),
+            Box::new(Behaviour::Generated {
+                len,
+                headers: owned(CACHEABLE),
+            }),
+        ),
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = client();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let c = c.clone();
+            let url = sc.url("/bundle.js");
+            tokio::spawn(async move {
+                let resp = c.get(url).send().await.unwrap();
+                let status = resp.status();
+                let cs = cache_status(&resp);
+                (status, cs, resp.bytes().await.unwrap())
+            })
+        })
+        .collect();
+    let mut collapsed = 0;
+    for t in tasks {
+        let (status, cs, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body.len() as u64, len);
+        assert!(matches_pattern(0, &body), "bytes differ");
+        collapsed += cs.contains("collapsed") as u32;
+    }
+    assert_eq!(origin.hits("/bundle.js"), 1, "the app saw one request");
+    assert!(collapsed > 0, "some requests read the fill while it was written");
+    let (_, cs, body) = get(&sc.url("/bundle.js")).await;
+    assert_eq!(cs, "sidecache; hit");
+    assert!(matches_pattern(0, &body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_get_bytes_before_the_fill_completes() {
+    let origin = Origin::start().await;
+    let pause = Duration::from_millis(50);
+    origin.route(
+        "/stream.bin",
+        Behaviour::Slow {
+            len: 40 * 16384,
+            chunk: 16384,
+            pause,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let resp = client().get(sc.url("/stream.bin")).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    // The origin needs ~2 s for the whole body; the first bytes arrive long before.
+    let (objects, _, _) = sc.sidecar.proxy.cache.stats();
+    assert_eq!(objects, 0, "first bytes were served while the fill was still running");
+    let mut n = first.len() as u64;
+    let mut ok = matches_pattern(0, &first);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        ok &= matches_pattern(n, &chunk);
+        n += chunk.len() as u64;
+    }
+    assert!(ok);
+    assert_eq!(n, 40 * 16384);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_finishes_for_others_when_the_first_client_leaves() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/leave.bin",
+        Behaviour::Slow {
+            len: 20 * 16384,
+            chunk: 16384,
+            pause: Duration::from_millis(20),
+            headers: owned(CACHEABLE),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    {
+        let resp = client().get(sc.url("/leave.bin")).send().await.unwrap();
+        let mut stream = resp.bytes_stream();
+        stream.next().await.unwrap().unwrap();
+        // Dropped here: the client goes away mid-body.
+    }
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await,
+        "the fill was committed without its client"
+    );
+    let (_, cs, body) = get(&sc.url("/leave.bin")).await;
+    assert_eq!(cs, "sidecache; hit");
+    assert!(matches_pattern(0, &body) && body.len() == 20 * 16384);
+    assert_eq!(origin.hits("/leave.bin"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_leader_releases_its_waiters_and_one_retries() {
+    let origin = Origin::start().await;
+    let good = Behaviour::Generated {
+        len: 100_000,
+        headers: owned(CACHEABLE),
+    };
+    origin.route(
+        "/flaky.js",
+        Behaviour::FirstThen(
+            Box::new(Behaviour::Delay(Duration::from_millis(300), Box::new(Behaviour::Abort))),
+            Box::new(Behaviour::Delay(Duration::from_millis(100), Box::new(good))),
+        ),
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let first = tokio::spawn(get_owned(sc.url("/flaky.js")));
+    origin.wait_hits("/flaky.js", 1).await;
+    let waiters: Vec<_> = (0..20).map(|_| tokio::spawn(get_owned(sc.url("/flaky.js")))).collect();
+    let (status, _, _) = first.await.unwrap();
+    assert_eq!(status, 502, "the leader's own request failed");
+    for w in waiters {
+        let (status, _, body) = w.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(matches_pattern(0, &body) && body.len() == 100_000);
+    }
+    assert_eq!(
+        origin.hits("/flaky.js"),
+        2,
+        "one failed fetch, then one retry for all waiters"
+    );
+}
+
+async fn get_owned(url: String) -> (reqwest::StatusCode, String, Bytes) {
+    get(&url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_on_disk_never_exceed_the_budget_under_concurrent_fills() {
+    let origin = Origin::start().await;
+    let budget: u64 = 4 << 20;
+    let object = 96 * 1024;
+    let count = (5 * budget / object) as usize;
+    // Distinct bytes per object: identical bodies would share one content-addressed file.
+    for i in 0..count {
+        origin.fixed(
+            &format!("/o/{i}.js"),
+            CACHEABLE,
+            pattern_chunk(i as u64 * 7919, object as usize),
+        );
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.max_size = budget;
+        c.max_object_size = budget / 4;
+        c.memory_size = 0;
+    })
+    .await;
+    let dir = sc.dir.path().join("cache");
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak, dir) = (stop.clone(), peak.clone(), dir.clone());
+        std::thread::spawn(move || {
+            let mut samples = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(bytes_on_disk(&dir), Ordering::Relaxed);
+                samples += 1;
+            }
+            samples
+        })
+    };
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..32)
+        .map(|_| {
+            let next = next.clone();
+            let base = sc.url("/o/");
+            tokio::spawn(async move {
+                let c = client();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= count {
+                        return;
+                    }
+                    let resp = c.get(format!("{base}{i}.js")).send().await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    let body = resp.bytes().await.unwrap();
+                    assert!(body.len() as u64 == object && matches_pattern(i as u64 * 7919, &body));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(samples > 10, "sampled {samples} times");
+    assert!(peak <= budget, "peak {peak} bytes on disk over a budget of {budget}");
+    assert!(peak > budget / 2, "the cache was actually filled (peak {peak})");
+    let (objects, used, _) = sc.sidecar.proxy.cache.stats();
+    assert!(objects > 0 && used <= budget);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_removes_exactly_the_least_recently_used() {
+    let origin = Origin::start().await;
+    for i in 0..10 {
+        origin.fixed(&format!("/lru/{i}"), CACHEABLE, pattern_chunk(i * 7919, 100_000));
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.max_size = 1 << 20;
+        c.max_object_size = 200_000;
+        c.memory_size = 0;
+        c.high_watermark = 0.95;
+        c.low_watermark = 0.90;
+    })
+    .await;
+    let cache = sc.sidecar.proxy.cache.clone();
+    assert!(eventually(Duration::from_secs(10), async || cache.is_loaded()).await);
+    // Objects 0..9 fill ~88% of the budget.
+    for i in 0..9 {
+        let (_, cs, _) = get(&sc.url(&format!("/lru/{i}"))).await;
+        assert!(cs.contains("stored"), "{cs}");
+        assert!(eventually(Duration::from_secs(5), async || cache.stats().0 == i + 1).await);
+    }
+    // Uses: 0, 1, 2 become the most recently used.
+    for i in 0..3 {
+        assert_eq!(get(&sc.url(&format!("/lru/{i}"))).await.1, "sidecache; hit");
+    }
+    // Object 9 pushes usage past the high watermark: one eviction brings it under the low one.
+    get(&sc.url("/lru/9")).await;
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let (n, _, reserved) = cache.stats();
+            n == 9 && reserved == 0
+        })
+        .await,
+        "stats: {:?}",
+        cache.stats()
+    );
+    let mut survivors = Vec::new();
+    for i in 0..10 {
+        let resp = client().head(sc.url(&format!("/lru/{i}"))).send().await.unwrap();
+        if cache_status(&resp) == "sidecache; hit" {
+            survivors.push(i);
+        }
+    }
+    assert_eq!(
+        survivors,
+        vec![0, 1, 2, 4, 5, 6, 7, 8, 9],
+        "object 3 was the least recently used"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_upstream_body_is_not_cached() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/cut.js",
+        Behaviour::Truncated {
+            len: 100_000,
+            sent: 40_000,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    for round in 1..=2u64 {
+        let resp = client().get(sc.url("/cut.js")).send().await.unwrap();
+        let cs = cache_status(&resp);
+        let headers = format!("{:?}", resp.headers());
+        let body = resp.bytes().await;
+        assert!(
+            body.is_err(),
+            "the client sees the body break: round {round} {cs} {headers} {:?}",
+            body.map(|b| b.len())
+        );
+        assert_eq!(origin.hits("/cut.js"), round, "never served from the cache");
+    }
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0);
+}
+
+#[tokio::test]
+async fn objects_over_max_object_size_are_served_but_not_kept() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/huge.bin",
+        Behaviour::Generated {
+            len: 3 << 20,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.max_object_size = 1 << 20).await;
+    for _ in 0..2 {
+        let (status, cs, body) = get(&sc.url("/huge.bin")).await;
+        assert_eq!(status, 200);
+        assert!(!cs.contains("stored") && !cs.contains("hit"), "{cs}");
+        assert!(matches_pattern(0, &body) && body.len() == 3 << 20);
+    }
+    assert_eq!(origin.hits("/huge.bin"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_without_a_length_are_stored_too() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/chunked.css",
+        Behaviour::Chunked {
+            len: 250_000,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let resp = client().get(sc.url("/chunked.css")).send().await.unwrap();
+    assert!(
+        resp.headers().get("content-length").is_none(),
+        "relayed as it came: chunked"
+    );
+    assert!(cache_status(&resp).contains("stored"));
+    let body = resp.bytes().await.unwrap();
+    assert!(body.len() == 250_000 && matches_pattern(0, &body));
+    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    let (_, cs, body) = get(&sc.url("/chunked.css")).await;
+    assert_eq!(cs, "sidecache; hit");
+    assert!(body.len() == 250_000 && matches_pattern(0, &body));
+    assert_eq!(origin.hits("/chunked.css"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_tier_serves_small_objects_from_memory() {
+    let origin = Origin::start().await;
+    origin.fixed("/small.css", CACHEABLE, pattern_bytes(5000));
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc.url("/small.css")).await;
+    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
+    // Remove the files underneath: the hot tier still has the object.
+    for f in files_under(&sc.dir.path().join("cache/objects-v1")) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let (_, cs, body) = get(&sc.url("/small.css")).await;
+    assert_eq!(cs, "sidecache; hit");
+    assert_eq!(body, Bytes::from(pattern_bytes(5000)));
+    assert_eq!(origin.hits("/small.css"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_deleted_underneath_are_refetched_not_errors() {
+    let origin = Origin::start().await;
+    origin.fixed("/gone.css", CACHEABLE, pattern_bytes(300_000));
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.memory_size = 0).await;
+    get(&sc.url("/gone.css")).await;
+    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    for f in files_under(&sc.dir.path().join("cache/objects-v1")) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let (status, _, body) = get(&sc.url("/gone.css")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, Bytes::from(pattern_bytes(300_000)));
+    assert_eq!(origin.hits("/gone.css"), 2, "fetched again from the app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_url_prefix_and_all_through_admin_and_cli() {
+    let origin = Origin::start().await;
+    for p in ["/assets/a.js", "/assets/b.js", "/img/c.png", "/img/d.png"] {
+        origin.fixed(p, CACHEABLE, p.repeat(100));
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.admin_token = Some("s3cret".into())).await;
+    let fill_all = async || {
+        for p in ["/assets/a.js", "/assets/b.js", "/img/c.png", "/img/d.png"] {
+            get(&sc.url(p)).await;
+        }
+        eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.stats().0 == 4).await
+    };
+    assert!(fill_all().await);
+    let c = client();
+    let denied = c.post(sc.admin_url("/purge?all=true")).send().await.unwrap();
+    assert_eq!(denied.status(), 401, "the token is required");
+    let resp = c
+        .post(sc.admin_url("/purge?url=/assets/a.js"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap().trim(), r#"{"purged":1}"#);
+    assert!(get(&sc.url("/assets/a.js")).await.1.contains("fwd=uri-miss"));
+    assert_eq!(get(&sc.url("/assets/b.js")).await.1, "sidecache; hit");
+
+    // The command line, against the same admin port.
+    let out = std::process::Command::new(binary_path())
+        .args([
+            "purge",
+            "--prefix",
+            "/img/",
+            "--target",
+            &sc.admin_url(""),
+            "--token",
+            "s3cret",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"purged":2}"#);
+    assert!(get(&sc.url("/img/c.png")).await.1.contains("fwd=uri-miss"));
+
+    assert!(fill_all().await);
+    let resp = c
+        .post(sc.admin_url("/purge?all=true"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap().trim(), r#"{"purged":4}"#);
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0);
+}
+
+/// Starts the binary on `dir` and waits until its index is loaded.
+async fn start_binary(origin: &Origin, dir: &Path) -> (Binary, std::net::SocketAddr) {
+    let mut bin = Binary::spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &origin.url(),
+            "--cache-dir",
+            dir.to_str().unwrap(),
+        ],
+        &[("SIDECACHE_ACCESS_LOG", "false")],
+    );
+    let addr = bin.public_addr();
+    let admin = bin.admin_addr();
+    let ready = eventually(Duration::from_secs(10), async || {
+        client()
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "sidecar never became ready");
+    (bin, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_after_restart_does_not_touch_the_app() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/app.js",
+        Behaviour::Generated {
+            len: 500_000,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bin, addr) = start_binary(&origin, dir.path()).await;
+    let (_, cs, _) = get(&format!("http://{addr}/app.js")).await;
+    assert!(cs.contains("stored"));
+    assert_eq!(get(&format!("http://{addr}/app.js")).await.1, "sidecache; hit");
+    bin.signal(libc::SIGTERM);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+
+    let (_bin, addr) = start_binary(&origin, dir.path()).await;
+    let (status, cs, body) = get(&format!("http://{addr}/app.js")).await;
+    assert_eq!((status.as_u16(), cs.as_str()), (200, "sidecache; hit"));
+    assert!(matches_pattern(0, &body) && body.len() == 500_000);
+    assert_eq!(origin.hits("/app.js"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_fill_then_restart_serves_correct_bytes() {
+    let origin = Origin::start().await;
+    let len = 64 * 65536;
+    origin.route(
+        "/large.bin",
+        Behaviour::Slow {
+            len,
+            chunk: 65536,
+            pause: Duration::from_millis(30),
+            headers: owned(CACHEABLE),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bin, addr) = start_binary(&origin, dir.path()).await;
+    let resp = client().get(format!("http://{addr}/large.bin")).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut got = 0;
+    while got < 10 * 65536 {
+        got += stream.next().await.unwrap().unwrap().len();
+    }
+    bin.signal(libc::SIGKILL);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+    drop(stream);
+
+    let (_bin, addr) = start_binary(&origin, dir.path()).await;
+    let tmp = dir.path().join("objects-v1/tmp");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "half-written files were swept"
+    );
+    for expect_hit in [false, true] {
+        let (status, cs, body) = get(&format!("http://{addr}/large.bin")).await;
+        assert_eq!(status, 200);
+        assert_eq!(cs == "sidecache; hit", expect_hit, "{cs}");
+        assert!(body.len() as u64 == len && matches_pattern(0, &body), "correct bytes");
+    }
+    assert_eq!(origin.hits("/large.bin"), 2, "the killed fill was never served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_corrupted_while_down_is_detected_and_refetched() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/c.js",
+        Behaviour::Generated {
+            len: 200_000,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bin, addr) = start_binary(&origin, dir.path()).await;
+    get(&format!("http://{addr}/c.js")).await;
+    assert_eq!(get(&format!("http://{addr}/c.js")).await.1, "sidecache; hit");
+    bin.signal(libc::SIGTERM);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+
+    // Flip one byte in the middle of the stored body (same length: only the hash can tell).
+    let bodies = files_under(&dir.path().join("objects-v1/body"));
+    assert_eq!(bodies.len(), 1);
+    let mut bytes = std::fs::read(&bodies[0]).unwrap();
+    bytes[100_000] ^= 0xff;
+    std::fs::write(&bodies[0], &bytes).unwrap();
+
+    let (_bin, addr) = start_binary(&origin, dir.path()).await;
+    let (status, cs, body) = get(&format!("http://{addr}/c.js")).await;
+    assert_eq!(status, 200);
+    assert!(cs.contains("fwd=uri-miss"), "{cs}");
+    assert!(
+        matches_pattern(0, &body) && body.len() == 200_000,
+        "never the corrupt bytes"
+    );
+    assert_eq!(origin.hits("/c.js"), 2);
+    assert_eq!(
+        get(&format!("http://{addr}/c.js")).await.1,
+        "sidecache; hit",
+        "stored again"
+    );
+}
+
+/// A small tmpfs (needs root, as in CI), mounted for the test's lifetime.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_filesystem_keeps_serving_from_the_app_and_caching_resumes() {
+    let fs = Tmpfs::mount("4m");
+    let cache_dir = fs.0.path().join("cache");
+    let origin = Origin::start().await;
+    for i in 0..5 {
+        origin.route(
+            &format!("/f/{i}.js"),
+            Behaviour::Generated {
+                len: 600_000,
+                headers: owned(CACHEABLE),
+            },
+        );
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.cache_dir = cache_dir.clone();
+        c.max_size = 64 << 20;
+        c.min_free = sidecache::size::MinFree::Bytes(0);
+        c.memory_size = 0;
+    })
+    .await;
+    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.is_loaded()).await);
+    // Fill the filesystem with something else, leaving less than one object's room.
+    let junk = fs.0.path().join("junk");
+    let mut free = std::fs::File::create(&junk).unwrap();
+    let _ = std::io::copy(&mut std::io::repeat(7).take(16 << 20), &mut free);
+    drop(free);
+    for round in 1..=2u64 {
+        for i in 0..5 {
+            let (status, cs, body) = get(&sc.url(&format!("/f/{i}.js"))).await;
+            assert_eq!(status, 200, "never a 5xx because the disk is full");
+            assert!(!cs.contains("hit"));
+            assert!(matches_pattern(0, &body) && body.len() == 600_000);
+            assert_eq!(origin.hits(&format!("/f/{i}.js")), round);
+        }
+    }
+    // The disk recovers: caching resumes (the budget is re-read at most once a second).
+    std::fs::remove_file(&junk).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            get(&sc.url("/f/0.js")).await;
+            get(&sc.url("/f/0.js")).await.1 == "sidecache; hit"
+        })
+        .await,
+        "caching resumed after space was freed"
+    );
+}
