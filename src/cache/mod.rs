@@ -793,7 +793,8 @@ impl Cache {
         let mut loaded = 0u64;
         let mut corrupt = 0u64;
         for found in metas {
-            let meta = match store::read_meta_file(&found.path) {
+            let path = store.meta_path(&found.id, found.generation);
+            let meta = match store::read_meta_file(&path) {
                 Ok(meta)
                     if meta.key.hash() == found.id
                         && body_len.get(&(meta.digest, meta.body_gen)) == Some(&meta.body_len) =>
@@ -803,7 +804,7 @@ impl Cache {
                 _ => {
                     // Torn, corrupt, foreign, or its body is missing or the wrong length.
                     corrupt += 1;
-                    let _ = store.remove(&found.path);
+                    let _ = store.remove(&path);
                     self.lock_index().forget_unindexed(found.len);
                     continue;
                 }
@@ -833,7 +834,7 @@ impl Cache {
         // Bodies no record points to: leftovers of a crash between the two renames.
         for b in bodies {
             if b.modified < scan_start && !self.lock_index().has_body(&b.id, b.generation) {
-                let _ = store.remove(&b.path);
+                let _ = store.remove(&store.body_path(&b.id, b.generation));
             }
         }
         self.lock_index().forget_unindexed(u64::MAX);

@@ -94,8 +94,6 @@ pub struct Found<T> {
     pub len: u64,
     /// Its modification time.
     pub modified: SystemTime,
-    /// Its path.
-    pub path: PathBuf,
 }
 
 impl Store {
@@ -300,7 +298,6 @@ fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
         for file in files.flatten() {
             let name = file.file_name();
             let Some(name) = name.to_str() else { continue };
-            let path = file.path();
             let parsed = name
                 .split_once('.')
                 .and_then(|(id, g)| Some((parse(id)?, u64::from_str_radix(g, 16).ok()?)));
@@ -311,11 +308,10 @@ fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
                     generation,
                     len: md.len(),
                     modified: md.modified().unwrap_or(UNIX_EPOCH),
-                    path,
                 }),
                 // Not ours (or mangled): nothing may be served from it.
                 None => {
-                    let _ = fs::remove_file(&path);
+                    let _ = fs::remove_file(file.path());
                 }
             }
         }

@@ -1,0 +1,99 @@
+//! Startup with a warm cache directory: writes N objects (default 100,000) through the store,
+//! then times a fresh `Cache::open` until the index is rebuilt, and reports the process's
+//! resident memory. Run: `cargo bench --bench rebuild [-- N]`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use sidecache::cache::Cache;
+use sidecache::cache::key::{CacheKey, Digest};
+use sidecache::cache::meta::Meta;
+use sidecache::cache::store::Store;
+use sidecache::config::{Config, Loader};
+
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let n: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache_dir = dir.path().join("cache");
+
+    let started = Instant::now();
+    {
+        let store = Store::open(&cache_dir).expect("open store");
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", http::HeaderValue::from_static("application/javascript"));
+        headers.insert(
+            "cache-control",
+            http::HeaderValue::from_static("public, max-age=31536000"),
+        );
+        for i in 0..n {
+            let body = format!("console.log({i});\n").repeat(8);
+            let generation = store.next_gen();
+            let (mut file, tmp) = store.create_tmp_body(generation).expect("tmp");
+            std::io::Write::write_all(&mut file, body.as_bytes()).expect("write");
+            let digest = Digest::from(blake3::hash(body.as_bytes()));
+            store.commit_body(&tmp, &digest, generation).expect("commit");
+            let key = CacheKey::from_stored(format!("http://app.example/assets/{i}.js"));
+            let meta = Meta {
+                key: key.clone(),
+                status: 200,
+                headers: headers.clone(),
+                request_time: SystemTime::now(),
+                response_time: SystemTime::now(),
+                body_len: body.len() as u64,
+                digest,
+                body_gen: generation,
+                vary: vec![],
+            };
+            store
+                .write_meta(&key.hash(), store.next_gen(), &meta.encode())
+                .expect("meta");
+        }
+    }
+    println!("wrote {n} objects in {:.1?}", started.elapsed());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let flags = vec![
+            ("cache_dir", cache_dir.display().to_string()),
+            ("max_size", "8GB".to_owned()),
+            ("min_free", "0".to_owned()),
+        ];
+        let config: Config = Loader::new(std::iter::empty()).flags(flags).load().expect("config");
+        let before = rss_kib("VmRSS:");
+        let started = Instant::now();
+        let cache = Cache::open(Arc::new(config));
+        while !cache.is_loaded() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "rebuild took over two minutes"
+            );
+        }
+        let took = started.elapsed();
+        let (objects, used, _) = cache.stats();
+        println!(
+            "rebuilt index of {objects} objects ({used} bytes) in {:.3} s = {:.0} objects/s",
+            took.as_secs_f64(),
+            objects as f64 / took.as_secs_f64()
+        );
+        println!(
+            "resident memory: {} KiB before open, {} KiB after, peak {} KiB",
+            before,
+            rss_kib("VmRSS:"),
+            rss_kib("VmHWM:")
+        );
+        assert_eq!(objects as u64, n, "every object indexed");
+    });
+}
