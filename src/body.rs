@@ -28,3 +28,39 @@ where
 {
     UnsyncBoxBody::new(body.map_err(Into::into))
 }
+
+/// Counts the data bytes that pass through a body into a counter metric.
+pub fn counted(body: ProxyBody, counter: metrics::Counter) -> ProxyBody {
+    UnsyncBoxBody::new(Counted { inner: body, counter })
+}
+
+struct Counted {
+    inner: ProxyBody,
+    counter: metrics::Counter,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            self.counter.increment(data.len() as u64);
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

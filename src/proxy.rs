@@ -183,6 +183,7 @@ impl Proxy {
                 version = ?version,
                 status = response.status().as_u16(),
                 outcome = outcome.as_str(),
+                cache_status = %cache_status,
                 micros = elapsed.as_micros() as u64,
                 client = %client.ip(),
                 "request"
@@ -235,7 +236,9 @@ impl Proxy {
                 Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd).await,
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
                     Some(Flight::Streaming(fill)) if vary_matches(&fill.meta.vary, req.headers()) => {
-                        let response = fill_response(&fill.meta, fill.reader());
+                        // These bytes come from the cache: the app sent them once, for the leader.
+                        let reader = body::counted(fill.reader(), metrics::counter!(m::SERVED_CACHE_BYTES));
+                        let response = fill_response(&fill.meta, reader);
                         return Answer::new(response, Outcome::Coalesced, Some(fwd));
                     }
                     Some(Flight::Released { retry: true }) => continue,
@@ -325,7 +328,11 @@ impl Proxy {
         }
         if storable.is_err() || lifetime.is_zero() {
             permit.release(false);
-            return Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
+            return Answer::new(
+                Response::from_parts(parts, from_upstream(body)),
+                Outcome::Miss,
+                Some(fwd),
+            );
         }
         let meta = Meta {
             key,
@@ -352,12 +359,16 @@ impl Proxy {
                 }
                 Err((permit, body)) => {
                     permit.release(false);
-                    Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd))
+                    Answer::new(
+                        Response::from_parts(parts, from_upstream(body)),
+                        Outcome::Miss,
+                        Some(fwd),
+                    )
                 }
             },
             None => {
                 permit.release(false);
-                let body = self.cache.tee_fill(meta, body);
+                let body = self.cache.tee_fill(meta, from_upstream(body));
                 let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
                 answer.stored = true;
                 answer
@@ -469,5 +480,10 @@ fn vary_matches(stored: &[(HeaderName, Option<HeaderValue>)], req_headers: &Head
 pub fn relay_response(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body::boxed(body))
+    Response::from_parts(parts, from_upstream(body::boxed(body)))
+}
+
+/// Counts an app body's bytes as received from upstream.
+fn from_upstream(body: ProxyBody) -> ProxyBody {
+    body::counted(body, metrics::counter!(m::UPSTREAM_BYTES))
 }

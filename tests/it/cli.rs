@@ -148,3 +148,51 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
     let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_ties_outcome_to_cache_status_and_hides_secrets() {
+    let origin = Origin::start().await;
+    origin.fixed("/a.js", &[("cache-control", "max-age=60")], "x".repeat(100));
+    let cache = tempfile::tempdir().unwrap();
+    let mut bin = Binary::spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &origin.url(),
+            "--log-format",
+            "json",
+        ],
+        &[("SIDECACHE_CACHE_DIR", cache.path().to_str().unwrap())],
+    );
+    let addr = bin.public_addr();
+    let c = client();
+    let resp = c
+        .get(format!("http://{addr}/a.js?token=topsecret"))
+        .header("cookie", "session=cookiesecret")
+        .header("authorization", "Bearer authsecret")
+        .send()
+        .await
+        .unwrap();
+    let cache_status = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+    resp.bytes().await.unwrap();
+    let line = bin.wait_line("\"path\":\"/a.js\"");
+    assert!(
+        line.starts_with('{') && line.ends_with('}'),
+        "one JSON object a line: {line}"
+    );
+    assert!(
+        line.contains("\"outcome\":\"bypass\"") || line.contains("\"outcome\":\"miss\""),
+        "{line}"
+    );
+    assert!(line.contains(&format!("\"cache_status\":\"{cache_status}\"")), "{line}");
+    for secret in ["topsecret", "cookiesecret", "authsecret", "token="] {
+        assert!(
+            bin.seen.iter().all(|l| !l.contains(secret)),
+            "{secret} leaked into the log"
+        );
+    }
+}

@@ -4,5 +4,6 @@ mod support;
 
 mod cache;
 mod cli;
+mod prometheus;
 mod proxy;
 mod supervise;

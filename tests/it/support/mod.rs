@@ -154,12 +154,12 @@ impl Binary {
 
     /// The address in the `listening` (public) log line.
     pub fn public_addr(&mut self) -> SocketAddr {
-        addr_field(&self.wait_line("proxy listening addr="))
+        addr_field(&self.wait_line("proxy listening"))
     }
 
     /// The address in the `admin listening` log line.
     pub fn admin_addr(&mut self) -> SocketAddr {
-        addr_field(&self.wait_line("admin listening addr="))
+        addr_field(&self.wait_line("admin listening"))
     }
 
     pub fn signal(&self, sig: i32) {
@@ -203,11 +203,15 @@ impl Drop for Binary {
     }
 }
 
+/// The `addr` field of a log line, text (`addr=1.2.3.4:5`) or JSON (`"addr":"1.2.3.4:5"`).
 fn addr_field(line: &str) -> SocketAddr {
-    let start = line.find("addr=").expect("addr field") + 5;
+    let (start, stop) = match line.find("\"addr\":\"") {
+        Some(i) => (i + 8, '"'),
+        None => (line.find("addr=").expect("addr field") + 5, ' '),
+    };
     let rest = &line[start..];
-    let end = rest.find(' ').unwrap_or(rest.len());
-    rest[..end].trim_matches('"').parse().expect("socket address")
+    let end = rest.find(stop).unwrap_or(rest.len());
+    rest[..end].parse().expect("socket address")
 }
 
 /// Retries `f` until it returns true, at most `limit` (readiness, not synchronisation by sleep).
