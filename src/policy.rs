@@ -281,6 +281,249 @@ pub fn current_age(
     corrected_initial_age.saturating_add(resident_time)
 }
 
+/// How a stored response may be used for a request (RFC 9111 §4, §5.2.1, RFC 5861).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usable {
+    /// Fresh enough for this request: serve it.
+    Fresh,
+    /// Stale, but within `stale-while-revalidate`: serve it and refresh in the background.
+    StaleWhileRevalidate,
+    /// Must be validated with the app first (stale, `no-cache`, or the request asks for more).
+    Revalidate,
+}
+
+/// Freshness facts about a stored response, computed once per lookup.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    /// Its freshness lifetime (§4.2.1).
+    pub lifetime: Duration,
+    /// Its current age (§4.2.3).
+    pub age: Duration,
+}
+
+impl Freshness {
+    /// Time past its freshness, zero while fresh.
+    pub fn staleness(&self) -> Duration {
+        self.age.saturating_sub(self.lifetime)
+    }
+
+    /// Whether it is fresh (§4.2).
+    pub fn is_fresh(&self) -> bool {
+        self.age < self.lifetime
+    }
+}
+
+/// RFC 9111 §4.2.4 / §5.2.2: a shared cache must not serve this response stale at all
+/// (`must-revalidate`, `proxy-revalidate`, `s-maxage`, or `no-cache`).
+pub fn forbids_stale(resp_cc: &CacheControl) -> bool {
+    resp_cc.must_revalidate || resp_cc.proxy_revalidate || resp_cc.s_maxage.is_some() || resp_cc.no_cache
+}
+
+/// Decides how a stored response may answer a request: §4.2 freshness, §5.2.1 request
+/// directives (`max-age`, `min-fresh`, `max-stale`, `no-cache`), §5.2.2 response directives,
+/// and RFC 5861 `stale-while-revalidate`.
+pub fn usable(f: Freshness, req_cc: &CacheControl, resp_cc: &CacheControl) -> Usable {
+    // §5.2.2.4: no-cache means every use is validated first.
+    if resp_cc.no_cache || req_cc.no_cache {
+        return Usable::Revalidate;
+    }
+    // §5.2.1.1: the client will not accept a response older than max-age.
+    if req_cc.max_age.is_some_and(|max| f.age > Duration::from_secs(max)) {
+        return Usable::Revalidate;
+    }
+    // §5.2.1.3: the client wants it to stay fresh for at least min-fresh more seconds.
+    if let Some(min_fresh) = req_cc.min_fresh
+        && f.lifetime.saturating_sub(f.age) < Duration::from_secs(min_fresh)
+    {
+        return Usable::Revalidate;
+    }
+    if f.is_fresh() {
+        return Usable::Fresh;
+    }
+    if forbids_stale(resp_cc) {
+        return Usable::Revalidate;
+    }
+    // §5.2.1.2: the client accepts a stale response up to max-stale seconds past freshness.
+    if req_cc
+        .max_stale
+        .is_some_and(|max| f.staleness() <= Duration::from_secs(max))
+    {
+        return Usable::Fresh;
+    }
+    if resp_cc
+        .stale_while_revalidate
+        .is_some_and(|swr| f.staleness() <= Duration::from_secs(swr))
+    {
+        return Usable::StaleWhileRevalidate;
+    }
+    Usable::Revalidate
+}
+
+/// Whether a stale response may stand in for a failing app: within `window` (the larger of the
+/// configured window and the response's `stale-if-error`), unless the response forbids serving
+/// it stale (§4.2.4).
+pub fn may_serve_stale_on_error(f: Freshness, resp_cc: &CacheControl, configured: Duration) -> bool {
+    if forbids_stale(resp_cc) {
+        return false;
+    }
+    let window = resp_cc
+        .stale_if_error
+        .map(Duration::from_secs)
+        .unwrap_or_default()
+        .max(configured);
+    f.staleness() <= window
+}
+
+/// An entity tag, parsed (RFC 9110 §8.8.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ETag<'a> {
+    /// `W/` prefix.
+    pub weak: bool,
+    /// The opaque tag with its quotes.
+    pub tag: &'a str,
+}
+
+/// Parses one entity tag; `None` when malformed.
+pub fn parse_etag(s: &str) -> Option<ETag<'_>> {
+    let s = s.trim();
+    let (weak, rest) = match s.strip_prefix("W/") {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    if rest.len() < 2 || !rest.starts_with('"') || !rest.ends_with('"') || rest[1..rest.len() - 1].contains('"') {
+        return None;
+    }
+    Some(ETag { weak, tag: rest })
+}
+
+/// RFC 9110 §13.1.2: does `If-None-Match` match the stored ETag (weak comparison)?
+/// `None` when the request has no (parsable) `If-None-Match`.
+pub fn if_none_match(req: &HeaderMap, stored: &HeaderMap) -> Option<bool> {
+    let values: Vec<&str> = req
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if values.is_empty() {
+        return None;
+    }
+    let stored_tag = stored
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_etag);
+    let mut any = false;
+    for list in values {
+        for candidate in list.split(',') {
+            any = true;
+            // "*" matches any current representation, and a stored one exists.
+            if candidate.trim() == "*" {
+                return Some(true);
+            }
+            if let (Some(c), Some(s)) = (parse_etag(candidate), stored_tag.as_ref())
+                && c.tag == s.tag
+            {
+                return Some(true);
+            }
+        }
+    }
+    any.then_some(false)
+}
+
+/// RFC 9110 §13.1.3: with no `If-None-Match`, does `If-Modified-Since` say "not modified"?
+pub fn not_modified_since(req: &HeaderMap, stored: &HeaderMap) -> bool {
+    let Some(since) = parse_date(req, &header::IF_MODIFIED_SINCE) else {
+        return false;
+    };
+    let modified = parse_date(stored, &header::LAST_MODIFIED).or_else(|| parse_date(stored, &header::DATE));
+    modified.is_some_and(|m| m <= since)
+}
+
+/// RFC 9111 §4.3.2: whether a stored response answers this request's conditionals with 304.
+pub fn answers_not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
+    match if_none_match(req, stored) {
+        Some(matched) => matched,
+        None => not_modified_since(req, stored),
+    }
+}
+
+/// What a `Range` request gets from a stored full body (RFC 9110 §14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// Ignore the range: send the whole body with 200.
+    Full,
+    /// Send bytes `start..=end` with 206.
+    Partial(u64, u64),
+    /// 416 with `Content-Range: bytes */len`.
+    Unsatisfiable,
+}
+
+/// Interprets a `Range` header against a body of `len` bytes. Only single `bytes` ranges are
+/// served partially; anything else (other units, several ranges, syntax errors) gets the full
+/// body, which §14.2 permits.
+pub fn range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
+    let Some(value) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeAnswer::Full;
+    };
+    // §13.1.5: If-Range: a strong ETag match or an exact Last-Modified date, else the full body.
+    if let Some(if_range) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        let matches = match parse_etag(if_range) {
+            Some(tag) => {
+                !tag.weak
+                    && stored
+                        .get(header::ETAG)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_etag)
+                        .is_some_and(|s| !s.weak && s.tag == tag.tag)
+            }
+            None => {
+                let date = httpdate::parse_http_date(if_range.trim()).ok();
+                date.is_some() && date == parse_date(stored, &header::LAST_MODIFIED)
+            }
+        };
+        if !matches {
+            return RangeAnswer::Full;
+        }
+    }
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeAnswer::Full;
+    };
+    if spec.contains(',') {
+        return RangeAnswer::Full;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let num = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (first.trim().is_empty(), num(first), num(last)) {
+        // bytes=-N: the last N bytes.
+        (true, _, Some(n)) => {
+            if n == 0 || len == 0 {
+                RangeAnswer::Unsatisfiable
+            } else {
+                RangeAnswer::Partial(len.saturating_sub(n), len - 1)
+            }
+        }
+        (false, Some(start), end) => {
+            if !last.trim().is_empty() && end.is_none() {
+                return RangeAnswer::Full;
+            }
+            if end.is_some_and(|e| e < start) {
+                return RangeAnswer::Full;
+            }
+            if start >= len {
+                return RangeAnswer::Unsatisfiable;
+            }
+            RangeAnswer::Partial(start, end.unwrap_or(u64::MAX).min(len - 1))
+        }
+        _ => RangeAnswer::Full,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,5 +727,213 @@ mod tests {
         // Apparent age dominates when larger.
         let h = headers(&[("date", &httpdate::fmt_http_date(t0 - Duration::from_secs(100)))]);
         assert_eq!(current_age(&h, t0, t0, t0).as_secs(), 100);
+    }
+
+    fn fr(lifetime: u64, age: u64) -> Freshness {
+        Freshness {
+            lifetime: Duration::from_secs(lifetime),
+            age: Duration::from_secs(age),
+        }
+    }
+
+    fn cc(v: &str) -> CacheControl {
+        CacheControl::parse(&headers(&[("cache-control", v)]))
+    }
+
+    /// RFC 9111 §4.2, §5.2.1, §5.2.2 and RFC 5861: one row per rule.
+    #[test]
+    fn usable_follows_request_and_response_directives() {
+        use Usable::*;
+        let rows: &[(&str, Freshness, &str, &str, Usable)] = &[
+            ("§4.2 fresh", fr(60, 10), "", "max-age=60", Fresh),
+            ("§4.2 stale", fr(60, 61), "", "max-age=60", Revalidate),
+            (
+                "§5.2.2.4 response no-cache",
+                fr(60, 0),
+                "",
+                "no-cache, max-age=60",
+                Revalidate,
+            ),
+            (
+                "§5.2.1.4 request no-cache",
+                fr(60, 0),
+                "no-cache",
+                "max-age=60",
+                Revalidate,
+            ),
+            (
+                "§5.2.1.1 request max-age exceeded",
+                fr(600, 100),
+                "max-age=50",
+                "max-age=600",
+                Revalidate,
+            ),
+            (
+                "§5.2.1.1 request max-age within",
+                fr(600, 10),
+                "max-age=50",
+                "max-age=600",
+                Fresh,
+            ),
+            (
+                "§5.2.1.3 min-fresh not met",
+                fr(60, 50),
+                "min-fresh=20",
+                "max-age=60",
+                Revalidate,
+            ),
+            (
+                "§5.2.1.3 min-fresh met",
+                fr(60, 10),
+                "min-fresh=20",
+                "max-age=60",
+                Fresh,
+            ),
+            (
+                "§5.2.1.2 max-stale within",
+                fr(60, 90),
+                "max-stale=60",
+                "max-age=60",
+                Fresh,
+            ),
+            (
+                "§5.2.1.2 max-stale without value",
+                fr(60, 9000),
+                "max-stale",
+                "max-age=60",
+                Fresh,
+            ),
+            (
+                "§5.2.1.2 max-stale exceeded",
+                fr(60, 200),
+                "max-stale=60",
+                "max-age=60",
+                Revalidate,
+            ),
+            (
+                "§5.2.2.2 must-revalidate beats max-stale",
+                fr(60, 90),
+                "max-stale=60",
+                "max-age=60, must-revalidate",
+                Revalidate,
+            ),
+            (
+                "§5.2.2.8 proxy-revalidate",
+                fr(60, 90),
+                "max-stale",
+                "max-age=60, proxy-revalidate",
+                Revalidate,
+            ),
+            (
+                "§5.2.2.10 s-maxage implies proxy-revalidate",
+                fr(60, 90),
+                "max-stale",
+                "s-maxage=60",
+                Revalidate,
+            ),
+            (
+                "RFC 5861 stale-while-revalidate",
+                fr(60, 90),
+                "",
+                "max-age=60, stale-while-revalidate=60",
+                StaleWhileRevalidate,
+            ),
+            (
+                "RFC 5861 past stale-while-revalidate",
+                fr(60, 200),
+                "",
+                "max-age=60, stale-while-revalidate=60",
+                Revalidate,
+            ),
+        ];
+        for (name, f, req, resp, want) in rows {
+            assert_eq!(usable(*f, &cc(req), &cc(resp)), *want, "{name}");
+        }
+    }
+
+    /// RFC 9111 §4.2.4 and RFC 5861 §4: stale-if-error.
+    #[test]
+    fn stale_on_error_respects_window_and_prohibitions() {
+        let hour = Duration::from_secs(3600);
+        assert!(may_serve_stale_on_error(fr(60, 120), &cc("max-age=60"), hour));
+        assert!(
+            !may_serve_stale_on_error(fr(60, 7200), &cc("max-age=60"), hour),
+            "past the window"
+        );
+        assert!(may_serve_stale_on_error(
+            fr(60, 7200),
+            &cc("max-age=60, stale-if-error=86400"),
+            hour
+        ));
+        for forbidding in [
+            "max-age=60, must-revalidate",
+            "max-age=60, proxy-revalidate",
+            "s-maxage=60",
+            "no-cache",
+        ] {
+            assert!(
+                !may_serve_stale_on_error(fr(60, 120), &cc(forbidding), hour),
+                "{forbidding}"
+            );
+        }
+    }
+
+    /// RFC 9110 §13.1.2 / §13.1.3 / §13.2.2: If-None-Match (weak comparison) before
+    /// If-Modified-Since.
+    #[test]
+    fn conditional_requests_use_weak_comparison_and_precedence() {
+        let lm = "Sat, 01 Jan 2022 00:00:00 GMT";
+        let stored = headers(&[("etag", "W/\"v1\""), ("last-modified", lm)]);
+        let rows: &[(&[(&str, &str)], bool)] = &[
+            (&[("if-none-match", "\"v1\"")], true),
+            (&[("if-none-match", "W/\"v1\"")], true),
+            (&[("if-none-match", "\"v0\", W/\"v1\"")], true),
+            (&[("if-none-match", "*")], true),
+            (&[("if-none-match", "\"v2\"")], false),
+            (&[("if-modified-since", lm)], true),
+            (&[("if-modified-since", "Fri, 31 Dec 2021 00:00:00 GMT")], false),
+            // §13.2.2: If-None-Match takes precedence over If-Modified-Since.
+            (&[("if-none-match", "\"v2\""), ("if-modified-since", lm)], false),
+            (&[("if-modified-since", "not a date")], false),
+        ];
+        for (req, want) in rows {
+            assert_eq!(answers_not_modified(&headers(req), &stored), *want, "{req:?}");
+        }
+    }
+
+    /// RFC 9110 §14.1.2, §14.2, §13.1.5.
+    #[test]
+    fn ranges_are_single_byte_ranges_with_if_range() {
+        use RangeAnswer::*;
+        let stored = headers(&[("etag", "\"v1\""), ("last-modified", "Sat, 01 Jan 2022 00:00:00 GMT")]);
+        let rows: &[(&[(&str, &str)], RangeAnswer)] = &[
+            (&[], Full),
+            (&[("range", "bytes=0-99")], Partial(0, 99)),
+            (&[("range", "bytes=900-")], Partial(900, 999)),
+            (&[("range", "bytes=900-5000")], Partial(900, 999)),
+            (&[("range", "bytes=-100")], Partial(900, 999)),
+            (&[("range", "bytes=-5000")], Partial(0, 999)),
+            (&[("range", "bytes=1000-")], Unsatisfiable),
+            (&[("range", "bytes=-0")], Unsatisfiable),
+            (&[("range", "bytes=5-1")], Full),
+            (&[("range", "bytes=0-1,5-6")], Full),
+            (&[("range", "items=0-1")], Full),
+            (&[("range", "bytes=abc")], Full),
+            (&[("range", "bytes=0-99999999999999999999999")], Full),
+            (&[("range", "bytes=0-9"), ("if-range", "\"v1\"")], Partial(0, 9)),
+            (&[("range", "bytes=0-9"), ("if-range", "\"v0\"")], Full),
+            (&[("range", "bytes=0-9"), ("if-range", "W/\"v1\"")], Full),
+            (
+                &[("range", "bytes=0-9"), ("if-range", "Sat, 01 Jan 2022 00:00:00 GMT")],
+                Partial(0, 9),
+            ),
+            (
+                &[("range", "bytes=0-9"), ("if-range", "Sun, 02 Jan 2022 00:00:00 GMT")],
+                Full,
+            ),
+        ];
+        for (req, want) in rows {
+            assert_eq!(range(&headers(req), &stored, 1000), *want, "{req:?}");
+        }
     }
 }
