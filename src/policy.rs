@@ -117,8 +117,9 @@ pub fn is_cacheable_request(method: &Method, headers: &HeaderMap) -> bool {
     if !(method == Method::GET || method == Method::HEAD) {
         return false;
     }
-    // Range requests go to the app until they can be served from stored full objects.
-    !headers.contains_key(header::RANGE)
+    // Preconditions other than the ones a cache answers (If-None-Match, If-Modified-Since,
+    // If-Range) are the app's to evaluate.
+    !headers.contains_key(header::IF_MATCH) && !headers.contains_key(header::IF_UNMODIFIED_SINCE)
 }
 
 /// Status codes heuristically cacheable (RFC 9110 §15.1).

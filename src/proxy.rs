@@ -22,8 +22,8 @@ use crate::cache::meta::Meta;
 use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
 use crate::config::Config;
 use crate::metrics as m;
-use crate::policy::{self, CacheControl, Heuristic};
-use crate::upstream::{Upstream, strip_hop_by_hop};
+use crate::policy::{self, CacheControl, Freshness, Heuristic, RangeAnswer, Usable};
+use crate::upstream::{Upstream, error_response, strip_hop_by_hop};
 
 /// What the cache did for one request: the metric label, the log field and the
 /// `Cache-Status` header all come from it.
@@ -110,6 +110,8 @@ pub struct Answer {
     pub fwd: Option<Fwd>,
     /// Whether the response is being stored.
     pub stored: bool,
+    /// An extra `Cache-Status` parameter (`fwd-status=304`, `stale-if-error`, ...).
+    pub detail: Option<&'static str>,
 }
 
 impl Answer {
@@ -119,18 +121,23 @@ impl Answer {
             outcome,
             fwd,
             stored: false,
+            detail: None,
         }
     }
 
     /// The `Cache-Status` value (RFC 9211).
     fn cache_status(&self) -> String {
         let mut v = String::from("sidecache");
-        match self.fwd {
-            None => v.push_str("; hit"),
-            Some(fwd) => {
-                v.push_str("; fwd=");
-                v.push_str(fwd.as_str());
-            }
+        if self.fwd.is_none() || self.outcome == Outcome::Stale {
+            v.push_str("; hit");
+        }
+        if let Some(fwd) = self.fwd {
+            v.push_str("; fwd=");
+            v.push_str(fwd.as_str());
+        }
+        if let Some(detail) = self.detail {
+            v.push_str("; ");
+            v.push_str(detail);
         }
         if self.outcome == Outcome::Coalesced {
             v.push_str("; collapsed");
@@ -192,53 +199,78 @@ impl Proxy {
         response
     }
 
-    async fn route(&self, req: Request<Incoming>, client: SocketAddr) -> Answer {
+    async fn route(self: &Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Answer {
         if is_upgrade(&req) {
             return self.tunnel(req, client).await;
         }
         let req = req.map(body::boxed);
         if !policy::is_cacheable_request(req.method(), req.headers()) {
-            let fwd = if matches!(*req.method(), Method::GET | Method::HEAD) {
-                Fwd::Request
-            } else {
-                Fwd::Method
-            };
-            return self.forward(req, client, Outcome::Bypass, fwd).await;
+            if matches!(*req.method(), Method::GET | Method::HEAD) {
+                return self.forward(req, client, Outcome::Bypass, Fwd::Request).await;
+            }
+            return self.forward_unsafe(req, client).await;
         }
         let Some(key) = CacheKey::from_request(&req, self.scheme(&req)) else {
             return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
         };
-        let req_cc = CacheControl::parse(req.headers());
-        // RFC 9111 §5.2.1: the client asks for a response validated with the app.
-        let reload = req_cc.no_cache
-            || req_cc.max_age == Some(0)
-            || req
+        let mut req_cc = CacheControl::parse(req.headers());
+        // RFC 9111 §5.4: Pragma: no-cache means Cache-Control: no-cache when the latter is absent.
+        if !req.headers().contains_key(header::CACHE_CONTROL)
+            && req
                 .headers()
                 .get(header::PRAGMA)
-                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"))
+        {
+            req_cc.no_cache = true;
+        }
+        let reload = req_cc.no_cache;
         let mut fwd = if reload { Fwd::Request } else { Fwd::UriMiss };
+        let mut stored: Option<(Hit, Freshness)> = None;
         // A released waiter retries the cache; bounded so a flapping app cannot loop us.
         for _ in 0..3 {
-            if !reload && let Some(hit) = self.cache.lookup(&key).await {
+            if let Some(hit) = self.cache.lookup(&key).await {
                 if !vary_matches(&hit.meta.vary, req.headers()) {
                     fwd = Fwd::VaryMiss;
-                } else if self.is_fresh(&hit.meta) {
-                    return Answer::new(self.serve_hit(req.method(), hit), Outcome::Hit, None);
                 } else {
-                    fwd = Fwd::Stale;
+                    let f = self.freshness(&hit.meta);
+                    let resp_cc = CacheControl::parse(&hit.meta.headers);
+                    match policy::usable(f, &req_cc, &resp_cc) {
+                        Usable::Fresh => {
+                            let response = serve_stored(req.method(), req.headers(), &hit, f);
+                            return Answer::new(response, Outcome::Hit, None);
+                        }
+                        Usable::StaleWhileRevalidate => {
+                            self.refresh_in_background(&req, key.clone(), &hit, f);
+                            let response = serve_stored(req.method(), req.headers(), &hit, f);
+                            let mut answer = Answer::new(response, Outcome::Stale, None);
+                            answer.detail = Some("stale-while-revalidate");
+                            return answer;
+                        }
+                        Usable::Revalidate => {
+                            if !reload {
+                                fwd = Fwd::Stale;
+                            }
+                            stored = Some((hit, f));
+                        }
+                    }
                 }
             }
-            if req.method() == Method::HEAD {
-                // A HEAD response has no body to store: ask the app directly.
+            // §5.2.1.7: only-if-cached and nothing usable is stored.
+            if req_cc.only_if_cached {
+                let response = error_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout: not cached\n");
+                return Answer::new(response, Outcome::Miss, Some(fwd));
+            }
+            if req.method() == Method::HEAD || req.headers().contains_key(header::RANGE) {
+                // Nothing to store from a HEAD or a partial answer: ask the app directly.
                 return self.forward(req, client, Outcome::Miss, fwd).await;
             }
             match self.cache.claim(&key) {
-                Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd).await,
+                Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd, stored).await,
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
                     Some(Flight::Streaming(fill)) if vary_matches(&fill.meta.vary, req.headers()) => {
                         // These bytes come from the cache: the app sent them once, for the leader.
                         let reader = body::counted(fill.reader(), metrics::counter!(m::SERVED_CACHE_BYTES));
-                        let response = fill_response(&fill.meta, reader);
+                        let response = answer_fill(req.headers(), &fill.meta, reader);
                         return Answer::new(response, Outcome::Coalesced, Some(fwd));
                     }
                     Some(Flight::Released { retry: true }) => continue,
@@ -260,39 +292,35 @@ impl Proxy {
         if https { "https" } else { "http" }
     }
 
-    fn is_fresh(&self, meta: &Meta) -> bool {
-        let heuristic = Heuristic {
+    fn heuristic(&self) -> Heuristic {
+        Heuristic {
             fraction: self.config.heuristic_fraction,
             max: self.config.heuristic_max,
-        };
-        let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-        let lifetime = policy::freshness_lifetime(status, &meta.headers, meta.response_time, heuristic);
-        let age = policy::current_age(&meta.headers, meta.request_time, meta.response_time, SystemTime::now());
-        age < lifetime
-    }
-
-    fn serve_hit(&self, method: &Method, hit: Hit) -> Response<ProxyBody> {
-        let Hit { meta, body } = hit;
-        let len = body.len() as u64;
-        let mut resp = Response::new(if method == Method::HEAD {
-            body::empty()
-        } else {
-            body::full(body)
-        });
-        *resp.status_mut() = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-        *resp.headers_mut() = meta.headers.clone();
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        // RFC 9111 §4.2.3 / §5.1: the age the client sees includes our residence time.
-        let age = policy::current_age(&meta.headers, meta.request_time, meta.response_time, SystemTime::now());
-        resp.headers_mut().insert(header::AGE, HeaderValue::from(age.as_secs()));
-        if method != Method::HEAD {
-            metrics::counter!(m::SERVED_CACHE_BYTES).increment(len);
         }
-        resp
     }
 
-    /// The leader's fetch: ask the app, then store the answer while streaming it, or relay it.
+    fn freshness(&self, meta: &Meta) -> Freshness {
+        let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+        Freshness {
+            lifetime: policy::freshness_lifetime(status, &meta.headers, meta.response_time, self.heuristic()),
+            age: policy::current_age(&meta.headers, meta.request_time, meta.response_time, SystemTime::now()),
+        }
+    }
+
+    /// A stale stored response standing in for a failing app, if it may (RFC 9111 §4.2.4).
+    fn stale_for_error(&self, req: &HeaderMap, method: &Method, stored: &Option<(Hit, Freshness)>) -> Option<Answer> {
+        let (hit, f) = stored.as_ref()?;
+        let resp_cc = CacheControl::parse(&hit.meta.headers);
+        if !policy::may_serve_stale_on_error(*f, &resp_cc, self.config.stale_if_error) {
+            return None;
+        }
+        let mut answer = Answer::new(serve_stored(method, req, hit, *f), Outcome::Stale, Some(Fwd::Stale));
+        answer.detail = Some("stale-if-error");
+        Some(answer)
+    }
+
+    /// The leader's fetch: ask the app (conditionally, when a stale copy has validators), then
+    /// refresh, store while streaming, fall back to the stale copy, or relay.
     async fn fetch(
         &self,
         mut req: Request<ProxyBody>,
@@ -300,8 +328,31 @@ impl Proxy {
         key: CacheKey,
         permit: FillPermit,
         fwd: Fwd,
+        stored: Option<(Hit, Freshness)>,
     ) -> Answer {
         let method = req.method().clone();
+        let client_headers = req.headers().clone();
+        // The client's own conditionals are answered by us from what we hold; the app is asked
+        // with our validators instead (RFC 9111 §4.3.1).
+        for name in [
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+        ] {
+            req.headers_mut().remove(name);
+        }
+        let mut validating = false;
+        if let Some((hit, _)) = &stored {
+            if let Some(etag) = hit.meta.headers.get(header::ETAG) {
+                req.headers_mut().insert(header::IF_NONE_MATCH, etag.clone());
+                validating = true;
+            }
+            if let Some(lm) = hit.meta.headers.get(header::LAST_MODIFIED) {
+                req.headers_mut().insert(header::IF_MODIFIED_SINCE, lm.clone());
+                validating = true;
+            }
+        }
         let req_headers = req.headers().clone();
         let request_time = SystemTime::now();
         self.upstream.prepare(&mut req, client, None);
@@ -309,6 +360,10 @@ impl Proxy {
             Ok(resp) => resp,
             Err(err) => {
                 warn!(error = %err, "upstream request failed");
+                if let Some(answer) = self.stale_for_error(&client_headers, &method, &stored) {
+                    permit.release(false);
+                    return answer;
+                }
                 drop(permit);
                 return Answer::new(err.response(), Outcome::Error, Some(fwd));
             }
@@ -316,17 +371,41 @@ impl Proxy {
         let response_time = SystemTime::now();
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+
+        if validating
+            && parts.status == StatusCode::NOT_MODIFIED
+            && let Some((hit, _)) = stored
+        {
+            // §4.3.4: freshen the stored response with the 304's headers, serve the stored body.
+            let meta = refreshed(&hit.meta, &parts.headers, request_time, response_time);
+            let refreshed_hit = Hit {
+                meta: Arc::new(meta.clone()),
+                body: hit.body.clone(),
+            };
+            self.cache.refresh(meta).await;
+            permit.release(true);
+            let f = self.freshness(&refreshed_hit.meta);
+            let mut answer = Answer::new(
+                serve_stored(&method, &client_headers, &refreshed_hit, f),
+                Outcome::Revalidated,
+                Some(fwd),
+            );
+            answer.detail = Some("fwd-status=304");
+            return answer;
+        }
+        if parts.status.is_server_error()
+            && let Some(answer) = self.stale_for_error(&client_headers, &method, &stored)
+        {
+            permit.release(false);
+            return answer;
+        }
         let body = body::boxed(body);
-        let heuristic = Heuristic {
-            fraction: self.config.heuristic_fraction,
-            max: self.config.heuristic_max,
-        };
         let storable = policy::storable(&method, &req_headers, parts.status, &parts.headers);
-        let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, heuristic);
+        let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, self.heuristic());
         if let Err(why) = storable {
             debug!(reason = why.as_str(), "response not stored");
         }
-        if storable.is_err() || lifetime.is_zero() {
+        if storable.is_err() || lifetime.is_zero() && !has_validator(&parts.headers) {
             permit.release(false);
             return Answer::new(
                 Response::from_parts(parts, from_upstream(body)),
@@ -353,7 +432,8 @@ impl Proxy {
         match length {
             Some(len) => match self.cache.start_fill(permit, Meta { body_len: len, ..meta }, body) {
                 Ok(fill) => {
-                    let mut answer = Answer::new(fill_response(&fill.meta, fill.reader()), Outcome::Miss, Some(fwd));
+                    let response = answer_fill(&client_headers, &fill.meta, fill.reader());
+                    let mut answer = Answer::new(response, Outcome::Miss, Some(fwd));
                     answer.stored = true;
                     answer
                 }
@@ -374,6 +454,57 @@ impl Proxy {
                 answer
             }
         }
+    }
+
+    /// RFC 5861 §3: serve stale now, revalidate once in the background.
+    fn refresh_in_background(self: &Arc<Self>, req: &Request<ProxyBody>, key: CacheKey, hit: &Hit, f: Freshness) {
+        let Claim::Leader(permit) = self.cache.claim(&key) else {
+            return;
+        };
+        let mut bg = Request::new(body::empty());
+        *bg.uri_mut() = req.uri().clone();
+        *bg.headers_mut() = req.headers().clone();
+        bg.headers_mut().remove(header::RANGE);
+        bg.headers_mut().remove(header::IF_RANGE);
+        let stored = Some((
+            Hit {
+                meta: hit.meta.clone(),
+                body: hit.body.clone(),
+            },
+            f,
+        ));
+        let proxy = self.clone();
+        let client = SocketAddr::from(([127, 0, 0, 1], 0));
+        tokio::spawn(async move {
+            let answer = proxy.fetch(bg, client, key, permit, Fwd::Stale, stored).await;
+            // Drain a stored fill so it completes; nobody reads this response.
+            let mut body = answer.response.into_body();
+            while http_body_util::BodyExt::frame(&mut body).await.is_some() {}
+        });
+    }
+
+    /// Forwards an unsafe request; a success invalidates what is stored for its URL and for
+    /// the URLs in `Location` and `Content-Location` on the same host (RFC 9111 §4.4).
+    async fn forward_unsafe(&self, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
+        let key = CacheKey::from_request(&req, self.scheme(&req));
+        let answer = self.forward(req, client, Outcome::Bypass, Fwd::Method).await;
+        let status = answer.response.status();
+        if let Some(key) = key
+            && (status.is_success() || status.is_redirection())
+        {
+            let mut n = self.cache.invalidate(&key).await;
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(target) = answer.response.headers().get(&name).and_then(|v| v.to_str().ok())
+                    && let Some(other) = key.same_host(target)
+                {
+                    n += self.cache.invalidate(&other).await;
+                }
+            }
+            if n > 0 {
+                debug!(objects = n, "invalidated by an unsafe request");
+            }
+        }
+        answer
     }
 
     /// Forwards to the app and relays the answer without storing it.
@@ -444,14 +575,111 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
         && !req.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"h2c"))
 }
 
-/// A response built from a fill's stored head, its body read while the fill writes it.
-fn fill_response(meta: &Meta, body: ProxyBody) -> Response<ProxyBody> {
+/// A response built from a fill's stored head, its body read while the fill writes it. A client
+/// conditional that the new response satisfies is answered with 304.
+fn answer_fill(req: &HeaderMap, meta: &Meta, body: ProxyBody) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+    if status == StatusCode::OK && policy::answers_not_modified(req, &meta.headers) {
+        return not_modified(&meta.headers);
+    }
     let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+    *resp.status_mut() = status;
     *resp.headers_mut() = meta.headers.clone();
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(meta.body_len));
     resp
+}
+
+/// A 304 for a stored response (RFC 9110 §15.4.5: the validator and caching fields, no body).
+fn not_modified(stored: &HeaderMap) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    let mut headers = stored.clone();
+    for name in [header::CONTENT_LENGTH, header::CONTENT_RANGE, header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// Answers a request from a stored response: 304 for a satisfied conditional, 206 or 416 for
+/// a range, else the whole body; `Age` per RFC 9111 §4.2.3 and §5.1.
+fn serve_stored(method: &Method, req: &HeaderMap, hit: &Hit, f: Freshness) -> Response<ProxyBody> {
+    let meta = &hit.meta;
+    let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+    let age = HeaderValue::from(f.age.as_secs());
+    if status == StatusCode::OK && policy::answers_not_modified(req, &meta.headers) {
+        let mut resp = not_modified(&meta.headers);
+        resp.headers_mut().insert(header::AGE, age);
+        return resp;
+    }
+    let len = hit.body.len() as u64;
+    let range = if status == StatusCode::OK {
+        policy::range(req, &meta.headers, len)
+    } else {
+        RangeAnswer::Full
+    };
+    let (status, body, content_range) = match range {
+        RangeAnswer::Partial(start, end) => (
+            StatusCode::PARTIAL_CONTENT,
+            hit.body.slice(start as usize..=end as usize),
+            Some(format!("bytes {start}-{end}/{len}")),
+        ),
+        RangeAnswer::Unsatisfiable => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            bytes::Bytes::new(),
+            Some(format!("bytes */{len}")),
+        ),
+        RangeAnswer::Full => (status, hit.body.clone(), None),
+    };
+    let sent = body.len() as u64;
+    let mut resp = Response::new(if method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(body)
+    });
+    *resp.status_mut() = status;
+    *resp.headers_mut() = meta.headers.clone();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(sent));
+    h.insert(header::AGE, age);
+    if let Some(v) = content_range.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    if status == StatusCode::OK {
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    if method != Method::HEAD {
+        metrics::counter!(m::SERVED_CACHE_BYTES).increment(sent);
+    }
+    resp
+}
+
+/// The stored head freshened by a 304 (RFC 9111 §3.2, §4.3.4): the 304's fields replace the
+/// stored ones, except those describing the body, which the 304 has none of.
+fn refreshed(stored: &Meta, update: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Meta {
+    let mut meta = stored.clone();
+    let mut seen = std::collections::HashSet::new();
+    for (name, value) in update {
+        if matches!(
+            *name,
+            header::CONTENT_LENGTH | header::CONTENT_RANGE | header::TRANSFER_ENCODING
+        ) {
+            continue;
+        }
+        if seen.insert(name.clone()) {
+            meta.headers.remove(name);
+        }
+        meta.headers.append(name.clone(), value.clone());
+    }
+    meta.request_time = request_time;
+    meta.response_time = response_time;
+    meta
+}
+
+/// Whether a response carries a validator a later revalidation can use.
+fn has_validator(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
 /// For each header a response's `Vary` names, the value this request had (RFC 9111 §4.1).

@@ -43,6 +43,24 @@ impl CacheKey {
         path_and_query(&self.0)
     }
 
+    /// The key of a `Location`/`Content-Location` target, if it is on this key's host
+    /// (RFC 9111 §4.4: a cache must not invalidate other hosts' responses).
+    pub fn same_host(&self, target: &str) -> Option<CacheKey> {
+        let (scheme, rest) = self.0.split_once("://")?;
+        let host = &rest[..rest.find('/').unwrap_or(rest.len())];
+        if target.starts_with('/') && !target.starts_with("//") {
+            return Some(CacheKey(format!("{scheme}://{host}{target}")));
+        }
+        let uri: http::Uri = target.parse().ok()?;
+        let authority = uri.authority()?.as_str().to_ascii_lowercase();
+        let authority = authority.strip_suffix(":80").unwrap_or(&authority);
+        if authority != host {
+            return None;
+        }
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        Some(CacheKey(format!("{scheme}://{host}{pq}")))
+    }
+
     /// The key's hash.
     pub fn hash(&self) -> KeyHash {
         KeyHash::of(self.0.as_bytes())
@@ -177,6 +195,18 @@ mod tests {
     fn hosts_that_could_smuggle_a_path_are_refused() {
         assert!(CacheKey::from_request(&req("a.example/evil", "/x"), "http").is_none());
         assert!(CacheKey::from_request(&req("", "/x"), "http").is_none());
+    }
+
+    #[test]
+    fn invalidation_targets_stay_on_the_same_host() {
+        let k = CacheKey::from_request(&req("shop.example", "/cart"), "http").unwrap();
+        assert_eq!(k.same_host("/items/1").unwrap().as_str(), "http://shop.example/items/1");
+        assert_eq!(
+            k.same_host("http://shop.example/a?b").unwrap().as_str(),
+            "http://shop.example/a?b"
+        );
+        assert!(k.same_host("http://evil.example/a").is_none());
+        assert!(k.same_host("//evil.example/a").is_none());
     }
 
     #[test]

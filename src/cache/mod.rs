@@ -111,11 +111,12 @@ impl FillPermit {
 
     fn settle(&mut self, flight: Flight) {
         self.settled = true;
-        let streaming = matches!(flight, Flight::Streaming(_));
-        self.flight.state.send_replace(flight);
-        if !streaming {
+        // Unpublish before waking anyone: a released waiter that claims again must find the
+        // key free (or a new leader), never this finished flight.
+        if !matches!(flight, Flight::Streaming(_)) {
             self.cache.forget_flight(&self.hash, &self.flight);
         }
+        self.flight.state.send_replace(flight);
     }
 }
 
@@ -363,7 +364,9 @@ impl Cache {
     pub fn claim(self: &Arc<Self>, key: &CacheKey) -> Claim {
         let hash = key.hash();
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = flights.get(&hash) {
+        if let Some(f) = flights.get(&hash)
+            && !matches!(*f.state.borrow(), Flight::Released { .. })
+        {
             metrics::counter!(m::COALESCED_WAITS).increment(1);
             return Claim::Wait(f.clone());
         }
@@ -735,6 +738,60 @@ impl Cache {
         metrics::counter!(m::EVICTED_BYTES).increment(bytes);
         self.publish_gauges();
         (n, bytes)
+    }
+
+    /// Stores a revalidated response's refreshed head (RFC 9111 §4.3.4): a new record version
+    /// for the same body. Returns false if it could not be stored (the caller still serves).
+    pub async fn refresh(&self, meta: Meta) -> bool {
+        let Some(store) = self.store() else { return false };
+        let hash = meta.key.hash();
+        let record_len = meta.encoded_len();
+        if !self.reserve(record_len) {
+            return false;
+        }
+        {
+            let mut ix = self.lock_index();
+            if !ix.has_body(&meta.digest, meta.body_gen) {
+                // Evicted or replaced meanwhile: nothing to refresh.
+                ix.release(record_len);
+                return false;
+            }
+            ix.acquire_body(meta.digest, meta.body_len, meta.body_gen, 0);
+        }
+        let meta_gen = store.next_gen();
+        let record = meta.encode();
+        let blocking_store = store.clone();
+        let written = tokio::task::spawn_blocking(move || blocking_store.write_meta(&hash, meta_gen, &record)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            if let Ok(Err(e)) = &written {
+                self.storage_error(e);
+            }
+            let mut ix = self.lock_index();
+            ix.release(record_len);
+            ix.release_body(&meta.digest);
+            return false;
+        }
+        let entry = Entry {
+            key: meta.key.as_str().into(),
+            meta_gen,
+            meta_len: record_len,
+            digest: meta.digest,
+            body_gen: meta.body_gen,
+            body_len: meta.body_len,
+            verified: true,
+        };
+        let removed = self.lock_index().insert(hash, entry, record_len);
+        self.forget(&hash);
+        self.metas.insert(hash, Arc::new(meta));
+        if let Some(r) = removed {
+            self.unlink(vec![r]).await;
+        }
+        true
+    }
+
+    /// Removes whatever is stored for one full key (RFC 9111 §4.4 invalidation).
+    pub async fn invalidate(&self, key: &CacheKey) -> usize {
+        self.purge(&Purge::Url(key.as_str().to_owned())).await
     }
 
     /// Purges matching objects; returns how many.

@@ -6,4 +6,5 @@ mod cache;
 mod cli;
 mod prometheus;
 mod proxy;
+mod semantics;
 mod supervise;

@@ -1,0 +1,386 @@
+//! HTTP caching semantics over real sockets (RFC 9111, RFC 9110 conditionals and ranges,
+//! RFC 5861). docs/conformance.md maps each requirement to its test.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::support::{Behaviour, Origin, TestSidecar, eventually, origin::owned, pattern_chunk};
+
+fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+struct Got {
+    status: u16,
+    cache_status: String,
+    headers: reqwest::header::HeaderMap,
+    body: Bytes,
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Got {
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let cache_status = headers
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    Got {
+        status,
+        cache_status,
+        headers,
+        body: resp.bytes().await.unwrap(),
+    }
+}
+
+async fn get(sc: &TestSidecar, path: &str) -> Got {
+    send(client().get(sc.url(path))).await
+}
+
+async fn stored(sc: &TestSidecar, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == n).await,
+        "expected {n} stored objects, have {:?}",
+        sc.sidecar.proxy.cache.stats()
+    );
+}
+
+fn validating(cache_control: &str, body: &'static str) -> Behaviour {
+    Behaviour::Validating {
+        etag: "\"v1\"".into(),
+        headers: owned(&[("cache-control", cache_control), ("content-type", "text/html")]),
+        body: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+/// RFC 9111 §4.3.1, §4.3.3, §4.3.4: a stored `no-cache` response is revalidated with
+/// If-None-Match on every use; a 304 freshens the stored headers and the stored body is served.
+#[tokio::test]
+async fn no_cache_responses_are_revalidated_and_304_refreshes_headers() {
+    let origin = Origin::start().await;
+    origin.route("/page", validating("no-cache", "<h1>hello</h1>"));
+    let sc = TestSidecar::start(&origin.url()).await;
+    let first = get(&sc, "/page").await;
+    assert_eq!(first.status, 200);
+    assert!(first.cache_status.contains("stored"), "{}", first.cache_status);
+    stored(&sc, 1).await;
+
+    // The app now adds a header to its 304s: it must replace the stored one.
+    origin.route(
+        "/page",
+        Behaviour::Validating {
+            etag: "\"v1\"".into(),
+            headers: owned(&[
+                ("cache-control", "no-cache"),
+                ("content-type", "text/html"),
+                ("x-build", "42"),
+            ]),
+            body: Bytes::from_static(b"never sent on a 304"),
+        },
+    );
+    let second = get(&sc, "/page").await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.cache_status, "sidecache; fwd=stale; fwd-status=304");
+    assert_eq!(second.body, Bytes::from_static(b"<h1>hello</h1>"), "the stored body");
+    assert_eq!(second.headers["x-build"], "42", "freshened from the 304");
+    let seen = origin.last_headers("/page").unwrap();
+    assert_eq!(seen["if-none-match"], "\"v1\"", "revalidated with the stored validator");
+    assert_eq!(origin.hits("/page"), 2);
+    let third = get(&sc, "/page").await;
+    assert_eq!(third.headers["x-build"], "42", "the refreshed head was stored");
+}
+
+/// RFC 9111 §4.3.2, RFC 9110 §13.1.2 and §13.2.2: client conditionals answered from the cache,
+/// weak comparison, If-None-Match before If-Modified-Since.
+#[tokio::test]
+async fn client_conditionals_get_304_from_the_cache() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/app.css",
+        Behaviour::Validating {
+            etag: "\"abc\"".into(),
+            headers: owned(&[
+                ("cache-control", "max-age=3600"),
+                ("last-modified", "Sat, 01 Jan 2022 00:00:00 GMT"),
+            ]),
+            body: Bytes::from_static(b"body{}"),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc, "/app.css").await;
+    stored(&sc, 1).await;
+    let c = client();
+    for (name, value, want) in [
+        ("if-none-match", "\"abc\"", 304),
+        ("if-none-match", "W/\"abc\"", 304),
+        ("if-none-match", "\"x\", \"abc\"", 304),
+        ("if-none-match", "\"other\"", 200),
+        ("if-modified-since", "Sat, 01 Jan 2022 00:00:00 GMT", 304),
+        ("if-modified-since", "Fri, 31 Dec 2021 00:00:00 GMT", 200),
+    ] {
+        let got = send(c.get(sc.url("/app.css")).header(name, value)).await;
+        assert_eq!(got.status, want, "{name}: {value}");
+        assert_eq!(got.cache_status, "sidecache; hit");
+        if want == 304 {
+            assert!(got.body.is_empty());
+            assert_eq!(got.headers["etag"], "\"abc\"");
+        }
+    }
+    let both = send(
+        c.get(sc.url("/app.css"))
+            .header("if-none-match", "\"other\"")
+            .header("if-modified-since", "Sat, 01 Jan 2022 00:00:00 GMT"),
+    )
+    .await;
+    assert_eq!(both.status, 200, "If-None-Match takes precedence");
+    assert_eq!(origin.hits("/app.css"), 1, "all answered by the cache");
+}
+
+/// RFC 9110 §14: ranges of a stored full object, If-Range, 416.
+#[tokio::test]
+async fn ranges_are_served_from_the_stored_full_object() {
+    let origin = Origin::start().await;
+    let body = pattern_chunk(0, 100_000);
+    origin.route(
+        "/video.mp4",
+        Behaviour::Validating {
+            etag: "\"vid\"".into(),
+            headers: owned(&[("cache-control", "max-age=3600")]),
+            body: body.clone(),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc, "/video.mp4").await;
+    stored(&sc, 1).await;
+    let c = client();
+    let part = send(c.get(sc.url("/video.mp4")).header("range", "bytes=1000-1999")).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.headers["content-range"], "bytes 1000-1999/100000");
+    assert_eq!(part.body, body.slice(1000..2000));
+    let tail = send(c.get(sc.url("/video.mp4")).header("range", "bytes=-10")).await;
+    assert_eq!((tail.status, tail.body.clone()), (206, body.slice(99_990..)));
+    let out = send(c.get(sc.url("/video.mp4")).header("range", "bytes=200000-")).await;
+    assert_eq!(out.status, 416);
+    assert_eq!(out.headers["content-range"], "bytes */100000");
+    let stale_validator = send(
+        c.get(sc.url("/video.mp4"))
+            .header("range", "bytes=0-9")
+            .header("if-range", "\"old\""),
+    )
+    .await;
+    assert_eq!(
+        (stale_validator.status, stale_validator.body.len()),
+        (200, 100_000),
+        "If-Range mismatch: whole body"
+    );
+    let matching = send(
+        c.get(sc.url("/video.mp4"))
+            .header("range", "bytes=0-9")
+            .header("if-range", "\"vid\""),
+    )
+    .await;
+    assert_eq!(matching.status, 206);
+    assert_eq!(origin.hits("/video.mp4"), 1);
+}
+
+/// RFC 9111 §4.2.4 and RFC 5861 §4: a stale object stands in for a failing app, unless the
+/// response forbids serving it stale.
+#[tokio::test]
+async fn stale_objects_stand_in_when_the_app_fails_unless_forbidden() {
+    let origin = Origin::start().await;
+    origin.route("/ok-stale", validating("max-age=0", "stale but useful"));
+    origin.route(
+        "/no-stale",
+        validating("max-age=0, must-revalidate", "must not be served stale"),
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let a = get(&sc, "/ok-stale").await;
+    let b = get(&sc, "/no-stale").await;
+    assert!(
+        a.cache_status.contains("stored") && b.cache_status.contains("stored"),
+        "{} / {} {:?}",
+        a.cache_status,
+        b.cache_status,
+        a.headers
+    );
+    stored(&sc, 2).await;
+    for (behaviour, label) in [(Behaviour::Status(503), "503"), (Behaviour::Abort, "connection reset")] {
+        origin.route("/ok-stale", behaviour.clone());
+        origin.route("/no-stale", behaviour);
+        let got = get(&sc, "/ok-stale").await;
+        assert_eq!(got.status, 200, "{label}");
+        assert_eq!(got.body, Bytes::from_static(b"stale but useful"));
+        assert_eq!(got.cache_status, "sidecache; hit; fwd=stale; stale-if-error", "{label}");
+        let forbidden = get(&sc, "/no-stale").await;
+        assert!(
+            forbidden.status >= 500,
+            "{label}: must-revalidate forbids stale: {}",
+            forbidden.status
+        );
+    }
+}
+
+/// RFC 5861 §3: stale-while-revalidate serves stale at once and refreshes in the background.
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/swr.js",
+        validating("max-age=0, stale-while-revalidate=600", "v1 body"),
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc, "/swr.js").await;
+    stored(&sc, 1).await;
+    let got = get(&sc, "/swr.js").await;
+    assert_eq!(got.body, Bytes::from_static(b"v1 body"));
+    assert_eq!(got.cache_status, "sidecache; hit; stale-while-revalidate");
+    origin.wait_hits("/swr.js", 2).await;
+    let seen = origin.last_headers("/swr.js").unwrap();
+    assert_eq!(seen["if-none-match"], "\"v1\"", "the background refresh revalidates");
+}
+
+/// RFC 9111 §5.2.1.7: only-if-cached.
+#[tokio::test]
+async fn only_if_cached_gets_504_when_nothing_is_stored() {
+    let origin = Origin::start().await;
+    origin.route("/o.js", validating("max-age=600", "o"));
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = client();
+    let miss = send(c.get(sc.url("/o.js")).header("cache-control", "only-if-cached")).await;
+    assert_eq!(miss.status, 504);
+    assert_eq!(origin.hits("/o.js"), 0);
+    get(&sc, "/o.js").await;
+    stored(&sc, 1).await;
+    let hit = send(c.get(sc.url("/o.js")).header("cache-control", "only-if-cached")).await;
+    assert_eq!((hit.status, hit.cache_status.as_str()), (200, "sidecache; hit"));
+}
+
+/// RFC 9111 §5.2.1.1 and §5.2.1.4: max-age=0 and no-cache from the client force validation.
+#[tokio::test]
+async fn client_no_cache_and_max_age_zero_force_validation() {
+    let origin = Origin::start().await;
+    origin.route("/v.css", validating("max-age=600", "v"));
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc, "/v.css").await;
+    stored(&sc, 1).await;
+    let c = client();
+    for directive in ["no-cache", "max-age=0"] {
+        let got = send(c.get(sc.url("/v.css")).header("cache-control", directive)).await;
+        assert_eq!(got.status, 200);
+        assert!(
+            got.cache_status.contains("fwd-status=304"),
+            "{directive}: {}",
+            got.cache_status
+        );
+    }
+    let pragma = send(c.get(sc.url("/v.css")).header("pragma", "no-cache")).await;
+    assert!(
+        pragma.cache_status.contains("fwd-status=304"),
+        "§5.4 Pragma: {}",
+        pragma.cache_status
+    );
+    assert_eq!(origin.hits("/v.css"), 4);
+    assert_eq!(get(&sc, "/v.css").await.cache_status, "sidecache; hit");
+}
+
+/// RFC 9111 §4.4: a successful unsafe request invalidates its URL and same-host Location.
+#[tokio::test]
+async fn unsafe_requests_invalidate_their_url_and_location() {
+    let origin = Origin::start().await;
+    origin.route("/items/1", validating("max-age=600", "item one"));
+    origin.route("/items", validating("max-age=600", "list"));
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc, "/items/1").await;
+    get(&sc, "/items").await;
+    stored(&sc, 2).await;
+    origin.route(
+        "/items/1/edit",
+        Behaviour::Fixed {
+            status: 303,
+            headers: owned(&[("location", "/items")]),
+            body: Bytes::new(),
+        },
+    );
+    // A POST to /items/1 (the app answers 303 See Other to /items).
+    origin.route(
+        "/items/1",
+        Behaviour::Fixed {
+            status: 200,
+            headers: owned(&[
+                ("content-location", "http://app.example/items"),
+                ("cache-control", "max-age=600"),
+            ]),
+            body: Bytes::from_static(b"updated"),
+        },
+    );
+    let post = send(client().post(sc.url("/items/1")).body("name=x")).await;
+    assert_eq!(post.status, 200);
+    assert_eq!(post.cache_status, "sidecache; fwd=method");
+    stored(&sc, 0).await;
+    // A failed unsafe request invalidates nothing.
+    origin.route("/items", validating("max-age=600", "list"));
+    get(&sc, "/items").await;
+    stored(&sc, 1).await;
+    origin.route("/items", Behaviour::Status(500));
+    let failed = send(client().delete(sc.url("/items"))).await;
+    assert_eq!(failed.status, 500);
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 1);
+}
+
+/// RFC 9111 §3, §3.5 and safe defaults: private, Set-Cookie and Authorization responses are
+/// not shared.
+#[tokio::test]
+async fn private_cookie_and_authorized_responses_are_not_shared() {
+    let origin = Origin::start().await;
+    origin.fixed("/private", &[("cache-control", "private, max-age=600")], "mine");
+    origin.fixed(
+        "/cookie",
+        &[("cache-control", "max-age=600"), ("set-cookie", "session=1")],
+        "cookie",
+    );
+    origin.fixed("/auth", &[("cache-control", "max-age=600")], "for one user");
+    origin.fixed("/auth-public", &[("cache-control", "public, max-age=600")], "for all");
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = client();
+    for _ in 0..2 {
+        get(&sc, "/private").await;
+        get(&sc, "/cookie").await;
+        send(c.get(sc.url("/auth")).header("authorization", "Bearer a")).await;
+        send(c.get(sc.url("/auth-public")).header("authorization", "Bearer a")).await;
+    }
+    assert_eq!(origin.hits("/private"), 2);
+    assert_eq!(origin.hits("/cookie"), 2);
+    assert_eq!(origin.hits("/auth"), 2);
+    assert_eq!(
+        origin.hits("/auth-public"),
+        1,
+        "public allows sharing an authorized response"
+    );
+}
+
+/// RFC 9111 §4.1: a stored response is used only for requests with the same Vary values.
+#[tokio::test]
+async fn vary_mismatch_is_a_miss() {
+    let origin = Origin::start().await;
+    origin.fixed(
+        "/v.js",
+        &[("cache-control", "max-age=600"), ("vary", "accept-encoding")],
+        "plain",
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = client();
+    send(c.get(sc.url("/v.js")).header("accept-encoding", "identity")).await;
+    stored(&sc, 1).await;
+    let same = send(c.get(sc.url("/v.js")).header("accept-encoding", "identity")).await;
+    assert_eq!(same.cache_status, "sidecache; hit");
+    let other = send(c.get(sc.url("/v.js")).header("accept-encoding", "gzip")).await;
+    assert!(other.cache_status.contains("fwd=vary-miss"), "{}", other.cache_status);
+}
