@@ -89,6 +89,23 @@ impl CacheControl {
     }
 }
 
+/// `Sidecache-Cache-Control`: directives for this cache only (RFC 9213 targeted field).
+pub static SIDECACHE_CACHE_CONTROL: HeaderName = HeaderName::from_static("sidecache-cache-control");
+/// `CDN-Cache-Control`: directives for CDNs and similar shared caches (RFC 9213).
+pub static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// The response directives this cache obeys: the most specific targeted field present
+/// (`Sidecache-Cache-Control`, then `CDN-Cache-Control`), else `Cache-Control` (RFC 9213 §2.2).
+/// `true` when a targeted field was used, in which case `Expires` is ignored too.
+pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
+    for name in [&SIDECACHE_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
+        if headers.contains_key(name) {
+            return (CacheControl::parse_field(headers, name), true);
+        }
+    }
+    (CacheControl::parse(headers), false)
+}
+
 /// Splits a directive list on commas outside quoted strings.
 fn split_directives(value: &str) -> impl Iterator<Item = &str> {
     let mut parts = Vec::new();
@@ -182,7 +199,7 @@ pub fn storable(
         return Err(NotStorable::Status);
     }
     let req_cc = CacheControl::parse(req_headers);
-    let cc = CacheControl::parse(resp_headers);
+    let (cc, targeted) = response_directives(resp_headers);
     if req_cc.no_store || cc.no_store {
         return Err(NotStorable::NoStore);
     }
@@ -205,7 +222,8 @@ pub fn storable(
     if resp_headers.contains_key(header::SET_COOKIE) {
         return Err(NotStorable::SetCookie);
     }
-    let explicit = cc.max_age.is_some() || cc.s_maxage.is_some() || resp_headers.contains_key(header::EXPIRES);
+    let expires = !targeted && resp_headers.contains_key(header::EXPIRES);
+    let explicit = cc.max_age.is_some() || cc.s_maxage.is_some() || expires;
     if explicit || cc.public || is_heuristically_cacheable(status) {
         return Ok(());
     }
@@ -237,7 +255,7 @@ pub fn freshness_lifetime(
     response_time: SystemTime,
     heuristic: Heuristic,
 ) -> Duration {
-    let cc = CacheControl::parse(headers);
+    let (cc, targeted) = response_directives(headers);
     if let Some(s) = cc.s_maxage {
         return Duration::from_secs(s);
     }
@@ -245,7 +263,7 @@ pub fn freshness_lifetime(
         return Duration::from_secs(s);
     }
     let date = parse_date(headers, &header::DATE).unwrap_or(response_time);
-    if headers.contains_key(header::EXPIRES) {
+    if !targeted && headers.contains_key(header::EXPIRES) {
         // An invalid Expires (e.g. "0") means already expired (§5.3).
         return parse_date(headers, &header::EXPIRES)
             .and_then(|exp| exp.duration_since(date).ok())
@@ -936,5 +954,43 @@ mod tests {
         for (req, want) in rows {
             assert_eq!(range(&headers(req), &stored, 1000), *want, "{req:?}");
         }
+    }
+
+    /// RFC 9213 §2.2: the most specific targeted field wins and Cache-Control/Expires are
+    /// ignored when one is present.
+    #[test]
+    fn targeted_fields_take_precedence() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let date = httpdate::fmt_http_date(now);
+        let f = |h: &[(&str, &str)]| freshness_lifetime(StatusCode::OK, &headers(h), now, H).as_secs();
+        let st = |h: &[(&str, &str)]| storable(&Method::GET, &HeaderMap::new(), StatusCode::OK, &headers(h));
+        assert_eq!(
+            f(&[("cache-control", "no-store"), ("cdn-cache-control", "max-age=600")]),
+            600
+        );
+        assert_eq!(
+            f(&[
+                ("cdn-cache-control", "max-age=600"),
+                ("sidecache-cache-control", "max-age=60")
+            ]),
+            60,
+            "ours beats the CDN's"
+        );
+        assert_eq!(
+            f(&[
+                ("date", &date),
+                ("expires", "Sun, 01 Jan 2090 00:00:00 GMT"),
+                ("cdn-cache-control", "no-cache")
+            ]),
+            0
+        );
+        assert_eq!(
+            st(&[("cache-control", "no-store"), ("sidecache-cache-control", "max-age=60")]),
+            Ok(())
+        );
+        assert_eq!(
+            st(&[("cache-control", "max-age=60"), ("sidecache-cache-control", "no-store")]),
+            Err(NotStorable::NoStore)
+        );
     }
 }

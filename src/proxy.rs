@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
-use crate::cache::key::{CacheKey, Digest};
+use crate::cache::key::{CacheKey, Digest, normalize_vary};
 use crate::cache::meta::Meta;
 use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
 use crate::config::Config;
@@ -175,6 +175,8 @@ impl Proxy {
         let Answer {
             mut response, outcome, ..
         } = answer;
+        // Directives addressed to this cache are not for anyone downstream (RFC 9213).
+        response.headers_mut().remove(&policy::SIDECACHE_CACHE_CONTROL);
         if let Ok(v) = HeaderValue::from_str(&cache_status) {
             response.headers_mut().append(CACHE_STATUS.clone(), v);
         }
@@ -228,12 +230,12 @@ impl Proxy {
         let mut stored: Option<(Hit, Freshness)> = None;
         // A released waiter retries the cache; bounded so a flapping app cannot loop us.
         for _ in 0..3 {
-            if let Some(hit) = self.cache.lookup(&key).await {
+            if let Some(hit) = self.cache.lookup(&key, req.headers()).await {
                 if !vary_matches(&hit.meta.vary, req.headers()) {
                     fwd = Fwd::VaryMiss;
                 } else {
                     let f = self.freshness(&hit.meta);
-                    let resp_cc = CacheControl::parse(&hit.meta.headers);
+                    let resp_cc = policy::response_directives(&hit.meta.headers).0;
                     match policy::usable(f, &req_cc, &resp_cc) {
                         Usable::Fresh => {
                             let response = serve_stored(req.method(), req.headers(), &hit, f);
@@ -255,6 +257,9 @@ impl Proxy {
                     }
                 }
             }
+            if fwd == Fwd::UriMiss && self.cache.varies(&key) {
+                fwd = Fwd::VaryMiss;
+            }
             // §5.2.1.7: only-if-cached and nothing usable is stored.
             if req_cc.only_if_cached {
                 let response = error_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout: not cached\n");
@@ -264,7 +269,7 @@ impl Proxy {
                 // Nothing to store from a HEAD or a partial answer: ask the app directly.
                 return self.forward(req, client, Outcome::Miss, fwd).await;
             }
-            match self.cache.claim(&key) {
+            match self.cache.claim(&key, req.headers()) {
                 Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd, stored).await,
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
                     Some(Flight::Streaming(fill)) if vary_matches(&fill.meta.vary, req.headers()) => {
@@ -310,7 +315,7 @@ impl Proxy {
     /// A stale stored response standing in for a failing app, if it may (RFC 9111 §4.2.4).
     fn stale_for_error(&self, req: &HeaderMap, method: &Method, stored: &Option<(Hit, Freshness)>) -> Option<Answer> {
         let (hit, f) = stored.as_ref()?;
-        let resp_cc = CacheControl::parse(&hit.meta.headers);
+        let resp_cc = policy::response_directives(&hit.meta.headers).0;
         if !policy::may_serve_stale_on_error(*f, &resp_cc, self.config.stale_if_error) {
             return None;
         }
@@ -458,7 +463,7 @@ impl Proxy {
 
     /// RFC 5861 §3: serve stale now, revalidate once in the background.
     fn refresh_in_background(self: &Arc<Self>, req: &Request<ProxyBody>, key: CacheKey, hit: &Hit, f: Freshness) {
-        let Claim::Leader(permit) = self.cache.claim(&key) else {
+        let Claim::Leader(permit) = self.cache.claim(&key, req.headers()) else {
             return;
         };
         let mut bg = Request::new(body::empty());
@@ -691,7 +696,7 @@ fn vary_values(resp_headers: &HeaderMap, req_headers: &HeaderMap) -> Vec<(Header
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .map(|name| {
-            let value = req_headers.get(&name).cloned();
+            let value = normalize_vary(&name, req_headers);
             (name, value)
         })
         .collect()
@@ -701,7 +706,7 @@ fn vary_values(resp_headers: &HeaderMap, req_headers: &HeaderMap) -> Vec<(Header
 fn vary_matches(stored: &[(HeaderName, Option<HeaderValue>)], req_headers: &HeaderMap) -> bool {
     stored
         .iter()
-        .all(|(name, value)| req_headers.get(name) == value.as_ref())
+        .all(|(name, value)| normalize_vary(name, req_headers).as_ref() == value.as_ref())
 }
 
 /// An app response made ready for the client: hop-by-hop headers removed, body streamed.

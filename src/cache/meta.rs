@@ -172,6 +172,11 @@ impl Meta {
         })
     }
 
+    /// The hash this variant is stored under.
+    pub fn storage_hash(&self) -> crate::cache::key::KeyHash {
+        crate::cache::key::variant_hash(&self.key, &self.vary)
+    }
+
     /// Bytes this record takes on disk.
     pub fn encoded_len(&self) -> u64 {
         self.encode().len() as u64

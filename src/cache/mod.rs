@@ -136,6 +136,8 @@ pub struct Cache {
     hot: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
     metas: moka::sync::Cache<KeyHash, Arc<Meta>>,
     flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
+    /// For URLs whose responses vary: the request headers that pick the variant.
+    vary_specs: Mutex<HashMap<KeyHash, Arc<[http::HeaderName]>>>,
     /// Wakes the eviction loop.
     pub evict_wakeup: Notify,
     /// Set once files found at startup are counted (fills may reserve from then on).
@@ -175,6 +177,7 @@ impl Cache {
             hot,
             metas,
             flights: Mutex::new(HashMap::new()),
+            vary_specs: Mutex::new(HashMap::new()),
             evict_wakeup: Notify::new(),
             accounted: AtomicBool::new(false),
             loaded: AtomicBool::new(false),
@@ -231,9 +234,9 @@ impl Cache {
 
     /// Looks a key up: hot tier, then disk. Any storage problem removes the entry and reads
     /// as a miss.
-    pub async fn lookup(&self, key: &CacheKey) -> Option<Hit> {
+    pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
-        let hash = key.hash();
+        let hash = self.variant_of(key, req);
         if let Some(hot) = &self.hot
             && let Some(obj) = hot.get(&hash)
             && obj.meta.key == *key
@@ -361,8 +364,8 @@ impl Cache {
     }
 
     /// Claims a key: become its fetcher, or wait on the request that is.
-    pub fn claim(self: &Arc<Self>, key: &CacheKey) -> Claim {
-        let hash = key.hash();
+    pub fn claim(self: &Arc<Self>, key: &CacheKey, req: &http::HeaderMap) -> Claim {
+        let hash = self.variant_of(key, req);
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.get(&hash)
             && !matches!(*f.state.borrow(), Flight::Released { .. })
@@ -379,6 +382,42 @@ impl Cache {
             flight,
             settled: false,
         })
+    }
+
+    /// The hash a request's variant is stored under: the headers the app last said it varies
+    /// on for this URL pick the variant (RFC 9111 §4.1); variants are stored side by side.
+    fn variant_of(&self, key: &CacheKey, req: &http::HeaderMap) -> KeyHash {
+        let primary = key.hash();
+        let spec = self
+            .vary_specs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&primary)
+            .cloned();
+        match spec {
+            None => primary,
+            Some(names) => {
+                let values: Vec<_> = names.iter().map(|n| (n.clone(), key::normalize_vary(n, req))).collect();
+                key::variant_hash(key, &values)
+            }
+        }
+    }
+
+    /// Whether responses for this URL vary (some variant may be stored).
+    pub fn varies(&self, key: &CacheKey) -> bool {
+        self.vary_specs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key.hash())
+    }
+
+    fn remember_vary(&self, meta: &Meta) {
+        let mut specs = self.vary_specs.lock().unwrap_or_else(|p| p.into_inner());
+        if meta.vary.is_empty() {
+            specs.remove(&meta.key.hash());
+        } else {
+            specs.insert(meta.key.hash(), meta.vary.iter().map(|(n, _)| n.clone()).collect());
+        }
     }
 
     fn forget_flight(&self, hash: &KeyHash, flight: &Arc<InFlight>) {
@@ -561,7 +600,7 @@ impl Cache {
     /// runtime.
     async fn commit(&self, mut meta: Meta, tmp: std::path::PathBuf, generation: u64, reserved: u64) -> bool {
         let Some(store) = self.store() else { return false };
-        let hash = meta.key.hash();
+        let hash = meta.storage_hash();
         let len = meta.body_len;
         let (body_gen, new_body) = self.lock_index().acquire_body(meta.digest, len, generation, len);
         meta.body_gen = body_gen;
@@ -606,6 +645,7 @@ impl Cache {
             verified: true,
         };
         let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
+        self.remember_vary(&meta);
         self.forget(&hash);
         self.metas.insert(hash, Arc::new(meta));
         if let Some(r) = removed {
@@ -744,7 +784,7 @@ impl Cache {
     /// for the same body. Returns false if it could not be stored (the caller still serves).
     pub async fn refresh(&self, meta: Meta) -> bool {
         let Some(store) = self.store() else { return false };
-        let hash = meta.key.hash();
+        let hash = meta.storage_hash();
         let record_len = meta.encoded_len();
         if !self.reserve(record_len) {
             return false;
@@ -853,7 +893,7 @@ impl Cache {
             let path = store.meta_path(&found.id, found.generation);
             let meta = match store::read_meta_file(&path) {
                 Ok(meta)
-                    if meta.key.hash() == found.id
+                    if meta.storage_hash() == found.id
                         && body_len.get(&(meta.digest, meta.body_gen)) == Some(&meta.body_len) =>
                 {
                     meta
@@ -875,6 +915,7 @@ impl Cache {
                 body_len: meta.body_len,
                 verified: false,
             };
+            self.remember_vary(&meta);
             let removed = self.lock_index().insert_scanned(found.id, entry);
             if let Some(r) = removed {
                 let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));

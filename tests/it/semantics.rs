@@ -366,21 +366,88 @@ async fn private_cookie_and_authorized_responses_are_not_shared() {
     );
 }
 
-/// RFC 9111 §4.1: a stored response is used only for requests with the same Vary values.
+/// RFC 9111 §4.1: variants are stored side by side, selected by the normalized values of the
+/// request headers the response varies on.
 #[tokio::test]
-async fn vary_mismatch_is_a_miss() {
+async fn vary_variants_are_stored_side_by_side() {
     let origin = Origin::start().await;
     origin.fixed(
         "/v.js",
-        &[("cache-control", "max-age=600"), ("vary", "accept-encoding")],
+        &[("cache-control", "max-age=600"), ("vary", "Accept-Encoding")],
         "plain",
     );
     let sc = TestSidecar::start(&origin.url()).await;
     let c = client();
-    send(c.get(sc.url("/v.js")).header("accept-encoding", "identity")).await;
+    let first = send(c.get(sc.url("/v.js")).header("accept-encoding", "identity")).await;
+    assert!(first.cache_status.contains("stored"));
     stored(&sc, 1).await;
-    let same = send(c.get(sc.url("/v.js")).header("accept-encoding", "identity")).await;
-    assert_eq!(same.cache_status, "sidecache; hit");
-    let other = send(c.get(sc.url("/v.js")).header("accept-encoding", "gzip")).await;
-    assert!(other.cache_status.contains("fwd=vary-miss"), "{}", other.cache_status);
+    let other = send(c.get(sc.url("/v.js")).header("accept-encoding", "gzip, br")).await;
+    assert_eq!(other.cache_status, "sidecache; fwd=vary-miss; stored");
+    stored(&sc, 2).await;
+    for (ae, n) in [("identity", 2), ("br,gzip", 2), ("GZIP,  BR", 2)] {
+        let got = send(c.get(sc.url("/v.js")).header("accept-encoding", ae)).await;
+        assert_eq!(got.cache_status, "sidecache; hit", "{ae}");
+        assert_eq!(origin.hits("/v.js"), n);
+    }
+    let none = send(c.get(sc.url("/v.js"))).await;
+    assert!(
+        none.cache_status.contains("fwd=vary-miss"),
+        "no Accept-Encoding is its own variant"
+    );
+    // Purging the URL removes every variant.
+    stored(&sc, 3).await;
+    assert_eq!(
+        sc.sidecar
+            .proxy
+            .cache
+            .purge(&sidecache::cache::Purge::Url("/v.js".into()))
+            .await,
+        3
+    );
+}
+
+/// RFC 9213: Sidecache-Cache-Control steers this cache apart from browsers and is not passed
+/// on; CDN-Cache-Control is used when ours is absent.
+#[tokio::test]
+async fn targeted_cache_control_fields_steer_the_sidecar() {
+    let origin = Origin::start().await;
+    origin.fixed(
+        "/t.js",
+        &[
+            ("cache-control", "no-store"),
+            ("sidecache-cache-control", "max-age=600"),
+        ],
+        "t",
+    );
+    origin.fixed(
+        "/cdn.js",
+        &[("cache-control", "no-cache"), ("cdn-cache-control", "max-age=600")],
+        "c",
+    );
+    origin.fixed(
+        "/never.js",
+        &[
+            ("cache-control", "max-age=600"),
+            ("sidecache-cache-control", "no-store"),
+        ],
+        "n",
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    for p in ["/t.js", "/cdn.js", "/never.js"] {
+        let got = get(&sc, p).await;
+        assert!(
+            !got.headers.contains_key("sidecache-cache-control"),
+            "ours is not passed on"
+        );
+    }
+    stored(&sc, 2).await;
+    let t = get(&sc, "/t.js").await;
+    assert_eq!(t.cache_status, "sidecache; hit");
+    assert_eq!(
+        t.headers["cache-control"], "no-store",
+        "browsers still get the app's Cache-Control"
+    );
+    assert_eq!(get(&sc, "/cdn.js").await.cache_status, "sidecache; hit");
+    get(&sc, "/never.js").await;
+    assert_eq!(origin.hits("/never.js"), 2);
 }
