@@ -15,6 +15,7 @@ use http::uri::{Authority, Scheme};
 use serde::Deserialize;
 use serde::de::IntoDeserializer;
 
+use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
 use crate::size::{ByteSize, MinFree};
 
 /// Where a configuration value came from; printed in every configuration error.
@@ -181,6 +182,12 @@ config_keys! {
     heuristic_fraction: f64,
     /// Upper bound of heuristic freshness.
     heuristic_max: HumanDuration,
+    /// Freshness for fingerprinted file names that give none; 0 turns it off.
+    fingerprinted_ttl: HumanDuration,
+    /// Per-path rules: bypass, default TTL, forced TTL, strip Set-Cookie. First match wins.
+    rules: Vec<RawRule>,
+    /// Which query parameters count in the cache key: all, none, {allow: [...]}, {deny: [...]}.
+    query: RawQueryKey,
 }
 
 /// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
@@ -302,6 +309,12 @@ pub struct Config {
     pub heuristic_fraction: f64,
     /// Heuristic freshness cap.
     pub heuristic_max: Duration,
+    /// Freshness for fingerprinted names; zero = off.
+    pub fingerprinted_ttl: Duration,
+    /// Path rules, first match wins.
+    pub rules: Vec<Rule>,
+    /// Query parameters in the key.
+    pub query: QueryKey,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -578,6 +591,14 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         return Err(invalid("log_level", format!("`{log_level}` is not a log filter")));
     }
     let admin_token = raw.admin_token.filter(|t| !t.is_empty());
+    let mut rules = Vec::new();
+    for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
+        rules.push(Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?);
+    }
+    let query = match raw.query {
+        Some(q) => q.compile().map_err(|m| invalid("query", m))?,
+        None => QueryKey::All,
+    };
 
     Ok(Config {
         listen,
@@ -615,6 +636,9 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         stale_if_error: dur(raw.stale_if_error, Duration::from_secs(3600)),
         heuristic_fraction,
         heuristic_max: dur(raw.heuristic_max, Duration::from_secs(86_400)),
+        fingerprinted_ttl: dur(raw.fingerprinted_ttl, Duration::from_secs(365 * 86_400)),
+        rules,
+        query,
     })
 }
 

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod rules;
 pub mod server;
 pub mod sidecar;
 pub mod size;

@@ -23,6 +23,7 @@ use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
 use crate::config::Config;
 use crate::metrics as m;
 use crate::policy::{self, CacheControl, Freshness, Heuristic, RangeAnswer, Usable};
+use crate::rules;
 use crate::upstream::{Upstream, error_response, strip_hop_by_hop};
 
 /// What the cache did for one request: the metric label, the log field and the
@@ -212,9 +213,12 @@ impl Proxy {
             }
             return self.forward_unsafe(req, client).await;
         }
-        let Some(key) = CacheKey::from_request(&req, self.scheme(&req)) else {
+        let Some(key) = CacheKey::from_request(&req, self.scheme(&req), &self.config.query) else {
             return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
         };
+        if rules::find(&self.config.rules, req.uri().path()).is_some_and(|r| r.bypass) {
+            return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+        }
         let mut req_cc = CacheControl::parse(req.headers());
         // RFC 9111 §5.4: Pragma: no-cache means Cache-Control: no-cache when the latter is absent.
         if !req.headers().contains_key(header::CACHE_CONTROL)
@@ -337,6 +341,7 @@ impl Proxy {
     ) -> Answer {
         let method = req.method().clone();
         let client_headers = req.headers().clone();
+        let path = req.uri().path().to_owned();
         // The client's own conditionals are answered by us from what we hold; the app is asked
         // with our validators instead (RFC 9111 §4.3.1).
         for name in [
@@ -405,6 +410,10 @@ impl Proxy {
             return answer;
         }
         let body = body::boxed(body);
+        let rule = rules::find(&self.config.rules, &path);
+        if let Some(applied) = rules::apply(rule, self.config.fingerprinted_ttl, &path, &mut parts.headers) {
+            debug!(rule = applied, "freshness from a static-asset rule");
+        }
         let storable = policy::storable(&method, &req_headers, parts.status, &parts.headers);
         let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, self.heuristic());
         if let Err(why) = storable {
@@ -491,7 +500,7 @@ impl Proxy {
     /// Forwards an unsafe request; a success invalidates what is stored for its URL and for
     /// the URLs in `Location` and `Content-Location` on the same host (RFC 9111 §4.4).
     async fn forward_unsafe(&self, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
-        let key = CacheKey::from_request(&req, self.scheme(&req));
+        let key = CacheKey::from_request(&req, self.scheme(&req), &self.config.query);
         let answer = self.forward(req, client, Outcome::Bypass, Fwd::Method).await;
         let status = answer.response.status();
         if let Some(key) = key

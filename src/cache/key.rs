@@ -4,6 +4,8 @@
 use std::fmt;
 
 use http::Request;
+
+use crate::rules::{QueryKey, key_query};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// The cache key of a request: scheme, host (lower-cased, default port dropped), path and
@@ -13,7 +15,7 @@ pub struct CacheKey(String);
 
 impl CacheKey {
     /// The key of a request, or `None` when it names no host (then it is not cached).
-    pub fn from_request<B>(req: &Request<B>, scheme: &str) -> Option<CacheKey> {
+    pub fn from_request<B>(req: &Request<B>, scheme: &str, query: &QueryKey) -> Option<CacheKey> {
         let host = req
             .headers()
             .get(header::HOST)
@@ -24,8 +26,10 @@ impl CacheKey {
         if host.is_empty() || host.contains(['/', ' ', '\\', '@']) {
             return None;
         }
-        let path_and_query = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        Some(CacheKey(format!("{scheme}://{host}{path_and_query}")))
+        let path = req.uri().path();
+        let q = req.uri().query().map(|q| key_query(q, query)).unwrap_or_default();
+        let sep = if q.is_empty() { "" } else { "?" };
+        Some(CacheKey(format!("{scheme}://{host}{path}{sep}{q}")))
     }
 
     /// Wraps a key string read back from disk.
@@ -239,22 +243,22 @@ mod tests {
 
     #[test]
     fn key_includes_scheme_host_path_and_query() {
-        let k = CacheKey::from_request(&req("Shop.Example:80", "/a.js?v=1"), "http").unwrap();
+        let k = CacheKey::from_request(&req("Shop.Example:80", "/a.js?v=1"), "http", &QueryKey::All).unwrap();
         assert_eq!(k.as_str(), "http://shop.example/a.js?v=1");
         assert_eq!(k.path_and_query(), "/a.js?v=1");
-        let other_host = CacheKey::from_request(&req("evil.example", "/a.js?v=1"), "http").unwrap();
+        let other_host = CacheKey::from_request(&req("evil.example", "/a.js?v=1"), "http", &QueryKey::All).unwrap();
         assert_ne!(k.hash(), other_host.hash());
     }
 
     #[test]
     fn hosts_that_could_smuggle_a_path_are_refused() {
-        assert!(CacheKey::from_request(&req("a.example/evil", "/x"), "http").is_none());
-        assert!(CacheKey::from_request(&req("", "/x"), "http").is_none());
+        assert!(CacheKey::from_request(&req("a.example/evil", "/x"), "http", &QueryKey::All).is_none());
+        assert!(CacheKey::from_request(&req("", "/x"), "http", &QueryKey::All).is_none());
     }
 
     #[test]
     fn invalidation_targets_stay_on_the_same_host() {
-        let k = CacheKey::from_request(&req("shop.example", "/cart"), "http").unwrap();
+        let k = CacheKey::from_request(&req("shop.example", "/cart"), "http", &QueryKey::All).unwrap();
         assert_eq!(k.same_host("/items/1").unwrap().as_str(), "http://shop.example/items/1");
         assert_eq!(
             k.same_host("http://shop.example/a?b").unwrap().as_str(),

@@ -451,3 +451,114 @@ async fn targeted_cache_control_fields_steer_the_sidecar() {
     get(&sc, "/never.js").await;
     assert_eq!(origin.hits("/never.js"), 2);
 }
+
+/// Static-asset rules: bypass, default TTL, forced TTL, Set-Cookie stripping, fingerprinted
+/// names, web cache deception, query parameters in the key.
+#[tokio::test]
+async fn static_asset_rules_fill_in_for_apps_without_caching_headers() {
+    let origin = Origin::start().await;
+    let plain = |ct: &str| owned(&[("content-type", ct)]);
+    for (path, ct) in [
+        ("/api/items", "application/json"),
+        ("/assets/site.css", "text/css"),
+        ("/assets/app-3f2a9c81.js", "application/javascript"),
+        ("/plain.js", "application/javascript"),
+        ("/account.php/x.css", "text/html; charset=utf-8"),
+        ("/fonts/a.woff2", "font/woff2"),
+        ("/search.json", "application/json"),
+    ] {
+        origin.route(
+            path,
+            Behaviour::Fixed {
+                status: 200,
+                headers: plain(ct),
+                body: Bytes::from_static(b"body"),
+            },
+        );
+    }
+    origin.route(
+        "/fonts/a.woff2",
+        Behaviour::Fixed {
+            status: 200,
+            headers: owned(&[
+                ("content-type", "font/woff2"),
+                ("cache-control", "no-cache"),
+                ("set-cookie", "s=1"),
+            ]),
+            body: Bytes::from_static(b"font"),
+        },
+    );
+    let yaml = r#"
+rules:
+  - match: "/api/**"
+    bypass: true
+  - match: "/assets/**"
+    ttl: 1d
+  - match: "*.css"
+    ttl: 1d
+  - match: "*.woff2"
+    force_ttl: 30d
+    strip_set_cookie: true
+query: {allow: [q]}
+"#;
+    let raw = sidecache::config::parse_yaml(yaml).unwrap();
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.rules = raw
+            .rules
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|r| sidecache::rules::Rule::compile(r).unwrap())
+            .collect();
+        c.query = raw.query.clone().unwrap().compile().unwrap();
+        c.rules.push(
+            sidecache::rules::Rule::compile(sidecache::rules::RawRule {
+                pattern: "/search.json".into(),
+                bypass: false,
+                ttl: Some(sidecache::config::HumanDuration(Duration::from_secs(60))),
+                force_ttl: None,
+                strip_set_cookie: false,
+            })
+            .unwrap(),
+        );
+    })
+    .await;
+    for _ in 0..2 {
+        for p in [
+            "/api/items",
+            "/assets/site.css",
+            "/assets/app-3f2a9c81.js",
+            "/plain.js",
+            "/account.php/x.css",
+        ] {
+            get(&sc, p).await;
+        }
+        let font = get(&sc, "/fonts/a.woff2").await;
+        assert!(!font.headers.contains_key("set-cookie"), "stripped by the rule");
+        assert!(!font.headers.contains_key("sidecache-cache-control"));
+        // Only `q` counts in the key: tracking parameters do not split the cache.
+        get(&sc, "/search.json?q=shoes&utm_source=mail").await;
+        get(&sc, "/search.json?utm_source=ad&q=shoes").await;
+    }
+    assert_eq!(origin.hits("/api/items"), 2, "bypass");
+    assert_eq!(origin.hits("/assets/site.css"), 1, "default ttl");
+    assert_eq!(
+        origin.hits("/assets/app-3f2a9c81.js"),
+        1,
+        "fingerprinted (and under /assets)"
+    );
+    assert_eq!(origin.hits("/plain.js"), 2, "no rule, no headers: not cached");
+    assert_eq!(
+        origin.hits("/account.php/x.css"),
+        2,
+        "HTML under a .css name is never stored"
+    );
+    assert_eq!(origin.hits("/fonts/a.woff2"), 1, "force_ttl overrides no-cache");
+    assert_eq!(
+        origin.hits("/search.json"),
+        1,
+        "one key for both parameter orders and trackers"
+    );
+    let bypass = get(&sc, "/api/items").await;
+    assert_eq!(bypass.cache_status, "sidecache; fwd=bypass");
+}
