@@ -207,6 +207,54 @@ impl Body for Tee {
     }
 }
 
+/// Writes a body to a file at increasing offsets, hashing it as it goes; the blocking write
+/// and hash run off the runtime.
+pub struct HashingWriter {
+    file: Arc<File>,
+    hasher: Option<blake3::Hasher>,
+    written: u64,
+}
+
+impl HashingWriter {
+    /// A writer starting at offset 0 of `file`.
+    pub fn new(file: Arc<File>) -> HashingWriter {
+        HashingWriter {
+            file,
+            hasher: Some(blake3::Hasher::new()),
+            written: 0,
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends `chunk`; returns the new total.
+    pub async fn write(&mut self, chunk: Bytes) -> std::io::Result<u64> {
+        let file = self.file.clone();
+        let mut hasher = self
+            .hasher
+            .take()
+            .ok_or_else(|| std::io::Error::other("an earlier write failed"))?;
+        let at = self.written;
+        let (hasher, n) = tokio::task::spawn_blocking(move || {
+            hasher.update(&chunk);
+            file.write_all_at(&chunk, at).map(|()| (hasher, chunk.len() as u64))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.hasher = Some(hasher);
+        self.written += n;
+        Ok(self.written)
+    }
+
+    /// The content hash of everything written.
+    pub fn digest(self) -> Option<crate::cache::key::Digest> {
+        self.hasher.map(|h| h.finalize().into())
+    }
+}
+
 /// Reads the next data chunk of an upstream body, skipping trailers.
 pub async fn next_chunk(body: &mut ProxyBody) -> Option<Result<Bytes, BoxError>> {
     loop {

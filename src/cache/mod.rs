@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::metrics as m;
-use fill::{Fill, FillState, TeeMsg, next_chunk};
+use fill::{Fill, FillState, HashingWriter, TeeMsg, next_chunk};
 use index::{Entry, Index, Removed};
 use key::{CacheKey, Digest, KeyHash};
 use meta::Meta;
@@ -534,8 +534,7 @@ impl Cache {
         reserved: u64,
     ) -> bool {
         let len = fill.meta.body_len;
-        let mut hasher = Some(blake3::Hasher::new());
-        let mut written = 0u64;
+        let mut writer = HashingWriter::new(fill.file().clone());
         let mut failure = None;
         while let Some(chunk) = next_chunk(&mut body).await {
             let chunk = match chunk {
@@ -545,41 +544,26 @@ impl Cache {
                     break;
                 }
             };
-            if written + chunk.len() as u64 > len {
+            if writer.written() + chunk.len() as u64 > len {
                 failure = Some(("upstream", "body longer than its Content-Length".to_owned()));
                 break;
             }
             metrics::counter!(m::UPSTREAM_BYTES).increment(chunk.len() as u64);
-            let file = fill.file().clone();
-            let mut h = hasher.take().expect("hasher is returned after every write");
-            let at = written;
-            let res = tokio::task::spawn_blocking(move || {
-                h.update(&chunk);
-                std::os::unix::fs::FileExt::write_all_at(&*file, &chunk, at).map(|()| (h, chunk.len() as u64))
-            })
-            .await;
-            match res {
-                Ok(Ok((h, n))) => {
-                    hasher = Some(h);
-                    written += n;
-                    fill.advance(written);
-                }
-                Ok(Err(e)) => {
+            match writer.write(chunk).await {
+                Ok(written) => fill.advance(written),
+                Err(source) => {
                     let err = StoreError::Io {
                         op: "write",
                         path: tmp.to_owned(),
-                        source: e,
+                        source,
                     };
                     self.storage_error(&err);
                     failure = Some(("storage", err.to_string()));
                     break;
                 }
-                Err(e) => {
-                    failure = Some(("storage", e.to_string()));
-                    break;
-                }
             }
         }
+        let written = writer.written();
         if failure.is_none() && written != len {
             failure = Some(("truncated", format!("upstream body ended at {written} of {len} bytes")));
         }
@@ -590,7 +574,7 @@ impl Cache {
             self.release(reserved);
             return false;
         }
-        let digest = Digest::from(hasher.expect("present after the loop").finalize());
+        let Some(digest) = writer.digest() else { return false };
         let mut meta = (*fill.meta).clone();
         meta.digest = digest;
         self.commit(meta, tmp.to_owned(), generation, reserved).await
@@ -669,10 +653,8 @@ impl Cache {
         let cache = self.clone();
         metrics::counter!(m::FILLS_STARTED).increment(1);
         tokio::spawn(async move {
-            let mut hasher = Some(blake3::Hasher::new());
-            let mut written = 0u64;
+            let mut writer = HashingWriter::new(Arc::new(file));
             let mut reserved = 0u64;
-            let file = Arc::new(file);
             let mut ended = false;
             while let Some(msg) = rx.recv().await {
                 let chunk = match msg {
@@ -682,7 +664,7 @@ impl Cache {
                         break;
                     }
                 };
-                let need = written + chunk.len() as u64 + 4096;
+                let need = writer.written() + chunk.len() as u64 + 4096;
                 if need > cache.config.max_object_size {
                     break;
                 }
@@ -693,22 +675,11 @@ impl Cache {
                     }
                     reserved += step;
                 }
-                let f = file.clone();
-                let mut h = hasher.take().expect("hasher is returned after every write");
-                let at = written;
-                let res = tokio::task::spawn_blocking(move || {
-                    h.update(&chunk);
-                    std::os::unix::fs::FileExt::write_all_at(&*f, &chunk, at).map(|()| (h, chunk.len() as u64))
-                })
-                .await;
-                match res {
-                    Ok(Ok((h, n))) => {
-                        hasher = Some(h);
-                        written += n;
-                    }
-                    _ => break,
+                if writer.write(chunk).await.is_err() {
+                    break;
                 }
             }
+            let written = writer.written();
             let mut meta = meta;
             meta.body_len = written;
             let meta_len = meta.encoded_len();
@@ -720,7 +691,8 @@ impl Cache {
                 return;
             }
             let reserved = reserved.max(meta_len + written);
-            meta.digest = Digest::from(hasher.expect("present after the loop").finalize());
+            let Some(digest) = writer.digest() else { return };
+            meta.digest = digest;
             cache.commit(meta, tmp, generation, reserved).await;
         });
         fill::tee(body, tx)

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::support::{
-    Behaviour, Binary, Origin, TestSidecar, binary_path, eventually, matches_pattern, origin::owned, pattern_bytes,
-    pattern_chunk,
+    Behaviour, Binary, Origin, TestSidecar, app_client as client, binary_path, eventually, matches_pattern,
+    origin::owned, pattern_bytes, pattern_chunk,
 };
 
 const CACHEABLE: &[(&str, &str)] = &[
@@ -54,19 +54,6 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-/// A client that sends a fixed Host, as real clients of one app do: the sidecar's own port
-/// changes across the restarts in these tests, and the cache key includes the Host.
-fn client() -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
-    reqwest::Client::builder()
-        .no_proxy()
-        .default_headers(headers)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
 }
 
 async fn get(url: &str) -> (reqwest::StatusCode, String, Bytes) {
@@ -502,20 +489,7 @@ async fn purge_by_url_prefix_and_all_through_admin_and_cli() {
 
 /// Starts the binary on `dir` and waits until its index is loaded.
 async fn start_binary(origin: &Origin, dir: &Path) -> (Binary, std::net::SocketAddr) {
-    let mut bin = Binary::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &origin.url(),
-            "--cache-dir",
-            dir.to_str().unwrap(),
-        ],
-        &[("SIDECACHE_ACCESS_LOG", "false")],
-    );
+    let mut bin = Binary::serve(&origin.url(), dir, &[], &[("SIDECACHE_ACCESS_LOG", "false")]);
     let addr = bin.public_addr();
     let admin = bin.admin_addr();
     let ready = eventually(Duration::from_secs(10), async || {

@@ -116,18 +116,7 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
         ),
     );
     let cache = tempfile::tempdir().unwrap();
-    let mut bin = Binary::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &origin.url(),
-        ],
-        &[("SIDECACHE_CACHE_DIR", cache.path().to_str().unwrap())],
-    );
+    let mut bin = Binary::serve(&origin.url(), cache.path(), &[], &[]);
     let addr = bin.public_addr();
     let in_flight = tokio::spawn(async move { client().get(format!("http://{addr}/slow")).send().await });
     origin.wait_hits("/slow", 1).await;
@@ -154,20 +143,7 @@ async fn json_access_log_ties_outcome_to_cache_status_and_hides_secrets() {
     let origin = Origin::start().await;
     origin.fixed("/a.js", &[("cache-control", "max-age=60")], "x".repeat(100));
     let cache = tempfile::tempdir().unwrap();
-    let mut bin = Binary::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &origin.url(),
-            "--log-format",
-            "json",
-        ],
-        &[("SIDECACHE_CACHE_DIR", cache.path().to_str().unwrap())],
-    );
+    let mut bin = Binary::serve(&origin.url(), cache.path(), &["--log-format", "json"], &[]);
     let addr = bin.public_addr();
     let c = client();
     let resp = c

@@ -186,20 +186,7 @@ async fn a_real_prometheus_scrapes_exact_hit_and_miss_counts() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut bin = Binary::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &origin.url(),
-            "--cache-dir",
-            dir.path().to_str().unwrap(),
-        ],
-        &[("SIDECACHE_ACCESS_LOG", "false")],
-    );
+    let mut bin = Binary::serve(&origin.url(), dir.path(), &[], &[("SIDECACHE_ACCESS_LOG", "false")]);
     let addr = bin.public_addr();
     let admin = bin.admin_addr();
     let c = reqwest::Client::builder().no_proxy().build().unwrap();

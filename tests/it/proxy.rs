@@ -236,24 +236,8 @@ async fn a_gigabyte_each_way_passes_with_flat_memory() {
         },
     );
     origin.route("/upload", Behaviour::Echo);
-    let mut bin = Binary::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &origin.url(),
-        ],
-        &[
-            ("SIDECACHE_ACCESS_LOG", "false"),
-            (
-                "SIDECACHE_CACHE_DIR",
-                tempfile::tempdir().unwrap().path().to_str().unwrap(),
-            ),
-        ],
-    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut bin = Binary::serve(&origin.url(), cache.path(), &[], &[("SIDECACHE_ACCESS_LOG", "false")]);
     let addr = bin.public_addr();
     let c = reqwest::Client::builder()
         .no_proxy()

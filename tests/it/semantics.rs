@@ -5,18 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::support::{Behaviour, Origin, TestSidecar, eventually, origin::owned, pattern_chunk};
-
-fn client() -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
-    reqwest::Client::builder()
-        .no_proxy()
-        .default_headers(headers)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
+use crate::support::{Behaviour, Origin, TestSidecar, app_client as client, eventually, origin::owned, pattern_chunk};
 
 struct Got {
     status: u16,

@@ -91,6 +91,19 @@ impl TestSidecar {
     }
 }
 
+/// A client that sends a fixed Host, as real clients of one app do: the sidecar's own port
+/// changes across restarts in the tests, and the cache key includes the Host.
+pub fn app_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
+    reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
 /// A plain HTTP/1.1 client with no pooling surprises.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -137,6 +150,16 @@ impl Binary {
             lines,
             seen: Vec::new(),
         }
+    }
+
+    /// `sidecache serve` on loopback port 0 in front of `upstream`, caching in `cache_dir`,
+    /// with extra flags and environment.
+    pub fn serve(upstream: &str, cache_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Binary {
+        let cache_dir = cache_dir.to_str().expect("utf-8 temp path");
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        args.extend(["--upstream", upstream, "--cache-dir", cache_dir]);
+        args.extend_from_slice(extra);
+        Binary::spawn(&args, env)
     }
 
     /// Waits (bounded) for a log line containing `needle`; returns it.
