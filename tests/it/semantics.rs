@@ -551,3 +551,31 @@ query: {allow: [q]}
     let bypass = get(&sc, "/api/items").await;
     assert_eq!(bypass.cache_status, "sidecache; fwd=bypass");
 }
+
+/// RFC 9111 §4.2.3 and §5.1: the stored Date is served unchanged and Age accounts for an
+/// upstream Age plus the time since the app's Date.
+#[tokio::test]
+async fn date_is_not_rewritten_and_age_counts_upstream_age() {
+    let origin = Origin::start().await;
+    let date = "Sat, 01 Jan 2022 00:00:00 GMT";
+    origin.fixed(
+        "/old.css",
+        &[("cache-control", "max-age=999999999"), ("date", date), ("age", "100")],
+        "old",
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc, "/old.css").await;
+    stored(&sc, 1).await;
+    let hit = get(&sc, "/old.css").await;
+    assert_eq!(hit.cache_status, "sidecache; hit");
+    assert_eq!(hit.headers["date"], date, "Date is the app's, not rewritten");
+    let age: u64 = hit.headers["age"].to_str().unwrap().parse().unwrap();
+    let since_date = std::time::SystemTime::now()
+        .duration_since(httpdate::parse_http_date(date).unwrap())
+        .unwrap()
+        .as_secs();
+    assert!(
+        age >= since_date && age < since_date + 60,
+        "age {age} vs {since_date} s since Date"
+    );
+}
