@@ -16,9 +16,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::Frame;
+
 use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
 use crate::proxy::Proxy;
+use crate::proxy::WarmResult;
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -99,12 +104,77 @@ impl Admin {
                 info!(objects = n, "purged");
                 json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
             }
+            (&Method::POST, "/prime") => {
+                if let Some(denied) = self.authorize(&req) {
+                    return denied;
+                }
+                self.prime(req).await
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }
 }
 
 impl Admin {
+    /// `POST /prime?host=H&concurrency=N&timeout=S` with one URL or path a line: warms each
+    /// through the cache (the sidecar fetches and stores; no body comes back) and streams one
+    /// JSON line per URL as it completes: `{"url":..,"result":"warmed|warm|failed",..}`.
+    async fn prime(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let mut host = String::from("localhost");
+        let mut concurrency = 8usize;
+        let mut timeout = Duration::from_secs(30);
+        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            match &*k {
+                "host" => host = v.into_owned(),
+                "concurrency" => concurrency = v.parse().unwrap_or(8).clamp(1, 64),
+                "timeout" => timeout = Duration::from_secs(v.parse().unwrap_or(30).clamp(1, 3600)),
+                _ => {}
+            }
+        }
+        let body = match Limited::new(req.into_body(), 16 << 20).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "prime list too large (16 MiB)\n".into()),
+        };
+        let targets: Vec<String> = String::from_utf8_lossy(&body)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, crate::body::BoxError>>(64);
+        let proxy = self.proxy.clone();
+        tokio::spawn(async move {
+            let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let mut tasks = tokio::task::JoinSet::new();
+            for target in targets {
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    break;
+                };
+                let (proxy, host, tx) = (proxy.clone(), host.clone(), tx.clone());
+                tasks.spawn(async move {
+                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target)).await {
+                        Ok(r) => r,
+                        Err(_) => WarmResult::Failed(format!("timed out after {timeout:?}")),
+                    };
+                    drop(permit);
+                    let line = match &result {
+                        WarmResult::Warmed(n) | WarmResult::AlreadyWarm(n) => {
+                            serde_json::json!({"url": target, "result": result.as_str(), "bytes": n})
+                        }
+                        WarmResult::Failed(why) => serde_json::json!({"url": target, "result": "failed", "error": why}),
+                    };
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(format!("{line}\n"))))).await;
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        let stream = tokio_stream_from(rx);
+        let mut resp = Response::new(body::boxed(StreamBody::new(stream)));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+        resp
+    }
+
     /// `None` when the request may go on; otherwise the refusal. Without a configured token
     /// the admin port relies on being bound to loopback.
     fn authorize(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
@@ -149,6 +219,11 @@ fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// An mpsc receiver as a stream, for streamed response bodies.
+fn tokio_stream_from<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
 }
 
 /// A plain-text response.

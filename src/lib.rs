@@ -20,6 +20,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod policy;
+pub mod prime;
 pub mod proxy;
 pub mod rules;
 pub mod server;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use sidecache::config::{Config, Loader, LogFormat};
+use sidecache::prime;
 use sidecache::sidecar::Sidecar;
 use sidecache::supervise::{self, App};
 use tokio::signal::unix::{SignalKind, signal};
@@ -34,10 +35,18 @@ enum Command {
     Serve {
         #[command(flatten)]
         opts: ConfigOpts,
+        /// Prime in the background once the app is ready: a manifest (.json) or a URL list.
+        #[arg(long, value_name = "FILE")]
+        prime: Option<PathBuf>,
+        /// The public Host for --prime (part of the cache key).
+        #[arg(long, value_name = "HOST", requires = "prime")]
+        prime_host: Option<String>,
         /// The app to start and supervise (gets PORT set to the upstream port).
         #[arg(last = true)]
         app: Vec<String>,
     },
+    /// Warm this instance's cache through the sidecar's admin port (from deploy hooks).
+    Prime(PrimeArgs),
     /// Validate the configuration (file, environment, flags) and print it.
     CheckConfig {
         #[command(flatten)]
@@ -70,6 +79,164 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: String,
     },
+}
+
+/// `sidecache prime` flags.
+#[derive(Args)]
+struct PrimeArgs {
+    /// The sidecar's admin address.
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    target: String,
+    /// Admin bearer token (also SIDECACHE_ADMIN_TOKEN).
+    #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The public Host your users reach the app by (part of the cache key).
+    #[arg(long)]
+    host: Option<String>,
+    /// One URL or path a line; `-` for standard input.
+    #[arg(long, value_name = "FILE", group = "input")]
+    urls: Option<PathBuf>,
+    /// Every file under this folder (the app's built public assets), under --prefix.
+    #[arg(long, value_name = "DIR", group = "input", requires = "prefix")]
+    dir: Option<PathBuf>,
+    /// An asset manifest: webpack, Vite, Sprockets, Propshaft or Django (detected).
+    #[arg(long, value_name = "FILE", group = "input")]
+    manifest: Option<PathBuf>,
+    /// A sitemap or sitemap index URL.
+    #[arg(long, value_name = "URL", group = "input")]
+    sitemap: Option<String>,
+    /// URL prefix for --dir, or to override a manifest format's default.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Objects the sidecar fetches at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Extra rounds for failed objects (with backoff).
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+    /// Time limit per object.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// How long to wait for the sidecar to be ready.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+    /// Failures tolerated before the exit status is non-zero.
+    #[arg(long, default_value_t = 0)]
+    max_failures: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl PrimeArgs {
+    fn input(&self) -> Option<prime::Input> {
+        if let Some(p) = &self.urls {
+            return Some(prime::Input::Urls(p.clone()));
+        }
+        if let Some(dir) = &self.dir {
+            let prefix = self.prefix.clone().unwrap_or_else(|| "/".into());
+            return Some(prime::Input::Dir {
+                dir: dir.clone(),
+                prefix,
+            });
+        }
+        if let Some(path) = &self.manifest {
+            return Some(prime::Input::Manifest {
+                path: path.clone(),
+                prefix: self.prefix.clone(),
+            });
+        }
+        self.sitemap.clone().map(prime::Input::Sitemap)
+    }
+}
+
+async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
+    let Some(input) = args.input() else {
+        anyhow::bail!("prime needs one of --urls, --dir, --manifest or --sitemap");
+    };
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let urls = prime::collect(&input, &client).await?;
+    let opts = prime::Options {
+        target: args.target,
+        token: args.token,
+        host: args.host,
+        concurrency: args.concurrency.clamp(1, 64),
+        retries: args.retries,
+        timeout: args.timeout,
+        wait: args.wait,
+        max_failures: args.max_failures,
+        json: args.json,
+    };
+    let summary = prime::run(urls, &opts).await?;
+    if opts.json {
+        println!("{}", summary.json());
+    } else {
+        println!("{}", summary.line());
+    }
+    for (url, why) in &summary.failed {
+        eprintln!("failed: {url}: {why}");
+    }
+    Ok(if summary.failed.len() > opts.max_failures { 1 } else { 0 })
+}
+
+/// `serve --prime`: warms the listed objects in-process once serving has begun.
+async fn prime_in_background(proxy: std::sync::Arc<sidecache::proxy::Proxy>, file: PathBuf, host: Option<String>) {
+    let input = if file.extension().is_some_and(|e| e == "json") {
+        prime::Input::Manifest {
+            path: file.clone(),
+            prefix: None,
+        }
+    } else {
+        prime::Input::Urls(file.clone())
+    };
+    let client = reqwest::Client::new();
+    let urls = match prime::collect(&input, &client).await {
+        Ok(urls) => urls,
+        Err(e) => {
+            warn!(error = format!("{e:#}"), file = %file.display(), "priming skipped");
+            return;
+        }
+    };
+    // Fills are accepted once the index has counted what is on disk.
+    while !proxy.cache.is_loaded() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let host = host.unwrap_or_else(|| "localhost".into());
+    let started = std::time::Instant::now();
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = tokio::task::JoinSet::new();
+    for url in urls {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let (proxy, host) = (proxy.clone(), host.clone());
+        tasks.spawn(async move {
+            let result = proxy.warm(&host, &url).await;
+            drop(permit);
+            (url, result)
+        });
+    }
+    let (mut warmed, mut warm, mut failed) = (0, 0, 0);
+    while let Some(Ok((url, result))) = tasks.join_next().await {
+        match result {
+            sidecache::proxy::WarmResult::Warmed(_) => warmed += 1,
+            sidecache::proxy::WarmResult::AlreadyWarm(_) => warm += 1,
+            sidecache::proxy::WarmResult::Failed(why) => {
+                failed += 1;
+                warn!(path = %url.split('?').next().unwrap_or(""), reason = %why, "prime failed");
+            }
+        }
+    }
+    info!(
+        warmed,
+        warm,
+        failed,
+        seconds = started.elapsed().as_secs_f64(),
+        "primed"
+    );
 }
 
 /// Flags shared by `serve` and `check-config`; each overrides its config key.
@@ -144,7 +311,13 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Serve { opts, app } => {
+        Command::Prime(args) => run_async(prime_command(args)),
+        Command::Serve {
+            opts,
+            app,
+            prime,
+            prime_host,
+        } => {
             let config = match opts.load() {
                 Ok(config) => config,
                 Err(e) => {
@@ -153,7 +326,8 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
-            run_async(serve(config, app))
+            let prime = prime.map(|file| (file, prime_host));
+            run_async(serve(config, app, prime))
         }
         Command::Purge {
             url,
@@ -230,7 +404,11 @@ async fn termination() -> anyhow::Result<i32> {
     })
 }
 
-async fn serve(mut config: Config, app_command: Vec<String>) -> anyhow::Result<u8> {
+async fn serve(
+    mut config: Config,
+    app_command: Vec<String>,
+    prime: Option<(PathBuf, Option<String>)>,
+) -> anyhow::Result<u8> {
     let mut app = None;
     if !app_command.is_empty() {
         // With no explicit upstream port for the app, give it a free loopback port.
@@ -275,6 +453,9 @@ async fn serve(mut config: Config, app_command: Vec<String>) -> anyhow::Result<u
         .bind_public()
         .await
         .context("failed to bind the public listener")?;
+    if let Some((file, host)) = prime {
+        tokio::spawn(prime_in_background(sidecar.proxy.clone(), file, host));
+    }
     let serving = sidecar.serve(listener);
     tokio::pin!(serving);
 

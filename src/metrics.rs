@@ -54,6 +54,10 @@ pub const CORRUPT_OBJECTS: &str = "sidecache_corrupt_objects_total";
 pub const INDEX_REBUILD_SECONDS: &str = "sidecache_index_rebuild_seconds";
 /// 1 when the startup index rebuild is done.
 pub const INDEX_READY: &str = "sidecache_index_ready";
+/// URLs primed, by `result` (warmed, warm, failed).
+pub const PRIME_OBJECTS: &str = "sidecache_prime_objects_total";
+/// Body bytes fetched and stored by priming.
+pub const PRIME_BYTES: &str = "sidecache_prime_bytes_total";
 /// Constant 1 with the version as a label.
 pub const BUILD_INFO: &str = "sidecache_build_info";
 
@@ -125,5 +129,7 @@ fn describe() {
         "Duration of the startup index rebuild."
     );
     describe_gauge!(INDEX_READY, "1 once the startup index rebuild is done.");
+    describe_counter!(PRIME_OBJECTS, "URLs primed, by result.");
+    describe_counter!(PRIME_BYTES, Unit::Bytes, "Body bytes fetched and stored by priming.");
     describe_gauge!(BUILD_INFO, "Constant 1, labelled with the version.");
 }

@@ -206,7 +206,60 @@ impl Proxy {
         if is_upgrade(&req) {
             return self.tunnel(req, client).await;
         }
-        let req = req.map(body::boxed);
+        self.serve(req.map(body::boxed), client).await
+    }
+
+    /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
+    /// A fresh stored copy is not fetched again.
+    pub async fn warm(self: &Arc<Self>, host: &str, target: &str) -> WarmResult {
+        let mut req = Request::new(body::empty());
+        let Ok(uri) = target.parse::<http::Uri>() else {
+            return WarmResult::Failed("not a URL or path".into());
+        };
+        let host = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| host.to_owned());
+        let Ok(path) = http::Uri::builder()
+            .path_and_query(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .build()
+        else {
+            return WarmResult::Failed("not a URL or path".into());
+        };
+        *req.uri_mut() = path;
+        match HeaderValue::from_str(&host) {
+            Ok(h) => req.headers_mut().insert(header::HOST, h),
+            Err(_) => return WarmResult::Failed("bad host".into()),
+        };
+        req.headers_mut()
+            .insert(header::USER_AGENT, HeaderValue::from_static("sidecache-prime"));
+        let answer = self.serve(req, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        let status = answer.response.status();
+        let (outcome, stored) = (answer.outcome, answer.stored);
+        let mut body = answer.response.into_body();
+        let mut bytes = 0u64;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            match frame {
+                Ok(f) => bytes += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+                Err(e) => return WarmResult::Failed(format!("body: {e}")),
+            }
+        }
+        let result = match outcome {
+            Outcome::Hit => WarmResult::AlreadyWarm(bytes),
+            _ if !status.is_success() => WarmResult::Failed(format!("status {}", status.as_u16())),
+            Outcome::Coalesced => WarmResult::Warmed(bytes),
+            _ if stored => WarmResult::Warmed(bytes),
+            _ => WarmResult::Failed("not cacheable".into()),
+        };
+        metrics::counter!(m::PRIME_OBJECTS, "result" => result.as_str()).increment(1);
+        if let WarmResult::Warmed(n) = result {
+            metrics::counter!(m::PRIME_BYTES).increment(n);
+        }
+        result
+    }
+
+    /// Serves a request through the cache (everything but upgrades).
+    async fn serve(self: &Arc<Self>, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
         if !policy::is_cacheable_request(req.method(), req.headers()) {
             if matches!(*req.method(), Method::GET | Method::HEAD) {
                 return self.forward(req, client, Outcome::Bypass, Fwd::Request).await;
@@ -570,6 +623,28 @@ impl Proxy {
             Outcome::Bypass,
             Some(Fwd::Bypass),
         )
+    }
+}
+
+/// What priming one URL did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarmResult {
+    /// Fetched and stored (bytes).
+    Warmed(u64),
+    /// Already stored and fresh: not fetched (bytes).
+    AlreadyWarm(u64),
+    /// Could not be warmed, and why.
+    Failed(String),
+}
+
+impl WarmResult {
+    /// A closed label for metrics and the prime protocol.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WarmResult::Warmed(_) => "warmed",
+            WarmResult::AlreadyWarm(_) => "warm",
+            WarmResult::Failed(_) => "failed",
+        }
     }
 }
 

@@ -1,0 +1,526 @@
+//! The `prime` subcommand: turns what a deploy hook has (a URL list, the built asset folder, a
+//! framework's asset manifest, a sitemap) into a warm cache on this instance. It talks to the
+//! sidecar's admin port; the sidecar fetches and stores each object itself, so bodies never
+//! travel back to this command.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// Where the list of URLs comes from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// One URL or path a line; `-` is standard input.
+    Urls(PathBuf),
+    /// Every file under a folder, mapped to a URL prefix.
+    Dir {
+        /// The folder (e.g. the app's built `public/`).
+        dir: PathBuf,
+        /// The URL prefix it is served under.
+        prefix: String,
+    },
+    /// A framework's asset manifest (format detected).
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// URL prefix overriding the format's default.
+        prefix: Option<String>,
+    },
+    /// A sitemap (or sitemap index) URL.
+    Sitemap(String),
+}
+
+/// Asset manifest formats, detected from the file's name and shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestFormat {
+    /// webpack-manifest-plugin `manifest.json`: `{"main.js": "/static/main.1a2b.js"}`.
+    Webpack,
+    /// Vite `.vite/manifest.json`: entries with `file`, `css`, `assets`.
+    Vite,
+    /// Rails Sprockets `.sprockets-manifest-*.json`: `{"files": {...}, "assets": {...}}`.
+    Sprockets,
+    /// Rails Propshaft `.manifest.json`: `{"app.css": "app-1a2b.css"}` or `{digested_path}`.
+    Propshaft,
+    /// Django `ManifestStaticFilesStorage` `staticfiles.json`: `{"paths": {...}}`.
+    Django,
+}
+
+impl ManifestFormat {
+    fn default_prefix(self) -> &'static str {
+        match self {
+            ManifestFormat::Webpack | ManifestFormat::Vite => "/",
+            ManifestFormat::Sprockets | ManifestFormat::Propshaft => "/assets/",
+            ManifestFormat::Django => "/static/",
+        }
+    }
+}
+
+/// Detects a manifest's format and lists the URLs of every asset it names.
+pub fn parse_manifest(
+    file_name: &str,
+    text: &str,
+    prefix: Option<&str>,
+) -> anyhow::Result<(ManifestFormat, Vec<String>)> {
+    let json: Value = serde_json::from_str(text).context("manifest is not JSON")?;
+    let Value::Object(map) = &json else {
+        bail!("manifest is not a JSON object")
+    };
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        match v {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+            _ => vec![],
+        }
+    };
+    let (format, paths): (ManifestFormat, Vec<String>) =
+        if map.get("files").is_some_and(Value::is_object) && map.get("assets").is_some_and(Value::is_object) {
+            let files = map["files"].as_object().expect("checked above");
+            (ManifestFormat::Sprockets, files.keys().cloned().collect())
+        } else if let Some(Value::Object(paths)) = map.get("paths") {
+            (
+                ManifestFormat::Django,
+                paths.values().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            )
+        } else if map.values().any(|v| v.get("file").is_some_and(Value::is_string)) {
+            let mut out = Vec::new();
+            for entry in map.values() {
+                out.extend(strings(entry.get("file")));
+                out.extend(strings(entry.get("css")));
+                out.extend(strings(entry.get("assets")));
+            }
+            (ManifestFormat::Vite, out)
+        } else if map.values().any(|v| v.get("digested_path").is_some()) || file_name == ".manifest.json" {
+            let out = map
+                .values()
+                .filter_map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .or_else(|| v.get("digested_path")?.as_str().map(str::to_owned))
+                })
+                .collect();
+            (ManifestFormat::Propshaft, out)
+        } else if map.values().all(Value::is_string) {
+            (
+                ManifestFormat::Webpack,
+                map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            )
+        } else {
+            bail!("unknown manifest format (webpack, Vite, Sprockets, Propshaft and Django are understood)");
+        };
+    let prefix = prefix.unwrap_or(format.default_prefix());
+    let mut urls: Vec<String> = paths.iter().map(|p| join(prefix, p)).collect();
+    urls.sort();
+    urls.dedup();
+    Ok((format, urls))
+}
+
+/// A manifest path under a URL prefix; absolute paths and URLs are kept as they are.
+fn join(prefix: &str, path: &str) -> String {
+    if path.starts_with('/') || path.starts_with("http://") || path.starts_with("https://") {
+        return path.to_owned();
+    }
+    format!("{}/{}", prefix.trim_end_matches('/'), path.trim_start_matches("./"))
+}
+
+/// Every file under `dir`, as URLs under `prefix` (precompressed `.gz`/`.br` twins skipped:
+/// clients ask for the plain name).
+pub fn walk_dir(dir: &Path, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("failed to read {}", d.display()))? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(dir)
+                .expect("walked from dir")
+                .to_string_lossy()
+                .replace('\\', "/");
+            if rel.ends_with(".gz") || rel.ends_with(".br") {
+                continue;
+            }
+            out.push(join(prefix, &rel));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `<loc>` values of a sitemap document.
+pub fn sitemap_locs(xml: &str) -> Vec<String> {
+    xml.split("<loc>")
+        .skip(1)
+        .filter_map(|rest| rest.split("</loc>").next())
+        .map(|loc| loc.trim().replace("&amp;", "&"))
+        .filter(|loc| !loc.is_empty())
+        .collect()
+}
+
+/// Settings of one prime run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The sidecar's admin address.
+    pub target: String,
+    /// Admin bearer token.
+    pub token: Option<String>,
+    /// The public Host the app is reached by (part of the cache key).
+    pub host: Option<String>,
+    /// Objects the sidecar fetches at once.
+    pub concurrency: usize,
+    /// Extra rounds for failed objects.
+    pub retries: u32,
+    /// Per-object time limit.
+    pub timeout: Duration,
+    /// How long to wait for the sidecar to be ready.
+    pub wait: Duration,
+    /// Failures tolerated before the exit status says so.
+    pub max_failures: usize,
+    /// Print a JSON summary instead of text.
+    pub json: bool,
+}
+
+/// What a run achieved.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Fetched and stored now.
+    pub warmed: usize,
+    /// Already stored and fresh.
+    pub warm: usize,
+    /// Failed after all retries: (url, why).
+    pub failed: Vec<(String, String)>,
+    /// Bytes fetched and stored.
+    pub bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Lists the URLs of an input.
+pub async fn collect(input: &Input, client: &reqwest::Client) -> anyhow::Result<Vec<String>> {
+    match input {
+        Input::Urls(path) => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("failed to read standard input")?
+            } else {
+                std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?
+            };
+            Ok(text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect())
+        }
+        Input::Dir { dir, prefix } => walk_dir(dir, prefix),
+        Input::Manifest { path, prefix } => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let (_, urls) = parse_manifest(name, &text, prefix.as_deref())
+                .with_context(|| format!("failed to read manifest {}", path.display()))?;
+            Ok(urls)
+        }
+        Input::Sitemap(url) => {
+            let mut urls = Vec::new();
+            let mut queue = vec![url.clone()];
+            let mut fetched = 0;
+            while let Some(u) = queue.pop() {
+                fetched += 1;
+                if fetched > 50 {
+                    bail!("sitemap index names more than 50 sitemaps");
+                }
+                let xml = client.get(&u).send().await?.error_for_status()?.text().await?;
+                let locs = sitemap_locs(&xml);
+                if xml.contains("<sitemapindex") {
+                    queue.extend(locs);
+                } else {
+                    urls.extend(locs);
+                }
+            }
+            Ok(urls)
+        }
+    }
+}
+
+/// Primes `urls` through the sidecar at `opts.target`, following progress.
+pub async fn run(urls: Vec<String>, opts: &Options) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    if opts.host.is_none() && urls.iter().any(|u| u.starts_with('/')) {
+        bail!("--host is required for paths: it is the Host your users reach the app by (part of the cache key)");
+    }
+    wait_ready(&client, opts).await?;
+    let progress = Progress::new(urls.len(), opts.json);
+    let mut summary = Summary::default();
+    let mut pending = urls;
+    for round in 0..=opts.retries {
+        if pending.is_empty() {
+            break;
+        }
+        if round > 0 {
+            // Backoff before retrying what failed: 1 s, 2 s, 4 s, ...
+            tokio::time::sleep(Duration::from_secs(1 << (round - 1).min(5))).await;
+        }
+        let last = round == opts.retries;
+        let failed = submit(&client, opts, &pending, &mut summary, &progress, last).await?;
+        pending = failed
+            .into_iter()
+            .filter(|(_, why)| retryable(why))
+            .map(|(u, _)| u)
+            .collect();
+    }
+    progress.finish();
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// A missing asset will not appear by asking again.
+fn retryable(why: &str) -> bool {
+    !(why.starts_with("status 4") || why == "not cacheable")
+}
+
+async fn wait_ready(client: &reqwest::Client, opts: &Options) -> anyhow::Result<()> {
+    let deadline = Instant::now() + opts.wait;
+    let url = format!("{}/readyz", opts.target.trim_end_matches('/'));
+    let mut told = false;
+    loop {
+        if let Ok(resp) = client.get(&url).timeout(Duration::from_secs(2)).send().await
+            && resp.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the sidecar at {} was not ready within {:?}", opts.target, opts.wait);
+        }
+        if !told && !opts.json {
+            eprintln!("waiting for the sidecar at {} to be ready...", opts.target);
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One round: posts the list, reads one JSON line per URL. Returns the failures.
+async fn submit(
+    client: &reqwest::Client,
+    opts: &Options,
+    urls: &[String],
+    summary: &mut Summary,
+    progress: &Progress,
+    last: bool,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("host", opts.host.as_deref().unwrap_or("localhost"))
+        .append_pair("concurrency", &opts.concurrency.to_string())
+        .append_pair("timeout", &opts.timeout.as_secs().max(1).to_string())
+        .finish();
+    let mut req = client
+        .post(format!("{}/prime?{query}", opts.target.trim_end_matches('/')))
+        .body(urls.join("\n"));
+    if let Some(token) = opts.token.as_deref().filter(|t| !t.is_empty()) {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.context("failed to reach the sidecar's admin port")?;
+    if !resp.status().is_success() {
+        bail!(
+            "the sidecar refused to prime ({}): {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default().trim()
+        );
+    }
+    let mut failed = Vec::new();
+    let mut seen = 0;
+    let mut buf = Vec::new();
+    let mut stream = resp.bytes_stream();
+    use futures_util::StreamExt as _;
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk.context("lost the sidecar's progress stream")?);
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            seen += 1;
+            let url = v["url"].as_str().unwrap_or("?").to_owned();
+            match v["result"].as_str() {
+                Some("warmed") => {
+                    summary.warmed += 1;
+                    summary.bytes += v["bytes"].as_u64().unwrap_or(0);
+                    progress.advance();
+                }
+                Some("warm") => {
+                    summary.warm += 1;
+                    progress.advance();
+                }
+                _ => {
+                    let why = v["error"].as_str().unwrap_or("failed").to_owned();
+                    if last || !retryable(&why) {
+                        progress.advance();
+                        summary.failed.push((url.clone(), why.clone()));
+                    }
+                    failed.push((url, why));
+                }
+            }
+        }
+    }
+    if seen < urls.len() {
+        bail!("the sidecar answered for {seen} of {} URLs", urls.len());
+    }
+    Ok(failed)
+}
+
+/// A bar on a terminal, plain lines in deploy logs, nothing with --json.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+    done: std::sync::atomic::AtomicUsize,
+    last_line: std::sync::Mutex<Instant>,
+    quiet: bool,
+}
+
+impl Progress {
+    fn new(total: usize, quiet: bool) -> Progress {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template("priming {bar:40} {pos}/{len} {elapsed}") {
+                bar.set_style(style);
+            }
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            done: Default::default(),
+            last_line: std::sync::Mutex::new(Instant::now()),
+            quiet,
+        }
+    }
+
+    fn advance(&self) {
+        let done = self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            return;
+        }
+        if self.quiet {
+            return;
+        }
+        let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= Duration::from_secs(2) || done == self.total {
+            eprintln!("primed {done}/{}", self.total);
+            *last = Instant::now();
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Summary {
+    /// The human summary line.
+    pub fn line(&self) -> String {
+        format!(
+            "primed {} objects: {} warmed, {} already warm, {} failed, {} bytes in {:.1} s",
+            self.warmed + self.warm + self.failed.len(),
+            self.warmed,
+            self.warm,
+            self.failed.len(),
+            self.bytes,
+            self.seconds
+        )
+    }
+
+    /// The machine summary.
+    pub fn json(&self) -> Value {
+        serde_json::json!({
+            "warmed": self.warmed,
+            "warm": self.warm,
+            "failed": self.failed.iter().map(|(u, e)| serde_json::json!({"url": u, "error": e})).collect::<Vec<_>>(),
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_manifest_format_is_detected_and_listed() {
+        let rows: &[(&str, &str, ManifestFormat, &[&str])] = &[
+            (
+                "manifest.json",
+                r#"{"main.js": "/static/js/main.1a2b3c4d.js", "main.css": "static/css/main.5e6f.css"}"#,
+                ManifestFormat::Webpack,
+                &["/static/css/main.5e6f.css", "/static/js/main.1a2b3c4d.js"],
+            ),
+            (
+                "manifest.json",
+                r#"{"src/main.ts": {"file": "assets/main-4889e940.js", "css": ["assets/main-b82dbe22.css"],
+                    "assets": ["assets/logo-03d6d6da.svg"], "isEntry": true},
+                    "_shared.js": {"file": "assets/shared-ChJ_j-JJ.js"}}"#,
+                ManifestFormat::Vite,
+                &[
+                    "/assets/logo-03d6d6da.svg",
+                    "/assets/main-4889e940.js",
+                    "/assets/main-b82dbe22.css",
+                    "/assets/shared-ChJ_j-JJ.js",
+                ],
+            ),
+            (
+                ".sprockets-manifest-8e5a.json",
+                r#"{"files": {"application-abc.js": {"logical_path": "application.js"}, "application-def.css": {}},
+                    "assets": {"application.js": "application-abc.js"}}"#,
+                ManifestFormat::Sprockets,
+                &["/assets/application-abc.js", "/assets/application-def.css"],
+            ),
+            (
+                ".manifest.json",
+                r#"{"application.css": "application-6d58c9e6.css", "logo.svg": "logo-1f2e3d4c.svg"}"#,
+                ManifestFormat::Propshaft,
+                &["/assets/application-6d58c9e6.css", "/assets/logo-1f2e3d4c.svg"],
+            ),
+            (
+                ".manifest.json",
+                r#"{"app.js": {"digested_path": "app-7a8b9c0d.js", "integrity": "sha384-x"}}"#,
+                ManifestFormat::Propshaft,
+                &["/assets/app-7a8b9c0d.js"],
+            ),
+            (
+                "staticfiles.json",
+                r#"{"paths": {"css/base.css": "css/base.5af66c1b1797.css"}, "version": "1.1", "hash": "x"}"#,
+                ManifestFormat::Django,
+                &["/static/css/base.5af66c1b1797.css"],
+            ),
+        ];
+        for (name, text, format, urls) in rows {
+            let (got_format, got) = parse_manifest(name, text, None).unwrap();
+            assert_eq!(got_format, *format, "{name}");
+            assert_eq!(got, urls.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "{name}");
+        }
+        let (_, custom) =
+            parse_manifest("staticfiles.json", r#"{"paths": {"a.css": "a.1.css"}}"#, Some("/s/")).unwrap();
+        assert_eq!(custom, vec!["/s/a.1.css"]);
+        assert!(parse_manifest("m.json", "[1,2]", None).is_err());
+        assert!(parse_manifest("m.json", r#"{"a": 1}"#, None).is_err());
+    }
+
+    #[test]
+    fn sitemaps_yield_their_locations() {
+        let xml = r#"<?xml version="1.0"?><urlset><url><loc> https://www.example.com/a?x=1&amp;y=2 </loc></url>
+            <url><loc>https://www.example.com/b</loc></url></urlset>"#;
+        assert_eq!(
+            sitemap_locs(xml),
+            vec!["https://www.example.com/a?x=1&y=2", "https://www.example.com/b"]
+        );
+    }
+}
