@@ -121,11 +121,13 @@ impl Admin {
     /// JSON line per URL as it completes: `{"url":..,"result":"warmed|warm|failed",..}`.
     async fn prime(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let mut host = String::from("localhost");
+        let mut from: Option<String> = None;
         let mut concurrency = 8usize;
         let mut timeout = Duration::from_secs(30);
         for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
             match &*k {
                 "host" => host = v.into_owned(),
+                "from" if v.starts_with("http://") || v.starts_with("https://") => from = Some(v.into_owned()),
                 "concurrency" => concurrency = v.parse().unwrap_or(8).clamp(1, 64),
                 "timeout" => timeout = Duration::from_secs(v.parse().unwrap_or(30).clamp(1, 3600)),
                 _ => {}
@@ -150,9 +152,10 @@ impl Admin {
                 let Ok(permit) = limit.clone().acquire_owned().await else {
                     break;
                 };
-                let (proxy, host, tx) = (proxy.clone(), host.clone(), tx.clone());
+                let (proxy, host, tx, from) = (proxy.clone(), host.clone(), tx.clone(), from.clone());
                 tasks.spawn(async move {
-                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target)).await {
+                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target, from.as_deref())).await
+                    {
                         Ok(r) => r,
                         Err(_) => WarmResult::Failed(format!("timed out after {timeout:?}")),
                     };

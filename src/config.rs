@@ -441,7 +441,9 @@ impl Loader {
             let Some(suffix) = var.strip_prefix("SIDECACHE_") else {
                 continue;
             };
-            if suffix == "CONFIG" {
+            // Kubernetes service links: a Service named `sidecache` puts SIDECACHE_SERVICE_HOST,
+            // SIDECACHE_PORT_8080_TCP, ... into every container of the namespace.
+            if suffix == "CONFIG" || suffix.starts_with("SERVICE_") || suffix == "PORT" || suffix.starts_with("PORT_") {
                 continue;
             }
             let key = suffix.to_ascii_lowercase();
@@ -722,6 +724,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_size") && err.contains("SIDECACHE_MAX_SIZE"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_not_keys() {
+        let c = Loader::new(env(&[
+            ("SIDECACHE_SERVICE_HOST", "10.0.0.1"),
+            ("SIDECACHE_SERVICE_PORT", "80"),
+            ("SIDECACHE_PORT", "tcp://10.0.0.1:80"),
+            ("SIDECACHE_PORT_80_TCP_ADDR", "10.0.0.1"),
+        ]))
+        .load();
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

@@ -28,3 +28,11 @@ pub mod sidecar;
 pub mod size;
 pub mod supervise;
 pub mod upstream;
+
+/// A builder for outgoing HTTP(S) clients (prime, purge, fills from another source): rustls
+/// with the ring provider, system roots, no environment proxies. Installs the provider once.
+pub fn http_client() -> reqwest::ClientBuilder {
+    // Fails only when a provider is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy()
+}

@@ -84,9 +84,9 @@ enum Command {
 /// `sidecache prime` flags.
 #[derive(Args)]
 struct PrimeArgs {
-    /// The sidecar's admin address.
-    #[arg(long, default_value = "http://127.0.0.1:9090")]
-    target: String,
+    /// The sidecar's admin address [default: SIDECACHE_ADMIN_LISTEN, else 127.0.0.1:9090].
+    #[arg(long)]
+    target: Option<String>,
     /// Admin bearer token (also SIDECACHE_ADMIN_TOKEN).
     #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -108,6 +108,9 @@ struct PrimeArgs {
     /// URL prefix for --dir, or to override a manifest format's default.
     #[arg(long)]
     prefix: Option<String>,
+    /// Fill from this base URL (the CDN or bucket the build uploaded to) instead of the app.
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
     /// Objects the sidecar fetches at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -150,19 +153,24 @@ impl PrimeArgs {
     }
 }
 
+/// The admin port this instance's sidecar listens on, from the same environment it reads.
+fn default_admin_target() -> String {
+    let listen = std::env::var("SIDECACHE_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into());
+    let listen = listen.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
+    format!("http://{listen}")
+}
+
 async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
     let Some(input) = args.input() else {
         anyhow::bail!("prime needs one of --urls, --dir, --manifest or --sitemap");
     };
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let client = sidecache::http_client().timeout(Duration::from_secs(30)).build()?;
     let urls = prime::collect(&input, &client).await?;
     let opts = prime::Options {
-        target: args.target,
+        target: args.target.unwrap_or_else(default_admin_target),
         token: args.token,
         host: args.host,
+        from: args.from,
         concurrency: args.concurrency.clamp(1, 64),
         retries: args.retries,
         timeout: args.timeout,
@@ -192,8 +200,7 @@ async fn prime_in_background(proxy: std::sync::Arc<sidecache::proxy::Proxy>, fil
     } else {
         prime::Input::Urls(file.clone())
     };
-    let client = reqwest::Client::new();
-    let urls = match prime::collect(&input, &client).await {
+    let urls = match async { prime::collect(&input, &sidecache::http_client().build()?).await }.await {
         Ok(urls) => urls,
         Err(e) => {
             warn!(error = format!("{e:#}"), file = %file.display(), "priming skipped");
@@ -214,7 +221,7 @@ async fn prime_in_background(proxy: std::sync::Arc<sidecache::proxy::Proxy>, fil
         };
         let (proxy, host) = (proxy.clone(), host.clone());
         tasks.spawn(async move {
-            let result = proxy.warm(&host, &url).await;
+            let result = proxy.warm(&host, &url, None).await;
             drop(permit);
             (url, result)
         });
@@ -502,10 +509,7 @@ async fn wait_app(app: &mut Option<App>) -> std::io::Result<std::process::ExitSt
 }
 
 async fn purge(target: String, query: (&'static str, String), token: Option<String>) -> anyhow::Result<u8> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let client = sidecache::http_client().timeout(Duration::from_secs(30)).build()?;
     let encoded = form_urlencoded::Serializer::new(String::new())
         .append_pair(query.0, &query.1)
         .finish();

@@ -172,6 +172,8 @@ pub struct Options {
     pub token: Option<String>,
     /// The public Host the app is reached by (part of the cache key).
     pub host: Option<String>,
+    /// Fill from this base URL instead of the app.
+    pub from: Option<String>,
     /// Objects the sidecar fetches at once.
     pub concurrency: usize,
     /// Extra rounds for failed objects.
@@ -250,7 +252,7 @@ pub async fn collect(input: &Input, client: &reqwest::Client) -> anyhow::Result<
 /// Primes `urls` through the sidecar at `opts.target`, following progress.
 pub async fn run(urls: Vec<String>, opts: &Options) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    let client = reqwest::Client::builder().no_proxy().build()?;
+    let client = crate::http_client().build()?;
     if opts.host.is_none() && urls.iter().any(|u| u.starts_with('/')) {
         bail!("--host is required for paths: it is the Host your users reach the app by (part of the cache key)");
     }
@@ -314,11 +316,15 @@ async fn submit(
     progress: &Progress,
     last: bool,
 ) -> anyhow::Result<Vec<(String, String)>> {
-    let query = form_urlencoded::Serializer::new(String::new())
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query
         .append_pair("host", opts.host.as_deref().unwrap_or("localhost"))
         .append_pair("concurrency", &opts.concurrency.to_string())
-        .append_pair("timeout", &opts.timeout.as_secs().max(1).to_string())
-        .finish();
+        .append_pair("timeout", &opts.timeout.as_secs().max(1).to_string());
+    if let Some(from) = &opts.from {
+        query.append_pair("from", from);
+    }
+    let query = query.finish();
     let mut req = client
         .post(format!("{}/prime?{query}", opts.target.trim_end_matches('/')))
         .body(urls.join("\n"));

@@ -159,6 +159,8 @@ pub struct Proxy {
     pub upstream: Upstream,
     /// The disk cache.
     pub cache: Arc<Cache>,
+    /// Client for filling from other sources (`prime --from`): CDNs, buckets, over HTTPS.
+    pub sources: reqwest::Client,
     /// Configuration in force.
     pub config: Arc<Config>,
 }
@@ -210,9 +212,13 @@ impl Proxy {
     }
 
     /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
-    /// A fresh stored copy is not fetched again.
-    pub async fn warm(self: &Arc<Self>, host: &str, target: &str) -> WarmResult {
+    /// A fresh stored copy is not fetched again. With `from`, a miss is filled from that base
+    /// URL (a CDN or bucket holding the built assets) instead of the app.
+    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&str>) -> WarmResult {
         let mut req = Request::new(body::empty());
+        if let Some(from) = from {
+            req.extensions_mut().insert(FillFrom(from.into()));
+        }
         let Ok(uri) = target.parse::<http::Uri>() else {
             return WarmResult::Failed("not a URL or path".into());
         };
@@ -418,8 +424,21 @@ impl Proxy {
         }
         let req_headers = req.headers().clone();
         let request_time = SystemTime::now();
-        self.upstream.prepare(&mut req, client, None);
-        let resp = match self.upstream.send(req).await {
+        let sent = match req.extensions().get::<FillFrom>().cloned() {
+            Some(from) => {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_else(|| "/".into());
+                self.upstream.send_to(&self.sources, &from.0, &pq, &req_headers).await
+            }
+            None => {
+                self.upstream.prepare(&mut req, client, None);
+                self.upstream.send(req).await.map(|r| r.map(body::boxed))
+            }
+        };
+        let resp = match sent {
             Ok(resp) => resp,
             Err(err) => {
                 warn!(error = %err, "upstream request failed");
@@ -462,7 +481,6 @@ impl Proxy {
             permit.release(false);
             return answer;
         }
-        let body = body::boxed(body);
         let rule = rules::find(&self.config.rules, &path);
         if let Some(applied) = rules::apply(rule, self.config.fingerprinted_ttl, &path, &mut parts.headers) {
             debug!(rule = applied, "freshness from a static-asset rule");
@@ -625,6 +643,10 @@ impl Proxy {
         )
     }
 }
+
+/// Request extension: fill this request's miss from another base URL instead of the app.
+#[derive(Debug, Clone)]
+struct FillFrom(Arc<str>);
 
 /// What priming one URL did.
 #[derive(Debug, Clone, PartialEq, Eq)]

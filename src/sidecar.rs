@@ -30,9 +30,11 @@ impl Sidecar {
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
         let cache = Cache::open(config.clone());
+        let sources = crate::http_client().build().map_err(std::io::Error::other)?;
         let proxy = Arc::new(Proxy {
             upstream: Upstream::new(&config),
             cache: cache.clone(),
+            sources,
             config: config.clone(),
         });
         let admin_listener = TcpListener::bind(config.admin_listen).await?;

@@ -26,6 +26,16 @@ pub enum UpstreamError {
         /// The client error.
         source: hyper_util::client::legacy::Error,
     },
+    /// Another source (`prime --from`) failed.
+    #[error("source {url} failed: {message}")]
+    Source {
+        /// The URL asked.
+        url: String,
+        /// What went wrong.
+        message: String,
+        /// Whether it was a timeout.
+        timeout: bool,
+    },
     /// No response head within the timeout.
     #[error("app at {addr} sent no response within {timeout:?}")]
     Timeout {
@@ -42,6 +52,8 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable { source, .. } if is_connect_timeout(source) => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamError::Source { timeout: true, .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Source { .. } => StatusCode::BAD_GATEWAY,
             UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -52,6 +64,7 @@ impl UpstreamError {
             UpstreamError::Unreachable { source, .. } if is_connect_timeout(source) => "connect_timeout",
             UpstreamError::Unreachable { source, .. } if source.is_connect() => "connect",
             UpstreamError::Unreachable { .. } => "protocol",
+            UpstreamError::Source { .. } => "source",
             UpstreamError::Timeout { .. } => "timeout",
         }
     }
@@ -171,6 +184,46 @@ impl Upstream {
             Err(_) => UpstreamError::Timeout {
                 addr: self.addr.to_string(),
                 timeout: self.timeout,
+            },
+        };
+        metrics::counter!(m::UPSTREAM_ERRORS, "kind" => err.kind()).increment(1);
+        Err(err)
+    }
+
+    /// Sends a GET for `req`'s path and query to another base URL (a CDN or bucket), with the
+    /// request's validators, within the response-header timeout.
+    pub async fn send_to(
+        &self,
+        client: &reqwest::Client,
+        base: &str,
+        path_and_query: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let url = format!("{}{path_and_query}", base.trim_end_matches('/'));
+        let mut out = client.get(&url);
+        for name in [
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::ACCEPT_ENCODING,
+        ] {
+            if let Some(v) = headers.get(&name) {
+                out = out.header(name, v.clone());
+            }
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, out.send()).await;
+        metrics::histogram!(m::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
+        let err = match result {
+            Ok(Ok(resp)) => return Ok(http::Response::from(resp).map(body::boxed)),
+            Ok(Err(e)) => UpstreamError::Source {
+                url,
+                message: e.to_string(),
+                timeout: e.is_timeout(),
+            },
+            Err(_) => UpstreamError::Source {
+                url,
+                message: format!("no response within {:?}", self.timeout),
+                timeout: true,
             },
         };
         metrics::counter!(m::UPSTREAM_ERRORS, "kind" => err.kind()).increment(1);

@@ -283,3 +283,25 @@ async fn serve_prime_warms_in_the_background_without_a_hook() {
         assert_eq!(origin.hits(p), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_fills_from_another_source_not_the_app() {
+    let app = Origin::start().await;
+    let cdn = Origin::start().await;
+    serve_assets(&cdn, &["/cdn/app-1a2b3c4d.js", "/cdn/site-5e6f7a8b.css"]);
+    let sc = TestSidecar::start(&app.url()).await;
+    let run = prime(
+        &sc.admin_url(""),
+        &["--urls", "-", "--from", &cdn.url()],
+        Some("/cdn/app-1a2b3c4d.js\n/cdn/site-5e6f7a8b.css\n"),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for p in ["/cdn/app-1a2b3c4d.js", "/cdn/site-5e6f7a8b.css"] {
+        let resp = app_client().get(sc.url(p)).send().await.unwrap();
+        assert_eq!(resp.headers()["cache-status"], "sidecache; hit", "{p}");
+        assert_eq!(resp.text().await.unwrap(), format!("asset {p}"));
+        assert_eq!(cdn.hits(p), 1);
+        assert_eq!(app.hits(p), 0, "the app was never asked");
+    }
+}

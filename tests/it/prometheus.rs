@@ -139,7 +139,7 @@ async fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
         .spawn()
         .expect("start prometheus");
     let url = format!("http://127.0.0.1:{port}");
-    let c = reqwest::Client::new();
+    let c = sidecache::http_client().build().unwrap();
     let ready = eventually(Duration::from_secs(60), async || {
         c.get(format!("{url}/-/ready"))
             .send()
@@ -156,7 +156,9 @@ async fn query(prom: &Prometheus, promql: &str) -> Option<f64> {
     let encoded = form_urlencoded::Serializer::new(String::new())
         .append_pair("query", promql)
         .finish();
-    let resp = reqwest::Client::new()
+    let resp = sidecache::http_client()
+        .build()
+        .unwrap()
         .get(format!("{}/api/v1/query?{encoded}", prom.url))
         .send()
         .await
@@ -189,7 +191,7 @@ async fn a_real_prometheus_scrapes_exact_hit_and_miss_counts() {
     let mut bin = Binary::serve(&origin.url(), dir.path(), &[], &[("SIDECACHE_ACCESS_LOG", "false")]);
     let addr = bin.public_addr();
     let admin = bin.admin_addr();
-    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let c = sidecache::http_client().build().unwrap();
     assert!(
         eventually(Duration::from_secs(10), async || {
             c.get(format!("http://{admin}/readyz"))

@@ -52,11 +52,7 @@ async fn http2_prior_knowledge_clients_are_served() {
     let origin = Origin::start().await;
     origin.fixed("/a.css", &[("content-type", "text/css")], "body{}");
     let sc = TestSidecar::start(&origin.url()).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = sidecache::http_client().http2_prior_knowledge().build().unwrap();
     let resp = h2.get(sc.url("/a.css")).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
@@ -239,8 +235,7 @@ async fn a_gigabyte_each_way_passes_with_flat_memory() {
     let cache = tempfile::tempdir().unwrap();
     let mut bin = Binary::serve(&origin.url(), cache.path(), &[], &[("SIDECACHE_ACCESS_LOG", "false")]);
     let addr = bin.public_addr();
-    let c = reqwest::Client::builder()
-        .no_proxy()
+    let c = sidecache::http_client()
         .timeout(Duration::from_secs(600))
         .build()
         .unwrap();

@@ -96,8 +96,7 @@ impl TestSidecar {
 pub fn app_client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
-    reqwest::Client::builder()
-        .no_proxy()
+    sidecache::http_client()
         .default_headers(headers)
         .timeout(Duration::from_secs(60))
         .build()
@@ -106,8 +105,7 @@ pub fn app_client() -> reqwest::Client {
 
 /// A plain HTTP/1.1 client with no pooling surprises.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
+    sidecache::http_client()
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap()
