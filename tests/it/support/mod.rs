@@ -94,8 +94,13 @@ impl TestSidecar {
 /// A client that sends a fixed Host, as real clients of one app do: the sidecar's own port
 /// changes across restarts in the tests, and the cache key includes the Host.
 pub fn app_client() -> reqwest::Client {
+    app_client_for("app.example")
+}
+
+/// A client that always sends this Host.
+pub fn app_client_for(host: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
+    headers.insert("host", reqwest::header::HeaderValue::from_str(host).unwrap());
     sidecache::http_client()
         .default_headers(headers)
         .timeout(Duration::from_secs(60))
@@ -125,13 +130,16 @@ pub fn binary_path() -> PathBuf {
 impl Binary {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Binary {
         let mut cmd = Command::new(binary_path());
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .stdin(Stdio::null());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Binary::from_command(cmd)
+    }
+
+    /// Runs any command (e.g. a Procfile line through `sh -c`), its stdout read line by line.
+    pub fn from_command(mut cmd: Command) -> Binary {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
         let mut child = cmd.spawn().expect("spawn sidecache");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();

@@ -1,0 +1,259 @@
+//! The shipped deploy files, run as written: the Procfile's web command and the Boxfile's
+//! exec and hooks against a stand-in app, and the Kubernetes manifests against the API schema.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::prometheus::tool;
+use crate::support::{Binary, app_client_for, binary_path};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A stand-in for `bundle exec puma`: serves `public/` on $PORT with long-lived caching
+/// headers, and exits 42 on SIGTERM.
+const BUNDLE: &str = r#"#!/usr/bin/env python3
+import http.server, os, signal, sys, functools
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))
+class H(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def end_headers(self):
+        self.send_header("Cache-Control", "public, max-age=31536000")
+        super().end_headers()
+handler = functools.partial(H, directory="public")
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), handler).serve_forever()
+"#;
+
+const ASSETS: [&str; 3] = [
+    "/assets/index-4889e940.js",
+    "/assets/index-b82dbe22.css",
+    "/assets/logo-03d6d6da.svg",
+];
+
+/// An app checkout with a Vite manifest and its built assets, and a bin/ with `sidecache` and
+/// the stand-in `bundle`.
+fn stand_in_app() -> (tempfile::TempDir, PathBuf, String) {
+    let root = tempfile::tempdir().unwrap();
+    let app = root.path().join("app");
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(app.join("public/.vite")).unwrap();
+    std::fs::create_dir_all(app.join("public/assets")).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        app.join("public/.vite/manifest.json"),
+        r#"{"index.html": {"file": "assets/index-4889e940.js", "css": ["assets/index-b82dbe22.css"],
+            "assets": ["assets/logo-03d6d6da.svg"], "isEntry": true}}"#,
+    )
+    .unwrap();
+    for a in ASSETS {
+        std::fs::write(app.join("public").join(&a[1..]), format!("built {a}")).unwrap();
+    }
+    std::os::unix::fs::symlink(binary_path(), bin.join("sidecache")).unwrap();
+    std::fs::write(bin.join("bundle"), BUNDLE).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("bundle"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    (root, app, path)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn assert_warm(addr: std::net::SocketAddr, host: &str) {
+    let c = app_client_for(host);
+    for a in ASSETS {
+        let resp = c.get(format!("http://{addr}{a}")).send().await.unwrap();
+        assert_eq!(
+            resp.headers()["cache-status"],
+            "sidecache; hit",
+            "{a} was primed before any client asked"
+        );
+        assert_eq!(resp.text().await.unwrap(), format!("built {a}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn procfile_web_command_runs_as_written() {
+    let procfile = std::fs::read_to_string(repo("deploy/Procfile")).unwrap();
+    let web = procfile
+        .lines()
+        .find_map(|l| l.strip_prefix("web:"))
+        .expect("a web process")
+        .trim()
+        .to_owned();
+    let (_root, app, path) = stand_in_app();
+    // Heroku runs a process type with `bash -c`, which execs a single command.
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &web]).current_dir(&app).env("PATH", path);
+    // The platform's PORT, held to loopback for the test by SIDECACHE_LISTEN (which wins).
+    let port = free_port();
+    cmd.env("PORT", port.to_string())
+        .env("SIDECACHE_LISTEN", format!("127.0.0.1:{port}"));
+    cmd.env("SIDECACHE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("SIDECACHE_CACHE_DIR", app.join("tmp/cache"));
+    cmd.env("SIDECACHE_ACCESS_LOG", "false");
+    let mut bin = Binary::from_command(cmd);
+    let addr = bin.public_addr();
+    assert_eq!(addr.port(), port);
+    let primed = bin.wait_line("primed");
+    assert!(primed.contains("warmed=3") && primed.contains("failed=0"), "{primed}");
+    assert_warm(addr, "www.example.com").await;
+    bin.signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(30)));
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "SIGTERM reached the app; its status is the dyno's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boxfile_exec_and_deploy_hooks_run_as_written() {
+    let text = std::fs::read_to_string(repo("deploy/Boxfile")).unwrap();
+    let boxfile: serde_json::Value = serde_saphyr::from_str(&text).expect("Boxfile is YAML");
+    let web = &boxfile["web1"];
+    assert_eq!(web["nonpersistent_writable_dirs"][0], "tmp/sidecache");
+    let (_root, app, path) = stand_in_app();
+    let admin_port = free_port();
+    let env = [
+        ("PATH", path.clone()),
+        ("SIDECACHE_LISTEN", "127.0.0.1:0".to_owned()),
+        ("SIDECACHE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+        ("SIDECACHE_ACCESS_LOG", "false".to_owned()),
+    ];
+    for cmd in web["before_deploy_all"].as_array().unwrap() {
+        run_hook(cmd.as_str().unwrap(), &app, &env);
+    }
+    let mut exec = Command::new("sh");
+    exec.args(["-c", web["exec"].as_str().unwrap()])
+        .current_dir(&app)
+        .envs(env.iter().cloned());
+    let mut bin = Binary::from_command(exec);
+    let addr = bin.public_addr();
+    let after: Vec<String> = web["after_deploy_all"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    let (hook_app, hook_env) = (app.clone(), env.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        after
+            .iter()
+            .map(|c| run_hook(c, &hook_app, &hook_env))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let out = out.await.unwrap();
+    assert!(out.contains("3 warmed"), "{out}");
+    assert!(
+        app.join("tmp/sidecache/objects-v1").is_dir(),
+        "the cache lives in the nonpersistent dir"
+    );
+    assert_warm(addr, "www.example.com").await;
+}
+
+/// Runs a deploy-hook command as the platform would (through a shell, in the app's folder).
+fn run_hook(cmd: &str, app: &Path, env: &[(&str, String)]) -> String {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .current_dir(app)
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{cmd}: {stdout}{stderr}");
+    stdout.into_owned()
+}
+
+#[test]
+fn kubernetes_manifests_pass_schema_validation() {
+    let validator = kubernetes_validate();
+    let files = [
+        "deploy/k8s/deployment.yaml",
+        "deploy/k8s/service.yaml",
+        "deploy/k8s/secret.yaml",
+    ];
+    let out = Command::new(&validator[0])
+        .args(&validator[1..])
+        .args(["--strict", "-k", "1.30"])
+        .args(files)
+        .current_dir(repo(""))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    // The validator only warns on kinds it has no schema for: require a pass per file.
+    for f in files {
+        assert!(
+            text.lines().any(|l| l.contains(f) && l.contains("passed")),
+            "{f} not validated:\n{text}"
+        );
+    }
+    assert!(!text.contains("WARN") && !text.contains("ERROR"), "{text}");
+}
+
+/// `kubernetes-validate` (PyPI; bundles the Kubernetes JSON schemas, works offline).
+fn kubernetes_validate() -> Vec<String> {
+    let probe = Command::new("python3")
+        .args(["-c", "import kubernetes_validate"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        let _ = tool("python3", "python3");
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "kubernetes-validate==1.37.0"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "pip install kubernetes-validate failed");
+    }
+    vec!["python3".into(), "-m".into(), "kubernetes_validate".into()]
+}
+
+#[test]
+fn systemd_unit_and_k8s_env_pass_check_config() {
+    // Every SIDECACHE_* the shipped files set is a key sidecache accepts.
+    let unit = std::fs::read_to_string(repo("deploy/systemd/sidecache.service")).unwrap();
+    let deployment = std::fs::read_to_string(repo("deploy/k8s/deployment.yaml")).unwrap();
+    let mut env: Vec<(String, String)> = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Environment="))
+        .filter_map(|kv| kv.trim_matches('"').split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&deployment).unwrap();
+    for c in docs[0]["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+        for e in c["env"].as_array().into_iter().flatten() {
+            if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str())
+                && k.starts_with("SIDECACHE_")
+            {
+                env.push((k.to_owned(), v.to_owned()));
+            }
+        }
+    }
+    assert!(env.len() >= 4, "{env:?}");
+    let out = Command::new(binary_path())
+        .arg("check-config")
+        .env_clear()
+        .envs(env.clone())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{env:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
