@@ -170,7 +170,8 @@ impl Proxy {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
-        let path_for_log = req.uri().path().to_owned();
+        // Only the path (never the query) is logged, and only when logging is on.
+        let path_for_log = self.config.access_log.then(|| req.uri().path().to_owned());
         let version = req.version();
 
         let answer = self.route(req, client).await;
@@ -191,7 +192,7 @@ impl Proxy {
             info!(
                 target: "sidecache::access",
                 method = %method,
-                path = %path_for_log,
+                path = path_for_log.as_deref().unwrap_or(""),
                 version = ?version,
                 status = response.status().as_u16(),
                 outcome = outcome.as_str(),
@@ -239,6 +240,13 @@ impl Proxy {
         };
         req.headers_mut()
             .insert(header::USER_AGENT, HeaderValue::from_static("sidecache-prime"));
+        // Key it like the traffic it prepares for: behind a TLS-terminating router the
+        // forwarded scheme is part of every key (see `scheme`).
+        if self.config.trust_forwarded {
+            let https = uri.scheme_str().is_none_or(|s| s == "https");
+            let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+            req.headers_mut().insert("x-forwarded-proto", proto);
+        }
         let answer = self.serve(req, SocketAddr::from(([127, 0, 0, 1], 0))).await;
         let status = answer.response.status();
         let (outcome, stored) = (answer.outcome, answer.stored);

@@ -305,3 +305,21 @@ async fn from_fills_from_another_source_not_the_app() {
         assert_eq!(app.hits(p), 0, "the app was never asked");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_tls_router_priming_keys_like_https_traffic() {
+    let origin = Origin::start().await;
+    serve_assets(&origin, &["/tls.js"]);
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.trust_forwarded = true).await;
+    let run = prime(&sc.admin_url(""), &["--urls", "-"], Some("/tls.js\n")).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // Real traffic arrives from the router with X-Forwarded-Proto: https.
+    let resp = app_client()
+        .get(sc.url("/tls.js"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["cache-status"], "sidecache; hit");
+    assert_eq!(origin.hits("/tls.js"), 1);
+}
