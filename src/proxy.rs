@@ -206,6 +206,15 @@ impl Proxy {
     }
 
     async fn route(self: &Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Answer {
+        // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; ambiguity here is how
+        // routing and cache keys get confused.
+        if req.version() == http::Version::HTTP_11 && req.headers().get_all(header::HOST).iter().count() != 1 {
+            let response = error_response(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: exactly one Host header is required\n",
+            );
+            return Answer::new(response, Outcome::Bypass, Some(Fwd::Bypass));
+        }
         if is_upgrade(&req) {
             return self.tunnel(req, client).await;
         }

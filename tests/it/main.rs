@@ -5,6 +5,7 @@ mod support;
 mod cache;
 mod cli;
 mod deploy;
+mod hostile;
 mod prime;
 mod prometheus;
 mod proxy;
