@@ -131,7 +131,9 @@ async fn boxfile_exec_and_deploy_hooks_run_as_written() {
     for cmd in web["before_deploy_all"].as_array().unwrap() {
         run_hook(cmd.as_str().unwrap(), &app, &env);
     }
-    let mut exec = Command::new("sh");
+    // Through bash, which execs a single command: the harness then owns sidecache itself
+    // (and sidecache's app dies with it), so nothing outlives the test.
+    let mut exec = Command::new("bash");
     exec.args(["-c", web["exec"].as_str().unwrap()])
         .current_dir(&app)
         .envs(env.iter().cloned());
