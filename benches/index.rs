@@ -23,6 +23,7 @@ fn entry(i: u64) -> Entry {
         body_gen: i,
         body_len: 20_000,
         verified: true,
+        body_mtime: 0,
     }
 }
 

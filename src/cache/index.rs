@@ -30,6 +30,9 @@ pub struct Entry {
     pub body_len: u64,
     /// The body's hash has been checked since this process started.
     pub verified: bool,
+    /// The body file's modification time (ns) when it was written or last checked: bodies are
+    /// never written after their rename, so a different one means someone else changed it.
+    pub body_mtime: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,12 +119,13 @@ impl Index {
         self.entries.peek(key)
     }
 
-    /// Records that an entry's body hash was checked.
-    pub fn mark_verified(&mut self, key: &KeyHash, meta_gen: u64) {
+    /// Records that an entry's body hash was checked, with the file's modification time then.
+    pub fn mark_verified(&mut self, key: &KeyHash, meta_gen: u64, body_mtime: u64) {
         if let Some(e) = self.entries.peek_mut(key)
             && e.meta_gen == meta_gen
         {
             e.verified = true;
+            e.body_mtime = body_mtime;
         }
     }
 
@@ -303,6 +307,7 @@ mod tests {
             body_gen: generation,
             body_len: len,
             verified: true,
+            body_mtime: 0,
         };
         ix.insert(kh(key), entry, 0)
     }
@@ -351,6 +356,7 @@ mod tests {
             body_gen: generation,
             body_len: 50,
             verified: true,
+            body_mtime: 0,
         };
         let old = ix.insert(kh(1), e, 0).unwrap();
         assert_eq!(old.meta, (kh(1), 1));
@@ -377,6 +383,7 @@ mod tests {
             body_gen: 1,
             body_len: 590,
             verified: true,
+            body_mtime: 0,
         };
         ix.insert(kh(1), e, 10);
         assert_eq!((ix.used(), ix.reserved(), ix.usage()), (600, 0, 600));
@@ -393,6 +400,7 @@ mod tests {
             body_gen: meta_gen,
             body_len: 100,
             verified: false,
+            body_mtime: 0,
         };
         ix.add_unindexed(330);
         assert!(ix.insert_scanned(kh(1), e(5, 1)).is_none());

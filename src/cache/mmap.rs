@@ -12,10 +12,22 @@ use std::path::Path;
 
 use bytes::Bytes;
 
-/// Maps `len` bytes of `file` read-only and returns them as [`Bytes`] that own the mapping.
-/// Bodies under `min_mmap` bytes are read instead: a mapping costs more than a copy there.
-pub fn map_body(file: &File, len: u64, min_mmap: u64) -> std::io::Result<Bytes> {
-    let actual = file.metadata()?.len();
+/// A file's modification time in nanoseconds since the epoch (0 when unknown).
+pub fn mtime_ns(md: &std::fs::Metadata) -> u64 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Maps `len` bytes of `file` read-only and returns them as [`Bytes`] that own the mapping,
+/// with the file's modification time. Bodies under `min_mmap` bytes are read instead: a
+/// mapping costs more than a copy there.
+pub fn map_body(file: &File, len: u64, min_mmap: u64) -> std::io::Result<(Bytes, u64)> {
+    let md = file.metadata()?;
+    let mtime = mtime_ns(&md);
+    let actual = md.len();
     if actual != len {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -23,16 +35,16 @@ pub fn map_body(file: &File, len: u64, min_mmap: u64) -> std::io::Result<Bytes> 
         ));
     }
     if len == 0 {
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), mtime));
     }
     if len < min_mmap {
         let mut buf = vec![0u8; len as usize];
         std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0)?;
-        return Ok(Bytes::from(buf));
+        return Ok((Bytes::from(buf), mtime));
     }
     // SAFETY: see the module contract: the file is immutable after rename and only unlinked.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
-    Ok(Bytes::from_owner(map))
+    Ok((Bytes::from_owner(map), mtime))
 }
 
 /// Free bytes available to unprivileged writers, and the filesystem's total size.

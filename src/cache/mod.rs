@@ -247,13 +247,13 @@ impl Cache {
                 body: obj.body.clone(),
             });
         }
-        let (meta_gen, digest, body_gen, body_len, verified) = {
+        let (meta_gen, digest, body_gen, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
             if &*e.key != key.as_str() {
                 return None;
             }
-            (e.meta_gen, e.digest, e.body_gen, e.body_len, e.verified)
+            (e.meta_gen, e.digest, e.body_gen, e.body_len, e.verified, e.body_mtime)
         };
         let meta = match self
             .metas
@@ -284,25 +284,29 @@ impl Cache {
             }
         };
         let path = store.body_path(&digest, body_gen);
-        let opened = tokio::task::spawn_blocking(move || -> Result<(Bytes, bool), StoreError> {
+        let opened = tokio::task::spawn_blocking(move || -> Result<(Bytes, bool, Option<u64>), StoreError> {
             let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
                 op: "open",
                 path: path.clone(),
                 source,
             })?;
-            let body = mmap::map_body(&file, body_len, MIN_MMAP).map_err(|source| StoreError::Io {
+            let (body, mtime) = mmap::map_body(&file, body_len, MIN_MMAP).map_err(|source| StoreError::Io {
                 op: "map",
                 path: path.clone(),
                 source,
             })?;
-            // Objects from before a restart are hashed once before they are first served.
-            let ok = verified || Digest::from(blake3::hash(&body)) == digest;
-            Ok((body, ok))
+            // Hashed before it is served when it is from before a restart, or when its file
+            // changed since it was written or checked (bodies are never rewritten in place).
+            if verified && mtime == known_mtime {
+                return Ok((body, true, None));
+            }
+            let ok = Digest::from(blake3::hash(&body)) == digest;
+            Ok((body, ok, Some(mtime)))
         })
         .await;
-        let body = match opened {
-            Ok(Ok((body, true))) => body,
-            Ok(Ok((_, false))) => {
+        let (body, checked) = match opened {
+            Ok(Ok((body, true, checked))) => (body, checked),
+            Ok(Ok((_, false, _))) => {
                 self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
                 return None;
             }
@@ -313,8 +317,8 @@ impl Cache {
             }
             Err(_) => return None,
         };
-        if !verified {
-            self.lock_index().mark_verified(&hash, meta_gen);
+        if let Some(mtime) = checked {
+            self.lock_index().mark_verified(&hash, meta_gen, mtime);
         }
         if let Some(hot) = &self.hot
             && body_len <= self.config.memory_object_max
@@ -593,16 +597,21 @@ impl Cache {
         let meta_len = record.len() as u64;
         let digest = meta.digest;
         let blocking_store = store.clone();
-        let written = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+        let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
             if new_body {
                 blocking_store.commit_body(&tmp, &digest, body_gen)?;
             } else {
                 let _ = std::fs::remove_file(&tmp);
             }
-            blocking_store.write_meta(&hash, meta_gen, &record)
+            blocking_store.write_meta(&hash, meta_gen, &record)?;
+            Ok(blocking_store.body_mtime(&digest, body_gen))
         })
         .await;
-        if !matches!(written, Ok(Ok(()))) {
+        let body_mtime = match &written {
+            Ok(Ok(mtime)) => *mtime,
+            _ => 0,
+        };
+        if !matches!(written, Ok(Ok(_))) {
             if let Ok(Err(e)) = &written {
                 self.storage_error(e);
             }
@@ -627,6 +636,7 @@ impl Cache {
             body_gen,
             body_len: len,
             verified: true,
+            body_mtime,
         };
         let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
         self.remember_vary(&meta);
@@ -773,8 +783,18 @@ impl Cache {
         let meta_gen = store.next_gen();
         let record = meta.encode();
         let blocking_store = store.clone();
-        let written = tokio::task::spawn_blocking(move || blocking_store.write_meta(&hash, meta_gen, &record)).await;
-        if !matches!(written, Ok(Ok(()))) {
+        let (digest, body_gen) = (meta.digest, meta.body_gen);
+        let written = tokio::task::spawn_blocking(move || {
+            blocking_store
+                .write_meta(&hash, meta_gen, &record)
+                .map(|()| blocking_store.body_mtime(&digest, body_gen))
+        })
+        .await;
+        let body_mtime = match &written {
+            Ok(Ok(mtime)) => *mtime,
+            _ => 0,
+        };
+        if !matches!(written, Ok(Ok(_))) {
             if let Ok(Err(e)) = &written {
                 self.storage_error(e);
             }
@@ -791,6 +811,7 @@ impl Cache {
             body_gen: meta.body_gen,
             body_len: meta.body_len,
             verified: true,
+            body_mtime,
         };
         let removed = self.lock_index().insert(hash, entry, record_len);
         self.forget(&hash);
@@ -886,6 +907,7 @@ impl Cache {
                 body_gen: meta.body_gen,
                 body_len: meta.body_len,
                 verified: false,
+                body_mtime: 0,
             };
             self.remember_vary(&meta);
             let removed = self.lock_index().insert_scanned(found.id, entry);

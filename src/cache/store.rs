@@ -226,6 +226,13 @@ impl Store {
         read_meta_file(&self.meta_path(key, generation))
     }
 
+    /// A body version's modification time (ns; 0 when it cannot be read).
+    pub fn body_mtime(&self, digest: &Digest, generation: u64) -> u64 {
+        fs::metadata(self.body_path(digest, generation))
+            .map(|md| crate::cache::mmap::mtime_ns(&md))
+            .unwrap_or(0)
+    }
+
     /// Opens a body version for reading.
     pub fn open_body(&self, digest: &Digest, generation: u64) -> Result<File, StoreError> {
         let path = self.body_path(digest, generation);

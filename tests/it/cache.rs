@@ -727,3 +727,33 @@ async fn an_object_removed_while_a_client_reads_it_is_delivered_whole() {
     }
     assert!(ok && n == len, "the reader got every byte, unchanged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_modified_in_place_while_running_is_detected_and_refetched() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/m.js",
+        Behaviour::Generated {
+            len: 300_000,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.memory_size = 0).await;
+    get(&sc.url("/m.js")).await;
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert_eq!(get(&sc.url("/m.js")).await.1, "sidecache; hit");
+    // Someone rewrites the stored body in place: same length, other bytes.
+    let bodies = files_under(&sc.dir.path().join("cache/objects-v1/body"));
+    assert_eq!(bodies.len(), 1);
+    let f = std::fs::OpenOptions::new().write(true).open(&bodies[0]).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1000], 100_000).unwrap();
+    drop(f);
+    let (status, cs, body) = get(&sc.url("/m.js")).await;
+    assert_eq!(status, 200);
+    assert!(cs.contains("fwd=uri-miss"), "{cs}");
+    assert!(
+        body.len() == 300_000 && matches_pattern(0, &body),
+        "never the modified bytes"
+    );
+    assert_eq!(origin.hits("/m.js"), 2);
+}
