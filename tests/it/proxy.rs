@@ -277,3 +277,49 @@ async fn a_gigabyte_each_way_passes_with_flat_memory() {
     let peak = bin.peak_rss_kib();
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB after 2 GiB through the proxy");
 }
+
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    origin.fixed("/x", &[], "x");
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.idle_timeout = Duration::from_millis(500)).await;
+    let mut s = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Keep-alive, then nothing: the sidecar closes the connection (EOF), bounded.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start().await;
+    origin.fixed("/x", &[], "x");
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.max_connections = 1).await;
+    let mut first = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    first.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut first).await.starts_with("HTTP/1.1 200"));
+    // The only slot is held by `first` (keep-alive): a second connection is not served...
+    let mut second = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    second.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(500), read_response(&mut second)).await;
+    assert!(waited.is_err(), "served beyond the connection limit");
+    // ...until the first goes away.
+    drop(first);
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_response(&mut second))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
