@@ -18,6 +18,8 @@ const MAGIC: &[u8; 8] = b"SCMETA01";
 const CHECKSUM_LEN: usize = 16;
 /// Upper bound on a record, so a corrupt length can never make us allocate wildly.
 pub const MAX_RECORD: usize = 1 << 20;
+/// Upper bound on stored header fields.
+const MAX_HEADERS: usize = 4096;
 
 /// A stored response's metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +137,11 @@ impl Meta {
         let body_gen = r.u64("body_gen")?;
         let key = String::from_utf8(r.bytes("key")?.to_vec()).map_err(|_| DecodeError::Field("key"))?;
         let n = r.u16("header count")?;
+        // A header map holds at most 32,768 fields (and no response needs a fraction of that):
+        // a larger count is corruption, not a reason to panic (found by fuzzing).
+        if n as usize > MAX_HEADERS {
+            return Err(DecodeError::Field("header count"));
+        }
         let mut headers = HeaderMap::with_capacity(n as usize);
         for _ in 0..n {
             let name =
@@ -271,6 +278,24 @@ mod tests {
             b[i] ^= 0x10;
             assert!(Meta::decode(&b).is_err(), "flip at {i}");
         }
+    }
+
+    #[test]
+    fn an_absurd_header_count_is_an_error_not_a_panic() {
+        // A checksummed record whose payload claims 40,000 header fields.
+        let mut p = Vec::new();
+        p.extend_from_slice(&200u16.to_be_bytes());
+        p.extend_from_slice(&[0u8; 8 * 3]);
+        p.extend_from_slice(&[0u8; 32]);
+        p.extend_from_slice(&[0u8; 8]);
+        put_bytes(&mut p, b"http://h/");
+        p.extend_from_slice(&40_000u16.to_be_bytes());
+        let mut rec = MAGIC.to_vec();
+        rec.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        rec.extend_from_slice(&p);
+        let sum = blake3::hash(&rec);
+        rec.extend_from_slice(&sum.as_bytes()[..CHECKSUM_LEN]);
+        assert_eq!(Meta::decode(&rec), Err(DecodeError::Field("header count")));
     }
 
     #[test]

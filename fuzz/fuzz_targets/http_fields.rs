@@ -1,0 +1,30 @@
+//! Cache-Control, Range/If-Range, conditional and Vary parsing over arbitrary header values:
+//! never a panic, and a partial range always lies inside the body.
+#![no_main]
+use http::{HeaderMap, HeaderName, HeaderValue};
+use libfuzzer_sys::fuzz_target;
+use sidecache::policy::{self, CacheControl, RangeAnswer};
+
+const NAMES: [&str; 9] = [
+    "cache-control", "range", "if-range", "if-none-match", "if-modified-since", "etag",
+    "last-modified", "accept-encoding", "sidecache-cache-control",
+];
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&len_byte, rest)) = data.split_first() else { return };
+    let mut headers = HeaderMap::new();
+    for (i, part) in rest.split(|b| *b == b'\n').enumerate() {
+        if let Ok(v) = HeaderValue::from_bytes(part) {
+            headers.append(HeaderName::from_static(NAMES[i % NAMES.len()]), v);
+        }
+    }
+    let _ = CacheControl::parse(&headers);
+    let _ = policy::response_directives(&headers);
+    let _ = policy::answers_not_modified(&headers, &headers);
+    let _ = sidecache::cache::key::normalize_vary(&http::header::ACCEPT_ENCODING, &headers);
+    let len = u64::from(len_byte) * 97;
+    match policy::range(&headers, &headers, len) {
+        RangeAnswer::Partial(start, end) => assert!(start <= end && end < len, "{start}-{end} of {len}"),
+        RangeAnswer::Full | RangeAnswer::Unsatisfiable => {}
+    }
+});
