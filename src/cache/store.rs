@@ -107,12 +107,13 @@ impl Store {
         for sub in ["tmp", "meta", "body"] {
             fs::create_dir_all(objects.join(sub)).map_err(prepare)?;
         }
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join("lock"))
-            .map_err(prepare)?;
+        // Held read-only (flock does not need write access): no descriptor keeps the
+        // filesystem from being remounted read-only underneath a running sidecar.
+        let lock_path = root.join("lock");
+        if !lock_path.exists() {
+            File::create(&lock_path).map_err(prepare)?;
+        }
+        let lock = File::open(&lock_path).map_err(prepare)?;
         if !try_lock(&lock) {
             return Err(StoreError::Locked { path: root.to_owned() });
         }
@@ -328,4 +329,29 @@ fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
 
 fn try_lock(file: &File) -> bool {
     file.try_lock().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_directory_serves_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
+        drop(first);
+        assert!(Store::open(dir.path()).is_ok(), "the lock goes with its holder");
+    }
+
+    #[test]
+    fn startup_sweeps_half_written_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (_, tmp) = store.create_tmp_body(store.next_gen()).unwrap();
+        drop(store);
+        assert!(tmp.exists());
+        let _store = Store::open(dir.path()).unwrap();
+        assert!(!tmp.exists());
+    }
 }

@@ -757,3 +757,47 @@ async fn an_object_modified_in_place_while_running_is_detected_and_refetched() {
     );
     assert_eq!(origin.hits("/m.js"), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_disk_keeps_serving_and_caching_resumes_when_writable() {
+    let fs = Tmpfs::mount("16m");
+    let origin = Origin::start().await;
+    for i in 0..4 {
+        origin.fixed(&format!("/ro/{i}.js"), CACHEABLE, pattern_chunk(i * 7919, 50_000));
+    }
+    let cache_dir = fs.0.path().join("cache");
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.cache_dir = cache_dir.clone();
+        c.memory_size = 0;
+    })
+    .await;
+    get(&sc.url("/ro/0.js")).await;
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    let remount = |mode: &str| {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}"), fs.0.path().to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {mode}");
+    };
+    remount("ro");
+    // What is stored is still served; new objects come from the app, whole, never a 5xx.
+    assert_eq!(get(&sc.url("/ro/0.js")).await.1, "sidecache; hit");
+    for round in 1..=2u64 {
+        let (status, cs, body) = get(&sc.url("/ro/1.js")).await;
+        assert_eq!(status, 200, "never a 5xx because the disk is read-only");
+        assert!(!cs.contains("hit"), "{cs}");
+        assert!(matches_pattern(7919, &body) && body.len() == 50_000);
+        assert_eq!(origin.hits("/ro/1.js"), round);
+    }
+    remount("rw");
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            get(&sc.url("/ro/2.js")).await;
+            get(&sc.url("/ro/2.js")).await.1 == "sidecache; hit"
+        })
+        .await,
+        "caching resumed once the disk was writable again"
+    );
+}
