@@ -276,3 +276,25 @@ async fn prime_is_refused_without_the_admin_token() {
     // Metrics and health stay open for probes and scrapers.
     assert_eq!(c.get(sc.admin_url("/metrics")).send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn an_app_answering_garbage_gets_a_502_and_nothing_is_stored() {
+    // A raw TCP "app" that answers every connection with bytes that are not HTTP.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"\x00\xffNOT HTTP AT ALL\r\n\r\n garbage garbage").await;
+            });
+        }
+    });
+    let sc = TestSidecar::start(&format!("http://{app}")).await;
+    for _ in 0..3 {
+        let resp = app_client().get(sc.url("/asset.js")).send().await.unwrap();
+        assert_eq!(resp.status(), 502);
+    }
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0);
+}
