@@ -144,7 +144,8 @@ pub struct Cache {
     accounted: AtomicBool,
     /// Set once the startup rebuild is complete.
     loaded: AtomicBool,
-    budget: Mutex<(u64, Instant)>,
+    /// The budget in force and when it was computed (`None`: not yet).
+    budget: Mutex<(u64, Option<Instant>)>,
 }
 
 /// A hot-tier object: the metadata and the whole body in memory.
@@ -170,7 +171,7 @@ impl Cache {
             })
             .build();
         let cache = Arc::new(Cache {
-            budget: Mutex::new((config.max_size, Instant::now() - Duration::from_secs(60))),
+            budget: Mutex::new((config.max_size, None)),
             config,
             store: OnceLock::new(),
             index: Mutex::new(Index::new()),
@@ -435,9 +436,9 @@ impl Cache {
     /// `min_free` (checked at most once a second).
     pub fn budget(&self) -> u64 {
         let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        if b.1.elapsed() >= Duration::from_secs(1) {
+        if b.1.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             b.0 = self.compute_budget();
-            b.1 = Instant::now();
+            b.1 = Some(Instant::now());
             metrics::gauge!(m::CACHE_BUDGET).set(b.0 as f64);
         }
         b.0
