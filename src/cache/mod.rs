@@ -264,24 +264,16 @@ impl Cache {
             Some(meta) => meta,
             None => {
                 let path = store.meta_path(&hash, meta_gen);
-                match tokio::task::spawn_blocking(move || store::read_meta_file(&path)).await {
-                    Ok(Ok(meta)) if meta.key == *key && meta.digest == digest && meta.body_len == body_len => {
-                        let meta = Arc::new(meta);
-                        self.metas.insert(hash, meta.clone());
-                        meta
-                    }
-                    Ok(Ok(_)) => {
-                        self.drop_corrupt(&hash, meta_gen, "meta record does not match the index")
-                            .await;
-                        return None;
-                    }
-                    Ok(Err(e)) => {
-                        self.storage_error(&e);
-                        self.drop_entry(&hash, meta_gen).await;
-                        return None;
-                    }
-                    Err(_) => return None,
+                let read = tokio::task::spawn_blocking(move || store::read_meta_file(&path)).await;
+                let meta = self.or_drop(read, &hash, meta_gen).await?;
+                if meta.key != *key || meta.digest != digest || meta.body_len != body_len {
+                    self.drop_corrupt(&hash, meta_gen, "meta record does not match the index")
+                        .await;
+                    return None;
                 }
+                let meta = Arc::new(meta);
+                self.metas.insert(hash, meta.clone());
+                meta
             }
         };
         let path = store.body_path(&digest, body_gen);
@@ -305,19 +297,11 @@ impl Cache {
             Ok((body, ok, Some(mtime)))
         })
         .await;
-        let (body, checked) = match opened {
-            Ok(Ok((body, true, checked))) => (body, checked),
-            Ok(Ok((_, false, _))) => {
-                self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
-                return None;
-            }
-            Ok(Err(e)) => {
-                self.storage_error(&e);
-                self.drop_entry(&hash, meta_gen).await;
-                return None;
-            }
-            Err(_) => return None,
-        };
+        let (body, intact, checked) = self.or_drop(opened, &hash, meta_gen).await?;
+        if !intact {
+            self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
+            return None;
+        }
         if let Some(mtime) = checked {
             self.lock_index().mark_verified(&hash, meta_gen, mtime);
         }
@@ -333,6 +317,25 @@ impl Cache {
             );
         }
         Some(Hit { meta, body })
+    }
+
+    /// The value of a blocking storage step of a lookup; a storage error drops the entry (the
+    /// request then goes to the app) and reads as `None`.
+    async fn or_drop<T>(
+        &self,
+        result: Result<Result<T, StoreError>, tokio::task::JoinError>,
+        hash: &KeyHash,
+        meta_gen: u64,
+    ) -> Option<T> {
+        match result {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                self.storage_error(&e);
+                self.drop_entry(hash, meta_gen).await;
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     fn storage_error(&self, e: &StoreError) {
