@@ -1,6 +1,6 @@
 //! Startup with a warm cache directory: writes N objects (default 100,000) through the store,
 //! then times a fresh `Cache::open` until the index is rebuilt, and reports the process's
-//! resident memory. Run: `cargo bench --bench rebuild [-- N]`.
+//! resident memory. Run: `cargo bench --bench rebuild [-- N] [--dir PATH]`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -21,9 +21,15 @@ fn rss_kib(field: &str) -> u64 {
 }
 
 fn main() {
-    let n: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let cache_dir = dir.path().join("cache");
+    // `--dir PATH` writes the objects there and keeps them (the load benchmark then times the
+    // real binary starting on them).
+    let cache_dir = match args.iter().position(|a| a == "--dir") {
+        Some(i) => std::path::PathBuf::from(args.get(i + 1).expect("--dir PATH")),
+        None => dir.path().join("cache"),
+    };
 
     let started = Instant::now();
     {

@@ -1,0 +1,557 @@
+#!/usr/bin/env python3
+"""The load benchmark: sidecache side by side with nginx proxy_cache and nginx serving the same
+files from disk, driven by wrk, in one run on this machine.
+
+    python3 benches/load/run.py [--reps 3] [--duration 10] [--only hot,mixed,cold,herd,churn,startup]
+
+Starts (all on 127.0.0.1, ports picked by the kernel): the origin (loadtool origin), sidecache
+(release build, default settings), nginx proxy_cache (configured as below), nginx serving files
+directly. Each measured run is repeated --reps times, targets interleaved, and the median is
+reported. Needs nginx and wrk (installed with apt-get when missing and running as root).
+Prints a markdown table (paste it into BENCHMARKS.md) and the targets' verdicts.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIDECACHE = os.path.join(ROOT, "target", "release", "sidecache")
+LOADTOOL = os.path.join(ROOT, "target", "release", "examples", "loadtool")
+CLK = os.sysconf("SC_CLK_TCK")
+MIXED_OBJECTS = 20000
+CHURN_OBJECTS = 30000
+STARTUP_OBJECTS = 100000
+
+
+def mixed_size(i):
+    return 1024 * (1 + (i * 7919) % 48)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, what, limit=60.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    sys.exit(f"timed out waiting for {what}")
+
+
+def http_get(url, timeout=30):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def ensure_tools():
+    missing = [p for p, tool in (("nginx-light", "nginx"), ("wrk", "wrk")) if not shutil.which(tool)]
+    if missing:
+        if os.geteuid() != 0:
+            sys.exit(f"install {' '.join(missing)} (apt-get install -y {' '.join(missing)})")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def versions():
+    def out(cmd):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            return (p.stdout + p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": f"{os.cpu_count()} x {cpu}",
+        "kernel": os.uname().release,
+        "nginx": out(["nginx", "-v"]),
+        "wrk": out(["wrk", "-v"]),
+        "rustc": out(["rustc", "-V"]),
+        "sidecache": subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
+                                    capture_output=True, text=True).stdout.strip(),
+    }
+
+
+class Proc:
+    """A server under test: its processes, for CPU time and peak memory."""
+
+    def __init__(self, name, port, popen):
+        self.name, self.port, self.popen = name, port, popen
+
+    def pids(self):
+        pids = [self.popen.pid]
+        try:
+            with open(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+        return pids
+
+    def cpu_seconds(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except OSError:
+                pass
+        return total / CLK
+
+    def reset_peak(self):
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+
+    def peak_rss_mib(self):
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self):
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+NGINX_CONF = """
+user root;
+worker_processes 2;
+pid {work}/{name}.pid;
+error_log {work}/{name}.err warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    open_file_cache max=50000 inactive=60s;
+    client_body_temp_path {work}/{name}-tmp/body;
+    proxy_temp_path {work}/{name}-tmp/proxy;
+    fastcgi_temp_path {work}/{name}-tmp/fastcgi;
+    uwsgi_temp_path {work}/{name}-tmp/uwsgi;
+    scgi_temp_path {work}/{name}-tmp/scgi;
+    {body}
+}}
+"""
+
+NGINX_CACHE = """
+    proxy_cache_path {work}/{name}-cache levels=1:2 keys_zone=assets:64m max_size={budget}
+                     inactive=7d use_temp_path=off;
+    upstream app {{
+        server 127.0.0.1:{origin};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache assets;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 60s;
+            proxy_cache_lock_age 60s;
+            proxy_buffers 16 64k;
+            add_header X-Cache $upstream_cache_status;
+        }}
+    }}
+"""
+
+NGINX_DIRECT = """
+    server {{
+        listen 127.0.0.1:{port};
+        root {docroot};
+        etag on;
+        location / {{ add_header Cache-Control "public, max-age=86400"; }}
+    }}
+"""
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = tempfile.mkdtemp(prefix="sidecache-load-")
+        self.procs = []
+        self.rows = []  # (scenario, target, metrics dict)
+        self.origin_port = free_port()
+
+    # --- processes -------------------------------------------------------------------------
+
+    def spawn(self, name, cmd, port, env=None):
+        log = open(os.path.join(self.work, f"{name}.log"), "w")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = Proc(name, port, p)
+        self.procs.append(proc)
+        return proc
+
+    def wait_port(self, proc):
+        def up():
+            if proc.popen.poll() is not None:
+                sys.exit(f"{proc.name} exited: see {self.work}/{proc.name}.log")
+            with socket.create_connection(("127.0.0.1", proc.port), timeout=1):
+                return True
+        wait_until(up, proc.name)
+
+    def start_origin(self):
+        self.origin = self.spawn("origin", [LOADTOOL, "origin", str(self.origin_port)], self.origin_port)
+        self.wait_port(self.origin)
+
+    def origin_count(self):
+        return int(http_get(f"http://127.0.0.1:{self.origin_port}/__stats")[1])
+
+    def start_sidecache(self, name, budget="4GB"):
+        port, admin = free_port(), free_port()
+        proc = self.spawn(name, [
+            SIDECACHE, "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+            "--upstream", f"http://127.0.0.1:{self.origin_port}",
+            "--cache-dir", os.path.join(self.work, f"{name}-cache"), "--max-size", budget,
+        ], port, env={"SIDECACHE_ACCESS_LOG": "false", "SIDECACHE_MIN_FREE": "0"})
+        self.wait_ready(proc, admin)
+        return proc
+
+    def wait_ready(self, proc, admin):
+        def ready():
+            if proc.popen.poll() is not None:
+                sys.exit(f"{proc.name} exited: see {self.work}/{proc.name}.log")
+            return http_get(f"http://127.0.0.1:{admin}/readyz", timeout=2)[0] == 200
+        wait_until(ready, proc.name)
+
+    def start_nginx(self, name, body):
+        port = free_port()
+        for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(self.work, f"{name}-tmp", d), exist_ok=True)
+        conf = os.path.join(self.work, f"{name}.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(work=self.work, name=name, body=body.format(
+                work=self.work, name=name, port=port, origin=self.origin_port,
+                docroot=os.path.join(self.work, "docroot"), budget="{budget}")))
+        proc = self.spawn(name, ["nginx", "-p", self.work, "-c", conf, "-g", "daemon off;"], port)
+        self.wait_port(proc)
+        return proc
+
+    def nginx_cache(self, name, budget="4g"):
+        return self.start_nginx(name, NGINX_CACHE.replace("{budget}", budget))
+
+    def stop(self, proc):
+        proc.stop()
+        self.procs.remove(proc)
+
+    def cleanup(self):
+        for p in list(self.procs):
+            p.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    # --- drivers ---------------------------------------------------------------------------
+
+    def wrk(self, proc, path="/", script=None, env=None, duration=None, connections=64):
+        cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration or self.args.duration}s", "--latency"]
+        if script:
+            cmd += ["-s", os.path.join(HERE, script)]
+        cmd.append(f"http://127.0.0.1:{proc.port}{path}")
+        proc.reset_peak()
+        cpu0, origin0 = proc.cpu_seconds(), self.origin_count()
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}).stdout
+        cpu = proc.cpu_seconds() - cpu0
+        r = parse_wrk(out)
+        r["origin_requests"] = self.origin_count() - origin0
+        r["peak_rss_mib"] = proc.peak_rss_mib()
+        r["cpu_us_per_req"] = cpu * 1e6 / max(r["requests"], 1)
+        return r
+
+    def loadtool(self, proc, *args):
+        proc.reset_peak()
+        cpu0, origin0 = proc.cpu_seconds(), self.origin_count()
+        out = subprocess.run([LOADTOOL, *args], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"loadtool {' '.join(args)} failed: {out.stderr}")
+        r = json.loads(out.stdout)
+        cpu = proc.cpu_seconds() - cpu0
+        r["origin_requests"] = self.origin_count() - origin0
+        r["req_s"] = r["requests"] / r["seconds"]
+        r["mb_s"] = r["bytes"] / r["seconds"] / 1e6
+        r["peak_rss_mib"] = proc.peak_rss_mib()
+        r["cpu_us_per_req"] = cpu * 1e6 / max(r["requests"], 1)
+        if out.stderr.strip():
+            print(out.stderr.strip()[:2000], file=sys.stderr)
+        return r
+
+    def record(self, scenario, target, runs):
+        merged = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+        merged["errors"] = max(r.get("errors", 0) for r in runs)
+        self.rows.append((scenario, target, merged))
+        print(f"  {scenario:10} {target:14} " + " ".join(
+            f"{k}={merged[k]:.4g}" for k in ("req_s", "mb_s", "p50_ms", "p99_ms", "peak_rss_mib",
+                                              "cpu_us_per_req", "errors", "origin_requests") if k in merged),
+              flush=True)
+        return merged
+
+    # --- scenarios -------------------------------------------------------------------------
+
+    def hot(self, targets):
+        for size, label in ((1 << 10, "hot 1KiB"), (128 << 10, "hot 128KiB"), (1 << 20, "hot 1MiB")):
+            path = f"/a/{size}/hot"
+            for proc in targets:
+                for _ in range(2):  # the first stores, the second is a hit
+                    http_get(f"http://127.0.0.1:{proc.port}{path}")
+            runs = {p.name: [] for p in targets}
+            for _ in range(self.args.reps):
+                for proc in targets:
+                    runs[proc.name].append(self.wrk(proc, path))
+            for proc in targets:
+                self.record(label, proc.name, runs[proc.name])
+
+    def mixed(self, targets):
+        caches = [p for p in targets if p.name != "nginx-direct"]
+        for proc in caches:  # fill: every object cached before measuring
+            self.loadtool(proc, "fetch", f"127.0.0.1:{proc.port}", "m", str(MIXED_OBJECTS), "64")
+        env = {"OBJECTS": str(MIXED_OBJECTS)}
+        runs = {p.name: [] for p in targets}
+        for _ in range(self.args.reps):
+            for proc in targets:
+                runs[proc.name].append(self.wrk(proc, script="mixed.lua", env=env))
+        for proc in targets:
+            self.record("mixed", proc.name, runs[proc.name])
+
+    def cold(self, targets):
+        runs = {p.name: [] for p in targets}
+        for rep in range(self.args.reps):
+            for proc in targets:
+                runs[proc.name].append(self.loadtool(
+                    proc, "fetch", f"127.0.0.1:{proc.port}", f"c{rep}{proc.name}-", "2000", "64"))
+        for proc in targets:
+            self.record("cold fill", proc.name, runs[proc.name])
+
+    def herd(self, targets):
+        runs = {p.name: [] for p in targets}
+        for rep in range(self.args.reps):
+            for proc in targets:
+                runs[proc.name].append(self.loadtool(
+                    proc, "herd", f"127.0.0.1:{proc.port}", f"/slow/{8 << 20}/h{rep}{proc.name}", "200"))
+        for proc in targets:
+            self.record("herd 8MiB", proc.name, runs[proc.name])
+
+    def churn(self):
+        total = sum(mixed_size(i) for i in range(CHURN_OBJECTS))
+        budget_mib = total // 3 >> 20
+        print(f"  churn: {CHURN_OBJECTS} objects, {total >> 20} MiB, budget {budget_mib} MiB", flush=True)
+        targets = [self.start_sidecache("sidecache-churn", f"{budget_mib}MiB"),
+                   self.nginx_cache("nginx-churn", f"{budget_mib}m")]
+        env = {"OBJECTS": str(CHURN_OBJECTS)}
+        for proc in targets:  # fill to the budget and into steady state
+            self.wrk(proc, script="zipf.lua", env=env, duration=self.args.duration * 3)
+        runs = {p.name: [] for p in targets}
+        for _ in range(self.args.reps):
+            for proc in targets:
+                r = self.wrk(proc, script="zipf.lua", env=env)
+                r["hit_ratio"] = 1 - r["origin_requests"] / max(r["requests"], 1)
+                runs[proc.name].append(r)
+        for proc in targets:
+            self.record("churn", proc.name.replace("-churn", "-cache").replace("sidecache-cache", "sidecache"),
+                        runs[proc.name])
+        for proc in targets:
+            self.stop(proc)
+        for d in ("sidecache-churn-cache", "nginx-churn-cache"):
+            shutil.rmtree(os.path.join(self.work, d), ignore_errors=True)
+
+    def startup(self):
+        cache_dir = os.path.join(self.work, "startup-cache")
+        subprocess.run(["cargo", "bench", "--quiet", "--bench", "rebuild", "--", str(STARTUP_OBJECTS),
+                        "--dir", cache_dir], cwd=ROOT, check=True, capture_output=True)
+        times, peaks = [], []
+        for _ in range(self.args.reps):
+            port, admin = free_port(), free_port()
+            started = time.monotonic()
+            proc = self.spawn("sidecache-startup", [
+                SIDECACHE, "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                "--upstream", f"http://127.0.0.1:{self.origin_port}", "--cache-dir", cache_dir,
+                "--max-size", "8GB"], port, env={"SIDECACHE_ACCESS_LOG": "false", "SIDECACHE_MIN_FREE": "0"})
+            self.wait_ready(proc, admin)
+            times.append(time.monotonic() - started)
+            objects = next(float(line.split()[-1]) for line in
+                           http_get(f"http://127.0.0.1:{admin}/metrics")[1].decode().splitlines()
+                           if line.startswith("sidecache_cache_objects"))
+            peaks.append(proc.peak_rss_mib())
+            self.stop(proc)
+        self.rows.append(("startup", "sidecache", {
+            "seconds": statistics.median(times), "peak_rss_mib": statistics.median(peaks), "objects": objects}))
+        print(f"  startup    {objects:.0f} objects: ready in {statistics.median(times):.3f} s, "
+              f"peak RSS {statistics.median(peaks):.1f} MiB", flush=True)
+
+    def run(self):
+        only = set(self.args.only.split(","))
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "sidecache", "--example", "loadtool"],
+                       cwd=ROOT, check=True)
+        docroot = os.path.join(self.work, "docroot")
+        subprocess.run([LOADTOOL, "gen", docroot, "hot", "0"], check=True)
+        subprocess.run([LOADTOOL, "gen", docroot, "mixed", str(MIXED_OBJECTS)], check=True)
+        self.start_origin()
+        targets = [self.start_sidecache("sidecache"), self.nginx_cache("nginx-cache"),
+                   self.start_nginx("nginx-direct", NGINX_DIRECT)]
+        if "hot" in only:
+            self.hot(targets)
+        if "mixed" in only:
+            self.mixed(targets)
+        if "cold" in only:
+            self.cold(targets[:2])
+        if "herd" in only:
+            self.herd(targets[:2])
+        for proc in targets:
+            self.stop(proc)
+        if "churn" in only:
+            self.churn()
+        if "startup" in only:
+            self.startup()
+
+
+WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+
+
+def parse_wrk(out):
+    def latency(pct):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        return float(m.group(1)) * WRK_UNITS[m.group(2)] if m else float("nan")
+    m = re.search(r"(\d+) requests in ([\d.]+)(\w+), ([\d.]+)(\w+) read", out)
+    if not m:
+        sys.exit(f"could not read wrk's output:\n{out}")
+    requests = int(m.group(1))
+    seconds = float(m.group(2)) * {"ms": 1e-3, "s": 1, "m": 60}[m.group(3)]
+    read = float(m.group(4)) * SIZE_UNITS[m.group(5)]
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    return {"requests": requests, "req_s": requests / seconds, "mb_s": read / seconds / 1e6,
+            "p50_ms": latency(50), "p99_ms": latency(99), "errors": errors}
+
+
+def table(rows):
+    by = {(s, t): m for s, t, m in rows}
+    lines = ["| scenario | server | req/s | MB/s | p50 ms | p99 ms | peak RSS MiB | CPU µs/req | errors "
+             "| origin reqs | vs nginx proxy_cache |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s, t, m in rows:
+        if s == "startup":
+            continue
+        base = by.get((s, "nginx-cache"))
+        ratio = ""
+        if base and t != "nginx-cache":
+            if s.startswith("herd"):
+                ratio = f"{m['p50_ms'] / base['p50_ms']:.2f}x time"
+            else:
+                ratio = f"{m['req_s'] / base['req_s']:.2f}x"
+        extra = f" (hit {m['hit_ratio'] * 100:.1f}%)" if "hit_ratio" in m else ""
+        lines.append(f"| {s} | {t}{extra} | {m['req_s']:.0f} | {m['mb_s']:.1f} | {m['p50_ms']:.2f} | "
+                     f"{m['p99_ms']:.2f} | {m['peak_rss_mib']:.1f} | {m['cpu_us_per_req']:.1f} | "
+                     f"{m['errors']:.0f} | {m['origin_requests']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows):
+    by = {(s, t): m for s, t, m in rows}
+    out = []
+
+    def check(name, have, want, ok):
+        out.append(f"- [{'x' if ok else ' '}] {name}: {have} (target {want})")
+
+    def ratio(s, a="sidecache", b="nginx-cache", key="req_s"):
+        if (s, a) in by and (s, b) in by:
+            return by[(s, a)][key] / by[(s, b)][key]
+        return None
+
+    for s, want in (("hot 1KiB", 1.5), ("hot 128KiB", 1.1), ("mixed", 1.1), ("cold fill", 2.0), ("churn", 1.1)):
+        r = ratio(s)
+        if r is not None:
+            check(f"{s} req/s vs nginx proxy_cache", f"{r:.2f}x", f">= {want}x", r >= want)
+    r = ratio("hot 1MiB", b="nginx-direct")
+    if r is not None:
+        check("hot 1MiB req/s vs nginx direct", f"{r:.2f}x", ">= 0.95x", r >= 0.95)
+    if ("mixed", "sidecache") in by and ("mixed", "nginx-direct") in by:
+        a, b = by[("mixed", "sidecache")]["p99_ms"], by[("mixed", "nginx-direct")]["p99_ms"]
+        check("mixed p99 vs nginx direct", f"{a:.2f} ms vs {b:.2f} ms", "no worse", a <= b)
+    if ("churn", "sidecache") in by and ("churn", "nginx-cache") in by:
+        a, b = by[("churn", "sidecache")], by[("churn", "nginx-cache")]
+        check("churn hit ratio vs nginx", f"{a['hit_ratio'] * 100:.1f}% vs {b['hit_ratio'] * 100:.1f}%",
+              ">= nginx's", a["hit_ratio"] >= b["hit_ratio"])
+        check("churn failed or cut-off responses", f"{a['errors']:.0f}", "0", a["errors"] == 0)
+    if ("herd 8MiB", "sidecache") in by:
+        a = by[("herd 8MiB", "sidecache")]
+        check("herd origin requests", f"{a['origin_requests']:.0f}", "exactly 1", a["origin_requests"] == 1)
+        r = ratio("herd 8MiB", key="p50_ms")
+        if r is not None:
+            check("herd median completion vs nginx", f"{r:.2f}x", "<= 0.7x", r <= 0.7)
+    if ("startup", "sidecache") in by:
+        m = by[("startup", "sidecache")]
+        check(f"startup to ready, {m['objects']:.0f} objects", f"{m['seconds']:.2f} s", "<= 2 s", m["seconds"] <= 2)
+        check(f"peak RSS with {m['objects']:.0f} objects indexed", f"{m['peak_rss_mib']:.1f} MiB", "<= 64 MiB",
+              m["peak_rss_mib"] <= 64)
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--only", default="hot,mixed,cold,herd,churn,startup")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    ensure_tools()
+    bench = Bench(args)
+    info = versions()
+    print("# " + ", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    try:
+        bench.run()
+    finally:
+        bench.cleanup()
+    print()
+    print(table(bench.rows))
+    print()
+    print(verdicts(bench.rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": info, "rows": bench.rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
