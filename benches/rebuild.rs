@@ -58,6 +58,7 @@ fn main() {
                 digest,
                 body_gen: generation,
                 vary: vec![],
+                prepared: Default::default(),
             };
             store
                 .write_meta(&key.hash(), store.next_gen(), &meta.encode())

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 /// Parsed `Cache-Control` directives (RFC 9111 §5.2). Unknown directives are ignored.
@@ -285,6 +285,12 @@ pub fn current_age(
     response_time: SystemTime,
     now: SystemTime,
 ) -> Duration {
+    let resident_time = now.duration_since(response_time).unwrap_or_default();
+    initial_age(headers, request_time, response_time).saturating_add(resident_time)
+}
+
+/// RFC 9111 §4.2.3: `corrected_initial_age`, the response's age when it arrived.
+pub fn initial_age(headers: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Duration {
     let age_value = headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
@@ -295,9 +301,60 @@ pub fn current_age(
     let apparent_age = response_time.duration_since(date).unwrap_or_default();
     let response_delay = response_time.duration_since(request_time).unwrap_or_default();
     let corrected_age_value = age_value.saturating_add(response_delay);
-    let corrected_initial_age = apparent_age.max(corrected_age_value);
-    let resident_time = now.duration_since(response_time).unwrap_or_default();
-    corrected_initial_age.saturating_add(resident_time)
+    apparent_age.max(corrected_age_value)
+}
+
+/// What answering from a stored response needs, worked out once per stored version instead of
+/// on every hit: its directives, freshness lifetime and initial age, and the head of a full
+/// answer.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Its response directives (§5.2.2; the targeted field when there is one).
+    pub cc: CacheControl,
+    /// Its freshness lifetime (§4.2.1).
+    pub lifetime: Duration,
+    /// Its age when it arrived (§4.2.3).
+    pub initial_age: Duration,
+    /// When it arrived.
+    pub response_time: SystemTime,
+    /// The head of a full answer: the stored fields without the ones addressed to this cache,
+    /// with `Content-Length` (and `Accept-Ranges` for a 200). `Age` is added per answer.
+    pub headers: HeaderMap,
+}
+
+impl Prepared {
+    /// Works it out from the stored status, head, times and body length.
+    pub fn new(
+        status: StatusCode,
+        headers: &HeaderMap,
+        times: (SystemTime, SystemTime),
+        body_len: u64,
+        heuristic: Heuristic,
+    ) -> Prepared {
+        let (request_time, response_time) = times;
+        let mut head = headers.clone();
+        head.remove(&SIDECACHE_CACHE_CONTROL);
+        head.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+        if status == StatusCode::OK {
+            head.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        }
+        Prepared {
+            cc: response_directives(headers).0,
+            lifetime: freshness_lifetime(status, headers, response_time, heuristic),
+            initial_age: initial_age(headers, request_time, response_time),
+            response_time,
+            headers: head,
+        }
+    }
+
+    /// Its freshness at `now`.
+    pub fn freshness(&self, now: SystemTime) -> Freshness {
+        let resident_time = now.duration_since(self.response_time).unwrap_or_default();
+        Freshness {
+            lifetime: self.lifetime,
+            age: self.initial_age.saturating_add(resident_time),
+        }
+    }
 }
 
 /// How a stored response may be used for a request (RFC 9111 §4, §5.2.1, RFC 5861).

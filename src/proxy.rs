@@ -22,7 +22,7 @@ use crate::cache::meta::Meta;
 use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
 use crate::config::Config;
 use crate::metrics as m;
-use crate::policy::{self, CacheControl, Freshness, Heuristic, RangeAnswer, Usable};
+use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
 use crate::rules;
 use crate::upstream::{Upstream, error_response, strip_hop_by_hop};
 
@@ -47,6 +47,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 7] = [
+        Outcome::Hit,
+        Outcome::Miss,
+        Outcome::Coalesced,
+        Outcome::Stale,
+        Outcome::Revalidated,
+        Outcome::Bypass,
+        Outcome::Error,
+    ];
+
     /// The label used in metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -62,13 +72,43 @@ impl Outcome {
 }
 
 /// The method classes used as a metric label.
-fn method_class(method: &Method) -> &'static str {
+const METHOD_CLASSES: [&str; 4] = ["get", "head", "unsafe", "other"];
+
+/// A method's index in [`METHOD_CLASSES`].
+fn method_class(method: &Method) -> usize {
     match *method {
-        Method::GET => "get",
-        Method::HEAD => "head",
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE => "unsafe",
-        _ => "other",
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE => 2,
+        _ => 3,
     }
+}
+
+/// The per-request metric handles, registered once so that the request path counts without
+/// building and hashing label sets.
+struct Handles {
+    /// `REQUESTS` by outcome, then method class.
+    requests: Vec<[metrics::Counter; 4]>,
+    /// `REQUEST_DURATION` by outcome.
+    durations: Vec<metrics::Histogram>,
+    served_cache_bytes: metrics::Counter,
+}
+
+/// The handles, registered on first use: after the recorder is installed, which happens
+/// before anything is served.
+fn handles() -> &'static Handles {
+    static HANDLES: std::sync::OnceLock<Handles> = std::sync::OnceLock::new();
+    HANDLES.get_or_init(|| Handles {
+        requests: Outcome::ALL
+            .iter()
+            .map(|o| METHOD_CLASSES.map(|c| metrics::counter!(m::REQUESTS, "outcome" => o.as_str(), "method" => c)))
+            .collect(),
+        durations: Outcome::ALL
+            .iter()
+            .map(|o| metrics::histogram!(m::REQUEST_DURATION, "outcome" => o.as_str()))
+            .collect(),
+        served_cache_bytes: metrics::counter!(m::SERVED_CACHE_BYTES),
+    })
 }
 
 /// Why a request went to the app: the `fwd` parameter of `Cache-Status` (RFC 9211 §2.2).
@@ -127,7 +167,14 @@ impl Answer {
     }
 
     /// The `Cache-Status` value (RFC 9211).
-    fn cache_status(&self) -> String {
+    fn cache_status(&self) -> HeaderValue {
+        if self.outcome == Outcome::Hit && self.fwd.is_none() && self.detail.is_none() && !self.stored {
+            return HeaderValue::from_static("sidecache; hit");
+        }
+        HeaderValue::try_from(self.cache_status_text()).unwrap_or_else(|_| HeaderValue::from_static("sidecache"))
+    }
+
+    fn cache_status_text(&self) -> String {
         let mut v = String::from("sidecache");
         if self.fwd.is_none() || self.outcome == Outcome::Stale {
             v.push_str("; hit");
@@ -181,12 +228,13 @@ impl Proxy {
         } = answer;
         // Directives addressed to this cache are not for anyone downstream (RFC 9213).
         response.headers_mut().remove(&policy::SIDECACHE_CACHE_CONTROL);
-        if let Ok(v) = HeaderValue::from_str(&cache_status) {
-            response.headers_mut().append(CACHE_STATUS.clone(), v);
-        }
+        response
+            .headers_mut()
+            .append(CACHE_STATUS.clone(), cache_status.clone());
         let elapsed = started.elapsed();
-        metrics::counter!(m::REQUESTS, "outcome" => outcome.as_str(), "method" => method_class(&method)).increment(1);
-        metrics::histogram!(m::REQUEST_DURATION, "outcome" => outcome.as_str()).record(elapsed.as_secs_f64());
+        let handles = handles();
+        handles.requests[outcome as usize][method_class(&method)].increment(1);
+        handles.durations[outcome as usize].record(elapsed.as_secs_f64());
         if self.config.access_log {
             // The path only: query strings may carry secrets; cookies and credentials never logged.
             info!(
@@ -196,7 +244,7 @@ impl Proxy {
                 version = ?version,
                 status = response.status().as_u16(),
                 outcome = outcome.as_str(),
-                cache_status = %cache_status,
+                cache_status = cache_status.to_str().unwrap_or_default(),
                 micros = elapsed.as_micros() as u64,
                 client = %client.ip(),
                 "request"
@@ -315,15 +363,14 @@ impl Proxy {
                     fwd = Fwd::VaryMiss;
                 } else {
                     let f = self.freshness(&hit.meta);
-                    let resp_cc = policy::response_directives(&hit.meta.headers).0;
-                    match policy::usable(f, &req_cc, &resp_cc) {
+                    match policy::usable(f, &req_cc, &self.prepared(&hit.meta).cc) {
                         Usable::Fresh => {
-                            let response = serve_stored(req.method(), req.headers(), &hit, f);
+                            let response = self.serve_stored(req.method(), req.headers(), &hit, f);
                             return Answer::new(response, Outcome::Hit, None);
                         }
                         Usable::StaleWhileRevalidate => {
                             self.refresh_in_background(&req, key.clone(), &hit, f);
-                            let response = serve_stored(req.method(), req.headers(), &hit, f);
+                            let response = self.serve_stored(req.method(), req.headers(), &hit, f);
                             let mut answer = Answer::new(response, Outcome::Stale, None);
                             answer.detail = Some("stale-while-revalidate");
                             return answer;
@@ -354,7 +401,7 @@ impl Proxy {
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
                     Some(Flight::Streaming(fill)) if vary_matches(&fill.meta.vary, req.headers()) => {
                         // These bytes come from the cache: the app sent them once, for the leader.
-                        let reader = body::counted(fill.reader(), metrics::counter!(m::SERVED_CACHE_BYTES));
+                        let reader = body::counted(fill.reader(), handles().served_cache_bytes.clone());
                         let response = answer_fill(req.headers(), &fill.meta, reader);
                         return Answer::new(response, Outcome::Coalesced, Some(fwd));
                     }
@@ -385,21 +432,81 @@ impl Proxy {
     }
 
     fn freshness(&self, meta: &Meta) -> Freshness {
+        self.prepared(meta).freshness(SystemTime::now())
+    }
+
+    /// What serving `meta` needs, worked out on its first hit.
+    fn prepared<'m>(&self, meta: &'m Meta) -> &'m Prepared {
+        meta.prepared.get_or_init(|| {
+            let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+            let times = (meta.request_time, meta.response_time);
+            Prepared::new(status, &meta.headers, times, meta.body_len, self.heuristic())
+        })
+    }
+
+    /// Answers a request from a stored response: 304 for a satisfied conditional, 206 or 416
+    /// for a range, else the whole body; `Age` per RFC 9111 §4.2.3 and §5.1.
+    fn serve_stored(&self, method: &Method, req: &HeaderMap, hit: &Hit, f: Freshness) -> Response<ProxyBody> {
+        let meta = &hit.meta;
         let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-        Freshness {
-            lifetime: policy::freshness_lifetime(status, &meta.headers, meta.response_time, self.heuristic()),
-            age: policy::current_age(&meta.headers, meta.request_time, meta.response_time, SystemTime::now()),
+        let age = HeaderValue::from(f.age.as_secs());
+        if status == StatusCode::OK && policy::answers_not_modified(req, &meta.headers) {
+            let mut resp = not_modified(&meta.headers);
+            resp.headers_mut().insert(header::AGE, age);
+            return resp;
         }
+        let len = hit.body.len() as u64;
+        let range = if status == StatusCode::OK {
+            policy::range(req, &meta.headers, len)
+        } else {
+            RangeAnswer::Full
+        };
+        // The prepared head already has the full length and Accept-Ranges.
+        let mut headers = self.prepared(meta).headers.clone();
+        let (status, body) = match range {
+            RangeAnswer::Full => (status, hit.body.clone()),
+            RangeAnswer::Partial(start, end) => {
+                let content_range = HeaderValue::try_from(format!("bytes {start}-{end}/{len}"));
+                headers.extend(content_range.map(|v| (header::CONTENT_RANGE, v)));
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+                headers.remove(header::ACCEPT_RANGES);
+                (
+                    StatusCode::PARTIAL_CONTENT,
+                    hit.body.slice(start as usize..=end as usize),
+                )
+            }
+            RangeAnswer::Unsatisfiable => {
+                let content_range = HeaderValue::try_from(format!("bytes */{len}"));
+                headers.extend(content_range.map(|v| (header::CONTENT_RANGE, v)));
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+                headers.remove(header::ACCEPT_RANGES);
+                (StatusCode::RANGE_NOT_SATISFIABLE, bytes::Bytes::new())
+            }
+        };
+        headers.insert(header::AGE, age);
+        let sent = body.len() as u64;
+        let mut resp = Response::new(if method == Method::HEAD {
+            body::empty()
+        } else {
+            handles().served_cache_bytes.increment(sent);
+            body::full(body)
+        });
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        resp
     }
 
     /// A stale stored response standing in for a failing app, if it may (RFC 9111 §4.2.4).
     fn stale_for_error(&self, req: &HeaderMap, method: &Method, stored: &Option<(Hit, Freshness)>) -> Option<Answer> {
         let (hit, f) = stored.as_ref()?;
-        let resp_cc = policy::response_directives(&hit.meta.headers).0;
-        if !policy::may_serve_stale_on_error(*f, &resp_cc, self.config.stale_if_error) {
+        if !policy::may_serve_stale_on_error(*f, &self.prepared(&hit.meta).cc, self.config.stale_if_error) {
             return None;
         }
-        let mut answer = Answer::new(serve_stored(method, req, hit, *f), Outcome::Stale, Some(Fwd::Stale));
+        let mut answer = Answer::new(
+            self.serve_stored(method, req, hit, *f),
+            Outcome::Stale,
+            Some(Fwd::Stale),
+        );
         answer.detail = Some("stale-if-error");
         Some(answer)
     }
@@ -485,7 +592,7 @@ impl Proxy {
             permit.release(true);
             let f = self.freshness(&refreshed_hit.meta);
             let mut answer = Answer::new(
-                serve_stored(&method, &client_headers, &refreshed_hit, f),
+                self.serve_stored(&method, &client_headers, &refreshed_hit, f),
                 Outcome::Revalidated,
                 Some(fwd),
             );
@@ -518,13 +625,17 @@ impl Proxy {
         let meta = Meta {
             key,
             status: parts.status.as_u16(),
-            headers: parts.headers.clone(),
+            headers: detached(&parts.headers),
             request_time,
             response_time,
             body_len: 0,
             digest: Digest([0; 32]),
             body_gen: 0,
-            vary: vary_values(&parts.headers, &req_headers),
+            vary: vary_values(&parts.headers, &req_headers)
+                .into_iter()
+                .map(|(name, value)| (name, value.map(|v| detach(&v))))
+                .collect(),
+            prepared: Default::default(),
         };
         let length = parts
             .headers
@@ -730,59 +841,6 @@ fn not_modified(stored: &HeaderMap) -> Response<ProxyBody> {
     resp
 }
 
-/// Answers a request from a stored response: 304 for a satisfied conditional, 206 or 416 for
-/// a range, else the whole body; `Age` per RFC 9111 §4.2.3 and §5.1.
-fn serve_stored(method: &Method, req: &HeaderMap, hit: &Hit, f: Freshness) -> Response<ProxyBody> {
-    let meta = &hit.meta;
-    let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-    let age = HeaderValue::from(f.age.as_secs());
-    if status == StatusCode::OK && policy::answers_not_modified(req, &meta.headers) {
-        let mut resp = not_modified(&meta.headers);
-        resp.headers_mut().insert(header::AGE, age);
-        return resp;
-    }
-    let len = hit.body.len() as u64;
-    let range = if status == StatusCode::OK {
-        policy::range(req, &meta.headers, len)
-    } else {
-        RangeAnswer::Full
-    };
-    let (status, body, content_range) = match range {
-        RangeAnswer::Partial(start, end) => (
-            StatusCode::PARTIAL_CONTENT,
-            hit.body.slice(start as usize..=end as usize),
-            Some(format!("bytes {start}-{end}/{len}")),
-        ),
-        RangeAnswer::Unsatisfiable => (
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            bytes::Bytes::new(),
-            Some(format!("bytes */{len}")),
-        ),
-        RangeAnswer::Full => (status, hit.body.clone(), None),
-    };
-    let sent = body.len() as u64;
-    let mut resp = Response::new(if method == Method::HEAD {
-        body::empty()
-    } else {
-        body::full(body)
-    });
-    *resp.status_mut() = status;
-    *resp.headers_mut() = meta.headers.clone();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(sent));
-    h.insert(header::AGE, age);
-    if let Some(v) = content_range.and_then(|v| HeaderValue::from_str(&v).ok()) {
-        h.insert(header::CONTENT_RANGE, v);
-    }
-    if status == StatusCode::OK {
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    }
-    if method != Method::HEAD {
-        metrics::counter!(m::SERVED_CACHE_BYTES).increment(sent);
-    }
-    resp
-}
-
 /// The stored head freshened by a 304 (RFC 9111 §3.2, §4.3.4): the 304's fields replace the
 /// stored ones, except those describing the body, which the 304 has none of.
 fn refreshed(stored: &Meta, update: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Meta {
@@ -798,11 +856,30 @@ fn refreshed(stored: &Meta, update: &HeaderMap, request_time: SystemTime, respon
         if seen.insert(name.clone()) {
             meta.headers.remove(name);
         }
-        meta.headers.append(name.clone(), value.clone());
+        meta.headers.append(name.clone(), detach(value));
     }
     meta.request_time = request_time;
     meta.response_time = response_time;
     meta
+}
+
+/// A copy of `headers` in allocations of its own. Values parsed by hyper share the buffer the
+/// response was read into, body bytes included: a stored head must not keep that alive for as
+/// long as it is cached.
+fn detached(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        out.append(name.clone(), detach(value));
+    }
+    out
+}
+
+/// A copy of one value in an allocation of its own (see [`detached`]).
+fn detach(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(value.as_bytes()))
+        .unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
 }
 
 /// Whether a response carries a validator a later revalidation can use.

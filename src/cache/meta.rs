@@ -8,11 +8,13 @@
 //! u64 body_gen | str key | u16 n, n x (str name, bytes value) | u16 m, m x (str name, opt bytes)`
 //! where `str`/`bytes` are `u32 len | data` and `opt` is `u8 present | bytes`.
 
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::cache::key::{CacheKey, Digest};
+use crate::policy::Prepared;
 
 const MAGIC: &[u8; 8] = b"SCMETA01";
 const CHECKSUM_LEN: usize = 16;
@@ -42,6 +44,43 @@ pub struct Meta {
     pub body_gen: u64,
     /// For each header named by `Vary`: the value the filling request had (None: absent).
     pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// What serving it needs, worked out on first use; never written to disk.
+    pub prepared: Derived,
+}
+
+/// A [`Prepared`] kept beside a record. A clone starts empty, so a changed copy (a 304
+/// refresh) never carries facts worked out from the old head.
+#[derive(Default)]
+pub struct Derived(OnceLock<Prepared>);
+
+impl Derived {
+    /// The facts, worked out by `init` on first use.
+    pub fn get_or_init(&self, init: impl FnOnce() -> Prepared) -> &Prepared {
+        self.0.get_or_init(init)
+    }
+}
+
+impl Clone for Derived {
+    fn clone(&self) -> Derived {
+        Derived::default()
+    }
+}
+
+impl PartialEq for Derived {
+    /// Derived facts are not part of a record's identity.
+    fn eq(&self, _: &Derived) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Derived(ready)"
+        } else {
+            "Derived(empty)"
+        })
+    }
 }
 
 /// Why a record could not be decoded.
@@ -176,6 +215,7 @@ impl Meta {
             digest,
             body_gen,
             vary,
+            prepared: Default::default(),
         })
     }
 
@@ -256,6 +296,7 @@ mod tests {
                 ),
                 (HeaderName::from_static("x-absent"), None),
             ],
+            prepared: Default::default(),
         }
     }
 
