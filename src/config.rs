@@ -552,7 +552,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         .map(|s| s.0)
         .unwrap_or((256 << 20).min(max_size / 4));
     let memory_size = raw.memory_size.map(|s| s.0).unwrap_or(32 << 20);
-    let memory_object_max = raw.memory_object_max.map(|s| s.0).unwrap_or(256 << 10);
+    let memory_object_max = raw.memory_object_max.map(|s| s.0).unwrap_or(1 << 20);
     if max_size < 1 << 20 {
         return Err(invalid(
             "max_size",

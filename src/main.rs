@@ -370,7 +370,13 @@ fn main() -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        // File steps are short; a bounded pool keeps a burst of fills from spawning hundreds
+        // of threads (and their allocator arenas).
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sidecache: failed to start the runtime: {e}");

@@ -25,6 +25,10 @@ use crate::cache::meta::Meta;
 
 /// How much a reader asks the file for at once.
 const READ_CHUNK: u64 = 256 << 10;
+/// Bodies up to this size are also kept in memory while their fill has readers, so every
+/// reader sends the same buffers instead of reading the file again (a thundering herd costs
+/// one copy per client, not two).
+const SHARED_MAX: u64 = 16 << 20;
 
 /// Where a fill stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +56,8 @@ pub struct Fill {
     pub meta: Arc<Meta>,
     file: Arc<File>,
     progress: watch::Sender<Progress>,
+    /// The chunks written so far, for bodies up to [`SHARED_MAX`].
+    shared: Option<std::sync::Mutex<Vec<Bytes>>>,
 }
 
 impl Fill {
@@ -61,10 +67,12 @@ impl Fill {
             written: 0,
             state: FillState::Writing,
         });
+        let shared = (meta.body_len <= SHARED_MAX).then(|| std::sync::Mutex::new(Vec::new()));
         Arc::new(Fill {
             meta,
             file: Arc::new(file),
             progress,
+            shared,
         })
     }
 
@@ -73,9 +81,21 @@ impl Fill {
         &self.file
     }
 
-    /// Publishes that `written` bytes are in the file.
-    pub fn advance(&self, written: u64) {
+    /// Publishes that `written` bytes are in the file; `chunks` are those just written.
+    pub fn advance(&self, written: u64, chunks: &[Bytes]) {
+        if let Some(shared) = &self.shared {
+            shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(chunks);
+        }
         self.progress.send_modify(|p| p.written = written);
+    }
+
+    /// The next shared chunk at `index`, if the body is shared in memory and it is written.
+    fn shared_chunk(&self, index: usize) -> Option<Bytes> {
+        let shared = self.shared.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+        shared.get(index).cloned()
     }
 
     /// Publishes the final state.
@@ -92,24 +112,19 @@ impl Fill {
     pub fn reader(self: &Arc<Self>) -> ProxyBody {
         let len = self.meta.body_len;
         let stream = futures_util::stream::unfold(
-            Some((self.clone(), self.progress.subscribe(), 0u64)),
+            Some((self.clone(), self.progress.subscribe(), 0u64, 0usize)),
             move |state| async move {
-                let (fill, mut rx, offset) = state?;
+                let (fill, mut rx, offset, index) = state?;
                 loop {
                     let p = *rx.borrow_and_update();
                     if offset < p.written {
+                        if let Some(chunk) = fill.shared_chunk(index) {
+                            let next = offset + chunk.len() as u64;
+                            return Some((Ok(Frame::data(chunk)), Some((fill, rx, next, index + 1))));
+                        }
                         let n = (p.written - offset).min(READ_CHUNK) as usize;
-                        let file = fill.file.clone();
-                        let read = tokio::task::spawn_blocking(move || {
-                            let mut buf = vec![0u8; n];
-                            file.read_exact_at(&mut buf, offset).map(|()| buf)
-                        })
-                        .await;
-                        return match read {
-                            Ok(Ok(buf)) => {
-                                Some((Ok(Frame::data(Bytes::from(buf))), Some((fill, rx, offset + n as u64))))
-                            }
-                            Ok(Err(e)) => Some((Err(BoxError::from(e)), None)),
+                        return match read_at(fill.file.clone(), n, offset).await {
+                            Ok(buf) => Some((Ok(Frame::data(buf)), Some((fill, rx, offset + n as u64, index)))),
                             Err(e) => Some((Err(BoxError::from(e)), None)),
                         };
                     }
@@ -128,6 +143,18 @@ impl Fill {
         let body = http_body_util::StreamBody::new(Box::pin(stream));
         ProxyBody::new(Sized { inner: body, len })
     }
+}
+
+/// Reads `n` bytes at `offset`: on the runtime when the page cache has them (just written, so
+/// nearly always), else on the blocking pool.
+pub async fn read_at(file: Arc<File>, n: usize, offset: u64) -> std::io::Result<Bytes> {
+    let mut buf = vec![0u8; n];
+    if crate::cache::mmap::read_exact_at_nowait(&file, &mut buf, offset)? {
+        return Ok(Bytes::from(buf));
+    }
+    tokio::task::spawn_blocking(move || file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf)))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// A body with a known exact length (so HTTP/1.1 sends Content-Length, not chunked).
@@ -230,8 +257,8 @@ impl HashingWriter {
         self.written
     }
 
-    /// Appends `chunk`; returns the new total.
-    pub async fn write(&mut self, chunk: Bytes) -> std::io::Result<u64> {
+    /// Appends `chunks` in one trip to the blocking pool; returns the new total.
+    pub async fn write(&mut self, chunks: Vec<Bytes>) -> std::io::Result<u64> {
         let file = self.file.clone();
         let mut hasher = self
             .hasher
@@ -239,8 +266,13 @@ impl HashingWriter {
             .ok_or_else(|| std::io::Error::other("an earlier write failed"))?;
         let at = self.written;
         let (hasher, n) = tokio::task::spawn_blocking(move || {
-            hasher.update(&chunk);
-            file.write_all_at(&chunk, at).map(|()| (hasher, chunk.len() as u64))
+            let mut n = 0u64;
+            for chunk in &chunks {
+                hasher.update(chunk);
+                file.write_all_at(chunk, at + n)?;
+                n += chunk.len() as u64;
+            }
+            Ok::<_, std::io::Error>((hasher, n))
         })
         .await
         .map_err(std::io::Error::other)??;
@@ -253,6 +285,30 @@ impl HashingWriter {
     pub fn digest(self) -> Option<crate::cache::key::Digest> {
         self.hasher.map(|h| h.finalize().into())
     }
+}
+
+/// The body chunks that are ready now, after waiting for at least one: up to about `limit`
+/// bytes, so a fast upstream is written in few large steps and a slow one is not held back.
+/// `None` at the end of the body.
+pub async fn next_batch(body: &mut ProxyBody, limit: usize) -> Option<Result<Vec<Bytes>, BoxError>> {
+    use futures_util::FutureExt;
+    let first = match next_chunk(body).await? {
+        Ok(chunk) => chunk,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut size = first.len();
+    let mut batch = vec![first];
+    while size < limit {
+        match next_chunk(body).now_or_never() {
+            Some(Some(Ok(chunk))) => {
+                size += chunk.len();
+                batch.push(chunk);
+            }
+            Some(Some(Err(e))) => return Some(Err(e)),
+            Some(None) | None => break,
+        }
+    }
+    Some(Ok(batch))
 }
 
 /// Reads the next data chunk of an upstream body, skipping trailers.

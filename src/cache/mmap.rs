@@ -1,5 +1,5 @@
-//! The only `unsafe` in the cache: mapping stored bodies into memory, and asking the
-//! filesystem for its free space.
+//! The only `unsafe` in the cache: mapping stored bodies into memory, reading without
+//! blocking, and asking the filesystem for its free space.
 //!
 //! SAFETY contract for mappings: a body file is written under `tmp/`, renamed into place, and
 //! from then on never modified, only unlinked. Unlinking leaves a live mapping valid until it
@@ -24,7 +24,9 @@ pub fn mtime_ns(md: &std::fs::Metadata) -> u64 {
 /// Maps `len` bytes of `file` read-only and returns them as [`Bytes`] that own the mapping,
 /// with the file's modification time. Bodies under `min_mmap` bytes are read instead: a
 /// mapping costs more than a copy there.
-pub fn map_body(file: &File, len: u64, min_mmap: u64) -> std::io::Result<(Bytes, u64)> {
+///
+/// With `nowait`, `Ok(None)` instead of waiting for the disk: the caller retries off the runtime.
+pub fn map_body(file: &File, len: u64, min_mmap: u64, nowait: bool) -> std::io::Result<Option<(Bytes, u64)>> {
     let md = file.metadata()?;
     let mtime = mtime_ns(&md);
     let actual = md.len();
@@ -35,16 +37,56 @@ pub fn map_body(file: &File, len: u64, min_mmap: u64) -> std::io::Result<(Bytes,
         ));
     }
     if len == 0 {
-        return Ok((Bytes::new(), mtime));
+        return Ok(Some((Bytes::new(), mtime)));
     }
     if len < min_mmap {
         let mut buf = vec![0u8; len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0)?;
-        return Ok((Bytes::from(buf), mtime));
+        if nowait {
+            if !read_exact_at_nowait(file, &mut buf, 0)? {
+                return Ok(None);
+            }
+        } else {
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0)?;
+        }
+        return Ok(Some((Bytes::from(buf), mtime)));
     }
     // SAFETY: see the module contract: the file is immutable after rename and only unlinked.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
-    Ok((Bytes::from_owner(map), mtime))
+    Ok(Some((Bytes::from_owner(map), mtime)))
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, but only if that needs no disk I/O: the pages
+/// are in the page cache (`preadv2` with `RWF_NOWAIT`). `Ok(false)` means it would block (or
+/// the kernel cannot tell): read off the runtime instead. Hits and read-while-write readers
+/// use this to skip a hand-off to the blocking pool for what is, nearly always, a memory copy.
+pub fn read_exact_at_nowait(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut filled = 0usize;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        let at = libc::off_t::try_from(offset + filled as u64)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: `iov` points into `buf`, which is writable for `iov_len` bytes and outlives
+        // the call; the descriptor is owned by `file`.
+        let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        match rc {
+            n if n > 0 => filled += n as usize,
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => return Ok(false),
+                    _ => return Err(err),
+                }
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Free bytes available to unprivileged writers, and the filesystem's total size.

@@ -24,16 +24,60 @@ use tracing::{debug, info, warn};
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::metrics as m;
-use fill::{Fill, FillState, HashingWriter, TeeMsg, next_chunk};
+use fill::{Fill, FillState, HashingWriter, TeeMsg, next_batch};
 use index::{Entry, Index, Removed};
 use key::{CacheKey, Digest, KeyHash};
 use meta::Meta;
 use store::{Store, StoreError};
 
-/// Bodies smaller than this are read into memory rather than mapped.
-const MIN_MMAP: u64 = 64 << 10;
+/// Bodies smaller than this are read into memory rather than mapped: below it a copy costs
+/// less than mapping, faulting in and unmapping.
+const MIN_MMAP: u64 = 1 << 20;
+/// A fill writes what its upstream has ready in steps of up to this many bytes.
+const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
 const TEE_STEP: u64 = 1 << 20;
+
+/// What the index says a body file holds.
+#[derive(Clone, Copy)]
+struct Expected {
+    len: u64,
+    digest: Digest,
+    /// Hashed since startup, when its file had `mtime`.
+    verified: bool,
+    mtime: u64,
+}
+
+/// Opens a body: its bytes, whether they are intact, and the mtime when they were hashed now.
+/// With `nowait`, `Ok(None)` when that would wait for the disk or needs hashing.
+#[allow(clippy::type_complexity)]
+fn open_body(
+    path: &std::path::Path,
+    expect: Expected,
+    nowait: bool,
+) -> Result<Option<(Bytes, bool, Option<u64>)>, StoreError> {
+    let io = |op: &'static str| {
+        move |source| StoreError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    let file = std::fs::File::open(path).map_err(io("open"))?;
+    let Some((body, mtime)) = mmap::map_body(&file, expect.len, MIN_MMAP, nowait).map_err(io("map"))? else {
+        return Ok(None);
+    };
+    // Hashed before it is served when it is from before a restart, or when its file changed
+    // since it was written or checked (bodies are never rewritten in place).
+    if expect.verified && mtime == expect.mtime {
+        return Ok(Some((body, true, None)));
+    }
+    if nowait {
+        return Ok(None);
+    }
+    let ok = Digest::from(blake3::hash(&body)) == expect.digest;
+    Ok(Some((body, ok, Some(mtime))))
+}
 
 /// A stored response ready to serve.
 pub struct Hit {
@@ -165,7 +209,7 @@ impl Cache {
                 .build()
         });
         let metas = moka::sync::Cache::builder()
-            .max_capacity(4 << 20)
+            .max_capacity(16 << 20)
             .weigher(|_, v: &Arc<Meta>| {
                 (v.headers.len() * 64 + v.key.as_str().len() + 128).min(u32::MAX as usize) as u32
             })
@@ -264,7 +308,11 @@ impl Cache {
             Some(meta) => meta,
             None => {
                 let path = store.meta_path(&hash, meta_gen);
-                let read = tokio::task::spawn_blocking(move || store::read_meta_file(&path)).await;
+                let read = match store::read_meta_nowait(&path) {
+                    Ok(Some(meta)) => Ok(Ok(meta)),
+                    Ok(None) => tokio::task::spawn_blocking(move || store::read_meta_file(&path)).await,
+                    Err(e) => Ok(Err(e)),
+                };
                 let meta = self.or_drop(read, &hash, meta_gen).await?;
                 if meta.key != *key || meta.digest != digest || meta.body_len != body_len {
                     self.drop_corrupt(&hash, meta_gen, "meta record does not match the index")
@@ -277,26 +325,22 @@ impl Cache {
             }
         };
         let path = store.body_path(&digest, body_gen);
-        let opened = tokio::task::spawn_blocking(move || -> Result<(Bytes, bool, Option<u64>), StoreError> {
-            let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
-                op: "open",
-                path: path.clone(),
-                source,
-            })?;
-            let (body, mtime) = mmap::map_body(&file, body_len, MIN_MMAP).map_err(|source| StoreError::Io {
-                op: "map",
-                path: path.clone(),
-                source,
-            })?;
-            // Hashed before it is served when it is from before a restart, or when its file
-            // changed since it was written or checked (bodies are never rewritten in place).
-            if verified && mtime == known_mtime {
-                return Ok((body, true, None));
+        let expect = Expected {
+            len: body_len,
+            digest,
+            verified,
+            mtime: known_mtime,
+        };
+        // Inline when the page cache has it and nothing needs hashing; else off the runtime.
+        let opened = match open_body(&path, expect, true) {
+            Ok(None) => {
+                tokio::task::spawn_blocking(move || {
+                    open_body(&path, expect, false).map(|o| o.expect("a blocking open always answers"))
+                })
+                .await
             }
-            let ok = Digest::from(blake3::hash(&body)) == digest;
-            Ok((body, ok, Some(mtime)))
-        })
-        .await;
+            other => Ok(other.map(|o| o.expect("answered"))),
+        };
         let (body, intact, checked) = self.or_drop(opened, &hash, meta_gen).await?;
         if !intact {
             self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
@@ -544,21 +588,22 @@ impl Cache {
         let len = fill.meta.body_len;
         let mut writer = HashingWriter::new(fill.file().clone());
         let mut failure = None;
-        while let Some(chunk) = next_chunk(&mut body).await {
-            let chunk = match chunk {
-                Ok(c) => c,
+        while let Some(batch) = next_batch(&mut body, WRITE_BATCH).await {
+            let batch = match batch {
+                Ok(b) => b,
                 Err(e) => {
                     failure = Some(("upstream", e.to_string()));
                     break;
                 }
             };
-            if writer.written() + chunk.len() as u64 > len {
+            let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
+            if writer.written() + size > len {
                 failure = Some(("upstream", "body longer than its Content-Length".to_owned()));
                 break;
             }
-            metrics::counter!(m::UPSTREAM_BYTES).increment(chunk.len() as u64);
-            match writer.write(chunk).await {
-                Ok(written) => fill.advance(written),
+            metrics::counter!(m::UPSTREAM_BYTES).increment(size);
+            match writer.write(batch.clone()).await {
+                Ok(written) => fill.advance(written, &batch),
                 Err(source) => {
                     let err = StoreError::Io {
                         op: "write",
@@ -671,14 +716,20 @@ impl Cache {
             let mut reserved = 0u64;
             let mut ended = false;
             while let Some(msg) = rx.recv().await {
-                let chunk = match msg {
-                    TeeMsg::Data(c) => c,
-                    TeeMsg::End => {
-                        ended = true;
-                        break;
+                // What is queued already goes to disk in the same step.
+                let (mut batch, mut last) = (Vec::new(), false);
+                let mut next = Some(msg);
+                while let Some(msg) = next.take() {
+                    match msg {
+                        TeeMsg::Data(c) => batch.push(c),
+                        TeeMsg::End => last = true,
                     }
-                };
-                let need = writer.written() + chunk.len() as u64 + 4096;
+                    if !last && batch.len() < 64 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
+                let need = writer.written() + size + 4096;
                 if need > cache.config.max_object_size {
                     break;
                 }
@@ -689,7 +740,12 @@ impl Cache {
                     }
                     reserved += step;
                 }
-                if writer.write(chunk).await.is_err() {
+                if writer.write(batch).await.is_err() {
+                    break;
+                }
+                if last {
+                    // Only a clean end with every byte written makes the copy complete.
+                    ended = true;
                     break;
                 }
             }

@@ -266,7 +266,27 @@ impl Store {
 
 /// Reads and decodes a meta record file.
 pub fn read_meta_file(path: &Path) -> Result<Meta, StoreError> {
-    let bytes = fs::read(path).map_err(io("read", path))?;
+    read_meta(path, false).map(|m| m.expect("a blocking read always answers"))
+}
+
+/// [`read_meta_file`] without waiting for the disk: `Ok(None)` when the record is not in the
+/// page cache (read it off the runtime then).
+pub fn read_meta_nowait(path: &Path) -> Result<Option<Meta>, StoreError> {
+    read_meta(path, true)
+}
+
+fn read_meta(path: &Path, nowait: bool) -> Result<Option<Meta>, StoreError> {
+    let bytes = if nowait {
+        let file = fs::File::open(path).map_err(io("open", path))?;
+        let len = file.metadata().map_err(io("stat", path))?.len() as usize;
+        let mut buf = vec![0u8; len.min(MAX_RECORD + 65)];
+        if !crate::cache::mmap::read_exact_at_nowait(&file, &mut buf, 0).map_err(io("read", path))? {
+            return Ok(None);
+        }
+        buf
+    } else {
+        fs::read(path).map_err(io("read", path))?
+    };
     if bytes.len() > MAX_RECORD + 64 {
         return Err(StoreError::Io {
             op: "decode",
@@ -274,7 +294,7 @@ pub fn read_meta_file(path: &Path) -> Result<Meta, StoreError> {
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "record too large"),
         });
     }
-    Meta::decode(&bytes).map_err(|e| StoreError::Io {
+    Meta::decode(&bytes).map(Some).map_err(|e| StoreError::Io {
         op: "decode",
         path: path.to_owned(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
