@@ -136,9 +136,14 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<hyper::client::conn::http1:
 }
 
 /// GETs `path` and checks the body is the origin's, byte for byte.
-async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, path: &str) -> anyhow::Result<usize> {
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<usize> {
     sender.ready().await?;
-    let req = Request::get(path).header("host", "bench.local").body(Empty::new())?;
+    // The Host wrk sends, so both fill the same cache keys.
+    let req = Request::get(path).header("host", host).body(Empty::new())?;
     let res = sender.send_request(req).await?;
     anyhow::ensure!(res.status() == StatusCode::OK, "status {}", res.status());
     let body = res.into_body().collect().await?.to_bytes();
@@ -174,6 +179,7 @@ async fn fetch(addr: SocketAddr, prefix: String, count: usize, concurrency: usiz
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let (next, errors, bytes, prefix) = (next.clone(), errors.clone(), bytes.clone(), prefix.clone());
+        let host = addr.to_string();
         workers.push(tokio::spawn(async move {
             let mut millis = Vec::new();
             let mut sender = None;
@@ -188,7 +194,7 @@ async fn fetch(addr: SocketAddr, prefix: String, count: usize, concurrency: usiz
                     if sender.is_none() {
                         sender = Some(connect(addr).await?);
                     }
-                    get(sender.as_mut().expect("connected"), &path).await
+                    get(sender.as_mut().expect("connected"), &host, &path).await
                 }
                 .await;
                 match result {
@@ -231,7 +237,7 @@ async fn herd(addr: SocketAddr, path: String, clients: usize) -> anyhow::Result<
         tasks.push(tokio::spawn(async move {
             start.wait().await;
             let at = Instant::now();
-            let result = get(&mut sender, &path).await;
+            let result = get(&mut sender, &addr.to_string(), &path).await;
             (result, at.elapsed().as_secs_f64() * 1e3)
         }));
     }
