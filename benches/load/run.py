@@ -164,7 +164,8 @@ http {{
     tcp_nodelay on;
     keepalive_requests 1000000;
     keepalive_timeout 75s;
-    open_file_cache max=50000 inactive=60s;
+    # Below the per-process descriptor limit (20000 here), or nginx fails with EMFILE.
+    open_file_cache max=8000 inactive=60s;
     client_body_temp_path {work}/{name}-tmp/body;
     proxy_temp_path {work}/{name}-tmp/proxy;
     fastcgi_temp_path {work}/{name}-tmp/fastcgi;
@@ -375,6 +376,7 @@ class Bench:
         total = sum(mixed_size(i) for i in range(CHURN_OBJECTS))
         budget_mib = total // 3 >> 20
         print(f"  churn: {CHURN_OBJECTS} objects, {total >> 20} MiB, budget {budget_mib} MiB", flush=True)
+        self.churn_budget_mib = budget_mib
         targets = [self.start_sidecache("sidecache-churn", f"{budget_mib}MiB"),
                    self.nginx_cache("nginx-churn", f"{budget_mib}m")]
         env = {"OBJECTS": str(CHURN_OBJECTS)}
@@ -387,6 +389,10 @@ class Bench:
                 r["hit_ratio"] = 1 - r["origin_requests"] / max(r["requests"], 1)
                 runs[proc.name].append(r)
         for proc in targets:
+            used = subprocess.run(["du", "-sb", os.path.join(self.work, f"{proc.name}-cache")],
+                                  capture_output=True, text=True).stdout.split()
+            for r in runs[proc.name]:
+                r["disk_mib"] = int(used[0]) / 2 ** 20 if used else float("nan")
             self.record("churn", proc.name.replace("-churn", "-cache").replace("sidecache-cache", "sidecache"),
                         runs[proc.name])
         for proc in targets:
@@ -480,7 +486,7 @@ def table(rows):
                 ratio = f"{m['p50_ms'] / base['p50_ms']:.2f}x time"
             else:
                 ratio = f"{m['req_s'] / base['req_s']:.2f}x"
-        extra = f" (hit {m['hit_ratio'] * 100:.1f}%)" if "hit_ratio" in m else ""
+        extra = f" (hit {m['hit_ratio'] * 100:.1f}%, disk {m['disk_mib']:.0f} MiB)" if "hit_ratio" in m else ""
         lines.append(f"| {s} | {t}{extra} | {m['req_s']:.0f} | {m['mb_s']:.1f} | {m['p50_ms']:.2f} | "
                      f"{m['p99_ms']:.2f} | {m['peak_rss_mib']:.1f} | {m['cpu_us_per_req']:.1f} | "
                      f"{m['errors']:.0f} | {m['origin_requests']:.0f} | {ratio} |")
