@@ -190,13 +190,14 @@ async fn fetch(addr: SocketAddr, prefix: String, count: usize, concurrency: usiz
                 }
                 let path = format!("/a/{}/{prefix}{i}", mixed_size(i));
                 let at = Instant::now();
-                let result = async {
+                let result = tokio::time::timeout(Duration::from_secs(60), async {
                     if sender.is_none() {
                         sender = Some(connect(addr).await?);
                     }
                     get(sender.as_mut().expect("connected"), &host, &path).await
-                }
-                .await;
+                })
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 60 s")));
                 match result {
                     Ok(n) => {
                         bytes.fetch_add(n as u64, Ordering::Relaxed);
