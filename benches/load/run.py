@@ -335,57 +335,45 @@ class Bench:
             for proc in targets:
                 for _ in range(2):  # the first stores, the second is a hit
                     http_get(f"http://127.0.0.1:{proc.port}{path}")
-            runs = {p.name: [] for p in targets}
-            for _ in range(self.args.reps):
-                for proc in targets:
-                    runs[proc.name].append(self.wrk(proc, path))
-            for proc in targets:
-                self.record(label, proc.name, runs[proc.name])
+            self.repeat(label, targets, lambda proc, _rep, path=path: self.wrk(proc, path))
 
     def mixed(self, targets):
         caches = [p for p in targets if p.name != "nginx-direct"]
         for proc in caches:  # fill: every object cached before measuring
             self.loadtool(proc, "fetch", f"127.0.0.1:{proc.port}", "m", str(MIXED_OBJECTS), "64")
         env = {"OBJECTS": str(MIXED_OBJECTS)}
+        self.repeat("mixed", targets, lambda proc, _rep: self.wrk(proc, script="objects.lua", env=env))
+
+    def repeat(self, label, targets, run_one):
+        """Runs `run_one(proc, rep)` --reps times per target, targets interleaved; records medians."""
         runs = {p.name: [] for p in targets}
-        for _ in range(self.args.reps):
+        for rep in range(self.args.reps):
             for proc in targets:
-                runs[proc.name].append(self.wrk(proc, script="mixed.lua", env=env))
+                runs[proc.name].append(run_one(proc, rep))
         for proc in targets:
-            self.record("mixed", proc.name, runs[proc.name])
+            self.record(label, proc.name, runs[proc.name])
 
     def cold(self, targets):
-        runs = {p.name: [] for p in targets}
-        for rep in range(self.args.reps):
-            for proc in targets:
-                runs[proc.name].append(self.loadtool(
-                    proc, "fetch", f"127.0.0.1:{proc.port}", f"c{rep}{proc.name}-", "2000", "64"))
-        for proc in targets:
-            self.record("cold fill", proc.name, runs[proc.name])
+        self.repeat("cold fill", targets, lambda proc, rep: self.loadtool(
+            proc, "fetch", f"127.0.0.1:{proc.port}", f"c{rep}{proc.name}-", "2000", "64"))
 
     def herd(self, targets):
-        runs = {p.name: [] for p in targets}
-        for rep in range(self.args.reps):
-            for proc in targets:
-                runs[proc.name].append(self.loadtool(
-                    proc, "herd", f"127.0.0.1:{proc.port}", f"/slow/{8 << 20}/h{rep}{proc.name}", "200"))
-        for proc in targets:
-            self.record("herd 8MiB", proc.name, runs[proc.name])
+        self.repeat("herd 8MiB", targets, lambda proc, rep: self.loadtool(
+            proc, "herd", f"127.0.0.1:{proc.port}", f"/slow/{8 << 20}/h{rep}{proc.name}", "200"))
 
     def churn(self):
         total = sum(mixed_size(i) for i in range(CHURN_OBJECTS))
         budget_mib = total // 3 >> 20
         print(f"  churn: {CHURN_OBJECTS} objects, {total >> 20} MiB, budget {budget_mib} MiB", flush=True)
-        self.churn_budget_mib = budget_mib
         targets = [self.start_sidecache("sidecache-churn", f"{budget_mib}MiB"),
                    self.nginx_cache("nginx-churn", f"{budget_mib}m")]
-        env = {"OBJECTS": str(CHURN_OBJECTS)}
+        env = {"OBJECTS": str(CHURN_OBJECTS), "DIST": "zipf", "PREFIX": "z"}
         for proc in targets:  # fill to the budget and into steady state
-            self.wrk(proc, script="zipf.lua", env=env, duration=self.args.duration * 3)
+            self.wrk(proc, script="objects.lua", env=env, duration=self.args.duration * 3)
         runs = {p.name: [] for p in targets}
         for _ in range(self.args.reps):
             for proc in targets:
-                r = self.wrk(proc, script="zipf.lua", env=env)
+                r = self.wrk(proc, script="objects.lua", env=env)
                 r["hit_ratio"] = 1 - r["origin_requests"] / max(r["requests"], 1)
                 runs[proc.name].append(r)
         for proc in targets:
