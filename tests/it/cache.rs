@@ -4,7 +4,7 @@ use std::io::Read as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -836,7 +836,7 @@ async fn sigkill_at_random_points_under_load_never_serves_corrupt_bytes() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    // A different kill point each round, from the clock: 100-700 ms into the load.
+    // A different kill point each round, from the clock: up to 500 ms into the load.
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -845,9 +845,11 @@ async fn sigkill_at_random_points_under_load_never_serves_corrupt_bytes() {
     for round in 0..3 {
         let (mut bin, addr) = start_binary(&origin, dir.path()).await;
         let stop = Arc::new(AtomicBool::new(false));
+        let checked = Arc::new(AtomicU64::new(0));
         let clients: Vec<_> = (0..12u64)
             .map(|c| {
                 let stop = stop.clone();
+                let checked = checked.clone();
                 tokio::spawn(async move {
                     let http = client();
                     let mut ok = 0u64;
@@ -865,14 +867,22 @@ async fn sigkill_at_random_points_under_load_never_serves_corrupt_bytes() {
                         let Ok(body) = resp.bytes().await else { break };
                         assert_eq!(body, expected(i), "round {round}: object {i} served corrupt");
                         ok += 1;
+                        checked.fetch_add(1, Ordering::Relaxed);
                     }
                     ok
                 })
             })
             .collect();
+        // The load must be under way before the fault: wait (bounded) until the
+        // clients have checked some bodies in this round.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while checked.load(Ordering::Relaxed) < 30 {
+            assert!(Instant::now() < deadline, "round {round}: clients checked no bodies");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        // The fault injected at a random moment; not a synchronisation.
-        tokio::time::sleep(Duration::from_millis(100 + (seed >> 33) % 600)).await;
+        // The fault injected at a random moment after that; not a synchronisation.
+        tokio::time::sleep(Duration::from_millis((seed >> 33) % 500)).await;
         bin.signal(libc::SIGKILL);
         tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
         stop.store(true, Ordering::Relaxed);
