@@ -318,7 +318,7 @@ pub struct Prepared {
     /// When it arrived.
     pub response_time: SystemTime,
     /// The head of a full answer: the stored fields without the ones addressed to this cache,
-    /// with `Content-Length` (and `Accept-Ranges` for a 200). `Age` is added per answer.
+    /// with `Content-Length` (and `Accept-Ranges` for a 200). `Age` is set per answer.
     pub headers: HeaderMap,
 }
 
@@ -338,6 +338,9 @@ impl Prepared {
         if status == StatusCode::OK {
             head.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         }
+        // A slot for the per-answer `Age`, so that setting it replaces in place instead of
+        // growing the copied map on every hit.
+        head.insert(header::AGE, HeaderValue::from_static("0"));
         Prepared {
             cc: response_directives(headers).0,
             lifetime: freshness_lifetime(status, headers, response_time, heuristic),

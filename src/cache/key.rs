@@ -21,15 +21,26 @@ impl CacheKey {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
-        let host = host.trim().to_ascii_lowercase();
-        let host = host.strip_suffix(":80").unwrap_or(&host);
+        let host = host.trim();
+        let host = host.strip_suffix(":80").unwrap_or(host);
         if host.is_empty() || host.contains(['/', ' ', '\\', '@']) {
             return None;
         }
         let path = req.uri().path();
         let q = req.uri().query().map(|q| key_query(q, query)).unwrap_or_default();
-        let sep = if q.is_empty() { "" } else { "?" };
-        Some(CacheKey(format!("{scheme}://{host}{path}{sep}{q}")))
+        // Built in one allocation: this runs on every request.
+        let mut key = String::with_capacity(scheme.len() + 3 + host.len() + path.len() + 1 + q.len());
+        key.push_str(scheme);
+        key.push_str("://");
+        let at = key.len();
+        key.push_str(host);
+        key[at..].make_ascii_lowercase();
+        key.push_str(path);
+        if !q.is_empty() {
+            key.push('?');
+            key.push_str(&q);
+        }
+        Some(CacheKey(key))
     }
 
     /// Wraps a key string read back from disk.
