@@ -62,7 +62,7 @@ pub struct Fill {
 
 impl Fill {
     /// A fill writing `file` for a response described by `meta` (`body_len` is the length).
-    pub fn new(meta: Arc<Meta>, file: File) -> Arc<Fill> {
+    pub fn new(meta: Arc<Meta>, file: Arc<File>) -> Arc<Fill> {
         let (progress, _) = watch::channel(Progress {
             written: 0,
             state: FillState::Writing,
@@ -70,7 +70,7 @@ impl Fill {
         let shared = (meta.body_len <= SHARED_MAX).then(|| std::sync::Mutex::new(Vec::new()));
         Arc::new(Fill {
             meta,
-            file: Arc::new(file),
+            file,
             progress,
             shared,
         })
@@ -148,13 +148,16 @@ impl Fill {
 /// Reads `n` bytes at `offset`: on the runtime when the page cache has them (just written, so
 /// nearly always), else on the blocking pool.
 pub async fn read_at(file: Arc<File>, n: usize, offset: u64) -> std::io::Result<Bytes> {
-    let mut buf = vec![0u8; n];
-    if crate::cache::mmap::read_exact_at_nowait(&file, &mut buf, offset)? {
+    use crate::cache::mmap;
+    if let Some(buf) = mmap::read_at(&file, n, offset, true)? {
         return Ok(Bytes::from(buf));
     }
-    tokio::task::spawn_blocking(move || file.read_exact_at(&mut buf, offset).map(|()| Bytes::from(buf)))
-        .await
-        .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || {
+        let buf = mmap::read_at(&file, n, offset, false)?.expect("a blocking read always answers");
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// A body with a known exact length (so HTTP/1.1 sends Content-Length, not chunked).

@@ -40,53 +40,64 @@ pub fn map_body(file: &File, len: u64, min_mmap: u64, nowait: bool) -> std::io::
         return Ok(Some((Bytes::new(), mtime)));
     }
     if len < min_mmap {
-        let mut buf = vec![0u8; len as usize];
-        if nowait {
-            if !read_exact_at_nowait(file, &mut buf, 0)? {
-                return Ok(None);
-            }
-        } else {
-            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0)?;
-        }
-        return Ok(Some((Bytes::from(buf), mtime)));
+        return Ok(read_at(file, len as usize, 0, nowait)?.map(|buf| (Bytes::from(buf), mtime)));
     }
     // SAFETY: see the module contract: the file is immutable after rename and only unlinked.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
     Ok(Some((Bytes::from_owner(map), mtime)))
 }
 
-/// Reads exactly `buf.len()` bytes at `offset`, but only if that needs no disk I/O: the pages
-/// are in the page cache (`preadv2` with `RWF_NOWAIT`). `Ok(false)` means it would block (or
-/// the kernel cannot tell): read off the runtime instead. Hits and read-while-write readers
-/// use this to skip a hand-off to the blocking pool for what is, nearly always, a memory copy.
-pub fn read_exact_at_nowait(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+/// Reads exactly `len` bytes at `offset` into a new buffer, which is not zeroed first. With
+/// `nowait`, only if that needs no disk I/O: the pages are in the page cache (`preadv2` with
+/// `RWF_NOWAIT`), and `Ok(None)` means it would block (or the kernel cannot tell): read off the
+/// runtime instead. Hits and read-while-write readers use this to skip a hand-off to the
+/// blocking pool for what is, nearly always, a memory copy.
+pub fn read_at(file: &File, len: usize, offset: u64, nowait: bool) -> std::io::Result<Option<Vec<u8>>> {
     use std::os::fd::AsRawFd;
-    let mut filled = 0usize;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
+    let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+    let mut buf = Vec::<u8>::with_capacity(len);
+    while buf.len() < len {
+        let filled = buf.len();
         let iov = libc::iovec {
-            iov_base: rest.as_mut_ptr().cast(),
-            iov_len: rest.len(),
+            // SAFETY: `filled < len <= capacity`, so the pointer stays in the allocation.
+            iov_base: unsafe { buf.as_mut_ptr().add(filled) }.cast(),
+            iov_len: len - filled,
         };
         let at = libc::off_t::try_from(offset + filled as u64)
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        // SAFETY: `iov` points into `buf`, which is writable for `iov_len` bytes and outlives
-        // the call; the descriptor is owned by `file`.
-        let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        // SAFETY: `iov` covers the buffer's spare capacity, which is writable for `iov_len`
+        // bytes and outlives the call; the descriptor is owned by `file`.
+        let rc = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, flags) };
         match rc {
-            n if n > 0 => filled += n as usize,
+            // SAFETY: the kernel wrote `n` more bytes after the `filled` initialised ones.
+            n if n > 0 => unsafe { buf.set_len(filled + n as usize) },
             0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             _ => {
                 let err = std::io::Error::last_os_error();
                 match err.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => return Ok(false),
+                    Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) if nowait => return Ok(None),
                     _ => return Err(err),
                 }
             }
         }
     }
-    Ok(true)
+    Ok(Some(buf))
+}
+
+/// Opens a stored file for reading without updating its access time: reading a cached object
+/// must not write its inode. Falls back to a plain open where `O_NOATIME` is refused (a file
+/// this user does not own).
+pub fn open_for_read(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(path),
+        other => other,
+    }
 }
 
 /// Free bytes available to unprivileged writers, and the filesystem's total size.

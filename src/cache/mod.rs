@@ -4,6 +4,7 @@
 //!
 //! Fail open: every storage error is counted and logged, and the request goes on to the app.
 
+pub mod admit;
 pub mod evict;
 pub mod fill;
 pub mod index;
@@ -63,7 +64,7 @@ fn open_body(
             source,
         }
     };
-    let file = std::fs::File::open(path).map_err(io("open"))?;
+    let file = mmap::open_for_read(path).map_err(io("open"))?;
     let Some((body, mtime)) = mmap::map_body(&file, expect.len, MIN_MMAP, nowait).map_err(io("map"))? else {
         return Ok(None);
     };
@@ -178,6 +179,8 @@ pub struct Cache {
     store: OnceLock<Arc<Store>>,
     index: Mutex<Index>,
     hot: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
+    /// Decides which disk hits go into the hot tier.
+    doorkeeper: admit::Doorkeeper,
     metas: moka::sync::Cache<KeyHash, Arc<Meta>>,
     flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
     /// For URLs whose responses vary: the request headers that pick the variant.
@@ -214,11 +217,13 @@ impl Cache {
                 (v.headers.len() * 64 + v.key.as_str().len() + 128).min(u32::MAX as usize) as u32
             })
             .build();
+        let doorkeeper = admit::Doorkeeper::new(config.memory_size);
         let cache = Arc::new(Cache {
             budget: Mutex::new((config.max_size, None)),
             config,
             store: OnceLock::new(),
             index: Mutex::new(Index::new()),
+            doorkeeper,
             hot,
             metas,
             flights: Mutex::new(HashMap::new()),
@@ -351,6 +356,7 @@ impl Cache {
         }
         if let Some(hot) = &self.hot
             && body_len <= self.config.memory_object_max
+            && self.doorkeeper.admit(&hash, body_len)
         {
             hot.insert(
                 hash,
@@ -541,19 +547,19 @@ impl Cache {
         let generation = store.next_gen();
         let created = store
             .create_tmp_body(generation)
-            .and_then(|(file, path)| match mmap::preallocate(&file, len) {
-                Ok(()) => Ok((file, path)),
+            .and_then(|tmp| match mmap::preallocate(&tmp.file, len) {
+                Ok(()) => Ok(tmp),
                 Err(source) => {
-                    let _ = std::fs::remove_file(&path);
+                    tmp.discard();
                     Err(StoreError::Io {
                         op: "allocate",
-                        path,
+                        path: tmp.describe(),
                         source,
                     })
                 }
             });
-        let (file, tmp_path) = match created {
-            Ok(pair) => pair,
+        let tmp = match created {
+            Ok(tmp) => tmp,
             Err(e) => {
                 self.release(reservation);
                 self.storage_error(&e);
@@ -562,14 +568,12 @@ impl Cache {
             }
         };
         metrics::counter!(m::FILLS_STARTED).increment(1);
-        let fill = Fill::new(Arc::new(meta), file);
+        let fill = Fill::new(Arc::new(meta), tmp.file.clone());
         permit.settle(Flight::Streaming(fill.clone()));
         let cache = self.clone();
         let task_fill = fill.clone();
         tokio::spawn(async move {
-            let ok = cache
-                .run_fill(&task_fill, body, generation, &tmp_path, reservation)
-                .await;
+            let ok = cache.run_fill(&task_fill, body, generation, tmp, reservation).await;
             task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
             cache.forget_flight(&permit.hash, &permit.flight);
             drop(permit);
@@ -582,7 +586,7 @@ impl Cache {
         fill: &Arc<Fill>,
         mut body: ProxyBody,
         generation: u64,
-        tmp: &std::path::Path,
+        tmp: store::Tmp,
         reserved: u64,
     ) -> bool {
         let len = fill.meta.body_len;
@@ -607,7 +611,7 @@ impl Cache {
                 Err(source) => {
                     let err = StoreError::Io {
                         op: "write",
-                        path: tmp.to_owned(),
+                        path: tmp.describe(),
                         source,
                     };
                     self.storage_error(&err);
@@ -623,19 +627,19 @@ impl Cache {
         if let Some((reason, detail)) = failure {
             debug!(reason, detail = %detail, "fill discarded");
             metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
-            let _ = std::fs::remove_file(tmp);
+            tmp.discard();
             self.release(reserved);
             return false;
         }
         let Some(digest) = writer.digest() else { return false };
         let mut meta = (*fill.meta).clone();
         meta.digest = digest;
-        self.commit(meta, tmp.to_owned(), generation, reserved).await
+        self.commit(meta, tmp, generation, reserved).await
     }
 
     /// Makes a finished body and its record durable and visible. Blocking work runs off the
     /// runtime.
-    async fn commit(&self, mut meta: Meta, tmp: std::path::PathBuf, generation: u64, reserved: u64) -> bool {
+    async fn commit(&self, mut meta: Meta, tmp: store::Tmp, generation: u64, reserved: u64) -> bool {
         let Some(store) = self.store() else { return false };
         let hash = meta.storage_hash();
         let len = meta.body_len;
@@ -647,13 +651,14 @@ impl Cache {
         let digest = meta.digest;
         let blocking_store = store.clone();
         let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
-            if new_body {
-                blocking_store.commit_body(&tmp, &digest, body_gen)?;
+            let mtime = if new_body {
+                blocking_store.commit_body(&tmp, &digest, body_gen)?
             } else {
-                let _ = std::fs::remove_file(&tmp);
-            }
+                tmp.discard();
+                blocking_store.body_mtime(&digest, body_gen)
+            };
             blocking_store.write_meta(&hash, meta_gen, &record)?;
-            Ok(blocking_store.body_mtime(&digest, body_gen))
+            Ok(mtime)
         })
         .await;
         let body_mtime = match &written {
@@ -705,14 +710,14 @@ impl Cache {
     pub fn tee_fill(self: &Arc<Self>, meta: Meta, body: ProxyBody) -> ProxyBody {
         let Some(store) = self.store() else { return body };
         let generation = store.next_gen();
-        let Ok((file, tmp)) = store.create_tmp_body(generation) else {
+        let Ok(tmp) = store.create_tmp_body(generation) else {
             return body;
         };
         let (tx, mut rx) = mpsc::channel::<TeeMsg>(256);
         let cache = self.clone();
         metrics::counter!(m::FILLS_STARTED).increment(1);
         tokio::spawn(async move {
-            let mut writer = HashingWriter::new(Arc::new(file));
+            let mut writer = HashingWriter::new(tmp.file.clone());
             let mut reserved = 0u64;
             let mut ended = false;
             while let Some(msg) = rx.recv().await {
@@ -756,7 +761,7 @@ impl Cache {
             if !ended || meta_len + written > reserved && !cache.reserve(meta_len + written - reserved) {
                 metrics::counter!(m::FILLS_ABORTED, "reason" => if ended { "budget" } else { "incomplete" })
                     .increment(1);
-                let _ = std::fs::remove_file(&tmp);
+                tmp.discard();
                 cache.release(reserved);
                 return;
             }

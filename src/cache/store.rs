@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! <cache_dir>/objects-v1/tmp/<gen>.<kind>          being written; swept at startup
+//!                                                   (unnamed `O_TMPFILE`s instead where the
+//!                                                   filesystem has them: nothing to sweep)
 //! <cache_dir>/objects-v1/meta/<kh:2>/<keyhash>.<gen> one record per stored version of a key
 //! <cache_dir>/objects-v1/body/<d:2>/<digest>.<gen>   bodies, content-addressed by blake3
 //! <cache_dir>/lock                                  held (flock) while a process uses the dir
@@ -12,8 +14,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -80,7 +84,47 @@ pub struct Store {
     root: PathBuf,
     objects: PathBuf,
     next_gen: AtomicU64,
+    /// How files being written are named, found by trying at open.
+    tmp_mode: TmpMode,
     _lock: File,
+}
+
+/// How a file being written gets its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TmpMode {
+    /// Written as an unnamed `O_TMPFILE` and linked into place with `linkat` through
+    /// `/proc/self/fd`. Nothing is created in, or renamed out of, a shared directory: concurrent
+    /// fills do not queue on one directory's lock or on the filesystem's rename lock, and a
+    /// crash leaves nothing behind.
+    Unnamed,
+    /// Written under `tmp/` and renamed into place (filesystems without `O_TMPFILE`, no `/proc`).
+    Named,
+}
+
+/// A file being written: an unnamed one, or one under `tmp/`.
+#[derive(Debug)]
+pub struct Tmp {
+    /// The open file.
+    pub file: Arc<File>,
+    /// Its path under `tmp/` when it has one.
+    name: Option<PathBuf>,
+}
+
+impl Tmp {
+    /// What to call it in errors.
+    pub fn describe(&self) -> PathBuf {
+        self.name
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("(unnamed temporary file)"))
+    }
+
+    /// Gives it up: a named one is removed; an unnamed one is freed when its last descriptor
+    /// closes.
+    pub fn discard(&self) {
+        if let Some(name) = &self.name {
+            let _ = fs::remove_file(name);
+        }
+    }
 }
 
 /// A file found by a directory scan.
@@ -123,13 +167,17 @@ impl Store {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
-        let store = Store {
+        let mut store = Store {
             root: root.to_owned(),
             objects,
             next_gen: AtomicU64::new(now),
+            tmp_mode: TmpMode::Named,
             _lock: lock,
         };
         store.sweep_tmp()?;
+        if store.unnamed_tmp_works() {
+            store.tmp_mode = TmpMode::Unnamed;
+        }
         Ok(store)
     }
 
@@ -149,20 +197,31 @@ impl Store {
 
     /// Where a meta record version lives.
     pub fn meta_path(&self, key: &KeyHash, generation: u64) -> PathBuf {
-        let hex = key.to_hex();
-        self.objects
-            .join("meta")
-            .join(&hex[..2])
-            .join(format!("{hex}.{generation:016x}"))
+        self.object_path("meta", &key.0, generation)
     }
 
     /// Where a body version lives.
     pub fn body_path(&self, digest: &Digest, generation: u64) -> PathBuf {
-        let hex = digest.to_hex();
-        self.objects
-            .join("body")
-            .join(&hex[..2])
-            .join(format!("{hex}.{generation:016x}"))
+        self.object_path("body", &digest.0, generation)
+    }
+
+    /// `objects/<kind>/<first hex byte>/<hex>.<generation as 16 hex digits>`, built in one
+    /// allocation: disk hits compute it on every request.
+    fn object_path(&self, kind: &str, id: &[u8], generation: u64) -> PathBuf {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let base = self.objects.as_os_str().as_encoded_bytes();
+        let mut p = Vec::with_capacity(base.len() + kind.len() + 4 + 2 * id.len() + 1 + 16 + 1);
+        p.extend_from_slice(base);
+        p.push(b'/');
+        p.extend_from_slice(kind.as_bytes());
+        p.push(b'/');
+        p.extend_from_slice(&[HEX[(id[0] >> 4) as usize], HEX[(id[0] & 15) as usize], b'/']);
+        for b in id {
+            p.extend_from_slice(&[HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+        }
+        p.push(b'.');
+        p.extend((0..16).rev().map(|i| HEX[((generation >> (4 * i)) & 15) as usize]));
+        PathBuf::from(std::ffi::OsString::from_vec(p))
     }
 
     /// Removes everything in `tmp/`: leftovers of fills a crash interrupted.
@@ -178,46 +237,99 @@ impl Store {
         Ok(n)
     }
 
-    /// Creates a temporary body file for a fill, open for reading and writing.
-    pub fn create_tmp_body(&self, generation: u64) -> Result<(File, PathBuf), StoreError> {
-        let path = self.tmp_path(generation, "body");
+    /// Whether this filesystem takes unnamed temporary files that can be linked into place:
+    /// one is made, linked under `tmp/` and removed.
+    fn unnamed_tmp_works(&self) -> bool {
+        let Ok(file) = self.open_unnamed(false) else {
+            return false;
+        };
+        let probe = self.tmp_path(self.next_gen(), "probe");
+        let linked = link_fd(&file, &probe).is_ok();
+        let _ = fs::remove_file(&probe);
+        linked
+    }
+
+    fn open_unnamed(&self, read: bool) -> std::io::Result<File> {
+        OpenOptions::new()
+            .read(read)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(self.objects.join("tmp"))
+    }
+
+    /// Creates a file to write a new version into (`read`: open for reading too).
+    fn create_tmp(&self, generation: u64, kind: &str, read: bool) -> Result<Tmp, StoreError> {
+        if self.tmp_mode == TmpMode::Unnamed {
+            let file = self
+                .open_unnamed(read)
+                .map_err(io("create", &self.objects.join("tmp")))?;
+            return Ok(Tmp {
+                file: Arc::new(file),
+                name: None,
+            });
+        }
+        let path = self.tmp_path(generation, kind);
         let file = OpenOptions::new()
-            .read(true)
+            .read(read)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)
             .map_err(io("create", &path))?;
-        Ok((file, path))
+        Ok(Tmp {
+            file: Arc::new(file),
+            name: Some(path),
+        })
     }
 
-    /// Moves a finished temporary body into place.
-    pub fn commit_body(&self, tmp: &Path, digest: &Digest, generation: u64) -> Result<(), StoreError> {
-        let path = self.body_path(digest, generation);
-        rename_into(tmp, &path)
-    }
-
-    /// Writes a meta record through `tmp/` and renames it into place.
-    pub fn write_meta(&self, key: &KeyHash, generation: u64, record: &[u8]) -> Result<(), StoreError> {
-        let tmp = self.tmp_path(generation, "meta");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        if let Err(e) = f.write_all(record) {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::Io {
-                op: "write",
-                path: tmp,
+    /// Gives a finished file its final name. The fan-out directory is created on first use.
+    fn place(&self, tmp: &Tmp, to: &Path) -> Result<(), StoreError> {
+        let put = || match &tmp.name {
+            Some(name) => fs::rename(name, to),
+            None => link_fd(&tmp.file, to),
+        };
+        match put() {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = to.parent().expect("object paths have a parent");
+                fs::create_dir_all(parent).map_err(io("create", parent))?;
+                put().map_err(io("place", to))
+            }
+            Err(e) => Err(StoreError::Io {
+                op: "place",
+                path: to.to_owned(),
                 source: e,
-            });
+            }),
         }
-        drop(f);
-        let result = rename_into(&tmp, &self.meta_path(key, generation));
+    }
+
+    /// Creates a temporary body file for a fill, open for reading and writing.
+    pub fn create_tmp_body(&self, generation: u64) -> Result<Tmp, StoreError> {
+        self.create_tmp(generation, "body", true)
+    }
+
+    /// Moves a finished temporary body into place; its modification time (ns) after.
+    pub fn commit_body(&self, tmp: &Tmp, digest: &Digest, generation: u64) -> Result<u64, StoreError> {
+        self.place(tmp, &self.body_path(digest, generation))?;
+        Ok(tmp
+            .file
+            .metadata()
+            .map(|md| crate::cache::mmap::mtime_ns(&md))
+            .unwrap_or(0))
+    }
+
+    /// Writes a meta record to a new file and puts it in place.
+    pub fn write_meta(&self, key: &KeyHash, generation: u64, record: &[u8]) -> Result<(), StoreError> {
+        let tmp = self.create_tmp(generation, "meta", false)?;
+        let written = (&*tmp.file).write_all(record).map_err(|source| StoreError::Io {
+            op: "write",
+            path: tmp.describe(),
+            source,
+        });
+        let result = written.and_then(|()| self.place(&tmp, &self.meta_path(key, generation)));
         if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+            tmp.discard();
         }
         result
     }
@@ -277,13 +389,12 @@ pub fn read_meta_nowait(path: &Path) -> Result<Option<Meta>, StoreError> {
 
 fn read_meta(path: &Path, nowait: bool) -> Result<Option<Meta>, StoreError> {
     let bytes = if nowait {
-        let file = fs::File::open(path).map_err(io("open", path))?;
+        let file = crate::cache::mmap::open_for_read(path).map_err(io("open", path))?;
         let len = file.metadata().map_err(io("stat", path))?.len() as usize;
-        let mut buf = vec![0u8; len.min(MAX_RECORD + 65)];
-        if !crate::cache::mmap::read_exact_at_nowait(&file, &mut buf, 0).map_err(io("read", path))? {
-            return Ok(None);
+        match crate::cache::mmap::read_at(&file, len.min(MAX_RECORD + 65), 0, true).map_err(io("read", path))? {
+            Some(buf) => buf,
+            None => return Ok(None),
         }
-        buf
     } else {
         fs::read(path).map_err(io("read", path))?
     };
@@ -301,20 +412,28 @@ fn read_meta(path: &Path, nowait: bool) -> Result<Option<Meta>, StoreError> {
     })
 }
 
-fn rename_into(from: &Path, to: &Path) -> Result<(), StoreError> {
-    match fs::rename(from, to) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // The two-hex-digit fan-out directory is created on first use.
-            let parent = to.parent().expect("object paths have a parent");
-            fs::create_dir_all(parent).map_err(io("create", parent))?;
-            fs::rename(from, to).map_err(io("rename", to))
-        }
-        Err(e) => Err(StoreError::Io {
-            op: "rename",
-            path: to.to_owned(),
-            source: e,
-        }),
+/// Links an unnamed (`O_TMPFILE`) file to `to` through its `/proc/self/fd` entry, which needs
+/// no privilege (unlike `AT_EMPTY_PATH`). Fails if `to` exists: every name is used once.
+fn link_fd(file: &File, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: both are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -367,11 +486,39 @@ mod tests {
     #[test]
     fn startup_sweeps_half_written_files() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (_, tmp) = store.create_tmp_body(store.next_gen()).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.tmp_mode = TmpMode::Named;
+        let tmp = store.create_tmp_body(store.next_gen()).unwrap();
+        let name = tmp.name.clone().expect("a named temporary file");
         drop(store);
-        assert!(tmp.exists());
+        assert!(name.exists());
         let _store = Store::open(dir.path()).unwrap();
-        assert!(!tmp.exists());
+        assert!(!name.exists());
+    }
+
+    #[test]
+    fn both_kinds_of_temporary_file_land_whole_under_their_final_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        // This machine's filesystem has O_TMPFILE: the unnamed kind is found and used.
+        assert_eq!(store.tmp_mode, TmpMode::Unnamed);
+        for mode in [TmpMode::Unnamed, TmpMode::Named] {
+            store.tmp_mode = mode;
+            let tmp = store.create_tmp_body(store.next_gen()).unwrap();
+            (&*tmp.file).write_all(b"body bytes").unwrap();
+            let digest = Digest::from(blake3::hash(b"body bytes"));
+            let generation = store.next_gen();
+            let mtime = store.commit_body(&tmp, &digest, generation).unwrap();
+            assert!(mtime > 0);
+            assert_eq!(fs::read(store.body_path(&digest, generation)).unwrap(), b"body bytes");
+            let key = KeyHash::of(b"http://h/a");
+            store.write_meta(&key, generation, b"record").unwrap();
+            assert_eq!(fs::read(store.meta_path(&key, generation)).unwrap(), b"record");
+            assert_eq!(
+                fs::read_dir(dir.path().join("objects-v1/tmp")).unwrap().count(),
+                0,
+                "{mode:?}"
+            );
+        }
     }
 }

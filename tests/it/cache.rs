@@ -405,6 +405,8 @@ async fn hot_tier_serves_small_objects_from_memory() {
     let sc = TestSidecar::start(&origin.url()).await;
     get(&sc.url("/small.css")).await;
     assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    // Two hits from disk: the second admits it to memory.
+    assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
     assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
     // Remove the files underneath: the hot tier still has the object.
     for f in files_under(&sc.dir.path().join("cache/objects-v1")) {
@@ -414,6 +416,24 @@ async fn hot_tier_serves_small_objects_from_memory() {
     assert_eq!(cs, "sidecache; hit");
     assert_eq!(body, Bytes::from(pattern_bytes(5000)));
     assert_eq!(origin.hits("/small.css"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_disk_hit_does_not_admit_an_object_to_memory() {
+    let origin = Origin::start().await;
+    origin.fixed("/once.css", CACHEABLE, pattern_bytes(5000));
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc.url("/once.css")).await;
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert_eq!(get(&sc.url("/once.css")).await.1, "sidecache; hit");
+    // Only on disk: with its files gone it is fetched again.
+    for f in files_under(&sc.dir.path().join("cache/objects-v1")) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let (status, _, body) = get(&sc.url("/once.css")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, Bytes::from(pattern_bytes(5000)));
+    assert_eq!(origin.hits("/once.css"), 2, "not served from memory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
