@@ -164,8 +164,10 @@ config_keys! {
     idle_timeout: HumanDuration,
     /// Largest request head accepted.
     max_header_size: ByteSize,
-    /// Concurrent client connections; further ones wait in the listen backlog.
+    /// Concurrent client connections served; further ones wait, unserved, for a free slot.
     max_connections: usize,
+    /// Threads serving the public port, each with its own event loop (default: one per CPU).
+    workers: usize,
     /// How long `serve -- <app>` waits for the app to accept connections.
     app_start_timeout: HumanDuration,
     /// One log line per request.
@@ -293,6 +295,8 @@ pub struct Config {
     pub max_header_size: usize,
     /// Concurrent connections.
     pub max_connections: usize,
+    /// Serving threads, one event loop each.
+    pub workers: usize,
     /// Wait for a supervised app to come up.
     pub app_start_timeout: Duration,
     /// Access log on/off.
@@ -585,6 +589,12 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         return Err(invalid("max_header_size", "must be between 8KiB and 16MiB".into()));
     }
     let max_connections = raw.max_connections.unwrap_or(4096);
+    let workers = raw
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !(1..=1024).contains(&workers) {
+        return Err(invalid("workers", "must be 1-1024".into()));
+    }
     if max_connections == 0 {
         return Err(invalid("max_connections", "must be at least 1".into()));
     }
@@ -630,6 +640,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         idle_timeout: nonzero("idle_timeout", dur(raw.idle_timeout, Duration::from_secs(120)))?,
         max_header_size,
         max_connections,
+        workers,
         app_start_timeout: nonzero("app_start_timeout", dur(raw.app_start_timeout, Duration::from_secs(60)))?,
         access_log: raw.access_log.unwrap_or(true),
         log_format: raw.log_format.unwrap_or(LogFormat::Text),

@@ -334,7 +334,13 @@ fn main() -> ExitCode {
             };
             init_logging(&config);
             let prime = prime.map(|file| (file, prime_host));
-            run_async(serve(config, app, prime))
+            // This thread's loop is the first serving loop (see `Sidecar::serve`) and runs the
+            // background work; the others get their own threads.
+            let blocking = (64 / config.workers).max(8);
+            run_on(
+                tokio::runtime::Builder::new_current_thread().max_blocking_threads(blocking),
+                serve(config, app, prime),
+            )
         }
         Command::Purge {
             url,
@@ -370,13 +376,19 @@ fn main() -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        // File steps are short; a bounded pool keeps a burst of fills from spawning hundreds
-        // of threads (and their allocator arenas).
-        .max_blocking_threads(64)
-        .enable_all()
-        .build()
-    {
+    // File steps are short; a bounded pool keeps a burst of fills from spawning hundreds of
+    // threads (and their allocator arenas).
+    run_on(
+        tokio::runtime::Builder::new_multi_thread().max_blocking_threads(64),
+        fut,
+    )
+}
+
+fn run_on(
+    builder: &mut tokio::runtime::Builder,
+    fut: impl std::future::Future<Output = anyhow::Result<u8>>,
+) -> ExitCode {
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sidecache: failed to start the runtime: {e}");

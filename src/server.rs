@@ -27,18 +27,22 @@ use crate::proxy::Proxy;
 
 /// Serves the public port until `shutdown` completes, then drains in-flight requests for at
 /// most `config.grace_period`. Returns true when every connection finished in time.
-pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) -> bool {
+/// `limit` holds the connection slots, shared by every loop serving the port.
+pub async fn run(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+    limit: Arc<Semaphore>,
+) -> bool {
     let config = proxy.config.clone();
     let builder = Arc::new(connection_builder(&config));
-    let limit = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
 
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
+        // Accept, then wait for a slot: with several loops sharing the slots, a loop that took
+        // a slot before accepting could hold it while the waiting connection sits in another
+        // loop's queue. Each loop holds at most one accepted connection waiting for a slot.
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -50,6 +54,10 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
                     continue;
                 }
             },
+        };
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();

@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::admin::Admin;
 use crate::cache::Cache;
@@ -61,14 +62,113 @@ impl Sidecar {
 
     /// Binds the public port.
     pub async fn bind_public(&self) -> std::io::Result<TcpListener> {
-        let listener = TcpListener::bind(self.proxy.config.listen).await?;
+        let listener = if self.proxy.config.workers > 1 {
+            reuseport_listener(self.proxy.config.listen)?
+        } else {
+            TcpListener::bind(self.proxy.config.listen).await?
+        };
         info!(addr = %listener.local_addr()?, upstream = %self.proxy.upstream.addr(), "proxy listening");
         Ok(listener)
     }
 
     /// Serves `listener` until the shutdown token is cancelled, then drains. True when every
     /// connection finished within the grace period.
+    ///
+    /// With `workers` above 1, the port is served by that many event loops, each on its own
+    /// thread with a single-threaded runtime and accepting from the same socket (this caller's
+    /// loop is one of them), like nginx's worker processes. A connection stays on the loop that
+    /// accepted it: no work-stealing wake-ups between threads on the request path. Everything
+    /// else (the cache, the app's connection pool, fills) is shared.
     pub async fn serve(&self, listener: TcpListener) -> bool {
-        crate::server::run(listener, self.proxy.clone(), self.shutdown.clone().cancelled_owned()).await
+        let limit = Arc::new(Semaphore::new(self.proxy.config.max_connections));
+        let (listener, others) = match self.split(listener) {
+            Ok(pair) => pair,
+            Err(e) => {
+                error!(error = %e, "failed to prepare the public listener");
+                return false;
+            }
+        };
+        // The worker loops keep running after draining until every loop has: a connection
+        // may still use an upstream connection that another loop drives.
+        let released = CancellationToken::new();
+        let mut drained = Vec::new();
+        for (i, listener) in others.into_iter().enumerate() {
+            let (proxy, shutdown, limit, released) = (
+                self.proxy.clone(),
+                self.shutdown.clone(),
+                limit.clone(),
+                released.clone(),
+            );
+            let (done, result) = tokio::sync::oneshot::channel();
+            let blocking = (64 / self.proxy.config.workers).max(8);
+            let spawned = std::thread::Builder::new()
+                .name(format!("sidecache-worker-{}", i + 1))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .max_blocking_threads(blocking)
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => return warn!(error = %e, "failed to start a worker loop"),
+                    };
+                    runtime.block_on(async move {
+                        let Ok(listener) = TcpListener::from_std(listener) else {
+                            return;
+                        };
+                        let ok = crate::server::run(listener, proxy, shutdown.cancelled_owned(), limit).await;
+                        let _ = done.send(ok);
+                        released.cancelled().await;
+                    });
+                });
+            match spawned {
+                Ok(_) => drained.push(result),
+                Err(e) => warn!(error = %e, "failed to start a worker thread"),
+            }
+        }
+        let mut all = crate::server::run(
+            listener,
+            self.proxy.clone(),
+            self.shutdown.clone().cancelled_owned(),
+            limit,
+        )
+        .await;
+        for result in drained {
+            all &= result.await.unwrap_or(false);
+        }
+        released.cancel();
+        all
     }
+
+    /// Adds a listening socket per other loop on the same address, in `listener`'s
+    /// `SO_REUSEPORT` group: the kernel spreads new connections over the loops evenly. Fewer
+    /// loops when that fails (a listener bound without the option, no descriptors left).
+    fn split(&self, listener: TcpListener) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
+        let workers = self.proxy.config.workers;
+        let addr = listener.local_addr()?;
+        let mut others = Vec::with_capacity(workers.saturating_sub(1));
+        for _ in 1..workers {
+            match reuseport_listener(addr).and_then(|l| l.into_std()) {
+                Ok(l) => others.push(l),
+                Err(e) => {
+                    warn!(error = %e, loops = others.len() + 1, "fewer serving loops than configured");
+                    break;
+                }
+            }
+        }
+        Ok((listener, others))
+    }
+}
+
+/// A listener on `addr` that other sockets of this user may join with `SO_REUSEPORT`.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
