@@ -43,8 +43,8 @@ fn main() {
         for i in 0..n {
             let body = format!("console.log({i});\n").repeat(8);
             let generation = store.next_gen();
-            let (mut file, tmp) = store.create_tmp_body(generation).expect("tmp");
-            std::io::Write::write_all(&mut file, body.as_bytes()).expect("write");
+            let tmp = store.create_tmp_body(generation).expect("tmp");
+            std::io::Write::write_all(&mut &*tmp.file, body.as_bytes()).expect("write");
             let digest = Digest::from(blake3::hash(body.as_bytes()));
             store.commit_body(&tmp, &digest, generation).expect("commit");
             let key = CacheKey::from_stored(format!("http://app.example/assets/{i}.js"));

@@ -7,8 +7,11 @@
 //! another actor truncating the file underneath (that would fault the reader); the file's
 //! length is checked against the record when it is opened, and its hash before first use.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
@@ -26,7 +29,7 @@ pub fn mtime_ns(md: &std::fs::Metadata) -> u64 {
 /// mapping costs more than a copy there.
 ///
 /// With `nowait`, `Ok(None)` instead of waiting for the disk: the caller retries off the runtime.
-pub fn map_body(file: &File, len: u64, min_mmap: u64, nowait: bool) -> std::io::Result<Option<(Bytes, u64)>> {
+pub fn map_body(file: File, len: u64, min_mmap: u64, nowait: bool) -> std::io::Result<Option<(Bytes, u64)>> {
     let md = file.metadata()?;
     let mtime = mtime_ns(&md);
     let actual = md.len();
@@ -40,11 +43,84 @@ pub fn map_body(file: &File, len: u64, min_mmap: u64, nowait: bool) -> std::io::
         return Ok(Some((Bytes::new(), mtime)));
     }
     if len < min_mmap {
-        return Ok(read_at(file, len as usize, 0, nowait)?.map(|buf| (Bytes::from(buf), mtime)));
+        return Ok(read_at(&file, len as usize, 0, nowait)?.map(|buf| (Bytes::from(buf), mtime)));
     }
     // SAFETY: see the module contract: the file is immutable after rename and only unlinked.
-    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(file)? };
-    Ok(Some((Bytes::from_owner(map), mtime)))
+    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file)? };
+    Ok(Some((Bytes::from_owner(MappedBody::new(map, file)), mtime)))
+}
+
+/// Mapped bodies by start address, with their files: a connection that is asked to write a
+/// slice of one sends it from the file with `sendfile` instead of copying it from the mapping.
+static MAPPED: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
+
+struct Region {
+    len: usize,
+    file: Arc<File>,
+    /// `sendfile` found the file shorter than the mapping: truncated underneath.
+    truncated: AtomicBool,
+}
+
+/// A mapped body, registered in [`MAPPED`] while it lives.
+struct MappedBody {
+    map: memmap2::Mmap,
+}
+
+impl MappedBody {
+    fn new(map: memmap2::Mmap, file: File) -> MappedBody {
+        let region = Region {
+            len: map.len(),
+            file: Arc::new(file),
+            truncated: AtomicBool::new(false),
+        };
+        MAPPED
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(map.as_ptr() as usize, region);
+        MappedBody { map }
+    }
+}
+
+impl AsRef<[u8]> for MappedBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for MappedBody {
+    fn drop(&mut self) {
+        // Before the mapping goes (the field drops after this): no later mapping at the same
+        // address can be mistaken for this one.
+        MAPPED
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(self.map.as_ptr() as usize));
+    }
+}
+
+/// The file and offset that `bytes` were mapped from, when they lie inside one mapped body.
+pub fn mapped_file(bytes: &[u8]) -> Option<(Arc<File>, u64)> {
+    with_region(bytes, |start, region| {
+        (region.file.clone(), (bytes.as_ptr() as usize - start) as u64)
+    })
+}
+
+/// Records that the file `bytes` were mapped from turned out shorter than its mapping.
+pub fn mark_truncated(bytes: &[u8]) {
+    with_region(bytes, |_, region| region.truncated.store(true, Ordering::Relaxed));
+}
+
+/// False when `bytes` are a mapped body whose file was found truncated: serving it again
+/// would fail, so the cache drops it.
+pub fn intact(bytes: &[u8]) -> bool {
+    with_region(bytes, |_, region| !region.truncated.load(Ordering::Relaxed)).unwrap_or(true)
+}
+
+fn with_region<T>(bytes: &[u8], f: impl FnOnce(usize, &Region) -> T) -> Option<T> {
+    let at = bytes.as_ptr() as usize;
+    let regions = MAPPED.read().unwrap_or_else(|p| p.into_inner());
+    let (&start, region) = regions.range(..=at).next_back()?;
+    (at + bytes.len() <= start + region.len).then(|| f(start, region))
 }
 
 /// Reads exactly `len` bytes at `offset` into a new buffer, which is not zeroed first. With

@@ -31,9 +31,9 @@ use key::{CacheKey, Digest, KeyHash};
 use meta::Meta;
 use store::{Store, StoreError};
 
-/// Bodies smaller than this are read into memory rather than mapped: below it a copy costs
-/// less than mapping, faulting in and unmapping.
-const MIN_MMAP: u64 = 1 << 20;
+/// Bodies smaller than this are read into memory; larger ones are mapped, and the mapping is
+/// never read on the way out: connections send its slices from the file with `sendfile`.
+const MIN_MMAP: u64 = 64 << 10;
 /// A fill writes what its upstream has ready in steps of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
@@ -65,7 +65,7 @@ fn open_body(
         }
     };
     let file = mmap::open_for_read(path).map_err(io("open"))?;
-    let Some((body, mtime)) = mmap::map_body(&file, expect.len, MIN_MMAP, nowait).map_err(io("map"))? else {
+    let Some((body, mtime)) = mmap::map_body(file, expect.len, MIN_MMAP, nowait).map_err(io("map"))? else {
         return Ok(None);
     };
     // Hashed before it is served when it is from before a restart, or when its file changed
@@ -290,6 +290,8 @@ impl Cache {
         if let Some(hot) = &self.hot
             && let Some(obj) = hot.get(&hash)
             && obj.meta.key == *key
+            // A mapped body whose file was truncated underneath: the disk path drops it.
+            && (obj.body.len() < MIN_MMAP as usize || mmap::intact(&obj.body))
         {
             self.lock_index().touch(&hash);
             return Some(Hit {

@@ -419,6 +419,55 @@ async fn hot_tier_serves_small_objects_from_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_hits_sent_from_the_file_are_whole_and_a_truncated_file_is_never_served() {
+    let origin = Origin::start().await;
+    // As large as the memory tier takes (1 MiB), so that it is held there as a mapping.
+    let len: usize = 1 << 20;
+    origin.fixed("/big.bin", CACHEABLE, pattern_bytes(len as u64));
+    let sc = TestSidecar::start(&origin.url()).await;
+    get(&sc.url("/big.bin")).await;
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    // Hits of a mapped body go out with sendfile: from disk, then from memory's mapping.
+    for _ in 0..3 {
+        let (status, cs, body) = get(&sc.url("/big.bin")).await;
+        assert_eq!((status.as_u16(), cs.as_str()), (200, "sidecache; hit"));
+        assert!(body.len() == len && matches_pattern(0, &body));
+    }
+    let part = client()
+        .get(sc.url("/big.bin"))
+        .header("range", "bytes=100000-900000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    let part = part.bytes().await.unwrap();
+    assert!(part.len() == 800_001 && matches_pattern(100_000, &part));
+    // Another actor cuts the body file short underneath.
+    let body_file = files_under(&sc.dir.path().join("cache/objects-v1/body"))
+        .into_iter()
+        .find(|f| std::fs::metadata(f).unwrap().len() == len as u64)
+        .expect("the body file");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&body_file)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    // The mapping in memory still says 1 MiB: the transfer is cut off, not completed with
+    // other bytes (and the process takes no SIGBUS: the mapping is never read).
+    let cut = match client().get(sc.url("/big.bin")).send().await {
+        Ok(resp) => resp.bytes().await.map(|b| b.len()),
+        Err(e) => Err(e),
+    };
+    assert!(cut.is_err(), "a truncated body was served whole: {cut:?}");
+    // And then the right bytes again, fetched anew, from a sidecar that is still up.
+    let (status, _, body) = get(&sc.url("/big.bin")).await;
+    assert_eq!(status, 200);
+    assert!(body.len() == len && matches_pattern(0, &body));
+    assert_eq!(origin.hits("/big.bin"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_disk_hit_does_not_admit_an_object_to_memory() {
     let origin = Origin::start().await;
     origin.fixed("/once.css", CACHEABLE, pattern_bytes(5000));
