@@ -44,7 +44,8 @@ pub enum FillState {
 /// Published progress of a fill.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
-    /// Bytes durably in the file (readable by `pread`).
+    /// Bytes readers may send: in the file (readable by `pread`), or, for a body shared in
+    /// memory, received.
     pub written: u64,
     /// Where it stands.
     pub state: FillState,
@@ -81,7 +82,13 @@ impl Fill {
         &self.file
     }
 
-    /// Publishes that `written` bytes are in the file; `chunks` are those just written.
+    /// Whether readers are sent the fill's buffers (true) or read the file.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Publishes that readers may send `written` bytes: in the file, or, for a shared body,
+    /// received (`chunks` are the new ones).
     pub fn advance(&self, written: u64, chunks: &[Bytes]) {
         if let Some(shared) = &self.shared {
             shared
@@ -129,7 +136,8 @@ impl Fill {
                         };
                     }
                     match p.state {
-                        FillState::Complete if offset >= len => return None,
+                        // Every byte of the body is out: the disk copy's fate is not the reader's.
+                        _ if offset >= len => return None,
                         FillState::Failed => return Some((Err(BoxError::from("cache fill failed upstream")), None)),
                         _ => {
                             if rx.changed().await.is_err() {
@@ -284,9 +292,9 @@ impl HashingWriter {
         Ok(self.written)
     }
 
-    /// The content hash of everything written.
-    pub fn digest(self) -> Option<crate::cache::key::Digest> {
-        self.hasher.map(|h| h.finalize().into())
+    /// The hasher and the length written, to go on from; `None` after a failed write.
+    pub fn into_parts(self) -> Option<(blake3::Hasher, u64)> {
+        Some((self.hasher?, self.written))
     }
 }
 

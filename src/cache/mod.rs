@@ -584,7 +584,7 @@ impl Cache {
     }
 
     async fn run_fill(
-        &self,
+        self: &Arc<Self>,
         fill: &Arc<Fill>,
         mut body: ProxyBody,
         generation: u64,
@@ -594,6 +594,7 @@ impl Cache {
         let len = fill.meta.body_len;
         let mut writer = HashingWriter::new(fill.file().clone());
         let mut failure = None;
+        let mut last = Vec::new();
         while let Some(batch) = next_batch(&mut body, WRITE_BATCH).await {
             let batch = match batch {
                 Ok(b) => b,
@@ -608,8 +609,22 @@ impl Cache {
                 break;
             }
             metrics::counter!(m::UPSTREAM_BYTES).increment(size);
+            if fill.is_shared() {
+                // Readers send these buffers, not the file's bytes: they need not wait for the
+                // write. The batch that completes the body is written by the commit, in the
+                // same trip off the runtime.
+                fill.advance(writer.written() + size, &batch);
+                if writer.written() + size == len {
+                    last = batch;
+                    break;
+                }
+            }
             match writer.write(batch.clone()).await {
-                Ok(written) => fill.advance(written, &batch),
+                Ok(written) => {
+                    if !fill.is_shared() {
+                        fill.advance(written, &batch);
+                    }
+                }
                 Err(source) => {
                     let err = StoreError::Io {
                         op: "write",
@@ -622,9 +637,9 @@ impl Cache {
                 }
             }
         }
-        let written = writer.written();
-        if failure.is_none() && written != len {
-            failure = Some(("truncated", format!("upstream body ended at {written} of {len} bytes")));
+        let received = writer.written() + last.iter().map(|c| c.len() as u64).sum::<u64>();
+        if failure.is_none() && received != len {
+            failure = Some(("truncated", format!("upstream body ended at {received} of {len} bytes")));
         }
         if let Some((reason, detail)) = failure {
             debug!(reason, detail = %detail, "fill discarded");
@@ -633,63 +648,106 @@ impl Cache {
             self.release(reserved);
             return false;
         }
-        let Some(digest) = writer.digest() else { return false };
-        let mut meta = (*fill.meta).clone();
-        meta.digest = digest;
-        self.commit(meta, tmp, generation, reserved).await
+        let meta = (*fill.meta).clone();
+        self.commit(meta, tmp, writer, last, generation, reserved).await
     }
 
-    /// Makes a finished body and its record durable and visible. Blocking work runs off the
-    /// runtime.
-    async fn commit(&self, mut meta: Meta, tmp: store::Tmp, generation: u64, reserved: u64) -> bool {
+    /// Makes a finished body and its record durable and visible: writes the `last` chunks
+    /// after what `writer` wrote, names the body by its hash, and writes the record, in one
+    /// trip off the runtime.
+    async fn commit(
+        self: &Arc<Self>,
+        mut meta: Meta,
+        tmp: store::Tmp,
+        writer: HashingWriter,
+        last: Vec<Bytes>,
+        generation: u64,
+        reserved: u64,
+    ) -> bool {
         let Some(store) = self.store() else { return false };
+        let Some((mut hasher, mut at)) = writer.into_parts() else {
+            return false;
+        };
         let hash = meta.storage_hash();
         let len = meta.body_len;
-        let (body_gen, new_body) = self.lock_index().acquire_body(meta.digest, len, generation, len);
-        meta.body_gen = body_gen;
         let meta_gen = store.next_gen();
-        let record = meta.encode();
-        let meta_len = record.len() as u64;
-        let digest = meta.digest;
-        let blocking_store = store.clone();
-        let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+        let cache = self.clone();
+        // Err carries the digest when the body was counted in the index by then.
+        let written = tokio::task::spawn_blocking(move || -> Result<(Meta, u64, u64), (Option<Digest>, StoreError)> {
+            for chunk in &last {
+                hasher.update(chunk);
+                std::os::unix::fs::FileExt::write_all_at(&*tmp.file, chunk, at).map_err(|source| {
+                    let path = tmp.describe();
+                    (
+                        None,
+                        StoreError::Io {
+                            op: "write",
+                            path,
+                            source,
+                        },
+                    )
+                })?;
+                at += chunk.len() as u64;
+            }
+            let digest = Digest::from(hasher.finalize());
+            let (body_gen, new_body) = cache.lock_index().acquire_body(digest, len, generation, len);
+            meta.digest = digest;
+            meta.body_gen = body_gen;
+            let record = meta.encode();
             let mtime = if new_body {
-                blocking_store.commit_body(&tmp, &digest, body_gen)?
+                store
+                    .commit_body(&tmp, &digest, body_gen)
+                    .map_err(|e| (Some(digest), e))?
             } else {
                 tmp.discard();
-                blocking_store.body_mtime(&digest, body_gen)
+                store.body_mtime(&digest, body_gen)
             };
-            blocking_store.write_meta(&hash, meta_gen, &record)?;
-            Ok(mtime)
+            store
+                .write_meta(&hash, meta_gen, &record)
+                .map_err(|e| (Some(digest), e))?;
+            Ok((meta, record.len() as u64, mtime))
         })
         .await;
-        let body_mtime = match &written {
-            Ok(Ok(mtime)) => *mtime,
-            _ => 0,
+        let (meta, meta_len, body_mtime) = match written {
+            Ok(Ok(done)) => done,
+            failed => {
+                let counted = match failed {
+                    Ok(Err((counted, e))) => {
+                        self.storage_error(&e);
+                        counted
+                    }
+                    _ => None,
+                };
+                let freed = {
+                    let mut ix = self.lock_index();
+                    match counted {
+                        Some(digest) => {
+                            ix.release(reserved.saturating_sub(len));
+                            ix.release_body(&digest)
+                        }
+                        None => {
+                            ix.release(reserved);
+                            None
+                        }
+                    }
+                };
+                if let Some((d, g, bytes)) = freed
+                    && let Some(store) = self.store()
+                {
+                    let path = store.body_path(&d, g);
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+                    self.lock_index().unlinked(bytes);
+                }
+                metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                return false;
+            }
         };
-        if !matches!(written, Ok(Ok(_))) {
-            if let Ok(Err(e)) = &written {
-                self.storage_error(e);
-            }
-            let freed = {
-                let mut ix = self.lock_index();
-                ix.release(reserved.saturating_sub(len));
-                ix.release_body(&digest)
-            };
-            if let Some((d, g, bytes)) = freed {
-                let path = store.body_path(&d, g);
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
-                self.lock_index().unlinked(bytes);
-            }
-            metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
-            return false;
-        }
         let entry = Entry {
             key: meta.key.as_str().into(),
             meta_gen,
             meta_len,
-            digest,
-            body_gen,
+            digest: meta.digest,
+            body_gen: meta.body_gen,
             body_len: len,
             verified: true,
             body_mtime,
@@ -768,9 +826,7 @@ impl Cache {
                 return;
             }
             let reserved = reserved.max(meta_len + written);
-            let Some(digest) = writer.digest() else { return };
-            meta.digest = digest;
-            cache.commit(meta, tmp, generation, reserved).await;
+            cache.commit(meta, tmp, writer, Vec::new(), generation, reserved).await;
         });
         fill::tee(body, tx)
     }
