@@ -104,10 +104,23 @@ pub fn error_response(status: StatusCode, text: &'static str) -> Response<ProxyB
     resp
 }
 
+std::thread_local! {
+    /// The serving loop this thread runs (0 for the first loop and any other thread).
+    static SERVING_LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as running serving loop `index`, so it uses that loop's pool.
+pub fn set_serving_loop(index: usize) {
+    SERVING_LOOP.set(index);
+}
+
 /// The pooled client to the app.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, ProxyBody>,
+    /// One pool per serving loop: a connection's task runs on the loop that opened it, so a
+    /// request must not use another loop's connections (every read and write would then
+    /// wake two threads).
+    clients: Box<[Client<HttpConnector, ProxyBody>]>,
     addr: UpstreamAddr,
     timeout: Duration,
     trust_forwarded: bool,
@@ -120,14 +133,18 @@ impl Upstream {
         connector.set_connect_timeout(Some(config.upstream_connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let clients = (0..config.workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(256)
+                    .build(connector.clone())
+            })
+            .collect();
         Upstream {
-            client,
+            clients,
             addr: config.upstream.clone(),
             timeout: config.upstream_timeout,
             trust_forwarded: config.trust_forwarded,
@@ -173,7 +190,8 @@ impl Upstream {
     /// Sends a prepared request; waits at most the response-header timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let client = &self.clients[SERVING_LOOP.get() % self.clients.len()];
+        let result = tokio::time::timeout(self.timeout, client.request(req)).await;
         metrics::histogram!(m::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
         let err = match result {
             Ok(Ok(resp)) => return Ok(resp),
