@@ -2,9 +2,11 @@
 //!
 //! A response with a `Content-Length` is filled by its own task ([`Fill`]): it writes the tmp
 //! file (pre-allocated, so a full disk shows before the first byte is promised), hashes as it
-//! writes, and publishes progress. Every reader, including the request that started it, reads
-//! the file up to the published length (read-while-write), so a slow or vanished client never
-//! holds the fill back, and the fill finishes for the others when one leaves.
+//! writes, and publishes progress. Every reader, including the request that started it, sends
+//! what has landed so far, so a slow or vanished client never holds the fill back, and the fill
+//! finishes for the others when one leaves. Readers of a body of 64 KiB or more get slices of
+//! the file's mapping, which go out with `sendfile`; smaller bodies are shared as the received
+//! buffers, sent before they are even written.
 //!
 //! A response without a length is not shared: [`tee`] passes it straight to its one client and
 //! copies it to disk on the side, giving up the copy (never the client) if it grows too large.
@@ -25,10 +27,13 @@ use crate::cache::meta::Meta;
 
 /// How much a reader asks the file for at once.
 const READ_CHUNK: u64 = 256 << 10;
-/// Bodies up to this size are also kept in memory while their fill has readers, so every
-/// reader sends the same buffers instead of reading the file again (a thundering herd costs
-/// one copy per client, not two).
+/// Bodies up to this size that are not mapped are also kept in memory while their fill has
+/// readers, so every reader sends the same buffers instead of reading the file again.
 const SHARED_MAX: u64 = 16 << 20;
+/// Bodies of this size and more are mapped for their readers (as cache hits of that size are).
+const MAPPED_MIN: u64 = 64 << 10;
+/// At most this much of a mapped fill goes into one frame.
+const MAPPED_FRAME: u64 = 4 << 20;
 
 /// Where a fill stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +62,12 @@ pub struct Fill {
     pub meta: Arc<Meta>,
     file: Arc<File>,
     progress: watch::Sender<Progress>,
-    /// The chunks written so far, for bodies up to [`SHARED_MAX`].
+    /// The chunks received so far, for bodies under [`MAPPED_MIN`] (or when mapping failed).
     shared: Option<std::sync::Mutex<Vec<Bytes>>>,
+    /// The file mapped, for bodies of [`MAPPED_MIN`] and more: readers are handed slices of
+    /// what is written, which the connection sends from the file (`sendfile`), so a herd of
+    /// clients costs no copy through user space at all.
+    mapped: Option<Bytes>,
 }
 
 impl Fill {
@@ -68,10 +77,17 @@ impl Fill {
             written: 0,
             state: FillState::Writing,
         });
-        let shared = (meta.body_len <= SHARED_MAX).then(|| std::sync::Mutex::new(Vec::new()));
+        let len = meta.body_len;
+        let mapped = if len >= MAPPED_MIN {
+            crate::cache::mmap::map_fill(file.clone(), len).ok()
+        } else {
+            None
+        };
+        let shared = (mapped.is_none() && len <= SHARED_MAX).then(|| std::sync::Mutex::new(Vec::new()));
         Arc::new(Fill {
             meta,
             file,
+            mapped,
             progress,
             shared,
         })
@@ -125,6 +141,11 @@ impl Fill {
                 loop {
                     let p = *rx.borrow_and_update();
                     if offset < p.written {
+                        if let Some(mapped) = &fill.mapped {
+                            let end = p.written.min(offset + MAPPED_FRAME);
+                            let frame = mapped.slice(offset as usize..end as usize);
+                            return Some((Ok(Frame::data(frame)), Some((fill, rx, end, index))));
+                        }
                         if let Some(chunk) = fill.shared_chunk(index) {
                             let next = offset + chunk.len() as u64;
                             return Some((Ok(Frame::data(chunk)), Some((fill, rx, next, index + 1))));

@@ -47,7 +47,18 @@ pub fn map_body(file: File, len: u64, min_mmap: u64, nowait: bool) -> std::io::R
     }
     // SAFETY: see the module contract: the file is immutable after rename and only unlinked.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file)? };
-    Ok(Some((Bytes::from_owner(MappedBody::new(map, file)), mtime)))
+    Ok(Some((Bytes::from_owner(MappedBody::new(map, Arc::new(file))), mtime)))
+}
+
+/// Maps the first `len` bytes of a body file that is still being written (pre-allocated to
+/// `len`), for a fill's readers. Only the ranges already written are ever handed out, and on
+/// HTTP/1 they go out with `sendfile` without the mapping being read.
+pub fn map_fill(file: Arc<File>, len: u64) -> std::io::Result<Bytes> {
+    let len = usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: written ranges are never rewritten and the file is never truncated by us (see
+    // the module contract); readers are only given ranges the fill has written.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&*file)? };
+    Ok(Bytes::from_owner(MappedBody::new(map, file)))
 }
 
 /// Mapped bodies by start address, with their files: a connection that is asked to write a
@@ -67,10 +78,10 @@ struct MappedBody {
 }
 
 impl MappedBody {
-    fn new(map: memmap2::Mmap, file: File) -> MappedBody {
+    fn new(map: memmap2::Mmap, file: Arc<File>) -> MappedBody {
         let region = Region {
             len: map.len(),
-            file: Arc::new(file),
+            file,
             truncated: AtomicBool::new(false),
         };
         MAPPED
