@@ -227,53 +227,55 @@ fn poll_sendfile(
     len: usize,
 ) -> Poll<io::Result<usize>> {
     use std::os::fd::AsRawFd;
-    loop {
-        std::task::ready!(stream.poll_write_ready(cx))?;
-        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
-            let mut at = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-            // SAFETY: two open descriptors owned by live objects, and a valid offset pointer.
-            let n = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut at, len) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        return match sent {
-            // The file is shorter than its mapping: it was truncated underneath. Fail the
-            // connection rather than send anything else.
-            Ok(0) => Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body file truncated"))),
-            Ok(n) => Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => Poll::Ready(Err(e)),
-        };
-    }
+    let sent = std::task::ready!(poll_write_with(stream, cx, || {
+        let mut at = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: two open descriptors owned by live objects, and a valid offset pointer.
+        let n = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut at, len) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }));
+    Poll::Ready(match sent {
+        // The file is shorter than its mapping: it was truncated underneath. Fail the
+        // connection rather than send anything else.
+        Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body file truncated")),
+        other => other,
+    })
 }
 
 /// `sendmsg` of `bufs` with `MSG_MORE`, when the socket is writable.
 fn poll_send_more(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
     use std::os::fd::AsRawFd;
+    poll_write_with(stream, cx, || {
+        // SAFETY: a zeroed msghdr is valid; IoSlice is ABI-compatible with iovec on Unix, and
+        // the slices outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len() as _;
+        // SAFETY: an open socket descriptor and a msghdr pointing at live buffers.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })
+}
+
+/// Runs the non-blocking write `op` once the socket is writable, again while it would block.
+fn poll_write_with(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
     loop {
         std::task::ready!(stream.poll_write_ready(cx))?;
-        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
-            // SAFETY: a zeroed msghdr is valid; IoSlice is ABI-compatible with iovec on Unix,
-            // and the slices outlive the call.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = bufs.len() as _;
-            // SAFETY: an open socket descriptor and a msghdr pointing at live buffers.
-            let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        return match sent {
-            Ok(n) => Poll::Ready(Ok(n)),
+        match stream.try_io(tokio::io::Interest::WRITABLE, &mut op) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => Poll::Ready(Err(e)),
-        };
+            other => return Poll::Ready(other),
+        }
     }
 }
 
