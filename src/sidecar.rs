@@ -88,17 +88,17 @@ impl Sidecar {
                 return false;
             }
         };
-        // The worker loops keep running after draining until every loop has: a connection
-        // may still use an upstream connection that another loop drives.
+        // If this future is dropped instead of run to the end, the other loops stop too.
+        let stop = self.shutdown.child_token();
+        let _stop_on_drop = stop.clone().drop_guard();
+        // The other loops keep running after draining until every loop has: a client may
+        // still be reading a fill whose task runs on another loop.
         let released = CancellationToken::new();
+        let _release_on_drop = released.clone().drop_guard();
         let mut drained = Vec::new();
         for (i, listener) in others.into_iter().enumerate() {
-            let (proxy, shutdown, limit, released) = (
-                self.proxy.clone(),
-                self.shutdown.clone(),
-                limit.clone(),
-                released.clone(),
-            );
+            let (proxy, shutdown, limit, released) =
+                (self.proxy.clone(), stop.clone(), limit.clone(), released.clone());
             let (done, result) = tokio::sync::oneshot::channel();
             let blocking = (64 / self.proxy.config.workers).max(8);
             let spawned = std::thread::Builder::new()
@@ -127,13 +127,7 @@ impl Sidecar {
                 Err(e) => warn!(error = %e, "failed to start a worker thread"),
             }
         }
-        let mut all = crate::server::run(
-            listener,
-            self.proxy.clone(),
-            self.shutdown.clone().cancelled_owned(),
-            limit,
-        )
-        .await;
+        let mut all = crate::server::run(listener, self.proxy.clone(), stop.clone().cancelled_owned(), limit).await;
         for result in drained {
             all &= result.await.unwrap_or(false);
         }
