@@ -643,7 +643,11 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         match length {
-            Some(len) => match self.cache.start_fill(permit, Meta { body_len: len, ..meta }, body) {
+            Some(len) => match self
+                .cache
+                .start_fill(permit, Meta { body_len: len, ..meta }, body)
+                .await
+            {
                 Ok(fill) => {
                     let response = answer_fill(&client_headers, &fill.meta, fill.reader());
                     let mut answer = Answer::new(response, Outcome::Miss, Some(fwd));

@@ -530,7 +530,7 @@ impl Cache {
     /// Starts filling `meta.key` with `body` (exactly `meta.body_len` bytes). On success the
     /// waiters are told to read along and the fill runs on its own task; otherwise the body is
     /// handed back, unread, to be relayed uncached.
-    pub fn start_fill(
+    pub async fn start_fill(
         self: &Arc<Self>,
         mut permit: FillPermit,
         meta: Meta,
@@ -547,19 +547,32 @@ impl Cache {
             return Err((permit, body));
         }
         let generation = store.next_gen();
-        let created = store
-            .create_tmp_body(generation)
-            .and_then(|tmp| match mmap::preallocate(&tmp.file, len) {
-                Ok(()) => Ok(tmp),
-                Err(source) => {
-                    tmp.discard();
-                    Err(StoreError::Io {
-                        op: "allocate",
-                        path: tmp.describe(),
-                        source,
-                    })
-                }
-            });
+        // Off the event loop: allocating an inode can take long (ext4 scans past recently
+        // deleted ones, which an evicting cache makes many of) and would stall every
+        // connection on this loop.
+        let created = tokio::task::spawn_blocking(move || {
+            store
+                .create_tmp_body(generation)
+                .and_then(|tmp| match mmap::preallocate(&tmp.file, len) {
+                    Ok(()) => Ok(tmp),
+                    Err(source) => {
+                        tmp.discard();
+                        Err(StoreError::Io {
+                            op: "allocate",
+                            path: tmp.describe(),
+                            source,
+                        })
+                    }
+                })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Io {
+                op: "create",
+                path: "(blocking task)".into(),
+                source: std::io::Error::other(e),
+            })
+        });
         let tmp = match created {
             Ok(tmp) => tmp,
             Err(e) => {
