@@ -80,6 +80,34 @@ fn open_body(
     Ok(Some((body, ok, Some(mtime))))
 }
 
+/// Creates a fill's body file, pre-allocated to `len` bytes, off the event loop: allocating an
+/// inode can take long (ext4 scans past recently deleted ones, which an evicting cache makes
+/// many of) and would stall every connection on the loop.
+async fn create_tmp_body(store: Arc<Store>, generation: u64, len: u64) -> Result<store::Tmp, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let tmp = store.create_tmp_body(generation)?;
+        match mmap::preallocate(&tmp.file, len) {
+            Ok(()) => Ok(tmp),
+            Err(source) => {
+                tmp.discard();
+                Err(StoreError::Io {
+                    op: "allocate",
+                    path: tmp.describe(),
+                    source,
+                })
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            op: "create",
+            path: "(blocking task)".into(),
+            source: std::io::Error::other(e),
+        })
+    })
+}
+
 /// A stored response ready to serve.
 pub struct Hit {
     /// Its metadata.
@@ -547,32 +575,7 @@ impl Cache {
             return Err((permit, body));
         }
         let generation = store.next_gen();
-        // Off the event loop: allocating an inode can take long (ext4 scans past recently
-        // deleted ones, which an evicting cache makes many of) and would stall every
-        // connection on this loop.
-        let created = tokio::task::spawn_blocking(move || {
-            store
-                .create_tmp_body(generation)
-                .and_then(|tmp| match mmap::preallocate(&tmp.file, len) {
-                    Ok(()) => Ok(tmp),
-                    Err(source) => {
-                        tmp.discard();
-                        Err(StoreError::Io {
-                            op: "allocate",
-                            path: tmp.describe(),
-                            source,
-                        })
-                    }
-                })
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(StoreError::Io {
-                op: "create",
-                path: "(blocking task)".into(),
-                source: std::io::Error::other(e),
-            })
-        });
+        let created = create_tmp_body(store, generation, len).await;
         let tmp = match created {
             Ok(tmp) => tmp,
             Err(e) => {
@@ -632,12 +635,10 @@ impl Cache {
                     break;
                 }
             }
-            match writer.write(batch.clone()).await {
-                Ok(written) => {
-                    if !fill.is_shared() {
-                        fill.advance(written, &batch);
-                    }
-                }
+            match writer.write(batch).await {
+                // Readers of a file-backed fill read the file: no chunks to hand over.
+                Ok(written) if !fill.is_shared() => fill.advance(written, &[]),
+                Ok(_) => {}
                 Err(source) => {
                     let err = StoreError::Io {
                         op: "write",
@@ -783,13 +784,14 @@ impl Cache {
     pub fn tee_fill(self: &Arc<Self>, meta: Meta, body: ProxyBody) -> ProxyBody {
         let Some(store) = self.store() else { return body };
         let generation = store.next_gen();
-        let Ok(tmp) = store.create_tmp_body(generation) else {
-            return body;
-        };
         let (tx, mut rx) = mpsc::channel::<TeeMsg>(256);
         let cache = self.clone();
-        metrics::counter!(m::FILLS_STARTED).increment(1);
         tokio::spawn(async move {
+            // Without a file the receiver goes away and the client's body is left alone.
+            let Ok(tmp) = create_tmp_body(store, generation, 0).await else {
+                return;
+            };
+            metrics::counter!(m::FILLS_STARTED).increment(1);
             let mut writer = HashingWriter::new(tmp.file.clone());
             let mut reserved = 0u64;
             let mut ended = false;
