@@ -30,8 +30,8 @@ const READ_CHUNK: u64 = 256 << 10;
 /// Bodies up to this size that are not mapped are also kept in memory while their fill has
 /// readers, so every reader sends the same buffers instead of reading the file again.
 const SHARED_MAX: u64 = 16 << 20;
-/// Bodies of this size and more are mapped for their readers (as cache hits of that size are).
-const MAPPED_MIN: u64 = 64 << 10;
+/// Bodies of this size and more are mapped for their readers, as cache hits of that size are.
+use super::MIN_MMAP as MAPPED_MIN;
 /// At most this much of a mapped fill goes into one frame.
 const MAPPED_FRAME: u64 = 4 << 20;
 
