@@ -144,6 +144,9 @@ config_keys! {
     memory_size: ByteSize,
     /// Largest object the hot tier holds.
     memory_object_max: ByteSize,
+    /// Stored bodies of 16 KiB and more kept open and mapped, so hits on them make no `open`,
+    /// `read` or `close` (default: from the process's descriptor limit); 0 turns it off.
+    open_files: usize,
     /// Eviction starts above this share of `max_size`.
     high_watermark: f64,
     /// Eviction stops below this share of `max_size`.
@@ -273,6 +276,8 @@ pub struct Config {
     pub memory_size: u64,
     /// Largest hot-tier object.
     pub memory_object_max: u64,
+    /// Bodies held open; `None` sizes it from the descriptor limit when the cache opens.
+    pub open_files: Option<usize>,
     /// Eviction high watermark (share of `max_size`).
     pub high_watermark: f64,
     /// Eviction low watermark (share of `max_size`).
@@ -557,6 +562,9 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         .unwrap_or((256 << 20).min(max_size / 4));
     let memory_size = raw.memory_size.map(|s| s.0).unwrap_or(32 << 20);
     let memory_object_max = raw.memory_object_max.map(|s| s.0).unwrap_or(1 << 20);
+    if raw.open_files.is_some_and(|n| n > 1 << 20) {
+        return Err(invalid("open_files", "must be at most 1048576".into()));
+    }
     if max_size < 1 << 20 {
         return Err(invalid(
             "max_size",
@@ -623,6 +631,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         max_object_size,
         memory_size,
         memory_object_max,
+        open_files: raw.open_files,
         high_watermark,
         low_watermark,
         evict_interval: nonzero("evict_interval", dur(raw.evict_interval, Duration::from_secs(10)))?,

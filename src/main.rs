@@ -333,6 +333,12 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
+            // Before the cache sizes its open tier from the limit.
+            match sidecache::cache::mmap::raise_descriptor_limit() {
+                Ok((before, after)) if before != after => info!(before, after, "raised the descriptor limit"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "could not raise the descriptor limit"),
+            }
             let prime = prime.map(|file| (file, prime_host));
             // This thread's loop is the first serving loop (see `Sidecar::serve`) and runs the
             // background work; the others get their own threads.

@@ -30,6 +30,8 @@ pub const CACHE_OBJECTS: &str = "sidecache_cache_objects";
 pub const CACHE_BUDGET: &str = "sidecache_cache_budget_bytes";
 /// Bytes held by the in-memory hot tier.
 pub const HOT_SIZE: &str = "sidecache_hot_tier_size_bytes";
+/// Bodies held open and mapped by the open tier (one descriptor each).
+pub const OPEN_FILES: &str = "sidecache_open_tier_files";
 /// Objects evicted by the LRU loop.
 pub const EVICTIONS: &str = "sidecache_evictions_total";
 /// Bytes freed by eviction.
@@ -113,6 +115,11 @@ fn describe() {
     describe_gauge!(CACHE_OBJECTS, "Objects in the cache index.");
     describe_gauge!(CACHE_BUDGET, Unit::Bytes, "Disk budget in force.");
     describe_gauge!(HOT_SIZE, Unit::Bytes, "Bytes in the in-memory hot tier.");
+    describe_gauge!(
+        OPEN_FILES,
+        Unit::Count,
+        "Bodies held open and mapped by the open tier (one descriptor each)."
+    );
     describe_counter!(EVICTIONS, "Objects evicted by the LRU loop.");
     describe_counter!(EVICTED_BYTES, Unit::Bytes, "Bytes freed by eviction.");
     describe_counter!(FILLS_STARTED, "Cache fills started.");

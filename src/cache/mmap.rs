@@ -1,5 +1,5 @@
 //! The only `unsafe` in the cache: mapping stored bodies into memory, reading without
-//! blocking, and asking the filesystem for its free space.
+//! blocking, asking the filesystem for its free space, and the descriptor limit.
 //!
 //! SAFETY contract for mappings: a body file is written under `tmp/`, renamed into place, and
 //! from then on never modified, only unlinked. Unlinking leaves a live mapping valid until it
@@ -121,10 +121,61 @@ pub fn mark_truncated(bytes: &[u8]) {
     with_region(bytes, |_, region| region.truncated.store(true, Ordering::Relaxed));
 }
 
-/// False when `bytes` are a mapped body whose file was found truncated: serving it again
-/// would fail, so the cache drops it.
-pub fn intact(bytes: &[u8]) -> bool {
-    with_region(bytes, |_, region| !region.truncated.load(Ordering::Relaxed)).unwrap_or(true)
+/// False when `bytes` are a mapped body whose file changed since it was checked at `mtime`:
+/// `sendfile` found it truncated, or its length or modification time differs, or it was
+/// removed. Serving it again could send other bytes or fail, so the cache drops it. One
+/// `fstat` on the open descriptor; true for bytes that are not mapped.
+pub fn unchanged(bytes: &[u8], mtime: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // The descriptor is cloned out so that the `fstat` is not made under the table's lock.
+    let Some(found) = with_region(bytes, |_, region| {
+        (!region.truncated.load(Ordering::Relaxed)).then(|| (region.file.clone(), region.len as u64))
+    }) else {
+        return true;
+    };
+    let Some((file, len)) = found else {
+        return false;
+    };
+    file.metadata()
+        .is_ok_and(|md| md.len() == len && mtime_ns(&md) == mtime && md.nlink() > 0)
+}
+
+/// The soft limit on open descriptors (`RLIMIT_NOFILE`); 1024 when it cannot be read.
+pub fn descriptor_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the call to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
+/// Raises the soft limit on open descriptors to the hard limit, as servers that hold many
+/// connections and files do (nothing else in the process depends on the lower one). Returns
+/// (before, after).
+pub fn raise_descriptor_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the call to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    // An unlimited hard limit is still capped by the kernel (`fs.nr_open`, 1M by default).
+    let target = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur < target {
+        lim.rlim_cur = target;
+        // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, lim.rlim_cur))
 }
 
 fn with_region<T>(bytes: &[u8], f: impl FnOnce(usize, &Region) -> T) -> Option<T> {

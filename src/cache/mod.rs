@@ -34,6 +34,11 @@ use store::{Store, StoreError};
 /// Bodies smaller than this are read into memory; larger ones are mapped, and the mapping is
 /// never read on the way out: connections send its slices from the file with `sendfile`.
 const MIN_MMAP: u64 = 64 << 10;
+/// Bodies from this size go to the open tier (kept open and mapped) instead of the hot tier:
+/// the size from which connections send mapped slices with `sendfile`.
+const OPEN_MIN: u64 = 16 << 10;
+/// Most bodies the open tier holds by default, however high the descriptor limit.
+const OPEN_FILES_MAX: usize = 16384;
 /// A fill writes what its upstream has ready in steps of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
@@ -47,16 +52,14 @@ struct Expected {
     /// Hashed since startup, when its file had `mtime`.
     verified: bool,
     mtime: u64,
+    /// Mapped from this size, read below it.
+    min_mmap: u64,
 }
 
-/// Opens a body: its bytes, whether they are intact, and the mtime when they were hashed now.
-/// With `nowait`, `Ok(None)` when that would wait for the disk or needs hashing.
+/// Opens a body: its bytes, whether they are intact, and its file's mtime. With `nowait`,
+/// `Ok(None)` when that would wait for the disk or needs hashing.
 #[allow(clippy::type_complexity)]
-fn open_body(
-    path: &std::path::Path,
-    expect: Expected,
-    nowait: bool,
-) -> Result<Option<(Bytes, bool, Option<u64>)>, StoreError> {
+fn open_body(path: &std::path::Path, expect: Expected, nowait: bool) -> Result<Option<(Bytes, bool, u64)>, StoreError> {
     let io = |op: &'static str| {
         move |source| StoreError::Io {
             op,
@@ -65,19 +68,19 @@ fn open_body(
         }
     };
     let file = mmap::open_for_read(path).map_err(io("open"))?;
-    let Some((body, mtime)) = mmap::map_body(file, expect.len, MIN_MMAP, nowait).map_err(io("map"))? else {
+    let Some((body, mtime)) = mmap::map_body(file, expect.len, expect.min_mmap, nowait).map_err(io("map"))? else {
         return Ok(None);
     };
     // Hashed before it is served when it is from before a restart, or when its file changed
     // since it was written or checked (bodies are never rewritten in place).
     if expect.verified && mtime == expect.mtime {
-        return Ok(Some((body, true, None)));
+        return Ok(Some((body, true, mtime)));
     }
     if nowait {
         return Ok(None);
     }
     let ok = Digest::from(blake3::hash(&body)) == expect.digest;
-    Ok(Some((body, ok, Some(mtime))))
+    Ok(Some((body, ok, mtime)))
 }
 
 /// Creates a fill's body file, pre-allocated to `len` bytes, off the event loop: allocating an
@@ -209,6 +212,11 @@ pub struct Cache {
     hot: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
     /// Decides which disk hits go into the hot tier.
     doorkeeper: admit::Doorkeeper,
+    /// The open tier: bodies of [`OPEN_MIN`] bytes and more, kept open and mapped. A hit on one
+    /// makes no `open`, `read` or `close`, and its body goes out with `sendfile`.
+    open: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
+    /// Decides which disk hits go into the open tier.
+    open_doorkeeper: admit::Doorkeeper,
     metas: moka::sync::Cache<KeyHash, Arc<Meta>>,
     flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
     /// For URLs whose responses vary: the request headers that pick the variant.
@@ -223,10 +231,30 @@ pub struct Cache {
     budget: Mutex<(u64, Option<Instant>)>,
 }
 
-/// A hot-tier object: the metadata and the whole body in memory.
+/// A hot-tier or open-tier object: the metadata and the whole body, in memory or mapped.
 pub struct HotObject {
     meta: Arc<Meta>,
     body: Bytes,
+    /// The body file's modification time when the body was checked (mapped bodies).
+    mtime: u64,
+}
+
+impl HotObject {
+    /// True while the body is still what was checked: a mapped one's file has not been
+    /// truncated, rewritten or removed underneath since (one `fstat`, no path walk).
+    fn still_valid(&self) -> bool {
+        self.body.len() < OPEN_MIN as usize || mmap::unchanged(&self.body, self.mtime)
+    }
+}
+
+/// How many bodies the open tier holds: as configured, else what the descriptor limit leaves
+/// after client and app connections (two descriptors each) and some spare.
+fn open_files(config: &Config) -> usize {
+    config.open_files.unwrap_or_else(|| {
+        let limit = mmap::descriptor_limit();
+        let spare = 2 * config.max_connections as u64 + 256;
+        limit.saturating_sub(spare).min(OPEN_FILES_MAX as u64) as usize
+    })
 }
 
 impl Cache {
@@ -246,6 +274,13 @@ impl Cache {
             })
             .build();
         let doorkeeper = admit::Doorkeeper::new(config.memory_size);
+        let open_files = open_files(&config);
+        let open = (open_files > 0).then(|| moka::sync::Cache::builder().max_capacity(open_files as u64).build());
+        // Its window counts objects, not bytes: each takes one descriptor whatever its size.
+        let open_doorkeeper = admit::Doorkeeper::new(open_files as u64);
+        if open_files > 0 {
+            info!(open_files, "open tier sized");
+        }
         let cache = Arc::new(Cache {
             budget: Mutex::new((config.max_size, None)),
             config,
@@ -253,6 +288,8 @@ impl Cache {
             index: Mutex::new(Index::new()),
             doorkeeper,
             hot,
+            open,
+            open_doorkeeper,
             metas,
             flights: Mutex::new(HashMap::new()),
             vary_specs: Mutex::new(HashMap::new()),
@@ -315,17 +352,21 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.variant_of(key, req);
-        if let Some(hot) = &self.hot
-            && let Some(obj) = hot.get(&hash)
-            && obj.meta.key == *key
-            // A mapped body whose file was truncated underneath: the disk path drops it.
-            && (obj.body.len() < MIN_MMAP as usize || mmap::intact(&obj.body))
-        {
-            self.lock_index().touch(&hash);
-            return Some(Hit {
-                meta: obj.meta.clone(),
-                body: obj.body.clone(),
-            });
+        for tier in [&self.hot, &self.open].into_iter().flatten() {
+            if let Some(obj) = tier.get(&hash)
+                && obj.meta.key == *key
+            {
+                if obj.still_valid() {
+                    self.lock_index().touch(&hash);
+                    return Some(Hit {
+                        meta: obj.meta.clone(),
+                        body: obj.body.clone(),
+                    });
+                }
+                // Changed underneath: the disk path checks the file again (and drops it).
+                tier.invalidate(&hash);
+                break;
+            }
         }
         let (meta_gen, digest, body_gen, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
@@ -360,11 +401,24 @@ impl Cache {
             }
         };
         let path = store.body_path(&digest, body_gen);
+        // Which tier, if any, takes it after this hit; a body for the open tier is mapped.
+        let tier = match (&self.open, &self.hot) {
+            (Some(open), _) if body_len >= OPEN_MIN => self.open_doorkeeper.admit(&hash, 1).then_some(open),
+            (_, Some(hot)) if body_len <= self.config.memory_object_max => {
+                self.doorkeeper.admit(&hash, body_len).then_some(hot)
+            }
+            _ => None,
+        };
         let expect = Expected {
             len: body_len,
             digest,
             verified,
             mtime: known_mtime,
+            min_mmap: if tier.is_some() && self.open.is_some() {
+                OPEN_MIN
+            } else {
+                MIN_MMAP
+            },
         };
         // Inline when the page cache has it and nothing needs hashing; else off the runtime.
         let opened = match open_body(&path, expect, true) {
@@ -376,23 +430,21 @@ impl Cache {
             }
             other => Ok(other.map(|o| o.expect("answered"))),
         };
-        let (body, intact, checked) = self.or_drop(opened, &hash, meta_gen).await?;
+        let (body, intact, mtime) = self.or_drop(opened, &hash, meta_gen).await?;
         if !intact {
             self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
             return None;
         }
-        if let Some(mtime) = checked {
+        if mtime != known_mtime || !verified {
             self.lock_index().mark_verified(&hash, meta_gen, mtime);
         }
-        if let Some(hot) = &self.hot
-            && body_len <= self.config.memory_object_max
-            && self.doorkeeper.admit(&hash, body_len)
-        {
-            hot.insert(
+        if let Some(tier) = tier {
+            tier.insert(
                 hash,
                 Arc::new(HotObject {
                     meta: meta.clone(),
                     body: body.clone(),
+                    mtime,
                 }),
             );
         }
@@ -445,8 +497,8 @@ impl Cache {
     }
 
     fn forget(&self, hash: &KeyHash) {
-        if let Some(hot) = &self.hot {
-            hot.invalidate(hash);
+        for tier in [&self.hot, &self.open].into_iter().flatten() {
+            tier.invalidate(hash);
         }
         self.metas.invalidate(hash);
     }
@@ -850,12 +902,18 @@ impl Cache {
     async fn unlink(&self, removed: Vec<Removed>) {
         let Some(store) = self.store() else { return };
         let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
+        let open = self.open.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for r in &removed {
                 let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
                 if let Some((d, g)) = &r.body {
                     let _ = store.remove(&store.body_path(d, *g));
                 }
+            }
+            // The open tier drops what was invalidated now, not at its next housekeeping:
+            // until then an open descriptor would keep a removed body's blocks allocated.
+            if let Some(open) = open {
+                open.run_pending_tasks();
             }
         })
         .await;
@@ -1001,6 +1059,9 @@ impl Cache {
         metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
         if let Some(hot) = &self.hot {
             metrics::gauge!(m::HOT_SIZE).set(hot.weighted_size() as f64);
+        }
+        if let Some(open) = &self.open {
+            metrics::gauge!(m::OPEN_FILES).set(open.entry_count() as f64);
         }
     }
 
