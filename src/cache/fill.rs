@@ -6,7 +6,8 @@
 //! what has landed so far, so a slow or vanished client never holds the fill back, and the fill
 //! finishes for the others when one leaves. Readers of a body of 64 KiB or more get slices of
 //! the file's mapping, which go out with `sendfile`; smaller bodies are shared as the received
-//! buffers, sent before they are even written.
+//! buffers, sent before they are written, and their file is only created when the whole body
+//! is in: creation, write, hash and commit in one trip off the event loop.
 //!
 //! A response without a length is not shared: [`tee`] passes it straight to its one client and
 //! copies it to disk on the side, giving up the copy (never the client) if it grows too large.
@@ -60,7 +61,8 @@ pub struct Progress {
 pub struct Fill {
     /// The response head being stored (digest not known yet).
     pub meta: Arc<Meta>,
-    file: Arc<File>,
+    /// The file being written; `None` for a body kept in memory until its commit.
+    file: Option<Arc<File>>,
     progress: watch::Sender<Progress>,
     /// The chunks received so far, for bodies under [`MAPPED_MIN`] (or when mapping failed).
     shared: Option<std::sync::Mutex<Vec<Bytes>>>,
@@ -71,17 +73,23 @@ pub struct Fill {
 }
 
 impl Fill {
-    /// A fill writing `file` for a response described by `meta` (`body_len` is the length).
-    pub fn new(meta: Arc<Meta>, file: Arc<File>) -> Arc<Fill> {
+    /// Whether a body of `len` bytes is kept in memory until its commit, its file created
+    /// only then (its readers are sent the received buffers in any case).
+    pub fn deferred(len: u64) -> bool {
+        len < MAPPED_MIN
+    }
+
+    /// A fill for a response described by `meta` (`body_len` is the length), writing `file`,
+    /// or with no file yet when [`Fill::deferred`].
+    pub fn new(meta: Arc<Meta>, file: Option<Arc<File>>) -> Arc<Fill> {
         let (progress, _) = watch::channel(Progress {
             written: 0,
             state: FillState::Writing,
         });
         let len = meta.body_len;
-        let mapped = if len >= MAPPED_MIN {
-            crate::cache::mmap::map_fill(file.clone(), len).ok()
-        } else {
-            None
+        let mapped = match &file {
+            Some(file) if len >= MAPPED_MIN => crate::cache::mmap::map_fill(file.clone(), len).ok(),
+            _ => None,
         };
         let shared = (mapped.is_none() && len <= SHARED_MAX).then(|| std::sync::Mutex::new(Vec::new()));
         Arc::new(Fill {
@@ -91,11 +99,6 @@ impl Fill {
             progress,
             shared,
         })
-    }
-
-    /// The file being written.
-    pub fn file(&self) -> &Arc<File> {
-        &self.file
     }
 
     /// Whether readers are sent the fill's buffers (true) or read the file.
@@ -151,7 +154,10 @@ impl Fill {
                             return Some((Ok(Frame::data(chunk)), Some((fill, rx, next, index + 1))));
                         }
                         let n = (p.written - offset).min(READ_CHUNK) as usize;
-                        return match read_at(fill.file.clone(), n, offset).await {
+                        let Some(file) = fill.file.clone() else {
+                            return Some((Err(BoxError::from("cache fill has no file")), None));
+                        };
+                        return match read_at(file, n, offset).await {
                             Ok(buf) => Some((Ok(Frame::data(buf)), Some((fill, rx, offset + n as u64, index)))),
                             Err(e) => Some((Err(BoxError::from(e)), None)),
                         };

@@ -231,6 +231,29 @@ pub struct Cache {
     budget: Mutex<(u64, Option<Instant>)>,
 }
 
+/// Where a fill's bytes are kept until its commit.
+enum Staged {
+    /// In a file, written and hashed up to a point (the hasher's state is large: boxed).
+    File(store::Tmp, Box<HashingWriter>),
+    /// In memory (a small body, shared with its readers): the commit creates the file.
+    Memory,
+}
+
+impl Staged {
+    fn describe(&self) -> std::path::PathBuf {
+        match self {
+            Staged::File(tmp, _) => tmp.describe(),
+            Staged::Memory => "(in memory)".into(),
+        }
+    }
+
+    fn discard(&self) {
+        if let Staged::File(tmp, _) = self {
+            tmp.discard();
+        }
+    }
+}
+
 /// A hot-tier or open-tier object: the metadata and the whole body, in memory or mapped.
 pub struct HotObject {
     meta: Arc<Meta>,
@@ -627,23 +650,33 @@ impl Cache {
             return Err((permit, body));
         }
         let generation = store.next_gen();
-        let created = create_tmp_body(store, generation, len).await;
-        let tmp = match created {
-            Ok(tmp) => tmp,
-            Err(e) => {
-                self.release(reservation);
-                self.storage_error(&e);
-                metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
-                return Err((permit, body));
+        let staged = if Fill::deferred(len) {
+            Staged::Memory
+        } else {
+            match create_tmp_body(store, generation, len).await {
+                Ok(tmp) => {
+                    let writer = Box::new(HashingWriter::new(tmp.file.clone()));
+                    Staged::File(tmp, writer)
+                }
+                Err(e) => {
+                    self.release(reservation);
+                    self.storage_error(&e);
+                    metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                    return Err((permit, body));
+                }
             }
         };
         metrics::counter!(m::FILLS_STARTED).increment(1);
-        let fill = Fill::new(Arc::new(meta), tmp.file.clone());
+        let file = match &staged {
+            Staged::File(tmp, _) => Some(tmp.file.clone()),
+            Staged::Memory => None,
+        };
+        let fill = Fill::new(Arc::new(meta), file);
         permit.settle(Flight::Streaming(fill.clone()));
         let cache = self.clone();
         let task_fill = fill.clone();
         tokio::spawn(async move {
-            let ok = cache.run_fill(&task_fill, body, generation, tmp, reservation).await;
+            let ok = cache.run_fill(&task_fill, body, generation, staged, reservation).await;
             task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
             cache.forget_flight(&permit.hash, &permit.flight);
             drop(permit);
@@ -656,12 +689,13 @@ impl Cache {
         fill: &Arc<Fill>,
         mut body: ProxyBody,
         generation: u64,
-        tmp: store::Tmp,
+        mut staged: Staged,
         reserved: u64,
     ) -> bool {
         let len = fill.meta.body_len;
-        let mut writer = HashingWriter::new(fill.file().clone());
         let mut failure = None;
+        let mut received = 0u64;
+        // Received, not written yet: what the commit writes (all of a body kept in memory).
         let mut last = Vec::new();
         while let Some(batch) = next_batch(&mut body, WRITE_BATCH).await {
             let batch = match batch {
@@ -672,21 +706,29 @@ impl Cache {
                 }
             };
             let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
-            if writer.written() + size > len {
+            if received + size > len {
                 failure = Some(("upstream", "body longer than its Content-Length".to_owned()));
                 break;
             }
+            received += size;
             metrics::counter!(m::UPSTREAM_BYTES).increment(size);
             if fill.is_shared() {
                 // Readers send these buffers, not the file's bytes: they need not wait for the
                 // write. The batch that completes the body is written by the commit, in the
                 // same trip off the runtime.
-                fill.advance(writer.written() + size, &batch);
-                if writer.written() + size == len {
-                    last = batch;
+                fill.advance(received, &batch);
+                if received == len {
+                    last.extend(batch);
                     break;
                 }
             }
+            let writer = match &mut staged {
+                Staged::File(_, writer) => writer,
+                Staged::Memory => {
+                    last.extend(batch);
+                    continue;
+                }
+            };
             match writer.write(batch).await {
                 // Readers of a file-backed fill read the file: no chunks to hand over.
                 Ok(written) if !fill.is_shared() => fill.advance(written, &[]),
@@ -694,7 +736,7 @@ impl Cache {
                 Err(source) => {
                     let err = StoreError::Io {
                         op: "write",
-                        path: tmp.describe(),
+                        path: staged.describe(),
                         source,
                     };
                     self.storage_error(&err);
@@ -703,36 +745,47 @@ impl Cache {
                 }
             }
         }
-        let received = writer.written() + last.iter().map(|c| c.len() as u64).sum::<u64>();
         if failure.is_none() && received != len {
             failure = Some(("truncated", format!("upstream body ended at {received} of {len} bytes")));
         }
         if let Some((reason, detail)) = failure {
             debug!(reason, detail = %detail, "fill discarded");
             metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
-            tmp.discard();
+            staged.discard();
             self.release(reserved);
             return false;
         }
         let meta = (*fill.meta).clone();
-        self.commit(meta, tmp, writer, last, generation, reserved).await
+        self.commit(meta, staged, last, generation, reserved).await
     }
 
-    /// Makes a finished body and its record durable and visible: writes the `last` chunks
-    /// after what `writer` wrote, names the body by its hash, and writes the record, in one
-    /// trip off the runtime.
+    /// Makes a finished body and its record durable and visible, in one trip off the runtime:
+    /// writes the `last` chunks after what was staged in a file (or, for a body kept in memory,
+    /// creates the file and writes it all, unless the same content is stored already), names
+    /// the body by its hash, and writes the record.
     async fn commit(
         self: &Arc<Self>,
         mut meta: Meta,
-        tmp: store::Tmp,
-        writer: HashingWriter,
+        staged: Staged,
         last: Vec<Bytes>,
         generation: u64,
         reserved: u64,
     ) -> bool {
-        let Some(store) = self.store() else { return false };
-        let Some((mut hasher, mut at)) = writer.into_parts() else {
+        let Some(store) = self.store() else {
+            staged.discard();
+            self.release(reserved);
             return false;
+        };
+        let (tmp, mut hasher, at) = match staged {
+            Staged::File(tmp, writer) => match writer.into_parts() {
+                Some((hasher, at)) => (Some(tmp), hasher, at),
+                None => {
+                    tmp.discard();
+                    self.release(reserved);
+                    return false;
+                }
+            },
+            Staged::Memory => (None, blake3::Hasher::new(), 0),
         };
         let hash = meta.storage_hash();
         let len = meta.body_len;
@@ -740,34 +793,46 @@ impl Cache {
         let cache = self.clone();
         // Err carries the digest when the body was counted in the index by then.
         let written = tokio::task::spawn_blocking(move || -> Result<(Meta, u64, u64), (Option<Digest>, StoreError)> {
-            for chunk in &last {
-                hasher.update(chunk);
-                std::os::unix::fs::FileExt::write_all_at(&*tmp.file, chunk, at).map_err(|source| {
-                    let path = tmp.describe();
-                    (
-                        None,
+            let write = |tmp: &store::Tmp| -> Result<(), StoreError> {
+                let mut at = at;
+                for chunk in &last {
+                    std::os::unix::fs::FileExt::write_all_at(&*tmp.file, chunk, at).map_err(|source| {
+                        tmp.discard();
                         StoreError::Io {
                             op: "write",
-                            path,
+                            path: tmp.describe(),
                             source,
-                        },
-                    )
-                })?;
-                at += chunk.len() as u64;
+                        }
+                    })?;
+                    at += chunk.len() as u64;
+                }
+                Ok(())
+            };
+            for chunk in &last {
+                hasher.update(chunk);
+            }
+            if let Some(tmp) = &tmp {
+                write(tmp).map_err(|e| (None, e))?;
             }
             let digest = Digest::from(hasher.finalize());
             let (body_gen, new_body) = cache.lock_index().acquire_body(digest, len, generation, len);
             meta.digest = digest;
             meta.body_gen = body_gen;
             let record = meta.encode();
-            let mtime = if new_body {
-                store
-                    .commit_body(&tmp, &digest, body_gen)
-                    .map_err(|e| (Some(digest), e))?
-            } else {
-                tmp.discard();
-                store.body_mtime(&digest, body_gen)
-            };
+            let mtime = match tmp {
+                _ if !new_body => {
+                    if let Some(tmp) = &tmp {
+                        tmp.discard();
+                    }
+                    Ok(store.body_mtime(&digest, body_gen))
+                }
+                Some(tmp) => store.commit_body(&tmp, &digest, body_gen),
+                None => store.create_tmp_body(generation).and_then(|tmp| {
+                    write(&tmp)?;
+                    store.commit_body(&tmp, &digest, body_gen)
+                }),
+            }
+            .map_err(|e| (Some(digest), e))?;
             store
                 .write_meta(&hash, meta_gen, &record)
                 .map_err(|e| (Some(digest), e))?;
@@ -893,7 +958,9 @@ impl Cache {
                 return;
             }
             let reserved = reserved.max(meta_len + written);
-            cache.commit(meta, tmp, writer, Vec::new(), generation, reserved).await;
+            cache
+                .commit(meta, Staged::File(tmp, Box::new(writer)), Vec::new(), generation, reserved)
+                .await;
         });
         fill::tee(body, tx)
     }
