@@ -1,5 +1,12 @@
-//! The in-memory index of what is on disk: entries in exact LRU order, body reference counts
-//! (bodies are content-addressed and shared), and the byte budget.
+//! The in-memory index of what is on disk: entries in segmented LRU order, body reference
+//! counts (bodies are content-addressed and shared), and the byte budget.
+//!
+//! Eviction order is a segmented LRU (as in memcached, and the kernel's active and inactive
+//! page lists): a new entry starts in the probation segment; a hit moves it to the protected
+//! one, which holds at most [`PROTECTED_SHARE`] of the bytes, its least recently used entries
+//! going back to probation. Eviction takes probation's least recently used first. Within each
+//! segment the order is exact LRU; what it adds is that objects asked for once (a crawler, a
+//! burst of one-off URLs) are evicted before objects asked for again, however recent.
 //!
 //! Bytes are accounted as `used` (committed files), `reserved` (fills in progress) and
 //! `unlinking` (removed from the index, not yet off the disk). Their sum is what the disk may
@@ -54,9 +61,22 @@ pub struct Removed {
     pub bytes: u64,
 }
 
+/// Most of the indexed bytes the protected segment holds.
+const PROTECTED_SHARE: f64 = 0.8;
+
+/// The bytes an entry stands for in its segment.
+fn weight(e: &Entry) -> u64 {
+    e.meta_len + e.body_len
+}
+
 /// The index.
 pub struct Index {
-    entries: LruCache<KeyHash, Entry>,
+    /// Entries not hit since they were stored (or demoted): evicted first.
+    probation: LruCache<KeyHash, Entry>,
+    /// Entries hit since they were stored.
+    protected: LruCache<KeyHash, Entry>,
+    /// Bytes of the protected entries ([`weight`]).
+    protected_bytes: u64,
     bodies: HashMap<Digest, BodyRef>,
     used: u64,
     reserved: u64,
@@ -74,7 +94,9 @@ impl Index {
     /// An empty index.
     pub fn new() -> Index {
         Index {
-            entries: LruCache::unbounded(),
+            probation: LruCache::unbounded(),
+            protected: LruCache::unbounded(),
+            protected_bytes: 0,
             bodies: HashMap::new(),
             used: 0,
             reserved: 0,
@@ -85,12 +107,12 @@ impl Index {
 
     /// Objects indexed.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.probation.len() + self.protected.len()
     }
 
     /// True when nothing is indexed.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.probation.is_empty() && self.protected.is_empty()
     }
 
     /// Bytes of committed files.
@@ -109,19 +131,41 @@ impl Index {
         self.used + self.reserved + self.unlinking + self.unindexed
     }
 
-    /// Looks up an entry and marks it most recently used (a hit counts as a use).
+    /// Looks up an entry and marks it most recently used (a hit counts as a use): a hit in
+    /// probation moves it to the protected segment.
     pub fn touch(&mut self, key: &KeyHash) -> Option<&Entry> {
-        self.entries.get(key)
+        if self.protected.contains(key) {
+            return self.protected.get(key);
+        }
+        let entry = self.probation.pop(key)?;
+        self.protected_bytes += weight(&entry);
+        self.protected.push(*key, entry);
+        let cap = (self.used as f64 * PROTECTED_SHARE) as u64;
+        while self.protected_bytes > cap && self.protected.len() > 1 {
+            let (k, e) = self.protected.pop_lru().expect("more than one entry");
+            self.protected_bytes -= weight(&e);
+            self.probation.push(k, e);
+        }
+        self.peek(key)
     }
 
     /// Looks up an entry without changing the LRU order.
     pub fn peek(&self, key: &KeyHash) -> Option<&Entry> {
-        self.entries.peek(key)
+        self.protected.peek(key).or_else(|| self.probation.peek(key))
+    }
+
+    /// Takes an entry out of whichever segment holds it; true when that was the protected one.
+    fn take(&mut self, key: &KeyHash) -> Option<(Entry, bool)> {
+        if let Some(e) = self.protected.pop(key) {
+            self.protected_bytes -= weight(&e);
+            return Some((e, true));
+        }
+        self.probation.pop(key).map(|e| (e, false))
     }
 
     /// Records that an entry's body hash was checked, with the file's modification time then.
     pub fn mark_verified(&mut self, key: &KeyHash, meta_gen: u64, body_mtime: u64) {
-        if let Some(e) = self.entries.peek_mut(key)
+        if let Some(e) = self.protected.peek_mut(key).or_else(|| self.probation.peek_mut(key))
             && e.meta_gen == meta_gen
         {
             e.verified = true;
@@ -187,15 +231,22 @@ impl Index {
     }
 
     /// Inserts an entry whose body reference was acquired, converting `from_reserved` reserved
-    /// bytes for its meta record. A previous version of the key is returned for removal.
+    /// bytes for its meta record. A previous version of the key is returned for removal; the
+    /// new one takes its segment (a new key starts in probation).
     pub fn insert(&mut self, key: KeyHash, entry: Entry, from_reserved: u64) -> Option<Removed> {
         self.release(from_reserved);
         self.used += entry.meta_len;
-        let old = self
-            .entries
-            .push(key, entry)
-            .and_then(|(k, old)| (k == key).then_some(old));
-        old.map(|old| self.account_removal(key, old))
+        let old = self.take(&key);
+        match old {
+            Some((_, true)) => {
+                self.protected_bytes += weight(&entry);
+                self.protected.push(key, entry);
+            }
+            _ => {
+                self.probation.push(key, entry);
+            }
+        }
+        old.map(|(old, _)| self.account_removal(key, old))
     }
 
     /// Counts bytes found on disk at startup that are not indexed yet: they are on the disk,
@@ -214,7 +265,7 @@ impl Index {
     /// already indexed under another version is shared; the duplicate file stays unindexed and
     /// is swept with the orphans.
     pub fn insert_scanned(&mut self, key: KeyHash, entry: Entry) -> Option<Removed> {
-        if let Some(existing) = self.entries.peek(&key)
+        if let Some(existing) = self.peek(&key)
             && existing.meta_gen >= entry.meta_gen
         {
             self.forget_unindexed(entry.meta_len);
@@ -242,21 +293,29 @@ impl Index {
 
     /// Removes one key's entry.
     pub fn remove(&mut self, key: &KeyHash) -> Option<Removed> {
-        let old = self.entries.pop(key)?;
+        let (old, _) = self.take(key)?;
         Some(self.account_removal(*key, old))
     }
 
-    /// Removes the least recently used entry.
+    /// Removes the next entry to evict: probation's least recently used, else protected's.
     pub fn pop_lru(&mut self) -> Option<Removed> {
-        let (key, old) = self.entries.pop_lru()?;
+        let (key, old) = match self.probation.pop_lru() {
+            Some(found) => found,
+            None => {
+                let (key, old) = self.protected.pop_lru()?;
+                self.protected_bytes -= weight(&old);
+                (key, old)
+            }
+        };
         Some(self.account_removal(key, old))
     }
 
-    /// Keys whose entry matches `pred`, least recently used first.
+    /// Keys whose entry matches `pred`, in eviction order.
     pub fn keys_where(&self, mut pred: impl FnMut(&Entry) -> bool) -> Vec<KeyHash> {
-        self.entries
+        self.probation
             .iter()
             .rev()
+            .chain(self.protected.iter().rev())
             .filter(|(_, e)| pred(e))
             .map(|(k, _)| *k)
             .collect()
@@ -323,6 +382,39 @@ mod tests {
         let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.meta.0)).collect();
         assert_eq!(order, vec![kh(1), kh(3), kh(4), kh(0), kh(2)]);
         assert_eq!(ix.used(), 0);
+    }
+
+    #[test]
+    fn objects_used_once_are_evicted_before_objects_used_again() {
+        let mut ix = Index::new();
+        for k in 0..5 {
+            add(&mut ix, k, k, 100);
+        }
+        ix.touch(&kh(0));
+        // A burst of one-off objects, all more recent than the last use of 0.
+        for k in 5..10 {
+            add(&mut ix, k, k, 100);
+        }
+        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.meta.0)).take(9).collect();
+        assert_eq!(order, (1..10).map(kh).collect::<Vec<_>>(), "0 was used again");
+        assert_eq!(ix.peek(&kh(0)).map(|e| e.meta_gen), Some(0));
+    }
+
+    #[test]
+    fn the_protected_segment_keeps_to_its_share_and_demotes_in_lru_order() {
+        let mut ix = Index::new();
+        for k in 0..10 {
+            add(&mut ix, k, k, 100);
+        }
+        // All used again: at most 80% of the bytes stay protected. The least recently used
+        // are demoted to probation, so eviction still follows the order of use.
+        for k in 0..10 {
+            ix.touch(&kh(k));
+        }
+        assert!(ix.protected_bytes <= (ix.used() as f64 * PROTECTED_SHARE) as u64);
+        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.meta.0)).collect();
+        assert_eq!(order, (0..10).map(kh).collect::<Vec<_>>());
+        assert_eq!((ix.used(), ix.protected_bytes), (0, 0));
     }
 
     #[test]

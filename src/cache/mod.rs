@@ -959,7 +959,13 @@ impl Cache {
             }
             let reserved = reserved.max(meta_len + written);
             cache
-                .commit(meta, Staged::File(tmp, Box::new(writer)), Vec::new(), generation, reserved)
+                .commit(
+                    meta,
+                    Staged::File(tmp, Box::new(writer)),
+                    Vec::new(),
+                    generation,
+                    reserved,
+                )
                 .await;
         });
         fill::tee(body, tx)
