@@ -1155,6 +1155,11 @@ impl Cache {
         let mut loaded = 0u64;
         let mut corrupt = 0u64;
         for found in metas {
+            if store.is_own(found.generation) {
+                // Written since startup: indexed by its fill, and perhaps not complete yet.
+                self.lock_index().forget_unindexed(found.len);
+                continue;
+            }
             let path = store.meta_path(&found.id, found.generation);
             let meta = match store::read_meta_file(&path) {
                 Ok(meta)

@@ -84,6 +84,8 @@ pub struct Store {
     root: PathBuf,
     objects: PathBuf,
     next_gen: AtomicU64,
+    /// The first generation this process gave out: files of later ones are its own.
+    first_gen: u64,
     /// How files being written are named, found by trying at open.
     tmp_mode: TmpMode,
     _lock: File,
@@ -171,6 +173,7 @@ impl Store {
             root: root.to_owned(),
             objects,
             next_gen: AtomicU64::new(now),
+            first_gen: now,
             tmp_mode: TmpMode::Named,
             _lock: lock,
         };
@@ -184,6 +187,11 @@ impl Store {
     /// The cache directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether a generation was given out by this process (not found from an earlier one).
+    pub fn is_own(&self, generation: u64) -> bool {
+        generation >= self.first_gen
     }
 
     /// A fresh, never-used version number.
@@ -319,19 +327,31 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Writes a meta record to a new file and puts it in place.
+    /// Writes a meta record straight to its final name, with no temporary file to link into
+    /// place: the name is new (its generation is), and the record is checksummed, so one cut
+    /// short by a crash is found torn at startup and removed, never used. (The startup scan
+    /// skips this process's own records, which may be mid-write.)
     pub fn write_meta(&self, key: &KeyHash, generation: u64, record: &[u8]) -> Result<(), StoreError> {
-        let tmp = self.create_tmp(generation, "meta", false)?;
-        let written = (&*tmp.file).write_all(record).map_err(|source| StoreError::Io {
-            op: "write",
-            path: tmp.describe(),
-            source,
-        });
-        let result = written.and_then(|()| self.place(&tmp, &self.meta_path(key, generation)));
-        if result.is_err() {
-            tmp.discard();
+        let path = self.meta_path(key, generation);
+        let create = || OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+        let mut file = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = path.parent().expect("object paths have a parent");
+                fs::create_dir_all(parent).map_err(io("create", parent))?;
+                create()
+            }
+            other => other,
         }
-        result
+        .map_err(io("create", &path))?;
+        if let Err(source) = file.write_all(record) {
+            let _ = fs::remove_file(&path);
+            return Err(StoreError::Io {
+                op: "write",
+                path,
+                source,
+            });
+        }
+        Ok(())
     }
 
     /// Reads and decodes a meta record.

@@ -712,6 +712,37 @@ async fn an_object_corrupted_while_down_is_detected_and_refetched() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_torn_by_a_crash_is_removed_at_startup_and_refetched() {
+    let origin = Origin::start().await;
+    origin.fixed("/torn.css", CACHEABLE, pattern_bytes(5000));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bin, addr) = start_binary(&origin, dir.path()).await;
+    get(&format!("http://{addr}/torn.css")).await;
+    assert_eq!(get(&format!("http://{addr}/torn.css")).await.1, "sidecache; hit");
+    bin.signal(libc::SIGKILL);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+
+    // Records are written straight to their final name: a crash can leave one cut short.
+    let records = files_under(&dir.path().join("objects-v1/meta"));
+    assert_eq!(records.len(), 1);
+    let len = std::fs::metadata(&records[0]).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&records[0])
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let (_bin, addr) = start_binary(&origin, dir.path()).await;
+    let (status, cs, body) = get(&format!("http://{addr}/torn.css")).await;
+    assert_eq!(status, 200);
+    assert!(cs.contains("fwd=uri-miss"), "{cs}");
+    assert_eq!(body, Bytes::from(pattern_bytes(5000)));
+    assert_eq!(origin.hits("/torn.css"), 2);
+    assert!(!records[0].exists(), "the torn record was removed");
+}
+
 /// A small tmpfs (needs root, as in CI), mounted for the test's lifetime.
 struct Tmpfs(tempfile::TempDir);
 
