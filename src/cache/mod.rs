@@ -231,6 +231,14 @@ pub struct Cache {
     budget: Mutex<(u64, Option<Instant>)>,
 }
 
+/// The hot or the open tier, with what admits to it.
+struct Tier<'a> {
+    objects: &'a moka::sync::Cache<KeyHash, Arc<HotObject>>,
+    doorkeeper: &'a admit::Doorkeeper,
+    /// What one admission counts in the doorkeeper's window: bytes (hot) or objects (open).
+    weight: u64,
+}
+
 /// Where a fill's bytes are kept until its commit.
 enum Staged {
     /// In a file, written and hashed up to a point (the hasher's state is large: boxed).
@@ -370,27 +378,28 @@ impl Cache {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Looks a key up: hot tier, then disk. Any storage problem removes the entry and reads
-    /// as a miss.
+    /// The one tier a body of `len` bytes can be held in, if any.
+    fn tier_for(&self, len: u64) -> Option<Tier<'_>> {
+        match (&self.open, &self.hot) {
+            (Some(open), _) if len >= OPEN_MIN => Some(Tier {
+                objects: open,
+                doorkeeper: &self.open_doorkeeper,
+                weight: 1,
+            }),
+            (_, Some(hot)) if len <= self.config.memory_object_max => Some(Tier {
+                objects: hot,
+                doorkeeper: &self.doorkeeper,
+                weight: len,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Looks a key up: the index, then the hot or open tier its size belongs in, then disk.
+    /// Any storage problem removes the entry and reads as a miss.
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.variant_of(key, req);
-        for tier in [&self.hot, &self.open].into_iter().flatten() {
-            if let Some(obj) = tier.get(&hash)
-                && obj.meta.key == *key
-            {
-                if obj.still_valid() {
-                    self.lock_index().touch(&hash);
-                    return Some(Hit {
-                        meta: obj.meta.clone(),
-                        body: obj.body.clone(),
-                    });
-                }
-                // Changed underneath: the disk path checks the file again (and drops it).
-                tier.invalidate(&hash);
-                break;
-            }
-        }
         let (meta_gen, digest, body_gen, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
@@ -399,6 +408,20 @@ impl Cache {
             }
             (e.meta_gen, e.digest, e.body_gen, e.body_len, e.verified, e.body_mtime)
         };
+        let tier = self.tier_for(body_len);
+        if let Some(Tier { objects: tier, .. }) = tier
+            && let Some(obj) = tier.get(&hash)
+            && obj.meta.key == *key
+        {
+            if obj.still_valid() {
+                return Some(Hit {
+                    meta: obj.meta.clone(),
+                    body: obj.body.clone(),
+                });
+            }
+            // Changed underneath: the disk path checks the file again (and drops it).
+            tier.invalidate(&hash);
+        }
         let meta = match self
             .metas
             .get(&hash)
@@ -424,14 +447,8 @@ impl Cache {
             }
         };
         let path = store.body_path(&digest, body_gen);
-        // Which tier, if any, takes it after this hit; a body for the open tier is mapped.
-        let tier = match (&self.open, &self.hot) {
-            (Some(open), _) if body_len >= OPEN_MIN => self.open_doorkeeper.admit(&hash, 1).then_some(open),
-            (_, Some(hot)) if body_len <= self.config.memory_object_max => {
-                self.doorkeeper.admit(&hash, body_len).then_some(hot)
-            }
-            _ => None,
-        };
+        // Whether its tier takes it after this hit; a body for the open tier is mapped.
+        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight)).map(|t| t.objects);
         let expect = Expected {
             len: body_len,
             digest,
