@@ -239,6 +239,20 @@ struct Tier<'a> {
     weight: u64,
 }
 
+/// Memory for records cached beside the index, so a disk hit need not read its record.
+const METAS_MEMORY: u64 = 16 << 20;
+
+/// About what a cached record takes in memory: each header is held twice (as stored, and in
+/// the prepared head of an answer), at roughly 220 bytes of map entry besides its value.
+fn meta_weight(meta: &Meta) -> u32 {
+    let headers: usize = meta
+        .headers
+        .iter()
+        .map(|(name, value)| 220 + name.as_str().len() + value.len())
+        .sum();
+    (512 + meta.key.as_str().len() + headers).min(u32::MAX as usize) as u32
+}
+
 /// Where a fill's bytes are kept until its commit.
 enum Staged {
     /// In a file, written and hashed up to a point (the hasher's state is large: boxed).
@@ -295,14 +309,14 @@ impl Cache {
         let hot = (config.memory_size > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(config.memory_size)
-                .weigher(|_, v: &Arc<HotObject>| (v.body.len() + 512).min(u32::MAX as usize) as u32)
+                .weigher(|_, v: &Arc<HotObject>| {
+                    (v.body.len() as u64 + u64::from(meta_weight(&v.meta))).min(u32::MAX as u64) as u32
+                })
                 .build()
         });
         let metas = moka::sync::Cache::builder()
-            .max_capacity(16 << 20)
-            .weigher(|_, v: &Arc<Meta>| {
-                (v.headers.len() * 64 + v.key.as_str().len() + 128).min(u32::MAX as usize) as u32
-            })
+            .max_capacity(METAS_MEMORY)
+            .weigher(|_, v: &Arc<Meta>| meta_weight(v))
             .build();
         let doorkeeper = admit::Doorkeeper::new(config.memory_size);
         let open_files = open_files(&config);
