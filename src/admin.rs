@@ -70,6 +70,8 @@ impl Admin {
     async fn route(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
+                // Size gauges are worked out when scraped, not on every fill.
+                self.proxy.cache.publish_gauges();
                 let mut resp = text(StatusCode::OK, self.metrics.render());
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,

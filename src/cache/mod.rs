@@ -916,13 +916,15 @@ impl Cache {
         };
         let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
         self.remember_vary(&meta);
-        self.forget(&hash);
         self.metas.insert(hash, Arc::new(meta));
         if let Some(r) = removed {
+            // The tiers can only hold what the index held: a new key has nothing to forget.
+            for tier in [&self.hot, &self.open].into_iter().flatten() {
+                tier.invalidate(&hash);
+            }
             self.unlink(vec![r]).await;
         }
         metrics::counter!(m::FILLS_COMPLETED).increment(1);
-        self.publish_gauges();
         true
     }
 
