@@ -500,6 +500,59 @@ async fn the_open_tier_serves_hits_without_opening_the_file_and_never_a_removed_
     assert_eq!(origin.hits("/open.js"), 2);
 }
 
+/// Descriptors this process holds on files under `dir`: (all, of files since removed).
+fn descriptors_under(dir: &std::path::Path) -> (usize, usize) {
+    let dir = dir.canonicalize().unwrap();
+    let (mut all, mut removed) = (0, 0);
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        if target.starts_with(&dir) {
+            all += 1;
+            if target.to_string_lossy().ends_with(" (deleted)") {
+                removed += 1;
+            }
+        }
+    }
+    (all, removed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_bodies_are_not_held_open_by_the_open_tier() {
+    let origin = Origin::start().await;
+    for i in 0..16 {
+        origin.fixed(&format!("/ev/{i}"), CACHEABLE, pattern_chunk(i * 7919, 100_000));
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.max_size = 1 << 20;
+        c.max_object_size = 200_000;
+        c.memory_size = 0;
+        c.open_files = Some(64);
+    })
+    .await;
+    let cache = sc.sidecar.proxy.cache.clone();
+    assert!(eventually(Duration::from_secs(10), async || cache.is_loaded()).await);
+    // Each is stored, then hit twice (into the open tier); the budget holds about nine, so
+    // the early ones are evicted while the tier holds them open.
+    for i in 0..16 {
+        let path = format!("/ev/{i}");
+        get(&sc.url(&path)).await;
+        assert!(eventually(Duration::from_secs(10), async || cache.stats().2 == 0).await);
+        for _ in 0..2 {
+            let (status, _, body) = get(&sc.url(&path)).await;
+            assert!(status == 200 && body.len() == 100_000 && matches_pattern(i * 7919, &body));
+        }
+    }
+    let (objects, _, _) = cache.stats();
+    assert!(objects < 16, "some were evicted: {objects} objects");
+    let cache_dir = sc.dir.path().join("cache");
+    let settled = eventually(Duration::from_secs(10), async || descriptors_under(&cache_dir).1 == 0).await;
+    let (open, removed) = descriptors_under(&cache_dir);
+    assert!(settled, "{removed} descriptors on removed bodies");
+    assert!(open > 0, "the open tier holds the bodies still stored");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_disk_hit_does_not_admit_an_object_to_memory() {
     let origin = Origin::start().await;
