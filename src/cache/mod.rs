@@ -456,7 +456,7 @@ impl Cache {
                     return None;
                 }
                 let meta = Arc::new(meta);
-                self.metas.insert(hash, meta.clone());
+                self.remember_meta(hash, &meta);
                 meta
             }
         };
@@ -547,6 +547,15 @@ impl Cache {
         self.forget(hash);
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
+        }
+    }
+
+    /// Caches a record beside the index, unless its body belongs in the open tier: that keeps
+    /// the record with the open file, and caching it here too would crowd out the records of
+    /// bodies that stay on disk, which every hit on them needs.
+    fn remember_meta(&self, hash: KeyHash, meta: &Arc<Meta>) {
+        if self.open.is_none() || meta.body_len < OPEN_MIN {
+            self.metas.insert(hash, meta.clone());
         }
     }
 
@@ -916,7 +925,7 @@ impl Cache {
         };
         let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
         self.remember_vary(&meta);
-        self.metas.insert(hash, Arc::new(meta));
+        self.remember_meta(hash, &Arc::new(meta));
         if let Some(r) = removed {
             // The tiers can only hold what the index held: a new key has nothing to forget.
             for tier in [&self.hot, &self.open].into_iter().flatten() {
@@ -1117,7 +1126,7 @@ impl Cache {
         };
         let removed = self.lock_index().insert(hash, entry, record_len);
         self.forget(&hash);
-        self.metas.insert(hash, Arc::new(meta));
+        self.remember_meta(hash, &Arc::new(meta));
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
         }
