@@ -59,11 +59,14 @@ impl App {
         // not linger on as an orphan holding the port.
         #[cfg(target_os = "linux")]
         // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-        // which is async-signal-safe; it allocates nothing and touches no shared state.
+        // getrlimit(2) and setrlimit(2), which are async-signal-safe, and reads an atomic; it
+        // allocates nothing and takes no lock.
         unsafe {
             command.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
+                // The app gets the descriptor limit sidecache was started with, not the one
+                // it raised for its own open files.
+                crate::cache::mmap::restore_descriptor_limit()
             });
         }
         let child = command.spawn().map_err(|source| StartError::Spawn {

@@ -153,6 +153,41 @@ pub fn descriptor_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// How many memory mappings the process may have (`vm.max_map_count`; 65530 when unreadable).
+pub fn mapping_limit() -> u64 {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65530)
+}
+
+/// The soft descriptor limit the process started with, before [`raise_descriptor_limit`]:
+/// children get it back (0: not raised).
+static STARTED_WITH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Gives a child process the descriptor limit this one started with. Async-signal-safe: for
+/// use between `fork` and `exec`.
+pub fn restore_descriptor_limit() -> std::io::Result<()> {
+    let soft = STARTED_WITH.load(Ordering::Relaxed);
+    if soft == 0 {
+        return Ok(());
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit; getrlimit and setrlimit are async-signal-safe.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    lim.rlim_cur = soft;
+    // SAFETY: as above; lowering the soft limit is always allowed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Raises the soft limit on open descriptors to the hard limit, as servers that hold many
 /// connections and files do (nothing else in the process depends on the lower one). Returns
 /// (before, after).
@@ -174,6 +209,7 @@ pub fn raise_descriptor_limit() -> std::io::Result<(u64, u64)> {
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
+        STARTED_WITH.store(before, Ordering::Relaxed);
     }
     Ok((before, lim.rlim_cur))
 }

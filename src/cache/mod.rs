@@ -292,14 +292,24 @@ impl HotObject {
     }
 }
 
-/// How many bodies the open tier holds: as configured, else what the descriptor limit leaves
-/// after client and app connections (two descriptors each) and some spare.
+/// How many bodies the open tier holds: as configured, else at most [`OPEN_FILES_MAX`]; in
+/// either case no more than the descriptor limit leaves after connections (a client's, the
+/// app's, and a file being read or written for it: three each) and some spare, nor more than
+/// half the process's allowed memory mappings (one each).
 fn open_files(config: &Config) -> usize {
-    config.open_files.unwrap_or_else(|| {
-        let limit = mmap::descriptor_limit();
-        let spare = 2 * config.max_connections as u64 + 256;
-        limit.saturating_sub(spare).min(OPEN_FILES_MAX as u64) as usize
-    })
+    let spare = 3 * config.max_connections as u64 + 256;
+    let room = mmap::descriptor_limit()
+        .saturating_sub(spare)
+        .min(mmap::mapping_limit() / 2);
+    let wanted = config.open_files.map_or(OPEN_FILES_MAX as u64, |n| n as u64);
+    if wanted > room && config.open_files.is_some() {
+        warn!(
+            open_files = wanted,
+            allowed = room,
+            "open_files lowered to what the descriptor and mapping limits allow"
+        );
+    }
+    wanted.min(room) as usize
 }
 
 impl Cache {
@@ -517,7 +527,10 @@ impl Cache {
             Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 self.storage_error(&e);
-                self.drop_entry(hash, meta_gen).await;
+                // Out of descriptors or memory says nothing about the object: keep it.
+                if !e.is_exhaustion() {
+                    self.drop_entry(hash, meta_gen).await;
+                }
                 None
             }
             Err(_) => None,

@@ -54,6 +54,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when the process ran out of descriptors or memory: nothing is wrong with the
+    /// object the operation concerned.
+    pub fn is_exhaustion(&self) -> bool {
+        let StoreError::Io { source, .. } = self else {
+            return false;
+        };
+        matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM))
+    }
+
     /// A closed label for the storage-errors metric.
     pub fn kind(&self) -> &'static str {
         let source = match self {

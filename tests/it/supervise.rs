@@ -110,3 +110,40 @@ async fn sigint_is_forwarded_too() {
     // Python's default SIGINT handler raises KeyboardInterrupt: exit status 1 (or 130).
     assert!(matches!(status.code(), Some(1) | Some(130)), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_the_descriptor_limit_sidecache_was_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let hard: u64 = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap_or(u64::MAX);
+    assert!(hard > 512, "the test needs a hard limit above 512, not {hard}");
+    // sidecache starts with a soft limit of 512 and raises its own to the hard limit; the app
+    // writes the soft limit it got, then exits (and sidecache with it).
+    let seen = dir.path().join("limit");
+    let app = format!("ulimit -Sn > {}; exit 9", seen.display());
+    let cache = dir.path().join("cache");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"ulimit -Sn 512 && exec "$0" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --cache-dir "$1" -- sh -c "$2""#,
+    ])
+    .arg(crate::support::binary_path())
+    .arg(&cache)
+    .arg(&app)
+    .env("SIDECACHE_ACCESS_LOG", "false");
+    let mut bin = Binary::from_command(cmd);
+    let raised = bin.wait_line("raised the descriptor limit");
+    assert!(raised.contains("before=512"), "{raised}");
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(9));
+    assert_eq!(std::fs::read_to_string(&seen).unwrap().trim(), "512");
+}
