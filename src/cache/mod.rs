@@ -279,6 +279,8 @@ impl Staged {
 /// A hot-tier or open-tier object: the metadata and the whole body, in memory or mapped.
 pub struct HotObject {
     meta: Arc<Meta>,
+    /// The version of the key it is (its record's generation).
+    meta_gen: u64,
     body: Bytes,
     /// The body file's modification time when the body was checked (mapped bodies).
     mtime: u64,
@@ -435,15 +437,15 @@ impl Cache {
         let tier = self.tier_for(body_len);
         if let Some(Tier { objects: tier, .. }) = tier
             && let Some(obj) = tier.get(&hash)
-            && obj.meta.key == *key
         {
-            if obj.still_valid() {
+            if obj.meta_gen == meta_gen && obj.meta.key == *key && obj.still_valid() {
                 return Some(Hit {
                     meta: obj.meta.clone(),
                     body: obj.body.clone(),
                 });
             }
-            // Changed underneath: the disk path checks the file again (and drops it).
+            // Another version of the key (one that raced a replacement in), or changed
+            // underneath: the disk path checks the file again (and drops it).
             tier.invalidate(&hash);
         }
         let meta = match self
@@ -507,10 +509,16 @@ impl Cache {
                 hash,
                 Arc::new(HotObject {
                     meta: meta.clone(),
+                    meta_gen,
                     body: body.clone(),
                     mtime,
                 }),
             );
+            // Evicted, purged or replaced while this lookup read it: `forget` may have run
+            // before the insert. A tier must not keep it (nor its descriptor).
+            if self.lock_index().peek(&hash).map(|e| e.meta_gen) != Some(meta_gen) {
+                tier.invalidate(&hash);
+            }
         }
         Some(Hit { meta, body })
     }
@@ -1030,7 +1038,7 @@ impl Cache {
     async fn unlink(&self, removed: Vec<Removed>) {
         let Some(store) = self.store() else { return };
         let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
-        let open = self.open.clone();
+        let tiers = [self.hot.clone(), self.open.clone()];
         let _ = tokio::task::spawn_blocking(move || {
             for r in &removed {
                 let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
@@ -1038,10 +1046,10 @@ impl Cache {
                     let _ = store.remove(&store.body_path(d, *g));
                 }
             }
-            // The open tier drops what was invalidated now, not at its next housekeeping:
-            // until then an open descriptor would keep a removed body's blocks allocated.
-            if let Some(open) = open {
-                open.run_pending_tasks();
+            // The tiers drop what was invalidated now, not at their next housekeeping: until
+            // then a mapped body's descriptor would keep a removed file's blocks allocated.
+            for tier in tiers.iter().flatten() {
+                tier.run_pending_tasks();
             }
         })
         .await;
