@@ -822,8 +822,7 @@ impl Cache {
 
     /// Makes a finished body and its record durable and visible, in one trip off the runtime:
     /// writes the `last` chunks after what was staged in a file (or, for a body kept in memory,
-    /// creates the file and writes it all, unless the same content is stored already), names
-    /// the body by its hash, and writes the record.
+    /// creates the file and writes it all), names the body by its hash, and writes the record.
     async fn commit(
         self: &Arc<Self>,
         mut meta: Meta,
@@ -872,28 +871,29 @@ impl Cache {
             for chunk in &last {
                 hasher.update(chunk);
             }
-            if let Some(tmp) = &tmp {
-                write(tmp).map_err(|e| (None, e))?;
-            }
+            let tmp = match tmp {
+                Some(tmp) => tmp,
+                None => store.create_tmp_body(generation).map_err(|e| (None, e))?,
+            };
+            write(&tmp).map_err(|e| (None, e))?;
             let digest = Digest::from(hasher.finalize());
+            // Linked under this fill's version before the index learns of it: a body the index
+            // knows is always on disk, for another fill of the same content may share it at once.
+            let mtime = store.commit_body(&tmp, &digest, generation).map_err(|e| {
+                tmp.discard();
+                (None, e)
+            })?;
             let (body_gen, new_body) = cache.lock_index().acquire_body(digest, len, generation, len);
+            let mtime = if new_body {
+                mtime
+            } else {
+                // The same content is stored already: that version is shared, this one goes.
+                let _ = store.remove(&store.body_path(&digest, generation));
+                store.body_mtime(&digest, body_gen)
+            };
             meta.digest = digest;
             meta.body_gen = body_gen;
             let record = meta.encode();
-            let mtime = match tmp {
-                _ if !new_body => {
-                    if let Some(tmp) = &tmp {
-                        tmp.discard();
-                    }
-                    Ok(store.body_mtime(&digest, body_gen))
-                }
-                Some(tmp) => store.commit_body(&tmp, &digest, body_gen),
-                None => store.create_tmp_body(generation).and_then(|tmp| {
-                    write(&tmp)?;
-                    store.commit_body(&tmp, &digest, body_gen)
-                }),
-            }
-            .map_err(|e| (Some(digest), e))?;
             store
                 .write_meta(&hash, meta_gen, &record)
                 .map_err(|e| (Some(digest), e))?;
