@@ -7,6 +7,7 @@
 //!                                                   filesystem has them: nothing to sweep)
 //! <cache_dir>/objects-v1/meta/<kh:2>/<keyhash>.<gen> one record per stored version of a key
 //! <cache_dir>/objects-v1/body/<d:2>/<digest>.<gen>   bodies, content-addressed by blake3
+//! <cache_dir>/objects-v1/generations                 where the next run's versions start
 //! <cache_dir>/lock                                  held (flock) while a process uses the dir
 //! ```
 //! Every stored file has a version (`gen`) in its name: a new version never lands on the path
@@ -151,9 +152,24 @@ pub struct Found<T> {
     pub modified: SystemTime,
 }
 
+/// The file under `objects-v1/` holding the first version the next run may hand out.
+const GENERATIONS: &str = "generations";
+/// How many versions one run may hand out (a fill a microsecond for half a year): the next
+/// run starts past them, whatever its clock says.
+const RUN_GENERATIONS: u64 = 1 << 44;
+
 impl Store {
     /// Creates the layout under `root`, takes the directory lock and sweeps `tmp/`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Store::open_at(root, now)
+    }
+
+    /// [`Store::open`] with the clock reading `now` (ns since the epoch).
+    fn open_at(root: &Path, now: u64) -> Result<Store, StoreError> {
         let prepare = |source| StoreError::Prepare {
             path: root.to_owned(),
             source,
@@ -172,17 +188,25 @@ impl Store {
         if !try_lock(&lock) {
             return Err(StoreError::Locked { path: root.to_owned() });
         }
-        // Generations only need to be unique per directory: start past anything a previous
-        // process of this deploy can have written.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
+        // Versions must be unique and increasing per directory (the newest record of a key
+        // wins at startup, and a run's own files are told apart by number). A run starts past
+        // the clock and past the bound the previous run recorded, and records its own: a clock
+        // that stepped back cannot give a new version a number an old one has. On a read-only
+        // disk nothing is stored anyway; the clock alone is used.
+        let bound = objects.join(GENERATIONS);
+        let floor = fs::read_to_string(&bound)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let first = now.max(floor);
+        let staged = objects.join(format!("{GENERATIONS}.new"));
+        let _ = fs::write(&staged, format!("{}\n", first.saturating_add(RUN_GENERATIONS)))
+            .and_then(|()| fs::rename(&staged, &bound));
         let mut store = Store {
             root: root.to_owned(),
             objects,
-            next_gen: AtomicU64::new(now),
-            first_gen: now,
+            next_gen: AtomicU64::new(first),
+            first_gen: first,
             tmp_mode: TmpMode::Named,
             _lock: lock,
         };
@@ -510,6 +534,19 @@ mod tests {
         assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked { .. })));
         drop(first);
         assert!(Store::open(dir.path()).is_ok(), "the lock goes with its holder");
+    }
+
+    #[test]
+    fn versions_keep_increasing_across_runs_even_when_the_clock_steps_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open_at(dir.path(), 5_000_000).unwrap();
+        let used = first.next_gen();
+        assert!(first.is_own(used));
+        drop(first);
+        // The clock now reads earlier than the first run's versions.
+        let second = Store::open_at(dir.path(), 10).unwrap();
+        assert!(second.next_gen() > used);
+        assert!(!second.is_own(used), "the first run's versions are not the second's");
     }
 
     #[test]
