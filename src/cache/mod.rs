@@ -237,6 +237,8 @@ struct Tier<'a> {
     doorkeeper: &'a admit::Doorkeeper,
     /// What one admission counts in the doorkeeper's window: bytes (hot) or objects (open).
     weight: u64,
+    /// Bodies from this size are held mapped, smaller ones as copies.
+    map_from: u64,
 }
 
 /// Memory for records cached beside the index, so a disk hit need not read its record.
@@ -282,15 +284,16 @@ pub struct HotObject {
     /// The version of the key it is (its record's generation).
     meta_gen: u64,
     body: Bytes,
-    /// The body file's modification time when the body was checked (mapped bodies).
-    mtime: u64,
+    /// For a mapped body: its file's modification time when the body was checked.
+    mapped_mtime: Option<u64>,
 }
 
 impl HotObject {
-    /// True while the body is still what was checked: a mapped one's file has not been
-    /// truncated, rewritten or removed underneath since (one `fstat`, no path walk).
+    /// True while the body is still what was checked: a copy always is; a mapped one while
+    /// its file has not been truncated, rewritten or removed underneath (one `fstat`, no path
+    /// walk).
     fn still_valid(&self) -> bool {
-        self.body.len() < OPEN_MIN as usize || mmap::unchanged(&self.body, self.mtime)
+        self.mapped_mtime.is_none_or(|mtime| mmap::unchanged(&self.body, mtime))
     }
 }
 
@@ -411,11 +414,13 @@ impl Cache {
                 objects: open,
                 doorkeeper: &self.open_doorkeeper,
                 weight: 1,
+                map_from: OPEN_MIN,
             }),
             (_, Some(hot)) if len <= self.config.memory_object_max => Some(Tier {
                 objects: hot,
                 doorkeeper: &self.doorkeeper,
                 weight: len,
+                map_from: MIN_MMAP,
             }),
             _ => None,
         }
@@ -473,18 +478,15 @@ impl Cache {
             }
         };
         let path = store.body_path(&digest, body_gen);
-        // Whether its tier takes it after this hit; a body for the open tier is mapped.
-        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight)).map(|t| t.objects);
+        // Whether its tier takes it after this hit, and so from what size it is mapped.
+        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight));
+        let min_mmap = tier.as_ref().map_or(MIN_MMAP, |t| t.map_from);
         let expect = Expected {
             len: body_len,
             digest,
             verified,
             mtime: known_mtime,
-            min_mmap: if tier.is_some() && self.open.is_some() {
-                OPEN_MIN
-            } else {
-                MIN_MMAP
-            },
+            min_mmap,
         };
         // Inline when the page cache has it and nothing needs hashing; else off the runtime.
         let opened = match open_body(&path, expect, true) {
@@ -504,14 +506,15 @@ impl Cache {
         if mtime != known_mtime || !verified {
             self.lock_index().mark_verified(&hash, meta_gen, mtime);
         }
-        if let Some(tier) = tier {
+        if let Some(Tier { objects: tier, .. }) = tier {
             tier.insert(
                 hash,
                 Arc::new(HotObject {
                     meta: meta.clone(),
                     meta_gen,
                     body: body.clone(),
-                    mtime,
+                    // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
+                    mapped_mtime: (body_len > 0 && body_len >= min_mmap).then_some(mtime),
                 }),
             );
             // Evicted, purged or replaced while this lookup read it: `forget` may have run
@@ -581,10 +584,14 @@ impl Cache {
     }
 
     fn forget(&self, hash: &KeyHash) {
+        self.forget_tiers(hash);
+        self.metas.invalidate(hash);
+    }
+
+    fn forget_tiers(&self, hash: &KeyHash) {
         for tier in [&self.hot, &self.open].into_iter().flatten() {
             tier.invalidate(hash);
         }
-        self.metas.invalidate(hash);
     }
 
     /// Claims a key: become its fetcher, or wait on the request that is.
@@ -949,9 +956,7 @@ impl Cache {
         self.remember_meta(hash, &Arc::new(meta));
         if let Some(r) = removed {
             // The tiers can only hold what the index held: a new key has nothing to forget.
-            for tier in [&self.hot, &self.open].into_iter().flatten() {
-                tier.invalidate(&hash);
-            }
+            self.forget_tiers(&hash);
             self.unlink(vec![r]).await;
         }
         metrics::counter!(m::FILLS_COMPLETED).increment(1);
