@@ -342,7 +342,7 @@ fn main() -> ExitCode {
             let prime = prime.map(|file| (file, prime_host));
             // This thread's loop is the first serving loop (see `Sidecar::serve`) and runs the
             // background work; the others get their own threads.
-            let blocking = (64 / config.workers).max(8);
+            let blocking = sidecache::sidecar::blocking_threads(config.workers);
             run_on(
                 tokio::runtime::Builder::new_current_thread().max_blocking_threads(blocking),
                 serve(config, app, prime),

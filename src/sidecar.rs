@@ -100,7 +100,7 @@ impl Sidecar {
             let (proxy, shutdown, limit, released) =
                 (self.proxy.clone(), stop.clone(), limit.clone(), released.clone());
             let (done, result) = tokio::sync::oneshot::channel();
-            let blocking = (64 / self.proxy.config.workers).max(8);
+            let blocking = blocking_threads(self.proxy.config.workers);
             let spawned = std::thread::Builder::new()
                 .name(format!("sidecache-worker-{}", i + 1))
                 .spawn(move || {
@@ -153,6 +153,13 @@ impl Sidecar {
         }
         Ok((listener, others))
     }
+}
+
+/// Blocking-pool threads for each of `workers` serving loops: file steps are short, and a
+/// bounded pool keeps a burst of fills from spawning hundreds of threads (and their allocator
+/// arenas).
+pub fn blocking_threads(workers: usize) -> usize {
+    (64 / workers.max(1)).max(8)
 }
 
 /// A listener on `addr` that other sockets of this user may join with `SO_REUSEPORT`.
