@@ -431,13 +431,21 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.variant_of(key, req);
-        let (meta_gen, digest, body_gen, body_len, verified, known_mtime) = {
+        let (meta_gen, meta_len, digest, body_gen, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
             if &*e.key != key.as_str() {
                 return None;
             }
-            (e.meta_gen, e.digest, e.body_gen, e.body_len, e.verified, e.body_mtime)
+            (
+                e.meta_gen,
+                e.meta_len,
+                e.digest,
+                e.body_gen,
+                e.body_len,
+                e.verified,
+                e.body_mtime,
+            )
         };
         let tier = self.tier_for(body_len);
         if let Some(Tier { objects: tier, .. }) = tier
@@ -453,6 +461,8 @@ impl Cache {
             // underneath: the disk path checks the file again (and drops it).
             tier.invalidate(&hash);
         }
+        // Whether its tier takes it after this hit, and so from what size it is mapped.
+        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight));
         let meta = match self
             .metas
             .get(&hash)
@@ -461,7 +471,7 @@ impl Cache {
             Some(meta) => meta,
             None => {
                 let path = store.meta_path(&hash, meta_gen);
-                let read = match store::read_meta_nowait(&path) {
+                let read = match store::read_meta_nowait(&path, meta_len) {
                     Ok(Some(meta)) => Ok(Ok(meta)),
                     Ok(None) => tokio::task::spawn_blocking(move || store::read_meta_file(&path)).await,
                     Err(e) => Ok(Err(e)),
@@ -473,13 +483,12 @@ impl Cache {
                     return None;
                 }
                 let meta = Arc::new(meta);
-                self.remember_meta(hash, &meta);
+                let held_open = tier.is_some() && self.open_tier_size(body_len);
+                self.remember_meta(hash, &meta, held_open);
                 meta
             }
         };
         let path = store.body_path(&digest, body_gen);
-        // Whether its tier takes it after this hit, and so from what size it is mapped.
-        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight));
         let min_mmap = tier.as_ref().map_or(MIN_MMAP, |t| t.map_from);
         let expect = Expected {
             len: body_len,
@@ -574,13 +583,19 @@ impl Cache {
         }
     }
 
-    /// Caches a record beside the index, unless its body belongs in the open tier: that keeps
-    /// the record with the open file, and caching it here too would crowd out the records of
-    /// bodies that stay on disk, which every hit on them needs.
-    fn remember_meta(&self, hash: KeyHash, meta: &Arc<Meta>) {
-        if self.open.is_none() || meta.body_len < OPEN_MIN {
+    /// Caches a record beside the index, unless its body is going into the open tier
+    /// (`held_open`): that keeps the record with the open file, and caching it here too would
+    /// crowd out the records of bodies that stay on disk, which every hit on them needs.
+    fn remember_meta(&self, hash: KeyHash, meta: &Arc<Meta>, held_open: bool) {
+        if !held_open {
             self.metas.insert(hash, meta.clone());
         }
+    }
+
+    /// Whether a body of `len` bytes will likely be held by the open tier once it is hit: its
+    /// record need not be cached when it is stored.
+    fn open_tier_size(&self, len: u64) -> bool {
+        self.open.is_some() && len >= OPEN_MIN
     }
 
     fn forget(&self, hash: &KeyHash) {
@@ -953,7 +968,8 @@ impl Cache {
         };
         let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
         self.remember_vary(&meta);
-        self.remember_meta(hash, &Arc::new(meta));
+        let held_open = self.open_tier_size(meta.body_len);
+        self.remember_meta(hash, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             // The tiers can only hold what the index held: a new key has nothing to forget.
             self.forget_tiers(&hash);
@@ -1152,7 +1168,8 @@ impl Cache {
         };
         let removed = self.lock_index().insert(hash, entry, record_len);
         self.forget(&hash);
-        self.remember_meta(hash, &Arc::new(meta));
+        let held_open = self.open_tier_size(meta.body_len);
+        self.remember_meta(hash, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
         }

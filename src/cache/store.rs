@@ -431,25 +431,28 @@ impl Store {
 
 /// Reads and decodes a meta record file.
 pub fn read_meta_file(path: &Path) -> Result<Meta, StoreError> {
-    read_meta(path, false).map(|m| m.expect("a blocking read always answers"))
+    read_meta(path, None).map(|m| m.expect("a blocking read always answers"))
 }
 
-/// [`read_meta_file`] without waiting for the disk: `Ok(None)` when the record is not in the
-/// page cache (read it off the runtime then).
-pub fn read_meta_nowait(path: &Path) -> Result<Option<Meta>, StoreError> {
-    read_meta(path, true)
+/// [`read_meta_file`] of a record the index says is `len` bytes long, without waiting for the
+/// disk: `Ok(None)` when the record is not in the page cache (read it off the runtime then).
+/// Knowing the length saves a `stat`; a file shorter than that is an error, and one rewritten
+/// underneath fails the record's checksum.
+pub fn read_meta_nowait(path: &Path, len: u64) -> Result<Option<Meta>, StoreError> {
+    read_meta(path, Some(len))
 }
 
-fn read_meta(path: &Path, nowait: bool) -> Result<Option<Meta>, StoreError> {
-    let bytes = if nowait {
-        let file = crate::cache::mmap::open_for_read(path).map_err(io("open", path))?;
-        let len = file.metadata().map_err(io("stat", path))?.len() as usize;
-        match crate::cache::mmap::read_at(&file, len.min(MAX_RECORD + 65), 0, true).map_err(io("read", path))? {
-            Some(buf) => buf,
-            None => return Ok(None),
+fn read_meta(path: &Path, known_len: Option<u64>) -> Result<Option<Meta>, StoreError> {
+    let bytes = match known_len {
+        Some(len) => {
+            let file = crate::cache::mmap::open_for_read(path).map_err(io("open", path))?;
+            let len = len.min(MAX_RECORD as u64 + 65) as usize;
+            match crate::cache::mmap::read_at(&file, len, 0, true).map_err(io("read", path))? {
+                Some(buf) => buf,
+                None => return Ok(None),
+            }
         }
-    } else {
-        fs::read(path).map_err(io("read", path))?
+        None => fs::read(path).map_err(io("read", path))?,
     };
     if bytes.len() > MAX_RECORD + 64 {
         return Err(StoreError::Io {

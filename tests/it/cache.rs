@@ -500,6 +500,60 @@ async fn the_open_tier_serves_hits_without_opening_the_file_and_never_a_removed_
     assert_eq!(origin.hits("/open.js"), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
+    let origin = Origin::start().await;
+    origin.fixed("/cut.js", CACHEABLE, pattern_bytes(100_000));
+    origin.fixed("/kept.js", CACHEABLE, pattern_bytes(100_000));
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.memory_size = 0;
+        c.open_files = Some(16);
+    })
+    .await;
+    let records = sc.dir.path().join("cache/objects-v1/meta");
+    let record_of = |name: &str| {
+        files_under(&records)
+            .into_iter()
+            .find(|f| {
+                std::fs::read(f)
+                    .unwrap()
+                    .windows(name.len())
+                    .any(|w| w == name.as_bytes())
+            })
+            .expect("the record")
+    };
+    get(&sc.url("/cut.js")).await;
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    // Cut short underneath: the index knows its length, the read comes up short, and the
+    // object is fetched again, never served from a partial record.
+    let cut = record_of("/cut.js");
+    let len = std::fs::metadata(&cut).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (status, cs, body) = get(&sc.url("/cut.js")).await;
+    assert_eq!(status, 200);
+    assert!(cs.contains("fwd=uri-miss"), "{cs}");
+    assert!(body.len() == 100_000 && matches_pattern(0, &body));
+    assert_eq!(origin.hits("/cut.js"), 2);
+
+    get(&sc.url("/kept.js")).await;
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 2).await);
+    // A hit from disk that leaves the body on disk keeps the record in memory: the next hit
+    // does not read it again (here it could not: the file is gone).
+    assert_eq!(get(&sc.url("/kept.js")).await.1, "sidecache; hit");
+    std::fs::remove_file(record_of("/kept.js")).unwrap();
+    for _ in 0..2 {
+        let (status, cs, body) = get(&sc.url("/kept.js")).await;
+        assert_eq!((status.as_u16(), cs.as_str()), (200, "sidecache; hit"));
+        assert!(body.len() == 100_000 && matches_pattern(0, &body));
+    }
+    assert_eq!(origin.hits("/kept.js"), 1);
+}
+
 /// Descriptors this process holds on files under `dir`: (all, of files since removed).
 fn descriptors_under(dir: &std::path::Path) -> (usize, usize) {
     let dir = dir.canonicalize().unwrap();
