@@ -313,6 +313,14 @@ fn open_files(config: &Config) -> usize {
             allowed = room,
             "open_files lowered to what the descriptor and mapping limits allow"
         );
+    } else if room == 0 && wanted > 0 {
+        // A PaaS limit of 10,000 descriptors is below what 4,096 connections may need.
+        warn!(
+            descriptor_limit = mmap::descriptor_limit(),
+            max_connections = config.max_connections,
+            "open tier off: the descriptor limit leaves no room after max_connections; \
+             lower max_connections or raise the limit to keep large bodies open"
+        );
     }
     wanted.min(room) as usize
 }

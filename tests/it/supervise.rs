@@ -147,3 +147,34 @@ async fn the_app_gets_the_descriptor_limit_sidecache_was_started_with() {
     assert_eq!(status.code(), Some(9));
     assert_eq!(std::fs::read_to_string(&seen).unwrap().trim(), "512");
 }
+
+/// `sidecache serve` under a hard descriptor limit of `limit`, with `env`.
+fn serve_under_limit(limit: u32, cache: &std::path::Path, env: &[(&str, &str)]) -> Binary {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"ulimit -n "$2" && exec "$0" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream http://127.0.0.1:9 --cache-dir "$1""#,
+    ])
+    .arg(crate::support::binary_path())
+    .arg(cache)
+    .arg(limit.to_string())
+    .env("SIDECACHE_ACCESS_LOG", "false")
+    .envs(env.iter().copied());
+    Binary::from_command(cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descriptor_limit_too_low_for_the_open_tier_is_reported_and_max_connections_makes_room() {
+    let dir = tempfile::tempdir().unwrap();
+    // A PaaS limit: 4,096 connections may need three descriptors each, more than 5,000.
+    let mut bin = serve_under_limit(5000, &dir.path().join("a"), &[]);
+    let line = bin.wait_line("open tier off");
+    assert!(line.contains("descriptor_limit=5000"), "{line}");
+    bin.signal(libc::SIGTERM);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    // Fewer connections leave the rest to held files: 5000 - (3 x 1000 + 256).
+    let mut bin = serve_under_limit(5000, &dir.path().join("b"), &[("SIDECACHE_MAX_CONNECTIONS", "1000")]);
+    let line = bin.wait_line("open tier sized");
+    assert!(line.contains("open_files=1744"), "{line}");
+    assert!(!bin.seen.iter().any(|l| l.contains("open tier off")));
+}
