@@ -32,6 +32,8 @@ pub const CACHE_BUDGET: &str = "sidecache_cache_budget_bytes";
 pub const HOT_SIZE: &str = "sidecache_hot_tier_size_bytes";
 /// Bodies held open and mapped by the open tier (one descriptor each).
 pub const OPEN_FILES: &str = "sidecache_open_tier_files";
+/// Times the process ran out of descriptors and the open tier closed half its files.
+pub const DESCRIPTOR_SHORTAGES: &str = "sidecache_descriptor_shortages_total";
 /// Objects evicted by the LRU loop.
 pub const EVICTIONS: &str = "sidecache_evictions_total";
 /// Bytes freed by eviction.
@@ -119,6 +121,10 @@ fn describe() {
         OPEN_FILES,
         Unit::Count,
         "Bodies held open and mapped by the open tier (one descriptor each)."
+    );
+    describe_counter!(
+        DESCRIPTOR_SHORTAGES,
+        "Times the process ran out of descriptors and the open tier closed half its files."
     );
     describe_counter!(EVICTIONS, "Objects evicted by the LRU loop.");
     describe_counter!(EVICTED_BYTES, Unit::Bytes, "Bytes freed by eviction.");

@@ -48,8 +48,12 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // EMFILE and friends: back off instead of spinning. Out of descriptors,
+                    // the cache gives back some it holds open.
                     warn!(error = %e, "accept failed");
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        proxy.cache.relieve_descriptors();
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -39,6 +39,10 @@ const MIN_MMAP: u64 = 64 << 10;
 const OPEN_MIN: u64 = 16 << 10;
 /// Most bodies the open tier holds by default, however high the descriptor limit.
 const OPEN_FILES_MAX: usize = 16384;
+/// After running short of descriptors the open tier keeps to half its size this long...
+const SHORTAGE_HOLD: Duration = Duration::from_secs(300);
+/// ...and halves again at most this often (one shortage fails many calls at once).
+const SHORTAGE_STEP: Duration = Duration::from_secs(1);
 /// A fill writes what its upstream has ready in steps of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
@@ -217,6 +221,8 @@ pub struct Cache {
     open: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
     /// Decides which disk hits go into the open tier.
     open_doorkeeper: admit::Doorkeeper,
+    /// The open tier's size while descriptors are short, and when they last ran out.
+    open_shortage: Mutex<Option<(usize, Instant)>>,
     metas: moka::sync::Cache<KeyHash, Arc<Meta>>,
     flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
     /// For URLs whose responses vary: the request headers that pick the variant.
@@ -298,11 +304,16 @@ impl HotObject {
 }
 
 /// How many bodies the open tier holds: as configured, else at most [`OPEN_FILES_MAX`]; in
-/// either case no more than the descriptor limit leaves after connections (a client's, the
-/// app's, and a file being read or written for it: three each) and some spare, nor more than
-/// half the process's allowed memory mappings (one each).
+/// either case no more than the descriptor limit leaves after connections (the client's
+/// socket, which each holds while open) and some spare, nor more than half the process's
+/// allowed memory mappings (one each).
+///
+/// A busy connection also holds, for a while, one to the app and a file being read or
+/// written: these come out of the spare, and when they exhaust it the open tier gives half
+/// its descriptors back ([`Cache::relieve_descriptors`]) rather than sit on room reserved for
+/// a worst case that rarely comes.
 fn open_files(config: &Config) -> usize {
-    let spare = 3 * config.max_connections as u64 + 256;
+    let spare = config.max_connections as u64 + 256;
     let room = mmap::descriptor_limit()
         .saturating_sub(spare)
         .min(mmap::mapping_limit() / 2);
@@ -314,7 +325,7 @@ fn open_files(config: &Config) -> usize {
             "open_files lowered to what the descriptor and mapping limits allow"
         );
     } else if room == 0 && wanted > 0 {
-        // A PaaS limit of 10,000 descriptors is below what 4,096 connections may need.
+        // Fewer descriptors than connections.
         warn!(
             descriptor_limit = mmap::descriptor_limit(),
             max_connections = config.max_connections,
@@ -358,6 +369,7 @@ impl Cache {
             hot,
             open,
             open_doorkeeper,
+            open_shortage: Mutex::new(None),
             metas,
             flights: Mutex::new(HashMap::new()),
             vary_specs: Mutex::new(HashMap::new()),
@@ -470,7 +482,7 @@ impl Cache {
             tier.invalidate(&hash);
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
-        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight));
+        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight) && self.has_room(t));
         let meta = match self
             .metas
             .get(&hash)
@@ -568,6 +580,56 @@ impl Cache {
     fn storage_error(&self, e: &StoreError) {
         metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
         warn!(error = %e, "storage error; serving from the app");
+        if e.is_exhaustion() {
+            self.relieve_descriptors();
+        }
+    }
+
+    /// Whether a tier may take one more object now: always, unless it is the open tier
+    /// keeping to a reduced size after a shortage of descriptors.
+    fn has_room(&self, tier: &Tier<'_>) -> bool {
+        if !self.open.as_ref().is_some_and(|open| std::ptr::eq(open, tier.objects)) {
+            return true;
+        }
+        let mut shortage = self.open_shortage.lock().unwrap_or_else(|p| p.into_inner());
+        match *shortage {
+            Some((_, at)) if at.elapsed() >= SHORTAGE_HOLD => {
+                *shortage = None;
+                true
+            }
+            Some((room, _)) => (tier.objects.entry_count() as usize) < room,
+            None => true,
+        }
+    }
+
+    /// The process ran out of descriptors (or of memory mappings): the open tier closes half
+    /// the files it holds, and keeps to that size for [`SHORTAGE_HOLD`], so that connections,
+    /// the app and fills get them. Called where a shortage shows: an `accept`, a connection to
+    /// the app, a cache file. Which half is left to the tier's iteration order: this is
+    /// relief, not eviction. A body still being sent keeps its file open until it is sent.
+    pub fn relieve_descriptors(&self) {
+        let Some(open) = &self.open else { return };
+        let held = {
+            let mut shortage = self.open_shortage.lock().unwrap_or_else(|p| p.into_inner());
+            if shortage.is_some_and(|(_, at)| at.elapsed() < SHORTAGE_STEP) {
+                return;
+            }
+            open.run_pending_tasks();
+            let held = open.entry_count() as usize;
+            *shortage = Some((held / 2, Instant::now()));
+            held
+        };
+        let closing: Vec<KeyHash> = open.iter().take(held - held / 2).map(|(k, _)| *k).collect();
+        for hash in &closing {
+            open.invalidate(hash);
+        }
+        open.run_pending_tasks();
+        metrics::counter!(m::DESCRIPTOR_SHORTAGES).increment(1);
+        warn!(
+            held,
+            closed = closing.len(),
+            "out of descriptors: the open tier closed half its files"
+        );
     }
 
     async fn drop_corrupt(&self, hash: &KeyHash, meta_gen: u64, why: &'static str) {

@@ -554,6 +554,117 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
     assert_eq!(origin.hits("/kept.js"), 1);
 }
 
+/// A sample's value in a Prometheus text page (0 when absent).
+fn sample(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_makes_the_open_tier_give_half_back() {
+    const LIMIT: u32 = 1024;
+    const CONNECTIONS: usize = 350;
+    // The open tier's size: the limit less one descriptor per connection and 256 spare.
+    const HELD: usize = LIMIT as usize - CONNECTIONS - 256;
+    let origin = Origin::start().await;
+    for i in 0..HELD {
+        origin.fixed(&format!("/held/{i}"), CACHEABLE, pattern_chunk(i as u64, 20_000));
+    }
+    for i in 0..2 * CONNECTIONS {
+        let slow = Behaviour::Delay(
+            Duration::from_millis(500),
+            Box::new(Behaviour::Fixed {
+                status: 200,
+                headers: owned(CACHEABLE),
+                body: pattern_chunk(i as u64, 20_000),
+            }),
+        );
+        origin.route(&format!("/slow/{i}"), slow);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"ulimit -n "$3" && exec "$0" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "$1" --cache-dir "$2""#,
+    ])
+    .arg(binary_path())
+    .arg(origin.url())
+    .arg(dir.path().join("cache"))
+    .arg(LIMIT.to_string())
+    .env("SIDECACHE_ACCESS_LOG", "false")
+    .env("SIDECACHE_MAX_CONNECTIONS", CONNECTIONS.to_string())
+    .env("SIDECACHE_MEMORY_SIZE", "0");
+    let mut bin = Binary::from_command(cmd);
+    let sized = bin.wait_line("open tier sized");
+    assert!(sized.contains(&format!("open_files={HELD}")), "{sized}");
+    let (addr, admin) = (bin.public_addr(), bin.admin_addr());
+    let c = client();
+    let metrics = async || {
+        let page = c.get(format!("http://{admin}/metrics")).send().await.unwrap();
+        page.text().await.unwrap()
+    };
+    let fetch = |path: String| {
+        let c = c.clone();
+        async move {
+            // Under the shortage a request may fail any way: 0 stands for no response.
+            match c.get(format!("http://{addr}{path}")).send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    (status, resp.bytes().await.unwrap_or_default())
+                }
+                Err(_) => (0, Bytes::new()),
+            }
+        }
+    };
+    // The open tier fills up: every body stored, then hit twice (the second admits it).
+    let stored = futures_util::stream::iter(0..HELD)
+        .map(|i| fetch(format!("/held/{i}")))
+        .buffer_unordered(32)
+        .filter(|(status, _)| std::future::ready(*status == 200))
+        .count()
+        .await;
+    assert_eq!(stored, HELD);
+    let all_stored = eventually(Duration::from_secs(30), async || {
+        sample(&metrics().await, "sidecache_cache_objects") == HELD as f64
+    })
+    .await;
+    assert!(all_stored);
+    futures_util::stream::iter(0..HELD)
+        .map(|i| async move {
+            for _ in 0..2 {
+                fetch(format!("/held/{i}")).await;
+            }
+        })
+        .buffer_unordered(32)
+        .count()
+        .await;
+    let held = sample(&metrics().await, "sidecache_open_tier_files");
+    assert!(held >= 0.9 * HELD as f64, "the tier holds {held}");
+
+    // Every connection busy with a slow miss: a client socket and a connection to the app
+    // each, on top of the tier's descriptors, is more than the limit.
+    let burst =
+        |from: usize| futures_util::future::join_all((from..from + CONNECTIONS).map(|i| fetch(format!("/slow/{i}"))));
+    burst(0).await;
+    let page = metrics().await;
+    assert!(
+        sample(&page, "sidecache_descriptor_shortages_total") >= 1.0,
+        "no shortage seen"
+    );
+    let kept = sample(&page, "sidecache_open_tier_files");
+    assert!(kept <= 0.6 * HELD as f64, "the tier still holds {kept}");
+    // The tier keeps to its reduced size: the same burst again goes through whole.
+    for (n, (status, body)) in burst(CONNECTIONS).await.into_iter().enumerate() {
+        let i = (CONNECTIONS + n) as u64;
+        assert!(
+            status == 200 && body.len() == 20_000 && matches_pattern(i, &body),
+            "request {i}: {status}, {} bytes",
+            body.len()
+        );
+    }
+}
+
 /// Descriptors this process holds on files under `dir`: (all, of files since removed).
 fn descriptors_under(dir: &std::path::Path) -> (usize, usize) {
     let dir = dir.canonicalize().unwrap();
