@@ -223,7 +223,9 @@ pub struct Cache {
     open_doorkeeper: admit::Doorkeeper,
     /// The open tier's size while descriptors are short, and when they last ran out.
     open_shortage: Mutex<Option<(usize, Instant)>>,
-    metas: moka::sync::Cache<KeyHash, Arc<Meta>>,
+    /// Records of stored objects, by key, with their version: one is used only while the
+    /// index holds that version (a replacement may share the old body, digest and all).
+    metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
     flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
     /// For URLs whose responses vary: the request headers that pick the variant.
     vary_specs: Mutex<HashMap<KeyHash, Arc<[http::HeaderName]>>>,
@@ -350,7 +352,7 @@ impl Cache {
         });
         let metas = moka::sync::Cache::builder()
             .max_capacity(METAS_MEMORY)
-            .weigher(|_, v: &Arc<Meta>| meta_weight(v))
+            .weigher(|_, (_, meta): &(u64, Arc<Meta>)| meta_weight(meta))
             .build();
         let doorkeeper = admit::Doorkeeper::new(config.memory_size);
         let open_files = open_files(&config);
@@ -486,8 +488,10 @@ impl Cache {
         let meta = match self
             .metas
             .get(&hash)
-            .filter(|m| m.digest == digest && m.body_gen == body_gen)
+            .filter(|(version, _)| *version == meta_gen)
+            .map(|(_, m)| m)
         {
+
             Some(meta) => meta,
             None => {
                 let path = store.meta_path(&hash, meta_gen);
@@ -504,7 +508,7 @@ impl Cache {
                 }
                 let meta = Arc::new(meta);
                 let held_open = tier.is_some() && self.open_tier_size(body_len);
-                self.remember_meta(hash, &meta, held_open);
+                self.remember_meta(hash, meta_gen, &meta, held_open);
                 meta
             }
         };
@@ -653,12 +657,15 @@ impl Cache {
         }
     }
 
-    /// Caches a record beside the index, unless its body is going into the open tier
-    /// (`held_open`): that keeps the record with the open file, and caching it here too would
-    /// crowd out the records of bodies that stay on disk, which every hit on them needs.
-    fn remember_meta(&self, hash: KeyHash, meta: &Arc<Meta>, held_open: bool) {
-        if !held_open {
-            self.metas.insert(hash, meta.clone());
+    /// Caches version `meta_gen` of a key's record beside the index, unless its body is going
+    /// into the open tier (`held_open`): that keeps the record with the open file, and caching
+    /// it here too would crowd out the records of bodies that stay on disk, which every hit on
+    /// them needs.
+    fn remember_meta(&self, hash: KeyHash, meta_gen: u64, meta: &Arc<Meta>, held_open: bool) {
+        if held_open {
+            self.metas.invalidate(&hash);
+        } else {
+            self.metas.insert(hash, (meta_gen, meta.clone()));
         }
     }
 
@@ -1039,7 +1046,7 @@ impl Cache {
         let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
         self.remember_vary(&meta);
         let held_open = self.open_tier_size(meta.body_len);
-        self.remember_meta(hash, &Arc::new(meta), held_open);
+        self.remember_meta(hash, meta_gen, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             // The tiers can only hold what the index held: a new key has nothing to forget.
             self.forget_tiers(&hash);
@@ -1239,7 +1246,7 @@ impl Cache {
         let removed = self.lock_index().insert(hash, entry, record_len);
         self.forget(&hash);
         let held_open = self.open_tier_size(meta.body_len);
-        self.remember_meta(hash, &Arc::new(meta), held_open);
+        self.remember_meta(hash, meta_gen, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
         }

@@ -554,6 +554,40 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
     assert_eq!(origin.hits("/kept.js"), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refetched_object_with_the_same_bytes_is_served_from_its_new_record() {
+    let origin = Origin::start().await;
+    let short = [
+        ("cache-control", "public, max-age=2"),
+        ("content-type", "text/javascript"),
+    ];
+    origin.fixed("/short.js", &short, pattern_bytes(100_000));
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.memory_size = 0;
+        c.open_files = Some(16);
+        c.max_connections = 64;
+    })
+    .await;
+    let url = sc.url("/short.js");
+    get(&url).await;
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    // A disk hit keeps its record in memory.
+    assert_eq!(get(&url).await.1, "sidecache; hit");
+    // Once stale it is fetched again; the same bytes come back and the new version shares
+    // the stored body (same digest, same body file) under a new record.
+    let refetched = eventually(Duration::from_secs(10), async || {
+        get(&url).await.1.contains("fwd=stale")
+    })
+    .await;
+    assert!(refetched);
+    assert_eq!(origin.hits("/short.js"), 2);
+    // Hits again, from the new record (fresh), not the old one kept in memory (stale).
+    let fresh = eventually(Duration::from_secs(10), async || get(&url).await.1 == "sidecache; hit").await;
+    assert!(fresh, "answered from the outdated record");
+    assert_eq!(get(&url).await.1, "sidecache; hit");
+    assert_eq!(origin.hits("/short.js"), 2);
+}
+
 /// A sample's value in a Prometheus text page (0 when absent).
 fn sample(page: &str, name: &str) -> f64 {
     page.lines()
