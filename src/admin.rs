@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited, StreamBody};
@@ -47,7 +47,13 @@ impl Admin {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
-                    Err(_) => {
+                    Err(e) => {
+                        // Out of descriptors: liveness probes land here; the cache gives
+                        // back some it holds open.
+                        warn!(error = %e, "admin accept failed");
+                        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                            self.proxy.cache.relieve_descriptors();
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }

@@ -39,10 +39,22 @@ const MIN_MMAP: u64 = 64 << 10;
 const OPEN_MIN: u64 = 16 << 10;
 /// Most bodies the open tier holds by default, however high the descriptor limit.
 const OPEN_FILES_MAX: usize = 16384;
-/// After running short of descriptors the open tier keeps to half its size this long...
+/// After running short of descriptors the open tier keeps to half its size this long, then
+/// grows back by a quarter of its full size per such period without a shortage...
 const SHORTAGE_HOLD: Duration = Duration::from_secs(300);
 /// ...and halves again at most this often (one shortage fails many calls at once).
 const SHORTAGE_STEP: Duration = Duration::from_secs(1);
+
+/// The open tier's state after running short of descriptors.
+#[derive(Clone, Copy)]
+struct Shortage {
+    /// How many bodies it may hold for now.
+    room: usize,
+    /// When it last gave descriptors back.
+    relieved: Instant,
+    /// When `room` last changed.
+    changed: Instant,
+}
 /// A fill writes what its upstream has ready in steps of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
@@ -221,8 +233,8 @@ pub struct Cache {
     open: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
     /// Decides which disk hits go into the open tier.
     open_doorkeeper: admit::Doorkeeper,
-    /// The open tier's size while descriptors are short, and when they last ran out.
-    open_shortage: Mutex<Option<(usize, Instant)>>,
+    /// The open tier's reduced size after descriptors ran short (`None`: its full size).
+    open_shortage: Mutex<Option<Shortage>>,
     /// Records of stored objects, by key, with their version: one is used only while the
     /// index holds that version (a replacement may share the old body, digest and all).
     metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
@@ -491,7 +503,6 @@ impl Cache {
             .filter(|(version, _)| *version == meta_gen)
             .map(|(_, m)| m)
         {
-
             Some(meta) => meta,
             None => {
                 let path = store.meta_path(&hash, meta_gen);
@@ -595,15 +606,20 @@ impl Cache {
         if !self.open.as_ref().is_some_and(|open| std::ptr::eq(open, tier.objects)) {
             return true;
         }
-        let mut shortage = self.open_shortage.lock().unwrap_or_else(|p| p.into_inner());
-        match *shortage {
-            Some((_, at)) if at.elapsed() >= SHORTAGE_HOLD => {
-                *shortage = None;
-                true
-            }
-            Some((room, _)) => (tier.objects.entry_count() as usize) < room,
-            None => true,
+        let mut shortage = self.lock_shortage();
+        let Some(mut s) = *shortage else { return true };
+        if s.changed.elapsed() >= SHORTAGE_HOLD && s.relieved.elapsed() >= SHORTAGE_HOLD {
+            // A hold without a shortage: a quarter of the full size back, up to all of it.
+            let full = tier.objects.policy().max_capacity().unwrap_or(u64::MAX) as usize;
+            s.room = s.room.saturating_add(full.div_ceil(4));
+            s.changed = Instant::now();
+            *shortage = (s.room < full).then_some(s);
         }
+        shortage.is_none_or(|s| (tier.objects.entry_count() as usize) < s.room)
+    }
+
+    fn lock_shortage(&self) -> std::sync::MutexGuard<'_, Option<Shortage>> {
+        self.open_shortage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The process ran out of descriptors (or of memory mappings): the open tier closes half
@@ -613,20 +629,29 @@ impl Cache {
     /// relief, not eviction. A body still being sent keeps its file open until it is sent.
     pub fn relieve_descriptors(&self) {
         let Some(open) = &self.open else { return };
-        let held = {
-            let mut shortage = self.open_shortage.lock().unwrap_or_else(|p| p.into_inner());
-            if shortage.is_some_and(|(_, at)| at.elapsed() < SHORTAGE_STEP) {
+        let now = Instant::now();
+        {
+            let mut shortage = self.lock_shortage();
+            if shortage.is_some_and(|s| now.duration_since(s.relieved) < SHORTAGE_STEP) {
                 return;
             }
-            open.run_pending_tasks();
-            let held = open.entry_count() as usize;
-            *shortage = Some((held / 2, Instant::now()));
-            held
-        };
-        let closing: Vec<KeyHash> = open.iter().take(held - held / 2).map(|(k, _)| *k).collect();
-        for hash in &closing {
-            open.invalidate(hash);
+            // Claimed: calls for the same shortage return at once from here on.
+            let room = shortage.map_or(usize::MAX, |s| s.room);
+            *shortage = Some(Shortage {
+                room,
+                relieved: now,
+                changed: now,
+            });
         }
+        open.run_pending_tasks();
+        let held = open.entry_count() as usize;
+        if let Some(s) = self.lock_shortage().as_mut() {
+            s.room = s.room.min(held / 2);
+        }
+        let hashes: Vec<KeyHash> = open.iter().take(held - held / 2).map(|(k, _)| *k).collect();
+        let closing: Vec<Arc<HotObject>> = hashes.iter().filter_map(|h| open.remove(h)).collect();
+        // The tier lets go of them; `closing` now holds the last references but for bodies
+        // still being sent.
         open.run_pending_tasks();
         metrics::counter!(m::DESCRIPTOR_SHORTAGES).increment(1);
         warn!(
@@ -634,6 +659,11 @@ impl Cache {
             closed = closing.len(),
             "out of descriptors: the open tier closed half its files"
         );
+        // Unmapping and closing thousands of files takes a while: not on an event loop.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(closing))),
+            Err(_) => drop(closing),
+        }
     }
 
     async fn drop_corrupt(&self, hash: &KeyHash, meta_gen: u64, why: &'static str) {
@@ -1296,6 +1326,7 @@ impl Cache {
             metrics::gauge!(m::HOT_SIZE).set(hot.weighted_size() as f64);
         }
         if let Some(open) = &self.open {
+            open.run_pending_tasks();
             metrics::gauge!(m::OPEN_FILES).set(open.entry_count() as f64);
         }
     }
