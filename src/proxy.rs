@@ -725,15 +725,28 @@ impl Proxy {
     }
 
     /// Sends a prepared request to the app. When that failed for want of descriptors, the
-    /// cache gives back some it holds open.
+    /// cache gives back some it holds open, and a request without a body is sent once more:
+    /// it never reached the app (its connection could not be opened).
     async fn send_upstream(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
-        let sent = self.upstream.send(req).await;
-        if let Err(e) = &sent
-            && e.is_exhaustion()
-        {
-            self.cache.relieve_descriptors();
+        use http_body::Body as _;
+        let again = req.body().is_end_stream().then(|| {
+            let mut copy = Request::new(body::empty());
+            *copy.method_mut() = req.method().clone();
+            *copy.uri_mut() = req.uri().clone();
+            *copy.version_mut() = req.version();
+            *copy.headers_mut() = req.headers().clone();
+            copy
+        });
+        match self.upstream.send(req).await {
+            Err(e) if e.is_exhaustion() => {
+                self.cache.relieve_descriptors_now().await;
+                match again {
+                    Some(req) => self.upstream.send(req).await,
+                    None => Err(e),
+                }
+            }
+            sent => sent,
         }
-        sent
     }
 
     /// Forwards to the app and relays the answer without storing it.

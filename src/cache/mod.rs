@@ -235,6 +235,8 @@ pub struct Cache {
     open_doorkeeper: admit::Doorkeeper,
     /// The open tier's reduced size after descriptors ran short (`None`: its full size).
     open_shortage: Mutex<Option<Shortage>>,
+    /// Taken by [`Cache::relieve_descriptors_now`] for the whole of a relief.
+    relieving: tokio::sync::Mutex<()>,
     /// Records of stored objects, by key, with their version: one is used only while the
     /// index holds that version (a replacement may share the old body, digest and all).
     metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
@@ -384,6 +386,7 @@ impl Cache {
             open,
             open_doorkeeper,
             open_shortage: Mutex::new(None),
+            relieving: tokio::sync::Mutex::new(()),
             metas,
             flights: Mutex::new(HashMap::new()),
             vary_specs: Mutex::new(HashMap::new()),
@@ -628,12 +631,34 @@ impl Cache {
     /// the app, a cache file. Which half is left to the tier's iteration order: this is
     /// relief, not eviction. A body still being sent keeps its file open until it is sent.
     pub fn relieve_descriptors(&self) {
-        let Some(open) = &self.open else { return };
+        let Some(closing) = self.give_back() else { return };
+        // Unmapping and closing thousands of files takes a while: not on an event loop.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(closing))),
+            Err(_) => drop(closing),
+        }
+    }
+
+    /// [`Cache::relieve_descriptors`], returning once the files are closed. A caller that
+    /// comes while another's relief is under way waits for it to finish: what it then retries
+    /// finds the descriptors given back.
+    pub async fn relieve_descriptors_now(&self) {
+        let _turn = self.relieving.lock().await;
+        if let Some(closing) = self.give_back() {
+            let _ = tokio::task::spawn_blocking(move || drop(closing)).await;
+        }
+    }
+
+    /// Halves the open tier (see [`Cache::relieve_descriptors`]) unless that was done less
+    /// than [`SHORTAGE_STEP`] ago; returns the bodies taken out, whose last references they
+    /// hold but for bodies still being sent.
+    fn give_back(&self) -> Option<Vec<Arc<HotObject>>> {
+        let open = self.open.as_ref()?;
         let now = Instant::now();
         {
             let mut shortage = self.lock_shortage();
             if shortage.is_some_and(|s| now.duration_since(s.relieved) < SHORTAGE_STEP) {
-                return;
+                return None;
             }
             // Claimed: calls for the same shortage return at once from here on.
             let room = shortage.map_or(usize::MAX, |s| s.room);
@@ -650,8 +675,7 @@ impl Cache {
         }
         let hashes: Vec<KeyHash> = open.iter().take(held - held / 2).map(|(k, _)| *k).collect();
         let closing: Vec<Arc<HotObject>> = hashes.iter().filter_map(|h| open.remove(h)).collect();
-        // The tier lets go of them; `closing` now holds the last references but for bodies
-        // still being sent.
+        // The tier lets go of them.
         open.run_pending_tasks();
         metrics::counter!(m::DESCRIPTOR_SHORTAGES).increment(1);
         warn!(
@@ -659,11 +683,7 @@ impl Cache {
             closed = closing.len(),
             "out of descriptors: the open tier closed half its files"
         );
-        // Unmapping and closing thousands of files takes a while: not on an event loop.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(closing))),
-            Err(_) => drop(closing),
-        }
+        Some(closing)
     }
 
     async fn drop_corrupt(&self, hash: &KeyHash, meta_gen: u64, why: &'static str) {
