@@ -52,7 +52,7 @@ impl Admin {
                         // back some it holds open.
                         warn!(error = %e, "admin accept failed");
                         if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                            self.proxy.cache.relieve_descriptors_now().await;
+                            self.proxy.cache.relieve_descriptors();
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;

@@ -52,7 +52,7 @@ pub async fn run(
                     // the cache gives back some it holds open.
                     warn!(error = %e, "accept failed");
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                        proxy.cache.relieve_descriptors_now().await;
+                        proxy.cache.relieve_descriptors();
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;

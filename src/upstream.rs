@@ -62,6 +62,7 @@ impl UpstreamError {
     pub fn kind(&self) -> &'static str {
         match self {
             UpstreamError::Unreachable { source, .. } if is_connect_timeout(source) => "connect_timeout",
+            err if err.is_exhaustion() => "descriptors",
             UpstreamError::Unreachable { source, .. } if source.is_connect() => "connect",
             UpstreamError::Unreachable { .. } => "protocol",
             UpstreamError::Source { .. } => "source",
@@ -69,13 +70,15 @@ impl UpstreamError {
         }
     }
 
-    /// True when it failed for want of descriptors in this process (EMFILE, ENFILE): a
-    /// shortage of sidecache's, not the app's fault.
+    /// True when the connection to the app could not be opened for want of descriptors in
+    /// this process (EMFILE, ENFILE): a shortage of sidecache's, not the app's fault, and
+    /// nothing was sent.
     pub fn is_exhaustion(&self) -> bool {
         let UpstreamError::Unreachable { source, .. } = self else {
             return false;
         };
-        io_cause(source).is_some_and(|io| matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
+        source.is_connect()
+            && io_cause(source).is_some_and(|io| matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
     }
 
     /// The short text body sent to the client.

@@ -235,8 +235,8 @@ pub struct Cache {
     open_doorkeeper: admit::Doorkeeper,
     /// The open tier's reduced size after descriptors ran short (`None`: its full size).
     open_shortage: Mutex<Option<Shortage>>,
-    /// Taken by [`Cache::relieve_descriptors_now`] for the whole of a relief.
-    relieving: tokio::sync::Mutex<()>,
+    /// Held for the whole of a relief, until its files are closed.
+    relieving: Arc<tokio::sync::Mutex<()>>,
     /// Records of stored objects, by key, with their version: one is used only while the
     /// index holds that version (a replacement may share the old body, digest and all).
     metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
@@ -319,6 +319,25 @@ impl HotObject {
     }
 }
 
+/// Drops `closing` (unmapping and closing thousands of files takes a while) on a thread of
+/// its own, not an event loop nor the blocking pool, where fills may queue ahead of it; then
+/// lets go of `turn`. The receiver learns when that is done.
+fn close_in_background(
+    closing: Vec<Arc<HotObject>>,
+    turn: tokio::sync::OwnedMutexGuard<()>,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (done, closed) = tokio::sync::oneshot::channel();
+    // When no thread can be had, the closure is dropped unrun: the files are closed here.
+    let _ = std::thread::Builder::new()
+        .name("sidecache-relief".into())
+        .spawn(move || {
+            drop(closing);
+            drop(turn);
+            let _ = done.send(());
+        });
+    closed
+}
+
 /// How many bodies the open tier holds: as configured, else at most [`OPEN_FILES_MAX`]; in
 /// either case no more than the descriptor limit leaves after connections (the client's
 /// socket, which each holds while open) and some spare, nor more than half the process's
@@ -386,7 +405,7 @@ impl Cache {
             open,
             open_doorkeeper,
             open_shortage: Mutex::new(None),
-            relieving: tokio::sync::Mutex::new(()),
+            relieving: Arc::new(tokio::sync::Mutex::new(())),
             metas,
             flights: Mutex::new(HashMap::new()),
             vary_specs: Mutex::new(HashMap::new()),
@@ -631,21 +650,22 @@ impl Cache {
     /// the app, a cache file. Which half is left to the tier's iteration order: this is
     /// relief, not eviction. A body still being sent keeps its file open until it is sent.
     pub fn relieve_descriptors(&self) {
-        let Some(closing) = self.give_back() else { return };
-        // Unmapping and closing thousands of files takes a while: not on an event loop.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(closing))),
-            Err(_) => drop(closing),
+        // A relief under way covers this shortage.
+        let Ok(turn) = self.relieving.clone().try_lock_owned() else {
+            return;
+        };
+        if let Some(closing) = self.give_back() {
+            drop(close_in_background(closing, turn));
         }
     }
 
     /// [`Cache::relieve_descriptors`], returning once the files are closed. A caller that
-    /// comes while another's relief is under way waits for it to finish: what it then retries
-    /// finds the descriptors given back.
+    /// comes while a relief is under way waits for its files to be closed: what it then
+    /// retries finds the descriptors given back.
     pub async fn relieve_descriptors_now(&self) {
-        let _turn = self.relieving.lock().await;
+        let turn = self.relieving.clone().lock_owned().await;
         if let Some(closing) = self.give_back() {
-            let _ = tokio::task::spawn_blocking(move || drop(closing)).await;
+            let _ = close_in_background(closing, turn).await;
         }
     }
 
