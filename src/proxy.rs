@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::metrics as m;
 use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
 use crate::rules;
-use crate::upstream::{Upstream, UpstreamError, error_response, strip_hop_by_hop};
+use crate::upstream::{Upstream, error_response, strip_hop_by_hop};
 
 /// What the cache did for one request: the metric label, the log field and the
 /// `Cache-Status` header all come from it.
@@ -559,7 +559,7 @@ impl Proxy {
             }
             None => {
                 self.upstream.prepare(&mut req, client, None);
-                self.send_upstream(req).await.map(|r| r.map(body::boxed))
+                self.upstream.send(req).await.map(|r| r.map(body::boxed))
             }
         };
         let resp = match sent {
@@ -724,35 +724,10 @@ impl Proxy {
         answer
     }
 
-    /// Sends a prepared request to the app. When that failed for want of descriptors, the
-    /// cache gives back some it holds open, and a request without a body is sent once more:
-    /// it never reached the app (its connection could not be opened).
-    async fn send_upstream(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
-        use http_body::Body as _;
-        let again = req.body().is_end_stream().then(|| {
-            let mut copy = Request::new(body::empty());
-            *copy.method_mut() = req.method().clone();
-            *copy.uri_mut() = req.uri().clone();
-            *copy.version_mut() = req.version();
-            *copy.headers_mut() = req.headers().clone();
-            copy
-        });
-        match self.upstream.send(req).await {
-            Err(e) if e.is_exhaustion() => {
-                self.cache.relieve_descriptors_now().await;
-                match again {
-                    Some(req) => self.upstream.send(req).await,
-                    None => Err(e),
-                }
-            }
-            sent => sent,
-        }
-    }
-
     /// Forwards to the app and relays the answer without storing it.
     pub async fn forward(&self, mut req: Request<ProxyBody>, client: SocketAddr, outcome: Outcome, fwd: Fwd) -> Answer {
         self.upstream.prepare(&mut req, client, None);
-        match self.send_upstream(req).await {
+        match self.upstream.send(req).await {
             Ok(resp) => Answer::new(relay_response(resp), outcome, Some(fwd)),
             Err(err) => {
                 warn!(error = %err, "upstream request failed");
@@ -768,7 +743,7 @@ impl Proxy {
         let client_upgrade = hyper::upgrade::on(&mut req);
         let mut req = req.map(body::boxed);
         self.upstream.prepare(&mut req, client, upgrade_header);
-        let mut resp = match self.send_upstream(req).await {
+        let mut resp = match self.upstream.send(req).await {
             Ok(resp) => resp,
             Err(err) => {
                 warn!(error = %err, "upstream upgrade request failed");

@@ -32,8 +32,13 @@ impl Sidecar {
         let metrics = crate::metrics::install();
         let cache = Cache::open(config.clone());
         let sources = crate::http_client().build().map_err(std::io::Error::other)?;
+        let relief_cache = cache.clone();
+        let relief: crate::upstream::Relief = Arc::new(move || {
+            let cache = relief_cache.clone();
+            Box::pin(async move { cache.relieve_descriptors_now().await })
+        });
         let proxy = Arc::new(Proxy {
-            upstream: Upstream::new(&config),
+            upstream: Upstream::new(&config, relief),
             cache: cache.clone(),
             sources,
             config: config.clone(),

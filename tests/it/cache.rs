@@ -698,8 +698,8 @@ async fn running_out_of_descriptors_fails_no_request_and_the_open_tier_gives_hal
             );
         }
     };
-    // Requests that could not get a connection to the app are sent again once the tier has
-    // given descriptors back: none fails.
+    // A connection to the app that could not be opened is opened again once the tier has
+    // given descriptors back: no request fails.
     whole(0, burst(0).await);
     let page = metrics().await;
     assert!(
