@@ -530,7 +530,7 @@ impl Cache {
                 let path = store.meta_path(&hash, meta_gen);
                 let read = match store::read_meta_nowait(&path, meta_len) {
                     Ok(Some(meta)) => Ok(Ok(meta)),
-                    Ok(None) => tokio::task::spawn_blocking(move || store::read_meta_file(&path)).await,
+                    Ok(None) => tokio::task::spawn_blocking(move || store::read_meta_file(&path, meta_len)).await,
                     Err(e) => Ok(Err(e)),
                 };
                 let meta = self.or_drop(read, &hash, meta_gen).await?;
@@ -1394,7 +1394,7 @@ impl Cache {
                 continue;
             }
             let path = store.meta_path(&found.id, found.generation);
-            let meta = match store::read_meta_file(&path) {
+            let meta = match store::read_meta_file(&path, found.len) {
                 Ok(meta)
                     if meta.storage_hash() == found.id
                         && body_len.get(&(meta.digest, meta.body_gen)) == Some(&meta.body_len) =>

@@ -387,11 +387,6 @@ impl Store {
         Ok(())
     }
 
-    /// Reads and decodes a meta record.
-    pub fn read_meta(&self, key: &KeyHash, generation: u64) -> Result<Meta, StoreError> {
-        read_meta_file(&self.meta_path(key, generation))
-    }
-
     /// A body version's modification time (ns; 0 when it cannot be read).
     pub fn body_mtime(&self, digest: &Digest, generation: u64) -> u64 {
         fs::metadata(self.body_path(digest, generation))
@@ -429,30 +424,25 @@ impl Store {
     }
 }
 
-/// Reads and decodes a meta record file.
-pub fn read_meta_file(path: &Path) -> Result<Meta, StoreError> {
-    read_meta(path, None).map(|m| m.expect("a blocking read always answers"))
+/// Reads and decodes a record file that the index (or the startup scan) says is `len` bytes
+/// long. Knowing the length saves a `stat`; a file shorter than that is an error, and one
+/// rewritten underneath fails the record's checksum.
+pub fn read_meta_file(path: &Path, len: u64) -> Result<Meta, StoreError> {
+    read_meta(path, len, false).map(|m| m.expect("a blocking read always answers"))
 }
 
-/// [`read_meta_file`] of a record the index says is `len` bytes long, without waiting for the
-/// disk: `Ok(None)` when the record is not in the page cache (read it off the runtime then).
-/// Knowing the length saves a `stat`; a file shorter than that is an error, and one rewritten
-/// underneath fails the record's checksum.
+/// [`read_meta_file`] without waiting for the disk: `Ok(None)` when the record is not in the
+/// page cache (read it off the runtime then).
 pub fn read_meta_nowait(path: &Path, len: u64) -> Result<Option<Meta>, StoreError> {
-    read_meta(path, Some(len))
+    read_meta(path, len, true)
 }
 
-fn read_meta(path: &Path, known_len: Option<u64>) -> Result<Option<Meta>, StoreError> {
-    let bytes = match known_len {
-        Some(len) => {
-            let file = crate::cache::mmap::open_for_read(path).map_err(io("open", path))?;
-            let len = len.min(MAX_RECORD as u64 + 65) as usize;
-            match crate::cache::mmap::read_at(&file, len, 0, true).map_err(io("read", path))? {
-                Some(buf) => buf,
-                None => return Ok(None),
-            }
-        }
-        None => fs::read(path).map_err(io("read", path))?,
+fn read_meta(path: &Path, len: u64, nowait: bool) -> Result<Option<Meta>, StoreError> {
+    let file = crate::cache::mmap::open_for_read(path).map_err(io("open", path))?;
+    // One byte more than the largest record: enough to tell that a file is too large.
+    let len = len.min(MAX_RECORD as u64 + 65) as usize;
+    let Some(bytes) = crate::cache::mmap::read_at(&file, len, 0, nowait).map_err(io("read", path))? else {
+        return Ok(None);
     };
     if bytes.len() > MAX_RECORD + 64 {
         return Err(StoreError::Io {
