@@ -261,6 +261,9 @@ struct Tier<'a> {
     weight: u64,
     /// Bodies from this size are held mapped, smaller ones as copies.
     map_from: u64,
+    /// The open tier: it holds its objects' records, and keeps to a reduced size after a
+    /// shortage of descriptors.
+    open: bool,
 }
 
 /// Memory for records cached beside the index, so a disk hit need not read its record.
@@ -471,12 +474,14 @@ impl Cache {
                 doorkeeper: &self.open_doorkeeper,
                 weight: 1,
                 map_from: OPEN_MIN,
+                open: true,
             }),
             (_, Some(hot)) if len <= self.config.memory_object_max => Some(Tier {
                 objects: hot,
                 doorkeeper: &self.doorkeeper,
                 weight: len,
                 map_from: MIN_MMAP,
+                open: false,
             }),
             _ => None,
         }
@@ -540,7 +545,7 @@ impl Cache {
                     return None;
                 }
                 let meta = Arc::new(meta);
-                let held_open = tier.is_some() && self.open_tier_size(body_len);
+                let held_open = tier.as_ref().is_some_and(|t| t.open);
                 self.remember_meta(hash, meta_gen, &meta, held_open);
                 meta
             }
@@ -625,12 +630,13 @@ impl Cache {
     /// Whether a tier may take one more object now: always, unless it is the open tier
     /// keeping to a reduced size after a shortage of descriptors.
     fn has_room(&self, tier: &Tier<'_>) -> bool {
-        if !self.open.as_ref().is_some_and(|open| std::ptr::eq(open, tier.objects)) {
+        if !tier.open {
             return true;
         }
         let mut shortage = self.lock_shortage();
         let Some(mut s) = *shortage else { return true };
-        if s.changed.elapsed() >= SHORTAGE_HOLD && s.relieved.elapsed() >= SHORTAGE_HOLD {
+        // (`changed` is set with every relief, so it is the later of the two.)
+        if s.changed.elapsed() >= SHORTAGE_HOLD {
             // A hold without a shortage: a quarter of the full size back, up to all of it.
             let full = tier.objects.policy().max_capacity().unwrap_or(u64::MAX) as usize;
             s.room = s.room.saturating_add(full.div_ceil(4));
