@@ -88,6 +88,20 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> St
     }
 }
 
+/// Makes the file at `path` with `make`, creating its fan-out directory first when it is
+/// missing (they are made on first use); `op` names the step in an error.
+fn in_its_dir<T>(path: &Path, op: &'static str, make: impl Fn() -> std::io::Result<T>) -> Result<T, StoreError> {
+    match make() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = path.parent().expect("object paths have a parent");
+            fs::create_dir_all(parent).map_err(io("create", parent))?;
+            make()
+        }
+        other => other,
+    }
+    .map_err(io(op, path))
+}
+
 /// The on-disk layout of one cache directory.
 #[derive(Debug)]
 pub struct Store {
@@ -330,19 +344,7 @@ impl Store {
             Some(name) => fs::rename(name, to),
             None => link_fd(&tmp.file, to),
         };
-        match put() {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let parent = to.parent().expect("object paths have a parent");
-                fs::create_dir_all(parent).map_err(io("create", parent))?;
-                put().map_err(io("place", to))
-            }
-            Err(e) => Err(StoreError::Io {
-                op: "place",
-                path: to.to_owned(),
-                source: e,
-            }),
-        }
+        in_its_dir(to, "place", put)
     }
 
     /// Creates a temporary body file for a fill, open for reading and writing.
@@ -366,16 +368,9 @@ impl Store {
     /// skips this process's own records, which may be mid-write.)
     pub fn write_meta(&self, key: &KeyHash, generation: u64, record: &[u8]) -> Result<(), StoreError> {
         let path = self.meta_path(key, generation);
-        let create = || OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
-        let mut file = match create() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let parent = path.parent().expect("object paths have a parent");
-                fs::create_dir_all(parent).map_err(io("create", parent))?;
-                create()
-            }
-            other => other,
-        }
-        .map_err(io("create", &path))?;
+        let mut file = in_its_dir(&path, "create", || {
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)
+        })?;
         if let Err(source) = file.write_all(record) {
             let _ = fs::remove_file(&path);
             return Err(StoreError::Io {
