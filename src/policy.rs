@@ -97,10 +97,24 @@ pub static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-co
 /// The response directives this cache obeys: the most specific targeted field present
 /// (`Sidecache-Cache-Control`, then `CDN-Cache-Control`), else `Cache-Control` (RFC 9213 §2.2).
 /// `true` when a targeted field was used, in which case `Expires` is ignored too.
+///
+/// Every field is seen: a targeted field may set the lifetime, but `private`, `no-store` and
+/// `no-cache` in `Cache-Control` still hold unless the targeted field itself explicitly allows
+/// sharing as RFC 9111 §3.5 counts it (`public`, `s-maxage`, `must-revalidate`). This is
+/// stricter than RFC 9213 §2.2, which would have `CDN-Cache-Control: max-age=600` override
+/// `Cache-Control: private`: a middleware that adds a CDN lifetime to every answer must not
+/// make one user's page another's.
 pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
     for name in [&SIDECACHE_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
         if headers.contains_key(name) {
-            return (CacheControl::parse_field(headers, name), true);
+            let mut cc = CacheControl::parse_field(headers, name);
+            if !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+                let plain = CacheControl::parse(headers);
+                cc.private |= plain.private;
+                cc.no_store |= plain.no_store;
+                cc.no_cache |= plain.no_cache;
+            }
+            return (cc, true);
         }
     }
     (CacheControl::parse(headers), false)
@@ -1025,7 +1039,10 @@ mod tests {
         let f = |h: &[(&str, &str)]| freshness_lifetime(StatusCode::OK, &headers(h), now, H).as_secs();
         let st = |h: &[(&str, &str)]| storable(&Method::GET, &HeaderMap::new(), StatusCode::OK, &headers(h));
         assert_eq!(
-            f(&[("cache-control", "no-store"), ("cdn-cache-control", "max-age=600")]),
+            f(&[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "public, max-age=600")
+            ]),
             600
         );
         assert_eq!(
@@ -1045,9 +1062,27 @@ mod tests {
             0
         );
         assert_eq!(
-            st(&[("cache-control", "no-store"), ("sidecache-cache-control", "max-age=60")]),
+            st(&[
+                ("cache-control", "no-store"),
+                ("sidecache-cache-control", "public, max-age=60")
+            ]),
             Ok(())
         );
+        // Issue 15, finding 1: a targeted lifetime alone does not lift a restriction.
+        for (restriction, why) in [("no-store", NotStorable::NoStore), ("private", NotStorable::Private)] {
+            for targeted in ["sidecache-cache-control", "cdn-cache-control"] {
+                assert_eq!(
+                    st(&[("cache-control", restriction), (targeted, "max-age=60")]),
+                    Err(why),
+                    "{restriction} + {targeted}"
+                );
+            }
+        }
+        let (cc, _) = response_directives(&headers(&[
+            ("cache-control", "no-cache"),
+            ("sidecache-cache-control", "max-age=60"),
+        ]));
+        assert!(cc.no_cache, "no-cache still means revalidate");
         assert_eq!(
             st(&[("cache-control", "max-age=60"), ("sidecache-cache-control", "no-store")]),
             Err(NotStorable::NoStore)

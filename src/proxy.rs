@@ -340,7 +340,7 @@ impl Proxy {
         let Some(key) = CacheKey::from_request(&req, self.scheme(&req), &self.config.query) else {
             return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
         };
-        if rules::find(&self.config.rules, req.uri().path()).is_some_and(|r| r.bypass) {
+        if rules::bypassed(&self.config.rules, req.uri().path()) {
             return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
         }
         let mut req_cc = CacheControl::parse(req.headers());
@@ -606,7 +606,13 @@ impl Proxy {
             return answer;
         }
         let rule = rules::find(&self.config.rules, &path);
-        if let Some(applied) = rules::apply(rule, self.config.fingerprinted_ttl, &path, &mut parts.headers) {
+        if let Some(applied) = rules::apply(
+            rule,
+            self.config.fingerprinted_ttl,
+            &path,
+            parts.status,
+            &mut parts.headers,
+        ) {
             debug!(rule = applied, "freshness from a static-asset rule");
         }
         let storable = policy::storable(&method, &req_headers, parts.status, &parts.headers);

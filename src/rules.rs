@@ -5,21 +5,39 @@
 //! A rule's TTL is applied by adding a `Sidecache-Cache-Control` directive to the stored copy
 //! (RFC 9213 targeted field), so freshness, storability and revalidation stay in `policy`, and
 //! the directive never reaches clients.
+//!
+//! Rules and the fingerprint heuristic only ever *lengthen the freshness of a response that is
+//! already shareable*; they never make one shareable. Before either touches a response,
+//! [`apply`] checks that (safety before hit ratio):
+//! - the status is a success (200, 203): a 404 under a fingerprinted name is not pinned;
+//! - no field says `private`, `no-store` or `no-cache` (`Cache-Control` or a targeted field);
+//! - the path is plain: no path parameters (`;`), no encoded `/`, `\`, `.`, `;` or NUL, no dot
+//!   or empty segments: the shapes through which an app's router reaches another resource than
+//!   the file name suggests (web cache deception: `/api/me;x.js`, `/api/me%2fx.js`);
+//! - the `Content-Type` is what the file name's extension says (`.js` must be JavaScript): an app
+//!   that answers `/json/me/x.js` with its JSON ignored the suffix. Names with an unknown
+//!   extension (explicit rules only) must at least not be HTML.
+//!
+//! Globs are compiled once with `globset` (regular expressions without backtracking): matching
+//! is linear in the path's length, whatever the pattern.
 
 use std::time::Duration;
 
+use globset::{GlobBuilder, GlobMatcher};
+use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
 use serde::Deserialize;
 
 use crate::config::HumanDuration;
-use crate::policy;
+use crate::policy::{self, CacheControl};
 
 /// One rule as written in the config file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
-    /// A path glob: `*` within one segment, `**` across segments, `?` one character. Without a
-    /// leading `/` it matches the file name (`*.css`).
+    /// A path glob: `*` within one segment, `**` across segments, `?` one character, `[a-z]`
+    /// a class, `{a,b}` alternatives. With a leading `/` it matches the whole path; without
+    /// one it matches the file name (`*.css`) and may not contain `/`.
     #[serde(rename = "match")]
     pub pattern: String,
     /// Never cache these paths.
@@ -27,7 +45,8 @@ pub struct RawRule {
     pub bypass: bool,
     /// Freshness for responses that give none.
     pub ttl: Option<HumanDuration>,
-    /// Freshness whatever the response says (still never for Set-Cookie or Authorization).
+    /// Freshness whatever lifetime the response gives (never for `private`, `no-store`,
+    /// `no-cache`, `Set-Cookie` or `Authorization`).
     pub force_ttl: Option<HumanDuration>,
     /// Remove `Set-Cookie` from these responses so they can be stored.
     #[serde(default)]
@@ -35,9 +54,10 @@ pub struct RawRule {
 }
 
 /// A compiled rule.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Rule {
     pattern: String,
+    matcher: GlobMatcher,
     file_name_only: bool,
     /// Never cache.
     pub bypass: bool,
@@ -49,8 +69,19 @@ pub struct Rule {
     pub strip_set_cookie: bool,
 }
 
+impl PartialEq for Rule {
+    fn eq(&self, other: &Rule) -> bool {
+        // The matcher is compiled from the pattern: equal patterns, equal matchers.
+        self.pattern == other.pattern
+            && self.bypass == other.bypass
+            && self.ttl == other.ttl
+            && self.force_ttl == other.force_ttl
+            && self.strip_set_cookie == other.strip_set_cookie
+    }
+}
+
 impl Rule {
-    /// Validates a rule.
+    /// Validates and compiles a rule.
     pub fn compile(raw: RawRule) -> Result<Rule, String> {
         if raw.pattern.is_empty() {
             return Err("`match` is empty".into());
@@ -64,9 +95,26 @@ impl Rule {
         if !raw.bypass && raw.ttl.is_none() && raw.force_ttl.is_none() && !raw.strip_set_cookie {
             return Err("a rule needs `bypass`, `ttl`, `force_ttl` or `strip_set_cookie`".into());
         }
+        let file_name_only = !raw.pattern.starts_with('/');
+        if file_name_only && raw.pattern.contains('/') {
+            // It would be matched against a file name, which never contains `/`: a rule that
+            // silently never applies (a `bypass` that bypasses nothing).
+            return Err(format!(
+                "`{}` contains `/` but does not start with one: write `/{}` to match the path from \
+                 its start, `/**/{}` to match it at any depth, or a pattern without `/` for a file name",
+                raw.pattern, raw.pattern, raw.pattern
+            ));
+        }
+        let matcher = GlobBuilder::new(&raw.pattern)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| format!("`{}` is not a valid glob: {}", raw.pattern, e.kind()))?
+            .compile_matcher();
         Ok(Rule {
-            file_name_only: !raw.pattern.starts_with('/'),
+            file_name_only,
             pattern: raw.pattern,
+            matcher,
             bypass: raw.bypass,
             ttl: raw.ttl.map(|d| d.0),
             force_ttl: raw.force_ttl.map(|d| d.0),
@@ -74,14 +122,15 @@ impl Rule {
         })
     }
 
-    /// Whether the rule applies to this path (no query string).
+    /// The pattern as written.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Whether the rule applies to this path (no query string). Linear in the path's length.
     pub fn matches(&self, path: &str) -> bool {
-        let subject = if self.file_name_only {
-            path.rsplit('/').next().unwrap_or(path)
-        } else {
-            path
-        };
-        glob(self.pattern.as_bytes(), subject.as_bytes())
+        let subject = if self.file_name_only { file_name(path) } else { path };
+        self.matcher.is_match(subject)
     }
 }
 
@@ -90,35 +139,28 @@ pub fn find<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
     rules.iter().find(|r| r.matches(path))
 }
 
-/// Glob matching: `**` any run of bytes, `*` any run without `/`, `?` one byte but `/`.
-fn glob(p: &[u8], s: &[u8]) -> bool {
-    match p.first() {
-        None => s.is_empty(),
-        Some(b'*') if p.get(1) == Some(&b'*') => {
-            let rest = &p[2..];
-            (0..=s.len()).any(|i| glob(rest, &s[i..]))
-        }
-        Some(b'*') => {
-            let rest = &p[1..];
-            for i in 0..=s.len() {
-                if glob(rest, &s[i..]) {
-                    return true;
-                }
-                if i < s.len() && s[i] == b'/' {
-                    return false;
-                }
-            }
-            false
-        }
-        Some(b'?') => !s.is_empty() && s[0] != b'/' && glob(&p[1..], &s[1..]),
-        Some(c) => s.first() == Some(c) && glob(&p[1..], &s[1..]),
+/// Whether a `bypass` rule covers this path, as written or as the app will read it once
+/// percent-decoded (`/%61pi/me` is `/api/me` to the app: a bypass must not be dodged by
+/// spelling).
+pub fn bypassed(rules: &[Rule], path: &str) -> bool {
+    if find(rules, path).is_some_and(|r| r.bypass) {
+        return true;
     }
+    if !path.contains('%') {
+        return false;
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    find(rules, &decoded).is_some_and(|r| r.bypass)
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// Whether the file name carries a content hash (`app-3f2a9c81.js`, `main.5e7a1b2c9d.css`,
 /// `index-BX3a9_kZ.js`): such URLs never change content, so they are treated as immutable.
 pub fn is_fingerprinted(path: &str) -> bool {
-    let name = path.rsplit('/').next().unwrap_or(path);
+    let name = file_name(path);
     let Some((stem, ext)) = name.rsplit_once('.') else {
         return false;
     };
@@ -138,21 +180,178 @@ pub fn is_fingerprinted(path: &str) -> bool {
     hexlike || tokenlike
 }
 
-/// File extensions of static assets: a rule never makes HTML cacheable under one of these
-/// (web cache deception: `/account/settings.php/x.css` served as the account page).
-const STATIC_EXTENSIONS: &[&str] = &[
-    "css", "js", "mjs", "map", "png", "jpg", "jpeg", "gif", "webp", "avif", "svg", "ico", "woff", "woff2", "ttf",
-    "otf", "eot", "mp4", "webm", "mp3", "wasm", "json", "txt", "xml", "pdf", "zip",
+/// A static-asset extension: the media types an answer under that name may have, and whether
+/// the fingerprint heuristic covers it. Types apps commonly generate per user (JSON, XML, plain
+/// text) are left to explicit rules: a fingerprint-looking name is no proof that
+/// `/api/me/x-a1b2c3d4.json` is a build artefact.
+struct StaticType {
+    ext: &'static str,
+    types: &'static [&'static str],
+    fingerprint: bool,
+}
+
+const fn st(ext: &'static str, types: &'static [&'static str], fingerprint: bool) -> StaticType {
+    StaticType {
+        ext,
+        types,
+        fingerprint,
+    }
+}
+
+const JS: &[&str] = &[
+    "text/javascript",
+    "application/javascript",
+    "application/x-javascript",
+    "application/ecmascript",
+    "text/ecmascript",
+];
+const JSON: &[&str] = &["application/json"];
+
+/// Known static-asset extensions (web cache deception: a rule never stores an answer whose type
+/// is not what its name says, `/account/settings.php/x.css` served as the account page).
+const STATIC_TYPES: &[StaticType] = &[
+    st("css", &["text/css"], true),
+    st("js", JS, true),
+    st("mjs", JS, true),
+    st("cjs", JS, true),
+    st("map", &["application/json", "application/octet-stream"], true),
+    st("png", &["image/png"], true),
+    st("apng", &["image/apng", "image/png"], true),
+    st("jpg", &["image/jpeg"], true),
+    st("jpeg", &["image/jpeg"], true),
+    st("gif", &["image/gif"], true),
+    st("webp", &["image/webp"], true),
+    st("avif", &["image/avif"], true),
+    st("svg", &["image/svg+xml"], true),
+    st("ico", &["image/x-icon", "image/vnd.microsoft.icon"], true),
+    st("bmp", &["image/bmp"], true),
+    st("woff", &["font/woff", "application/font-woff"], true),
+    st("woff2", &["font/woff2", "application/font-woff2"], true),
+    st(
+        "ttf",
+        &[
+            "font/ttf",
+            "font/sfnt",
+            "application/x-font-ttf",
+            "application/font-sfnt",
+        ],
+        true,
+    ),
+    st(
+        "otf",
+        &[
+            "font/otf",
+            "font/sfnt",
+            "application/x-font-otf",
+            "application/font-sfnt",
+        ],
+        true,
+    ),
+    st("eot", &["application/vnd.ms-fontobject"], true),
+    st("mp4", &["video/mp4"], true),
+    st("webm", &["video/webm", "audio/webm"], true),
+    st("mp3", &["audio/mpeg"], true),
+    st("ogg", &["audio/ogg", "video/ogg", "application/ogg"], true),
+    st("wasm", &["application/wasm"], true),
+    st("pdf", &["application/pdf"], true),
+    st("zip", &["application/zip"], true),
+    st("json", JSON, false),
+    st("webmanifest", &["application/manifest+json", "application/json"], false),
+    st("txt", &["text/plain"], false),
+    st("xml", &["application/xml", "text/xml"], false),
 ];
 
+/// The media type of a `Content-Type` value, lower-cased, parameters dropped.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    (!essence.is_empty()).then_some(essence)
+}
+
+/// The path's shape lets the app's router reach something other than the file it names:
+/// path parameters, encoded separators or dots, dot or empty segments, backslashes.
+fn is_plain_path(path: &str) -> bool {
+    if !path.starts_with('/') || path.contains([';', '\\']) {
+        return false;
+    }
+    let bytes = path.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%' {
+            let hex = bytes.get(i + 1..i + 3).unwrap_or(b"");
+            // %2f `/`, %5c `\`, %2e `.`, %3b `;`, %00 NUL, and a `%` that is not an escape.
+            let decoded = std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match decoded {
+                Some(b'/' | b'\\' | b'.' | b';' | 0) | None => return false,
+                Some(_) => {}
+            }
+        }
+    }
+    // Segments after the leading `/`: none `.` or `..`, none empty but a trailing one.
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if segment == "." || segment == ".." || segment.is_empty() && !last {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether a rule (`fingerprint: false`) or the fingerprint heuristic (`true`) may lengthen
+/// the freshness of this answer: see the module's documentation.
+fn may_extend(path: &str, status: StatusCode, headers: &HeaderMap, fingerprint: bool) -> bool {
+    if !matches!(status.as_u16(), 200 | 203) {
+        return false;
+    }
+    if restricts(&CacheControl::parse(headers))
+        || [&policy::SIDECACHE_CACHE_CONTROL, &policy::CDN_CACHE_CONTROL]
+            .into_iter()
+            .any(|name| restricts(&CacheControl::parse_field(headers, name)))
+    {
+        return false;
+    }
+    if !is_plain_path(path) {
+        return false;
+    }
+    let media = media_type(headers);
+    let ext = file_name(path).rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref().and_then(|e| STATIC_TYPES.iter().find(|t| t.ext == e)) {
+        Some(known) => {
+            (known.fingerprint || !fingerprint)
+                && media
+                    .is_some_and(|m| known.types.contains(&m.as_str()) || m.ends_with("+json") && known.types == JSON)
+        }
+        // An unknown extension: only an operator's explicit rule, and never for a page.
+        None => !fingerprint && media.is_none_or(|m| !matches!(m.as_str(), "text/html" | "application/xhtml+xml")),
+    }
+}
+
+fn restricts(cc: &CacheControl) -> bool {
+    cc.private || cc.no_store || cc.no_cache
+}
+
 /// Adds the freshness a rule (or fingerprinting) gives to a response about to be stored, and
-/// strips `Set-Cookie` if the rule says so. Returns what was applied, for logs.
+/// strips `Set-Cookie` if the rule says so. Returns what was applied, for logs. Nothing is
+/// applied to an answer that is not already shareable or whose path or type does not match
+/// what its name says (see the module's documentation).
 pub fn apply(
     rule: Option<&Rule>,
     fingerprinted_ttl: Duration,
     path: &str,
+    status: StatusCode,
     headers: &mut HeaderMap,
 ) -> Option<&'static str> {
+    let fingerprinted = rule.is_none_or(|r| r.ttl.is_none() && r.force_ttl.is_none())
+        && !fingerprinted_ttl.is_zero()
+        && is_fingerprinted(path);
+    if rule.is_none() && !fingerprinted {
+        return None;
+    }
+    if !may_extend(path, status, headers, rule.is_none()) {
+        return None;
+    }
     if rule.is_some_and(|r| r.strip_set_cookie) {
         headers.remove(header::SET_COOKIE);
     }
@@ -161,14 +360,11 @@ pub fn apply(
     let (ttl, why) = match (rule.and_then(|r| r.force_ttl), rule.and_then(|r| r.ttl)) {
         (Some(force), _) => (force, "force_ttl"),
         (None, Some(ttl)) if !explicit => (ttl, "ttl"),
-        _ if !explicit && !fingerprinted_ttl.is_zero() && is_fingerprinted(path) => {
+        (None, None) if !explicit && fingerprinted && may_extend(path, status, headers, true) => {
             (fingerprinted_ttl, "fingerprinted")
         }
         _ => return None,
     };
-    if looks_like_deception(path, headers) {
-        return None;
-    }
     let directive = format!("max-age={}", ttl.as_secs());
     headers.insert(
         &policy::SIDECACHE_CACHE_CONTROL,
@@ -177,41 +373,58 @@ pub fn apply(
     Some(why)
 }
 
-/// HTML under a static-asset extension: the app ignored the suffix and answered with a page.
-fn looks_like_deception(path: &str, headers: &HeaderMap) -> bool {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
-    let static_ext = ext.is_some_and(|e| STATIC_EXTENSIONS.contains(&e.as_str()));
-    let html = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("text/html"));
-    static_ext && html
-}
-
-/// Rewrites a query string for the cache key: parameters kept by `mode`, sorted.
+/// Rewrites a query string for the cache key: parameters kept by `mode`, stably sorted by
+/// name, so repeated parameters keep their order (`?v=2&v=1` is not `?v=1&v=2` to most apps).
+///
+/// Parameters are split on `&`, names compared percent-decoded (`%75tm_source` is
+/// `utm_source` to the app). A piece holding a `;` is never dropped: some frameworks split
+/// on `;` too, and `utm_source=x;v=evil` carries `v=evil` for them.
 pub fn key_query(query: &str, mode: &QueryKey) -> String {
-    let mut pairs: Vec<&str> = query
+    if matches!(mode, QueryKey::None) {
+        return String::new();
+    }
+    let mut pairs: Vec<(std::borrow::Cow<'_, str>, &str)> = query
         .split('&')
         .filter(|p| !p.is_empty())
-        .filter(|p| {
-            let name = p.split('=').next().unwrap_or("");
-            match mode {
-                QueryKey::All => true,
-                QueryKey::None => false,
-                QueryKey::Allow(names) => names.iter().any(|n| n == name),
-                QueryKey::Deny(names) => !names.iter().any(|n| n == name),
-            }
+        .map(|p| (param_name(p), p))
+        .filter(|(name, piece)| {
+            piece.contains(';')
+                || match mode {
+                    QueryKey::All => true,
+                    QueryKey::None => false,
+                    QueryKey::Allow(names) => names.iter().any(|n| n == name),
+                    QueryKey::Deny(names) => !names.iter().any(|n| n == name),
+                }
         })
         .collect();
-    pairs.sort_unstable();
-    pairs.join("&")
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = String::with_capacity(query.len());
+    for (i, (_, piece)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(piece);
+    }
+    out
+}
+
+/// A parameter's name as the app reads it: before `=`, `+` as a space, percent-decoded.
+fn param_name(piece: &str) -> std::borrow::Cow<'_, str> {
+    let raw = piece.split('=').next().unwrap_or("");
+    if !raw.contains(['%', '+']) {
+        return raw.into();
+    }
+    let spaced = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
+        .into()
 }
 
 /// Which query parameters are part of the cache key.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum QueryKey {
-    /// All of them (sorted).
+    /// All of them (sorted by name).
     #[default]
     All,
     /// None: the query string is ignored.
@@ -257,16 +470,47 @@ impl RawQueryKey {
 mod tests {
     use super::*;
 
-    fn rule(pattern: &str) -> Rule {
-        Rule::compile(RawRule {
+    fn raw(pattern: &str) -> RawRule {
+        RawRule {
             pattern: pattern.into(),
             bypass: true,
             ttl: None,
             force_ttl: None,
             strip_set_cookie: false,
+        }
+    }
+
+    fn rule(pattern: &str) -> Rule {
+        Rule::compile(raw(pattern)).unwrap()
+    }
+
+    fn ttl_rule(pattern: &str, ttl: Option<u64>, force: Option<u64>) -> Rule {
+        Rule::compile(RawRule {
+            pattern: pattern.into(),
+            bypass: false,
+            ttl: ttl.map(|s| HumanDuration(Duration::from_secs(s))),
+            force_ttl: force.map(|s| HumanDuration(Duration::from_secs(s))),
+            strip_set_cookie: false,
         })
         .unwrap()
     }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    const OK: StatusCode = StatusCode::OK;
+    type Fields<'a> = Vec<(&'a str, &'a str)>;
+    /// A rule, a path, a status and the answer's header fields.
+    type Case<'a> = (Option<&'a Rule>, &'a str, u16, Fields<'a>);
+    const DAY: Duration = Duration::from_secs(86_400);
 
     #[test]
     fn globs_match_segments_and_file_names() {
@@ -276,14 +520,37 @@ mod tests {
             ("/assets/*", "/assets/app.js", true),
             ("/assets/*", "/assets/img/a.png", false),
             ("/assets/**/*.png", "/assets/img/x/a.png", true),
+            ("/assets/**/*.png", "/assets/a.png", true),
             ("*.css", "/deep/dir/site.css", true),
             ("*.css", "/deep/dir/site.css.map", false),
             ("/file-?.js", "/file-1.js", true),
             ("/file-?.js", "/file-12.js", false),
+            ("*.{woff,woff2}", "/f/a.woff2", true),
+            ("*-*-*.js", "/x/a-b-c.js", true),
+            ("*-*-*.js", "/x/a-b.js", false),
         ];
         for (pattern, path, want) in rows {
             assert_eq!(rule(pattern).matches(path), want, "{pattern} ~ {path}");
         }
+    }
+
+    /// The old backtracking matcher took over 40 s of CPU for this pair; a compiled glob is
+    /// linear. Checked for the result, not timed: the integration test times it end to end.
+    #[test]
+    fn multi_wildcard_globs_against_huge_paths_do_not_match_wrongly() {
+        let dashes = format!("/x/{}.css", "-".repeat(64 * 1024));
+        assert!(!rule("*-*-*.js").matches(&dashes));
+        let deep = format!("/assets/{}x.js", "a-/".repeat(20_000));
+        assert!(!rule("/assets/**/*-*.min.js").matches(&deep));
+        assert!(rule("/assets/**/*-*.min.js").matches("/assets/a/b/c-d.min.js"));
+    }
+
+    #[test]
+    fn bypass_rules_see_the_path_as_the_app_will() {
+        let rules = [rule("/api/**")];
+        assert!(bypassed(&rules, "/api/me"));
+        assert!(bypassed(&rules, "/%61pi/me"), "percent-encoded spelling");
+        assert!(!bypassed(&rules, "/assets/app.js"));
     }
 
     #[test]
@@ -310,46 +577,140 @@ mod tests {
 
     #[test]
     fn rule_ttl_becomes_a_targeted_directive_only_where_allowed() {
-        let day = Duration::from_secs(86_400);
         let ttl_rule = Rule::compile(RawRule {
             pattern: "/assets/**".into(),
             bypass: false,
-            ttl: Some(HumanDuration(day)),
+            ttl: Some(HumanDuration(DAY)),
             force_ttl: None,
             strip_set_cookie: true,
         })
         .unwrap();
-        let mut h = HeaderMap::new();
-        h.insert("set-cookie", HeaderValue::from_static("a=b"));
-        h.insert("content-type", HeaderValue::from_static("text/css"));
+        let mut h = headers(&[("set-cookie", "a=b"), ("content-type", "text/css")]);
         assert_eq!(
-            apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", &mut h),
+            apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", OK, &mut h),
             Some("ttl")
         );
         assert_eq!(h["sidecache-cache-control"], "max-age=86400");
         assert!(!h.contains_key("set-cookie"));
         // An explicit lifetime from the app wins over a default ttl.
-        let mut h = HeaderMap::new();
-        h.insert("cache-control", HeaderValue::from_static("max-age=5"));
-        assert_eq!(apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", &mut h), None);
-        // Web cache deception: HTML under a .css name is never made cacheable.
-        let mut h = HeaderMap::new();
-        h.insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
+        let mut h = headers(&[("cache-control", "max-age=5"), ("content-type", "text/css")]);
         assert_eq!(
-            apply(Some(&ttl_rule), Duration::ZERO, "/account.php/x.css", &mut h),
+            apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", OK, &mut h),
             None
         );
         // Fingerprinted names get the fingerprint TTL with no rule at all.
-        let mut h = HeaderMap::new();
+        let mut h = headers(&[("content-type", "text/javascript")]);
         assert_eq!(
-            apply(None, day, "/assets/app-3f2a9c81.js", &mut h),
+            apply(None, DAY, "/assets/app-3f2a9c81.js", OK, &mut h),
             Some("fingerprinted")
         );
     }
 
+    /// Issue 15, findings 1, 2, 14: a rule or the fingerprint heuristic lengthens the freshness
+    /// of shareable answers only.
     #[test]
-    fn query_keys_are_filtered_and_sorted() {
+    fn rules_and_fingerprints_never_make_an_answer_shareable() {
+        let ttl = ttl_rule("/**", Some(86_400), None);
+        let force = ttl_rule("/**", None, Some(86_400));
+        let js = ("content-type", "text/javascript");
+        let json = ("content-type", "application/json");
+        // (rule, path, status, response headers)
+        let refused: Vec<Case<'_>> = vec![
+            (
+                None,
+                "/api/me;x-a1b2c3d4.json",
+                200,
+                vec![json, ("cache-control", "private")],
+            ),
+            (None, "/api/me/x-a1b2c3d4.json", 200, vec![json]),
+            (None, "/api/me%2fx-a1b2c3d4.json", 200, vec![json]),
+            (
+                None,
+                "/api/me/x-a1b2c3d4.html",
+                200,
+                vec![("content-type", "text/html")],
+            ),
+            (None, "/a/app-3f2a9c81.js", 200, vec![js, ("cache-control", "private")]),
+            (None, "/a/app-3f2a9c81.js", 200, vec![js, ("cache-control", "no-store")]),
+            (None, "/a/app-3f2a9c81.js", 200, vec![js, ("cache-control", "no-cache")]),
+            (None, "/a/app-3f2a9c81.js", 404, vec![js]),
+            (None, "/a/app-3f2a9c81.js", 404, vec![("content-type", "text/html")]),
+            (Some(&ttl), "/a.js", 200, vec![js, ("cache-control", "private")]),
+            (Some(&force), "/a.js", 200, vec![js, ("cache-control", "no-store")]),
+            (Some(&force), "/a.js", 200, vec![js, ("cache-control", "no-cache")]),
+            (Some(&force), "/a.js", 200, vec![js, ("cdn-cache-control", "private")]),
+            (Some(&ttl), "/json/me;x.js", 200, vec![json]),
+            (Some(&ttl), "/json/me/x.js", 200, vec![json]),
+            (Some(&ttl), "/json/me%2fx.js", 200, vec![json]),
+            (Some(&ttl), "/json/me%2Fx.js", 200, vec![js]),
+            (Some(&ttl), "/assets/..%2fjson/me", 200, vec![json]),
+            (Some(&ttl), "/assets/../json/me", 200, vec![json]),
+            (Some(&ttl), "/assets/%2e%2e/json/me", 200, vec![json]),
+            (Some(&ttl), "/assets//json/me", 200, vec![json]),
+            (Some(&ttl), "/assets\\..\\json", 200, vec![json]),
+            (
+                Some(&ttl),
+                "/account.php/x.css",
+                200,
+                vec![("content-type", "text/html")],
+            ),
+            (
+                Some(&ttl),
+                "/page",
+                200,
+                vec![("content-type", "text/html; charset=utf-8")],
+            ),
+            (Some(&ttl), "/a.js", 200, vec![]),
+            (Some(&ttl), "/a.js", 500, vec![js]),
+        ];
+        for (rule, path, status, pairs) in refused {
+            let mut h = headers(&pairs);
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(
+                apply(rule, DAY, path, status, &mut h),
+                None,
+                "{path} {status} {pairs:?}"
+            );
+            assert!(!h.contains_key("sidecache-cache-control"), "{path}");
+        }
+        let allowed: Vec<(Option<&Rule>, &str, Fields<'_>)> = vec![
+            (None, "/a/app-3f2a9c81.js", vec![js]),
+            (
+                None,
+                "/a/app-3f2a9c81.css",
+                vec![("content-type", "text/css; charset=utf-8")],
+            ),
+            (Some(&ttl), "/api/catalog", vec![json]),
+            (
+                Some(&ttl),
+                "/data/x.json",
+                vec![("content-type", "application/ld+json")],
+            ),
+            (Some(&ttl), "/fonts/A%20B.woff2", vec![("content-type", "font/woff2")]),
+            (
+                Some(&force),
+                "/a.js",
+                vec![js, ("cache-control", "max-age=0, must-revalidate")],
+            ),
+        ];
+        for (rule, path, pairs) in allowed {
+            let mut h = headers(&pairs);
+            assert!(apply(rule, DAY, path, OK, &mut h).is_some(), "{path} {pairs:?}");
+        }
+    }
+
+    #[test]
+    fn query_keys_are_filtered_and_sorted_stably() {
         assert_eq!(key_query("b=2&a=1", &QueryKey::All), "a=1&b=2");
+        assert_eq!(
+            key_query("v=2&v=1", &QueryKey::All),
+            "v=2&v=1",
+            "repeats keep their order"
+        );
+        assert_ne!(
+            key_query("v=2&v=1", &QueryKey::All),
+            key_query("v=1&v=2", &QueryKey::All)
+        );
         assert_eq!(key_query("b=2&a=1", &QueryKey::None), "");
         assert_eq!(
             key_query(
@@ -358,9 +719,17 @@ mod tests {
             ),
             "lang=en&v=3"
         );
+        let deny = QueryKey::Deny(vec!["utm_source".into()]);
+        assert_eq!(key_query("v=3&utm_source=x", &deny), "v=3");
+        assert_eq!(key_query("v=3&utm%5Fsource=x", &deny), "v=3", "names compared decoded");
+        // Issue 15, finding 10: `;` carries parameters for some frameworks.
+        assert_eq!(key_query("v=1&utm_source=x;v=evil", &deny), "utm_source=x;v=evil&v=1");
+        let allow = QueryKey::Allow(vec!["v".into()]);
+        assert_eq!(key_query("utm=1;v=evil&v=1", &allow), "utm=1;v=evil&v=1");
         assert_eq!(
-            key_query("v=3&utm_source=x", &QueryKey::Deny(vec!["utm_source".into()])),
-            "v=3"
+            key_query("%76=evil", &allow),
+            "%76=evil",
+            "an encoded allowed name counts"
         );
     }
 
@@ -379,5 +748,9 @@ mod tests {
         assert!(bad(true, Some(1), None));
         assert!(bad(false, Some(1), Some(1)));
         assert!(bad(false, None, None));
+        // Issue 15, finding 15: a file-name pattern with `/` would never match.
+        let err = Rule::compile(raw("assets/*.js")).unwrap_err();
+        assert!(err.contains("/assets/*.js"), "{err}");
+        assert!(Rule::compile(raw("/a/[z-a]")).is_err(), "an invalid glob");
     }
 }

@@ -404,13 +404,16 @@ async fn targeted_cache_control_fields_steer_the_sidecar() {
         "/t.js",
         &[
             ("cache-control", "no-store"),
-            ("sidecache-cache-control", "max-age=600"),
+            ("sidecache-cache-control", "public, max-age=600"),
         ],
         "t",
     );
     origin.fixed(
         "/cdn.js",
-        &[("cache-control", "no-cache"), ("cdn-cache-control", "max-age=600")],
+        &[
+            ("cache-control", "no-cache"),
+            ("cdn-cache-control", "public, max-age=600"),
+        ],
         "c",
     );
     origin.fixed(
@@ -471,7 +474,7 @@ async fn static_asset_rules_fill_in_for_apps_without_caching_headers() {
             status: 200,
             headers: owned(&[
                 ("content-type", "font/woff2"),
-                ("cache-control", "no-cache"),
+                ("cache-control", "max-age=0, must-revalidate"),
                 ("set-cookie", "s=1"),
             ]),
             body: Bytes::from_static(b"font"),
@@ -542,7 +545,7 @@ query: {allow: [q]}
         2,
         "HTML under a .css name is never stored"
     );
-    assert_eq!(origin.hits("/fonts/a.woff2"), 1, "force_ttl overrides no-cache");
+    assert_eq!(origin.hits("/fonts/a.woff2"), 1, "force_ttl overrides a short lifetime");
     assert_eq!(
         origin.hits("/search.json"),
         1,
