@@ -8,7 +8,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use sidecache::cache::key::CacheKey;
 use sidecache::policy::{self, CacheControl, Freshness, Heuristic};
-use sidecache::rules::QueryKey;
+use sidecache::rules::{self, QueryKey, RawRule, Rule};
 
 fn bench(c: &mut Criterion) {
     let mut resp = HeaderMap::new();
@@ -57,6 +57,32 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     g.bench_function("cache_key", |b| {
         b.iter(|| CacheKey::from_request(black_box(&request), "https", &QueryKey::All))
+    });
+    // Rule matching on every request: a typical path, and the 60 KB paths that took the old
+    // backtracking matcher tens of seconds (issue 15, finding 3).
+    let rule_set: Vec<Rule> = ["*-*-*.js", "/assets/**/*-*.min.js", "/api/**", "*.{woff,woff2}"]
+        .into_iter()
+        .map(|p| {
+            Rule::compile(RawRule {
+                pattern: p.into(),
+                bypass: true,
+                ttl: None,
+                force_ttl: None,
+                strip_set_cookie: false,
+            })
+            .unwrap()
+        })
+        .collect();
+    let dashes = format!("/x/{}.css", "-".repeat(60_000));
+    let deep = format!("/assets/{}x.js", "a-/".repeat(20_000));
+    g.bench_function("rules_typical_path", |b| {
+        b.iter(|| rules::find(black_box(&rule_set), black_box("/assets/app-3f2a9c81e5d7.js")))
+    });
+    g.bench_function("rules_60k_dashes", |b| {
+        b.iter(|| rules::find(black_box(&rule_set), black_box(&dashes)))
+    });
+    g.bench_function("rules_60k_segments", |b| {
+        b.iter(|| rules::find(black_box(&rule_set), black_box(&deep)))
     });
     g.finish();
 }
