@@ -194,10 +194,9 @@ impl Admin {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer);
         match given {
-            Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
+            Some(given) if token_matches(given, token) => None,
             _ => {
                 let mut resp = text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
                 resp.headers_mut()
@@ -208,8 +207,20 @@ impl Admin {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The credentials of a `Bearer` authorization (the scheme is case-insensitive, RFC 9110
+/// §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Compares in constant time: digests of both, so neither the content nor the length of the
+/// token shows in the time taken.
+fn token_matches(given: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let given = blake3::hash(given.as_bytes());
+    let token = blake3::hash(token.as_bytes());
+    given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
 /// Reads `url=`, `prefix=` or `all=true` from a query string.
@@ -248,4 +259,21 @@ pub fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_compare_whole() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cre", "s3cret"));
+        assert!(!token_matches("s3cretx", "s3cret"));
+        assert!(!token_matches("", "s3cret"));
+    }
 }
