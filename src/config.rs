@@ -611,6 +611,18 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         return Err(invalid("log_level", format!("`{log_level}` is not a log filter")));
     }
     let admin_token = raw.admin_token.filter(|t| !t.is_empty());
+    // Fail closed: beyond loopback, whoever reaches the admin port could purge the cache or
+    // have it filled from the prime sources; /purge and /prime then require the token.
+    if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+        return Err(invalid(
+            "admin_token",
+            format!(
+                "required because admin_listen {admin_listen} (from {}) is not a loopback address: \
+                 set SIDECACHE_ADMIN_TOKEN (e.g. from a secret) or listen on 127.0.0.1",
+                source("admin_listen")
+            ),
+        ));
+    }
     let mut rules = Vec::new();
     for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
         rules.push(Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?);
@@ -790,6 +802,37 @@ mod tests {
     fn strict_booleans_refuse_yes() {
         let err = parse_yaml("access_log: yes\n").unwrap_err();
         assert!(err.contains("access_log") || err.contains("bool"), "{err}");
+    }
+
+    #[test]
+    fn admin_beyond_loopback_requires_the_token() {
+        for addr in ["0.0.0.0:9090", "[::]:9090", "10.1.2.3:9090", "[::ffff:127.0.0.1]:9090"] {
+            let err = Loader::new(env(&[("SIDECACHE_ADMIN_LISTEN", addr)]))
+                .load()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("admin_token") && err.contains("SIDECACHE_ADMIN_LISTEN") && err.contains("loopback"),
+                "{addr}: {err}"
+            );
+        }
+        for addr in ["127.0.0.1:9090", "127.8.9.10:0", "[::1]:9090"] {
+            let c = Loader::new(env(&[("SIDECACHE_ADMIN_LISTEN", addr)])).load();
+            assert!(c.is_ok(), "{addr}: {:?}", c.err());
+        }
+        let c = Loader::new(env(&[
+            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:9090"),
+            ("SIDECACHE_ADMIN_TOKEN", "t"),
+        ]))
+        .load()
+        .unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("t"));
+        let empty = Loader::new(env(&[
+            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:9090"),
+            ("SIDECACHE_ADMIN_TOKEN", ""),
+        ]))
+        .load();
+        assert!(empty.is_err(), "an empty token is no token");
     }
 
     #[test]
