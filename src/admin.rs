@@ -1,6 +1,8 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge`. Never on the public
-//! port, where every path belongs to the app. Bound to loopback by default; with `admin_token`
-//! set, purge requires `Authorization: Bearer <token>`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge`, `POST /prime`. Never
+//! on the public port, where every path belongs to the app. Bound to loopback by default; with
+//! `admin_token` set, purge and prime require `Authorization: Bearer <token>`, and the
+//! configuration refuses an admin port beyond loopback without a token. A prime's `from` must
+//! be inside `prime_sources`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
 use crate::proxy::Proxy;
 use crate::proxy::WarmResult;
+use crate::sources::SourceUrl;
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -129,13 +132,21 @@ impl Admin {
     /// JSON line per URL as it completes: `{"url":..,"result":"warmed|warm|failed",..}`.
     async fn prime(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let mut host = String::from("localhost");
-        let mut from: Option<String> = None;
+        let mut from: Option<SourceUrl> = None;
         let mut concurrency = 8usize;
         let mut timeout = Duration::from_secs(30);
         for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
             match &*k {
                 "host" => host = v.into_owned(),
-                "from" if v.starts_with("http://") || v.starts_with("https://") => from = Some(v.into_owned()),
+                // Checked before anything is read or fetched: a source outside the allow-list
+                // refuses the whole prime.
+                "from" => match self.proxy.config.prime_sources.admit_base(&v) {
+                    Ok(base) => from = Some(base),
+                    Err(e) => {
+                        warn!(error = %e, "prime refused: source not allowed");
+                        return text(StatusCode::FORBIDDEN, format!("{e}\n"));
+                    }
+                },
                 "concurrency" => concurrency = v.parse().unwrap_or(8).clamp(1, 64),
                 "timeout" => timeout = Duration::from_secs(v.parse().unwrap_or(30).clamp(1, 3600)),
                 _ => {}
@@ -162,8 +173,7 @@ impl Admin {
                 };
                 let (proxy, host, tx, from) = (proxy.clone(), host.clone(), tx.clone(), from.clone());
                 tasks.spawn(async move {
-                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target, from.as_deref())).await
-                    {
+                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target, from.as_ref())).await {
                         Ok(r) => r,
                         Err(_) => WarmResult::Failed(format!("timed out after {timeout:?}")),
                     };

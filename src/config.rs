@@ -17,6 +17,7 @@ use serde::de::IntoDeserializer;
 
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
 use crate::size::{ByteSize, MinFree};
+use crate::sources::PrimeSources;
 
 /// Where a configuration value came from; printed in every configuration error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +194,9 @@ config_keys! {
     rules: Vec<RawRule>,
     /// Which query parameters count in the cache key: all, none, {allow: [...]}, {deny: [...]}.
     query: RawQueryKey,
+    /// Base URLs `prime --from` may fill from (scheme, host and port exact, path a prefix);
+    /// empty: none. A list, or one string of URLs separated by commas or spaces.
+    prime_sources: StringList,
 }
 
 /// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
@@ -237,6 +241,39 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 humantime::parse_duration(v)
                     .map(HumanDuration)
                     .map_err(|e| E::custom(format!("`{v}`: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A list of strings, written as a YAML list or as one string separated by commas or
+/// whitespace (convenient in an environment variable).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StringList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of strings, or one string separated by commas or spaces")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringList, E> {
+                Ok(StringList(
+                    v.split(|c: char| c == ',' || c.is_whitespace())
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                ))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StringList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    out.push(item);
+                }
+                Ok(StringList(out))
             }
         }
         d.deserialize_any(V)
@@ -324,6 +361,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Query parameters in the key.
     pub query: QueryKey,
+    /// Where `prime --from` may fill from.
+    pub prime_sources: PrimeSources,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -623,6 +662,8 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
             ),
         ));
     }
+    let prime_sources =
+        PrimeSources::parse(&raw.prime_sources.unwrap_or_default().0).map_err(|m| invalid("prime_sources", m))?;
     let mut rules = Vec::new();
     for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
         rules.push(Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?);
@@ -673,6 +714,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         fingerprinted_ttl: dur(raw.fingerprinted_ttl, Duration::from_secs(365 * 86_400)),
         rules,
         query,
+        prime_sources,
     })
 }
 
@@ -833,6 +875,37 @@ mod tests {
         ]))
         .load();
         assert!(empty.is_err(), "an empty token is no token");
+    }
+
+    #[test]
+    fn prime_sources_from_file_list_and_env_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "prime_sources:\n  - https://cdn.example.com/builds\n  - http://127.0.0.1:8000\n",
+        )
+        .unwrap();
+        let c = Loader::new(std::iter::empty()).file(Some(path)).load().unwrap();
+        let inside = reqwest::Url::parse("https://cdn.example.com/builds/a.js").unwrap();
+        assert!(c.prime_sources.contains(&inside));
+        let c = Loader::new(env(&[(
+            "SIDECACHE_PRIME_SOURCES",
+            "https://cdn.example.com/builds, http://127.0.0.1:8000",
+        )]))
+        .load()
+        .unwrap();
+        assert!(c.prime_sources.contains(&inside));
+        assert!(
+            c.prime_sources
+                .contains(&reqwest::Url::parse("http://127.0.0.1:8000/x").unwrap())
+        );
+        assert!(Config::defaults().prime_sources.is_empty(), "none by default");
+        let err = Loader::new(env(&[("SIDECACHE_PRIME_SOURCES", "ftp://x")]))
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prime_sources"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,165 @@
 
 use std::process::Command;
 
-use crate::support::binary_path;
+use reqwest::StatusCode;
+use sidecache::sources::PrimeSources;
+
+use crate::support::{Behaviour, Origin, TestSidecar, app_client, binary_path, client};
+
+const ASSET: &[(&str, &str)] = &[("cache-control", "public, max-age=31536000")];
+
+fn allow(entries: &[String]) -> PrimeSources {
+    PrimeSources::parse(entries).unwrap()
+}
+
+/// `POST /prime` on the admin port; the status and the streamed NDJSON lines.
+async fn prime(sc: &TestSidecar, from: &str, targets: &str) -> (StatusCode, Vec<serde_json::Value>) {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("host", "app.example")
+        .append_pair("from", from)
+        .finish();
+    let resp = client()
+        .post(sc.admin_url(&format!("/prime?{query}")))
+        .body(targets.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    let lines = if status.is_success() {
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    } else {
+        Vec::new()
+    };
+    (status, lines)
+}
+
+/// Nothing is stored under `path`: no object in the cache, and a client is answered by the
+/// app, not from the cache.
+async fn assert_not_stored(sc: &TestSidecar, app: &Origin, path: &str) {
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "no object stored");
+    let before = app.hits(path);
+    let resp = app_client().get(sc.url(path)).send().await.unwrap();
+    assert_ne!(resp.headers()["cache-status"], "sidecache; hit", "{path}");
+    assert_eq!(app.hits(path), before + 1, "{path}: the app answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prime_from_outside_the_allow_list_is_refused_and_fetches_nothing() {
+    let app = Origin::start().await;
+    let cdn = Origin::start().await;
+    let elsewhere = Origin::start().await;
+    for o in [&cdn, &elsewhere] {
+        o.fixed("/assets/evil.js", ASSET, "poison");
+        o.fixed("/secret/evil.js", ASSET, "poison");
+        o.fixed("/assets2/evil.js", ASSET, "poison");
+    }
+    let sources = allow(&[format!("{}/assets", cdn.url())]);
+    let sc = TestSidecar::start_with(&app.url(), |c| c.prime_sources = sources).await;
+
+    let outside = [
+        elsewhere.url(),                                        // another server
+        format!("http://localhost:{}/assets", cdn.addr.port()), // another host name
+        format!("https://{}/assets", cdn.addr),                 // another scheme
+        format!("{}/secret", cdn.url()),                        // outside the path
+        format!("{}/assets2", cdn.url()),                       // not a segment boundary
+        format!("{}/assets/%2e%2e/secret", cdn.url()),          // climbing out
+        format!("{}/assets?x=1", cdn.url()),                    // not a base
+        "file:///etc/passwd".into(),                            // not http
+        "ftp://127.0.0.1/".into(),                              // not http
+    ];
+    for from in &outside {
+        let (status, _) = prime(&sc, from, "/evil.js\n").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{from}");
+    }
+    // Inside the allow-list as a base, but the path joined to it climbs out: that object
+    // fails, and the server is not asked for it.
+    let (status, lines) = prime(&sc, &format!("{}/assets", cdn.url()), "/../secret/evil.js\n").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lines[0]["result"], "failed", "{lines:?}");
+
+    assert_eq!(elsewhere.total_hits(), 0, "the other server saw no request");
+    assert_eq!(cdn.total_hits(), 0, "the source saw no request outside its prefix");
+    assert_not_stored(&sc, &app, "/evil.js").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_prime_sources_no_source_is_allowed() {
+    let app = Origin::start().await;
+    let cdn = Origin::start().await;
+    cdn.fixed("/a.js", ASSET, "from the cdn");
+    let sc = TestSidecar::start(&app.url()).await;
+    let (status, _) = prime(&sc, &cdn.url(), "/a.js\n").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(cdn.total_hits(), 0);
+    assert_not_stored(&sc, &app, "/a.js").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prime_never_follows_a_redirect_off_the_allow_list() {
+    let app = Origin::start().await;
+    let cdn = Origin::start().await;
+    let elsewhere = Origin::start().await;
+    elsewhere.fixed("/poison.js", ASSET, "poison");
+    let redirect = |to: String| Behaviour::Fixed {
+        status: 302,
+        headers: vec![("location".into(), to)],
+        body: Default::default(),
+    };
+    cdn.route("/builds/off.js", redirect(format!("{}/poison.js", elsewhere.url())));
+    cdn.route("/builds/up.js", redirect(format!("{}/poison.js", cdn.url())));
+    let sources = allow(&[format!("{}/builds", cdn.url())]);
+    let sc = TestSidecar::start_with(&app.url(), |c| c.prime_sources = sources).await;
+
+    let (status, lines) = prime(&sc, &format!("{}/builds", cdn.url()), "/off.js\n/up.js\n").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert_eq!(line["result"], "failed", "{lines:?}");
+    }
+    assert_eq!(cdn.hits("/builds/off.js"), 1);
+    assert_eq!(cdn.hits("/builds/up.js"), 1);
+    assert_eq!(
+        elsewhere.total_hits(),
+        0,
+        "the redirect target off the list saw no request"
+    );
+    assert_eq!(cdn.hits("/poison.js"), 0, "nor the same server outside the prefix");
+    assert_not_stored(&sc, &app, "/off.js").await;
+    assert_not_stored(&sc, &app, "/up.js").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prime_from_an_allowed_source_fills_and_follows_redirects_inside_it() {
+    let app = Origin::start().await;
+    let cdn = Origin::start().await;
+    cdn.fixed("/builds/42/app-1a2b.js", ASSET, "from the cdn");
+    cdn.route(
+        "/builds/42/old.js",
+        Behaviour::Fixed {
+            status: 301,
+            headers: vec![("location".into(), format!("{}/builds/42/app-1a2b.js", cdn.url()))],
+            body: Default::default(),
+        },
+    );
+    let sources = allow(&[format!("{}/builds/", cdn.url())]);
+    let sc = TestSidecar::start_with(&app.url(), |c| c.prime_sources = sources).await;
+
+    let (status, lines) = prime(&sc, &format!("{}/builds/42", cdn.url()), "/app-1a2b.js\n/old.js\n").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(lines.iter().all(|l| l["result"] == "warmed"), "{lines:?}");
+    for p in ["/app-1a2b.js", "/old.js"] {
+        let resp = app_client().get(sc.url(p)).send().await.unwrap();
+        assert_eq!(resp.headers()["cache-status"], "sidecache; hit", "{p}");
+        assert_eq!(resp.text().await.unwrap(), "from the cdn");
+    }
+    assert_eq!(
+        cdn.hits("/builds/42/app-1a2b.js"),
+        2,
+        "once directly, once through the redirect"
+    );
+    assert_eq!(app.total_hits(), 0, "the app was never asked");
+}
 
 #[test]
 fn admin_beyond_loopback_without_a_token_is_refused_at_startup() {
