@@ -4,11 +4,12 @@
 //! must never be asked.
 
 use std::process::Command;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use sidecache::sources::PrimeSources;
 
-use crate::support::{Behaviour, Origin, TestSidecar, app_client, binary_path, client};
+use crate::support::{Behaviour, Origin, TestSidecar, app_client, binary_path, client, eventually};
 
 const ASSET: &[(&str, &str)] = &[("cache-control", "public, max-age=31536000")];
 
@@ -195,4 +196,90 @@ fn admin_beyond_loopback_without_a_token_is_refused_at_startup() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let ok = check(&["--admin-listen", "127.0.0.1:0"], &[]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_prime_and_purge_send_the_token_from_the_configuration() {
+    let app = Origin::start().await;
+    app.fixed("/t-1a2b3c4d.js", ASSET, "asset");
+    let token = "s3cret-admin-token";
+    let sc = TestSidecar::start_with(&app.url(), |c| c.admin_token = Some(token.into())).await;
+    // The sidecar's own configuration file: its admin address and token.
+    let config = sc.dir.path().join("sidecache.yaml");
+    std::fs::write(&config, format!("admin_listen: {}\nadmin_token: {token}\n", sc.admin)).unwrap();
+    let config = config.to_str().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)], stdin: &str| {
+        use std::io::Write as _;
+        let mut child = Command::new(binary_path())
+            .args(args)
+            .env_remove("SIDECACHE_ADMIN_TOKEN")
+            .env_remove("SIDECACHE_CONFIG")
+            .env_remove("SIDECACHE_ADMIN_LISTEN")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+
+    // prime: address and token both from --config.
+    let out = tokio::task::block_in_place(|| {
+        run(
+            &[
+                "prime",
+                "--config",
+                config,
+                "--urls",
+                "-",
+                "--host",
+                "app.example",
+                "--retries",
+                "0",
+                "--wait",
+                "10s",
+            ],
+            &[],
+            "/t-1a2b3c4d.js\n",
+        )
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(app.hits("/t-1a2b3c4d.js"), 1);
+    let resp = app_client().get(sc.url("/t-1a2b3c4d.js")).send().await.unwrap();
+    assert_eq!(resp.headers()["cache-status"], "sidecache; hit");
+
+    // purge without the token is refused: the token is what makes it through.
+    let admin = sc.admin_url("");
+    let out = tokio::task::block_in_place(|| run(&["purge", "--all", "--target", &admin], &[], ""));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 1);
+
+    // purge: the token from SIDECACHE_CONFIG, as in a container that runs the sidecar with it.
+    let out = tokio::task::block_in_place(|| {
+        run(
+            &["purge", "--all", "--target", &admin],
+            &[("SIDECACHE_CONFIG", config)],
+            "",
+        )
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"purged":1}"#);
+    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.stats().0 == 0).await);
+
+    // And from SIDECACHE_ADMIN_TOKEN, as the deploy examples set it.
+    let out = tokio::task::block_in_place(|| {
+        run(
+            &["purge", "--all", "--target", &admin],
+            &[("SIDECACHE_ADMIN_TOKEN", token)],
+            "",
+        )
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
