@@ -1,6 +1,8 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge`. Never on the public
-//! port, where every path belongs to the app. Bound to loopback by default; with `admin_token`
-//! set, purge requires `Authorization: Bearer <token>`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge`, `POST /prime`. Never
+//! on the public port, where every path belongs to the app. Bound to loopback by default; with
+//! `admin_token` set, purge and prime require `Authorization: Bearer <token>`, and the
+//! configuration refuses an admin port beyond loopback without a token. A prime's `from` must
+//! be inside `prime_sources`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
 use crate::proxy::Proxy;
 use crate::proxy::WarmResult;
+use crate::sources::SourceUrl;
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -129,13 +132,21 @@ impl Admin {
     /// JSON line per URL as it completes: `{"url":..,"result":"warmed|warm|failed",..}`.
     async fn prime(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let mut host = String::from("localhost");
-        let mut from: Option<String> = None;
+        let mut from: Option<SourceUrl> = None;
         let mut concurrency = 8usize;
         let mut timeout = Duration::from_secs(30);
         for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
             match &*k {
                 "host" => host = v.into_owned(),
-                "from" if v.starts_with("http://") || v.starts_with("https://") => from = Some(v.into_owned()),
+                // Checked before anything is read or fetched: a source outside the allow-list
+                // refuses the whole prime.
+                "from" => match self.proxy.config.prime_sources.admit_base(&v) {
+                    Ok(base) => from = Some(base),
+                    Err(e) => {
+                        warn!(error = %e, "prime refused: source not allowed");
+                        return text(StatusCode::FORBIDDEN, format!("{e}\n"));
+                    }
+                },
                 "concurrency" => concurrency = v.parse().unwrap_or(8).clamp(1, 64),
                 "timeout" => timeout = Duration::from_secs(v.parse().unwrap_or(30).clamp(1, 3600)),
                 _ => {}
@@ -162,8 +173,7 @@ impl Admin {
                 };
                 let (proxy, host, tx, from) = (proxy.clone(), host.clone(), tx.clone(), from.clone());
                 tasks.spawn(async move {
-                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target, from.as_deref())).await
-                    {
+                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target, from.as_ref())).await {
                         Ok(r) => r,
                         Err(_) => WarmResult::Failed(format!("timed out after {timeout:?}")),
                     };
@@ -194,10 +204,9 @@ impl Admin {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer);
         match given {
-            Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
+            Some(given) if token_matches(given, token) => None,
             _ => {
                 let mut resp = text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
                 resp.headers_mut()
@@ -208,8 +217,20 @@ impl Admin {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The credentials of a `Bearer` authorization (the scheme is case-insensitive, RFC 9110
+/// §11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Compares in constant time: digests of both, so neither the content nor the length of the
+/// token shows in the time taken.
+fn token_matches(given: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let given = blake3::hash(given.as_bytes());
+    let token = blake3::hash(token.as_bytes());
+    given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
 /// Reads `url=`, `prefix=` or `all=true` from a query string.
@@ -248,4 +269,21 @@ pub fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_compare_whole() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cre", "s3cret"));
+        assert!(!token_matches("s3cretx", "s3cret"));
+        assert!(!token_matches("", "s3cret"));
+    }
 }

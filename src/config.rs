@@ -17,6 +17,7 @@ use serde::de::IntoDeserializer;
 
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
 use crate::size::{ByteSize, MinFree};
+use crate::sources::PrimeSources;
 
 /// Where a configuration value came from; printed in every configuration error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +194,9 @@ config_keys! {
     rules: Vec<RawRule>,
     /// Which query parameters count in the cache key: all, none, {allow: [...]}, {deny: [...]}.
     query: RawQueryKey,
+    /// Base URLs `prime --from` may fill from (scheme, host and port exact, path a prefix);
+    /// empty: none. A list, or one string of URLs separated by commas or spaces.
+    prime_sources: StringList,
 }
 
 /// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
@@ -237,6 +241,39 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 humantime::parse_duration(v)
                     .map(HumanDuration)
                     .map_err(|e| E::custom(format!("`{v}`: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A list of strings, written as a YAML list or as one string separated by commas or
+/// whitespace (convenient in an environment variable).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StringList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of strings, or one string separated by commas or spaces")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringList, E> {
+                Ok(StringList(
+                    v.split(|c: char| c == ',' || c.is_whitespace())
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                ))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StringList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    out.push(item);
+                }
+                Ok(StringList(out))
             }
         }
         d.deserialize_any(V)
@@ -324,6 +361,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Query parameters in the key.
     pub query: QueryKey,
+    /// Where `prime --from` may fill from.
+    pub prime_sources: PrimeSources,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -611,6 +650,20 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         return Err(invalid("log_level", format!("`{log_level}` is not a log filter")));
     }
     let admin_token = raw.admin_token.filter(|t| !t.is_empty());
+    // Fail closed: beyond loopback, whoever reaches the admin port could purge the cache or
+    // have it filled from the prime sources; /purge and /prime then require the token.
+    if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+        return Err(invalid(
+            "admin_token",
+            format!(
+                "required because admin_listen {admin_listen} (from {}) is not a loopback address: \
+                 set SIDECACHE_ADMIN_TOKEN (e.g. from a secret) or listen on 127.0.0.1",
+                source("admin_listen")
+            ),
+        ));
+    }
+    let prime_sources =
+        PrimeSources::parse(&raw.prime_sources.unwrap_or_default().0).map_err(|m| invalid("prime_sources", m))?;
     let mut rules = Vec::new();
     for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
         rules.push(Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?);
@@ -661,6 +714,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         fingerprinted_ttl: dur(raw.fingerprinted_ttl, Duration::from_secs(365 * 86_400)),
         rules,
         query,
+        prime_sources,
     })
 }
 
@@ -790,6 +844,68 @@ mod tests {
     fn strict_booleans_refuse_yes() {
         let err = parse_yaml("access_log: yes\n").unwrap_err();
         assert!(err.contains("access_log") || err.contains("bool"), "{err}");
+    }
+
+    #[test]
+    fn admin_beyond_loopback_requires_the_token() {
+        for addr in ["0.0.0.0:9090", "[::]:9090", "10.1.2.3:9090", "[::ffff:127.0.0.1]:9090"] {
+            let err = Loader::new(env(&[("SIDECACHE_ADMIN_LISTEN", addr)]))
+                .load()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("admin_token") && err.contains("SIDECACHE_ADMIN_LISTEN") && err.contains("loopback"),
+                "{addr}: {err}"
+            );
+        }
+        for addr in ["127.0.0.1:9090", "127.8.9.10:0", "[::1]:9090"] {
+            let c = Loader::new(env(&[("SIDECACHE_ADMIN_LISTEN", addr)])).load();
+            assert!(c.is_ok(), "{addr}: {:?}", c.err());
+        }
+        let c = Loader::new(env(&[
+            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:9090"),
+            ("SIDECACHE_ADMIN_TOKEN", "t"),
+        ]))
+        .load()
+        .unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some("t"));
+        let empty = Loader::new(env(&[
+            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:9090"),
+            ("SIDECACHE_ADMIN_TOKEN", ""),
+        ]))
+        .load();
+        assert!(empty.is_err(), "an empty token is no token");
+    }
+
+    #[test]
+    fn prime_sources_from_file_list_and_env_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "prime_sources:\n  - https://cdn.example.com/builds\n  - http://127.0.0.1:8000\n",
+        )
+        .unwrap();
+        let c = Loader::new(std::iter::empty()).file(Some(path)).load().unwrap();
+        let inside = reqwest::Url::parse("https://cdn.example.com/builds/a.js").unwrap();
+        assert!(c.prime_sources.contains(&inside));
+        let c = Loader::new(env(&[(
+            "SIDECACHE_PRIME_SOURCES",
+            "https://cdn.example.com/builds, http://127.0.0.1:8000",
+        )]))
+        .load()
+        .unwrap();
+        assert!(c.prime_sources.contains(&inside));
+        assert!(
+            c.prime_sources
+                .contains(&reqwest::Url::parse("http://127.0.0.1:8000/x").unwrap())
+        );
+        assert!(Config::defaults().prime_sources.is_empty(), "none by default");
+        let err = Loader::new(env(&[("SIDECACHE_PRIME_SOURCES", "ftp://x")]))
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prime_sources"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! Modules: [`config`] (layers and validation), [`server`] (accept loop, limits, drain),
 //! [`proxy`] (the request path), [`upstream`] (client to the app), [`admin`] (admin port),
 //! [`supervise`] (child app), [`sidecar`] (wiring), [`demo`] (built-in sample origin),
-//! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types).
+//! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types), [`sources`] (the
+//! prime allow-list).
 
 pub mod admin;
 pub mod body;
@@ -26,6 +27,7 @@ pub mod rules;
 pub mod server;
 pub mod sidecar;
 pub mod size;
+pub mod sources;
 pub mod supervise;
 pub mod upstream;
 

@@ -63,12 +63,16 @@ enum Command {
         /// Everything.
         #[arg(long)]
         all: bool,
-        /// The sidecar's admin address.
-        #[arg(long, default_value = "http://127.0.0.1:9090")]
-        target: String,
-        /// Admin bearer token (also SIDECACHE_ADMIN_TOKEN).
+        /// The sidecar's admin address [default: the configuration's admin_listen].
+        #[arg(long)]
+        target: Option<String>,
+        /// Admin bearer token [default: SIDECACHE_ADMIN_TOKEN, else the configuration's].
         #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// The sidecar's YAML configuration, for its admin address and token (also
+        /// SIDECACHE_CONFIG).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Run a built-in sample origin with the sidecar in front of it.
     Demo {
@@ -84,12 +88,16 @@ enum Command {
 /// `sidecache prime` flags.
 #[derive(Args)]
 struct PrimeArgs {
-    /// The sidecar's admin address [default: SIDECACHE_ADMIN_LISTEN, else 127.0.0.1:9090].
+    /// The sidecar's admin address [default: the configuration's admin_listen].
     #[arg(long)]
     target: Option<String>,
-    /// Admin bearer token (also SIDECACHE_ADMIN_TOKEN).
+    /// Admin bearer token [default: SIDECACHE_ADMIN_TOKEN, else the configuration's].
     #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The sidecar's YAML configuration, for its admin address and token (also
+    /// SIDECACHE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The public Host your users reach the app by (part of the cache key).
     #[arg(long)]
     host: Option<String>,
@@ -153,11 +161,44 @@ impl PrimeArgs {
     }
 }
 
-/// The admin port this instance's sidecar listens on, from the same environment it reads.
-fn default_admin_target() -> String {
-    let listen = std::env::var("SIDECACHE_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into());
-    let listen = listen.replace("0.0.0.0:", "127.0.0.1:").replace("[::]:", "[::1]:");
-    format!("http://{listen}")
+/// How `prime` and `purge` reach this instance's sidecar: its admin address and token, from
+/// the flags, else from the configuration the sidecar reads (file, `SIDECACHE_*`).
+struct AdminAccess {
+    target: String,
+    token: Option<String>,
+}
+
+impl AdminAccess {
+    fn resolve(target: Option<String>, token: Option<String>, config: Option<PathBuf>) -> AdminAccess {
+        let token = token.filter(|t| !t.is_empty());
+        let loaded = if target.is_some() && token.is_some() {
+            None
+        } else {
+            match Loader::new(std::env::vars()).file(config).load() {
+                Ok(config) => Some(config),
+                Err(e) => {
+                    eprintln!("sidecache: the admin address and token are not taken from the configuration: {e}");
+                    None
+                }
+            }
+        };
+        let target = target.unwrap_or_else(|| {
+            let mut addr = loaded.as_ref().map_or_else(
+                || std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+                |c| c.admin_listen,
+            );
+            // A wildcard listener is reached on loopback from this instance.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr.ip() {
+                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            format!("http://{addr}")
+        });
+        let token = token.or_else(|| loaded.and_then(|c| c.admin_token));
+        AdminAccess { target, token }
+    }
 }
 
 async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
@@ -166,9 +207,10 @@ async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
     };
     let client = sidecache::http_client().timeout(Duration::from_secs(30)).build()?;
     let urls = prime::collect(&input, &client).await?;
+    let access = AdminAccess::resolve(args.target, args.token, args.config);
     let opts = prime::Options {
-        target: args.target.unwrap_or_else(default_admin_target),
-        token: args.token,
+        target: access.target,
+        token: access.token,
         host: args.host,
         from: args.from,
         concurrency: args.concurrency.clamp(1, 64),
@@ -354,6 +396,7 @@ fn main() -> ExitCode {
             all,
             target,
             token,
+            config,
         } => {
             let query = match (url, prefix, all) {
                 (Some(u), _, _) => ("url", u),
@@ -364,7 +407,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            run_async(purge(target, query, token))
+            let access = AdminAccess::resolve(target, token, config);
+            run_async(purge(access.target, query, access.token))
         }
         Command::Demo { listen, admin_listen } => {
             let flags = vec![("listen", listen), ("admin_listen", admin_listen)];

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::metrics as m;
 use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
 use crate::rules;
+use crate::sources::SourceUrl;
 use crate::upstream::{Upstream, error_response, strip_hop_by_hop};
 
 /// What the cache did for one request: the metric label, the log field and the
@@ -206,7 +207,8 @@ pub struct Proxy {
     pub upstream: Upstream,
     /// The disk cache.
     pub cache: Arc<Cache>,
-    /// Client for filling from other sources (`prime --from`): CDNs, buckets, over HTTPS.
+    /// Client for filling from other sources (`prime --from`): CDNs, buckets, over HTTPS. Its
+    /// redirect policy stays inside `prime_sources` (see [`crate::sources::PrimeSources::client`]).
     pub sources: reqwest::Client,
     /// Configuration in force.
     pub config: Arc<Config>,
@@ -271,12 +273,13 @@ impl Proxy {
 
     /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
     /// A fresh stored copy is not fetched again. With `from`, a miss is filled from that base
-    /// URL (a CDN or bucket holding the built assets) instead of the app.
-    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&str>) -> WarmResult {
+    /// URL (a CDN or bucket holding the built assets, admitted by `prime_sources`) instead of
+    /// the app; the URL fetched must be inside `prime_sources` too.
+    ///
+    /// `target` may be an absolute URL: its host, not `host`, is then the key's. Either is the
+    /// caller's choice; the admin port takes it only with the token beyond loopback.
+    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&SourceUrl>) -> WarmResult {
         let mut req = Request::new(body::empty());
-        if let Some(from) = from {
-            req.extensions_mut().insert(FillFrom(from.into()));
-        }
         let Ok(uri) = target.parse::<http::Uri>() else {
             return WarmResult::Failed("not a URL or path".into());
         };
@@ -290,6 +293,14 @@ impl Proxy {
         else {
             return WarmResult::Failed("not a URL or path".into());
         };
+        if let Some(from) = from {
+            // The URL fetched is the one checked: the request's own path, joined and parsed.
+            let pq = path.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            match self.config.prime_sources.join(from, pq) {
+                Ok(url) => req.extensions_mut().insert(FillFrom(Arc::new(url))),
+                Err(e) => return WarmResult::Failed(e.to_string()),
+            };
+        }
         *req.uri_mut() = path;
         match HeaderValue::from_str(&host) {
             Ok(h) => req.headers_mut().insert(header::HOST, h),
@@ -549,14 +560,7 @@ impl Proxy {
         let req_headers = req.headers().clone();
         let request_time = SystemTime::now();
         let sent = match req.extensions().get::<FillFrom>().cloned() {
-            Some(from) => {
-                let pq = req
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str().to_owned())
-                    .unwrap_or_else(|| "/".into());
-                self.upstream.send_to(&self.sources, &from.0, &pq, &req_headers).await
-            }
+            Some(from) => self.upstream.send_to(&self.sources, &from.0, &req_headers).await,
             None => {
                 self.upstream.prepare(&mut req, client, None);
                 self.upstream.send(req).await.map(|r| r.map(body::boxed))
@@ -782,9 +786,10 @@ impl Proxy {
     }
 }
 
-/// Request extension: fill this request's miss from another base URL instead of the app.
+/// Request extension: fill this request's miss from this URL (inside `prime_sources`) instead
+/// of the app.
 #[derive(Debug, Clone)]
-struct FillFrom(Arc<str>);
+struct FillFrom(Arc<SourceUrl>);
 
 /// What priming one URL did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,7 +31,7 @@ impl Sidecar {
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
         let cache = Cache::open(config.clone());
-        let sources = crate::http_client().build().map_err(std::io::Error::other)?;
+        let sources = config.prime_sources.client().map_err(std::io::Error::other)?;
         let relief_cache = cache.clone();
         let relief: crate::upstream::Relief = Arc::new(move || {
             let cache = relief_cache.clone();

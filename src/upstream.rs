@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Upstream as UpstreamAddr};
 use crate::metrics as m;
+use crate::sources::SourceUrl;
 
 /// Why a request to the app failed.
 #[derive(Debug, thiserror::Error)]
@@ -269,17 +270,17 @@ impl Upstream {
         Err(err)
     }
 
-    /// Sends a GET for `req`'s path and query to another base URL (a CDN or bucket), with the
-    /// request's validators, within the response-header timeout.
+    /// Sends a GET to a URL inside `prime_sources` (a CDN or bucket), with the request's
+    /// validators, within the response-header timeout. `client` is the sources client, whose
+    /// redirect policy keeps it inside `prime_sources`.
     pub async fn send_to(
         &self,
         client: &reqwest::Client,
-        base: &str,
-        path_and_query: &str,
+        source: &SourceUrl,
         headers: &HeaderMap,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let url = format!("{}{path_and_query}", base.trim_end_matches('/'));
-        let mut out = client.get(&url);
+        let url = source.to_string();
+        let mut out = client.get(source.as_url().clone());
         for name in [
             header::IF_NONE_MATCH,
             header::IF_MODIFIED_SINCE,

@@ -9,6 +9,7 @@ mod hostile;
 mod prime;
 mod prometheus;
 mod proxy;
+mod safety_admin;
 mod safety_rules;
 mod semantics;
 mod supervise;

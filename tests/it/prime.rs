@@ -289,7 +289,8 @@ async fn from_fills_from_another_source_not_the_app() {
     let app = Origin::start().await;
     let cdn = Origin::start().await;
     serve_assets(&cdn, &["/cdn/app-1a2b3c4d.js", "/cdn/site-5e6f7a8b.css"]);
-    let sc = TestSidecar::start(&app.url()).await;
+    let sources = sidecache::sources::PrimeSources::parse(&[cdn.url()]).unwrap();
+    let sc = TestSidecar::start_with(&app.url(), |c| c.prime_sources = sources).await;
     let run = prime(
         &sc.admin_url(""),
         &["--urls", "-", "--from", &cdn.url()],
