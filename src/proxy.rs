@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
@@ -331,6 +332,16 @@ impl Proxy {
 
     /// Serves a request through the cache (everything but upgrades).
     async fn serve(self: &Arc<Self>, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
+        if matches!(*req.method(), Method::GET | Method::HEAD) && !req.body().is_end_stream() {
+            // A GET or HEAD with a body (Content-Length above 0, or chunked): RFC 9110 §9.3.1
+            // gives it no meaning, yet an app may read it, and the key does not hold it. Its
+            // answer is neither taken from nor stored in the cache, and it invalidates nothing.
+            let mut answer = self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+            if answer.outcome == Outcome::Bypass {
+                answer.detail = Some("detail=request-body");
+            }
+            return answer;
+        }
         if !policy::is_cacheable_request(req.method(), req.headers()) {
             if matches!(*req.method(), Method::GET | Method::HEAD) {
                 return self.forward(req, client, Outcome::Bypass, Fwd::Request).await;

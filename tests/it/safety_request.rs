@@ -63,6 +63,68 @@ async fn wait_stored(sc: &TestSidecar, n: usize) {
     );
 }
 
+// Finding 4.
+
+#[tokio::test]
+async fn a_get_with_a_body_is_neither_answered_from_nor_stored_in_the_cache() {
+    let origin = Origin::start().await;
+    reflect(&origin, "/search");
+    let sc = TestSidecar::start(&origin.url()).await;
+
+    // Attacker, Content-Length: the app reads the body, the answer is not stored.
+    let attack = app_client()
+        .get(sc.url("/search"))
+        .body("POISON-LENGTH")
+        .send()
+        .await
+        .unwrap();
+    let status = cache_status(&attack);
+    assert!(
+        status.contains("fwd=bypass") && status.contains("detail=request-body"),
+        "{status}"
+    );
+    assert!(!status.contains("stored"), "{status}");
+    assert!(
+        attack.text().await.unwrap().contains("POISON-LENGTH"),
+        "the app got the body"
+    );
+    // Attacker, chunked.
+    let chunked = raw(
+        sc.addr,
+        b"GET /search HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\nd\r\nPOISON-CHUNKS\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
+    assert!(chunked.contains("fwd=bypass"), "{chunked}");
+    assert_eq!(
+        sc.sidecar.proxy.cache.stats().0,
+        0,
+        "nothing stored for a GET with a body"
+    );
+
+    // Victim: a plain GET is a miss, fills with its own answer, then hits it.
+    let (status, body) = plain_get(&sc, "/search").await;
+    assert!(status.contains("fwd=uri-miss") && status.contains("stored"), "{status}");
+    assert!(!body.contains("POISON"), "victim got the attacker's answer:\n{body}");
+    wait_stored(&sc, 1).await;
+
+    // With a clean copy stored, a GET with a body is still not answered from it: it reaches
+    // the app, and the stored copy stays the clean one.
+    let before = origin.hits("/search");
+    let attack = app_client()
+        .get(sc.url("/search"))
+        .body("POISON-AGAIN")
+        .send()
+        .await
+        .unwrap();
+    assert!(cache_status(&attack).contains("fwd=bypass"));
+    assert!(attack.text().await.unwrap().contains("POISON-AGAIN"));
+    assert_eq!(origin.hits("/search"), before + 1, "the body reached the app");
+    let (status, body) = plain_get(&sc, "/search").await;
+    assert_eq!(status, "sidecache; hit");
+    assert!(!body.contains("POISON"), "{body}");
+}
+
 // Finding 5.
 
 /// Headers apps honour that the key does not hold, with an attacker's values.
