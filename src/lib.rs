@@ -11,10 +11,11 @@
 //! Modules: [`config`] (layers and validation), [`server`] (accept loop, limits, drain),
 //! [`proxy`] (the request path), [`upstream`] (client to the app), [`admin`] (admin port),
 //! [`supervise`] (child app), [`sidecar`] (wiring), [`demo`] (built-in sample origin),
-//! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types).
+//! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types), [`bucket`] (rate bounds).
 
 pub mod admin;
 pub mod body;
+pub mod bucket;
 pub mod cache;
 pub mod config;
 pub mod demo;

@@ -3,12 +3,12 @@
 //! at will (invalidation by method, bounded), and a client's broken body is the client's 400.
 //! The app behind reflects what it received, so every test sees what reached it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::origin::owned;
-use crate::support::{Behaviour, Origin, TestSidecar, app_client, eventually};
+use crate::support::{Behaviour, Binary, Origin, TestSidecar, app_client, eventually};
 
 /// A cacheable route that reflects the request.
 fn reflect(origin: &Origin, path: &str) {
@@ -61,6 +61,27 @@ async fn wait_stored(sc: &TestSidecar, n: usize) {
         "never {n} objects stored (have {})",
         cache.stats().0
     );
+}
+
+/// Sum of a metric's samples whose line contains every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    crate::support::client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 // Finding 4.
@@ -285,4 +306,77 @@ async fn the_app_gets_the_normalised_host_the_key_uses() {
         .await
         .unwrap();
     assert_eq!(cache_status(&resp), "sidecache; hit", "one key for every spelling");
+}
+
+// Finding 12.
+
+#[tokio::test]
+async fn safe_and_unknown_methods_never_invalidate_and_unsafe_ones_do() {
+    let origin = Origin::start().await;
+    origin.fixed("/obj", &[("cache-control", "max-age=600")], "stored");
+    let sc = TestSidecar::start(&origin.url()).await;
+    let client = app_client();
+    assert!(plain_get(&sc, "/obj").await.0.contains("stored"));
+    wait_stored(&sc, 1).await;
+    for method in [
+        "OPTIONS", "TRACE", "PROPFIND", "SEARCH", "REPORT", "get", "BREW", "post",
+    ] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = client.request(m, sc.url("/obj")).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{method}: the app answers 2xx");
+        assert_eq!(sc.sidecar.proxy.cache.stats().0, 1, "{method} evicted the object");
+        assert_eq!(plain_get(&sc, "/obj").await.0, "sidecache; hit", "after {method}");
+    }
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = client.request(m, sc.url("/obj")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "{method} invalidates");
+        let (status, _) = plain_get(&sc, "/obj").await;
+        assert!(
+            status.contains("fwd=uri-miss") && status.contains("stored"),
+            "after {method}: {status}"
+        );
+        wait_stored(&sc, 1).await;
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_posts_invalidates_within_a_bound_and_counts_the_rest() {
+    let origin = Origin::start().await;
+    origin.fixed("/obj", &[("cache-control", "max-age=600")], "stored");
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = Binary::serve(&origin.url(), &dir.path().join("cache"), &[], &[]);
+    let (public, admin) = (bin.public_addr(), bin.admin_addr());
+    let client = app_client();
+    let url = format!("http://{public}/obj");
+    let flood = sidecache::proxy::INVALIDATION_BURST as u64 + 100;
+    let started = Instant::now();
+    for _ in 0..flood {
+        assert_eq!(client.post(&url).send().await.unwrap().status(), 200);
+    }
+    let elapsed = started.elapsed();
+    let text = scrape(admin).await;
+    let skipped = metric(&text, "sidecache_invalidations_skipped_total", &[]) as u64;
+    let allowed = sidecache::bucket::TokenBucket::new(
+        sidecache::proxy::INVALIDATION_BURST,
+        sidecache::proxy::INVALIDATION_RATE,
+    )
+    .allowance(elapsed);
+    assert!(
+        skipped > 0 && flood - skipped <= allowed,
+        "{flood} POSTs in {elapsed:?}: {skipped} invalidations skipped, at most {allowed} may run"
+    );
+    // The cache keeps serving: a GET fills, then hits.
+    let get = client.get(&url).send().await.unwrap();
+    assert!(cache_status(&get).contains("stored"));
+    get.bytes().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let r = client.get(&url).send().await.unwrap();
+            cache_status(&r) == "sidecache; hit"
+        })
+        .await
+    );
+    drop(bin);
 }
