@@ -781,6 +781,14 @@ impl Proxy {
         self.upstream.prepare(&mut req, client, None);
         match self.upstream.send(req).await {
             Ok(resp) => Answer::new(relay_response(resp), outcome, Some(fwd)),
+            Err(err) if err.is_client() => {
+                // The client's body broke (malformed chunked framing, gone mid-upload): its
+                // 400, counted as a client error, never as the app's.
+                debug!(error = %err, "client request body failed");
+                let mut answer = Answer::new(err.response(), Outcome::Bypass, Some(fwd));
+                answer.detail = Some("detail=client-error");
+                answer
+            }
             Err(err) => {
                 warn!(error = %err, "upstream request failed");
                 Answer::new(err.response(), Outcome::Error, Some(fwd))

@@ -5,11 +5,13 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -41,6 +43,13 @@ pub enum UpstreamError {
         /// Whether it was a timeout.
         timeout: bool,
     },
+    /// The client's request body broke while it was being sent (malformed chunked framing,
+    /// the client went away): the client's fault, not the app's.
+    #[error("client request body failed: {source}")]
+    ClientBody {
+        /// The client error.
+        source: hyper_util::client::legacy::Error,
+    },
     /// No response head within the timeout.
     #[error("app at {addr} sent no response within {timeout:?}")]
     Timeout {
@@ -59,6 +68,7 @@ impl UpstreamError {
             UpstreamError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             UpstreamError::Source { timeout: true, .. } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Source { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -71,6 +81,7 @@ impl UpstreamError {
             UpstreamError::Unreachable { source, .. } if source.is_connect() => "connect",
             UpstreamError::Unreachable { .. } => "protocol",
             UpstreamError::Source { .. } => "source",
+            UpstreamError::ClientBody { .. } => "client_body",
             UpstreamError::Timeout { .. } => "timeout",
         }
     }
@@ -82,9 +93,15 @@ impl UpstreamError {
         matches!(self, UpstreamError::Unreachable { source, .. } if source.is_connect() && out_of_descriptors(source))
     }
 
+    /// True when the client, not the app, caused the failure.
+    pub fn is_client(&self) -> bool {
+        matches!(self, UpstreamError::ClientBody { .. })
+    }
+
     /// The short text body sent to the client.
     pub fn response(&self) -> Response<ProxyBody> {
         let text = match self.status() {
+            StatusCode::BAD_REQUEST => "400 Bad Request: the request body is malformed or incomplete\n",
             StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout: the app did not answer in time\n",
             _ => "502 Bad Gateway: the app is not reachable\n",
         };
@@ -259,10 +276,28 @@ impl Upstream {
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
         let started = Instant::now();
         let client = &self.clients[SERVING_LOOP.get() % self.clients.len()];
+        // A body that fails while being sent is the client's doing (malformed chunked framing,
+        // a client gone mid-upload); the flag tells that apart from the app failing.
+        let (req, client_body_failed) = if req.body().is_end_stream() {
+            (req, None)
+        } else {
+            let failed = Arc::new(AtomicBool::new(false));
+            let watched = req.map(|inner| {
+                body::boxed(WatchedBody {
+                    inner,
+                    failed: failed.clone(),
+                })
+            });
+            (watched, Some(failed))
+        };
         let result = tokio::time::timeout(self.timeout, client.request(req)).await;
         metrics::histogram!(m::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
         let err = match result {
             Ok(Ok(resp)) => return Ok(resp),
+            Ok(Err(source)) if client_body_failed.is_some_and(|f| f.load(Ordering::Acquire)) => {
+                metrics::counter!(m::CLIENT_ERRORS, "kind" => "body").increment(1);
+                return Err(UpstreamError::ClientBody { source });
+            }
             Ok(Err(source)) => UpstreamError::Unreachable {
                 addr: self.addr.to_string(),
                 source,
@@ -354,6 +389,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// A client's request body on its way to the app; records whether it failed.
+struct WatchedBody {
+    inner: ProxyBody,
+    failed: Arc<AtomicBool>,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, body::BoxError>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &poll {
+            self.failed.store(true, Ordering::Release);
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Removes the request headers apps and frameworks honour but the cache key does not hold

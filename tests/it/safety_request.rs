@@ -380,3 +380,37 @@ async fn a_flood_of_posts_invalidates_within_a_bound_and_counts_the_rest() {
     );
     drop(bin);
 }
+
+// Finding 13.
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_400_not_an_upstream_error() {
+    let origin = Origin::start().await;
+    reflect(&origin, "/upload");
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = Binary::serve(&origin.url(), &dir.path().join("cache"), &[], &[]);
+    let (public, admin) = (bin.public_addr(), bin.admin_addr());
+    let answer = raw(
+        public,
+        b"POST /upload HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz-not-a-size\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "the client's fault, got:\n{answer}");
+    assert!(!answer.contains("app is not reachable"), "{answer}");
+    let text = scrape(admin).await;
+    assert_eq!(metric(&text, "sidecache_upstream_errors_total", &[]), 0.0, "{text}");
+    assert_eq!(
+        metric(&text, "sidecache_client_errors_total", &["kind=\"body\""]),
+        1.0,
+        "counted as the client's"
+    );
+    // The app is fine and still served.
+    let ok = app_client()
+        .post(format!("http://{public}/upload"))
+        .body("fine")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    drop(bin);
+}
