@@ -182,6 +182,8 @@ config_keys! {
     log_level: String,
     /// Trust `X-Forwarded-*` headers from clients (set when behind a platform router).
     trust_forwarded: bool,
+    /// Request headers removed before the app: ones apps honour that the cache key does not hold.
+    strip_request_headers: Vec<String>,
     /// How long past its freshness a stored object may stand in for a failing app.
     stale_if_error: HumanDuration,
     /// Heuristic freshness as a share of the time since `Last-Modified` (RFC 9111 §4.2.2).
@@ -349,6 +351,8 @@ pub struct Config {
     pub log_level: String,
     /// Trust client `X-Forwarded-*`.
     pub trust_forwarded: bool,
+    /// Request headers removed before the app (lower-case names).
+    pub strip_request_headers: Vec<http::HeaderName>,
     /// Stale-if-error window.
     pub stale_if_error: Duration,
     /// Heuristic freshness fraction.
@@ -668,6 +672,8 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
         rules.push(Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?);
     }
+    let strip_request_headers =
+        strip_request_headers(raw.strip_request_headers).map_err(|m| invalid("strip_request_headers", m))?;
     let query = match raw.query {
         Some(q) => q.compile().map_err(|m| invalid("query", m))?,
         None => QueryKey::All,
@@ -708,6 +714,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         log_format: raw.log_format.unwrap_or(LogFormat::Text),
         log_level,
         trust_forwarded: raw.trust_forwarded.unwrap_or(false),
+        strip_request_headers,
         stale_if_error: dur(raw.stale_if_error, Duration::from_secs(3600)),
         heuristic_fraction,
         heuristic_max: dur(raw.heuristic_max, Duration::from_secs(86_400)),
@@ -716,6 +723,65 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         query,
         prime_sources,
     })
+}
+
+/// The default `strip_request_headers`: headers that apps, frameworks and their middleware
+/// honour (to rebuild the URL, the scheme, the host, the method or the client address) but
+/// that the cache key does not hold, so one client's value would shape the answer stored for
+/// everyone. `Forwarded` and `X-Forwarded-*` are kept when `trust_forwarded` is on (the
+/// router in front sets them); `X-Forwarded-For/Proto/Host` are set by sidecache itself.
+pub const DEFAULT_STRIP_REQUEST_HEADERS: &[&str] = &[
+    // The URL or path the app should route (IIS, Symfony, Zend, Laminas, ...).
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    // Another method than the request line's (Rails, Express method-override, Laravel, ...).
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    // The host, scheme, port or prefix the app builds absolute URLs from.
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-host",
+    "x-original-host",
+    "x-url-scheme",
+    "front-end-https",
+    // The client address (rate limits, geo answers, allow-lists).
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-proxyuser-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+];
+
+/// Validates `strip_request_headers` (the default list when unset): header names, none that
+/// frames or routes the request.
+fn strip_request_headers(raw: Option<Vec<String>>) -> Result<Vec<http::HeaderName>, String> {
+    let names = raw.unwrap_or_else(|| DEFAULT_STRIP_REQUEST_HEADERS.iter().map(|n| n.to_string()).collect());
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let parsed = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("`{name}` is not a header name"))?;
+        if matches!(
+            parsed,
+            http::header::HOST | http::header::CONTENT_LENGTH | http::header::TRANSFER_ENCODING
+        ) {
+            return Err(format!("`{name}` frames or routes the request and cannot be removed"));
+        }
+        out.push(parsed);
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -733,6 +799,28 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn strip_request_headers_defaults_and_overrides() {
+        let c = Config::defaults();
+        assert_eq!(c.strip_request_headers.len(), DEFAULT_STRIP_REQUEST_HEADERS.len());
+        assert!(c.strip_request_headers.iter().any(|n| n == "x-original-url"));
+        let c = Loader::new(env(&[("SIDECACHE_STRIP_REQUEST_HEADERS", "[X-Custom, x-real-ip]")]))
+            .load()
+            .unwrap();
+        assert_eq!(c.strip_request_headers, ["x-custom", "x-real-ip"]);
+        let c = Loader::new(env(&[("SIDECACHE_STRIP_REQUEST_HEADERS", "[]")]))
+            .load()
+            .unwrap();
+        assert!(c.strip_request_headers.is_empty(), "an empty list turns stripping off");
+        for bad in ["[host]", "[\"bad name\"]"] {
+            let err = Loader::new(env(&[("SIDECACHE_STRIP_REQUEST_HEADERS", bad)]))
+                .load()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("strip_request_headers"), "{err}");
+        }
     }
 
     #[test]

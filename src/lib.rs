@@ -12,10 +12,11 @@
 //! [`proxy`] (the request path), [`upstream`] (client to the app), [`admin`] (admin port),
 //! [`supervise`] (child app), [`sidecar`] (wiring), [`demo`] (built-in sample origin),
 //! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types), [`sources`] (the
-//! prime allow-list).
+//! prime allow-list), [`bucket`] (rate bounds).
 
 pub mod admin;
 pub mod body;
+pub mod bucket;
 pub mod cache;
 pub mod config;
 pub mod demo;

@@ -14,6 +14,10 @@ pub const REQUEST_DURATION: &str = "sidecache_request_duration_seconds";
 pub const UPSTREAM_DURATION: &str = "sidecache_upstream_duration_seconds";
 /// Upstream failures, by `kind` (connect, timeout, protocol).
 pub const UPSTREAM_ERRORS: &str = "sidecache_upstream_errors_total";
+/// Requests a client broke, by `kind` (body: a malformed or cut-off request body).
+pub const CLIENT_ERRORS: &str = "sidecache_client_errors_total";
+/// Invalidations by unsafe requests skipped because their rate was over the bound.
+pub const INVALIDATIONS_SKIPPED: &str = "sidecache_invalidations_skipped_total";
 /// Body bytes sent to clients from the cache.
 pub const SERVED_CACHE_BYTES: &str = "sidecache_served_from_cache_bytes_total";
 /// Body bytes received from the app.
@@ -109,6 +113,14 @@ fn describe() {
     );
     describe_histogram!(UPSTREAM_DURATION, Unit::Seconds, "App response-head latency.");
     describe_counter!(UPSTREAM_ERRORS, "Failed requests to the app, by kind.");
+    describe_counter!(
+        CLIENT_ERRORS,
+        "Requests a client broke (a malformed or cut-off body), by kind; never counted as upstream errors."
+    );
+    describe_counter!(
+        INVALIDATIONS_SKIPPED,
+        "Invalidations by unsafe requests skipped because their rate was over the bound."
+    );
     describe_counter!(SERVED_CACHE_BYTES, Unit::Bytes, "Body bytes served from the cache.");
     describe_counter!(UPSTREAM_BYTES, Unit::Bytes, "Body bytes received from the app.");
     describe_gauge!(CONNECTIONS, "Client connections open.");

@@ -12,11 +12,13 @@ use std::time::SystemTime;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
+use crate::bucket::TokenBucket;
 use crate::cache::key::{CacheKey, Digest, normalize_vary};
 use crate::cache::meta::Meta;
 use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
@@ -212,6 +214,31 @@ pub struct Proxy {
     pub sources: reqwest::Client,
     /// Configuration in force.
     pub config: Arc<Config>,
+    /// Bounds invalidations by unsafe requests (see [`invalidation_bucket`]).
+    pub invalidations: TokenBucket,
+}
+
+/// Invalidations by unsafe requests allowed at once, then per second: each one scans the
+/// index, and anyone may send POSTs, so a flood must not churn the cache or the index lock
+/// without limit. Beyond it an invalidation is skipped and counted
+/// (`sidecache_invalidations_skipped_total`).
+pub const INVALIDATION_BURST: u32 = 128;
+/// See [`INVALIDATION_BURST`].
+pub const INVALIDATION_RATE: u32 = 32;
+
+/// The bucket bounding invalidations by unsafe requests.
+pub fn invalidation_bucket() -> TokenBucket {
+    TokenBucket::new(INVALIDATION_BURST, INVALIDATION_RATE)
+}
+
+/// Whether a method's non-error answer invalidates what is stored for its URL: the unsafe
+/// methods RFC 9111 §4.4 means. Safe methods (GET, HEAD, OPTIONS, TRACE, PROPFIND, SEARCH,
+/// REPORT, ...) change nothing by definition (RFC 9110 §9.2.1). §4.4 also lets unknown methods
+/// invalidate; sidecache does not, deliberately: a method it cannot classify (an extension,
+/// or `get` in lower case, which is not GET: methods are case-sensitive) would let anyone
+/// evict anything.
+fn invalidates(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::DELETE | Method::PATCH)
 }
 
 impl Proxy {
@@ -342,6 +369,16 @@ impl Proxy {
 
     /// Serves a request through the cache (everything but upgrades).
     async fn serve(self: &Arc<Self>, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
+        if matches!(*req.method(), Method::GET | Method::HEAD) && !req.body().is_end_stream() {
+            // A GET or HEAD with a body (Content-Length above 0, or chunked): RFC 9110 §9.3.1
+            // gives it no meaning, yet an app may read it, and the key does not hold it. Its
+            // answer is neither taken from nor stored in the cache, and it invalidates nothing.
+            let mut answer = self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+            if answer.outcome == Outcome::Bypass {
+                answer.detail = Some("detail=request-body");
+            }
+            return answer;
+        }
         if !policy::is_cacheable_request(req.method(), req.headers()) {
             if matches!(*req.method(), Method::GET | Method::HEAD) {
                 return self.forward(req, client, Outcome::Bypass, Fwd::Request).await;
@@ -710,21 +747,26 @@ impl Proxy {
         });
     }
 
-    /// Forwards an unsafe request; a success invalidates what is stored for its URL and for
-    /// the URLs in `Location` and `Content-Location` on the same host (RFC 9111 §4.4).
+    /// Forwards a request of any other method than GET and HEAD. A non-error answer to an
+    /// unsafe method (see [`invalidates`]) invalidates what is stored for its URL and for the
+    /// URLs in `Location` and `Content-Location` on the same host (RFC 9111 §4.4), within the
+    /// bound of [`INVALIDATION_BURST`].
     async fn forward_unsafe(&self, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
-        let key = CacheKey::from_request(&req, self.scheme(&req), &self.config.query);
+        let key = invalidates(req.method())
+            .then(|| CacheKey::from_request(&req, self.scheme(&req), &self.config.query))
+            .flatten();
         let answer = self.forward(req, client, Outcome::Bypass, Fwd::Method).await;
         let status = answer.response.status();
         if let Some(key) = key
+            && answer.outcome == Outcome::Bypass
             && (status.is_success() || status.is_redirection())
         {
-            let mut n = self.cache.invalidate(&key).await;
+            let mut n = self.invalidate(&key).await;
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
                 if let Some(target) = answer.response.headers().get(&name).and_then(|v| v.to_str().ok())
                     && let Some(other) = key.same_host(target)
                 {
-                    n += self.cache.invalidate(&other).await;
+                    n += self.invalidate(&other).await;
                 }
             }
             if n > 0 {
@@ -734,11 +776,29 @@ impl Proxy {
         answer
     }
 
+    /// Invalidates what is stored for one key, if the bound allows; how many objects went.
+    async fn invalidate(&self, key: &CacheKey) -> usize {
+        if !self.invalidations.try_take() {
+            metrics::counter!(m::INVALIDATIONS_SKIPPED).increment(1);
+            debug!("invalidation skipped: over the rate bound");
+            return 0;
+        }
+        self.cache.invalidate(key).await
+    }
+
     /// Forwards to the app and relays the answer without storing it.
     pub async fn forward(&self, mut req: Request<ProxyBody>, client: SocketAddr, outcome: Outcome, fwd: Fwd) -> Answer {
         self.upstream.prepare(&mut req, client, None);
         match self.upstream.send(req).await {
             Ok(resp) => Answer::new(relay_response(resp), outcome, Some(fwd)),
+            Err(err) if err.is_client() => {
+                // The client's body broke (malformed chunked framing, gone mid-upload): its
+                // 400, counted as a client error, never as the app's.
+                debug!(error = %err, "client request body failed");
+                let mut answer = Answer::new(err.response(), Outcome::Bypass, Some(fwd));
+                answer.detail = Some("detail=client-error");
+                answer
+            }
             Err(err) => {
                 warn!(error = %err, "upstream request failed");
                 Answer::new(err.response(), Outcome::Error, Some(fwd))

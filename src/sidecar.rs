@@ -42,6 +42,7 @@ impl Sidecar {
             cache: cache.clone(),
             sources,
             config: config.clone(),
+            invalidations: crate::proxy::invalidation_bucket(),
         });
         let admin_listener = TcpListener::bind(config.admin_listen).await?;
         let admin_addr = admin_listener.local_addr()?;

@@ -5,17 +5,20 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{self, ProxyBody};
+use crate::cache::key::request_host;
 use crate::config::{Config, Upstream as UpstreamAddr};
 use crate::metrics as m;
 use crate::sources::SourceUrl;
@@ -41,6 +44,13 @@ pub enum UpstreamError {
         /// Whether it was a timeout.
         timeout: bool,
     },
+    /// The client's request body broke while it was being sent (malformed chunked framing,
+    /// the client went away): the client's fault, not the app's.
+    #[error("client request body failed: {source}")]
+    ClientBody {
+        /// The client error.
+        source: hyper_util::client::legacy::Error,
+    },
     /// No response head within the timeout.
     #[error("app at {addr} sent no response within {timeout:?}")]
     Timeout {
@@ -59,6 +69,7 @@ impl UpstreamError {
             UpstreamError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             UpstreamError::Source { timeout: true, .. } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Source { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -71,6 +82,7 @@ impl UpstreamError {
             UpstreamError::Unreachable { source, .. } if source.is_connect() => "connect",
             UpstreamError::Unreachable { .. } => "protocol",
             UpstreamError::Source { .. } => "source",
+            UpstreamError::ClientBody { .. } => "client_body",
             UpstreamError::Timeout { .. } => "timeout",
         }
     }
@@ -82,9 +94,15 @@ impl UpstreamError {
         matches!(self, UpstreamError::Unreachable { source, .. } if source.is_connect() && out_of_descriptors(source))
     }
 
+    /// True when the client, not the app, caused the failure.
+    pub fn is_client(&self) -> bool {
+        matches!(self, UpstreamError::ClientBody { .. })
+    }
+
     /// The short text body sent to the client.
     pub fn response(&self) -> Response<ProxyBody> {
         let text = match self.status() {
+            StatusCode::BAD_REQUEST => "400 Bad Request: the request body is malformed or incomplete\n",
             StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout: the app did not answer in time\n",
             _ => "502 Bad Gateway: the app is not reachable\n",
         };
@@ -184,6 +202,8 @@ pub struct Upstream {
     addr: UpstreamAddr,
     timeout: Duration,
     trust_forwarded: bool,
+    /// Request headers removed before the app (`strip_request_headers`).
+    strip: Arc<[HeaderName]>,
 }
 
 impl Upstream {
@@ -210,6 +230,7 @@ impl Upstream {
             addr: config.upstream.clone(),
             timeout: config.upstream_timeout,
             trust_forwarded: config.trust_forwarded,
+            strip: config.strip_request_headers.clone().into(),
         }
     }
 
@@ -218,14 +239,14 @@ impl Upstream {
         &self.addr
     }
 
-    /// Rewrites a client request for the app: absolute URI at the app, hop-by-hop headers
-    /// removed, `Host` kept, `X-Forwarded-*` set.
+    /// Rewrites a client request for the app: absolute URI at the app, hop-by-hop headers and
+    /// the `strip_request_headers` removed, `Host` normalized as the cache key spells it,
+    /// `X-Forwarded-*` set.
     pub fn prepare(&self, req: &mut Request<ProxyBody>, client: SocketAddr, upgrade: Option<HeaderValue>) {
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The host the cache key uses; a host that cannot be keyed (never cached) goes as sent.
+        let host = request_host(req)
+            .and_then(|h| HeaderValue::from_str(&h).ok())
+            .or_else(|| req.headers().get(header::HOST).cloned());
         let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let uri = Uri::builder()
             .scheme(self.addr.scheme.clone())
@@ -239,24 +260,45 @@ impl Upstream {
 
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        strip_unkeyed(headers, &self.strip, self.trust_forwarded);
         if let Some(upgrade) = upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, upgrade);
         }
-        if let Some(host) = host {
+        if let Some(host) = &host {
             headers.insert(header::HOST, host.clone());
-            set_forwarded(headers, client.ip(), &host, self.trust_forwarded);
         }
+        // Also without a host (HTTP/1.0, HTTP/2 without :authority): a client's own values
+        // never reach the app untrusted.
+        set_forwarded(headers, client.ip(), host.as_ref(), self.trust_forwarded);
     }
 
     /// Sends a prepared request; waits at most the response-header timeout.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
         let started = Instant::now();
         let client = &self.clients[SERVING_LOOP.get() % self.clients.len()];
+        // A body that fails while being sent is the client's doing (malformed chunked framing,
+        // a client gone mid-upload); the flag tells that apart from the app failing.
+        let (req, client_body_failed) = if req.body().is_end_stream() {
+            (req, None)
+        } else {
+            let failed = Arc::new(AtomicBool::new(false));
+            let watched = req.map(|inner| {
+                body::boxed(WatchedBody {
+                    inner,
+                    failed: failed.clone(),
+                })
+            });
+            (watched, Some(failed))
+        };
         let result = tokio::time::timeout(self.timeout, client.request(req)).await;
         metrics::histogram!(m::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
         let err = match result {
             Ok(Ok(resp)) => return Ok(resp),
+            Ok(Err(source)) if client_body_failed.is_some_and(|f| f.load(Ordering::Acquire)) => {
+                metrics::counter!(m::CLIENT_ERRORS, "kind" => "body").increment(1);
+                return Err(UpstreamError::ClientBody { source });
+            }
             Ok(Err(source)) => UpstreamError::Unreachable {
                 addr: self.addr.to_string(),
                 source,
@@ -350,13 +392,61 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// A client's request body on its way to the app; records whether it failed.
+struct WatchedBody {
+    inner: ProxyBody,
+    failed: Arc<AtomicBool>,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, body::BoxError>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &poll {
+            self.failed.store(true, Ordering::Release);
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Removes the request headers apps and frameworks honour but the cache key does not hold
+/// (`strip_request_headers`). Behind a trusted router (`trust_forwarded`), `Forwarded` and
+/// `X-Forwarded-*` are the router's to set and are kept.
+fn strip_unkeyed(headers: &mut HeaderMap, strip: &[HeaderName], trust_forwarded: bool) {
+    for name in strip {
+        if trust_forwarded && is_forwarding(name) {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
+
+/// `Forwarded` and `X-Forwarded-*`: the headers a platform router sets.
+fn is_forwarding(name: &HeaderName) -> bool {
+    name == header::FORWARDED || name.as_str().starts_with("x-forwarded-")
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Sets `X-Forwarded-For/Proto/Host`. Untrusted client values are replaced, trusted ones (from
-/// a platform router in front) are kept and the client address appended.
-fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &HeaderValue, trust: bool) {
+/// Sets `X-Forwarded-For/Proto/Host`. Untrusted client values are replaced (an untrusted
+/// `X-Forwarded-Host` is removed when the request names no host), trusted ones (from a platform
+/// router in front) are kept and the client address appended.
+fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>, trust: bool) {
     let ip = client.to_canonical().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if trust => format!("{prior}, {ip}"),
@@ -369,7 +459,10 @@ fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &HeaderValue, tr
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
     if !trust || !headers.contains_key(&X_FORWARDED_HOST) {
-        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        match host {
+            Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
     }
 }
 
@@ -397,10 +490,47 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
         let host = HeaderValue::from_static("app.example");
-        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), &host, false);
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), Some(&host), false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn untrusted_forwarded_headers_are_replaced_or_removed_without_a_host() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), None, false);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn unkeyed_headers_are_stripped_and_a_trusted_router_keeps_its_own() {
+        let strip: Vec<HeaderName> = ["forwarded", "x-forwarded-prefix", "x-original-url"]
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect();
+        let sent = || {
+            let mut h = HeaderMap::new();
+            for n in ["forwarded", "x-forwarded-prefix", "x-original-url", "accept"] {
+                h.insert(HeaderName::from_static(n), HeaderValue::from_static("v"));
+            }
+            h
+        };
+        let mut h = sent();
+        strip_unkeyed(&mut h, &strip, false);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+        let mut h = sent();
+        strip_unkeyed(&mut h, &strip, true);
+        assert!(h.contains_key("forwarded") && h.contains_key("x-forwarded-prefix"));
+        assert!(
+            !h.contains_key("x-original-url"),
+            "not a router's header: stripped even when trusted"
+        );
     }
 
     #[test]
@@ -409,7 +539,7 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         let host = HeaderValue::from_static("app.example");
-        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), &host, true);
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), Some(&host), true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app.example");

@@ -16,25 +16,14 @@ pub struct CacheKey(String);
 impl CacheKey {
     /// The key of a request, or `None` when it names no host (then it is not cached).
     pub fn from_request<B>(req: &Request<B>, scheme: &str, query: &QueryKey) -> Option<CacheKey> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
-        let host = host.trim();
-        let host = host.strip_suffix(":80").unwrap_or(host);
-        if host.is_empty() || host.contains(['/', ' ', '\\', '@']) {
-            return None;
-        }
+        let host = request_host(req)?;
         let path = req.uri().path();
         let q = req.uri().query().map(|q| key_query(q, query)).unwrap_or_default();
         // Built in one allocation: this runs on every request.
         let mut key = String::with_capacity(scheme.len() + 3 + host.len() + path.len() + 1 + q.len());
         key.push_str(scheme);
         key.push_str("://");
-        let at = key.len();
-        key.push_str(host);
-        key[at..].make_ascii_lowercase();
+        key.push_str(&host);
         key.push_str(path);
         if !q.is_empty() {
             key.push('?');
@@ -67,9 +56,7 @@ impl CacheKey {
             return Some(CacheKey(format!("{scheme}://{host}{target}")));
         }
         let uri: http::Uri = target.parse().ok()?;
-        let authority = uri.authority()?.as_str().to_ascii_lowercase();
-        let authority = authority.strip_suffix(":80").unwrap_or(&authority);
-        if authority != host {
+        if normalize_host(uri.authority()?.as_str()).as_deref() != Some(host) {
             return None;
         }
         let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -80,6 +67,31 @@ impl CacheKey {
     pub fn hash(&self) -> KeyHash {
         KeyHash::of(self.0.as_bytes())
     }
+}
+
+/// The host a request names, normalized: the `Host` field, else the URI's authority (HTTP/2
+/// `:authority`, an absolute-form target). `None` when it names none, or one that could not be
+/// a host. The cache key and the `Host` the app receives both come from here, so the app never
+/// answers for a host other than the one its answer is stored under.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok()?,
+        None => req.uri().authority()?.as_str(),
+    };
+    normalize_host(raw)
+}
+
+/// A host as the key spells it: trimmed, lower-cased (RFC 9110 §4.2.3: the host is
+/// case-insensitive), the default port `:80` dropped. `None` for an empty host or one with
+/// characters that could smuggle a path or credentials.
+pub fn normalize_host(raw: &str) -> Option<String> {
+    let host = raw.trim();
+    let host = host.strip_suffix(":80").unwrap_or(host);
+    let smuggles = |c: char| !c.is_ascii_graphic() || matches!(c, '/' | '\\' | '@' | '?' | '#');
+    if host.is_empty() || host.contains(smuggles) {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
 }
 
 /// The normalized value of one `Vary`-named request header (RFC 9111 §4.1): field lines
@@ -265,6 +277,27 @@ mod tests {
     fn hosts_that_could_smuggle_a_path_are_refused() {
         assert!(CacheKey::from_request(&req("a.example/evil", "/x"), "http", &QueryKey::All).is_none());
         assert!(CacheKey::from_request(&req("", "/x"), "http", &QueryKey::All).is_none());
+        assert!(CacheKey::from_request(&req("a.example?x", "/x"), "http", &QueryKey::All).is_none());
+        assert!(CacheKey::from_request(&req("a\texample", "/x"), "http", &QueryKey::All).is_none());
+    }
+
+    #[test]
+    fn the_host_is_normalized_once_for_the_key_and_the_app() {
+        assert_eq!(normalize_host(" Shop.EXAMPLE:80 ").as_deref(), Some("shop.example"));
+        assert_eq!(
+            normalize_host("shop.example:8080").as_deref(),
+            Some("shop.example:8080")
+        );
+        assert_eq!(normalize_host("[::1]:80").as_deref(), Some("[::1]"));
+        let r = req("Shop.Example:80", "/a");
+        let key = CacheKey::from_request(&r, "http", &QueryKey::All).unwrap();
+        let host = request_host(&r).unwrap();
+        assert_eq!(key.as_str(), format!("http://{host}/a"));
+        // HTTP/2 and absolute-form: the authority, when no Host field is sent.
+        let h2 = Request::builder().uri("http://A.Example:80/a").body(()).unwrap();
+        assert_eq!(request_host(&h2).as_deref(), Some("a.example"));
+        let none = Request::builder().uri("/a").body(()).unwrap();
+        assert_eq!(request_host(&none), None);
     }
 
     #[test]

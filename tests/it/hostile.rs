@@ -158,6 +158,12 @@ async fn unkeyed_headers_cannot_poison_the_cache() {
         "the app never sees the client's X-Forwarded-Host"
     );
     assert_eq!(seen["x-forwarded-proto"], "http");
+    // Headers that make apps route another URL are stripped, not only left out of the key.
+    assert!(
+        !seen.contains_key("x-original-url"),
+        "the app never sees X-Original-URL"
+    );
+    assert!(!seen.contains_key("x-rewrite-url"), "the app never sees X-Rewrite-URL");
     assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
     // Another host is another key: a response stored for one host is never served to another.
     let other = app_client()

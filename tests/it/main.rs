@@ -10,6 +10,7 @@ mod prime;
 mod prometheus;
 mod proxy;
 mod safety_admin;
+mod safety_request;
 mod safety_rules;
 mod semantics;
 mod supervise;

@@ -63,6 +63,10 @@ pub enum Behaviour {
     Abort,
     /// The first request gets the first behaviour, later ones the second.
     FirstThen(Box<Behaviour>, Box<Behaviour>),
+    /// A 200 with these headers whose body reflects what the app received: the request line,
+    /// every header (sorted, `name: value` lines), a blank line, then the whole request body
+    /// (read before answering). Like an app that builds its answer from its input.
+    Reflect { headers: Vec<(String, String)> },
 }
 
 /// Generated bodies repeat with this period: not a power of two, so a body shifted or
@@ -302,6 +306,23 @@ impl Origin {
                     let mut resp = with_headers(Response::new(body::boxed(StreamBody::new(stream))), 200, &headers);
                     resp.headers_mut().insert("content-length", len.into());
                     break resp;
+                }
+                Behaviour::Reflect { headers } => {
+                    let mut text = format!("{} {}\n", req.method(), req.uri());
+                    let mut lines: Vec<String> = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+                        .collect();
+                    lines.sort();
+                    text.extend(lines);
+                    text.push('\n');
+                    let Ok(received) = req.into_body().collect().await else {
+                        return None;
+                    };
+                    let mut bytes = text.into_bytes();
+                    bytes.extend_from_slice(&received.to_bytes());
+                    break with_headers(Response::new(body::full(bytes)), 200, &headers);
                 }
                 Behaviour::Echo => {
                     let mut resp = Response::new(body::boxed(req.into_body()));
