@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{Candidate, GlobBuilder, GlobMatcher};
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
 use serde::Deserialize;
@@ -129,14 +129,25 @@ impl Rule {
 
     /// Whether the rule applies to this path (no query string). Linear in the path's length.
     pub fn matches(&self, path: &str) -> bool {
-        let subject = if self.file_name_only { file_name(path) } else { path };
-        self.matcher.is_match(subject)
+        self.matches_candidates(&Candidate::new(path), &Candidate::new(file_name(path)))
+    }
+
+    fn matches_candidates(&self, path: &Candidate<'_>, name: &Candidate<'_>) -> bool {
+        self.matcher
+            .is_match_candidate(if self.file_name_only { name } else { path })
     }
 }
 
 /// The first rule matching `path`.
 pub fn find<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
-    rules.iter().find(|r| r.matches(path))
+    if rules.is_empty() {
+        return None;
+    }
+    // The path is prepared for matching once, not once per rule.
+    let (path_candidate, name_candidate) = (Candidate::new(path), Candidate::new(file_name(path)));
+    rules
+        .iter()
+        .find(|r| r.matches_candidates(&path_candidate, &name_candidate))
 }
 
 /// Whether a `bypass` rule covers this path, as written or as the app will read it once
