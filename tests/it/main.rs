@@ -9,5 +9,6 @@ mod hostile;
 mod prime;
 mod prometheus;
 mod proxy;
+mod safety_store;
 mod semantics;
 mod supervise;
