@@ -138,8 +138,35 @@ pub struct Store {
     first_gen: u64,
     /// How files being written are named, found by trying at open.
     tmp_mode: TmpMode,
-    _lock: File,
+    /// The filesystem's allocation unit: what the smallest file spends.
+    unit: u64,
+    /// Held (flocked) while this process uses the directory; also how the filesystem is asked
+    /// for its free space.
+    lock: File,
 }
+
+/// What the cache directory's filesystem has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes free to unprivileged writers.
+    pub free: u64,
+    /// Bytes in all.
+    pub total: u64,
+    /// Inodes (files) free to unprivileged writers.
+    pub free_files: u64,
+    /// Inodes in all; 0 on filesystems without a fixed number (btrfs, some FUSE).
+    pub total_files: u64,
+}
+
+/// Directories of the layout (the cache directory, `objects-v1`, `tmp`, `meta`, `body`, and up
+/// to 256 fan-out directories under each of `meta` and `body`), plus `lock` and `generations`:
+/// charged one allocation unit each whatever is stored.
+pub const LAYOUT_FILES: u64 = 5 + 2 * 256 + 2;
+
+/// What one name costs in a directory, conservatively: ext4 spends 92 bytes on an object's
+/// name, and its hashed directories keep leaf blocks from half full. Directories never
+/// shrink, so the layout is charged this for every object it may hold (two names each).
+pub const NAME_COST: u64 = 256;
 
 /// How a file being written gets its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +277,8 @@ impl Store {
             next_gen: AtomicU64::new(first),
             first_gen: first,
             tmp_mode: TmpMode::Named,
-            _lock: lock,
+            unit: alloc_unit(&root_fd),
+            lock,
         };
         sweep_tmp(tmp_fd.as_ref().expect("made above"));
         if store.unnamed_tmp_works() {
@@ -262,6 +290,26 @@ impl Store {
     /// The cache directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The filesystem's allocation unit (bytes): files are charged in whole units.
+    pub fn unit(&self) -> u64 {
+        self.unit
+    }
+
+    /// The free and total bytes and inodes of the directory's filesystem.
+    pub fn space(&self) -> Result<Space, StoreError> {
+        let st = rustix::fs::fstatvfs(&self.lock).map_err(|e| StoreError::Io {
+            op: "statvfs",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        Ok(Space {
+            free: st.f_bavail.saturating_mul(st.f_frsize),
+            total: st.f_blocks.saturating_mul(st.f_frsize),
+            free_files: st.f_favail,
+            total_files: st.f_files,
+        })
     }
 
     /// Whether a generation was given out by this process (not found from an earlier one).
@@ -564,6 +612,17 @@ fn open_dir_nofollow(parent: &impl AsFd, name: &std::ffi::CStr) -> rustix::io::R
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
+}
+
+/// The allocation unit of the filesystem `dir` is on: its fragment size (`f_frsize`, what
+/// `statvfs` counts blocks in), else its block size, within 512 B to 1 MiB; 4 KiB when it
+/// cannot be asked.
+fn alloc_unit(dir: &OwnedFd) -> u64 {
+    match rustix::fs::fstatvfs(dir) {
+        Ok(st) if st.f_frsize > 0 => st.f_frsize.clamp(512, 1 << 20),
+        Ok(st) if st.f_bsize > 0 => st.f_bsize.clamp(512, 1 << 20),
+        _ => 4096,
+    }
 }
 
 /// Opens the cache directory, creating it (0700, with any missing parents) if it is missing.

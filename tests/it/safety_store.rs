@@ -244,3 +244,162 @@ fn a_symlinked_cache_dir_is_refused_by_the_binary() {
         "nothing made through the link"
     );
 }
+
+/// What the files under `dir` spend on disk, as `du` counts it: allocated blocks of every file
+/// and directory (links not followed); and how many files (not directories) there are.
+fn disk_usage(dir: &Path) -> (u64, u64) {
+    let mut bytes = 0;
+    let mut files = 0;
+    let mut stack = vec![dir.to_owned()];
+    // Bounded: the cache holds a few thousand entries at most here.
+    let mut visited = 0;
+    while let Some(d) = stack.pop() {
+        visited += 1;
+        assert!(visited < 100_000, "runaway walk");
+        let Ok(md) = std::fs::symlink_metadata(&d) else {
+            continue;
+        };
+        bytes += md.blocks() * 512;
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(entry.path());
+            } else {
+                bytes += md.blocks() * 512;
+                files += 1;
+            }
+        }
+    }
+    (bytes, files)
+}
+
+/// Record files (one per stored object) under the cache directory.
+fn records(cache: &Path) -> u64 {
+    let meta = cache.join("objects-v1/meta");
+    std::fs::read_dir(meta)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|fanout| std::fs::read_dir(fanout.path()).ok())
+                .map(|files| files.count() as u64)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Fills `/tiny/0.js` .. `/tiny/<n-1>.js` (a distinct 100-byte cacheable body each, so no
+/// two share a body file) through the sidecar over real
+/// sockets, `parallel` at a time, in batches; after each batch (and at the end) samples what
+/// the cache directory spends on disk. Returns (the largest sample, the most records seen).
+async fn fill_tiny_objects(sidecar: &TestSidecar, n: u64, parallel: u64, max_size: u64) -> (u64, u64) {
+    let cache = cache_dir(sidecar.dir.path());
+    let c = app_client();
+    let (mut peak_bytes, mut peak_records) = (0, 0);
+    let batch = parallel * 10;
+    for start in (0..n).step_by(batch as usize) {
+        let tasks: Vec<_> = (0..parallel)
+            .map(|lane| {
+                let c = c.clone();
+                let base = sidecar.url("/tiny/");
+                tokio::spawn(async move {
+                    for q in (start + lane..(start + batch).min(n)).step_by(parallel as usize) {
+                        let resp = c.get(format!("{base}{q}.js")).send().await.unwrap();
+                        assert_eq!(resp.status(), 200);
+                        assert_eq!(resp.bytes().await.unwrap(), tiny_body(q));
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (bytes, _) = disk_usage(&cache);
+        assert!(
+            bytes <= max_size,
+            "after {} requests the cache directory spends {bytes} bytes, over max_size {max_size}",
+            start + batch
+        );
+        peak_bytes = peak_bytes.max(bytes);
+        peak_records = peak_records.max(records(&cache));
+    }
+    (peak_bytes, peak_records)
+}
+
+fn tiny_body(q: u64) -> Vec<u8> {
+    format!("{q:0100}").into_bytes()
+}
+
+/// An origin answering `/tiny/<q>.js` for `q` below `n` with [`tiny_body`].
+async fn tiny_origin(n: u64) -> Origin {
+    let origin = Origin::start().await;
+    for q in 0..n {
+        origin.fixed(
+            &format!("/tiny/{q}.js"),
+            &[
+                ("content-type", "text/javascript"),
+                ("cache-control", "public, max-age=600"),
+            ],
+            tiny_body(q),
+        );
+    }
+    origin
+}
+
+#[tokio::test]
+async fn tiny_objects_never_spend_more_disk_than_the_budget() {
+    let origin = tiny_origin(2500).await;
+    let max_size: u64 = 8 << 20;
+    let sidecar = TestSidecar::start_with(&origin.url(), |c| {
+        c.max_size = max_size;
+        c.max_objects = 1000;
+        c.memory_size = 0;
+    })
+    .await;
+    // 2,500 objects of 100 bytes: 250 KB of bodies and ~330 KB of records, but two files
+    // (inodes, blocks) each: 20 MB on a 4 KiB-block filesystem.
+    let (peak, _) = fill_tiny_objects(&sidecar, 2500, 8, max_size).await;
+    let cache = sidecar.sidecar.proxy.cache.clone();
+    let (objects, accounted, _) = cache.stats();
+    let (bytes, files) = disk_usage(&cache_dir(sidecar.dir.path()));
+    assert!(bytes <= max_size, "{bytes} bytes on disk over {max_size}");
+    // The accounting is what the disk spends, not less: the gauge can be trusted.
+    assert!(
+        bytes <= accounted,
+        "the cache says it uses {accounted} bytes, the disk holds {bytes} in {files} files"
+    );
+    // Not vacuous: the budget, not the object bound, is what stopped it, close to full.
+    assert!(objects > 400 && objects < 1000, "{objects} objects stored");
+    assert!(peak > max_size / 2, "peak {peak}");
+    assert_eq!(origin.total_hits(), 2500);
+}
+
+#[tokio::test]
+async fn the_number_of_stored_objects_is_bounded() {
+    let origin = tiny_origin(1000).await;
+    let max_objects = 200;
+    let sidecar = TestSidecar::start_with(&origin.url(), |c| {
+        c.max_objects = max_objects;
+        c.memory_size = 0;
+    })
+    .await;
+    let max_size = sidecar.sidecar.proxy.cache.config().max_size;
+    let (_, peak_records) = fill_tiny_objects(&sidecar, 1000, 8, max_size).await;
+    assert!(
+        peak_records <= max_objects,
+        "{peak_records} records on disk, over max_objects {max_objects}"
+    );
+    let (objects, _, _) = sidecar.sidecar.proxy.cache.stats();
+    assert!(
+        objects as u64 <= max_objects && objects > 100,
+        "{objects} objects indexed"
+    );
+    // A record and a body per object, and the lock and generations files: the inodes used.
+    let (_, files) = disk_usage(&cache_dir(sidecar.dir.path()));
+    assert!(files <= 2 * max_objects + 2, "{files} files");
+    // The newest objects are the ones kept (LRU): the last one is a hit.
+    let resp = app_client().get(sidecar.url("/tiny/999.js")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(origin.total_hits(), 1000, "the most recent object was kept");
+}
