@@ -139,6 +139,9 @@ config_keys! {
     max_size: ByteSize,
     /// Room to keep free on the cache's filesystem: bytes or a percentage.
     min_free: MinFree,
+    /// Most objects the cache holds (each a record and a body file: inodes, index memory);
+    /// default: one per 32 KiB of `max_size`.
+    max_objects: u64,
     /// Largest object kept; larger ones are served but not stored.
     max_object_size: ByteSize,
     /// Bytes of the in-memory hot tier; 0 turns it off.
@@ -307,8 +310,10 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Disk budget in bytes.
     pub max_size: u64,
-    /// Room kept free on the filesystem.
+    /// Room kept free on the filesystem (its share of inodes is kept free too).
     pub min_free: MinFree,
+    /// Most objects stored.
+    pub max_objects: u64,
     /// Largest stored object in bytes.
     pub max_object_size: u64,
     /// Hot tier bytes; 0 = off.
@@ -565,6 +570,9 @@ pub fn parse_yaml(text: &str) -> Result<RawConfig, String> {
     serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| e.to_string())
 }
 
+/// By default one object may be stored per this many bytes of `max_size`.
+const MAX_OBJECTS_PER: u64 = 32 << 10;
+
 /// Default cache directory: under the system temp dir, writable on Heroku-like platforms.
 pub fn default_cache_dir() -> PathBuf {
     std::env::temp_dir().join("sidecache")
@@ -618,6 +626,15 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         return Err(invalid(
             "max_object_size",
             format!("must be between 1 byte and half of max_size ({} bytes)", max_size / 2),
+        ));
+    }
+    // Index memory and inodes grow with the count, not the bytes: bounded on their own. A
+    // stored object spends at least two allocation units (4 KiB each, typically) and two names.
+    let max_objects = raw.max_objects.unwrap_or((max_size / MAX_OBJECTS_PER).max(1));
+    if max_objects == 0 || max_objects > max_size / 1024 {
+        return Err(invalid(
+            "max_objects",
+            format!("must be between 1 and one per KiB of max_size ({})", max_size / 1024),
         ));
     }
     let high_watermark = raw.high_watermark.unwrap_or(0.95);
@@ -687,6 +704,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         cache_dir: raw.cache_dir.unwrap_or_else(default_cache_dir),
         max_size,
         min_free: raw.min_free.unwrap_or(MinFree::Percent(5.0)),
+        max_objects,
         max_object_size,
         memory_size,
         memory_object_max,
@@ -829,6 +847,25 @@ mod tests {
         assert_eq!(c.max_size, 4_000_000_000);
         assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.grace_period, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn max_objects_defaults_to_one_per_32_kib_of_max_size_and_is_bounded() {
+        assert_eq!(Config::defaults().max_objects, 4_000_000_000 / 32768);
+        let c = Loader::new(env(&[
+            ("SIDECACHE_MAX_SIZE", "64MiB"),
+            ("SIDECACHE_MAX_OBJECTS", "500"),
+        ]))
+        .load()
+        .unwrap();
+        assert_eq!(c.max_objects, 500);
+        for bad in ["0", "65537"] {
+            let err = Loader::new(env(&[("SIDECACHE_MAX_SIZE", "64MiB"), ("SIDECACHE_MAX_OBJECTS", bad)]))
+                .load()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max_objects"), "{err}");
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub const SERVED_CACHE_BYTES: &str = "sidecache_served_from_cache_bytes_total";
 pub const UPSTREAM_BYTES: &str = "sidecache_upstream_bytes_total";
 /// Client connections open now.
 pub const CONNECTIONS: &str = "sidecache_connections";
-/// Bytes the cache holds on disk (bodies and metadata).
+/// Bytes the cache spends on disk: files in whole allocation units, and its directories.
 pub const CACHE_SIZE: &str = "sidecache_cache_size_bytes";
 /// Bytes reserved by fills in progress.
 pub const CACHE_RESERVED: &str = "sidecache_cache_reserved_bytes";
@@ -32,6 +32,8 @@ pub const CACHE_RESERVED: &str = "sidecache_cache_reserved_bytes";
 pub const CACHE_OBJECTS: &str = "sidecache_cache_objects";
 /// The disk budget in force (max_size, lowered by min_free when the disk is short).
 pub const CACHE_BUDGET: &str = "sidecache_cache_budget_bytes";
+/// The object bound in force (max_objects, lowered when the filesystem is short of inodes).
+pub const CACHE_OBJECT_LIMIT: &str = "sidecache_cache_object_limit";
 /// Bytes held by the in-memory hot tier.
 pub const HOT_SIZE: &str = "sidecache_hot_tier_size_bytes";
 /// Bodies held open and mapped by the open tier (one descriptor each).
@@ -128,6 +130,11 @@ fn describe() {
     describe_gauge!(CACHE_RESERVED, Unit::Bytes, "Bytes reserved by fills in progress.");
     describe_gauge!(CACHE_OBJECTS, "Objects in the cache index.");
     describe_gauge!(CACHE_BUDGET, Unit::Bytes, "Disk budget in force.");
+    describe_gauge!(
+        CACHE_OBJECT_LIMIT,
+        Unit::Count,
+        "Object bound in force (max_objects, lowered when short of inodes)."
+    );
     describe_gauge!(HOT_SIZE, Unit::Bytes, "Bytes in the in-memory hot tier.");
     describe_gauge!(
         OPEN_FILES,

@@ -11,6 +11,11 @@
 //! Bytes are accounted as `used` (committed files), `reserved` (fills in progress) and
 //! `unlinking` (removed from the index, not yet off the disk). Their sum is what the disk may
 //! hold at any instant; a reservation is granted only while that sum stays within the budget.
+//!
+//! The bytes are what the disk spends, not what the files hold: each file is charged its
+//! length rounded up to the filesystem's allocation unit, at least one unit ([`charge`]), and
+//! the layout's directories a fixed `overhead`. Objects are counted in the same four states,
+//! so their number (files, inodes, index memory) is bounded as the bytes are.
 //! This module does no I/O: it says which files to remove, the caller removes them and then
 //! reports [`Index::unlinked`].
 
@@ -45,7 +50,8 @@ pub struct Entry {
 #[derive(Debug, Clone, Copy)]
 struct BodyRef {
     generation: u64,
-    len: u64,
+    /// What its file is charged.
+    bytes: u64,
     refs: u32,
 }
 
@@ -64,9 +70,17 @@ pub struct Removed {
 /// Most of the indexed bytes the protected segment holds.
 const PROTECTED_SHARE: f64 = 0.8;
 
-/// The bytes an entry stands for in its segment.
-fn weight(e: &Entry) -> u64 {
-    e.meta_len + e.body_len
+/// Past this many bytes a file is charged one more unit per as many bytes: room for the block
+/// map of large files (ext4 needs an extent block beyond four extents of up to 128 MiB).
+const MAP_EVERY: u64 = 32 << 20;
+
+/// What the disk spends on a file of `len` bytes with allocation unit `unit`: its length
+/// rounded up to whole units, and at least one unit even when empty (which stands for the
+/// inode, and for a file no smaller than a unit on most filesystems). The directory entries
+/// are charged with the layout's directories, not here.
+pub fn charge(len: u64, unit: u64) -> u64 {
+    let unit = unit.max(1);
+    (len.div_ceil(unit).max(1) + len / MAP_EVERY).saturating_mul(unit)
 }
 
 /// The index.
@@ -82,6 +96,16 @@ pub struct Index {
     reserved: u64,
     unlinking: u64,
     unindexed: u64,
+    /// The allocation unit files are charged in ([`charge`]).
+    unit: u64,
+    /// Bytes the layout (its directories) spends whatever is stored.
+    overhead: u64,
+    /// Objects reserved by fills in progress.
+    reserved_objects: u64,
+    /// Objects removed from the index whose files are not off the disk yet.
+    unlinking_objects: u64,
+    /// Objects (records) found at startup, not indexed yet.
+    unindexed_objects: u64,
 }
 
 impl Default for Index {
@@ -102,7 +126,35 @@ impl Index {
             reserved: 0,
             unlinking: 0,
             unindexed: 0,
+            unit: 1,
+            overhead: 0,
+            reserved_objects: 0,
+            unlinking_objects: 0,
+            unindexed_objects: 0,
         }
+    }
+
+    /// Sets the allocation unit files are charged in and the layout's fixed overhead (bytes).
+    /// Called once the directory is open, before anything is reserved or found.
+    pub fn set_disk(&mut self, unit: u64, overhead: u64) {
+        self.unit = unit.max(1);
+        self.overhead = overhead;
+    }
+
+    /// What a file of `len` bytes is charged ([`charge`] in this index's unit).
+    pub fn charge(&self, len: u64) -> u64 {
+        charge(len, self.unit)
+    }
+
+    /// The bytes an entry stands for: its record and its body, as charged.
+    fn weight(&self, e: &Entry) -> u64 {
+        self.charge(e.meta_len) + self.charge(e.body_len)
+    }
+
+    /// Objects the disk may hold right now: indexed, being filled, being unlinked, and found
+    /// at startup but not indexed yet.
+    pub fn objects(&self) -> u64 {
+        self.len() as u64 + self.reserved_objects + self.unlinking_objects + self.unindexed_objects
     }
 
     /// Objects indexed.
@@ -115,9 +167,9 @@ impl Index {
         self.probation.is_empty() && self.protected.is_empty()
     }
 
-    /// Bytes of committed files.
+    /// Bytes of committed files, and the layout's overhead.
     pub fn used(&self) -> u64 {
-        self.used
+        self.used + self.overhead
     }
 
     /// Bytes reserved by fills in progress.
@@ -128,7 +180,7 @@ impl Index {
     /// Everything the disk may hold right now: committed, reserved, being unlinked, and found
     /// at startup but not indexed yet.
     pub fn usage(&self) -> u64 {
-        self.used + self.reserved + self.unlinking + self.unindexed
+        self.used + self.overhead + self.reserved + self.unlinking + self.unindexed
     }
 
     /// Looks up an entry and marks it most recently used (a hit counts as a use): a hit in
@@ -138,12 +190,12 @@ impl Index {
             return self.protected.get(key);
         }
         let entry = self.probation.pop(key)?;
-        self.protected_bytes += weight(&entry);
+        self.protected_bytes += self.weight(&entry);
         self.protected.push(*key, entry);
         let cap = (self.used as f64 * PROTECTED_SHARE) as u64;
         while self.protected_bytes > cap && self.protected.len() > 1 {
             let (k, e) = self.protected.pop_lru().expect("more than one entry");
-            self.protected_bytes -= weight(&e);
+            self.protected_bytes -= self.weight(&e);
             self.probation.push(k, e);
         }
         self.peek(key)
@@ -157,7 +209,7 @@ impl Index {
     /// Takes an entry out of whichever segment holds it; true when that was the protected one.
     fn take(&mut self, key: &KeyHash) -> Option<(Entry, bool)> {
         if let Some(e) = self.protected.pop(key) {
-            self.protected_bytes -= weight(&e);
+            self.protected_bytes -= self.weight(&e);
             return Some((e, true));
         }
         self.probation.pop(key).map(|e| (e, false))
@@ -182,13 +234,33 @@ impl Index {
         true
     }
 
+    /// Reserves `bytes` and one object for a fill if the budget and the object bound both
+    /// allow; else says which does not ("budget" or "objects"). Never lets `usage()` pass
+    /// `budget` nor `objects()` pass `max_objects`.
+    pub fn reserve_object(&mut self, bytes: u64, budget: u64, max_objects: u64) -> Result<(), &'static str> {
+        if self.objects() >= max_objects {
+            return Err("objects");
+        }
+        if !self.reserve(bytes, budget) {
+            return Err("budget");
+        }
+        self.reserved_objects += 1;
+        Ok(())
+    }
+
     /// Returns reserved bytes a fill will not use.
     pub fn release(&mut self, bytes: u64) {
         self.reserved = self.reserved.saturating_sub(bytes);
     }
 
-    /// Takes a reference on a body for an entry about to be inserted, converting `from_reserved`
-    /// reserved bytes. When the content is already stored, the existing version is shared and
+    /// Returns an object reserved by [`Index::reserve_object`]: its fill ended, whether its
+    /// entry was inserted (then it is counted as indexed) or not.
+    pub fn release_object(&mut self) {
+        self.reserved_objects = self.reserved_objects.saturating_sub(1);
+    }
+
+    /// Takes a reference on a body of `len` bytes for an entry about to be inserted, converting
+    /// `from_reserved` reserved bytes (as charged). When the content is already stored, the existing version is shared and
     /// `(its generation, false)` returned; otherwise `ours` becomes the body's version.
     pub fn acquire_body(&mut self, digest: Digest, len: u64, ours: u64, from_reserved: u64) -> (u64, bool) {
         self.release(from_reserved);
@@ -198,15 +270,16 @@ impl Index {
                 (b.generation, false)
             }
             None => {
+                let bytes = self.charge(len);
                 self.bodies.insert(
                     digest,
                     BodyRef {
                         generation: ours,
-                        len,
+                        bytes,
                         refs: 1,
                     },
                 );
-                self.used += len;
+                self.used += bytes;
                 (ours, true)
             }
         }
@@ -226,8 +299,8 @@ impl Index {
             return None;
         }
         let b = self.bodies.remove(digest).expect("present above");
-        self.used -= b.len;
-        Some((*digest, b.generation, b.len))
+        self.used -= b.bytes;
+        Some((*digest, b.generation, b.bytes))
     }
 
     /// Inserts an entry whose body reference was acquired, converting `from_reserved` reserved
@@ -235,11 +308,11 @@ impl Index {
     /// new one takes its segment (a new key starts in probation).
     pub fn insert(&mut self, key: KeyHash, entry: Entry, from_reserved: u64) -> Option<Removed> {
         self.release(from_reserved);
-        self.used += entry.meta_len;
+        self.used += self.charge(entry.meta_len);
         let old = self.take(&key);
         match old {
             Some((_, true)) => {
-                self.protected_bytes += weight(&entry);
+                self.protected_bytes += self.weight(&entry);
                 self.protected.push(key, entry);
             }
             _ => {
@@ -249,15 +322,21 @@ impl Index {
         old.map(|(old, _)| self.account_removal(key, old))
     }
 
-    /// Counts bytes found on disk at startup that are not indexed yet: they are on the disk,
-    /// so they count against the budget until indexed or removed.
-    pub fn add_unindexed(&mut self, bytes: u64) {
+    /// Counts bytes (as charged) and objects found on disk at startup that are not indexed
+    /// yet: they are on the disk, so they count against the budget until indexed or removed.
+    pub fn add_unindexed(&mut self, bytes: u64, objects: u64) {
         self.unindexed += bytes;
+        self.unindexed_objects += objects;
     }
 
     /// Stops counting unindexed bytes (removed, or found to be gone).
     pub fn forget_unindexed(&mut self, bytes: u64) {
         self.unindexed = self.unindexed.saturating_sub(bytes);
+    }
+
+    /// Stops counting unindexed objects (each record found is indexed or removed).
+    pub fn forget_unindexed_objects(&mut self, objects: u64) {
+        self.unindexed_objects = self.unindexed_objects.saturating_sub(objects);
     }
 
     /// Inserts an entry found on disk at startup, unless the index already holds a newer version
@@ -268,19 +347,21 @@ impl Index {
         if let Some(existing) = self.peek(&key)
             && existing.meta_gen >= entry.meta_gen
         {
-            self.forget_unindexed(entry.meta_len);
-            self.unlinking += entry.meta_len;
+            let bytes = self.charge(entry.meta_len);
+            self.forget_unindexed(bytes);
+            self.unlinking += bytes;
+            self.unlinking_objects += 1;
             return Some(Removed {
                 meta: (key, entry.meta_gen),
                 body: None,
-                bytes: entry.meta_len,
+                bytes,
             });
         }
         let (generation, new) = self.acquire_body(entry.digest, entry.body_len, entry.body_gen, 0);
         if new {
-            self.forget_unindexed(entry.body_len);
+            self.forget_unindexed(self.charge(entry.body_len));
         }
-        self.forget_unindexed(entry.meta_len);
+        self.forget_unindexed(self.charge(entry.meta_len));
         self.insert(
             key,
             Entry {
@@ -303,7 +384,7 @@ impl Index {
             Some(found) => found,
             None => {
                 let (key, old) = self.protected.pop_lru()?;
-                self.protected_bytes -= weight(&old);
+                self.protected_bytes -= self.weight(&old);
                 (key, old)
             }
         };
@@ -327,10 +408,12 @@ impl Index {
     }
 
     fn account_removal(&mut self, key: KeyHash, old: Entry) -> Removed {
-        self.used -= old.meta_len;
+        let meta = self.charge(old.meta_len);
+        self.used -= meta;
         let body = self.drop_body_ref(&old.digest);
-        let bytes = old.meta_len + body.map(|b| b.2).unwrap_or(0);
+        let bytes = meta + body.map(|b| b.2).unwrap_or(0);
         self.unlinking += bytes;
+        self.unlinking_objects += 1;
         Removed {
             meta: (key, old.meta_gen),
             body: body.map(|(d, g, _)| (d, g)),
@@ -338,9 +421,11 @@ impl Index {
         }
     }
 
-    /// Reports that removed files are off the disk.
-    pub fn unlinked(&mut self, bytes: u64) {
+    /// Reports that removed files (`bytes` as charged, of `objects` removed entries) are off
+    /// the disk.
+    pub fn unlinked(&mut self, bytes: u64, objects: u64) {
         self.unlinking = self.unlinking.saturating_sub(bytes);
+        self.unlinking_objects = self.unlinking_objects.saturating_sub(objects);
     }
 }
 
@@ -431,7 +516,7 @@ mod tests {
         assert_eq!(r.bytes, 1010);
         assert_eq!(ix.used(), 0);
         assert_eq!(ix.usage(), 1020, "until unlinked");
-        ix.unlinked(1020);
+        ix.unlinked(1020, 2);
         assert_eq!(ix.usage(), 0);
     }
 
@@ -494,7 +579,7 @@ mod tests {
             verified: false,
             body_mtime: 0,
         };
-        ix.add_unindexed(330);
+        ix.add_unindexed(330, 3);
         assert!(ix.insert_scanned(kh(1), e(5, 1)).is_none());
         let stale = ix.insert_scanned(kh(1), e(3, 2)).unwrap();
         assert_eq!(stale.meta, (kh(1), 3));
@@ -503,7 +588,54 @@ mod tests {
         assert_eq!(ix.peek(&kh(1)).unwrap().meta_gen, 9);
         assert_eq!(ix.used(), 110);
         // Found bytes moved to used (110) or to removal (10 + 110); the rest is the unswept body.
-        ix.unlinked(10 + 110);
+        ix.unlinked(10 + 110, 2);
         assert_eq!(ix.usage(), 110 + 100);
+    }
+
+    #[test]
+    fn files_are_charged_whole_allocation_units_and_empty_ones_one() {
+        assert_eq!(charge(0, 4096), 4096, "an empty file still costs an inode: one unit");
+        assert_eq!(charge(1, 4096), 4096);
+        assert_eq!(charge(4096, 4096), 4096);
+        assert_eq!(charge(4097, 4096), 8192);
+        assert_eq!(charge(100_000, 512), 100_352);
+        assert_eq!(charge(10, 1), 10, "a unit of one byte counts bytes");
+        // Large files get room for their block map: one unit per 32 MiB.
+        assert_eq!(charge(64 << 20, 4096), (64 << 20) + 2 * 4096);
+        assert_eq!(charge(u64::MAX, 4096), u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn the_disk_is_charged_in_units_with_the_layout_overhead() {
+        let mut ix = Index::new();
+        ix.set_disk(4096, 100_000);
+        assert_eq!(ix.usage(), 100_000, "the layout costs before anything is stored");
+        // 1000 tiny objects: a 10-byte record and a 100-byte body each, two units each.
+        for k in 0..1000 {
+            add(&mut ix, k, k, 100);
+        }
+        assert_eq!(ix.used(), 100_000 + 1000 * 2 * 4096);
+        let r = ix.pop_lru().unwrap();
+        assert_eq!(r.bytes, 2 * 4096);
+        assert_eq!(ix.usage(), 100_000 + 1000 * 2 * 4096, "until unlinked");
+        ix.unlinked(r.bytes, 1);
+        assert_eq!(ix.usage(), 100_000 + 999 * 2 * 4096);
+    }
+
+    #[test]
+    fn the_object_bound_counts_fills_and_unlinking_objects() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 1, 100);
+        assert_eq!(ix.reserve_object(10, 1_000_000, 3), Ok(()));
+        assert_eq!(ix.objects(), 2, "one indexed, one being filled");
+        assert_eq!(ix.reserve_object(10, 1_000_000, 2), Err("objects"));
+        assert_eq!(ix.reserve_object(1_000_000, 1_000_000, 3), Err("budget"));
+        let r = ix.remove(&kh(1)).unwrap();
+        assert_eq!(ix.objects(), 2, "removed, not yet unlinked");
+        ix.unlinked(r.bytes, 1);
+        assert_eq!(ix.objects(), 1);
+        ix.release(10);
+        ix.release_object();
+        assert_eq!((ix.objects(), ix.usage()), (0, 0));
     }
 }

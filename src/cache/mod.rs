@@ -249,8 +249,8 @@ pub struct Cache {
     accounted: AtomicBool,
     /// Set once the startup rebuild is complete.
     loaded: AtomicBool,
-    /// The budget in force and when it was computed (`None`: not yet).
-    budget: Mutex<(u64, Option<Instant>)>,
+    /// The budget in force (bytes, objects) and when it was computed (`None`: not yet).
+    budget: Mutex<(u64, u64, Option<Instant>)>,
 }
 
 /// The hot or the open tier, with what admits to it.
@@ -264,6 +264,27 @@ struct Tier<'a> {
     /// The open tier: it holds its objects' records, and keeps to a reduced size after a
     /// shortage of descriptors.
     open: bool,
+}
+
+/// The object bound in force: `max_objects`, lowered to what the filesystem's free inodes
+/// allow (two per object) beyond the `our_objects` held already, keeping free the same share
+/// of the inodes as `keep` bytes are of the filesystem.
+fn object_limit(max_objects: u64, our_objects: u64, space: &store::Space, keep: u64) -> u64 {
+    if space.total_files == 0 || space.total == 0 {
+        // No fixed number of inodes to run out of.
+        return max_objects;
+    }
+    let keep_files = (space.total_files as f64 * keep as f64 / space.total as f64) as u64;
+    let room = our_objects + space.free_files.saturating_sub(keep_files) / 2;
+    max_objects.min(room)
+}
+
+/// What the layout spends on disk whatever is stored, charged up front: a unit for each of
+/// its directories and fixed files (fan-out directories only as many as `max_objects` can
+/// make), and two names per object it may hold, for directories never shrink.
+fn layout_overhead(unit: u64, max_objects: u64) -> u64 {
+    let fanout = (2 * max_objects).min(store::LAYOUT_FILES - 7);
+    (7 + fanout) * unit + 2 * max_objects * store::NAME_COST
 }
 
 /// Memory for records cached beside the index, so a disk hit need not read its record.
@@ -399,7 +420,7 @@ impl Cache {
             info!(open_files, "open tier sized");
         }
         let cache = Arc::new(Cache {
-            budget: Mutex::new((config.max_size, None)),
+            budget: Mutex::new((config.max_size, config.max_objects, None)),
             config,
             store: OnceLock::new(),
             index: Mutex::new(Index::new()),
@@ -427,6 +448,9 @@ impl Cache {
         }
         match Store::open(&self.config.cache_dir) {
             Ok(store) => {
+                // Before anything is found or reserved: every size is charged in this unit.
+                let overhead = layout_overhead(store.unit(), self.config.max_objects);
+                self.lock_index().set_disk(store.unit(), overhead);
                 if self.store.set(Arc::new(store)).is_ok() {
                     info!(dir = %self.config.cache_dir.display(), "cache directory ready");
                     let cache = self.clone();
@@ -829,24 +853,48 @@ impl Cache {
     /// The disk budget in force: `max_size`, lowered when the filesystem is short of
     /// `min_free` (checked at most once a second).
     pub fn budget(&self) -> u64 {
+        self.limits().0
+    }
+
+    /// The budget and the object bound in force: `max_size` and `max_objects`, lowered when
+    /// the filesystem is short of `min_free` bytes, or of its share of inodes (checked at most
+    /// once a second).
+    fn limits(&self) -> (u64, u64) {
         let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        if b.1.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            b.0 = self.compute_budget();
-            b.1 = Some(Instant::now());
+        if b.2.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            (b.0, b.1) = self.compute_limits();
+            b.2 = Some(Instant::now());
             metrics::gauge!(m::CACHE_BUDGET).set(b.0 as f64);
+            metrics::gauge!(m::CACHE_OBJECT_LIMIT).set(b.1 as f64);
         }
-        b.0
+        (b.0, b.1)
     }
 
-    fn compute_budget(&self) -> u64 {
-        let Ok((free, total)) = mmap::disk_space(&self.config.cache_dir) else {
-            return self.config.max_size;
+    fn compute_limits(&self) -> (u64, u64) {
+        let (max_size, max_objects) = (self.config.max_size, self.config.max_objects);
+        let Some(space) = self.store().and_then(|s| s.space().ok()) else {
+            return (max_size, max_objects);
         };
-        let ours = self.lock_index().usage();
-        let keep = self.config.min_free.bytes(total);
-        self.config.max_size.min((ours + free).saturating_sub(keep))
+        let (ours, our_objects) = {
+            let ix = self.lock_index();
+            (ix.usage(), ix.objects())
+        };
+        let keep = self.config.min_free.bytes(space.total);
+        let budget = max_size.min((ours + space.free).saturating_sub(keep));
+        let limit = object_limit(max_objects, our_objects, &space, keep);
+        if limit < max_objects {
+            debug!(limit, max_objects, "short of inodes: object bound lowered");
+        }
+        (budget, limit)
     }
 
+    /// What a file of `len` bytes is charged against the budget.
+    fn charge(&self, len: u64) -> u64 {
+        self.lock_index().charge(len)
+    }
+
+    /// Reserves `bytes` (as charged) for a fill in progress. Wakes the evictor when refused or
+    /// over the high watermark.
     fn reserve(&self, bytes: u64) -> bool {
         if !self.accounted.load(Ordering::Acquire) {
             return false;
@@ -862,8 +910,35 @@ impl Cache {
         ok
     }
 
-    fn release(&self, bytes: u64) {
-        self.lock_index().release(bytes);
+    /// Reserves `bytes` and one object for a new fill; a refusal is counted by its reason
+    /// (`budget` or `objects`). The object is given back by the commit (or [`Cache::release_fill`]).
+    fn reserve_fill(&self, bytes: u64) -> bool {
+        if !self.accounted.load(Ordering::Acquire) {
+            return false;
+        }
+        let (budget, max_objects) = self.limits();
+        let (result, usage, objects) = {
+            let mut ix = self.lock_index();
+            (ix.reserve_object(bytes, budget, max_objects), ix.usage(), ix.objects())
+        };
+        if result.is_err()
+            || usage as f64 > budget as f64 * self.config.high_watermark
+            || objects as f64 > max_objects as f64 * self.config.high_watermark
+        {
+            self.evict_wakeup.notify_one();
+        }
+        if let Err(reason) = result {
+            metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+        }
+        result.is_ok()
+    }
+
+    /// Gives back what [`Cache::reserve_fill`] (and later reservations) took for a fill that
+    /// will not be committed.
+    fn release_fill(&self, bytes: u64) {
+        let mut ix = self.lock_index();
+        ix.release(bytes);
+        ix.release_object();
     }
 
     /// Starts filling `meta.key` with `body` (exactly `meta.body_len` bytes). On success the
@@ -880,9 +955,12 @@ impl Cache {
         };
         let len = meta.body_len;
         let meta_len = meta.encoded_len();
-        let reservation = len + meta_len;
-        if len > self.config.max_object_size || !self.reserve(reservation) {
+        let reservation = self.charge(len) + self.charge(meta_len);
+        if len > self.config.max_object_size {
             metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
+            return Err((permit, body));
+        }
+        if !self.reserve_fill(reservation) {
             return Err((permit, body));
         }
         let generation = store.next_gen();
@@ -895,7 +973,7 @@ impl Cache {
                     Staged::File(tmp, writer)
                 }
                 Err(e) => {
-                    self.release(reservation);
+                    self.release_fill(reservation);
                     self.storage_error(&e);
                     metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
                     return Err((permit, body));
@@ -988,7 +1066,7 @@ impl Cache {
             debug!(reason, detail = %detail, "fill discarded");
             metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
             staged.discard();
-            self.release(reserved);
+            self.release_fill(reserved);
             return false;
         }
         let meta = (*fill.meta).clone();
@@ -1008,7 +1086,7 @@ impl Cache {
     ) -> bool {
         let Some(store) = self.store() else {
             staged.discard();
-            self.release(reserved);
+            self.release_fill(reserved);
             return false;
         };
         let (tmp, mut hasher, at) = match staged {
@@ -1016,7 +1094,7 @@ impl Cache {
                 Some((hasher, at)) => (Some(tmp), hasher, at),
                 None => {
                     tmp.discard();
-                    self.release(reserved);
+                    self.release_fill(reserved);
                     return false;
                 }
             },
@@ -1024,6 +1102,7 @@ impl Cache {
         };
         let hash = meta.storage_hash();
         let len = meta.body_len;
+        let body_charge = self.charge(len);
         let meta_gen = store.next_gen();
         let cache = self.clone();
         // Err carries the digest when the body was counted in the index by then.
@@ -1058,7 +1137,7 @@ impl Cache {
                 tmp.discard();
                 (None, e)
             })?;
-            let (body_gen, new_body) = cache.lock_index().acquire_body(digest, len, generation, len);
+            let (body_gen, new_body) = cache.lock_index().acquire_body(digest, len, generation, body_charge);
             let mtime = if new_body {
                 mtime
             } else {
@@ -1087,9 +1166,10 @@ impl Cache {
                 };
                 let freed = {
                     let mut ix = self.lock_index();
+                    ix.release_object();
                     match counted {
                         Some(digest) => {
-                            ix.release(reserved.saturating_sub(len));
+                            ix.release(reserved.saturating_sub(body_charge));
                             ix.release_body(&digest)
                         }
                         None => {
@@ -1103,7 +1183,7 @@ impl Cache {
                 {
                     let path = store.body_path(&d, g);
                     let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
-                    self.lock_index().unlinked(bytes);
+                    self.lock_index().unlinked(bytes, 0);
                 }
                 metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
                 return false;
@@ -1119,7 +1199,13 @@ impl Cache {
             verified: true,
             body_mtime,
         };
-        let removed = self.lock_index().insert(hash, entry, reserved.saturating_sub(len));
+        let removed = {
+            let mut ix = self.lock_index();
+            let removed = ix.insert(hash, entry, reserved.saturating_sub(body_charge));
+            // The object is indexed now: no longer a reservation.
+            ix.release_object();
+            removed
+        };
         self.remember_vary(&meta);
         let held_open = self.open_tier_size(meta.body_len);
         self.remember_meta(hash, meta_gen, &Arc::new(meta), held_open);
@@ -1141,8 +1227,13 @@ impl Cache {
         let (tx, mut rx) = mpsc::channel::<TeeMsg>(256);
         let cache = self.clone();
         tokio::spawn(async move {
-            // Without a file the receiver goes away and the client's body is left alone.
+            // Without an object to fill or a file, the receiver goes away and the client's
+            // body is left alone. Bytes are reserved as they come.
+            if !cache.reserve_fill(0) {
+                return;
+            }
             let Ok(tmp) = create_tmp_body(store, generation, 0).await else {
+                cache.release_fill(0);
                 return;
             };
             metrics::counter!(m::FILLS_STARTED).increment(1);
@@ -1163,10 +1254,10 @@ impl Cache {
                     }
                 }
                 let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
-                let need = writer.written() + size + 4096;
-                if need > cache.config.max_object_size {
+                if writer.written() + size > cache.config.max_object_size {
                     break;
                 }
+                let need = cache.charge(writer.written() + size);
                 if need > reserved {
                     let step = (need - reserved).max(TEE_STEP);
                     if !cache.reserve(step) {
@@ -1186,15 +1277,15 @@ impl Cache {
             let written = writer.written();
             let mut meta = meta;
             meta.body_len = written;
-            let meta_len = meta.encoded_len();
-            if !ended || meta_len + written > reserved && !cache.reserve(meta_len + written - reserved) {
+            let need = cache.charge(meta.encoded_len()) + cache.charge(written);
+            if !ended || need > reserved && !cache.reserve(need - reserved) {
                 metrics::counter!(m::FILLS_ABORTED, "reason" => if ended { "budget" } else { "incomplete" })
                     .increment(1);
                 tmp.discard();
-                cache.release(reserved);
+                cache.release_fill(reserved);
                 return;
             }
-            let reserved = reserved.max(meta_len + written);
+            let reserved = reserved.max(need);
             cache
                 .commit(
                     meta,
@@ -1212,6 +1303,7 @@ impl Cache {
     async fn unlink(&self, removed: Vec<Removed>) {
         let Some(store) = self.store() else { return };
         let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
+        let objects = removed.len() as u64;
         let tiers = [self.hot.clone(), self.open.clone()];
         let _ = tokio::task::spawn_blocking(move || {
             for r in &removed {
@@ -1227,25 +1319,32 @@ impl Cache {
             }
         })
         .await;
-        self.lock_index().unlinked(bytes);
+        self.lock_index().unlinked(bytes, objects);
     }
 
     /// Evicts least-recently-used objects until usage is under the low watermark. Returns
     /// (objects, bytes) evicted.
     pub async fn evict_pass(&self) -> (usize, u64) {
-        let budget = self.budget();
+        let (budget, max_objects) = self.limits();
         let high = (budget as f64 * self.config.high_watermark) as u64;
         let low = (budget as f64 * self.config.low_watermark) as u64;
+        // The object bound has the same watermarks.
+        let high_objects = (max_objects as f64 * self.config.high_watermark) as u64;
+        let low_objects = (max_objects as f64 * self.config.low_watermark) as u64;
         let removed: Vec<Removed> = {
             let mut ix = self.lock_index();
-            if ix.usage() <= high && ix.usage() <= budget {
+            let over_bytes = ix.usage() > high || ix.usage() > budget;
+            let over_objects = ix.objects() > high_objects || ix.objects() > max_objects;
+            if !over_bytes && !over_objects {
                 return (0, 0);
             }
-            // Bytes popped here stay in `usage()` (as unlinking) until they are off the disk,
-            // so the pass counts what it frees itself.
+            // Bytes and objects popped here stay in `usage()` and `objects()` (as unlinking)
+            // until they are off the disk, so the pass counts what it frees itself.
             let mut out = Vec::new();
             let mut freeing = 0u64;
-            while ix.usage().saturating_sub(freeing) > low {
+            while ix.usage().saturating_sub(freeing) > low
+                || ix.objects().saturating_sub(out.len() as u64) > low_objects
+            {
                 match ix.pop_lru() {
                     Some(r) => {
                         freeing += r.bytes;
@@ -1274,14 +1373,15 @@ impl Cache {
         let Some(store) = self.store() else { return false };
         let hash = meta.storage_hash();
         let record_len = meta.encoded_len();
-        if !self.reserve(record_len) {
+        let record_charge = self.charge(record_len);
+        if !self.reserve(record_charge) {
             return false;
         }
         {
             let mut ix = self.lock_index();
             if !ix.has_body(&meta.digest, meta.body_gen) {
                 // Evicted or replaced meanwhile: nothing to refresh.
-                ix.release(record_len);
+                ix.release(record_charge);
                 return false;
             }
             ix.acquire_body(meta.digest, meta.body_len, meta.body_gen, 0);
@@ -1305,7 +1405,7 @@ impl Cache {
                 self.storage_error(e);
             }
             let mut ix = self.lock_index();
-            ix.release(record_len);
+            ix.release(record_charge);
             ix.release_body(&meta.digest);
             return false;
         }
@@ -1319,7 +1419,7 @@ impl Cache {
             verified: true,
             body_mtime,
         };
-        let removed = self.lock_index().insert(hash, entry, record_len);
+        let removed = self.lock_index().insert(hash, entry, record_charge);
         self.forget(&hash);
         let held_open = self.open_tier_size(meta.body_len);
         self.remember_meta(hash, meta_gen, &Arc::new(meta), held_open);
@@ -1384,8 +1484,13 @@ impl Cache {
         let scan_start = SystemTime::now();
         let mut metas = store.scan_meta();
         let bodies = store.scan_bodies();
-        let found: u64 = metas.iter().map(|f| f.len).sum::<u64>() + bodies.iter().map(|f| f.len).sum::<u64>();
-        self.lock_index().add_unindexed(found);
+        let found: u64 = metas
+            .iter()
+            .map(|f| f.len)
+            .chain(bodies.iter().map(|f| f.len))
+            .map(|len| self.charge(len))
+            .sum();
+        self.lock_index().add_unindexed(found, metas.len() as u64);
         self.accounted.store(true, Ordering::Release);
         let body_len: HashMap<(Digest, u64), u64> = bodies.iter().map(|b| ((b.id, b.generation), b.len)).collect();
 
@@ -1394,9 +1499,12 @@ impl Cache {
         let mut loaded = 0u64;
         let mut corrupt = 0u64;
         for found in metas {
+            // From here it is indexed, removed, or counted by its own fill.
+            self.lock_index().forget_unindexed_objects(1);
+            let charged = self.charge(found.len);
             if store.is_own(found.generation) {
                 // Written since startup: indexed by its fill, and perhaps not complete yet.
-                self.lock_index().forget_unindexed(found.len);
+                self.lock_index().forget_unindexed(charged);
                 continue;
             }
             let path = store.meta_path(&found.id, found.generation);
@@ -1411,7 +1519,7 @@ impl Cache {
                     // Torn, corrupt, foreign, or its body is missing or the wrong length.
                     corrupt += 1;
                     let _ = store.remove(&path);
-                    self.lock_index().forget_unindexed(found.len);
+                    self.lock_index().forget_unindexed(charged);
                     continue;
                 }
             };
@@ -1432,7 +1540,7 @@ impl Cache {
                 if let Some((d, g)) = r.body {
                     let _ = store.remove(&store.body_path(&d, g));
                 }
-                self.lock_index().unlinked(r.bytes);
+                self.lock_index().unlinked(r.bytes, 1);
             }
             loaded += 1;
             if loaded.is_multiple_of(10_000) {
@@ -1445,7 +1553,11 @@ impl Cache {
                 let _ = store.remove(&store.body_path(&b.id, b.generation));
             }
         }
-        self.lock_index().forget_unindexed(u64::MAX);
+        {
+            let mut ix = self.lock_index();
+            ix.forget_unindexed(u64::MAX);
+            ix.forget_unindexed_objects(u64::MAX);
+        }
         self.loaded.store(true, Ordering::Release);
         let secs = started.elapsed().as_secs_f64();
         metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
@@ -1455,5 +1567,36 @@ impl Cache {
         self.publish_gauges();
         info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
         self.evict_wakeup.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_object_bound_shrinks_when_inodes_are_short() {
+        let space = |free_files, total_files| store::Space {
+            free: 500,
+            total: 1000,
+            free_files,
+            total_files,
+        };
+        // Plenty of inodes: max_objects.
+        assert_eq!(object_limit(100, 10, &space(1_000_000, 2_000_000), 50), 100);
+        // 5% of 2,000 inodes kept (100): 300 free leave 200, two per object, beside our 10.
+        assert_eq!(object_limit(1000, 10, &space(300, 2000), 50), 110);
+        // None to spare: what is held, no more.
+        assert_eq!(object_limit(1000, 10, &space(50, 2000), 50), 10);
+        // A filesystem without a fixed number of inodes.
+        assert_eq!(object_limit(1000, 10, &space(0, 0), 50), 1000);
+    }
+
+    #[test]
+    fn the_layout_is_charged_for_the_directories_its_objects_can_make() {
+        // Two objects can make four fan-out directories, beside the seven fixed entries.
+        assert_eq!(layout_overhead(4096, 2), (7 + 4) * 4096 + 4 * 256);
+        // Never more than the 512 fan-out directories there are.
+        assert_eq!(layout_overhead(4096, 100_000), 519 * 4096 + 200_000 * 256);
     }
 }

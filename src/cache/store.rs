@@ -12,15 +12,27 @@
 //! ```
 //! Every stored file has a version (`gen`) in its name: a new version never lands on the path
 //! of one being evicted, so an unlink can only ever remove the version it meant to.
+//!
+//! Nothing here follows a symbolic link planted in the directory. The cache directory itself
+//! must be a real directory owned by this process's user (else it is refused, naming the
+//! path); it is made private (0700) if it is not. Every directory under it is created 0700 and
+//! opened with `O_NOFOLLOW` under its parent's descriptor; a symbolic link (or any other file)
+//! where a directory of the layout belongs is removed, never followed. `lock` and
+//! `generations` are opened with `O_NOFOLLOW` under the directory's descriptor, and startup
+//! sweeps remove entries with `unlinkat` under the descriptor of the directory they are in, so
+//! they can only ever remove the entry itself, never what a link points to. Files are 0600.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::{MAX_RECORD, Meta};
@@ -41,6 +53,15 @@ pub enum StoreError {
     Locked {
         /// The directory.
         path: PathBuf,
+    },
+    /// The directory is not one this process may trust: a symbolic link, not a directory, or
+    /// owned by another user.
+    #[error("refusing cache directory {path}: {reason}")]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A file operation failed.
     #[error("failed to {op} {path}: {source}")]
@@ -69,6 +90,7 @@ impl StoreError {
         let source = match self {
             StoreError::Prepare { source, .. } | StoreError::Io { source, .. } => source,
             StoreError::Locked { .. } => return "locked",
+            StoreError::Unsafe { .. } => return "unsafe",
         };
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => "no_space",
@@ -94,7 +116,11 @@ fn in_its_dir<T>(path: &Path, op: &'static str, make: impl Fn() -> std::io::Resu
     match make() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let parent = path.parent().expect("object paths have a parent");
-            fs::create_dir_all(parent).map_err(io("create", parent))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io("create", parent))?;
             make()
         }
         other => other,
@@ -112,8 +138,35 @@ pub struct Store {
     first_gen: u64,
     /// How files being written are named, found by trying at open.
     tmp_mode: TmpMode,
-    _lock: File,
+    /// The filesystem's allocation unit: what the smallest file spends.
+    unit: u64,
+    /// Held (flocked) while this process uses the directory; also how the filesystem is asked
+    /// for its free space.
+    lock: File,
 }
+
+/// What the cache directory's filesystem has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes free to unprivileged writers.
+    pub free: u64,
+    /// Bytes in all.
+    pub total: u64,
+    /// Inodes (files) free to unprivileged writers.
+    pub free_files: u64,
+    /// Inodes in all; 0 on filesystems without a fixed number (btrfs, some FUSE).
+    pub total_files: u64,
+}
+
+/// Directories of the layout (the cache directory, `objects-v1`, `tmp`, `meta`, `body`, and up
+/// to 256 fan-out directories under each of `meta` and `body`), plus `lock` and `generations`:
+/// charged one allocation unit each whatever is stored.
+pub const LAYOUT_FILES: u64 = 5 + 2 * 256 + 2;
+
+/// What one name costs in a directory, conservatively: ext4 spends 92 bytes on an object's
+/// name, and its hashed directories keep leaf blocks from half full. Directories never
+/// shrink, so the layout is charged this for every object it may hold (two names each).
+pub const NAME_COST: u64 = 256;
 
 /// How a file being written gets its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,17 +241,19 @@ impl Store {
             path: root.to_owned(),
             source,
         };
-        let objects = root.join("objects-v1");
+        let root_fd = open_root(root)?;
+        let objects_fd = layout_dir(&root_fd, "objects-v1").map_err(prepare)?;
+        let mut tmp_fd = None;
         for sub in ["tmp", "meta", "body"] {
-            fs::create_dir_all(objects.join(sub)).map_err(prepare)?;
+            let fd = layout_dir(&objects_fd, sub).map_err(prepare)?;
+            if sub == "tmp" {
+                tmp_fd = Some(fd);
+            }
         }
+        let objects = root.join("objects-v1");
         // Held read-only (flock does not need write access): no descriptor keeps the
         // filesystem from being remounted read-only underneath a running sidecar.
-        let lock_path = root.join("lock");
-        if !lock_path.exists() {
-            File::create(&lock_path).map_err(prepare)?;
-        }
-        let lock = File::open(&lock_path).map_err(prepare)?;
+        let lock = open_lock(&root_fd).map_err(prepare)?;
         if !try_lock(&lock) {
             return Err(StoreError::Locked { path: root.to_owned() });
         }
@@ -207,24 +262,25 @@ impl Store {
         // the clock and past the bound the previous run recorded, and records its own: a clock
         // that stepped back cannot give a new version a number an old one has. On a read-only
         // disk nothing is stored anyway; the clock alone is used.
-        let bound = objects.join(GENERATIONS);
-        let floor = fs::read_to_string(&bound)
-            .ok()
+        let floor = read_small(&objects_fd, GENERATIONS)
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0);
         let first = now.max(floor);
-        let staged = objects.join(format!("{GENERATIONS}.new"));
-        let _ = fs::write(&staged, format!("{}\n", first.saturating_add(RUN_GENERATIONS)))
-            .and_then(|()| fs::rename(&staged, &bound));
+        let _ = write_replace(
+            &objects_fd,
+            GENERATIONS,
+            format!("{}\n", first.saturating_add(RUN_GENERATIONS)).as_bytes(),
+        );
         let mut store = Store {
             root: root.to_owned(),
             objects,
             next_gen: AtomicU64::new(first),
             first_gen: first,
             tmp_mode: TmpMode::Named,
-            _lock: lock,
+            unit: alloc_unit(&root_fd),
+            lock,
         };
-        store.sweep_tmp()?;
+        sweep_tmp(tmp_fd.as_ref().expect("made above"));
         if store.unnamed_tmp_works() {
             store.tmp_mode = TmpMode::Unnamed;
         }
@@ -234,6 +290,26 @@ impl Store {
     /// The cache directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The filesystem's allocation unit (bytes): files are charged in whole units.
+    pub fn unit(&self) -> u64 {
+        self.unit
+    }
+
+    /// The free and total bytes and inodes of the directory's filesystem.
+    pub fn space(&self) -> Result<Space, StoreError> {
+        let st = rustix::fs::fstatvfs(&self.lock).map_err(|e| StoreError::Io {
+            op: "statvfs",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        Ok(Space {
+            free: st.f_bavail.saturating_mul(st.f_frsize),
+            total: st.f_blocks.saturating_mul(st.f_frsize),
+            free_files: st.f_favail,
+            total_files: st.f_files,
+        })
     }
 
     /// Whether a generation was given out by this process (not found from an earlier one).
@@ -277,19 +353,6 @@ impl Store {
         p.push(b'.');
         p.extend((0..16).rev().map(|i| HEX[((generation >> (4 * i)) & 15) as usize]));
         PathBuf::from(std::ffi::OsString::from_vec(p))
-    }
-
-    /// Removes everything in `tmp/`: leftovers of fills a crash interrupted.
-    fn sweep_tmp(&self) -> Result<usize, StoreError> {
-        let dir = self.objects.join("tmp");
-        let mut n = 0;
-        for entry in fs::read_dir(&dir).map_err(io("read", &dir))? {
-            let Ok(entry) = entry else { continue };
-            if fs::remove_file(entry.path()).is_ok() {
-                n += 1;
-            }
-        }
-        Ok(n)
     }
 
     /// Whether this filesystem takes unnamed temporary files that can be linked into place:
@@ -478,33 +541,254 @@ fn link_fd(file: &File, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Every object file under `dir` (`<fan-out>/<id>.<gen>`). Entries that are not ours are
+/// removed: a fan-out entry that is not a real directory (a symbolic link is removed, never
+/// followed), a file whose name does not parse, anything in a fan-out directory that is not a
+/// regular file.
 fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
     let mut out = Vec::new();
-    let Ok(fanout) = fs::read_dir(dir) else { return out };
-    for sub in fanout.flatten() {
-        let Ok(files) = fs::read_dir(sub.path()) else { continue };
-        for file in files.flatten() {
-            let name = file.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let parsed = name
-                .split_once('.')
+    let Ok(dir_fd) = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return out;
+    };
+    for (sub, _) in entries(&dir_fd) {
+        let fanout = match open_dir_nofollow(&dir_fd, &sub) {
+            Ok(fd) => fd,
+            Err(e) if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR => {
+                let _ = rustix::fs::unlinkat(&dir_fd, sub.as_c_str(), AtFlags::empty());
+                continue;
+            }
+            Err(_) => continue,
+        };
+        for (file, _) in entries(&fanout) {
+            let Ok(st) = rustix::fs::statat(&fanout, file.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            let kind = FileType::from_raw_mode(st.st_mode);
+            if kind == FileType::Directory {
+                continue;
+            }
+            let parsed = file
+                .to_str()
+                .ok()
+                .and_then(|name| name.split_once('.'))
                 .and_then(|(id, g)| Some((parse(id)?, u64::from_str_radix(g, 16).ok()?)));
-            let Ok(md) = file.metadata() else { continue };
             match parsed {
-                Some((id, generation)) => out.push(Found {
+                Some((id, generation)) if kind == FileType::RegularFile => out.push(Found {
                     id,
                     generation,
-                    len: md.len(),
-                    modified: md.modified().unwrap_or(UNIX_EPOCH),
+                    len: st.st_size as u64,
+                    modified: UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32),
                 }),
-                // Not ours (or mangled): nothing may be served from it.
-                None => {
-                    let _ = fs::remove_file(file.path());
+                // Not ours (or mangled, or a link): nothing may be served from it.
+                _ => {
+                    let _ = rustix::fs::unlinkat(&fanout, file.as_c_str(), AtFlags::empty());
                 }
             }
         }
     }
     out
+}
+
+/// The names in a directory (but `.` and `..`), with their types as the directory says.
+fn entries(dir: &OwnedFd) -> Vec<(std::ffi::CString, FileType)> {
+    let Ok(reader) = rustix::fs::Dir::read_from(dir) else {
+        return Vec::new();
+    };
+    reader
+        .filter_map(Result::ok)
+        .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
+        .map(|e| (e.file_name().to_owned(), e.file_type()))
+        .collect()
+}
+
+fn open_dir_nofollow(parent: &impl AsFd, name: &std::ffi::CStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// The allocation unit of the filesystem `dir` is on: its fragment size (`f_frsize`, what
+/// `statvfs` counts blocks in), else its block size, within 512 B to 1 MiB; 4 KiB when it
+/// cannot be asked.
+fn alloc_unit(dir: &OwnedFd) -> u64 {
+    match rustix::fs::fstatvfs(dir) {
+        Ok(st) if st.f_frsize > 0 => st.f_frsize.clamp(512, 1 << 20),
+        Ok(st) if st.f_bsize > 0 => st.f_bsize.clamp(512, 1 << 20),
+        _ => 4096,
+    }
+}
+
+/// Opens the cache directory, creating it (0700, with any missing parents) if it is missing.
+/// Refused: a symbolic link, anything but a directory, a directory owned by another user.
+/// One owned by this user that others may enter is made private (0700).
+fn open_root(root: &Path) -> Result<OwnedFd, StoreError> {
+    let refuse = |reason: String| StoreError::Unsafe {
+        path: root.to_owned(),
+        reason,
+    };
+    let prepare = |source| StoreError::Prepare {
+        path: root.to_owned(),
+        source,
+    };
+    match fs::symlink_metadata(root) {
+        Ok(md) if md.file_type().is_symlink() => {
+            return Err(refuse("it is a symbolic link; give the real directory".into()));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(prepare)?;
+        }
+        Err(e) => return Err(prepare(e)),
+    }
+    let fd = match rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(e) if e == rustix::io::Errno::LOOP => {
+            return Err(refuse("it is a symbolic link; give the real directory".into()));
+        }
+        Err(e) if e == rustix::io::Errno::NOTDIR => return Err(refuse("it is not a directory".into())),
+        Err(e) => return Err(prepare(e.into())),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(|e| prepare(e.into()))?;
+    let uid = rustix::process::geteuid().as_raw();
+    if st.st_uid != uid {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by this process's uid {uid}; give a directory this \
+             user owns (one it creates, such as a subdirectory)",
+            st.st_uid
+        )));
+    }
+    if st.st_mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %root.display(),
+            mode = format!("{:o}", st.st_mode & 0o7777),
+            "cache directory was open to other users; made private (0700)"
+        );
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(|e| prepare(e.into()))?;
+    }
+    Ok(fd)
+}
+
+/// Opens the layout directory `name` under `parent`, creating it 0700. Whatever else is found
+/// under that name (a symbolic link, a file) is removed and the directory made in its place.
+fn layout_dir(parent: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
+    for _ in 0..2 {
+        match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::EXIST => {}
+            Err(e) => return Err(e.into()),
+        }
+        match rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let st = rustix::fs::fstat(&fd)?;
+                if st.st_mode & 0o077 != 0 {
+                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))?;
+                }
+                return Ok(fd);
+            }
+            // Unlinked without following: a link goes, what it points to stays.
+            Err(e) if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR => {
+                rustix::fs::unlinkat(parent, name, AtFlags::empty())?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(std::io::Error::other(format!("{name} keeps being replaced")))
+}
+
+/// Opens (creating, 0600) the lock file under the cache directory. A symbolic link there is
+/// removed, never followed (nor its target created); anything but a regular file is refused.
+fn open_lock(root: &OwnedFd) -> std::io::Result<File> {
+    for _ in 0..2 {
+        match rustix::fs::openat(
+            root,
+            "lock",
+            // Non-blocking: a FIFO planted here must not hang the open.
+            OFlags::RDONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => {
+                let st = rustix::fs::fstat(&fd)?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                    return Err(std::io::Error::other("lock is not a regular file"));
+                }
+                return Ok(File::from(fd));
+            }
+            Err(e) if e == rustix::io::Errno::LOOP => {
+                rustix::fs::unlinkat(root, "lock", AtFlags::empty())?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(std::io::Error::other("lock keeps being replaced"))
+}
+
+/// The first bytes of the regular file `name` under `dir`; `None` if it is missing, a link or
+/// not a regular file.
+fn read_small(dir: &OwnedFd, name: &str) -> Option<String> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return None;
+    }
+    let mut s = String::new();
+    File::from(fd).take(64).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// Replaces `name` under `dir` with `bytes`: written to `<name>.new` (created afresh, 0600,
+/// after removing whatever was there: a planted link is removed, not written through), then
+/// renamed over `name` (which replaces a link, not its target).
+fn write_replace(dir: &OwnedFd, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let staged = format!("{name}.new");
+    match rustix::fs::unlinkat(dir, staged.as_str(), AtFlags::empty()) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::NOENT => {}
+        Err(e) => return Err(e.into()),
+    }
+    let fd = rustix::fs::openat(
+        dir,
+        staged.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    File::from(fd).write_all(bytes)?;
+    rustix::fs::renameat(dir, staged.as_str(), dir, name)?;
+    Ok(())
+}
+
+/// Removes everything in `tmp/`: leftovers of fills a crash interrupted. Each entry is
+/// unlinked under the directory's descriptor: a link is removed, never followed.
+fn sweep_tmp(tmp: &OwnedFd) -> usize {
+    entries(tmp)
+        .iter()
+        .filter(|(name, _)| rustix::fs::unlinkat(tmp, name.as_c_str(), AtFlags::empty()).is_ok())
+        .count()
 }
 
 fn try_lock(file: &File) -> bool {

@@ -12,5 +12,6 @@ mod proxy;
 mod safety_admin;
 mod safety_request;
 mod safety_rules;
+mod safety_store;
 mod semantics;
 mod supervise;
