@@ -218,8 +218,8 @@ pub struct Proxy {
     pub invalidations: TokenBucket,
 }
 
-/// Invalidations by unsafe requests allowed at once, then per second: each one scans the
-/// index, and anyone may send POSTs, so a flood must not churn the cache or the index lock
+/// Invalidations by unsafe requests allowed at once, then per second: anyone may send POSTs,
+/// so a flood must not churn the cache (or, for URLs with `Vary` variants, scan the index)
 /// without limit. Beyond it an invalidation is skipped and counted
 /// (`sidecache_invalidations_skipped_total`).
 pub const INVALIDATION_BURST: u32 = 128;

@@ -1429,9 +1429,23 @@ impl Cache {
         true
     }
 
-    /// Removes whatever is stored for one full key (RFC 9111 §4.4 invalidation).
+    /// Removes whatever is stored for one full key (RFC 9111 §4.4 invalidation). A key
+    /// without `Vary` variants is one index lookup; anyone may send the unsafe requests that
+    /// invalidate, so only keys with variants (stored under hashes of their own) scan the index.
     pub async fn invalidate(&self, key: &CacheKey) -> usize {
-        self.purge(&Purge::Url(key.as_str().to_owned())).await
+        if self.varies(key) {
+            return self.purge(&Purge::Url(key.as_str().to_owned())).await;
+        }
+        let removed: Vec<Removed> = {
+            let mut ix = self.lock_index();
+            let hash = key.hash();
+            // The hash is the key's own (not a variant's): check it names this key.
+            match ix.peek(&hash) {
+                Some(e) if *e.key == *key.as_str() => ix.remove(&hash).into_iter().collect(),
+                _ => Vec::new(),
+            }
+        };
+        self.finish_purge(removed).await
     }
 
     /// Purges matching objects; returns how many.
@@ -1452,6 +1466,11 @@ impl Cache {
             let keys = ix.keys_where(matches);
             keys.iter().filter_map(|k| ix.remove(k)).collect()
         };
+        self.finish_purge(removed).await
+    }
+
+    /// Forgets and unlinks objects taken out of the index; how many.
+    async fn finish_purge(&self, removed: Vec<Removed>) -> usize {
         for r in &removed {
             self.forget(&r.meta.0);
         }

@@ -322,6 +322,19 @@ async fn unsafe_requests_invalidate_their_url_and_location() {
     let failed = send(client().delete(sc.url("/items"))).await;
     assert_eq!(failed.status, 500);
     assert_eq!(sc.sidecar.proxy.cache.stats().0, 1);
+    // Every stored variant of a URL goes, not only the one under the key's own hash.
+    origin.fixed(
+        "/v",
+        &[("cache-control", "max-age=600"), ("vary", "accept-language")],
+        "variant",
+    );
+    for lang in ["en", "fr"] {
+        send(client().get(sc.url("/v")).header("accept-language", lang)).await;
+    }
+    stored(&sc, 3).await;
+    let post = send(client().post(sc.url("/v")).body("x")).await;
+    assert_eq!(post.status, 200);
+    stored(&sc, 1).await;
 }
 
 /// RFC 9111 §3, §3.5 and safe defaults: private, Set-Cookie and Authorization responses are
