@@ -217,21 +217,49 @@ async fn stale_objects_stand_in_when_the_app_fails_unless_forbidden() {
     }
 }
 
-/// RFC 5861 §3: stale-while-revalidate serves stale at once and refreshes in the background.
+/// RFC 5861 §3: stale-while-revalidate serves stale at once and refreshes in the background,
+/// once: a burst of stale requests while the refresh is in flight makes no second one.
 #[tokio::test]
 async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     let origin = Origin::start().await;
+    // The refresh is slow (the burst lands while it is in flight) and its 304 makes the
+    // object fresh for long, so nothing after it asks the app again.
+    let refreshed = Behaviour::Validating {
+        etag: "\"v1\"".into(),
+        headers: owned(&[("cache-control", "max-age=600"), ("x-rev", "2")]),
+        body: Bytes::from_static(b"v1 body"),
+    };
     origin.route(
         "/swr.js",
-        validating("max-age=0, stale-while-revalidate=600", "v1 body"),
+        Behaviour::FirstThen(
+            Box::new(validating("max-age=0, stale-while-revalidate=600", "v1 body")),
+            Box::new(Behaviour::Delay(Duration::from_millis(800), Box::new(refreshed))),
+        ),
     );
     let sc = TestSidecar::start(&origin.url()).await;
     get(&sc, "/swr.js").await;
     stored(&sc, 1).await;
-    let got = get(&sc, "/swr.js").await;
-    assert_eq!(got.body, Bytes::from_static(b"v1 body"));
-    assert_eq!(got.cache_status, "sidecache; hit; stale-while-revalidate");
-    origin.wait_hits("/swr.js", 2).await;
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let url = sc.url("/swr.js");
+            tokio::spawn(async move { send(client().get(url)).await })
+        })
+        .collect();
+    for got in burst {
+        let got = got.await.unwrap();
+        assert_eq!(got.body, Bytes::from_static(b"v1 body"));
+        assert_eq!(got.cache_status, "sidecache; hit; stale-while-revalidate");
+    }
+    // Wait for the refresh to land: the stored copy turns fresh, with the 304's headers.
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let got = get(&sc, "/swr.js").await;
+            got.cache_status == "sidecache; hit" && got.headers.get("x-rev").is_some_and(|v| v == "2")
+        })
+        .await,
+        "the background refresh never landed"
+    );
+    assert_eq!(origin.hits("/swr.js"), 2, "one fill, one refresh for the whole burst");
     let seen = origin.last_headers("/swr.js").unwrap();
     assert_eq!(seen["if-none-match"], "\"v1\"", "the background refresh revalidates");
 }
