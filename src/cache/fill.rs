@@ -226,10 +226,14 @@ pub enum TeeMsg {
 /// dropped (never the client's bytes) when the writer falls behind or goes away; the writer
 /// learns of a clean end only through [`TeeMsg::End`].
 pub fn tee(body: ProxyBody, tx: mpsc::Sender<TeeMsg>) -> ProxyBody {
-    ProxyBody::new(Tee {
-        inner: body,
-        tx: Some(tx),
-    })
+    // An empty body may never be polled at all.
+    let tx = if body.is_end_stream() {
+        let _ = tx.try_send(TeeMsg::End);
+        None
+    } else {
+        Some(tx)
+    };
+    ProxyBody::new(Tee { inner: body, tx })
 }
 
 struct Tee {
@@ -250,6 +254,13 @@ impl Body for Tee {
                     && tx.try_send(TeeMsg::Data(data.clone())).is_err()
                 {
                     self.tx = None;
+                }
+                // A body of known length ends with its last byte: the connection writing it
+                // may never poll for the end, so the copy is completed here.
+                if self.inner.is_end_stream()
+                    && let Some(tx) = self.tx.take()
+                {
+                    let _ = tx.try_send(TeeMsg::End);
                 }
             }
             Poll::Ready(None) => {
