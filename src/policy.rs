@@ -99,8 +99,8 @@ pub static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-co
 /// `true` when a targeted field was used, in which case `Expires` is ignored too.
 ///
 /// Every field is seen: a targeted field may set the lifetime, but `private`, `no-store` and
-/// `no-cache` in `Cache-Control` still hold unless the targeted field itself explicitly allows
-/// sharing as RFC 9111 §3.5 counts it (`public`, `s-maxage`, `must-revalidate`). This is
+/// `no-cache` in `Cache-Control` still hold unless the targeted field itself says `public`.
+/// This is
 /// stricter than RFC 9213 §2.2, which would have `CDN-Cache-Control: max-age=600` override
 /// `Cache-Control: private`: a middleware that adds a CDN lifetime to every answer must not
 /// make one user's page another's.
@@ -108,7 +108,7 @@ pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
     for name in [&SIDECACHE_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
         if headers.contains_key(name) {
             let mut cc = CacheControl::parse_field(headers, name);
-            if !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+            if !cc.public {
                 let plain = CacheControl::parse(headers);
                 cc.private |= plain.private;
                 cc.no_store |= plain.no_store;
@@ -355,9 +355,20 @@ impl Prepared {
         // A slot for the per-answer `Age`, so that setting it replaces in place instead of
         // growing the copied map on every hit.
         head.insert(header::AGE, HeaderValue::from_static("0"));
+        let (mut cc, targeted) = response_directives(headers);
+        let lifetime = freshness_lifetime(status, headers, response_time, heuristic);
+        let explicit =
+            cc.max_age.is_some() || cc.s_maxage.is_some() || !targeted && headers.contains_key(header::EXPIRES);
+        if !explicit && lifetime.is_zero() {
+            // Stored for its validator alone (an `ETag` and no lifetime: what many frameworks
+            // send for per-user JSON): every use is validated with the app first, and it is
+            // never served stale (max-stale, stale-if-error): the app never said it may be
+            // reused, by anyone.
+            cc.no_cache = true;
+        }
         Prepared {
-            cc: response_directives(headers).0,
-            lifetime: freshness_lifetime(status, headers, response_time, heuristic),
+            cc,
+            lifetime,
             initial_age: initial_age(headers, request_time, response_time),
             response_time,
             headers: head,
@@ -409,15 +420,22 @@ impl Freshness {
 /// RFC 9111 §4.2.4 / §5.2.2: a shared cache must not serve this response stale at all
 /// (`must-revalidate`, `proxy-revalidate`, `s-maxage`, or `no-cache`).
 pub fn forbids_stale(resp_cc: &CacheControl) -> bool {
-    resp_cc.must_revalidate || resp_cc.proxy_revalidate || resp_cc.s_maxage.is_some() || resp_cc.no_cache
+    resp_cc.must_revalidate
+        || resp_cc.proxy_revalidate
+        || resp_cc.s_maxage.is_some()
+        || resp_cc.no_cache
+        || resp_cc.private
+        || resp_cc.no_store
 }
 
 /// Decides how a stored response may answer a request: §4.2 freshness, §5.2.1 request
 /// directives (`max-age`, `min-fresh`, `max-stale`, `no-cache`), §5.2.2 response directives,
 /// and RFC 5861 `stale-while-revalidate`.
 pub fn usable(f: Freshness, req_cc: &CacheControl, resp_cc: &CacheControl) -> Usable {
-    // §5.2.2.4: no-cache means every use is validated first.
-    if resp_cc.no_cache || req_cc.no_cache {
+    // §5.2.2.4: no-cache means every use is validated first. A stored head that says
+    // `private` or `no-store` is never stored on purpose; should one be (an update merged into
+    // it), it is not served without the app either.
+    if resp_cc.no_cache || req_cc.no_cache || resp_cc.private || resp_cc.no_store {
         return Usable::Revalidate;
     }
     // §5.2.1.1: the client will not accept a response older than max-age.
@@ -1083,9 +1101,51 @@ mod tests {
             ("sidecache-cache-control", "max-age=60"),
         ]));
         assert!(cc.no_cache, "no-cache still means revalidate");
+        // Only `public` lifts a restriction; must-revalidate and s-maxage do not.
+        for lift in ["max-age=600, must-revalidate", "s-maxage=600"] {
+            assert_eq!(
+                st(&[("cache-control", "private"), ("cdn-cache-control", lift)]),
+                Err(NotStorable::Private),
+                "{lift}"
+            );
+        }
         assert_eq!(
             st(&[("cache-control", "max-age=60"), ("sidecache-cache-control", "no-store")]),
             Err(NotStorable::NoStore)
         );
+    }
+
+    /// An answer stored for its validator alone is validated on every use and never served
+    /// stale; private or no-store heads are never served without the app.
+    #[test]
+    fn validator_only_and_restricted_heads_are_never_reused_blindly() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let times = (now, now);
+        let etag_only = Prepared::new(StatusCode::OK, &headers(&[("etag", "\"a\"")]), times, 1, H);
+        assert!(etag_only.cc.no_cache);
+        let f = etag_only.freshness(now);
+        assert_eq!(usable(f, &cc("max-stale"), &etag_only.cc), Usable::Revalidate);
+        assert!(!may_serve_stale_on_error(f, &etag_only.cc, Duration::from_secs(3600)));
+        let explicit = Prepared::new(
+            StatusCode::OK,
+            &headers(&[("cache-control", "max-age=0"), ("etag", "\"a\"")]),
+            times,
+            1,
+            H,
+        );
+        assert!(
+            !explicit.cc.no_cache,
+            "an explicit lifetime, even zero, is the app's word"
+        );
+        for restricted in ["private, max-age=600", "no-store, max-age=600"] {
+            let p = Prepared::new(StatusCode::OK, &headers(&[("cache-control", restricted)]), times, 1, H);
+            let f = p.freshness(now);
+            assert_eq!(
+                usable(f, &CacheControl::default(), &p.cc),
+                Usable::Revalidate,
+                "{restricted}"
+            );
+            assert!(!may_serve_stale_on_error(f, &p.cc, Duration::from_secs(3600)));
+        }
     }
 }

@@ -218,9 +218,8 @@ pub struct Proxy {
     pub invalidations: TokenBucket,
 }
 
-/// Invalidations by unsafe requests allowed at once, then per second: anyone may send POSTs,
-/// so a flood must not churn the cache (or, for URLs with `Vary` variants, scan the index)
-/// without limit. Beyond it an invalidation is skipped and counted
+/// Invalidations of URLs with `Vary` variants (each scans the index) allowed at once, then per
+/// second: anyone may send POSTs, so a flood must not make them scan without limit. Beyond it an invalidation is skipped and counted
 /// (`sidecache_invalidations_skipped_total`).
 pub const INVALIDATION_BURST: u32 = 128;
 /// See [`INVALIDATION_BURST`].
@@ -390,6 +389,22 @@ impl Proxy {
         };
         if rules::bypassed(&self.config.rules, req.uri().path()) {
             return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+        }
+        // The app gets the query the key holds, no more: a parameter left out of the key
+        // (`query: {deny: [utm_source]}`) must not change the answer stored under it.
+        let mut req = req;
+        if let Some(kept) = req.uri().query().and_then(|q| rules::app_query(q, &self.config.query)) {
+            let path = req.uri().path();
+            let pq = if kept.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{kept}")
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = pq.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
         }
         let mut req_cc = CacheControl::parse(req.headers());
         // RFC 9111 §5.4: Pragma: no-cache means Cache-Control: no-cache when the latter is absent.
@@ -624,19 +639,34 @@ impl Proxy {
             && let Some((hit, _)) = stored
         {
             // §4.3.4: freshen the stored response with the 304's headers, serve the stored body.
-            let meta = refreshed(&hit.meta, &parts.headers, request_time, response_time);
+            // A cookie the 304 sets is this client's alone: it goes to this client, never into
+            // the shared copy. An update that makes the copy unshareable (`private`,
+            // `no-store`, ...) removes it instead: the 304 answers this client only.
+            let mut update = parts.headers.clone();
+            let cookies: Vec<HeaderValue> = update.get_all(header::SET_COOKIE).iter().cloned().collect();
+            update.remove(header::SET_COOKIE);
+            let meta = refreshed(&hit.meta, &update, request_time, response_time);
+            let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+            let shareable = policy::storable(&method, &req_headers, status, &meta.headers).is_ok();
             let refreshed_hit = Hit {
                 meta: Arc::new(meta.clone()),
                 body: hit.body.clone(),
             };
-            self.cache.refresh(meta).await;
-            permit.release(true);
+            if shareable {
+                self.cache.refresh(meta).await;
+                permit.release(true);
+            } else {
+                debug!("a 304 made the stored copy unshareable: removed");
+                self.cache.invalidate(&key).await;
+                permit.release(false);
+            }
             let f = self.freshness(&refreshed_hit.meta);
-            let mut answer = Answer::new(
-                self.serve_stored(&method, &client_headers, &refreshed_hit, f),
-                Outcome::Revalidated,
-                Some(fwd),
-            );
+            // Unshareable, the merged head still answers this client (it was validated for it).
+            let mut response = self.serve_stored(&method, &client_headers, &refreshed_hit, f);
+            for cookie in cookies {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
+            let mut answer = Answer::new(response, Outcome::Revalidated, Some(fwd));
             answer.detail = Some("fwd-status=304");
             return answer;
         }
@@ -689,8 +719,12 @@ impl Proxy {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        // Waiters for this fill get its bytes only if the answer may be reused without asking
+        // the app: fresh, and not `no-cache`. Another user's `no-cache` page, or an answer
+        // stored for its validator alone, is stored, but each waiter asks the app for its own.
+        let reusable = !lifetime.is_zero() && !policy::response_directives(&parts.headers).0.no_cache;
         match length {
-            Some(len) => match self
+            Some(len) if reusable => match self
                 .cache
                 .start_fill(permit, Meta { body_len: len, ..meta }, body)
                 .await
@@ -710,7 +744,7 @@ impl Proxy {
                     )
                 }
             },
-            None => {
+            _ => {
                 permit.release(false);
                 let body = self.cache.tee_fill(meta, from_upstream(body));
                 let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
@@ -776,9 +810,11 @@ impl Proxy {
         answer
     }
 
-    /// Invalidates what is stored for one key, if the bound allows; how many objects went.
+    /// Invalidates what is stored for one key; how many objects went. A key with `Vary`
+    /// variants scans the index, so those are bounded; any other is one lookup, the cost of the
+    /// request itself, and never skipped (a flood must not starve real invalidations).
     async fn invalidate(&self, key: &CacheKey) -> usize {
-        if !self.invalidations.try_take() {
+        if self.cache.varies(key) && !self.invalidations.try_take() {
             metrics::counter!(m::INVALIDATIONS_SKIPPED).increment(1);
             debug!("invalidation skipped: over the rate bound");
             return 0;

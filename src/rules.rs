@@ -108,6 +108,9 @@ impl Rule {
         let matcher = GlobBuilder::new(&raw.pattern)
             .literal_separator(true)
             .backslash_escape(true)
+            // A bypass also holds for spellings a case-insensitive router takes as the same path
+            // (`/API/me`): bypassing too much is safe, too little is not.
+            .case_insensitive(raw.bypass)
             .build()
             .map_err(|e| format!("`{}` is not a valid glob: {}", raw.pattern, e.kind()))?
             .compile_matcher();
@@ -150,18 +153,46 @@ pub fn find<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
         .find(|r| r.matches_candidates(&path_candidate, &name_candidate))
 }
 
-/// Whether a `bypass` rule covers this path, as written or as the app will read it once
-/// percent-decoded (`/%61pi/me` is `/api/me` to the app: a bypass must not be dodged by
-/// spelling).
+/// Whether a `bypass` rule covers this path, as written or as the app's router may read it:
+/// percent-decoded, path parameters (`;x`) dropped, empty and dot segments resolved (`/%61pi/me`,
+/// `//api/me`, `/api;x/me` and `/x/../api/me` are `/api/me` to many frameworks), and in any
+/// case (bypass globs match case-insensitively). A bypass must not be dodged by spelling.
 pub fn bypassed(rules: &[Rule], path: &str) -> bool {
+    if rules.is_empty() {
+        return false;
+    }
     if find(rules, path).is_some_and(|r| r.bypass) {
         return true;
     }
-    if !path.contains('%') {
+    if !path.contains(['%', ';', '\\']) && !path.contains("//") && !path.contains("/.") {
         return false;
     }
+    find(rules, &router_path(path)).is_some_and(|r| r.bypass)
+}
+
+/// A path as lenient routers read it: decoded, `;` parameters dropped per segment, empty and
+/// `.` segments removed, `..` resolved.
+fn router_path(path: &str) -> String {
     let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    find(rules, &decoded).is_some_and(|r| r.bypass)
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split(['/', '\\']) {
+        match segment.split(';').next().unwrap_or("") {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || decoded.ends_with('/') {
+        out.push('/');
+    }
+    out
 }
 
 fn file_name(path: &str) -> &str {
@@ -192,9 +223,10 @@ pub fn is_fingerprinted(path: &str) -> bool {
 }
 
 /// A static-asset extension: the media types an answer under that name may have, and whether
-/// the fingerprint heuristic covers it. Types apps commonly generate per user (JSON, XML, plain
-/// text) are left to explicit rules: a fingerprint-looking name is no proof that
-/// `/api/me/x-a1b2c3d4.json` is a build artefact.
+/// the fingerprint heuristic covers it. The heuristic covers what bundlers emit (scripts,
+/// styles, fonts, images, wasm, source maps); types apps commonly generate per user (JSON, XML,
+/// plain text, PDF and ZIP downloads, media) are left to explicit rules: a hash-looking name is
+/// no proof that `/api/me/x-a1b2c3d4.json` or `/me/invoice-INV20240001.pdf` is a build artefact.
 struct StaticType {
     ext: &'static str,
     types: &'static [&'static str],
@@ -259,13 +291,13 @@ const STATIC_TYPES: &[StaticType] = &[
         true,
     ),
     st("eot", &["application/vnd.ms-fontobject"], true),
-    st("mp4", &["video/mp4"], true),
-    st("webm", &["video/webm", "audio/webm"], true),
-    st("mp3", &["audio/mpeg"], true),
-    st("ogg", &["audio/ogg", "video/ogg", "application/ogg"], true),
+    st("mp4", &["video/mp4"], false),
+    st("webm", &["video/webm", "audio/webm"], false),
+    st("mp3", &["audio/mpeg"], false),
+    st("ogg", &["audio/ogg", "video/ogg", "application/ogg"], false),
     st("wasm", &["application/wasm"], true),
-    st("pdf", &["application/pdf"], true),
-    st("zip", &["application/zip"], true),
+    st("pdf", &["application/pdf"], false),
+    st("zip", &["application/zip"], false),
     st("json", JSON, false),
     st("webmanifest", &["application/manifest+json", "application/json"], false),
     st("txt", &["text/plain"], false),
@@ -331,8 +363,11 @@ fn may_extend(path: &str, status: StatusCode, headers: &HeaderMap, fingerprint: 
     match ext.as_deref().and_then(|e| STATIC_TYPES.iter().find(|t| t.ext == e)) {
         Some(known) => {
             (known.fingerprint || !fingerprint)
-                && media
-                    .is_some_and(|m| known.types.contains(&m.as_str()) || m.ends_with("+json") && known.types == JSON)
+                && media.is_some_and(|m| {
+                    // A download of unknown type is no build artefact for the heuristic.
+                    (known.types.contains(&m.as_str()) || m.ends_with("+json") && known.types == JSON)
+                        && !(fingerprint && m == "application/octet-stream")
+                })
         }
         // An unknown extension: only an operator's explicit rule, and never for a page.
         None => !fingerprint && media.is_none_or(|m| !matches!(m.as_str(), "text/html" | "application/xhtml+xml")),
@@ -398,15 +433,7 @@ pub fn key_query(query: &str, mode: &QueryKey) -> String {
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| (param_name(p), p))
-        .filter(|(name, piece)| {
-            piece.contains(';')
-                || match mode {
-                    QueryKey::All => true,
-                    QueryKey::None => false,
-                    QueryKey::Allow(names) => names.iter().any(|n| n == name),
-                    QueryKey::Deny(names) => !names.iter().any(|n| n == name),
-                }
-        })
+        .filter(|(name, piece)| keeps(mode, name, piece))
         .collect();
     pairs.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = String::with_capacity(query.len());
@@ -417,6 +444,34 @@ pub fn key_query(query: &str, mode: &QueryKey) -> String {
         out.push_str(piece);
     }
     out
+}
+
+/// The query string the app is sent for a keyed request: the parameters the key holds, in
+/// their original order (what the app sees is what the key says; a denied `utm_source`
+/// carrying a script cannot reach a page stored under the plain key). `None`: unchanged.
+pub fn app_query(query: &str, mode: &QueryKey) -> Option<String> {
+    match mode {
+        QueryKey::All => None,
+        QueryKey::None => Some(String::new()),
+        QueryKey::Allow(_) | QueryKey::Deny(_) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|p| !p.is_empty() && keeps(mode, &param_name(p), p))
+                .collect();
+            Some(kept.join("&"))
+        }
+    }
+}
+
+/// Whether a parameter (`piece`, named `name`) counts in the key.
+fn keeps(mode: &QueryKey, name: &str, piece: &str) -> bool {
+    piece.contains(';')
+        || match mode {
+            QueryKey::All => true,
+            QueryKey::None => false,
+            QueryKey::Allow(names) => names.iter().any(|n| n == name),
+            QueryKey::Deny(names) => !names.iter().any(|n| n == name),
+        }
 }
 
 /// A parameter's name as the app reads it: before `=`, `+` as a space, percent-decoded.
@@ -559,9 +614,30 @@ mod tests {
     #[test]
     fn bypass_rules_see_the_path_as_the_app_will() {
         let rules = [rule("/api/**")];
-        assert!(bypassed(&rules, "/api/me"));
-        assert!(bypassed(&rules, "/%61pi/me"), "percent-encoded spelling");
+        for path in [
+            "/api/me",
+            "/%61pi/me",
+            "/API/me",
+            "//api/me",
+            "/api;x/me",
+            "/x/../api/me",
+            "/./api/me",
+            "/x\\..\\api/me",
+        ] {
+            assert!(bypassed(&rules, path), "{path}");
+        }
         assert!(!bypassed(&rules, "/assets/app.js"));
+        assert!(!bypassed(&[], "/api/me"));
+    }
+
+    #[test]
+    fn the_app_gets_the_query_the_key_holds_in_its_order() {
+        let deny = QueryKey::Deny(vec!["utm_source".into()]);
+        assert_eq!(app_query("v=2&utm_source=x&v=1", &deny).as_deref(), Some("v=2&v=1"));
+        assert_eq!(app_query("b=1&a=2", &QueryKey::All), None, "unchanged");
+        assert_eq!(app_query("b=1", &QueryKey::None).as_deref(), Some(""));
+        let allow = QueryKey::Allow(vec!["v".into()]);
+        assert_eq!(app_query("x=1&v=2&y=3;v=4", &allow).as_deref(), Some("v=2&y=3;v=4"));
     }
 
     #[test]
@@ -646,6 +722,24 @@ mod tests {
             (None, "/a/app-3f2a9c81.js", 200, vec![js, ("cache-control", "no-cache")]),
             (None, "/a/app-3f2a9c81.js", 404, vec![js]),
             (None, "/a/app-3f2a9c81.js", 404, vec![("content-type", "text/html")]),
+            (
+                None,
+                "/me/invoice-INV20240001.pdf",
+                200,
+                vec![("content-type", "application/pdf")],
+            ),
+            (
+                None,
+                "/me/export-20240115T1030.zip",
+                200,
+                vec![("content-type", "application/zip")],
+            ),
+            (
+                None,
+                "/a/app-3f2a9c81.js.map",
+                200,
+                vec![("content-type", "application/octet-stream")],
+            ),
             (Some(&ttl), "/a.js", 200, vec![js, ("cache-control", "private")]),
             (Some(&force), "/a.js", 200, vec![js, ("cache-control", "no-store")]),
             (Some(&force), "/a.js", 200, vec![js, ("cache-control", "no-cache")]),

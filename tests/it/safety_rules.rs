@@ -41,9 +41,17 @@ impl UserApp {
                 };
                 let a = a.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<Incoming>| {
                         let a = a.clone();
-                        async move { Ok::<_, std::convert::Infallible>(a.answer(req)) }
+                        async move {
+                            let slow = req.uri().path() == "/nc";
+                            let resp = a.answer(req);
+                            if slow {
+                                // A slow page, so that other users' requests join its fill.
+                                tokio::time::sleep(Duration::from_millis(700)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -72,8 +80,8 @@ impl UserApp {
             .decode_utf8_lossy()
             .into_owned();
         let mut segments: Vec<&str> = Vec::new();
-        for s in decoded.split(';').next().unwrap_or("").split('/') {
-            match s {
+        for s in decoded.split('/') {
+            match s.split(';').next().unwrap_or("") {
                 ".." => {
                     segments.pop();
                 }
@@ -81,8 +89,81 @@ impl UserApp {
                 s => segments.push(s),
             }
         }
-        let path = format!("/{}", segments.join("/"));
-        let (route, status, headers, body): (&str, u16, Vec<(&str, &str)>, String) = if path.starts_with("/api/me") {
+        // A case-insensitive router, as Express and ASP.NET have by default.
+        let path = format!("/{}", segments.join("/")).to_ascii_lowercase();
+        let etag = format!("\"u-{user}\"");
+        let inm = req
+            .headers()
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let set_cookie = format!("session={user}");
+        let (route, status, headers, body): (&str, u16, Vec<(&str, &str)>, String) = if path == "/api/feed" {
+            // A per-user answer with a lifetime: the app's bug that a bypass rule covers.
+            (
+                "/api/feed",
+                200,
+                vec![("content-type", "application/json"), ("cache-control", "max-age=600")],
+                format!("{{\"feed\":\"{user}\"}}"),
+            )
+        } else if path == "/account" {
+            // Express's default for res.json: an ETag, no Cache-Control.
+            if user == "boom" {
+                ("/account", 500, vec![], "oops".into())
+            } else {
+                (
+                    "/account",
+                    200,
+                    vec![("content-type", "application/json"), ("etag", &etag)],
+                    format!("{{\"user\":\"{user}\"}}"),
+                )
+            }
+        } else if path == "/static/app.js" || path == "/static/p.js" {
+            // Revalidated on every use; the app's 304 to a logged-in user sets its cookie, and
+            // for p.js also makes the answer private.
+            let logged_in = user != "anonymous";
+            let route = if path == "/static/app.js" {
+                "/static/app.js"
+            } else {
+                "/static/p.js"
+            };
+            let mut h = vec![
+                ("content-type", "text/javascript"),
+                ("etag", "\"s1\""),
+                ("cache-control", "max-age=0"),
+            ];
+            if logged_in {
+                h.push(("set-cookie", &set_cookie));
+                if route == "/static/p.js" {
+                    h.retain(|(k, _)| *k != "cache-control");
+                    h.push(("cache-control", "private, max-age=600"));
+                }
+            }
+            if inm == "\"s1\"" {
+                (route, 304, h, String::new())
+            } else {
+                (route, 200, h, "static();".into())
+            }
+        } else if path == "/nc" {
+            (
+                "/nc",
+                200,
+                vec![
+                    ("content-type", "text/html"),
+                    ("cache-control", "no-cache"),
+                    ("etag", &etag),
+                ],
+                format!("inbox of {user}"),
+            )
+        } else if path.starts_with("/me/invoice-") {
+            (
+                "/me/invoice",
+                200,
+                vec![("content-type", "application/pdf")],
+                format!("%PDF invoice of {user}"),
+            )
+        } else if path.starts_with("/api/me") {
             let html = path.ends_with(".html");
             let ct = if html {
                 "text/html; charset=utf-8"
@@ -172,9 +253,23 @@ impl UserApp {
 /// One HTTP/1.1 request with the target exactly as written (no client-side normalisation of
 /// `..` or `%2f`), answered on a connection of its own.
 async fn raw_get(addr: std::net::SocketAddr, target: &str, cookie: Option<&str>) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
     let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();
-    let head = format!("GET {target} HTTP/1.1\r\nHost: app.example\r\n{cookie}Connection: close\r\n\r\n");
+    raw_request(
+        addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: app.example\r\n{cookie}Connection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Sends a raw request head; the status, `Cache-Status` and body of the answer.
+async fn raw_request(addr: std::net::SocketAddr, head: &str) -> (u16, String, String) {
+    let (status, cache_status, body, _) = raw_exchange(addr, head).await;
+    (status, cache_status, body)
+}
+
+/// Sends a raw request head; the status, `Cache-Status`, body and head of the answer.
+async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> (u16, String, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out))
@@ -189,7 +284,7 @@ async fn raw_get(addr: std::net::SocketAddr, target: &str, cookie: Option<&str>)
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("cache-status: ").map(str::to_owned))
         .unwrap_or_default();
     // Bodies here are small and sent with Content-Length.
-    (status, cache_status, body.to_owned())
+    (status, cache_status, body.to_owned(), head.to_owned())
 }
 
 fn rule(pattern: &str, ttl: Option<u64>, force_ttl: Option<u64>) -> Rule {
@@ -364,4 +459,154 @@ fn a_rule_that_could_never_match_is_refused_by_check_config() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("/api/*.json"), "the error shows the fix: {err}");
+}
+
+/// Review of the fixes, High 1: an answer stored for its validator alone (`ETag`, no lifetime:
+/// Express's default for JSON) was served to anyone asking with `max-stale`, and stood in for
+/// the app when it failed.
+#[tokio::test]
+async fn answers_stored_for_their_validator_alone_are_never_served_without_the_app() {
+    let (app, url) = UserApp::start().await;
+    let sc = TestSidecar::start(&url).await;
+    let (_, _, body) = raw_get(sc.addr, "/account", Some("user=victim")).await;
+    assert!(body.contains("victim"));
+    let (_, status, body) = raw_get_with(sc.addr, "/account", &["Cache-Control: max-stale"]).await;
+    assert!(
+        !body.contains("victim"),
+        "max-stale served the victim's answer ({status})"
+    );
+    let (code, status, body) = raw_get(sc.addr, "/account", Some("user=boom")).await;
+    assert!(
+        !body.contains("victim"),
+        "a failing app was stood in for by the victim's answer ({status})"
+    );
+    assert_eq!(code, 500);
+    assert_eq!(app.hits("/account"), 3, "every request asked the app");
+}
+
+/// Review, High 2: a 304 merged the revalidating user's `Set-Cookie`, or a `private`, into the
+/// shared copy.
+#[tokio::test]
+async fn a_304_never_puts_one_users_cookie_or_private_into_the_shared_copy() {
+    let (_app, url) = UserApp::start().await;
+    let sc = TestSidecar::start(&url).await;
+    for target in ["/static/app.js", "/static/p.js"] {
+        let (_, _, _) = raw_get(sc.addr, target, None).await;
+        // The victim revalidates the shared copy; its 304 carries its cookie.
+        let (code, status, _) = raw_get(sc.addr, target, Some("user=alice")).await;
+        assert_eq!(code, 200, "{target}: {status}");
+        let head = raw_head(sc.addr, target, Some("user=alice")).await;
+        assert!(
+            head.contains("session=alice"),
+            "{target}: the victim gets its own cookie: {head}"
+        );
+        for _ in 0..2 {
+            let head = raw_head(sc.addr, target, None).await;
+            assert!(
+                !head.contains("session=alice"),
+                "{target}: another user got alice's cookie: {head}"
+            );
+            assert!(
+                !head.to_ascii_lowercase().contains("cache-status: sidecache; hit\r"),
+                "{target}: {head}"
+            );
+        }
+    }
+}
+
+/// Review, High 3: requests that joined another user's fill got its `no-cache` answer.
+#[tokio::test]
+async fn coalesced_requests_never_get_another_users_no_cache_answer() {
+    let (app, url) = UserApp::start().await;
+    let sc = TestSidecar::start(&url).await;
+    let addr = sc.addr;
+    let victim = tokio::spawn(async move { raw_get(addr, "/nc", Some("user=alice")).await });
+    assert!(
+        crate::support::eventually(Duration::from_secs(10), async || app.hits("/nc") >= 1).await,
+        "the victim's request reached the app"
+    );
+    let (_, status, body) = raw_get(sc.addr, "/nc", Some("user=mallory")).await;
+    assert!(
+        body.contains("mallory"),
+        "mallory got another answer ({status}): {body}"
+    );
+    assert!(victim.await.unwrap().2.contains("alice"));
+}
+
+/// Review, Medium 5: parameters left out of the key reached the app, so a denied parameter
+/// carrying a script changed the page stored under the plain key.
+#[tokio::test]
+async fn parameters_left_out_of_the_key_never_reach_the_app() {
+    let (_app, url) = UserApp::start().await;
+    let sc = TestSidecar::start_with(&url, |c: &mut Config| {
+        c.query = QueryKey::Deny(vec!["utm_source".into()]);
+    })
+    .await;
+    let (_, _, body) = raw_get(sc.addr, "/q?v=1&utm_source=%22%3E%3Cscript%3E", None).await;
+    assert_eq!(body, "v=1", "the app sees what the key holds");
+    let (_, _, body) = raw_get(sc.addr, "/q?v=1", None).await;
+    assert_eq!(body, "v=1");
+    let sc = TestSidecar::start_with(&url, |c: &mut Config| c.query = QueryKey::None).await;
+    let (_, _, body) = raw_get(sc.addr, "/q?x=%3Cscript%3E", None).await;
+    assert_eq!(body, "", "query: none sends no query");
+}
+
+/// Review, Medium 6: the fingerprint heuristic stored per-user downloads whose names look
+/// hashed (`invoice-INV20240001.pdf`) for a year.
+#[tokio::test]
+async fn per_user_downloads_with_hash_looking_names_are_not_shared() {
+    let (_app, url) = UserApp::start().await;
+    let sc = TestSidecar::start(&url).await;
+    victim_then_attacker(&sc, "/me/invoice-INV20240001.pdf").await;
+}
+
+/// Review, Medium 7: a bypass rule was dodged by spellings a lenient or case-insensitive
+/// router reads as the same path.
+#[tokio::test]
+async fn bypass_rules_cannot_be_dodged_by_spelling() {
+    let (_app, url) = UserApp::start().await;
+    let sc = TestSidecar::start_with(&url, |c: &mut Config| {
+        c.rules = vec![
+            Rule::compile(RawRule {
+                pattern: "/api/**".into(),
+                bypass: true,
+                ttl: None,
+                force_ttl: None,
+                strip_set_cookie: false,
+            })
+            .unwrap(),
+        ];
+    })
+    .await;
+    for target in [
+        "/API/feed",
+        "//api/feed",
+        "/api;x/feed",
+        "/x/../api/feed",
+        "/%61pi/feed",
+        "/Api/./feed",
+    ] {
+        victim_then_attacker(&sc, target).await;
+    }
+}
+
+/// Like [`raw_get`], with extra request lines and no cookie.
+async fn raw_get_with(addr: std::net::SocketAddr, target: &str, extra: &[&str]) -> (u16, String, String) {
+    let lines: String = extra.iter().map(|l| format!("{l}\r\n")).collect();
+    raw_request(
+        addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: app.example\r\n{lines}Connection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// The head of a GET's answer, as text.
+async fn raw_head(addr: std::net::SocketAddr, target: &str, cookie: Option<&str>) -> String {
+    let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();
+    let (_, _, _, head) = raw_exchange(
+        addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: app.example\r\n{cookie}Connection: close\r\n\r\n"),
+    )
+    .await;
+    head
 }
