@@ -239,9 +239,9 @@ impl Upstream {
         &self.addr
     }
 
-    /// Rewrites a client request for the app: absolute URI at the app, hop-by-hop headers and
-    /// the `strip_request_headers` removed, `Host` and `X-Forwarded-Host` set to the host the
-    /// cache key holds, `X-Forwarded-For/Proto` set.
+    /// Rewrites a client request for the app: absolute URI at the app, hop-by-hop headers,
+    /// headers with `_` in their name and the `strip_request_headers` removed, `Host` and
+    /// `X-Forwarded-Host` set to the host the cache key holds, `X-Forwarded-For/Proto` set.
     pub fn prepare(&self, req: &mut Request<ProxyBody>, client: SocketAddr, upgrade: Option<HeaderValue>) {
         // The host the cache key uses; a host that cannot be keyed (never cached) goes as sent.
         let host = request_host(req)
@@ -260,6 +260,7 @@ impl Upstream {
 
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        strip_underscored(headers);
         strip_unkeyed(headers, &self.strip, self.trust_forwarded);
         if let Some(upgrade) = upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -422,6 +423,22 @@ impl http_body::Body for WatchedBody {
     }
 }
 
+/// Removes every header whose name contains `_`, as nginx does by default
+/// (`underscores_in_headers off`): CGI-style servers (uWSGI, gunicorn before 22, Unicorn, Puma
+/// before 6.4.3) map `X_Forwarded_Host` to the same variable as `X-Forwarded-Host`, so an
+/// underscore spelling would slip any name past `strip_request_headers` and the forwarding
+/// rules below.
+fn strip_underscored(headers: &mut HeaderMap) {
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        headers.remove(name);
+    }
+}
+
 /// Removes the request headers apps and frameworks honour but the cache key does not hold
 /// (`strip_request_headers`). Behind a trusted router (`trust_forwarded`) only the ones it
 /// is trusted to set are kept (see [`ROUTER_SET`]); any other, `X-Forwarded-Host`, `-Prefix`
@@ -555,6 +572,34 @@ mod tests {
             ["accept", "x-forwarded-for", "x-forwarded-port", "x-forwarded-proto"],
             "only what the router sets; its host, prefix, Forwarded are a client's"
         );
+    }
+
+    #[test]
+    fn headers_with_an_underscore_are_removed() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "x_forwarded_host",
+            "x_original_url",
+            "accept_language",
+            "_",
+            "x-forwarded-host",
+            "accept",
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static("v"));
+        }
+        h.append(
+            HeaderName::from_static("x_forwarded_for"),
+            HeaderValue::from_static("1"),
+        );
+        h.append(
+            HeaderName::from_static("x_forwarded_for"),
+            HeaderValue::from_static("2"),
+        );
+        strip_underscored(&mut h);
+        let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["accept", "x-forwarded-host"]);
+        assert_eq!(h.len(), 2, "every line of a repeated name");
     }
 
     #[test]

@@ -298,6 +298,42 @@ async fn behind_a_trusted_router_a_clients_forwarded_host_and_prefix_cannot_pois
     assert!(body.contains("x-forwarded-host: app.example\n"), "{body}");
 }
 
+// Issue 15 re-review, finding B.
+
+#[tokio::test]
+async fn no_header_with_an_underscore_reaches_the_app() {
+    let origin = Origin::start().await;
+    reflect(&origin, "/echo");
+    let sc = TestSidecar::start(&origin.url()).await;
+
+    // CGI-style servers map `X_Forwarded_Host` to HTTP_X_FORWARDED_HOST, like the dash spelling.
+    let attack = app_client()
+        .get(sc.url("/echo"))
+        .header("X_Forwarded_Host", "evil.example")
+        .header("X_Original_URL", "/admin")
+        .header("X_Forwarded_For", "6.6.6.6")
+        .header("x_http_method_override", "DELETE")
+        .header("accept_language", "evil")
+        .send()
+        .await
+        .unwrap();
+    assert!(cache_status(&attack).contains("stored"), "the attacker's request fills");
+    let body = attack.text().await.unwrap();
+    let seen = origin.last_headers("/echo").unwrap();
+    let underscored: Vec<&str> = seen.keys().map(|k| k.as_str()).filter(|k| k.contains('_')).collect();
+    assert!(underscored.is_empty(), "the app saw {underscored:?}:\n{body}");
+    assert_eq!(seen["accept"], "*/*", "other headers pass");
+    assert_eq!(seen["x-forwarded-host"], "app.example");
+    wait_stored(&sc, 1).await;
+
+    let (status, body) = plain_get(&sc, "/echo").await;
+    assert_eq!(status, "sidecache; hit");
+    assert!(
+        !body.contains("evil") && !body.contains("6.6.6.6") && !body.contains("/admin"),
+        "the victim got the attacker's page:\n{body}"
+    );
+}
+
 // Finding 6.
 
 #[tokio::test]
