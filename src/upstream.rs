@@ -239,9 +239,9 @@ impl Upstream {
         &self.addr
     }
 
-    /// Rewrites a client request for the app: absolute URI at the app, hop-by-hop headers and
-    /// the `strip_request_headers` removed, `Host` normalized as the cache key spells it,
-    /// `X-Forwarded-*` set.
+    /// Rewrites a client request for the app: absolute URI at the app, hop-by-hop headers,
+    /// headers with `_` in their name and the `strip_request_headers` removed, `Host` and
+    /// `X-Forwarded-Host` set to the host the cache key holds, `X-Forwarded-For/Proto` set.
     pub fn prepare(&self, req: &mut Request<ProxyBody>, client: SocketAddr, upgrade: Option<HeaderValue>) {
         // The host the cache key uses; a host that cannot be keyed (never cached) goes as sent.
         let host = request_host(req)
@@ -260,6 +260,7 @@ impl Upstream {
 
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        strip_underscored(headers);
         strip_unkeyed(headers, &self.strip, self.trust_forwarded);
         if let Some(upgrade) = upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -422,30 +423,56 @@ impl http_body::Body for WatchedBody {
     }
 }
 
+/// Removes every header whose name contains `_`, as nginx does by default
+/// (`underscores_in_headers off`): CGI-style servers (uWSGI, gunicorn before 22, Unicorn, Puma
+/// before 6.4.3) map `X_Forwarded_Host` to the same variable as `X-Forwarded-Host`, so an
+/// underscore spelling would slip any name past `strip_request_headers` and the forwarding
+/// rules below.
+fn strip_underscored(headers: &mut HeaderMap) {
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        headers.remove(name);
+    }
+}
+
 /// Removes the request headers apps and frameworks honour but the cache key does not hold
-/// (`strip_request_headers`). Behind a trusted router (`trust_forwarded`), `Forwarded` and
-/// `X-Forwarded-*` are the router's to set and are kept.
+/// (`strip_request_headers`). Behind a trusted router (`trust_forwarded`) only the ones it
+/// is trusted to set are kept (see [`ROUTER_SET`]); any other, `X-Forwarded-Host`, `-Prefix`
+/// or `Forwarded` included, is a client's (a router such as Heroku's passes them through)
+/// and is removed all the same.
 fn strip_unkeyed(headers: &mut HeaderMap, strip: &[HeaderName], trust_forwarded: bool) {
     for name in strip {
-        if trust_forwarded && is_forwarding(name) {
+        if trust_forwarded && ROUTER_SET.contains(name) {
             continue;
         }
         headers.remove(name);
     }
 }
 
-/// `Forwarded` and `X-Forwarded-*`: the headers a platform router sets.
-fn is_forwarding(name: &HeaderName) -> bool {
-    name == header::FORWARDED || name.as_str().starts_with("x-forwarded-")
-}
-
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Sets `X-Forwarded-For/Proto/Host`. Untrusted client values are replaced (an untrusted
-/// `X-Forwarded-Host` is removed when the request names no host), trusted ones (from a platform
-/// router in front) are kept and the client address appended.
+/// What a trusted router (`trust_forwarded`) sets on every request and may pass to the app:
+/// the three that Heroku's router, AWS load balancers and ingress controllers all set,
+/// overwriting a client's. `X-Forwarded-For` is appended to, `X-Forwarded-Proto` is part of
+/// the cache key (`Proxy::scheme`), `X-Forwarded-Port` follows the scheme. `X-Forwarded-Host` is
+/// not among them: not every router sets it (Heroku's passes a client's through), and the
+/// key has its own host, which sidecache forwards.
+const ROUTER_SET: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+];
+
+/// Sets `X-Forwarded-For/Proto/Host`. `X-Forwarded-Host` is always the host the cache key
+/// holds (removed when the request names none), never a client's or a router's. Untrusted
+/// `X-Forwarded-For/Proto` are replaced; from a trusted router, `X-Forwarded-For` gets the
+/// client address appended and `X-Forwarded-Proto` is kept, spelled as the key holds it.
 fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>, trust: bool) {
     let ip = client.to_canonical().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -455,15 +482,19 @@ fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderVa
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !trust || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    }
-    if !trust || !headers.contains_key(&X_FORWARDED_HOST) {
-        match host {
-            Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
-            None => headers.remove(&X_FORWARDED_HOST),
-        };
-    }
+    // The scheme the key holds, by the rule of `Proxy::scheme`: a trusted first line that
+    // says `https` (any case), else `http`. One line, so no app reads another value than
+    // the key's (a second line, a list, another case).
+    let https = trust
+        && headers
+            .get(&X_FORWARDED_PROTO)
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+    let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+    headers.insert(X_FORWARDED_PROTO.clone(), proto);
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
 }
 
 #[cfg(test)]
@@ -509,39 +540,102 @@ mod tests {
     }
 
     #[test]
-    fn unkeyed_headers_are_stripped_and_a_trusted_router_keeps_its_own() {
-        let strip: Vec<HeaderName> = ["forwarded", "x-forwarded-prefix", "x-original-url"]
-            .iter()
-            .map(|n| HeaderName::from_static(n))
-            .collect();
+    fn unkeyed_headers_are_stripped_and_a_trusted_router_keeps_only_for_proto_and_port() {
+        let names = [
+            "forwarded",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-ssl",
+            "x-original-url",
+        ];
+        let strip: Vec<HeaderName> = names.iter().map(|n| HeaderName::from_static(n)).collect();
         let sent = || {
             let mut h = HeaderMap::new();
-            for n in ["forwarded", "x-forwarded-prefix", "x-original-url", "accept"] {
+            for n in names.iter().chain(&["x-forwarded-for", "accept"]) {
                 h.insert(HeaderName::from_static(n), HeaderValue::from_static("v"));
             }
             h
         };
         let mut h = sent();
         strip_unkeyed(&mut h, &strip, false);
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+        let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["accept", "x-forwarded-for"], "for is set by set_forwarded");
         let mut h = sent();
         strip_unkeyed(&mut h, &strip, true);
-        assert!(h.contains_key("forwarded") && h.contains_key("x-forwarded-prefix"));
-        assert!(
-            !h.contains_key("x-original-url"),
-            "not a router's header: stripped even when trusted"
+        let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            ["accept", "x-forwarded-for", "x-forwarded-port", "x-forwarded-proto"],
+            "only what the router sets; its host, prefix, Forwarded are a client's"
         );
     }
 
     #[test]
-    fn trusted_forwarded_headers_are_kept_and_appended() {
+    fn headers_with_an_underscore_are_removed() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "x_forwarded_host",
+            "x_original_url",
+            "accept_language",
+            "_",
+            "x-forwarded-host",
+            "accept",
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static("v"));
+        }
+        h.append(
+            HeaderName::from_static("x_forwarded_for"),
+            HeaderValue::from_static("1"),
+        );
+        h.append(
+            HeaderName::from_static("x_forwarded_for"),
+            HeaderValue::from_static("2"),
+        );
+        strip_underscored(&mut h);
+        let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["accept", "x-forwarded-host"]);
+        assert_eq!(h.len(), 2, "every line of a repeated name");
+    }
+
+    #[test]
+    fn trusted_for_is_appended_and_proto_kept_as_the_key_spells_it() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("HTTPS"));
+        h.append("x-forwarded-proto", HeaderValue::from_static("http"));
         let host = HeaderValue::from_static("app.example");
         set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), Some(&host), true);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(), ["https"]);
         assert_eq!(h["x-forwarded-host"], "app.example");
+
+        // Anything but `https` is keyed as http, and the app is told so.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("javascript"));
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), Some(&host), true);
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_trusted_requests_forwarded_host_is_the_keyed_host_or_none() {
+        let sent = || {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+            h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+            h
+        };
+        let host = HeaderValue::from_static("app.example");
+        let mut h = sent();
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), Some(&host), true);
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        let mut h = sent();
+        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), None, true);
+        assert!(!h.contains_key("x-forwarded-host"), "no host, no forwarded host");
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 }

@@ -203,7 +203,7 @@ async fn unkeyed_headers_are_stripped_before_the_app_and_cannot_poison_the_cache
 }
 
 #[tokio::test]
-async fn a_trusted_router_keeps_its_forwarded_headers_and_the_list_is_configurable() {
+async fn a_trusted_router_keeps_only_for_proto_and_port_and_the_list_is_configurable() {
     let origin = Origin::start().await;
     reflect(&origin, "/page");
     let sc = TestSidecar::start_with(&origin.url(), |c| {
@@ -213,6 +213,9 @@ async fn a_trusted_router_keeps_its_forwarded_headers_and_the_list_is_configurab
     .await;
     app_client()
         .get(sc.url("/page"))
+        .header("x-forwarded-for", "1.2.3.4")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-port", "443")
         .header("forwarded", "for=1.2.3.4;proto=https")
         .header("x-forwarded-prefix", "/app")
         .header("x-original-url", "/admin")
@@ -221,10 +224,114 @@ async fn a_trusted_router_keeps_its_forwarded_headers_and_the_list_is_configurab
         .await
         .unwrap();
     let seen = origin.last_headers("/page").unwrap();
-    assert_eq!(seen["forwarded"], "for=1.2.3.4;proto=https", "the router's, trusted");
-    assert_eq!(seen["x-forwarded-prefix"], "/app");
-    assert!(!seen.contains_key("x-original-url"), "not a router's header");
+    assert_eq!(seen["x-forwarded-for"], "1.2.3.4, 127.0.0.1", "the router's, appended");
+    assert_eq!(seen["x-forwarded-proto"], "https", "the router's, in the key");
+    assert_eq!(seen["x-forwarded-port"], "443", "the router's");
+    assert_eq!(seen["x-forwarded-host"], "app.example", "the keyed host");
+    for name in ["forwarded", "x-forwarded-prefix", "x-original-url"] {
+        assert!(!seen.contains_key(name), "{name} passed: not in the key");
+    }
     assert!(!seen.contains_key("x-tenant"), "added to the list");
+}
+
+/// What a router in front (Heroku's) adds to every request: it sets these three and passes
+/// any other `X-Forwarded-*` from the client through.
+const ROUTER: &[(&str, &str)] = &[
+    ("x-forwarded-for", "1.2.3.4"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-port", "443"),
+];
+
+#[tokio::test]
+async fn behind_a_trusted_router_a_clients_forwarded_host_and_prefix_cannot_poison_the_cache() {
+    let origin = Origin::start().await;
+    reflect(&origin, "/link");
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.trust_forwarded = true).await;
+
+    // Attacker, through the router: its own X-Forwarded-Host and -Prefix (and the rest of
+    // the family) ride along with the router's three.
+    let mut attack = app_client().get(sc.url("/link"));
+    for (name, value) in ROUTER {
+        attack = attack.header(*name, *value);
+    }
+    for (name, value) in [
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-forwarded-scheme", "javascript"),
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-server", "evil.example"),
+        ("forwarded", "host=evil.example;proto=https"),
+    ] {
+        attack = attack.header(name, value);
+    }
+    let attack = attack.send().await.unwrap();
+    assert!(cache_status(&attack).contains("stored"), "the attacker's request fills");
+    let body = attack.text().await.unwrap();
+    let seen = origin.last_headers("/link").unwrap();
+    assert_eq!(seen["host"], "app.example");
+    assert_eq!(seen["x-forwarded-host"], "app.example", "the keyed host:\n{body}");
+    for name in [
+        "x-forwarded-prefix",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "x-forwarded-server",
+        "forwarded",
+    ] {
+        assert!(!seen.contains_key(name), "the app saw {name}:\n{body}");
+    }
+    assert_eq!(seen["x-forwarded-proto"], "https", "the router's scheme, in the key");
+    wait_stored(&sc, 1).await;
+
+    // Victim, through the same router: same key, answered from the stored copy, which was
+    // built from the host and scheme the key holds and nothing else.
+    let mut victim = app_client().get(sc.url("/link"));
+    for (name, value) in ROUTER {
+        victim = victim.header(*name, *value);
+    }
+    let victim = victim.send().await.unwrap();
+    assert_eq!(cache_status(&victim), "sidecache; hit");
+    let body = victim.text().await.unwrap();
+    assert!(
+        !body.contains("evil") && !body.contains("javascript"),
+        "the victim got the attacker's page:\n{body}"
+    );
+    assert!(body.contains("x-forwarded-host: app.example\n"), "{body}");
+}
+
+// Issue 15 re-review, finding B.
+
+#[tokio::test]
+async fn no_header_with_an_underscore_reaches_the_app() {
+    let origin = Origin::start().await;
+    reflect(&origin, "/echo");
+    let sc = TestSidecar::start(&origin.url()).await;
+
+    // CGI-style servers map `X_Forwarded_Host` to HTTP_X_FORWARDED_HOST, like the dash spelling.
+    let attack = app_client()
+        .get(sc.url("/echo"))
+        .header("X_Forwarded_Host", "evil.example")
+        .header("X_Original_URL", "/admin")
+        .header("X_Forwarded_For", "6.6.6.6")
+        .header("x_http_method_override", "DELETE")
+        .header("accept_language", "evil")
+        .send()
+        .await
+        .unwrap();
+    assert!(cache_status(&attack).contains("stored"), "the attacker's request fills");
+    let body = attack.text().await.unwrap();
+    let seen = origin.last_headers("/echo").unwrap();
+    let underscored: Vec<&str> = seen.keys().map(|k| k.as_str()).filter(|k| k.contains('_')).collect();
+    assert!(underscored.is_empty(), "the app saw {underscored:?}:\n{body}");
+    assert_eq!(seen["accept"], "*/*", "other headers pass");
+    assert_eq!(seen["x-forwarded-host"], "app.example");
+    wait_stored(&sc, 1).await;
+
+    let (status, body) = plain_get(&sc, "/echo").await;
+    assert_eq!(status, "sidecache; hit");
+    assert!(
+        !body.contains("evil") && !body.contains("6.6.6.6") && !body.contains("/admin"),
+        "the victim got the attacker's page:\n{body}"
+    );
 }
 
 // Finding 6.
