@@ -746,8 +746,8 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
 /// The default `strip_request_headers`: headers that apps, frameworks and their middleware
 /// honour (to rebuild the URL, the scheme, the host, the method or the client address) but
 /// that the cache key does not hold, so one client's value would shape the answer stored for
-/// everyone. `Forwarded` and `X-Forwarded-*` are kept when `trust_forwarded` is on (the
-/// router in front sets them); `X-Forwarded-For/Proto/Host` are set by sidecache itself.
+/// everyone. With `trust_forwarded` on, only the router's `X-Forwarded-For`, `-Proto` and
+/// `-Port` are kept; `X-Forwarded-Host` is always set by sidecache from the keyed host.
 pub const DEFAULT_STRIP_REQUEST_HEADERS: &[&str] = &[
     // The URL or path the app should route (IIS, Symfony, Zend, Laminas, ...).
     "x-original-url",
