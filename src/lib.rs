@@ -11,7 +11,7 @@
 //! Modules: [`config`] (layers and validation), [`server`] (accept loop, limits, drain),
 //! [`proxy`] (the request path), [`upstream`] (client to the app), [`admin`] (admin port),
 //! [`supervise`] (child app), [`sidecar`] (wiring), [`demo`] (built-in sample origin),
-//! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types), [`sources`] (the
+//! [`metrics`] (names), [`units`] (sizes and durations), [`body`] (body types), [`sources`] (the
 //! prime allow-list), [`bucket`] (rate bounds).
 
 pub mod admin;
@@ -27,9 +27,10 @@ pub mod proxy;
 pub mod rules;
 pub mod server;
 pub mod sidecar;
-pub mod size;
+
 pub mod sources;
 pub mod supervise;
+pub mod units;
 pub mod upstream;
 
 /// A builder for outgoing HTTP(S) clients (prime, purge, fills from another source): rustls

@@ -1,7 +1,10 @@
-//! Byte sizes as operators write them: `4GB`, `512MiB`, `65536`, and `min_free` as bytes or a
-//! percentage of the filesystem.
+//! Quantities as operators write them in the configuration and the rules: byte sizes (`4GB`,
+//! `512MiB`, `65536`), `min_free` as bytes or a percentage of the filesystem, and durations
+//! (`25s`, `1h 30m`). Leaf types: this module imports nothing from the crate, so `config` and
+//! `rules` both use it without importing each other.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -111,6 +114,40 @@ impl<'de> Deserialize<'de> for MinFree {
                     return Ok(MinFree::Percent(p));
                 }
                 parse_size(v).map(MinFree::Bytes).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written as `25s`, `500ms`, `1h 30m` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as `25s`, `500ms` or `1h`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HumanDuration, E> {
+                Ok(HumanDuration(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HumanDuration, E> {
+                u64::try_from(v)
+                    .map(|v| HumanDuration(Duration::from_secs(v)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                let v = v.trim();
+                if let Ok(secs) = v.parse::<u64>() {
+                    return Ok(HumanDuration(Duration::from_secs(secs)));
+                }
+                humantime::parse_duration(v)
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("`{v}`: {e}")))
             }
         }
         d.deserialize_any(V)
