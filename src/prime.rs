@@ -153,14 +153,100 @@ pub fn walk_dir(dir: &Path, prefix: &str) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-/// `<loc>` values of a sitemap document.
-pub fn sitemap_locs(xml: &str) -> Vec<String> {
-    xml.split("<loc>")
-        .skip(1)
-        .filter_map(|rest| rest.split("</loc>").next())
-        .map(|loc| loc.trim().replace("&amp;", "&"))
-        .filter(|loc| !loc.is_empty())
-        .collect()
+/// What a sitemap document lists: pages, or (an index) further sitemaps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sitemap {
+    /// `<urlset>`: the `<loc>` of each `<url>`.
+    Urls(Vec<String>),
+    /// `<sitemapindex>`: the `<loc>` of each `<sitemap>`.
+    Index(Vec<String>),
+}
+
+/// The sitemaps.org namespace; a `<loc>` in another namespace (`<image:loc>`,
+/// `<video:loc>`) is not a page of this site.
+const SITEMAP_NS: &str = "http://www.sitemaps.org/schemas/sitemap/0.9";
+
+/// Reads a sitemap or sitemap index (sitemaps.org protocol) with a real XML parser: namespace
+/// prefixes, CDATA, character references and the predefined entities are understood. Only a
+/// `<loc>` directly inside `<urlset><url>` or `<sitemapindex><sitemap>` counts.
+pub fn parse_sitemap(xml: &str) -> anyhow::Result<Sitemap> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+
+    let mut reader = quick_xml::NsReader::from_str(xml);
+    // Element local names from the root down to the current one.
+    let mut path: Vec<String> = Vec::new();
+    let mut root: Option<String> = None;
+    let mut locs = Vec::new();
+    // The text of the `<loc>` being read, when in one.
+    let mut loc: Option<String> = None;
+    loop {
+        let at = reader.buffer_position();
+        let (ns, event) = reader
+            .read_resolved_event()
+            .with_context(|| format!("sitemap is not well-formed XML (at byte {at})"))?;
+        let in_sitemap_ns =
+            matches!(ns, ResolveResult::Unbound) || matches!(ns, ResolveResult::Bound(n) if n.0 == SITEMAP_NS);
+        match event {
+            Event::Start(e) => {
+                let name = e.local_name().as_ref().to_owned();
+                root.get_or_insert_with(|| name.clone());
+                path.push(name);
+                let entry = matches!(
+                    path.iter().map(String::as_str).collect::<Vec<_>>()[..],
+                    ["urlset", "url", "loc"] | ["sitemapindex", "sitemap", "loc"]
+                );
+                if entry && in_sitemap_ns {
+                    loc = Some(String::new());
+                }
+            }
+            Event::Empty(e) => {
+                let name = e.local_name().as_ref().to_owned();
+                root.get_or_insert(name);
+            }
+            Event::End(_) => {
+                if path.len() == 3
+                    && let Some(text) = loc.take()
+                {
+                    let text = text.trim();
+                    if !text.is_empty() {
+                        locs.push(text.to_owned());
+                    }
+                }
+                path.pop();
+            }
+            Event::Text(t) => {
+                if let Some(text) = loc.as_mut() {
+                    text.push_str(&t.xml10_content());
+                }
+            }
+            Event::CData(t) => {
+                if let Some(text) = loc.as_mut() {
+                    text.push_str(&t.xml10_content());
+                }
+            }
+            Event::GeneralRef(r) => {
+                if let Some(text) = loc.as_mut() {
+                    let name = r.xml10_content();
+                    if let Some(c) = r.resolve_char_ref().context("bad character reference in a sitemap")? {
+                        text.push(c);
+                    } else if let Some(s) = quick_xml::escape::resolve_predefined_entity(&name) {
+                        text.push_str(s);
+                    } else {
+                        bail!("unknown entity `&{name};` in a sitemap");
+                    }
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    match root.as_deref() {
+        Some("urlset") => Ok(Sitemap::Urls(locs)),
+        Some("sitemapindex") => Ok(Sitemap::Index(locs)),
+        Some(other) => bail!("not a sitemap: the root element is <{other}>, not <urlset> or <sitemapindex>"),
+        None => bail!("not a sitemap: no root element"),
+    }
 }
 
 /// Settings of one prime run.
@@ -237,11 +323,9 @@ pub async fn collect(input: &Input, client: &reqwest::Client) -> anyhow::Result<
                     bail!("sitemap index names more than 50 sitemaps");
                 }
                 let xml = client.get(&u).send().await?.error_for_status()?.text().await?;
-                let locs = sitemap_locs(&xml);
-                if xml.contains("<sitemapindex") {
-                    queue.extend(locs);
-                } else {
-                    urls.extend(locs);
+                match parse_sitemap(&xml).with_context(|| format!("failed to read sitemap {u}"))? {
+                    Sitemap::Index(locs) => queue.extend(locs),
+                    Sitemap::Urls(locs) => urls.extend(locs),
                 }
             }
             Ok(urls)
@@ -525,8 +609,48 @@ mod tests {
         let xml = r#"<?xml version="1.0"?><urlset><url><loc> https://www.example.com/a?x=1&amp;y=2 </loc></url>
             <url><loc>https://www.example.com/b</loc></url></urlset>"#;
         assert_eq!(
-            sitemap_locs(xml),
-            vec!["https://www.example.com/a?x=1&y=2", "https://www.example.com/b"]
+            parse_sitemap(xml).unwrap(),
+            Sitemap::Urls(vec![
+                "https://www.example.com/a?x=1&y=2".into(),
+                "https://www.example.com/b".into()
+            ])
         );
+    }
+
+    #[test]
+    fn sitemaps_are_read_as_xml_not_as_text() {
+        // CDATA, character references, predefined entities, a namespace prefix, a space in
+        // the tag, and an image extension's <image:loc> that is not a page.
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+            <sm:urlset xmlns:sm="http://www.sitemaps.org/schemas/sitemap/0.9"
+                       xmlns:image="http://www.google.com/schemas/sitemap-image/1.1">
+              <sm:url><sm:loc><![CDATA[https://e.example/a?x=1&y=2]]></sm:loc>
+                <image:image><image:loc>https://img.example/a.png</image:loc></image:image></sm:url>
+              <sm:url><sm:loc >https://e.example/b?q=&lt;&#x3E;&#38;</sm:loc ></sm:url>
+              <!-- <sm:url><sm:loc>https://e.example/commented-out</sm:loc></sm:url> -->
+            </sm:urlset>"#;
+        assert_eq!(
+            parse_sitemap(xml).unwrap(),
+            Sitemap::Urls(vec![
+                "https://e.example/a?x=1&y=2".into(),
+                "https://e.example/b?q=<>&".into()
+            ])
+        );
+        let index = r#"<sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">
+            <sitemap><loc>https://e.example/s1.xml</loc></sitemap></sitemapindex>"#;
+        assert_eq!(
+            parse_sitemap(index).unwrap(),
+            Sitemap::Index(vec!["https://e.example/s1.xml".into()])
+        );
+        // A <loc> in another namespace is not a page of the sitemap.
+        let foreign = r#"<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9" xmlns:o="urn:other">
+            <url><o:loc>https://e.example/other</o:loc></url></urlset>"#;
+        assert_eq!(parse_sitemap(foreign).unwrap(), Sitemap::Urls(vec![]));
+        assert!(
+            parse_sitemap("<urlset><url><loc>a</url></urlset>").is_err(),
+            "mismatched tags"
+        );
+        assert!(parse_sitemap("<urlset><url><loc>&nbsp;</loc></url></urlset>").is_err());
+        assert!(parse_sitemap("<html><body>not found</body></html>").is_err());
     }
 }
