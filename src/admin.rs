@@ -24,8 +24,8 @@ use hyper::body::Frame;
 
 use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
+use crate::prime::protocol::{Failure, Line, WarmResult};
 use crate::proxy::Proxy;
-use crate::proxy::WarmResult;
 use crate::sources::SourceUrl;
 
 /// What the admin endpoints read.
@@ -129,7 +129,7 @@ impl Admin {
 impl Admin {
     /// `POST /prime?host=H&concurrency=N&timeout=S` with one URL or path a line: warms each
     /// through the cache (the sidecar fetches and stores; no body comes back) and streams one
-    /// JSON line per URL as it completes: `{"url":..,"result":"warmed|warm|failed",..}`.
+    /// JSON line per URL as it completes: a [`Line`] (`{"url":..,"result":"warmed|warm|failed",..}`).
     async fn prime(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let mut host = String::from("localhost");
         let mut from: Option<SourceUrl> = None;
@@ -175,16 +175,13 @@ impl Admin {
                 tasks.spawn(async move {
                     let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target, from.as_ref())).await {
                         Ok(r) => r,
-                        Err(_) => WarmResult::Failed(format!("timed out after {timeout:?}")),
+                        Err(_) => WarmResult::Failed(Failure::Timeout {
+                            seconds: timeout.as_secs(),
+                        }),
                     };
                     drop(permit);
-                    let line = match &result {
-                        WarmResult::Warmed(n) | WarmResult::AlreadyWarm(n) => {
-                            serde_json::json!({"url": target, "result": result.as_str(), "bytes": n})
-                        }
-                        WarmResult::Failed(why) => serde_json::json!({"url": target, "result": "failed", "error": why}),
-                    };
-                    let _ = tx.send(Ok(Frame::data(Bytes::from(format!("{line}\n"))))).await;
+                    let line = Line::new(target, result).to_ndjson();
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(line)))).await;
                 });
             }
             while tasks.join_next().await.is_some() {}

@@ -271,8 +271,8 @@ async fn prime_in_background(proxy: std::sync::Arc<sidecache::proxy::Proxy>, fil
     let (mut warmed, mut warm, mut failed) = (0, 0, 0);
     while let Some(Ok((url, result))) = tasks.join_next().await {
         match result {
-            sidecache::proxy::WarmResult::Warmed(_) => warmed += 1,
-            sidecache::proxy::WarmResult::AlreadyWarm(_) => warm += 1,
+            sidecache::proxy::WarmResult::Warmed { .. } => warmed += 1,
+            sidecache::proxy::WarmResult::AlreadyWarm { .. } => warm += 1,
             sidecache::proxy::WarmResult::Failed(why) => {
                 failed += 1;
                 warn!(path = %url.split('?').next().unwrap_or(""), reason = %why, "prime failed");

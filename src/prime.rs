@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod protocol;
+
+use protocol::{Failure, Line, WarmResult};
+
 /// Where the list of URLs comes from.
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -356,18 +360,13 @@ pub async fn run(urls: Vec<String>, opts: &Options) -> anyhow::Result<Summary> {
         let failed = submit(&client, opts, &pending, &mut summary, &progress, last).await?;
         pending = failed
             .into_iter()
-            .filter(|(_, why)| retryable(why))
+            .filter(|(_, why)| !why.is_final())
             .map(|(u, _)| u)
             .collect();
     }
     progress.finish();
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
-}
-
-/// A missing asset will not appear by asking again.
-fn retryable(why: &str) -> bool {
-    !(why.starts_with("status 4") || why == "not cacheable")
 }
 
 async fn wait_ready(client: &reqwest::Client, opts: &Options) -> anyhow::Result<()> {
@@ -399,7 +398,7 @@ async fn submit(
     summary: &mut Summary,
     progress: &Progress,
     last: bool,
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> anyhow::Result<Vec<(String, Failure)>> {
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
         .append_pair("host", opts.host.as_deref().unwrap_or("localhost"))
@@ -432,28 +431,28 @@ async fn submit(
         buf.extend_from_slice(&chunk.context("lost the sidecar's progress stream")?);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
-            };
+            }
+            let line: Line =
+                serde_json::from_slice(&line).context("unreadable line in the sidecar's progress stream")?;
             seen += 1;
-            let url = v["url"].as_str().unwrap_or("?").to_owned();
-            match v["result"].as_str() {
-                Some("warmed") => {
+            match line.result {
+                WarmResult::Warmed { bytes } => {
                     summary.warmed += 1;
-                    summary.bytes += v["bytes"].as_u64().unwrap_or(0);
+                    summary.bytes += bytes;
                     progress.advance();
                 }
-                Some("warm") => {
+                WarmResult::AlreadyWarm { .. } => {
                     summary.warm += 1;
                     progress.advance();
                 }
-                _ => {
-                    let why = v["error"].as_str().unwrap_or("failed").to_owned();
-                    if last || !retryable(&why) {
+                WarmResult::Failed(why) => {
+                    if last || why.is_final() {
                         progress.advance();
-                        summary.failed.push((url.clone(), why.clone()));
+                        summary.failed.push((line.url.clone(), why.to_string()));
                     }
-                    failed.push((url, why));
+                    failed.push((line.url, why));
                 }
             }
         }

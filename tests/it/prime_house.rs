@@ -45,3 +45,56 @@ async fn sitemaps_with_namespaces_cdata_and_entities_are_primed() {
         "the index was followed, not primed as a page"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_uncacheable_objects_are_final_and_server_errors_are_retried() {
+    use crate::support::origin::Behaviour;
+    let origin = Origin::start().await;
+    let sc = TestSidecar::start(&origin.url()).await;
+    serve_assets(&origin, &["/here.js"]);
+    origin.route("/missing.js", Behaviour::Status(404));
+    origin.fixed("/no-store.js", &[("cache-control", "no-store")], "per user");
+    origin.route("/down.js", Behaviour::Status(503));
+    let asset = Behaviour::Fixed {
+        status: 200,
+        headers: crate::support::origin::owned(&[("cache-control", "public, max-age=600")]),
+        body: "asset /flaky.js".into(),
+    };
+    origin.route(
+        "/flaky.js",
+        Behaviour::FirstThen(Box::new(Behaviour::Status(503)), Box::new(asset)),
+    );
+    let list = "/here.js\n/missing.js\n/no-store.js\n/down.js\n/flaky.js\n";
+    // `prime` runs with --retries 1: one first round, one more for what may succeed.
+    let run = prime(&sc.admin_url(""), &["--urls", "-"], Some(list)).await;
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("2 warmed, 0 already warm, 3 failed"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(origin.hits("/here.js"), 1);
+    assert_eq!(origin.hits("/missing.js"), 1, "a 404 is final");
+    assert_eq!(
+        origin.hits("/no-store.js"),
+        1,
+        "an answer that may not be stored is final"
+    );
+    assert_eq!(origin.hits("/down.js"), 2, "a 503 is asked again");
+    assert_eq!(origin.hits("/flaky.js"), 2, "a 503 is asked again, and then warms");
+    for (path, why) in [
+        ("/missing.js", "status 404"),
+        ("/no-store.js", "not cacheable"),
+        ("/down.js", "status 503"),
+    ] {
+        assert!(run.stderr.contains(&format!("failed: {path}: {why}")), "{}", run.stderr);
+    }
+    assert_all_hits(&sc, &origin, &["/here.js"]).await;
+    let resp = crate::support::app_client()
+        .get(sc.url("/flaky.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["cache-status"], "sidecache; hit");
+    assert_eq!(origin.hits("/flaky.js"), 2);
+}
