@@ -25,6 +25,7 @@ pub mod policy;
 pub mod prime;
 pub mod proxy;
 pub mod rules;
+pub mod serve;
 pub mod server;
 pub mod sidecar;
 

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 pub mod protocol;
+pub mod warm;
 
 use protocol::{Failure, Line, WarmResult};
 
@@ -335,6 +336,23 @@ pub async fn collect(input: &Input, client: &reqwest::Client) -> anyhow::Result<
             Ok(urls)
         }
     }
+}
+
+/// The `prime` subcommand: lists the input's URLs, primes them through the sidecar, prints the
+/// summary and each failure; the exit status (1 when more than `max_failures` failed).
+pub async fn command(input: &Input, opts: &Options) -> anyhow::Result<u8> {
+    let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
+    let urls = collect(input, &client).await?;
+    let summary = run(urls, opts).await?;
+    if opts.json {
+        println!("{}", summary.json());
+    } else {
+        println!("{}", summary.line());
+    }
+    for (url, why) in &summary.failed {
+        eprintln!("failed: {url}: {why}");
+    }
+    Ok(if summary.failed.len() > opts.max_failures { 1 } else { 0 })
 }
 
 /// Primes `urls` through the sidecar at `opts.target`, following progress.
