@@ -1,7 +1,9 @@
 //! The `prime` subcommand: turns what a deploy hook has (a URL list, the built asset folder, a
 //! framework's asset manifest, a sitemap) into a warm cache on this instance. It talks to the
 //! sidecar's admin port; the sidecar fetches and stores each object itself, so bodies never
-//! travel back to this command.
+//! travel back to this command. The sidecar's side lives beside it: [`protocol`] (the NDJSON
+//! lines both sides read and write) and [`warm`] (the one loop that warms a list, for
+//! `POST /prime` and `serve --prime`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
