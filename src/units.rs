@@ -158,6 +158,23 @@ impl<'de> Deserialize<'de> for HumanDuration {
 mod tests {
     use super::*;
 
+    /// `config` reads rules and `rules` reads units; a `use crate::config` in `rules.rs` (or
+    /// any crate import here) would close the circle again.
+    #[test]
+    fn units_is_a_leaf_and_rules_does_not_import_config() {
+        let imports = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("use crate::") || l.starts_with("pub use crate::"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(imports(include_str!("units.rs")), Vec::<String>::new());
+        let rules = imports(include_str!("rules.rs"));
+        assert!(!rules.iter().any(|l| l.contains("crate::config")), "{rules:?}");
+        assert!(rules.iter().any(|l| l.contains("crate::units")), "{rules:?}");
+    }
+
     #[test]
     fn sizes_parse_with_decimal_and_binary_units() {
         let cases = [
