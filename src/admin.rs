@@ -4,6 +4,8 @@
 //! configuration refuses an admin port beyond loopback without a token. A prime's `from` must
 //! be inside `prime_sources`.
 
+pub mod client;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +21,14 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Frame;
 
 use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
+use crate::prime::warm::{Job, warm_all};
 use crate::proxy::Proxy;
-use crate::proxy::WarmResult;
 use crate::sources::SourceUrl;
 
 /// What the admin endpoints read.
@@ -129,7 +132,7 @@ impl Admin {
 impl Admin {
     /// `POST /prime?host=H&concurrency=N&timeout=S` with one URL or path a line: warms each
     /// through the cache (the sidecar fetches and stores; no body comes back) and streams one
-    /// JSON line per URL as it completes: `{"url":..,"result":"warmed|warm|failed",..}`.
+    /// JSON line per URL as it completes: a [`Line`] (`{"url":..,"result":"warmed|warm|failed",..}`).
     async fn prime(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let mut host = String::from("localhost");
         let mut from: Option<SourceUrl> = None;
@@ -162,34 +165,15 @@ impl Admin {
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(str::to_owned)
             .collect();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, crate::body::BoxError>>(64);
-        let proxy = self.proxy.clone();
-        tokio::spawn(async move {
-            let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
-            let mut tasks = tokio::task::JoinSet::new();
-            for target in targets {
-                let Ok(permit) = limit.clone().acquire_owned().await else {
-                    break;
-                };
-                let (proxy, host, tx, from) = (proxy.clone(), host.clone(), tx.clone(), from.clone());
-                tasks.spawn(async move {
-                    let result = match tokio::time::timeout(timeout, proxy.warm(&host, &target, from.as_ref())).await {
-                        Ok(r) => r,
-                        Err(_) => WarmResult::Failed(format!("timed out after {timeout:?}")),
-                    };
-                    drop(permit);
-                    let line = match &result {
-                        WarmResult::Warmed(n) | WarmResult::AlreadyWarm(n) => {
-                            serde_json::json!({"url": target, "result": result.as_str(), "bytes": n})
-                        }
-                        WarmResult::Failed(why) => serde_json::json!({"url": target, "result": "failed", "error": why}),
-                    };
-                    let _ = tx.send(Ok(Frame::data(Bytes::from(format!("{line}\n"))))).await;
-                });
-            }
-            while tasks.join_next().await.is_some() {}
-        });
-        let stream = tokio_stream_from(rx);
+        let job = Job {
+            host,
+            from,
+            concurrency,
+            timeout,
+        };
+        let lines = warm_all(self.proxy.clone(), targets, job);
+        let stream = tokio_stream_from(lines)
+            .map(|line| Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from(line.to_ndjson()))));
         let mut resp = Response::new(body::boxed(StreamBody::new(stream)));
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde::de::IntoDeserializer;
 
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
-use crate::size::{ByteSize, MinFree};
 use crate::sources::PrimeSources;
+use crate::units::{ByteSize, HumanDuration, MinFree};
 
 /// Where a configuration value came from; printed in every configuration error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,40 +216,6 @@ fn parse_env_value<T: for<'de> Deserialize<'de>>(value: &str) -> Result<T, Strin
 
 fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! { strict_booleans: true }
-}
-
-/// A duration written as `25s`, `500ms`, `1h 30m` (or a bare number of seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = HumanDuration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as `25s`, `500ms` or `1h`")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HumanDuration, E> {
-                Ok(HumanDuration(Duration::from_secs(v)))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HumanDuration, E> {
-                u64::try_from(v)
-                    .map(|v| HumanDuration(Duration::from_secs(v)))
-                    .map_err(|_| E::custom("a duration cannot be negative"))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                let v = v.trim();
-                if let Ok(secs) = v.parse::<u64>() {
-                    return Ok(HumanDuration(Duration::from_secs(secs)));
-                }
-                humantime::parse_duration(v)
-                    .map(HumanDuration)
-                    .map_err(|e| E::custom(format!("`{v}`: {e}")))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 /// A list of strings, written as a YAML list or as one string separated by commas or

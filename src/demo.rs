@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -129,4 +130,43 @@ fn answer(assets: &[Asset], served: &AtomicU64, req: Request<Incoming>) -> Respo
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// `sidecache demo`: this sample origin on a free loopback port with a sidecar in front of it,
+/// until SIGTERM or SIGINT.
+pub async fn run(mut config: crate::config::Config) -> anyhow::Result<u8> {
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let origin_addr = origin.local_addr()?;
+    config.upstream = crate::config::Upstream::parse(&format!("http://{origin_addr}")).map_err(anyhow::Error::msg)?;
+    config.cache_dir = std::env::temp_dir().join(format!("sidecache-demo-{}", std::process::id()));
+    let stop = CancellationToken::new();
+    tokio::spawn(run_origin(origin, stop.clone()));
+    let sidecar = crate::sidecar::Sidecar::start(config)
+        .await
+        .context("failed to start the admin listener")?;
+    let listener = sidecar
+        .bind_public()
+        .await
+        .context("failed to bind the public listener")?;
+    let public = listener.local_addr()?;
+    println!("\nsidecache demo: a sample app on {origin_addr}, the sidecar in front of it.");
+    println!("  try:      curl -si http://{public}/assets/app-3f2a9c81.js | head -12   (twice: miss, then hit)");
+    println!("  browse:   http://{public}/");
+    println!(
+        "  metrics:  curl -s http://{}/metrics | grep sidecache_requests",
+        sidecar.admin_addr()
+    );
+    println!("  stop:     Ctrl-C\n");
+    let serving = sidecar.serve(listener);
+    tokio::pin!(serving);
+    tokio::select! {
+        _ = &mut serving => {}
+        sig = crate::serve::termination() => {
+            sig?;
+            sidecar.shutdown.cancel();
+            serving.await;
+        }
+    }
+    stop.cancel();
+    Ok(0)
 }

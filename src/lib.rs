@@ -8,11 +8,27 @@
 //! admin: /metrics /healthz /readyz            supervise: `serve -- <app command>`
 //! ```
 //!
-//! Modules: [`config`] (layers and validation), [`server`] (accept loop, limits, drain),
-//! [`proxy`] (the request path), [`upstream`] (client to the app), [`admin`] (admin port),
-//! [`supervise`] (child app), [`sidecar`] (wiring), [`demo`] (built-in sample origin),
-//! [`metrics`] (names), [`size`] (byte sizes), [`body`] (body types), [`sources`] (the
-//! prime allow-list), [`bucket`] (rate bounds).
+//! Modules, in the order a request meets them, then the rest:
+//!
+//! - [`server`]: the public listener: accept loop, connection limit, timeouts, drain.
+//! - [`proxy`]: the request path: classify, key, look up, then hit, fill, wait or bypass.
+//! - [`policy`]: HTTP caching rules as pure functions (RFC 9111): storable? fresh? how old?
+//! - [`rules`]: per-path rules for apps without caching headers (bypass, TTLs, query keys).
+//! - [`cache`]: the disk cache: lookup, fill coalescing, store, index, eviction, purge.
+//! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
+//! - [`body`]: the body types shared by the proxy, the cache and the admin port.
+//! - [`admin`]: the admin listener (`/metrics`, probes, purge, prime) and its command-side client.
+//! - [`prime`]: priming: the `prime` command's inputs (lists, folders, manifests, sitemaps),
+//!   the protocol it speaks with `POST /prime`, and the one warming loop in the sidecar.
+//! - [`sources`]: the `prime_sources` allow-list a prime may fill from instead of the app.
+//! - [`bucket`]: a token bucket bounding a rate (invalidations).
+//! - [`config`]: configuration layers (file, environment, flags) validated into [`config::Config`].
+//! - [`units`]: byte sizes and durations as operators write them (leaf: imports nothing).
+//! - [`metrics`]: every metric name as a constant, described once.
+//! - [`sidecar`]: wires one sidecar together (state, admin port, public port, one shutdown).
+//! - [`serve`]: the `serve` subcommand: supervised app, sidecar, priming, signals, exit status.
+//! - [`supervise`]: the child app of `serve -- <command>`: start, readiness, signals, status.
+//! - [`demo`]: a built-in sample origin and the `demo` subcommand.
 
 pub mod admin;
 pub mod body;
@@ -25,11 +41,13 @@ pub mod policy;
 pub mod prime;
 pub mod proxy;
 pub mod rules;
+pub mod serve;
 pub mod server;
 pub mod sidecar;
-pub mod size;
+
 pub mod sources;
 pub mod supervise;
+pub mod units;
 pub mod upstream;
 
 /// A builder for outgoing HTTP(S) clients (prime, purge, fills from another source): rustls
@@ -38,4 +56,24 @@ pub fn http_client() -> reqwest::ClientBuilder {
     // Fails only when a provider is installed already, which is what we want.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().no_proxy()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The module map above names every module, so it cannot fall behind again.
+    #[test]
+    fn the_module_map_lists_every_module() {
+        let lib = include_str!("lib.rs");
+        let modules: Vec<&str> = lib
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub mod ")?.strip_suffix(';'))
+            .collect();
+        assert!(modules.len() >= 18, "{modules:?}");
+        for module in modules {
+            assert!(
+                lib.contains(&format!("//! - [`{module}`]: ")),
+                "src/lib.rs: `{module}` is missing from the module map"
+            );
+        }
+    }
 }

@@ -5,15 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use sidecache::admin::client::{self, AdminAccess};
 use sidecache::config::{Config, Loader, LogFormat};
-use sidecache::prime;
-use sidecache::sidecar::Sidecar;
-use sidecache::supervise::{self, App};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use sidecache::{prime, serve};
+use tracing::error;
 
 /// Exit status for a configuration error (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -161,52 +157,10 @@ impl PrimeArgs {
     }
 }
 
-/// How `prime` and `purge` reach this instance's sidecar: its admin address and token, from
-/// the flags, else from the configuration the sidecar reads (file, `SIDECACHE_*`).
-struct AdminAccess {
-    target: String,
-    token: Option<String>,
-}
-
-impl AdminAccess {
-    fn resolve(target: Option<String>, token: Option<String>, config: Option<PathBuf>) -> AdminAccess {
-        let token = token.filter(|t| !t.is_empty());
-        let loaded = if target.is_some() && token.is_some() {
-            None
-        } else {
-            match Loader::new(std::env::vars()).file(config).load() {
-                Ok(config) => Some(config),
-                Err(e) => {
-                    eprintln!("sidecache: the admin address and token are not taken from the configuration: {e}");
-                    None
-                }
-            }
-        };
-        let target = target.unwrap_or_else(|| {
-            let mut addr = loaded.as_ref().map_or_else(
-                || std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
-                |c| c.admin_listen,
-            );
-            // A wildcard listener is reached on loopback from this instance.
-            if addr.ip().is_unspecified() {
-                addr.set_ip(match addr.ip() {
-                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                });
-            }
-            format!("http://{addr}")
-        });
-        let token = token.or_else(|| loaded.and_then(|c| c.admin_token));
-        AdminAccess { target, token }
-    }
-}
-
 async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
     let Some(input) = args.input() else {
         anyhow::bail!("prime needs one of --urls, --dir, --manifest or --sitemap");
     };
-    let client = sidecache::http_client().timeout(Duration::from_secs(30)).build()?;
-    let urls = prime::collect(&input, &client).await?;
     let access = AdminAccess::resolve(args.target, args.token, args.config);
     let opts = prime::Options {
         target: access.target,
@@ -220,72 +174,7 @@ async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
         max_failures: args.max_failures,
         json: args.json,
     };
-    let summary = prime::run(urls, &opts).await?;
-    if opts.json {
-        println!("{}", summary.json());
-    } else {
-        println!("{}", summary.line());
-    }
-    for (url, why) in &summary.failed {
-        eprintln!("failed: {url}: {why}");
-    }
-    Ok(if summary.failed.len() > opts.max_failures { 1 } else { 0 })
-}
-
-/// `serve --prime`: warms the listed objects in-process once serving has begun.
-async fn prime_in_background(proxy: std::sync::Arc<sidecache::proxy::Proxy>, file: PathBuf, host: Option<String>) {
-    let input = if file.extension().is_some_and(|e| e == "json") {
-        prime::Input::Manifest {
-            path: file.clone(),
-            prefix: None,
-        }
-    } else {
-        prime::Input::Urls(file.clone())
-    };
-    let urls = match async { prime::collect(&input, &sidecache::http_client().build()?).await }.await {
-        Ok(urls) => urls,
-        Err(e) => {
-            warn!(error = format!("{e:#}"), file = %file.display(), "priming skipped");
-            return;
-        }
-    };
-    // Fills are accepted once the index has counted what is on disk.
-    while !proxy.cache.is_loaded() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let host = host.unwrap_or_else(|| "localhost".into());
-    let started = std::time::Instant::now();
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
-    let mut tasks = tokio::task::JoinSet::new();
-    for url in urls {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        let (proxy, host) = (proxy.clone(), host.clone());
-        tasks.spawn(async move {
-            let result = proxy.warm(&host, &url, None).await;
-            drop(permit);
-            (url, result)
-        });
-    }
-    let (mut warmed, mut warm, mut failed) = (0, 0, 0);
-    while let Some(Ok((url, result))) = tasks.join_next().await {
-        match result {
-            sidecache::proxy::WarmResult::Warmed(_) => warmed += 1,
-            sidecache::proxy::WarmResult::AlreadyWarm(_) => warm += 1,
-            sidecache::proxy::WarmResult::Failed(why) => {
-                failed += 1;
-                warn!(path = %url.split('?').next().unwrap_or(""), reason = %why, "prime failed");
-            }
-        }
-    }
-    info!(
-        warmed,
-        warm,
-        failed,
-        seconds = started.elapsed().as_secs_f64(),
-        "primed"
-    );
+    prime::command(&input, &opts).await
 }
 
 /// Flags shared by `serve` and `check-config`; each overrides its config key.
@@ -375,19 +264,13 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
-            // Before the cache sizes its open tier from the limit.
-            match sidecache::cache::mmap::raise_descriptor_limit() {
-                Ok((before, after)) if before != after => info!(before, after, "raised the descriptor limit"),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not raise the descriptor limit"),
-            }
-            let prime = prime.map(|file| (file, prime_host));
+            let prime = prime.map(|file| serve::PrimeFile { file, host: prime_host });
             // This thread's loop is the first serving loop (see `Sidecar::serve`) and runs the
             // background work; the others get their own threads.
             let blocking = sidecache::sidecar::blocking_threads(config.workers);
             run_on(
                 tokio::runtime::Builder::new_current_thread().max_blocking_threads(blocking),
-                serve(config, app, prime),
+                serve::run(config, app, prime),
             )
         }
         Command::Purge {
@@ -408,7 +291,7 @@ fn main() -> ExitCode {
                 }
             };
             let access = AdminAccess::resolve(target, token, config);
-            run_async(purge(access.target, query, access.token))
+            run_async(client::purge(access, query))
         }
         Command::Demo { listen, admin_listen } => {
             let flags = vec![("listen", listen), ("admin_listen", admin_listen)];
@@ -420,7 +303,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config);
-            run_async(demo(config))
+            run_async(sidecache::demo::run(config))
         }
     }
 }
@@ -467,172 +350,4 @@ fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
-}
-
-/// Resolves on the first SIGTERM or SIGINT, naming it.
-async fn termination() -> anyhow::Result<i32> {
-    let mut term = signal(SignalKind::terminate()).context("failed to install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("failed to install SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => libc::SIGTERM,
-        _ = int.recv() => libc::SIGINT,
-    })
-}
-
-async fn serve(
-    mut config: Config,
-    app_command: Vec<String>,
-    prime: Option<(PathBuf, Option<String>)>,
-) -> anyhow::Result<u8> {
-    let mut app = None;
-    if !app_command.is_empty() {
-        // With no explicit upstream port for the app, give it a free loopback port.
-        if config.upstream.port() == 3000 && std::env::var_os("SIDECACHE_UPSTREAM").is_none() {
-            let port = supervise::free_port().context("failed to find a free port for the app")?;
-            config.upstream =
-                sidecache::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
-        }
-        app = Some(App::spawn(&app_command, config.upstream.port())?);
-    }
-
-    let app_start_timeout = config.app_start_timeout;
-    let upstream_host = config.upstream.authority.host().to_owned();
-    let upstream_port = config.upstream.port();
-    let sidecar = Sidecar::start(config)
-        .await
-        .context("failed to start the admin listener")?;
-    let signals = termination();
-    tokio::pin!(signals);
-
-    if let Some(app) = app.as_mut() {
-        tokio::select! {
-            ready = app.wait_ready(&upstream_host, upstream_port, app_start_timeout) => {
-                if let Err(e) = ready {
-                    error!(error = %e, "app failed to start");
-                    return Ok(match e {
-                        supervise::StartError::Exited { status } => supervise::exit_code(status).clamp(1, 255) as u8,
-                        _ => { app.signal(libc::SIGKILL); 1 }
-                    });
-                }
-                info!(port = upstream_port, "app ready");
-            }
-            sig = &mut signals => {
-                app.signal(sig?);
-                let status = app.wait().await?;
-                return Ok(supervise::exit_code(status) as u8);
-            }
-        }
-    }
-
-    let listener = sidecar
-        .bind_public()
-        .await
-        .context("failed to bind the public listener")?;
-    if let Some((file, host)) = prime {
-        tokio::spawn(prime_in_background(sidecar.proxy.clone(), file, host));
-    }
-    let serving = sidecar.serve(listener);
-    tokio::pin!(serving);
-
-    let mut app_status = None;
-    tokio::select! {
-        _ = &mut serving => {}
-        sig = &mut signals => {
-            let sig = sig?;
-            info!(signal = sig, "shutting down");
-            if let Some(app) = app.as_ref() {
-                app.signal(sig);
-            }
-            sidecar.shutdown.cancel();
-            let drained = serving.await;
-            if !drained {
-                warn!("some requests were cut off at the end of the grace period");
-            }
-        }
-        status = wait_app(&mut app) => {
-            let status = status?;
-            warn!(status = %status, "app exited; shutting down");
-            app_status = Some(status);
-            sidecar.shutdown.cancel();
-            let grace = Duration::from_secs(2);
-            let _ = tokio::time::timeout(grace, serving).await;
-        }
-    }
-    if let Some(mut app) = app {
-        let status = match app_status {
-            Some(status) => status,
-            None => app.wait().await?,
-        };
-        info!(status = %status, "app exited");
-        return Ok(supervise::exit_code(status).clamp(0, 255) as u8);
-    }
-    Ok(0)
-}
-
-async fn wait_app(app: &mut Option<App>) -> std::io::Result<std::process::ExitStatus> {
-    match app {
-        Some(app) => app.wait().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn purge(target: String, query: (&'static str, String), token: Option<String>) -> anyhow::Result<u8> {
-    let client = sidecache::http_client().timeout(Duration::from_secs(30)).build()?;
-    let encoded = form_urlencoded::Serializer::new(String::new())
-        .append_pair(query.0, &query.1)
-        .finish();
-    let url = format!("{}/purge?{encoded}", target.trim_end_matches('/'));
-    let mut req = client.post(&url);
-    if let Some(token) = token.filter(|t| !t.is_empty()) {
-        req = req.bearer_auth(token);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("failed to reach the admin port at {target}"))?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!("purge refused ({status}): {}", body.trim());
-    }
-    print!("{body}");
-    Ok(0)
-}
-
-async fn demo(mut config: Config) -> anyhow::Result<u8> {
-    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let origin_addr = origin.local_addr()?;
-    config.upstream =
-        sidecache::config::Upstream::parse(&format!("http://{origin_addr}")).map_err(anyhow::Error::msg)?;
-    config.cache_dir = std::env::temp_dir().join(format!("sidecache-demo-{}", std::process::id()));
-    let stop = CancellationToken::new();
-    tokio::spawn(sidecache::demo::run_origin(origin, stop.clone()));
-    let sidecar = Sidecar::start(config)
-        .await
-        .context("failed to start the admin listener")?;
-    let listener = sidecar
-        .bind_public()
-        .await
-        .context("failed to bind the public listener")?;
-    let public = listener.local_addr()?;
-    println!("\nsidecache demo: a sample app on {origin_addr}, the sidecar in front of it.");
-    println!("  try:      curl -si http://{public}/assets/app-3f2a9c81.js | head -12   (twice: miss, then hit)");
-    println!("  browse:   http://{public}/");
-    println!(
-        "  metrics:  curl -s http://{}/metrics | grep sidecache_requests",
-        sidecar.admin_addr()
-    );
-    println!("  stop:     Ctrl-C\n");
-    let serving = sidecar.serve(listener);
-    tokio::pin!(serving);
-    tokio::select! {
-        _ = &mut serving => {}
-        sig = termination() => {
-            sig?;
-            sidecar.shutdown.cancel();
-            serving.await;
-        }
-    }
-    stop.cancel();
-    Ok(0)
 }

@@ -1,7 +1,9 @@
 //! The `prime` subcommand: turns what a deploy hook has (a URL list, the built asset folder, a
 //! framework's asset manifest, a sitemap) into a warm cache on this instance. It talks to the
 //! sidecar's admin port; the sidecar fetches and stores each object itself, so bodies never
-//! travel back to this command.
+//! travel back to this command. The sidecar's side lives beside it: [`protocol`] (the NDJSON
+//! lines both sides read and write) and [`warm`] (the one loop that warms a list, for
+//! `POST /prime` and `serve --prime`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -9,6 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
+
+pub mod protocol;
+pub mod warm;
+
+use protocol::{Failure, Line, WarmResult};
 
 /// Where the list of URLs comes from.
 #[derive(Debug, Clone)]
@@ -153,14 +160,100 @@ pub fn walk_dir(dir: &Path, prefix: &str) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-/// `<loc>` values of a sitemap document.
-pub fn sitemap_locs(xml: &str) -> Vec<String> {
-    xml.split("<loc>")
-        .skip(1)
-        .filter_map(|rest| rest.split("</loc>").next())
-        .map(|loc| loc.trim().replace("&amp;", "&"))
-        .filter(|loc| !loc.is_empty())
-        .collect()
+/// What a sitemap document lists: pages, or (an index) further sitemaps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sitemap {
+    /// `<urlset>`: the `<loc>` of each `<url>`.
+    Urls(Vec<String>),
+    /// `<sitemapindex>`: the `<loc>` of each `<sitemap>`.
+    Index(Vec<String>),
+}
+
+/// The sitemaps.org namespace; a `<loc>` in another namespace (`<image:loc>`,
+/// `<video:loc>`) is not a page of this site.
+const SITEMAP_NS: &str = "http://www.sitemaps.org/schemas/sitemap/0.9";
+
+/// Reads a sitemap or sitemap index (sitemaps.org protocol) with a real XML parser: namespace
+/// prefixes, CDATA, character references and the predefined entities are understood. Only a
+/// `<loc>` directly inside `<urlset><url>` or `<sitemapindex><sitemap>` counts.
+pub fn parse_sitemap(xml: &str) -> anyhow::Result<Sitemap> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+
+    let mut reader = quick_xml::NsReader::from_str(xml);
+    // Element local names from the root down to the current one.
+    let mut path: Vec<String> = Vec::new();
+    let mut root: Option<String> = None;
+    let mut locs = Vec::new();
+    // The text of the `<loc>` being read, when in one.
+    let mut loc: Option<String> = None;
+    loop {
+        let at = reader.buffer_position();
+        let (ns, event) = reader
+            .read_resolved_event()
+            .with_context(|| format!("sitemap is not well-formed XML (at byte {at})"))?;
+        let in_sitemap_ns =
+            matches!(ns, ResolveResult::Unbound) || matches!(ns, ResolveResult::Bound(n) if n.0 == SITEMAP_NS);
+        match event {
+            Event::Start(e) => {
+                let name = e.local_name().as_ref().to_owned();
+                root.get_or_insert_with(|| name.clone());
+                path.push(name);
+                let entry = matches!(
+                    path.iter().map(String::as_str).collect::<Vec<_>>()[..],
+                    ["urlset", "url", "loc"] | ["sitemapindex", "sitemap", "loc"]
+                );
+                if entry && in_sitemap_ns {
+                    loc = Some(String::new());
+                }
+            }
+            Event::Empty(e) => {
+                let name = e.local_name().as_ref().to_owned();
+                root.get_or_insert(name);
+            }
+            Event::End(_) => {
+                if path.len() == 3
+                    && let Some(text) = loc.take()
+                {
+                    let text = text.trim();
+                    if !text.is_empty() {
+                        locs.push(text.to_owned());
+                    }
+                }
+                path.pop();
+            }
+            Event::Text(t) => {
+                if let Some(text) = loc.as_mut() {
+                    text.push_str(&t.xml10_content());
+                }
+            }
+            Event::CData(t) => {
+                if let Some(text) = loc.as_mut() {
+                    text.push_str(&t.xml10_content());
+                }
+            }
+            Event::GeneralRef(r) => {
+                if let Some(text) = loc.as_mut() {
+                    let name = r.xml10_content();
+                    if let Some(c) = r.resolve_char_ref().context("bad character reference in a sitemap")? {
+                        text.push(c);
+                    } else if let Some(s) = quick_xml::escape::resolve_predefined_entity(&name) {
+                        text.push_str(s);
+                    } else {
+                        bail!("unknown entity `&{name};` in a sitemap");
+                    }
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    match root.as_deref() {
+        Some("urlset") => Ok(Sitemap::Urls(locs)),
+        Some("sitemapindex") => Ok(Sitemap::Index(locs)),
+        Some(other) => bail!("not a sitemap: the root element is <{other}>, not <urlset> or <sitemapindex>"),
+        None => bail!("not a sitemap: no root element"),
+    }
 }
 
 /// Settings of one prime run.
@@ -237,16 +330,31 @@ pub async fn collect(input: &Input, client: &reqwest::Client) -> anyhow::Result<
                     bail!("sitemap index names more than 50 sitemaps");
                 }
                 let xml = client.get(&u).send().await?.error_for_status()?.text().await?;
-                let locs = sitemap_locs(&xml);
-                if xml.contains("<sitemapindex") {
-                    queue.extend(locs);
-                } else {
-                    urls.extend(locs);
+                match parse_sitemap(&xml).with_context(|| format!("failed to read sitemap {u}"))? {
+                    Sitemap::Index(locs) => queue.extend(locs),
+                    Sitemap::Urls(locs) => urls.extend(locs),
                 }
             }
             Ok(urls)
         }
     }
+}
+
+/// The `prime` subcommand: lists the input's URLs, primes them through the sidecar, prints the
+/// summary and each failure; the exit status (1 when more than `max_failures` failed).
+pub async fn command(input: &Input, opts: &Options) -> anyhow::Result<u8> {
+    let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
+    let urls = collect(input, &client).await?;
+    let summary = run(urls, opts).await?;
+    if opts.json {
+        println!("{}", summary.json());
+    } else {
+        println!("{}", summary.line());
+    }
+    for (url, why) in &summary.failed {
+        eprintln!("failed: {url}: {why}");
+    }
+    Ok(if summary.failed.len() > opts.max_failures { 1 } else { 0 })
 }
 
 /// Primes `urls` through the sidecar at `opts.target`, following progress.
@@ -272,18 +380,13 @@ pub async fn run(urls: Vec<String>, opts: &Options) -> anyhow::Result<Summary> {
         let failed = submit(&client, opts, &pending, &mut summary, &progress, last).await?;
         pending = failed
             .into_iter()
-            .filter(|(_, why)| retryable(why))
+            .filter(|(_, why)| !why.is_final())
             .map(|(u, _)| u)
             .collect();
     }
     progress.finish();
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
-}
-
-/// A missing asset will not appear by asking again.
-fn retryable(why: &str) -> bool {
-    !(why.starts_with("status 4") || why == "not cacheable")
 }
 
 async fn wait_ready(client: &reqwest::Client, opts: &Options) -> anyhow::Result<()> {
@@ -315,7 +418,7 @@ async fn submit(
     summary: &mut Summary,
     progress: &Progress,
     last: bool,
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> anyhow::Result<Vec<(String, Failure)>> {
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
         .append_pair("host", opts.host.as_deref().unwrap_or("localhost"))
@@ -348,28 +451,28 @@ async fn submit(
         buf.extend_from_slice(&chunk.context("lost the sidecar's progress stream")?);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
-            };
+            }
+            let line: Line =
+                serde_json::from_slice(&line).context("unreadable line in the sidecar's progress stream")?;
             seen += 1;
-            let url = v["url"].as_str().unwrap_or("?").to_owned();
-            match v["result"].as_str() {
-                Some("warmed") => {
+            match line.result {
+                WarmResult::Warmed { bytes } => {
                     summary.warmed += 1;
-                    summary.bytes += v["bytes"].as_u64().unwrap_or(0);
+                    summary.bytes += bytes;
                     progress.advance();
                 }
-                Some("warm") => {
+                WarmResult::AlreadyWarm { .. } => {
                     summary.warm += 1;
                     progress.advance();
                 }
-                _ => {
-                    let why = v["error"].as_str().unwrap_or("failed").to_owned();
-                    if last || !retryable(&why) {
+                WarmResult::Failed(why) => {
+                    if last || why.is_final() {
                         progress.advance();
-                        summary.failed.push((url.clone(), why.clone()));
+                        summary.failed.push((line.url.clone(), why.to_string()));
                     }
-                    failed.push((url, why));
+                    failed.push((line.url, why));
                 }
             }
         }
@@ -525,8 +628,48 @@ mod tests {
         let xml = r#"<?xml version="1.0"?><urlset><url><loc> https://www.example.com/a?x=1&amp;y=2 </loc></url>
             <url><loc>https://www.example.com/b</loc></url></urlset>"#;
         assert_eq!(
-            sitemap_locs(xml),
-            vec!["https://www.example.com/a?x=1&y=2", "https://www.example.com/b"]
+            parse_sitemap(xml).unwrap(),
+            Sitemap::Urls(vec![
+                "https://www.example.com/a?x=1&y=2".into(),
+                "https://www.example.com/b".into()
+            ])
         );
+    }
+
+    #[test]
+    fn sitemaps_are_read_as_xml_not_as_text() {
+        // CDATA, character references, predefined entities, a namespace prefix, a space in
+        // the tag, and an image extension's <image:loc> that is not a page.
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+            <sm:urlset xmlns:sm="http://www.sitemaps.org/schemas/sitemap/0.9"
+                       xmlns:image="http://www.google.com/schemas/sitemap-image/1.1">
+              <sm:url><sm:loc><![CDATA[https://e.example/a?x=1&y=2]]></sm:loc>
+                <image:image><image:loc>https://img.example/a.png</image:loc></image:image></sm:url>
+              <sm:url><sm:loc >https://e.example/b?q=&lt;&#x3E;&#38;</sm:loc ></sm:url>
+              <!-- <sm:url><sm:loc>https://e.example/commented-out</sm:loc></sm:url> -->
+            </sm:urlset>"#;
+        assert_eq!(
+            parse_sitemap(xml).unwrap(),
+            Sitemap::Urls(vec![
+                "https://e.example/a?x=1&y=2".into(),
+                "https://e.example/b?q=<>&".into()
+            ])
+        );
+        let index = r#"<sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">
+            <sitemap><loc>https://e.example/s1.xml</loc></sitemap></sitemapindex>"#;
+        assert_eq!(
+            parse_sitemap(index).unwrap(),
+            Sitemap::Index(vec!["https://e.example/s1.xml".into()])
+        );
+        // A <loc> in another namespace is not a page of the sitemap.
+        let foreign = r#"<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9" xmlns:o="urn:other">
+            <url><o:loc>https://e.example/other</o:loc></url></urlset>"#;
+        assert_eq!(parse_sitemap(foreign).unwrap(), Sitemap::Urls(vec![]));
+        assert!(
+            parse_sitemap("<urlset><url><loc>a</url></urlset>").is_err(),
+            "mismatched tags"
+        );
+        assert!(parse_sitemap("<urlset><url><loc>&nbsp;</loc></url></urlset>").is_err());
+        assert!(parse_sitemap("<html><body>not found</body></html>").is_err());
     }
 }

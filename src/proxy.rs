@@ -25,6 +25,7 @@ use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
 use crate::config::Config;
 use crate::metrics as m;
 use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
+use crate::prime::protocol::Failure;
 use crate::rules;
 use crate::sources::SourceUrl;
 use crate::upstream::{Upstream, error_response, strip_hop_by_hop};
@@ -307,7 +308,9 @@ impl Proxy {
     pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&SourceUrl>) -> WarmResult {
         let mut req = Request::new(body::empty());
         let Ok(uri) = target.parse::<http::Uri>() else {
-            return WarmResult::Failed("not a URL or path".into());
+            return WarmResult::Failed(Failure::BadTarget {
+                detail: "not a URL or path".into(),
+            });
         };
         let host = uri
             .authority()
@@ -317,20 +320,26 @@ impl Proxy {
             .path_and_query(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
             .build()
         else {
-            return WarmResult::Failed("not a URL or path".into());
+            return WarmResult::Failed(Failure::BadTarget {
+                detail: "not a URL or path".into(),
+            });
         };
         if let Some(from) = from {
             // The URL fetched is the one checked: the request's own path, joined and parsed.
             let pq = path.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             match self.config.prime_sources.join(from, pq) {
                 Ok(url) => req.extensions_mut().insert(FillFrom(Arc::new(url))),
-                Err(e) => return WarmResult::Failed(e.to_string()),
+                Err(e) => return WarmResult::Failed(Failure::SourceRefused { detail: e.to_string() }),
             };
         }
         *req.uri_mut() = path;
         match HeaderValue::from_str(&host) {
             Ok(h) => req.headers_mut().insert(header::HOST, h),
-            Err(_) => return WarmResult::Failed("bad host".into()),
+            Err(_) => {
+                return WarmResult::Failed(Failure::BadTarget {
+                    detail: "bad host".into(),
+                });
+            }
         };
         req.headers_mut()
             .insert(header::USER_AGENT, HeaderValue::from_static("sidecache-prime"));
@@ -349,19 +358,21 @@ impl Proxy {
         while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
             match frame {
                 Ok(f) => bytes += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
-                Err(e) => return WarmResult::Failed(format!("body: {e}")),
+                Err(e) => return WarmResult::Failed(Failure::Interrupted { detail: e.to_string() }),
             }
         }
         let result = match outcome {
-            Outcome::Hit => WarmResult::AlreadyWarm(bytes),
-            _ if !status.is_success() => WarmResult::Failed(format!("status {}", status.as_u16())),
-            Outcome::Coalesced => WarmResult::Warmed(bytes),
-            _ if stored => WarmResult::Warmed(bytes),
-            _ => WarmResult::Failed("not cacheable".into()),
+            Outcome::Hit => WarmResult::AlreadyWarm { bytes },
+            _ if !status.is_success() => WarmResult::Failed(Failure::Status {
+                status: status.as_u16(),
+            }),
+            Outcome::Coalesced => WarmResult::Warmed { bytes },
+            _ if stored => WarmResult::Warmed { bytes },
+            _ => WarmResult::Failed(Failure::NotCacheable),
         };
         metrics::counter!(m::PRIME_OBJECTS, "result" => result.as_str()).increment(1);
-        if let WarmResult::Warmed(n) = result {
-            metrics::counter!(m::PRIME_BYTES).increment(n);
+        if let WarmResult::Warmed { bytes } = result {
+            metrics::counter!(m::PRIME_BYTES).increment(bytes);
         }
         result
     }
@@ -887,27 +898,8 @@ impl Proxy {
 #[derive(Debug, Clone)]
 struct FillFrom(Arc<SourceUrl>);
 
-/// What priming one URL did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WarmResult {
-    /// Fetched and stored (bytes).
-    Warmed(u64),
-    /// Already stored and fresh: not fetched (bytes).
-    AlreadyWarm(u64),
-    /// Could not be warmed, and why.
-    Failed(String),
-}
-
-impl WarmResult {
-    /// A closed label for metrics and the prime protocol.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            WarmResult::Warmed(_) => "warmed",
-            WarmResult::AlreadyWarm(_) => "warm",
-            WarmResult::Failed(_) => "failed",
-        }
-    }
-}
+/// What priming one URL did: the prime protocol's outcome, produced by [`Proxy::warm`].
+pub use crate::prime::protocol::WarmResult;
 
 /// The `Cache-Status` header (RFC 9211).
 pub static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");

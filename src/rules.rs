@@ -28,8 +28,8 @@ use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
 use serde::Deserialize;
 
-use crate::config::HumanDuration;
 use crate::policy::{self, CacheControl};
+use crate::units::HumanDuration;
 
 /// One rule as written in the config file.
 #[derive(Debug, Clone, Deserialize)]

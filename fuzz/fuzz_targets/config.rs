@@ -5,9 +5,9 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = sidecache::config::parse_yaml(text);
-        if let Ok(n) = sidecache::size::parse_size(text) {
+        if let Ok(n) = sidecache::units::parse_size(text) {
             // A parsed size re-parses to itself as plain bytes.
-            assert_eq!(sidecache::size::parse_size(&n.to_string()), Ok(n));
+            assert_eq!(sidecache::units::parse_size(&n.to_string()), Ok(n));
         }
     }
 });

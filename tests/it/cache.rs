@@ -1081,7 +1081,7 @@ async fn a_full_filesystem_keeps_serving_from_the_app_and_caching_resumes() {
     let sc = TestSidecar::start_with(&origin.url(), |c| {
         c.cache_dir = cache_dir.clone();
         c.max_size = 64 << 20;
-        c.min_free = sidecache::size::MinFree::Bytes(0);
+        c.min_free = sidecache::units::MinFree::Bytes(0);
         c.memory_size = 0;
     })
     .await;

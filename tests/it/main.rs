@@ -7,6 +7,7 @@ mod cli;
 mod deploy;
 mod hostile;
 mod prime;
+mod prime_house;
 mod prometheus;
 mod proxy;
 mod safety_admin;

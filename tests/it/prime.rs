@@ -8,13 +8,13 @@ use crate::support::{Binary, Origin, TestSidecar, app_client, binary_path, event
 
 const ASSET: &[(&str, &str)] = &[("cache-control", "public, max-age=31536000")];
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-async fn prime(admin: &str, args: &[&str], stdin: Option<&str>) -> Run {
+pub(crate) async fn prime(admin: &str, args: &[&str], stdin: Option<&str>) -> Run {
     let mut cmd = tokio::process::Command::new(binary_path());
     cmd.arg("prime")
         .args(["--target", admin, "--host", "app.example", "--retries", "1"])
@@ -43,7 +43,7 @@ async fn prime(admin: &str, args: &[&str], stdin: Option<&str>) -> Run {
     }
 }
 
-async fn assert_all_hits(sc: &TestSidecar, origin: &Origin, paths: &[&str]) {
+pub(crate) async fn assert_all_hits(sc: &TestSidecar, origin: &Origin, paths: &[&str]) {
     for p in paths {
         let resp = app_client().get(sc.url(p)).send().await.unwrap();
         assert_eq!(resp.headers()["cache-status"], "sidecache; hit", "{p}");
@@ -52,7 +52,7 @@ async fn assert_all_hits(sc: &TestSidecar, origin: &Origin, paths: &[&str]) {
     }
 }
 
-fn serve_assets(origin: &Origin, paths: &[&str]) {
+pub(crate) fn serve_assets(origin: &Origin, paths: &[&str]) {
     for p in paths {
         origin.fixed(p, ASSET, format!("asset {p}"));
     }

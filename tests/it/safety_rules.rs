@@ -16,8 +16,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use sidecache::config::{Config, HumanDuration};
+use sidecache::config::Config;
 use sidecache::rules::{QueryKey, RawRule, Rule};
+use sidecache::units::HumanDuration;
 
 use crate::support::TestSidecar;
 

@@ -548,7 +548,7 @@ query: {allow: [q]}
             sidecache::rules::Rule::compile(sidecache::rules::RawRule {
                 pattern: "/search.json".into(),
                 bypass: false,
-                ttl: Some(sidecache::config::HumanDuration(Duration::from_secs(60))),
+                ttl: Some(sidecache::units::HumanDuration(Duration::from_secs(60))),
                 force_ttl: None,
                 strip_set_cookie: false,
             })

@@ -1,7 +1,10 @@
-//! Byte sizes as operators write them: `4GB`, `512MiB`, `65536`, and `min_free` as bytes or a
-//! percentage of the filesystem.
+//! Quantities as operators write them in the configuration and the rules: byte sizes (`4GB`,
+//! `512MiB`, `65536`), `min_free` as bytes or a percentage of the filesystem, and durations
+//! (`25s`, `1h 30m`). Leaf types: this module imports nothing from the crate, so `config` and
+//! `rules` both use it without importing each other.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -117,9 +120,60 @@ impl<'de> Deserialize<'de> for MinFree {
     }
 }
 
+/// A duration written as `25s`, `500ms`, `1h 30m` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as `25s`, `500ms` or `1h`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HumanDuration, E> {
+                Ok(HumanDuration(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HumanDuration, E> {
+                u64::try_from(v)
+                    .map(|v| HumanDuration(Duration::from_secs(v)))
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                let v = v.trim();
+                if let Ok(secs) = v.parse::<u64>() {
+                    return Ok(HumanDuration(Duration::from_secs(secs)));
+                }
+                humantime::parse_duration(v)
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("`{v}`: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `config` reads rules and `rules` reads units; a `use crate::config` in `rules.rs` (or
+    /// any crate import here) would close the circle again.
+    #[test]
+    fn units_is_a_leaf_and_rules_does_not_import_config() {
+        let imports = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("use crate::") || l.starts_with("pub use crate::"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(imports(include_str!("units.rs")), Vec::<String>::new());
+        let rules = imports(include_str!("rules.rs"));
+        assert!(!rules.iter().any(|l| l.contains("crate::config")), "{rules:?}");
+        assert!(rules.iter().any(|l| l.contains("crate::units")), "{rules:?}");
+    }
 
     #[test]
     fn sizes_parse_with_decimal_and_binary_units() {

@@ -1,0 +1,78 @@
+//! How the `prime` and `purge` commands reach this instance's sidecar: the admin address and
+//! token, and the purge request. The server side is [`super::Admin`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::config::Loader;
+
+/// How `prime` and `purge` reach this instance's sidecar: its admin address and token, from
+/// the flags, else from the configuration the sidecar reads (file, `SIDECACHE_*`).
+pub struct AdminAccess {
+    /// The admin port's base URL, e.g. `http://127.0.0.1:9090`.
+    pub target: String,
+    /// The bearer token, if any.
+    pub token: Option<String>,
+}
+
+impl AdminAccess {
+    /// Flags first, then the configuration (file, `SIDECACHE_*`), then `127.0.0.1:9090`.
+    pub fn resolve(target: Option<String>, token: Option<String>, config: Option<PathBuf>) -> AdminAccess {
+        let token = token.filter(|t| !t.is_empty());
+        let loaded = if target.is_some() && token.is_some() {
+            None
+        } else {
+            match Loader::new(std::env::vars()).file(config).load() {
+                Ok(config) => Some(config),
+                Err(e) => {
+                    eprintln!("sidecache: the admin address and token are not taken from the configuration: {e}");
+                    None
+                }
+            }
+        };
+        let target = target.unwrap_or_else(|| {
+            let mut addr = loaded.as_ref().map_or_else(
+                || std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+                |c| c.admin_listen,
+            );
+            // A wildcard listener is reached on loopback from this instance.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr.ip() {
+                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            format!("http://{addr}")
+        });
+        let token = token.or_else(|| loaded.and_then(|c| c.admin_token));
+        AdminAccess { target, token }
+    }
+}
+
+/// `sidecache purge`: asks the admin port at `access` to purge `query` (`url`, `prefix` or
+/// `all`) and prints its answer.
+pub async fn purge(access: AdminAccess, query: (&'static str, String)) -> anyhow::Result<u8> {
+    let AdminAccess { target, token } = access;
+    let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
+    let encoded = form_urlencoded::Serializer::new(String::new())
+        .append_pair(query.0, &query.1)
+        .finish();
+    let url = format!("{}/purge?{encoded}", target.trim_end_matches('/'));
+    let mut req = client.post(&url);
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        req = req.bearer_auth(token);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("failed to reach the admin port at {target}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("purge refused ({status}): {}", body.trim());
+    }
+    print!("{body}");
+    Ok(0)
+}

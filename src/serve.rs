@@ -1,0 +1,191 @@
+//! The `serve` subcommand, from a validated configuration to an exit status: start and supervise
+//! the app (`serve -- <command>`), start the sidecar, bind the public port once the app is
+//! ready, prime in the background (`--prime FILE`), and shut down on SIGTERM/SIGINT or when the
+//! app exits (its status becomes ours). `main` only parses the command line and calls [`run`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::prime::protocol::WarmResult;
+use crate::prime::warm::{Job, warm_all};
+use crate::prime::{self, Input};
+use crate::proxy::Proxy;
+use crate::sidecar::Sidecar;
+use crate::supervise::{self, App};
+
+/// `serve --prime FILE --prime-host HOST`: what to warm once serving has begun.
+#[derive(Debug, Clone)]
+pub struct PrimeFile {
+    /// A manifest (`.json`, format detected) or a URL list.
+    pub file: PathBuf,
+    /// The public Host for paths in it [default: `localhost`].
+    pub host: Option<String>,
+}
+
+/// Serves until a signal or the app's exit; returns the process's exit status (the app's, when
+/// there is one).
+pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<PrimeFile>) -> anyhow::Result<u8> {
+    // Before the cache sizes its open tier from the limit.
+    match crate::cache::mmap::raise_descriptor_limit() {
+        Ok((before, after)) if before != after => info!(before, after, "raised the descriptor limit"),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not raise the descriptor limit"),
+    }
+    let mut app = None;
+    if !app_command.is_empty() {
+        // With no explicit upstream port for the app, give it a free loopback port.
+        if config.upstream.port() == 3000 && std::env::var_os("SIDECACHE_UPSTREAM").is_none() {
+            let port = supervise::free_port().context("failed to find a free port for the app")?;
+            config.upstream =
+                crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
+        }
+        app = Some(App::spawn(&app_command, config.upstream.port())?);
+    }
+
+    let app_start_timeout = config.app_start_timeout;
+    let upstream_host = config.upstream.authority.host().to_owned();
+    let upstream_port = config.upstream.port();
+    let sidecar = Sidecar::start(config)
+        .await
+        .context("failed to start the admin listener")?;
+    let signals = termination();
+    tokio::pin!(signals);
+
+    if let Some(app) = app.as_mut() {
+        tokio::select! {
+            ready = app.wait_ready(&upstream_host, upstream_port, app_start_timeout) => {
+                if let Err(e) = ready {
+                    error!(error = %e, "app failed to start");
+                    return Ok(match e {
+                        supervise::StartError::Exited { status } => supervise::exit_code(status).clamp(1, 255) as u8,
+                        _ => { app.signal(libc::SIGKILL); 1 }
+                    });
+                }
+                info!(port = upstream_port, "app ready");
+            }
+            sig = &mut signals => {
+                app.signal(sig?);
+                let status = app.wait().await?;
+                return Ok(supervise::exit_code(status) as u8);
+            }
+        }
+    }
+
+    let listener = sidecar
+        .bind_public()
+        .await
+        .context("failed to bind the public listener")?;
+    if let Some(prime) = prime {
+        tokio::spawn(prime_in_background(sidecar.proxy.clone(), prime));
+    }
+    let serving = sidecar.serve(listener);
+    tokio::pin!(serving);
+
+    let mut app_status = None;
+    tokio::select! {
+        _ = &mut serving => {}
+        sig = &mut signals => {
+            let sig = sig?;
+            info!(signal = sig, "shutting down");
+            if let Some(app) = app.as_ref() {
+                app.signal(sig);
+            }
+            sidecar.shutdown.cancel();
+            let drained = serving.await;
+            if !drained {
+                warn!("some requests were cut off at the end of the grace period");
+            }
+        }
+        status = wait_app(&mut app) => {
+            let status = status?;
+            warn!(status = %status, "app exited; shutting down");
+            app_status = Some(status);
+            sidecar.shutdown.cancel();
+            let grace = Duration::from_secs(2);
+            let _ = tokio::time::timeout(grace, serving).await;
+        }
+    }
+    if let Some(mut app) = app {
+        let status = match app_status {
+            Some(status) => status,
+            None => app.wait().await?,
+        };
+        info!(status = %status, "app exited");
+        return Ok(supervise::exit_code(status).clamp(0, 255) as u8);
+    }
+    Ok(0)
+}
+
+async fn wait_app(app: &mut Option<App>) -> std::io::Result<std::process::ExitStatus> {
+    match app {
+        Some(app) => app.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT, naming it.
+pub async fn termination() -> anyhow::Result<i32> {
+    let mut term = signal(SignalKind::terminate()).context("failed to install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to install SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => libc::SIGTERM,
+        _ = int.recv() => libc::SIGINT,
+    })
+}
+
+/// `serve --prime`: warms the listed objects through the same loop as `POST /prime`, once
+/// serving has begun, and logs the tally.
+async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
+    let PrimeFile { file, host } = prime;
+    let input = if file.extension().is_some_and(|e| e == "json") {
+        Input::Manifest {
+            path: file.clone(),
+            prefix: None,
+        }
+    } else {
+        Input::Urls(file.clone())
+    };
+    let urls = match async { prime::collect(&input, &crate::http_client().build()?).await }.await {
+        Ok(urls) => urls,
+        Err(e) => {
+            warn!(error = format!("{e:#}"), file = %file.display(), "priming skipped");
+            return;
+        }
+    };
+    // Fills are accepted once the index has counted what is on disk.
+    while !proxy.cache.is_loaded() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = std::time::Instant::now();
+    let job = Job {
+        host: host.unwrap_or_else(|| "localhost".into()),
+        from: None,
+        concurrency: 8,
+        timeout: Duration::from_secs(30),
+    };
+    let mut lines = warm_all(proxy, urls, job);
+    let (mut warmed, mut warm, mut failed) = (0, 0, 0);
+    while let Some(line) = lines.recv().await {
+        match line.result {
+            WarmResult::Warmed { .. } => warmed += 1,
+            WarmResult::AlreadyWarm { .. } => warm += 1,
+            WarmResult::Failed(why) => {
+                failed += 1;
+                warn!(path = %line.url.split('?').next().unwrap_or(""), reason = %why, "prime failed");
+            }
+        }
+    }
+    info!(
+        warmed,
+        warm,
+        failed,
+        seconds = started.elapsed().as_secs_f64(),
+        "primed"
+    );
+}
