@@ -468,6 +468,14 @@ async fn a_flood_of_posts_invalidates_within_a_bound_and_counts_the_rest() {
     let get = client.get(&url).header("accept-language", "en").send().await.unwrap();
     assert!(cache_status(&get).contains("stored"));
     get.bytes().await.unwrap();
+    // Committed (and so known to vary) before the flood: every POST then scans.
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let r = client.get(&url).header("accept-language", "en").send().await.unwrap();
+            cache_status(&r) == "sidecache; hit"
+        })
+        .await
+    );
     let flood = sidecache::proxy::INVALIDATION_BURST as u64 + 100;
     let started = Instant::now();
     for _ in 0..flood {
