@@ -9,6 +9,7 @@ mod hostile;
 mod prime;
 mod prometheus;
 mod proxy;
+mod room;
 mod safety_admin;
 mod safety_request;
 mod safety_rules;
