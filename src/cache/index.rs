@@ -702,6 +702,8 @@ mod tests {
             1200,
             "the victims' files and the part granted: the budget, no more"
         );
+        // What the eviction loop goes by: the victims gone, the reservation whole.
+        assert_eq!(ix.settled(), (6 * 110 + 500, 7));
         // Meanwhile another fill finds the room taken, and makes its own.
         let other = ix.reserve_room(110, 1, 1200, 100).unwrap();
         assert_eq!(other.victims.len(), 1);
