@@ -40,7 +40,7 @@ pub const HOT_SIZE: &str = "sidecache_hot_tier_size_bytes";
 pub const OPEN_FILES: &str = "sidecache_open_tier_files";
 /// Times the process ran out of descriptors and the open tier closed half its files.
 pub const DESCRIPTOR_SHORTAGES: &str = "sidecache_descriptor_shortages_total";
-/// Objects evicted by the LRU loop.
+/// Objects evicted: by the LRU loop, or by a fill making room for itself.
 pub const EVICTIONS: &str = "sidecache_evictions_total";
 /// Bytes freed by eviction.
 pub const EVICTED_BYTES: &str = "sidecache_evicted_bytes_total";
@@ -145,7 +145,10 @@ fn describe() {
         DESCRIPTOR_SHORTAGES,
         "Times the process ran out of descriptors and the open tier closed half its files."
     );
-    describe_counter!(EVICTIONS, "Objects evicted by the LRU loop.");
+    describe_counter!(
+        EVICTIONS,
+        "Objects evicted: by the LRU loop, or by a fill making room for itself."
+    );
     describe_counter!(EVICTED_BYTES, Unit::Bytes, "Bytes freed by eviction.");
     describe_counter!(FILLS_STARTED, "Cache fills started.");
     describe_counter!(FILLS_COMPLETED, "Cache fills committed.");

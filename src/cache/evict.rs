@@ -1,8 +1,11 @@
-//! The LRU eviction loop: woken when a fill pushes usage past the high watermark (or a
-//! reservation is refused), and on a timer; each pass evicts least-recently-used objects until
-//! usage is under the low watermark. It never blocks the request path: the index lock is held
-//! only to pick victims, and files are unlinked on a blocking thread (open mappings and files
-//! stay valid for their readers until dropped).
+//! The LRU eviction loop: woken when a reservation leaves usage past the high watermark, and
+//! on a timer; each pass evicts least-recently-used objects until usage is under the low
+//! watermark, so that most fills find their room ready. It is headroom, not the only way room
+//! is made: a fill that does not fit evicts what it needs itself (`Cache::reserve_room`), so
+//! a cache sitting between the watermarks never refuses an object that could fit. It never
+//! blocks the request path: the index lock is held only to pick victims, and files are
+//! unlinked on a blocking thread (open mappings and files stay valid for their readers until
+//! dropped).
 
 use std::sync::Arc;
 

@@ -11,6 +11,10 @@
 //! Bytes are accounted as `used` (committed files), `reserved` (fills in progress) and
 //! `unlinking` (removed from the index, not yet off the disk). Their sum is what the disk may
 //! hold at any instant; a reservation is granted only while that sum stays within the budget.
+//! One that does not fit makes room: least recently used entries are evicted for it, and the
+//! part of it their files still hold is granted once they are off the disk
+//! ([`Index::reserve_room`]). So a fill is refused only when it could never fit, or when the
+//! room is held by other fills in progress; never because of where the watermarks are.
 //!
 //! The bytes are what the disk spends, not what the files hold: each file is charged its
 //! length rounded up to the filesystem's allocation unit, at least one unit ([`charge`]), and
@@ -67,6 +71,25 @@ pub struct Removed {
     pub bytes: u64,
 }
 
+/// What [`Index::reserve_room`] granted: at once when `victims` is empty; otherwise once the
+/// victims' files are off the disk and [`Index::room_made`] is told.
+#[derive(Debug)]
+pub struct Room {
+    /// Entries evicted to make the room, least recently used first.
+    pub victims: Vec<Removed>,
+    /// Bytes and objects of the reservation granted only by [`Index::room_made`].
+    pub held: (u64, u64),
+}
+
+/// A reservation [`Index::reserve_room`] refused.
+#[derive(Debug)]
+pub struct Refused {
+    /// `"budget"`, `"objects"` (could never fit) or `"room"` (none could be made now).
+    pub reason: &'static str,
+    /// Entries evicted before the refusal showed: their files are the caller's to remove.
+    pub victims: Vec<Removed>,
+}
+
 /// Most of the indexed bytes the protected segment holds.
 const PROTECTED_SHARE: f64 = 0.8;
 
@@ -106,6 +129,9 @@ pub struct Index {
     unlinking_objects: u64,
     /// Objects (records) found at startup, not indexed yet.
     unindexed_objects: u64,
+    /// Bytes and objects reservations hold back until their victims are off the disk
+    /// ([`Index::reserve_room`]).
+    holding: (u64, u64),
 }
 
 impl Default for Index {
@@ -131,6 +157,7 @@ impl Index {
             reserved_objects: 0,
             unlinking_objects: 0,
             unindexed_objects: 0,
+            holding: (0, 0),
         }
     }
 
@@ -225,27 +252,84 @@ impl Index {
         }
     }
 
-    /// Reserves `bytes` for a fill if the budget allows. Never lets `usage()` pass `budget`.
-    pub fn reserve(&mut self, bytes: u64, budget: u64) -> bool {
-        if self.usage().saturating_add(bytes) > budget {
-            return false;
+    /// Reserves `bytes` and `objects` for a fill, making room when they do not fit: the least
+    /// recently used entries are removed until they would ([`Room::victims`], whose files the
+    /// caller removes). What the victims' files still hold is granted only once they are off
+    /// the disk ([`Index::room_made`]), so `usage()` never passes `budget` nor `objects()`
+    /// `max_objects` on their account, in between or after.
+    ///
+    /// Refused, with the reason, when the reservation could never fit (`"budget"`: more than
+    /// the budget less the layout; `"objects"`: more than the object bound), or when evicting
+    /// every entry would not make the room (`"room"`: it is held by fills in progress, files
+    /// being removed, or files found at startup and not indexed yet). Nothing is evicted for
+    /// a refusal but in one case: a body counted before its entry is inserted (a commit in
+    /// progress) is not freed by evicting, and what was evicted before that shows is returned
+    /// in the refusal.
+    pub fn reserve_room(&mut self, bytes: u64, objects: u64, budget: u64, max_objects: u64) -> Result<Room, Refused> {
+        let refuse = |reason| {
+            Err(Refused {
+                reason,
+                victims: Vec::new(),
+            })
+        };
+        if self.overhead.saturating_add(bytes) > budget {
+            return refuse("budget");
         }
-        self.reserved += bytes;
-        true
+        if objects > max_objects {
+            return refuse("objects");
+        }
+        let over = self.usage().saturating_add(bytes).saturating_sub(budget);
+        let over_objects = (self.objects() + objects).saturating_sub(max_objects);
+        // Evicting frees committed bytes and indexed objects, nothing else.
+        if over > self.used || over_objects > self.len() as u64 {
+            return refuse("room");
+        }
+        let mut victims = Vec::new();
+        let mut freed = 0u64;
+        while freed < over || (victims.len() as u64) < over_objects {
+            let Some(r) = self.pop_lru() else {
+                return Err(Refused {
+                    reason: "room",
+                    victims,
+                });
+            };
+            freed += r.bytes;
+            victims.push(r);
+        }
+        // The victims stay counted (as unlinking) until they are off the disk: until then the
+        // reservation holds back what would take it over the budget.
+        let held = (over.min(bytes), over_objects.min(objects));
+        self.reserved += bytes - held.0;
+        self.reserved_objects += objects - held.1;
+        self.holding.0 += held.0;
+        self.holding.1 += held.1;
+        Ok(Room { victims, held })
     }
 
-    /// Reserves `bytes` and one object for a fill if the budget and the object bound both
-    /// allow; else says which does not ("budget" or "objects"). Never lets `usage()` pass
-    /// `budget` nor `objects()` pass `max_objects`.
-    pub fn reserve_object(&mut self, bytes: u64, budget: u64, max_objects: u64) -> Result<(), &'static str> {
-        if self.objects() >= max_objects {
-            return Err("objects");
-        }
-        if !self.reserve(bytes, budget) {
-            return Err("budget");
-        }
-        self.reserved_objects += 1;
-        Ok(())
+    /// Reports that the files of a [`Room`]'s victims are off the disk, and grants what the
+    /// reservation held back: one step, so no other reservation takes the room in between.
+    pub fn room_made(&mut self, victims: (u64, u64), held: (u64, u64)) {
+        self.unlinked(victims.0, victims.1);
+        self.reserved += held.0;
+        self.reserved_objects += held.1;
+        self.holding.0 = self.holding.0.saturating_sub(held.0);
+        self.holding.1 = self.holding.1.saturating_sub(held.1);
+    }
+
+    /// What `usage()` and `objects()` will be once what is being removed is off the disk (and
+    /// the reservations waiting for that have what they hold back): what the eviction loop
+    /// goes by, so that it does not evict again what a fill has just evicted for its room.
+    pub fn settled(&self) -> (u64, u64) {
+        (
+            self.usage() - self.unlinking + self.holding.0,
+            self.objects() - self.unlinking_objects + self.holding.1,
+        )
+    }
+
+    /// Returns what a reservation took: `bytes` and `objects`.
+    pub fn release_reservation(&mut self, bytes: u64, objects: u64) {
+        self.release(bytes);
+        self.reserved_objects = self.reserved_objects.saturating_sub(objects);
     }
 
     /// Returns reserved bytes a fill will not use.
@@ -253,7 +337,7 @@ impl Index {
         self.reserved = self.reserved.saturating_sub(bytes);
     }
 
-    /// Returns an object reserved by [`Index::reserve_object`]: its fill ended, whether its
+    /// Returns an object reserved by [`Index::reserve_room`]: its fill ended, whether its
     /// entry was inserted (then it is counted as indexed) or not.
     pub fn release_object(&mut self) {
         self.reserved_objects = self.reserved_objects.saturating_sub(1);
@@ -542,12 +626,23 @@ mod tests {
         assert_eq!(ix.len(), 1);
     }
 
+    /// Reserves without room to make (nothing is indexed to evict).
+    fn reserve(ix: &mut Index, bytes: u64, budget: u64) -> bool {
+        match ix.reserve_room(bytes, 0, budget, u64::MAX) {
+            Ok(room) => {
+                assert!(room.victims.is_empty());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     #[test]
     fn reservations_never_exceed_the_budget() {
         let mut ix = Index::new();
-        assert!(ix.reserve(600, 1000));
-        assert!(!ix.reserve(500, 1000));
-        assert!(ix.reserve(400, 1000));
+        assert!(reserve(&mut ix, 600, 1000));
+        assert!(!reserve(&mut ix, 500, 1000));
+        assert!(reserve(&mut ix, 400, 1000));
         ix.release(400);
         assert_eq!(ix.usage(), 600);
         // Converting a reservation into committed bytes keeps usage unchanged.
@@ -564,6 +659,179 @@ mod tests {
         };
         ix.insert(kh(1), e, 10);
         assert_eq!((ix.used(), ix.reserved(), ix.usage()), (600, 0, 600));
+    }
+
+    /// Removes a room's victims from the disk (as the caller does) and grants what it held.
+    fn make(ix: &mut Index, room: Room) -> Vec<KeyHash> {
+        let bytes = room.victims.iter().map(|r| r.bytes).sum();
+        ix.room_made((bytes, room.victims.len() as u64), room.held);
+        room.victims.iter().map(|r| r.meta.0).collect()
+    }
+
+    #[test]
+    fn a_reservation_that_does_not_fit_evicts_the_least_recently_used_it_needs() {
+        let mut ix = Index::new();
+        // Ten entries of 110 bytes in a budget of 1,200: 100 left, below any watermark.
+        for k in 0..10 {
+            add(&mut ix, k, k, 100);
+        }
+        ix.touch(&kh(0));
+        // 300 bytes: 200 short, two entries of 110 would do; the oldest of those asked for
+        // once go (1 and 2), not 0, asked for again.
+        let room = ix.reserve_room(300, 1, 1200, 100).unwrap();
+        assert_eq!(make(&mut ix, room), vec![kh(1), kh(2)]);
+        assert_eq!((ix.reserved(), ix.objects(), ix.usage()), (300, 9, 8 * 110 + 300));
+        // One that fits evicts nothing.
+        let room = ix.reserve_room(20, 1, 1200, 100).unwrap();
+        assert!(room.victims.is_empty());
+        assert_eq!(ix.usage(), 8 * 110 + 320);
+    }
+
+    #[test]
+    fn the_room_is_granted_only_once_the_victims_are_off_the_disk() {
+        let mut ix = Index::new();
+        for k in 0..10 {
+            add(&mut ix, k, k, 100);
+        }
+        let room = ix.reserve_room(500, 1, 1200, 100).unwrap();
+        // 400 short: four victims, still on the disk. What they hold is held back.
+        assert_eq!(room.victims.len(), 4);
+        assert_eq!(room.held, (400, 0));
+        assert_eq!(
+            ix.usage(),
+            1200,
+            "the victims' files and the part granted: the budget, no more"
+        );
+        // What the eviction loop goes by: the victims gone, the reservation whole.
+        assert_eq!(ix.settled(), (6 * 110 + 500, 7));
+        // Meanwhile another fill finds the room taken, and makes its own.
+        let other = ix.reserve_room(110, 1, 1200, 100).unwrap();
+        assert_eq!(other.victims.len(), 1);
+        assert!(ix.usage() <= 1200);
+        make(&mut ix, room);
+        assert!(ix.usage() <= 1200);
+        assert_eq!(ix.reserved(), 500 + 110 - 110);
+        make(&mut ix, other);
+        assert_eq!((ix.reserved(), ix.usage()), (610, 5 * 110 + 610));
+    }
+
+    #[test]
+    fn the_object_bound_makes_room_too() {
+        let mut ix = Index::new();
+        for k in 0..5 {
+            add(&mut ix, k, k, 100);
+        }
+        // Five objects, a bound of five: the sixth evicts one, and its object is held until
+        // that one is off the disk.
+        let room = ix.reserve_room(10, 1, 1_000_000, 5).unwrap();
+        assert_eq!(room.held, (0, 1));
+        assert_eq!(ix.objects(), 5);
+        assert_eq!(make(&mut ix, room), vec![kh(0)]);
+        assert_eq!((ix.objects(), ix.len()), (5, 4));
+    }
+
+    #[test]
+    fn what_could_never_fit_or_is_held_by_fills_is_refused_without_evicting() {
+        let mut ix = Index::new();
+        ix.set_disk(1, 100);
+        for k in 0..5 {
+            add(&mut ix, k, k, 100);
+        }
+        let refused = |r: Result<Room, Refused>| {
+            let r = r.unwrap_err();
+            assert!(r.victims.is_empty());
+            r.reason
+        };
+        // More than the budget less the layout, however empty the cache.
+        assert_eq!(refused(ix.reserve_room(1101, 1, 1200, 100)), "budget");
+        assert_eq!(refused(ix.reserve_room(10, 2, 1200, 1)), "objects");
+        // Room held by fills in progress cannot be evicted.
+        let fill = ix.reserve_room(500, 1, 1200, 100).unwrap();
+        make(&mut ix, fill);
+        assert_eq!(refused(ix.reserve_room(700, 1, 1200, 100)), "room");
+        assert_eq!(ix.len(), 5, "nothing evicted for a refusal");
+    }
+
+    #[test]
+    fn interleaved_reservations_never_pass_the_budget_or_the_bound() {
+        // Fills reserving (and making room), victims removed late and out of order, fills
+        // committing or failing: at every step what the disk may hold is within the budget.
+        let (budget, max_objects) = (5000u64, 12u64);
+        let mut ix = Index::new();
+        ix.set_disk(10, 200);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut pending, mut fills): (Vec<Room>, Vec<(u64, u64)>) = (Vec::new(), Vec::new());
+        let mut made = 0;
+        for step in 0..20_000u32 {
+            match rand(4) {
+                0 | 1 => {
+                    let len = 1 + rand(2000);
+                    let bytes = ix.charge(len) + ix.charge(10);
+                    match ix.reserve_room(bytes, 1, budget, max_objects) {
+                        Ok(room) => {
+                            made += room.victims.len();
+                            fills.push((len, bytes));
+                            pending.push(room);
+                        }
+                        Err(r) => assert!(r.victims.is_empty() && r.reason == "room"),
+                    }
+                }
+                2 if !pending.is_empty() => {
+                    let room = pending.swap_remove(rand(pending.len() as u64) as usize);
+                    make(&mut ix, room);
+                }
+                3 if !fills.is_empty() && pending.is_empty() => {
+                    let (len, bytes) = fills.swap_remove(rand(fills.len() as u64) as usize);
+                    if rand(4) == 0 {
+                        ix.release_reservation(bytes, 1);
+                    } else {
+                        let key = 100_000 + step;
+                        let (generation, _) = ix.acquire_body(digest(key), len, u64::from(key), ix.charge(len));
+                        let entry = Entry {
+                            key: format!("http://h/{key}").into(),
+                            meta_gen: u64::from(key),
+                            meta_len: 10,
+                            digest: digest(key),
+                            body_gen: generation,
+                            body_len: len,
+                            verified: true,
+                            body_mtime: 0,
+                        };
+                        assert!(ix.insert(kh(key), entry, bytes - ix.charge(len)).is_none());
+                        ix.release_object();
+                    }
+                }
+                _ => {}
+            }
+            assert!(ix.usage() <= budget, "step {step}: {} over {budget}", ix.usage());
+            assert!(ix.objects() <= max_objects, "step {step}: {} objects", ix.objects());
+        }
+        assert!(made > 1000, "room was made {made} times");
+    }
+
+    #[test]
+    fn the_object_bound_counts_fills_and_unlinking_objects() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 1, 100);
+        assert!(ix.reserve_room(10, 1, 1_000_000, 3).is_ok());
+        assert_eq!(ix.objects(), 2, "one indexed, one being filled");
+        assert_eq!(ix.reserve_room(10, 1, 1_000_000, 1).unwrap_err().reason, "room");
+        assert_eq!(
+            ix.reserve_room(1_000_001, 1, 1_000_000, 3).unwrap_err().reason,
+            "budget"
+        );
+        let r = ix.remove(&kh(1)).unwrap();
+        assert_eq!(ix.objects(), 2, "removed, not yet unlinked");
+        ix.unlinked(r.bytes, 1);
+        assert_eq!(ix.objects(), 1);
+        ix.release_reservation(10, 1);
+        assert_eq!((ix.objects(), ix.usage()), (0, 0));
     }
 
     #[test]
@@ -620,22 +888,5 @@ mod tests {
         assert_eq!(ix.usage(), 100_000 + 1000 * 2 * 4096, "until unlinked");
         ix.unlinked(r.bytes, 1);
         assert_eq!(ix.usage(), 100_000 + 999 * 2 * 4096);
-    }
-
-    #[test]
-    fn the_object_bound_counts_fills_and_unlinking_objects() {
-        let mut ix = Index::new();
-        add(&mut ix, 1, 1, 100);
-        assert_eq!(ix.reserve_object(10, 1_000_000, 3), Ok(()));
-        assert_eq!(ix.objects(), 2, "one indexed, one being filled");
-        assert_eq!(ix.reserve_object(10, 1_000_000, 2), Err("objects"));
-        assert_eq!(ix.reserve_object(1_000_000, 1_000_000, 3), Err("budget"));
-        let r = ix.remove(&kh(1)).unwrap();
-        assert_eq!(ix.objects(), 2, "removed, not yet unlinked");
-        ix.unlinked(r.bytes, 1);
-        assert_eq!(ix.objects(), 1);
-        ix.release(10);
-        ix.release_object();
-        assert_eq!((ix.objects(), ix.usage()), (0, 0));
     }
 }

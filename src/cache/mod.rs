@@ -59,6 +59,40 @@ struct Shortage {
 const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
 const TEE_STEP: u64 = 1 << 20;
+/// Longest a fill waits for the files evicted to make its room to be removed; past it the
+/// response is relayed uncached.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
+
+/// Bytes (as charged) and objects reserved for a fill, given back when dropped unless the
+/// fill takes them over ([`Reservation::keep`]): a fill that stops while it waits for room or
+/// for its file leaves nothing reserved. Never dropped while the index is locked.
+struct Reservation {
+    cache: Arc<Cache>,
+    bytes: u64,
+    objects: u64,
+}
+
+impl Reservation {
+    /// The fill takes over what is reserved (and gives it back itself); returns the bytes.
+    fn keep(mut self) -> u64 {
+        self.objects = 0;
+        std::mem::take(&mut self.bytes)
+    }
+
+    /// Adds another reservation's bytes and objects to this one.
+    fn absorb(&mut self, other: Reservation) {
+        self.objects += other.objects;
+        self.bytes += other.keep();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 || self.objects > 0 {
+            self.cache.lock_index().release_reservation(self.bytes, self.objects);
+        }
+    }
+}
 
 /// What the index says a body file holds.
 #[derive(Clone, Copy)]
@@ -893,44 +927,96 @@ impl Cache {
         self.lock_index().charge(len)
     }
 
-    /// Reserves `bytes` (as charged) for a fill in progress. Wakes the evictor when refused or
-    /// over the high watermark.
-    fn reserve(&self, bytes: u64) -> bool {
+    /// Reserves `bytes` (as charged) and `objects` (0 or 1) for a fill, making room when they
+    /// do not fit ([`Index::reserve_room`]): the least recently used objects are evicted for
+    /// it, and the reservation is complete once their files are removed (off the event loop,
+    /// on a task of its own). That wait is bounded by [`ROOM_WAIT`], and by `coalesce_timeout`
+    /// when shorter (the fill's waiters wait for it no longer): a fill that does not get its
+    /// room in time is refused (`"room"`) and what it reserved is given back, now or when the
+    /// removal ends. Refused at once when it could never fit (`"budget"`, `"objects"`) or the
+    /// room is held by other fills in progress (`"room"`). Wakes the eviction loop when over
+    /// the high watermark, so later fills find room ready.
+    async fn reserve_room(self: &Arc<Self>, bytes: u64, objects: u64) -> Result<Reservation, &'static str> {
         if !self.accounted.load(Ordering::Acquire) {
-            return false;
-        }
-        let budget = self.budget();
-        let (ok, usage) = {
-            let mut ix = self.lock_index();
-            (ix.reserve(bytes, budget), ix.usage())
-        };
-        if !ok || usage as f64 > budget as f64 * self.config.high_watermark {
-            self.evict_wakeup.notify_one();
-        }
-        ok
-    }
-
-    /// Reserves `bytes` and one object for a new fill; a refusal is counted by its reason
-    /// (`budget` or `objects`). The object is given back by the commit (or [`Cache::release_fill`]).
-    fn reserve_fill(&self, bytes: u64) -> bool {
-        if !self.accounted.load(Ordering::Acquire) {
-            return false;
+            // The files found at startup are not counted yet: the room is not known.
+            return Err("room");
         }
         let (budget, max_objects) = self.limits();
-        let (result, usage, objects) = {
+        let (result, usage, count) = {
             let mut ix = self.lock_index();
-            (ix.reserve_object(bytes, budget, max_objects), ix.usage(), ix.objects())
+            (
+                ix.reserve_room(bytes, objects, budget, max_objects),
+                ix.usage(),
+                ix.objects(),
+            )
         };
-        if result.is_err()
-            || usage as f64 > budget as f64 * self.config.high_watermark
-            || objects as f64 > max_objects as f64 * self.config.high_watermark
+        if usage as f64 > budget as f64 * self.config.high_watermark
+            || count as f64 > max_objects as f64 * self.config.high_watermark
         {
             self.evict_wakeup.notify_one();
         }
-        if let Err(reason) = result {
-            metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+        let room = match result {
+            Ok(room) => room,
+            Err(refused) => {
+                if !refused.victims.is_empty() {
+                    self.evicted(&refused.victims);
+                    let cache = self.clone();
+                    tokio::spawn(async move { cache.unlink(refused.victims).await });
+                }
+                return Err(refused.reason);
+            }
+        };
+        let (held, victims) = (room.held, room.victims);
+        let mut reservation = Reservation {
+            cache: self.clone(),
+            bytes: bytes - held.0,
+            objects: objects - held.1,
+        };
+        if victims.is_empty() {
+            return Ok(reservation);
         }
-        result.is_ok()
+        self.evicted(&victims);
+        let cache = self.clone();
+        // On a task of its own: the files are removed and the held part granted even when this
+        // fill stops waiting; a grant nobody waits for any more is dropped with the task's
+        // output, which gives it back.
+        let made = tokio::spawn(async move {
+            cache.unlink_granting(victims, held).await;
+            Reservation {
+                cache,
+                bytes: held.0,
+                objects: held.1,
+            }
+        });
+        match tokio::time::timeout(ROOM_WAIT.min(self.config.coalesce_timeout), made).await {
+            Ok(Ok(rest)) => {
+                reservation.absorb(rest);
+                Ok(reservation)
+            }
+            _ => Err("room"),
+        }
+    }
+
+    /// Forgets entries evicted to make room and counts them as evictions.
+    fn evicted(&self, victims: &[Removed]) {
+        for r in victims {
+            self.forget(&r.meta.0);
+        }
+        metrics::counter!(m::EVICTIONS).increment(victims.len() as u64);
+        metrics::counter!(m::EVICTED_BYTES).increment(victims.iter().map(|r| r.bytes).sum());
+    }
+
+    /// Reserves `bytes` and one object for a new fill; a refusal is counted by its reason
+    /// (`budget`, `objects` or `room`). The object is given back by the commit (or
+    /// [`Cache::release_fill`]).
+    async fn reserve_fill(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        match self.reserve_room(bytes, 1).await {
+            Ok(reservation) => Some(reservation),
+            Err(reason) => {
+                metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+                None
+            }
+        }
     }
 
     /// Gives back what [`Cache::reserve_fill`] (and later reservations) took for a fill that
@@ -960,9 +1046,10 @@ impl Cache {
             metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
             return Err((permit, body));
         }
-        if !self.reserve_fill(reservation) {
+        // Its waiters wait while it makes room: no longer than they wait for it.
+        let Some(reserved) = self.reserve_fill(reservation).await else {
             return Err((permit, body));
-        }
+        };
         let generation = store.next_gen();
         let staged = if Fill::deferred(len) {
             Staged::Memory
@@ -973,7 +1060,7 @@ impl Cache {
                     Staged::File(tmp, writer)
                 }
                 Err(e) => {
-                    self.release_fill(reservation);
+                    drop(reserved);
                     self.storage_error(&e);
                     metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
                     return Err((permit, body));
@@ -989,6 +1076,7 @@ impl Cache {
         permit.settle(Flight::Streaming(fill.clone()));
         let cache = self.clone();
         let task_fill = fill.clone();
+        let reservation = reserved.keep();
         tokio::spawn(async move {
             let ok = cache.run_fill(&task_fill, body, generation, staged, reservation).await;
             task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
@@ -1228,17 +1316,18 @@ impl Cache {
         let cache = self.clone();
         tokio::spawn(async move {
             // Without an object to fill or a file, the receiver goes away and the client's
-            // body is left alone. Bytes are reserved as they come.
-            if !cache.reserve_fill(0) {
+            // body is left alone. Bytes are reserved as they come, making room as a fill of a
+            // known length does; the client is not held back meanwhile (a copy that falls
+            // behind is dropped).
+            let Some(mut reserved) = cache.reserve_fill(0).await else {
                 return;
-            }
+            };
             let Ok(tmp) = create_tmp_body(store, generation, 0).await else {
-                cache.release_fill(0);
                 return;
             };
             metrics::counter!(m::FILLS_STARTED).increment(1);
             let mut writer = HashingWriter::new(tmp.file.clone());
-            let mut reserved = 0u64;
+            let mut refused = None;
             let mut ended = false;
             while let Some(msg) = rx.recv().await {
                 // What is queued already goes to disk in the same step.
@@ -1255,15 +1344,19 @@ impl Cache {
                 }
                 let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
                 if writer.written() + size > cache.config.max_object_size {
+                    refused = Some("budget");
                     break;
                 }
                 let need = cache.charge(writer.written() + size);
-                if need > reserved {
-                    let step = (need - reserved).max(TEE_STEP);
-                    if !cache.reserve(step) {
-                        break;
+                if need > reserved.bytes {
+                    let step = (need - reserved.bytes).max(TEE_STEP);
+                    match cache.reserve_room(step, 0).await {
+                        Ok(more) => reserved.absorb(more),
+                        Err(reason) => {
+                            refused = Some(reason);
+                            break;
+                        }
                     }
-                    reserved += step;
                 }
                 if writer.write(batch).await.is_err() {
                     break;
@@ -1278,14 +1371,20 @@ impl Cache {
             let mut meta = meta;
             meta.body_len = written;
             let need = cache.charge(meta.encoded_len()) + cache.charge(written);
-            if !ended || need > reserved && !cache.reserve(need - reserved) {
-                metrics::counter!(m::FILLS_ABORTED, "reason" => if ended { "budget" } else { "incomplete" })
-                    .increment(1);
+            if ended && need > reserved.bytes {
+                match cache.reserve_room(need - reserved.bytes, 0).await {
+                    Ok(more) => reserved.absorb(more),
+                    Err(reason) => refused = Some(reason),
+                }
+            }
+            if !ended || refused.is_some() {
+                let reason = refused.unwrap_or("incomplete");
+                metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
                 tmp.discard();
-                cache.release_fill(reserved);
+                drop(reserved);
                 return;
             }
-            let reserved = reserved.max(need);
+            let reserved = reserved.keep();
             cache
                 .commit(
                     meta,
@@ -1301,25 +1400,34 @@ impl Cache {
 
     /// Removes files an index change made unreachable, off the runtime, then accounts them.
     async fn unlink(&self, removed: Vec<Removed>) {
-        let Some(store) = self.store() else { return };
+        self.unlink_granting(removed, (0, 0)).await;
+    }
+
+    /// [`Cache::unlink`] for the victims of a reservation: once they are off the disk, grants
+    /// the bytes and objects it `held` back, in the same step ([`Index::room_made`]).
+    async fn unlink_granting(&self, removed: Vec<Removed>, held: (u64, u64)) {
         let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
         let objects = removed.len() as u64;
-        let tiers = [self.hot.clone(), self.open.clone()];
-        let _ = tokio::task::spawn_blocking(move || {
-            for r in &removed {
-                let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
-                if let Some((d, g)) = &r.body {
-                    let _ = store.remove(&store.body_path(d, *g));
+        // (There is always a store when something was indexed.)
+        if let Some(store) = self.store() {
+            let tiers = [self.hot.clone(), self.open.clone()];
+            let _ = tokio::task::spawn_blocking(move || {
+                for r in &removed {
+                    let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
+                    if let Some((d, g)) = &r.body {
+                        let _ = store.remove(&store.body_path(d, *g));
+                    }
                 }
-            }
-            // The tiers drop what was invalidated now, not at their next housekeeping: until
-            // then a mapped body's descriptor would keep a removed file's blocks allocated.
-            for tier in tiers.iter().flatten() {
-                tier.run_pending_tasks();
-            }
-        })
-        .await;
-        self.lock_index().unlinked(bytes, objects);
+                // The tiers drop what was invalidated now, not at their next housekeeping:
+                // until then a mapped body's descriptor would keep a removed file's blocks
+                // allocated.
+                for tier in tiers.iter().flatten() {
+                    tier.run_pending_tasks();
+                }
+            })
+            .await;
+        }
+        self.lock_index().room_made((bytes, objects), held);
     }
 
     /// Evicts least-recently-used objects until usage is under the low watermark. Returns
@@ -1333,23 +1441,18 @@ impl Cache {
         let low_objects = (max_objects as f64 * self.config.low_watermark) as u64;
         let removed: Vec<Removed> = {
             let mut ix = self.lock_index();
-            let over_bytes = ix.usage() > high || ix.usage() > budget;
-            let over_objects = ix.objects() > high_objects || ix.objects() > max_objects;
+            // What is being removed is as good as gone (fills that made room for themselves
+            // evicted it): the pass goes by what is left once it is.
+            let (usage, objects) = ix.settled();
+            let over_bytes = usage > high || usage > budget;
+            let over_objects = objects > high_objects || objects > max_objects;
             if !over_bytes && !over_objects {
                 return (0, 0);
             }
-            // Bytes and objects popped here stay in `usage()` and `objects()` (as unlinking)
-            // until they are off the disk, so the pass counts what it frees itself.
             let mut out = Vec::new();
-            let mut freeing = 0u64;
-            while ix.usage().saturating_sub(freeing) > low
-                || ix.objects().saturating_sub(out.len() as u64) > low_objects
-            {
+            while ix.settled().0 > low || ix.settled().1 > low_objects {
                 match ix.pop_lru() {
-                    Some(r) => {
-                        freeing += r.bytes;
-                        out.push(r);
-                    }
+                    Some(r) => out.push(r),
                     None => break,
                 }
             }
@@ -1369,14 +1472,15 @@ impl Cache {
 
     /// Stores a revalidated response's refreshed head (RFC 9111 §4.3.4): a new record version
     /// for the same body. Returns false if it could not be stored (the caller still serves).
-    pub async fn refresh(&self, meta: Meta) -> bool {
+    pub async fn refresh(self: &Arc<Self>, meta: Meta) -> bool {
         let Some(store) = self.store() else { return false };
         let hash = meta.storage_hash();
         let record_len = meta.encoded_len();
         let record_charge = self.charge(record_len);
-        if !self.reserve(record_charge) {
+        let Ok(reserved) = self.reserve_room(record_charge, 0).await else {
             return false;
-        }
+        };
+        let record_charge = reserved.keep();
         {
             let mut ix = self.lock_index();
             if !ix.has_body(&meta.digest, meta.body_gen) {

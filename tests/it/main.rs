@@ -10,6 +10,7 @@ mod prime;
 mod prime_house;
 mod prometheus;
 mod proxy;
+mod room;
 mod safety_admin;
 mod safety_request;
 mod safety_rules;
