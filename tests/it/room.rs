@@ -499,7 +499,7 @@ async fn a_budget_lowered_by_min_free_still_makes_room() {
         c.cache_dir = cache_dir.clone();
         c.max_size = 64 * MIB;
         c.max_objects = 32;
-        c.min_free = sidecache::size::MinFree::Bytes(8 * MIB);
+        c.min_free = sidecache::units::MinFree::Bytes(8 * MIB);
         c.memory_size = 0;
     })
     .await;
