@@ -318,15 +318,7 @@ async fn unsafe_requests_invalidate_their_url_and_location() {
     get(&sc, "/items/1").await;
     get(&sc, "/items").await;
     stored(&sc, 2).await;
-    origin.route(
-        "/items/1/edit",
-        Behaviour::Fixed {
-            status: 303,
-            headers: owned(&[("location", "/items")]),
-            body: Bytes::new(),
-        },
-    );
-    // A POST to /items/1 (the app answers 303 See Other to /items).
+    // A POST to /items/1: the app answers 200 and names /items in Content-Location.
     origin.route(
         "/items/1",
         Behaviour::Fixed {
@@ -342,14 +334,38 @@ async fn unsafe_requests_invalidate_their_url_and_location() {
     assert_eq!(post.status, 200);
     assert_eq!(post.cache_status, "sidecache; fwd=method");
     stored(&sc, 0).await;
-    // A failed unsafe request invalidates nothing.
+    // A POST to a form URL answered 303 See Other to /items: /items goes, /items/1 stays.
+    origin.route("/items/1", validating("max-age=600", "item one"));
     origin.route("/items", validating("max-age=600", "list"));
+    get(&sc, "/items/1").await;
     get(&sc, "/items").await;
+    stored(&sc, 2).await;
+    origin.route(
+        "/items/1/edit",
+        Behaviour::Fixed {
+            status: 303,
+            headers: owned(&[("location", "/items")]),
+            body: Bytes::new(),
+        },
+    );
+    let mut host = reqwest::header::HeaderMap::new();
+    host.insert("host", reqwest::header::HeaderValue::from_static("app.example"));
+    let no_redirects = sidecache::http_client()
+        .default_headers(host)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let post = send(no_redirects.post(sc.url("/items/1/edit")).body("name=y")).await;
+    assert_eq!(post.status, 303);
     stored(&sc, 1).await;
+    assert_eq!(get(&sc, "/items/1").await.cache_status, "sidecache; hit");
+    assert_ne!(get(&sc, "/items").await.cache_status, "sidecache; hit");
+    // A failed unsafe request invalidates nothing.
+    stored(&sc, 2).await;
     origin.route("/items", Behaviour::Status(500));
     let failed = send(client().delete(sc.url("/items"))).await;
     assert_eq!(failed.status, 500);
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 1);
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 2);
     // Every stored variant of a URL goes, not only the one under the key's own hash.
     origin.fixed(
         "/v",
@@ -359,10 +375,10 @@ async fn unsafe_requests_invalidate_their_url_and_location() {
     for lang in ["en", "fr"] {
         send(client().get(sc.url("/v")).header("accept-language", lang)).await;
     }
-    stored(&sc, 3).await;
+    stored(&sc, 4).await;
     let post = send(client().post(sc.url("/v")).body("x")).await;
     assert_eq!(post.status, 200);
-    stored(&sc, 1).await;
+    stored(&sc, 2).await;
 }
 
 /// RFC 9111 §3, §3.5 and safe defaults: private, Set-Cookie and Authorization responses are
