@@ -16,14 +16,17 @@ pub struct CacheKey(String);
 impl CacheKey {
     /// The key of a request, or `None` when it names no host (then it is not cached).
     pub fn from_request<B>(req: &Request<B>, scheme: &str, query: &QueryKey) -> Option<CacheKey> {
-        let host = request_host(req)?;
+        let host = checked_host(raw_host(req)?)?;
         let path = req.uri().path();
         let q = req.uri().query().map(|q| key_query(q, query)).unwrap_or_default();
         // Built in one allocation: this runs on every request.
         let mut key = String::with_capacity(scheme.len() + 3 + host.len() + path.len() + 1 + q.len());
         key.push_str(scheme);
         key.push_str("://");
-        key.push_str(&host);
+        let at = key.len();
+        key.push_str(host);
+        // Lower-cased in place: the same spelling `normalize_host` gives the app.
+        key[at..].make_ascii_lowercase();
         key.push_str(path);
         if !q.is_empty() {
             key.push('?');
@@ -74,24 +77,30 @@ impl CacheKey {
 /// a host. The cache key and the `Host` the app receives both come from here, so the app never
 /// answers for a host other than the one its answer is stored under.
 pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = match req.headers().get(header::HOST) {
-        Some(h) => h.to_str().ok()?,
-        None => req.uri().authority()?.as_str(),
-    };
-    normalize_host(raw)
+    normalize_host(raw_host(req)?)
+}
+
+/// The `Host` field, else the URI's authority, as sent.
+fn raw_host<B>(req: &Request<B>) -> Option<&str> {
+    match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
+    }
 }
 
 /// A host as the key spells it: trimmed, lower-cased (RFC 9110 §4.2.3: the host is
 /// case-insensitive), the default port `:80` dropped. `None` for an empty host or one with
 /// characters that could smuggle a path or credentials.
 pub fn normalize_host(raw: &str) -> Option<String> {
+    checked_host(raw).map(str::to_ascii_lowercase)
+}
+
+/// `raw` trimmed and without `:80`, if it could be a host; not yet lower-cased.
+fn checked_host(raw: &str) -> Option<&str> {
     let host = raw.trim();
     let host = host.strip_suffix(":80").unwrap_or(host);
     let smuggles = |c: char| !c.is_ascii_graphic() || matches!(c, '/' | '\\' | '@' | '?' | '#');
-    if host.is_empty() || host.contains(smuggles) {
-        return None;
-    }
-    Some(host.to_ascii_lowercase())
+    (!host.is_empty() && !host.contains(smuggles)).then_some(host)
 }
 
 /// The normalized value of one `Vary`-named request header (RFC 9111 §4.1): field lines
