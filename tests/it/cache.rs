@@ -26,21 +26,6 @@ fn cache_status(resp: &reqwest::Response) -> String {
         .unwrap_or_default()
 }
 
-/// Sum of the lengths of every file under `dir`.
-fn bytes_on_disk(dir: &Path) -> u64 {
-    let mut total = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    for e in entries.flatten() {
-        let Ok(md) = e.metadata() else { continue };
-        if md.is_dir() {
-            total += bytes_on_disk(&e.path());
-        } else {
-            total += md.len();
-        }
-    }
-    total
-}
-
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -233,7 +218,7 @@ async fn bytes_on_disk_never_exceed_the_budget_under_concurrent_fills() {
         std::thread::spawn(move || {
             let mut samples = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(bytes_on_disk(&dir), Ordering::Relaxed);
+                peak.fetch_max(crate::support::disk_usage(&dir).0, Ordering::Relaxed);
                 samples += 1;
                 // A sampling interval, so the sampler does not take a whole core from the fills.
                 std::thread::sleep(Duration::from_millis(1));

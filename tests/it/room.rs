@@ -2,7 +2,6 @@
 //! used objects it needs, whatever the watermarks; it is refused only when it could never fit.
 //! The budget (what the directory spends, `du`-style) is never exceeded meanwhile.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::support::{Behaviour, Binary, Origin, TestSidecar, app_client, eventually, matches_pattern, origin::owned};
+use crate::support::{
+    Behaviour, Binary, Origin, TestSidecar, app_client, disk_usage, eventually, matches_pattern, metric, origin::owned,
+    scrape,
+};
 
 const CACHEABLE: &[(&str, &str)] = &[
     ("cache-control", "public, max-age=3600"),
@@ -52,34 +54,6 @@ async fn get(c: &reqwest::Client, url: &str) -> (String, Bytes) {
 
 fn is_hit(cs: &str) -> bool {
     cs == "sidecache; hit"
-}
-
-/// What the files under `dir` spend on disk, as `du` counts it: allocated blocks of every
-/// file and directory (links not followed). Bounded walk.
-fn disk_usage(dir: &Path) -> u64 {
-    let mut bytes = 0;
-    let mut stack = vec![dir.to_owned()];
-    let mut visited = 0;
-    while let Some(d) = stack.pop() {
-        visited += 1;
-        assert!(visited < 100_000, "runaway walk");
-        let Ok(md) = std::fs::symlink_metadata(&d) else {
-            continue;
-        };
-        bytes += md.blocks() * 512;
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for entry in entries.flatten() {
-            let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(entry.path());
-            } else {
-                bytes += md.blocks() * 512;
-            }
-        }
-    }
-    bytes
 }
 
 /// Waits until no fill holds a reservation: the last one committed (or gave up).
@@ -127,27 +101,6 @@ async fn store_within(sc: &TestSidecar, path: &str, attempts: u32) -> Bytes {
         .filter(|l| l.starts_with("sidecache_fills_aborted"))
         .collect();
     panic!("{path} was never stored; {}", aborted.join(", "));
-}
-
-/// Sum of a metric's samples whose line contains every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn scrape(admin: std::net::SocketAddr) -> String {
-    crate::support::client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// The real binary with `--max-size 10MiB` on `dir`, ready: (binary, public, admin).
@@ -289,7 +242,7 @@ async fn objects_of_a_growing_share_of_the_budget_are_each_stored() {
             );
             assert_eq!(origin.hits(&path), before);
         }
-        assert!(disk_usage(&sc.dir.path().join("cache")) <= budget);
+        assert!(disk_usage(&sc.dir.path().join("cache")).0 <= budget);
         sc.stop().await;
     }
 }
@@ -412,7 +365,7 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
         std::thread::spawn(move || {
             let mut samples = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(disk_usage(&dir), Ordering::Relaxed);
+                peak.fetch_max(disk_usage(&dir).0, Ordering::Relaxed);
                 samples += 1;
                 // A sampling interval, so the sampler does not take a whole core from the fills.
                 std::thread::sleep(Duration::from_millis(1));
@@ -453,7 +406,7 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
     route(&origin, "/after", 999, budget * 40 / 100);
     store(&sc, "/after").await;
     assert_eq!(origin.hits("/after"), 1);
-    assert!(disk_usage(&dir) <= budget);
+    assert!(disk_usage(&dir).0 <= budget);
 }
 
 /// A tmpfs mounted for one test (root is available here), unmounted on drop.
@@ -512,7 +465,7 @@ async fn a_budget_lowered_by_min_free_still_makes_room() {
         assert_eq!(origin.hits(&path), 1, "{path} stored at its first fill");
         let budget = cache.budget();
         lowest = lowest.min(budget);
-        assert!(disk_usage(&cache_dir) <= budget, "over the budget in force");
+        assert!(disk_usage(&cache_dir).0 <= budget, "over the budget in force");
     }
     assert!(lowest <= 9 * MIB, "min_free lowered the budget (to {lowest})");
     assert!(is_hit(&get(&app_client(), &sc.url("/m/11")).await.0));

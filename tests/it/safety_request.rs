@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::origin::owned;
-use crate::support::{Behaviour, Binary, Origin, TestSidecar, app_client, eventually};
+use crate::support::{Behaviour, Binary, Origin, TestSidecar, app_client, eventually, metric, scrape};
 
 /// A cacheable route that reflects the request.
 fn reflect(origin: &Origin, path: &str) {
@@ -61,27 +61,6 @@ async fn wait_stored(sc: &TestSidecar, n: usize) {
         "never {n} objects stored (have {})",
         cache.stats().0
     );
-}
-
-/// Sum of a metric's samples whose line contains every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn scrape(admin: std::net::SocketAddr) -> String {
-    crate::support::client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 // Finding 4.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sidecache::cache::store::Store;
 
-use crate::support::{Binary, Origin, TestSidecar, app_client, test_config};
+use crate::support::{Binary, Origin, TestSidecar, app_client, disk_usage, test_config};
 
 /// The cache directory a test sidecar uses under `dir` (as `test_config` sets it).
 fn cache_dir(dir: &Path) -> PathBuf {
@@ -243,37 +243,6 @@ fn a_symlinked_cache_dir_is_refused_by_the_binary() {
         vec![std::ffi::OsString::from("canary")],
         "nothing made through the link"
     );
-}
-
-/// What the files under `dir` spend on disk, as `du` counts it: allocated blocks of every file
-/// and directory (links not followed); and how many files (not directories) there are.
-fn disk_usage(dir: &Path) -> (u64, u64) {
-    let mut bytes = 0;
-    let mut files = 0;
-    let mut stack = vec![dir.to_owned()];
-    // Bounded: the cache holds a few thousand entries at most here.
-    let mut visited = 0;
-    while let Some(d) = stack.pop() {
-        visited += 1;
-        assert!(visited < 100_000, "runaway walk");
-        let Ok(md) = std::fs::symlink_metadata(&d) else {
-            continue;
-        };
-        bytes += md.blocks() * 512;
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for entry in entries.flatten() {
-            let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(entry.path());
-            } else {
-                bytes += md.blocks() * 512;
-                files += 1;
-            }
-        }
-    }
-    (bytes, files)
 }
 
 /// Record files (one per stored object) under the cache directory.

@@ -263,3 +263,56 @@ pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// What the files under `dir` spend on disk, as `du` counts it: allocated blocks of every file
+/// and directory (links not followed), the measure the budget keeps to; and how many files
+/// (not directories) there are. Bounded walk.
+pub fn disk_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut files) = (0, 0);
+    let mut stack = vec![dir.to_owned()];
+    let mut visited = 0;
+    while let Some(d) = stack.pop() {
+        visited += 1;
+        assert!(visited < 100_000, "runaway walk");
+        let Ok(md) = std::fs::symlink_metadata(&d) else {
+            continue;
+        };
+        bytes += md.blocks() * 512;
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let Ok(md) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(entry.path());
+            } else {
+                bytes += md.blocks() * 512;
+                files += 1;
+            }
+        }
+    }
+    (bytes, files)
+}
+
+/// Sum of a metric's samples whose line contains every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The admin port's `/metrics` text.
+pub async fn scrape(admin: SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
