@@ -17,22 +17,19 @@ fn entry(i: u64) -> Entry {
     d[..8].copy_from_slice(&i.to_le_bytes());
     Entry {
         key: format!("http://app.example/assets/{i}.js").into(),
-        meta_gen: i,
-        meta_len: 300,
-        digest: Digest(d),
-        body_gen: i,
+        generation: i,
         body_len: 20_000,
+        tail_len: 300,
+        digest: Digest(d),
         verified: true,
-        body_mtime: 0,
+        mtime: 0,
     }
 }
 
 fn filled(n: u64) -> Index {
     let mut ix = Index::new();
     for i in 0..n {
-        let e = entry(i);
-        ix.acquire_body(e.digest, e.body_len, e.body_gen, 0);
-        ix.insert(key(i), e, 0);
+        ix.insert(key(i), entry(i), 0);
     }
     ix
 }
@@ -65,7 +62,6 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % n;
                 let e = entry(i + n);
-                ix.acquire_body(e.digest, e.body_len, e.body_gen, 0);
                 black_box(ix.insert(key(i), e, 0))
             })
         });
@@ -76,7 +72,6 @@ fn bench(c: &mut Criterion) {
                 i += 1;
                 let victim = ix.pop_lru();
                 let e = entry(i);
-                ix.acquire_body(e.digest, e.body_len, e.body_gen, 0);
                 ix.insert(key(i), e, 0);
                 black_box(victim)
             })

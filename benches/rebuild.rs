@@ -43,10 +43,8 @@ fn main() {
         for i in 0..n {
             let body = format!("console.log({i});\n").repeat(8);
             let generation = store.next_gen();
-            let tmp = store.create_tmp_body(generation).expect("tmp");
-            std::io::Write::write_all(&mut &*tmp.file, body.as_bytes()).expect("write");
+            let tmp = store.create_tmp_object(generation).expect("tmp");
             let digest = Digest::from(blake3::hash(body.as_bytes()));
-            store.commit_body(&tmp, &digest, generation).expect("commit");
             let key = CacheKey::from_stored(format!("http://app.example/assets/{i}.js"));
             let meta = Meta {
                 key: key.clone(),
@@ -56,13 +54,13 @@ fn main() {
                 response_time: SystemTime::now(),
                 body_len: body.len() as u64,
                 digest,
-                body_gen: generation,
                 vary: vec![],
                 prepared: Default::default(),
             };
-            store
-                .write_meta(&key.hash(), store.next_gen(), &meta.encode())
-                .expect("meta");
+            let mut file = body.into_bytes();
+            file.extend_from_slice(&sidecache::cache::store::tail(&meta));
+            std::io::Write::write_all(&mut &*tmp.file, &file).expect("write");
+            store.place_object(&tmp, &key.hash(), generation).expect("place");
         }
     }
     println!("wrote {n} objects in {:.1?}", started.elapsed());

@@ -718,7 +718,6 @@ impl Proxy {
             response_time,
             body_len: 0,
             digest: Digest([0; 32]),
-            body_gen: 0,
             vary: vary_values(&parts.headers, &req_headers)
                 .into_iter()
                 .map(|(name, value)| (name, value.map(|v| detach(&v))))

@@ -1,5 +1,5 @@
-//! The in-memory index of what is on disk: entries in segmented LRU order, body reference
-//! counts (bodies are content-addressed and shared), and the byte budget.
+//! The in-memory index of what is on disk: one entry per stored object (one file each), in
+//! segmented LRU order, and the byte and object budget.
 //!
 //! Eviction order is a segmented LRU (as in memcached, and the kernel's active and inactive
 //! page lists): a new entry starts in the probation segment; a hit moves it to the protected
@@ -23,51 +23,47 @@
 //! This module does no I/O: it says which files to remove, the caller removes them and then
 //! reports [`Index::unlinked`].
 
-use std::collections::HashMap;
-
 use lru::LruCache;
 
 use crate::cache::key::{Digest, KeyHash};
 
-/// One stored version of a key.
+/// One stored version of a key: its object file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The full key (for purge by path or prefix, and collision checks).
     pub key: Box<str>,
-    /// Version of the meta record file.
-    pub meta_gen: u64,
-    /// Size of the meta record file.
-    pub meta_len: u64,
+    /// Version of the object file.
+    pub generation: u64,
+    /// Body length: the body is the file's first bytes.
+    pub body_len: u64,
+    /// Length of the record and footer after the body.
+    pub tail_len: u64,
     /// The body's content hash.
     pub digest: Digest,
-    /// Version of the body file.
-    pub body_gen: u64,
-    /// Body length.
-    pub body_len: u64,
     /// The body's hash has been checked since this process started.
     pub verified: bool,
-    /// The body file's modification time (ns) when it was written or last checked: bodies are
-    /// never written after their rename, so a different one means someone else changed it.
-    pub body_mtime: u64,
+    /// The file's modification time (ns) when it was written or last checked: object files
+    /// are never written after they are placed, so a different one means someone else changed
+    /// it.
+    pub mtime: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct BodyRef {
-    generation: u64,
-    /// What its file is charged.
-    bytes: u64,
-    refs: u32,
+impl Entry {
+    /// The object file's length.
+    pub fn file_len(&self) -> u64 {
+        self.body_len + self.tail_len
+    }
 }
 
-/// Files an index change made unreachable: the caller unlinks them, then calls
+/// An object file an index change made unreachable: the caller unlinks it, then calls
 /// [`Index::unlinked`] with `bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
-    /// The key's hash and meta version.
-    pub meta: (KeyHash, u64),
-    /// The body version, when no other entry shares it.
-    pub body: Option<(Digest, u64)>,
-    /// Bytes these files hold.
+    /// The key's hash.
+    pub key: KeyHash,
+    /// The object's version.
+    pub generation: u64,
+    /// Bytes its file is charged.
     pub bytes: u64,
 }
 
@@ -114,7 +110,6 @@ pub struct Index {
     protected: LruCache<KeyHash, Entry>,
     /// Bytes of the protected entries ([`weight`]).
     protected_bytes: u64,
-    bodies: HashMap<Digest, BodyRef>,
     used: u64,
     reserved: u64,
     unlinking: u64,
@@ -147,7 +142,6 @@ impl Index {
             probation: LruCache::unbounded(),
             protected: LruCache::unbounded(),
             protected_bytes: 0,
-            bodies: HashMap::new(),
             used: 0,
             reserved: 0,
             unlinking: 0,
@@ -173,9 +167,9 @@ impl Index {
         charge(len, self.unit)
     }
 
-    /// The bytes an entry stands for: its record and its body, as charged.
+    /// The bytes an entry stands for: its file, as charged.
     fn weight(&self, e: &Entry) -> u64 {
-        self.charge(e.meta_len) + self.charge(e.body_len)
+        self.charge(e.file_len())
     }
 
     /// Objects the disk may hold right now: indexed, being filled, being unlinked, and found
@@ -243,12 +237,12 @@ impl Index {
     }
 
     /// Records that an entry's body hash was checked, with the file's modification time then.
-    pub fn mark_verified(&mut self, key: &KeyHash, meta_gen: u64, body_mtime: u64) {
+    pub fn mark_verified(&mut self, key: &KeyHash, generation: u64, mtime: u64) {
         if let Some(e) = self.protected.peek_mut(key).or_else(|| self.probation.peek_mut(key))
-            && e.meta_gen == meta_gen
+            && e.generation == generation
         {
             e.verified = true;
-            e.body_mtime = body_mtime;
+            e.mtime = mtime;
         }
     }
 
@@ -343,56 +337,12 @@ impl Index {
         self.reserved_objects = self.reserved_objects.saturating_sub(1);
     }
 
-    /// Takes a reference on a body of `len` bytes for an entry about to be inserted, converting
-    /// `from_reserved` reserved bytes (as charged). When the content is already stored, the existing version is shared and
-    /// `(its generation, false)` returned; otherwise `ours` becomes the body's version.
-    pub fn acquire_body(&mut self, digest: Digest, len: u64, ours: u64, from_reserved: u64) -> (u64, bool) {
-        self.release(from_reserved);
-        match self.bodies.get_mut(&digest) {
-            Some(b) => {
-                b.refs += 1;
-                (b.generation, false)
-            }
-            None => {
-                let bytes = self.charge(len);
-                self.bodies.insert(
-                    digest,
-                    BodyRef {
-                        generation: ours,
-                        bytes,
-                        refs: 1,
-                    },
-                );
-                self.used += bytes;
-                (ours, true)
-            }
-        }
-    }
-
-    /// Drops a body reference taken by [`Index::acquire_body`] that no entry ended up holding.
-    pub fn release_body(&mut self, digest: &Digest) -> Option<(Digest, u64, u64)> {
-        let freed = self.drop_body_ref(digest)?;
-        self.unlinking += freed.2;
-        Some(freed)
-    }
-
-    fn drop_body_ref(&mut self, digest: &Digest) -> Option<(Digest, u64, u64)> {
-        let b = self.bodies.get_mut(digest)?;
-        b.refs -= 1;
-        if b.refs > 0 {
-            return None;
-        }
-        let b = self.bodies.remove(digest).expect("present above");
-        self.used -= b.bytes;
-        Some((*digest, b.generation, b.bytes))
-    }
-
-    /// Inserts an entry whose body reference was acquired, converting `from_reserved` reserved
-    /// bytes for its meta record. A previous version of the key is returned for removal; the
-    /// new one takes its segment (a new key starts in probation).
+    /// Inserts a committed object, converting `from_reserved` reserved bytes (its file, as
+    /// charged). A previous version of the key is returned for removal; the new one takes its
+    /// segment (a new key starts in probation).
     pub fn insert(&mut self, key: KeyHash, entry: Entry, from_reserved: u64) -> Option<Removed> {
         self.release(from_reserved);
-        self.used += self.charge(entry.meta_len);
+        self.used += self.weight(&entry);
         let old = self.take(&key);
         match old {
             Some((_, true)) => {
@@ -423,37 +373,24 @@ impl Index {
         self.unindexed_objects = self.unindexed_objects.saturating_sub(objects);
     }
 
-    /// Inserts an entry found on disk at startup, unless the index already holds a newer version
-    /// of the key (then the found meta record is returned for removal). A body whose content is
-    /// already indexed under another version is shared; the duplicate file stays unindexed and
-    /// is swept with the orphans.
+    /// Inserts an entry found on disk at startup (counted as unindexed until now), unless the
+    /// index already holds a newer version of the key: then the found file is returned for
+    /// removal.
     pub fn insert_scanned(&mut self, key: KeyHash, entry: Entry) -> Option<Removed> {
+        let bytes = self.weight(&entry);
+        self.forget_unindexed(bytes);
         if let Some(existing) = self.peek(&key)
-            && existing.meta_gen >= entry.meta_gen
+            && existing.generation >= entry.generation
         {
-            let bytes = self.charge(entry.meta_len);
-            self.forget_unindexed(bytes);
             self.unlinking += bytes;
             self.unlinking_objects += 1;
             return Some(Removed {
-                meta: (key, entry.meta_gen),
-                body: None,
+                key,
+                generation: entry.generation,
                 bytes,
             });
         }
-        let (generation, new) = self.acquire_body(entry.digest, entry.body_len, entry.body_gen, 0);
-        if new {
-            self.forget_unindexed(self.charge(entry.body_len));
-        }
-        self.forget_unindexed(self.charge(entry.meta_len));
-        self.insert(
-            key,
-            Entry {
-                body_gen: generation,
-                ..entry
-            },
-            0,
-        )
+        self.insert(key, entry, 0)
     }
 
     /// Removes one key's entry.
@@ -486,21 +423,14 @@ impl Index {
             .collect()
     }
 
-    /// Whether a body version is referenced by any entry.
-    pub fn has_body(&self, digest: &Digest, generation: u64) -> bool {
-        self.bodies.get(digest).is_some_and(|b| b.generation == generation)
-    }
-
     fn account_removal(&mut self, key: KeyHash, old: Entry) -> Removed {
-        let meta = self.charge(old.meta_len);
-        self.used -= meta;
-        let body = self.drop_body_ref(&old.digest);
-        let bytes = meta + body.map(|b| b.2).unwrap_or(0);
+        let bytes = self.weight(&old);
+        self.used -= bytes;
         self.unlinking += bytes;
         self.unlinking_objects += 1;
         Removed {
-            meta: (key, old.meta_gen),
-            body: body.map(|(d, g, _)| (d, g)),
+            key,
+            generation: old.generation,
             bytes,
         }
     }
@@ -525,30 +455,31 @@ mod tests {
         Digest::from(blake3::hash(&i.to_be_bytes()))
     }
 
-    fn add(ix: &mut Index, key: u32, body: u32, len: u64) -> Option<Removed> {
-        let (generation, _) = ix.acquire_body(digest(body), len, u64::from(key) + 1000, 0);
-        let entry = Entry {
+    fn entry(key: u32, generation: u64, len: u64) -> Entry {
+        Entry {
             key: format!("http://h/{key}").into(),
-            meta_gen: u64::from(key),
-            meta_len: 10,
-            digest: digest(body),
-            body_gen: generation,
+            generation,
             body_len: len,
+            tail_len: 10,
+            digest: digest(key),
             verified: true,
-            body_mtime: 0,
-        };
-        ix.insert(kh(key), entry, 0)
+            mtime: 0,
+        }
+    }
+
+    fn add(ix: &mut Index, key: u32, len: u64) -> Option<Removed> {
+        ix.insert(kh(key), entry(key, u64::from(key), len), 0)
     }
 
     #[test]
     fn eviction_follows_exact_lru_order_and_hits_count_as_use() {
         let mut ix = Index::new();
         for k in 0..5 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
         ix.touch(&kh(0));
         ix.touch(&kh(2));
-        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.meta.0)).collect();
+        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).collect();
         assert_eq!(order, vec![kh(1), kh(3), kh(4), kh(0), kh(2)]);
         assert_eq!(ix.used(), 0);
     }
@@ -557,23 +488,23 @@ mod tests {
     fn objects_used_once_are_evicted_before_objects_used_again() {
         let mut ix = Index::new();
         for k in 0..5 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
         ix.touch(&kh(0));
         // A burst of one-off objects, all more recent than the last use of 0.
         for k in 5..10 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
-        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.meta.0)).take(9).collect();
+        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).take(9).collect();
         assert_eq!(order, (1..10).map(kh).collect::<Vec<_>>(), "0 was used again");
-        assert_eq!(ix.peek(&kh(0)).map(|e| e.meta_gen), Some(0));
+        assert_eq!(ix.peek(&kh(0)).map(|e| e.generation), Some(0));
     }
 
     #[test]
     fn the_protected_segment_keeps_to_its_share_and_demotes_in_lru_order() {
         let mut ix = Index::new();
         for k in 0..10 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
         // All used again: at most 80% of the bytes stay protected. The least recently used
         // are demoted to probation, so eviction still follows the order of use.
@@ -581,49 +512,34 @@ mod tests {
             ix.touch(&kh(k));
         }
         assert!(ix.protected_bytes <= (ix.used() as f64 * PROTECTED_SHARE) as u64);
-        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.meta.0)).collect();
+        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).collect();
         assert_eq!(order, (0..10).map(kh).collect::<Vec<_>>());
         assert_eq!((ix.used(), ix.protected_bytes), (0, 0));
     }
 
     #[test]
-    fn shared_bodies_are_counted_once_and_removed_with_their_last_reference() {
+    fn an_object_is_one_file_charged_once_until_it_is_unlinked() {
         let mut ix = Index::new();
-        add(&mut ix, 1, 7, 1000);
-        add(&mut ix, 2, 7, 1000);
-        assert_eq!(ix.used(), 1000 + 20);
+        add(&mut ix, 1, 1000);
+        add(&mut ix, 2, 1000);
+        assert_eq!(ix.used(), 2 * 1010);
         let r = ix.remove(&kh(1)).unwrap();
-        assert_eq!(r.body, None, "still referenced by key 2");
-        assert_eq!(r.bytes, 10);
-        let r = ix.remove(&kh(2)).unwrap();
-        assert_eq!(r.body.map(|b| b.0), Some(digest(7)));
-        assert_eq!(r.bytes, 1010);
-        assert_eq!(ix.used(), 0);
-        assert_eq!(ix.usage(), 1020, "until unlinked");
-        ix.unlinked(1020, 2);
-        assert_eq!(ix.usage(), 0);
+        assert_eq!((r.key, r.generation, r.bytes), (kh(1), 1, 1010));
+        assert_eq!(ix.used(), 1010);
+        assert_eq!(ix.usage(), 2020, "until unlinked");
+        ix.unlinked(r.bytes, 1);
+        assert_eq!((ix.usage(), ix.objects()), (1010, 1));
     }
 
     #[test]
     fn replacing_a_key_returns_the_old_version() {
         let mut ix = Index::new();
-        add(&mut ix, 1, 1, 100);
-        let (generation, _) = ix.acquire_body(digest(2), 50, 99, 0);
-        let e = Entry {
-            key: "http://h/1".into(),
-            meta_gen: 5000,
-            meta_len: 10,
-            digest: digest(2),
-            body_gen: generation,
-            body_len: 50,
-            verified: true,
-            body_mtime: 0,
-        };
-        let old = ix.insert(kh(1), e, 0).unwrap();
-        assert_eq!(old.meta, (kh(1), 1));
-        assert_eq!(old.body.map(|b| b.0), Some(digest(1)));
+        add(&mut ix, 1, 100);
+        let old = ix.insert(kh(1), entry(1, 5000, 50), 0).unwrap();
+        assert_eq!((old.key, old.generation, old.bytes), (kh(1), 1, 110));
         assert_eq!(ix.used(), 60);
         assert_eq!(ix.len(), 1);
+        assert_eq!(ix.peek(&kh(1)).unwrap().generation, 5000);
     }
 
     /// Reserves without room to make (nothing is indexed to evict).
@@ -646,18 +562,7 @@ mod tests {
         ix.release(400);
         assert_eq!(ix.usage(), 600);
         // Converting a reservation into committed bytes keeps usage unchanged.
-        ix.acquire_body(digest(1), 590, 1, 590);
-        let e = Entry {
-            key: "k".into(),
-            meta_gen: 1,
-            meta_len: 10,
-            digest: digest(1),
-            body_gen: 1,
-            body_len: 590,
-            verified: true,
-            body_mtime: 0,
-        };
-        ix.insert(kh(1), e, 10);
+        ix.insert(kh(1), entry(1, 1, 590), 600);
         assert_eq!((ix.used(), ix.reserved(), ix.usage()), (600, 0, 600));
     }
 
@@ -665,7 +570,7 @@ mod tests {
     fn make(ix: &mut Index, room: Room) -> Vec<KeyHash> {
         let bytes = room.victims.iter().map(|r| r.bytes).sum();
         ix.room_made((bytes, room.victims.len() as u64), room.held);
-        room.victims.iter().map(|r| r.meta.0).collect()
+        room.victims.iter().map(|r| r.key).collect()
     }
 
     #[test]
@@ -673,7 +578,7 @@ mod tests {
         let mut ix = Index::new();
         // Ten entries of 110 bytes in a budget of 1,200: 100 left, below any watermark.
         for k in 0..10 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
         ix.touch(&kh(0));
         // 300 bytes: 200 short, two entries of 110 would do; the oldest of those asked for
@@ -691,7 +596,7 @@ mod tests {
     fn the_room_is_granted_only_once_the_victims_are_off_the_disk() {
         let mut ix = Index::new();
         for k in 0..10 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
         let room = ix.reserve_room(500, 1, 1200, 100).unwrap();
         // 400 short: four victims, still on the disk. What they hold is held back.
@@ -719,7 +624,7 @@ mod tests {
     fn the_object_bound_makes_room_too() {
         let mut ix = Index::new();
         for k in 0..5 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
         // Five objects, a bound of five: the sixth evicts one, and its object is held until
         // that one is off the disk.
@@ -735,7 +640,7 @@ mod tests {
         let mut ix = Index::new();
         ix.set_disk(1, 100);
         for k in 0..5 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
         let refused = |r: Result<Room, Refused>| {
             let r = r.unwrap_err();
@@ -792,18 +697,7 @@ mod tests {
                         ix.release_reservation(bytes, 1);
                     } else {
                         let key = 100_000 + step;
-                        let (generation, _) = ix.acquire_body(digest(key), len, u64::from(key), ix.charge(len));
-                        let entry = Entry {
-                            key: format!("http://h/{key}").into(),
-                            meta_gen: u64::from(key),
-                            meta_len: 10,
-                            digest: digest(key),
-                            body_gen: generation,
-                            body_len: len,
-                            verified: true,
-                            body_mtime: 0,
-                        };
-                        assert!(ix.insert(kh(key), entry, bytes - ix.charge(len)).is_none());
+                        assert!(ix.insert(kh(key), entry(key, u64::from(key), len), bytes).is_none());
                         ix.release_object();
                     }
                 }
@@ -818,7 +712,7 @@ mod tests {
     #[test]
     fn the_object_bound_counts_fills_and_unlinking_objects() {
         let mut ix = Index::new();
-        add(&mut ix, 1, 1, 100);
+        add(&mut ix, 1, 100);
         assert!(ix.reserve_room(10, 1, 1_000_000, 3).is_ok());
         assert_eq!(ix.objects(), 2, "one indexed, one being filled");
         assert_eq!(ix.reserve_room(10, 1, 1_000_000, 1).unwrap_err().reason, "room");
@@ -837,27 +731,22 @@ mod tests {
     #[test]
     fn scanned_entries_keep_the_newest_version() {
         let mut ix = Index::new();
-        let e = |meta_gen: u64, body: u32| Entry {
-            key: "k".into(),
-            meta_gen,
-            meta_len: 10,
-            digest: digest(body),
-            body_gen: meta_gen,
-            body_len: 100,
-            verified: false,
-            body_mtime: 0,
-        };
         ix.add_unindexed(330, 3);
-        assert!(ix.insert_scanned(kh(1), e(5, 1)).is_none());
-        let stale = ix.insert_scanned(kh(1), e(3, 2)).unwrap();
-        assert_eq!(stale.meta, (kh(1), 3));
-        let replaced = ix.insert_scanned(kh(1), e(9, 3)).unwrap();
-        assert_eq!(replaced.meta, (kh(1), 5));
-        assert_eq!(ix.peek(&kh(1)).unwrap().meta_gen, 9);
+        // (The rebuild stops counting each found object as unindexed as it comes to it.)
+        ix.forget_unindexed_objects(1);
+        assert!(ix.insert_scanned(kh(1), entry(1, 5, 100)).is_none());
+        ix.forget_unindexed_objects(1);
+        let stale = ix.insert_scanned(kh(1), entry(1, 3, 100)).unwrap();
+        assert_eq!((stale.key, stale.generation), (kh(1), 3));
+        ix.forget_unindexed_objects(1);
+        let replaced = ix.insert_scanned(kh(1), entry(1, 9, 100)).unwrap();
+        assert_eq!((replaced.key, replaced.generation), (kh(1), 5));
+        assert_eq!(ix.peek(&kh(1)).unwrap().generation, 9);
         assert_eq!(ix.used(), 110);
-        // Found bytes moved to used (110) or to removal (10 + 110); the rest is the unswept body.
-        ix.unlinked(10 + 110, 2);
-        assert_eq!(ix.usage(), 110 + 100);
+        // Every found file is indexed (110) or being removed (2 x 110); none is unindexed.
+        assert_eq!(ix.usage(), 330);
+        ix.unlinked(220, 2);
+        assert_eq!((ix.usage(), ix.objects()), (110, 1));
     }
 
     #[test]
@@ -878,15 +767,15 @@ mod tests {
         let mut ix = Index::new();
         ix.set_disk(4096, 100_000);
         assert_eq!(ix.usage(), 100_000, "the layout costs before anything is stored");
-        // 1000 tiny objects: a 10-byte record and a 100-byte body each, two units each.
+        // 1000 tiny objects: a 100-byte body and a 10-byte record in one file, one unit each.
         for k in 0..1000 {
-            add(&mut ix, k, k, 100);
+            add(&mut ix, k, 100);
         }
-        assert_eq!(ix.used(), 100_000 + 1000 * 2 * 4096);
+        assert_eq!(ix.used(), 100_000 + 1000 * 4096);
         let r = ix.pop_lru().unwrap();
-        assert_eq!(r.bytes, 2 * 4096);
-        assert_eq!(ix.usage(), 100_000 + 1000 * 2 * 4096, "until unlinked");
+        assert_eq!(r.bytes, 4096);
+        assert_eq!(ix.usage(), 100_000 + 1000 * 4096, "until unlinked");
         ix.unlinked(r.bytes, 1);
-        assert_eq!(ix.usage(), 100_000 + 999 * 2 * 4096);
+        assert_eq!(ix.usage(), 100_000 + 999 * 4096);
     }
 }

@@ -3,9 +3,9 @@
 //! detected and skipped, never served.
 //!
 //! Layout (integers big-endian):
-//! `magic "SCMETA01" | u32 payload_len | payload | blake3(magic..payload)[..16]`
+//! `magic "SCMETA02" | u32 payload_len | payload | blake3(magic..payload)[..16]`
 //! payload: `u16 status | u64 request_ms | u64 response_ms | u64 body_len | [32] digest |
-//! u64 body_gen | str key | u16 n, n x (str name, bytes value) | u16 m, m x (str name, opt bytes)`
+//! str key | u16 n, n x (str name, bytes value) | u16 m, m x (str name, opt bytes)`
 //! where `str`/`bytes` are `u32 len | data` and `opt` is `u8 present | bytes`.
 
 use std::sync::OnceLock;
@@ -16,7 +16,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::cache::key::{CacheKey, Digest};
 use crate::policy::Prepared;
 
-const MAGIC: &[u8; 8] = b"SCMETA01";
+const MAGIC: &[u8; 8] = b"SCMETA02";
 const CHECKSUM_LEN: usize = 16;
 /// Upper bound on a record, so a corrupt length can never make us allocate wildly.
 pub const MAX_RECORD: usize = 1 << 20;
@@ -40,8 +40,6 @@ pub struct Meta {
     pub body_len: u64,
     /// blake3 of the body.
     pub digest: Digest,
-    /// Version of the body file holding it.
-    pub body_gen: u64,
     /// For each header named by `Vary`: the value the filling request had (None: absent).
     pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
     /// What serving it needs, worked out on first use; never written to disk.
@@ -117,7 +115,6 @@ impl Meta {
         p.extend_from_slice(&millis(self.response_time).to_be_bytes());
         p.extend_from_slice(&self.body_len.to_be_bytes());
         p.extend_from_slice(&self.digest.0);
-        p.extend_from_slice(&self.body_gen.to_be_bytes());
         put_bytes(&mut p, self.key.as_str().as_bytes());
         p.extend_from_slice(&(self.headers.len().min(u16::MAX as usize) as u16).to_be_bytes());
         for (name, value) in self.headers.iter().take(u16::MAX as usize) {
@@ -173,7 +170,6 @@ impl Meta {
         let response_time = from_millis(r.u64("response_time")?);
         let body_len = r.u64("body_len")?;
         let digest = Digest(r.array::<32>("digest")?);
-        let body_gen = r.u64("body_gen")?;
         let key = String::from_utf8(r.bytes("key")?.to_vec()).map_err(|_| DecodeError::Field("key"))?;
         let n = r.u16("header count")?;
         // A header map holds at most 32,768 fields (and no response needs a fraction of that):
@@ -213,7 +209,6 @@ impl Meta {
             response_time,
             body_len,
             digest,
-            body_gen,
             vary,
             prepared: Default::default(),
         })
@@ -272,7 +267,7 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> Meta {
@@ -288,7 +283,6 @@ mod tests {
             response_time: from_millis(1_700_000_000_250),
             body_len: 12345,
             digest: Digest::from(blake3::hash(b"body")),
-            body_gen: 77,
             vary: vec![
                 (
                     HeaderName::from_static("accept-encoding"),
@@ -328,7 +322,6 @@ mod tests {
         p.extend_from_slice(&200u16.to_be_bytes());
         p.extend_from_slice(&[0u8; 8 * 3]);
         p.extend_from_slice(&[0u8; 32]);
-        p.extend_from_slice(&[0u8; 8]);
         put_bytes(&mut p, b"http://h/");
         p.extend_from_slice(&40_000u16.to_be_bytes());
         let mut rec = MAGIC.to_vec();
@@ -342,7 +335,7 @@ mod tests {
     #[test]
     fn another_version_is_refused() {
         let mut bytes = sample().encode();
-        bytes[7] = b'2';
+        bytes[7] = b'3';
         assert_eq!(Meta::decode(&bytes), Err(DecodeError::Magic));
     }
 }

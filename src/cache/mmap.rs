@@ -1,11 +1,12 @@
 //! The only `unsafe` in the cache: mapping stored bodies into memory, reading without
 //! blocking, asking the filesystem for its free space, and the descriptor limit.
 //!
-//! SAFETY contract for mappings: a body file is written under `tmp/`, renamed into place, and
-//! from then on never modified, only unlinked. Unlinking leaves a live mapping valid until it
-//! is dropped, so eviction can run while readers hold mappings. What no process can prevent is
-//! another actor truncating the file underneath (that would fault the reader); the file's
-//! length is checked against the record when it is opened, and its hash before first use.
+//! SAFETY contract for mappings: an object file (its body first, then its record) is written
+//! unnamed or under `tmp/`, linked into place, and from then on never modified, only unlinked.
+//! Unlinking leaves a live mapping valid until it is dropped, so eviction can run while
+//! readers hold mappings. What no process can prevent is another actor truncating the file
+//! underneath (that would fault the reader); the file's length is checked against the index
+//! when it is opened, and the body's hash before its first use.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,30 +25,43 @@ pub fn mtime_ns(md: &std::fs::Metadata) -> u64 {
         .unwrap_or(0)
 }
 
-/// Maps `len` bytes of `file` read-only and returns them as [`Bytes`] that own the mapping,
-/// with the file's modification time. Bodies under `min_mmap` bytes are read instead: a
-/// mapping costs more than a copy there.
+/// Maps the first `len` bytes of an object file of `file_len` bytes (its body) read-only and
+/// returns them as [`Bytes`] that own the mapping, with the file's modification time. Bodies
+/// under `min_mmap` bytes are read instead (a mapping costs more than a copy there), together
+/// with the `extra` bytes that follow them, in the same read: the returned bytes are then
+/// `len + extra` long.
 ///
 /// With `nowait`, `Ok(None)` instead of waiting for the disk: the caller retries off the runtime.
-pub fn map_body(file: File, len: u64, min_mmap: u64, nowait: bool) -> std::io::Result<Option<(Bytes, u64)>> {
+pub fn map_body(
+    file: File,
+    len: u64,
+    file_len: u64,
+    extra: u64,
+    min_mmap: u64,
+    nowait: bool,
+) -> std::io::Result<Option<(Bytes, u64)>> {
     let md = file.metadata()?;
     let mtime = mtime_ns(&md);
     let actual = md.len();
-    if actual != len {
+    if actual != file_len || len > file_len {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("body file is {actual} bytes, its record says {len}"),
+            format!("object file is {actual} bytes, the index says {file_len}"),
         ));
     }
-    if len == 0 {
-        return Ok(Some((Bytes::new(), mtime)));
+    if len < min_mmap || len == 0 {
+        let want = (len + extra).min(file_len) as usize;
+        if want == 0 {
+            return Ok(Some((Bytes::new(), mtime)));
+        }
+        return Ok(read_at(&file, want, 0, nowait)?.map(|buf| (Bytes::from(buf), mtime)));
     }
-    if len < min_mmap {
-        return Ok(read_at(&file, len as usize, 0, nowait)?.map(|buf| (Bytes::from(buf), mtime)));
-    }
-    // SAFETY: see the module contract: the file is immutable after rename and only unlinked.
+    // SAFETY: see the module contract: the file is immutable once placed and only unlinked.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file)? };
-    Ok(Some((Bytes::from_owner(MappedBody::new(map, Arc::new(file))), mtime)))
+    Ok(Some((
+        Bytes::from_owner(MappedBody::new(map, Arc::new(file), file_len)),
+        mtime,
+    )))
 }
 
 /// Maps the first `len` bytes of a body file that is still being written (pre-allocated to
@@ -58,7 +72,8 @@ pub fn map_fill(file: Arc<File>, len: u64) -> std::io::Result<Bytes> {
     // SAFETY: written ranges are never rewritten and the file is never truncated by us (see
     // the module contract); readers are only given ranges the fill has written.
     let map = unsafe { memmap2::MmapOptions::new().len(len).map(&*file)? };
-    Ok(Bytes::from_owner(MappedBody::new(map, file)))
+    // (Its file grows past the body when the record is written: its length is not checked.)
+    Ok(Bytes::from_owner(MappedBody::new(map, file, 0)))
 }
 
 /// Mapped bodies by start address, with their files: a connection that is asked to write a
@@ -67,6 +82,8 @@ static MAPPED: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
 
 struct Region {
     len: usize,
+    /// The length its file must have (0: not known, for a file still being written).
+    file_len: u64,
     file: Arc<File>,
     /// `sendfile` found the file shorter than the mapping: truncated underneath.
     truncated: AtomicBool,
@@ -78,9 +95,10 @@ struct MappedBody {
 }
 
 impl MappedBody {
-    fn new(map: memmap2::Mmap, file: Arc<File>) -> MappedBody {
+    fn new(map: memmap2::Mmap, file: Arc<File>, file_len: u64) -> MappedBody {
         let region = Region {
             len: map.len(),
+            file_len,
             file,
             truncated: AtomicBool::new(false),
         };
@@ -122,14 +140,15 @@ pub fn mark_truncated(bytes: &[u8]) {
 }
 
 /// False when `bytes` are a mapped body whose file changed since it was checked at `mtime`:
-/// `sendfile` found it truncated, or its length or modification time differs, or it was
-/// removed. Serving it again could send other bytes or fail, so the cache drops it. One
+/// `sendfile` found it truncated, or its length or modification time differs from the
+/// object's, or it was removed. Serving it again could send other bytes or fail, so the cache drops it. One
 /// `fstat` on the open descriptor; true for bytes that are not mapped.
 pub fn unchanged(bytes: &[u8], mtime: u64) -> bool {
     use std::os::unix::fs::MetadataExt;
     // The descriptor is cloned out so that the `fstat` is not made under the table's lock.
     let Some(found) = with_region(bytes, |_, region| {
-        (!region.truncated.load(Ordering::Relaxed)).then(|| (region.file.clone(), region.len as u64))
+        (!region.truncated.load(Ordering::Relaxed))
+            .then(|| (region.file.clone(), region.file_len.max(region.len as u64)))
     }) else {
         return true;
     };
@@ -308,4 +327,57 @@ pub fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
         libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
         errno => Err(std::io::Error::from_raw_os_error(errno)),
     }
+}
+
+/// Writes all of `parts`, one after another, at `offset`: one `pwritev` for all of them
+/// (more only when the kernel writes less than asked).
+pub fn write_all_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut at = offset;
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = match rustix::io::pwritev(file, &slices, at) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += n as u64;
+        while first < parts.len() && n >= parts[first].len() {
+            n -= parts[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            parts[first] = &parts[first][n..];
+        }
+    }
+    Ok(())
+}
+
+/// Copies the first `len` bytes of `from` to the start of `to` inside the kernel
+/// (`copy_file_range`: no trip through user memory, and shared extents where the filesystem
+/// can), falling back to a read and a write where the call is not supported.
+pub fn copy_range(from: &File, to: &File, len: u64) -> std::io::Result<()> {
+    let (mut off_in, mut off_out) = (0u64, 0u64);
+    while off_in < len {
+        let want = (len - off_in).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::INVAL,
+            ) => {
+                let rest = read_at(from, (len - off_in) as usize, off_in, false)?.expect("a blocking read");
+                return write_all_at(to, &[&rest], off_out);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

@@ -16,7 +16,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
@@ -94,10 +94,13 @@ impl Drop for Reservation {
     }
 }
 
-/// What the index says a body file holds.
+/// What the index says an object file holds.
 #[derive(Clone, Copy)]
 struct Expected {
+    /// Body length: the file's first bytes.
     len: u64,
+    /// Record and footer after the body.
+    tail_len: u64,
     digest: Digest,
     /// Hashed since startup, when its file had `mtime`.
     verified: bool,
@@ -106,10 +109,26 @@ struct Expected {
     min_mmap: u64,
 }
 
-/// Opens a body: its bytes, whether they are intact, and its file's mtime. With `nowait`,
-/// `Ok(None)` when that would wait for the disk or needs hashing.
-#[allow(clippy::type_complexity)]
-fn open_body(path: &std::path::Path, expect: Expected, nowait: bool) -> Result<Option<(Bytes, bool, u64)>, StoreError> {
+/// An object file opened for a hit.
+struct Opened {
+    body: Bytes,
+    /// Its record, when asked for.
+    record: Option<Meta>,
+    /// Whether the body is what its digest says.
+    intact: bool,
+    mtime: u64,
+}
+
+/// Opens an object: its body (read, or mapped from `min_mmap` bytes), its record when
+/// `want_record` (read in the same `pread` as a body that is read), whether the body is intact,
+/// and the file's mtime. With `nowait`, `Ok(None)` when that would wait for the disk or needs
+/// hashing.
+fn open_object(
+    path: &std::path::Path,
+    expect: Expected,
+    want_record: bool,
+    nowait: bool,
+) -> Result<Option<Opened>, StoreError> {
     let io = |op: &'static str| {
         move |source| StoreError::Io {
             op,
@@ -118,27 +137,49 @@ fn open_body(path: &std::path::Path, expect: Expected, nowait: bool) -> Result<O
         }
     };
     let file = mmap::open_for_read(path).map_err(io("open"))?;
-    let Some((body, mtime)) = mmap::map_body(file, expect.len, expect.min_mmap, nowait).map_err(io("map"))? else {
+    let file_len = expect.len + expect.tail_len;
+    let mapped = expect.len > 0 && expect.len >= expect.min_mmap;
+    // A mapped body's record is read on its own, before the mapping is made.
+    let mut record = match want_record && mapped {
+        true => match store::read_record(&file, expect.len, expect.tail_len, nowait).map_err(io("read"))? {
+            Some(meta) => Some(meta),
+            None => return Ok(None),
+        },
+        false => None,
+    };
+    let extra = if want_record { expect.tail_len } else { 0 };
+    let Some((mut body, mtime)) =
+        mmap::map_body(file, expect.len, file_len, extra, expect.min_mmap, nowait).map_err(io("map"))?
+    else {
         return Ok(None);
     };
+    if want_record && !mapped {
+        record = Some(store::decode_tail(&body[expect.len as usize..]).map_err(io("decode"))?);
+        body.truncate(expect.len as usize);
+    }
     // Hashed before it is served when it is from before a restart, or when its file changed
-    // since it was written or checked (bodies are never rewritten in place).
-    if expect.verified && mtime == expect.mtime {
-        return Ok(Some((body, true, mtime)));
-    }
-    if nowait {
+    // since it was written or checked (object files are never rewritten in place).
+    let intact = if expect.verified && mtime == expect.mtime {
+        true
+    } else if nowait {
         return Ok(None);
-    }
-    let ok = Digest::from(blake3::hash(&body)) == expect.digest;
-    Ok(Some((body, ok, mtime)))
+    } else {
+        Digest::from(blake3::hash(&body)) == expect.digest
+    };
+    Ok(Some(Opened {
+        body,
+        record,
+        intact,
+        mtime,
+    }))
 }
 
-/// Creates a fill's body file, pre-allocated to `len` bytes, off the event loop: allocating an
-/// inode can take long (ext4 scans past recently deleted ones, which an evicting cache makes
+/// Creates a fill's object file, pre-allocated to `len` bytes, off the event loop: allocating
+/// an inode can take long (ext4 scans past recently deleted ones, which an evicting cache makes
 /// many of) and would stall every connection on the loop.
-async fn create_tmp_body(store: Arc<Store>, generation: u64, len: u64) -> Result<store::Tmp, StoreError> {
+async fn create_tmp_object(store: Arc<Store>, generation: u64, len: u64) -> Result<store::Tmp, StoreError> {
     tokio::task::spawn_blocking(move || {
-        let tmp = store.create_tmp_body(generation)?;
+        let tmp = store.create_tmp_object(generation)?;
         match mmap::preallocate(&tmp.file, len) {
             Ok(()) => Ok(tmp),
             Err(source) => {
@@ -301,7 +342,7 @@ struct Tier<'a> {
 }
 
 /// The object bound in force: `max_objects`, lowered to what the filesystem's free inodes
-/// allow (two per object) beyond the `our_objects` held already, keeping free the same share
+/// allow (one per object) beyond the `our_objects` held already, keeping free the same share
 /// of the inodes as `keep` bytes are of the filesystem.
 fn object_limit(max_objects: u64, our_objects: u64, space: &store::Space, keep: u64) -> u64 {
     if space.total_files == 0 || space.total == 0 {
@@ -309,16 +350,16 @@ fn object_limit(max_objects: u64, our_objects: u64, space: &store::Space, keep: 
         return max_objects;
     }
     let keep_files = (space.total_files as f64 * keep as f64 / space.total as f64) as u64;
-    let room = our_objects + space.free_files.saturating_sub(keep_files) / 2;
+    let room = our_objects + space.free_files.saturating_sub(keep_files);
     max_objects.min(room)
 }
 
 /// What the layout spends on disk whatever is stored, charged up front: a unit for each of
-/// its directories and fixed files (fan-out directories only as many as `max_objects` can
-/// make), and two names per object it may hold, for directories never shrink.
+/// its fixed entries and fan-out directories (only as many as `max_objects` can make), and a
+/// name per object it may hold, for directories never shrink.
 fn layout_overhead(unit: u64, max_objects: u64) -> u64 {
-    let fanout = (2 * max_objects).min(store::LAYOUT_FILES - 7);
-    (7 + fanout) * unit + 2 * max_objects * store::NAME_COST
+    let fanout = max_objects.min(store::FANOUT_DIRS);
+    (store::LAYOUT_FIXED + fanout) * unit + max_objects * store::NAME_COST
 }
 
 /// Memory for records cached beside the index, so a disk hit need not read its record.
@@ -550,21 +591,13 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.variant_of(key, req);
-        let (meta_gen, meta_len, digest, body_gen, body_len, verified, known_mtime) = {
+        let (meta_gen, tail_len, digest, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
             if &*e.key != key.as_str() {
                 return None;
             }
-            (
-                e.meta_gen,
-                e.meta_len,
-                e.digest,
-                e.body_gen,
-                e.body_len,
-                e.verified,
-                e.body_mtime,
-            )
+            (e.generation, e.tail_len, e.digest, e.body_len, e.verified, e.mtime)
         };
         let tier = self.tier_for(body_len);
         if let Some(Tier { objects: tier, .. }) = tier
@@ -582,23 +615,38 @@ impl Cache {
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
         let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight) && self.has_room(t));
-        let meta = match self
+        let cached = self
             .metas
             .get(&hash)
             .filter(|(version, _)| *version == meta_gen)
-            .map(|(_, m)| m)
-        {
-            Some(meta) => meta,
-            None => {
-                let path = store.meta_path(&hash, meta_gen);
-                let read = match store::read_meta_nowait(&path, meta_len) {
-                    Ok(Some(meta)) => Ok(Ok(meta)),
-                    Ok(None) => tokio::task::spawn_blocking(move || store::read_meta_file(&path, meta_len)).await,
-                    Err(e) => Ok(Err(e)),
-                };
-                let meta = self.or_drop(read, &hash, meta_gen).await?;
+            .map(|(_, m)| m);
+        let path = store.object_path(&hash, meta_gen);
+        let min_mmap = tier.as_ref().map_or(MIN_MMAP, |t| t.map_from);
+        let expect = Expected {
+            len: body_len,
+            tail_len,
+            digest,
+            verified,
+            mtime: known_mtime,
+            min_mmap,
+        };
+        let want_record = cached.is_none();
+        // Inline when the page cache has it and nothing needs hashing; else off the runtime.
+        let opened = match open_object(&path, expect, want_record, true) {
+            Ok(None) => {
+                tokio::task::spawn_blocking(move || {
+                    open_object(&path, expect, want_record, false).map(|o| o.expect("a blocking open always answers"))
+                })
+                .await
+            }
+            other => Ok(other.map(|o| o.expect("answered"))),
+        };
+        let opened = self.or_drop(opened, &hash, meta_gen).await?;
+        let meta = match (cached, opened.record) {
+            (Some(meta), _) => meta,
+            (None, Some(meta)) => {
                 if meta.key != *key || meta.digest != digest || meta.body_len != body_len {
-                    self.drop_corrupt(&hash, meta_gen, "meta record does not match the index")
+                    self.drop_corrupt(&hash, meta_gen, "record does not match the index")
                         .await;
                     return None;
                 }
@@ -607,28 +655,11 @@ impl Cache {
                 self.remember_meta(hash, meta_gen, &meta, held_open);
                 meta
             }
+            // (A record is read whenever none is cached.)
+            (None, None) => return None,
         };
-        let path = store.body_path(&digest, body_gen);
-        let min_mmap = tier.as_ref().map_or(MIN_MMAP, |t| t.map_from);
-        let expect = Expected {
-            len: body_len,
-            digest,
-            verified,
-            mtime: known_mtime,
-            min_mmap,
-        };
-        // Inline when the page cache has it and nothing needs hashing; else off the runtime.
-        let opened = match open_body(&path, expect, true) {
-            Ok(None) => {
-                tokio::task::spawn_blocking(move || {
-                    open_body(&path, expect, false).map(|o| o.expect("a blocking open always answers"))
-                })
-                .await
-            }
-            other => Ok(other.map(|o| o.expect("answered"))),
-        };
-        let (body, intact, mtime) = self.or_drop(opened, &hash, meta_gen).await?;
-        if !intact {
+        let (body, mtime) = (opened.body, opened.mtime);
+        if !opened.intact {
             self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
             return None;
         }
@@ -648,7 +679,7 @@ impl Cache {
             );
             // Evicted, purged or replaced while this lookup read it: `forget` may have run
             // before the insert. A tier must not keep it (nor its descriptor).
-            if self.lock_index().peek(&hash).map(|e| e.meta_gen) != Some(meta_gen) {
+            if self.lock_index().peek(&hash).map(|e| e.generation) != Some(meta_gen) {
                 tier.invalidate(&hash);
             }
         }
@@ -781,7 +812,7 @@ impl Cache {
         let removed = {
             let mut ix = self.lock_index();
             match ix.peek(hash) {
-                Some(e) if e.meta_gen == meta_gen => ix.remove(hash),
+                Some(e) if e.generation == meta_gen => ix.remove(hash),
                 _ => None,
             }
         };
@@ -1000,7 +1031,7 @@ impl Cache {
     /// Forgets entries evicted to make room and counts them as evictions.
     fn evicted(&self, victims: &[Removed]) {
         for r in victims {
-            self.forget(&r.meta.0);
+            self.forget(&r.key);
         }
         metrics::counter!(m::EVICTIONS).increment(victims.len() as u64);
         metrics::counter!(m::EVICTED_BYTES).increment(victims.iter().map(|r| r.bytes).sum());
@@ -1040,8 +1071,10 @@ impl Cache {
             return Err((permit, body));
         };
         let len = meta.body_len;
-        let meta_len = meta.encoded_len();
-        let reservation = self.charge(len) + self.charge(meta_len);
+        // The whole file: the record's length is known from the head (its fields that depend
+        // on the body have a fixed width).
+        let file_len = len + store::tail_len(&meta);
+        let reservation = self.charge(file_len);
         if len > self.config.max_object_size {
             metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
             return Err((permit, body));
@@ -1054,7 +1087,7 @@ impl Cache {
         let staged = if Fill::deferred(len) {
             Staged::Memory
         } else {
-            match create_tmp_body(store, generation, len).await {
+            match create_tmp_object(store, generation, file_len).await {
                 Ok(tmp) => {
                     let writer = Box::new(HashingWriter::new(tmp.file.clone()));
                     Staged::File(tmp, writer)
@@ -1161,9 +1194,9 @@ impl Cache {
         self.commit(meta, staged, last, generation, reserved).await
     }
 
-    /// Makes a finished body and its record durable and visible, in one trip off the runtime:
-    /// writes the `last` chunks after what was staged in a file (or, for a body kept in memory,
-    /// creates the file and writes it all), names the body by its hash, and writes the record.
+    /// Makes a finished object durable and visible, in one trip off the runtime: writes the
+    /// `last` chunks after what was staged in a file (or, for a body kept in memory, creates
+    /// the file and writes it all), then the record and footer, and links the file into place.
     async fn commit(
         self: &Arc<Self>,
         mut meta: Meta,
@@ -1190,113 +1223,65 @@ impl Cache {
         };
         let hash = meta.storage_hash();
         let len = meta.body_len;
-        let body_charge = self.charge(len);
-        let meta_gen = store.next_gen();
-        let cache = self.clone();
-        // Err carries the digest when the body was counted in the index by then.
-        let written = tokio::task::spawn_blocking(move || -> Result<(Meta, u64, u64), (Option<Digest>, StoreError)> {
-            let write = |tmp: &store::Tmp| -> Result<(), StoreError> {
-                let mut at = at;
-                for chunk in &last {
-                    std::os::unix::fs::FileExt::write_all_at(&*tmp.file, chunk, at).map_err(|source| {
-                        tmp.discard();
-                        StoreError::Io {
-                            op: "write",
-                            path: tmp.describe(),
-                            source,
-                        }
-                    })?;
-                    at += chunk.len() as u64;
-                }
-                Ok(())
-            };
+        // Versions are taken at commit: of two fills of a key, the one committed last is the
+        // newest, now and after a restart.
+        let version = store.next_gen();
+        let written = tokio::task::spawn_blocking(move || -> Result<(Meta, u64, u64), StoreError> {
             for chunk in &last {
                 hasher.update(chunk);
             }
+            meta.digest = Digest::from(hasher.finalize());
+            let tail = store::tail(&meta);
             let tmp = match tmp {
                 Some(tmp) => tmp,
-                None => store.create_tmp_body(generation).map_err(|e| (None, e))?,
+                None => store.create_tmp_object(generation)?,
             };
-            write(&tmp).map_err(|e| (None, e))?;
-            let digest = Digest::from(hasher.finalize());
-            // Linked under this fill's version before the index learns of it: a body the index
-            // knows is always on disk, for another fill of the same content may share it at once.
-            let mtime = store.commit_body(&tmp, &digest, generation).map_err(|e| {
+            let mut parts: Vec<&[u8]> = last.iter().map(|c| &c[..]).collect();
+            parts.push(&tail);
+            if let Err(source) = mmap::write_all_at(&tmp.file, &parts, at) {
                 tmp.discard();
-                (None, e)
-            })?;
-            let (body_gen, new_body) = cache.lock_index().acquire_body(digest, len, generation, body_charge);
-            let mtime = if new_body {
-                mtime
-            } else {
-                // The same content is stored already: that version is shared, this one goes.
-                let _ = store.remove(&store.body_path(&digest, generation));
-                store.body_mtime(&digest, body_gen)
-            };
-            meta.digest = digest;
-            meta.body_gen = body_gen;
-            let record = meta.encode();
-            store
-                .write_meta(&hash, meta_gen, &record)
-                .map_err(|e| (Some(digest), e))?;
-            Ok((meta, record.len() as u64, mtime))
+                return Err(StoreError::Io {
+                    op: "write",
+                    path: tmp.describe(),
+                    source,
+                });
+            }
+            let mtime = store
+                .place_object(&tmp, &hash, version)
+                .inspect_err(|_| tmp.discard())?;
+            Ok((meta, tail.len() as u64, mtime))
         })
         .await;
-        let (meta, meta_len, body_mtime) = match written {
+        let (meta, tail_len, mtime) = match written {
             Ok(Ok(done)) => done,
             failed => {
-                let counted = match failed {
-                    Ok(Err((counted, e))) => {
-                        self.storage_error(&e);
-                        counted
-                    }
-                    _ => None,
-                };
-                let freed = {
-                    let mut ix = self.lock_index();
-                    ix.release_object();
-                    match counted {
-                        Some(digest) => {
-                            ix.release(reserved.saturating_sub(body_charge));
-                            ix.release_body(&digest)
-                        }
-                        None => {
-                            ix.release(reserved);
-                            None
-                        }
-                    }
-                };
-                if let Some((d, g, bytes)) = freed
-                    && let Some(store) = self.store()
-                {
-                    let path = store.body_path(&d, g);
-                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
-                    self.lock_index().unlinked(bytes, 0);
+                if let Ok(Err(e)) = failed {
+                    self.storage_error(&e);
                 }
+                self.release_fill(reserved);
                 metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
                 return false;
             }
         };
         let entry = Entry {
             key: meta.key.as_str().into(),
-            meta_gen,
-            meta_len,
-            digest: meta.digest,
-            body_gen: meta.body_gen,
+            generation: version,
             body_len: len,
+            tail_len,
+            digest: meta.digest,
             verified: true,
-            body_mtime,
+            mtime,
         };
         let removed = {
             let mut ix = self.lock_index();
-            let removed = ix.insert(hash, entry, reserved.saturating_sub(body_charge));
+            let removed = ix.insert(hash, entry, reserved);
             // The object is indexed now: no longer a reservation.
             ix.release_object();
             removed
         };
         self.remember_vary(&meta);
         let held_open = self.open_tier_size(meta.body_len);
-        self.remember_meta(hash, meta_gen, &Arc::new(meta), held_open);
+        self.remember_meta(hash, version, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             // The tiers can only hold what the index held: a new key has nothing to forget.
             self.forget_tiers(&hash);
@@ -1322,7 +1307,7 @@ impl Cache {
             let Some(mut reserved) = cache.reserve_fill(0).await else {
                 return;
             };
-            let Ok(tmp) = create_tmp_body(store, generation, 0).await else {
+            let Ok(tmp) = create_tmp_object(store, generation, 0).await else {
                 return;
             };
             metrics::counter!(m::FILLS_STARTED).increment(1);
@@ -1370,7 +1355,7 @@ impl Cache {
             let written = writer.written();
             let mut meta = meta;
             meta.body_len = written;
-            let need = cache.charge(meta.encoded_len()) + cache.charge(written);
+            let need = cache.charge(written + store::tail_len(&meta));
             if ended && need > reserved.bytes {
                 match cache.reserve_room(need - reserved.bytes, 0).await {
                     Ok(more) => reserved.absorb(more),
@@ -1413,10 +1398,7 @@ impl Cache {
             let tiers = [self.hot.clone(), self.open.clone()];
             let _ = tokio::task::spawn_blocking(move || {
                 for r in &removed {
-                    let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
-                    if let Some((d, g)) = &r.body {
-                        let _ = store.remove(&store.body_path(d, *g));
-                    }
+                    let _ = store.remove_object(&r.key, r.generation);
                 }
                 // The tiers drop what was invalidated now, not at their next housekeeping:
                 // until then a mapped body's descriptor would keep a removed file's blocks
@@ -1459,7 +1441,7 @@ impl Cache {
             out
         };
         for r in &removed {
-            self.forget(&r.meta.0);
+            self.forget(&r.key);
         }
         let n = removed.len();
         let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
@@ -1470,63 +1452,82 @@ impl Cache {
         (n, bytes)
     }
 
-    /// Stores a revalidated response's refreshed head (RFC 9111 §4.3.4): a new record version
-    /// for the same body. Returns false if it could not be stored (the caller still serves).
+    /// Stores a revalidated response's refreshed head (RFC 9111 §4.3.4): a new version of the
+    /// object, its body copied from the stored one inside the kernel (`copy_file_range`: a
+    /// reflink where the filesystem shares extents) and the new record after it. Returns false
+    /// if it could not be stored (the caller still serves).
     pub async fn refresh(self: &Arc<Self>, meta: Meta) -> bool {
         let Some(store) = self.store() else { return false };
         let hash = meta.storage_hash();
-        let record_len = meta.encoded_len();
-        let record_charge = self.charge(record_len);
-        let Ok(reserved) = self.reserve_room(record_charge, 0).await else {
+        let tail = store::tail(&meta);
+        let file_len = meta.body_len + tail.len() as u64;
+        let Ok(reserved) = self.reserve_room(self.charge(file_len), 1).await else {
             return false;
         };
-        let record_charge = reserved.keep();
-        {
-            let mut ix = self.lock_index();
-            if !ix.has_body(&meta.digest, meta.body_gen) {
-                // Evicted or replaced meanwhile: nothing to refresh.
-                ix.release(record_charge);
+        let reserved = reserved.keep();
+        let from = match self.lock_index().peek(&hash) {
+            Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => (e.generation, e.verified),
+            // Evicted or replaced meanwhile: nothing to refresh.
+            _ => {
+                self.release_fill(reserved);
                 return false;
             }
-            ix.acquire_body(meta.digest, meta.body_len, meta.body_gen, 0);
-        }
-        let meta_gen = store.next_gen();
-        let record = meta.encode();
+        };
+        let version = store.next_gen();
         let blocking_store = store.clone();
-        let (digest, body_gen) = (meta.digest, meta.body_gen);
-        let written = tokio::task::spawn_blocking(move || {
+        let len = meta.body_len;
+        let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let source = store.object_path(&hash, from.0);
+            let old = mmap::open_for_read(&source).map_err(|source_err| StoreError::Io {
+                op: "open",
+                path: source.clone(),
+                source: source_err,
+            })?;
+            let tmp = blocking_store.create_tmp_object(version)?;
+            let copied =
+                mmap::copy_range(&old, &tmp.file, len).and_then(|()| mmap::write_all_at(&tmp.file, &[&tail], len));
+            if let Err(e) = copied {
+                tmp.discard();
+                return Err(StoreError::Io {
+                    op: "copy",
+                    path: source,
+                    source: e,
+                });
+            }
             blocking_store
-                .write_meta(&hash, meta_gen, &record)
-                .map(|()| blocking_store.body_mtime(&digest, body_gen))
+                .place_object(&tmp, &hash, version)
+                .inspect_err(|_| tmp.discard())
         })
         .await;
-        let body_mtime = match &written {
-            Ok(Ok(mtime)) => *mtime,
-            _ => 0,
-        };
-        if !matches!(written, Ok(Ok(_))) {
-            if let Ok(Err(e)) = &written {
-                self.storage_error(e);
+        let mtime = match written {
+            Ok(Ok(mtime)) => mtime,
+            failed => {
+                if let Ok(Err(e)) = &failed {
+                    self.storage_error(e);
+                }
+                self.release_fill(reserved);
+                return false;
             }
-            let mut ix = self.lock_index();
-            ix.release(record_charge);
-            ix.release_body(&meta.digest);
-            return false;
-        }
+        };
         let entry = Entry {
             key: meta.key.as_str().into(),
-            meta_gen,
-            meta_len: record_len,
-            digest: meta.digest,
-            body_gen: meta.body_gen,
+            generation: version,
             body_len: meta.body_len,
-            verified: true,
-            body_mtime,
+            tail_len: file_len - meta.body_len,
+            digest: meta.digest,
+            // The copy is what the source was: checked only if that was.
+            verified: from.1,
+            mtime,
         };
-        let removed = self.lock_index().insert(hash, entry, record_charge);
+        let removed = {
+            let mut ix = self.lock_index();
+            let removed = ix.insert(hash, entry, reserved);
+            ix.release_object();
+            removed
+        };
         self.forget(&hash);
         let held_open = self.open_tier_size(meta.body_len);
-        self.remember_meta(hash, meta_gen, &Arc::new(meta), held_open);
+        self.remember_meta(hash, version, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
         }
@@ -1576,7 +1577,7 @@ impl Cache {
     /// Forgets and unlinks objects taken out of the index; how many.
     async fn finish_purge(&self, removed: Vec<Removed>) -> usize {
         for r in &removed {
-            self.forget(&r.meta.0);
+            self.forget(&r.key);
         }
         let n = removed.len();
         self.unlink(removed).await;
@@ -1600,46 +1601,40 @@ impl Cache {
         }
     }
 
-    /// Rebuilds the index from disk (blocking; runs on a blocking thread at startup).
+    /// Rebuilds the index from disk (blocking; runs on a blocking thread at startup): every
+    /// object file's record is read from its end; the newest version of each key is indexed,
+    /// older ones and files that are torn, corrupt or not ours are removed. Bodies are not
+    /// read here: each is hashed before its first use.
     fn rebuild(self: Arc<Self>) {
         let Some(store) = self.store() else { return };
         let started = Instant::now();
-        let scan_start = SystemTime::now();
-        let mut metas = store.scan_meta();
-        let bodies = store.scan_bodies();
-        let found: u64 = metas
-            .iter()
-            .map(|f| f.len)
-            .chain(bodies.iter().map(|f| f.len))
-            .map(|len| self.charge(len))
-            .sum();
-        self.lock_index().add_unindexed(found, metas.len() as u64);
+        if store.remove_old_layouts() > 0 {
+            info!("cache directory of an earlier layout version removed");
+        }
+        let mut found = store.scan_objects();
+        let bytes: u64 = found.iter().map(|f| self.charge(f.len)).sum();
+        self.lock_index().add_unindexed(bytes, found.len() as u64);
         self.accounted.store(true, Ordering::Release);
-        let body_len: HashMap<(Digest, u64), u64> = bodies.iter().map(|b| ((b.id, b.generation), b.len)).collect();
 
         // Oldest first, so the most recently stored end up most recently used.
-        metas.sort_by_key(|f| f.generation);
+        found.sort_by_key(|f| f.generation);
         let mut loaded = 0u64;
         let mut corrupt = 0u64;
-        for found in metas {
+        for f in found {
             // From here it is indexed, removed, or counted by its own fill.
             self.lock_index().forget_unindexed_objects(1);
-            let charged = self.charge(found.len);
-            if store.is_own(found.generation) {
-                // Written since startup: indexed by its fill, and perhaps not complete yet.
+            let charged = self.charge(f.len);
+            if store.is_own(f.generation) {
+                // Written since startup: indexed by its fill.
                 self.lock_index().forget_unindexed(charged);
                 continue;
             }
-            let path = store.meta_path(&found.id, found.generation);
-            let meta = match store::read_meta_file(&path, found.len) {
-                Ok(meta)
-                    if meta.storage_hash() == found.id
-                        && body_len.get(&(meta.digest, meta.body_gen)) == Some(&meta.body_len) =>
-                {
-                    meta
-                }
+            let path = store.object_path(&f.id, f.generation);
+            let read = mmap::open_for_read(&path).and_then(|file| store::read_found(&file, f.len));
+            let meta = match read {
+                Ok(meta) if meta.storage_hash() == f.id => meta,
                 _ => {
-                    // Torn, corrupt, foreign, or its body is missing or the wrong length.
+                    // Torn, corrupt, foreign, or its body is not the length its record says.
                     corrupt += 1;
                     let _ = store.remove(&path);
                     self.lock_index().forget_unindexed(charged);
@@ -1648,32 +1643,22 @@ impl Cache {
             };
             let entry = Entry {
                 key: meta.key.as_str().into(),
-                meta_gen: found.generation,
-                meta_len: found.len,
-                digest: meta.digest,
-                body_gen: meta.body_gen,
+                generation: f.generation,
                 body_len: meta.body_len,
+                tail_len: f.len - meta.body_len,
+                digest: meta.digest,
                 verified: false,
-                body_mtime: 0,
+                mtime: 0,
             };
             self.remember_vary(&meta);
-            let removed = self.lock_index().insert_scanned(found.id, entry);
+            let removed = self.lock_index().insert_scanned(f.id, entry);
             if let Some(r) = removed {
-                let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
-                if let Some((d, g)) = r.body {
-                    let _ = store.remove(&store.body_path(&d, g));
-                }
+                let _ = store.remove_object(&r.key, r.generation);
                 self.lock_index().unlinked(r.bytes, 1);
             }
             loaded += 1;
             if loaded.is_multiple_of(10_000) {
                 metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
-            }
-        }
-        // Bodies no record points to: leftovers of a crash between the two renames.
-        for b in bodies {
-            if b.modified < scan_start && !self.lock_index().has_body(&b.id, b.generation) {
-                let _ = store.remove(&store.body_path(&b.id, b.generation));
             }
         }
         {
@@ -1707,8 +1692,8 @@ mod tests {
         };
         // Plenty of inodes: max_objects.
         assert_eq!(object_limit(100, 10, &space(1_000_000, 2_000_000), 50), 100);
-        // 5% of 2,000 inodes kept (100): 300 free leave 200, two per object, beside our 10.
-        assert_eq!(object_limit(1000, 10, &space(300, 2000), 50), 110);
+        // 5% of 2,000 inodes kept (100): 300 free leave 200, one per object, beside our 10.
+        assert_eq!(object_limit(1000, 10, &space(300, 2000), 50), 210);
         // None to spare: what is held, no more.
         assert_eq!(object_limit(1000, 10, &space(50, 2000), 50), 10);
         // A filesystem without a fixed number of inodes.
@@ -1717,9 +1702,9 @@ mod tests {
 
     #[test]
     fn the_layout_is_charged_for_the_directories_its_objects_can_make() {
-        // Two objects can make four fan-out directories, beside the seven fixed entries.
-        assert_eq!(layout_overhead(4096, 2), (7 + 4) * 4096 + 4 * 256);
-        // Never more than the 512 fan-out directories there are.
-        assert_eq!(layout_overhead(4096, 100_000), 519 * 4096 + 200_000 * 256);
+        // Two objects can make two fan-out directories, beside the five fixed entries.
+        assert_eq!(layout_overhead(4096, 2), (5 + 2) * 4096 + 2 * 256);
+        // Never more than the 256 fan-out directories there are.
+        assert_eq!(layout_overhead(4096, 100_000), 261 * 4096 + 100_000 * 256);
     }
 }

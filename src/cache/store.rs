@@ -1,17 +1,27 @@
-//! The cache directory on disk. The only module that turns a [`KeyHash`] or [`Digest`] into a
-//! path.
+//! The cache directory on disk. The only module that turns a [`KeyHash`] into a path, and the
+//! one that knows how an object file is laid out.
 //!
 //! ```text
-//! <cache_dir>/objects-v1/tmp/<gen>.<kind>          being written; swept at startup
+//! <cache_dir>/objects-v2/tmp/<gen>.obj              being written; swept at startup
 //!                                                   (unnamed `O_TMPFILE`s instead where the
 //!                                                   filesystem has them: nothing to sweep)
-//! <cache_dir>/objects-v1/meta/<kh:2>/<keyhash>.<gen> one record per stored version of a key
-//! <cache_dir>/objects-v1/body/<d:2>/<digest>.<gen>   bodies, content-addressed by blake3
-//! <cache_dir>/objects-v1/generations                 where the next run's versions start
+//! <cache_dir>/objects-v2/<kh:2>/<keyhash>.<gen>     one file per stored version of a key
+//! <cache_dir>/objects-v2/generations                where the next run's versions start
 //! <cache_dir>/lock                                  held (flock) while a process uses the dir
 //! ```
+//!
+//! One object, one file, one inode: `body | record | footer`. The body comes first, at offset
+//! 0, so a mapping of the file is a mapping of the body and `sendfile` sends it with the file's
+//! own offsets; the record ([`Meta`], checksummed, holding the body's length and blake3
+//! digest) follows it, and the 12-byte footer (`u32 record length | "SCOBJ002"`) ends the
+//! file, so the startup scan finds the record from the file's length alone. A file is written
+//! unnamed (or under `tmp/`) and linked into place whole: a name in a fan-out directory is
+//! always a complete object, or a torn one a crash cut short, which its record's checksum and
+//! the footer reveal. A body's digest is checked before its first use after a restart.
+//!
 //! Every stored file has a version (`gen`) in its name: a new version never lands on the path
-//! of one being evicted, so an unlink can only ever remove the version it meant to.
+//! of one being evicted, so an unlink can only ever remove the version it meant to. A layout
+//! of an earlier version (`objects-v1`) is removed whole at startup, never read.
 //!
 //! Nothing here follows a symbolic link planted in the directory. The cache directory itself
 //! must be a real directory owned by this process's user (else it is refused, naming the
@@ -34,7 +44,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
-use crate::cache::key::{Digest, KeyHash};
+use crate::cache::key::KeyHash;
 use crate::cache::meta::{MAX_RECORD, Meta};
 
 /// Storage failures, each naming the object it concerns.
@@ -158,15 +168,64 @@ pub struct Space {
     pub total_files: u64,
 }
 
-/// Directories of the layout (the cache directory, `objects-v1`, `tmp`, `meta`, `body`, and up
-/// to 256 fan-out directories under each of `meta` and `body`), plus `lock` and `generations`:
-/// charged one allocation unit each whatever is stored.
-pub const LAYOUT_FILES: u64 = 5 + 2 * 256 + 2;
+/// Fixed entries of the layout, charged one allocation unit each whatever is stored: the
+/// cache directory, `objects-v2`, `tmp`, `lock` and `generations`.
+pub const LAYOUT_FIXED: u64 = 5;
+
+/// Fan-out directories there can be under `objects-v2` (the first byte of a key's hash).
+pub const FANOUT_DIRS: u64 = 256;
 
 /// What one name costs in a directory, conservatively: ext4 spends 92 bytes on an object's
 /// name, and its hashed directories keep leaf blocks from half full. Directories never
-/// shrink, so the layout is charged this for every object it may hold (two names each).
+/// shrink, so the layout is charged this for every object it may hold (one name each).
 pub const NAME_COST: u64 = 256;
+
+/// The layout's directory under the cache directory; the number is the format's version.
+const OBJECTS: &str = "objects-v2";
+/// Layouts of earlier versions: removed at startup, never read.
+const OLD_LAYOUTS: &[&str] = &["objects-v1"];
+
+/// Bytes at the end of every object file: `u32 record length | FOOTER_MAGIC`.
+pub const FOOTER_LEN: u64 = 12;
+const FOOTER_MAGIC: &[u8; 8] = b"SCOBJ002";
+/// How much of a file's end the startup scan reads in one go: the record and footer of
+/// nearly every object.
+const TAIL_READ: u64 = 4096;
+
+/// What follows a body in its object file: the encoded record and the footer.
+pub fn tail(meta: &Meta) -> Vec<u8> {
+    let mut out = meta.encode();
+    let len = out.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(FOOTER_MAGIC);
+    out
+}
+
+/// The length of [`tail`] for `meta`, without a copy of it: the record's length does not
+/// depend on the body's length or digest (fixed-width fields), so a fill knows its whole
+/// file's size from the response head.
+pub fn tail_len(meta: &Meta) -> u64 {
+    meta.encoded_len() + FOOTER_LEN
+}
+
+/// Decodes the tail of an object file (record and footer, exactly), checking the footer.
+pub fn decode_tail(bytes: &[u8]) -> Result<Meta, std::io::Error> {
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let Some(record_len) = footer_record_len(bytes) else {
+        return Err(invalid("object footer missing".into()));
+    };
+    if record_len + FOOTER_LEN != bytes.len() as u64 {
+        return Err(invalid("object footer does not match its record".into()));
+    }
+    Meta::decode(&bytes[..record_len as usize]).map_err(|e| invalid(e.to_string()))
+}
+
+/// The record length a footer at the end of `bytes` states; `None` when there is none.
+fn footer_record_len(bytes: &[u8]) -> Option<u64> {
+    let at = bytes.len().checked_sub(FOOTER_LEN as usize)?;
+    let (len, magic) = bytes[at..].split_at(4);
+    (magic == FOOTER_MAGIC).then(|| u64::from(u32::from_be_bytes(len.try_into().expect("4 bytes"))))
+}
 
 /// How a file being written gets its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,7 +278,7 @@ pub struct Found<T> {
     pub modified: SystemTime,
 }
 
-/// The file under `objects-v1/` holding the first version the next run may hand out.
+/// The file under `objects-v2/` holding the first version the next run may hand out.
 const GENERATIONS: &str = "generations";
 /// How many versions one run may hand out (a fill a microsecond for half a year): the next
 /// run starts past them, whatever its clock says.
@@ -242,15 +301,9 @@ impl Store {
             source,
         };
         let root_fd = open_root(root)?;
-        let objects_fd = layout_dir(&root_fd, "objects-v1").map_err(prepare)?;
-        let mut tmp_fd = None;
-        for sub in ["tmp", "meta", "body"] {
-            let fd = layout_dir(&objects_fd, sub).map_err(prepare)?;
-            if sub == "tmp" {
-                tmp_fd = Some(fd);
-            }
-        }
-        let objects = root.join("objects-v1");
+        let objects_fd = layout_dir(&root_fd, OBJECTS).map_err(prepare)?;
+        let tmp_fd = layout_dir(&objects_fd, "tmp").map_err(prepare)?;
+        let objects = root.join(OBJECTS);
         // Held read-only (flock does not need write access): no descriptor keeps the
         // filesystem from being remounted read-only underneath a running sidecar.
         let lock = open_lock(&root_fd).map_err(prepare)?;
@@ -280,7 +333,7 @@ impl Store {
             unit: alloc_unit(&root_fd),
             lock,
         };
-        sweep_tmp(tmp_fd.as_ref().expect("made above"));
+        sweep_tmp(&tmp_fd);
         if store.unnamed_tmp_works() {
             store.tmp_mode = TmpMode::Unnamed;
         }
@@ -326,25 +379,14 @@ impl Store {
         self.objects.join("tmp").join(format!("{generation:016x}.{kind}"))
     }
 
-    /// Where a meta record version lives.
-    pub fn meta_path(&self, key: &KeyHash, generation: u64) -> PathBuf {
-        self.object_path("meta", &key.0, generation)
-    }
-
-    /// Where a body version lives.
-    pub fn body_path(&self, digest: &Digest, generation: u64) -> PathBuf {
-        self.object_path("body", &digest.0, generation)
-    }
-
-    /// `objects/<kind>/<first hex byte>/<hex>.<generation as 16 hex digits>`, built in one
-    /// allocation: disk hits compute it on every request.
-    fn object_path(&self, kind: &str, id: &[u8], generation: u64) -> PathBuf {
+    /// Where a version of a key's object lives: `objects-v2/<first hex byte>/<hex>.<generation
+    /// as 16 hex digits>`, built in one allocation (disk hits compute it on every request).
+    pub fn object_path(&self, key: &KeyHash, generation: u64) -> PathBuf {
         const HEX: &[u8; 16] = b"0123456789abcdef";
+        let id = &key.0;
         let base = self.objects.as_os_str().as_encoded_bytes();
-        let mut p = Vec::with_capacity(base.len() + kind.len() + 4 + 2 * id.len() + 1 + 16 + 1);
+        let mut p = Vec::with_capacity(base.len() + 4 + 2 * id.len() + 1 + 16);
         p.extend_from_slice(base);
-        p.push(b'/');
-        p.extend_from_slice(kind.as_bytes());
         p.push(b'/');
         p.extend_from_slice(&[HEX[(id[0] >> 4) as usize], HEX[(id[0] & 15) as usize], b'/']);
         for b in id {
@@ -410,14 +452,15 @@ impl Store {
         in_its_dir(to, "place", put)
     }
 
-    /// Creates a temporary body file for a fill, open for reading and writing.
-    pub fn create_tmp_body(&self, generation: u64) -> Result<Tmp, StoreError> {
-        self.create_tmp(generation, "body", true)
+    /// Creates an object file to write, open for reading (by a fill's readers) and writing.
+    pub fn create_tmp_object(&self, generation: u64) -> Result<Tmp, StoreError> {
+        self.create_tmp(generation, "obj", true)
     }
 
-    /// Moves a finished temporary body into place; its modification time (ns) after.
-    pub fn commit_body(&self, tmp: &Tmp, digest: &Digest, generation: u64) -> Result<u64, StoreError> {
-        self.place(tmp, &self.body_path(digest, generation))?;
+    /// Moves a finished object file into place as version `generation` of `key`; its
+    /// modification time (ns) after.
+    pub fn place_object(&self, tmp: &Tmp, key: &KeyHash, generation: u64) -> Result<u64, StoreError> {
+        self.place(tmp, &self.object_path(key, generation))?;
         Ok(tmp
             .file
             .metadata()
@@ -425,37 +468,9 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Writes a meta record straight to its final name, with no temporary file to link into
-    /// place: the name is new (its generation is), and the record is checksummed, so one cut
-    /// short by a crash is found torn at startup and removed, never used. (The startup scan
-    /// skips this process's own records, which may be mid-write.)
-    pub fn write_meta(&self, key: &KeyHash, generation: u64, record: &[u8]) -> Result<(), StoreError> {
-        let path = self.meta_path(key, generation);
-        let mut file = in_its_dir(&path, "create", || {
-            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)
-        })?;
-        if let Err(source) = file.write_all(record) {
-            let _ = fs::remove_file(&path);
-            return Err(StoreError::Io {
-                op: "write",
-                path,
-                source,
-            });
-        }
-        Ok(())
-    }
-
-    /// A body version's modification time (ns; 0 when it cannot be read).
-    pub fn body_mtime(&self, digest: &Digest, generation: u64) -> u64 {
-        fs::metadata(self.body_path(digest, generation))
-            .map(|md| crate::cache::mmap::mtime_ns(&md))
-            .unwrap_or(0)
-    }
-
-    /// Opens a body version for reading.
-    pub fn open_body(&self, digest: &Digest, generation: u64) -> Result<File, StoreError> {
-        let path = self.body_path(digest, generation);
-        File::open(&path).map_err(io("open", &path))
+    /// Removes version `generation` of `key`'s object; one already gone is not an error.
+    pub fn remove_object(&self, key: &KeyHash, generation: u64) -> Result<(), StoreError> {
+        self.remove(&self.object_path(key, generation))
     }
 
     /// Removes a file; a file already gone is not an error.
@@ -471,49 +486,71 @@ impl Store {
         }
     }
 
-    /// Every meta record file on disk.
-    pub fn scan_meta(&self) -> Vec<Found<KeyHash>> {
-        scan(&self.objects.join("meta"), KeyHash::from_hex)
+    /// Every object file on disk, by key and version (with what the directory says of it).
+    pub fn scan_objects(&self) -> Vec<Found<KeyHash>> {
+        scan(&self.objects, KeyHash::from_hex)
     }
 
-    /// Every body file on disk.
-    pub fn scan_bodies(&self) -> Vec<Found<Digest>> {
-        scan(&self.objects.join("body"), Digest::from_hex)
+    /// Removes the layouts of earlier format versions, whole: they are never read. Blocking
+    /// (a large old cache takes a while); the startup rebuild runs it before anything is
+    /// counted. Returns how many were found.
+    pub fn remove_old_layouts(&self) -> usize {
+        let mut found = 0;
+        for old in OLD_LAYOUTS {
+            let path = self.root.join(old);
+            // (`remove_dir_all` does not follow symbolic links, at the top or below.)
+            match fs::symlink_metadata(&path) {
+                Ok(md) if md.is_dir() => {
+                    found += 1;
+                    if let Err(e) = fs::remove_dir_all(&path) {
+                        tracing::warn!(dir = %path.display(), error = %e, "failed to remove an old cache layout");
+                    }
+                }
+                Ok(_) => {
+                    let _ = fs::remove_file(&path);
+                }
+                Err(_) => {}
+            }
+        }
+        found
     }
 }
 
-/// Reads and decodes a record file that the index (or the startup scan) says is `len` bytes
-/// long. Knowing the length saves a `stat`; a file shorter than that is an error, and one
-/// rewritten underneath fails the record's checksum.
-pub fn read_meta_file(path: &Path, len: u64) -> Result<Meta, StoreError> {
-    read_meta(path, len, false).map(|m| m.expect("a blocking read always answers"))
-}
-
-/// [`read_meta_file`] without waiting for the disk: `Ok(None)` when the record is not in the
-/// page cache (read it off the runtime then).
-pub fn read_meta_nowait(path: &Path, len: u64) -> Result<Option<Meta>, StoreError> {
-    read_meta(path, len, true)
-}
-
-fn read_meta(path: &Path, len: u64, nowait: bool) -> Result<Option<Meta>, StoreError> {
-    let file = crate::cache::mmap::open_for_read(path).map_err(io("open", path))?;
-    // One byte more than the largest record: enough to tell that a file is too large.
-    let len = len.min(MAX_RECORD as u64 + 65) as usize;
-    let Some(bytes) = crate::cache::mmap::read_at(&file, len, 0, nowait).map_err(io("read", path))? else {
+/// Reads the record at the end of an object file that the index says holds `body_len` bytes
+/// of body and `tail_len` of record and footer: `Ok(None)` with `nowait` when that would
+/// wait for the disk.
+pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> std::io::Result<Option<Meta>> {
+    if tail_len > MAX_RECORD as u64 + FOOTER_LEN {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "record too large"));
+    }
+    let Some(bytes) = crate::cache::mmap::read_at(file, tail_len as usize, body_len, nowait)? else {
         return Ok(None);
     };
-    if bytes.len() > MAX_RECORD + 64 {
-        return Err(StoreError::Io {
-            op: "decode",
-            path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "record too large"),
-        });
+    decode_tail(&bytes).map(Some)
+}
+
+/// Reads the record of an object file found at startup, of `len` bytes, from its end: the
+/// footer says where the record starts. The record's body length must account for the rest
+/// of the file exactly.
+pub fn read_found(file: &File, len: u64) -> std::io::Result<Meta> {
+    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+    let first = len.min(TAIL_READ);
+    let bytes = crate::cache::mmap::read_at(file, first as usize, len - first, false)?.expect("a blocking read");
+    let record_len = footer_record_len(&bytes).ok_or_else(|| invalid("object footer missing"))?;
+    let tail = record_len + FOOTER_LEN;
+    if record_len > MAX_RECORD as u64 || tail > len {
+        return Err(invalid("object footer out of range"));
     }
-    Meta::decode(&bytes).map(Some).map_err(|e| StoreError::Io {
-        op: "decode",
-        path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })
+    let meta = if tail <= first {
+        decode_tail(&bytes[(first - tail) as usize..])?
+    } else {
+        let bytes = crate::cache::mmap::read_at(file, tail as usize, len - tail, false)?.expect("a blocking read");
+        decode_tail(&bytes)?
+    };
+    if meta.body_len + tail != len {
+        return Err(invalid("object file length does not match its record"));
+    }
+    Ok(meta)
 }
 
 /// Links an unnamed (`O_TMPFILE`) file to `to` through its `/proc/self/fd` entry, which needs
@@ -555,6 +592,10 @@ fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
         return out;
     };
     for (sub, _) in entries(&dir_fd) {
+        // Only the fan-out directories: `tmp`, `generations` and the like are the layout's own.
+        if !is_fanout_name(sub.to_bytes()) {
+            continue;
+        }
         let fanout = match open_dir_nofollow(&dir_fd, &sub) {
             Ok(fd) => fd,
             Err(e) if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR => {
@@ -591,6 +632,11 @@ fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
         }
     }
     out
+}
+
+/// Whether a name in `objects-v2` is a fan-out directory's: two lower-case hex digits.
+fn is_fanout_name(name: &[u8]) -> bool {
+    name.len() == 2 && name.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
 /// The names in a directory (but `.` and `..`), with their types as the directory says.
@@ -826,12 +872,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         store.tmp_mode = TmpMode::Named;
-        let tmp = store.create_tmp_body(store.next_gen()).unwrap();
+        let tmp = store.create_tmp_object(store.next_gen()).unwrap();
         let name = tmp.name.clone().expect("a named temporary file");
         drop(store);
         assert!(name.exists());
         let _store = Store::open(dir.path()).unwrap();
         assert!(!name.exists());
+    }
+
+    fn object(body: &[u8]) -> (crate::cache::meta::Meta, Vec<u8>) {
+        let mut meta = crate::cache::meta::tests::sample();
+        meta.body_len = body.len() as u64;
+        meta.digest = crate::cache::key::Digest::from(blake3::hash(body));
+        let mut file = body.to_vec();
+        file.extend_from_slice(&tail(&meta));
+        (meta, file)
     }
 
     #[test]
@@ -840,23 +895,86 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         // This machine's filesystem has O_TMPFILE: the unnamed kind is found and used.
         assert_eq!(store.tmp_mode, TmpMode::Unnamed);
+        let (_, bytes) = object(b"body bytes");
+        let key = KeyHash::of(b"http://h/a");
         for mode in [TmpMode::Unnamed, TmpMode::Named] {
             store.tmp_mode = mode;
-            let tmp = store.create_tmp_body(store.next_gen()).unwrap();
-            (&*tmp.file).write_all(b"body bytes").unwrap();
-            let digest = Digest::from(blake3::hash(b"body bytes"));
             let generation = store.next_gen();
-            let mtime = store.commit_body(&tmp, &digest, generation).unwrap();
+            let tmp = store.create_tmp_object(generation).unwrap();
+            (&*tmp.file).write_all(&bytes).unwrap();
+            let mtime = store.place_object(&tmp, &key, generation).unwrap();
             assert!(mtime > 0);
-            assert_eq!(fs::read(store.body_path(&digest, generation)).unwrap(), b"body bytes");
-            let key = KeyHash::of(b"http://h/a");
-            store.write_meta(&key, generation, b"record").unwrap();
-            assert_eq!(fs::read(store.meta_path(&key, generation)).unwrap(), b"record");
+            assert_eq!(fs::read(store.object_path(&key, generation)).unwrap(), bytes);
             assert_eq!(
-                fs::read_dir(dir.path().join("objects-v1/tmp")).unwrap().count(),
+                fs::read_dir(dir.path().join("objects-v2/tmp")).unwrap().count(),
                 0,
                 "{mode:?}"
             );
         }
+        let found = store.scan_objects();
+        assert_eq!(found.len(), 2);
+        assert!(found.iter().all(|f| f.id == key && f.len == bytes.len() as u64));
+    }
+
+    #[test]
+    fn an_object_file_is_its_body_then_its_record_found_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = Store::open(dir.path()).unwrap();
+        // A record longer than the first read from the end, and an empty body.
+        for body in [&b"0123456789"[..], &[7u8; 10_000][..], b""] {
+            let (mut meta, mut bytes) = object(body);
+            if body.is_empty() {
+                meta.headers
+                    .insert("x-long", http::HeaderValue::from_str(&"v".repeat(6000)).unwrap());
+                bytes = tail(&meta);
+            }
+            let path = dir.path().join("obj");
+            fs::write(&path, &bytes).unwrap();
+            let file = File::open(&path).unwrap();
+            assert_eq!(read_found(&file, bytes.len() as u64).unwrap(), meta);
+            assert_eq!(
+                read_record(&file, meta.body_len, tail_len(&meta), false)
+                    .unwrap()
+                    .unwrap(),
+                meta
+            );
+            assert_eq!(&bytes[..body.len()], body);
+            // Cut short anywhere, or with a byte changed, it is not an object.
+            for cut in [1, 5, FOOTER_LEN as usize, bytes.len() / 2] {
+                fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
+                let file = File::open(&path).unwrap();
+                assert!(read_found(&file, (bytes.len() - cut) as u64).is_err(), "cut {cut}");
+            }
+            let mut flipped = bytes.clone();
+            let at = body.len() + 20;
+            flipped[at] ^= 1;
+            fs::write(&path, &flipped).unwrap();
+            assert!(read_found(&File::open(&path).unwrap(), flipped.len() as u64).is_err());
+        }
+        // A body whose length disagrees with the record: appended bytes move the footer away.
+        let (_, mut bytes) = object(b"abc");
+        bytes.insert(0, b'x');
+        let path = dir.path().join("obj");
+        fs::write(&path, &bytes).unwrap();
+        assert!(read_found(&File::open(&path).unwrap(), bytes.len() as u64).is_err());
+    }
+
+    #[test]
+    fn an_old_layout_is_removed_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("objects-v1/meta/ab");
+        fs::create_dir_all(&old).unwrap();
+        fs::write(old.join("x.1"), b"old record").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("keep"), b"not ours").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("objects-v1/link")).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.remove_old_layouts(), 1);
+        assert!(!dir.path().join("objects-v1").exists());
+        assert!(
+            outside.path().join("keep").exists(),
+            "a link inside is removed, not followed"
+        );
+        assert!(store.scan_objects().is_empty());
     }
 }

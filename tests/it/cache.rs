@@ -41,6 +41,32 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// The object files (one per stored object: body, record, footer) under a cache directory.
+fn object_files(cache: &Path) -> Vec<std::path::PathBuf> {
+    let objects = cache.join("objects-v2");
+    let Ok(entries) = std::fs::read_dir(&objects) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().len() == 2 && e.path().is_dir())
+        .flat_map(|fanout| files_under(&fanout.path()))
+        .collect()
+}
+
+/// The object file whose record holds `name`.
+fn object_of(cache: &Path, name: &str) -> std::path::PathBuf {
+    object_files(cache)
+        .into_iter()
+        .find(|f| {
+            std::fs::read(f)
+                .unwrap()
+                .windows(name.len())
+                .any(|w| w == name.as_bytes())
+        })
+        .expect("the object file")
+}
+
 async fn get(url: &str) -> (reqwest::StatusCode, String, Bytes) {
     let resp = client().get(url).send().await.unwrap();
     let status = resp.status();
@@ -269,15 +295,15 @@ async fn eviction_removes_exactly_the_least_recently_used() {
         origin.fixed(&format!("/lru/{i}"), CACHEABLE, pattern_chunk(i * 7919, 100_000));
     }
     // A budget that nine objects fill to between the watermarks and a tenth pushes past the
-    // high one, in what the disk spends: files in whole allocation units (a 100,000-byte body
-    // and a record under a unit each), and the layout's fixed share (a unit per directory that
-    // 16 objects can make, and two 256-byte names per object).
+    // high one, in what the disk spends: one file per object in whole allocation units (a
+    // 100,000-byte body and its record, a few hundred bytes), and the layout's fixed share (a
+    // unit per directory that 16 objects can make, and a 256-byte name per object).
     let unit = rustix::fs::statvfs(std::env::temp_dir())
         .unwrap()
         .f_frsize
         .clamp(512, 1 << 20);
-    let object = 100_000u64.div_ceil(unit) * unit + unit;
-    let layout = (7 + 2 * 16) * unit + 2 * 16 * 256;
+    let object = 101_000u64.div_ceil(unit) * unit;
+    let layout = (5 + 16) * unit + 16 * 256;
     let (nine, ten) = (layout + 9 * object, layout + 10 * object);
     let max_size = ((nine as f64 / 0.90 + ten as f64 / 0.95) / 2.0) as u64;
     let sc = TestSidecar::start_with(&origin.url(), |c| {
@@ -410,7 +436,7 @@ async fn hot_tier_serves_small_objects_from_memory() {
     assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
     assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
     // Remove the files underneath: the hot tier still has the object.
-    for f in files_under(&sc.dir.path().join("cache/objects-v1")) {
+    for f in object_files(&sc.dir.path().join("cache")) {
         std::fs::remove_file(f).unwrap();
     }
     let (_, cs, body) = get(&sc.url("/small.css")).await;
@@ -443,11 +469,8 @@ async fn large_hits_sent_from_the_file_are_whole_and_a_truncated_file_is_never_s
     assert_eq!(part.status(), 206);
     let part = part.bytes().await.unwrap();
     assert!(part.len() == 800_001 && matches_pattern(100_000, &part));
-    // Another actor cuts the body file short underneath.
-    let body_file = files_under(&sc.dir.path().join("cache/objects-v1/body"))
-        .into_iter()
-        .find(|f| std::fs::metadata(f).unwrap().len() == len as u64)
-        .expect("the body file");
+    // Another actor cuts the object file short underneath, into its body.
+    let body_file = object_of(&sc.dir.path().join("cache"), "/big.bin");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&body_file)
@@ -484,9 +507,9 @@ async fn the_open_tier_serves_hits_without_opening_the_file_and_never_a_removed_
     for _ in 0..2 {
         assert_eq!(get(&sc.url("/open.js")).await.1, "sidecache; hit");
     }
-    // Move the body file away: still the same file, but a hit that opened its path would
+    // Move the object file away: still the same file, but a hit that opened its path would
     // not find it.
-    let bodies = files_under(&sc.dir.path().join("cache/objects-v1/body"));
+    let bodies = object_files(&sc.dir.path().join("cache"));
     assert_eq!(bodies.len(), 1);
     let moved = sc.dir.path().join("moved-away");
     std::fs::rename(&bodies[0], &moved).unwrap();
@@ -515,21 +538,11 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
         c.max_connections = 64;
     })
     .await;
-    let records = sc.dir.path().join("cache/objects-v1/meta");
-    let record_of = |name: &str| {
-        files_under(&records)
-            .into_iter()
-            .find(|f| {
-                std::fs::read(f)
-                    .unwrap()
-                    .windows(name.len())
-                    .any(|w| w == name.as_bytes())
-            })
-            .expect("the record")
-    };
+    let cache = sc.dir.path().join("cache");
+    let record_of = |name: &str| object_of(&cache, name);
     get(&sc.url("/cut.js")).await;
     assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
-    // Cut short underneath: the index knows its length, the read comes up short, and the
+    // Cut short underneath, into its record: the index knows the file's length, and the
     // object is fetched again, never served from a partial record.
     let cut = record_of("/cut.js");
     let len = std::fs::metadata(&cut).unwrap().len();
@@ -548,9 +561,13 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
     get(&sc.url("/kept.js")).await;
     assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 2).await);
     // A hit from disk that leaves the body on disk keeps the record in memory: the next hit
-    // does not read it again (here it could not: the file is gone).
+    // does not read it again. Here it could not: its stored record is damaged (in place, same
+    // length; the body is intact, which the changed file is hashed again to show).
     assert_eq!(get(&sc.url("/kept.js")).await.1, "sidecache; hit");
-    std::fs::remove_file(record_of("/kept.js")).unwrap();
+    let kept = record_of("/kept.js");
+    let f = std::fs::OpenOptions::new().write(true).open(&kept).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"XXXX", 100_000 + 40).unwrap();
+    drop(f);
     for _ in 0..2 {
         let (status, cs, body) = get(&sc.url("/kept.js")).await;
         assert_eq!((status.as_u16(), cs.as_str()), (200, "sidecache; hit"));
@@ -578,8 +595,8 @@ async fn a_refetched_object_with_the_same_bytes_is_served_from_its_new_record() 
     assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
     // A disk hit keeps its record in memory.
     assert_eq!(get(&url).await.1, "sidecache; hit");
-    // Once stale it is fetched again; the same bytes come back and the new version shares
-    // the stored body (same digest, same body file) under a new record.
+    // Once stale it is fetched again; the same bytes come back, stored as a new version (a
+    // new object file) of the key.
     let refetched = eventually(Duration::from_secs(10), async || {
         get(&url).await.1.contains("fwd=stale")
     })
@@ -780,7 +797,7 @@ async fn one_disk_hit_does_not_admit_an_object_to_memory() {
     assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
     assert_eq!(get(&sc.url("/once.css")).await.1, "sidecache; hit");
     // Only on disk: with its files gone it is fetched again.
-    for f in files_under(&sc.dir.path().join("cache/objects-v1")) {
+    for f in object_files(&sc.dir.path().join("cache")) {
         std::fs::remove_file(f).unwrap();
     }
     let (status, _, body) = get(&sc.url("/once.css")).await;
@@ -796,7 +813,7 @@ async fn objects_deleted_underneath_are_refetched_not_errors() {
     let sc = TestSidecar::start_with(&origin.url(), |c| c.memory_size = 0).await;
     get(&sc.url("/gone.css")).await;
     assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
-    for f in files_under(&sc.dir.path().join("cache/objects-v1")) {
+    for f in object_files(&sc.dir.path().join("cache")) {
         std::fs::remove_file(f).unwrap();
     }
     let (status, _, body) = get(&sc.url("/gone.css")).await;
@@ -928,7 +945,7 @@ async fn sigkill_mid_fill_then_restart_serves_correct_bytes() {
     drop(stream);
 
     let (_bin, addr) = start_binary(&origin, dir.path()).await;
-    let tmp = dir.path().join("objects-v1/tmp");
+    let tmp = dir.path().join("objects-v2/tmp");
     assert_eq!(
         std::fs::read_dir(&tmp).unwrap().count(),
         0,
@@ -961,7 +978,7 @@ async fn an_object_corrupted_while_down_is_detected_and_refetched() {
     tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
 
     // Flip one byte in the middle of the stored body (same length: only the hash can tell).
-    let bodies = files_under(&dir.path().join("objects-v1/body"));
+    let bodies = object_files(dir.path());
     assert_eq!(bodies.len(), 1);
     let mut bytes = std::fs::read(&bodies[0]).unwrap();
     bytes[100_000] ^= 0xff;
@@ -984,6 +1001,30 @@ async fn an_object_corrupted_while_down_is_detected_and_refetched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_of_the_old_layout_is_removed_at_start_not_read() {
+    let origin = Origin::start().await;
+    origin.fixed("/old.css", CACHEABLE, pattern_bytes(5000));
+    let dir = tempfile::tempdir().unwrap();
+    // What the previous layout left: a record and a body under `objects-v1`.
+    let old = dir.path().join("objects-v1");
+    for (sub, name) in [
+        ("meta/ab", "ab01.0000000000000001"),
+        ("body/cd", "cd02.0000000000000001"),
+    ] {
+        std::fs::create_dir_all(old.join(sub)).unwrap();
+        std::fs::write(old.join(sub).join(name), b"old layout bytes").unwrap();
+    }
+    let (_bin, addr) = start_binary(&origin, dir.path()).await;
+    assert!(!old.exists(), "the old layout is removed");
+    let (status, cs, body) = get(&format!("http://{addr}/old.css")).await;
+    assert_eq!(status, 200);
+    assert!(cs.contains("fwd=uri-miss"), "{cs}");
+    assert_eq!(body, Bytes::from(pattern_bytes(5000)));
+    assert_eq!(get(&format!("http://{addr}/old.css")).await.1, "sidecache; hit");
+    assert_eq!(object_files(dir.path()).len(), 1, "one file for the object");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_torn_by_a_crash_is_removed_at_startup_and_refetched() {
     let origin = Origin::start().await;
     origin.fixed("/torn.css", CACHEABLE, pattern_bytes(5000));
@@ -994,8 +1035,9 @@ async fn a_record_torn_by_a_crash_is_removed_at_startup_and_refetched() {
     bin.signal(libc::SIGKILL);
     tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
 
-    // Records are written straight to their final name: a crash can leave one cut short.
-    let records = files_under(&dir.path().join("objects-v1/meta"));
+    // A crash (of the machine: the file is linked into place whole, but its blocks may not
+    // all have reached the disk) can leave an object file cut short.
+    let records = object_files(dir.path());
     assert_eq!(records.len(), 1);
     let len = std::fs::metadata(&records[0]).unwrap().len();
     std::fs::OpenOptions::new()
@@ -1011,7 +1053,7 @@ async fn a_record_torn_by_a_crash_is_removed_at_startup_and_refetched() {
     assert!(cs.contains("fwd=uri-miss"), "{cs}");
     assert_eq!(body, Bytes::from(pattern_bytes(5000)));
     assert_eq!(origin.hits("/torn.css"), 2);
-    assert!(!records[0].exists(), "the torn record was removed");
+    assert!(!records[0].exists(), "the torn object was removed");
 }
 
 /// A small tmpfs (needs root, as in CI), mounted for the test's lifetime.
@@ -1118,10 +1160,7 @@ async fn an_object_removed_while_a_client_reads_it_is_delivered_whole() {
     let first = stream.next().await.unwrap().unwrap();
     // Remove it from the cache (the same unlink eviction does) while the client is mid-body.
     assert_eq!(sc.sidecar.proxy.cache.purge(&sidecache::cache::Purge::All).await, 1);
-    assert!(
-        files_under(&sc.dir.path().join("cache/objects-v1/body")).is_empty(),
-        "unlinked"
-    );
+    assert!(object_files(&sc.dir.path().join("cache")).is_empty(), "unlinked");
     let mut n = first.len() as u64;
     let mut ok = matches_pattern(0, &first);
     while let Some(chunk) = stream.next().await {
@@ -1156,7 +1195,7 @@ async fn an_object_modified_in_place_while_running_is_detected_and_refetched() {
         assert_eq!(get(&sc.url("/m.js")).await.1, "sidecache; hit");
     }
     // Someone rewrites the stored body in place: same length, other bytes.
-    let bodies = files_under(&sc.dir.path().join("cache/objects-v1/body"));
+    let bodies = object_files(&sc.dir.path().join("cache"));
     assert_eq!(bodies.len(), 1);
     let f = std::fs::OpenOptions::new().write(true).open(&bodies[0]).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1000], 100_000).unwrap();
@@ -1318,7 +1357,7 @@ async fn sigkill_at_random_points_under_load_never_serves_corrupt_bytes() {
         assert_eq!(body, expected(i), "object {i} after restart");
     }
     assert_eq!(
-        std::fs::read_dir(dir.path().join("objects-v1/tmp")).unwrap().count(),
+        std::fs::read_dir(dir.path().join("objects-v2/tmp")).unwrap().count(),
         0,
         "nothing half-written survives a restart"
     );

@@ -55,12 +55,12 @@ async fn run_once(dir: tempfile::TempDir) -> tempfile::TempDir {
 async fn a_symlinked_tmp_dir_is_replaced_not_swept_through() {
     let dir = tempfile::tempdir().unwrap();
     let (outside, canary) = canary_dir(dir.path());
-    let objects = cache_dir(dir.path()).join("objects-v1");
+    let objects = cache_dir(dir.path()).join("objects-v2");
     std::fs::create_dir_all(&objects).unwrap();
     symlink(&outside, objects.join("tmp")).unwrap();
 
     let dir = run_once(dir).await;
-    let objects = cache_dir(dir.path()).join("objects-v1");
+    let objects = cache_dir(dir.path()).join("objects-v2");
     assert_eq!(
         std::fs::read(&canary).unwrap(),
         b"precious",
@@ -72,33 +72,31 @@ async fn a_symlinked_tmp_dir_is_replaced_not_swept_through() {
 
 #[tokio::test]
 async fn a_symlinked_fanout_dir_is_removed_not_swept_through() {
-    for kind in ["meta", "body"] {
-        let dir = tempfile::tempdir().unwrap();
-        let (outside, canary) = canary_dir(dir.path());
-        let kind_dir = cache_dir(dir.path()).join("objects-v1").join(kind);
-        std::fs::create_dir_all(&kind_dir).unwrap();
-        // A name the startup scan would remove as "not ours" if it looked inside.
-        symlink(&outside, kind_dir.join("ab")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (outside, canary) = canary_dir(dir.path());
+    let objects = cache_dir(dir.path()).join("objects-v2");
+    std::fs::create_dir_all(&objects).unwrap();
+    // A name the startup scan would remove as "not ours" if it looked inside.
+    symlink(&outside, objects.join("ab")).unwrap();
 
-        let dir = run_once(dir).await;
-        assert_eq!(
-            std::fs::read(&canary).unwrap(),
-            b"precious",
-            "the {kind} scan followed the link"
-        );
-        let kind_dir = cache_dir(dir.path()).join("objects-v1").join(kind);
-        assert!(
-            std::fs::symlink_metadata(kind_dir.join("ab")).is_err(),
-            "the planted {kind} link is removed"
-        );
-    }
+    let dir = run_once(dir).await;
+    assert_eq!(
+        std::fs::read(&canary).unwrap(),
+        b"precious",
+        "the scan followed the link"
+    );
+    let objects = cache_dir(dir.path()).join("objects-v2");
+    assert!(
+        std::fs::symlink_metadata(objects.join("ab")).is_err(),
+        "the planted link is removed"
+    );
 }
 
 #[tokio::test]
 async fn a_symlink_at_generations_new_does_not_redirect_the_write() {
     let dir = tempfile::tempdir().unwrap();
     let (_, canary) = canary_dir(dir.path());
-    let objects = cache_dir(dir.path()).join("objects-v1");
+    let objects = cache_dir(dir.path()).join("objects-v2");
     std::fs::create_dir_all(&objects).unwrap();
     symlink(&canary, objects.join("generations.new")).unwrap();
 
@@ -108,7 +106,7 @@ async fn a_symlink_at_generations_new_does_not_redirect_the_write() {
         b"precious",
         "the write followed the link"
     );
-    let generations = cache_dir(dir.path()).join("objects-v1/generations");
+    let generations = cache_dir(dir.path()).join("objects-v2/generations");
     let md = std::fs::symlink_metadata(&generations).unwrap();
     assert!(md.is_file(), "generations is a regular file of ours");
     assert!(
@@ -158,8 +156,8 @@ async fn created_directories_are_private() {
         }
         i += 1;
     }
-    // The root, objects-v1, tmp, meta, body and one fan-out directory each for meta and body.
-    assert!(dirs.len() >= 7, "{dirs:?}");
+    // The root, objects-v2, tmp and a fan-out directory.
+    assert!(dirs.len() >= 4, "{dirs:?}");
     for d in &dirs {
         let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
@@ -245,12 +243,13 @@ fn a_symlinked_cache_dir_is_refused_by_the_binary() {
     );
 }
 
-/// Record files (one per stored object) under the cache directory.
+/// Object files (one per stored object) under the cache directory.
 fn records(cache: &Path) -> u64 {
-    let meta = cache.join("objects-v1/meta");
-    std::fs::read_dir(meta)
+    let objects = cache.join("objects-v2");
+    std::fs::read_dir(objects)
         .map(|d| {
             d.flatten()
+                .filter(|fanout| fanout.file_name().len() == 2)
                 .filter_map(|fanout| std::fs::read_dir(fanout.path()).ok())
                 .map(|files| files.count() as u64)
                 .sum()
