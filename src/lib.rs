@@ -17,6 +17,8 @@
 //! - [`cache`]: the disk cache: lookup, fill coalescing, store, index, eviction, purge.
 //! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
+//! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
+//!   `unsafe`, under one contract.
 //! - [`admin`]: the admin listener (`/metrics`, probes, purge, prime) and its command-side client.
 //! - [`prime`]: priming: the `prime` command's inputs (lists, folders, manifests, sitemaps),
 //!   the protocol it speaks with `POST /prime`, and the one warming loop in the sidecar.
@@ -27,6 +29,7 @@
 //! - [`metrics`]: every metric name as a constant, described once.
 //! - [`sidecar`]: wires one sidecar together (state, admin port, public port, one shutdown).
 //! - [`serve`]: the `serve` subcommand: supervised app, sidecar, priming, signals, exit status.
+//! - [`limits`]: the descriptor limit: raised for the sidecar, given back to the app.
 //! - [`supervise`]: the child app of `serve -- <command>`: start, readiness, signals, status.
 //! - [`demo`]: a built-in sample origin and the `demo` subcommand.
 
@@ -36,6 +39,7 @@ pub mod bucket;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod prime;
@@ -49,6 +53,7 @@ pub mod sources;
 pub mod supervise;
 pub mod units;
 pub mod upstream;
+pub mod zerocopy;
 
 /// A builder for outgoing HTTP(S) clients (prime, purge, fills from another source): rustls
 /// with the ring provider, system roots, no environment proxies. Installs the provider once.

@@ -32,7 +32,7 @@ pub struct PrimeFile {
 /// there is one).
 pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<PrimeFile>) -> anyhow::Result<u8> {
     // Before the cache sizes its open tier from the limit.
-    match crate::cache::mmap::raise_descriptor_limit() {
+    match crate::limits::raise_descriptor_limit() {
         Ok((before, after)) if before != after => info!(before, after, "raised the descriptor limit"),
         Ok(_) => {}
         Err(e) => warn!(error = %e, "could not raise the descriptor limit"),

@@ -179,10 +179,6 @@ struct IdleIo {
     activity: Activity,
 }
 
-/// Slices smaller than this are written from memory: a lookup and two system calls cost more
-/// than the copy they save.
-const SENDFILE_MIN: usize = 16 << 10;
-
 impl AsyncRead for IdleIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
@@ -195,91 +191,14 @@ impl AsyncRead for IdleIo {
 }
 
 impl IdleIo {
-    /// Writes `bufs`, with a mapped body slice among them sent from its file: the slices
-    /// before it go out first, marked as having more to follow (`MSG_MORE`, so the head and
-    /// the body still share packets), then the body slice by `sendfile`. Partial progress is
-    /// reported as such; the caller comes back with the rest.
+    /// Writes `bufs` ([`crate::zerocopy::poll_write`]: a mapped body slice goes out from its
+    /// file), recording that bytes moved.
     fn poll_write_slices(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        let mapped = bufs
-            .iter()
-            .position(|b| b.len() >= SENDFILE_MIN)
-            .and_then(|i| Some((i, crate::cache::mmap::mapped_file(&bufs[i])?)));
-        let poll = match mapped {
-            None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
-            Some((0, (file, offset))) => {
-                let sent = poll_sendfile(&self.inner, cx, &file, offset, bufs[0].len());
-                if matches!(&sent, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof) {
-                    crate::cache::mmap::mark_truncated(&bufs[0]);
-                }
-                sent
-            }
-            Some((i, _)) => poll_send_more(&self.inner, cx, &bufs[..i]),
-        };
+        let poll = crate::zerocopy::poll_write(&mut self.inner, cx, bufs);
         if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
         poll
-    }
-}
-
-/// `sendfile` of `len` bytes of `file` from `offset`, when the socket is writable.
-fn poll_sendfile(
-    stream: &TcpStream,
-    cx: &mut Context<'_>,
-    file: &std::fs::File,
-    offset: u64,
-    len: usize,
-) -> Poll<io::Result<usize>> {
-    use std::os::fd::AsRawFd;
-    let sent = std::task::ready!(poll_write_with(stream, cx, || {
-        let mut at = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        // SAFETY: two open descriptors owned by live objects, and a valid offset pointer.
-        let n = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut at, len) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }));
-    Poll::Ready(match sent {
-        // The file is shorter than its mapping: it was truncated underneath. Fail the
-        // connection rather than send anything else.
-        Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body file truncated")),
-        other => other,
-    })
-}
-
-/// `sendmsg` of `bufs` with `MSG_MORE`, when the socket is writable.
-fn poll_send_more(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-    use std::os::fd::AsRawFd;
-    poll_write_with(stream, cx, || {
-        // SAFETY: a zeroed msghdr is valid; IoSlice is ABI-compatible with iovec on Unix, and
-        // the slices outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len() as _;
-        // SAFETY: an open socket descriptor and a msghdr pointing at live buffers.
-        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    })
-}
-
-/// Runs the non-blocking write `op` once the socket is writable, again while it would block.
-fn poll_write_with(
-    stream: &TcpStream,
-    cx: &mut Context<'_>,
-    mut op: impl FnMut() -> io::Result<usize>,
-) -> Poll<io::Result<usize>> {
-    loop {
-        std::task::ready!(stream.poll_write_ready(cx))?;
-        match stream.try_io(tokio::io::Interest::WRITABLE, &mut op) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return Poll::Ready(other),
-        }
     }
 }
 

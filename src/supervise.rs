@@ -58,15 +58,15 @@ impl App {
         // If sidecache dies without a chance to forward a signal (SIGKILL, OOM), the app must
         // not linger on as an orphan holding the port.
         #[cfg(target_os = "linux")]
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-        // getrlimit(2) and setrlimit(2), which are async-signal-safe, and reads an atomic; it
-        // allocates nothing and takes no lock.
+        // SAFETY: the closure runs in the forked child before exec and only makes system calls
+        // (prctl(2), getrlimit(2), setrlimit(2): raw, async-signal-safe, through rustix) and
+        // reads an atomic; it allocates nothing and takes no lock.
         unsafe {
             command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
                 // The app gets the descriptor limit sidecache was started with, not the one
                 // it raised for its own open files.
-                crate::cache::mmap::restore_descriptor_limit()
+                crate::limits::restore_descriptor_limit()
             });
         }
         let child = command.spawn().map_err(|source| StartError::Spawn {
@@ -118,11 +118,13 @@ impl App {
 }
 
 fn kill(pid: u32, signal: i32) {
-    let Ok(pid) = i32::try_from(pid) else { return };
-    // SAFETY: kill takes two integers and touches no memory of ours.
-    unsafe {
-        libc::kill(pid, signal);
-    }
+    let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        return;
+    };
+    let Some(signal) = rustix::process::Signal::from_named_raw(signal) else {
+        return;
+    };
+    let _ = rustix::process::kill_process(pid, signal);
 }
 
 /// The exit code a shell would report: the code, or 128 + the signal that ended it.

@@ -88,7 +88,7 @@ impl Fill {
         });
         let len = meta.body_len;
         let mapped = match &file {
-            Some(file) if len >= MAPPED_MIN => crate::cache::mmap::map_fill(file.clone(), len).ok(),
+            Some(file) if len >= MAPPED_MIN => crate::zerocopy::map_fill(file.clone(), len).ok(),
             _ => None,
         };
         let shared = (mapped.is_none() && len <= SHARED_MAX).then(|| std::sync::Mutex::new(Vec::new()));
@@ -183,12 +183,12 @@ impl Fill {
 /// Reads `n` bytes at `offset`: on the runtime when the page cache has them (just written, so
 /// nearly always), else on the blocking pool.
 pub async fn read_at(file: Arc<File>, n: usize, offset: u64) -> std::io::Result<Bytes> {
-    use crate::cache::mmap;
-    if let Some(buf) = mmap::read_at(&file, n, offset, true)? {
+    use crate::cache::fileio;
+    if let Some(buf) = fileio::read_at(&file, n, offset, true)? {
         return Ok(Bytes::from(buf));
     }
     tokio::task::spawn_blocking(move || {
-        let buf = mmap::read_at(&file, n, offset, false)?.expect("a blocking read always answers");
+        let buf = fileio::read_at(&file, n, offset, false)?.expect("a blocking read always answers");
         Ok(Bytes::from(buf))
     })
     .await

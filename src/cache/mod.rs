@@ -6,11 +6,11 @@
 
 pub mod admit;
 pub mod evict;
+pub mod fileio;
 pub mod fill;
 pub mod index;
 pub mod key;
 pub mod meta;
-pub mod mmap;
 pub mod store;
 
 use std::collections::HashMap;
@@ -136,7 +136,7 @@ fn open_object(
             source,
         }
     };
-    let file = mmap::open_for_read(path).map_err(io("open"))?;
+    let file = fileio::open_for_read(path).map_err(io("open"))?;
     let file_len = expect.len + expect.tail_len;
     let mapped = expect.len > 0 && expect.len >= expect.min_mmap;
     // A mapped body's record is read on its own, before the mapping is made.
@@ -149,7 +149,7 @@ fn open_object(
     };
     let extra = if want_record { expect.tail_len } else { 0 };
     let Some((mut body, mtime)) =
-        mmap::map_body(file, expect.len, file_len, extra, expect.min_mmap, nowait).map_err(io("map"))?
+        crate::zerocopy::map_body(file, expect.len, file_len, extra, expect.min_mmap, nowait).map_err(io("map"))?
     else {
         return Ok(None);
     };
@@ -180,7 +180,7 @@ fn open_object(
 async fn create_tmp_object(store: Arc<Store>, generation: u64, len: u64) -> Result<store::Tmp, StoreError> {
     tokio::task::spawn_blocking(move || {
         let tmp = store.create_tmp_object(generation)?;
-        match mmap::preallocate(&tmp.file, len) {
+        match fileio::preallocate(&tmp.file, len) {
             Ok(()) => Ok(tmp),
             Err(source) => {
                 tmp.discard();
@@ -414,7 +414,8 @@ impl HotObject {
     /// its file has not been truncated, rewritten or removed underneath (one `fstat`, no path
     /// walk).
     fn still_valid(&self) -> bool {
-        self.mapped_mtime.is_none_or(|mtime| mmap::unchanged(&self.body, mtime))
+        self.mapped_mtime
+            .is_none_or(|mtime| crate::zerocopy::unchanged(&self.body, mtime))
     }
 }
 
@@ -448,9 +449,9 @@ fn close_in_background(
 /// a worst case that rarely comes.
 fn open_files(config: &Config) -> usize {
     let spare = config.max_connections as u64 + 256;
-    let room = mmap::descriptor_limit()
+    let room = crate::limits::descriptor_limit()
         .saturating_sub(spare)
-        .min(mmap::mapping_limit() / 2);
+        .min(crate::limits::mapping_limit() / 2);
     let wanted = config.open_files.map_or(OPEN_FILES_MAX as u64, |n| n as u64);
     if wanted > room && config.open_files.is_some() {
         warn!(
@@ -461,7 +462,7 @@ fn open_files(config: &Config) -> usize {
     } else if room == 0 && wanted > 0 {
         // Fewer descriptors than connections.
         warn!(
-            descriptor_limit = mmap::descriptor_limit(),
+            descriptor_limit = crate::limits::descriptor_limit(),
             max_connections = config.max_connections,
             "open tier off: the descriptor limit leaves no room after max_connections; \
              lower max_connections or raise the limit to keep large bodies open"
@@ -1238,7 +1239,7 @@ impl Cache {
             };
             let mut parts: Vec<&[u8]> = last.iter().map(|c| &c[..]).collect();
             parts.push(&tail);
-            if let Err(source) = mmap::write_all_at(&tmp.file, &parts, at) {
+            if let Err(source) = fileio::write_all_at(&tmp.file, &parts, at) {
                 tmp.discard();
                 return Err(StoreError::Io {
                     op: "write",
@@ -1478,14 +1479,14 @@ impl Cache {
         let len = meta.body_len;
         let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
             let source = store.object_path(&hash, from.0);
-            let old = mmap::open_for_read(&source).map_err(|source_err| StoreError::Io {
+            let old = fileio::open_for_read(&source).map_err(|source_err| StoreError::Io {
                 op: "open",
                 path: source.clone(),
                 source: source_err,
             })?;
             let tmp = blocking_store.create_tmp_object(version)?;
             let copied =
-                mmap::copy_range(&old, &tmp.file, len).and_then(|()| mmap::write_all_at(&tmp.file, &[&tail], len));
+                fileio::copy_range(&old, &tmp.file, len).and_then(|()| fileio::write_all_at(&tmp.file, &[&tail], len));
             if let Err(e) = copied {
                 tmp.discard();
                 return Err(StoreError::Io {
@@ -1630,7 +1631,7 @@ impl Cache {
                 continue;
             }
             let path = store.object_path(&f.id, f.generation);
-            let read = mmap::open_for_read(&path).and_then(|file| store::read_found(&file, f.len));
+            let read = fileio::open_for_read(&path).and_then(|file| store::read_found(&file, f.len));
             let meta = match read {
                 Ok(meta) if meta.storage_hash() == f.id => meta,
                 _ => {

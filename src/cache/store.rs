@@ -464,7 +464,7 @@ impl Store {
         Ok(tmp
             .file
             .metadata()
-            .map(|md| crate::cache::mmap::mtime_ns(&md))
+            .map(|md| crate::cache::fileio::mtime_ns(&md))
             .unwrap_or(0))
     }
 
@@ -523,7 +523,7 @@ pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> s
     if tail_len > MAX_RECORD as u64 + FOOTER_LEN {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "record too large"));
     }
-    let Some(bytes) = crate::cache::mmap::read_at(file, tail_len as usize, body_len, nowait)? else {
+    let Some(bytes) = crate::cache::fileio::read_at(file, tail_len as usize, body_len, nowait)? else {
         return Ok(None);
     };
     decode_tail(&bytes).map(Some)
@@ -535,7 +535,7 @@ pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> s
 pub fn read_found(file: &File, len: u64) -> std::io::Result<Meta> {
     let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
     let first = len.min(TAIL_READ);
-    let bytes = crate::cache::mmap::read_at(file, first as usize, len - first, false)?.expect("a blocking read");
+    let bytes = crate::cache::fileio::read_at(file, first as usize, len - first, false)?.expect("a blocking read");
     let record_len = footer_record_len(&bytes).ok_or_else(|| invalid("object footer missing"))?;
     let tail = record_len + FOOTER_LEN;
     if record_len > MAX_RECORD as u64 || tail > len {
@@ -544,7 +544,7 @@ pub fn read_found(file: &File, len: u64) -> std::io::Result<Meta> {
     let meta = if tail <= first {
         decode_tail(&bytes[(first - tail) as usize..])?
     } else {
-        let bytes = crate::cache::mmap::read_at(file, tail as usize, len - tail, false)?.expect("a blocking read");
+        let bytes = crate::cache::fileio::read_at(file, tail as usize, len - tail, false)?.expect("a blocking read");
         decode_tail(&bytes)?
     };
     if meta.body_len + tail != len {
@@ -557,25 +557,15 @@ pub fn read_found(file: &File, len: u64) -> std::io::Result<Meta> {
 /// no privilege (unlike `AT_EMPTY_PATH`). Fails if `to` exists: every name is used once.
 fn link_fd(file: &File, to: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    // SAFETY: both are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let from = format!("/proc/self/fd/{}", file.as_raw_fd());
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        from.as_str(),
+        rustix::fs::CWD,
+        to,
+        AtFlags::SYMLINK_FOLLOW,
+    )?;
+    Ok(())
 }
 
 /// Every object file under `dir` (`<fan-out>/<id>.<gen>`). Entries that are not ours are

@@ -1,0 +1,120 @@
+//! File operations of the store, through `rustix`: reads that do not wait for the disk,
+//! vectored writes, in-kernel copies, allocation up front, opens that leave access times alone.
+
+use std::fs::File;
+use std::path::Path;
+
+/// A file's modification time in nanoseconds since the epoch (0 when unknown).
+pub fn mtime_ns(md: &std::fs::Metadata) -> u64 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer. With `nowait`, only if that needs
+/// no disk I/O: the pages are in the page cache (`preadv2` with `RWF_NOWAIT`), and `Ok(None)`
+/// means it would block (or the kernel cannot tell): read off the runtime instead. Hits and
+/// read-while-write readers use this to skip a hand-off to the blocking pool for what is,
+/// nearly always, a memory copy.
+pub fn read_at(file: &File, len: usize, offset: u64, nowait: bool) -> std::io::Result<Option<Vec<u8>>> {
+    use rustix::io::{Errno, ReadWriteFlags};
+    let flags = if nowait {
+        ReadWriteFlags::NOWAIT
+    } else {
+        ReadWriteFlags::empty()
+    };
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf[filled..])];
+        match rustix::io::preadv2(file, &mut iov, offset + filled as u64, flags) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) if nowait => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Some(buf))
+}
+
+/// Opens a stored file for reading without updating its access time: reading a cached object
+/// must not write its inode. Falls back to a plain open where `O_NOATIME` is refused (a file
+/// this user does not own).
+pub fn open_for_read(path: &Path) -> std::io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+    match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => Ok(File::from(rustix::fs::open(path, flags, Mode::empty())?)),
+        other => Ok(File::from(other?)),
+    }
+}
+
+/// Allocates `len` bytes for `file` up front, so a full disk is reported now rather than in
+/// the middle of a fill that clients are already reading.
+pub fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        // Filesystems without allocation support: the writes themselves will tell.
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes all of `parts`, one after another, at `offset`: one `pwritev` for all of them
+/// (more only when the kernel writes less than asked).
+pub fn write_all_at(file: &File, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut at = offset;
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = match rustix::io::pwritev(file, &slices, at) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += n as u64;
+        while first < parts.len() && n >= parts[first].len() {
+            n -= parts[first].len();
+            first += 1;
+        }
+        if n > 0 {
+            parts[first] = &parts[first][n..];
+        }
+    }
+    Ok(())
+}
+
+/// Copies the first `len` bytes of `from` to the start of `to` inside the kernel
+/// (`copy_file_range`: no trip through user memory, and shared extents where the filesystem
+/// can), falling back to a read and a write where the call is not supported.
+pub fn copy_range(from: &File, to: &File, len: u64) -> std::io::Result<()> {
+    let (mut off_in, mut off_out) = (0u64, 0u64);
+    while off_in < len {
+        let want = (len - off_in).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::INVAL,
+            ) => {
+                let rest = read_at(from, (len - off_in) as usize, off_in, false)?.expect("a blocking read");
+                return write_all_at(to, &[&rest], off_out);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}

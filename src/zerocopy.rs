@@ -1,0 +1,242 @@
+//! Zero-copy: stored bodies mapped into memory, and sent from their files. The crate's only
+//! `unsafe` lives here, under one contract.
+//!
+//! SAFETY contract: an object file (its body first, then its record) is written unnamed or
+//! under `tmp/`, linked into place whole, and from then on never modified, only unlinked (a
+//! refreshed head is a new file). Unlinking leaves a live mapping valid until it is dropped,
+//! so eviction runs while readers hold mappings. A fill's file is mapped while it is written:
+//! its readers are only given ranges already written, which are never written again. What no
+//! process can prevent is another actor truncating a file underneath (that would fault a
+//! reader of the mapping): the file's length is checked against the index when it is opened,
+//! the body's hash before its first use, and hits check the open file again (`unchanged`).
+//! On HTTP/1 the mapping is not even read: a connection sends a mapped slice from its file
+//! with `sendfile` ([`poll_write`]), which comes up short, not faulting, on a truncated file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use crate::cache::fileio::{mtime_ns, read_at};
+
+/// Maps the first `len` bytes of an object file of `file_len` bytes (its body) read-only and
+/// returns them as [`Bytes`] that own the mapping, with the file's modification time. Bodies
+/// under `min_mmap` bytes are read instead (a mapping costs more than a copy there), together
+/// with the `extra` bytes that follow them, in the same read: the returned bytes are then
+/// `len + extra` long.
+///
+/// With `nowait`, `Ok(None)` instead of waiting for the disk: the caller retries off the runtime.
+pub fn map_body(
+    file: File,
+    len: u64,
+    file_len: u64,
+    extra: u64,
+    min_mmap: u64,
+    nowait: bool,
+) -> std::io::Result<Option<(Bytes, u64)>> {
+    let md = file.metadata()?;
+    let mtime = mtime_ns(&md);
+    let actual = md.len();
+    if actual != file_len || len > file_len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("object file is {actual} bytes, the index says {file_len}"),
+        ));
+    }
+    if len < min_mmap || len == 0 {
+        let want = (len + extra).min(file_len) as usize;
+        if want == 0 {
+            return Ok(Some((Bytes::new(), mtime)));
+        }
+        return Ok(read_at(&file, want, 0, nowait)?.map(|buf| (Bytes::from(buf), mtime)));
+    }
+    // SAFETY: see the module contract: the file is immutable once placed and only unlinked.
+    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file)? };
+    Ok(Some((
+        Bytes::from_owner(MappedBody::new(map, Arc::new(file), file_len)),
+        mtime,
+    )))
+}
+
+/// Maps the first `len` bytes of an object file that is still being written (pre-allocated
+/// to at least `len`), for a fill's readers. Only the ranges already written are ever handed
+/// out, and on HTTP/1 they go out with `sendfile` without the mapping being read.
+pub fn map_fill(file: Arc<File>, len: u64) -> std::io::Result<Bytes> {
+    let len = usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: written ranges are never rewritten and the file is never truncated by us (see
+    // the module contract); readers are only given ranges the fill has written.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&*file)? };
+    // (Its file grows past the body when the record is written: its length is not checked.)
+    Ok(Bytes::from_owner(MappedBody::new(map, file, 0)))
+}
+
+/// Mapped bodies by start address, with their files: a connection that is asked to write a
+/// slice of one sends it from the file with `sendfile` instead of copying it from the mapping.
+static MAPPED: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
+
+struct Region {
+    len: usize,
+    /// The length its file must have (0: not known, for a file still being written).
+    file_len: u64,
+    file: Arc<File>,
+    /// `sendfile` found the file shorter than the mapping: truncated underneath.
+    truncated: AtomicBool,
+}
+
+/// A mapped body, registered in [`MAPPED`] while it lives.
+struct MappedBody {
+    map: memmap2::Mmap,
+}
+
+impl MappedBody {
+    fn new(map: memmap2::Mmap, file: Arc<File>, file_len: u64) -> MappedBody {
+        let region = Region {
+            len: map.len(),
+            file_len,
+            file,
+            truncated: AtomicBool::new(false),
+        };
+        MAPPED
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(map.as_ptr() as usize, region);
+        MappedBody { map }
+    }
+}
+
+impl AsRef<[u8]> for MappedBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Drop for MappedBody {
+    fn drop(&mut self) {
+        // Before the mapping goes (the field drops after this): no later mapping at the same
+        // address can be mistaken for this one.
+        MAPPED
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(self.map.as_ptr() as usize));
+    }
+}
+
+/// The file and offset that `bytes` were mapped from, when they lie inside one mapped body.
+fn mapped_file(bytes: &[u8]) -> Option<(Arc<File>, u64)> {
+    with_region(bytes, |start, region| {
+        (region.file.clone(), (bytes.as_ptr() as usize - start) as u64)
+    })
+}
+
+/// Records that the file `bytes` were mapped from turned out shorter than its mapping.
+fn mark_truncated(bytes: &[u8]) {
+    with_region(bytes, |_, region| region.truncated.store(true, Ordering::Relaxed));
+}
+
+/// False when `bytes` are a mapped body whose file changed since it was checked at `mtime`:
+/// `sendfile` found it truncated, or its length or modification time differs from the
+/// object's, or it was removed. Serving it again could send other bytes or fail, so the cache drops it. One
+/// `fstat` on the open descriptor; true for bytes that are not mapped.
+pub fn unchanged(bytes: &[u8], mtime: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // The descriptor is cloned out so that the `fstat` is not made under the table's lock.
+    let Some(found) = with_region(bytes, |_, region| {
+        (!region.truncated.load(Ordering::Relaxed))
+            .then(|| (region.file.clone(), region.file_len.max(region.len as u64)))
+    }) else {
+        return true;
+    };
+    let Some((file, len)) = found else {
+        return false;
+    };
+    file.metadata()
+        .is_ok_and(|md| md.len() == len && mtime_ns(&md) == mtime && md.nlink() > 0)
+}
+
+fn with_region<T>(bytes: &[u8], f: impl FnOnce(usize, &Region) -> T) -> Option<T> {
+    let at = bytes.as_ptr() as usize;
+    let regions = MAPPED.read().unwrap_or_else(|p| p.into_inner());
+    let (&start, region) = regions.range(..=at).next_back()?;
+    (at + bytes.len() <= start + region.len).then(|| f(start, region))
+}
+
+/// Slices smaller than this are written from memory: a lookup and two system calls cost more
+/// than the copy they save.
+const SENDFILE_MIN: usize = 16 << 10;
+
+/// Writes `bufs` to `stream`, with a mapped body slice among them sent from its file: the
+/// slices before it go out first, marked as having more to follow (`MSG_MORE`, so the head
+/// and the body still share packets), then the body slice by `sendfile`. Partial progress is
+/// reported as such; the caller comes back with the rest. A file found shorter than its
+/// mapping fails the write (`UnexpectedEof`) and is marked, so hits stop serving it.
+pub fn poll_write(stream: &mut TcpStream, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    let mapped = bufs
+        .iter()
+        .position(|b| b.len() >= SENDFILE_MIN)
+        .and_then(|i| Some((i, mapped_file(&bufs[i])?)));
+    match mapped {
+        None => tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(stream), cx, bufs),
+        Some((0, (file, offset))) => {
+            let sent = poll_sendfile(stream, cx, &file, offset, bufs[0].len());
+            if matches!(&sent, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof) {
+                mark_truncated(&bufs[0]);
+            }
+            sent
+        }
+        Some((i, _)) => poll_send_more(stream, cx, &bufs[..i]),
+    }
+}
+
+/// `sendfile` of `len` bytes of `file` from `offset`, when the socket is writable.
+fn poll_sendfile(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    file: &File,
+    offset: u64,
+    len: usize,
+) -> Poll<io::Result<usize>> {
+    let sent = std::task::ready!(poll_write_with(stream, cx, || {
+        let mut at = offset;
+        Ok(rustix::fs::sendfile(stream, file, Some(&mut at), len)?)
+    }));
+    Poll::Ready(match sent {
+        // The file is shorter than its mapping: it was truncated underneath. Fail the
+        // connection rather than send anything else.
+        Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body file truncated")),
+        other => other,
+    })
+}
+
+/// `sendmsg` of `bufs` with `MSG_MORE`, when the socket is writable.
+fn poll_send_more(stream: &TcpStream, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    use rustix::net::{SendAncillaryBuffer, SendFlags};
+    poll_write_with(stream, cx, || {
+        let flags = SendFlags::MORE | SendFlags::NOSIGNAL;
+        Ok(rustix::net::sendmsg(
+            stream,
+            bufs,
+            &mut SendAncillaryBuffer::default(),
+            flags,
+        )?)
+    })
+}
+
+/// Runs the non-blocking write `op` once the socket is writable, again while it would block.
+fn poll_write_with(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(stream.poll_write_ready(cx))?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, &mut op) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return Poll::Ready(other),
+        }
+    }
+}
