@@ -475,7 +475,8 @@ impl Proxy {
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
                     Some(Flight::Streaming(fill)) if vary_matches(&fill.meta.vary, req.headers()) => {
                         // These bytes come from the cache: the app sent them once, for the leader.
-                        let reader = body::counted(fill.reader(), handles().served_cache_bytes.clone());
+                        let reader = body::sized(fill.reader(), fill.meta.body_len);
+                        let reader = body::counted(reader, handles().served_cache_bytes.clone());
                         let response = answer_fill(req.headers(), &fill.meta, reader);
                         return Answer::new(response, Outcome::Coalesced, Some(fwd));
                     }
@@ -740,7 +741,8 @@ impl Proxy {
                 .await
             {
                 Ok(fill) => {
-                    let response = answer_fill(&client_headers, &fill.meta, fill.reader());
+                    let reader = body::sized(fill.reader(), fill.meta.body_len);
+                    let response = answer_fill(&client_headers, &fill.meta, reader);
                     let mut answer = Answer::new(response, Outcome::Miss, Some(fwd));
                     answer.stored = true;
                     answer
@@ -756,7 +758,10 @@ impl Proxy {
             },
             _ => {
                 permit.release(false);
-                let body = self.cache.tee_fill(meta, from_upstream(body));
+                let body = match self.cache.tee_fill(meta) {
+                    Some(copy) => body::tee(from_upstream(body), copy),
+                    None => from_upstream(body),
+                };
                 let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
                 answer.stored = true;
                 answer

@@ -9,22 +9,36 @@
 //! buffers, sent before they are written, and their file is only created when the whole body
 //! is in: creation, write, hash and commit in one trip off the event loop.
 //!
-//! A response without a length is not shared: [`tee`] passes it straight to its one client and
-//! copies it to disk on the side, giving up the copy (never the client) if it grows too large.
+//! A response without a length is not shared: the proxy passes it straight to its one client
+//! and sends a copy of each chunk to the cache ([`TeeMsg`]), which gives up the copy (never
+//! the client) if it grows too large or falls behind.
+//!
+//! The boundary is bytes: a fill reads its body from a [`Source`] of byte chunks and gives its
+//! readers a [`Chunks`] stream; what HTTP body types they come from or go into is the proxy's
+//! business.
 
 use std::fs::File;
+use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
-use tokio::sync::{mpsc, watch};
+use futures_util::Stream;
+use tokio::sync::watch;
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::BoxError;
 use crate::cache::meta::Meta;
+
+/// Where a fill's body comes from: byte chunks, in order, in batches.
+pub trait Source: Send + 'static {
+    /// The chunks that are ready now, after waiting for at least one: up to about `limit`
+    /// bytes. `None` at the end of the body.
+    fn next_batch(&mut self, limit: usize) -> impl Future<Output = Option<Result<Vec<Bytes>, BoxError>>> + Send;
+}
+
+/// A fill's bytes for one reader, as they land.
+pub type Chunks = Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>;
 
 /// How much a reader asks the file for at once.
 const READ_CHUNK: u64 = 256 << 10;
@@ -134,8 +148,8 @@ impl Fill {
         *self.progress.borrow()
     }
 
-    /// A body that streams this fill's bytes as they land in the file.
-    pub fn reader(self: &Arc<Self>) -> ProxyBody {
+    /// This fill's bytes (`meta.body_len` of them), streamed as they land.
+    pub fn reader(self: &Arc<Self>) -> Chunks {
         let len = self.meta.body_len;
         let stream = futures_util::stream::unfold(
             Some((self.clone(), self.progress.subscribe(), 0u64, 0usize)),
@@ -147,18 +161,18 @@ impl Fill {
                         if let Some(mapped) = &fill.mapped {
                             let end = p.written.min(offset + MAPPED_FRAME);
                             let frame = mapped.slice(offset as usize..end as usize);
-                            return Some((Ok(Frame::data(frame)), Some((fill, rx, end, index))));
+                            return Some((Ok(frame), Some((fill, rx, end, index))));
                         }
                         if let Some(chunk) = fill.shared_chunk(index) {
                             let next = offset + chunk.len() as u64;
-                            return Some((Ok(Frame::data(chunk)), Some((fill, rx, next, index + 1))));
+                            return Some((Ok(chunk), Some((fill, rx, next, index + 1))));
                         }
                         let n = (p.written - offset).min(READ_CHUNK) as usize;
                         let Some(file) = fill.file.clone() else {
                             return Some((Err(BoxError::from("cache fill has no file")), None));
                         };
                         return match read_at(file, n, offset).await {
-                            Ok(buf) => Some((Ok(Frame::data(buf)), Some((fill, rx, offset + n as u64, index)))),
+                            Ok(buf) => Some((Ok(buf), Some((fill, rx, offset + n as u64, index)))),
                             Err(e) => Some((Err(BoxError::from(e)), None)),
                         };
                     }
@@ -175,8 +189,7 @@ impl Fill {
                 }
             },
         );
-        let body = http_body_util::StreamBody::new(Box::pin(stream));
-        ProxyBody::new(Sized { inner: body, len })
+        Box::pin(stream)
     }
 }
 
@@ -195,92 +208,12 @@ pub async fn read_at(file: Arc<File>, n: usize, offset: u64) -> std::io::Result<
     .map_err(std::io::Error::other)?
 }
 
-/// A body with a known exact length (so HTTP/1.1 sends Content-Length, not chunked).
-struct Sized<B> {
-    inner: B,
-    len: u64,
-}
-
-impl<B: Body<Data = Bytes, Error = BoxError> + Unpin> Body for Sized<B> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.len)
-    }
-}
-
 /// One message from a tee to its writer.
 pub enum TeeMsg {
     /// More body.
     Data(Bytes),
     /// The body ended cleanly.
     End,
-}
-
-/// Passes `body` through to the client and sends a copy of each chunk to `tx`. The copy is
-/// dropped (never the client's bytes) when the writer falls behind or goes away; the writer
-/// learns of a clean end only through [`TeeMsg::End`].
-pub fn tee(body: ProxyBody, tx: mpsc::Sender<TeeMsg>) -> ProxyBody {
-    // An empty body may never be polled at all.
-    let tx = if body.is_end_stream() {
-        let _ = tx.try_send(TeeMsg::End);
-        None
-    } else {
-        Some(tx)
-    };
-    ProxyBody::new(Tee { inner: body, tx })
-}
-
-struct Tee {
-    inner: ProxyBody,
-    tx: Option<mpsc::Sender<TeeMsg>>,
-}
-
-impl Body for Tee {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let poll = Pin::new(&mut self.inner).poll_frame(cx);
-        match &poll {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && let Some(tx) = &self.tx
-                    && tx.try_send(TeeMsg::Data(data.clone())).is_err()
-                {
-                    self.tx = None;
-                }
-                // A body of known length ends with its last byte: the connection writing it
-                // may never poll for the end, so the copy is completed here.
-                if self.inner.is_end_stream()
-                    && let Some(tx) = self.tx.take()
-                {
-                    let _ = tx.try_send(TeeMsg::End);
-                }
-            }
-            Poll::Ready(None) => {
-                if let Some(tx) = self.tx.take() {
-                    let _ = tx.try_send(TeeMsg::End);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => self.tx = None,
-            Poll::Pending => {}
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// Writes a body to a file at increasing offsets, hashing it as it goes; the blocking write
@@ -333,43 +266,5 @@ impl HashingWriter {
     /// The hasher and the length written, to go on from; `None` after a failed write.
     pub fn into_parts(self) -> Option<(blake3::Hasher, u64)> {
         Some((self.hasher?, self.written))
-    }
-}
-
-/// The body chunks that are ready now, after waiting for at least one: up to about `limit`
-/// bytes, so a fast upstream is written in few large steps and a slow one is not held back.
-/// `None` at the end of the body.
-pub async fn next_batch(body: &mut ProxyBody, limit: usize) -> Option<Result<Vec<Bytes>, BoxError>> {
-    use futures_util::FutureExt;
-    let first = match next_chunk(body).await? {
-        Ok(chunk) => chunk,
-        Err(e) => return Some(Err(e)),
-    };
-    let mut size = first.len();
-    let mut batch = vec![first];
-    while size < limit {
-        match next_chunk(body).now_or_never() {
-            Some(Some(Ok(chunk))) => {
-                size += chunk.len();
-                batch.push(chunk);
-            }
-            Some(Some(Err(e))) => return Some(Err(e)),
-            Some(None) | None => break,
-        }
-    }
-    Some(Ok(batch))
-}
-
-/// Reads the next data chunk of an upstream body, skipping trailers.
-pub async fn next_chunk(body: &mut ProxyBody) -> Option<Result<Bytes, BoxError>> {
-    loop {
-        match body.frame().await? {
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data() {
-                    return Some(Ok(data));
-                }
-            }
-            Err(e) => return Some(Err(e)),
-        }
     }
 }

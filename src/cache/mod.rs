@@ -22,10 +22,9 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::metrics as m;
-use fill::{Fill, FillState, HashingWriter, TeeMsg, next_batch};
+use fill::{Fill, FillState, HashingWriter, Source, TeeMsg};
 use index::{Entry, Index, Removed};
 use key::{CacheKey, Digest, KeyHash};
 use meta::Meta;
@@ -1062,12 +1061,12 @@ impl Cache {
     /// Starts filling `meta.key` with `body` (exactly `meta.body_len` bytes). On success the
     /// waiters are told to read along and the fill runs on its own task; otherwise the body is
     /// handed back, unread, to be relayed uncached.
-    pub async fn start_fill(
+    pub async fn start_fill<S: Source>(
         self: &Arc<Self>,
         mut permit: FillPermit,
         meta: Meta,
-        body: ProxyBody,
-    ) -> Result<Arc<Fill>, (FillPermit, ProxyBody)> {
+        body: S,
+    ) -> Result<Arc<Fill>, (FillPermit, S)> {
         let Some(store) = self.store() else {
             return Err((permit, body));
         };
@@ -1120,10 +1119,10 @@ impl Cache {
         Ok(fill)
     }
 
-    async fn run_fill(
+    async fn run_fill<S: Source>(
         self: &Arc<Self>,
         fill: &Arc<Fill>,
-        mut body: ProxyBody,
+        mut body: S,
         generation: u64,
         mut staged: Staged,
         reserved: u64,
@@ -1133,7 +1132,7 @@ impl Cache {
         let mut received = 0u64;
         // Received, not written yet: what the commit writes (all of a body kept in memory).
         let mut last = Vec::new();
-        while let Some(batch) = next_batch(&mut body, WRITE_BATCH).await {
+        while let Some(batch) = body.next_batch(WRITE_BATCH).await {
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
@@ -1292,11 +1291,11 @@ impl Cache {
         true
     }
 
-    /// Fills `meta.key` from a body of unknown length that is streamed to one client. The
-    /// returned body is what the client reads; the copy to disk is dropped if it grows past
-    /// `max_object_size`, falls behind, or the budget is full.
-    pub fn tee_fill(self: &Arc<Self>, meta: Meta, body: ProxyBody) -> ProxyBody {
-        let Some(store) = self.store() else { return body };
+    /// Fills `meta.key` from a body of unknown length that is streamed to one client, which
+    /// sends a copy of each chunk to the returned sender (`None`: the cache is off). The copy to
+    /// disk is dropped if it grows past `max_object_size`, falls behind, or the budget is full.
+    pub fn tee_fill(self: &Arc<Self>, meta: Meta) -> Option<mpsc::Sender<TeeMsg>> {
+        let store = self.store()?;
         let generation = store.next_gen();
         let (tx, mut rx) = mpsc::channel::<TeeMsg>(256);
         let cache = self.clone();
@@ -1381,7 +1380,7 @@ impl Cache {
                 )
                 .await;
         });
-        fill::tee(body, tx)
+        Some(tx)
     }
 
     /// Removes files an index change made unreachable, off the runtime, then accounts them.
