@@ -5,6 +5,7 @@
 //! Fail open: every storage error is counted and logged, and the request goes on to the app.
 
 pub mod admit;
+pub mod coalesce;
 pub mod evict;
 pub mod fill;
 pub mod index;
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::body::ProxyBody;
@@ -30,6 +31,8 @@ use index::{Entry, Index, Removed};
 use key::{CacheKey, Digest, KeyHash};
 use meta::Meta;
 use store::{Store, StoreError};
+
+pub use coalesce::{Claim, FillPermit, InFlight, Waited};
 
 /// Bodies smaller than this are read into memory; larger ones are mapped, and the mapping is
 /// never read on the way out: connections send its slices from the file with `sendfile`.
@@ -180,80 +183,6 @@ pub enum Purge {
     Prefix(String),
 }
 
-/// The state of a key being fetched by one request for many.
-#[derive(Clone)]
-pub enum Flight {
-    /// The leader waits for the app's response head.
-    Pending,
-    /// The body is being written; read it while it lands.
-    Streaming(Arc<Fill>),
-    /// The leader gave up: `retry` means try again (one waiter becomes leader); otherwise go
-    /// to the app directly (the response was not shareable).
-    Released {
-        /// Whether to retry the cache.
-        retry: bool,
-    },
-}
-
-/// One in-flight fetch that requests for the same key wait on.
-pub struct InFlight {
-    state: watch::Sender<Flight>,
-}
-
-impl InFlight {
-    /// Waits (at most `limit`) for the leader to stream or give up.
-    pub async fn wait(&self, limit: Duration) -> Option<Flight> {
-        let mut rx = self.state.subscribe();
-        let result = tokio::time::timeout(limit, rx.wait_for(|f| !matches!(f, Flight::Pending))).await;
-        match result {
-            Ok(Ok(flight)) => Some(flight.clone()),
-            _ => None,
-        }
-    }
-}
-
-/// The outcome of claiming a key for fetching.
-pub enum Claim {
-    /// This request fetches for everyone.
-    Leader(FillPermit),
-    /// Another request is fetching: wait on it.
-    Wait(Arc<InFlight>),
-}
-
-/// The right (and duty) to fetch a key for the waiters. Dropped unused, it releases them to
-/// retry, so a leader that fails or vanishes never strands anyone.
-pub struct FillPermit {
-    cache: Arc<Cache>,
-    hash: KeyHash,
-    flight: Arc<InFlight>,
-    settled: bool,
-}
-
-impl FillPermit {
-    /// Releases the waiters: to retry the cache, or to go to the app themselves.
-    pub fn release(mut self, retry: bool) {
-        self.settle(Flight::Released { retry });
-    }
-
-    fn settle(&mut self, flight: Flight) {
-        self.settled = true;
-        // Unpublish before waking anyone: a released waiter that claims again must find the
-        // key free (or a new leader), never this finished flight.
-        if !matches!(flight, Flight::Streaming(_)) {
-            self.cache.forget_flight(&self.hash, &self.flight);
-        }
-        self.flight.state.send_replace(flight);
-    }
-}
-
-impl Drop for FillPermit {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.settle(Flight::Released { retry: true });
-        }
-    }
-}
-
 /// The cache.
 pub struct Cache {
     config: Arc<Config>,
@@ -274,7 +203,8 @@ pub struct Cache {
     /// Records of stored objects, by key, with their version: one is used only while the
     /// index holds that version (a replacement may share the old body, digest and all).
     metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
-    flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
+    /// The fills in progress that requests for the same key wait on.
+    flights: Arc<coalesce::Flights>,
     /// For URLs whose responses vary: the request headers that pick the variant.
     vary_specs: Mutex<HashMap<KeyHash, Arc<[http::HeaderName]>>>,
     /// Wakes the eviction loop.
@@ -465,7 +395,7 @@ impl Cache {
             open_shortage: Mutex::new(None),
             relieving: Arc::new(tokio::sync::Mutex::new(())),
             metas,
-            flights: Mutex::new(HashMap::new()),
+            flights: Arc::new(coalesce::Flights::new()),
             vary_specs: Mutex::new(HashMap::new()),
             evict_wakeup: Notify::new(),
             accounted: AtomicBool::new(false),
@@ -821,24 +751,9 @@ impl Cache {
     }
 
     /// Claims a key: become its fetcher, or wait on the request that is.
-    pub fn claim(self: &Arc<Self>, key: &CacheKey, req: &http::HeaderMap) -> Claim {
+    pub fn claim(&self, key: &CacheKey, req: &http::HeaderMap) -> Claim {
         let hash = self.variant_of(key, req);
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = flights.get(&hash)
-            && !matches!(*f.state.borrow(), Flight::Released { .. })
-        {
-            metrics::counter!(m::COALESCED_WAITS).increment(1);
-            return Claim::Wait(f.clone());
-        }
-        let (state, _) = watch::channel(Flight::Pending);
-        let flight = Arc::new(InFlight { state });
-        flights.insert(hash, flight.clone());
-        Claim::Leader(FillPermit {
-            cache: self.clone(),
-            hash,
-            flight,
-            settled: false,
-        })
+        self.flights.claim(hash)
     }
 
     /// The hash a request's variant is stored under: the headers the app last said it varies
@@ -874,13 +789,6 @@ impl Cache {
             specs.remove(&meta.key.hash());
         } else {
             specs.insert(meta.key.hash(), meta.vary.iter().map(|(n, _)| n.clone()).collect());
-        }
-    }
-
-    fn forget_flight(&self, hash: &KeyHash, flight: &Arc<InFlight>) {
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.get(hash).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            flights.remove(hash);
         }
     }
 
@@ -1073,14 +981,14 @@ impl Cache {
             Staged::Memory => None,
         };
         let fill = Fill::new(Arc::new(meta), file);
-        permit.settle(Flight::Streaming(fill.clone()));
+        permit.stream(fill.clone());
         let cache = self.clone();
         let task_fill = fill.clone();
         let reservation = reserved.keep();
         tokio::spawn(async move {
             let ok = cache.run_fill(&task_fill, body, generation, staged, reservation).await;
             task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
-            cache.forget_flight(&permit.hash, &permit.flight);
+            // Unpublishes the finished flight.
             drop(permit);
         });
         Ok(fill)
