@@ -14,6 +14,7 @@ pub mod meta;
 pub mod mmap;
 pub mod store;
 pub mod tiers;
+pub mod vary;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -174,7 +175,7 @@ pub struct Cache {
     /// The fills in progress that requests for the same key wait on.
     flights: Arc<coalesce::Flights>,
     /// For URLs whose responses vary: the request headers that pick the variant.
-    vary_specs: Mutex<HashMap<KeyHash, Arc<[http::HeaderName]>>>,
+    vary: vary::VarySpecs,
     /// Wakes the eviction loop.
     pub evict_wakeup: Notify,
     /// Set once files found at startup are counted (fills may reserve from then on).
@@ -241,7 +242,7 @@ impl Cache {
             index: Mutex::new(Index::new()),
             tiers,
             flights: Arc::new(coalesce::Flights::new()),
-            vary_specs: Mutex::new(HashMap::new()),
+            vary: vary::VarySpecs::new(),
             evict_wakeup: Notify::new(),
             accounted: AtomicBool::new(false),
             loaded: AtomicBool::new(false),
@@ -303,7 +304,7 @@ impl Cache {
     /// Any storage problem removes the entry and reads as a miss.
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
-        let hash = self.variant_of(key, req);
+        let hash = self.vary.variant_of(key, req);
         let (meta_gen, meta_len, digest, body_gen, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
@@ -469,44 +470,13 @@ impl Cache {
 
     /// Claims a key: become its fetcher, or wait on the request that is.
     pub fn claim(&self, key: &CacheKey, req: &http::HeaderMap) -> Claim {
-        let hash = self.variant_of(key, req);
+        let hash = self.vary.variant_of(key, req);
         self.flights.claim(hash)
-    }
-
-    /// The hash a request's variant is stored under: the headers the app last said it varies
-    /// on for this URL pick the variant (RFC 9111 §4.1); variants are stored side by side.
-    fn variant_of(&self, key: &CacheKey, req: &http::HeaderMap) -> KeyHash {
-        let primary = key.hash();
-        let spec = self
-            .vary_specs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&primary)
-            .cloned();
-        match spec {
-            None => primary,
-            Some(names) => {
-                let values: Vec<_> = names.iter().map(|n| (n.clone(), key::normalize_vary(n, req))).collect();
-                key::variant_hash(key, &values)
-            }
-        }
     }
 
     /// Whether responses for this URL vary (some variant may be stored).
     pub fn varies(&self, key: &CacheKey) -> bool {
-        self.vary_specs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&key.hash())
-    }
-
-    fn remember_vary(&self, meta: &Meta) {
-        let mut specs = self.vary_specs.lock().unwrap_or_else(|p| p.into_inner());
-        if meta.vary.is_empty() {
-            specs.remove(&meta.key.hash());
-        } else {
-            specs.insert(meta.key.hash(), meta.vary.iter().map(|(n, _)| n.clone()).collect());
-        }
+        self.vary.varies(key)
     }
 
     /// The disk budget in force: `max_size`, lowered when the filesystem is short of
@@ -919,7 +889,7 @@ impl Cache {
             ix.release_object();
             removed
         };
-        self.remember_vary(&meta);
+        self.vary.remember(&meta);
         let held_open = self.tiers.open_tier_size(meta.body_len);
         self.tiers.remember_meta(hash, meta_gen, &Arc::new(meta), held_open);
         if let Some(r) = removed {
@@ -1275,7 +1245,7 @@ impl Cache {
                 verified: false,
                 body_mtime: 0,
             };
-            self.remember_vary(&meta);
+            self.vary.remember(&meta);
             let removed = self.lock_index().insert_scanned(found.id, entry);
             if let Some(r) = removed {
                 let _ = store.remove(&store.meta_path(&r.meta.0, r.meta.1));
