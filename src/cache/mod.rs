@@ -165,10 +165,33 @@ pub enum Purge {
     Prefix(String),
 }
 
-/// The cache.
+/// The cache: a facade over parts that each own their state behind one lock (the tiers, the
+/// flights, the vary specs), and, until they move out too, the index and the budget.
+///
+/// # Lock order
+///
+/// No std lock is held across an `.await`. The one lock held across an `.await` is the tiers'
+/// `relieving`, a tokio mutex, for the length of a relief. The only nestings, each written
+/// "held -> taken meanwhile"; none is ever taken the other way round, so there is no cycle:
+///
+/// - `budget` -> `index`: `Cache::limits` recomputes the budget from the index's usage while
+///   holding `budget` (it also asks the filesystem for its free space then).
+/// - `index`: held for index work only, a leaf otherwise. The tiers, the flights and the vary
+///   specs are asked before or after it, never under it: `lookup` copies its entry out and
+///   lets go before it asks a tier, and checks the index again after a tier insert, under no
+///   other lock. A `Reservation` locks it when dropped, and `charge` locks it: no reservation
+///   is dropped, and `charge` is not called, while it is held (a std mutex is not reentrant).
+/// - `tiers` (`tiers::Tiers`): `relieving` (tokio) -> `open_shortage` -> the moka caches'
+///   internal locks (hot, open, metas: leaves, no eviction listener calls back).
+/// - `flights` ([`coalesce::Flights`]) -> a flight's own watch channel (read to skip a released
+///   flight). `claim` picks the variant (taking and letting go of `vary`) before it.
+/// - `vary` (`vary::VarySpecs`): a leaf.
+/// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
+///   recorder's (counters are bumped under `flights` and gauges set under `budget`).
 pub struct Cache {
     config: Arc<Config>,
     store: OnceLock<Arc<Store>>,
+    /// A std mutex: held for in-memory index steps only (see the lock order above).
     index: Mutex<Index>,
     /// The hot and open tiers and the records cached beside the index.
     tiers: tiers::Tiers,
@@ -182,7 +205,8 @@ pub struct Cache {
     accounted: AtomicBool,
     /// Set once the startup rebuild is complete.
     loaded: AtomicBool,
-    /// The budget in force (bytes, objects) and when it was computed (`None`: not yet).
+    /// The budget in force (bytes, objects) and when it was computed (`None`: not yet). A std
+    /// mutex, taken before `index` when both are held (see the lock order above).
     budget: Mutex<(u64, u64, Option<Instant>)>,
 }
 
@@ -436,7 +460,7 @@ impl Cache {
     }
 
     /// The process ran out of descriptors (or of memory mappings): the open tier closes half
-    /// the files it holds for a while ([`tiers::Tiers::relieve_descriptors`]). Called where a
+    /// the files it holds for a while (`tiers::Tiers::relieve_descriptors`). Called where a
     /// shortage shows: an `accept`, a connection to the app, a cache file.
     pub fn relieve_descriptors(&self) {
         self.tiers.relieve_descriptors();

@@ -1,5 +1,5 @@
 //! The memory tiers in front of the disk: the hot tier (small bodies, copied into memory), the
-//! open tier (bodies of [`OPEN_MIN`] bytes and more, kept open and mapped), the doorkeeper of
+//! open tier (bodies of `OPEN_MIN` bytes and more, kept open and mapped), the doorkeeper of
 //! each, the open tier's relief when descriptors run short, and the records cached beside the
 //! index so a disk hit need not read its record.
 //!
