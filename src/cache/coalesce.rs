@@ -20,7 +20,7 @@ use crate::metrics as m;
 
 /// Why a leader let its waiters go without a body to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Release {
+enum Release {
     /// Try the cache again: what was fetched is stored (or may be), or the failure was passing.
     Retry,
     /// Go to the app directly: the answer was not shareable.

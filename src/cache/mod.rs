@@ -2,6 +2,10 @@
 //! rebuild and the budget. HTTP decisions (what to store, freshness) are `policy`'s; the
 //! request path that uses this API is `proxy`'s.
 //!
+//! `Cache` is a facade over parts that own their state and their lock: [`coalesce`] (the fill
+//! lock), [`tiers`] (the hot and open tiers, descriptor relief, records beside the index) and
+//! [`vary`] (the headers each URL varies on). The lock order is written on [`Cache`].
+//!
 //! Fail open: every storage error is counted and logged, and the request goes on to the app.
 
 pub mod admit;
