@@ -21,7 +21,7 @@ use crate::body::{self, ProxyBody};
 use crate::bucket::TokenBucket;
 use crate::cache::key::{CacheKey, Digest, normalize_vary};
 use crate::cache::meta::Meta;
-use crate::cache::{Cache, Claim, FillPermit, Flight, Hit};
+use crate::cache::{Cache, Claim, FillPermit, Hit, Waited};
 use crate::config::Config;
 use crate::metrics as m;
 use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
@@ -473,16 +473,19 @@ impl Proxy {
             match self.cache.claim(&key, req.headers()) {
                 Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd, stored).await,
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
-                    Some(Flight::Streaming(fill)) if vary_matches(&fill.meta.vary, req.headers()) => {
+                    Waited::Streaming(fill) if vary_matches(&fill.meta.vary, req.headers()) => {
                         // These bytes come from the cache: the app sent them once, for the leader.
                         let reader = body::sized(fill.reader(), fill.meta.body_len);
                         let reader = body::counted(reader, handles().served_cache_bytes.clone());
                         let response = answer_fill(req.headers(), &fill.meta, reader);
                         return Answer::new(response, Outcome::Coalesced, Some(fwd));
                     }
-                    Some(Flight::Released { retry: true }) => continue,
+                    ended if ended.retries() => continue,
                     // Not shareable, another variant, or the leader is too slow: go alone.
-                    _ => return self.forward(req, client, Outcome::Miss, fwd).await,
+                    ended => {
+                        debug!(wait = ended.as_str(), "coalesced wait ended without a body");
+                        return self.forward(req, client, Outcome::Miss, fwd).await;
+                    }
                 },
             }
         }

@@ -2,9 +2,14 @@
 //! rebuild and the budget. HTTP decisions (what to store, freshness) are `policy`'s; the
 //! request path that uses this API is `proxy`'s.
 //!
+//! `Cache` is a facade over parts that own their state and their lock: [`coalesce`] (the fill
+//! lock), [`tiers`] (the hot and open tiers, descriptor relief, records beside the index) and
+//! [`vary`] (the headers each URL varies on). The lock order is written on [`Cache`].
+//!
 //! Fail open: every storage error is counted and logged, and the request goes on to the app.
 
 pub mod admit;
+pub mod coalesce;
 pub mod evict;
 pub mod fileio;
 pub mod fill;
@@ -12,14 +17,15 @@ pub mod index;
 pub mod key;
 pub mod meta;
 pub mod store;
+pub mod tiers;
+pub mod vary;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -29,31 +35,13 @@ use index::{Entry, Index, Removed};
 use key::{CacheKey, Digest, KeyHash};
 use meta::Meta;
 use store::{Store, StoreError};
+use tiers::{HotObject, Tier};
+
+pub use coalesce::{Claim, FillPermit, InFlight, Waited};
 
 /// Bodies smaller than this are read into memory; larger ones are mapped, and the mapping is
 /// never read on the way out: connections send its slices from the file with `sendfile`.
 const MIN_MMAP: u64 = 64 << 10;
-/// Bodies from this size go to the open tier (kept open and mapped) instead of the hot tier:
-/// the size from which connections send mapped slices with `sendfile`.
-const OPEN_MIN: u64 = 16 << 10;
-/// Most bodies the open tier holds by default, however high the descriptor limit.
-const OPEN_FILES_MAX: usize = 16384;
-/// After running short of descriptors the open tier keeps to half its size this long, then
-/// grows back by a quarter of its full size per such period without a shortage...
-const SHORTAGE_HOLD: Duration = Duration::from_secs(300);
-/// ...and halves again at most this often (one shortage fails many calls at once).
-const SHORTAGE_STEP: Duration = Duration::from_secs(1);
-
-/// The open tier's state after running short of descriptors.
-#[derive(Clone, Copy)]
-struct Shortage {
-    /// How many bodies it may hold for now.
-    room: usize,
-    /// When it last gave descriptors back.
-    relieved: Instant,
-    /// When `room` last changed.
-    changed: Instant,
-}
 /// A fill writes what its upstream has ready in steps of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
@@ -220,124 +208,49 @@ pub enum Purge {
     Prefix(String),
 }
 
-/// The state of a key being fetched by one request for many.
-#[derive(Clone)]
-pub enum Flight {
-    /// The leader waits for the app's response head.
-    Pending,
-    /// The body is being written; read it while it lands.
-    Streaming(Arc<Fill>),
-    /// The leader gave up: `retry` means try again (one waiter becomes leader); otherwise go
-    /// to the app directly (the response was not shareable).
-    Released {
-        /// Whether to retry the cache.
-        retry: bool,
-    },
-}
-
-/// One in-flight fetch that requests for the same key wait on.
-pub struct InFlight {
-    state: watch::Sender<Flight>,
-}
-
-impl InFlight {
-    /// Waits (at most `limit`) for the leader to stream or give up.
-    pub async fn wait(&self, limit: Duration) -> Option<Flight> {
-        let mut rx = self.state.subscribe();
-        let result = tokio::time::timeout(limit, rx.wait_for(|f| !matches!(f, Flight::Pending))).await;
-        match result {
-            Ok(Ok(flight)) => Some(flight.clone()),
-            _ => None,
-        }
-    }
-}
-
-/// The outcome of claiming a key for fetching.
-pub enum Claim {
-    /// This request fetches for everyone.
-    Leader(FillPermit),
-    /// Another request is fetching: wait on it.
-    Wait(Arc<InFlight>),
-}
-
-/// The right (and duty) to fetch a key for the waiters. Dropped unused, it releases them to
-/// retry, so a leader that fails or vanishes never strands anyone.
-pub struct FillPermit {
-    cache: Arc<Cache>,
-    hash: KeyHash,
-    flight: Arc<InFlight>,
-    settled: bool,
-}
-
-impl FillPermit {
-    /// Releases the waiters: to retry the cache, or to go to the app themselves.
-    pub fn release(mut self, retry: bool) {
-        self.settle(Flight::Released { retry });
-    }
-
-    fn settle(&mut self, flight: Flight) {
-        self.settled = true;
-        // Unpublish before waking anyone: a released waiter that claims again must find the
-        // key free (or a new leader), never this finished flight.
-        if !matches!(flight, Flight::Streaming(_)) {
-            self.cache.forget_flight(&self.hash, &self.flight);
-        }
-        self.flight.state.send_replace(flight);
-    }
-}
-
-impl Drop for FillPermit {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.settle(Flight::Released { retry: true });
-        }
-    }
-}
-
-/// The cache.
+/// The cache: a facade over parts that each own their state behind one lock (the tiers, the
+/// flights, the vary specs), and, until they move out too, the index and the budget.
+///
+/// # Lock order
+///
+/// No std lock is held across an `.await`. The one lock held across an `.await` is the tiers'
+/// `relieving`, a tokio mutex, for the length of a relief. The only nestings, each written
+/// "held -> taken meanwhile"; none is ever taken the other way round, so there is no cycle:
+///
+/// - `budget` -> `index`: `Cache::limits` recomputes the budget from the index's usage while
+///   holding `budget` (it also asks the filesystem for its free space then).
+/// - `index`: held for index work only, a leaf otherwise. The tiers, the flights and the vary
+///   specs are asked before or after it, never under it: `lookup` copies its entry out and
+///   lets go before it asks a tier, and checks the index again after a tier insert, under no
+///   other lock. A `Reservation` locks it when dropped, and `charge` locks it: no reservation
+///   is dropped, and `charge` is not called, while it is held (a std mutex is not reentrant).
+/// - `tiers` (`tiers::Tiers`): `relieving` (tokio) -> `open_shortage` -> the moka caches'
+///   internal locks (hot, open, metas: leaves, no eviction listener calls back).
+/// - `flights` ([`coalesce::Flights`]) -> a flight's own watch channel (read to skip a released
+///   flight). `claim` picks the variant (taking and letting go of `vary`) before it.
+/// - `vary` (`vary::VarySpecs`): a leaf.
+/// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
+///   recorder's (counters are bumped under `flights` and gauges set under `budget`).
 pub struct Cache {
     config: Arc<Config>,
     store: OnceLock<Arc<Store>>,
+    /// A std mutex: held for in-memory index steps only (see the lock order above).
     index: Mutex<Index>,
-    hot: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
-    /// Decides which disk hits go into the hot tier.
-    doorkeeper: admit::Doorkeeper,
-    /// The open tier: bodies of [`OPEN_MIN`] bytes and more, kept open and mapped. A hit on one
-    /// makes no `open`, `read` or `close`, and its body goes out with `sendfile`.
-    open: Option<moka::sync::Cache<KeyHash, Arc<HotObject>>>,
-    /// Decides which disk hits go into the open tier.
-    open_doorkeeper: admit::Doorkeeper,
-    /// The open tier's reduced size after descriptors ran short (`None`: its full size).
-    open_shortage: Mutex<Option<Shortage>>,
-    /// Held for the whole of a relief, until its files are closed.
-    relieving: Arc<tokio::sync::Mutex<()>>,
-    /// Records of stored objects, by key, with their version: one is used only while the
-    /// index holds that version (a replacement may share the old body, digest and all).
-    metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
-    flights: Mutex<HashMap<KeyHash, Arc<InFlight>>>,
+    /// The hot and open tiers and the records cached beside the index.
+    tiers: tiers::Tiers,
+    /// The fills in progress that requests for the same key wait on.
+    flights: Arc<coalesce::Flights>,
     /// For URLs whose responses vary: the request headers that pick the variant.
-    vary_specs: Mutex<HashMap<KeyHash, Arc<[http::HeaderName]>>>,
+    vary: vary::VarySpecs,
     /// Wakes the eviction loop.
     pub evict_wakeup: Notify,
     /// Set once files found at startup are counted (fills may reserve from then on).
     accounted: AtomicBool,
     /// Set once the startup rebuild is complete.
     loaded: AtomicBool,
-    /// The budget in force (bytes, objects) and when it was computed (`None`: not yet).
+    /// The budget in force (bytes, objects) and when it was computed (`None`: not yet). A std
+    /// mutex, taken before `index` when both are held (see the lock order above).
     budget: Mutex<(u64, u64, Option<Instant>)>,
-}
-
-/// The hot or the open tier, with what admits to it.
-struct Tier<'a> {
-    objects: &'a moka::sync::Cache<KeyHash, Arc<HotObject>>,
-    doorkeeper: &'a admit::Doorkeeper,
-    /// What one admission counts in the doorkeeper's window: bytes (hot) or objects (open).
-    weight: u64,
-    /// Bodies from this size are held mapped, smaller ones as copies.
-    map_from: u64,
-    /// The open tier: it holds its objects' records, and keeps to a reduced size after a
-    /// shortage of descriptors.
-    open: bool,
 }
 
 /// The object bound in force: `max_objects`, lowered to what the filesystem's free inodes
@@ -359,20 +272,6 @@ fn object_limit(max_objects: u64, our_objects: u64, space: &store::Space, keep: 
 fn layout_overhead(unit: u64, max_objects: u64) -> u64 {
     let fanout = max_objects.min(store::FANOUT_DIRS);
     (store::LAYOUT_FIXED + fanout) * unit + max_objects * store::NAME_COST
-}
-
-/// Memory for records cached beside the index, so a disk hit need not read its record.
-const METAS_MEMORY: u64 = 16 << 20;
-
-/// About what a cached record takes in memory: each header is held twice (as stored, and in
-/// the prepared head of an answer), at roughly 220 bytes of map entry besides its value.
-fn meta_weight(meta: &Meta) -> u32 {
-    let headers: usize = meta
-        .headers
-        .iter()
-        .map(|(name, value)| 220 + name.as_str().len() + value.len())
-        .sum();
-    (512 + meta.key.as_str().len() + headers).min(u32::MAX as usize) as u32
 }
 
 /// Where a fill's bytes are kept until its commit.
@@ -398,116 +297,19 @@ impl Staged {
     }
 }
 
-/// A hot-tier or open-tier object: the metadata and the whole body, in memory or mapped.
-pub struct HotObject {
-    meta: Arc<Meta>,
-    /// The version of the key it is (its record's generation).
-    meta_gen: u64,
-    body: Bytes,
-    /// For a mapped body: its file's modification time when the body was checked.
-    mapped_mtime: Option<u64>,
-}
-
-impl HotObject {
-    /// True while the body is still what was checked: a copy always is; a mapped one while
-    /// its file has not been truncated, rewritten or removed underneath (one `fstat`, no path
-    /// walk).
-    fn still_valid(&self) -> bool {
-        self.mapped_mtime
-            .is_none_or(|mtime| crate::zerocopy::unchanged(&self.body, mtime))
-    }
-}
-
-/// Drops `closing` (unmapping and closing thousands of files takes a while) on a thread of
-/// its own, not an event loop nor the blocking pool, where fills may queue ahead of it; then
-/// lets go of `turn`. The receiver learns when that is done.
-fn close_in_background(
-    closing: Vec<Arc<HotObject>>,
-    turn: tokio::sync::OwnedMutexGuard<()>,
-) -> tokio::sync::oneshot::Receiver<()> {
-    let (done, closed) = tokio::sync::oneshot::channel();
-    // When no thread can be had, the closure is dropped unrun: the files are closed here.
-    let _ = std::thread::Builder::new()
-        .name("sidecache-relief".into())
-        .spawn(move || {
-            drop(closing);
-            drop(turn);
-            let _ = done.send(());
-        });
-    closed
-}
-
-/// How many bodies the open tier holds: as configured, else at most [`OPEN_FILES_MAX`]; in
-/// either case no more than the descriptor limit leaves after connections (the client's
-/// socket, which each holds while open) and some spare, nor more than half the process's
-/// allowed memory mappings (one each).
-///
-/// A busy connection also holds, for a while, one to the app and a file being read or
-/// written: these come out of the spare, and when they exhaust it the open tier gives half
-/// its descriptors back ([`Cache::relieve_descriptors`]) rather than sit on room reserved for
-/// a worst case that rarely comes.
-fn open_files(config: &Config) -> usize {
-    let spare = config.max_connections as u64 + 256;
-    let room = crate::limits::descriptor_limit()
-        .saturating_sub(spare)
-        .min(crate::limits::mapping_limit() / 2);
-    let wanted = config.open_files.map_or(OPEN_FILES_MAX as u64, |n| n as u64);
-    if wanted > room && config.open_files.is_some() {
-        warn!(
-            open_files = wanted,
-            allowed = room,
-            "open_files lowered to what the descriptor and mapping limits allow"
-        );
-    } else if room == 0 && wanted > 0 {
-        // Fewer descriptors than connections.
-        warn!(
-            descriptor_limit = crate::limits::descriptor_limit(),
-            max_connections = config.max_connections,
-            "open tier off: the descriptor limit leaves no room after max_connections; \
-             lower max_connections or raise the limit to keep large bodies open"
-        );
-    }
-    wanted.min(room) as usize
-}
-
 impl Cache {
     /// Opens the cache directory and starts the background rebuild of the index. A directory
     /// that cannot be used leaves the cache off (fail open); [`Cache::retry_open`] tries again.
     pub fn open(config: Arc<Config>) -> Arc<Cache> {
-        let hot = (config.memory_size > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(config.memory_size)
-                .weigher(|_, v: &Arc<HotObject>| {
-                    (v.body.len() as u64 + u64::from(meta_weight(&v.meta))).min(u32::MAX as u64) as u32
-                })
-                .build()
-        });
-        let metas = moka::sync::Cache::builder()
-            .max_capacity(METAS_MEMORY)
-            .weigher(|_, (_, meta): &(u64, Arc<Meta>)| meta_weight(meta))
-            .build();
-        let doorkeeper = admit::Doorkeeper::new(config.memory_size);
-        let open_files = open_files(&config);
-        let open = (open_files > 0).then(|| moka::sync::Cache::builder().max_capacity(open_files as u64).build());
-        // Its window counts objects, not bytes: each takes one descriptor whatever its size.
-        let open_doorkeeper = admit::Doorkeeper::new(open_files as u64);
-        if open_files > 0 {
-            info!(open_files, "open tier sized");
-        }
+        let tiers = tiers::Tiers::from_config(&config);
         let cache = Arc::new(Cache {
             budget: Mutex::new((config.max_size, config.max_objects, None)),
             config,
             store: OnceLock::new(),
             index: Mutex::new(Index::new()),
-            doorkeeper,
-            hot,
-            open,
-            open_doorkeeper,
-            open_shortage: Mutex::new(None),
-            relieving: Arc::new(tokio::sync::Mutex::new(())),
-            metas,
-            flights: Mutex::new(HashMap::new()),
-            vary_specs: Mutex::new(HashMap::new()),
+            tiers,
+            flights: Arc::new(coalesce::Flights::new()),
+            vary: vary::VarySpecs::new(),
             evict_wakeup: Notify::new(),
             accounted: AtomicBool::new(false),
             loaded: AtomicBool::new(false),
@@ -565,32 +367,11 @@ impl Cache {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The one tier a body of `len` bytes can be held in, if any.
-    fn tier_for(&self, len: u64) -> Option<Tier<'_>> {
-        match (&self.open, &self.hot) {
-            (Some(open), _) if len >= OPEN_MIN => Some(Tier {
-                objects: open,
-                doorkeeper: &self.open_doorkeeper,
-                weight: 1,
-                map_from: OPEN_MIN,
-                open: true,
-            }),
-            (_, Some(hot)) if len <= self.config.memory_object_max => Some(Tier {
-                objects: hot,
-                doorkeeper: &self.doorkeeper,
-                weight: len,
-                map_from: MIN_MMAP,
-                open: false,
-            }),
-            _ => None,
-        }
-    }
-
     /// Looks a key up: the index, then the hot or open tier its size belongs in, then disk.
     /// Any storage problem removes the entry and reads as a miss.
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
-        let hash = self.variant_of(key, req);
+        let hash = self.vary.variant_of(key, req);
         let (meta_gen, tail_len, digest, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
@@ -599,7 +380,7 @@ impl Cache {
             }
             (e.generation, e.tail_len, e.digest, e.body_len, e.verified, e.mtime)
         };
-        let tier = self.tier_for(body_len);
+        let tier = self.tiers.tier_for(body_len);
         if let Some(Tier { objects: tier, .. }) = tier
             && let Some(obj) = tier.get(&hash)
         {
@@ -614,12 +395,8 @@ impl Cache {
             tier.invalidate(&hash);
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
-        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight) && self.has_room(t));
-        let cached = self
-            .metas
-            .get(&hash)
-            .filter(|(version, _)| *version == meta_gen)
-            .map(|(_, m)| m);
+        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight) && self.tiers.has_room(t));
+        let cached = self.tiers.meta(&hash, meta_gen);
         let path = store.object_path(&hash, meta_gen);
         let min_mmap = tier.as_ref().map_or(MIN_MMAP, |t| t.map_from);
         let expect = Expected {
@@ -652,7 +429,7 @@ impl Cache {
                 }
                 let meta = Arc::new(meta);
                 let held_open = tier.as_ref().is_some_and(|t| t.open);
-                self.remember_meta(hash, meta_gen, &meta, held_open);
+                self.tiers.remember_meta(hash, meta_gen, &meta, held_open);
                 meta
             }
             // (A record is read whenever none is cached.)
@@ -716,89 +493,16 @@ impl Cache {
         }
     }
 
-    /// Whether a tier may take one more object now: always, unless it is the open tier
-    /// keeping to a reduced size after a shortage of descriptors.
-    fn has_room(&self, tier: &Tier<'_>) -> bool {
-        if !tier.open {
-            return true;
-        }
-        let mut shortage = self.lock_shortage();
-        let Some(mut s) = *shortage else { return true };
-        // (`changed` is set with every relief, so it is the later of the two.)
-        if s.changed.elapsed() >= SHORTAGE_HOLD {
-            // A hold without a shortage: a quarter of the full size back, up to all of it.
-            let full = tier.objects.policy().max_capacity().unwrap_or(u64::MAX) as usize;
-            s.room = s.room.saturating_add(full.div_ceil(4));
-            s.changed = Instant::now();
-            *shortage = (s.room < full).then_some(s);
-        }
-        shortage.is_none_or(|s| (tier.objects.entry_count() as usize) < s.room)
-    }
-
-    fn lock_shortage(&self) -> std::sync::MutexGuard<'_, Option<Shortage>> {
-        self.open_shortage.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The process ran out of descriptors (or of memory mappings): the open tier closes half
-    /// the files it holds, and keeps to that size for [`SHORTAGE_HOLD`], so that connections,
-    /// the app and fills get them. Called where a shortage shows: an `accept`, a connection to
-    /// the app, a cache file. Which half is left to the tier's iteration order: this is
-    /// relief, not eviction. A body still being sent keeps its file open until it is sent.
+    /// the files it holds for a while (`tiers::Tiers::relieve_descriptors`). Called where a
+    /// shortage shows: an `accept`, a connection to the app, a cache file.
     pub fn relieve_descriptors(&self) {
-        // A relief under way covers this shortage.
-        let Ok(turn) = self.relieving.clone().try_lock_owned() else {
-            return;
-        };
-        if let Some(closing) = self.give_back() {
-            drop(close_in_background(closing, turn));
-        }
+        self.tiers.relieve_descriptors();
     }
 
-    /// [`Cache::relieve_descriptors`], returning once the files are closed. A caller that
-    /// comes while a relief is under way waits for its files to be closed: what it then
-    /// retries finds the descriptors given back.
+    /// [`Cache::relieve_descriptors`], returning once the files are closed.
     pub async fn relieve_descriptors_now(&self) {
-        let turn = self.relieving.clone().lock_owned().await;
-        if let Some(closing) = self.give_back() {
-            let _ = close_in_background(closing, turn).await;
-        }
-    }
-
-    /// Halves the open tier (see [`Cache::relieve_descriptors`]) unless that was done less
-    /// than [`SHORTAGE_STEP`] ago; returns the bodies taken out, whose last references they
-    /// hold but for bodies still being sent.
-    fn give_back(&self) -> Option<Vec<Arc<HotObject>>> {
-        let open = self.open.as_ref()?;
-        let now = Instant::now();
-        {
-            let mut shortage = self.lock_shortage();
-            if shortage.is_some_and(|s| now.duration_since(s.relieved) < SHORTAGE_STEP) {
-                return None;
-            }
-            // Claimed: calls for the same shortage return at once from here on.
-            let room = shortage.map_or(usize::MAX, |s| s.room);
-            *shortage = Some(Shortage {
-                room,
-                relieved: now,
-                changed: now,
-            });
-        }
-        open.run_pending_tasks();
-        let held = open.entry_count() as usize;
-        if let Some(s) = self.lock_shortage().as_mut() {
-            s.room = s.room.min(held / 2);
-        }
-        let hashes: Vec<KeyHash> = open.iter().take(held - held / 2).map(|(k, _)| *k).collect();
-        let closing: Vec<Arc<HotObject>> = hashes.iter().filter_map(|h| open.remove(h)).collect();
-        // The tier lets go of them.
-        open.run_pending_tasks();
-        metrics::counter!(m::DESCRIPTOR_SHORTAGES).increment(1);
-        warn!(
-            held,
-            closed = closing.len(),
-            "out of descriptors: the open tier closed half its files"
-        );
-        Some(closing)
+        self.tiers.relieve_descriptors_now().await;
     }
 
     async fn drop_corrupt(&self, hash: &KeyHash, meta_gen: u64, why: &'static str) {
@@ -816,103 +520,21 @@ impl Cache {
                 _ => None,
             }
         };
-        self.forget(hash);
+        self.tiers.forget(hash);
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
         }
     }
 
-    /// Caches version `meta_gen` of a key's record beside the index, unless its body is going
-    /// into the open tier (`held_open`): that keeps the record with the open file, and caching
-    /// it here too would crowd out the records of bodies that stay on disk, which every hit on
-    /// them needs.
-    fn remember_meta(&self, hash: KeyHash, meta_gen: u64, meta: &Arc<Meta>, held_open: bool) {
-        if held_open {
-            self.metas.invalidate(&hash);
-        } else {
-            self.metas.insert(hash, (meta_gen, meta.clone()));
-        }
-    }
-
-    /// Whether a body of `len` bytes will likely be held by the open tier once it is hit: its
-    /// record need not be cached when it is stored.
-    fn open_tier_size(&self, len: u64) -> bool {
-        self.open.is_some() && len >= OPEN_MIN
-    }
-
-    fn forget(&self, hash: &KeyHash) {
-        self.forget_tiers(hash);
-        self.metas.invalidate(hash);
-    }
-
-    fn forget_tiers(&self, hash: &KeyHash) {
-        for tier in [&self.hot, &self.open].into_iter().flatten() {
-            tier.invalidate(hash);
-        }
-    }
-
     /// Claims a key: become its fetcher, or wait on the request that is.
-    pub fn claim(self: &Arc<Self>, key: &CacheKey, req: &http::HeaderMap) -> Claim {
-        let hash = self.variant_of(key, req);
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = flights.get(&hash)
-            && !matches!(*f.state.borrow(), Flight::Released { .. })
-        {
-            metrics::counter!(m::COALESCED_WAITS).increment(1);
-            return Claim::Wait(f.clone());
-        }
-        let (state, _) = watch::channel(Flight::Pending);
-        let flight = Arc::new(InFlight { state });
-        flights.insert(hash, flight.clone());
-        Claim::Leader(FillPermit {
-            cache: self.clone(),
-            hash,
-            flight,
-            settled: false,
-        })
-    }
-
-    /// The hash a request's variant is stored under: the headers the app last said it varies
-    /// on for this URL pick the variant (RFC 9111 §4.1); variants are stored side by side.
-    fn variant_of(&self, key: &CacheKey, req: &http::HeaderMap) -> KeyHash {
-        let primary = key.hash();
-        let spec = self
-            .vary_specs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&primary)
-            .cloned();
-        match spec {
-            None => primary,
-            Some(names) => {
-                let values: Vec<_> = names.iter().map(|n| (n.clone(), key::normalize_vary(n, req))).collect();
-                key::variant_hash(key, &values)
-            }
-        }
+    pub fn claim(&self, key: &CacheKey, req: &http::HeaderMap) -> Claim {
+        let hash = self.vary.variant_of(key, req);
+        self.flights.claim(hash)
     }
 
     /// Whether responses for this URL vary (some variant may be stored).
     pub fn varies(&self, key: &CacheKey) -> bool {
-        self.vary_specs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&key.hash())
-    }
-
-    fn remember_vary(&self, meta: &Meta) {
-        let mut specs = self.vary_specs.lock().unwrap_or_else(|p| p.into_inner());
-        if meta.vary.is_empty() {
-            specs.remove(&meta.key.hash());
-        } else {
-            specs.insert(meta.key.hash(), meta.vary.iter().map(|(n, _)| n.clone()).collect());
-        }
-    }
-
-    fn forget_flight(&self, hash: &KeyHash, flight: &Arc<InFlight>) {
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.get(hash).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            flights.remove(hash);
-        }
+        self.vary.varies(key)
     }
 
     /// The disk budget in force: `max_size`, lowered when the filesystem is short of
@@ -1031,7 +653,7 @@ impl Cache {
     /// Forgets entries evicted to make room and counts them as evictions.
     fn evicted(&self, victims: &[Removed]) {
         for r in victims {
-            self.forget(&r.key);
+            self.tiers.forget(&r.key);
         }
         metrics::counter!(m::EVICTIONS).increment(victims.len() as u64);
         metrics::counter!(m::EVICTED_BYTES).increment(victims.iter().map(|r| r.bytes).sum());
@@ -1106,14 +728,14 @@ impl Cache {
             Staged::Memory => None,
         };
         let fill = Fill::new(Arc::new(meta), file);
-        permit.settle(Flight::Streaming(fill.clone()));
+        permit.stream(fill.clone());
         let cache = self.clone();
         let task_fill = fill.clone();
         let reservation = reserved.keep();
         tokio::spawn(async move {
             let ok = cache.run_fill(&task_fill, body, generation, staged, reservation).await;
             task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
-            cache.forget_flight(&permit.hash, &permit.flight);
+            // Unpublishes the finished flight.
             drop(permit);
         });
         Ok(fill)
@@ -1279,12 +901,12 @@ impl Cache {
             ix.release_object();
             removed
         };
-        self.remember_vary(&meta);
-        let held_open = self.open_tier_size(meta.body_len);
-        self.remember_meta(hash, version, &Arc::new(meta), held_open);
+        self.vary.remember(&meta);
+        let held_open = self.tiers.open_tier_size(meta.body_len);
+        self.tiers.remember_meta(hash, version, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             // The tiers can only hold what the index held: a new key has nothing to forget.
-            self.forget_tiers(&hash);
+            self.tiers.forget_tiers(&hash);
             self.unlink(vec![r]).await;
         }
         metrics::counter!(m::FILLS_COMPLETED).increment(1);
@@ -1395,7 +1017,7 @@ impl Cache {
         let objects = removed.len() as u64;
         // (There is always a store when something was indexed.)
         if let Some(store) = self.store() {
-            let tiers = [self.hot.clone(), self.open.clone()];
+            let tiers = self.tiers.handles();
             let _ = tokio::task::spawn_blocking(move || {
                 for r in &removed {
                     let _ = store.remove_object(&r.key, r.generation);
@@ -1441,7 +1063,7 @@ impl Cache {
             out
         };
         for r in &removed {
-            self.forget(&r.key);
+            self.tiers.forget(&r.key);
         }
         let n = removed.len();
         let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
@@ -1525,9 +1147,9 @@ impl Cache {
             ix.release_object();
             removed
         };
-        self.forget(&hash);
-        let held_open = self.open_tier_size(meta.body_len);
-        self.remember_meta(hash, version, &Arc::new(meta), held_open);
+        self.tiers.forget(&hash);
+        let held_open = self.tiers.open_tier_size(meta.body_len);
+        self.tiers.remember_meta(hash, version, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
         }
@@ -1577,7 +1199,7 @@ impl Cache {
     /// Forgets and unlinks objects taken out of the index; how many.
     async fn finish_purge(&self, removed: Vec<Removed>) -> usize {
         for r in &removed {
-            self.forget(&r.key);
+            self.tiers.forget(&r.key);
         }
         let n = removed.len();
         self.unlink(removed).await;
@@ -1592,13 +1214,7 @@ impl Cache {
         metrics::gauge!(m::CACHE_OBJECTS).set(objects as f64);
         metrics::gauge!(m::CACHE_SIZE).set(used as f64);
         metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
-        if let Some(hot) = &self.hot {
-            metrics::gauge!(m::HOT_SIZE).set(hot.weighted_size() as f64);
-        }
-        if let Some(open) = &self.open {
-            open.run_pending_tasks();
-            metrics::gauge!(m::OPEN_FILES).set(open.entry_count() as f64);
-        }
+        self.tiers.publish_gauges();
     }
 
     /// Rebuilds the index from disk (blocking; runs on a blocking thread at startup): every
@@ -1650,7 +1266,7 @@ impl Cache {
                 verified: false,
                 mtime: 0,
             };
-            self.remember_vary(&meta);
+            self.vary.remember(&meta);
             let removed = self.lock_index().insert_scanned(f.id, entry);
             if let Some(r) = removed {
                 let _ = store.remove_object(&r.key, r.generation);
