@@ -1,20 +1,27 @@
 //! The on-disk metadata record: decoding arbitrary bytes never panics, and whatever decodes
-//! re-encodes to a record that decodes to the same value. Each input is tried as a whole record
-//! and as the payload of a correctly checksummed one, so the field decoding is reached too.
+//! re-encodes to a record that decodes to the same value, of the length `encoded_len` counts.
+//! Each input is tried as a whole record, as the payload of a correctly checksummed one (so the
+//! field decoding is reached too), and as the tail of an object file (record and footer).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use sidecache::cache::meta::Meta;
 
 fn check(bytes: &[u8]) {
     if let Ok(meta) = Meta::decode(bytes) {
-        let again = Meta::decode(&meta.encode()).expect("an encoded record decodes");
+        let encoded = meta.encode();
+        assert_eq!(meta.encoded_len(), encoded.len() as u64);
+        let again = Meta::decode(&encoded).expect("an encoded record decodes");
         assert_eq!(again, meta);
+        let tail = sidecache::cache::store::tail(&meta);
+        assert_eq!(sidecache::cache::store::tail_len(&meta), tail.len() as u64);
+        assert_eq!(sidecache::cache::store::decode_tail(&tail).expect("a tail decodes"), meta);
     }
 }
 
 fuzz_target!(|data: &[u8]| {
     check(data);
-    let mut record = b"SCMETA01".to_vec();
+    let _ = sidecache::cache::store::decode_tail(data);
+    let mut record = b"SCMETA02".to_vec();
     record.extend_from_slice(&(data.len() as u32).to_be_bytes());
     record.extend_from_slice(data);
     let sum = blake3::hash(&record);

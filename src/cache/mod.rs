@@ -733,7 +733,7 @@ impl Cache {
         let task_fill = fill.clone();
         let reservation = reserved.keep();
         tokio::spawn(async move {
-            let ok = cache.run_fill(&task_fill, body, generation, staged, reservation).await;
+            let ok = cache.run_fill(&task_fill, body, staged, reservation).await;
             task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
             // Unpublishes the finished flight.
             drop(permit);
@@ -745,7 +745,6 @@ impl Cache {
         self: &Arc<Self>,
         fill: &Arc<Fill>,
         mut body: S,
-        generation: u64,
         mut staged: Staged,
         reserved: u64,
     ) -> bool {
@@ -813,20 +812,13 @@ impl Cache {
             return false;
         }
         let meta = (*fill.meta).clone();
-        self.commit(meta, staged, last, generation, reserved).await
+        self.commit(meta, staged, last, reserved).await
     }
 
     /// Makes a finished object durable and visible, in one trip off the runtime: writes the
-    /// `last` chunks after what was staged in a file (or, for a body kept in memory, creates
-    /// the file and writes it all), then the record and footer, and links the file into place.
-    async fn commit(
-        self: &Arc<Self>,
-        mut meta: Meta,
-        staged: Staged,
-        last: Vec<Bytes>,
-        generation: u64,
-        reserved: u64,
-    ) -> bool {
+    /// `last` chunks after what was staged in a file, then the record and footer, and links the
+    /// file into place; a body kept in memory is written whole under its final name.
+    async fn commit(self: &Arc<Self>, mut meta: Meta, staged: Staged, last: Vec<Bytes>, reserved: u64) -> bool {
         let Some(store) = self.store() else {
             staged.discard();
             self.release_fill(reserved);
@@ -854,12 +846,13 @@ impl Cache {
             }
             meta.digest = Digest::from(hasher.finalize());
             let tail = store::tail(&meta);
-            let tmp = match tmp {
-                Some(tmp) => tmp,
-                None => store.create_tmp_object(generation)?,
-            };
             let mut parts: Vec<&[u8]> = last.iter().map(|c| &c[..]).collect();
             parts.push(&tail);
+            let Some(tmp) = tmp else {
+                // A body received whole: written under its final name in one step.
+                let mtime = store.write_object(&hash, version, &parts)?;
+                return Ok((meta, tail.len() as u64, mtime));
+            };
             if let Err(source) = fileio::write_all_at(&tmp.file, &parts, at) {
                 tmp.discard();
                 return Err(StoreError::Io {
@@ -993,13 +986,7 @@ impl Cache {
             }
             let reserved = reserved.keep();
             cache
-                .commit(
-                    meta,
-                    Staged::File(tmp, Box::new(writer)),
-                    Vec::new(),
-                    generation,
-                    reserved,
-                )
+                .commit(meta, Staged::File(tmp, Box::new(writer)), Vec::new(), reserved)
                 .await;
         });
         Some(tx)
