@@ -21,7 +21,7 @@ pub async fn run(cache: Arc<Cache>, cancel: CancellationToken) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = cache.evict_wakeup.notified() => {}
+            _ = cache.evict_wakeup().notified() => {}
             _ = tick.tick() => {
                 // A cache dir that was unusable at startup is retried here: caching resumes
                 // once the disk recovers.

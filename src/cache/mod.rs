@@ -9,6 +9,7 @@
 //! Fail open: every storage error is counted and logged, and the request goes on to the app.
 
 pub mod admit;
+pub mod budget;
 pub mod coalesce;
 pub mod evict;
 pub mod fileio;
@@ -21,8 +22,8 @@ pub mod tiers;
 pub mod vary;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
@@ -30,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::metrics as m;
+use budget::Reservation;
 use fill::{Fill, FillState, HashingWriter, Source, TeeMsg};
 use index::{Entry, Index, Removed};
 use key::{CacheKey, Digest, KeyHash};
@@ -46,40 +48,6 @@ const MIN_MMAP: u64 = 64 << 10;
 const WRITE_BATCH: usize = 256 << 10;
 /// Unknown-length fills reserve budget in steps of this many bytes.
 const TEE_STEP: u64 = 1 << 20;
-/// Longest a fill waits for the files evicted to make its room to be removed; past it the
-/// response is relayed uncached.
-const ROOM_WAIT: Duration = Duration::from_secs(2);
-
-/// Bytes (as charged) and objects reserved for a fill, given back when dropped unless the
-/// fill takes them over ([`Reservation::keep`]): a fill that stops while it waits for room or
-/// for its file leaves nothing reserved. Never dropped while the index is locked.
-struct Reservation {
-    cache: Arc<Cache>,
-    bytes: u64,
-    objects: u64,
-}
-
-impl Reservation {
-    /// The fill takes over what is reserved (and gives it back itself); returns the bytes.
-    fn keep(mut self) -> u64 {
-        self.objects = 0;
-        std::mem::take(&mut self.bytes)
-    }
-
-    /// Adds another reservation's bytes and objects to this one.
-    fn absorb(&mut self, other: Reservation) {
-        self.objects += other.objects;
-        self.bytes += other.keep();
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.bytes > 0 || self.objects > 0 {
-            self.cache.lock_index().release_reservation(self.bytes, self.objects);
-        }
-    }
-}
 
 /// What the index says an object file holds.
 #[derive(Clone, Copy)]
@@ -208,8 +176,8 @@ pub enum Purge {
     Prefix(String),
 }
 
-/// The cache: a facade over parts that each own their state behind one lock (the tiers, the
-/// flights, the vary specs), and, until they move out too, the index and the budget.
+/// The cache: a facade over parts that each own their state behind one lock (the budget with
+/// the index, the tiers, the flights, the vary specs).
 ///
 /// # Lock order
 ///
@@ -217,8 +185,9 @@ pub enum Purge {
 /// `relieving`, a tokio mutex, for the length of a relief. The only nestings, each written
 /// "held -> taken meanwhile"; none is ever taken the other way round, so there is no cycle:
 ///
-/// - `budget` -> `index`: `Cache::limits` recomputes the budget from the index's usage while
-///   holding `budget` (it also asks the filesystem for its free space then).
+/// - `budget` -> `index` (both [`budget::Budget`]'s): `Budget::limits` recomputes the budget
+///   from the index's usage while holding `budget` (it also asks the filesystem for its free
+///   space then).
 /// - `index`: held for index work only, a leaf otherwise. The tiers, the flights and the vary
 ///   specs are asked before or after it, never under it: `lookup` copies its entry out and
 ///   lets go before it asks a tier, and checks the index again after a tier insert, under no
@@ -234,44 +203,16 @@ pub enum Purge {
 pub struct Cache {
     config: Arc<Config>,
     store: OnceLock<Arc<Store>>,
-    /// A std mutex: held for in-memory index steps only (see the lock order above).
-    index: Mutex<Index>,
+    /// The budget and the index that counts it (their locks: `budget` -> `index`).
+    budget: Arc<budget::Budget>,
     /// The hot and open tiers and the records cached beside the index.
     tiers: tiers::Tiers,
     /// The fills in progress that requests for the same key wait on.
     flights: Arc<coalesce::Flights>,
     /// For URLs whose responses vary: the request headers that pick the variant.
     vary: vary::VarySpecs,
-    /// Wakes the eviction loop.
-    pub evict_wakeup: Notify,
-    /// Set once files found at startup are counted (fills may reserve from then on).
-    accounted: AtomicBool,
     /// Set once the startup rebuild is complete.
     loaded: AtomicBool,
-    /// The budget in force (bytes, objects) and when it was computed (`None`: not yet). A std
-    /// mutex, taken before `index` when both are held (see the lock order above).
-    budget: Mutex<(u64, u64, Option<Instant>)>,
-}
-
-/// The object bound in force: `max_objects`, lowered to what the filesystem's free inodes
-/// allow (one per object) beyond the `our_objects` held already, keeping free the same share
-/// of the inodes as `keep` bytes are of the filesystem.
-fn object_limit(max_objects: u64, our_objects: u64, space: &store::Space, keep: u64) -> u64 {
-    if space.total_files == 0 || space.total == 0 {
-        // No fixed number of inodes to run out of.
-        return max_objects;
-    }
-    let keep_files = (space.total_files as f64 * keep as f64 / space.total as f64) as u64;
-    let room = our_objects + space.free_files.saturating_sub(keep_files);
-    max_objects.min(room)
-}
-
-/// What the layout spends on disk whatever is stored, charged up front: a unit for each of
-/// its fixed entries and fan-out directories (only as many as `max_objects` can make), and a
-/// name per object it may hold, for directories never shrink.
-fn layout_overhead(unit: u64, max_objects: u64) -> u64 {
-    let fanout = max_objects.min(store::FANOUT_DIRS);
-    (store::LAYOUT_FIXED + fanout) * unit + max_objects * store::NAME_COST
 }
 
 /// Where a fill's bytes are kept until its commit.
@@ -303,15 +244,12 @@ impl Cache {
     pub fn open(config: Arc<Config>) -> Arc<Cache> {
         let tiers = tiers::Tiers::from_config(&config);
         let cache = Arc::new(Cache {
-            budget: Mutex::new((config.max_size, config.max_objects, None)),
+            budget: Arc::new(budget::Budget::new(budget::Limits::from_config(&config))),
             config,
             store: OnceLock::new(),
-            index: Mutex::new(Index::new()),
             tiers,
             flights: Arc::new(coalesce::Flights::new()),
             vary: vary::VarySpecs::new(),
-            evict_wakeup: Notify::new(),
-            accounted: AtomicBool::new(false),
             loaded: AtomicBool::new(false),
         });
         cache.retry_open();
@@ -326,9 +264,10 @@ impl Cache {
         match Store::open(&self.config.cache_dir) {
             Ok(store) => {
                 // Before anything is found or reserved: every size is charged in this unit.
-                let overhead = layout_overhead(store.unit(), self.config.max_objects);
-                self.lock_index().set_disk(store.unit(), overhead);
-                if self.store.set(Arc::new(store)).is_ok() {
+                self.budget.set_unit(store.unit());
+                let store = Arc::new(store);
+                if self.store.set(store.clone()).is_ok() {
+                    self.budget.set_disk(store);
                     info!(dir = %self.config.cache_dir.display(), "cache directory ready");
                     let cache = self.clone();
                     tokio::task::spawn_blocking(move || cache.rebuild());
@@ -357,14 +296,16 @@ impl Cache {
 
     /// (objects, bytes used, bytes reserved).
     pub fn stats(&self) -> (usize, u64, u64) {
-        let ix = self.lock_index();
-        (ix.len(), ix.used(), ix.reserved())
+        self.budget.stats()
+    }
+
+    /// What wakes the eviction loop.
+    pub fn evict_wakeup(&self) -> &Notify {
+        self.budget.evict_wakeup()
     }
 
     fn lock_index(&self) -> std::sync::MutexGuard<'_, Index> {
-        // A panic while holding the lock cannot leave the index half-updated in a way that
-        // serves wrong bytes (lookups re-check keys and hashes), so poisoning is ignored.
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        self.budget.lock_index()
     }
 
     /// Looks a key up: the index, then the hot or open tier its size belongs in, then disk.
@@ -540,123 +481,23 @@ impl Cache {
     /// The disk budget in force: `max_size`, lowered when the filesystem is short of
     /// `min_free` (checked at most once a second).
     pub fn budget(&self) -> u64 {
-        self.limits().0
+        self.budget.budget()
     }
 
-    /// The budget and the object bound in force: `max_size` and `max_objects`, lowered when
-    /// the filesystem is short of `min_free` bytes, or of its share of inodes (checked at most
-    /// once a second).
+    /// The budget and the object bound in force ([`budget::Budget::limits`]).
     fn limits(&self) -> (u64, u64) {
-        let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
-        if b.2.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            (b.0, b.1) = self.compute_limits();
-            b.2 = Some(Instant::now());
-            metrics::gauge!(m::CACHE_BUDGET).set(b.0 as f64);
-            metrics::gauge!(m::CACHE_OBJECT_LIMIT).set(b.1 as f64);
-        }
-        (b.0, b.1)
-    }
-
-    fn compute_limits(&self) -> (u64, u64) {
-        let (max_size, max_objects) = (self.config.max_size, self.config.max_objects);
-        let Some(space) = self.store().and_then(|s| s.space().ok()) else {
-            return (max_size, max_objects);
-        };
-        let (ours, our_objects) = {
-            let ix = self.lock_index();
-            (ix.usage(), ix.objects())
-        };
-        let keep = self.config.min_free.bytes(space.total);
-        let budget = max_size.min((ours + space.free).saturating_sub(keep));
-        let limit = object_limit(max_objects, our_objects, &space, keep);
-        if limit < max_objects {
-            debug!(limit, max_objects, "short of inodes: object bound lowered");
-        }
-        (budget, limit)
+        self.budget.limits()
     }
 
     /// What a file of `len` bytes is charged against the budget.
     fn charge(&self, len: u64) -> u64 {
-        self.lock_index().charge(len)
+        self.budget.charge(len)
     }
 
     /// Reserves `bytes` (as charged) and `objects` (0 or 1) for a fill, making room when they
-    /// do not fit ([`Index::reserve_room`]): the least recently used objects are evicted for
-    /// it, and the reservation is complete once their files are removed (off the event loop,
-    /// on a task of its own). That wait is bounded by [`ROOM_WAIT`], and by `coalesce_timeout`
-    /// when shorter (the fill's waiters wait for it no longer): a fill that does not get its
-    /// room in time is refused (`"room"`) and what it reserved is given back, now or when the
-    /// removal ends. Refused at once when it could never fit (`"budget"`, `"objects"`) or the
-    /// room is held by other fills in progress (`"room"`). Wakes the eviction loop when over
-    /// the high watermark, so later fills find room ready.
+    /// do not fit: this cache forgets and removes the victims ([`budget::Budget::reserve_room`]).
     async fn reserve_room(self: &Arc<Self>, bytes: u64, objects: u64) -> Result<Reservation, &'static str> {
-        if !self.accounted.load(Ordering::Acquire) {
-            // The files found at startup are not counted yet: the room is not known.
-            return Err("room");
-        }
-        let (budget, max_objects) = self.limits();
-        let (result, usage, count) = {
-            let mut ix = self.lock_index();
-            (
-                ix.reserve_room(bytes, objects, budget, max_objects),
-                ix.usage(),
-                ix.objects(),
-            )
-        };
-        if usage as f64 > budget as f64 * self.config.high_watermark
-            || count as f64 > max_objects as f64 * self.config.high_watermark
-        {
-            self.evict_wakeup.notify_one();
-        }
-        let room = match result {
-            Ok(room) => room,
-            Err(refused) => {
-                if !refused.victims.is_empty() {
-                    self.evicted(&refused.victims);
-                    let cache = self.clone();
-                    tokio::spawn(async move { cache.unlink(refused.victims).await });
-                }
-                return Err(refused.reason);
-            }
-        };
-        let (held, victims) = (room.held, room.victims);
-        let mut reservation = Reservation {
-            cache: self.clone(),
-            bytes: bytes - held.0,
-            objects: objects - held.1,
-        };
-        if victims.is_empty() {
-            return Ok(reservation);
-        }
-        self.evicted(&victims);
-        let cache = self.clone();
-        // On a task of its own: the files are removed and the held part granted even when this
-        // fill stops waiting; a grant nobody waits for any more is dropped with the task's
-        // output, which gives it back.
-        let made = tokio::spawn(async move {
-            cache.unlink_granting(victims, held).await;
-            Reservation {
-                cache,
-                bytes: held.0,
-                objects: held.1,
-            }
-        });
-        match tokio::time::timeout(ROOM_WAIT.min(self.config.coalesce_timeout), made).await {
-            Ok(Ok(rest)) => {
-                reservation.absorb(rest);
-                Ok(reservation)
-            }
-            _ => Err("room"),
-        }
-    }
-
-    /// Forgets entries evicted to make room and counts them as evictions.
-    fn evicted(&self, victims: &[Removed]) {
-        for r in victims {
-            self.tiers.forget(&r.key);
-        }
-        metrics::counter!(m::EVICTIONS).increment(victims.len() as u64);
-        metrics::counter!(m::EVICTED_BYTES).increment(victims.iter().map(|r| r.bytes).sum());
+        self.budget.reserve_room(bytes, objects, self).await
     }
 
     /// Reserves `bytes` and one object for a new fill; a refusal is counted by its reason
@@ -675,9 +516,7 @@ impl Cache {
     /// Gives back what [`Cache::reserve_fill`] (and later reservations) took for a fill that
     /// will not be committed.
     fn release_fill(&self, bytes: u64) {
-        let mut ix = self.lock_index();
-        ix.release(bytes);
-        ix.release_object();
+        self.budget.release_fill(bytes);
     }
 
     /// Starts filling `meta.key` with `body` (exactly `meta.body_len` bytes). On success the
@@ -1007,31 +846,7 @@ impl Cache {
 
     /// Removes files an index change made unreachable, off the runtime, then accounts them.
     async fn unlink(&self, removed: Vec<Removed>) {
-        self.unlink_granting(removed, (0, 0)).await;
-    }
-
-    /// [`Cache::unlink`] for the victims of a reservation: once they are off the disk, grants
-    /// the bytes and objects it `held` back, in the same step ([`Index::room_made`]).
-    async fn unlink_granting(&self, removed: Vec<Removed>, held: (u64, u64)) {
-        let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
-        let objects = removed.len() as u64;
-        // (There is always a store when something was indexed.)
-        if let Some(store) = self.store() {
-            let tiers = self.tiers.handles();
-            let _ = tokio::task::spawn_blocking(move || {
-                for r in &removed {
-                    let _ = store.remove_object(&r.key, r.generation);
-                }
-                // The tiers drop what was invalidated now, not at their next housekeeping:
-                // until then a mapped body's descriptor would keep a removed file's blocks
-                // allocated.
-                for tier in tiers.iter().flatten() {
-                    tier.run_pending_tasks();
-                }
-            })
-            .await;
-        }
-        self.lock_index().room_made((bytes, objects), held);
+        self.budget.remove(self, removed, (0, 0)).await;
     }
 
     /// Evicts least-recently-used objects until usage is under the low watermark. Returns
@@ -1230,7 +1045,7 @@ impl Cache {
         let mut found = store.scan_objects();
         let bytes: u64 = found.iter().map(|f| self.charge(f.len)).sum();
         self.lock_index().add_unindexed(bytes, found.len() as u64);
-        self.accounted.store(true, Ordering::Release);
+        self.budget.set_accounted();
 
         // Oldest first, so the most recently stored end up most recently used.
         found.sort_by_key(|f| f.generation);
@@ -1290,37 +1105,37 @@ impl Cache {
         metrics::gauge!(m::INDEX_READY).set(1.0);
         self.publish_gauges();
         info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
-        self.evict_wakeup.notify_one();
+        self.evict_wakeup().notify_one();
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_object_bound_shrinks_when_inodes_are_short() {
-        let space = |free_files, total_files| store::Space {
-            free: 500,
-            total: 1000,
-            free_files,
-            total_files,
-        };
-        // Plenty of inodes: max_objects.
-        assert_eq!(object_limit(100, 10, &space(1_000_000, 2_000_000), 50), 100);
-        // 5% of 2,000 inodes kept (100): 300 free leave 200, one per object, beside our 10.
-        assert_eq!(object_limit(1000, 10, &space(300, 2000), 50), 210);
-        // None to spare: what is held, no more.
-        assert_eq!(object_limit(1000, 10, &space(50, 2000), 50), 10);
-        // A filesystem without a fixed number of inodes.
-        assert_eq!(object_limit(1000, 10, &space(0, 0), 50), 1000);
+impl budget::Evictor for Cache {
+    /// Forgets entries evicted to make room and counts them as evictions.
+    fn evicted(&self, victims: &[Removed]) {
+        for r in victims {
+            self.tiers.forget(&r.key);
+        }
+        metrics::counter!(m::EVICTIONS).increment(victims.len() as u64);
+        metrics::counter!(m::EVICTED_BYTES).increment(victims.iter().map(|r| r.bytes).sum());
     }
 
-    #[test]
-    fn the_layout_is_charged_for_the_directories_its_objects_can_make() {
-        // Two objects can make two fan-out directories, beside the five fixed entries.
-        assert_eq!(layout_overhead(4096, 2), (5 + 2) * 4096 + 2 * 256);
-        // Never more than the 256 fan-out directories there are.
-        assert_eq!(layout_overhead(4096, 100_000), 261 * 4096 + 100_000 * 256);
+    /// Removes the files, off the runtime.
+    async fn remove_files(&self, removed: Vec<Removed>) {
+        // (There is always a store when something was indexed.)
+        if let Some(store) = self.store() {
+            let tiers = self.tiers.handles();
+            let _ = tokio::task::spawn_blocking(move || {
+                for r in &removed {
+                    let _ = store.remove_object(&r.key, r.generation);
+                }
+                // The tiers drop what was invalidated now, not at their next housekeeping:
+                // until then a mapped body's descriptor would keep a removed file's blocks
+                // allocated.
+                for tier in tiers.iter().flatten() {
+                    tier.run_pending_tasks();
+                }
+            })
+            .await;
+        }
     }
 }
