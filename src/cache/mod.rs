@@ -844,51 +844,6 @@ impl Cache {
         Some(tx)
     }
 
-    /// Removes files an index change made unreachable, off the runtime, then accounts them.
-    async fn unlink(&self, removed: Vec<Removed>) {
-        self.budget.remove(self, removed, (0, 0)).await;
-    }
-
-    /// Evicts least-recently-used objects until usage is under the low watermark. Returns
-    /// (objects, bytes) evicted.
-    pub async fn evict_pass(&self) -> (usize, u64) {
-        let (budget, max_objects) = self.limits();
-        let high = (budget as f64 * self.config.high_watermark) as u64;
-        let low = (budget as f64 * self.config.low_watermark) as u64;
-        // The object bound has the same watermarks.
-        let high_objects = (max_objects as f64 * self.config.high_watermark) as u64;
-        let low_objects = (max_objects as f64 * self.config.low_watermark) as u64;
-        let removed: Vec<Removed> = {
-            let mut ix = self.lock_index();
-            // What is being removed is as good as gone (fills that made room for themselves
-            // evicted it): the pass goes by what is left once it is.
-            let (usage, objects) = ix.settled();
-            let over_bytes = usage > high || usage > budget;
-            let over_objects = objects > high_objects || objects > max_objects;
-            if !over_bytes && !over_objects {
-                return (0, 0);
-            }
-            let mut out = Vec::new();
-            while ix.settled().0 > low || ix.settled().1 > low_objects {
-                match ix.pop_lru() {
-                    Some(r) => out.push(r),
-                    None => break,
-                }
-            }
-            out
-        };
-        for r in &removed {
-            self.tiers.forget(&r.key);
-        }
-        let n = removed.len();
-        let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
-        self.unlink(removed).await;
-        metrics::counter!(m::EVICTIONS).increment(n as u64);
-        metrics::counter!(m::EVICTED_BYTES).increment(bytes);
-        self.publish_gauges();
-        (n, bytes)
-    }
-
     /// Stores a revalidated response's refreshed head (RFC 9111 §4.3.4): a new version of the
     /// object, its body copied from the stored one inside the kernel (`copy_file_range`: a
     /// reflink where the filesystem shares extents) and the new record after it. Returns false
@@ -1106,36 +1061,5 @@ impl Cache {
         self.publish_gauges();
         info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
         self.evict_wakeup().notify_one();
-    }
-}
-
-impl budget::Evictor for Cache {
-    /// Forgets entries evicted to make room and counts them as evictions.
-    fn evicted(&self, victims: &[Removed]) {
-        for r in victims {
-            self.tiers.forget(&r.key);
-        }
-        metrics::counter!(m::EVICTIONS).increment(victims.len() as u64);
-        metrics::counter!(m::EVICTED_BYTES).increment(victims.iter().map(|r| r.bytes).sum());
-    }
-
-    /// Removes the files, off the runtime.
-    async fn remove_files(&self, removed: Vec<Removed>) {
-        // (There is always a store when something was indexed.)
-        if let Some(store) = self.store() {
-            let tiers = self.tiers.handles();
-            let _ = tokio::task::spawn_blocking(move || {
-                for r in &removed {
-                    let _ = store.remove_object(&r.key, r.generation);
-                }
-                // The tiers drop what was invalidated now, not at their next housekeeping:
-                // until then a mapped body's descriptor would keep a removed file's blocks
-                // allocated.
-                for tier in tiers.iter().flatten() {
-                    tier.run_pending_tasks();
-                }
-            })
-            .await;
-        }
     }
 }
