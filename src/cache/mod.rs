@@ -18,6 +18,8 @@ pub mod fill;
 pub mod index;
 pub mod key;
 pub mod meta;
+mod read;
+mod rebuild;
 pub mod store;
 #[cfg(test)]
 mod testing;
@@ -26,7 +28,6 @@ pub mod vary;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -36,8 +37,9 @@ use crate::config::Config;
 use crate::metrics as m;
 use budget::Reservation;
 use index::{Entry, Index, Removed};
-use key::{CacheKey, Digest, KeyHash};
+use key::CacheKey;
 use meta::Meta;
+use read::{Expected, open_object};
 use store::{Store, StoreError};
 use tiers::{HotObject, Tier};
 
@@ -46,86 +48,6 @@ pub use coalesce::{Claim, FillPermit, InFlight, Waited};
 /// Bodies smaller than this are read into memory; larger ones are mapped, and the mapping is
 /// never read on the way out: connections send its slices from the file with `sendfile`.
 const MIN_MMAP: u64 = 64 << 10;
-
-/// What the index says an object file holds.
-#[derive(Clone, Copy)]
-struct Expected {
-    /// Body length: the file's first bytes.
-    len: u64,
-    /// Record and footer after the body.
-    tail_len: u64,
-    digest: Digest,
-    /// Hashed since startup, when its file had `mtime`.
-    verified: bool,
-    mtime: u64,
-    /// Mapped from this size, read below it.
-    min_mmap: u64,
-}
-
-/// An object file opened for a hit.
-struct Opened {
-    body: Bytes,
-    /// Its record, when asked for.
-    record: Option<Meta>,
-    /// Whether the body is what its digest says.
-    intact: bool,
-    mtime: u64,
-}
-
-/// Opens an object: its body (read, or mapped from `min_mmap` bytes), its record when
-/// `want_record` (read in the same `pread` as a body that is read), whether the body is intact,
-/// and the file's mtime. With `nowait`, `Ok(None)` when that would wait for the disk or needs
-/// hashing.
-fn open_object(
-    path: &std::path::Path,
-    expect: Expected,
-    want_record: bool,
-    nowait: bool,
-) -> Result<Option<Opened>, StoreError> {
-    let io = |op: &'static str| {
-        move |source| StoreError::Io {
-            op,
-            path: path.to_owned(),
-            source,
-        }
-    };
-    let file = fileio::open_for_read(path).map_err(io("open"))?;
-    let file_len = expect.len + expect.tail_len;
-    let mapped = expect.len > 0 && expect.len >= expect.min_mmap;
-    // A mapped body's record is read on its own, before the mapping is made.
-    let mut record = match want_record && mapped {
-        true => match store::read_record(&file, expect.len, expect.tail_len, nowait).map_err(io("read"))? {
-            Some(meta) => Some(meta),
-            None => return Ok(None),
-        },
-        false => None,
-    };
-    let extra = if want_record { expect.tail_len } else { 0 };
-    let Some((mut body, mtime)) =
-        crate::zerocopy::map_body(file, expect.len, file_len, extra, expect.min_mmap, nowait).map_err(io("map"))?
-    else {
-        return Ok(None);
-    };
-    if want_record && !mapped {
-        record = Some(store::decode_tail(&body[expect.len as usize..]).map_err(io("decode"))?);
-        body.truncate(expect.len as usize);
-    }
-    // Hashed before it is served when it is from before a restart, or when its file changed
-    // since it was written or checked (object files are never rewritten in place).
-    let intact = if expect.verified && mtime == expect.mtime {
-        true
-    } else if nowait {
-        return Ok(None);
-    } else {
-        Digest::from(blake3::hash(&body)) == expect.digest
-    };
-    Ok(Some(Opened {
-        body,
-        record,
-        intact,
-        mtime,
-    }))
-}
 
 /// A stored response ready to serve.
 pub struct Hit {
@@ -351,28 +273,6 @@ impl Cache {
         Some(Hit { meta, body })
     }
 
-    /// The value of a blocking storage step of a lookup; a storage error drops the entry (the
-    /// request then goes to the app) and reads as `None`.
-    async fn or_drop<T>(
-        &self,
-        result: Result<Result<T, StoreError>, tokio::task::JoinError>,
-        hash: &KeyHash,
-        meta_gen: u64,
-    ) -> Option<T> {
-        match result {
-            Ok(Ok(value)) => Some(value),
-            Ok(Err(e)) => {
-                self.storage_error(&e);
-                // Out of descriptors or memory says nothing about the object: keep it.
-                if !e.is_exhaustion() {
-                    self.drop_entry(hash, meta_gen).await;
-                }
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
     fn storage_error(&self, e: &StoreError) {
         metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
         warn!(error = %e, "storage error; serving from the app");
@@ -391,27 +291,6 @@ impl Cache {
     /// [`Cache::relieve_descriptors`], returning once the files are closed.
     pub async fn relieve_descriptors_now(&self) {
         self.tiers.relieve_descriptors_now().await;
-    }
-
-    async fn drop_corrupt(&self, hash: &KeyHash, meta_gen: u64, why: &'static str) {
-        metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
-        warn!(key = %hash, reason = why, "corrupt object removed");
-        self.drop_entry(hash, meta_gen).await;
-    }
-
-    /// Removes a key's entry if it is still the given version.
-    async fn drop_entry(&self, hash: &KeyHash, meta_gen: u64) {
-        let removed = {
-            let mut ix = self.lock_index();
-            match ix.peek(hash) {
-                Some(e) if e.generation == meta_gen => ix.remove(hash),
-                _ => None,
-            }
-        };
-        self.tiers.forget(hash);
-        if let Some(r) = removed {
-            self.unlink(vec![r]).await;
-        }
     }
 
     /// Claims a key: become its fetcher, or wait on the request that is.
@@ -506,81 +385,5 @@ impl Cache {
         metrics::gauge!(m::CACHE_SIZE).set(used as f64);
         metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
         self.tiers.publish_gauges();
-    }
-
-    /// Rebuilds the index from disk (blocking; runs on a blocking thread at startup): every
-    /// object file's record is read from its end; the newest version of each key is indexed,
-    /// older ones and files that are torn, corrupt or not ours are removed. Bodies are not
-    /// read here: each is hashed before its first use.
-    fn rebuild(self: Arc<Self>) {
-        let Some(store) = self.store() else { return };
-        let started = Instant::now();
-        if store.remove_old_layouts() > 0 {
-            info!("cache directory of an earlier layout version removed");
-        }
-        let mut found = store.scan_objects();
-        let bytes: u64 = found.iter().map(|f| self.charge(f.len)).sum();
-        self.lock_index().add_unindexed(bytes, found.len() as u64);
-        self.budget.set_accounted();
-
-        // Oldest first, so the most recently stored end up most recently used.
-        found.sort_by_key(|f| f.generation);
-        let mut loaded = 0u64;
-        let mut corrupt = 0u64;
-        for f in found {
-            // From here it is indexed, removed, or counted by its own fill.
-            self.lock_index().forget_unindexed_objects(1);
-            let charged = self.charge(f.len);
-            if store.is_own(f.generation) {
-                // Written since startup: indexed by its fill.
-                self.lock_index().forget_unindexed(charged);
-                continue;
-            }
-            let path = store.object_path(&f.id, f.generation);
-            let read = fileio::open_for_read(&path).and_then(|file| store::read_found(&file, f.len));
-            let meta = match read {
-                Ok(meta) if meta.storage_hash() == f.id => meta,
-                _ => {
-                    // Torn, corrupt, foreign, or its body is not the length its record says.
-                    corrupt += 1;
-                    let _ = store.remove(&path);
-                    self.lock_index().forget_unindexed(charged);
-                    continue;
-                }
-            };
-            let entry = Entry {
-                key: meta.key.as_str().into(),
-                generation: f.generation,
-                body_len: meta.body_len,
-                tail_len: f.len - meta.body_len,
-                digest: meta.digest,
-                verified: false,
-                mtime: 0,
-            };
-            self.vary.remember(&meta);
-            let removed = self.lock_index().insert_scanned(f.id, entry);
-            if let Some(r) = removed {
-                let _ = store.remove_object(&r.key, r.generation);
-                self.lock_index().unlinked(r.bytes, 1);
-            }
-            loaded += 1;
-            if loaded.is_multiple_of(10_000) {
-                metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
-            }
-        }
-        {
-            let mut ix = self.lock_index();
-            ix.forget_unindexed(u64::MAX);
-            ix.forget_unindexed_objects(u64::MAX);
-        }
-        self.loaded.store(true, Ordering::Release);
-        let secs = started.elapsed().as_secs_f64();
-        metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
-        metrics::counter!(m::CORRUPT_OBJECTS).increment(corrupt);
-        metrics::gauge!(m::INDEX_REBUILD_SECONDS).set(secs);
-        metrics::gauge!(m::INDEX_READY).set(1.0);
-        self.publish_gauges();
-        info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
-        self.evict_wakeup().notify_one();
     }
 }

@@ -4,9 +4,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
+
 use crate::cache::Cache;
 use crate::cache::key::{CacheKey, Digest};
 use crate::cache::meta::Meta;
+use crate::cache::store::{self, Store};
 use crate::config::{Config, Loader};
 
 /// A configuration with its cache under `dir` (no free space kept: the tests' disk is shared).
@@ -53,4 +56,18 @@ pub fn meta(url: &str, body: &[u8]) -> Meta {
         vary: vec![],
         prepared: Default::default(),
     }
+}
+
+/// Writes an object as a commit does (`body | record | footer`), as version `generation`;
+/// `torn` cuts that many bytes off its end. Returns the bytes written.
+pub fn write_object(store: &Store, meta: &Meta, body: &[u8], generation: u64, torn: usize) -> Bytes {
+    let tmp = store.create_tmp_object(generation).expect("tmp");
+    let mut file = body.to_vec();
+    file.extend_from_slice(&store::tail(meta));
+    file.truncate(file.len() - torn);
+    std::io::Write::write_all(&mut &*tmp.file, &file).expect("write");
+    store
+        .place_object(&tmp, &meta.storage_hash(), generation)
+        .expect("place");
+    Bytes::from(file)
 }
