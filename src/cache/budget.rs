@@ -261,7 +261,7 @@ impl Budget {
     /// Reserves `bytes` (as charged) and `objects` (0 or 1) for a fill, making room when they
     /// do not fit ([`Index::reserve_room`]): the least recently used objects are evicted for
     /// it, and the reservation is complete once their files are removed (off the event loop,
-    /// on a task of its own). That wait is bounded by [`ROOM_WAIT`], and by `coalesce_timeout`
+    /// on a task of its own). That wait is bounded by `ROOM_WAIT`, and by `coalesce_timeout`
     /// when shorter (the fill's waiters wait for it no longer): a fill that does not get its
     /// room in time is refused (`"room"`) and what it reserved is given back, now or when the
     /// removal ends. Refused at once when it could never fit (`"budget"`, `"objects"`) or the

@@ -1,15 +1,16 @@
 //! The LRU eviction loop: woken when a reservation leaves usage past the high watermark, and
 //! on a timer; each pass evicts least-recently-used objects until usage is under the low
 //! watermark, so that most fills find their room ready. It is headroom, not the only way room
-//! is made: a fill that does not fit evicts what it needs itself (`Cache::reserve_room`), so
+//! is made: a fill that does not fit evicts what it needs itself (`Budget::reserve_room`), so
 //! a cache sitting between the watermarks never refuses an object that could fit. It never
 //! blocks the request path: the index lock is held only to pick victims, and files are
 //! unlinked on a blocking thread (open mappings and files stay valid for their readers until
 //! dropped).
 //!
 //! Beside the loop: the pass ([`Cache::evict_pass`], its choice of victims in
-//! [`select_victims`], pure over the index), and the storage step that removes what the index
-//! let go of ([`Cache::unlink`], and the cache's [`Evictor`] for the victims of a reservation).
+//! `select_victims`, pure over the index), and the storage step that removes what the index
+//! let go of (`Cache::unlink`, the tail of a purge, and the cache's [`Evictor`] for the
+//! victims of a reservation).
 //! It owns no lock: it takes the budget's `index` for the choice only, and lets go before the
 //! tiers forget the victims and before any `.await`.
 
@@ -87,6 +88,18 @@ impl Cache {
     /// Removes files an index change made unreachable, off the runtime, then accounts them.
     pub(super) async fn unlink(&self, removed: Vec<Removed>) {
         self.budget.remove(self, removed, (0, 0)).await;
+    }
+
+    /// Forgets and unlinks objects taken out of the index; how many.
+    pub(super) async fn finish_purge(&self, removed: Vec<Removed>) -> usize {
+        for r in &removed {
+            self.tiers.forget(&r.key);
+        }
+        let n = removed.len();
+        self.unlink(removed).await;
+        metrics::counter!(m::PURGED_OBJECTS).increment(n as u64);
+        self.publish_gauges();
+        n
     }
 
     /// Evicts least-recently-used objects until usage is under the low watermark. Returns

@@ -2,9 +2,15 @@
 //! rebuild and the budget. HTTP decisions (what to store, freshness) are `policy`'s; the
 //! request path that uses this API is `proxy`'s.
 //!
-//! `Cache` is a facade over parts that own their state and their lock: [`coalesce`] (the fill
-//! lock), [`tiers`] (the hot and open tiers, descriptor relief, records beside the index) and
-//! [`vary`] (the headers each URL varies on). The lock order is written on [`Cache`].
+//! `Cache` is a facade (open, lookup, claim, purge and invalidate, delegation) over parts.
+//! Parts that own their state and its lock: [`budget`] (the index and the limits in force;
+//! reservations and room made on demand), [`coalesce`] (the fill lock), [`tiers`] (the hot
+//! and open tiers, descriptor relief, records beside the index) and [`vary`] (the headers each
+//! URL varies on). Steps that own no state: `commit` (fill and commit, refresh, tee),
+//! [`evict`] (the loop, its pass, the unlinking of what the index let go), `read` (the disk
+//! side of a lookup) and `rebuild` (the startup rebuild). Beneath them: [`index`] (LRU order
+//! and accounting), [`store`] (the layout, `body | record | footer` per object file),
+//! [`meta`], [`key`], [`fill`], [`fileio`], [`admit`]. The lock order is written on [`Cache`].
 //!
 //! Fail open: every storage error is counted and logged, and the request goes on to the app.
 
@@ -68,30 +74,32 @@ pub enum Purge {
     Prefix(String),
 }
 
-/// The cache: a facade over parts that each own their state behind one lock (the budget with
-/// the index, the tiers, the flights, the vary specs).
+/// The cache: a facade over parts that each own their state behind one lock.
 ///
 /// # Lock order
 ///
-/// No std lock is held across an `.await`. The one lock held across an `.await` is the tiers'
-/// `relieving`, a tokio mutex, for the length of a relief. The only nestings, each written
-/// "held -> taken meanwhile"; none is ever taken the other way round, so there is no cycle:
+/// Who owns which lock: `budget::Budget` owns `budget` (the limits in force) and `index`
+/// (std mutexes); `tiers::Tiers` owns `relieving` (tokio) and `open_shortage` (std), beside
+/// the moka caches; `coalesce::Flights` owns `map` (std); `vary::VarySpecs` owns `specs`
+/// (std). `commit`, `evict`, `read` and `rebuild` own none: they take the parts' locks one
+/// step at a time. No std lock is held across an `.await`; the one lock held across an
+/// `.await` is `relieving`, for the length of a relief. The only nestings ("held -> taken
+/// meanwhile"), none ever the other way round, so there is no cycle:
 ///
-/// - `budget` -> `index` (both [`budget::Budget`]'s): `Budget::limits` recomputes the budget
-///   from the index's usage while holding `budget` (it also asks the filesystem for its free
-///   space then).
-/// - `index`: held for index work only, a leaf otherwise. The tiers, the flights and the vary
-///   specs are asked before or after it, never under it: `lookup` copies its entry out and
-///   lets go before it asks a tier, and checks the index again after a tier insert, under no
-///   other lock. A `Reservation` locks it when dropped, and `charge` locks it: no reservation
-///   is dropped, and `charge` is not called, while it is held (a std mutex is not reentrant).
-/// - `tiers` (`tiers::Tiers`): `relieving` (tokio) -> `open_shortage` -> the moka caches'
-///   internal locks (hot, open, metas: leaves, no eviction listener calls back).
-/// - `flights` ([`coalesce::Flights`]) -> a flight's own watch channel (read to skip a released
-///   flight). `claim` picks the variant (taking and letting go of `vary`) before it.
-/// - `vary` (`vary::VarySpecs`): a leaf.
+/// - `budget` -> `index`: `Budget::limits` recomputes the limits from the index's usage while
+///   holding `budget` (and asks the filesystem for its free space then).
+/// - `index`: a leaf otherwise, held for index work only. No other part is asked under it:
+///   `lookup` copies its entry out before it asks a tier and checks the index again after a
+///   tier insert; the victims a reservation or a pass takes out are forgotten by the tiers and
+///   unlinked after it is let go. A `Reservation` locks it when dropped, as does
+///   `Budget::charge`: neither happens while it is held (a std mutex is not reentrant).
+/// - `relieving` (tokio) -> `open_shortage` -> the moka caches' internal locks (hot, open,
+///   metas: leaves, no eviction listener calls back).
+/// - `map` -> a flight's own watch channel (read to skip a released flight). `claim` picks
+///   the variant (taking and letting go of `specs`) before it.
+/// - `specs`: a leaf.
 /// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
-///   recorder's (counters are bumped under `flights` and gauges set under `budget`).
+///   recorder's (counters are bumped under `map`, gauges set under `budget`).
 pub struct Cache {
     config: Arc<Config>,
     store: OnceLock<Arc<Store>>,
@@ -364,18 +372,6 @@ impl Cache {
             keys.iter().filter_map(|k| ix.remove(k)).collect()
         };
         self.finish_purge(removed).await
-    }
-
-    /// Forgets and unlinks objects taken out of the index; how many.
-    async fn finish_purge(&self, removed: Vec<Removed>) -> usize {
-        for r in &removed {
-            self.tiers.forget(&r.key);
-        }
-        let n = removed.len();
-        self.unlink(removed).await;
-        metrics::counter!(m::PURGED_OBJECTS).increment(n as u64);
-        self.publish_gauges();
-        n
     }
 
     /// Updates the size gauges.
