@@ -1,0 +1,586 @@
+//! Fill and commit: a fill reserves its room, stages its body (in memory, or in a file of
+//! its own written and hashed as it comes), and its commit writes the rest with the record and
+//! footer (`body | record | footer`) and links the file into place (a body staged in memory is
+//! written whole under its final name instead), then indexes it. Also the
+//! refresh of a revalidated head, and the tee of a body of unknown length.
+//!
+//! These stay methods of [`Cache`]: each step uses nearly every part (the store, the budget
+//! and its index, the tiers that keep records and whose descriptors are relieved on a storage
+//! error, the vary specs a commit teaches, the eviction step that unlinks a replaced version),
+//! so a type of their own would hold the whole cache again. They own no lock: the budget's
+//! `index` is taken for in-memory steps only and let go before any `.await`; every file step
+//! runs off the event loop.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::cache::budget::Reservation;
+use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TeeMsg};
+use crate::cache::index::Entry;
+use crate::cache::key::Digest;
+use crate::cache::meta::Meta;
+use crate::cache::store::{self, Store, StoreError};
+use crate::cache::{Cache, FillPermit, fileio};
+use crate::metrics as m;
+
+/// A fill writes what its upstream has ready in steps of up to this many bytes.
+const WRITE_BATCH: usize = 256 << 10;
+/// Unknown-length fills reserve budget in steps of this many bytes.
+const TEE_STEP: u64 = 1 << 20;
+
+/// Creates a fill's object file, pre-allocated to `len` bytes, off the event loop: allocating
+/// an inode can take long (ext4 scans past recently deleted ones, which an evicting cache makes
+/// many of) and would stall every connection on the loop.
+async fn create_tmp_object(store: Arc<Store>, generation: u64, len: u64) -> Result<store::Tmp, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let tmp = store.create_tmp_object(generation)?;
+        match fileio::preallocate(&tmp.file, len) {
+            Ok(()) => Ok(tmp),
+            Err(source) => {
+                tmp.discard();
+                Err(StoreError::Io {
+                    op: "allocate",
+                    path: tmp.describe(),
+                    source,
+                })
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            op: "create",
+            path: "(blocking task)".into(),
+            source: std::io::Error::other(e),
+        })
+    })
+}
+
+/// Where a fill's bytes are kept until its commit.
+enum Staged {
+    /// In a file, written and hashed up to a point (the hasher's state is large: boxed).
+    File(store::Tmp, Box<HashingWriter>),
+    /// In memory (a small body, shared with its readers): the commit creates the file.
+    Memory,
+}
+
+impl Staged {
+    fn describe(&self) -> std::path::PathBuf {
+        match self {
+            Staged::File(tmp, _) => tmp.describe(),
+            Staged::Memory => "(in memory)".into(),
+        }
+    }
+
+    fn discard(&self) {
+        if let Staged::File(tmp, _) = self {
+            tmp.discard();
+        }
+    }
+}
+
+impl Cache {
+    /// Reserves `bytes` and one object for a new fill; a refusal is counted by its reason
+    /// (`budget`, `objects` or `room`). The object is given back by the commit (or
+    /// [`Cache::release_fill`]).
+    async fn reserve_fill(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        match self.reserve_room(bytes, 1).await {
+            Ok(reservation) => Some(reservation),
+            Err(reason) => {
+                metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+                None
+            }
+        }
+    }
+
+    /// Gives back what [`Cache::reserve_fill`] (and later reservations) took for a fill that
+    /// will not be committed.
+    fn release_fill(&self, bytes: u64) {
+        self.budget.release_fill(bytes);
+    }
+
+    /// Starts filling `meta.key` with `body` (exactly `meta.body_len` bytes). On success the
+    /// waiters are told to read along and the fill runs on its own task; otherwise the body is
+    /// handed back, unread, to be relayed uncached.
+    pub async fn start_fill<S: Source>(
+        self: &Arc<Self>,
+        mut permit: FillPermit,
+        meta: Meta,
+        body: S,
+    ) -> Result<Arc<Fill>, (FillPermit, S)> {
+        let Some(store) = self.store() else {
+            return Err((permit, body));
+        };
+        let len = meta.body_len;
+        // The whole file: the record's length is known from the head (its fields that depend
+        // on the body have a fixed width).
+        let file_len = len + store::tail_len(&meta);
+        let reservation = self.charge(file_len);
+        if len > self.config.max_object_size {
+            metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
+            return Err((permit, body));
+        }
+        // Its waiters wait while it makes room: no longer than they wait for it.
+        let Some(reserved) = self.reserve_fill(reservation).await else {
+            return Err((permit, body));
+        };
+        let generation = store.next_gen();
+        let staged = if Fill::deferred(len) {
+            Staged::Memory
+        } else {
+            match create_tmp_object(store, generation, file_len).await {
+                Ok(tmp) => {
+                    let writer = Box::new(HashingWriter::new(tmp.file.clone()));
+                    Staged::File(tmp, writer)
+                }
+                Err(e) => {
+                    drop(reserved);
+                    self.storage_error(&e);
+                    metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                    return Err((permit, body));
+                }
+            }
+        };
+        metrics::counter!(m::FILLS_STARTED).increment(1);
+        let file = match &staged {
+            Staged::File(tmp, _) => Some(tmp.file.clone()),
+            Staged::Memory => None,
+        };
+        let fill = Fill::new(Arc::new(meta), file);
+        permit.stream(fill.clone());
+        let cache = self.clone();
+        let task_fill = fill.clone();
+        let reservation = reserved.keep();
+        tokio::spawn(async move {
+            let ok = cache.run_fill(&task_fill, body, staged, reservation).await;
+            task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
+            // Unpublishes the finished flight.
+            drop(permit);
+        });
+        Ok(fill)
+    }
+
+    async fn run_fill<S: Source>(
+        self: &Arc<Self>,
+        fill: &Arc<Fill>,
+        mut body: S,
+        mut staged: Staged,
+        reserved: u64,
+    ) -> bool {
+        let len = fill.meta.body_len;
+        let mut failure = None;
+        let mut received = 0u64;
+        // Received, not written yet: what the commit writes (all of a body kept in memory).
+        let mut last = Vec::new();
+        while let Some(batch) = body.next_batch(WRITE_BATCH).await {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    failure = Some(("upstream", e.to_string()));
+                    break;
+                }
+            };
+            let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
+            if received + size > len {
+                failure = Some(("upstream", "body longer than its Content-Length".to_owned()));
+                break;
+            }
+            received += size;
+            metrics::counter!(m::UPSTREAM_BYTES).increment(size);
+            if fill.is_shared() {
+                // Readers send these buffers, not the file's bytes: they need not wait for the
+                // write. The batch that completes the body is written by the commit, in the
+                // same trip off the runtime.
+                fill.advance(received, &batch);
+                if received == len {
+                    last.extend(batch);
+                    break;
+                }
+            }
+            let writer = match &mut staged {
+                Staged::File(_, writer) => writer,
+                Staged::Memory => {
+                    last.extend(batch);
+                    continue;
+                }
+            };
+            match writer.write(batch).await {
+                // Readers of a file-backed fill read the file: no chunks to hand over.
+                Ok(written) if !fill.is_shared() => fill.advance(written, &[]),
+                Ok(_) => {}
+                Err(source) => {
+                    let err = StoreError::Io {
+                        op: "write",
+                        path: staged.describe(),
+                        source,
+                    };
+                    self.storage_error(&err);
+                    failure = Some(("storage", err.to_string()));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() && received != len {
+            failure = Some(("truncated", format!("upstream body ended at {received} of {len} bytes")));
+        }
+        if let Some((reason, detail)) = failure {
+            debug!(reason, detail = %detail, "fill discarded");
+            metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+            staged.discard();
+            self.release_fill(reserved);
+            return false;
+        }
+        let meta = (*fill.meta).clone();
+        self.commit(meta, staged, last, reserved).await
+    }
+
+    /// Makes a finished object durable and visible, in one trip off the runtime: writes the
+    /// `last` chunks after what was staged in a file, then the record and footer, and links the
+    /// file into place; a body kept in memory is written whole under its final name.
+    async fn commit(self: &Arc<Self>, mut meta: Meta, staged: Staged, last: Vec<Bytes>, reserved: u64) -> bool {
+        let Some(store) = self.store() else {
+            staged.discard();
+            self.release_fill(reserved);
+            return false;
+        };
+        let (tmp, mut hasher, at) = match staged {
+            Staged::File(tmp, writer) => match writer.into_parts() {
+                Some((hasher, at)) => (Some(tmp), hasher, at),
+                None => {
+                    tmp.discard();
+                    self.release_fill(reserved);
+                    return false;
+                }
+            },
+            Staged::Memory => (None, blake3::Hasher::new(), 0),
+        };
+        let hash = meta.storage_hash();
+        let len = meta.body_len;
+        // Versions are taken at commit: of two fills of a key, the one committed last is the
+        // newest, now and after a restart.
+        let version = store.next_gen();
+        let written = tokio::task::spawn_blocking(move || -> Result<(Meta, u64, u64), StoreError> {
+            for chunk in &last {
+                hasher.update(chunk);
+            }
+            meta.digest = Digest::from(hasher.finalize());
+            let tail = store::tail(&meta);
+            let mut parts: Vec<&[u8]> = last.iter().map(|c| &c[..]).collect();
+            parts.push(&tail);
+            let Some(tmp) = tmp else {
+                // A body received whole: written under its final name in one step.
+                let mtime = store.write_object(&hash, version, &parts)?;
+                return Ok((meta, tail.len() as u64, mtime));
+            };
+            if let Err(source) = fileio::write_all_at(&tmp.file, &parts, at) {
+                tmp.discard();
+                return Err(StoreError::Io {
+                    op: "write",
+                    path: tmp.describe(),
+                    source,
+                });
+            }
+            let mtime = store
+                .place_object(&tmp, &hash, version)
+                .inspect_err(|_| tmp.discard())?;
+            Ok((meta, tail.len() as u64, mtime))
+        })
+        .await;
+        let (meta, tail_len, mtime) = match written {
+            Ok(Ok(done)) => done,
+            failed => {
+                if let Ok(Err(e)) = failed {
+                    self.storage_error(&e);
+                }
+                self.release_fill(reserved);
+                metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                return false;
+            }
+        };
+        let entry = Entry {
+            key: meta.key.as_str().into(),
+            generation: version,
+            body_len: len,
+            tail_len,
+            digest: meta.digest,
+            verified: true,
+            mtime,
+        };
+        let removed = {
+            let mut ix = self.lock_index();
+            let removed = ix.insert(hash, entry, reserved);
+            // The object is indexed now: no longer a reservation.
+            ix.release_object();
+            removed
+        };
+        self.vary.remember(&meta);
+        let held_open = self.tiers.open_tier_size(meta.body_len);
+        self.tiers.remember_meta(hash, version, &Arc::new(meta), held_open);
+        if let Some(r) = removed {
+            // The tiers can only hold what the index held: a new key has nothing to forget.
+            self.tiers.forget_tiers(&hash);
+            self.unlink(vec![r]).await;
+        }
+        metrics::counter!(m::FILLS_COMPLETED).increment(1);
+        true
+    }
+
+    /// Fills `meta.key` from a body of unknown length that is streamed to one client, which
+    /// sends a copy of each chunk to the returned sender (`None`: the cache is off). The copy to
+    /// disk is dropped if it grows past `max_object_size`, falls behind, or the budget is full.
+    pub fn tee_fill(self: &Arc<Self>, meta: Meta) -> Option<mpsc::Sender<TeeMsg>> {
+        let store = self.store()?;
+        let generation = store.next_gen();
+        let (tx, mut rx) = mpsc::channel::<TeeMsg>(256);
+        let cache = self.clone();
+        tokio::spawn(async move {
+            // Without an object to fill or a file, the receiver goes away and the client's
+            // body is left alone. Bytes are reserved as they come, making room as a fill of a
+            // known length does; the client is not held back meanwhile (a copy that falls
+            // behind is dropped).
+            let Some(mut reserved) = cache.reserve_fill(0).await else {
+                return;
+            };
+            let Ok(tmp) = create_tmp_object(store, generation, 0).await else {
+                return;
+            };
+            metrics::counter!(m::FILLS_STARTED).increment(1);
+            let mut writer = HashingWriter::new(tmp.file.clone());
+            let mut refused = None;
+            let mut ended = false;
+            while let Some(msg) = rx.recv().await {
+                // What is queued already goes to disk in the same step.
+                let (mut batch, mut last) = (Vec::new(), false);
+                let mut next = Some(msg);
+                while let Some(msg) = next.take() {
+                    match msg {
+                        TeeMsg::Data(c) => batch.push(c),
+                        TeeMsg::End => last = true,
+                    }
+                    if !last && batch.len() < 64 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
+                if writer.written() + size > cache.config.max_object_size {
+                    refused = Some("budget");
+                    break;
+                }
+                let need = cache.charge(writer.written() + size);
+                if need > reserved.bytes {
+                    let step = (need - reserved.bytes).max(TEE_STEP);
+                    match cache.reserve_room(step, 0).await {
+                        Ok(more) => reserved.absorb(more),
+                        Err(reason) => {
+                            refused = Some(reason);
+                            break;
+                        }
+                    }
+                }
+                if writer.write(batch).await.is_err() {
+                    break;
+                }
+                if last {
+                    // Only a clean end with every byte written makes the copy complete.
+                    ended = true;
+                    break;
+                }
+            }
+            let written = writer.written();
+            let mut meta = meta;
+            meta.body_len = written;
+            let need = cache.charge(written + store::tail_len(&meta));
+            if ended && need > reserved.bytes {
+                match cache.reserve_room(need - reserved.bytes, 0).await {
+                    Ok(more) => reserved.absorb(more),
+                    Err(reason) => refused = Some(reason),
+                }
+            }
+            if !ended || refused.is_some() {
+                let reason = refused.unwrap_or("incomplete");
+                metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+                tmp.discard();
+                drop(reserved);
+                return;
+            }
+            let reserved = reserved.keep();
+            cache
+                .commit(meta, Staged::File(tmp, Box::new(writer)), Vec::new(), reserved)
+                .await;
+        });
+        Some(tx)
+    }
+
+    /// Stores a revalidated response's refreshed head (RFC 9111 §4.3.4): a new version of the
+    /// object, its body copied from the stored one inside the kernel (`copy_file_range`: a
+    /// reflink where the filesystem shares extents) and the new record after it. Returns false
+    /// if it could not be stored (the caller still serves).
+    pub async fn refresh(self: &Arc<Self>, meta: Meta) -> bool {
+        let Some(store) = self.store() else { return false };
+        let hash = meta.storage_hash();
+        let tail = store::tail(&meta);
+        let file_len = meta.body_len + tail.len() as u64;
+        let Ok(reserved) = self.reserve_room(self.charge(file_len), 1).await else {
+            return false;
+        };
+        let reserved = reserved.keep();
+        let from = match self.lock_index().peek(&hash) {
+            Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => (e.generation, e.verified),
+            // Evicted or replaced meanwhile: nothing to refresh.
+            _ => {
+                self.release_fill(reserved);
+                return false;
+            }
+        };
+        let version = store.next_gen();
+        let blocking_store = store.clone();
+        let len = meta.body_len;
+        let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let source = store.object_path(&hash, from.0);
+            let old = fileio::open_for_read(&source).map_err(|source_err| StoreError::Io {
+                op: "open",
+                path: source.clone(),
+                source: source_err,
+            })?;
+            let tmp = blocking_store.create_tmp_object(version)?;
+            let copied =
+                fileio::copy_range(&old, &tmp.file, len).and_then(|()| fileio::write_all_at(&tmp.file, &[&tail], len));
+            if let Err(e) = copied {
+                tmp.discard();
+                return Err(StoreError::Io {
+                    op: "copy",
+                    path: source,
+                    source: e,
+                });
+            }
+            blocking_store
+                .place_object(&tmp, &hash, version)
+                .inspect_err(|_| tmp.discard())
+        })
+        .await;
+        let mtime = match written {
+            Ok(Ok(mtime)) => mtime,
+            failed => {
+                if let Ok(Err(e)) = &failed {
+                    self.storage_error(e);
+                }
+                self.release_fill(reserved);
+                return false;
+            }
+        };
+        let entry = Entry {
+            key: meta.key.as_str().into(),
+            generation: version,
+            body_len: meta.body_len,
+            tail_len: file_len - meta.body_len,
+            digest: meta.digest,
+            // The copy is what the source was: checked only if that was.
+            verified: from.1,
+            mtime,
+        };
+        let removed = {
+            let mut ix = self.lock_index();
+            let removed = ix.insert(hash, entry, reserved);
+            ix.release_object();
+            removed
+        };
+        self.tiers.forget(&hash);
+        let held_open = self.tiers.open_tier_size(meta.body_len);
+        self.tiers.remember_meta(hash, version, &Arc::new(meta), held_open);
+        if let Some(r) = removed {
+            self.unlink(vec![r]).await;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::body::BoxError;
+    use crate::cache::Claim;
+    use crate::cache::testing;
+
+    /// A body that yields its chunks one at a time.
+    struct Chunked(VecDeque<Bytes>);
+
+    impl Source for Chunked {
+        async fn next_batch(&mut self, _limit: usize) -> Option<Result<Vec<Bytes>, BoxError>> {
+            self.0.pop_front().map(|c| Ok(vec![c]))
+        }
+    }
+
+    fn leader(cache: &Cache, meta: &Meta) -> FillPermit {
+        match cache.claim(&meta.key, &http::HeaderMap::new()) {
+            Claim::Leader(permit) => permit,
+            _ => panic!("a first claim leads"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_memory_staged_commit_writes_body_record_and_footer_that_read_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = testing::open(dir.path()).await;
+        let body = b"console.log(1);\n".repeat(64);
+        assert!(Fill::deferred(body.len() as u64));
+        let meta = testing::meta("http://app.example/a.js", &body);
+        let file_len = meta.body_len + store::tail_len(&meta);
+        // (What the layout spends is counted as used from the start.)
+        let layout = cache.stats().1;
+        let reserved = cache.reserve_fill(cache.charge(file_len)).await.expect("room").keep();
+        let store = cache.store().expect("open");
+        let committed = cache
+            .commit(meta.clone(), Staged::Memory, vec![Bytes::from(body.clone())], reserved)
+            .await;
+        assert!(committed);
+        // Written whole under its final name: nothing was staged in `tmp/`.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("objects-v2/tmp"))
+                .expect("tmp")
+                .count(),
+            0
+        );
+        // Indexed, and nothing left reserved.
+        assert_eq!(cache.stats(), (1, layout + cache.charge(file_len), 0));
+        let found = store.scan_objects();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].id, found[0].len), (meta.storage_hash(), file_len));
+        let path = store.object_path(&found[0].id, found[0].generation);
+        let file = fileio::open_for_read(&path).expect("open");
+        let read = store::read_found(&file, found[0].len).expect("a whole object");
+        assert_eq!(read.key, meta.key);
+        assert_eq!(read.body_len, meta.body_len);
+        assert_eq!(read.digest, Digest::from(blake3::hash(&body)));
+        assert_eq!(&std::fs::read(&path).expect("read")[..body.len()], &body[..]);
+    }
+
+    #[tokio::test]
+    async fn a_fill_whose_body_ends_short_is_discarded_and_its_reservation_released() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = testing::open(dir.path()).await;
+        // Large enough to be staged in a file of its own.
+        let body = vec![7u8; 1 << 20];
+        assert!(!Fill::deferred(body.len() as u64));
+        let meta = testing::meta("http://app.example/big.bin", &body);
+        let layout = cache.stats().1;
+        let permit = leader(&cache, &meta);
+        let short = Chunked(VecDeque::from([Bytes::from(body[..300_000].to_vec())]));
+        let Ok(_fill) = cache.start_fill(permit, meta, short).await else {
+            panic!("the fill starts");
+        };
+        assert!(cache.stats().2 > 0, "reserved while it runs");
+        // Given back once the fill ends, its flight released and no file left.
+        let settled = testing::eventually(|| cache.stats() == (0, layout, 0) && cache.flights.is_empty()).await;
+        assert!(settled, "reservation not released: {:?}", cache.stats());
+        assert_eq!(cache.lock_index().objects(), 0);
+        let store = cache.store().expect("open");
+        assert!(store.scan_objects().is_empty());
+        let tmp = dir.path().join("objects-v2").join("tmp");
+        assert_eq!(std::fs::read_dir(tmp).expect("tmp dir").count(), 0);
+    }
+}

@@ -1,0 +1,132 @@
+//! The startup rebuild: the index is made again from the object files on disk, on a
+//! blocking thread, while the cache serves from the app (fills wait for the files found to be
+//! counted: `Budget::set_accounted`). Every file's record is read from its end; the newest
+//! version of each key is indexed; older versions and files that are torn, corrupt or not ours
+//! are removed. It owns no lock: it takes the budget's `index` for one step at a time, never
+//! with another lock held, and `vary` (a leaf) between those steps.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tracing::info;
+
+use crate::cache::index::Entry;
+use crate::cache::{Cache, fileio, store};
+use crate::metrics as m;
+
+impl Cache {
+    /// Rebuilds the index from disk (blocking; runs on a blocking thread at startup): every
+    /// object file's record is read from its end; the newest version of each key is indexed,
+    /// older ones and files that are torn, corrupt or not ours are removed. Bodies are not
+    /// read here: each is hashed before its first use.
+    pub(super) fn rebuild(self: Arc<Self>) {
+        let Some(store) = self.store() else { return };
+        let started = Instant::now();
+        if store.remove_old_layouts() > 0 {
+            info!("cache directory of an earlier layout version removed");
+        }
+        let mut found = store.scan_objects();
+        let bytes: u64 = found.iter().map(|f| self.charge(f.len)).sum();
+        self.lock_index().add_unindexed(bytes, found.len() as u64);
+        self.budget.set_accounted();
+
+        // Oldest first, so the most recently stored end up most recently used.
+        found.sort_by_key(|f| f.generation);
+        let mut loaded = 0u64;
+        let mut corrupt = 0u64;
+        for f in found {
+            // From here it is indexed, removed, or counted by its own fill.
+            self.lock_index().forget_unindexed_objects(1);
+            let charged = self.charge(f.len);
+            if store.is_own(f.generation) {
+                // Written since startup: indexed by its fill.
+                self.lock_index().forget_unindexed(charged);
+                continue;
+            }
+            let path = store.object_path(&f.id, f.generation);
+            let read = fileio::open_for_read(&path).and_then(|file| store::read_found(&file, f.len));
+            let meta = match read {
+                Ok(meta) if meta.storage_hash() == f.id => meta,
+                _ => {
+                    // Torn, corrupt, foreign, or its body is not the length its record says.
+                    corrupt += 1;
+                    let _ = store.remove(&path);
+                    self.lock_index().forget_unindexed(charged);
+                    continue;
+                }
+            };
+            let entry = Entry {
+                key: meta.key.as_str().into(),
+                generation: f.generation,
+                body_len: meta.body_len,
+                tail_len: f.len - meta.body_len,
+                digest: meta.digest,
+                verified: false,
+                mtime: 0,
+            };
+            self.vary.remember(&meta);
+            let removed = self.lock_index().insert_scanned(f.id, entry);
+            if let Some(r) = removed {
+                let _ = store.remove_object(&r.key, r.generation);
+                self.lock_index().unlinked(r.bytes, 1);
+            }
+            loaded += 1;
+            if loaded.is_multiple_of(10_000) {
+                metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
+            }
+        }
+        {
+            let mut ix = self.lock_index();
+            ix.forget_unindexed(u64::MAX);
+            ix.forget_unindexed_objects(u64::MAX);
+        }
+        self.loaded.store(true, Ordering::Release);
+        let secs = started.elapsed().as_secs_f64();
+        metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
+        metrics::counter!(m::CORRUPT_OBJECTS).increment(corrupt);
+        metrics::gauge!(m::INDEX_REBUILD_SECONDS).set(secs);
+        metrics::gauge!(m::INDEX_READY).set(1.0);
+        self.publish_gauges();
+        info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
+        self.evict_wakeup().notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cache::store::Store;
+    use crate::cache::testing;
+
+    #[tokio::test]
+    async fn a_rebuild_indexes_the_newest_whole_version_and_removes_the_rest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("cache");
+        let (old, new, torn) = (b"old body".repeat(50), b"new body".repeat(50), b"torn body".repeat(50));
+        let a_old = testing::meta("http://app.example/a.js", &old);
+        let a_new = testing::meta("http://app.example/a.js", &new);
+        let b = testing::meta("http://app.example/b.js", &torn);
+        let newest = {
+            let store = Store::open(&root).expect("store");
+            let older = store.next_gen();
+            testing::write_object(&store, &a_old, &old, older, 0);
+            let newest = store.next_gen();
+            testing::write_object(&store, &a_new, &new, newest, 0);
+            // Cut short inside its footer: torn.
+            let gen_b = store.next_gen();
+            testing::write_object(&store, &b, &torn, gen_b, 5);
+            assert_eq!(store.scan_objects().len(), 3);
+            newest
+        };
+        let cache = testing::open(&root).await;
+        assert_eq!(cache.stats().0, 1);
+        let store = cache.store().expect("open");
+        let left: Vec<_> = store.scan_objects().iter().map(|f| (f.id, f.generation)).collect();
+        assert_eq!(left, vec![(a_new.storage_hash(), newest)]);
+        let hit = cache.lookup(&a_new.key, &http::HeaderMap::new()).await.expect("a hit");
+        assert_eq!(&hit.body[..], &new[..]);
+        assert!(cache.lookup(&b.key, &http::HeaderMap::new()).await.is_none());
+        // Nothing left reserved or counted for what was removed.
+        assert_eq!(cache.stats().2, 0);
+    }
+}

@@ -1,0 +1,73 @@
+//! Helpers for the cache's unit tests that need a real directory: a `Cache` opened on a temp
+//! dir, a response's record, and objects written the way a fill writes them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use crate::cache::Cache;
+use crate::cache::key::{CacheKey, Digest};
+use crate::cache::meta::Meta;
+use crate::cache::store::{self, Store};
+use crate::config::{Config, Loader};
+
+/// A configuration with its cache under `dir` (no free space kept: the tests' disk is shared).
+pub fn config(dir: &std::path::Path) -> Arc<Config> {
+    let flags = vec![("cache_dir", dir.display().to_string()), ("min_free", "0".to_owned())];
+    Arc::new(Loader::new(std::iter::empty()).flags(flags).load().expect("config"))
+}
+
+/// Opens a cache on `dir` and waits (bounded) for its startup rebuild.
+pub async fn open(dir: &std::path::Path) -> Arc<Cache> {
+    let cache = Cache::open(config(dir));
+    let started = Instant::now();
+    while !cache.is_loaded() {
+        assert!(started.elapsed() < Duration::from_secs(10), "rebuild took over 10 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    cache
+}
+
+/// Waits (bounded, yielding) until `done` holds; false if it never does.
+pub async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// The record of a 200 response for `url` with `body`.
+pub fn meta(url: &str, body: &[u8]) -> Meta {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("cache-control", http::HeaderValue::from_static("public, max-age=600"));
+    Meta {
+        key: CacheKey::from_stored(url.to_owned()),
+        status: 200,
+        headers,
+        request_time: SystemTime::now(),
+        response_time: SystemTime::now(),
+        body_len: body.len() as u64,
+        digest: Digest::from(blake3::hash(body)),
+        vary: vec![],
+        prepared: Default::default(),
+    }
+}
+
+/// Writes an object as a commit does (`body | record | footer`), as version `generation`;
+/// `torn` cuts that many bytes off its end. Returns the bytes written.
+pub fn write_object(store: &Store, meta: &Meta, body: &[u8], generation: u64, torn: usize) -> Bytes {
+    let tmp = store.create_tmp_object(generation).expect("tmp");
+    let mut file = body.to_vec();
+    file.extend_from_slice(&store::tail(meta));
+    file.truncate(file.len() - torn);
+    std::io::Write::write_all(&mut &*tmp.file, &file).expect("write");
+    store
+        .place_object(&tmp, &meta.storage_hash(), generation)
+        .expect("place");
+    Bytes::from(file)
+}
