@@ -140,7 +140,7 @@ config_keys! {
     /// Room to keep free on the cache's filesystem: bytes or a percentage.
     min_free: MinFree,
     /// Most objects the cache holds (each a record and a body file: inodes, index memory);
-    /// default: one per 32 KiB of `max_size`.
+    /// default: one per 24 KiB of `max_size`.
     max_objects: u64,
     /// Largest object kept; larger ones are served but not stored.
     max_object_size: ByteSize,
@@ -536,8 +536,11 @@ pub fn parse_yaml(text: &str) -> Result<RawConfig, String> {
     serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| e.to_string())
 }
 
-/// By default one object may be stored per this many bytes of `max_size`.
-const MAX_OBJECTS_PER: u64 = 32 << 10;
+/// By default one object may be stored per this many bytes of `max_size`: below the size of
+/// a typical static asset on disk, so that with one file per object the bytes, not the count,
+/// bound a cache of ordinary assets (at 32 KiB the count bound a cache of 1-48 KiB assets at
+/// three quarters of its bytes), while the index stays near 50 MB at 4 GB.
+const MAX_OBJECTS_PER: u64 = 24 << 10;
 
 /// Default cache directory: under the system temp dir, writable on Heroku-like platforms.
 pub fn default_cache_dir() -> PathBuf {
@@ -595,7 +598,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         ));
     }
     // Index memory and inodes grow with the count, not the bytes: bounded on their own. A
-    // stored object spends at least two allocation units (4 KiB each, typically) and two names.
+    // stored object spends at least one allocation unit (4 KiB, typically) and one name.
     let max_objects = raw.max_objects.unwrap_or((max_size / MAX_OBJECTS_PER).max(1));
     if max_objects == 0 || max_objects > max_size / 1024 {
         return Err(invalid(
@@ -817,7 +820,7 @@ mod tests {
 
     #[test]
     fn max_objects_defaults_to_one_per_32_kib_of_max_size_and_is_bounded() {
-        assert_eq!(Config::defaults().max_objects, 4_000_000_000 / 32768);
+        assert_eq!(Config::defaults().max_objects, 4_000_000_000 / 24576);
         let c = Loader::new(env(&[
             ("SIDECACHE_MAX_SIZE", "64MiB"),
             ("SIDECACHE_MAX_OBJECTS", "500"),

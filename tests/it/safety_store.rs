@@ -363,9 +363,9 @@ async fn the_number_of_stored_objects_is_bounded() {
         objects as u64 <= max_objects && objects > 100,
         "{objects} objects indexed"
     );
-    // A record and a body per object, and the lock and generations files: the inodes used.
+    // One file per object, and the lock and generations files: the inodes used.
     let (_, files) = disk_usage(&cache_dir(sidecar.dir.path()));
-    assert!(files <= 2 * max_objects + 2, "{files} files");
+    assert!(files <= max_objects + 2, "{files} files");
     // The newest objects are the ones kept (LRU): the last one is a hit.
     let resp = app_client().get(sidecar.url("/tiny/999.js")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
