@@ -354,8 +354,7 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::index::Entry;
-    use crate::cache::key::{Digest, KeyHash};
+    use crate::cache::key::KeyHash;
 
     #[test]
     fn the_object_bound_shrinks_when_inodes_are_short() {
@@ -450,16 +449,7 @@ mod tests {
 
     /// Stores an object of `len` bytes (as charged: unit 1, no tail).
     fn store(b: &Budget, i: u32, len: u64) {
-        let entry = Entry {
-            key: format!("http://h/{i}").into(),
-            generation: u64::from(i),
-            body_len: len,
-            tail_len: 0,
-            digest: Digest::from(blake3::hash(&i.to_be_bytes())),
-            verified: true,
-            mtime: 0,
-        };
-        b.lock_index().insert(kh(i), entry, 0);
+        b.lock_index().insert(kh(i), crate::cache::testing::entry(i, len), 0);
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use tracing::debug;
 use crate::cache::budget::Reservation;
 use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TeeMsg};
 use crate::cache::index::Entry;
-use crate::cache::key::Digest;
+use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::store::{self, Store, StoreError};
 use crate::cache::{Cache, FillPermit, fileio};
@@ -309,6 +309,16 @@ impl Cache {
             verified: true,
             mtime,
         };
+        self.install(hash, meta, entry, reserved).await;
+        metrics::counter!(m::FILLS_COMPLETED).increment(1);
+        true
+    }
+
+    /// Indexes an object file just placed as the newest version of its key (converting what
+    /// its fill `reserved`), keeps its record beside the index, learns its `Vary`, and lets go
+    /// of the version it replaces: out of the tiers, then off the disk.
+    async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: u64) {
+        let version = entry.generation;
         let removed = {
             let mut ix = self.lock_index();
             let removed = ix.insert(hash, entry, reserved);
@@ -317,15 +327,15 @@ impl Cache {
             removed
         };
         self.vary.remember(&meta);
+        if removed.is_some() {
+            // The tiers can only hold what the index held: a new key has nothing to forget.
+            self.tiers.forget_tiers(&hash);
+        }
         let held_open = self.tiers.open_tier_size(meta.body_len);
         self.tiers.remember_meta(hash, version, &Arc::new(meta), held_open);
         if let Some(r) = removed {
-            // The tiers can only hold what the index held: a new key has nothing to forget.
-            self.tiers.forget_tiers(&hash);
             self.unlink(vec![r]).await;
         }
-        metrics::counter!(m::FILLS_COMPLETED).increment(1);
-        true
     }
 
     /// Fills `meta.key` from a body of unknown length that is streamed to one client, which
@@ -481,18 +491,7 @@ impl Cache {
             verified: from.1,
             mtime,
         };
-        let removed = {
-            let mut ix = self.lock_index();
-            let removed = ix.insert(hash, entry, reserved);
-            ix.release_object();
-            removed
-        };
-        self.tiers.forget(&hash);
-        let held_open = self.tiers.open_tier_size(meta.body_len);
-        self.tiers.remember_meta(hash, version, &Arc::new(meta), held_open);
-        if let Some(r) = removed {
-            self.unlink(vec![r]).await;
-        }
+        self.install(hash, meta, entry, reserved).await;
         true
     }
 }

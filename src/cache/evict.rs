@@ -160,8 +160,7 @@ impl Evictor for Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::index::Entry;
-    use crate::cache::key::{Digest, KeyHash};
+    use crate::cache::key::KeyHash;
 
     fn kh(i: u32) -> KeyHash {
         KeyHash::of(&i.to_be_bytes())
@@ -171,16 +170,7 @@ mod tests {
     fn index(n: u32, len: u64) -> Index {
         let mut ix = Index::new();
         for i in 0..n {
-            let entry = Entry {
-                key: format!("http://h/{i}").into(),
-                generation: u64::from(i),
-                body_len: len,
-                tail_len: 0,
-                digest: Digest::from(blake3::hash(&i.to_be_bytes())),
-                verified: true,
-                mtime: 0,
-            };
-            ix.insert(kh(i), entry, 0);
+            ix.insert(kh(i), crate::cache::testing::entry(i, len), 0);
         }
         ix
     }

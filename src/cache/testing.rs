@@ -41,6 +41,19 @@ pub async fn eventually(mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
+/// An index entry for object `i` of `len` bytes (as charged in a unit of 1: no tail).
+pub fn entry(i: u32, len: u64) -> crate::cache::index::Entry {
+    crate::cache::index::Entry {
+        key: format!("http://h/{i}").into(),
+        generation: u64::from(i),
+        body_len: len,
+        tail_len: 0,
+        digest: Digest::from(blake3::hash(&i.to_be_bytes())),
+        verified: true,
+        mtime: 0,
+    }
+}
+
 /// The record of a 200 response for `url` with `body`.
 pub fn meta(url: &str, body: &[u8]) -> Meta {
     let mut headers = http::HeaderMap::new();
