@@ -139,7 +139,7 @@ config_keys! {
     max_size: ByteSize,
     /// Room to keep free on the cache's filesystem: bytes or a percentage.
     min_free: MinFree,
-    /// Most objects the cache holds (each a record and a body file: inodes, index memory);
+    /// Most objects the cache holds (one file each: an inode, and index memory);
     /// default: one per 24 KiB of `max_size`.
     max_objects: u64,
     /// Largest object kept; larger ones are served but not stored.

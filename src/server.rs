@@ -173,7 +173,7 @@ impl Activity {
 }
 
 /// The client's stream: records when bytes move (for the idle timeout), and sends slices of
-/// mapped body files with `sendfile` instead of copying them through user space.
+/// mapped bodies from their files with `sendfile` instead of copying them through user space.
 struct IdleIo {
     inner: TcpStream,
     activity: Activity,

@@ -207,7 +207,7 @@ fn poll_sendfile(
     Poll::Ready(match sent {
         // The file is shorter than its mapping: it was truncated underneath. Fail the
         // connection rather than send anything else.
-        Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body file truncated")),
+        Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "object file truncated")),
         other => other,
     })
 }

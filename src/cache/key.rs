@@ -203,7 +203,8 @@ impl fmt::Display for KeyHash {
     }
 }
 
-/// The blake3 hash of a body: bodies are content-addressed by it.
+/// The blake3 hash of a body: its record holds it, and the body is checked against it before its
+/// first use after a restart.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Digest(pub [u8; 32]);
 

@@ -190,7 +190,7 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.vary.variant_of(key, req);
-        let (meta_gen, tail_len, digest, body_len, verified, known_mtime) = {
+        let (generation, tail_len, digest, body_len, verified, known_mtime) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
             if &*e.key != key.as_str() {
@@ -202,7 +202,7 @@ impl Cache {
         if let Some(Tier { objects: tier, .. }) = tier
             && let Some(obj) = tier.get(&hash)
         {
-            if obj.meta_gen == meta_gen && obj.meta.key == *key && obj.still_valid() {
+            if obj.generation == generation && obj.meta.key == *key && obj.still_valid() {
                 return Some(Hit {
                     meta: obj.meta.clone(),
                     body: obj.body.clone(),
@@ -214,8 +214,8 @@ impl Cache {
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
         let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight) && self.tiers.has_room(t));
-        let cached = self.tiers.meta(&hash, meta_gen);
-        let path = store.object_path(&hash, meta_gen);
+        let cached = self.tiers.meta(&hash, generation);
+        let path = store.object_path(&hash, generation);
         let min_mmap = tier.as_ref().map_or(MIN_MMAP, |t| t.map_from);
         let expect = Expected {
             len: body_len,
@@ -236,18 +236,18 @@ impl Cache {
             }
             other => Ok(other.map(|o| o.expect("answered"))),
         };
-        let opened = self.or_drop(opened, &hash, meta_gen).await?;
+        let opened = self.or_drop(opened, &hash, generation).await?;
         let meta = match (cached, opened.record) {
             (Some(meta), _) => meta,
             (None, Some(meta)) => {
                 if meta.key != *key || meta.digest != digest || meta.body_len != body_len {
-                    self.drop_corrupt(&hash, meta_gen, "record does not match the index")
+                    self.drop_corrupt(&hash, generation, "record does not match the index")
                         .await;
                     return None;
                 }
                 let meta = Arc::new(meta);
                 let held_open = tier.as_ref().is_some_and(|t| t.open);
-                self.tiers.remember_meta(hash, meta_gen, &meta, held_open);
+                self.tiers.remember_meta(hash, generation, &meta, held_open);
                 meta
             }
             // (A record is read whenever none is cached.)
@@ -255,18 +255,18 @@ impl Cache {
         };
         let (body, mtime) = (opened.body, opened.mtime);
         if !opened.intact {
-            self.drop_corrupt(&hash, meta_gen, "body hash mismatch").await;
+            self.drop_corrupt(&hash, generation, "body hash mismatch").await;
             return None;
         }
         if mtime != known_mtime || !verified {
-            self.lock_index().mark_verified(&hash, meta_gen, mtime);
+            self.lock_index().mark_verified(&hash, generation, mtime);
         }
         if let Some(Tier { objects: tier, .. }) = tier {
             tier.insert(
                 hash,
                 Arc::new(HotObject {
                     meta: meta.clone(),
-                    meta_gen,
+                    generation,
                     body: body.clone(),
                     // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
                     mapped_mtime: (body_len > 0 && body_len >= min_mmap).then_some(mtime),
@@ -274,7 +274,7 @@ impl Cache {
             );
             // Evicted, purged or replaced while this lookup read it: `forget` may have run
             // before the insert. A tier must not keep it (nor its descriptor).
-            if self.lock_index().peek(&hash).map(|e| e.generation) != Some(meta_gen) {
+            if self.lock_index().peek(&hash).map(|e| e.generation) != Some(generation) {
                 tier.invalidate(&hash);
             }
         }

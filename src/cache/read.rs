@@ -99,7 +99,7 @@ impl Cache {
         &self,
         result: Result<Result<T, StoreError>, tokio::task::JoinError>,
         hash: &KeyHash,
-        meta_gen: u64,
+        generation: u64,
     ) -> Option<T> {
         match result {
             Ok(Ok(value)) => Some(value),
@@ -107,7 +107,7 @@ impl Cache {
                 self.storage_error(&e);
                 // Out of descriptors or memory says nothing about the object: keep it.
                 if !e.is_exhaustion() {
-                    self.drop_entry(hash, meta_gen).await;
+                    self.drop_entry(hash, generation).await;
                 }
                 None
             }
@@ -115,18 +115,18 @@ impl Cache {
         }
     }
 
-    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, meta_gen: u64, why: &'static str) {
+    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, generation: u64, why: &'static str) {
         metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
         warn!(key = %hash, reason = why, "corrupt object removed");
-        self.drop_entry(hash, meta_gen).await;
+        self.drop_entry(hash, generation).await;
     }
 
     /// Removes a key's entry if it is still the given version.
-    pub(super) async fn drop_entry(&self, hash: &KeyHash, meta_gen: u64) {
+    pub(super) async fn drop_entry(&self, hash: &KeyHash, generation: u64) {
         let removed = {
             let mut ix = self.lock_index();
             match ix.peek(hash) {
-                Some(e) if e.generation == meta_gen => ix.remove(hash),
+                Some(e) if e.generation == generation => ix.remove(hash),
                 _ => None,
             }
         };

@@ -60,8 +60,8 @@ fn meta_weight(meta: &Meta) -> u32 {
 /// A hot-tier or open-tier object: the metadata and the whole body, in memory or mapped.
 pub struct HotObject {
     pub(super) meta: Arc<Meta>,
-    /// The version of the key it is (its record's generation).
-    pub(super) meta_gen: u64,
+    /// The version of the key it is (its object file's generation).
+    pub(super) generation: u64,
     pub(super) body: Bytes,
     /// For a mapped body: its file's modification time when the body was checked.
     pub(super) mapped_mtime: Option<u64>,
@@ -165,7 +165,7 @@ pub(super) struct Tiers {
     /// Held for the whole of a relief, until its files are closed.
     relieving: Arc<tokio::sync::Mutex<()>>,
     /// Records of stored objects, by key, with their version: one is used only while the
-    /// index holds that version (a replacement may share the old body, digest and all).
+    /// index holds that version.
     metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
 }
 
@@ -318,23 +318,23 @@ impl Tiers {
         Some(closing)
     }
 
-    /// Version `meta_gen` of a key's record, if it is cached.
-    pub(super) fn meta(&self, hash: &KeyHash, meta_gen: u64) -> Option<Arc<Meta>> {
+    /// Version `generation` of a key's record, if it is cached.
+    pub(super) fn meta(&self, hash: &KeyHash, generation: u64) -> Option<Arc<Meta>> {
         self.metas
             .get(hash)
-            .filter(|(version, _)| *version == meta_gen)
+            .filter(|(held, _)| *held == generation)
             .map(|(_, m)| m)
     }
 
-    /// Caches version `meta_gen` of a key's record beside the index, unless its body is going
+    /// Caches version `generation` of a key's record beside the index, unless its body is going
     /// into the open tier (`held_open`): that keeps the record with the open file, and caching
     /// it here too would crowd out the records of bodies that stay on disk, which every hit on
     /// them needs.
-    pub(super) fn remember_meta(&self, hash: KeyHash, meta_gen: u64, meta: &Arc<Meta>, held_open: bool) {
+    pub(super) fn remember_meta(&self, hash: KeyHash, generation: u64, meta: &Arc<Meta>, held_open: bool) {
         if held_open {
             self.metas.invalidate(&hash);
         } else {
-            self.metas.insert(hash, (meta_gen, meta.clone()));
+            self.metas.insert(hash, (generation, meta.clone()));
         }
     }
 
@@ -406,7 +406,7 @@ mod tests {
     fn object(i: usize) -> Arc<HotObject> {
         Arc::new(HotObject {
             meta: meta(i),
-            meta_gen: 1,
+            generation: 1,
             body: Bytes::new(),
             mapped_mtime: None,
         })
