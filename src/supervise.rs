@@ -59,10 +59,17 @@ impl App {
         // not linger on as an orphan holding the port.
         #[cfg(target_os = "linux")]
         // SAFETY: the closure runs in the forked child before exec and only makes system calls
-        // (prctl(2), getrlimit(2), setrlimit(2): raw, async-signal-safe, through rustix) and
-        // reads an atomic; it allocates nothing and takes no lock.
+        // (prctl(2), getrlimit(2), setrlimit(2) through rustix, and signal(2)), all
+        // async-signal-safe, and reads an atomic; it allocates nothing and takes no lock.
         unsafe {
             command.pre_exec(|| {
+                // The signals sidecache forwards reach the app with their default action: a
+                // sidecache started with them ignored (a background job of a non-interactive
+                // shell ignores SIGINT and SIGQUIT) must not hand that on, or the app would
+                // never stop on a forwarded SIGINT. (exec keeps ignored signals ignored.)
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT, libc::SIGHUP] {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
                 rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
                 // The app gets the descriptor limit sidecache was started with, not the one
                 // it raised for its own open files.

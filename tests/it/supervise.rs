@@ -111,6 +111,32 @@ async fn sigint_is_forwarded_too() {
     assert!(matches!(status.code(), Some(1) | Some(130)), "{status:?}");
 }
 
+/// Started as a background job of a script (`sh -c 'cmd &'` ignores SIGINT in `cmd`, which
+/// its children inherit through exec), sidecache must still stop its app with a forwarded
+/// SIGINT: the app starts with the default action for the signals it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_is_forwarded_to_the_app_even_when_sidecache_started_ignoring_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("app.py");
+    std::fs::write(&script, APP).unwrap();
+    // `trap '' INT` ignores SIGINT, as a non-interactive shell does for a background job, and
+    // exec keeps it ignored in sidecache.
+    let line = format!(
+        "trap '' INT; SIDECACHE_ACCESS_LOG=false exec {} serve --listen 127.0.0.1:0 \
+         --admin-listen 127.0.0.1:0 --cache-dir {} -- python3 {}",
+        crate::support::binary_path().display(),
+        dir.path().join("cache").display(),
+        script.display()
+    );
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &line]);
+    let mut bin = Binary::from_command(cmd);
+    let _ = bin.public_addr();
+    bin.signal(libc::SIGINT);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert!(matches!(status.code(), Some(1) | Some(130)), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_gets_the_descriptor_limit_sidecache_was_started_with() {
     let dir = tempfile::tempdir().unwrap();
