@@ -354,8 +354,14 @@ impl Cache {
             let Some(mut reserved) = cache.reserve_fill(0).await else {
                 return;
             };
-            let Ok(tmp) = create_tmp_object(store, generation, 0).await else {
-                return;
+            let tmp = match create_tmp_object(store, generation, 0).await {
+                Ok(tmp) => tmp,
+                Err(e) => {
+                    // Counted and logged like any storage failure; the client is unaffected.
+                    cache.storage_error(&e);
+                    metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                    return;
+                }
             };
             metrics::counter!(m::FILLS_STARTED).increment(1);
             let mut writer = HashingWriter::new(tmp.file.clone());
@@ -390,7 +396,13 @@ impl Cache {
                         }
                     }
                 }
-                if writer.write(batch).await.is_err() {
+                if let Err(source) = writer.write(batch).await {
+                    cache.storage_error(&StoreError::Io {
+                        op: "write",
+                        path: tmp.describe(),
+                        source,
+                    });
+                    refused = Some("storage");
                     break;
                 }
                 if last {

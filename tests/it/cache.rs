@@ -10,8 +10,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::support::{
-    Behaviour, Binary, Origin, TestSidecar, app_client as client, binary_path, eventually, matches_pattern,
-    origin::owned, pattern_bytes, pattern_chunk,
+    Behaviour, Binary, Origin, TestSidecar, app_client as client, binary_path, eventually, matches_pattern, metric,
+    origin::owned, pattern_bytes, pattern_chunk, scrape,
 };
 
 const CACHEABLE: &[(&str, &str)] = &[
@@ -1217,6 +1217,13 @@ async fn a_read_only_disk_keeps_serving_and_caching_resumes_when_writable() {
     for i in 0..4 {
         origin.fixed(&format!("/ro/{i}.js"), CACHEABLE, pattern_chunk(i * 7919, 50_000));
     }
+    origin.route(
+        "/ro/chunked.js",
+        Behaviour::Chunked {
+            len: 30_000,
+            headers: owned(CACHEABLE),
+        },
+    );
     let cache_dir = fs.0.path().join("cache");
     let sc = TestSidecar::start_with(&origin.url(), |c| {
         c.cache_dir = cache_dir.clone();
@@ -1243,6 +1250,24 @@ async fn a_read_only_disk_keeps_serving_and_caching_resumes_when_writable() {
         assert!(matches_pattern(7919, &body) && body.len() == 50_000);
         assert_eq!(origin.hits("/ro/1.js"), round);
     }
+    // A body without a length (copied to disk beside its client) too: served whole, and the
+    // copy that could not be made is counted as a storage failure, not lost without a trace.
+    let storage_failures = async || {
+        let text = scrape(sc.admin).await;
+        (
+            metric(&text, "sidecache_fills_aborted_total", &["reason=\"storage\""]),
+            metric(&text, "sidecache_storage_errors_total", &[]),
+        )
+    };
+    let before = storage_failures().await;
+    let (status, _, body) = get(&sc.url("/ro/chunked.js")).await;
+    assert!(status == 200 && body.len() == 30_000 && matches_pattern(0, &body));
+    let counted = eventually(Duration::from_secs(10), async || {
+        let now = storage_failures().await;
+        now.0 > before.0 && now.1 > before.1
+    })
+    .await;
+    assert!(counted, "{}", scrape(sc.admin).await);
     remount("rw");
     assert!(
         eventually(Duration::from_secs(10), async || {
