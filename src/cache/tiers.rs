@@ -515,8 +515,15 @@ mod tests {
         let objects: Vec<_> = open.iter().map(|(_, v)| Arc::downgrade(&v)).collect();
         tiers.relieve_descriptors_now().await;
         assert_eq!(held_open(&tiers), 5);
-        // The half taken out is dropped (its files closed) by the time the relief returns.
-        assert_eq!(objects.iter().filter(|o| o.upgrade().is_none()).count(), 5);
+        // The half taken out is dropped (its files closed): by the relief's thread before it
+        // returns, but for a copy moka may still hold in a log it has not applied yet (seen on
+        // a loaded machine), which its next housekeeping lets go. Bounded wait, no sleep.
+        let closed = crate::cache::testing::eventually(|| {
+            open.run_pending_tasks();
+            objects.iter().filter(|o| o.upgrade().is_none()).count() == 5
+        })
+        .await;
+        assert!(closed, "the half given back is still held");
         // And its turn is free for the next one.
         assert!(tiers.relieving.try_lock().is_ok());
     }
