@@ -118,3 +118,46 @@ pub fn copy_range(from: &File, to: &File, len: u64) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_written_one_after_another_at_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        write_all_at(&file, &[b"head", b"", &[7u8; 100_000], b"tail"], 3).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 3 + 4 + 100_000 + 4);
+        assert_eq!(&bytes[3..7], b"head");
+        assert!(bytes[7..100_007].iter().all(|&b| b == 7));
+        assert_eq!(&bytes[100_007..], b"tail");
+        // Read back exactly, and a read past the end is an error, not a short buffer.
+        assert_eq!(read_at(&file, 4, 100_007, false).unwrap().unwrap(), b"tail");
+        assert!(read_at(&file, 5, 100_007, false).is_err());
+    }
+
+    #[test]
+    fn a_range_is_copied_to_the_start_of_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let from_path = dir.path().join("from");
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&from_path, [&body[..], b"record"].concat()).unwrap();
+        let from = open_for_read(&from_path).unwrap();
+        let to_path = dir.path().join("to");
+        let to = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&to_path)
+            .unwrap();
+        copy_range(&from, &to, body.len() as u64).unwrap();
+        assert_eq!(std::fs::read(&to_path).unwrap(), body, "the body, not what follows it");
+    }
+}
