@@ -1,8 +1,9 @@
 //! Zero-copy: stored bodies mapped into memory, and sent from their files. The crate's only
 //! `unsafe` lives here, under one contract.
 //!
-//! SAFETY contract: an object file (its body first, then its record) is written unnamed or
-//! under `tmp/`, linked into place whole, and from then on never modified, only unlinked (a
+//! SAFETY contract: an object file (its body first, then its record) is mapped only once it is
+//! complete and indexed (written whole under its name, or linked into place whole), and from
+//! then on never modified, only unlinked (a
 //! refreshed head is a new file). Unlinking leaves a live mapping valid until it is dropped,
 //! so eviction runs while readers hold mappings. A fill's file is mapped while it is written:
 //! its readers are only given ranges already written, which are never written again. What no

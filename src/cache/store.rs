@@ -14,10 +14,11 @@
 //! 0, so a mapping of the file is a mapping of the body and `sendfile` sends it with the file's
 //! own offsets; the record ([`Meta`], checksummed, holding the body's length and blake3
 //! digest) follows it, and the 12-byte footer (`u32 record length | "SCOBJ002"`) ends the
-//! file, so the startup scan finds the record from the file's length alone. A file is written
-//! unnamed (or under `tmp/`) and linked into place whole: a name in a fan-out directory is
-//! always a complete object, or a torn one a crash cut short, which its record's checksum and
-//! the footer reveal. A body's digest is checked before its first use after a restart.
+//! file, so the startup scan finds the record from the file's length alone. A large body's
+//! file is written unnamed (or under `tmp/`) while its clients read it and linked into place
+//! whole; a small body's is written under its final name in one `pwritev` ([`Store::write_object`])
+//! before the index learns of it. Either way a name in a fan-out directory is a complete
+//! object, or a torn one a crash cut short, which its footer and record checksum reveal. A body's digest is checked before its first use after a restart.
 //!
 //! Every stored file has a version (`gen`) in its name: a new version never lands on the path
 //! of one being evicted, so an unlink can only ever remove the version it meant to. A layout

@@ -378,29 +378,15 @@ impl Tiers {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
-    use http::HeaderMap;
 
     use super::*;
-    use crate::cache::key::{CacheKey, Digest};
 
     fn hash(i: usize) -> KeyHash {
         KeyHash::of(format!("http://h/{i}").as_bytes())
     }
 
     fn meta(i: usize) -> Arc<Meta> {
-        Arc::new(Meta {
-            key: CacheKey::from_stored(format!("http://h/{i}")),
-            status: 200,
-            headers: HeaderMap::new(),
-            request_time: SystemTime::UNIX_EPOCH,
-            response_time: SystemTime::UNIX_EPOCH,
-            body_len: 0,
-            digest: Digest([0; 32]),
-            vary: Vec::new(),
-            prepared: Default::default(),
-        })
+        Arc::new(crate::cache::testing::meta(&format!("http://h/{i}"), b""))
     }
 
     fn object(i: usize) -> Arc<HotObject> {

@@ -66,12 +66,10 @@ impl VarySpecs {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
 
     use http::HeaderValue;
 
     use super::*;
-    use crate::cache::key::Digest;
 
     fn key() -> CacheKey {
         CacheKey::from_stored("http://h/page.html".into())
@@ -79,20 +77,12 @@ mod tests {
 
     /// A record of `key()` stored for a request with these `Vary`-named headers.
     fn stored(vary: &[(&'static str, &'static str)]) -> Meta {
-        Meta {
-            key: key(),
-            status: 200,
-            headers: HeaderMap::new(),
-            request_time: SystemTime::UNIX_EPOCH,
-            response_time: SystemTime::UNIX_EPOCH,
-            body_len: 0,
-            digest: Digest([0; 32]),
-            vary: vary
-                .iter()
-                .map(|(n, v)| (HeaderName::from_static(n), Some(HeaderValue::from_static(v))))
-                .collect(),
-            prepared: Default::default(),
-        }
+        let mut meta = crate::cache::testing::meta(key().as_str(), b"");
+        meta.vary = vary
+            .iter()
+            .map(|(n, v)| (HeaderName::from_static(n), Some(HeaderValue::from_static(v))))
+            .collect();
+        meta
     }
 
     fn request(headers: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::support::{
-    Behaviour, Binary, Origin, TestSidecar, app_client as client, binary_path, eventually, matches_pattern, metric,
-    origin::owned, pattern_bytes, pattern_chunk, scrape,
+    Behaviour, Binary, Origin, TestSidecar, Tmpfs, app_client as client, binary_path, eventually, matches_pattern,
+    metric, origin::owned, pattern_bytes, pattern_chunk, scrape,
 };
 
 const CACHEABLE: &[(&str, &str)] = &[
@@ -1054,41 +1054,6 @@ async fn a_record_torn_by_a_crash_is_removed_at_startup_and_refetched() {
     assert_eq!(body, Bytes::from(pattern_bytes(5000)));
     assert_eq!(origin.hits("/torn.css"), 2);
     assert!(!records[0].exists(), "the torn object was removed");
-}
-
-/// A small tmpfs (needs root, as in CI), mounted for the test's lifetime.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                dir.path().to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{Behaviour, Binary, Origin, eventually, origin::owned};
+use crate::support::{Behaviour, Binary, Origin, eventually, origin::owned, scrape};
 
 /// Finds a Debian-packaged tool, installing the package when it is missing and we may (root,
 /// apt-get present): `cargo test` on a fresh machine of this project's kind needs nothing else.
@@ -209,14 +209,7 @@ async fn a_real_prometheus_scrapes_exact_hit_and_miss_counts() {
     // Fills commit on their own task: wait until all are indexed before counting hits.
     assert!(
         eventually(Duration::from_secs(10), async || {
-            let m = c
-                .get(format!("http://{admin}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let m = scrape(admin).await;
             m.lines().any(|l| l == format!("sidecache_cache_objects {MISSES}"))
         })
         .await

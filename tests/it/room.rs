@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::support::{
-    Behaviour, Binary, Origin, TestSidecar, app_client, disk_usage, eventually, matches_pattern, metric, origin::owned,
-    scrape,
+    Behaviour, Binary, Origin, TestSidecar, Tmpfs, app_client, disk_usage, eventually, matches_pattern, metric,
+    origin::owned, scrape,
 };
 
 const CACHEABLE: &[(&str, &str)] = &[
@@ -407,35 +407,6 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
     store(&sc, "/after").await;
     assert_eq!(origin.hits("/after"), 1);
     assert!(disk_usage(&dir).0 <= budget);
-}
-
-/// A tmpfs mounted for one test (root is available here), unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .status();
-    }
 }
 
 /// `min_free` lowers the budget (a 16 MiB filesystem keeping 8 MiB free: about 8 MiB, far
