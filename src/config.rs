@@ -819,7 +819,7 @@ mod tests {
     }
 
     #[test]
-    fn max_objects_defaults_to_one_per_32_kib_of_max_size_and_is_bounded() {
+    fn max_objects_defaults_to_one_per_24_kib_of_max_size_and_is_bounded() {
         assert_eq!(Config::defaults().max_objects, 4_000_000_000 / 24576);
         let c = Loader::new(env(&[
             ("SIDECACHE_MAX_SIZE", "64MiB"),
