@@ -23,6 +23,7 @@ fn entry(i: u64) -> Entry {
         digest: Digest(d),
         verified: true,
         mtime: 0,
+        variants: Box::default(),
     }
 }
 

@@ -202,6 +202,9 @@ config_keys! {
     /// Base URLs `prime --from` may fill from (scheme, host and port exact, path a prefix);
     /// empty: none. A list, or one string of URLs separated by commas or spaces.
     prime_sources: StringList,
+    /// Compressed variants: `false`, or {enabled, types, min_size, max_size, long_lived,
+    /// long_levels, short_levels, threads, queue}.
+    compress: crate::compress::RawCompress,
 }
 
 /// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
@@ -338,6 +341,8 @@ pub struct Config {
     pub query: QueryKey,
     /// Where `prime --from` may fill from.
     pub prime_sources: PrimeSources,
+    /// Compressed variants.
+    pub compress: crate::compress::Settings,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -660,6 +665,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     }
     let strip_request_headers =
         strip_request_headers(raw.strip_request_headers).map_err(|m| invalid("strip_request_headers", m))?;
+    let compress = crate::compress::Settings::compile(raw.compress).map_err(|m| invalid("compress", m))?;
     let query = match raw.query {
         Some(q) => q.compile().map_err(|m| invalid("query", m))?,
         None => QueryKey::All,
@@ -709,6 +715,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         rules,
         query,
         prime_sources,
+        compress,
     })
 }
 

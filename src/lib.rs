@@ -14,7 +14,11 @@
 //! - [`proxy`]: the request path: classify, key, look up, then hit, fill, wait or bypass.
 //! - [`policy`]: HTTP caching rules as pure functions (RFC 9111): storable? fresh? how old?
 //! - [`rules`]: per-path rules for apps without caching headers (bypass, TTLs, query keys).
-//! - [`cache`]: the disk cache: lookup, fill coalescing, store, index, eviction, purge.
+//! - [`negotiate`]: content codings: which stored variant a request gets (`Accept-Encoding`),
+//!   a variant's head, the reduced `Accept-Encoding` a key holds.
+//! - [`cache`]: the disk cache: lookup, fill coalescing, store, index, eviction, purge, and
+//!   the compressed variants made once per stored object.
+//! - [`compress`]: the `compress:` settings, which objects get variants, the encoders.
 //! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
 //! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
@@ -37,10 +41,12 @@ pub mod admin;
 pub mod body;
 pub mod bucket;
 pub mod cache;
+pub mod compress;
 pub mod config;
 pub mod demo;
 pub mod limits;
 pub mod metrics;
+pub mod negotiate;
 pub mod policy;
 pub mod prime;
 pub mod proxy;

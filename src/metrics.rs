@@ -68,6 +68,24 @@ pub const INDEX_READY: &str = "sidecache_index_ready";
 pub const PRIME_OBJECTS: &str = "sidecache_prime_objects_total";
 /// Body bytes fetched and stored by priming.
 pub const PRIME_BYTES: &str = "sidecache_prime_bytes_total";
+/// Compressed variants stored, by `encoding`.
+pub const VARIANTS_MADE: &str = "sidecache_variants_made_total";
+/// Compressed versions not kept, by `encoding` (not smaller enough, or no room).
+pub const VARIANTS_SKIPPED: &str = "sidecache_variants_skipped_total";
+/// Objects not compressed because the queue was full.
+pub const COMPRESS_DROPPED: &str = "sidecache_compress_dropped_total";
+/// Identity bytes compressed, by `encoding`.
+pub const COMPRESS_INPUT_BYTES: &str = "sidecache_compress_input_bytes_total";
+/// Bytes of the variants stored, by `encoding`.
+pub const COMPRESS_OUTPUT_BYTES: &str = "sidecache_compress_output_bytes_total";
+/// Time compressing one body in one coding, by `encoding`.
+pub const COMPRESS_SECONDS: &str = "sidecache_compress_seconds";
+/// Responses served from the cache, by `encoding` (identity, br, zstd, gzip).
+pub const SERVED_BY_ENCODING: &str = "sidecache_served_by_encoding_total";
+/// Body bytes served from the cache, by `encoding`.
+pub const SERVED_BYTES_BY_ENCODING: &str = "sidecache_served_bytes_by_encoding_total";
+/// Body bytes variants saved on responses served: identity length less the length sent.
+pub const COMPRESS_SAVED_BYTES: &str = "sidecache_compress_saved_bytes_total";
 /// Constant 1 with the version as a label.
 pub const BUILD_INFO: &str = "sidecache_build_info";
 
@@ -166,5 +184,37 @@ fn describe() {
     describe_gauge!(INDEX_READY, "1 once the startup index rebuild is done.");
     describe_counter!(PRIME_OBJECTS, "URLs primed, by result.");
     describe_counter!(PRIME_BYTES, Unit::Bytes, "Body bytes fetched and stored by priming.");
+    describe_counter!(VARIANTS_MADE, "Compressed variants stored, by encoding.");
+    describe_counter!(
+        VARIANTS_SKIPPED,
+        "Compressed versions not kept (under 1/16 smaller, or no room), by encoding."
+    );
+    describe_counter!(COMPRESS_DROPPED, "Objects not compressed because the queue was full.");
+    describe_counter!(
+        COMPRESS_INPUT_BYTES,
+        Unit::Bytes,
+        "Identity bytes compressed, by encoding."
+    );
+    describe_counter!(
+        COMPRESS_OUTPUT_BYTES,
+        Unit::Bytes,
+        "Bytes of the variants stored, by encoding."
+    );
+    describe_histogram!(
+        COMPRESS_SECONDS,
+        Unit::Seconds,
+        "Time compressing one body in one encoding, by encoding."
+    );
+    describe_counter!(SERVED_BY_ENCODING, "Responses served from the cache, by encoding.");
+    describe_counter!(
+        SERVED_BYTES_BY_ENCODING,
+        Unit::Bytes,
+        "Body bytes served from the cache, by encoding."
+    );
+    describe_counter!(
+        COMPRESS_SAVED_BYTES,
+        Unit::Bytes,
+        "Bytes variants saved on responses served (identity length less length sent)."
+    );
     describe_gauge!(BUILD_INFO, "Constant 1, labelled with the version.");
 }

@@ -27,6 +27,8 @@ pub struct CacheControl {
     pub proxy_revalidate: bool,
     /// `immutable` (RFC 8246).
     pub immutable: bool,
+    /// `no-transform` (RFC 9110 §7.7): no intermediary may change the content's coding.
+    pub no_transform: bool,
     /// `max-stale[=N]` (request); `Some(u64::MAX)` when given without a value.
     pub max_stale: Option<u64>,
     /// `min-fresh=N` (request).
@@ -76,6 +78,7 @@ impl CacheControl {
                     "must-revalidate" => cc.must_revalidate = true,
                     "proxy-revalidate" => cc.proxy_revalidate = true,
                     "immutable" => cc.immutable = true,
+                    "no-transform" => cc.no_transform = true,
                     "max-stale" => cc.max_stale = Some(arg.and_then(delta_seconds).unwrap_or(u64::MAX)),
                     "min-fresh" => cc.min_fresh = arg.and_then(delta_seconds),
                     "only-if-cached" => cc.only_if_cached = true,

@@ -24,6 +24,7 @@ use crate::cache::meta::Meta;
 use crate::cache::{Cache, Claim, FillPermit, Hit, Waited};
 use crate::config::Config;
 use crate::metrics as m;
+use crate::negotiate::{self, Accepts, Coding};
 use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
 use crate::prime::protocol::Failure;
 use crate::rules;
@@ -96,6 +97,27 @@ struct Handles {
     /// `REQUEST_DURATION` by outcome.
     durations: Vec<metrics::Histogram>,
     served_cache_bytes: metrics::Counter,
+    /// `SERVED_BY_ENCODING` and `SERVED_BYTES_BY_ENCODING`: identity, then `Coding::ALL`.
+    by_encoding: [(metrics::Counter, metrics::Counter); 4],
+    compress_saved: metrics::Counter,
+}
+
+/// The `Accept-Encoding` a prime's requests carry: a current browser's.
+const PRIME_ACCEPT_ENCODING: &str = "gzip, deflate, br, zstd";
+
+/// How long a prime waits for one object's variants to be made.
+const PRIME_COMPRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The `encoding` labels of the served-by-encoding counters, in `Handles::by_encoding` order.
+const ENCODINGS: [&str; 4] = ["identity", "br", "zstd", "gzip"];
+
+fn encoding_slot(coding: Option<Coding>) -> usize {
+    match coding {
+        None => 0,
+        Some(Coding::Br) => 1,
+        Some(Coding::Zstd) => 2,
+        Some(Coding::Gzip) => 3,
+    }
 }
 
 /// The handles, registered on first use: after the recorder is installed, which happens
@@ -112,6 +134,13 @@ fn handles() -> &'static Handles {
             .map(|o| metrics::histogram!(m::REQUEST_DURATION, "outcome" => o.as_str()))
             .collect(),
         served_cache_bytes: metrics::counter!(m::SERVED_CACHE_BYTES),
+        by_encoding: ENCODINGS.map(|e| {
+            (
+                metrics::counter!(m::SERVED_BY_ENCODING, "encoding" => e),
+                metrics::counter!(m::SERVED_BYTES_BY_ENCODING, "encoding" => e),
+            )
+        }),
+        compress_saved: metrics::counter!(m::COMPRESS_SAVED_BYTES),
     })
 }
 
@@ -343,6 +372,10 @@ impl Proxy {
         };
         req.headers_mut()
             .insert(header::USER_AGENT, HeaderValue::from_static("sidecache-prime"));
+        // Warm what browsers will ask for: an app that compresses itself stores the answer
+        // browsers get; for one that does not, the variants made are what they are sent.
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static(PRIME_ACCEPT_ENCODING));
         // Key it like the traffic it prepares for: behind a TLS-terminating router the
         // forwarded scheme is part of every key (see `scheme`).
         if self.config.trust_forwarded {
@@ -350,6 +383,8 @@ impl Proxy {
             let proto = HeaderValue::from_static(if https { "https" } else { "http" });
             req.headers_mut().insert("x-forwarded-proto", proto);
         }
+        let key = CacheKey::from_request(&req, self.scheme(&req), &self.config.query);
+        let headers = req.headers().clone();
         let answer = self.serve(req, SocketAddr::from(([127, 0, 0, 1], 0))).await;
         let status = answer.response.status();
         let (outcome, stored) = (answer.outcome, answer.stored);
@@ -370,6 +405,12 @@ impl Proxy {
             _ if stored => WarmResult::Warmed { bytes },
             _ => WarmResult::Failed(Failure::NotCacheable),
         };
+        if matches!(result, WarmResult::Warmed { .. } | WarmResult::AlreadyWarm { .. })
+            && let Some(key) = key
+        {
+            // Primed means ready for browsers: its compressed variants made (bounded).
+            self.cache.variants_settled(&key, &headers, PRIME_COMPRESS_WAIT).await;
+        }
         metrics::counter!(m::PRIME_OBJECTS, "result" => result.as_str()).increment(1);
         if let WarmResult::Warmed { bytes } = result {
             metrics::counter!(m::PRIME_BYTES).increment(bytes);
@@ -433,7 +474,7 @@ impl Proxy {
         // A released waiter retries the cache; bounded so a flapping app cannot loop us.
         for _ in 0..3 {
             if let Some(hit) = self.cache.lookup(&key, req.headers()).await {
-                if !vary_matches(&hit.meta.vary, req.headers()) {
+                if !reusable_for(&hit.meta, req.headers()) {
                     fwd = Fwd::VaryMiss;
                 } else {
                     let f = self.freshness(&hit.meta);
@@ -473,11 +514,11 @@ impl Proxy {
             match self.cache.claim(&key, req.headers()) {
                 Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd, stored).await,
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
-                    Waited::Streaming(fill) if vary_matches(&fill.meta.vary, req.headers()) => {
+                    Waited::Streaming(fill) if reusable_for(&fill.meta, req.headers()) => {
                         // These bytes come from the cache: the app sent them once, for the leader.
                         let reader = body::sized(fill.reader(), fill.meta.body_len);
                         let reader = body::counted(reader, handles().served_cache_bytes.clone());
-                        let response = answer_fill(req.headers(), &fill.meta, reader);
+                        let response = answer_fill(req.headers(), &fill.meta, reader, self.compressible(&fill.meta));
                         return Answer::new(response, Outcome::Coalesced, Some(fwd));
                     }
                     ended if ended.retries() => continue,
@@ -513,34 +554,50 @@ impl Proxy {
         self.prepared(meta).freshness(SystemTime::now())
     }
 
-    /// What serving `meta` needs, worked out on its first hit.
+    /// What serving `meta` needs, worked out on its first hit. The head of an object that
+    /// gets compressed variants says `Vary: Accept-Encoding` whichever body it is sent with.
     fn prepared<'m>(&self, meta: &'m Meta) -> &'m Prepared {
         meta.prepared.get_or_init(|| {
             let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
             let times = (meta.request_time, meta.response_time);
-            Prepared::new(status, &meta.headers, times, meta.body_len, self.heuristic())
+            let mut prepared = Prepared::new(status, &meta.headers, times, meta.body_len, self.heuristic());
+            if self.compressible(meta) {
+                negotiate::vary_on_accept_encoding(&mut prepared.headers);
+            }
+            prepared
         })
+    }
+
+    /// Whether a stored response gets compressed variants (so its answers vary on
+    /// `Accept-Encoding`).
+    fn compressible(&self, meta: &Meta) -> bool {
+        self.config.compress.eligible(meta.status, &meta.headers, meta.body_len)
     }
 
     /// Answers a request from a stored response: 304 for a satisfied conditional, 206 or 416
     /// for a range, else the whole body; `Age` per RFC 9111 §4.2.3 and §5.1.
+    /// A compressed variant is sent with its own head (`negotiate::variant_head`): its
+    /// validator is the one conditionals are evaluated against, and it is never ranged.
     fn serve_stored(&self, method: &Method, req: &HeaderMap, hit: &Hit, f: Freshness) -> Response<ProxyBody> {
         let meta = &hit.meta;
         let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
         let age = HeaderValue::from(f.age.as_secs());
-        if status == StatusCode::OK && policy::answers_not_modified(req, &meta.headers) {
-            let mut resp = not_modified(&meta.headers);
+        let len = hit.body.len() as u64;
+        // The prepared head already has the full length and Accept-Ranges.
+        let mut headers = self.prepared(meta).headers.clone();
+        if let Some(coding) = hit.coding {
+            negotiate::variant_head(&mut headers, coding, len);
+        }
+        if status == StatusCode::OK && policy::answers_not_modified(req, &headers) {
+            let mut resp = not_modified(&headers);
             resp.headers_mut().insert(header::AGE, age);
             return resp;
         }
-        let len = hit.body.len() as u64;
-        let range = if status == StatusCode::OK {
+        let range = if status == StatusCode::OK && hit.coding.is_none() {
             policy::range(req, &meta.headers, len)
         } else {
             RangeAnswer::Full
         };
-        // The prepared head already has the full length and Accept-Ranges.
-        let mut headers = self.prepared(meta).headers.clone();
         let (status, body) = match range {
             RangeAnswer::Full => (status, hit.body.clone()),
             RangeAnswer::Partial(start, end) => {
@@ -566,7 +623,14 @@ impl Proxy {
         let mut resp = Response::new(if method == Method::HEAD {
             body::empty()
         } else {
-            handles().served_cache_bytes.increment(sent);
+            let h = handles();
+            h.served_cache_bytes.increment(sent);
+            let (responses, bytes) = &h.by_encoding[encoding_slot(hit.coding)];
+            responses.increment(1);
+            bytes.increment(sent);
+            if hit.coding.is_some() {
+                h.compress_saved.increment(meta.body_len.saturating_sub(sent));
+            }
             body::full(body)
         });
         *resp.status_mut() = status;
@@ -666,6 +730,7 @@ impl Proxy {
             let refreshed_hit = Hit {
                 meta: Arc::new(meta.clone()),
                 body: hit.body.clone(),
+                coding: hit.coding,
             };
             if shareable {
                 self.cache.refresh(meta).await;
@@ -745,7 +810,7 @@ impl Proxy {
             {
                 Ok(fill) => {
                     let reader = body::sized(fill.reader(), fill.meta.body_len);
-                    let response = answer_fill(&client_headers, &fill.meta, reader);
+                    let response = answer_fill(&client_headers, &fill.meta, reader, self.compressible(&fill.meta));
                     let mut answer = Answer::new(response, Outcome::Miss, Some(fwd));
                     answer.stored = true;
                     answer
@@ -786,6 +851,7 @@ impl Proxy {
             Hit {
                 meta: hit.meta.clone(),
                 body: hit.body.clone(),
+                coding: hit.coding,
             },
             f,
         ));
@@ -926,14 +992,18 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 /// A response built from a fill's stored head, its body read while the fill writes it. A client
 /// conditional that the new response satisfies is answered with 304.
-fn answer_fill(req: &HeaderMap, meta: &Meta, body: ProxyBody) -> Response<ProxyBody> {
+fn answer_fill(req: &HeaderMap, meta: &Meta, body: ProxyBody, compressible: bool) -> Response<ProxyBody> {
     let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-    if status == StatusCode::OK && policy::answers_not_modified(req, &meta.headers) {
-        return not_modified(&meta.headers);
+    let mut headers = meta.headers.clone();
+    if compressible {
+        negotiate::vary_on_accept_encoding(&mut headers);
+    }
+    if status == StatusCode::OK && policy::answers_not_modified(req, &headers) {
+        return not_modified(&headers);
     }
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
-    *resp.headers_mut() = meta.headers.clone();
+    *resp.headers_mut() = headers;
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(meta.body_len));
     resp
@@ -1010,6 +1080,24 @@ fn vary_values(resp_headers: &HeaderMap, req_headers: &HeaderMap) -> Vec<(Header
             (name, value)
         })
         .collect()
+}
+
+/// Whether a stored response may answer a request: it has the values the response's `Vary`
+/// recorded, and a body the app coded goes only to requests that accept its coding (the key
+/// holds `Accept-Encoding` reduced to the common codings: one the app used outside them must
+/// still be checked; and an app that codes without saying `Vary` must not hand one client's
+/// coding to another that refuses it).
+fn reusable_for(meta: &Meta, req_headers: &HeaderMap) -> bool {
+    if !vary_matches(&meta.vary, req_headers) {
+        return false;
+    }
+    let varies_on_coding = meta.vary.iter().any(|(name, _)| name == header::ACCEPT_ENCODING);
+    // (A request without `Accept-Encoding` takes any coding, RFC 9110 §12.5.3, from an app
+    // that does not vary on it: the app answers it the same.)
+    if !varies_on_coding && !req_headers.contains_key(header::ACCEPT_ENCODING) {
+        return true;
+    }
+    Accepts::parse(req_headers).accepts_stored(meta.headers.get(header::CONTENT_ENCODING))
 }
 
 /// Whether a request has the values a stored response's `Vary` recorded.

@@ -98,7 +98,7 @@ impl Cache {
 
     /// Gives back what [`Cache::reserve_fill`] (and later reservations) took for a fill that
     /// will not be committed.
-    fn release_fill(&self, bytes: u64) {
+    pub(super) fn release_fill(&self, bytes: u64) {
         self.budget.release_fill(bytes);
     }
 
@@ -308,6 +308,7 @@ impl Cache {
             digest: meta.digest,
             verified: true,
             mtime,
+            variants: Box::default(),
         };
         self.install(hash, meta, entry, reserved).await;
         metrics::counter!(m::FILLS_COMPLETED).increment(1);
@@ -319,12 +320,16 @@ impl Cache {
     /// of the version it replaces: out of the tiers, then off the disk.
     async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: u64) {
         let version = entry.generation;
-        let removed = {
+        let (removed, has) = {
             let mut ix = self.lock_index();
             let removed = ix.insert(hash, entry, reserved);
+            // The variants a refresh carried over.
+            let has: Vec<_> = ix
+                .peek(&hash)
+                .map_or(Vec::new(), |e| e.variants.iter().map(|v| v.coding).collect());
             // The object is indexed now: no longer a reservation.
             ix.release_object();
-            removed
+            (removed, has)
         };
         self.vary.remember(&meta);
         if removed.is_some() {
@@ -332,6 +337,7 @@ impl Cache {
             self.tiers.forget_tiers(&hash);
         }
         let held_open = self.tiers.open_tier_size(meta.body_len);
+        self.queue_variants(hash, version, &meta, &has);
         self.tiers.remember_meta(hash, version, &Arc::new(meta), held_open);
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
@@ -450,7 +456,10 @@ impl Cache {
         };
         let reserved = reserved.keep();
         let from = match self.lock_index().peek(&hash) {
-            Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => (e.generation, e.verified),
+            // The variants are carried over: the body they were made from is the same.
+            Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => {
+                (e.generation, e.verified, e.variants.clone())
+            }
             // Evicted or replaced meanwhile: nothing to refresh.
             _ => {
                 self.release_fill(reserved);
@@ -502,6 +511,7 @@ impl Cache {
             // The copy is what the source was: checked only if that was.
             verified: from.1,
             mtime,
+            variants: from.2,
         };
         self.install(hash, meta, entry, reserved).await;
         true

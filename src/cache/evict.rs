@@ -143,7 +143,7 @@ impl Evictor for Cache {
             let tiers = self.tiers.handles();
             let _ = tokio::task::spawn_blocking(move || {
                 for r in &removed {
-                    let _ = store.remove_object(&r.key, r.generation);
+                    remove_removed(&store, r);
                 }
                 // The tiers drop what was invalidated now, not at their next housekeeping:
                 // until then a mapped body's descriptor would keep a removed file's blocks
@@ -154,6 +154,14 @@ impl Evictor for Cache {
             })
             .await;
         }
+    }
+}
+
+/// Removes the files an index removal names: the object's and its variants'.
+pub(super) fn remove_removed(store: &crate::cache::store::Store, r: &Removed) {
+    let _ = store.remove_object(&r.key, r.generation);
+    for &(coding, generation) in &r.variants {
+        let _ = store.remove_variant(&r.key, generation, coding);
     }
 }
 

@@ -26,6 +26,7 @@
 use lru::LruCache;
 
 use crate::cache::key::{Digest, KeyHash};
+use crate::negotiate::Coding;
 
 /// One stored version of a key: its object file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,10 +47,45 @@ pub struct Entry {
     /// are never written after they are placed, so a different one means someone else changed
     /// it.
     pub mtime: u64,
+    /// Its compressed variants: files of their own, charged, evicted and purged with it.
+    pub variants: Box<[Variant]>,
 }
 
 impl Entry {
     /// The object file's length.
+    pub fn file_len(&self) -> u64 {
+        self.body_len + self.tail_len
+    }
+
+    /// The variant in `coding`, if one is stored.
+    pub fn variant(&self, coding: Coding) -> Option<&Variant> {
+        self.variants.iter().find(|v| v.coding == coding)
+    }
+}
+
+/// A compressed variant of an object: its own file (`<keyhash>.<generation>.<ext>`), made
+/// from the object's body once it was stored. Its generation is its own: a 304 refresh
+/// carries the variant over to the object's new version unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variant {
+    /// Its content coding.
+    pub coding: Coding,
+    /// Version of its file.
+    pub generation: u64,
+    /// Length of the coded body: the file's first bytes.
+    pub body_len: u64,
+    /// Length of its record and footer.
+    pub tail_len: u64,
+    /// Hash of the coded body.
+    pub digest: Digest,
+    /// Hashed since startup (at `mtime`).
+    pub verified: bool,
+    /// Its file's modification time when written or last checked.
+    pub mtime: u64,
+}
+
+impl Variant {
+    /// The variant file's length.
     pub fn file_len(&self) -> u64 {
         self.body_len + self.tail_len
     }
@@ -63,8 +99,17 @@ pub struct Removed {
     pub key: KeyHash,
     /// The object's version.
     pub generation: u64,
-    /// Bytes its file is charged.
+    /// Bytes its files are charged.
     pub bytes: u64,
+    /// Its variants' files removed with it: coding and version.
+    pub variants: Vec<(Coding, u64)>,
+}
+
+impl Removed {
+    /// Files it stands for: the object's and its variants'.
+    pub fn files(&self) -> u64 {
+        1 + self.variants.len() as u64
+    }
 }
 
 /// What [`Index::reserve_room`] granted: at once when `victims` is empty; otherwise once the
@@ -124,6 +169,8 @@ pub struct Index {
     unlinking_objects: u64,
     /// Objects (records) found at startup, not indexed yet.
     unindexed_objects: u64,
+    /// Variant files of indexed entries (each a file: counted as an object).
+    variant_files: u64,
     /// Bytes and objects reservations hold back until their victims are off the disk
     /// ([`Index::reserve_room`]).
     holding: (u64, u64),
@@ -151,6 +198,7 @@ impl Index {
             reserved_objects: 0,
             unlinking_objects: 0,
             unindexed_objects: 0,
+            variant_files: 0,
             holding: (0, 0),
         }
     }
@@ -167,15 +215,20 @@ impl Index {
         charge(len, self.unit)
     }
 
-    /// The bytes an entry stands for: its file, as charged.
+    /// The bytes an entry stands for: its file and its variants' files, as charged.
     fn weight(&self, e: &Entry) -> u64 {
-        self.charge(e.file_len())
+        self.charge(e.file_len()) + e.variants.iter().map(|v| self.charge(v.file_len())).sum::<u64>()
     }
 
-    /// Objects the disk may hold right now: indexed, being filled, being unlinked, and found
-    /// at startup but not indexed yet.
+    /// Objects (files) the disk may hold right now: indexed with their variants, being
+    /// filled, being unlinked, and found at startup but not indexed yet.
     pub fn objects(&self) -> u64 {
-        self.len() as u64 + self.reserved_objects + self.unlinking_objects + self.unindexed_objects
+        self.indexed_files() + self.reserved_objects + self.unlinking_objects + self.unindexed_objects
+    }
+
+    /// Files of indexed entries: the objects' and their variants'.
+    fn indexed_files(&self) -> u64 {
+        self.len() as u64 + self.variant_files
     }
 
     /// Objects indexed.
@@ -275,12 +328,12 @@ impl Index {
         let over = self.usage().saturating_add(bytes).saturating_sub(budget);
         let over_objects = (self.objects() + objects).saturating_sub(max_objects);
         // Evicting frees committed bytes and indexed objects, nothing else.
-        if over > self.used || over_objects > self.len() as u64 {
+        if over > self.used || over_objects > self.indexed_files() {
             return refuse("room");
         }
         let mut victims = Vec::new();
-        let mut freed = 0u64;
-        while freed < over || (victims.len() as u64) < over_objects {
+        let (mut freed, mut freed_objects) = (0u64, 0u64);
+        while freed < over || freed_objects < over_objects {
             let Some(r) = self.pop_lru() else {
                 return Err(Refused {
                     reason: "room",
@@ -288,6 +341,7 @@ impl Index {
                 });
             };
             freed += r.bytes;
+            freed_objects += r.files();
             victims.push(r);
         }
         // The victims stay counted (as unlinking) until they are off the disk: until then the
@@ -339,11 +393,22 @@ impl Index {
 
     /// Inserts a committed object, converting `from_reserved` reserved bytes (its file, as
     /// charged). A previous version of the key is returned for removal; the new one takes its
-    /// segment (a new key starts in probation).
-    pub fn insert(&mut self, key: KeyHash, entry: Entry, from_reserved: u64) -> Option<Removed> {
+    /// segment (a new key starts in probation). The new entry keeps only those of its
+    /// `variants` the previous version has (a refresh carries them over): they stay charged
+    /// once, and are not removed with the previous version.
+    pub fn insert(&mut self, key: KeyHash, mut entry: Entry, from_reserved: u64) -> Option<Removed> {
         self.release(from_reserved);
-        self.used += self.weight(&entry);
         let old = self.take(&key);
+        if !entry.variants.is_empty() {
+            // As the previous version has them now (checked since, perhaps).
+            let carried = |v: &Variant| {
+                old.as_ref()
+                    .and_then(|(o, _)| o.variants.iter().find(|x| x.generation == v.generation))
+                    .cloned()
+            };
+            entry.variants = entry.variants.iter().filter_map(carried).collect();
+        }
+        self.used += self.charge(entry.file_len());
         match old {
             Some((_, true)) => {
                 self.protected_bytes += self.weight(&entry);
@@ -353,7 +418,72 @@ impl Index {
                 self.probation.push(key, entry);
             }
         }
-        old.map(|(old, _)| self.account_removal(key, old))
+        let kept = match self.peek(&key) {
+            Some(e) => e.variants.clone(),
+            None => Box::default(),
+        };
+        old.map(|(old, _)| self.account_removal(key, old, &kept))
+    }
+
+    /// Adds a variant to the entry of `key` if it is still the version `generation` and has
+    /// none in that coding yet, converting `from_reserved` reserved bytes (its file, as
+    /// charged; an object reserved for it becomes indexed). False otherwise: the caller
+    /// removes the file and releases the reservation.
+    pub fn add_variant(&mut self, key: &KeyHash, generation: u64, variant: Variant, from_reserved: u64) -> bool {
+        let bytes = self.charge(variant.file_len());
+        let (entry, protected) = match self.protected.peek_mut(key) {
+            Some(e) => (Some(e), true),
+            None => (self.probation.peek_mut(key), false),
+        };
+        let Some(entry) = entry else { return false };
+        if entry.generation != generation || entry.variant(variant.coding).is_some() {
+            return false;
+        }
+        let mut variants = std::mem::take(&mut entry.variants).into_vec();
+        variants.push(variant);
+        entry.variants = variants.into_boxed_slice();
+        if protected {
+            self.protected_bytes += bytes;
+        }
+        self.release(from_reserved);
+        self.release_object();
+        self.used += bytes;
+        self.variant_files += 1;
+        true
+    }
+
+    /// Adds a variant found on disk at startup (counted as unindexed until now) to the entry
+    /// of `key` if its body is the one the variant was made from. False otherwise: the caller
+    /// removes the file and stops counting it.
+    pub fn add_scanned_variant(&mut self, key: &KeyHash, made_from: (Digest, u64), variant: Variant) -> bool {
+        let matches = self
+            .peek(key)
+            .is_some_and(|e| (e.digest, e.body_len) == made_from && e.variant(variant.coding).is_none());
+        if !matches {
+            return false;
+        }
+        let (generation, bytes) = (
+            self.peek(key).map_or(0, |e| e.generation),
+            self.charge(variant.file_len()),
+        );
+        self.forget_unindexed(bytes);
+        self.forget_unindexed_objects(1);
+        // Counted as a reservation of one object for `add_variant` to convert.
+        self.reserved_objects += 1;
+        self.reserved += bytes;
+        self.add_variant(key, generation, variant, bytes)
+    }
+
+    /// Records that a variant's body hash was checked, with its file's modification time then.
+    pub fn mark_variant_verified(&mut self, key: &KeyHash, variant_generation: u64, mtime: u64) {
+        if let Some(e) = self.protected.peek_mut(key).or_else(|| self.probation.peek_mut(key)) {
+            let mut variants = std::mem::take(&mut e.variants).into_vec();
+            for v in variants.iter_mut().filter(|v| v.generation == variant_generation) {
+                v.verified = true;
+                v.mtime = mtime;
+            }
+            e.variants = variants.into_boxed_slice();
+        }
     }
 
     /// Counts bytes (as charged) and objects found on disk at startup that are not indexed
@@ -388,6 +518,7 @@ impl Index {
                 key,
                 generation: entry.generation,
                 bytes,
+                variants: Vec::new(),
             });
         }
         self.insert(key, entry, 0)
@@ -396,7 +527,7 @@ impl Index {
     /// Removes one key's entry.
     pub fn remove(&mut self, key: &KeyHash) -> Option<Removed> {
         let (old, _) = self.take(key)?;
-        Some(self.account_removal(*key, old))
+        Some(self.account_removal(*key, old, &[]))
     }
 
     /// Removes the next entry to evict: probation's least recently used, else protected's.
@@ -409,7 +540,7 @@ impl Index {
                 (key, old)
             }
         };
-        Some(self.account_removal(key, old))
+        Some(self.account_removal(key, old, &[]))
     }
 
     /// Keys whose entry matches `pred`, in eviction order.
@@ -423,16 +554,29 @@ impl Index {
             .collect()
     }
 
-    fn account_removal(&mut self, key: KeyHash, old: Entry) -> Removed {
-        let bytes = self.weight(&old);
+    /// Accounts an entry taken out of the index as being removed, but for the variants in
+    /// `kept` (carried over to its next version).
+    fn account_removal(&mut self, key: KeyHash, old: Entry, kept: &[Variant]) -> Removed {
+        let mut bytes = self.charge(old.file_len());
+        let mut variants = Vec::new();
+        for v in old.variants.iter() {
+            if kept.iter().any(|k| k.generation == v.generation) {
+                continue;
+            }
+            bytes += self.charge(v.file_len());
+            variants.push((v.coding, v.generation));
+        }
         self.used -= bytes;
         self.unlinking += bytes;
-        self.unlinking_objects += 1;
-        Removed {
+        self.variant_files -= variants.len() as u64;
+        let removed = Removed {
             key,
             generation: old.generation,
             bytes,
-        }
+            variants,
+        };
+        self.unlinking_objects += removed.files();
+        removed
     }
 
     /// Reports that removed files (`bytes` as charged, of `objects` removed entries) are off
@@ -464,6 +608,7 @@ mod tests {
             digest: digest(key),
             verified: true,
             mtime: 0,
+            variants: Box::default(),
         }
     }
 
@@ -527,7 +672,7 @@ mod tests {
         assert_eq!((r.key, r.generation, r.bytes), (kh(1), 1, 1010));
         assert_eq!(ix.used(), 1010);
         assert_eq!(ix.usage(), 2020, "until unlinked");
-        ix.unlinked(r.bytes, 1);
+        ix.unlinked(r.bytes, r.files());
         assert_eq!((ix.usage(), ix.objects()), (1010, 1));
     }
 
@@ -540,6 +685,98 @@ mod tests {
         assert_eq!(ix.used(), 60);
         assert_eq!(ix.len(), 1);
         assert_eq!(ix.peek(&kh(1)).unwrap().generation, 5000);
+    }
+
+    fn variant(coding: Coding, generation: u64, len: u64) -> Variant {
+        Variant {
+            coding,
+            generation,
+            body_len: len,
+            tail_len: 10,
+            digest: digest(generation as u32),
+            verified: true,
+            mtime: 0,
+        }
+    }
+
+    /// Adds a variant to key `key` (version `generation`) as a compressing thread does: room
+    /// reserved first, then converted.
+    fn add_variant(ix: &mut Index, key: u32, generation: u64, v: Variant) -> bool {
+        let bytes = ix.charge(v.file_len());
+        ix.reserve_room(bytes, 1, u64::MAX, u64::MAX).expect("room");
+        let added = ix.add_variant(&kh(key), generation, v, bytes);
+        if !added {
+            ix.release_reservation(bytes, 1);
+        }
+        added
+    }
+
+    #[test]
+    fn variants_are_charged_counted_and_removed_with_their_object() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 100);
+        assert!(add_variant(&mut ix, 1, 1, variant(Coding::Br, 50, 20)));
+        assert!(add_variant(&mut ix, 1, 1, variant(Coding::Gzip, 51, 40)));
+        // One per coding, and only to the version it was made from.
+        assert!(!add_variant(&mut ix, 1, 1, variant(Coding::Br, 52, 20)));
+        assert!(!add_variant(&mut ix, 1, 7, variant(Coding::Zstd, 53, 20)));
+        assert!(!add_variant(&mut ix, 2, 2, variant(Coding::Zstd, 54, 20)));
+        assert_eq!((ix.used(), ix.objects(), ix.reserved()), (110 + 30 + 50, 3, 0));
+        // Evicted whole: the object's file and both variants', bytes and files.
+        let r = ix.pop_lru().expect("an entry");
+        assert_eq!(r.variants, vec![(Coding::Br, 50), (Coding::Gzip, 51)]);
+        assert_eq!((r.bytes, r.files()), (190, 3));
+        assert_eq!((ix.used(), ix.objects()), (0, 3));
+        ix.unlinked(r.bytes, r.files());
+        assert_eq!(ix.objects(), 0);
+    }
+
+    #[test]
+    fn a_new_version_carries_over_only_the_variants_the_old_one_has() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 100);
+        assert!(add_variant(&mut ix, 1, 1, variant(Coding::Br, 50, 20)));
+        assert!(add_variant(&mut ix, 1, 1, variant(Coding::Zstd, 51, 30)));
+        // A refresh: the same body as version 9, naming br (carried) and a gzip the old one
+        // never had (dropped).
+        let mut refreshed = entry(1, 9, 100);
+        refreshed.variants = vec![variant(Coding::Br, 50, 20), variant(Coding::Gzip, 77, 5)].into();
+        let old = ix.insert(kh(1), refreshed, 0).expect("the old version");
+        // The old version's file and its zstd go; br stays, charged once.
+        assert_eq!(old.variants, vec![(Coding::Zstd, 51)]);
+        assert_eq!(old.bytes, 110 + 40);
+        let now = ix.peek(&kh(1)).expect("indexed");
+        assert_eq!(now.variants.iter().map(|v| v.generation).collect::<Vec<_>>(), vec![50]);
+        assert_eq!((ix.used(), ix.objects()), (110 + 30, 2 + old.files()));
+        // A fill's new version (no variants named) lets every variant go.
+        let old = ix.insert(kh(1), entry(1, 10, 100), 0).expect("the old version");
+        assert_eq!(old.variants, vec![(Coding::Br, 50)]);
+        assert_eq!(ix.used(), 110);
+    }
+
+    #[test]
+    fn making_room_counts_a_victims_variant_files() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 100);
+        assert!(add_variant(&mut ix, 1, 1, variant(Coding::Br, 50, 20)));
+        add(&mut ix, 2, 100);
+        // Three files indexed; a bound of three: one more file evicts key 1 and its variant.
+        let room = ix.reserve_room(10, 1, u64::MAX, 3).expect("room made");
+        assert_eq!(room.victims.len(), 1);
+        assert_eq!(room.victims[0].files(), 2);
+    }
+
+    #[test]
+    fn a_variant_found_at_startup_attaches_to_the_body_it_was_made_from() {
+        let mut ix = Index::new();
+        ix.add_unindexed(110 + 30, 2);
+        let e = entry(1, 3, 100);
+        let made_from = (e.digest, e.body_len);
+        assert!(ix.insert_scanned(kh(1), e).is_none());
+        ix.forget_unindexed_objects(1);
+        assert!(!ix.add_scanned_variant(&kh(1), (digest(99), 100), variant(Coding::Br, 50, 20)));
+        assert!(ix.add_scanned_variant(&kh(1), made_from, variant(Coding::Br, 50, 20)));
+        assert_eq!((ix.usage(), ix.objects(), ix.reserved()), (140, 2, 0));
     }
 
     /// Reserves without room to make (nothing is indexed to evict).
@@ -722,7 +959,7 @@ mod tests {
         );
         let r = ix.remove(&kh(1)).unwrap();
         assert_eq!(ix.objects(), 2, "removed, not yet unlinked");
-        ix.unlinked(r.bytes, 1);
+        ix.unlinked(r.bytes, r.files());
         assert_eq!(ix.objects(), 1);
         ix.release_reservation(10, 1);
         assert_eq!((ix.objects(), ix.usage()), (0, 0));
@@ -775,7 +1012,7 @@ mod tests {
         let r = ix.pop_lru().unwrap();
         assert_eq!(r.bytes, 4096);
         assert_eq!(ix.usage(), 100_000 + 1000 * 4096, "until unlinked");
-        ix.unlinked(r.bytes, 1);
+        ix.unlinked(r.bytes, r.files());
         assert_eq!(ix.usage(), 100_000 + 999 * 4096);
     }
 }

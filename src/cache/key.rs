@@ -104,9 +104,14 @@ fn checked_host(raw: &str) -> Option<&str> {
 }
 
 /// The normalized value of one `Vary`-named request header (RFC 9111 §4.1): field lines
-/// combined, list whitespace folded, `Accept-*` lower-cased and `Accept-Encoding` tokens sorted.
-/// `None` when the request lacks the header.
+/// combined, list whitespace folded, `Accept-*` lower-cased; `Accept-Encoding` reduced to the
+/// common codings it accepts, so its many spellings make a few variants, not one each.
+/// `None` when the request lacks the header (or, for `Accept-Encoding`, accepts none of them).
 pub fn normalize_vary(name: &HeaderName, headers: &HeaderMap) -> Option<HeaderValue> {
+    if name == header::ACCEPT_ENCODING {
+        // Reduced to what decides an app's coded answer (`negotiate::Accepts::reduced`).
+        return crate::negotiate::Accepts::parse(headers).reduced();
+    }
     let lines: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
     if lines.is_empty() {
         return None;
@@ -119,16 +124,13 @@ pub fn normalize_vary(name: &HeaderName, headers: &HeaderMap) -> Option<HeaderVa
         name.as_str(),
         "accept" | "accept-encoding" | "accept-language" | "accept-charset"
     );
-    let mut parts: Vec<String> = texts
+    let parts: Vec<String> = texts
         .iter()
         .flat_map(|t| t.split(','))
         .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
         .filter(|p| !p.is_empty())
         .map(|p| if lower { p.to_ascii_lowercase() } else { p })
         .collect();
-    if name == header::ACCEPT_ENCODING {
-        parts.sort();
-    }
     HeaderValue::from_str(&parts.join(",")).ok()
 }
 

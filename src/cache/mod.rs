@@ -6,7 +6,7 @@
 //! Parts that own their state and its lock: [`budget`] (the index and the limits in force;
 //! reservations and room made on demand), [`coalesce`] (the fill lock), [`tiers`] (the hot
 //! and open tiers, descriptor relief, records beside the index) and [`vary`] (the headers each
-//! URL varies on). Steps that own no state: `commit` (fill and commit, refresh, tee),
+//! URL varies on) and `variants` (the compressing queue and threads). Steps that own no state: `commit` (fill and commit, refresh, tee),
 //! [`evict`] (the loop, its pass, the unlinking of what the index let go), `read` (the disk
 //! side of a lookup) and `rebuild` (the startup rebuild). Beneath them: [`index`] (LRU order
 //! and accounting), [`store`] (the layout, `body | record | footer` per object file),
@@ -30,6 +30,7 @@ pub mod store;
 #[cfg(test)]
 mod testing;
 pub mod tiers;
+mod variants;
 pub mod vary;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,9 +42,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::metrics as m;
+use crate::negotiate::{Accepts, Coding};
 use budget::Reservation;
-use index::{Entry, Index, Removed};
-use key::CacheKey;
+use index::{Entry, Index, Removed, Variant};
+use key::{CacheKey, KeyHash};
 use meta::Meta;
 use read::{Expected, open_object};
 use store::{Store, StoreError};
@@ -59,8 +61,11 @@ const MIN_MMAP: u64 = 64 << 10;
 pub struct Hit {
     /// Its metadata.
     pub meta: Arc<Meta>,
-    /// Its whole body (memory or a mapping of the file).
+    /// Its whole body (memory or a mapping of the file): the identity body, or a compressed
+    /// variant's.
     pub body: Bytes,
+    /// The variant's coding; `None` for the identity body.
+    pub coding: Option<Coding>,
 }
 
 /// What to purge.
@@ -97,7 +102,8 @@ pub enum Purge {
 ///   metas: leaves, no eviction listener calls back).
 /// - `map` -> a flight's own watch channel (read to skip a released flight). `claim` picks
 ///   the variant (taking and letting go of `specs`) before it.
-/// - `specs`: a leaf.
+/// - `specs`: a leaf. So is the compressor's `pending` (`variants::Compressor`); its
+///   threads take the budget's and index's locks one step at a time, like a fill.
 /// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
 ///   recorder's (counters are bumped under `map`, gauges set under `budget`).
 pub struct Cache {
@@ -113,6 +119,8 @@ pub struct Cache {
     vary: vary::VarySpecs,
     /// Set once the startup rebuild is complete.
     loaded: AtomicBool,
+    /// The queue and threads that make compressed variants.
+    compressor: variants::Compressor,
 }
 
 impl Cache {
@@ -120,6 +128,7 @@ impl Cache {
     /// that cannot be used leaves the cache off (fail open); [`Cache::retry_open`] tries again.
     pub fn open(config: Arc<Config>) -> Arc<Cache> {
         let tiers = tiers::Tiers::from_config(&config);
+        let compressor = variants::Compressor::new(&config.compress);
         let cache = Arc::new(Cache {
             budget: Arc::new(budget::Budget::new(budget::Limits::from_config(&config))),
             config,
@@ -128,7 +137,9 @@ impl Cache {
             flights: Arc::new(coalesce::Flights::new()),
             vary: vary::VarySpecs::new(),
             loaded: AtomicBool::new(false),
+            compressor,
         });
+        cache.start_compressor();
         cache.retry_open();
         cache
     }
@@ -186,56 +197,61 @@ impl Cache {
     }
 
     /// Looks a key up: the index, then the hot or open tier its size belongs in, then disk.
+    /// The body is the smallest compressed variant the request accepts when one is stored
+    /// (never for a `Range` request: ranges are of the identity body), else the identity body.
     /// Any storage problem removes the entry and reads as a miss.
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.vary.variant_of(key, req);
-        let (generation, tail_len, digest, body_len, verified, known_mtime) = {
+        let (object, variant) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
             if &*e.key != key.as_str() {
                 return None;
             }
-            (e.generation, e.tail_len, e.digest, e.body_len, e.verified, e.mtime)
+            let object = Expected {
+                len: e.body_len,
+                tail_len: e.tail_len,
+                digest: e.digest,
+                verified: e.verified,
+                mtime: e.mtime,
+                min_mmap: MIN_MMAP,
+            };
+            let coding = match e.variants.is_empty() || req.contains_key(http::header::RANGE) {
+                true => None,
+                false => Accepts::parse(req).choose(e.variants.iter().map(|v| (v.coding, v.body_len)), e.body_len),
+            };
+            ((e.generation, object), coding.and_then(|c| e.variant(c)).cloned())
         };
+        match variant {
+            None => self.lookup_object(&store, key, hash, object).await,
+            Some(v) => self.lookup_variant(&store, key, hash, object, v).await,
+        }
+    }
+
+    /// The identity body and record of version `generation` of `hash`, as `expect`ed.
+    async fn lookup_object(
+        &self,
+        store: &Store,
+        key: &CacheKey,
+        hash: KeyHash,
+        (generation, expect): (u64, Expected),
+    ) -> Option<Hit> {
+        let (body_len, digest) = (expect.len, expect.digest);
         let tier = self.tiers.tier_for(body_len);
-        if let Some(Tier { objects: tier, .. }) = tier
-            && let Some(obj) = tier.get(&hash)
-        {
-            if obj.generation == generation && obj.meta.key == *key && obj.still_valid() {
-                return Some(Hit {
-                    meta: obj.meta.clone(),
-                    body: obj.body.clone(),
-                });
-            }
-            // Another version of the key (one that raced a replacement in), or changed
-            // underneath: the disk path checks the file again (and drops it).
-            tier.invalidate(&hash);
+        if let Some(hit) = self.tier_hit(tier.as_ref(), &hash, key, generation, 0) {
+            return Some(hit);
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
         let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight) && self.tiers.has_room(t));
         let cached = self.tiers.meta(&hash, generation);
         let path = store.object_path(&hash, generation);
-        let min_mmap = tier.as_ref().map_or(MIN_MMAP, |t| t.map_from);
         let expect = Expected {
-            len: body_len,
-            tail_len,
-            digest,
-            verified,
-            mtime: known_mtime,
-            min_mmap,
+            min_mmap: tier.as_ref().map_or(MIN_MMAP, |t| t.map_from),
+            ..expect
         };
         let want_record = cached.is_none();
-        // Inline when the page cache has it and nothing needs hashing; else off the runtime.
-        let opened = match open_object(&path, expect, want_record, true) {
-            Ok(None) => {
-                tokio::task::spawn_blocking(move || {
-                    open_object(&path, expect, want_record, false).map(|o| o.expect("a blocking open always answers"))
-                })
-                .await
-            }
-            other => Ok(other.map(|o| o.expect("answered"))),
-        };
+        let opened = self.open_blocking(path, expect, want_record).await;
         let opened = self.or_drop(opened, &hash, generation).await?;
         let meta = match (cached, opened.record) {
             (Some(meta), _) => meta,
@@ -253,32 +269,181 @@ impl Cache {
             // (A record is read whenever none is cached.)
             (None, None) => return None,
         };
-        let (body, mtime) = (opened.body, opened.mtime);
         if !opened.intact {
             self.drop_corrupt(&hash, generation, "body hash mismatch").await;
             return None;
         }
-        if mtime != known_mtime || !verified {
-            self.lock_index().mark_verified(&hash, generation, mtime);
+        if opened.mtime != expect.mtime || !expect.verified {
+            self.lock_index().mark_verified(&hash, generation, opened.mtime);
         }
-        if let Some(Tier { objects: tier, .. }) = tier {
-            tier.insert(
-                hash,
-                Arc::new(HotObject {
-                    meta: meta.clone(),
-                    generation,
-                    body: body.clone(),
-                    // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
-                    mapped_mtime: (body_len > 0 && body_len >= min_mmap).then_some(mtime),
-                }),
-            );
-            // Evicted, purged or replaced while this lookup read it: `forget` may have run
-            // before the insert. A tier must not keep it (nor its descriptor).
-            if self.lock_index().peek(&hash).map(|e| e.generation) != Some(generation) {
-                tier.invalidate(&hash);
+        let hit = Hit {
+            meta,
+            body: opened.body,
+            coding: None,
+        };
+        self.tier_insert(tier.as_ref(), hash, generation, 0, &hit, expect.min_mmap, opened.mtime);
+        Some(hit)
+    }
+
+    /// A compressed variant `v` of version `generation` of `hash`, served with the object's
+    /// record (read from the object's file when it is not cached).
+    async fn lookup_variant(
+        &self,
+        store: &Store,
+        key: &CacheKey,
+        hash: KeyHash,
+        (generation, object): (u64, Expected),
+        v: Variant,
+    ) -> Option<Hit> {
+        let tier_key = tiers::variant_key(&hash, v.coding);
+        let tier = self.tiers.tier_for(v.body_len);
+        if let Some(hit) = self.tier_hit(tier.as_ref(), &tier_key, key, generation, v.generation) {
+            return Some(hit);
+        }
+        let tier = tier.filter(|t| t.doorkeeper.admit(&tier_key, t.weight) && self.tiers.has_room(t));
+        let meta = match self.tiers.meta(&hash, generation) {
+            Some(meta) => meta,
+            None => {
+                let path = store.object_path(&hash, generation);
+                let read = tokio::task::spawn_blocking(move || {
+                    fileio::open_for_read(&path)
+                        .and_then(|file| store::read_record(&file, object.len, object.tail_len, false))
+                        .map(|m| m.expect("a blocking read answers"))
+                        .map_err(|source| StoreError::Io {
+                            op: "read",
+                            path,
+                            source,
+                        })
+                })
+                .await;
+                let meta = self.or_drop(read, &hash, generation).await?;
+                if meta.key != *key || meta.digest != object.digest || meta.body_len != object.len {
+                    self.drop_corrupt(&hash, generation, "record does not match the index")
+                        .await;
+                    return None;
+                }
+                let meta = Arc::new(meta);
+                self.tiers.remember_meta(hash, generation, &meta, false);
+                meta
             }
+        };
+        let expect = Expected {
+            len: v.body_len,
+            tail_len: v.tail_len,
+            digest: v.digest,
+            verified: v.verified,
+            mtime: v.mtime,
+            min_mmap: tier.as_ref().map_or(MIN_MMAP, |t| t.map_from),
+        };
+        let path = store.variant_path(&hash, v.generation, v.coding);
+        let opened = self.open_blocking(path, expect, false).await;
+        let opened = self.or_drop(opened, &hash, generation).await?;
+        if !opened.intact {
+            // The object goes with its variant: the next request fills both again.
+            self.drop_corrupt(&hash, generation, "variant body hash mismatch").await;
+            return None;
         }
-        Some(Hit { meta, body })
+        if opened.mtime != v.mtime || !v.verified {
+            self.lock_index()
+                .mark_variant_verified(&hash, v.generation, opened.mtime);
+        }
+        let hit = Hit {
+            meta,
+            body: opened.body,
+            coding: Some(v.coding),
+        };
+        self.tier_insert(
+            tier.as_ref(),
+            tier_key,
+            generation,
+            v.generation,
+            &hit,
+            expect.min_mmap,
+            opened.mtime,
+        );
+        Some(hit)
+    }
+
+    /// Opens a stored file for a hit: inline when the page cache has it and nothing needs
+    /// hashing, else off the runtime.
+    async fn open_blocking(
+        &self,
+        path: std::path::PathBuf,
+        expect: Expected,
+        want_record: bool,
+    ) -> Result<Result<read::Opened, StoreError>, tokio::task::JoinError> {
+        match open_object(&path, expect, want_record, true) {
+            Ok(None) => {
+                tokio::task::spawn_blocking(move || {
+                    open_object(&path, expect, want_record, false).map(|o| o.expect("a blocking open always answers"))
+                })
+                .await
+            }
+            other => Ok(other.map(|o| o.expect("answered"))),
+        }
+    }
+
+    /// A hit from the tier a body of its size belongs in, if it holds version `generation`
+    /// (and `variant`) of the key, still valid.
+    fn tier_hit(
+        &self,
+        tier: Option<&Tier<'_>>,
+        tier_key: &KeyHash,
+        key: &CacheKey,
+        generation: u64,
+        variant: u64,
+    ) -> Option<Hit> {
+        let tier = tier?.objects;
+        let obj = tier.get(tier_key)?;
+        if obj.generation == generation && obj.variant == variant && obj.meta.key == *key && obj.still_valid() {
+            return Some(Hit {
+                meta: obj.meta.clone(),
+                body: obj.body.clone(),
+                coding: (variant != 0).then(|| obj.coding).flatten(),
+            });
+        }
+        // Another version of the key (one that raced a replacement in), or changed
+        // underneath: the disk path checks the file again (and drops it).
+        tier.invalidate(tier_key);
+        None
+    }
+
+    /// Keeps a hit's body in its tier (when it was admitted), unless the key was evicted,
+    /// purged or replaced meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn tier_insert(
+        &self,
+        tier: Option<&Tier<'_>>,
+        tier_key: KeyHash,
+        generation: u64,
+        variant: u64,
+        hit: &Hit,
+        min_mmap: u64,
+        mtime: u64,
+    ) {
+        let Some(Tier { objects: tier, .. }) = tier else { return };
+        let len = hit.body.len() as u64;
+        tier.insert(
+            tier_key,
+            Arc::new(HotObject {
+                meta: hit.meta.clone(),
+                generation,
+                variant,
+                coding: hit.coding,
+                body: hit.body.clone(),
+                // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
+                mapped_mtime: (len > 0 && len >= min_mmap).then_some(mtime),
+            }),
+        );
+        // Evicted, purged or replaced while this lookup read it: `forget` may have run before
+        // the insert. A tier must not keep it (nor its descriptor).
+        let hash = hit.meta.storage_hash();
+        let still = self.lock_index().peek(&hash).is_some_and(|e| {
+            e.generation == generation && (variant == 0 || e.variants.iter().any(|v| v.generation == variant))
+        });
+        if !still {
+            tier.invalidate(&tier_key);
+        }
     }
 
     fn storage_error(&self, e: &StoreError) {

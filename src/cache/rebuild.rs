@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tracing::info;
 
-use crate::cache::index::Entry;
+use crate::cache::index::{Entry, Variant};
 use crate::cache::{Cache, fileio, store};
 use crate::metrics as m;
 
@@ -31,8 +31,10 @@ impl Cache {
         self.lock_index().add_unindexed(bytes, found.len() as u64);
         self.budget.set_accounted();
 
-        // Oldest first, so the most recently stored end up most recently used.
+        // Oldest first, so the most recently stored end up most recently used; variants after
+        // every object, to be attached to the version indexed.
         found.sort_by_key(|f| f.generation);
+        let (variants, found): (Vec<_>, Vec<_>) = found.into_iter().partition(|f| f.coding.is_some());
         let mut loaded = 0u64;
         let mut corrupt = 0u64;
         for f in found {
@@ -64,16 +66,54 @@ impl Cache {
                 digest: meta.digest,
                 verified: false,
                 mtime: 0,
+                variants: Box::default(),
             };
             self.vary.remember(&meta);
             let removed = self.lock_index().insert_scanned(f.id, entry);
             if let Some(r) = removed {
-                let _ = store.remove_object(&r.key, r.generation);
-                self.lock_index().unlinked(r.bytes, 1);
+                super::evict::remove_removed(&store, &r);
+                self.lock_index().unlinked(r.bytes, r.files());
             }
             loaded += 1;
             if loaded.is_multiple_of(10_000) {
                 metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
+            }
+        }
+        for f in variants {
+            let Some(coding) = f.coding else { continue };
+            let charged = self.charge(f.len);
+            let path = store.variant_path(&f.id, f.generation, coding);
+            if store.is_own(f.generation) {
+                self.lock_index().forget_unindexed(charged);
+                self.lock_index().forget_unindexed_objects(1);
+                continue;
+            }
+            let read = fileio::open_for_read(&path).and_then(|file| store::read_variant_found(&file, f.len));
+            let attached = match read {
+                Ok(record) if record.coding == coding => {
+                    let variant = Variant {
+                        coding,
+                        generation: f.generation,
+                        body_len: record.body_len,
+                        tail_len: store::VARIANT_TAIL,
+                        digest: record.digest,
+                        verified: false,
+                        mtime: 0,
+                    };
+                    let made_from = (record.made_from.1, record.made_from.0);
+                    self.lock_index().add_scanned_variant(&f.id, made_from, variant)
+                }
+                _ => {
+                    corrupt += 1;
+                    false
+                }
+            };
+            if !attached {
+                // Torn, corrupt, or made from a body no longer stored.
+                let _ = store.remove(&path);
+                let mut ix = self.lock_index();
+                ix.forget_unindexed(charged);
+                ix.forget_unindexed_objects(1);
             }
         }
         {

@@ -6,6 +6,8 @@
 //!                                                   (unnamed `O_TMPFILE`s instead where the
 //!                                                   filesystem has them: nothing to sweep)
 //! <cache_dir>/objects-v2/<kh:2>/<keyhash>.<gen>     one file per stored version of a key
+//! <cache_dir>/objects-v2/<kh:2>/<keyhash>.<gen>.br  a compressed variant of a key's body
+//!                                                   (`.zst`, `.gz`), versioned on its own
 //! <cache_dir>/objects-v2/generations                where the next run's versions start
 //! <cache_dir>/lock                                  held (flock) while a process uses the dir
 //! ```
@@ -19,6 +21,12 @@
 //! whole; a small body's is written under its final name in one `pwritev` ([`Store::write_object`])
 //! before the index learns of it. Either way a name in a fan-out directory is a complete
 //! object, or a torn one a crash cut short, which its footer and record checksum reveal. A body's digest is checked before its first use after a restart.
+//!
+//! A compressed variant is a file of its own: `coded body | variant record` (fixed length:
+//! magic, coding, the coded body's length and blake3 digest, the length and digest of the body
+//! it was made from, a checksum). Its name holds the key's hash and its own version; the
+//! startup scan attaches it to the key's indexed object when that object's body is the one it
+//! was made from, and removes it otherwise.
 //!
 //! Every stored file has a version (`gen`) in its name: a new version never lands on the path
 //! of one being evicted, so an unlink can only ever remove the version it meant to. A layout
@@ -45,8 +53,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
-use crate::cache::key::KeyHash;
+use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::{MAX_RECORD, Meta};
+use crate::negotiate::Coding;
 
 /// Storage failures, each naming the object it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +237,76 @@ fn footer_record_len(bytes: &[u8]) -> Option<u64> {
     (magic == FOOTER_MAGIC).then(|| u64::from(u32::from_be_bytes(len.try_into().expect("4 bytes"))))
 }
 
+const VARIANT_MAGIC: &[u8; 8] = b"SCVAR001";
+/// Bytes of a variant file after its coded body: its record.
+pub const VARIANT_TAIL: u64 = 8 + 1 + 8 + 32 + 8 + 32 + 16;
+
+/// What a variant file's record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VariantRecord {
+    /// Its content coding.
+    pub coding: Coding,
+    /// The coded body's length.
+    pub body_len: u64,
+    /// The coded body's blake3 digest.
+    pub digest: Digest,
+    /// The length and digest of the body it was made from.
+    pub made_from: (u64, Digest),
+}
+
+impl VariantRecord {
+    /// `magic | u8 coding | u64 body_len | digest | u64 made-from length | made-from digest |
+    /// blake3(all before)[..16]`, integers big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(VARIANT_TAIL as usize);
+        out.extend_from_slice(VARIANT_MAGIC);
+        out.push(self.coding.id());
+        out.extend_from_slice(&self.body_len.to_be_bytes());
+        out.extend_from_slice(&self.digest.0);
+        out.extend_from_slice(&self.made_from.0.to_be_bytes());
+        out.extend_from_slice(&self.made_from.1.0);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(&sum.as_bytes()[..16]);
+        out
+    }
+
+    /// Decodes exactly one record, checking its magic and checksum.
+    pub fn decode(bytes: &[u8]) -> std::io::Result<VariantRecord> {
+        let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+        if bytes.len() as u64 != VARIANT_TAIL || &bytes[..8] != VARIANT_MAGIC {
+            return Err(invalid("variant record missing"));
+        }
+        let (fields, sum) = bytes.split_at(bytes.len() - 16);
+        if &blake3::hash(fields).as_bytes()[..16] != sum {
+            return Err(invalid("variant record checksum mismatch"));
+        }
+        let u64_at = |at: usize| u64::from_be_bytes(fields[at..at + 8].try_into().expect("8 bytes"));
+        let digest_at = |at: usize| Digest(fields[at..at + 32].try_into().expect("32 bytes"));
+        Ok(VariantRecord {
+            coding: Coding::from_id(fields[8]).ok_or_else(|| invalid("unknown coding"))?,
+            body_len: u64_at(9),
+            digest: digest_at(17),
+            made_from: (u64_at(49), digest_at(57)),
+        })
+    }
+}
+
+/// Reads the record of a variant file of `len` bytes found at startup; its coded body must
+/// account for the rest of the file exactly.
+pub fn read_variant_found(file: &File, len: u64) -> std::io::Result<VariantRecord> {
+    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+    if len < VARIANT_TAIL {
+        return Err(invalid("variant file too short"));
+    }
+    let bytes = crate::cache::fileio::read_at(file, VARIANT_TAIL as usize, len - VARIANT_TAIL, false)?
+        .expect("a blocking read");
+    let record = VariantRecord::decode(&bytes)?;
+    if record.body_len + VARIANT_TAIL != len {
+        return Err(invalid("variant file length does not match its record"));
+    }
+    Ok(record)
+}
+
 /// How a file being written gets its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TmpMode {
@@ -277,6 +356,8 @@ pub struct Found<T> {
     pub len: u64,
     /// Its modification time.
     pub modified: SystemTime,
+    /// For a compressed variant's file: its coding.
+    pub coding: Option<Coding>,
 }
 
 /// The file under `objects-v2/` holding the first version the next run may hand out.
@@ -479,7 +560,37 @@ impl Store {
     /// before they are written: larger ones are written while readers read them, through
     /// [`Store::create_tmp_object`] and [`Store::place_object`].
     pub fn write_object(&self, key: &KeyHash, generation: u64, parts: &[&[u8]]) -> Result<u64, StoreError> {
-        let path = self.object_path(key, generation);
+        self.write_new(self.object_path(key, generation), parts)
+    }
+
+    /// Where a compressed variant of `key`'s body lives: beside its objects, its own version
+    /// and the coding's suffix in its name.
+    pub fn variant_path(&self, key: &KeyHash, generation: u64, coding: Coding) -> PathBuf {
+        let mut path = self.object_path(key, generation).into_os_string();
+        path.push(".");
+        path.push(coding.ext());
+        PathBuf::from(path)
+    }
+
+    /// Writes a whole variant file (`parts`: the coded body, then its record's encoding) under
+    /// its final name, as [`Store::write_object`] does an object; its modification time (ns).
+    pub fn write_variant(
+        &self,
+        key: &KeyHash,
+        generation: u64,
+        coding: Coding,
+        parts: &[&[u8]],
+    ) -> Result<u64, StoreError> {
+        self.write_new(self.variant_path(key, generation, coding), parts)
+    }
+
+    /// Removes a variant file; one already gone is not an error.
+    pub fn remove_variant(&self, key: &KeyHash, generation: u64, coding: Coding) -> Result<(), StoreError> {
+        self.remove(&self.variant_path(key, generation, coding))
+    }
+
+    /// Creates `path` (a new name) and writes `parts` into it in one `pwritev`.
+    fn write_new(&self, path: PathBuf, parts: &[&[u8]]) -> Result<u64, StoreError> {
         let file = in_its_dir(&path, "create", || {
             OpenOptions::new()
                 .write(true)
@@ -636,17 +747,23 @@ fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
             if kind == FileType::Directory {
                 continue;
             }
-            let parsed = file
-                .to_str()
-                .ok()
-                .and_then(|name| name.split_once('.'))
-                .and_then(|(id, g)| Some((parse(id)?, u64::from_str_radix(g, 16).ok()?)));
+            // `<id>.<gen>`, or `<id>.<gen>.<coding suffix>` for a variant.
+            let parsed = file.to_str().ok().and_then(|name| {
+                let mut parts = name.splitn(3, '.');
+                let (id, generation) = (parts.next()?, parts.next()?);
+                let coding = match parts.next() {
+                    None => None,
+                    Some(ext) => Some(Coding::from_ext(ext)?),
+                };
+                Some((parse(id)?, u64::from_str_radix(generation, 16).ok()?, coding))
+            });
             match parsed {
-                Some((id, generation)) if kind == FileType::RegularFile => out.push(Found {
+                Some((id, generation, coding)) if kind == FileType::RegularFile => out.push(Found {
                     id,
                     generation,
                     len: st.st_size as u64,
                     modified: UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32),
+                    coding,
                 }),
                 // Not ours (or mangled, or a link): nothing may be served from it.
                 _ => {
@@ -1021,5 +1138,55 @@ mod tests {
             "a link inside is removed, not followed"
         );
         assert!(store.scan_objects().is_empty());
+    }
+
+    #[test]
+    fn a_variant_file_is_found_beside_its_object_and_its_record_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("cache")).expect("store");
+        let key = KeyHash::of(b"http://app.example/app.js");
+        let coded = b"coded bytes".repeat(10);
+        let record = VariantRecord {
+            coding: Coding::Br,
+            body_len: coded.len() as u64,
+            digest: Digest::from(blake3::hash(&coded)),
+            made_from: (5000, Digest::from(blake3::hash(b"identity"))),
+        };
+        let generation = store.next_gen();
+        store
+            .write_variant(&key, generation, Coding::Br, &[&coded, &record.encode()])
+            .expect("written");
+        let path = store.variant_path(&key, generation, Coding::Br);
+        assert!(path.to_string_lossy().ends_with(".br"));
+        let found = store.scan_objects();
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].id, found[0].generation, found[0].coding),
+            (key, generation, Some(Coding::Br))
+        );
+        let len = found[0].len;
+        assert_eq!(len, coded.len() as u64 + VARIANT_TAIL);
+        let file = File::open(&path).expect("open");
+        assert_eq!(read_variant_found(&file, len).expect("whole"), record);
+        // Every cut, and a flipped byte in the record, is refused.
+        let bytes = std::fs::read(&path).expect("read");
+        for cut in [1, 10, VARIANT_TAIL as usize, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..bytes.len() - cut]).expect("cut");
+            let file = File::open(&path).expect("open");
+            assert!(
+                read_variant_found(&file, (bytes.len() - cut) as u64).is_err(),
+                "cut {cut}"
+            );
+        }
+        let mut flipped = bytes.clone();
+        let at = bytes.len() - 30;
+        flipped[at] ^= 1;
+        std::fs::write(&path, &flipped).expect("flip");
+        let file = File::open(&path).expect("open");
+        assert!(read_variant_found(&file, flipped.len() as u64).is_err());
+        // A name with an unknown suffix is not ours: removed by the scan.
+        std::fs::write(path.with_extension("xz"), b"x").expect("write");
+        assert_eq!(store.scan_objects().len(), 1);
+        assert!(!path.with_extension("xz").exists());
     }
 }

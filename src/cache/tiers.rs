@@ -19,6 +19,7 @@ use crate::cache::key::KeyHash;
 use crate::cache::meta::Meta;
 use crate::config::Config;
 use crate::metrics as m;
+use crate::negotiate::Coding;
 
 /// Bodies from this size go to the open tier (kept open and mapped) instead of the hot tier:
 /// the size from which connections send mapped slices with `sendfile`.
@@ -57,11 +58,24 @@ fn meta_weight(meta: &Meta) -> u32 {
     (512 + meta.key.as_str().len() + headers).min(u32::MAX as usize) as u32
 }
 
+/// What a compressed variant's body is held under in the tiers: a hash of the key's and the
+/// coding (never a key's own hash).
+pub(super) fn variant_key(hash: &KeyHash, coding: Coding) -> KeyHash {
+    let mut bytes = [0u8; 17];
+    bytes[..16].copy_from_slice(&hash.0);
+    bytes[16] = coding.id();
+    KeyHash::of(&bytes)
+}
+
 /// A hot-tier or open-tier object: the metadata and the whole body, in memory or mapped.
 pub struct HotObject {
     pub(super) meta: Arc<Meta>,
     /// The version of the key it is (its object file's generation).
     pub(super) generation: u64,
+    /// For a compressed variant's body: the variant file's version (0: the identity body).
+    pub(super) variant: u64,
+    /// The variant's coding.
+    pub(super) coding: Option<Coding>,
     pub(super) body: Bytes,
     /// For a mapped body: its file's modification time when the body was checked.
     pub(super) mapped_mtime: Option<u64>,
@@ -350,10 +364,14 @@ impl Tiers {
         self.metas.invalidate(hash);
     }
 
-    /// Forgets a key's object in either tier (its cached record stays).
+    /// Forgets a key's object in either tier, its compressed variants' bodies too (its cached
+    /// record stays).
     pub(super) fn forget_tiers(&self, hash: &KeyHash) {
         for tier in [&self.hot, &self.open].into_iter().flatten() {
             tier.invalidate(hash);
+            for coding in Coding::ALL {
+                tier.invalidate(&variant_key(hash, coding));
+            }
         }
     }
 
@@ -393,6 +411,8 @@ mod tests {
         Arc::new(HotObject {
             meta: meta(i),
             generation: 1,
+            variant: 0,
+            coding: None,
             body: Bytes::new(),
             mapped_mtime: None,
         })

@@ -198,6 +198,8 @@ async fn objects_of_a_growing_share_of_the_budget_are_each_stored() {
         let budget = 16 * MIB;
         let origin = Origin::start().await;
         let sc = TestSidecar::start_with(&origin.url(), |c| {
+            // Budgets here are worked out for objects alone (variants: `compress`'s tests).
+            c.compress.enabled = false;
             c.max_size = budget;
             c.max_objects = 64;
             c.max_object_size = budget / 2;
@@ -258,6 +260,8 @@ async fn a_fill_evicts_an_object_asked_for_once_before_one_asked_for_twice() {
     // Room for three such objects besides the layout: the fourth does not fit, yet the cache
     // is below its high watermark, so no eviction pass would run for it.
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // Budgets here are worked out for objects alone (variants: `compress`'s tests).
+        c.compress.enabled = false;
         c.max_size = 4 * MIB;
         c.max_objects = 16;
         c.memory_size = 0;
@@ -300,6 +304,8 @@ async fn readers_of_a_fill_that_makes_room_share_it_and_it_is_stored() {
         ),
     );
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // Budgets here are worked out for objects alone (variants: `compress`'s tests).
+        c.compress.enabled = false;
         c.max_size = 4 * MIB;
         c.max_objects = 16;
         c.memory_size = 0;
@@ -351,6 +357,8 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
         }
     }
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // Budgets here are worked out for objects alone (variants: `compress`'s tests).
+        c.compress.enabled = false;
         c.max_size = budget;
         c.max_objects = 64;
         c.max_object_size = budget / 2;
@@ -420,6 +428,8 @@ async fn a_budget_lowered_by_min_free_still_makes_room() {
         route(&origin, &format!("/m/{i}"), i, MIB);
     }
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // Budgets here are worked out for objects alone (variants: `compress`'s tests).
+        c.compress.enabled = false;
         c.cache_dir = cache_dir.clone();
         c.max_size = 64 * MIB;
         c.max_objects = 32;

@@ -435,10 +435,16 @@ async fn vary_variants_are_stored_side_by_side() {
         assert_eq!(got.cache_status, "sidecache; hit", "{ae}");
         assert_eq!(origin.hits("/v.js"), n);
     }
+    // No Accept-Encoding accepts no coding, as `identity` does: the same answer.
     let none = send(c.get(sc.url("/v.js"))).await;
+    assert_eq!(
+        none.cache_status, "sidecache; hit",
+        "no Accept-Encoding is identity's variant"
+    );
+    let gzip = send(c.get(sc.url("/v.js")).header("accept-encoding", "gzip")).await;
     assert!(
-        none.cache_status.contains("fwd=vary-miss"),
-        "no Accept-Encoding is its own variant"
+        gzip.cache_status.contains("fwd=vary-miss"),
+        "gzip alone is its own variant"
     );
     // Purging the URL removes every variant.
     stored(&sc, 3).await;

@@ -1,0 +1,424 @@
+//! Compressed variants, the pure parts: the `compress:` settings, which stored responses get
+//! variants and at what levels ([`Settings::plan`]), and the encoders (the `brotli`, `zstd`
+//! and `flate2` crates). The pool that runs them and stores their output is
+//! `cache::variants`.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderMap};
+use serde::Deserialize;
+
+use crate::negotiate::Coding;
+use crate::policy::CacheControl;
+use crate::units::{ByteSize, HumanDuration};
+
+/// Media types compressed by default: text and the binary formats that shrink (wasm, TTF and
+/// OTF fonts, icons). Never images in compressed formats, video, audio, archives or WOFF
+/// fonts (already compressed). `text/*` covers every text type.
+pub const DEFAULT_TYPES: &[&str] = &[
+    "text/*",
+    "application/javascript",
+    "application/x-javascript",
+    "application/ecmascript",
+    "application/json",
+    "application/ld+json",
+    "application/manifest+json",
+    "application/geo+json",
+    "application/xml",
+    "application/xhtml+xml",
+    "application/rss+xml",
+    "application/atom+xml",
+    "application/wasm",
+    "image/svg+xml",
+    "image/x-icon",
+    "image/vnd.microsoft.icon",
+    "image/bmp",
+    "font/ttf",
+    "font/otf",
+    "application/x-font-ttf",
+    "application/x-font-otf",
+    "application/vnd.ms-fontobject",
+];
+
+/// Compression levels, one per coding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Levels {
+    /// Brotli quality, 0..=11.
+    pub br: u32,
+    /// Zstandard level, 1..=22.
+    pub zstd: i32,
+    /// Gzip level, 1..=9.
+    pub gzip: u32,
+}
+
+impl Levels {
+    /// For long-lived objects: the best ratios (brotli 11 is ~1 MB/s of input; worth it once
+    /// for an object served for a year).
+    pub const LONG: Levels = Levels {
+        br: 11,
+        zstd: 19,
+        gzip: 9,
+    };
+    /// For short-lived objects: fast levels, still smaller than what apps compress on the fly.
+    pub const SHORT: Levels = Levels {
+        br: 5,
+        zstd: 3,
+        gzip: 6,
+    };
+    /// Ceilings for bodies over [`LARGE`]: a few seconds of one core at most.
+    pub const LARGE_CAP: Levels = Levels {
+        br: 9,
+        zstd: 15,
+        gzip: 9,
+    };
+
+    fn validate(&self) -> Result<(), String> {
+        if self.br > 11 || !(1..=22).contains(&self.zstd) || !(1..=9).contains(&self.gzip) {
+            return Err(format!("levels {self:?} out of range (br 0-11, zstd 1-22, gzip 1-9)"));
+        }
+        Ok(())
+    }
+
+    fn min(self, cap: Levels) -> Levels {
+        Levels {
+            br: self.br.min(cap.br),
+            zstd: self.zstd.min(cap.zstd),
+            gzip: self.gzip.min(cap.gzip),
+        }
+    }
+
+    /// The level for one coding, as the encoder takes it.
+    pub fn of(&self, coding: Coding) -> i32 {
+        match coding {
+            Coding::Br => self.br as i32,
+            Coding::Zstd => self.zstd,
+            Coding::Gzip => self.gzip as i32,
+        }
+    }
+}
+
+/// Bodies above this size are compressed at no more than [`Levels::LARGE_CAP`].
+pub const LARGE: u64 = 1 << 20;
+
+/// `compress:` as written: `false`/`true`, or a map of the keys below.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawCompress {
+    /// `compress: false` turns it off; `true` is the defaults.
+    Switch(bool),
+    /// The keys.
+    Keys(RawCompressKeys),
+}
+
+/// The keys of `compress:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompressKeys {
+    /// On by default.
+    pub enabled: Option<bool>,
+    /// Media types compressed (`type/subtype`, or `type/*`).
+    pub types: Option<Vec<String>>,
+    /// Smallest body compressed.
+    pub min_size: Option<ByteSize>,
+    /// Largest body compressed.
+    pub max_size: Option<ByteSize>,
+    /// Freshness lifetime from which an object counts as long-lived.
+    pub long_lived: Option<HumanDuration>,
+    /// Levels for long-lived objects (and `immutable` ones).
+    pub long_levels: Option<Levels>,
+    /// Levels for the others.
+    pub short_levels: Option<Levels>,
+    /// Background threads compressing (each runs at a lower CPU priority).
+    pub threads: Option<usize>,
+    /// Objects waiting for a thread; more are not compressed (counted).
+    pub queue: Option<usize>,
+}
+
+/// The `compress:` settings in force.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Variants are made at all.
+    pub enabled: bool,
+    /// Media types compressed, lower-case; `type/*` entries as their `type/` prefix.
+    pub types: Vec<String>,
+    /// Smallest body compressed (bytes).
+    pub min_size: u64,
+    /// Largest body compressed (bytes).
+    pub max_size: u64,
+    /// Lifetime from which an object is long-lived.
+    pub long_lived: Duration,
+    /// Levels for long-lived objects.
+    pub long_levels: Levels,
+    /// Levels for short-lived objects.
+    pub short_levels: Levels,
+    /// Compressing threads.
+    pub threads: usize,
+    /// Queue length.
+    pub queue: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings::compile(None).expect("the defaults are valid")
+    }
+}
+
+impl Settings {
+    /// The settings from `compress:` (absent: the defaults).
+    pub fn compile(raw: Option<RawCompress>) -> Result<Settings, String> {
+        let (enabled, keys) = match raw {
+            None => (true, RawCompressKeys::default()),
+            Some(RawCompress::Switch(on)) => (on, RawCompressKeys::default()),
+            Some(RawCompress::Keys(k)) => (k.enabled.unwrap_or(true), k),
+        };
+        let types: Vec<String> = keys
+            .types
+            .unwrap_or_else(|| DEFAULT_TYPES.iter().map(|t| (*t).to_owned()).collect())
+            .into_iter()
+            .map(|t| {
+                let t = t.trim().to_ascii_lowercase();
+                match t.split_once('/') {
+                    Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok(t.trim_end_matches('*').to_owned()),
+                    _ => Err(format!("type `{t}` is not `type/subtype` or `type/*`")),
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        let long_levels = keys.long_levels.unwrap_or(Levels::LONG);
+        let short_levels = keys.short_levels.unwrap_or(Levels::SHORT);
+        long_levels.validate()?;
+        short_levels.validate()?;
+        let threads = keys.threads.unwrap_or(1);
+        if threads == 0 || threads > 64 {
+            return Err(format!(
+                "threads {threads}: from 1 to 64 (turn compression off with enabled: false)"
+            ));
+        }
+        let min_size = keys.min_size.map_or(1024, |b| b.0);
+        let max_size = keys.max_size.map_or(8 << 20, |b| b.0);
+        if max_size < min_size {
+            return Err(format!("max_size {max_size} is below min_size {min_size}"));
+        }
+        if max_size > 1 << 30 {
+            return Err("max_size: at most 1 GiB (a body is compressed in memory)".into());
+        }
+        Ok(Settings {
+            enabled,
+            types,
+            min_size,
+            max_size,
+            long_lived: keys.long_lived.map_or(Duration::from_secs(86_400), |d| d.0),
+            long_levels,
+            short_levels,
+            threads,
+            queue: keys.queue.unwrap_or(1024).max(1),
+        })
+    }
+
+    /// Whether a media type (a `Content-Type` value, parameters and all) is compressed.
+    pub fn compresses_type(&self, content_type: &str) -> bool {
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        self.types.iter().any(|t| {
+            if t.ends_with('/') {
+                essence.starts_with(t.as_str()) && essence.len() > t.len()
+            } else {
+                essence == *t
+            }
+        })
+    }
+
+    /// Whether a stored response gets variants: a 200 of a compressed type, within the size
+    /// bounds, not coded already, and not marked `no-transform` (RFC 9110 §7.7).
+    pub fn eligible(&self, status: u16, headers: &HeaderMap, body_len: u64) -> bool {
+        if !self.enabled || status != 200 || body_len < self.min_size || body_len > self.max_size {
+            return false;
+        }
+        let coded = headers.get_all(header::CONTENT_ENCODING).iter().any(|v| {
+            v.to_str().map_or(true, |t| {
+                t.split(',').any(|c| !c.trim().eq_ignore_ascii_case("identity"))
+            })
+        });
+        if coded || headers.contains_key(header::CONTENT_RANGE) {
+            return false;
+        }
+        if CacheControl::parse(headers).no_transform {
+            return false;
+        }
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| self.compresses_type(t))
+    }
+
+    /// The levels for a body of `len` bytes whose freshness lifetime is `lifetime`.
+    pub fn levels(&self, lifetime: Duration, immutable: bool, len: u64) -> Levels {
+        let levels = if immutable || lifetime >= self.long_lived {
+            self.long_levels
+        } else {
+            self.short_levels
+        };
+        if len > LARGE {
+            levels.min(Levels::LARGE_CAP)
+        } else {
+            levels
+        }
+    }
+}
+
+/// Compresses `body` in `coding` at `level`.
+pub fn encode(coding: Coding, level: i32, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(body.len() / 3 + 64);
+    match coding {
+        Coding::Br => {
+            let params = brotli::enc::BrotliEncoderParams {
+                quality: level,
+                // A window as large as the body (up to 16 MiB) finds its repeats.
+                lgwin: (body.len().max(1 << 16) as f64).log2().ceil().clamp(16.0, 24.0) as i32,
+                size_hint: body.len(),
+                ..Default::default()
+            };
+            brotli::BrotliCompress(&mut &body[..], &mut out, &params)?;
+        }
+        Coding::Zstd => {
+            let mut enc = zstd::stream::Encoder::new(&mut out, level)?;
+            enc.set_pledged_src_size(Some(body.len() as u64))?;
+            enc.include_checksum(true)?;
+            enc.write_all(body)?;
+            enc.finish()?;
+        }
+        Coding::Gzip => {
+            let mut enc = flate2::write::GzEncoder::new(&mut out, flate2::Compression::new(level as u32));
+            enc.write_all(body)?;
+            enc.finish()?;
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a coded body is worth keeping beside an identity body of `len` bytes: at least
+/// 1/16 smaller (a variant that saves less costs a file, an inode and a lookup for little).
+pub fn worth_keeping(coded: u64, len: u64) -> bool {
+    coded < len - len / 16
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn head(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| (http::HeaderName::from_static(n), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn every_coding_decodes_back_to_the_body() {
+        let body = b"function f(x) { return x * 2; }\n".repeat(4000);
+        for coding in Coding::ALL {
+            for levels in [Levels::LONG, Levels::SHORT] {
+                let coded = encode(coding, levels.of(coding), &body).expect("encodes");
+                assert!(worth_keeping(coded.len() as u64, body.len() as u64), "{coding:?}");
+                let mut back = Vec::new();
+                match coding {
+                    Coding::Br => brotli::Decompressor::new(&coded[..], 4096).read_to_end(&mut back),
+                    Coding::Zstd => zstd::stream::Decoder::new(&coded[..])
+                        .expect("zstd")
+                        .read_to_end(&mut back),
+                    Coding::Gzip => flate2::read::GzDecoder::new(&coded[..]).read_to_end(&mut back),
+                }
+                .expect("decodes");
+                assert_eq!(back, body, "{coding:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_compressible_uncoded_transformable_200s_in_bounds_get_variants() {
+        let s = Settings::default();
+        let js = head(&[("content-type", "application/javascript; charset=utf-8")]);
+        assert!(s.eligible(200, &js, 50_000));
+        assert!(s.eligible(200, &head(&[("content-type", "text/css")]), 50_000));
+        assert!(s.eligible(200, &head(&[("content-type", "image/svg+xml")]), 50_000));
+        assert!(!s.eligible(200, &head(&[("content-type", "image/png")]), 50_000));
+        assert!(!s.eligible(200, &head(&[("content-type", "font/woff2")]), 50_000));
+        assert!(!s.eligible(200, &head(&[("content-type", "video/mp4")]), 50_000));
+        assert!(!s.eligible(200, &head(&[("content-type", "application/zip")]), 50_000));
+        assert!(!s.eligible(200, &head(&[]), 50_000));
+        // Sizes, status, codings, no-transform.
+        assert!(!s.eligible(200, &js, 100));
+        assert!(!s.eligible(200, &js, 9 << 20));
+        assert!(!s.eligible(404, &js, 50_000));
+        let gz = head(&[("content-type", "text/css"), ("content-encoding", "gzip")]);
+        assert!(!s.eligible(200, &gz, 50_000));
+        let id = head(&[("content-type", "text/css"), ("content-encoding", "identity")]);
+        assert!(s.eligible(200, &id, 50_000));
+        let nt = head(&[("content-type", "text/css"), ("cache-control", "public, no-transform")]);
+        assert!(!s.eligible(200, &nt, 50_000));
+        // `text/*` does not match `text/` alone, nor another type that starts alike.
+        assert!(!s.compresses_type("text/"));
+        assert!(!s.compresses_type("textual/x"));
+        let off = Settings::compile(Some(RawCompress::Switch(false))).expect("valid");
+        assert!(!off.eligible(200, &js, 50_000));
+    }
+
+    #[test]
+    fn long_lived_objects_get_the_best_levels_and_large_ones_a_ceiling() {
+        let s = Settings::default();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(s.levels(day, false, 10_000), Levels::LONG);
+        assert_eq!(s.levels(Duration::from_secs(60), true, 10_000), Levels::LONG);
+        assert_eq!(s.levels(Duration::from_secs(60), false, 10_000), Levels::SHORT);
+        assert_eq!(s.levels(day, false, 4 << 20), Levels::LARGE_CAP);
+    }
+
+    #[test]
+    fn settings_refuse_what_cannot_work() {
+        let keys = |k: RawCompressKeys| Settings::compile(Some(RawCompress::Keys(k)));
+        assert!(
+            keys(RawCompressKeys {
+                threads: Some(0),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            keys(RawCompressKeys {
+                long_levels: Some(Levels {
+                    br: 12,
+                    zstd: 3,
+                    gzip: 6
+                }),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            keys(RawCompressKeys {
+                types: Some(vec!["javascript".into()]),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            keys(RawCompressKeys {
+                min_size: Some(ByteSize(10_000)),
+                max_size: Some(ByteSize(1_000)),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        let s = keys(RawCompressKeys {
+            types: Some(vec!["Application/Foo".into()]),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert!(s.compresses_type("application/foo"));
+        assert!(!s.compresses_type("text/css"));
+    }
+}
