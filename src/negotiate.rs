@@ -160,26 +160,6 @@ impl Accepts {
         self.weight(coding as usize) > 0
     }
 
-    /// Whether a stored `Content-Encoding` (its codings, in order applied) may be sent to this
-    /// request: every coding in it must be acceptable. No header (or `identity`): yes.
-    pub fn accepts_stored(&self, content_encoding: Option<&HeaderValue>) -> bool {
-        let Some(value) = content_encoding else { return true };
-        let Ok(text) = value.to_str() else { return false };
-        text.split(',')
-            .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| !t.is_empty() && t != "identity")
-            .all(|t| {
-                let Some(i) = slot(&t) else {
-                    // A coding we do not know: only an explicit `*` lets it through.
-                    return self.present && self.q[STAR].is_some_and(|q| q > 0);
-                };
-                // Without the header any coding is acceptable (RFC 9110 §12.5.3); an app
-                // that compressed for one client must not reach one that did not ask, so
-                // a stored coded body goes only to requests that name it (or `*`).
-                self.present && self.weight(i) > 0
-            })
-    }
-
     /// Which stored variant to send: of the codings accepted, the highest weight, then the
     /// smallest; `None` for the identity body. An identity the request names with a weight
     /// above every variant's wins; one it does not name is preferred less than any coding it
@@ -226,6 +206,60 @@ impl Accepts {
         }
         Some(HeaderValue::from_str(&parts.join(",")).expect("tokens are valid header text"))
     }
+}
+
+/// Whether a stored `Content-Encoding` (its codings, in order applied) may be sent to a request
+/// with these headers: every coding in it must be acceptable, named by the request (or
+/// covered by its `*`) with a weight above 0. No `Content-Encoding` (or `identity`): yes.
+/// Without `Accept-Encoding` any coding is acceptable (RFC 9110 §12.5.3), but an app that
+/// coded an answer for one client must not reach one that did not ask: the caller decides
+/// when that reading applies.
+pub fn accepts_stored(req: &HeaderMap, content_encoding: Option<&HeaderValue>) -> bool {
+    let Some(value) = content_encoding else { return true };
+    let Ok(text) = value.to_str() else { return false };
+    let accepts = Accepts::parse(req);
+    text.split(',')
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "identity")
+        .all(|t| match slot(&t) {
+            Some(i) => accepts.weight(i) > 0,
+            // A coding this module has no slot for: named with a weight above 0, else `*`'s.
+            None => named_weight(req, &t)
+                .or(accepts.q[STAR])
+                .is_some_and(|q| accepts.present && q > 0),
+        })
+}
+
+/// The weight a request's `Accept-Encoding` gives a coding token by name (bounded as
+/// [`Accepts::parse`] is); `None` when it does not name it.
+fn named_weight(req: &HeaderMap, token: &str) -> Option<u16> {
+    let mut seen = 0;
+    let mut found = None;
+    for line in req.get_all(header::ACCEPT_ENCODING) {
+        let Ok(text) = line.to_str() else { continue };
+        for element in text.split(',') {
+            seen += 1;
+            if seen > MAX_ELEMENTS {
+                return found;
+            }
+            let mut parts = element.split(';');
+            if !parts.next().unwrap_or("").trim().eq_ignore_ascii_case(token) {
+                continue;
+            }
+            let mut q = Some(1000);
+            for param in parts {
+                if let Some((name, value)) = param.split_once('=')
+                    && name.trim().eq_ignore_ascii_case("q")
+                {
+                    q = qvalue(value);
+                }
+            }
+            if let Some(q) = q {
+                found = Some(found.map_or(q, |old: u16| old.max(q)));
+            }
+        }
+    }
+    found
 }
 
 /// The entity tag of a variant: the identity's with the coding appended inside the quotes
@@ -368,19 +402,31 @@ mod tests {
 
     #[test]
     fn a_stored_coding_goes_only_to_requests_that_accept_it() {
+        let req = |ae: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(ae) = ae {
+                h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(ae).expect("value"));
+            }
+            h
+        };
         let gz = HeaderValue::from_static("gzip");
-        assert!(accepts("gzip, br").accepts_stored(Some(&gz)));
-        assert!(!accepts("br").accepts_stored(Some(&gz)));
-        assert!(!accepts("gzip;q=0, br").accepts_stored(Some(&gz)));
-        assert!(!Accepts::parse(&HeaderMap::new()).accepts_stored(Some(&gz)));
-        assert!(Accepts::parse(&HeaderMap::new()).accepts_stored(None));
-        assert!(accepts("identity").accepts_stored(Some(&HeaderValue::from_static("identity"))));
-        let unknown = HeaderValue::from_static("compress");
-        assert!(!accepts("gzip").accepts_stored(Some(&unknown)));
-        assert!(accepts("*").accepts_stored(Some(&unknown)));
+        assert!(accepts_stored(&req(Some("gzip, br")), Some(&gz)));
+        assert!(!accepts_stored(&req(Some("br")), Some(&gz)));
+        assert!(!accepts_stored(&req(Some("gzip;q=0, br")), Some(&gz)));
+        assert!(!accepts_stored(&req(None), Some(&gz)));
+        assert!(accepts_stored(&req(None), None));
+        assert!(accepts_stored(
+            &req(Some("identity")),
+            Some(&HeaderValue::from_static("identity"))
+        ));
+        let unknown = HeaderValue::from_static("x-exotic");
+        assert!(!accepts_stored(&req(Some("gzip")), Some(&unknown)));
+        assert!(accepts_stored(&req(Some("x-exotic")), Some(&unknown)));
+        assert!(!accepts_stored(&req(Some("x-exotic;q=0, *")), Some(&unknown)));
+        assert!(accepts_stored(&req(Some("*")), Some(&unknown)));
         let both = HeaderValue::from_static("gzip, br");
-        assert!(accepts("br, gzip").accepts_stored(Some(&both)));
-        assert!(!accepts("br").accepts_stored(Some(&both)));
+        assert!(accepts_stored(&req(Some("br, gzip")), Some(&both)));
+        assert!(!accepts_stored(&req(Some("br")), Some(&both)));
     }
 
     #[test]

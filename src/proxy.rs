@@ -24,7 +24,7 @@ use crate::cache::meta::Meta;
 use crate::cache::{Cache, Claim, FillPermit, Hit, Waited};
 use crate::config::Config;
 use crate::metrics as m;
-use crate::negotiate::{self, Accepts, Coding};
+use crate::negotiate::{self, Coding};
 use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
 use crate::prime::protocol::Failure;
 use crate::rules;
@@ -1097,7 +1097,7 @@ fn reusable_for(meta: &Meta, req_headers: &HeaderMap) -> bool {
     if !varies_on_coding && !req_headers.contains_key(header::ACCEPT_ENCODING) {
         return true;
     }
-    Accepts::parse(req_headers).accepts_stored(meta.headers.get(header::CONTENT_ENCODING))
+    negotiate::accepts_stored(req_headers, meta.headers.get(header::CONTENT_ENCODING))
 }
 
 /// Whether a request has the values a stored response's `Vary` recorded.

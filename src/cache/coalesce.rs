@@ -161,6 +161,13 @@ impl Flights {
         }
     }
 
+    /// Whether a fill of `hash` is in progress (published and not released).
+    pub fn in_flight(&self, hash: &KeyHash) -> bool {
+        self.lock()
+            .get(hash)
+            .is_some_and(|f| !matches!(*f.state.borrow(), Flight::Released(_)))
+    }
+
     /// How many flights are published.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -148,18 +148,29 @@ impl Cache {
     }
 
     /// Waits (at most `limit`) until the variants of the object a request would get are made,
-    /// or were not to be: `prime` answers only once what browsers ask for is ready.
+    /// or were not to be: `prime` answers only once what browsers ask for is ready. The fill
+    /// that stores the object ends (its client may have the whole body a little before it is
+    /// committed), then its compression; the first is looked at every few milliseconds, the
+    /// second wakes this.
     pub async fn variants_settled(&self, key: &CacheKey, req: &http::HeaderMap, limit: Duration) {
+        const FILL_POLL: Duration = Duration::from_millis(10);
         let hash = self.vary.variant_of(key, req);
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.compressor.settled.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.compressor.lock_pending().contains(&hash) {
+            let filling = self.flights.in_flight(&hash);
+            if !filling && !self.compressor.lock_pending().contains(&hash) {
                 return;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let wake = async {
+                match filling {
+                    true => tokio::time::sleep(FILL_POLL).await,
+                    false => notified.await,
+                }
+            };
+            if tokio::time::timeout_at(deadline, wake).await.is_err() {
                 return;
             }
         }
