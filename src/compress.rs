@@ -131,7 +131,8 @@ pub struct RawCompressKeys {
     pub short_levels: Option<Levels>,
     /// Background threads compressing (each runs at a lower CPU priority).
     pub threads: Option<usize>,
-    /// Objects waiting for a thread; more are not compressed (counted).
+    /// Objects waiting for a thread; more are not compressed (counted). Default: `max_objects`
+    /// (every stored object can wait its turn).
     pub queue: Option<usize>,
 }
 
@@ -154,8 +155,8 @@ pub struct Settings {
     pub short_levels: Levels,
     /// Compressing threads.
     pub threads: usize,
-    /// Queue length.
-    pub queue: usize,
+    /// Queue length; `None`: `max_objects`.
+    pub queue: Option<usize>,
 }
 
 impl Default for Settings {
@@ -211,7 +212,7 @@ impl Settings {
             long_levels,
             short_levels,
             threads,
-            queue: keys.queue.unwrap_or(1024).max(1),
+            queue: keys.queue.map(|q| q.max(1)),
         })
     }
 

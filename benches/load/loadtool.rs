@@ -1,11 +1,12 @@
 //! The load benchmark's helpers (driven by `benches/load/run.py`):
 //!
 //! - `origin PORT`: the app. `GET /a/<size>/<name>` answers `size` bytes of a pattern picked by
-//!   `name`, cacheable for a day; `/slow/...` the same after 500 ms; `/__stats` the number of
-//!   asset requests served so far.
+//!   `name`, cacheable for a day; `/js/<size>/<name>` the same for `size` bytes of JavaScript-like
+//!   text (compresses as minified scripts do); `/slow/...` the pattern after 500 ms;
+//!   `/__stats` the number of asset requests served so far.
 //! - `gen DIR KIND COUNT`: writes the same bodies as files, for nginx serving them directly.
 //! - `fetch BASE PREFIX COUNT CONCURRENCY`: fetches `COUNT` distinct objects once each (the cold
-//!   fill), checks every byte, prints JSON.
+//!   fill), checks every byte, prints JSON. A `js:` prefix fetches the JavaScript set.
 //! - `herd URL CLIENTS`: connects `CLIENTS` clients, then sends all their requests at once;
 //!   prints completion times as JSON.
 //!
@@ -43,6 +44,120 @@ fn pattern() -> &'static Bytes {
             .collect();
         Bytes::from(bytes)
     })
+}
+
+/// JavaScript-like text: statements built from a vocabulary with varied identifiers and
+/// numbers, so brotli, zstd and gzip find the repeats they find in minified scripts (a 3-6x
+/// ratio), not a period.
+fn script() -> &'static Bytes {
+    static SCRIPT: OnceLock<Bytes> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        const WORDS: &[&str] = &[
+            "function",
+            "return",
+            "const",
+            "let",
+            "this",
+            "props",
+            "state",
+            "render",
+            "value",
+            "index",
+            "length",
+            "push",
+            "map",
+            "filter",
+            "reduce",
+            "Promise",
+            "resolve",
+            "then",
+            "catch",
+            "error",
+            "document",
+            "window",
+            "querySelector",
+            "addEventListener",
+            "dispatch",
+            "payload",
+            "type",
+            "undefined",
+            "null",
+            "true",
+            "false",
+            "Object",
+            "keys",
+            "assign",
+            "Array",
+            "isArray",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut out = String::with_capacity(MAX_SIZE + OFFSETS + 256);
+        while out.len() < MAX_SIZE + OFFSETS {
+            let (a, b, c) = (next(), next(), next());
+            let w = |x: u64| WORDS[(x % WORDS.len() as u64) as usize];
+            let ident: String = (0..2 + a % 5)
+                .map(|i| (b'a' + ((b >> (i * 5)) % 26) as u8) as char)
+                .collect();
+            match c % 4 {
+                0 => out.push_str(&format!(
+                    "function {ident}({}, {}) {{ return {}.{}({}); }}\n",
+                    w(a),
+                    w(b),
+                    w(c),
+                    w(a >> 8),
+                    b % 1000
+                )),
+                1 => out.push_str(&format!(
+                    "const {ident} = {}.{}[{}] || {};\n",
+                    w(b),
+                    w(c),
+                    a % 97,
+                    w(a >> 16)
+                )),
+                2 => out.push_str(&format!(
+                    "if ({ident}.{} === {}) {{ {}.{}(\"{ident}-{}\"); }}\n",
+                    w(a),
+                    b % 10000,
+                    w(c),
+                    w(b >> 8),
+                    c % 512
+                )),
+                _ => out.push_str(&format!(
+                    "{ident}.{}({}, function({}) {{ {} {}; }});\n",
+                    w(c),
+                    w(a),
+                    w(b),
+                    w(a >> 24),
+                    ident
+                )),
+            }
+        }
+        out.truncate(MAX_SIZE + OFFSETS);
+        Bytes::from(out)
+    })
+}
+
+/// The body of `/js/<size>/<name>`.
+fn script_of(size: usize, name: &str) -> Bytes {
+    let offset = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let offset = (offset % OFFSETS as u64) as usize;
+    script().slice(offset..offset + size.min(MAX_SIZE))
+}
+
+/// The body of a generated path, by its kind.
+fn body_for(kind: &str, size: usize, name: &str) -> Bytes {
+    match kind {
+        "js" => script_of(size, name),
+        _ => body_of(size, name),
+    }
 }
 
 /// The body of `/a/<size>/<name>`.
@@ -91,7 +206,8 @@ async fn answer(path: &str, served: &AtomicU64) -> Response<Full<Bytes>> {
     if path == "/__stats" {
         return Response::new(Full::new(Bytes::from(served.load(Ordering::SeqCst).to_string())));
     }
-    let Some((kind, size, name)) = parse(path).filter(|(k, s, _)| matches!(*k, "a" | "slow") && *s <= MAX_SIZE) else {
+    let Some((kind, size, name)) = parse(path).filter(|(k, s, _)| matches!(*k, "a" | "js" | "slow") && *s <= MAX_SIZE)
+    else {
         let mut not_found = Response::new(Full::new(Bytes::new()));
         *not_found.status_mut() = StatusCode::NOT_FOUND;
         return not_found;
@@ -100,9 +216,13 @@ async fn answer(path: &str, served: &AtomicU64) -> Response<Full<Bytes>> {
     if kind == "slow" {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let body = body_of(size, name);
+    let body = body_for(kind, size, name);
+    let content_type = match kind {
+        "js" => "application/javascript; charset=utf-8",
+        _ => "application/octet-stream",
+    };
     Response::builder()
-        .header("content-type", "application/octet-stream")
+        .header("content-type", content_type)
         .header("cache-control", "public, max-age=86400")
         .header("last-modified", "Sun, 01 Nov 2026 00:00:00 GMT")
         .header("etag", format!("\"{size}-{name}\""))
@@ -147,8 +267,11 @@ async fn get(
     let res = sender.send_request(req).await?;
     anyhow::ensure!(res.status() == StatusCode::OK, "status {}", res.status());
     let body = res.into_body().collect().await?.to_bytes();
-    let (_, size, name) = parse(path).expect("a generated path");
-    anyhow::ensure!(body == body_of(size, name), "body of {path} differs from the origin's");
+    let (kind, size, name) = parse(path).expect("a generated path");
+    anyhow::ensure!(
+        body == body_for(kind, size, name),
+        "body of {path} differs from the origin's"
+    );
     Ok(body.len())
 }
 
@@ -188,7 +311,10 @@ async fn fetch(addr: SocketAddr, prefix: String, count: usize, concurrency: usiz
                 if i >= count {
                     return millis;
                 }
-                let path = format!("/a/{}/{prefix}{i}", mixed_size(i));
+                let path = match prefix.strip_prefix("js:") {
+                    Some(name) => format!("/js/{}/{name}{i}", mixed_size(i)),
+                    None => format!("/a/{}/{prefix}{i}", mixed_size(i)),
+                };
                 let at = Instant::now();
                 let result = tokio::time::timeout(Duration::from_secs(60), async {
                     if sender.is_none() {

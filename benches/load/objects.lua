@@ -1,9 +1,14 @@
--- wrk script: GETs over /a/<size>/<PREFIX><i>, i < OBJECTS, sizes 1-48 KiB (loadtool's
--- mixed_size). DIST=uniform (default) picks i uniformly; DIST=zipf draws P(k) ~ 1/k by
+-- wrk script: GETs over /<KIND>/<size>/<PREFIX><i> (KIND: a, the default, or js), i < OBJECTS,
+-- sizes 1-48 KiB (loadtool's mixed_size); ACCEPT_ENCODING, when set, is sent with each. DIST=uniform (default) picks i uniformly; DIST=zipf draws P(k) ~ 1/k by
 -- inverse-CDF sampling, k = floor(OBJECTS^u), i = k - 1.
 local n = tonumber(os.getenv("OBJECTS") or "20000")
 local prefix = os.getenv("PREFIX") or "m"
 local zipf = os.getenv("DIST") == "zipf"
+local kind = os.getenv("KIND") or "a"
+local headers = {}
+if os.getenv("ACCEPT_ENCODING") then
+  headers["Accept-Encoding"] = os.getenv("ACCEPT_ENCODING")
+end
 local counter = 0
 function setup(thread)
   counter = counter + 1
@@ -19,5 +24,5 @@ function request()
   else
     i = math.random(0, n - 1)
   end
-  return wrk.format("GET", "/a/" .. (1024 * (1 + (i * 7919) % 48)) .. "/" .. prefix .. i)
+  return wrk.format("GET", "/" .. kind .. "/" .. (1024 * (1 + (i * 7919) % 48)) .. "/" .. prefix .. i, headers)
 end

@@ -217,6 +217,15 @@ NGINX_DIRECT = """
 """
 
 
+# nginx proxy_cache with gzip on, as nginx compresses behind proxy_pass: the identity body is
+# cached and every hit is compressed again (its brotli module's brotli_static does nothing here).
+NGINX_GZIP = NGINX_CACHE.replace(
+    "add_header X-Cache $upstream_cache_status;",
+    "add_header X-Cache $upstream_cache_status;\n"
+    "            gzip on; gzip_proxied any; gzip_vary on; gzip_comp_level {level};\n"
+    "            gzip_types application/javascript;")
+
+
 # Varnish caches what nginx proxy_cache caches here: the builtin VCL stores a GET answered 200 with
 # the TTL of its Cache-Control max-age (the origin sends `public, max-age=86400`, no cookies, no
 # Vary), keyed by URL and Host (one Host per target, as for nginx's $proxy_host$request_uri and
@@ -277,6 +286,7 @@ class Bench:
             "--upstream", f"http://127.0.0.1:{self.origin_port}",
             "--cache-dir", os.path.join(self.work, f"{name}-cache"), "--max-size", budget,
         ], port, env={"SIDECACHE_ACCESS_LOG": "false", "SIDECACHE_MIN_FREE": "0"})
+        proc.admin = admin
         self.wait_ready(proc, admin)
         return proc
 
@@ -344,8 +354,10 @@ class Bench:
 
     # --- drivers ---------------------------------------------------------------------------
 
-    def wrk(self, proc, path="/", script=None, env=None, duration=None, connections=64):
+    def wrk(self, proc, path="/", script=None, env=None, duration=None, connections=64, headers=()):
         cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration or self.args.duration}s", "--latency"]
+        for h in headers:
+            cmd += ["-H", h]
         if script:
             cmd += ["-s", os.path.join(HERE, script)]
         cmd.append(f"http://127.0.0.1:{proc.port}{path}")
@@ -454,6 +466,60 @@ class Bench:
             self.stop(proc)
             shutil.rmtree(os.path.join(self.work, f"{proc.name}-cache"), ignore_errors=True)
 
+    def compress(self):
+        """Compressed variants: a hot 128 KiB script asked for by browsers (`gzip, br`), sidecache's
+        brotli variant against nginx proxy_cache compressing each hit with gzip (its default level
+        1, and 6); then what making the variants of the 20,000-object mixed set (as scripts) costs,
+        and what hits see while it runs."""
+        path, ae = "/js/131072/hot", "Accept-Encoding: gzip, br"
+        targets = [self.start_sidecache("sidecache-js"),
+                   self.start_nginx("nginx-gzip1", NGINX_GZIP.replace("{level}", "1")),
+                   self.start_nginx("nginx-gzip6", NGINX_GZIP.replace("{level}", "6"))]
+        encodings = {}
+        for proc in targets:
+            url = f"http://127.0.0.1:{proc.port}{path}"
+            def coded(url=url):
+                req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip, br"})
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    body = resp.read()
+                    return resp.headers.get("Content-Encoding"), len(body)
+            wait_until(lambda: coded()[0] in ("br", "gzip") and coded()[0] == coded()[0], proc.name)
+            if proc.name == "sidecache-js":  # the variant is made in the background
+                wait_until(lambda: coded()[0] == "br", "brotli variant")
+            encodings[proc.name] = coded()
+        self.repeat("js 128KiB gzip,br", targets, lambda proc, _rep: self.wrk(proc, path, headers=[ae]))
+        for proc in targets:
+            enc, size = encodings[proc.name]
+            print(f"  {proc.name}: Content-Encoding {enc}, {size} bytes per response (identity 131072)", flush=True)
+            self.rows.append(("js 128KiB body", proc.name, {"encoding": enc, "bytes": size}))
+        for proc in targets:
+            self.stop(proc)
+
+        # The mixed set as scripts: fill, then hits while the variants are made, then after.
+        proc = self.start_sidecache("sidecache-variants")
+        admin = proc.admin
+        env = {"OBJECTS": str(MIXED_OBJECTS), "KIND": "js", "PREFIX": "v"}
+        self.loadtool(proc, "fetch", f"127.0.0.1:{proc.port}", "js:v", str(MIXED_OBJECTS), "64")
+        started, cpu0 = time.monotonic(), compress_cpu(proc)
+        during = self.wrk(proc, script="objects.lua", env=env)
+        done = lambda: compress_done(admin) >= MIXED_OBJECTS
+        wait_until(done, "variants of the mixed set", limit=3600.0)
+        wall, cpu = time.monotonic() - started, compress_cpu(proc) - cpu0
+        after = self.wrk(proc, script="objects.lua", env=env)
+        metrics = scrape(admin)
+        made = {e: metric(metrics, "sidecache_variants_made_total", e) for e in ("br", "zstd", "gzip")}
+        before_b = metric(metrics, "sidecache_compress_input_bytes_total", "gzip")
+        after_b = {e: metric(metrics, "sidecache_compress_output_bytes_total", e) for e in ("br", "zstd", "gzip")}
+        self.record("mixed js hits, compressing", "sidecache", [during])
+        self.record("mixed js hits, after", "sidecache", [after])
+        self.rows.append(("variants of mixed js", "sidecache", {
+            "objects": MIXED_OBJECTS, "cpu_s": cpu, "wall_s": wall, "identity_mib": before_b / 2 ** 20,
+            **{f"{e}_made": made[e] for e in made}, **{f"{e}_mib": after_b[e] / 2 ** 20 for e in after_b}}))
+        print(f"  variants of {MIXED_OBJECTS} scripts ({before_b / 2 ** 20:.0f} MiB): {cpu:.0f} CPU s on the "
+              f"compressing thread, {wall:.0f} s wall; made {made}; MiB after "
+              f"{ {e: round(v / 2 ** 20, 1) for e, v in after_b.items()} }", flush=True)
+        self.stop(proc)
+
     def sample_disk(self, proc, peak, stop):
         cache_dir = os.path.join(self.work, f"{proc.name}-cache")
         while not stop.wait(0.5):
@@ -507,8 +573,43 @@ class Bench:
             self.stop(proc)
         if "churn" in only:
             self.churn()
+        if "compress" in only:
+            self.compress()
         if "startup" in only:
             self.startup()
+
+
+def compress_cpu(proc):
+    """CPU seconds of the sidecache process's compressing threads."""
+    total = 0
+    for pid in proc.pids():
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            if name.startswith("sidecache-compr"):
+                fields = stat[stat.rindex(")") + 2:].split()
+                total += int(fields[11]) + int(fields[12])
+    return total / CLK
+
+
+def scrape(admin):
+    return http_get(f"http://127.0.0.1:{admin}/metrics")[1].decode()
+
+
+def metric(text, name, encoding):
+    want = f'{name}{{encoding="{encoding}"}}'
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(want)), 0.0)
+
+
+def compress_done(admin):
+    """Objects whose variants are settled: gzip is made last (or skipped with the others)."""
+    text = scrape(admin)
+    return metric(text, "sidecache_variants_made_total", "gzip") + \
+        metric(text, "sidecache_variants_skipped_total", "gzip")
 
 
 def caches(targets):
@@ -623,7 +724,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    ap.add_argument("--only", default="hot,mixed,cold,herd,churn,startup")
+    ap.add_argument("--only", default="hot,mixed,cold,herd,churn,startup,compress")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()

@@ -128,7 +128,7 @@ impl Cache {
     /// that cannot be used leaves the cache off (fail open); [`Cache::retry_open`] tries again.
     pub fn open(config: Arc<Config>) -> Arc<Cache> {
         let tiers = tiers::Tiers::from_config(&config);
-        let compressor = variants::Compressor::new(&config.compress);
+        let compressor = variants::Compressor::new(&config.compress, config.max_objects);
         let cache = Arc::new(Cache {
             budget: Arc::new(budget::Budget::new(budget::Limits::from_config(&config))),
             config,

@@ -10,11 +10,12 @@
 //! key, never across an `.await`, never while another lock is taken).
 
 use std::collections::HashSet;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender};
 use tracing::{debug, warn};
 
 use crate::cache::index::Variant;
@@ -41,8 +42,9 @@ struct Job {
 
 /// The queue and the keys waiting on it.
 pub(super) struct Compressor {
-    /// `None` when compression is off.
-    queue: Option<SyncSender<Job>>,
+    /// `None` when compression is off. Bounded; its blocks are allocated as it fills, so a
+    /// bound of every object the cache may hold costs nothing until used.
+    queue: Option<Sender<Job>>,
     /// Taken by the threads when they start.
     receiver: Mutex<Option<Receiver<Job>>>,
     /// Keys queued or being compressed.
@@ -52,9 +54,10 @@ pub(super) struct Compressor {
 }
 
 impl Compressor {
-    pub(super) fn new(settings: &compress::Settings) -> Compressor {
+    pub(super) fn new(settings: &compress::Settings, max_objects: u64) -> Compressor {
         let (queue, receiver) = if settings.enabled {
-            let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue);
+            let bound = settings.queue.unwrap_or(max_objects.clamp(1, 1 << 24) as usize);
+            let (tx, rx) = tokio::sync::mpsc::channel(bound);
             (Some(tx), Some(rx))
         } else {
             (None, None)
@@ -140,7 +143,7 @@ impl Cache {
         }
         match queue.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
                 metrics::counter!(m::COMPRESS_DROPPED).increment(1);
                 self.compressor.done(&hash);
             }
@@ -307,10 +310,10 @@ fn compress_loop(cache: Weak<Cache>, receiver: Arc<Mutex<Receiver<Job>>>, runtim
     }
     loop {
         let job = {
-            let rx = receiver.lock().unwrap_or_else(|p| p.into_inner());
-            match rx.recv() {
-                Ok(job) => job,
-                Err(_) => return,
+            let mut rx = receiver.lock().unwrap_or_else(|p| p.into_inner());
+            match rx.blocking_recv() {
+                Some(job) => job,
+                None => return,
             }
         };
         let Some(cache) = cache.upgrade() else { return };
