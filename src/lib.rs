@@ -15,6 +15,8 @@
 //! - [`policy`]: HTTP caching rules as pure functions (RFC 9111): storable? fresh? how old?
 //! - [`rules`]: per-path rules for apps without caching headers (bypass, TTLs, query keys).
 //! - [`cache`]: the disk cache: lookup, fill coalescing, store, index, eviction, purge.
+//! - [`shared`]: the shared tier in object storage behind every instance's disk: read on a
+//!   local miss, written behind a fill, failing open.
 //! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
 //! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
@@ -47,6 +49,7 @@ pub mod proxy;
 pub mod rules;
 pub mod serve;
 pub mod server;
+pub mod shared;
 pub mod sidecar;
 
 pub mod sources;
