@@ -282,8 +282,10 @@ impl SharedTier {
     ) -> Result<Arc<SharedTier>, String> {
         // The client is built with rustls; its provider must be chosen first (ring).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // A backstop only: each call is bounded by `config.timeout` around it (so a slow
+        // bucket is always counted as a timeout), a slot waited for included.
         let options = ClientOptions::new()
-            .with_timeout(config.timeout)
+            .with_timeout(config.timeout + Duration::from_secs(1))
             .with_connect_timeout(config.timeout);
         let mut builder = AmazonS3Builder::new().with_client_options(options);
         for (var, value) in env {
