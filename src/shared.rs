@@ -38,6 +38,11 @@
 //! one request probes it. Downloaded and uploaded bodies are held in memory, bounded by
 //! [`MEMORY_BUDGET`] together.
 //!
+//! Trust: the checks catch corruption, truncation and misplaced objects, not a forger. Whoever
+//! may write the prefix can write a self-consistent object (a digest is not a signature), so
+//! write access to it is as trusted as the app itself; the instances need read and write on it
+//! and nothing else.
+//!
 //! Credentials come from the standard `AWS_*` environment (object_store's S3 client) and are
 //! never logged: the only description of the tier in logs is `s3://BUCKET/PREFIX`.
 //!
@@ -311,6 +316,8 @@ impl SharedTier {
         } else {
             format!("{}/{LAYOUT}", config.prefix)
         };
+        // Present (closed) from the start, so dashboards and alerts see the series.
+        metrics::gauge!(m::SHARED_BREAKER_OPEN).set(0.0);
         let (queue, pending) = mpsc::channel(config.queue.max(1));
         let concurrency = config.concurrency.max(1);
         Ok(Arc::new(SharedTier {
