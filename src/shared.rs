@@ -458,14 +458,17 @@ impl SharedTier {
     }
 
     /// Queues an upload; dropped and counted when the queue is full, never waited for.
-    pub fn offer(&self, upload: Upload) {
-        if let Err(e) = self.queue.try_send(upload) {
-            let reason = match e {
-                mpsc::error::TrySendError::Full(_) => "full",
-                mpsc::error::TrySendError::Closed(_) => "closed",
-            };
-            metrics::counter!(m::SHARED_UPLOAD_DROPS, "reason" => reason).increment(1);
-        }
+    /// Whether it was queued.
+    pub fn offer(&self, upload: Upload) -> bool {
+        let Err(e) = self.queue.try_send(upload) else {
+            return true;
+        };
+        let reason = match e {
+            mpsc::error::TrySendError::Full(_) => "full",
+            mpsc::error::TrySendError::Closed(_) => "closed",
+        };
+        metrics::counter!(m::SHARED_UPLOAD_DROPS, "reason" => reason).increment(1);
+        false
     }
 
     /// The uploader: takes queued uploads, `shared_tier_concurrency` at once, until `shutdown`
@@ -624,6 +627,39 @@ mod tests {
         b.success();
         assert!(!b.is_open());
         assert!(b.allow(t0 + 2 * cooldown));
+    }
+
+    fn config(queue: usize) -> SharedTierConfig {
+        SharedTierConfig {
+            bucket: "assets".into(),
+            prefix: "fleet".into(),
+            min_fresh: Duration::from_secs(3600),
+            timeout: Duration::from_secs(2),
+            concurrency: 1,
+            queue,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn a_full_upload_queue_drops_at_once_and_never_waits() {
+        let env = [("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ALLOW_HTTP", "true")];
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        // Nothing takes from the queue (no uploader runs): the second offer finds it full.
+        let tier = SharedTier::open(config(1), env).expect("a client");
+        let upload = |path: &str| Upload {
+            key: CacheKey::from_stored(format!("http://app.example{path}")),
+            request_time: SystemTime::now(),
+            response_time: SystemTime::now(),
+        };
+        let started = Instant::now();
+        assert!(tier.offer(upload("/a.js")));
+        assert!(!tier.offer(upload("/b.js")), "dropped when full");
+        assert!(!tier.offer(upload("/c.js")));
+        assert!(started.elapsed() < Duration::from_secs(1), "an offer never waits");
+        // Keys are placed under the prefix and the format's directory.
+        let hash = CacheKey::from_stored("http://app.example/a.js".into()).hash();
+        assert_eq!(tier.object_path(&hash), format!("fleet/objects-v2/{}", hash.to_hex()));
     }
 
     #[test]

@@ -196,8 +196,15 @@ impl Member {
         })
         .await;
         let text = scrape(self.admin).await;
-        let tier: Vec<&str> = text.lines().filter(|l| l.starts_with("sidecache_shared_tier")).collect();
-        assert!(reached, "{name}{labels:?} never reached {at_least}:\n{}", tier.join("\n"));
+        let tier: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("sidecache_shared_tier"))
+            .collect();
+        assert!(
+            reached,
+            "{name}{labels:?} never reached {at_least}:\n{}",
+            tier.join("\n")
+        );
     }
 }
 
