@@ -2,7 +2,9 @@
 //! its own written and hashed as it comes), and its commit writes the rest with the record and
 //! footer (`body | record | footer`) and links the file into place (a body staged in memory is
 //! written whole under its final name instead), then indexes it. Also the
-//! refresh of a revalidated head, and the tee of a body of unknown length.
+//! refresh of a revalidated head, the tee of a body of unknown length, and the import of an
+//! object file received whole and already checked (the shared tier's), through the same budget
+//! and index steps as a commit.
 //!
 //! These stay methods of [`Cache`]: each step uses nearly every part (the store, the budget
 //! and its index, the tiers that keep records and whose descriptors are relieved on a storage
