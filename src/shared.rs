@@ -73,8 +73,9 @@ pub const MAX_SHARED_OBJECT: u64 = 32 << 20;
 pub const MEMORY_BUDGET: u64 = 64 << 20;
 /// Failures in a row that open the breaker.
 pub const BREAKER_THRESHOLD: u32 = 5;
-/// The directory under the prefix; its number is the object file format's version.
-const LAYOUT: &str = "objects-v2";
+/// The directory under the prefix: the local layout's, whose number is the object file
+/// format's version (a new format moves both).
+const LAYOUT: &str = store::OBJECTS;
 
 /// The shared tier's settings (`shared_tier*` keys).
 #[derive(Debug, Clone, PartialEq, Eq)]

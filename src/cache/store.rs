@@ -181,8 +181,10 @@ pub const FANOUT_DIRS: u64 = 256;
 /// shrink, so the layout is charged this for every object it may hold (one name each).
 pub const NAME_COST: u64 = 256;
 
-/// The layout's directory under the cache directory; the number is the format's version.
-const OBJECTS: &str = "objects-v2";
+/// The layout's directory under the cache directory; the number is the format's version. The
+/// shared tier names its objects' directory after it too, so a new format is never read from
+/// a bucket written in the old one.
+pub const OBJECTS: &str = "objects-v2";
 /// Layouts of earlier versions: removed at startup, never read.
 const OLD_LAYOUTS: &[&str] = &["objects-v1"];
 
