@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde::de::IntoDeserializer;
 
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
+use crate::shared::SharedTierConfig;
 use crate::sources::PrimeSources;
 use crate::units::{ByteSize, HumanDuration, MinFree};
 
@@ -205,6 +206,19 @@ config_keys! {
     /// Compressed variants: `false`, or {enabled, types, min_size, max_size, long_lived,
     /// long_levels, short_levels, threads, queue}.
     compress: crate::compress::RawCompress,
+    /// The shared tier in object storage: `s3://BUCKET/PREFIX`; unset: off. The endpoint,
+    /// region and credentials come from the standard `AWS_*` environment variables.
+    shared_tier: String,
+    /// Least freshness an object must have left to be uploaded to the shared tier.
+    shared_tier_min_fresh: HumanDuration,
+    /// Time limit of one shared-tier read (waiting for a slot included) or upload.
+    shared_tier_timeout: HumanDuration,
+    /// Shared-tier reads at once, and uploads at once.
+    shared_tier_concurrency: usize,
+    /// Uploads waiting at most; past it an upload is dropped and counted.
+    shared_tier_queue: usize,
+    /// How long the shared tier is skipped after repeated failures before it is tried again.
+    shared_tier_cooldown: HumanDuration,
 }
 
 /// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
@@ -343,6 +357,8 @@ pub struct Config {
     pub prime_sources: PrimeSources,
     /// Compressed variants.
     pub compress: crate::compress::Settings,
+    /// The shared tier; `None`: off.
+    pub shared_tier: Option<SharedTierConfig>,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -666,6 +682,35 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     let strip_request_headers =
         strip_request_headers(raw.strip_request_headers).map_err(|m| invalid("strip_request_headers", m))?;
     let compress = crate::compress::Settings::compile(raw.compress).map_err(|m| invalid("compress", m))?;
+    let shared_tier = match raw.shared_tier.filter(|u| !u.trim().is_empty()) {
+        None => None,
+        Some(url) => {
+            let (bucket, prefix) = crate::shared::parse_url(url.trim()).map_err(|m| invalid("shared_tier", m))?;
+            let concurrency = raw.shared_tier_concurrency.unwrap_or(16);
+            if !(1..=1024).contains(&concurrency) {
+                return Err(invalid("shared_tier_concurrency", "must be 1-1024".into()));
+            }
+            let queue = raw.shared_tier_queue.unwrap_or(1024);
+            if !(1..=1 << 20).contains(&queue) {
+                return Err(invalid("shared_tier_queue", "must be 1-1048576".into()));
+            }
+            Some(SharedTierConfig {
+                bucket,
+                prefix,
+                min_fresh: dur(raw.shared_tier_min_fresh, Duration::from_secs(3600)),
+                timeout: nonzero(
+                    "shared_tier_timeout",
+                    dur(raw.shared_tier_timeout, Duration::from_secs(2)),
+                )?,
+                concurrency,
+                queue,
+                cooldown: nonzero(
+                    "shared_tier_cooldown",
+                    dur(raw.shared_tier_cooldown, Duration::from_secs(30)),
+                )?,
+            })
+        }
+    };
     let query = match raw.query {
         Some(q) => q.compile().map_err(|m| invalid("query", m))?,
         None => QueryKey::All,
@@ -716,6 +761,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         query,
         prime_sources,
         compress,
+        shared_tier,
     })
 }
 
@@ -1007,6 +1053,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("prime_sources"), "{err}");
+    }
+
+    #[test]
+    fn shared_tier_from_env_with_its_defaults_and_flag_overrides() {
+        assert!(Config::defaults().shared_tier.is_none(), "off by default");
+        let c = Loader::new(env(&[("SIDECACHE_SHARED_TIER", "s3://assets/fleet/web")]))
+            .load()
+            .unwrap();
+        let t = c.shared_tier.expect("on");
+        assert_eq!((t.bucket.as_str(), t.prefix.as_str()), ("assets", "fleet/web"));
+        assert_eq!(t.min_fresh, Duration::from_secs(3600));
+        assert_eq!(t.timeout, Duration::from_secs(2));
+        assert_eq!((t.concurrency, t.queue), (16, 1024));
+        assert_eq!(t.cooldown, Duration::from_secs(30));
+        let c = Loader::new(env(&[
+            ("SIDECACHE_SHARED_TIER", "s3://assets/a"),
+            ("SIDECACHE_SHARED_TIER_MIN_FRESH", "10m"),
+            ("SIDECACHE_SHARED_TIER_QUEUE", "8"),
+        ]))
+        .flags(vec![("shared_tier", "s3://other/b".into())])
+        .load()
+        .unwrap();
+        let t = c.shared_tier.expect("on");
+        assert_eq!(
+            (t.bucket.as_str(), t.min_fresh, t.queue),
+            ("other", Duration::from_secs(600), 8)
+        );
+        for (var, value, key) in [
+            ("SIDECACHE_SHARED_TIER", "https://assets/p", "shared_tier"),
+            ("SIDECACHE_SHARED_TIER_TIMEOUT", "0s", "shared_tier_timeout"),
+            ("SIDECACHE_SHARED_TIER_CONCURRENCY", "0", "shared_tier_concurrency"),
+        ] {
+            let mut vars = vec![(var, value)];
+            if var != "SIDECACHE_SHARED_TIER" {
+                vars.push(("SIDECACHE_SHARED_TIER", "s3://assets/p"));
+            }
+            let err = Loader::new(env(&vars)).load().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! - [`cache`]: the disk cache: lookup, fill coalescing, store, index, eviction, purge, and
 //!   the compressed variants made once per stored object.
 //! - [`compress`]: the `compress:` settings, which objects get variants, the encoders.
+//! - [`shared`]: the shared tier in object storage behind every instance's disk: read on a
+//!   local miss, written behind a fill, failing open.
 //! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
 //! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
@@ -53,6 +55,7 @@ pub mod proxy;
 pub mod rules;
 pub mod serve;
 pub mod server;
+pub mod shared;
 pub mod sidecar;
 
 pub mod sources;

@@ -213,6 +213,9 @@ struct ConfigOpts {
     /// Log filter, e.g. info or debug (key `log_level`).
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Shared tier in object storage, s3://BUCKET/PREFIX (key `shared_tier`).
+    #[arg(long, value_name = "URL")]
+    shared_tier: Option<String>,
 }
 
 impl ConfigOpts {
@@ -228,6 +231,7 @@ impl ConfigOpts {
             ("grace_period", self.grace_period),
             ("log_format", self.log_format),
             ("log_level", self.log_level),
+            ("shared_tier", self.shared_tier),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))

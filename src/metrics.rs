@@ -86,6 +86,20 @@ pub const SERVED_BY_ENCODING: &str = "sidecache_served_by_encoding_total";
 pub const SERVED_BYTES_BY_ENCODING: &str = "sidecache_served_bytes_by_encoding_total";
 /// Body bytes variants saved on responses served: identity length less the length sent.
 pub const COMPRESS_SAVED_BYTES: &str = "sidecache_compress_saved_bytes_total";
+/// Shared-tier reads on a local miss, by `result` (hit, miss, unused, refused, error, skipped).
+pub const SHARED_LOOKUPS: &str = "sidecache_shared_tier_lookups_total";
+/// Objects in the shared tier refused by their checks, by `reason`.
+pub const SHARED_REFUSED: &str = "sidecache_shared_tier_refused_total";
+/// Objects uploaded to the shared tier.
+pub const SHARED_UPLOADS: &str = "sidecache_shared_tier_uploads_total";
+/// Uploads given up, by `reason` (full, breaker, gone, size, closed).
+pub const SHARED_UPLOAD_DROPS: &str = "sidecache_shared_tier_upload_drops_total";
+/// Shared-tier requests that failed, by `op` (get, put) and `kind` (timeout, denied, request).
+pub const SHARED_ERRORS: &str = "sidecache_shared_tier_errors_total";
+/// Shared-tier request time, by `op` (get, put).
+pub const SHARED_DURATION: &str = "sidecache_shared_tier_duration_seconds";
+/// 1 while the shared tier is skipped after repeated failures.
+pub const SHARED_BREAKER_OPEN: &str = "sidecache_shared_tier_breaker_open";
 /// Constant 1 with the version as a label.
 pub const BUILD_INFO: &str = "sidecache_build_info";
 
@@ -217,4 +231,20 @@ fn describe() {
         "Bytes variants saved on responses served (identity length less length sent)."
     );
     describe_gauge!(BUILD_INFO, "Constant 1, labelled with the version.");
+    describe_counter!(
+        SHARED_LOOKUPS,
+        "Shared-tier reads on a local miss, by result (hit, miss, unused, refused, error, skipped)."
+    );
+    describe_counter!(
+        SHARED_REFUSED,
+        "Shared-tier objects refused by their checks, by reason."
+    );
+    describe_counter!(SHARED_UPLOADS, "Objects uploaded to the shared tier.");
+    describe_counter!(SHARED_UPLOAD_DROPS, "Shared-tier uploads given up, by reason.");
+    describe_counter!(SHARED_ERRORS, "Failed shared-tier requests, by op and kind.");
+    describe_histogram!(SHARED_DURATION, Unit::Seconds, "Shared-tier request time, by op.");
+    describe_gauge!(
+        SHARED_BREAKER_OPEN,
+        "1 while the shared tier is skipped after repeated failures."
+    );
 }

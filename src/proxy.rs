@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
 use crate::bucket::TokenBucket;
+use crate::cache::fill::{Fill, FillState};
 use crate::cache::key::{CacheKey, Digest, normalize_vary};
 use crate::cache::meta::Meta;
 use crate::cache::{Cache, Claim, FillPermit, Hit, Waited};
@@ -28,6 +29,7 @@ use crate::negotiate::{self, Coding};
 use crate::policy::{self, CacheControl, Freshness, Heuristic, Prepared, RangeAnswer, Usable};
 use crate::prime::protocol::Failure;
 use crate::rules;
+use crate::shared::{self, Lookup, SharedTier, Upload};
 use crate::sources::SourceUrl;
 use crate::upstream::{Upstream, error_response, strip_hop_by_hop};
 
@@ -246,6 +248,9 @@ pub struct Proxy {
     pub config: Arc<Config>,
     /// Bounds invalidations by unsafe requests (see [`invalidation_bucket`]).
     pub invalidations: TokenBucket,
+    /// The shared tier in object storage, when configured: read on a local miss, written
+    /// behind a fill.
+    pub shared: Option<Arc<SharedTier>>,
 }
 
 /// Invalidations of URLs with `Vary` variants (each scans the index) allowed at once, then per
@@ -397,6 +402,8 @@ impl Proxy {
             }
         }
         let result = match outcome {
+            // From the shared tier: stored here now.
+            Outcome::Hit if stored => WarmResult::Warmed { bytes },
             Outcome::Hit => WarmResult::AlreadyWarm { bytes },
             _ if !status.is_success() => WarmResult::Failed(Failure::Status {
                 status: status.as_u16(),
@@ -512,7 +519,18 @@ impl Proxy {
                 return self.forward(req, client, Outcome::Miss, fwd).await;
             }
             match self.cache.claim(&key, req.headers()) {
-                Claim::Leader(permit) => return self.fetch(req, client, key, permit, fwd, stored).await,
+                Claim::Leader(permit) => {
+                    // Nothing stored here for the URL: the shared tier first, still as the
+                    // key's one leader (its waiters retry the local cache once it is stored).
+                    if stored.is_none()
+                        && fwd == Fwd::UriMiss
+                        && let Some(answer) = self.read_through(req.method(), req.headers(), &key, &req_cc).await
+                    {
+                        permit.release(true);
+                        return answer;
+                    }
+                    return self.fetch(req, client, key, permit, fwd, stored).await;
+                }
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
                     Waited::Streaming(fill) if reusable_for(&fill.meta, req.headers()) => {
                         // These bytes come from the cache: the app sent them once, for the leader.
@@ -531,6 +549,63 @@ impl Proxy {
             }
         }
         self.forward(req, client, Outcome::Miss, fwd).await
+    }
+
+    /// Reads a local miss through the shared tier: an object found there, checked, and fresh
+    /// enough for this request by the app's own times (RFC 9111 §4.2.3: its age counts from
+    /// the app's answer, not from the download), is stored here and served. `None`: ask the
+    /// app (no tier, not there, refused, failing, stale, or not storable here).
+    async fn read_through(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        key: &CacheKey,
+        req_cc: &CacheControl,
+    ) -> Option<Answer> {
+        let shared = self.shared.as_ref()?;
+        let Lookup::Found(meta, object) = shared.lookup(key).await else {
+            return None;
+        };
+        let f = self.freshness(&meta);
+        if policy::usable(f, req_cc, &self.prepared(&meta).cc) != Usable::Fresh {
+            debug!("shared tier object not fresh enough: asking the app");
+            shared.unused();
+            return None;
+        }
+        let Some(hit) = self.cache.import(*meta, object).await else {
+            shared.unused();
+            return None;
+        };
+        shared.hit();
+        let f = self.freshness(&hit.meta);
+        let response = self.serve_stored(method, headers, &hit, f);
+        let mut answer = Answer::new(response, Outcome::Hit, None);
+        answer.detail = Some("detail=shared-tier");
+        answer.stored = true;
+        Some(answer)
+    }
+
+    /// Offers a fill to the shared tier once it is committed, if it may be shared
+    /// ([`shared::shareable`]) and stays fresh for at least `shared_tier_min_fresh`.
+    fn share_when_committed(&self, fill: &Arc<Fill>, req_headers: &HeaderMap, set_cookie: bool) {
+        let Some(tier) = &self.shared else { return };
+        if !shared::shareable(&fill.meta, req_headers, set_cookie) {
+            return;
+        }
+        let f = self.freshness(&fill.meta);
+        if f.lifetime.saturating_sub(f.age) < tier.config().min_fresh {
+            return;
+        }
+        let (tier, fill) = (tier.clone(), fill.clone());
+        tokio::spawn(async move {
+            if fill.finished().await == FillState::Complete {
+                tier.offer(Upload {
+                    key: fill.meta.key.clone(),
+                    request_time: fill.meta.request_time,
+                    response_time: fill.meta.response_time,
+                });
+            }
+        });
     }
 
     /// The scheme the client used, for the cache key.
@@ -756,6 +831,8 @@ impl Proxy {
             permit.release(false);
             return answer;
         }
+        // Before a rule may strip it: an answer that set a cookie is never shared beyond here.
+        let set_cookie = parts.headers.contains_key(header::SET_COOKIE);
         let rule = rules::find(&self.config.rules, &path);
         if let Some(applied) = rules::apply(
             rule,
@@ -809,6 +886,7 @@ impl Proxy {
                 .await
             {
                 Ok(fill) => {
+                    self.share_when_committed(&fill, &req_headers, set_cookie);
                     let reader = body::sized(fill.reader(), fill.meta.body_len);
                     let response = answer_fill(&client_headers, &fill.meta, reader, self.compressible(&fill.meta));
                     let mut answer = Answer::new(response, Outcome::Miss, Some(fwd));

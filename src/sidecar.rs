@@ -13,6 +13,7 @@ use crate::admin::Admin;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::proxy::Proxy;
+use crate::shared::SharedTier;
 use crate::upstream::Upstream;
 
 /// A sidecar whose state is built and whose admin port is bound; the public port is bound by
@@ -37,16 +38,29 @@ impl Sidecar {
             let cache = relief_cache.clone();
             Box::pin(async move { cache.relieve_descriptors_now().await })
         });
+        let shared = match &config.shared_tier {
+            Some(tier) => {
+                let tier = SharedTier::open(tier.clone(), std::env::vars()).map_err(std::io::Error::other)?;
+                // The bucket and prefix only: never the endpoint's or the credentials' values.
+                info!(at = %tier.config().describe(), "shared tier on");
+                Some(tier)
+            }
+            None => None,
+        };
         let proxy = Arc::new(Proxy {
             upstream: Upstream::new(&config, relief),
             cache: cache.clone(),
             sources,
             config: config.clone(),
             invalidations: crate::proxy::invalidation_bucket(),
+            shared: shared.clone(),
         });
         let admin_listener = TcpListener::bind(config.admin_listen).await?;
         let admin_addr = admin_listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        if let Some(tier) = shared {
+            tokio::spawn(tier.run_uploads(cache.clone(), shutdown.clone()));
+        }
         tokio::spawn(crate::cache::evict::run(cache, shutdown.clone()));
         let admin = Arc::new(Admin {
             proxy: proxy.clone(),

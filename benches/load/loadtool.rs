@@ -6,7 +6,8 @@
 //!   `/__stats` the number of asset requests served so far.
 //! - `gen DIR KIND COUNT`: writes the same bodies as files, for nginx serving them directly.
 //! - `fetch BASE PREFIX COUNT CONCURRENCY`: fetches `COUNT` distinct objects once each (the cold
-//!   fill), checks every byte, prints JSON. A `js:` prefix fetches the JavaScript set.
+//!   fill), checks every byte, prints JSON. A `js:` prefix fetches the JavaScript set. The Host
+//!   sent is BASE, or `LOADTOOL_HOST` when set.
 //! - `herd URL CLIENTS`: connects `CLIENTS` clients, then sends all their requests at once;
 //!   prints completion times as JSON.
 //!
@@ -302,7 +303,8 @@ async fn fetch(addr: SocketAddr, prefix: String, count: usize, concurrency: usiz
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let (next, errors, bytes, prefix) = (next.clone(), errors.clone(), bytes.clone(), prefix.clone());
-        let host = addr.to_string();
+        // The Host is part of the cache key: a fleet's instances share one (LOADTOOL_HOST).
+        let host = std::env::var("LOADTOOL_HOST").unwrap_or_else(|_| addr.to_string());
         workers.push(tokio::spawn(async move {
             let mut millis = Vec::new();
             let mut sender = None;

@@ -2,7 +2,9 @@
 //! its own written and hashed as it comes), and its commit writes the rest with the record and
 //! footer (`body | record | footer`) and links the file into place (a body staged in memory is
 //! written whole under its final name instead), then indexes it. Also the
-//! refresh of a revalidated head, and the tee of a body of unknown length.
+//! refresh of a revalidated head, the tee of a body of unknown length, and the import of an
+//! object file received whole and already checked (the shared tier's), through the same budget
+//! and index steps as a commit.
 //!
 //! These stay methods of [`Cache`]: each step uses nearly every part (the store, the budget
 //! and its index, the tiers that keep records and whose descriptors are relieved on a storage
@@ -23,7 +25,7 @@ use crate::cache::index::Entry;
 use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::store::{self, Store, StoreError};
-use crate::cache::{Cache, FillPermit, fileio};
+use crate::cache::{Cache, FillPermit, Hit, fileio};
 use crate::metrics as m;
 
 /// A fill writes what its upstream has ready in steps of up to this many bytes.
@@ -313,6 +315,56 @@ impl Cache {
         self.install(hash, meta, entry, reserved).await;
         metrics::counter!(m::FILLS_COMPLETED).increment(1);
         true
+    }
+
+    /// Stores an object file received whole from elsewhere (the shared tier), already checked
+    /// ([`store::check_object`] gave `meta`): written as it is, under its final name, through
+    /// the budget and the index as a commit is. Returns it as a hit; `None` when the cache is
+    /// off, it is too large, no room can be made or the disk fails (the request then goes to
+    /// the app, as on any storage failure).
+    pub async fn import(self: &Arc<Self>, meta: Meta, object: Bytes) -> Option<Hit> {
+        let store = self.store()?;
+        let len = meta.body_len;
+        let file_len = object.len() as u64;
+        if len > self.config.max_object_size || file_len < len {
+            metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
+            return None;
+        }
+        let reserved = self.reserve_fill(self.charge(file_len)).await?.keep();
+        let hash = meta.storage_hash();
+        let version = store.next_gen();
+        let body = object.slice(..len as usize);
+        let written = tokio::task::spawn_blocking(move || store.write_object(&hash, version, &[&object])).await;
+        let mtime = match written {
+            Ok(Ok(mtime)) => mtime,
+            failed => {
+                if let Ok(Err(e)) = failed {
+                    self.storage_error(&e);
+                }
+                self.release_fill(reserved);
+                metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                return None;
+            }
+        };
+        let entry = Entry {
+            key: meta.key.as_str().into(),
+            generation: version,
+            body_len: len,
+            tail_len: file_len - len,
+            digest: meta.digest,
+            // Its digest was checked on the bytes written.
+            verified: true,
+            mtime,
+            // (Variants are made here, not shared: `install` queues them.)
+            variants: Box::default(),
+        };
+        let hit = Hit {
+            meta: Arc::new(meta.clone()),
+            body,
+            coding: None,
+        };
+        self.install(hash, meta, entry, reserved).await;
+        Some(hit)
     }
 
     /// Indexes an object file just placed as the newest version of its key (converting what

@@ -143,6 +143,16 @@ impl Fill {
         self.progress.send_modify(|p| p.state = state);
     }
 
+    /// Waits until the fill is over: complete (committed) or failed.
+    pub async fn finished(&self) -> FillState {
+        let mut rx = self.progress.subscribe();
+        match rx.wait_for(|p| p.state != FillState::Writing).await {
+            Ok(p) => p.state,
+            // (The sender lives in `self`: it cannot be gone while this borrows it.)
+            Err(_) => FillState::Failed,
+        }
+    }
+
     /// Current progress.
     pub fn progress(&self) -> Progress {
         *self.progress.borrow()

@@ -28,7 +28,7 @@ mod read;
 mod rebuild;
 pub mod store;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod tiers;
 mod variants;
 pub mod vary;

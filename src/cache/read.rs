@@ -4,7 +4,7 @@
 //! `open_object` is plain file work (called inline only when it would not wait for the disk),
 //! and dropping an entry takes the budget's `index` for one step, then the tiers, then unlinks.
 
-use crate::cache::key::{Digest, KeyHash};
+use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::store::{self, StoreError};
 use crate::cache::{Cache, fileio};
@@ -112,6 +112,40 @@ impl Cache {
                 None
             }
             Err(_) => None,
+        }
+    }
+
+    /// The length of the object file indexed under `key`'s own hash (objects without `Vary`),
+    /// if it is `key`'s.
+    pub fn object_len(&self, key: &CacheKey) -> Option<u64> {
+        let ix = self.lock_index();
+        let e = ix.peek(&key.hash())?;
+        (*e.key == *key.as_str()).then_some(e.body_len + e.tail_len)
+    }
+
+    /// The whole object file indexed under `key`'s own hash, as it is on disk (`body | record
+    /// | footer`), read off the event loop; `None` when there is none or it cannot be read
+    /// whole. The shared tier uploads these bytes; they are checked before they leave.
+    pub async fn read_object(&self, key: &CacheKey) -> Option<Bytes> {
+        let store = self.store()?;
+        let hash = key.hash();
+        let (generation, len) = {
+            let ix = self.lock_index();
+            let e = ix.peek(&hash)?;
+            if *e.key != *key.as_str() {
+                return None;
+            }
+            (e.generation, e.body_len + e.tail_len)
+        };
+        let path = store.object_path(&hash, generation);
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Bytes>> {
+            let file = fileio::open_for_read(&path)?;
+            Ok(fileio::read_at(&file, len as usize, 0, false)?.map(Bytes::from))
+        })
+        .await;
+        match read {
+            Ok(Ok(Some(bytes))) if bytes.len() as u64 == len => Some(bytes),
+            _ => None,
         }
     }
 

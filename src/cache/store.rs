@@ -190,8 +190,10 @@ pub const FANOUT_DIRS: u64 = 256;
 /// shrink, so the layout is charged this for every object it may hold (one name each).
 pub const NAME_COST: u64 = 256;
 
-/// The layout's directory under the cache directory; the number is the format's version.
-const OBJECTS: &str = "objects-v2";
+/// The layout's directory under the cache directory; the number is the format's version. The
+/// shared tier names its objects' directory after it too, so a new format is never read from
+/// a bucket written in the old one.
+pub const OBJECTS: &str = "objects-v2";
 /// Layouts of earlier versions: removed at startup, never read.
 const OLD_LAYOUTS: &[&str] = &["objects-v1"];
 
@@ -698,6 +700,58 @@ pub fn read_found(file: &File, len: u64) -> std::io::Result<Meta> {
     Ok(meta)
 }
 
+/// Why a whole object file held in memory (one from the shared tier) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectRefused {
+    /// No footer, or one pointing outside the file.
+    Footer,
+    /// The record is malformed or its checksum does not match.
+    Record,
+    /// The record's body length does not account for the file, or the file is too large.
+    Length,
+    /// The body is not what the record's digest says.
+    Digest,
+    /// The record names another key.
+    Key,
+    /// Not an object the shared tier carries (`Vary`, or not a 200).
+    NotShared,
+}
+
+impl ObjectRefused {
+    /// A closed label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectRefused::Footer => "footer",
+            ObjectRefused::Record => "record",
+            ObjectRefused::Length => "length",
+            ObjectRefused::Digest => "digest",
+            ObjectRefused::Key => "key",
+            ObjectRefused::NotShared => "not_shared",
+        }
+    }
+}
+
+/// Checks a whole object file held in memory as a local one is checked: the footer, the
+/// record's checksum, the body's length against the file's, and the body's blake3 digest.
+/// Returns its record. Hashes the whole body: call it off the event loop.
+pub fn check_object(bytes: &[u8]) -> Result<Meta, ObjectRefused> {
+    let len = bytes.len() as u64;
+    let record_len = footer_record_len(bytes).ok_or(ObjectRefused::Footer)?;
+    let tail = record_len + FOOTER_LEN;
+    if record_len > MAX_RECORD as u64 || tail > len {
+        return Err(ObjectRefused::Footer);
+    }
+    let meta = decode_tail(&bytes[(len - tail) as usize..]).map_err(|_| ObjectRefused::Record)?;
+    if meta.body_len.checked_add(tail) != Some(len) {
+        return Err(ObjectRefused::Length);
+    }
+    let body = &bytes[..meta.body_len as usize];
+    if crate::cache::key::Digest::from(blake3::hash(body)) != meta.digest {
+        return Err(ObjectRefused::Digest);
+    }
+    Ok(meta)
+}
+
 /// Links an unnamed (`O_TMPFILE`) file to `to` through its `/proc/self/fd` entry, which needs
 /// no privilege (unlike `AT_EMPTY_PATH`). Fails if `to` exists: every name is used once.
 fn link_fd(file: &File, to: &Path) -> std::io::Result<()> {
@@ -985,6 +1039,32 @@ fn try_lock(file: &File) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_in_memory_is_checked_like_a_file_and_every_cut_or_flip_is_refused() {
+        let body = b"body of an asset shared through a bucket".repeat(8);
+        let mut meta = crate::cache::testing::meta("http://app.example/a.js", &body);
+        meta.digest = crate::cache::key::Digest::from(blake3::hash(&body));
+        let mut object = body.clone();
+        object.extend_from_slice(&tail(&meta));
+        assert_eq!(check_object(&object).map(|m| m.key), Ok(meta.key.clone()));
+        for cut in [0, 1, body.len(), object.len() - 1] {
+            assert!(check_object(&object[..cut]).is_err(), "cut at {cut}");
+        }
+        // A changed body byte, record byte or footer byte: each refused, for its reason.
+        let flip = |at: usize| {
+            let mut o = object.clone();
+            o[at] ^= 0x20;
+            check_object(&o)
+        };
+        assert_eq!(flip(3), Err(ObjectRefused::Digest));
+        assert_eq!(flip(body.len() + 20), Err(ObjectRefused::Record));
+        assert_eq!(flip(object.len() - 2), Err(ObjectRefused::Footer));
+        // Bytes in front of a valid object: the record no longer accounts for the file.
+        let mut longer = b"x".to_vec();
+        longer.extend_from_slice(&object);
+        assert_eq!(check_object(&longer), Err(ObjectRefused::Length));
+    }
 
     #[test]
     fn a_cache_directory_serves_one_process_at_a_time() {

@@ -17,4 +17,5 @@ mod safety_request;
 mod safety_rules;
 mod safety_store;
 mod semantics;
+mod shared_tier;
 mod supervise;

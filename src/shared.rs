@@ -1,0 +1,674 @@
+//! The shared tier: a second tier in S3-compatible object storage behind every instance's local
+//! disk, so a fleet asks the app once per asset instead of once per instance.
+//!
+//! ```text
+//! proxy: local miss (leader of the key's flight)
+//!    |-- SharedTier::lookup: one GET (timeout, bounded), checked --> Cache::import --> served
+//!    '-- not there / refused / failed / breaker open --> the app, as without the tier
+//!              '-- fill committed, shareable --> SharedTier::offer --> bounded queue
+//!                        '-- uploader: reads the object file, checks it, one PUT
+//! ```
+//!
+//! # Bucket layout
+//!
+//! `s3://BUCKET/PREFIX/objects-v2/<key hash, 32 hex digits>`: one object per cache key, its
+//! bytes exactly the local object file (`body | record | footer`, see [`crate::cache::store`]),
+//! so a downloaded object is checked the way a local file is (footer, record checksum, body
+//! digest: [`store::check_object`]) before it is stored or served. The record carries the full
+//! key (compared, so a hash collision or a misplaced object is refused), the headers and the
+//! times the app answered at: freshness counts from the app's answer, not from the download.
+//! The format's version is in the path; a new format moves to a new directory.
+//!
+//! # What is shared
+//!
+//! Only the identity object of a `200` response without `Vary`, fresh for at least
+//! `shared_tier_min_fresh`, never `private` (not stored at all), never one that set a cookie
+//! (even one a rule strips), never one for a request with `Authorization`, and at most
+//! [`MAX_SHARED_OBJECT`] bytes. Responses with `Vary` are not shared: their variants are stored
+//! under hashes a new instance cannot compute before it has seen the app's `Vary` (a read with
+//! the wrong spec would find nothing at best). An object with `Vary` found in the bucket is
+//! refused. Compressed variant files are local only.
+//!
+//! # Failing open
+//!
+//! Every failure sends the request on to the app: a GET is bounded by `shared_tier_timeout`
+//! (waiting for one of `shared_tier_concurrency` slots included), uploads wait in a queue of
+//! `shared_tier_queue` (full: dropped and counted, never waited for), and after
+//! [`BREAKER_THRESHOLD`] failures in a row the tier is skipped for `shared_tier_cooldown`, then
+//! one request probes it. Downloaded and uploaded bodies are held in memory, bounded by
+//! [`MEMORY_BUDGET`] together.
+//!
+//! Trust: the checks catch corruption, truncation and misplaced objects, not a forger. Whoever
+//! may write the prefix can write a self-consistent object (a digest is not a signature), so
+//! write access to it is as trusted as the app itself; the instances need read and write on it
+//! and nothing else.
+//!
+//! Credentials come from the standard `AWS_*` environment (object_store's S3 client) and are
+//! never logged: the only description of the tier in logs is `s3://BUCKET/PREFIX`.
+//!
+//! Owns its client, its queue, its slots and its breaker (one std mutex, a leaf: held for a
+//! few assignments, never across an `.await`). It never touches the index or the disk itself:
+//! reads and stores go through [`Cache`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::cache::Cache;
+use crate::cache::key::{CacheKey, KeyHash};
+use crate::cache::meta::Meta;
+use crate::cache::store::{self, ObjectRefused};
+use crate::metrics as m;
+
+/// Largest object file (body, record and footer) shared, either way.
+pub const MAX_SHARED_OBJECT: u64 = 32 << 20;
+/// Bytes of downloads and uploads held in memory at once, all together.
+pub const MEMORY_BUDGET: u64 = 64 << 20;
+/// Failures in a row that open the breaker.
+pub const BREAKER_THRESHOLD: u32 = 5;
+/// The directory under the prefix: the local layout's, whose number is the object file
+/// format's version (a new format moves both).
+const LAYOUT: &str = store::OBJECTS;
+
+/// The shared tier's settings (`shared_tier*` keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedTierConfig {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix inside it (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+    /// Least freshness left for an object to be uploaded.
+    pub min_fresh: Duration,
+    /// Time limit of one read (waiting for a slot included) and of one upload.
+    pub timeout: Duration,
+    /// Reads at once; uploads at once.
+    pub concurrency: usize,
+    /// Uploads waiting at most.
+    pub queue: usize,
+    /// How long the tier is skipped once the breaker opens.
+    pub cooldown: Duration,
+}
+
+impl SharedTierConfig {
+    /// `s3://BUCKET/PREFIX` as shown in logs (no endpoint, no credentials).
+    pub fn describe(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// Parses `s3://BUCKET/PREFIX` into its bucket and prefix (S3's bucket naming rules; a prefix
+/// of plain path segments, without `.`, `..` or empty segments).
+pub fn parse_url(url: &str) -> Result<(String, String), String> {
+    let Some(rest) = url.strip_prefix("s3://") else {
+        return Err(format!("`{url}`: expected s3://BUCKET/PREFIX"));
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && bucket.as_bytes()[0].is_ascii_alphanumeric()
+        && bucket.as_bytes()[bucket.len() - 1].is_ascii_alphanumeric();
+    if !bucket_ok {
+        return Err(format!(
+            "`{url}`: `{bucket}` is not a bucket name (3-63 lower-case letters, digits, `-` and `.`)"
+        ));
+    }
+    let prefix = prefix.trim_end_matches('/');
+    for segment in prefix.split('/').filter(|_| !prefix.is_empty()) {
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if segment.is_empty() || segment == "." || segment == ".." || !segment.chars().all(plain) {
+            return Err(format!(
+                "`{url}`: the prefix must be path segments of letters, digits, `-`, `_` and `.`"
+            ));
+        }
+    }
+    Ok((bucket.to_owned(), prefix.to_owned()))
+}
+
+/// Whether a fill may be shared with the fleet: a `200` without `Vary`, neither `private` nor
+/// `no-store`, whose answer set no cookie (`set_cookie`: even one a rule strips) and whose
+/// request carried no `Authorization`. (Its freshness is checked by the caller.)
+pub fn shareable(meta: &Meta, request: &http::HeaderMap, set_cookie: bool) -> bool {
+    let (cc, _) = crate::policy::response_directives(&meta.headers);
+    meta.status == 200
+        && meta.vary.is_empty()
+        && !set_cookie
+        && !meta.headers.contains_key(http::header::SET_COOKIE)
+        && !request.contains_key(http::header::AUTHORIZATION)
+        && !cc.private
+        && !cc.no_store
+        && meta.body_len < MAX_SHARED_OBJECT
+}
+
+/// The circuit breaker: closed (every call goes), open (calls are skipped until a time), then
+/// half-open (one probe goes; its success closes it, its failure opens it again). Pure state,
+/// clocked by its caller.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+impl Breaker {
+    /// Opens after `threshold` failures in a row, for `cooldown`.
+    pub fn new(threshold: u32, cooldown: Duration) -> Breaker {
+        Breaker {
+            threshold: threshold.max(1),
+            cooldown,
+            state: Mutex::new(BreakerState::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        // Each step is a few assignments: poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a call may go now: closed, or the one probe once the cooldown is over.
+    pub fn allow(&self, now: Instant) -> bool {
+        let mut s = self.lock();
+        match s.open_until {
+            None => true,
+            Some(until) if now < until => false,
+            Some(_) if s.probing => false,
+            Some(_) => {
+                s.probing = true;
+                true
+            }
+        }
+    }
+
+    /// A call succeeded: closed.
+    pub fn success(&self) {
+        *self.lock() = BreakerState::default();
+    }
+
+    /// A call failed; true when this opened the breaker.
+    pub fn failure(&self, now: Instant) -> bool {
+        let mut s = self.lock();
+        s.failures = s.failures.saturating_add(1);
+        if s.probing || (s.open_until.is_none() && s.failures >= self.threshold) {
+            s.open_until = Some(now + self.cooldown);
+            s.probing = false;
+            return true;
+        }
+        false
+    }
+
+    /// Whether calls are being skipped (open, or half-open with its probe out).
+    pub fn is_open(&self) -> bool {
+        self.lock().open_until.is_some()
+    }
+}
+
+/// What a shared-tier read found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A checked object: its record (boxed: it is large) and the whole object file.
+    Found(Box<Meta>, Bytes),
+    /// Nothing for this key (or nothing usable: refused, too large).
+    Miss,
+    /// Not asked: the breaker is open.
+    Skipped,
+    /// The bucket failed or was too slow.
+    Failed,
+}
+
+/// An upload offered after a fill: the object committed for this key with these times.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    /// The key (its own hash: shared objects have no `Vary`).
+    pub key: CacheKey,
+    /// When the app was asked (ms precision, as the record keeps it).
+    pub request_time: SystemTime,
+    /// When the app answered.
+    pub response_time: SystemTime,
+}
+
+/// Failure kinds, the `kind` label of the errors metric.
+fn error_kind(e: &object_store::Error) -> &'static str {
+    match e {
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => "denied",
+        _ => "request",
+    }
+}
+
+/// KiB permits of [`MEMORY_BUDGET`] for `bytes`.
+fn kib(bytes: u64) -> u32 {
+    bytes.div_ceil(1024).min(u64::from(u32::MAX)) as u32
+}
+
+/// The shared tier: the bucket client, the read slots, the upload queue and the breaker.
+pub struct SharedTier {
+    store: Arc<dyn ObjectStore>,
+    config: SharedTierConfig,
+    /// `PREFIX/objects-v2`.
+    root: String,
+    reads: Semaphore,
+    writes: Arc<Semaphore>,
+    memory: Arc<Semaphore>,
+    breaker: Breaker,
+    queue: mpsc::Sender<Upload>,
+    /// Taken by [`SharedTier::run_uploads`].
+    pending: Mutex<Option<mpsc::Receiver<Upload>>>,
+}
+
+impl std::fmt::Debug for SharedTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client's own Debug may show its configuration: only the bucket and prefix.
+        f.debug_struct("SharedTier")
+            .field("at", &self.config.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedTier {
+    /// A client for the bucket: the endpoint, region and credentials from the `AWS_*`
+    /// variables of `env`, requests bounded by the configured timeout and never retried (a
+    /// retry would outlast the timeout; the request goes to the app instead).
+    pub fn open(
+        config: SharedTierConfig,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Arc<SharedTier>, String> {
+        // The client is built with rustls; its provider must be chosen first (ring).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // A backstop only: each call is bounded by `config.timeout` around it (so a slow
+        // bucket is always counted as a timeout), a slot waited for included.
+        let options = ClientOptions::new()
+            .with_timeout(config.timeout + Duration::from_secs(1))
+            .with_connect_timeout(config.timeout);
+        let mut builder = AmazonS3Builder::new().with_client_options(options);
+        for (var, value) in env {
+            if var.starts_with("AWS_")
+                && let Ok(key) = var.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
+            {
+                builder = builder.with_config(key, value);
+            }
+        }
+        let retry = RetryConfig {
+            max_retries: 0,
+            retry_timeout: config.timeout,
+            ..RetryConfig::default()
+        };
+        let store = builder
+            .with_bucket_name(&config.bucket)
+            .with_retry(retry)
+            .build()
+            // Its messages name the setting at fault, never a secret's value.
+            .map_err(|e| format!("shared tier {}: {e}", config.describe()))?;
+        let root = if config.prefix.is_empty() {
+            LAYOUT.to_owned()
+        } else {
+            format!("{}/{LAYOUT}", config.prefix)
+        };
+        // Present (closed) from the start, so dashboards and alerts see the series.
+        metrics::gauge!(m::SHARED_BREAKER_OPEN).set(0.0);
+        let (queue, pending) = mpsc::channel(config.queue.max(1));
+        let concurrency = config.concurrency.max(1);
+        Ok(Arc::new(SharedTier {
+            store: Arc::new(store),
+            root,
+            reads: Semaphore::new(concurrency),
+            writes: Arc::new(Semaphore::new(concurrency)),
+            memory: Arc::new(Semaphore::new(kib(MEMORY_BUDGET) as usize)),
+            breaker: Breaker::new(BREAKER_THRESHOLD, config.cooldown),
+            queue,
+            pending: Mutex::new(Some(pending)),
+            config,
+        }))
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &SharedTierConfig {
+        &self.config
+    }
+
+    /// Where a key's object lives in the bucket.
+    pub fn object_path(&self, hash: &KeyHash) -> String {
+        format!("{}/{}", self.root, hash.to_hex())
+    }
+
+    fn failed(&self, op: &'static str, kind: &'static str) {
+        metrics::counter!(m::SHARED_ERRORS, "op" => op, "kind" => kind).increment(1);
+        if self.breaker.failure(Instant::now()) {
+            metrics::gauge!(m::SHARED_BREAKER_OPEN).set(1.0);
+            warn!(
+                at = %self.config.describe(),
+                cooldown_s = self.config.cooldown.as_secs(),
+                "shared tier failing: skipped for a while"
+            );
+        }
+    }
+
+    fn succeeded(&self) {
+        if self.breaker.is_open() {
+            metrics::gauge!(m::SHARED_BREAKER_OPEN).set(0.0);
+            info!(at = %self.config.describe(), "shared tier answering again");
+        }
+        self.breaker.success();
+    }
+
+    fn lookup_result(result: &'static str) {
+        metrics::counter!(m::SHARED_LOOKUPS, "result" => result).increment(1);
+    }
+
+    /// Reads `key`'s object: one GET within the timeout (a slot waited for included), its
+    /// bytes checked as a local object file is, its record naming this key, without `Vary`.
+    /// Counts the result; never fails the request.
+    pub async fn lookup(&self, key: &CacheKey) -> Lookup {
+        if !self.breaker.allow(Instant::now()) {
+            Self::lookup_result("skipped");
+            return Lookup::Skipped;
+        }
+        let path = ObjectPath::from(self.object_path(&key.hash()));
+        let started = Instant::now();
+        let read = tokio::time::timeout(self.config.timeout, async {
+            let _slot = self.reads.acquire().await.ok();
+            let got = self.store.get(&path).await?;
+            if got.meta.size > MAX_SHARED_OBJECT {
+                return Ok(None);
+            }
+            let _held = self.memory.acquire_many(kib(got.meta.size)).await.ok();
+            got.bytes().await.map(Some)
+        })
+        .await;
+        metrics::histogram!(m::SHARED_DURATION, "op" => "get").record(started.elapsed().as_secs_f64());
+        let bytes = match read {
+            Err(_) => {
+                debug!("shared tier read timed out");
+                self.failed("get", "timeout");
+                Self::lookup_result("error");
+                return Lookup::Failed;
+            }
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                self.succeeded();
+                Self::lookup_result("miss");
+                return Lookup::Miss;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "shared tier read failed");
+                self.failed("get", error_kind(&e));
+                Self::lookup_result("error");
+                return Lookup::Failed;
+            }
+            Ok(Ok(None)) => {
+                self.succeeded();
+                self.refused(ObjectRefused::Length);
+                return Lookup::Miss;
+            }
+            Ok(Ok(Some(bytes))) => bytes,
+        };
+        self.succeeded();
+        let checked = {
+            let bytes = bytes.clone();
+            tokio::task::spawn_blocking(move || store::check_object(&bytes)).await
+        };
+        let meta = match checked {
+            Ok(Ok(meta)) => meta,
+            Ok(Err(why)) => {
+                self.refused(why);
+                return Lookup::Miss;
+            }
+            Err(_) => {
+                Self::lookup_result("error");
+                return Lookup::Failed;
+            }
+        };
+        if meta.key != *key {
+            self.refused(ObjectRefused::Key);
+            return Lookup::Miss;
+        }
+        if !meta.vary.is_empty() || meta.status != 200 {
+            self.refused(ObjectRefused::NotShared);
+            return Lookup::Miss;
+        }
+        Lookup::Found(Box::new(meta), bytes)
+    }
+
+    fn refused(&self, why: ObjectRefused) {
+        warn!(reason = why.as_str(), "shared tier object refused");
+        metrics::counter!(m::SHARED_REFUSED, "reason" => why.as_str()).increment(1);
+        Self::lookup_result("refused");
+    }
+
+    /// Counts a found object that was not used (not fresh enough for the request, or the
+    /// local store would not take it): the request goes to the app.
+    pub fn unused(&self) {
+        Self::lookup_result("unused");
+    }
+
+    /// Counts a found object stored and served.
+    pub fn hit(&self) {
+        Self::lookup_result("hit");
+    }
+
+    /// Queues an upload; dropped and counted when the queue is full, never waited for.
+    /// Whether it was queued.
+    pub fn offer(&self, upload: Upload) -> bool {
+        let Err(e) = self.queue.try_send(upload) else {
+            return true;
+        };
+        let reason = match e {
+            mpsc::error::TrySendError::Full(_) => "full",
+            mpsc::error::TrySendError::Closed(_) => "closed",
+        };
+        metrics::counter!(m::SHARED_UPLOAD_DROPS, "reason" => reason).increment(1);
+        false
+    }
+
+    /// The uploader: takes queued uploads, `shared_tier_concurrency` at once, until `shutdown`
+    /// (what is still queued then is dropped: the tier is a cache). Runs once.
+    pub async fn run_uploads(self: Arc<Self>, cache: Arc<Cache>, shutdown: CancellationToken) {
+        let Some(mut pending) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            let upload = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = pending.recv() => match next {
+                    Some(upload) => upload,
+                    None => break,
+                },
+            };
+            // Waits for a slot while the queue absorbs (and past its bound drops) the rest.
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                slot = self.writes.clone().acquire_owned() => slot,
+            };
+            let (tier, cache) = (self.clone(), cache.clone());
+            running.spawn(async move {
+                let _slot = slot;
+                tier.upload(&cache, upload).await;
+            });
+            while running.try_join_next().is_some() {}
+        }
+        running.abort_all();
+    }
+
+    /// Uploads one committed object file, if it is still the one the fill committed.
+    async fn upload(&self, cache: &Arc<Cache>, upload: Upload) {
+        let drop = |reason: &'static str| metrics::counter!(m::SHARED_UPLOAD_DROPS, "reason" => reason).increment(1);
+        if !self.breaker.allow(Instant::now()) {
+            return drop("breaker");
+        }
+        let Some(file_len) = cache.object_len(&upload.key) else {
+            return drop("gone");
+        };
+        if file_len > MAX_SHARED_OBJECT {
+            return drop("size");
+        }
+        let _held = self.memory.acquire_many(kib(file_len)).await.ok();
+        let Some(bytes) = cache.read_object(&upload.key).await else {
+            return drop("gone");
+        };
+        // The file is checked before it leaves, and must be the version this fill committed
+        // (not a later one stored for another request).
+        let same = {
+            let bytes = bytes.clone();
+            tokio::task::spawn_blocking(move || store::check_object(&bytes)).await
+        };
+        let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).ok();
+        match same {
+            Ok(Ok(meta))
+                if meta.key == upload.key
+                    && ms(meta.request_time) == ms(upload.request_time)
+                    && ms(meta.response_time) == ms(upload.response_time) => {}
+            _ => return drop("gone"),
+        }
+        let path = ObjectPath::from(self.object_path(&upload.key.hash()));
+        let started = Instant::now();
+        let put = tokio::time::timeout(self.config.timeout, self.store.put(&path, PutPayload::from(bytes))).await;
+        metrics::histogram!(m::SHARED_DURATION, "op" => "put").record(started.elapsed().as_secs_f64());
+        match put {
+            Ok(Ok(_)) => {
+                self.succeeded();
+                metrics::counter!(m::SHARED_UPLOADS).increment(1);
+                debug!("shared tier upload done");
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "shared tier upload failed");
+                self.failed("put", error_kind(&e));
+            }
+            Err(_) => self.failed("put", "timeout"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_bucket_and_a_plain_prefix() {
+        assert_eq!(
+            parse_url("s3://assets/fleet/web"),
+            Ok(("assets".into(), "fleet/web".into()))
+        );
+        assert_eq!(parse_url("s3://assets"), Ok(("assets".into(), String::new())));
+        assert_eq!(parse_url("s3://my.bucket-1/p/"), Ok(("my.bucket-1".into(), "p".into())));
+        for bad in [
+            "https://assets/p",
+            "s3://",
+            "s3://ab/p",
+            "s3://Assets/p",
+            "s3://-assets/p",
+            "s3://assets/../p",
+            "s3://assets/a//b",
+            "s3://assets/a b",
+            "s3://assets/a?x=1",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn only_public_answers_without_cookies_credentials_or_vary_are_shareable() {
+        let meta = crate::cache::testing::meta("http://app.example/a.js", b"console.log(1)");
+        let none = http::HeaderMap::new();
+        assert!(shareable(&meta, &none, false));
+        let mut auth = http::HeaderMap::new();
+        auth.insert("authorization", http::HeaderValue::from_static("Bearer x"));
+        assert!(!shareable(&meta, &auth, false), "a request with credentials");
+        assert!(!shareable(&meta, &none, true), "an answer that set a cookie");
+        let with = |name: &'static str, value: &'static str| {
+            let mut m = meta.clone();
+            m.headers.insert(name, http::HeaderValue::from_static(value));
+            m
+        };
+        assert!(!shareable(&with("cache-control", "private, max-age=600"), &none, false));
+        assert!(!shareable(&with("cache-control", "no-store"), &none, false));
+        assert!(!shareable(&with("set-cookie", "a=1"), &none, false));
+        let mut varied = meta.clone();
+        varied.vary = vec![(http::HeaderName::from_static("accept-language"), None)];
+        assert!(!shareable(&varied, &none, false), "a variant");
+        let mut moved = meta.clone();
+        moved.status = 301;
+        assert!(!shareable(&moved, &none, false), "not a 200");
+    }
+
+    #[test]
+    fn the_breaker_opens_after_failures_in_a_row_then_lets_one_probe_through() {
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        let b = Breaker::new(3, cooldown);
+        assert!(b.allow(t0));
+        assert!(!b.failure(t0));
+        b.success();
+        // A success resets the count: two more are not three in a row.
+        assert!(!b.failure(t0));
+        assert!(!b.failure(t0));
+        assert!(b.allow(t0));
+        assert!(b.failure(t0), "the third failure in a row opens it");
+        assert!(b.is_open());
+        assert!(!b.allow(t0 + cooldown / 2), "skipped during the cooldown");
+        // After it, one probe goes, the others wait for its answer.
+        assert!(b.allow(t0 + cooldown));
+        assert!(!b.allow(t0 + cooldown));
+        // A failed probe opens it again for a whole cooldown.
+        assert!(b.failure(t0 + cooldown));
+        assert!(!b.allow(t0 + cooldown + cooldown / 2));
+        assert!(b.allow(t0 + 2 * cooldown));
+        b.success();
+        assert!(!b.is_open());
+        assert!(b.allow(t0 + 2 * cooldown));
+    }
+
+    fn config(queue: usize) -> SharedTierConfig {
+        SharedTierConfig {
+            bucket: "assets".into(),
+            prefix: "fleet".into(),
+            min_fresh: Duration::from_secs(3600),
+            timeout: Duration::from_secs(2),
+            concurrency: 1,
+            queue,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn a_full_upload_queue_drops_at_once_and_never_waits() {
+        let env = [("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ALLOW_HTTP", "true")];
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        // Nothing takes from the queue (no uploader runs): the second offer finds it full.
+        let tier = SharedTier::open(config(1), env).expect("a client");
+        let upload = |path: &str| Upload {
+            key: CacheKey::from_stored(format!("http://app.example{path}")),
+            request_time: SystemTime::now(),
+            response_time: SystemTime::now(),
+        };
+        let started = Instant::now();
+        assert!(tier.offer(upload("/a.js")));
+        assert!(!tier.offer(upload("/b.js")), "dropped when full");
+        assert!(!tier.offer(upload("/c.js")));
+        assert!(started.elapsed() < Duration::from_secs(1), "an offer never waits");
+        // Keys are placed under the prefix and the format's directory.
+        let hash = CacheKey::from_stored("http://app.example/a.js".into()).hash();
+        assert_eq!(tier.object_path(&hash), format!("fleet/objects-v2/{}", hash.to_hex()));
+    }
+
+    #[test]
+    fn memory_permits_are_whole_kib() {
+        assert_eq!(kib(0), 0);
+        assert_eq!(kib(1), 1);
+        assert_eq!(kib(1024), 1);
+        assert_eq!(kib(1025), 2);
+        assert!(kib(MAX_SHARED_OBJECT) <= kib(MEMORY_BUDGET));
+    }
+}

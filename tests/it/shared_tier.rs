@@ -1,0 +1,575 @@
+//! The shared tier (issue 19): real `sidecache` processes in front of one in-process app, a real
+//! S3-compatible server (moto's, started here on 127.0.0.1 and a kernel-picked port by
+//! `support/s3_server.py`; `.ci/run` installs it). The fleet asks the app once per asset; what
+//! may not be shared never reaches the bucket; a stopped or slow bucket is never a client error;
+//! a changed object is refused; priming fills through the bucket.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use sidecache::cache::key::{CacheKey, Digest};
+use sidecache::cache::meta::Meta;
+use sidecache::cache::store;
+
+use crate::support::{Binary, Origin, app_client, client, eventually, metric, scrape};
+
+const BUCKET: &str = "sidecache-fleet";
+const PREFIX: &str = "fleet/web";
+const ASSET: &[(&str, &str)] = &[("cache-control", "public, max-age=86400")];
+/// The secret the sidecars are given: it must never show in their logs.
+const SECRET: &str = "sc-test-secret-7f3a9c01d2e4b5a6";
+
+/// An S3-compatible server in a child process, killed when dropped.
+struct S3 {
+    child: Child,
+    port: u16,
+    _log: tempfile::NamedTempFile,
+}
+
+impl S3 {
+    /// Starts the server with one empty bucket; fails loudly, saying how to install it, when
+    /// it cannot start.
+    fn start() -> S3 {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/support/s3_server.py");
+        let python = std::env::var("SIDECACHE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let spawned = Command::new(&python)
+            .arg(script)
+            .arg(BUCKET)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log.reopen().unwrap())
+            .spawn();
+        let hint = "the shared-tier tests need an S3-compatible server: \
+                    `python3 -m pip install 'moto[server]'` (.ci/run installs it)";
+        let mut child = spawned.unwrap_or_else(|e| panic!("cannot run {python}: {e}; {hint}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let Ok(port) = line.trim().parse::<u16>() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut said = String::new();
+            let _ = log.reopen().unwrap().read_to_string(&mut said);
+            panic!("{hint}\nthe server said:\n{said}");
+        };
+        S3 { child, port, _log: log }
+    }
+
+    /// The environment a sidecar reaches it with.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "sc-test-key-id".into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET.into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// A client of the bucket for the test itself.
+    fn bucket(&self) -> AmazonS3 {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        AmazonS3Builder::new()
+            .with_endpoint(format!("http://127.0.0.1:{}", self.port))
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .with_bucket_name(BUCKET)
+            .build()
+            .unwrap()
+    }
+
+    /// Pauses the server (SIGSTOP): connections are accepted by the kernel, never answered.
+    fn pause(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    }
+
+    /// Stops the server for good.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Where the fleet keeps `path`'s object (requests are for Host app.example).
+fn object_path(path: &str) -> ObjectPath {
+    let key = CacheKey::from_stored(format!("http://app.example{path}"));
+    ObjectPath::from(format!("{PREFIX}/objects-v2/{}", key.hash().to_hex()))
+}
+
+/// Every object under the fleet's prefix.
+async fn listing(bucket: &AmazonS3) -> Vec<String> {
+    use futures_util::StreamExt;
+    let prefix = ObjectPath::from(PREFIX);
+    let mut names: Vec<String> = bucket
+        .list(Some(&prefix))
+        .map(|m| m.unwrap().location.to_string())
+        .collect()
+        .await;
+    names.sort();
+    names
+}
+
+/// One sidecar process of the fleet.
+struct Member {
+    bin: Binary,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Member {
+    async fn start(origin: &Origin, s3: &S3, extra: &[&str], env: &[(&str, &str)]) -> Member {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = format!("s3://{BUCKET}/{PREFIX}");
+        let mut args = vec!["--shared-tier", tier.as_str()];
+        args.extend_from_slice(extra);
+        let s3_env = s3.env();
+        let mut all: Vec<(&str, &str)> = s3_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        // What these tests count must not depend on how full the machine's disk is.
+        all.push(("SIDECACHE_MIN_FREE", "0"));
+        all.extend_from_slice(env);
+        let mut bin = Binary::serve(&origin.url(), &dir.path().join("cache"), &args, &all);
+        let addr = bin.public_addr();
+        let admin = bin.admin_addr();
+        let ready = eventually(Duration::from_secs(10), async || {
+            client()
+                .get(format!("http://{admin}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(ready, "sidecar never became ready");
+        Member {
+            bin,
+            addr,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    /// GETs `path` (Host app.example): status, Cache-Status and body.
+    async fn get(&self, path: &str) -> (u16, String, Bytes) {
+        self.get_with(path, &[]).await
+    }
+
+    async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String, Bytes) {
+        let mut req = app_client().get(format!("http://{}{path}", self.addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let cache_status = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+        (status, cache_status, resp.bytes().await.unwrap())
+    }
+
+    async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        metric(&scrape(self.admin).await, name, labels)
+    }
+
+    /// Waits (bounded) until `name{labels}` reaches `at_least`.
+    async fn wait_metric(&self, name: &str, labels: &[&str], at_least: f64) {
+        let reached = eventually(Duration::from_secs(20), async || {
+            self.metric(name, labels).await >= at_least
+        })
+        .await;
+        let text = scrape(self.admin).await;
+        let tier: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("sidecache_shared_tier"))
+            .collect();
+        assert!(
+            reached,
+            "{name}{labels:?} never reached {at_least}:\n{}",
+            tier.join("\n")
+        );
+    }
+}
+
+const LOOKUPS: &str = "sidecache_shared_tier_lookups_total";
+const UPLOADS: &str = "sidecache_shared_tier_uploads_total";
+const REFUSED: &str = "sidecache_shared_tier_refused_total";
+const ERRORS: &str = "sidecache_shared_tier_errors_total";
+const BREAKER: &str = "sidecache_shared_tier_breaker_open";
+
+fn body_of(path: &str, len: usize) -> Bytes {
+    let line = format!("/* {path} */\n");
+    Bytes::from(line.repeat(len / line.len() + 1)[..len].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_asks_the_app_once_per_asset_the_others_read_the_bucket() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    // Small bodies (kept in memory by their fill) and large ones (staged in a file).
+    let assets: Vec<(String, Bytes)> = (0..6)
+        .map(|i| {
+            let path = format!("/assets/app-{i}.js");
+            let body = body_of(&path, if i % 2 == 0 { 900 + i } else { 200_000 + i });
+            (path, body)
+        })
+        .collect();
+    for (path, body) in &assets {
+        origin.fixed(path, ASSET, body.clone());
+    }
+    let fleet = [
+        Member::start(&origin, &s3, &[], &[]).await,
+        Member::start(&origin, &s3, &[], &[]).await,
+        Member::start(&origin, &s3, &[], &[]).await,
+    ];
+
+    for (path, body) in &assets {
+        let (status, cache_status, got) = fleet[0].get(path).await;
+        assert_eq!((status, &got), (200, body), "{path}");
+        assert!(cache_status.contains("fwd=uri-miss"), "{path}: {cache_status}");
+    }
+    // Uploaded behind the fills.
+    fleet[0].wait_metric(UPLOADS, &[], assets.len() as f64).await;
+    assert_eq!(listing(&s3.bucket()).await.len(), assets.len());
+
+    // The others read the bucket: five requests at once per asset on each, one GET per key.
+    for member in &fleet[1..] {
+        let requests = assets.iter().flat_map(|(path, body)| {
+            (0..5).map(move |_| async move {
+                let (status, cache_status, got) = member.get(path).await;
+                assert_eq!((status, &got), (200, body), "{path}");
+                cache_status
+            })
+        });
+        let statuses = futures_util::future::join_all(requests).await;
+        let from_bucket = statuses.iter().filter(|s| s.contains("detail=shared-tier")).count();
+        assert_eq!(
+            from_bucket,
+            assets.len(),
+            "one read through the bucket per asset: {statuses:?}"
+        );
+        assert_eq!(member.metric(LOOKUPS, &["result=\"hit\""]).await, assets.len() as f64);
+        // Stored here now: the next request is a plain local hit.
+        let (_, cache_status, _) = member.get(&assets[0].0).await;
+        assert_eq!(cache_status, "sidecache; hit");
+    }
+    for (path, _) in &assets {
+        assert_eq!(origin.hits(path), 1, "{path}: the app is asked once by the fleet");
+    }
+    // What was read from the bucket is not uploaded again.
+    for member in &fleet[1..] {
+        assert_eq!(member.metric(UPLOADS, &[]).await, 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_that_are_not_for_everyone_never_reach_the_bucket() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    let public = &[("cache-control", "public, max-age=86400")][..];
+    origin.fixed("/private.js", &[("cache-control", "private, max-age=86400")], "alice's");
+    origin.fixed(
+        "/cookie.js",
+        &[
+            ("cache-control", "public, max-age=86400"),
+            ("set-cookie", "session=alice"),
+        ],
+        "c",
+    );
+    // A rule strips this cookie, so the instance stores the answer; the bucket still never gets it.
+    origin.fixed(
+        "/stripped/s.js",
+        &[
+            ("cache-control", "public, max-age=86400"),
+            ("content-type", "text/javascript"),
+            ("set-cookie", "session=alice"),
+        ],
+        "s",
+    );
+    // Public, so this instance stores it, but it was asked with credentials.
+    origin.fixed("/auth.js", public, "for alice");
+    origin.fixed("/short.js", &[("cache-control", "public, max-age=60")], "short");
+    origin.fixed(
+        "/varied.js",
+        &[("cache-control", "public, max-age=86400"), ("vary", "accept-language")],
+        "v",
+    );
+    origin.fixed("/control.js", public, "for everyone");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rules.yaml");
+    std::fs::write(
+        &config,
+        "rules:\n  - match: \"/stripped/**\"\n    strip_set_cookie: true\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let fleet = [
+        Member::start(&origin, &s3, &["--config", config], &[]).await,
+        Member::start(&origin, &s3, &["--config", config], &[]).await,
+    ];
+
+    for path in ["/private.js", "/cookie.js", "/stripped/s.js", "/short.js", "/varied.js"] {
+        let (status, _, _) = fleet[0].get(path).await;
+        assert_eq!(status, 200, "{path}");
+    }
+    let (_, cache_status, _) = fleet[0]
+        .get_with("/auth.js", &[("authorization", "Bearer alice-token")])
+        .await;
+    assert!(
+        cache_status.contains("stored"),
+        "stored on this instance: {cache_status}"
+    );
+    let (_, cache_status, _) = fleet[0].get("/stripped/s.js").await;
+    assert_eq!(cache_status, "sidecache; hit", "stored on this instance");
+    fleet[0].get("/control.js").await;
+    fleet[0].wait_metric(UPLOADS, &[], 1.0).await;
+
+    // Only the control made it, and nothing was queued and dropped instead.
+    let bucket = s3.bucket();
+    assert_eq!(listing(&bucket).await, vec![object_path("/control.js").to_string()]);
+    assert_eq!(fleet[0].metric(UPLOADS, &[]).await, 1.0);
+    assert_eq!(
+        fleet[0].metric("sidecache_shared_tier_upload_drops_total", &[]).await,
+        0.0
+    );
+    // Another instance, another user without credentials: each from the app, none from the bucket.
+    for path in [
+        "/private.js",
+        "/cookie.js",
+        "/stripped/s.js",
+        "/auth.js",
+        "/short.js",
+        "/varied.js",
+    ] {
+        let (status, cache_status, _) = fleet[1].get(path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(!cache_status.contains("shared-tier"), "{path}: {cache_status}");
+        assert_eq!(origin.hits(path), 2, "{path}");
+    }
+    let (_, cache_status, _) = fleet[1].get("/control.js").await;
+    assert!(cache_status.contains("detail=shared-tier"), "{cache_status}");
+    assert_eq!(origin.hits("/control.js"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_then_stopped_bucket_is_never_a_client_error_and_opens_the_breaker() {
+    let mut s3 = S3::start();
+    let origin = Origin::start().await;
+    for i in 0..40 {
+        let path = format!("/a/{i}.js");
+        origin.fixed(&path, ASSET, body_of(&path, 500));
+    }
+    let env = [
+        ("SIDECACHE_SHARED_TIER_TIMEOUT", "500ms"),
+        ("SIDECACHE_SHARED_TIER_COOLDOWN", "1s"),
+    ];
+    let mut member = Member::start(&origin, &s3, &["--log-level", "debug"], &env).await;
+    // The tier works with these credentials (signed requests accepted).
+    member.get("/a/0.js").await;
+    member.wait_metric(UPLOADS, &[], 1.0).await;
+
+    // Paused: a read waits no longer than its timeout, then the app answers.
+    s3.pause();
+    let started = Instant::now();
+    let (status, cache_status, body) = member.get("/a/1.js").await;
+    assert_eq!((status, body), (200, body_of("/a/1.js", 500)));
+    assert!(cache_status.contains("fwd=uri-miss"), "{cache_status}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(member.metric(ERRORS, &["op=\"get\"", "kind=\"timeout\""]).await, 1.0);
+
+    // Stopped: every request is answered by the app; after failures in a row the tier is
+    // skipped, not asked.
+    s3.kill();
+    for i in 2..12 {
+        let path = format!("/a/{i}.js");
+        let (status, _, body) = member.get(&path).await;
+        assert_eq!((status, body), (200, body_of(&path, 500)), "{path}");
+    }
+    assert_eq!(member.metric(BREAKER, &[]).await, 1.0, "the breaker is open");
+    assert!(member.metric(LOOKUPS, &["result=\"skipped\""]).await >= 1.0);
+    let errors = member.metric(ERRORS, &[]).await;
+    assert!(errors >= 5.0, "{errors} errors counted");
+    // After the cooldown one request probes the bucket again (and, failing, opens it again).
+    let mut next = 12;
+    let probed = eventually(Duration::from_secs(15), async || {
+        let path = format!("/a/{}.js", next.min(39));
+        next += 1;
+        let (status, _, _) = member.get(&path).await;
+        assert_eq!(status, 200);
+        member.metric(ERRORS, &[]).await > errors
+    })
+    .await;
+    assert!(probed, "the tier was never tried again");
+    for i in 0..next.min(40) {
+        assert_eq!(origin.hits(&format!("/a/{i}.js")), 1, "/a/{i}.js");
+    }
+
+    // Debug logs of reads, uploads and failures: the secret is in none of them.
+    member.bin.wait_line("shared tier failing");
+    member.bin.wait_line("shared tier read failed");
+    let logs = member.bin.seen.join("\n");
+    assert!(
+        logs.contains("s3://sidecache-fleet/fleet/web"),
+        "the tier is named in the logs"
+    );
+    assert!(!logs.contains(SECRET), "the secret was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_object_changed_in_the_bucket_is_refused_and_fetched_from_the_app() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    let paths = ["/x/flipped.js", "/x/cut.js", "/x/swapped.js", "/x/intact.js"];
+    for path in paths {
+        origin.fixed(path, ASSET, body_of(path, 3000));
+    }
+    let fleet = [
+        Member::start(&origin, &s3, &[], &[]).await,
+        Member::start(&origin, &s3, &[], &[]).await,
+    ];
+    for path in paths {
+        fleet[0].get(path).await;
+    }
+    fleet[0].wait_metric(UPLOADS, &[], paths.len() as f64).await;
+
+    let bucket = s3.bucket();
+    let read = async |path: &str| bucket.get(&object_path(path)).await.unwrap().bytes().await.unwrap();
+    let mut flipped = read("/x/flipped.js").await.to_vec();
+    flipped[100] ^= 0x01;
+    let mut cut = read("/x/cut.js").await.to_vec();
+    cut.truncate(cut.len() - 5);
+    // A valid object, of another key, under this key's name.
+    let other = read("/x/intact.js").await;
+    for (path, bytes) in [
+        ("/x/flipped.js", Bytes::from(flipped)),
+        ("/x/cut.js", Bytes::from(cut)),
+        ("/x/swapped.js", other),
+    ] {
+        bucket.put(&object_path(path), PutPayload::from(bytes)).await.unwrap();
+    }
+
+    for path in paths {
+        let (status, cache_status, body) = fleet[1].get(path).await;
+        assert_eq!(
+            (status, body),
+            (200, body_of(path, 3000)),
+            "{path}: never served changed"
+        );
+        let from_bucket = cache_status.contains("detail=shared-tier");
+        assert_eq!(from_bucket, path == "/x/intact.js", "{path}: {cache_status}");
+        assert_eq!(origin.hits(path), if from_bucket { 1 } else { 2 }, "{path}");
+    }
+    for reason in ["digest", "footer", "key"] {
+        let label = format!("reason=\"{reason}\"");
+        assert_eq!(fleet[1].metric(REFUSED, &[&label]).await, 1.0, "{reason}");
+    }
+    assert_eq!(fleet[1].metric(LOOKUPS, &["result=\"refused\""]).await, 3.0);
+    // The instance that asked the app puts good copies back.
+    fleet[1].wait_metric(UPLOADS, &[], 3.0).await;
+    let again = read("/x/flipped.js").await;
+    assert_eq!(&again[..3000], &body_of("/x/flipped.js", 3000)[..]);
+}
+
+/// An object as another instance would have uploaded it, answered by the app `age` ago.
+fn object_answered(path: &str, body: &[u8], cache_control: &'static str, age: Duration) -> Bytes {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("cache-control", http::HeaderValue::from_static(cache_control));
+    let then = SystemTime::now() - age;
+    let meta = Meta {
+        key: CacheKey::from_stored(format!("http://app.example{path}")),
+        status: 200,
+        headers,
+        request_time: then,
+        response_time: then,
+        body_len: body.len() as u64,
+        digest: Digest::from(blake3::hash(body)),
+        vary: vec![],
+        prepared: Default::default(),
+    };
+    let mut object = body.to_vec();
+    object.extend_from_slice(&store::tail(&meta));
+    Bytes::from(object)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_objects_age_counts_from_the_apps_answer_not_the_download() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    origin.fixed("/old.js", ASSET, "from the app");
+    origin.fixed("/stale.js", ASSET, "from the app");
+    let bucket = s3.bucket();
+    let hour = "public, max-age=3600";
+    for (path, age) in [("/old.js", 1000), ("/stale.js", 7200)] {
+        let object = object_answered(path, b"from the bucket", hour, Duration::from_secs(age));
+        bucket.put(&object_path(path), PutPayload::from(object)).await.unwrap();
+    }
+    let member = Member::start(&origin, &s3, &[], &[]).await;
+
+    let resp = app_client()
+        .get(format!("http://{}/old.js", member.addr))
+        .send()
+        .await
+        .unwrap();
+    let age: u64 = resp.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!((1000..1100).contains(&age), "Age {age}");
+    assert_eq!(resp.text().await.unwrap(), "from the bucket");
+    assert_eq!(origin.hits("/old.js"), 0);
+    // Stale by the app's clock: not used, the app answers.
+    let (_, cache_status, body) = member.get("/stale.js").await;
+    assert_eq!(&body[..], b"from the app", "{cache_status}");
+    assert_eq!(origin.hits("/stale.js"), 1);
+    assert_eq!(member.metric(LOOKUPS, &["result=\"unused\""]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prime_fills_the_first_instance_from_the_app_and_the_next_from_the_bucket() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    let paths: Vec<String> = (0..8).map(|i| format!("/p/{i}.css")).collect();
+    for path in &paths {
+        origin.fixed(path, ASSET, body_of(path, 2000));
+    }
+    let list = paths.join("\n");
+    let fleet = [
+        Member::start(&origin, &s3, &[], &[]).await,
+        Member::start(&origin, &s3, &[], &[]).await,
+    ];
+    let warmed = async |member: &Member| -> u64 {
+        let run = crate::prime::prime(
+            &format!("http://{}", member.admin),
+            &["--urls", "-", "--json"],
+            Some(&list),
+        )
+        .await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let summary: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        summary["warmed"].as_u64().unwrap()
+    };
+    assert_eq!(warmed(&fleet[0]).await, paths.len() as u64);
+    fleet[0].wait_metric(UPLOADS, &[], paths.len() as f64).await;
+    assert_eq!(warmed(&fleet[1]).await, paths.len() as u64);
+    assert_eq!(fleet[1].metric(LOOKUPS, &["result=\"hit\""]).await, paths.len() as f64);
+    for path in &paths {
+        assert_eq!(origin.hits(path), 1, "{path}");
+        let (_, cache_status, body) = fleet[1].get(path).await;
+        assert_eq!(cache_status, "sidecache; hit");
+        assert_eq!(body, body_of(path, 2000));
+    }
+}
