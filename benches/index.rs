@@ -23,6 +23,8 @@ fn entry(i: u64) -> Entry {
         digest: Digest(d),
         verified: true,
         mtime: 0,
+        tags: Box::default(),
+        hits: 0,
     }
 }
 

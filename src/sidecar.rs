@@ -43,6 +43,7 @@ impl Sidecar {
             sources,
             config: config.clone(),
             invalidations: crate::proxy::invalidation_bucket(),
+            rule_counts: crate::proxy::RuleCounts::new(&config.rules),
         });
         let admin_listener = TcpListener::bind(config.admin_listen).await?;
         let admin_addr = admin_listener.local_addr()?;

@@ -27,6 +27,7 @@ pub mod meta;
 mod read;
 mod rebuild;
 pub mod store;
+pub mod tags;
 #[cfg(test)]
 mod testing;
 pub mod tiers;
@@ -34,6 +35,7 @@ pub mod vary;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -43,7 +45,7 @@ use crate::config::Config;
 use crate::metrics as m;
 use budget::Reservation;
 use index::{Entry, Index, Removed};
-use key::CacheKey;
+use key::{CacheKey, KeyHash};
 use meta::Meta;
 use read::{Expected, open_object};
 use store::{Store, StoreError};
@@ -61,6 +63,9 @@ pub struct Hit {
     pub meta: Arc<Meta>,
     /// Its whole body (memory or a mapping of the file).
     pub body: Bytes,
+    /// When this version was soft-purged, if it was: it counts as stale from then on
+    /// ([`crate::policy::Freshness::soft_purged`]).
+    pub soft_purged: Option<SystemTime>,
 }
 
 /// What to purge.
@@ -72,6 +77,67 @@ pub enum Purge {
     Url(String),
     /// Every URL whose path (or full URL) starts with this.
     Prefix(String),
+    /// Every object carrying any of these tags (`Surrogate-Key`, `Cache-Tag`).
+    Tags(Vec<String>),
+}
+
+impl Purge {
+    /// Whether an entry is one this purge selects by its key (tags are looked up instead).
+    fn matches_key(&self, e: &Entry) -> bool {
+        let full = &*e.key;
+        let pq = key::path_and_query(full);
+        match self {
+            Purge::All => true,
+            Purge::Url(u) if u.contains("://") => full == u,
+            Purge::Url(u) => pq == u,
+            Purge::Prefix(p) if p.contains("://") => full.starts_with(p.as_str()),
+            Purge::Prefix(p) => pq.starts_with(p.as_str()),
+            Purge::Tags(_) => false,
+        }
+    }
+
+    /// The keys of the entries this purge selects: by the tag index for tags (the cost of
+    /// the objects tagged, not of the index), else one pass over the index.
+    fn select(&self, ix: &Index) -> Vec<KeyHash> {
+        match self {
+            Purge::Tags(tags) => ix.keys_tagged(tags),
+            _ => ix.keys_where(|e| self.matches_key(e)),
+        }
+    }
+}
+
+/// Most variants [`Cache::inspect`] reports.
+pub const MAX_INSPECTED: usize = 100;
+
+/// One stored version of a URL, as [`Cache::inspect`] finds it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The full key (scheme, host, path and query).
+    pub key: String,
+    /// Its version (object file generation).
+    pub generation: u64,
+    /// Body bytes.
+    pub body_len: u64,
+    /// The object file's length (body, record, footer).
+    pub file_len: u64,
+    /// What the file is charged on disk (whole allocation units).
+    pub charged: u64,
+    /// Where a hit finds its body: `memory` (the hot tier), `open` (a file held open and
+    /// mapped) or `disk`.
+    pub tier: &'static str,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Lookups that found it since it was stored.
+    pub hits: u32,
+    /// When it was soft-purged, if it was.
+    pub soft_purged: Option<SystemTime>,
+    /// Its record (`None` when the file could not be read).
+    pub meta: Option<Arc<Meta>>,
+}
+
+/// Milliseconds since the epoch.
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The cache: a facade over parts that each own their state behind one lock.
@@ -98,6 +164,8 @@ pub enum Purge {
 /// - `map` -> a flight's own watch channel (read to skip a released flight). `claim` picks
 ///   the variant (taking and letting go of `specs`) before it.
 /// - `specs`: a leaf.
+/// - `marks_file` (tokio, held across the write of the soft-purge marks) -> `index` (the
+///   marks are copied out under it, then it is let go before the write).
 /// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
 ///   recorder's (counters are bumped under `map`, gauges set under `budget`).
 pub struct Cache {
@@ -113,6 +181,9 @@ pub struct Cache {
     vary: vary::VarySpecs,
     /// Set once the startup rebuild is complete.
     loaded: AtomicBool,
+    /// Serializes writes of the soft-purge marks file, so the last one written holds the
+    /// newest marks.
+    marks_file: tokio::sync::Mutex<()>,
 }
 
 impl Cache {
@@ -128,6 +199,7 @@ impl Cache {
             flights: Arc::new(coalesce::Flights::new()),
             vary: vary::VarySpecs::new(),
             loaded: AtomicBool::new(false),
+            marks_file: tokio::sync::Mutex::new(()),
         });
         cache.retry_open();
         cache
@@ -190,14 +262,17 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.vary.variant_of(key, req);
-        let (generation, tail_len, digest, body_len, verified, known_mtime) = {
+        let (generation, tail_len, digest, body_len, verified, known_mtime, mark) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
             if &*e.key != key.as_str() {
                 return None;
             }
-            (e.generation, e.tail_len, e.digest, e.body_len, e.verified, e.mtime)
+            let found = (e.generation, e.tail_len, e.digest, e.body_len, e.verified, e.mtime);
+            let mark = ix.mark_of(&hash, found.0);
+            (found.0, found.1, found.2, found.3, found.4, found.5, mark)
         };
+        let soft_purged = mark.map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
         let tier = self.tiers.tier_for(body_len);
         if let Some(Tier { objects: tier, .. }) = tier
             && let Some(obj) = tier.get(&hash)
@@ -206,6 +281,7 @@ impl Cache {
                 return Some(Hit {
                     meta: obj.meta.clone(),
                     body: obj.body.clone(),
+                    soft_purged,
                 });
             }
             // Another version of the key (one that raced a replacement in), or changed
@@ -278,7 +354,11 @@ impl Cache {
                 tier.invalidate(&hash);
             }
         }
-        Some(Hit { meta, body })
+        Some(Hit {
+            meta,
+            body,
+            soft_purged,
+        })
     }
 
     fn storage_error(&self, e: &StoreError) {
@@ -353,25 +433,117 @@ impl Cache {
         self.finish_purge(removed).await
     }
 
-    /// Purges matching objects; returns how many.
+    /// Purges matching objects: out of the index, the tiers and off the disk (with whatever
+    /// files an entry owns), all through the one removal path. Returns how many.
     pub async fn purge(&self, what: &Purge) -> usize {
-        let matches = |e: &Entry| -> bool {
-            let full = &*e.key;
-            let pq = key::path_and_query(full);
-            match what {
-                Purge::All => true,
-                Purge::Url(u) if u.contains("://") => full == u,
-                Purge::Url(u) => pq == u,
-                Purge::Prefix(p) if p.contains("://") => full.starts_with(p.as_str()),
-                Purge::Prefix(p) => pq.starts_with(p.as_str()),
-            }
-        };
         let removed: Vec<Removed> = {
             let mut ix = self.lock_index();
-            let keys = ix.keys_where(matches);
+            let keys = what.select(&ix);
             keys.iter().filter_map(|k| ix.remove(k)).collect()
         };
         self.finish_purge(removed).await
+    }
+
+    /// Soft purge: marks the matching objects stale as of now instead of removing them. The
+    /// next request for one revalidates with the app (conditionally when it has validators),
+    /// and `stale-while-revalidate` and `stale-if-error` count from the mark, so users are
+    /// still served while the app is down. The mark holds for the version marked (a refresh
+    /// or a new fill replaces it unmarked) and is kept in a small file beside the objects, so
+    /// it survives a restart. Returns how many objects are marked (marked before included).
+    pub async fn soft_purge(&self, what: &Purge) -> usize {
+        let at = millis(SystemTime::now());
+        let (matched, newly) = {
+            let mut ix = self.lock_index();
+            let keys = what.select(&ix);
+            let newly = keys.iter().filter(|k| ix.mark_stale(k, at).is_some()).count();
+            (keys.len(), newly)
+        };
+        if newly > 0 {
+            self.save_marks().await;
+        }
+        metrics::counter!(m::SOFT_PURGED_OBJECTS).increment(newly as u64);
+        matched
+    }
+
+    /// Writes the soft-purge marks in force to the store (off the runtime); a failure is
+    /// counted and logged: the marks hold in memory until the process ends.
+    async fn save_marks(&self) {
+        let Some(store) = self.store() else { return };
+        let _turn = self.marks_file.lock().await;
+        let marks = self.lock_index().marks();
+        let written = tokio::task::spawn_blocking(move || store.write_marks(&marks)).await;
+        if let Ok(Err(e)) = written {
+            self.storage_error(&e);
+        }
+    }
+
+    /// What is stored for a URL (a path, any host, or a full URL; `host` narrows a path to
+    /// one host): every variant, at most [`MAX_INSPECTED`], with its record read from the
+    /// disk when it is not cached. For the admin port's `GET /objects`: one pass over the
+    /// index under its lock (as a purge by URL), the records read after it is let go.
+    pub async fn inspect(&self, url: &str, host: Option<&str>) -> Vec<Stored> {
+        let Some(store) = self.store() else {
+            return Vec::new();
+        };
+        let host = host.and_then(key::normalize_host);
+        let what = Purge::Url(url.to_owned());
+        let found: Vec<(KeyHash, Entry, Vec<String>, Option<u64>)> = {
+            let ix = self.lock_index();
+            what.select(&ix)
+                .into_iter()
+                .filter_map(|k| {
+                    let e = ix.peek(&k)?;
+                    if let Some(h) = &host
+                        && key::host_of(&e.key) != Some(h.as_str())
+                    {
+                        return None;
+                    }
+                    Some((k, e.clone(), ix.tag_names(e), ix.mark_of(&k, e.generation)))
+                })
+                .take(MAX_INSPECTED)
+                .collect()
+        };
+        let mut out = Vec::with_capacity(found.len());
+        for (hash, e, tags, mark) in found {
+            let tier = match self.tiers.tier_for(e.body_len) {
+                Some(t) if t.objects.get(&hash).is_some_and(|o| o.generation == e.generation) => {
+                    if t.open {
+                        "open"
+                    } else {
+                        "memory"
+                    }
+                }
+                _ => "disk",
+            };
+            let meta = match self.tiers.meta(&hash, e.generation) {
+                Some(meta) => Some(meta),
+                None => {
+                    let path = store.object_path(&hash, e.generation);
+                    let (body_len, tail_len) = (e.body_len, e.tail_len);
+                    tokio::task::spawn_blocking(move || {
+                        let file = fileio::open_for_read(&path).ok()?;
+                        store::read_record(&file, body_len, tail_len, false).ok().flatten()
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(Arc::new)
+                }
+            };
+            out.push(Stored {
+                key: e.key.to_string(),
+                generation: e.generation,
+                body_len: e.body_len,
+                file_len: e.file_len(),
+                charged: self.charge(e.file_len()),
+                tier,
+                tags,
+                hits: e.hits,
+                soft_purged: mark.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                meta,
+            });
+        }
+        out
     }
 
     /// Updates the size gauges.
@@ -380,6 +552,9 @@ impl Cache {
         metrics::gauge!(m::CACHE_OBJECTS).set(objects as f64);
         metrics::gauge!(m::CACHE_SIZE).set(used as f64);
         metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
+        let (tags, references) = self.lock_index().tag_stats();
+        metrics::gauge!(m::TAGS).set(tags as f64);
+        metrics::gauge!(m::TAG_REFERENCES).set(references as f64);
         self.tiers.publish_gauges();
     }
 }

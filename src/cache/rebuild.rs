@@ -3,7 +3,9 @@
 //! counted: `Budget::set_accounted`). Every file's record is read from its end; the newest
 //! version of each key is indexed; older versions and files that are torn, corrupt or not ours
 //! are removed. It owns no lock: it takes the budget's `index` for one step at a time, never
-//! with another lock held, and `vary` (a leaf) between those steps.
+//! with another lock held, and `vary` (a leaf) between those steps. Each record's tags are
+//! indexed with it (read again from its stored headers), and the soft-purge marks of the
+//! versions found are restored.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +14,7 @@ use std::time::Instant;
 use tracing::info;
 
 use crate::cache::index::Entry;
+use crate::cache::key::KeyHash;
 use crate::cache::{Cache, fileio, store};
 use crate::metrics as m;
 
@@ -64,9 +67,21 @@ impl Cache {
                 digest: meta.digest,
                 verified: false,
                 mtime: 0,
+                tags: Box::default(),
+                hits: 0,
+            };
+            let tags = match self.config.tags.parse(&meta.headers) {
+                Ok(tags) => tags,
+                Err(why) => {
+                    // Stored under bounds since lowered: its tags cannot all be indexed.
+                    metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+                    let _ = store.remove(&path);
+                    self.lock_index().forget_unindexed(charged);
+                    continue;
+                }
             };
             self.vary.remember(&meta);
-            let removed = self.lock_index().insert_scanned(f.id, entry);
+            let removed = self.lock_index().insert_scanned_tagged(f.id, entry, &tags);
             if let Some(r) = removed {
                 let _ = store.remove_object(&r.key, r.generation);
                 self.lock_index().unlinked(r.bytes, 1);
@@ -80,6 +95,21 @@ impl Cache {
             let mut ix = self.lock_index();
             ix.forget_unindexed(u64::MAX);
             ix.forget_unindexed_objects(u64::MAX);
+        }
+        // Soft-purge marks of the versions indexed hold again; the file keeps only those.
+        let marks = store.read_marks();
+        let restored: Vec<(KeyHash, u64, u64)> = {
+            let mut ix = self.lock_index();
+            marks
+                .iter()
+                .copied()
+                .filter(|&(key, generation, at)| ix.restore_mark(&key, generation, at))
+                .collect()
+        };
+        if restored.len() < marks.len()
+            && let Err(e) = store.write_marks(&restored)
+        {
+            self.storage_error(&e);
         }
         self.loaded.store(true, Ordering::Release);
         let secs = started.elapsed().as_secs_f64();

@@ -51,6 +51,8 @@ pub fn entry(i: u32, len: u64) -> crate::cache::index::Entry {
         digest: Digest::from(blake3::hash(&i.to_be_bytes())),
         verified: true,
         mtime: 0,
+        tags: Box::default(),
+        hits: 0,
     }
 }
 

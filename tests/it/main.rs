@@ -17,3 +17,4 @@ mod safety_rules;
 mod safety_store;
 mod semantics;
 mod supervise;
+mod tags;
