@@ -470,8 +470,17 @@ impl Cache {
     async fn save_marks(&self) {
         let Some(store) = self.store() else { return };
         let _turn = self.marks_file.lock().await;
-        let marks = self.lock_index().marks();
-        let written = tokio::task::spawn_blocking(move || store.write_marks(&marks)).await;
+        let mut marks = self.lock_index().marks();
+        // Before the startup rebuild is done, the file still holds marks of versions not
+        // indexed yet (restored at its end): they are kept, not overwritten.
+        let loading = !self.is_loaded();
+        let written = tokio::task::spawn_blocking(move || {
+            if loading {
+                marks.extend(store.read_marks());
+            }
+            store.write_marks(&marks)
+        })
+        .await;
         if let Ok(Err(e)) = written {
             self.storage_error(&e);
         }
