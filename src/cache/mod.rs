@@ -106,6 +106,9 @@ impl Purge {
     }
 }
 
+/// Most entries a purge takes out of the index in one hold of its lock.
+pub const PURGE_BATCH: usize = 1024;
+
 /// Most variants [`Cache::inspect`] reports.
 pub const MAX_INSPECTED: usize = 100;
 
@@ -435,12 +438,18 @@ impl Cache {
 
     /// Purges matching objects: out of the index, the tiers and off the disk (with whatever
     /// files an entry owns), all through the one removal path. Returns how many.
+    ///
+    /// The entries are selected in one hold of the index lock and taken out in holds of at
+    /// most [`PURGE_BATCH`]: hits go on between them, so a purge of 10,000 objects does not
+    /// stall them for the whole of it (BENCHMARKS.md, issue 18). A key given a new version
+    /// meanwhile is removed too: a purge says what it names has changed.
     pub async fn purge(&self, what: &Purge) -> usize {
-        let removed: Vec<Removed> = {
+        let keys = what.select(&self.lock_index());
+        let mut removed: Vec<Removed> = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(PURGE_BATCH) {
             let mut ix = self.lock_index();
-            let keys = what.select(&ix);
-            keys.iter().filter_map(|k| ix.remove(k)).collect()
-        };
+            removed.extend(batch.iter().filter_map(|k| ix.remove(k)));
+        }
         self.finish_purge(removed).await
     }
 
@@ -565,5 +574,36 @@ impl Cache {
         metrics::gauge!(m::TAGS).set(tags as f64);
         metrics::gauge!(m::TAG_REFERENCES).set(references as f64);
         self.tiers.publish_gauges();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_purge_by_tag_larger_than_a_batch_removes_every_tagged_object_and_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("cache");
+        let n = PURGE_BATCH * 2 + 20;
+        {
+            let store = Store::open(&root).expect("store");
+            for i in 0..n {
+                let body = format!("body {i}").into_bytes();
+                let mut meta = testing::meta(&format!("http://app.example/{i}.js"), &body);
+                let tag = if i % 200 == 0 { "other" } else { "many" };
+                meta.headers.insert("cache-tag", http::HeaderValue::from_static(tag));
+                testing::write_object(&store, &meta, &body, store.next_gen(), 0);
+            }
+        }
+        let cache = testing::open(&root).await;
+        assert_eq!(cache.stats().0, n);
+        let tagged = (0..n).filter(|i| i % 200 != 0).count();
+        assert!(tagged > 2 * PURGE_BATCH);
+        assert_eq!(cache.purge(&Purge::Tags(vec!["many".into()])).await, tagged);
+        assert_eq!(cache.stats().0, n - tagged);
+        let store = cache.store().expect("open");
+        assert_eq!(store.scan_objects().len(), n - tagged, "their files are gone");
+        assert_eq!(cache.lock_index().tag_stats(), (1, n - tagged));
     }
 }
