@@ -142,7 +142,7 @@ async fn purge_by_tag_through_admin_and_cli_removes_every_tagged_object_and_its_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_headers_can_be_kept_for_clients_and_hostile_tag_lists_are_not_stored() {
     let origin = Origin::start().await;
-    let many: String = (0..65).map(|i| format!("t{i} ")).collect();
+    let many: String = (0..33).map(|i| format!("t{i} ")).collect();
     origin.fixed("/many.js", &[CACHEABLE, ("surrogate-key", &many)], "m".repeat(100));
     origin.fixed("/kept.js", &[CACHEABLE, ("surrogate-key", "k")], "k".repeat(100));
     let sc = TestSidecar::start_with(&origin.url(), |c| {
@@ -150,7 +150,7 @@ async fn tag_headers_can_be_kept_for_clients_and_hostile_tag_lists_are_not_store
         c.tags.to_clients = true;
     })
     .await;
-    // 65 tags: served, not stored (a purge by the 65th would have missed it).
+    // 33 tags, one past the bound: served, not stored (a purge by the last would miss it).
     for _ in 0..2 {
         let (status, cs, body, _) = get(&sc.url("/many.js")).await;
         assert_eq!((status, body.len()), (200, 100));
