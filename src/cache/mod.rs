@@ -461,12 +461,17 @@ impl Cache {
     /// it survives a restart. Returns how many objects are marked (marked before included).
     pub async fn soft_purge(&self, what: &Purge) -> usize {
         let at = millis(SystemTime::now());
-        let (matched, newly) = {
+        let keys = what.select(&self.lock_index());
+        let (mut matched, mut newly) = (0, 0);
+        // In batches, as `purge` removes: hits go on between them.
+        for batch in keys.chunks(PURGE_BATCH) {
             let mut ix = self.lock_index();
-            let keys = what.select(&ix);
-            let newly = keys.iter().filter(|k| ix.mark_stale(k, at).is_some()).count();
-            (keys.len(), newly)
-        };
+            for k in batch {
+                // (One removed since the selection is not counted.)
+                matched += usize::from(ix.peek(k).is_some());
+                newly += usize::from(ix.mark_stale(k, at).is_some());
+            }
+        }
         if newly > 0 {
             self.save_marks().await;
         }
