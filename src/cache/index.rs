@@ -22,6 +22,12 @@
 //! so their number (files, inodes, index memory) is bounded as the bytes are.
 //! This module does no I/O: it says which files to remove, the caller removes them and then
 //! reports [`Index::unlinked`].
+//!
+//! Beside the entries, and changed in the same steps (so under the same lock): the tag index
+//! ([`TagIndex`]: which keys carry which tags, for purge by tag; an entry's tags are indexed
+//! by [`Index::insert_tagged`] and forgotten whenever the entry leaves, however it leaves),
+//! the soft-purge marks (a key's version marked stale and when; a mark goes with its version)
+//! and each entry's hit count (for `inspect`).
 
 use std::collections::HashMap;
 
