@@ -24,6 +24,8 @@ fn entry(i: u64) -> Entry {
         verified: true,
         mtime: 0,
         variants: Box::default(),
+        tags: Box::default(),
+        hits: 0,
     }
 }
 

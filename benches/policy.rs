@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
         .into_iter()
         .map(|p| {
             Rule::compile(RawRule {
+                name: None,
                 pattern: p.into(),
                 bypass: true,
                 ttl: None,

@@ -1,6 +1,8 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge`, `POST /prime`. Never
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge` (by URL, prefix, tag or
+//! all; `soft=true` marks stale instead), `GET /objects` (what is stored for a URL, see
+//! [`crate::inspect`]), `POST /prime`. Never
 //! on the public port, where every path belongs to the app. Bound to loopback by default; with
-//! `admin_token` set, purge and prime require `Authorization: Bearer <token>`, and the
+//! `admin_token` set, purge, objects and prime require `Authorization: Bearer <token>`, and the
 //! configuration refuses an admin port beyond loopback without a token. A prime's `from` must
 //! be inside `prime_sources`.
 
@@ -108,15 +110,46 @@ impl Admin {
                 if let Some(denied) = self.authorize(&req) {
                     return denied;
                 }
-                let Some(what) = purge_selector(req.uri().query().unwrap_or("")) else {
+                let query = req.uri().query().unwrap_or("");
+                let Some(what) = purge_selector(query) else {
                     return text(
                         StatusCode::BAD_REQUEST,
-                        "purge needs ?url=, ?prefix= or ?all=true\n".into(),
+                        "purge needs one of ?url=, ?prefix=, ?tag= (repeatable) or ?all=true, and &soft=true to mark stale\n"
+                            .into(),
                     );
                 };
+                if is_soft(query) {
+                    let n = self.proxy.cache.soft_purge(&what).await;
+                    info!(objects = n, "soft-purged (marked stale)");
+                    return json(StatusCode::OK, format!("{{\"marked\":{n}}}\n"));
+                }
                 let n = self.proxy.cache.purge(&what).await;
                 info!(objects = n, "purged");
                 json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
+            }
+            (&Method::GET, "/objects") => {
+                if let Some(denied) = self.authorize(&req) {
+                    return denied;
+                }
+                let (mut url, mut host) = (None, None);
+                for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+                    match &*k {
+                        "url" if !v.is_empty() => url = Some(v.into_owned()),
+                        "host" if !v.is_empty() => host = Some(v.into_owned()),
+                        _ => {}
+                    }
+                }
+                let Some(url) = url else {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "objects needs ?url= (and &host= to narrow a path)\n".into(),
+                    );
+                };
+                let report = crate::inspect::report(&self.proxy, &url, host.as_deref()).await;
+                match serde_json::to_string(&report) {
+                    Ok(body) => json(StatusCode::OK, body + "\n"),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                }
             }
             (&Method::POST, "/prime") => {
                 if let Some(denied) = self.authorize(&req) {
@@ -217,17 +250,35 @@ fn token_matches(given: &str, token: &str) -> bool {
     given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
-/// Reads `url=`, `prefix=` or `all=true` from a query string.
+/// Most tags one purge request names.
+const MAX_PURGE_TAGS: usize = 1024;
+
+/// Reads one selector from a query string: `url=`, `prefix=`, `all=true`, or one or more
+/// `tag=` (any of them). `None` when there is none, or more than one kind.
 pub fn purge_selector(query: &str) -> Option<Purge> {
+    let mut found = Vec::new();
+    let mut tags = Vec::new();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match &*k {
-            "all" if v == "true" || v == "1" => return Some(Purge::All),
-            "url" if !v.is_empty() => return Some(Purge::Url(v.into_owned())),
-            "prefix" if !v.is_empty() => return Some(Purge::Prefix(v.into_owned())),
+            "all" if v == "true" || v == "1" => found.push(Purge::All),
+            "url" if !v.is_empty() => found.push(Purge::Url(v.into_owned())),
+            "prefix" if !v.is_empty() => found.push(Purge::Prefix(v.into_owned())),
+            "tag" if !v.is_empty() => tags.push(v.into_owned()),
             _ => {}
         }
     }
-    None
+    if !tags.is_empty() {
+        if tags.len() > MAX_PURGE_TAGS {
+            return None;
+        }
+        found.push(Purge::Tags(tags));
+    }
+    (found.len() == 1).then(|| found.remove(0))
+}
+
+/// Whether a purge asks to mark stale (`soft=true`) rather than remove.
+pub fn is_soft(query: &str) -> bool {
+    form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "soft" && (v == "true" || v == "1"))
 }
 
 fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
@@ -258,6 +309,20 @@ pub fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_selectors_take_one_kind_and_any_number_of_tags() {
+        assert_eq!(purge_selector("url=/a.js"), Some(Purge::Url("/a.js".into())));
+        assert_eq!(
+            purge_selector("tag=a&tag=b%20c&soft=true"),
+            Some(Purge::Tags(vec!["a".into(), "b c".into()]))
+        );
+        assert!(is_soft("tag=a&soft=true") && is_soft("all=1&soft=1") && !is_soft("tag=a"));
+        assert_eq!(purge_selector("tag=a&url=/x"), None, "two kinds are ambiguous");
+        assert_eq!(purge_selector("tag="), None);
+        let many: String = (0..=MAX_PURGE_TAGS).map(|i| format!("tag=t{i}&")).collect();
+        assert_eq!(purge_selector(&many), None);
+    }
 
     #[test]
     fn bearer_tokens_compare_whole() {

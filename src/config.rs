@@ -15,6 +15,7 @@ use http::uri::{Authority, Scheme};
 use serde::Deserialize;
 use serde::de::IntoDeserializer;
 
+use crate::cache::tags::{Separator, TagRules};
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
 use crate::shared::SharedTierConfig;
 use crate::sources::PrimeSources;
@@ -219,6 +220,17 @@ config_keys! {
     shared_tier_queue: usize,
     /// How long the shared tier is skipped after repeated failures before it is tried again.
     shared_tier_cooldown: HumanDuration,
+    // Tags (issue 18): purge by what changed.
+    /// Response header whose space-separated tokens tag the object (Fastly's); empty: none.
+    surrogate_key_header: String,
+    /// Response header whose comma-separated values tag the object (Cloudflare's); empty: none.
+    cache_tag_header: String,
+    /// Most distinct tags one object may carry; a response with more is not stored.
+    max_tags_per_object: u32,
+    /// Longest tag in bytes; a response with a longer one is not stored.
+    max_tag_length: u32,
+    /// Send the tag headers to clients (by default they are removed, as CDNs do).
+    tag_headers_to_clients: bool,
 }
 
 /// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
@@ -359,6 +371,8 @@ pub struct Config {
     pub compress: crate::compress::Settings,
     /// The shared tier; `None`: off.
     pub shared_tier: Option<SharedTierConfig>,
+    /// Which headers tag a response, and the bounds on its tags.
+    pub tags: TagRules,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -575,6 +589,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         origin: source(key),
         message,
     };
+    let tags = tag_rules(&raw, &invalid)?;
 
     let addr = |key: &'static str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
         let s = v.unwrap_or_else(|| default.to_owned());
@@ -677,7 +692,17 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         PrimeSources::parse(&raw.prime_sources.unwrap_or_default().0).map_err(|m| invalid("prime_sources", m))?;
     let mut rules = Vec::new();
     for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
-        rules.push(Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?);
+        let mut rule = Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?;
+        if rule.name.is_empty() {
+            rule.name = format!("rule-{}", i + 1);
+        }
+        if rules.iter().any(|r: &Rule| r.name == rule.name) {
+            return Err(invalid(
+                "rules",
+                format!("rule {}: the name `{}` is taken by another rule", i + 1, rule.name),
+            ));
+        }
+        rules.push(rule);
     }
     let strip_request_headers =
         strip_request_headers(raw.strip_request_headers).map_err(|m| invalid("strip_request_headers", m))?;
@@ -762,6 +787,51 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         prime_sources,
         compress,
         shared_tier,
+        tags,
+    })
+}
+
+/// The tag headers and bounds (`surrogate_key_header`, `cache_tag_header`,
+/// `max_tags_per_object`, `max_tag_length`, `tag_headers_to_clients`).
+fn tag_rules(
+    raw: &RawConfig,
+    invalid_key: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<TagRules, ConfigError> {
+    let defaults = TagRules::default();
+    let mut headers = Vec::new();
+    for (key, value, sep, default) in [
+        (
+            "surrogate_key_header",
+            &raw.surrogate_key_header,
+            Separator::Space,
+            "surrogate-key",
+        ),
+        ("cache_tag_header", &raw.cache_tag_header, Separator::Comma, "cache-tag"),
+    ] {
+        let name = value.as_deref().unwrap_or(default).trim();
+        if name.is_empty() {
+            continue;
+        }
+        let parsed = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid_key(key, format!("`{name}` is not a header name")))?;
+        if headers.iter().any(|(n, _)| *n == parsed) {
+            return Err(invalid_key(key, format!("`{name}` is already the other tag header")));
+        }
+        headers.push((parsed, sep));
+    }
+    let max_per_object = raw.max_tags_per_object.map_or(defaults.max_per_object, |n| n as usize);
+    if !(1..=1024).contains(&max_per_object) {
+        return Err(invalid_key("max_tags_per_object", "must be 1-1024".into()));
+    }
+    let max_length = raw.max_tag_length.map_or(defaults.max_length, |n| n as usize);
+    if !(1..=4096).contains(&max_length) {
+        return Err(invalid_key("max_tag_length", "must be 1-4096 bytes".into()));
+    }
+    Ok(TagRules {
+        headers,
+        max_per_object,
+        max_length,
+        to_clients: raw.tag_headers_to_clients.unwrap_or(false),
     })
 }
 

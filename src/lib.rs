@@ -25,7 +25,8 @@
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
 //! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
 //!   `unsafe`, under one contract.
-//! - [`admin`]: the admin listener (`/metrics`, probes, purge, prime) and its command-side client.
+//! - [`admin`]: the admin listener (`/metrics`, probes, purge, objects, prime) and its command-side client.
+//! - [`inspect`]: what is stored for a URL and why a request would or would not be served from it.
 //! - [`prime`]: priming: the `prime` command's inputs (lists, folders, manifests, sitemaps),
 //!   the protocol it speaks with `POST /prime`, and the one warming loop in the sidecar.
 //! - [`sources`]: the `prime_sources` allow-list a prime may fill from instead of the app.
@@ -46,6 +47,7 @@ pub mod cache;
 pub mod compress;
 pub mod config;
 pub mod demo;
+pub mod inspect;
 pub mod limits;
 pub mod metrics;
 pub mod negotiate;

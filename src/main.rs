@@ -48,17 +48,46 @@ enum Command {
         #[command(flatten)]
         opts: ConfigOpts,
     },
-    /// Purge cached objects through the admin port: one URL, a prefix, or everything.
+    /// Purge cached objects through the admin port: one URL, a prefix, tags, or everything.
     Purge {
         /// One URL: a path (`/app.js?v=1`, any host) or a full `http://host/path` URL.
-        #[arg(long, conflicts_with_all = ["prefix", "all"])]
+        #[arg(long, conflicts_with_all = ["prefix", "all", "tag"])]
         url: Option<String>,
         /// Every URL whose path (or full URL) starts with this.
-        #[arg(long, conflicts_with = "all")]
+        #[arg(long, conflicts_with_all = ["all", "tag"])]
         prefix: Option<String>,
+        /// Every object carrying this tag (`Surrogate-Key`, `Cache-Tag`); repeat for any of
+        /// several.
+        #[arg(long, conflicts_with = "all")]
+        tag: Vec<String>,
         /// Everything.
         #[arg(long)]
         all: bool,
+        /// Mark the objects stale instead of removing them: the next request revalidates with
+        /// the app, and they still stand in for it if it fails (stale-if-error).
+        #[arg(long)]
+        soft: bool,
+        /// The sidecar's admin address [default: the configuration's admin_listen].
+        #[arg(long)]
+        target: Option<String>,
+        /// Admin bearer token [default: SIDECACHE_ADMIN_TOKEN, else the configuration's].
+        #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The sidecar's YAML configuration, for its admin address and token (also
+        /// SIDECACHE_CONFIG).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Show what is stored for a URL, and why a request would or would not be served from it.
+    Inspect {
+        /// A path (`/app.js?v=1`, any host) or a full `http://host/path` URL.
+        url: String,
+        /// Only objects stored for this Host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Print the admin port's JSON instead of text.
+        #[arg(long)]
+        json: bool,
         /// The sidecar's admin address [default: the configuration's admin_listen].
         #[arg(long)]
         target: Option<String>,
@@ -280,22 +309,39 @@ fn main() -> ExitCode {
         Command::Purge {
             url,
             prefix,
+            tag,
             all,
+            soft,
             target,
             token,
             config,
         } => {
-            let query = match (url, prefix, all) {
-                (Some(u), _, _) => ("url", u),
-                (_, Some(p), _) => ("prefix", p),
-                (_, _, true) => ("all", "true".to_owned()),
+            let mut query = match (url, prefix, all) {
+                (Some(u), _, _) => vec![("url", u)],
+                (_, Some(p), _) => vec![("prefix", p)],
+                (_, _, true) => vec![("all", "true".to_owned())],
+                _ if !tag.is_empty() => tag.into_iter().map(|t| ("tag", t)).collect(),
                 _ => {
-                    eprintln!("sidecache: purge needs --url, --prefix or --all");
+                    eprintln!("sidecache: purge needs --url, --prefix, --tag or --all");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if soft {
+                query.push(("soft", "true".to_owned()));
+            }
             let access = AdminAccess::resolve(target, token, config);
             run_async(client::purge(access, query))
+        }
+        Command::Inspect {
+            url,
+            host,
+            json,
+            target,
+            token,
+            config,
+        } => {
+            let access = AdminAccess::resolve(target, token, config);
+            run_async(client::inspect(access, url, host, json))
         }
         Command::Demo { listen, admin_listen } => {
             let flags = vec![("listen", listen), ("admin_listen", admin_listen)];

@@ -102,6 +102,21 @@ pub const SHARED_DURATION: &str = "sidecache_shared_tier_duration_seconds";
 pub const SHARED_BREAKER_OPEN: &str = "sidecache_shared_tier_breaker_open";
 /// Constant 1 with the version as a label.
 pub const BUILD_INFO: &str = "sidecache_build_info";
+// Issue 18: tags, soft purge, per-rule counts.
+/// Responses not stored because their tags could not all be indexed, by `reason` (count,
+/// length, invalid).
+pub const TAGS_REFUSED: &str = "sidecache_tags_refused_total";
+/// Distinct tags in the index.
+pub const TAGS: &str = "sidecache_tags";
+/// (object, tag) references in the index.
+pub const TAG_REFERENCES: &str = "sidecache_tag_references";
+/// Objects marked stale by soft purges.
+pub const SOFT_PURGED_OBJECTS: &str = "sidecache_soft_purged_objects_total";
+/// Requests answered, by `rule` (the configured rule's name, `none` when no rule matched)
+/// and `outcome`.
+pub const RULE_REQUESTS: &str = "sidecache_rule_requests_total";
+/// Body bytes sent to clients, by `rule` and `outcome`.
+pub const RULE_BYTES: &str = "sidecache_rule_sent_bytes_total";
 
 /// Latency buckets in seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -246,5 +261,21 @@ fn describe() {
     describe_gauge!(
         SHARED_BREAKER_OPEN,
         "1 while the shared tier is skipped after repeated failures."
+    );
+    describe_counter!(
+        TAGS_REFUSED,
+        "Responses not stored because their tags could not all be indexed, by reason."
+    );
+    describe_gauge!(TAGS, Unit::Count, "Distinct tags in the index.");
+    describe_gauge!(TAG_REFERENCES, Unit::Count, "Object-tag references in the index.");
+    describe_counter!(SOFT_PURGED_OBJECTS, "Objects marked stale by soft purges.");
+    describe_counter!(
+        RULE_REQUESTS,
+        "Requests answered, by rule name (none: no rule) and outcome."
+    );
+    describe_counter!(
+        RULE_BYTES,
+        Unit::Bytes,
+        "Body bytes sent to clients, by rule name (none: no rule) and outcome."
     );
 }

@@ -183,6 +183,9 @@ pub enum NotStorable {
     SetCookie,
     /// Neither explicit freshness, nor a validator, nor a heuristically cacheable status.
     NoFreshness,
+    /// Its tags cannot all be indexed (too many, too long, not UTF-8): stored with some
+    /// dropped, a purge by one of those would miss it.
+    Tags,
 }
 
 impl NotStorable {
@@ -197,6 +200,7 @@ impl NotStorable {
             NotStorable::VaryStar => "vary-star",
             NotStorable::SetCookie => "set-cookie",
             NotStorable::NoFreshness => "no-freshness",
+            NotStorable::Tags => "tags",
         }
     }
 }
@@ -417,6 +421,17 @@ impl Freshness {
     /// Whether it is fresh (§4.2).
     pub fn is_fresh(&self) -> bool {
         self.age < self.lifetime
+    }
+
+    /// Its freshness once soft-purged when its age was `age_then`: its lifetime ends there
+    /// (if it had not ended before), so it is stale from the purge on and its stale windows
+    /// (`stale-while-revalidate`, `stale-if-error`) count from the purge, as if it had expired
+    /// then.
+    pub fn soft_purged(self, age_then: Duration) -> Freshness {
+        Freshness {
+            lifetime: self.lifetime.min(age_then),
+            age: self.age,
+        }
     }
 }
 
@@ -852,6 +867,33 @@ mod tests {
 
     fn cc(v: &str) -> CacheControl {
         CacheControl::parse(&headers(&[("cache-control", v)]))
+    }
+
+    #[test]
+    fn a_soft_purge_ends_freshness_at_the_mark_and_stale_windows_count_from_it() {
+        // Fresh for an hour, purged at age 100 s, now 130 s old: 30 s stale.
+        let f = fr(3600, 130).soft_purged(Duration::from_secs(100));
+        assert!(!f.is_fresh());
+        assert_eq!(f.staleness(), Duration::from_secs(30));
+        let swr = cc("max-age=3600, stale-while-revalidate=60");
+        assert_eq!(usable(f, &cc(""), &swr), Usable::StaleWhileRevalidate);
+        assert_eq!(
+            usable(fr(3600, 200).soft_purged(Duration::from_secs(100)), &cc(""), &swr),
+            Usable::Revalidate
+        );
+        assert!(may_serve_stale_on_error(
+            f,
+            &cc("max-age=3600"),
+            Duration::from_secs(60)
+        ));
+        assert!(!may_serve_stale_on_error(
+            f,
+            &cc("max-age=3600, must-revalidate"),
+            Duration::from_secs(60)
+        ));
+        // Purged after it had expired: its staleness is what it was.
+        let late = fr(60, 130).soft_purged(Duration::from_secs(100));
+        assert_eq!(late.staleness(), Duration::from_secs(70));
     }
 
     /// RFC 9111 §4.2, §5.2.1, §5.2.2 and RFC 5861: one row per rule.

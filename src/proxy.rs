@@ -251,6 +251,42 @@ pub struct Proxy {
     /// The shared tier in object storage, when configured: read on a local miss, written
     /// behind a fill.
     pub shared: Option<Arc<SharedTier>>,
+    /// Requests and bytes by rule and outcome.
+    pub rule_counts: RuleCounts,
+}
+
+/// The per-rule counters (`sidecache_rule_requests_total`, `sidecache_rule_sent_bytes_total`),
+/// registered once: one row per configured rule, in order, then `none` (no rule matched),
+/// each by outcome. The label's values are the configured names: bounded by the configuration.
+pub struct RuleCounts {
+    requests: Vec<[metrics::Counter; 7]>,
+    bytes: Vec<[metrics::Counter; 7]>,
+}
+
+impl RuleCounts {
+    /// The counters for these rules.
+    pub fn new(rules: &[rules::Rule]) -> RuleCounts {
+        let names: Vec<String> = rules
+            .iter()
+            .enumerate()
+            // (The configuration names every rule; one compiled elsewhere may have none.)
+            .map(|(i, r)| {
+                if r.name.is_empty() {
+                    format!("rule-{}", i + 1)
+                } else {
+                    r.name.clone()
+                }
+            })
+            .chain(["none".to_owned()])
+            .collect();
+        let row = |metric: &'static str, name: &str| {
+            Outcome::ALL.map(|o| metrics::counter!(metric, "rule" => name.to_owned(), "outcome" => o.as_str()))
+        };
+        RuleCounts {
+            requests: names.iter().map(|n| row(m::RULE_REQUESTS, n)).collect(),
+            bytes: names.iter().map(|n| row(m::RULE_BYTES, n)).collect(),
+        }
+    }
 }
 
 /// Invalidations of URLs with `Vary` variants (each scans the index) allowed at once, then per
@@ -284,6 +320,9 @@ impl Proxy {
         let path_for_log = self.config.access_log.then(|| req.uri().path().to_owned());
         let version = req.version();
 
+        // The rule the path falls under, for the per-rule counts (`none`: the last row).
+        let rule = rules::position(&self.config.rules, req.uri().path()).unwrap_or(self.config.rules.len());
+
         let answer = self.route(req, client).await;
         let cache_status = answer.cache_status();
         let Answer {
@@ -291,6 +330,16 @@ impl Proxy {
         } = answer;
         // Directives addressed to this cache are not for anyone downstream (RFC 9213).
         response.headers_mut().remove(&policy::SIDECACHE_CACHE_CONTROL);
+        // Nor are the tags, unless configured: hits, misses, 304s and bypasses alike.
+        self.config.tags.strip(response.headers_mut());
+        let counts = &self.rule_counts;
+        counts.requests[rule][outcome as usize].increment(1);
+        let mut response = if response.body().is_end_stream() {
+            response
+        } else {
+            let sent = counts.bytes[rule][outcome as usize].clone();
+            response.map(|b| body::counted(b, sent))
+        };
         response
             .headers_mut()
             .append(CACHE_STATUS.clone(), cache_status.clone());
@@ -484,7 +533,7 @@ impl Proxy {
                 if !reusable_for(&hit.meta, req.headers()) {
                     fwd = Fwd::VaryMiss;
                 } else {
-                    let f = self.freshness(&hit.meta);
+                    let f = self.hit_freshness(&hit);
                     match policy::usable(f, &req_cc, &self.prepared(&hit.meta).cc) {
                         Usable::Fresh => {
                             let response = self.serve_stored(req.method(), req.headers(), &hit, f);
@@ -629,9 +678,19 @@ impl Proxy {
         self.prepared(meta).freshness(SystemTime::now())
     }
 
+    /// A stored response's freshness now, counting a soft purge: stale from the mark on.
+    pub fn hit_freshness(&self, hit: &Hit) -> Freshness {
+        let prepared = self.prepared(&hit.meta);
+        let f = prepared.freshness(SystemTime::now());
+        match hit.soft_purged {
+            Some(at) => f.soft_purged(prepared.freshness(at).age),
+            None => f,
+        }
+    }
+
     /// What serving `meta` needs, worked out on its first hit. The head of an object that
     /// gets compressed variants says `Vary: Accept-Encoding` whichever body it is sent with.
-    fn prepared<'m>(&self, meta: &'m Meta) -> &'m Prepared {
+    pub(crate) fn prepared<'m>(&self, meta: &'m Meta) -> &'m Prepared {
         meta.prepared.get_or_init(|| {
             let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
             let times = (meta.request_time, meta.response_time);
@@ -801,11 +860,14 @@ impl Proxy {
             update.remove(header::SET_COOKIE);
             let meta = refreshed(&hit.meta, &update, request_time, response_time);
             let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-            let shareable = policy::storable(&method, &req_headers, status, &meta.headers).is_ok();
+            let shareable = policy::storable(&method, &req_headers, status, &meta.headers).is_ok()
+                && self.config.tags.parse(&meta.headers).is_ok();
             let refreshed_hit = Hit {
                 meta: Arc::new(meta.clone()),
                 body: hit.body.clone(),
                 coding: hit.coding,
+                // Revalidated now: whatever mark the stored version had is answered.
+                soft_purged: None,
             };
             if shareable {
                 self.cache.refresh(meta).await;
@@ -843,7 +905,12 @@ impl Proxy {
         ) {
             debug!(rule = applied, "freshness from a static-asset rule");
         }
-        let storable = policy::storable(&method, &req_headers, parts.status, &parts.headers);
+        let storable = policy::storable(&method, &req_headers, parts.status, &parts.headers).and_then(|()| {
+            self.config.tags.parse(&parts.headers).map(drop).map_err(|why| {
+                metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+                policy::NotStorable::Tags
+            })
+        });
         let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, self.heuristic());
         if let Err(why) = storable {
             debug!(reason = why.as_str(), "response not stored");
@@ -930,6 +997,7 @@ impl Proxy {
                 meta: hit.meta.clone(),
                 body: hit.body.clone(),
                 coding: hit.coding,
+                soft_purged: hit.soft_purged,
             },
             f,
         ));

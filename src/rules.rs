@@ -35,6 +35,11 @@ use crate::units::HumanDuration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
+    /// The rule's name: the `rule` label its requests are counted under
+    /// (`sidecache_rule_requests_total`). Letters, digits, `_`, `-` and `.`, up to 64; unique.
+    /// Default: `rule-N`, N its position from 1.
+    #[serde(default)]
+    pub name: Option<String>,
     /// A path glob: `*` within one segment, `**` across segments, `?` one character, `[a-z]`
     /// a class, `{a,b}` alternatives. With a leading `/` it matches the whole path; without
     /// one it matches the file name (`*.css`) and may not contain `/`.
@@ -56,6 +61,8 @@ pub struct RawRule {
 /// A compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
+    /// Its name (the metric label); set by the configuration when not given.
+    pub name: String,
     pattern: String,
     matcher: GlobMatcher,
     file_name_only: bool,
@@ -73,6 +80,7 @@ impl PartialEq for Rule {
     fn eq(&self, other: &Rule) -> bool {
         // The matcher is compiled from the pattern: equal patterns, equal matchers.
         self.pattern == other.pattern
+            && self.name == other.name
             && self.bypass == other.bypass
             && self.ttl == other.ttl
             && self.force_ttl == other.force_ttl
@@ -85,6 +93,12 @@ impl Rule {
     pub fn compile(raw: RawRule) -> Result<Rule, String> {
         if raw.pattern.is_empty() {
             return Err("`match` is empty".into());
+        }
+        let name = raw.name.unwrap_or_default();
+        if !name.is_empty() && !is_rule_name(&name) {
+            return Err(format!(
+                "name `{name}`: use up to 64 letters, digits, `_`, `-` or `.`, and not `none`"
+            ));
         }
         if raw.bypass && (raw.ttl.is_some() || raw.force_ttl.is_some() || raw.strip_set_cookie) {
             return Err("`bypass` cannot be combined with `ttl`, `force_ttl` or `strip_set_cookie`".into());
@@ -115,6 +129,7 @@ impl Rule {
             .map_err(|e| format!("`{}` is not a valid glob: {}", raw.pattern, e.kind()))?
             .compile_matcher();
         Ok(Rule {
+            name,
             file_name_only,
             pattern: raw.pattern,
             matcher,
@@ -143,6 +158,11 @@ impl Rule {
 
 /// The first rule matching `path`.
 pub fn find<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
+    position(rules, path).map(|i| &rules[i])
+}
+
+/// [`find`]'s rule's position in `rules`.
+pub fn position(rules: &[Rule], path: &str) -> Option<usize> {
     if rules.is_empty() {
         return None;
     }
@@ -150,7 +170,17 @@ pub fn find<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
     let (path_candidate, name_candidate) = (Candidate::new(path), Candidate::new(file_name(path)));
     rules
         .iter()
-        .find(|r| r.matches_candidates(&path_candidate, &name_candidate))
+        .position(|r| r.matches_candidates(&path_candidate, &name_candidate))
+}
+
+/// Whether `name` may name a rule: a metric label value of 1-64 plain characters, and not
+/// `none` (the label of requests no rule matched).
+pub fn is_rule_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name != "none"
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// Whether a `bypass` rule covers this path, as written or as the app's router may read it:
@@ -538,6 +568,7 @@ mod tests {
 
     fn raw(pattern: &str) -> RawRule {
         RawRule {
+            name: None,
             pattern: pattern.into(),
             bypass: true,
             ttl: None,
@@ -552,6 +583,7 @@ mod tests {
 
     fn ttl_rule(pattern: &str, ttl: Option<u64>, force: Option<u64>) -> Rule {
         Rule::compile(RawRule {
+            name: None,
             pattern: pattern.into(),
             bypass: false,
             ttl: ttl.map(|s| HumanDuration(Duration::from_secs(s))),
@@ -665,6 +697,7 @@ mod tests {
     #[test]
     fn rule_ttl_becomes_a_targeted_directive_only_where_allowed() {
         let ttl_rule = Rule::compile(RawRule {
+            name: None,
             pattern: "/assets/**".into(),
             bypass: false,
             ttl: Some(HumanDuration(DAY)),
@@ -842,6 +875,7 @@ mod tests {
     fn invalid_rules_are_refused() {
         let bad = |bypass, ttl: Option<u64>, force: Option<u64>| {
             Rule::compile(RawRule {
+                name: None,
                 pattern: "/x".into(),
                 bypass,
                 ttl: ttl.map(|s| HumanDuration(Duration::from_secs(s))),

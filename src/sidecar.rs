@@ -54,6 +54,7 @@ impl Sidecar {
             config: config.clone(),
             invalidations: crate::proxy::invalidation_bucket(),
             shared: shared.clone(),
+            rule_counts: crate::proxy::RuleCounts::new(&config.rules),
         });
         let admin_listener = TcpListener::bind(config.admin_listen).await?;
         let admin_addr = admin_listener.local_addr()?;

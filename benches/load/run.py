@@ -473,8 +473,8 @@ class Bench:
         and what hits see while it runs."""
         path, ae = "/js/131072/hot", "Accept-Encoding: gzip, br"
         targets = [self.start_sidecache("sidecache-js"),
-                   self.start_nginx("nginx-gzip1", NGINX_GZIP.replace("{level}", "1")),
-                   self.start_nginx("nginx-gzip6", NGINX_GZIP.replace("{level}", "6"))]
+                   self.start_nginx("nginx-gzip1", NGINX_GZIP.replace("{level}", "1").replace("{budget}", "4g")),
+                   self.start_nginx("nginx-gzip6", NGINX_GZIP.replace("{level}", "6").replace("{budget}", "4g"))]
         encodings = {}
         for proc in targets:
             url = f"http://127.0.0.1:{proc.port}{path}"

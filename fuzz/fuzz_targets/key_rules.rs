@@ -13,6 +13,7 @@ fn fixed_rules() -> &'static [Rule] {
             .into_iter()
             .map(|p| {
                 Rule::compile(RawRule {
+                    name: None,
                     pattern: p.into(),
                     bypass: true,
                     ttl: None,
@@ -35,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
         parts.next().unwrap_or(""),
     );
     let raw = RawRule {
+        name: None,
         pattern: pattern.into(),
         bypass: true,
         ttl: None,

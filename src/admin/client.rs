@@ -1,5 +1,5 @@
-//! How the `prime` and `purge` commands reach this instance's sidecar: the admin address and
-//! token, and the purge request. The server side is [`super::Admin`].
+//! How the `prime`, `purge` and `inspect` commands reach this instance's sidecar: the admin
+//! address and token, and the purge and inspect requests. The server side is [`super::Admin`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -51,14 +51,17 @@ impl AdminAccess {
     }
 }
 
-/// `sidecache purge`: asks the admin port at `access` to purge `query` (`url`, `prefix` or
-/// `all`) and prints its answer.
-pub async fn purge(access: AdminAccess, query: (&'static str, String)) -> anyhow::Result<u8> {
+/// `sidecache purge`: asks the admin port at `access` to purge `query` (`url`, `prefix`, `tag`
+/// (repeated) or `all`, and `soft`) and prints its answer: how many objects were removed
+/// (`{"purged":N}`) or marked stale (`{"marked":N}`).
+pub async fn purge(access: AdminAccess, query: Vec<(&'static str, String)>) -> anyhow::Result<u8> {
     let AdminAccess { target, token } = access;
     let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
-    let encoded = form_urlencoded::Serializer::new(String::new())
-        .append_pair(query.0, &query.1)
-        .finish();
+    let mut encoded = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &query {
+        encoded.append_pair(k, v);
+    }
+    let encoded = encoded.finish();
     let url = format!("{}/purge?{encoded}", target.trim_end_matches('/'));
     let mut req = client.post(&url);
     if let Some(token) = token.filter(|t| !t.is_empty()) {
@@ -74,5 +77,39 @@ pub async fn purge(access: AdminAccess, query: (&'static str, String)) -> anyhow
         anyhow::bail!("purge refused ({status}): {}", body.trim());
     }
     print!("{body}");
+    Ok(0)
+}
+
+/// `sidecache inspect`: asks the admin port at `access` what is stored for `url` (narrowed to
+/// `host`) and prints it: as text, or the admin port's JSON with `json`.
+pub async fn inspect(access: AdminAccess, url: String, host: Option<String>, json: bool) -> anyhow::Result<u8> {
+    let AdminAccess { target, token } = access;
+    let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("url", &url);
+    if let Some(host) = &host {
+        query.append_pair("host", host);
+    }
+    let endpoint = format!("{}/objects?{}", target.trim_end_matches('/'), query.finish());
+    let mut req = client.get(&endpoint);
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        req = req.bearer_auth(token);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("failed to reach the admin port at {target}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("inspect refused ({status}): {}", body.trim());
+    }
+    if json {
+        print!("{body}");
+        return Ok(0);
+    }
+    let report: crate::inspect::Report =
+        serde_json::from_str(&body).context("the admin port answered something other than a report")?;
+    print!("{}", report.to_text());
     Ok(0)
 }

@@ -311,6 +311,8 @@ impl Cache {
             verified: true,
             mtime,
             variants: Box::default(),
+            tags: Box::default(),
+            hits: 0,
         };
         self.install(hash, meta, entry, reserved).await;
         metrics::counter!(m::FILLS_COMPLETED).increment(1);
@@ -357,11 +359,14 @@ impl Cache {
             mtime,
             // (Variants are made here, not shared: `install` queues them.)
             variants: Box::default(),
+            tags: Box::default(),
+            hits: 0,
         };
         let hit = Hit {
             meta: Arc::new(meta.clone()),
             body,
             coding: None,
+            soft_purged: None,
         };
         self.install(hash, meta, entry, reserved).await;
         Some(hit)
@@ -370,19 +375,34 @@ impl Cache {
     /// Indexes an object file just placed as the newest version of its key (converting what
     /// its fill `reserved`), keeps its record beside the index, learns its `Vary`, and lets go
     /// of the version it replaces: out of the tiers, then off the disk.
+    ///
+    /// Its tags are indexed with it. Tags that cannot all be indexed (the request path
+    /// checks them before it stores, so only a head changed on the way, or a configuration
+    /// lowered, gets here) leave it unstored: indexed and taken out again in the same step,
+    /// through the one removal path, so nothing is counted twice or left on the disk.
     async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: u64) {
         let version = entry.generation;
-        let (removed, has) = {
+        let tags = self.config.tags.parse(&meta.headers);
+        let (removed, refused, has) = {
             let mut ix = self.lock_index();
-            let removed = ix.insert(hash, entry, reserved);
+            let removed = ix.insert_tagged(hash, entry, reserved, tags.as_deref().unwrap_or_default());
+            // The object is indexed now: no longer a reservation.
+            ix.release_object();
+            let refused = tags.is_err().then(|| ix.remove(&hash)).flatten();
             // The variants a refresh carried over.
             let has: Vec<_> = ix
                 .peek(&hash)
                 .map_or(Vec::new(), |e| e.variants.iter().map(|v| v.coding).collect());
-            // The object is indexed now: no longer a reservation.
-            ix.release_object();
-            (removed, has)
+            (removed, refused, has)
         };
+        if let Some(refused) = refused {
+            if let Err(why) = tags {
+                metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+            }
+            self.tiers.forget(&hash);
+            self.unlink(removed.into_iter().chain([refused]).collect()).await;
+            return;
+        }
         self.vary.remember(&meta);
         if removed.is_some() {
             // The tiers can only hold what the index held: a new key has nothing to forget.
@@ -564,6 +584,8 @@ impl Cache {
             verified: from.1,
             mtime,
             variants: from.2,
+            tags: Box::default(),
+            hits: 0,
         };
         self.install(hash, meta, entry, reserved).await;
         true

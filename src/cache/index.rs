@@ -22,10 +22,19 @@
 //! so their number (files, inodes, index memory) is bounded as the bytes are.
 //! This module does no I/O: it says which files to remove, the caller removes them and then
 //! reports [`Index::unlinked`].
+//!
+//! Beside the entries, and changed in the same steps (so under the same lock): the tag index
+//! ([`TagIndex`]: which keys carry which tags, for purge by tag; an entry's tags are indexed
+//! by [`Index::insert_tagged`] and forgotten whenever the entry leaves, however it leaves),
+//! the soft-purge marks (a key's version marked stale and when; a mark goes with its version)
+//! and each entry's hit count (for `inspect`).
+
+use std::collections::HashMap;
 
 use lru::LruCache;
 
 use crate::cache::key::{Digest, KeyHash};
+use crate::cache::tags::{TagId, TagIndex};
 use crate::negotiate::Coding;
 
 /// One stored version of a key: its object file.
@@ -49,6 +58,11 @@ pub struct Entry {
     pub mtime: u64,
     /// Its compressed variants: files of their own, charged, evicted and purged with it.
     pub variants: Box<[Variant]>,
+    /// Its tags' ids in the index's [`TagIndex`]: set by [`Index::insert_tagged`], whatever
+    /// an entry is built with.
+    pub tags: Box<[TagId]>,
+    /// Lookups that found it since it was indexed (saturating).
+    pub hits: u32,
 }
 
 impl Entry {
@@ -174,6 +188,12 @@ pub struct Index {
     /// Bytes and objects reservations hold back until their victims are off the disk
     /// ([`Index::reserve_room`]).
     holding: (u64, u64),
+    /// Which keys carry which tags: changed with the entries, in the same step.
+    tags: TagIndex,
+    /// Soft-purge marks: key -> (the generation marked, when, in ms since the epoch). A mark
+    /// holds for that version only: a new version of the key (a refresh, a fill) is not
+    /// marked, and the mark goes with the entry.
+    marks: HashMap<KeyHash, (u64, u64)>,
 }
 
 impl Default for Index {
@@ -200,6 +220,8 @@ impl Index {
             unindexed_objects: 0,
             variant_files: 0,
             holding: (0, 0),
+            tags: TagIndex::new(),
+            marks: HashMap::new(),
         }
     }
 
@@ -261,9 +283,12 @@ impl Index {
     /// probation moves it to the protected segment.
     pub fn touch(&mut self, key: &KeyHash) -> Option<&Entry> {
         if self.protected.contains(key) {
-            return self.protected.get(key);
+            let e = self.protected.get_mut(key)?;
+            e.hits = e.hits.saturating_add(1);
+            return Some(e);
         }
-        let entry = self.probation.pop(key)?;
+        let mut entry = self.probation.pop(key)?;
+        entry.hits = entry.hits.saturating_add(1);
         self.protected_bytes += self.weight(&entry);
         self.protected.push(*key, entry);
         let cap = (self.used as f64 * PROTECTED_SHARE) as u64;
@@ -396,8 +421,21 @@ impl Index {
     /// segment (a new key starts in probation). The new entry keeps only those of its
     /// `variants` the previous version has (a refresh carries them over): they stay charged
     /// once, and are not removed with the previous version.
-    pub fn insert(&mut self, key: KeyHash, mut entry: Entry, from_reserved: u64) -> Option<Removed> {
+    pub fn insert(&mut self, key: KeyHash, entry: Entry, from_reserved: u64) -> Option<Removed> {
+        self.insert_tagged(key, entry, from_reserved, &[])
+    }
+
+    /// [`Index::insert`] of an entry carrying `tags` (distinct): they are indexed with it, in
+    /// the same step.
+    pub fn insert_tagged(
+        &mut self,
+        key: KeyHash,
+        mut entry: Entry,
+        from_reserved: u64,
+        tags: &[Box<str>],
+    ) -> Option<Removed> {
         self.release(from_reserved);
+        entry.hits = 0;
         let old = self.take(&key);
         if !entry.variants.is_empty() {
             // As the previous version has them now (checked since, perhaps).
@@ -408,7 +446,11 @@ impl Index {
             };
             entry.variants = entry.variants.iter().filter_map(carried).collect();
         }
+        // (Carried variants stay charged: the old version's removal leaves them out.)
         self.used += self.charge(entry.file_len());
+        // The old version's tags go before the new one's are indexed: they may share some.
+        let old = old.map(|(old, protected)| (self.account_removal(key, old, &entry.variants), protected));
+        entry.tags = self.tags.register(key, tags);
         match old {
             Some((_, true)) => {
                 self.protected_bytes += self.weight(&entry);
@@ -418,11 +460,7 @@ impl Index {
                 self.probation.push(key, entry);
             }
         }
-        let kept = match self.peek(&key) {
-            Some(e) => e.variants.clone(),
-            None => Box::default(),
-        };
-        old.map(|(old, _)| self.account_removal(key, old, &kept))
+        old.map(|(removed, _)| removed)
     }
 
     /// Adds a variant to the entry of `key` if it is still the version `generation` and has
@@ -507,6 +545,11 @@ impl Index {
     /// index already holds a newer version of the key: then the found file is returned for
     /// removal.
     pub fn insert_scanned(&mut self, key: KeyHash, entry: Entry) -> Option<Removed> {
+        self.insert_scanned_tagged(key, entry, &[])
+    }
+
+    /// [`Index::insert_scanned`] of an entry carrying `tags`.
+    pub fn insert_scanned_tagged(&mut self, key: KeyHash, entry: Entry, tags: &[Box<str>]) -> Option<Removed> {
         let bytes = self.weight(&entry);
         self.forget_unindexed(bytes);
         if let Some(existing) = self.peek(&key)
@@ -521,7 +564,7 @@ impl Index {
                 variants: Vec::new(),
             });
         }
-        self.insert(key, entry, 0)
+        self.insert_tagged(key, entry, 0, tags)
     }
 
     /// Removes one key's entry.
@@ -557,6 +600,10 @@ impl Index {
     /// Accounts an entry taken out of the index as being removed, but for the variants in
     /// `kept` (carried over to its next version).
     fn account_removal(&mut self, key: KeyHash, old: Entry, kept: &[Variant]) -> Removed {
+        self.tags.unregister(&key, &old.tags);
+        if !self.marks.is_empty() && self.marks.get(&key).is_some_and(|m| m.0 == old.generation) {
+            self.marks.remove(&key);
+        }
         let mut bytes = self.charge(old.file_len());
         let mut variants = Vec::new();
         for v in old.variants.iter() {
@@ -577,6 +624,60 @@ impl Index {
         };
         self.unlinking_objects += removed.files();
         removed
+    }
+
+    /// Keys whose entries carry any of `tags`.
+    pub fn keys_tagged(&self, tags: &[String]) -> Vec<KeyHash> {
+        self.tags.keys_with_any(tags)
+    }
+
+    /// The names of an entry's tags.
+    pub fn tag_names(&self, entry: &Entry) -> Vec<String> {
+        self.tags.names(&entry.tags)
+    }
+
+    /// (distinct tags, (key, tag) references) indexed.
+    pub fn tag_stats(&self) -> (usize, usize) {
+        (self.tags.len(), self.tags.references())
+    }
+
+    /// Marks a key's current version stale as of `at_ms` (soft purge); a version marked
+    /// already keeps its earlier mark. Returns the generation marked when it is newly so,
+    /// `None` when there is no entry or it was marked already.
+    pub fn mark_stale(&mut self, key: &KeyHash, at_ms: u64) -> Option<u64> {
+        let generation = self.peek(key)?.generation;
+        match self.marks.get(key) {
+            Some(&(marked, _)) if marked == generation => None,
+            _ => {
+                self.marks.insert(*key, (generation, at_ms));
+                Some(generation)
+            }
+        }
+    }
+
+    /// Restores a mark read back at startup: when the key's current version is `generation`
+    /// (else the mark was for a version gone since). Returns whether it holds.
+    pub fn restore_mark(&mut self, key: &KeyHash, generation: u64, at_ms: u64) -> bool {
+        if self.peek(key).is_none_or(|e| e.generation != generation) {
+            return false;
+        }
+        self.marks.insert(*key, (generation, at_ms));
+        true
+    }
+
+    /// When version `generation` of a key was soft-purged (ms since the epoch), if it was.
+    pub fn mark_of(&self, key: &KeyHash, generation: u64) -> Option<u64> {
+        if self.marks.is_empty() {
+            return None;
+        }
+        self.marks
+            .get(key)
+            .and_then(|&(marked, at)| (marked == generation).then_some(at))
+    }
+
+    /// Every soft-purge mark: (key, generation, ms since the epoch).
+    pub fn marks(&self) -> Vec<(KeyHash, u64, u64)> {
+        self.marks.iter().map(|(k, &(g, at))| (*k, g, at)).collect()
     }
 
     /// Reports that removed files (`bytes` as charged, of `objects` removed entries) are off
@@ -609,6 +710,8 @@ mod tests {
             verified: true,
             mtime: 0,
             variants: Box::default(),
+            tags: Box::default(),
+            hits: 0,
         }
     }
 
@@ -984,6 +1087,70 @@ mod tests {
         assert_eq!(ix.usage(), 330);
         ix.unlinked(220, 2);
         assert_eq!((ix.usage(), ix.objects()), (110, 1));
+    }
+
+    fn tags(names: &[&str]) -> Vec<Box<str>> {
+        names.iter().map(|n| Box::<str>::from(*n)).collect()
+    }
+
+    #[test]
+    fn tags_follow_their_entries_through_replacement_eviction_and_removal() {
+        let mut ix = Index::new();
+        ix.insert_tagged(kh(1), entry(1, 1, 100), 0, &tags(&["p1", "all"]));
+        ix.insert_tagged(kh(2), entry(2, 2, 100), 0, &tags(&["p2", "all"]));
+        ix.insert(kh(3), entry(3, 3, 100), 0);
+        assert_eq!(ix.keys_tagged(&["all".into()]).len(), 2);
+        assert_eq!(ix.tag_stats(), (3, 4));
+        // A new version of 1 carries other tags: the old ones go with the old version.
+        let old = ix.insert_tagged(kh(1), entry(1, 9, 100), 0, &tags(&["p1-v2"]));
+        assert_eq!(old.map(|r| r.generation), Some(1));
+        assert!(ix.keys_tagged(&["p1".into()]).is_empty());
+        assert_eq!(ix.keys_tagged(&["all".into()]), vec![kh(2)]);
+        assert_eq!(ix.tag_names(ix.peek(&kh(1)).unwrap()), vec!["p1-v2"]);
+        // Evicted (least recently used first: 2) and removed: nothing left indexed.
+        assert_eq!(ix.pop_lru().map(|r| r.key), Some(kh(2)));
+        ix.remove(&kh(1));
+        assert_eq!(ix.tag_stats(), (0, 0));
+        assert!(ix.keys_tagged(&["all".into(), "p1-v2".into()]).is_empty());
+        // A scanned entry refused for an older version indexes no tags.
+        ix.insert_scanned_tagged(kh(5), entry(5, 50, 10), &tags(&["a"]));
+        assert!(
+            ix.insert_scanned_tagged(kh(5), entry(5, 40, 10), &tags(&["b"]))
+                .is_some()
+        );
+        assert_eq!(ix.tag_stats(), (1, 1));
+    }
+
+    #[test]
+    fn a_soft_purge_mark_holds_for_the_version_marked_only() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 100);
+        assert_eq!(ix.mark_stale(&kh(1), 1000), Some(1));
+        assert_eq!(ix.mark_stale(&kh(1), 2000), None, "the first mark stays");
+        assert_eq!(ix.mark_of(&kh(1), 1), Some(1000));
+        assert_eq!(ix.mark_stale(&kh(7), 1000), None, "nothing to mark");
+        // A new version (a refresh) is not marked, and the old mark is gone with the old one.
+        ix.insert(kh(1), entry(1, 2, 100), 0);
+        assert_eq!(ix.mark_of(&kh(1), 2), None);
+        assert!(ix.marks().is_empty());
+        // Restored at startup only for the version it was for.
+        assert!(!ix.restore_mark(&kh(1), 1, 5));
+        assert!(ix.restore_mark(&kh(1), 2, 5));
+        assert_eq!(ix.marks(), vec![(kh(1), 2, 5)]);
+        ix.remove(&kh(1));
+        assert!(ix.marks().is_empty());
+    }
+
+    #[test]
+    fn hits_are_counted_per_version() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 100);
+        for _ in 0..3 {
+            ix.touch(&kh(1));
+        }
+        assert_eq!(ix.peek(&kh(1)).unwrap().hits, 3);
+        ix.insert(kh(1), entry(1, 2, 100), 0);
+        assert_eq!(ix.peek(&kh(1)).unwrap().hits, 0);
     }
 
     #[test]

@@ -72,6 +72,12 @@ impl CacheKey {
     }
 }
 
+/// The host part of a stored key (`scheme://host/path`).
+pub fn host_of(key: &str) -> Option<&str> {
+    let (_, rest) = key.split_once("://")?;
+    Some(&rest[..rest.find('/').unwrap_or(rest.len())])
+}
+
 /// The host a request names, normalized: the `Host` field, else the URI's authority (HTTP/2
 /// `:authority`, an absolute-form target). `None` when it names none, or one that could not be
 /// a host. The cache key and the `Host` the app receives both come from here, so the app never

@@ -27,6 +27,7 @@ pub mod meta;
 mod read;
 mod rebuild;
 pub mod store;
+pub mod tags;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod tiers;
@@ -35,6 +36,7 @@ pub mod vary;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -66,6 +68,9 @@ pub struct Hit {
     pub body: Bytes,
     /// The variant's coding; `None` for the identity body.
     pub coding: Option<Coding>,
+    /// When this version was soft-purged, if it was: it counts as stale from then on
+    /// ([`crate::policy::Freshness::soft_purged`]).
+    pub soft_purged: Option<SystemTime>,
 }
 
 /// What to purge.
@@ -77,6 +82,70 @@ pub enum Purge {
     Url(String),
     /// Every URL whose path (or full URL) starts with this.
     Prefix(String),
+    /// Every object carrying any of these tags (`Surrogate-Key`, `Cache-Tag`).
+    Tags(Vec<String>),
+}
+
+impl Purge {
+    /// Whether an entry is one this purge selects by its key (tags are looked up instead).
+    fn matches_key(&self, e: &Entry) -> bool {
+        let full = &*e.key;
+        let pq = key::path_and_query(full);
+        match self {
+            Purge::All => true,
+            Purge::Url(u) if u.contains("://") => full == u,
+            Purge::Url(u) => pq == u,
+            Purge::Prefix(p) if p.contains("://") => full.starts_with(p.as_str()),
+            Purge::Prefix(p) => pq.starts_with(p.as_str()),
+            Purge::Tags(_) => false,
+        }
+    }
+
+    /// The keys of the entries this purge selects: by the tag index for tags (the cost of
+    /// the objects tagged, not of the index), else one pass over the index.
+    fn select(&self, ix: &Index) -> Vec<KeyHash> {
+        match self {
+            Purge::Tags(tags) => ix.keys_tagged(tags),
+            _ => ix.keys_where(|e| self.matches_key(e)),
+        }
+    }
+}
+
+/// Most entries a purge takes out of the index in one hold of its lock.
+pub const PURGE_BATCH: usize = 1024;
+
+/// Most variants [`Cache::inspect`] reports.
+pub const MAX_INSPECTED: usize = 100;
+
+/// One stored version of a URL, as [`Cache::inspect`] finds it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The full key (scheme, host, path and query).
+    pub key: String,
+    /// Its version (object file generation).
+    pub generation: u64,
+    /// Body bytes.
+    pub body_len: u64,
+    /// The object file's length (body, record, footer).
+    pub file_len: u64,
+    /// What the file is charged on disk (whole allocation units).
+    pub charged: u64,
+    /// Where a hit finds its body: `memory` (the hot tier), `open` (a file held open and
+    /// mapped) or `disk`.
+    pub tier: &'static str,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Lookups that found it since it was stored.
+    pub hits: u32,
+    /// When it was soft-purged, if it was.
+    pub soft_purged: Option<SystemTime>,
+    /// Its record (`None` when the file could not be read).
+    pub meta: Option<Arc<Meta>>,
+}
+
+/// Milliseconds since the epoch.
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The cache: a facade over parts that each own their state behind one lock.
@@ -104,6 +173,9 @@ pub enum Purge {
 ///   the variant (taking and letting go of `specs`) before it.
 /// - `specs`: a leaf. So is the compressor's `pending` (`variants::Compressor`); its
 ///   threads take the budget's and index's locks one step at a time, like a fill.
+/// - `specs`: a leaf.
+/// - `marks_file` (tokio, held across the write of the soft-purge marks) -> `index` (the
+///   marks are copied out under it, then it is let go before the write).
 /// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
 ///   recorder's (counters are bumped under `map`, gauges set under `budget`).
 pub struct Cache {
@@ -121,6 +193,9 @@ pub struct Cache {
     loaded: AtomicBool,
     /// The queue and threads that make compressed variants.
     compressor: variants::Compressor,
+    /// Serializes writes of the soft-purge marks file, so the last one written holds the
+    /// newest marks.
+    marks_file: tokio::sync::Mutex<()>,
 }
 
 impl Cache {
@@ -138,6 +213,7 @@ impl Cache {
             vary: vary::VarySpecs::new(),
             loaded: AtomicBool::new(false),
             compressor,
+            marks_file: tokio::sync::Mutex::new(()),
         });
         cache.start_compressor();
         cache.retry_open();
@@ -203,12 +279,13 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.vary.variant_of(key, req);
-        let (object, variant) = {
+        let (object, variant, mark) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
             if &*e.key != key.as_str() {
                 return None;
             }
+            let generation = e.generation;
             let object = Expected {
                 len: e.body_len,
                 tail_len: e.tail_len,
@@ -221,12 +298,17 @@ impl Cache {
                 true => None,
                 false => Accepts::parse(req).choose(e.variants.iter().map(|v| (v.coding, v.body_len)), e.body_len),
             };
-            ((e.generation, object), coding.and_then(|c| e.variant(c)).cloned())
+            let variant = coding.and_then(|c| e.variant(c)).cloned();
+            ((generation, object), variant, ix.mark_of(&hash, generation))
         };
-        match variant {
+        let hit = match variant {
             None => self.lookup_object(&store, key, hash, object).await,
             Some(v) => self.lookup_variant(&store, key, hash, object, v).await,
-        }
+        }?;
+        Some(Hit {
+            soft_purged: mark.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+            ..hit
+        })
     }
 
     /// The identity body and record of version `generation` of `hash`, as `expect`ed.
@@ -280,6 +362,7 @@ impl Cache {
             meta,
             body: opened.body,
             coding: None,
+            soft_purged: None,
         };
         self.tier_insert(tier.as_ref(), hash, generation, 0, &hit, expect.min_mmap, opened.mtime);
         Some(hit)
@@ -351,6 +434,7 @@ impl Cache {
             meta,
             body: opened.body,
             coding: Some(v.coding),
+            soft_purged: None,
         };
         self.tier_insert(
             tier.as_ref(),
@@ -400,6 +484,7 @@ impl Cache {
                 meta: obj.meta.clone(),
                 body: obj.body.clone(),
                 coding: (variant != 0).then(|| obj.coding).flatten(),
+                soft_purged: None,
             });
         }
         // Another version of the key (one that raced a replacement in), or changed
@@ -518,25 +603,137 @@ impl Cache {
         self.finish_purge(removed).await
     }
 
-    /// Purges matching objects; returns how many.
+    /// Purges matching objects: out of the index, the tiers and off the disk (with whatever
+    /// files an entry owns), all through the one removal path. Returns how many.
+    ///
+    /// The entries are selected in one hold of the index lock and taken out in holds of at
+    /// most [`PURGE_BATCH`]: hits go on between them, so a purge of 10,000 objects does not
+    /// stall them for the whole of it (BENCHMARKS.md, issue 18). A key given a new version
+    /// meanwhile is removed too: a purge says what it names has changed.
     pub async fn purge(&self, what: &Purge) -> usize {
-        let matches = |e: &Entry| -> bool {
-            let full = &*e.key;
-            let pq = key::path_and_query(full);
-            match what {
-                Purge::All => true,
-                Purge::Url(u) if u.contains("://") => full == u,
-                Purge::Url(u) => pq == u,
-                Purge::Prefix(p) if p.contains("://") => full.starts_with(p.as_str()),
-                Purge::Prefix(p) => pq.starts_with(p.as_str()),
-            }
-        };
-        let removed: Vec<Removed> = {
+        let keys = what.select(&self.lock_index());
+        let mut removed: Vec<Removed> = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(PURGE_BATCH) {
             let mut ix = self.lock_index();
-            let keys = ix.keys_where(matches);
-            keys.iter().filter_map(|k| ix.remove(k)).collect()
-        };
+            removed.extend(batch.iter().filter_map(|k| ix.remove(k)));
+        }
         self.finish_purge(removed).await
+    }
+
+    /// Soft purge: marks the matching objects stale as of now instead of removing them. The
+    /// next request for one revalidates with the app (conditionally when it has validators),
+    /// and `stale-while-revalidate` and `stale-if-error` count from the mark, so users are
+    /// still served while the app is down. The mark holds for the version marked (a refresh
+    /// or a new fill replaces it unmarked) and is kept in a small file beside the objects, so
+    /// it survives a restart. Returns how many objects are marked (marked before included).
+    pub async fn soft_purge(&self, what: &Purge) -> usize {
+        let at = millis(SystemTime::now());
+        let keys = what.select(&self.lock_index());
+        let (mut matched, mut newly) = (0, 0);
+        // In batches, as `purge` removes: hits go on between them.
+        for batch in keys.chunks(PURGE_BATCH) {
+            let mut ix = self.lock_index();
+            for k in batch {
+                // (One removed since the selection is not counted.)
+                matched += usize::from(ix.peek(k).is_some());
+                newly += usize::from(ix.mark_stale(k, at).is_some());
+            }
+        }
+        if newly > 0 {
+            self.save_marks().await;
+        }
+        metrics::counter!(m::SOFT_PURGED_OBJECTS).increment(newly as u64);
+        matched
+    }
+
+    /// Writes the soft-purge marks in force to the store (off the runtime); a failure is
+    /// counted and logged: the marks hold in memory until the process ends.
+    async fn save_marks(&self) {
+        let Some(store) = self.store() else { return };
+        let _turn = self.marks_file.lock().await;
+        let mut marks = self.lock_index().marks();
+        // Before the startup rebuild is done, the file still holds marks of versions not
+        // indexed yet (restored at its end): they are kept, not overwritten.
+        let loading = !self.is_loaded();
+        let written = tokio::task::spawn_blocking(move || {
+            if loading {
+                marks.extend(store.read_marks());
+            }
+            store.write_marks(&marks)
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            self.storage_error(&e);
+        }
+    }
+
+    /// What is stored for a URL (a path, any host, or a full URL; `host` narrows a path to
+    /// one host): every variant, at most [`MAX_INSPECTED`], with its record read from the
+    /// disk when it is not cached. For the admin port's `GET /objects`: one pass over the
+    /// index under its lock (as a purge by URL), the records read after it is let go.
+    pub async fn inspect(&self, url: &str, host: Option<&str>) -> Vec<Stored> {
+        let Some(store) = self.store() else {
+            return Vec::new();
+        };
+        let host = host.and_then(key::normalize_host);
+        let what = Purge::Url(url.to_owned());
+        let found: Vec<(KeyHash, Entry, Vec<String>, Option<u64>)> = {
+            let ix = self.lock_index();
+            what.select(&ix)
+                .into_iter()
+                .filter_map(|k| {
+                    let e = ix.peek(&k)?;
+                    if let Some(h) = &host
+                        && key::host_of(&e.key) != Some(h.as_str())
+                    {
+                        return None;
+                    }
+                    Some((k, e.clone(), ix.tag_names(e), ix.mark_of(&k, e.generation)))
+                })
+                .take(MAX_INSPECTED)
+                .collect()
+        };
+        let mut out = Vec::with_capacity(found.len());
+        for (hash, e, tags, mark) in found {
+            let tier = match self.tiers.tier_for(e.body_len) {
+                Some(t) if t.objects.get(&hash).is_some_and(|o| o.generation == e.generation) => {
+                    if t.open {
+                        "open"
+                    } else {
+                        "memory"
+                    }
+                }
+                _ => "disk",
+            };
+            let meta = match self.tiers.meta(&hash, e.generation) {
+                Some(meta) => Some(meta),
+                None => {
+                    let path = store.object_path(&hash, e.generation);
+                    let (body_len, tail_len) = (e.body_len, e.tail_len);
+                    tokio::task::spawn_blocking(move || {
+                        let file = fileio::open_for_read(&path).ok()?;
+                        store::read_record(&file, body_len, tail_len, false).ok().flatten()
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(Arc::new)
+                }
+            };
+            out.push(Stored {
+                key: e.key.to_string(),
+                generation: e.generation,
+                body_len: e.body_len,
+                file_len: e.file_len(),
+                charged: self.charge(e.file_len()),
+                tier,
+                tags,
+                hits: e.hits,
+                soft_purged: mark.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                meta,
+            });
+        }
+        out
     }
 
     /// Updates the size gauges.
@@ -545,6 +742,40 @@ impl Cache {
         metrics::gauge!(m::CACHE_OBJECTS).set(objects as f64);
         metrics::gauge!(m::CACHE_SIZE).set(used as f64);
         metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
+        let (tags, references) = self.lock_index().tag_stats();
+        metrics::gauge!(m::TAGS).set(tags as f64);
+        metrics::gauge!(m::TAG_REFERENCES).set(references as f64);
         self.tiers.publish_gauges();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_purge_by_tag_larger_than_a_batch_removes_every_tagged_object_and_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("cache");
+        let n = PURGE_BATCH * 2 + 20;
+        {
+            let store = Store::open(&root).expect("store");
+            for i in 0..n {
+                let body = format!("body {i}").into_bytes();
+                let mut meta = testing::meta(&format!("http://app.example/{i}.js"), &body);
+                let tag = if i % 200 == 0 { "other" } else { "many" };
+                meta.headers.insert("cache-tag", http::HeaderValue::from_static(tag));
+                testing::write_object(&store, &meta, &body, store.next_gen(), 0);
+            }
+        }
+        let cache = testing::open(&root).await;
+        assert_eq!(cache.stats().0, n);
+        let tagged = (0..n).filter(|i| i % 200 != 0).count();
+        assert!(tagged > 2 * PURGE_BATCH);
+        assert_eq!(cache.purge(&Purge::Tags(vec!["many".into()])).await, tagged);
+        assert_eq!(cache.stats().0, n - tagged);
+        let store = cache.store().expect("open");
+        assert_eq!(store.scan_objects().len(), n - tagged, "their files are gone");
+        assert_eq!(cache.lock_index().tag_stats(), (1, n - tagged));
     }
 }

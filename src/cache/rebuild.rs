@@ -3,7 +3,9 @@
 //! counted: `Budget::set_accounted`). Every file's record is read from its end; the newest
 //! version of each key is indexed; older versions and files that are torn, corrupt or not ours
 //! are removed. It owns no lock: it takes the budget's `index` for one step at a time, never
-//! with another lock held, and `vary` (a leaf) between those steps.
+//! with another lock held, and `vary` (a leaf) between those steps. Each record's tags are
+//! indexed with it (read again from its stored headers), and the soft-purge marks of the
+//! versions found are restored.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -67,9 +69,21 @@ impl Cache {
                 verified: false,
                 mtime: 0,
                 variants: Box::default(),
+                tags: Box::default(),
+                hits: 0,
+            };
+            let tags = match self.config.tags.parse(&meta.headers) {
+                Ok(tags) => tags,
+                Err(why) => {
+                    // Stored under bounds since lowered: its tags cannot all be indexed.
+                    metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+                    let _ = store.remove(&path);
+                    self.lock_index().forget_unindexed(charged);
+                    continue;
+                }
             };
             self.vary.remember(&meta);
-            let removed = self.lock_index().insert_scanned(f.id, entry);
+            let removed = self.lock_index().insert_scanned_tagged(f.id, entry, &tags);
             if let Some(r) = removed {
                 super::evict::remove_removed(&store, &r);
                 self.lock_index().unlinked(r.bytes, r.files());
@@ -121,6 +135,26 @@ impl Cache {
             ix.forget_unindexed(u64::MAX);
             ix.forget_unindexed_objects(u64::MAX);
         }
+        // Soft-purge marks of the versions indexed hold again; the file keeps only the marks in
+        // force (those, and any a soft purge made meanwhile). Its writes take turns with the
+        // soft purges' (`marks_file`; this is a blocking thread).
+        {
+            let _turn = self.marks_file.blocking_lock();
+            let marks = store.read_marks();
+            let (restored, in_force) = {
+                let mut ix = self.lock_index();
+                let restored = marks
+                    .iter()
+                    .filter(|&&(key, generation, at)| ix.restore_mark(&key, generation, at))
+                    .count();
+                (restored, ix.marks())
+            };
+            if (restored < marks.len() || in_force.len() != marks.len())
+                && let Err(e) = store.write_marks(&in_force)
+            {
+                self.storage_error(&e);
+            }
+        }
         self.loaded.store(true, Ordering::Release);
         let secs = started.elapsed().as_secs_f64();
         metrics::gauge!(m::INDEX_LOADED).set(loaded as f64);
@@ -136,7 +170,40 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use crate::cache::store::Store;
-    use crate::cache::testing;
+    use crate::cache::{Purge, testing};
+
+    #[tokio::test]
+    async fn soft_purge_marks_are_restored_at_startup_for_the_version_marked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("cache");
+        let (a, b) = (b"a body".repeat(40), b"b body".repeat(40));
+        let mut ma = testing::meta("http://app.example/a.js", &a);
+        ma.headers.insert("surrogate-key", http::HeaderValue::from_static("x"));
+        let mb = testing::meta("http://app.example/b.js", &b);
+        {
+            let store = Store::open(&root).expect("store");
+            testing::write_object(&store, &ma, &a, store.next_gen(), 0);
+            testing::write_object(&store, &mb, &b, store.next_gen(), 0);
+        }
+        let none = http::HeaderMap::new();
+        {
+            let cache = testing::open(&root).await;
+            assert_eq!(cache.soft_purge(&Purge::Tags(vec!["x".into()])).await, 1);
+            assert!(cache.lookup(&ma.key, &none).await.expect("hit").soft_purged.is_some());
+        }
+        let cache = testing::open(&root).await;
+        let hit = cache.lookup(&ma.key, &none).await.expect("a hit after the restart");
+        assert!(hit.soft_purged.is_some(), "the mark came back with its version");
+        assert!(cache.lookup(&mb.key, &none).await.expect("hit").soft_purged.is_none());
+        // A damaged marks file is ignored, never fatal.
+        let store = cache.store().expect("open");
+        drop(cache);
+        let marks = root.join("objects-v2").join("soft-purged");
+        std::fs::write(&marks, b"not ours").expect("write");
+        assert!(store.read_marks().is_empty());
+        std::fs::write(&marks, b"SCMARK01 torn").expect("write");
+        assert!(store.read_marks().is_empty(), "a torn record is not read");
+    }
 
     #[tokio::test]
     async fn a_rebuild_indexes_the_newest_whole_version_and_removes_the_rest() {

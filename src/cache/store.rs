@@ -9,6 +9,7 @@
 //! <cache_dir>/objects-v2/<kh:2>/<keyhash>.<gen>.br  a compressed variant of a key's body
 //!                                                   (`.zst`, `.gz`), versioned on its own
 //! <cache_dir>/objects-v2/generations                where the next run's versions start
+//! <cache_dir>/objects-v2/soft-purged                soft-purge marks: (key, version, when)
 //! <cache_dir>/lock                                  held (flock) while a process uses the dir
 //! ```
 //!
@@ -163,6 +164,8 @@ pub struct Store {
     /// Held (flocked) while this process uses the directory; also how the filesystem is asked
     /// for its free space.
     lock: File,
+    /// `objects-v2/`, for the layout's own files (the soft-purge marks).
+    objects_fd: OwnedFd,
 }
 
 /// What the cache directory's filesystem has.
@@ -364,6 +367,16 @@ pub struct Found<T> {
 
 /// The file under `objects-v2/` holding the first version the next run may hand out.
 const GENERATIONS: &str = "generations";
+/// The file under `objects-v2/` holding the soft-purge marks: `MARKS_MAGIC`, then one
+/// 32-byte record per mark, `[16] key hash | u64 version | u64 ms since the epoch`
+/// (big-endian). Replaced whole (written aside, renamed over), so it is never torn. A mark
+/// only ever makes an object stale sooner, so a damaged file cannot make anything be served
+/// that should not: it is read as far as it makes sense and otherwise ignored.
+const MARKS: &str = "soft-purged";
+const MARKS_MAGIC: &[u8; 8] = b"SCMARK01";
+const MARK_LEN: usize = 32;
+/// Most marks read back (a file past it is ignored): two per object of a large cache.
+const MAX_MARKS: usize = 4 << 20;
 /// How many versions one run may hand out (a fill a microsecond for half a year): the next
 /// run starts past them, whatever its clock says.
 const RUN_GENERATIONS: u64 = 1 << 44;
@@ -416,6 +429,7 @@ impl Store {
             tmp_mode: TmpMode::Named,
             unit: alloc_unit(&root_fd),
             lock,
+            objects_fd,
         };
         sweep_tmp(&tmp_fd);
         if store.unnamed_tmp_works() {
@@ -636,6 +650,51 @@ impl Store {
     /// Every object file on disk, by key and version (with what the directory says of it).
     pub fn scan_objects(&self) -> Vec<Found<KeyHash>> {
         scan(&self.objects, KeyHash::from_hex)
+    }
+
+    /// Replaces the soft-purge marks file with `marks` (key, version, ms since the epoch).
+    pub fn write_marks(&self, marks: &[(KeyHash, u64, u64)]) -> Result<(), StoreError> {
+        let mut bytes = Vec::with_capacity(MARKS_MAGIC.len() + marks.len() * MARK_LEN);
+        bytes.extend_from_slice(MARKS_MAGIC);
+        for (key, generation, at) in marks.iter().take(MAX_MARKS) {
+            bytes.extend_from_slice(&key.0);
+            bytes.extend_from_slice(&generation.to_be_bytes());
+            bytes.extend_from_slice(&at.to_be_bytes());
+        }
+        write_replace(&self.objects_fd, MARKS, &bytes).map_err(io("write", &self.objects.join(MARKS)))
+    }
+
+    /// The soft-purge marks written last (none when there is no file, or not one of ours).
+    pub fn read_marks(&self) -> Vec<(KeyHash, u64, u64)> {
+        let Ok(fd) = rustix::fs::openat(
+            &self.objects_fd,
+            MARKS,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return Vec::new();
+        };
+        match rustix::fs::fstat(&fd) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {}
+            _ => return Vec::new(),
+        }
+        let mut bytes = Vec::new();
+        let cap = (MARKS_MAGIC.len() + MAX_MARKS * MARK_LEN) as u64;
+        if File::from(fd).take(cap + 1).read_to_end(&mut bytes).is_err()
+            || bytes.len() as u64 > cap
+            || !bytes.starts_with(MARKS_MAGIC)
+        {
+            return Vec::new();
+        }
+        bytes[MARKS_MAGIC.len()..]
+            .chunks_exact(MARK_LEN)
+            .map(|r| {
+                let key = KeyHash(r[..16].try_into().expect("16 bytes"));
+                let generation = u64::from_be_bytes(r[16..24].try_into().expect("8 bytes"));
+                let at = u64::from_be_bytes(r[24..32].try_into().expect("8 bytes"));
+                (key, generation, at)
+            })
+            .collect()
     }
 
     /// Removes the layouts of earlier format versions, whole: they are never read. Blocking

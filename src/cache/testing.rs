@@ -52,6 +52,8 @@ pub fn entry(i: u32, len: u64) -> crate::cache::index::Entry {
         verified: true,
         mtime: 0,
         variants: Box::default(),
+        tags: Box::default(),
+        hits: 0,
     }
 }
 

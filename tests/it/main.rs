@@ -19,3 +19,4 @@ mod safety_store;
 mod semantics;
 mod shared_tier;
 mod supervise;
+mod tags;

@@ -290,6 +290,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, head: &str) -> (u16, String, S
 
 fn rule(pattern: &str, ttl: Option<u64>, force_ttl: Option<u64>) -> Rule {
     Rule::compile(RawRule {
+        name: None,
         pattern: pattern.into(),
         bypass: false,
         ttl: ttl.map(|s| HumanDuration(Duration::from_secs(s))),
@@ -569,6 +570,7 @@ async fn bypass_rules_cannot_be_dodged_by_spelling() {
     let sc = TestSidecar::start_with(&url, |c: &mut Config| {
         c.rules = vec![
             Rule::compile(RawRule {
+                name: None,
                 pattern: "/api/**".into(),
                 bypass: true,
                 ttl: None,

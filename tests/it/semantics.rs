@@ -568,6 +568,7 @@ query: {allow: [q]}
         c.query = raw.query.clone().unwrap().compile().unwrap();
         c.rules.push(
             sidecache::rules::Rule::compile(sidecache::rules::RawRule {
+                name: None,
                 pattern: "/search.json".into(),
                 bypass: false,
                 ttl: Some(sidecache::units::HumanDuration(Duration::from_secs(60))),

@@ -1,0 +1,268 @@
+//! A look inside the cache: what is stored for a URL and why a request would or would not be
+//! served from it. The admin port's `GET /objects?url=...[&host=H]` answers a [`Report`] as
+//! JSON; `sidecache inspect URL` asks for it and prints it ([`Report::to_text`] or the JSON).
+//!
+//! The cache finds the stored versions ([`crate::cache::Cache::inspect`]); the verdict is
+//! worked out here with the request path's own freshness rules (`policy::usable`,
+//! `policy::may_serve_stale_on_error`) for a plain request: no request directives, the `Vary`
+//! values the variant was stored for. It reads; it never changes what is stored (nor the LRU
+//! order beyond what a lookup of the tiers does).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::Stored;
+use crate::policy::{self, CacheControl, Usable};
+use crate::proxy::Proxy;
+
+/// What is stored for one URL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// The URL or path asked about.
+    pub url: String,
+    /// Every stored variant (at most [`crate::cache::MAX_INSPECTED`]).
+    pub objects: Vec<Object>,
+}
+
+/// One stored variant and the verdict for a request it would answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Object {
+    /// The full cache key (scheme, host, path, query).
+    pub key: String,
+    /// The request header values this variant was stored for (`Vary`); `null`: absent.
+    pub vary: Vec<(String, Option<String>)>,
+    /// The stored status.
+    pub status: u16,
+    /// The stored response headers, in order (tag headers included: they are stored).
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body_bytes: u64,
+    /// The object file's length (body, record, footer).
+    pub file_bytes: u64,
+    /// What the file spends on disk (whole allocation units).
+    pub disk_bytes: u64,
+    /// `memory` (hot tier), `open` (held open and mapped) or `disk`.
+    pub tier: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Lookups that found it since it was stored.
+    pub hits: u32,
+    /// When its response arrived (HTTP date).
+    pub stored_at: String,
+    /// Its version (object file generation).
+    pub generation: u64,
+    /// Its current age in seconds (RFC 9111 §4.2.3).
+    pub age_secs: u64,
+    /// Its freshness lifetime in seconds (§4.2.1), before any soft purge.
+    pub lifetime_secs: u64,
+    /// Seconds of freshness left (0: stale).
+    pub fresh_for_secs: u64,
+    /// Seconds past its freshness (0: fresh).
+    pub stale_for_secs: u64,
+    /// Its `stale-while-revalidate` window in seconds, if any (RFC 5861).
+    pub stale_while_revalidate_secs: Option<u64>,
+    /// How long past its freshness it may stand in for a failing app (the larger of the
+    /// configured `stale_if_error` and its own directive; 0 when it must not be served stale).
+    pub stale_if_error_secs: u64,
+    /// When it was soft-purged (HTTP date), if it was.
+    pub soft_purged_at: Option<String>,
+    /// `fresh` (served from the cache), `stale-usable` (served stale while it is refreshed
+    /// in the background) or `needs-revalidation` (the app is asked first).
+    pub verdict: String,
+    /// How the app is asked when it is: `conditional` (validators) or `full`.
+    pub revalidation: String,
+    /// Whether it stands in if the app fails: `stale-if-error` or `no`.
+    pub if_app_fails: String,
+    /// Why, in words, one reason a line.
+    pub why: Vec<String>,
+}
+
+/// Works out the report for what the cache holds for `url`.
+pub async fn report(proxy: &Proxy, url: &str, host: Option<&str>) -> Report {
+    let stored = proxy.cache.inspect(url, host).await;
+    let now = SystemTime::now();
+    Report {
+        url: url.to_owned(),
+        objects: stored.iter().filter_map(|s| object(proxy, s, now)).collect(),
+    }
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs()
+}
+
+fn object(proxy: &Proxy, s: &Stored, now: SystemTime) -> Option<Object> {
+    let meta = s.meta.as_ref()?;
+    let prepared = proxy.prepared(meta);
+    let plain = prepared.freshness(now);
+    let f = match s.soft_purged {
+        Some(at) => plain.soft_purged(prepared.freshness(at).age),
+        None => plain,
+    };
+    let cc = &prepared.cc;
+    let usable = policy::usable(f, &CacheControl::default(), cc);
+    let may_stale = policy::may_serve_stale_on_error(f, cc, proxy.config.stale_if_error);
+    let sie_window = if policy::forbids_stale(cc) {
+        0
+    } else {
+        cc.stale_if_error.unwrap_or(0).max(secs(proxy.config.stale_if_error))
+    };
+    let validators = ["etag", "last-modified"]
+        .into_iter()
+        .filter(|n| meta.headers.contains_key(*n))
+        .collect::<Vec<_>>();
+    let mut why = Vec::new();
+    if let Some(at) = s.soft_purged {
+        why.push(format!(
+            "soft-purged at {}: stale from then on",
+            httpdate::fmt_http_date(at)
+        ));
+    }
+    if cc.no_cache {
+        why.push("no-cache (or stored for its validator alone): every use asks the app first".into());
+    }
+    if policy::forbids_stale(cc) && !cc.no_cache {
+        why.push("must-revalidate, proxy-revalidate or s-maxage: never served stale".into());
+    }
+    let verdict = match usable {
+        Usable::Fresh => {
+            why.push(format!("fresh for {} s more", secs(f.lifetime.saturating_sub(f.age))));
+            "fresh"
+        }
+        Usable::StaleWhileRevalidate => {
+            why.push(format!(
+                "stale for {} s, within stale-while-revalidate ({} s): served stale, refreshed in the background",
+                secs(f.staleness()),
+                cc.stale_while_revalidate.unwrap_or(0)
+            ));
+            "stale-usable"
+        }
+        Usable::Revalidate => {
+            if !f.is_fresh() {
+                why.push(format!("stale for {} s: the app is asked first", secs(f.staleness())));
+            }
+            "needs-revalidation"
+        }
+    };
+    let revalidation = if validators.is_empty() { "full" } else { "conditional" };
+    if usable != Usable::Fresh {
+        why.push(if validators.is_empty() {
+            "no validator: a revalidation fetches it whole".into()
+        } else {
+            format!("revalidated with {} (a 304 refreshes it)", validators.join(" and "))
+        });
+    }
+    why.push(if may_stale {
+        format!(
+            "if the app fails: served stale (stale-if-error, {} s left)",
+            sie_window.saturating_sub(secs(f.staleness()))
+        )
+    } else {
+        "if the app fails: the error is passed on (nothing may stand in)".into()
+    });
+    if !meta.vary.is_empty() {
+        let names: Vec<&str> = meta.vary.iter().map(|(n, _)| n.as_str()).collect();
+        why.push(format!(
+            "varies on {}: serves only requests with the values below",
+            names.join(", ")
+        ));
+    }
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    Some(Object {
+        key: s.key.clone(),
+        vary: meta
+            .vary
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_ref().map(|v| text(v.as_bytes()))))
+            .collect(),
+        status: meta.status,
+        headers: meta
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), text(v.as_bytes())))
+            .collect(),
+        body_bytes: s.body_len,
+        file_bytes: s.file_len,
+        disk_bytes: s.charged,
+        tier: s.tier.to_owned(),
+        tags: s.tags.clone(),
+        hits: s.hits,
+        stored_at: httpdate::fmt_http_date(meta.response_time.max(UNIX_EPOCH)),
+        generation: s.generation,
+        age_secs: secs(f.age),
+        lifetime_secs: secs(plain.lifetime),
+        fresh_for_secs: secs(f.lifetime.saturating_sub(f.age)),
+        stale_for_secs: secs(f.staleness()),
+        stale_while_revalidate_secs: (!policy::forbids_stale(cc))
+            .then_some(cc.stale_while_revalidate)
+            .flatten(),
+        stale_if_error_secs: sie_window,
+        soft_purged_at: s.soft_purged.map(httpdate::fmt_http_date),
+        verdict: verdict.to_owned(),
+        revalidation: revalidation.to_owned(),
+        if_app_fails: if may_stale { "stale-if-error" } else { "no" }.to_owned(),
+        why,
+    })
+}
+
+impl Report {
+    /// The report for a terminal.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        if self.objects.is_empty() {
+            let _ = writeln!(out, "nothing stored for {}", self.url);
+            return out;
+        }
+        for (i, o) in self.objects.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let status = StatusCode::from_u16(o.status).map_or(String::new(), |s| s.to_string());
+            let _ = writeln!(out, "{}  {}", o.key, status);
+            let _ = writeln!(out, "  verdict      {} ({} revalidation)", o.verdict, o.revalidation);
+            for line in &o.why {
+                let _ = writeln!(out, "               {line}");
+            }
+            let _ = writeln!(
+                out,
+                "  age          {} s (lifetime {} s, fresh for {} s, stale for {} s)",
+                o.age_secs, o.lifetime_secs, o.fresh_for_secs, o.stale_for_secs
+            );
+            let swr = o
+                .stale_while_revalidate_secs
+                .map_or("none".to_owned(), |s| format!("{s} s"));
+            let _ = writeln!(
+                out,
+                "  stale        while-revalidate {swr}, if-error {} s",
+                o.stale_if_error_secs
+            );
+            if let Some(at) = &o.soft_purged_at {
+                let _ = writeln!(out, "  soft-purged  {at}");
+            }
+            let _ = writeln!(out, "  stored       {} (version {})", o.stored_at, o.generation);
+            let _ = writeln!(
+                out,
+                "  size         {} body bytes, {} on disk, tier {}",
+                o.body_bytes, o.disk_bytes, o.tier
+            );
+            let _ = writeln!(out, "  hits         {}", o.hits);
+            let tags = if o.tags.is_empty() {
+                "none".to_owned()
+            } else {
+                o.tags.join(" ")
+            };
+            let _ = writeln!(out, "  tags         {tags}");
+            for (name, value) in &o.vary {
+                let _ = writeln!(out, "  vary         {name}: {}", value.as_deref().unwrap_or("(absent)"));
+            }
+            let _ = writeln!(out, "  headers");
+            for (name, value) in &o.headers {
+                let _ = writeln!(out, "    {name}: {value}");
+            }
+        }
+        out
+    }
+}
