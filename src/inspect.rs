@@ -26,6 +26,17 @@ pub struct Report {
     pub objects: Vec<Object>,
 }
 
+/// A compressed variant of a stored object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Encoded {
+    /// `br`, `zstd` or `gzip`.
+    pub encoding: String,
+    /// Coded body bytes (what its `Content-Length` says).
+    pub body_bytes: u64,
+    /// What its file spends on disk (whole allocation units).
+    pub disk_bytes: u64,
+}
+
 /// One stored variant and the verdict for a request it would answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Object {
@@ -49,6 +60,10 @@ pub struct Object {
     pub tags: Vec<String>,
     /// Lookups that found it since it was stored.
     pub hits: u32,
+    /// Its compressed variants (made once after it was stored; a request gets the smallest
+    /// its `Accept-Encoding` accepts).
+    #[serde(default)]
+    pub encodings: Vec<Encoded>,
     /// When its response arrived (HTTP date).
     pub stored_at: String,
     /// Its version (object file generation).
@@ -189,6 +204,15 @@ fn object(proxy: &Proxy, s: &Stored, now: SystemTime) -> Option<Object> {
         tier: s.tier.to_owned(),
         tags: s.tags.clone(),
         hits: s.hits,
+        encodings: s
+            .variants
+            .iter()
+            .map(|&(coding, body_bytes, disk_bytes)| Encoded {
+                encoding: coding.token().to_owned(),
+                body_bytes,
+                disk_bytes,
+            })
+            .collect(),
         stored_at: httpdate::fmt_http_date(meta.response_time.max(UNIX_EPOCH)),
         generation: s.generation,
         age_secs: secs(f.age),
@@ -249,6 +273,17 @@ impl Report {
                 o.body_bytes, o.disk_bytes, o.tier
             );
             let _ = writeln!(out, "  hits         {}", o.hits);
+            let encodings: Vec<String> = o
+                .encodings
+                .iter()
+                .map(|e| format!("{} {} bytes", e.encoding, e.body_bytes))
+                .collect();
+            let encodings = if encodings.is_empty() {
+                "identity only".to_owned()
+            } else {
+                encodings.join(", ")
+            };
+            let _ = writeln!(out, "  encodings    {encodings}");
             let tags = if o.tags.is_empty() {
                 "none".to_owned()
             } else {

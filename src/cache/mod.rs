@@ -139,6 +139,8 @@ pub struct Stored {
     pub hits: u32,
     /// When it was soft-purged, if it was.
     pub soft_purged: Option<SystemTime>,
+    /// Its compressed variants: coding, coded body bytes, what the file is charged.
+    pub variants: Vec<(Coding, u64, u64)>,
     /// Its record (`None` when the file could not be read).
     pub meta: Option<Arc<Meta>>,
 }
@@ -730,6 +732,11 @@ impl Cache {
                 tags,
                 hits: e.hits,
                 soft_purged: mark.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                variants: e
+                    .variants
+                    .iter()
+                    .map(|v| (v.coding, v.body_len, self.charge(v.file_len())))
+                    .collect(),
                 meta,
             });
         }

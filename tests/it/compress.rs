@@ -142,6 +142,7 @@ async fn every_encoding_decodes_to_the_apps_bytes_with_its_own_head() {
         assert!(variant_ready(&url, coding).await, "{coding} variant never made");
     }
     let mut tags = vec!["\"v1\"".to_owned()];
+    let mut lengths = Vec::new();
     for coding in ["br", "zstd", "gzip"] {
         let ae = format!("Accept-Encoding: {coding}");
         // Decoded by curl's own decoder: every byte is the app's.
@@ -154,6 +155,7 @@ async fn every_encoding_decodes_to_the_apps_bytes_with_its_own_head() {
         // The bytes on the wire: coded, smaller, and exactly Content-Length of them.
         let raw = curl(&url, &["-H", &ae]).await;
         let len: usize = raw.header("content-length").unwrap().parse().unwrap();
+        lengths.push((coding.to_owned(), len as u64));
         assert_eq!(raw.body.len(), len, "{coding}");
         assert!(len < body.len() / 3, "{coding}: {len} of {}", body.len());
         assert_ne!(raw.body, body);
@@ -170,8 +172,34 @@ async fn every_encoding_decodes_to_the_apps_bytes_with_its_own_head() {
     assert_eq!(plain.header("content-encoding"), None);
     assert_eq!(plain.header("vary"), Some("Accept-Encoding"));
     assert_eq!(origin.hits("/app.js"), 1, "the app was asked once");
-    // Three variants, each its own file beside the object's.
+    // Three variants, each its own file beside the object's, and inspect lists them.
     assert_eq!(variant_files(&sc.dir.path().join("cache")).len(), 3);
+    let report = client()
+        .get(sc.admin_url("/objects?url=/app.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let mut listed: Vec<(String, u64)> = report["objects"][0]["encodings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["encoding"].as_str().unwrap().to_owned(),
+                e["body_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    listed.sort();
+    lengths.sort();
+    assert_eq!(
+        listed, lengths,
+        "inspect lists each variant with the length it is sent with"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
