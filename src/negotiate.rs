@@ -113,34 +113,13 @@ impl Accepts {
     /// Reads every `Accept-Encoding` line of a request.
     pub fn parse(headers: &HeaderMap) -> Accepts {
         let mut out = Accepts {
-            present: false,
+            present: headers.contains_key(header::ACCEPT_ENCODING),
             q: [None; 6],
         };
-        let mut seen = 0;
-        for line in headers.get_all(header::ACCEPT_ENCODING) {
-            out.present = true;
-            let Ok(text) = line.to_str() else { continue };
-            for element in text.split(',') {
-                seen += 1;
-                if seen > MAX_ELEMENTS {
-                    return out;
-                }
-                let mut parts = element.split(';');
-                let token = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-                let Some(i) = slot(&token) else { continue };
-                let mut q = Some(1000);
-                for param in parts {
-                    if let Some((name, value)) = param.split_once('=')
-                        && name.trim().eq_ignore_ascii_case("q")
-                    {
-                        q = qvalue(value);
-                    }
-                }
-                // A malformed weight makes the element void rather than acceptable.
-                if let Some(q) = q {
-                    // Named twice: the higher weight stands (a lenient reading).
-                    out.q[i] = Some(out.q[i].map_or(q, |old| old.max(q)));
-                }
+        for (token, q) in elements(headers) {
+            if let Some(i) = slot(&token.to_ascii_lowercase()) {
+                // Named twice: the higher weight stands (a lenient reading).
+                out.q[i] = Some(out.q[i].map_or(q, |old| old.max(q)));
             }
         }
         out
@@ -230,22 +209,27 @@ pub fn accepts_stored(req: &HeaderMap, content_encoding: Option<&HeaderValue>) -
         })
 }
 
-/// The weight a request's `Accept-Encoding` gives a coding token by name (bounded as
-/// [`Accepts::parse`] is); `None` when it does not name it.
+/// The weight a request's `Accept-Encoding` gives a coding token by name (the highest, when
+/// named twice); `None` when it does not name it.
 fn named_weight(req: &HeaderMap, token: &str) -> Option<u16> {
-    let mut seen = 0;
-    let mut found = None;
-    for line in req.get_all(header::ACCEPT_ENCODING) {
-        let Ok(text) = line.to_str() else { continue };
-        for element in text.split(',') {
-            seen += 1;
-            if seen > MAX_ELEMENTS {
-                return found;
-            }
+    elements(req)
+        .filter(|(t, _)| t.eq_ignore_ascii_case(token))
+        .map(|(_, q)| q)
+        .max()
+}
+
+/// The elements of a request's `Accept-Encoding` lines, as (token, weight), in order: at most
+/// [`MAX_ELEMENTS`] are looked at, so a hostile header costs a bounded parse. An element with a
+/// malformed weight is void (left out) rather than acceptable.
+fn elements(req: &HeaderMap) -> impl Iterator<Item = (&str, u16)> {
+    req.get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|text| text.split(','))
+        .take(MAX_ELEMENTS)
+        .filter_map(|element| {
             let mut parts = element.split(';');
-            if !parts.next().unwrap_or("").trim().eq_ignore_ascii_case(token) {
-                continue;
-            }
+            let token = parts.next().unwrap_or("").trim();
             let mut q = Some(1000);
             for param in parts {
                 if let Some((name, value)) = param.split_once('=')
@@ -254,12 +238,8 @@ fn named_weight(req: &HeaderMap, token: &str) -> Option<u16> {
                     q = qvalue(value);
                 }
             }
-            if let Some(q) = q {
-                found = Some(found.map_or(q, |old: u16| old.max(q)));
-            }
-        }
-    }
-    found
+            Some((token, q?))
+        })
 }
 
 /// The entity tag of a variant: the identity's with the coding appended inside the quotes

@@ -904,15 +904,7 @@ async fn start_binary(origin: &Origin, dir: &Path) -> (Binary, std::net::SocketA
     let mut bin = Binary::serve(&origin.url(), dir, &[], &[("SIDECACHE_ACCESS_LOG", "false")]);
     let addr = bin.public_addr();
     let admin = bin.admin_addr();
-    let ready = eventually(Duration::from_secs(10), async || {
-        client()
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "sidecar never became ready");
+    crate::support::wait_ready(admin).await;
     (bin, addr)
 }
 

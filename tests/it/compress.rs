@@ -554,17 +554,7 @@ async fn a_restart_keeps_variants_and_a_corrupted_one_is_never_served() {
     let env = [("SIDECACHE_ACCESS_LOG", "false")];
     let mut bin = Binary::serve(&origin.url(), dir.path(), &[], &env);
     let (addr, admin) = (bin.public_addr(), bin.admin_addr());
-    let ready = async |admin| {
-        eventually(Duration::from_secs(10), async || {
-            app_client()
-                .get(format!("http://{admin}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await
-    };
-    assert!(ready(admin).await);
+    crate::support::wait_ready(admin).await;
     for path in ["/r.js", "/s.js"] {
         let url = format!("http://{addr}{path}");
         served_coding(&url, None).await;
@@ -611,7 +601,7 @@ async fn a_restart_keeps_variants_and_a_corrupted_one_is_never_served() {
 
     let mut bin = Binary::serve(&origin.url(), dir.path(), &[], &env);
     let (addr, admin) = (bin.public_addr(), bin.admin_addr());
-    assert!(ready(admin).await);
+    crate::support::wait_ready(admin).await;
     // Kept: served coded from the first request, and decoded to the app's bytes.
     let r = curl(
         &format!("http://{addr}/r.js"),

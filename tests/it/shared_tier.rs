@@ -17,7 +17,7 @@ use sidecache::cache::key::{CacheKey, Digest};
 use sidecache::cache::meta::Meta;
 use sidecache::cache::store;
 
-use crate::support::{Binary, Origin, app_client, client, eventually, metric, scrape};
+use crate::support::{Binary, Origin, app_client, eventually, metric, scrape};
 
 const BUCKET: &str = "sidecache-fleet";
 const PREFIX: &str = "fleet/web";
@@ -152,15 +152,7 @@ impl Member {
         let mut bin = Binary::serve(&origin.url(), &dir.path().join("cache"), &args, &all);
         let addr = bin.public_addr();
         let admin = bin.admin_addr();
-        let ready = eventually(Duration::from_secs(10), async || {
-            client()
-                .get(format!("http://{admin}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        assert!(ready, "sidecar never became ready");
+        crate::support::wait_ready(admin).await;
         Member {
             bin,
             addr,

@@ -251,6 +251,20 @@ fn addr_field(line: &str) -> SocketAddr {
 }
 
 /// Retries `f` until it returns true, at most `limit` (readiness, not synchronisation by sleep).
+/// Waits (bounded) until the sidecar whose admin port is `admin` says it is ready (`/readyz`:
+/// its index rebuilt), and fails the test if it never does.
+pub async fn wait_ready(admin: SocketAddr) {
+    let ready = eventually(Duration::from_secs(10), async || {
+        client()
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "sidecar never became ready");
+}
+
 pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
