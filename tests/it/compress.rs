@@ -49,7 +49,8 @@ impl Curl {
 async fn curl(url: &str, args: &[&str]) -> Curl {
     let dir = tempfile::tempdir().unwrap();
     let (head, body) = (dir.path().join("head"), dir.path().join("body"));
-    let out = tokio::process::Command::new("curl")
+    let curl_bin = crate::prometheus::tool("curl", "curl");
+    let out = tokio::process::Command::new(curl_bin)
         .args(["-sS", "--max-time", "30", "-H", "Host: app.example", "-D"])
         .arg(&head)
         .arg("-o")

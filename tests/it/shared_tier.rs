@@ -32,12 +32,38 @@ struct S3 {
     _log: tempfile::NamedTempFile,
 }
 
+/// Installs moto's server from PyPI when it is missing (once per test run), as the other
+/// tests install their tools: `cargo test` on a fresh machine needs nothing else.
+fn install_moto(python: &str) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let probe = Command::new(python).args(["-c", "import moto.server, boto3"]).status();
+        if probe.is_ok_and(|s| s.success()) {
+            return;
+        }
+        let _ = crate::prometheus::tool("python3", "python3");
+        let _ = crate::prometheus::tool("pip3", "python3-pip");
+        let pip = |extra: &[&str]| {
+            Command::new(python)
+                .args(["-m", "pip", "install", "-q"])
+                .args(extra)
+                .arg("moto[server]==5.2.1")
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // A Debian system Python (PEP 668) takes it only with --break-system-packages.
+        let installed = pip(&[]) || pip(&["--break-system-packages"]);
+        assert!(installed, "pip install moto[server] failed");
+    });
+}
+
 impl S3 {
     /// Starts the server with one empty bucket; fails loudly, saying how to install it, when
     /// it cannot start.
     fn start() -> S3 {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/support/s3_server.py");
         let python = std::env::var("SIDECACHE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        install_moto(&python);
         let log = tempfile::NamedTempFile::new().unwrap();
         let spawned = Command::new(&python)
             .arg(script)
