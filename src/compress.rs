@@ -102,13 +102,31 @@ impl Levels {
 pub const LARGE: u64 = 1 << 20;
 
 /// `compress:` as written: `false`/`true`, or a map of the keys below.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum RawCompress {
     /// `compress: false` turns it off; `true` is the defaults.
     Switch(bool),
     /// The keys.
     Keys(RawCompressKeys),
+}
+
+impl<'de> Deserialize<'de> for RawCompress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawCompress;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`false`, `true`, or a map of enabled, types, min_size, max_size, long_lived, long_levels, short_levels, threads, queue")
+            }
+            fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<RawCompress, E> {
+                Ok(RawCompress::Switch(on))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawCompress, A::Error> {
+                RawCompressKeys::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawCompress::Keys)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The keys of `compress:`.
@@ -376,6 +394,17 @@ mod tests {
         assert_eq!(s.levels(Duration::from_secs(60), true, 10_000), Levels::LONG);
         assert_eq!(s.levels(Duration::from_secs(60), false, 10_000), Levels::SHORT);
         assert_eq!(s.levels(day, false, 4 << 20), Levels::LARGE_CAP);
+    }
+
+    #[test]
+    fn compress_is_written_as_a_switch_or_a_map_and_a_wrong_key_is_named() {
+        let parse = |yaml: &str| serde_saphyr::from_str::<RawCompress>(yaml).map_err(|e| e.to_string());
+        let off = Settings::compile(Some(parse("false").expect("a switch"))).expect("valid");
+        assert!(!off.enabled);
+        let map = Settings::compile(Some(parse("{threads: 2, min_size: 4KiB}").expect("a map"))).expect("valid");
+        assert_eq!((map.enabled, map.threads, map.min_size), (true, 2, 4096));
+        assert!(parse("{thread: 2}").expect_err("unknown key").contains("thread"));
+        assert!(parse("bogus").expect_err("a string").contains("a map of"));
     }
 
     #[test]
