@@ -643,9 +643,9 @@ def table(rows):
              "| origin reqs | vs nginx proxy_cache |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s, t, m in rows:
-        if s == "startup":
+        if "req_s" not in m:  # startup, and the compression facts: in the verdicts
             continue
-        base = by.get((s, "nginx-cache"))
+        base = by.get((s, "nginx-cache")) or by.get((s, "nginx-gzip1"))
         ratio = ""
         if base and t != "nginx-cache":
             if s.startswith("herd"):
@@ -693,6 +693,23 @@ def verdicts(rows):
         check("churn sidecache peak disk", f"{a['disk_mib']:.0f} MiB of {a['budget_mib']:.0f} MiB",
               "within the budget", a["disk_mib"] <= a["budget_mib"])
         check("churn failed or cut-off responses", f"{a['errors']:.0f}", "0", a["errors"] == 0)
+    for level in ("1", "6"):
+        r = ratio("js 128KiB gzip,br", a="sidecache-js", b=f"nginx-gzip{level}")
+        if r is not None:
+            a, b = by[("js 128KiB gzip,br", "sidecache-js")], by[("js 128KiB gzip,br", f"nginx-gzip{level}")]
+            check(f"hot 128 KiB script, gzip/br, vs nginx proxy_cache + gzip level {level}", f"{r:.1f}x req/s, "
+                  f"{a['cpu_us_per_req']:.0f} vs {b['cpu_us_per_req']:.0f} µs CPU per request", ">= 5x", r >= 5)
+    for s, t, m in rows:
+        if s == "js 128KiB body":
+            out.append(f"- {t}: Content-Encoding {m['encoding']}, {m['bytes']} bytes per 128 KiB script")
+        if s == "variants of mixed js":
+            out.append(f"- variants of {m['objects']} scripts ({m['identity_mib']:.0f} MiB): {m['cpu_s']:.0f} CPU s "
+                       f"on the compressing thread, {m['wall_s']:.0f} s wall; br {m['br_mib']:.1f} MiB, "
+                       f"zstd {m['zstd_mib']:.1f} MiB, gzip {m['gzip_mib']:.1f} MiB")
+    if both("mixed js hits, compressing", "sidecache", "sidecache") and ("mixed js hits, after", "sidecache") in by:
+        a, b = by[("mixed js hits, compressing", "sidecache")], by[("mixed js hits, after", "sidecache")]
+        out.append(f"- hits while compressing: {a['req_s']:.0f} req/s, p99 {a['p99_ms']:.1f} ms; "
+                   f"after: {b['req_s']:.0f} req/s, p99 {b['p99_ms']:.1f} ms")
     r = ratio("mixed", b="varnish")
     if r is not None:
         check("mixed req/s vs Varnish", f"{r:.2f}x", ">= 1.0x", r >= 1.0)

@@ -1,7 +1,8 @@
 //! The on-disk metadata record: decoding arbitrary bytes never panics, and whatever decodes
 //! re-encodes to a record that decodes to the same value, of the length `encoded_len` counts.
 //! Each input is tried as a whole record, as the payload of a correctly checksummed one (so the
-//! field decoding is reached too), and as the tail of an object file (record and footer).
+//! field decoding is reached too), and as the tail of an object file (record and footer). The
+//! same for a compressed variant's record: whatever decodes re-encodes to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use sidecache::cache::meta::Meta;
@@ -18,8 +19,24 @@ fn check(bytes: &[u8]) {
     }
 }
 
+fn check_variant(bytes: &[u8]) {
+    use sidecache::cache::store::VariantRecord;
+    if let Ok(record) = VariantRecord::decode(bytes) {
+        assert_eq!(record.encode(), bytes, "a variant record re-encodes to its bytes");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     check(data);
+    check_variant(data);
+    // A variant record's fields under a correct magic and checksum.
+    if data.len() >= 81 {
+        let mut record = b"SCVAR001".to_vec();
+        record.extend_from_slice(&data[..81]);
+        let sum = blake3::hash(&record);
+        record.extend_from_slice(&sum.as_bytes()[..16]);
+        check_variant(&record);
+    }
     let _ = sidecache::cache::store::decode_tail(data);
     let mut record = b"SCMETA02".to_vec();
     record.extend_from_slice(&(data.len() as u32).to_be_bytes());
