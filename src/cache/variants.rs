@@ -9,7 +9,7 @@
 //! The compressor owns its queue and `pending` (a std mutex, a leaf: held to add or remove one
 //! key, never across an `.await`, never while another lock is taken).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,8 +47,10 @@ pub(super) struct Compressor {
     queue: Option<Sender<Job>>,
     /// Taken by the threads when they start.
     receiver: Mutex<Option<Receiver<Job>>>,
-    /// Keys queued or being compressed.
-    pending: Mutex<HashSet<KeyHash>>,
+    /// Keys queued or being compressed, with how many of their jobs are (a newer version of a
+    /// key may be queued behind an older one: each job compresses the version it was queued
+    /// for, if that is still the one stored).
+    pending: Mutex<HashMap<KeyHash, u32>>,
     /// Woken whenever a key leaves `pending`.
     settled: Notify,
 }
@@ -65,17 +67,25 @@ impl Compressor {
         Compressor {
             queue,
             receiver: Mutex::new(receiver),
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
             settled: Notify::new(),
         }
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashSet<KeyHash>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<KeyHash, u32>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn done(&self, hash: &KeyHash) {
-        self.lock_pending().remove(hash);
+        {
+            let mut pending = self.lock_pending();
+            if let Some(n) = pending.get_mut(hash) {
+                *n -= 1;
+                if *n == 0 {
+                    pending.remove(hash);
+                }
+            }
+        }
         self.settled.notify_waiters();
     }
 }
@@ -137,10 +147,7 @@ impl Cache {
             levels: settings.levels(prepared.lifetime, immutable, meta.body_len),
             has: has.to_vec(),
         };
-        if !self.compressor.lock_pending().insert(hash) {
-            // Already queued (an earlier version): the job finds the newest when it runs.
-            return;
-        }
+        *self.compressor.lock_pending().entry(hash).or_insert(0) += 1;
         match queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
@@ -164,7 +171,7 @@ impl Cache {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let filling = self.flights.in_flight(&hash);
-            if !filling && !self.compressor.lock_pending().contains(&hash) {
+            if !filling && !self.compressor.lock_pending().contains_key(&hash) {
                 return;
             }
             let wake = async {

@@ -683,3 +683,44 @@ async fn after_priming_a_browsers_request_is_a_hit_on_the_brotli_variant() {
         assert_eq!(origin.hits(path), 1, "{path}");
     }
 }
+
+/// A version stored while an older version of the same key waits in the compressing queue
+/// still gets its variants (the older job finds itself replaced and does nothing; the newer
+/// one is queued behind it, not folded into it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_stored_while_an_older_one_waits_for_compression_gets_its_variants() {
+    let origin = Origin::start().await;
+    // A 1 MiB long-lived script ahead in the queue keeps the one thread busy (brotli 11).
+    origin.fixed("/big.js", SCRIPT, script(1024));
+    let (v1, v2) = (script(40), script(48));
+    let fixed = |body: &[u8]| crate::support::Behaviour::Fixed {
+        status: 200,
+        headers: crate::support::origin::owned(SCRIPT),
+        body: bytes::Bytes::from(body.to_vec()),
+    };
+    origin.route(
+        "/v.js",
+        crate::support::Behaviour::FirstThen(Box::new(fixed(&v1)), Box::new(fixed(&v2))),
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    served_coding(&sc.url("/big.js"), None).await;
+    // Version 1, then version 2 (a reload), both queued while big.js is compressed.
+    served_coding(&sc.url("/v.js"), None).await;
+    stored(&sc, 2).await;
+    let reload = app_client()
+        .get(sc.url("/v.js"))
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert!(reload.headers()["cache-status"].to_str().unwrap().contains("stored"));
+    reload.bytes().await.unwrap();
+    assert_eq!(origin.hits("/v.js"), 2);
+    assert!(
+        variant_ready(&sc.url("/v.js"), "br").await,
+        "the newer version never got its variants"
+    );
+    let got = curl(&sc.url("/v.js"), &["--compressed", "-H", "Accept-Encoding: br"]).await;
+    assert_eq!(got.header("content-encoding"), Some("br"));
+    assert!(got.body == v2, "the variant is of the version stored");
+}
