@@ -24,7 +24,7 @@ use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TeeMsg};
 use crate::cache::index::Entry;
 use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::Meta;
-use crate::cache::store::{self, Store, StoreError};
+use crate::cache::store::{self, IoContext, Store, StoreError};
 use crate::cache::{Cache, FillPermit, Hit, fileio};
 use crate::metrics as m;
 
@@ -43,22 +43,12 @@ async fn create_tmp_object(store: Arc<Store>, generation: u64, len: u64) -> Resu
             Ok(()) => Ok(tmp),
             Err(source) => {
                 tmp.discard();
-                Err(StoreError::Io {
-                    op: "allocate",
-                    path: tmp.describe(),
-                    source,
-                })
+                Err(StoreError::io("allocate", tmp.describe(), source))
             }
         }
     })
     .await
-    .unwrap_or_else(|e| {
-        Err(StoreError::Io {
-            op: "create",
-            path: "(blocking task)".into(),
-            source: std::io::Error::other(e),
-        })
-    })
+    .unwrap_or_else(|e| Err(StoreError::io("create", "(blocking task)", std::io::Error::other(e))))
 }
 
 /// Where a fill's bytes are kept until its commit.
@@ -214,11 +204,7 @@ impl Cache {
                 Ok(written) if !fill.is_shared() => fill.advance(written, &[]),
                 Ok(_) => {}
                 Err(source) => {
-                    let err = StoreError::Io {
-                        op: "write",
-                        path: staged.describe(),
-                        source,
-                    };
+                    let err = StoreError::io("write", staged.describe(), source);
                     self.storage_error(&err);
                     failure = Some(("storage", err.to_string()));
                     break;
@@ -279,11 +265,7 @@ impl Cache {
             };
             if let Err(source) = fileio::write_all_at(&tmp.file, &parts, at) {
                 tmp.discard();
-                return Err(StoreError::Io {
-                    op: "write",
-                    path: tmp.describe(),
-                    source,
-                });
+                return Err(StoreError::io("write", tmp.describe(), source));
             }
             let mtime = store
                 .place_object(&tmp, &hash, version)
@@ -475,11 +457,7 @@ impl Cache {
                     }
                 }
                 if let Err(source) = writer.write(batch).await {
-                    cache.storage_error(&StoreError::Io {
-                        op: "write",
-                        path: tmp.describe(),
-                        source,
-                    });
+                    cache.storage_error(&StoreError::io("write", tmp.describe(), source));
                     refused = Some("storage");
                     break;
                 }
@@ -543,21 +521,13 @@ impl Cache {
         let len = meta.body_len;
         let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
             let source = store.object_path(&hash, from.0);
-            let old = fileio::open_for_read(&source).map_err(|source_err| StoreError::Io {
-                op: "open",
-                path: source.clone(),
-                source: source_err,
-            })?;
+            let old = fileio::open_for_read(&source).at("open", &source)?;
             let tmp = blocking_store.create_tmp_object(version)?;
             let copied =
                 fileio::copy_range(&old, &tmp.file, len).and_then(|()| fileio::write_all_at(&tmp.file, &[&tail], len));
             if let Err(e) = copied {
                 tmp.discard();
-                return Err(StoreError::Io {
-                    op: "copy",
-                    path: source,
-                    source: e,
-                });
+                return Err(StoreError::io("copy", source, e));
             }
             blocking_store
                 .place_object(&tmp, &hash, version)

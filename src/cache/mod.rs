@@ -50,7 +50,7 @@ use index::{Entry, Index, Removed, Variant};
 use key::{CacheKey, KeyHash};
 use meta::Meta;
 use read::{Expected, open_object};
-use store::{Store, StoreError};
+use store::{IoContext, Store, StoreError};
 use tiers::{HotObject, Tier};
 
 pub use coalesce::{Claim, FillPermit, InFlight, Waited};
@@ -394,11 +394,7 @@ impl Cache {
                     fileio::open_for_read(&path)
                         .and_then(|file| store::read_record(&file, object.len, object.tail_len, false))
                         .map(|m| m.expect("a blocking read answers"))
-                        .map_err(|source| StoreError::Io {
-                            op: "read",
-                            path,
-                            source,
-                        })
+                        .at("read", &path)
                 })
                 .await;
                 let meta = self.or_drop(read, &hash, generation).await?;

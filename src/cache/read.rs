@@ -6,7 +6,7 @@
 
 use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
-use crate::cache::store::{self, StoreError};
+use crate::cache::store::{self, IoContext, StoreError};
 use crate::cache::{Cache, fileio};
 use crate::metrics as m;
 use bytes::Bytes;
@@ -47,19 +47,12 @@ pub(super) fn open_object(
     want_record: bool,
     nowait: bool,
 ) -> Result<Option<Opened>, StoreError> {
-    let io = |op: &'static str| {
-        move |source| StoreError::Io {
-            op,
-            path: path.to_owned(),
-            source,
-        }
-    };
-    let file = fileio::open_for_read(path).map_err(io("open"))?;
+    let file = fileio::open_for_read(path).at("open", path)?;
     let file_len = expect.len + expect.tail_len;
     let mapped = expect.len > 0 && expect.len >= expect.min_mmap;
     // A mapped body's record is read on its own, before the mapping is made.
     let mut record = match want_record && mapped {
-        true => match store::read_record(&file, expect.len, expect.tail_len, nowait).map_err(io("read"))? {
+        true => match store::read_record(&file, expect.len, expect.tail_len, nowait).at("read", path)? {
             Some(meta) => Some(meta),
             None => return Ok(None),
         },
@@ -67,12 +60,12 @@ pub(super) fn open_object(
     };
     let extra = if want_record { expect.tail_len } else { 0 };
     let Some((mut body, mtime)) =
-        crate::zerocopy::map_body(file, expect.len, file_len, extra, expect.min_mmap, nowait).map_err(io("map"))?
+        crate::zerocopy::map_body(file, expect.len, file_len, extra, expect.min_mmap, nowait).at("map", path)?
     else {
         return Ok(None);
     };
     if want_record && !mapped {
-        record = Some(store::decode_tail(&body[expect.len as usize..]).map_err(io("decode"))?);
+        record = Some(store::decode_tail(&body[expect.len as usize..]).at("decode", path)?);
         body.truncate(expect.len as usize);
     }
     // Hashed before it is served when it is from before a restart, or when its file changed

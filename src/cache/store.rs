@@ -123,11 +123,27 @@ impl StoreError {
     }
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_owned(),
-        source,
+impl StoreError {
+    /// An I/O failure of step `op` on `path`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Names the step and the file an I/O error came from (as cacache's `IoErrorExt`): the path
+/// is copied only when there is an error.
+pub trait IoContext<T> {
+    /// The value, or [`StoreError::Io`] naming `op` and `path`.
+    fn at(self, op: &'static str, path: &Path) -> Result<T, StoreError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::io(op, path, source))
     }
 }
 
@@ -141,12 +157,12 @@ fn in_its_dir<T>(path: &Path, op: &'static str, make: impl Fn() -> std::io::Resu
                 .recursive(true)
                 .mode(0o700)
                 .create(parent)
-                .map_err(io("create", parent))?;
+                .at("create", parent)?;
             make()
         }
         other => other,
     }
-    .map_err(io(op, path))
+    .at(op, path)
 }
 
 /// The on-disk layout of one cache directory.
@@ -450,11 +466,9 @@ impl Store {
 
     /// The free and total bytes and inodes of the directory's filesystem.
     pub fn space(&self) -> Result<Space, StoreError> {
-        let st = rustix::fs::fstatvfs(&self.lock).map_err(|e| StoreError::Io {
-            op: "statvfs",
-            path: self.root.clone(),
-            source: e.into(),
-        })?;
+        let st = rustix::fs::fstatvfs(&self.lock)
+            .map_err(std::io::Error::from)
+            .at("statvfs", &self.root)?;
         Ok(Space {
             free: st.f_bavail.saturating_mul(st.f_frsize),
             total: st.f_blocks.saturating_mul(st.f_frsize),
@@ -519,9 +533,7 @@ impl Store {
     /// Creates a file to write a new version into (`read`: open for reading too).
     fn create_tmp(&self, generation: u64, kind: &str, read: bool) -> Result<Tmp, StoreError> {
         if self.tmp_mode == TmpMode::Unnamed {
-            let file = self
-                .open_unnamed(read)
-                .map_err(io("create", &self.objects.join("tmp")))?;
+            let file = self.open_unnamed(read).at("create", &self.objects.join("tmp"))?;
             return Ok(Tmp {
                 file: Arc::new(file),
                 name: None,
@@ -534,7 +546,7 @@ impl Store {
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(io("create", &path))?;
+            .at("create", &path)?;
         Ok(Tmp {
             file: Arc::new(file),
             name: Some(path),
@@ -620,11 +632,7 @@ impl Store {
             Ok(md) => Ok(crate::cache::fileio::mtime_ns(&md)),
             Err(source) => {
                 let _ = fs::remove_file(&path);
-                Err(StoreError::Io {
-                    op: "write",
-                    path,
-                    source,
-                })
+                Err(StoreError::io("write", path, source))
             }
         }
     }
@@ -639,11 +647,7 @@ impl Store {
         match fs::remove_file(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::Io {
-                op: "remove",
-                path: path.to_owned(),
-                source: e,
-            }),
+            Err(e) => Err(StoreError::io("remove", path, e)),
         }
     }
 
@@ -661,7 +665,7 @@ impl Store {
             bytes.extend_from_slice(&generation.to_be_bytes());
             bytes.extend_from_slice(&at.to_be_bytes());
         }
-        write_replace(&self.objects_fd, MARKS, &bytes).map_err(io("write", &self.objects.join(MARKS)))
+        write_replace(&self.objects_fd, MARKS, &bytes).at("write", &self.objects.join(MARKS))
     }
 
     /// The soft-purge marks written last (none when there is no file, or not one of ours).
