@@ -246,7 +246,6 @@ impl Cache {
             Staged::Memory => (None, blake3::Hasher::new(), 0),
         };
         let hash = meta.storage_hash();
-        let len = meta.body_len;
         // Versions are taken at commit: of two fills of a key, the one committed last is the
         // newest, now and after a restart.
         let version = store.next_gen();
@@ -273,32 +272,29 @@ impl Cache {
             Ok((meta, tail.len() as u64, mtime))
         })
         .await;
-        let (meta, tail_len, mtime) = match written {
-            Ok(Ok(done)) => done,
+        let Some((meta, tail_len, mtime)) = self.stored(written, reserved) else {
+            return false;
+        };
+        let entry = entry_of(&meta, version, tail_len, true, mtime);
+        self.install(hash, meta, entry, reserved).await;
+        metrics::counter!(m::FILLS_COMPLETED).increment(1);
+        true
+    }
+
+    /// The value of a fill's blocking storage step. On failure the error is counted and
+    /// logged, the reservation given back and the fill counted as aborted for storage.
+    fn stored<T>(&self, written: Result<Result<T, StoreError>, tokio::task::JoinError>, reserved: u64) -> Option<T> {
+        match written {
+            Ok(Ok(done)) => Some(done),
             failed => {
                 if let Ok(Err(e)) = failed {
                     self.storage_error(&e);
                 }
                 self.release_fill(reserved);
                 metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
-                return false;
+                None
             }
-        };
-        let entry = Entry {
-            key: meta.key.as_str().into(),
-            generation: version,
-            body_len: len,
-            tail_len,
-            digest: meta.digest,
-            verified: true,
-            mtime,
-            variants: Box::default(),
-            tags: Box::default(),
-            hits: 0,
-        };
-        self.install(hash, meta, entry, reserved).await;
-        metrics::counter!(m::FILLS_COMPLETED).increment(1);
-        true
+        }
     }
 
     /// Stores an object file received whole from elsewhere (the shared tier), already checked
@@ -319,31 +315,10 @@ impl Cache {
         let version = store.next_gen();
         let body = object.slice(..len as usize);
         let written = tokio::task::spawn_blocking(move || store.write_object(&hash, version, &[&object])).await;
-        let mtime = match written {
-            Ok(Ok(mtime)) => mtime,
-            failed => {
-                if let Ok(Err(e)) = failed {
-                    self.storage_error(&e);
-                }
-                self.release_fill(reserved);
-                metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
-                return None;
-            }
-        };
-        let entry = Entry {
-            key: meta.key.as_str().into(),
-            generation: version,
-            body_len: len,
-            tail_len: file_len - len,
-            digest: meta.digest,
-            // Its digest was checked on the bytes written.
-            verified: true,
-            mtime,
-            // (Variants are made here, not shared: `install` queues them.)
-            variants: Box::default(),
-            tags: Box::default(),
-            hits: 0,
-        };
+        let mtime = self.stored(written, reserved)?;
+        // Its digest was checked on the bytes written. (Variants are made here, not shared:
+        // `install` queues them.)
+        let entry = entry_of(&meta, version, file_len - len, true, mtime);
         let hit = Hit {
             meta: Arc::new(meta.clone()),
             body,
@@ -544,21 +519,30 @@ impl Cache {
                 return false;
             }
         };
+        // The copy is what the source was: checked only if that was. Its variants carry over.
         let entry = Entry {
-            key: meta.key.as_str().into(),
-            generation: version,
-            body_len: meta.body_len,
-            tail_len: file_len - meta.body_len,
-            digest: meta.digest,
-            // The copy is what the source was: checked only if that was.
-            verified: from.1,
-            mtime,
             variants: from.2,
-            tags: Box::default(),
-            hits: 0,
+            ..entry_of(&meta, version, file_len - meta.body_len, from.1, mtime)
         };
         self.install(hash, meta, entry, reserved).await;
         true
+    }
+}
+
+/// The index entry of version `generation` of the object `meta` describes, its file's record
+/// and footer `tail_len` bytes; no variants, tags or hits yet.
+pub(super) fn entry_of(meta: &Meta, generation: u64, tail_len: u64, verified: bool, mtime: u64) -> Entry {
+    Entry {
+        key: meta.key.as_str().into(),
+        generation,
+        body_len: meta.body_len,
+        tail_len,
+        digest: meta.digest,
+        verified,
+        mtime,
+        variants: Box::default(),
+        tags: Box::default(),
+        hits: 0,
     }
 }
 

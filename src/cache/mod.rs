@@ -366,7 +366,14 @@ impl Cache {
             coding: None,
             soft_purged: None,
         };
-        self.tier_insert(tier.as_ref(), hash, generation, 0, &hit, expect.min_mmap, opened.mtime);
+        self.tier_insert(
+            tier.as_ref(),
+            (hash, hash),
+            (generation, 0),
+            &hit,
+            expect.min_mmap,
+            opened.mtime,
+        );
         Some(hit)
     }
 
@@ -436,9 +443,8 @@ impl Cache {
         };
         self.tier_insert(
             tier.as_ref(),
-            tier_key,
-            generation,
-            v.generation,
+            (hash, tier_key),
+            (generation, v.generation),
             &hit,
             expect.min_mmap,
             opened.mtime,
@@ -491,15 +497,14 @@ impl Cache {
         None
     }
 
-    /// Keeps a hit's body in its tier (when it was admitted), unless the key was evicted,
-    /// purged or replaced meanwhile.
-    #[allow(clippy::too_many_arguments)]
+    /// Keeps a hit's body in its tier (when it was admitted) under `tier_key`, unless the key
+    /// `hash` was evicted, purged or replaced meanwhile. `(generation, variant)`: the versions of
+    /// the object and of the variant (0: the identity body).
     fn tier_insert(
         &self,
         tier: Option<&Tier<'_>>,
-        tier_key: KeyHash,
-        generation: u64,
-        variant: u64,
+        (hash, tier_key): (KeyHash, KeyHash),
+        (generation, variant): (u64, u64),
         hit: &Hit,
         min_mmap: u64,
         mtime: u64,
@@ -520,7 +525,6 @@ impl Cache {
         );
         // Evicted, purged or replaced while this lookup read it: `forget` may have run before
         // the insert. A tier must not keep it (nor its descriptor).
-        let hash = hit.meta.storage_hash();
         let still = self.lock_index().peek(&hash).is_some_and(|e| {
             e.generation == generation && (variant == 0 || e.variants.iter().any(|v| v.generation == variant))
         });

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tracing::info;
 
-use crate::cache::index::{Entry, Variant};
+use crate::cache::index::Variant;
 use crate::cache::{Cache, fileio, store};
 use crate::metrics as m;
 
@@ -60,18 +60,7 @@ impl Cache {
                     continue;
                 }
             };
-            let entry = Entry {
-                key: meta.key.as_str().into(),
-                generation: f.generation,
-                body_len: meta.body_len,
-                tail_len: f.len - meta.body_len,
-                digest: meta.digest,
-                verified: false,
-                mtime: 0,
-                variants: Box::default(),
-                tags: Box::default(),
-                hits: 0,
-            };
+            let entry = super::commit::entry_of(&meta, f.generation, f.len - meta.body_len, false, 0);
             let tags = match self.config.tags.parse(&meta.headers) {
                 Ok(tags) => tags,
                 Err(why) => {
