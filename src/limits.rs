@@ -22,22 +22,10 @@ pub fn mapping_limit() -> u64 {
 /// children get it back (0: not raised).
 static STARTED_WITH: AtomicU64 = AtomicU64::new(0);
 
-/// Gives a child process the descriptor limit this one started with. Async-signal-safe (two
-/// system calls and an atomic load, no allocation): for use between `fork` and `exec`.
-pub fn restore_descriptor_limit() -> std::io::Result<()> {
-    let soft = STARTED_WITH.load(Ordering::Relaxed);
-    if soft == 0 {
-        return Ok(());
-    }
-    let lim = getrlimit(Resource::Nofile);
-    setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: Some(soft),
-            maximum: lim.maximum,
-        },
-    )?;
-    Ok(())
+/// The soft descriptor limit the process started with, when [`raise_descriptor_limit`] raised
+/// it: the app it starts gets it back (see [`crate::supervise::launch`]).
+pub fn started_with() -> Option<u64> {
+    Some(STARTED_WITH.load(Ordering::Relaxed)).filter(|&soft| soft != 0)
 }
 
 /// Raises the soft limit on open descriptors to the hard limit, as servers that hold many

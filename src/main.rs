@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use sidecache::admin::client::{self, AdminAccess};
 use sidecache::config::{Config, Loader, LogFormat};
-use sidecache::{prime, serve};
+use sidecache::{prime, serve, supervise};
 use tracing::error;
 
 /// Exit status for a configuration error (EX_USAGE).
@@ -270,6 +270,11 @@ impl ConfigOpts {
 }
 
 fn main() -> ExitCode {
+    // `serve -- <app>` starts the app through this binary (see `supervise::launch`).
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|first| first == supervise::LAUNCH) {
+        return supervise::launch(args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { opts } => match opts.load() {

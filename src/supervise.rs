@@ -5,8 +5,24 @@
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+
+use rustix::process::{Resource, Rlimit, Signal, getppid, getrlimit, set_parent_process_death_signal, setrlimit};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
+
+/// The first argument that makes the `sidecache` binary run as the app's launcher, [`launch`]
+/// (not a subcommand: it is never typed, and the app's arguments must reach it unparsed).
+pub const LAUNCH: &str = "__launch-app";
+
+/// This very binary, even when the file it was started from has been replaced by a deploy.
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// Exit status of the launcher when the app cannot be started (as a shell's for a command it
+/// cannot run).
+const CANNOT_RUN: u8 = 127;
 
 /// Why the app never became ready.
 #[derive(Debug, thiserror::Error)]
@@ -44,39 +60,40 @@ pub struct App {
 impl App {
     /// Starts `command` (program and arguments) with `PORT=port`, in its own process group so
     /// that a terminal's Ctrl-C reaches it only through us (once).
+    ///
+    /// The app is started through [`launch`]: this binary again, as a short-lived launcher that
+    /// prepares the new process and then replaces itself with the app (same pid, same process
+    /// group). What must happen inside the child before the app runs is done there, with safe
+    /// calls in a process of its own, instead of in a `pre_exec` hook between `fork` and `exec`.
+    /// Must be called from a thread that lives as long as the app (the parent-death signal is
+    /// tied to the thread that forked), within a Tokio runtime.
     pub fn spawn(command: &[String], port: u16) -> Result<App, StartError> {
-        let (program, args) = command.split_first().ok_or_else(|| StartError::Spawn {
+        let program = command.first().ok_or_else(|| StartError::Spawn {
             command: String::new(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
         })?;
-        let mut command = Command::new(program);
-        command
-            .args(args)
+        // The signals sidecache forwards must reach the app with their default action. One
+        // ignored when sidecache started (a background job of a non-interactive shell ignores
+        // SIGINT) would stay ignored through exec; one with a handler is reset to the default
+        // by exec. Installing sidecache's handlers (they stay for the life of the process)
+        // before the launcher is started is all it takes.
+        for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
+            // The handler stays installed when its stream is dropped.
+            drop(signal(kind).map_err(|source| StartError::Spawn {
+                command: program.clone(),
+                source,
+            })?);
+        }
+        let mut launcher = Command::new(SELF_EXE);
+        launcher
+            .arg(LAUNCH)
+            .arg(std::process::id().to_string())
+            .arg(crate::limits::started_with().unwrap_or(0).to_string())
+            .args(command)
             .env("PORT", port.to_string())
             .process_group(0)
             .kill_on_drop(true);
-        // If sidecache dies without a chance to forward a signal (SIGKILL, OOM), the app must
-        // not linger on as an orphan holding the port.
-        #[cfg(target_os = "linux")]
-        // SAFETY: the closure runs in the forked child before exec and only makes system calls
-        // (prctl(2), getrlimit(2), setrlimit(2) through rustix, and signal(2)), all
-        // async-signal-safe, and reads an atomic; it allocates nothing and takes no lock.
-        unsafe {
-            command.pre_exec(|| {
-                // The signals sidecache forwards reach the app with their default action: a
-                // sidecache started with them ignored (a background job of a non-interactive
-                // shell ignores SIGINT and SIGQUIT) must not hand that on, or the app would
-                // never stop on a forwarded SIGINT. (exec keeps ignored signals ignored.)
-                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT, libc::SIGHUP] {
-                    libc::signal(sig, libc::SIG_DFL);
-                }
-                rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
-                // The app gets the descriptor limit sidecache was started with, not the one
-                // it raised for its own open files.
-                crate::limits::restore_descriptor_limit()
-            });
-        }
-        let child = command.spawn().map_err(|source| StartError::Spawn {
+        let child = launcher.spawn().map_err(|source| StartError::Spawn {
             command: program.clone(),
             source,
         })?;
@@ -144,4 +161,48 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 pub fn free_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// The launcher: `sidecache __launch-app <parent pid> <descriptor limit> <program> [args...]`,
+/// started by [`App::spawn`]. It runs first thing in `main`, single-threaded, and replaces
+/// itself with the app; it returns only the exit status for when that failed.
+///
+/// Before the app runs, in this process of its own:
+/// - the parent-death signal is set, so that if sidecache dies without the chance to forward a
+///   signal (SIGKILL, OOM) the app gets SIGTERM instead of lingering on as an orphan holding
+///   its port (the signal survives exec); a parent already gone by then means the same;
+/// - the soft descriptor limit sidecache started with is given back (sidecache raised its
+///   own for its open files: the app sizes its tables from the one its operator set);
+/// - then `exec`: pid, process group, environment (`PORT`) and the default signal actions
+///   set up by [`App::spawn`] carry over to the app.
+pub fn launch(mut args: impl Iterator<Item = OsString>) -> std::process::ExitCode {
+    let fail = |why: String| {
+        eprintln!("sidecache: failed to start the app: {why}");
+        std::process::ExitCode::from(CANNOT_RUN)
+    };
+    let number = |arg: Option<OsString>| arg.and_then(|a| a.to_str()?.parse::<u64>().ok());
+    let (Some(parent), Some(limit), Some(program)) = (number(args.next()), number(args.next()), args.next()) else {
+        return fail(format!(
+            "usage: sidecache {LAUNCH} <parent pid> <descriptor limit> <program> [args...]"
+        ));
+    };
+    if let Err(e) = set_parent_process_death_signal(Some(Signal::TERM)) {
+        return fail(format!("prctl(PR_SET_PDEATHSIG): {e}"));
+    }
+    // Checked after the signal is set: a parent that died before it was would never send it.
+    if getppid().map(|p| u64::from(p.as_raw_nonzero().get().unsigned_abs())) != Some(parent) {
+        return std::process::ExitCode::from(128 + libc::SIGTERM as u8);
+    }
+    if limit > 0 {
+        let now = getrlimit(Resource::Nofile);
+        let restored = Rlimit {
+            current: Some(limit),
+            maximum: now.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, restored) {
+            return fail(format!("setrlimit(RLIMIT_NOFILE, {limit}): {e}"));
+        }
+    }
+    let error = std::process::Command::new(&program).args(args).exec();
+    fail(format!("`{}`: {error}", program.to_string_lossy()))
 }

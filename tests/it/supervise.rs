@@ -1,5 +1,6 @@
 //! `sidecache serve -- <app>`: a real child process, its readiness, signals and exit status.
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use crate::support::{Binary, client};
@@ -172,6 +173,41 @@ async fn the_app_gets_the_descriptor_limit_sidecache_was_started_with() {
     let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
     assert_eq!(status.code(), Some(9));
     assert_eq!(std::fs::read_to_string(&seen).unwrap().trim(), "512");
+}
+
+/// Killed without the chance to forward a signal (SIGKILL, the OOM killer), sidecache must
+/// not leave its app behind as an orphan holding the port: the app gets SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_does_not_outlive_a_killed_sidecache() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("app.py");
+    std::fs::write(&script, APP).unwrap();
+    let pid_file = dir.path().join("app.pid");
+    // exec keeps the pid: the one written is the app's.
+    let app = format!("echo $$ > {}; exec python3 {}", pid_file.display(), script.display());
+    let mut bin = spawn_supervised(dir.path(), &["sh", "-c", &app]);
+    let addr = bin.public_addr();
+    let resp = client().get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(running(pid), "the app runs while sidecache does");
+
+    bin.signal(libc::SIGKILL);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let gone = crate::support::eventually(Duration::from_secs(10), async || !running(pid)).await;
+    if !gone {
+        let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+    }
+    assert!(gone, "the app (pid {pid}) outlived sidecache");
+}
+
+/// Whether `pid` is a live process (a zombie waiting for its new parent to reap it has ended).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(") ")?.1.chars().next()? != 'Z'))
+        .unwrap_or(false)
 }
 
 /// `sidecache serve` under a hard descriptor limit of `limit`, with `env`.

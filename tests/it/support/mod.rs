@@ -199,10 +199,9 @@ impl Binary {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child's pid is positive");
+        let sig = rustix::process::Signal::from_named_raw(sig).expect("a named signal");
+        rustix::process::kill_process(pid, sig).expect("kill(2) on our own child");
     }
 
     /// Waits (bounded) for the process to exit.
