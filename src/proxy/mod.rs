@@ -1,0 +1,498 @@
+//! THE request path: classify -> key -> lookup -> hit | miss+fill | wait | bypass.
+//!
+//! Every response leaves through [`Proxy::handle`], which stamps `Cache-Status`, records the
+//! request metric and writes the access-log line from one [`Outcome`]. Upgrades (WebSocket) are
+//! tunnelled to the app untouched.
+//!
+//! This file is the concept: [`Proxy`], the route every request takes, warming for a prime,
+//! invalidation by unsafe requests, and forwarding without storing. Its side jobs each have a
+//! file: `outcome` (what the cache did: [`Outcome`], [`Fwd`], the [`Answer`] and its
+//! `Cache-Status`, the per-request metric handles), `stored` (answering from a stored object:
+//! freshness, 304s, ranges, variants, stale-if-error), `fetch` (fetching from the app and
+//! refreshing: the leader's fetch, revalidation, stale-while-revalidate, the shared tier read
+//! through and written behind, relaying) and `upgrade` (tunnelling upgrades).
+
+mod fetch;
+mod outcome;
+mod stored;
+mod upgrade;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use tracing::{debug, info, warn};
+
+use crate::body::{self, ProxyBody};
+use crate::bucket::TokenBucket;
+use crate::cache::key::CacheKey;
+use crate::cache::{Cache, Claim, Hit, Waited};
+use crate::config::Config;
+use crate::metrics as m;
+use crate::policy::{self, CacheControl, Freshness, Usable};
+use crate::prime::protocol::Failure;
+use crate::rules;
+use crate::shared::SharedTier;
+use crate::sources::SourceUrl;
+use crate::upstream::{Upstream, error_response};
+use outcome::{handles, method_class};
+use stored::{answer_fill, reusable_for};
+use upgrade::is_upgrade;
+
+pub use fetch::relay_response;
+pub use outcome::{Answer, CACHE_STATUS, Fwd, Outcome};
+
+/// The `Accept-Encoding` a prime's requests carry: a current browser's.
+const PRIME_ACCEPT_ENCODING: &str = "gzip, deflate, br, zstd";
+
+/// How long a prime waits for one object's variants to be made.
+const PRIME_COMPRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Everything the request path needs, shared by every connection.
+pub struct Proxy {
+    /// The pooled client to the app.
+    pub upstream: Upstream,
+    /// The disk cache.
+    pub cache: Arc<Cache>,
+    /// Client for filling from other sources (`prime --from`): CDNs, buckets, over HTTPS. Its
+    /// redirect policy stays inside `prime_sources` (see [`crate::sources::PrimeSources::client`]).
+    pub sources: reqwest::Client,
+    /// Configuration in force.
+    pub config: Arc<Config>,
+    /// Bounds invalidations by unsafe requests (see [`invalidation_bucket`]).
+    pub invalidations: TokenBucket,
+    /// The shared tier in object storage, when configured: read on a local miss, written
+    /// behind a fill.
+    pub shared: Option<Arc<SharedTier>>,
+    /// Requests and bytes by rule and outcome.
+    pub rule_counts: RuleCounts,
+}
+
+/// The per-rule counters (`sidecache_rule_requests_total`, `sidecache_rule_sent_bytes_total`),
+/// registered once: one row per configured rule, in order, then `none` (no rule matched),
+/// each by outcome. The label's values are the configured names: bounded by the configuration.
+pub struct RuleCounts {
+    requests: Vec<[metrics::Counter; 7]>,
+    bytes: Vec<[metrics::Counter; 7]>,
+}
+
+impl RuleCounts {
+    /// The counters for these rules.
+    pub fn new(rules: &[rules::Rule]) -> RuleCounts {
+        let names: Vec<String> = rules
+            .iter()
+            .enumerate()
+            // (The configuration names every rule; one compiled elsewhere may have none.)
+            .map(|(i, r)| {
+                if r.name.is_empty() {
+                    format!("rule-{}", i + 1)
+                } else {
+                    r.name.clone()
+                }
+            })
+            .chain(["none".to_owned()])
+            .collect();
+        let row = |metric: &'static str, name: &str| {
+            Outcome::ALL.map(|o| metrics::counter!(metric, "rule" => name.to_owned(), "outcome" => o.as_str()))
+        };
+        RuleCounts {
+            requests: names.iter().map(|n| row(m::RULE_REQUESTS, n)).collect(),
+            bytes: names.iter().map(|n| row(m::RULE_BYTES, n)).collect(),
+        }
+    }
+}
+
+/// Invalidations of URLs with `Vary` variants (each scans the index) allowed at once, then per
+/// second: anyone may send POSTs, so a flood must not make them scan without limit. Beyond it an invalidation is skipped and counted
+/// (`sidecache_invalidations_skipped_total`).
+pub const INVALIDATION_BURST: u32 = 128;
+/// See [`INVALIDATION_BURST`].
+pub const INVALIDATION_RATE: u32 = 32;
+
+/// The bucket bounding invalidations by unsafe requests.
+pub fn invalidation_bucket() -> TokenBucket {
+    TokenBucket::new(INVALIDATION_BURST, INVALIDATION_RATE)
+}
+
+/// Whether a method's non-error answer invalidates what is stored for its URL: the unsafe
+/// methods RFC 9111 §4.4 means. Safe methods (GET, HEAD, OPTIONS, TRACE, PROPFIND, SEARCH,
+/// REPORT, ...) change nothing by definition (RFC 9110 §9.2.1). §4.4 also lets unknown methods
+/// invalidate; sidecache does not, deliberately: a method it cannot classify (an extension,
+/// or `get` in lower case, which is not GET: methods are case-sensitive) would let anyone
+/// evict anything.
+fn invalidates(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::DELETE | Method::PATCH)
+}
+
+impl Proxy {
+    /// Answers one client request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        // Only the path (never the query) is logged, and only when logging is on.
+        let path_for_log = self.config.access_log.then(|| req.uri().path().to_owned());
+        let version = req.version();
+
+        // The rule the path falls under, for the per-rule counts (`none`: the last row).
+        let rule = rules::position(&self.config.rules, req.uri().path()).unwrap_or(self.config.rules.len());
+
+        let answer = self.route(req, client).await;
+        let cache_status = answer.cache_status();
+        let Answer {
+            mut response, outcome, ..
+        } = answer;
+        // Directives addressed to this cache are not for anyone downstream (RFC 9213).
+        response.headers_mut().remove(&policy::SIDECACHE_CACHE_CONTROL);
+        // Nor are the tags, unless configured: hits, misses, 304s and bypasses alike.
+        self.config.tags.strip(response.headers_mut());
+        let counts = &self.rule_counts;
+        counts.requests[rule][outcome as usize].increment(1);
+        let mut response = if response.body().is_end_stream() {
+            response
+        } else {
+            let sent = counts.bytes[rule][outcome as usize].clone();
+            response.map(|b| body::counted(b, sent))
+        };
+        response
+            .headers_mut()
+            .append(CACHE_STATUS.clone(), cache_status.clone());
+        let elapsed = started.elapsed();
+        let handles = handles();
+        handles.requests[outcome as usize][method_class(&method)].increment(1);
+        handles.durations[outcome as usize].record(elapsed.as_secs_f64());
+        if self.config.access_log {
+            // The path only: query strings may carry secrets; cookies and credentials never logged.
+            info!(
+                target: "sidecache::access",
+                method = %method,
+                path = path_for_log.as_deref().unwrap_or(""),
+                version = ?version,
+                status = response.status().as_u16(),
+                outcome = outcome.as_str(),
+                cache_status = cache_status.to_str().unwrap_or_default(),
+                micros = elapsed.as_micros() as u64,
+                client = %client.ip(),
+                "request"
+            );
+        }
+        response
+    }
+
+    async fn route(self: &Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Answer {
+        // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; ambiguity here is how
+        // routing and cache keys get confused.
+        if req.version() == http::Version::HTTP_11 && req.headers().get_all(header::HOST).iter().count() != 1 {
+            let response = error_response(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: exactly one Host header is required\n",
+            );
+            return Answer::new(response, Outcome::Bypass, Some(Fwd::Bypass));
+        }
+        if is_upgrade(&req) {
+            return self.tunnel(req, client).await;
+        }
+        self.serve(req.map(body::boxed), client).await
+    }
+
+    /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
+    /// A fresh stored copy is not fetched again. With `from`, a miss is filled from that base
+    /// URL (a CDN or bucket holding the built assets, admitted by `prime_sources`) instead of
+    /// the app; the URL fetched must be inside `prime_sources` too.
+    ///
+    /// `target` may be an absolute URL: its host, not `host`, is then the key's. Either is the
+    /// caller's choice; the admin port takes it only with the token beyond loopback.
+    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&SourceUrl>) -> WarmResult {
+        let mut req = Request::new(body::empty());
+        let Ok(uri) = target.parse::<http::Uri>() else {
+            return WarmResult::Failed(Failure::BadTarget {
+                detail: "not a URL or path".into(),
+            });
+        };
+        let host = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| host.to_owned());
+        let Ok(path) = http::Uri::builder()
+            .path_and_query(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .build()
+        else {
+            return WarmResult::Failed(Failure::BadTarget {
+                detail: "not a URL or path".into(),
+            });
+        };
+        if let Some(from) = from {
+            // The URL fetched is the one checked: the request's own path, joined and parsed.
+            let pq = path.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            match self.config.prime_sources.join(from, pq) {
+                Ok(url) => req.extensions_mut().insert(FillFrom(Arc::new(url))),
+                Err(e) => return WarmResult::Failed(Failure::SourceRefused { detail: e.to_string() }),
+            };
+        }
+        *req.uri_mut() = path;
+        match HeaderValue::from_str(&host) {
+            Ok(h) => req.headers_mut().insert(header::HOST, h),
+            Err(_) => {
+                return WarmResult::Failed(Failure::BadTarget {
+                    detail: "bad host".into(),
+                });
+            }
+        };
+        req.headers_mut()
+            .insert(header::USER_AGENT, HeaderValue::from_static("sidecache-prime"));
+        // Warm what browsers will ask for: an app that compresses itself stores the answer
+        // browsers get; for one that does not, the variants made are what they are sent.
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static(PRIME_ACCEPT_ENCODING));
+        // Key it like the traffic it prepares for: behind a TLS-terminating router the
+        // forwarded scheme is part of every key (see `scheme`).
+        if self.config.trust_forwarded {
+            let https = uri.scheme_str().is_none_or(|s| s == "https");
+            let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+            req.headers_mut().insert("x-forwarded-proto", proto);
+        }
+        let key = CacheKey::from_request(&req, self.scheme(&req), &self.config.query);
+        let headers = req.headers().clone();
+        let answer = self.serve(req, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        let status = answer.response.status();
+        let (outcome, stored) = (answer.outcome, answer.stored);
+        let mut body = answer.response.into_body();
+        let mut bytes = 0u64;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            match frame {
+                Ok(f) => bytes += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+                Err(e) => return WarmResult::Failed(Failure::Interrupted { detail: e.to_string() }),
+            }
+        }
+        let result = match outcome {
+            // From the shared tier: stored here now.
+            Outcome::Hit if stored => WarmResult::Warmed { bytes },
+            Outcome::Hit => WarmResult::AlreadyWarm { bytes },
+            _ if !status.is_success() => WarmResult::Failed(Failure::Status {
+                status: status.as_u16(),
+            }),
+            Outcome::Coalesced => WarmResult::Warmed { bytes },
+            _ if stored => WarmResult::Warmed { bytes },
+            _ => WarmResult::Failed(Failure::NotCacheable),
+        };
+        if matches!(result, WarmResult::Warmed { .. } | WarmResult::AlreadyWarm { .. })
+            && let Some(key) = key
+        {
+            // Primed means ready for browsers: its compressed variants made (bounded).
+            self.cache.variants_settled(&key, &headers, PRIME_COMPRESS_WAIT).await;
+        }
+        metrics::counter!(m::PRIME_OBJECTS, "result" => result.as_str()).increment(1);
+        if let WarmResult::Warmed { bytes } = result {
+            metrics::counter!(m::PRIME_BYTES).increment(bytes);
+        }
+        result
+    }
+
+    /// Serves a request through the cache (everything but upgrades).
+    async fn serve(self: &Arc<Self>, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
+        if matches!(*req.method(), Method::GET | Method::HEAD) && !req.body().is_end_stream() {
+            // A GET or HEAD with a body (Content-Length above 0, or chunked): RFC 9110 §9.3.1
+            // gives it no meaning, yet an app may read it, and the key does not hold it. Its
+            // answer is neither taken from nor stored in the cache, and it invalidates nothing.
+            let mut answer = self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+            if answer.outcome == Outcome::Bypass {
+                answer.detail = Some("detail=request-body");
+            }
+            return answer;
+        }
+        if !policy::is_cacheable_request(req.method(), req.headers()) {
+            if matches!(*req.method(), Method::GET | Method::HEAD) {
+                return self.forward(req, client, Outcome::Bypass, Fwd::Request).await;
+            }
+            return self.forward_unsafe(req, client).await;
+        }
+        let Some(key) = CacheKey::from_request(&req, self.scheme(&req), &self.config.query) else {
+            return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+        };
+        if rules::bypassed(&self.config.rules, req.uri().path()) {
+            return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
+        }
+        // The app gets the query the key holds, no more: a parameter left out of the key
+        // (`query: {deny: [utm_source]}`) must not change the answer stored under it.
+        let mut req = req;
+        if let Some(kept) = req.uri().query().and_then(|q| rules::app_query(q, &self.config.query)) {
+            let path = req.uri().path();
+            let pq = if kept.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{kept}")
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = pq.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        let mut req_cc = CacheControl::parse(req.headers());
+        // RFC 9111 §5.4: Pragma: no-cache means Cache-Control: no-cache when the latter is absent.
+        if !req.headers().contains_key(header::CACHE_CONTROL)
+            && req
+                .headers()
+                .get(header::PRAGMA)
+                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"))
+        {
+            req_cc.no_cache = true;
+        }
+        let reload = req_cc.no_cache;
+        let mut fwd = if reload { Fwd::Request } else { Fwd::UriMiss };
+        let mut stored: Option<(Hit, Freshness)> = None;
+        // A released waiter retries the cache; bounded so a flapping app cannot loop us.
+        for _ in 0..3 {
+            if let Some(hit) = self.cache.lookup(&key, req.headers()).await {
+                if !reusable_for(&hit.meta, req.headers()) {
+                    fwd = Fwd::VaryMiss;
+                } else {
+                    let f = self.hit_freshness(&hit);
+                    match policy::usable(f, &req_cc, &self.prepared(&hit.meta).cc) {
+                        Usable::Fresh => {
+                            let response = self.serve_stored(req.method(), req.headers(), &hit, f);
+                            return Answer::new(response, Outcome::Hit, None);
+                        }
+                        Usable::StaleWhileRevalidate => {
+                            self.refresh_in_background(&req, key.clone(), &hit, f);
+                            let response = self.serve_stored(req.method(), req.headers(), &hit, f);
+                            let mut answer = Answer::new(response, Outcome::Stale, None);
+                            answer.detail = Some("stale-while-revalidate");
+                            return answer;
+                        }
+                        Usable::Revalidate => {
+                            if !reload {
+                                fwd = Fwd::Stale;
+                            }
+                            stored = Some((hit, f));
+                        }
+                    }
+                }
+            }
+            if fwd == Fwd::UriMiss && self.cache.varies(&key) {
+                fwd = Fwd::VaryMiss;
+            }
+            // §5.2.1.7: only-if-cached and nothing usable is stored.
+            if req_cc.only_if_cached {
+                let response = error_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout: not cached\n");
+                return Answer::new(response, Outcome::Miss, Some(fwd));
+            }
+            if req.method() == Method::HEAD || req.headers().contains_key(header::RANGE) {
+                // Nothing to store from a HEAD or a partial answer: ask the app directly.
+                return self.forward(req, client, Outcome::Miss, fwd).await;
+            }
+            match self.cache.claim(&key, req.headers()) {
+                Claim::Leader(permit) => {
+                    // Nothing stored here for the URL: the shared tier first, still as the
+                    // key's one leader (its waiters retry the local cache once it is stored).
+                    if stored.is_none()
+                        && fwd == Fwd::UriMiss
+                        && let Some(answer) = self.read_through(req.method(), req.headers(), &key, &req_cc).await
+                    {
+                        permit.release(true);
+                        return answer;
+                    }
+                    return self.fetch(req, client, key, permit, fwd, stored).await;
+                }
+                Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
+                    Waited::Streaming(fill) if reusable_for(&fill.meta, req.headers()) => {
+                        // These bytes come from the cache: the app sent them once, for the leader.
+                        let reader = body::sized(fill.reader(), fill.meta.body_len);
+                        let reader = body::counted(reader, handles().served_cache_bytes.clone());
+                        let response = answer_fill(req.headers(), &fill.meta, reader, self.compressible(&fill.meta));
+                        return Answer::new(response, Outcome::Coalesced, Some(fwd));
+                    }
+                    ended if ended.retries() => continue,
+                    // Not shareable, another variant, or the leader is too slow: go alone.
+                    ended => {
+                        debug!(wait = ended.as_str(), "coalesced wait ended without a body");
+                        return self.forward(req, client, Outcome::Miss, fwd).await;
+                    }
+                },
+            }
+        }
+        self.forward(req, client, Outcome::Miss, fwd).await
+    }
+
+    /// The scheme the client used, for the cache key.
+    fn scheme(&self, req: &Request<ProxyBody>) -> &'static str {
+        let https = self.config.trust_forwarded
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+        if https { "https" } else { "http" }
+    }
+
+    /// Forwards a request of any other method than GET and HEAD. A non-error answer to an
+    /// unsafe method (see [`invalidates`]) invalidates what is stored for its URL and for the
+    /// URLs in `Location` and `Content-Location` on the same host (RFC 9111 §4.4), within the
+    /// bound of [`INVALIDATION_BURST`].
+    async fn forward_unsafe(&self, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
+        let key = invalidates(req.method())
+            .then(|| CacheKey::from_request(&req, self.scheme(&req), &self.config.query))
+            .flatten();
+        let answer = self.forward(req, client, Outcome::Bypass, Fwd::Method).await;
+        let status = answer.response.status();
+        if let Some(key) = key
+            && answer.outcome == Outcome::Bypass
+            && (status.is_success() || status.is_redirection())
+        {
+            let mut n = self.invalidate(&key).await;
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(target) = answer.response.headers().get(&name).and_then(|v| v.to_str().ok())
+                    && let Some(other) = key.same_host(target)
+                {
+                    n += self.invalidate(&other).await;
+                }
+            }
+            if n > 0 {
+                debug!(objects = n, "invalidated by an unsafe request");
+            }
+        }
+        answer
+    }
+
+    /// Invalidates what is stored for one key; how many objects went. A key with `Vary`
+    /// variants scans the index, so those are bounded; any other is one lookup, the cost of the
+    /// request itself, and never skipped (a flood must not starve real invalidations).
+    async fn invalidate(&self, key: &CacheKey) -> usize {
+        if self.cache.varies(key) && !self.invalidations.try_take() {
+            metrics::counter!(m::INVALIDATIONS_SKIPPED).increment(1);
+            debug!("invalidation skipped: over the rate bound");
+            return 0;
+        }
+        self.cache.invalidate(key).await
+    }
+
+    /// Forwards to the app and relays the answer without storing it.
+    pub async fn forward(&self, mut req: Request<ProxyBody>, client: SocketAddr, outcome: Outcome, fwd: Fwd) -> Answer {
+        self.upstream.prepare(&mut req, client, None);
+        match self.upstream.send(req).await {
+            Ok(resp) => Answer::new(relay_response(resp), outcome, Some(fwd)),
+            Err(err) if err.is_client() => {
+                // The client's body broke (malformed chunked framing, gone mid-upload): its
+                // 400, counted as a client error, never as the app's.
+                debug!(error = %err, "client request body failed");
+                let mut answer = Answer::new(err.response(), Outcome::Bypass, Some(fwd));
+                answer.detail = Some("detail=client-error");
+                answer
+            }
+            Err(err) => {
+                warn!(error = %err, "upstream request failed");
+                Answer::new(err.response(), Outcome::Error, Some(fwd))
+            }
+        }
+    }
+}
+
+/// Request extension: fill this request's miss from this URL (inside `prime_sources`) instead
+/// of the app.
+#[derive(Debug, Clone)]
+struct FillFrom(Arc<SourceUrl>);
+
+/// What priming one URL did: the prime protocol's outcome, produced by [`Proxy::warm`].
+pub use crate::prime::protocol::WarmResult;

@@ -1,0 +1,206 @@
+//! Answering from a stored object: its freshness, a 304 for a satisfied conditional, ranges,
+//! compressed variants, whether it may answer this request (`Vary`, codings), and standing in
+//! for a failing app (stale-if-error).
+
+use std::time::SystemTime;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
+
+use crate::body::{self, ProxyBody};
+use crate::cache::Hit;
+use crate::cache::key::normalize_vary;
+use crate::cache::meta::Meta;
+use crate::negotiate;
+use crate::policy::{self, Freshness, Heuristic, Prepared, RangeAnswer};
+use crate::proxy::Proxy;
+use crate::proxy::outcome::{Answer, Fwd, Outcome, encoding_slot, handles};
+
+impl Proxy {
+    pub(super) fn heuristic(&self) -> Heuristic {
+        Heuristic {
+            fraction: self.config.heuristic_fraction,
+            max: self.config.heuristic_max,
+        }
+    }
+
+    pub(super) fn freshness(&self, meta: &Meta) -> Freshness {
+        self.prepared(meta).freshness(SystemTime::now())
+    }
+
+    /// A stored response's freshness now, counting a soft purge: stale from the mark on.
+    pub fn hit_freshness(&self, hit: &Hit) -> Freshness {
+        let prepared = self.prepared(&hit.meta);
+        let f = prepared.freshness(SystemTime::now());
+        match hit.soft_purged {
+            Some(at) => f.soft_purged(prepared.freshness(at).age),
+            None => f,
+        }
+    }
+
+    /// What serving `meta` needs, worked out on its first hit. The head of an object that
+    /// gets compressed variants says `Vary: Accept-Encoding` whichever body it is sent with.
+    pub(crate) fn prepared<'m>(&self, meta: &'m Meta) -> &'m Prepared {
+        meta.prepared.get_or_init(|| {
+            let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+            let times = (meta.request_time, meta.response_time);
+            let mut prepared = Prepared::new(status, &meta.headers, times, meta.body_len, self.heuristic());
+            if self.compressible(meta) {
+                negotiate::vary_on_accept_encoding(&mut prepared.headers);
+            }
+            prepared
+        })
+    }
+
+    /// Whether a stored response gets compressed variants (so its answers vary on
+    /// `Accept-Encoding`).
+    pub(super) fn compressible(&self, meta: &Meta) -> bool {
+        self.config.compress.eligible(meta.status, &meta.headers, meta.body_len)
+    }
+
+    /// Answers a request from a stored response: 304 for a satisfied conditional, 206 or 416
+    /// for a range, else the whole body; `Age` per RFC 9111 §4.2.3 and §5.1.
+    /// A compressed variant is sent with its own head (`negotiate::variant_head`): its
+    /// validator is the one conditionals are evaluated against, and it is never ranged.
+    pub(super) fn serve_stored(
+        &self,
+        method: &Method,
+        req: &HeaderMap,
+        hit: &Hit,
+        f: Freshness,
+    ) -> Response<ProxyBody> {
+        let meta = &hit.meta;
+        let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+        let age = HeaderValue::from(f.age.as_secs());
+        let len = hit.body.len() as u64;
+        // The prepared head already has the full length and Accept-Ranges.
+        let mut headers = self.prepared(meta).headers.clone();
+        if let Some(coding) = hit.coding {
+            negotiate::variant_head(&mut headers, coding, len);
+        }
+        if status == StatusCode::OK && policy::answers_not_modified(req, &headers) {
+            let mut resp = not_modified(&headers);
+            resp.headers_mut().insert(header::AGE, age);
+            return resp;
+        }
+        let range = if status == StatusCode::OK && hit.coding.is_none() {
+            policy::range(req, &meta.headers, len)
+        } else {
+            RangeAnswer::Full
+        };
+        let (status, body) = match range {
+            RangeAnswer::Full => (status, hit.body.clone()),
+            RangeAnswer::Partial(start, end) => {
+                let content_range = HeaderValue::try_from(format!("bytes {start}-{end}/{len}"));
+                headers.extend(content_range.map(|v| (header::CONTENT_RANGE, v)));
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+                headers.remove(header::ACCEPT_RANGES);
+                (
+                    StatusCode::PARTIAL_CONTENT,
+                    hit.body.slice(start as usize..=end as usize),
+                )
+            }
+            RangeAnswer::Unsatisfiable => {
+                let content_range = HeaderValue::try_from(format!("bytes */{len}"));
+                headers.extend(content_range.map(|v| (header::CONTENT_RANGE, v)));
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+                headers.remove(header::ACCEPT_RANGES);
+                (StatusCode::RANGE_NOT_SATISFIABLE, bytes::Bytes::new())
+            }
+        };
+        headers.insert(header::AGE, age);
+        let sent = body.len() as u64;
+        let mut resp = Response::new(if method == Method::HEAD {
+            body::empty()
+        } else {
+            let h = handles();
+            h.served_cache_bytes.increment(sent);
+            let (responses, bytes) = &h.by_encoding[encoding_slot(hit.coding)];
+            responses.increment(1);
+            bytes.increment(sent);
+            if hit.coding.is_some() {
+                h.compress_saved.increment(meta.body_len.saturating_sub(sent));
+            }
+            body::full(body)
+        });
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        resp
+    }
+
+    /// A stale stored response standing in for a failing app, if it may (RFC 9111 §4.2.4).
+    pub(super) fn stale_for_error(
+        &self,
+        req: &HeaderMap,
+        method: &Method,
+        stored: &Option<(Hit, Freshness)>,
+    ) -> Option<Answer> {
+        let (hit, f) = stored.as_ref()?;
+        if !policy::may_serve_stale_on_error(*f, &self.prepared(&hit.meta).cc, self.config.stale_if_error) {
+            return None;
+        }
+        let mut answer = Answer::new(
+            self.serve_stored(method, req, hit, *f),
+            Outcome::Stale,
+            Some(Fwd::Stale),
+        );
+        answer.detail = Some("stale-if-error");
+        Some(answer)
+    }
+}
+
+/// A response built from a fill's stored head, its body read while the fill writes it. A client
+/// conditional that the new response satisfies is answered with 304.
+pub(super) fn answer_fill(req: &HeaderMap, meta: &Meta, body: ProxyBody, compressible: bool) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+    let mut headers = meta.headers.clone();
+    if compressible {
+        negotiate::vary_on_accept_encoding(&mut headers);
+    }
+    if status == StatusCode::OK && policy::answers_not_modified(req, &headers) {
+        return not_modified(&headers);
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(meta.body_len));
+    resp
+}
+
+/// A 304 for a stored response (RFC 9110 §15.4.5: the validator and caching fields, no body).
+fn not_modified(stored: &HeaderMap) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    let mut headers = stored.clone();
+    for name in [header::CONTENT_LENGTH, header::CONTENT_RANGE, header::TRANSFER_ENCODING] {
+        headers.remove(name);
+    }
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// Whether a stored response may answer a request: it has the values the response's `Vary`
+/// recorded, and a body the app coded goes only to requests that accept its coding (the key
+/// holds `Accept-Encoding` reduced to the common codings: one the app used outside them must
+/// still be checked; and an app that codes without saying `Vary` must not hand one client's
+/// coding to another that refuses it).
+pub(super) fn reusable_for(meta: &Meta, req_headers: &HeaderMap) -> bool {
+    if !vary_matches(&meta.vary, req_headers) {
+        return false;
+    }
+    let varies_on_coding = meta.vary.iter().any(|(name, _)| name == header::ACCEPT_ENCODING);
+    // (A request without `Accept-Encoding` takes any coding, RFC 9110 §12.5.3, from an app
+    // that does not vary on it: the app answers it the same.)
+    if !varies_on_coding && !req_headers.contains_key(header::ACCEPT_ENCODING) {
+        return true;
+    }
+    negotiate::accepts_stored(req_headers, meta.headers.get(header::CONTENT_ENCODING))
+}
+
+/// Whether a request has the values a stored response's `Vary` recorded.
+fn vary_matches(stored: &[(HeaderName, Option<HeaderValue>)], req_headers: &HeaderMap) -> bool {
+    stored
+        .iter()
+        .all(|(name, value)| normalize_vary(name, req_headers).as_ref() == value.as_ref())
+}
