@@ -1,9 +1,10 @@
 //! Configuration: the raw layers (file, `SIDECACHE_*` environment, flags) and the validated
 //! [`Config`] built from them.
 //!
-//! Precedence is flag > env > file > default. Every key is declared once, in the
-//! `config_keys!` table below, so the three layers cannot drift apart. Validation happens before
-//! any port is bound; each error names the key and where its value came from.
+//! Precedence is flag > env > file > default. Every key is declared once, with its default, in
+//! the `config_keys!` table below, so the three layers and the defaults cannot drift apart.
+//! Validation happens before any port is bound; each error names the key and where its value
+//! came from.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -86,9 +87,49 @@ pub enum ConfigError {
     },
 }
 
-/// Declares every configuration key once: its type in the raw layers, with a doc line.
+/// Declares every configuration key once, in the table below: its doc line, its type in the
+/// raw layers and, unless it is derived from other keys or from the machine, its default as
+/// an operator would write it:
+///
+/// ```text
+/// /// Public listener address.
+/// listen: String = "0.0.0.0:8080",
+/// /// Most objects the cache holds; default: one per 24 KiB of `max_size`.
+/// max_objects: u64,
+/// ```
+///
+/// From the table it generates:
+/// - [`RawConfig`], one layer (file, environment or flags) with every key optional, and its
+///   [`RawConfig::KEYS`] and [`RawConfig::DEFAULTS`] (`(key, default)` as the table writes
+///   it, for tests and docs);
+/// - `Settled`, the layers merged and the table's defaults filled in, which `validate` starts
+///   from: a key with a default has its own type, a key without one stays an `Option` (its
+///   default, if any, is derived in `validate` and described in its doc line here).
+///
+/// A default is parsed exactly as an environment value is (`parse_env_value`): `"4GB"` is the
+/// same four billion bytes from the table as from `SIDECACHE_MAX_SIZE`. A default that does
+/// not parse is a [`ConfigError::Invalid`] from [`Source::Default`], and fails the
+/// `every_default_in_the_table_parses` test long before it could reach a deployment.
 macro_rules! config_keys {
-    ($( $(#[$doc:meta])* $name:ident : $ty:ty, )*) => {
+    // The type of a key once the layers are merged: its own with a default, optional without.
+    (@settled $ty:ty, $default:expr) => { $ty };
+    (@settled $ty:ty) => { Option<$ty> };
+
+    // The merged value of a key: the layers' if one set it, else the default parsed, else
+    // still unset.
+    (@settle $value:expr, $name:ident, $ty:ty, $default:expr) => {
+        match $value {
+            Some(value) => value,
+            None => parse_env_value::<$ty>($default).map_err(|message| ConfigError::Invalid {
+                key: stringify!($name),
+                origin: Source::Default,
+                message: format!("`{}` does not parse: {message}", $default),
+            })?,
+        }
+    };
+    (@settle $value:expr, $name:ident, $ty:ty) => { $value };
+
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty $(= $default:expr)?, )*) => {
         /// One layer of configuration, every key optional. Unknown keys are refused.
         #[derive(Debug, Default, Clone, Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -99,6 +140,11 @@ macro_rules! config_keys {
         impl RawConfig {
             /// Every key, as spelled in YAML; `SIDECACHE_<KEY>` upper-cases it.
             pub const KEYS: &'static [&'static str] = &[$(stringify!($name)),*];
+
+            /// `(key, default)` for every key whose default is a value rather than derived
+            /// from other keys or the machine, the default as the table writes it.
+            pub const DEFAULTS: &'static [(&'static str, &'static str)] =
+                &[$($( (stringify!($name), $default), )?)*];
 
             /// Keys set in this layer.
             fn set_keys(&self) -> Vec<&'static str> {
@@ -122,116 +168,157 @@ macro_rules! config_keys {
                     _ => Ok(false),
                 }
             }
+
+            /// The merged layers with the table's defaults filled in.
+            fn settle(self) -> Result<Settled, ConfigError> {
+                Ok(Settled {
+                    $( $name: config_keys!(@settle self.$name, $name, $ty $(, $default)?), )*
+                })
+            }
+        }
+
+        /// The merged layers with the table's defaults filled in: a key with a default holds
+        /// a value, a key without one is still optional. What `validate` checks and derives
+        /// from.
+        #[derive(Debug)]
+        struct Settled {
+            $( $name: config_keys!(@settled $ty $(, $default)?), )*
         }
     };
 }
 
 config_keys! {
     /// Public listener address.
-    listen: String,
+    listen: String = "0.0.0.0:8080",
     /// The app's base URL (`http://host:port`).
-    upstream: String,
+    upstream: String = "http://127.0.0.1:3000",
     /// Admin listener address (metrics, health, purge, prime).
-    admin_listen: String,
-    /// Bearer token the admin port requires for purge and prime, when set.
-    admin_token: String,
-    /// Directory holding the cache; nonpersistent, private to the instance.
+    admin_listen: String = "127.0.0.1:9090",
+    /// Bearer token the admin port requires for purge and prime; empty: none.
+    admin_token: String = "",
+    /// Directory holding the cache; nonpersistent, private to the instance. Default:
+    /// `sidecache` in the system temp dir (`$TMPDIR/sidecache`).
     cache_dir: PathBuf,
     /// Disk budget for the cache: bodies plus metadata.
-    max_size: ByteSize,
+    max_size: ByteSize = "4GB",
     /// Room to keep free on the cache's filesystem: bytes or a percentage.
-    min_free: MinFree,
+    min_free: MinFree = "5%",
     /// Most objects the cache holds (one file each: an inode, and index memory);
     /// default: one per 24 KiB of `max_size`.
     max_objects: u64,
-    /// Largest object kept; larger ones are served but not stored.
+    /// Largest object kept; larger ones are served but not stored. Default: a quarter of
+    /// `max_size`, at most 256 MiB.
     max_object_size: ByteSize,
     /// Bytes of the in-memory hot tier; 0 turns it off.
-    memory_size: ByteSize,
+    memory_size: ByteSize = "32MiB",
     /// Largest object the hot tier holds.
-    memory_object_max: ByteSize,
+    memory_object_max: ByteSize = "1MiB",
     /// Stored bodies of 16 KiB and more kept open and mapped, so hits on them make no `open`,
-    /// `read` or `close` (default: from the process's descriptor limit); 0 turns it off.
+    /// `read` or `close`; 0 turns it off. Default: 16384, quietly lowered to what the
+    /// descriptor and mapping limits leave (set when the cache opens, in `cache::tiers`).
     open_files: usize,
     /// Eviction starts above this share of `max_size`.
-    high_watermark: f64,
+    high_watermark: f64 = "0.95",
     /// Eviction stops below this share of `max_size`.
-    low_watermark: f64,
+    low_watermark: f64 = "0.9",
     /// How often the eviction loop checks usage when not woken.
-    evict_interval: HumanDuration,
+    evict_interval: HumanDuration = "10s",
     /// How long a request waits on another request's fill before going to the app itself.
-    coalesce_timeout: HumanDuration,
+    coalesce_timeout: HumanDuration = "30s",
     /// Drain period on SIGTERM.
-    grace_period: HumanDuration,
+    grace_period: HumanDuration = "25s",
     /// Timeout for connecting to the app.
-    upstream_connect_timeout: HumanDuration,
+    upstream_connect_timeout: HumanDuration = "5s",
     /// Timeout for the app's response headers.
-    upstream_timeout: HumanDuration,
+    upstream_timeout: HumanDuration = "60s",
     /// Timeout for reading a client's request headers (also bounds HTTP/1 keep-alive idle).
-    client_header_timeout: HumanDuration,
+    client_header_timeout: HumanDuration = "30s",
     /// A connection with no bytes moving either way for this long is closed.
-    idle_timeout: HumanDuration,
+    idle_timeout: HumanDuration = "120s",
     /// Largest request head accepted.
-    max_header_size: ByteSize,
+    max_header_size: ByteSize = "64KiB",
     /// Concurrent client connections served; further ones wait, unserved, for a free slot.
-    max_connections: usize,
+    max_connections: usize = "4096",
     /// Threads serving the public port, each with its own event loop (default: one per CPU).
     workers: usize,
     /// How long `serve -- <app>` waits for the app to accept connections.
-    app_start_timeout: HumanDuration,
+    app_start_timeout: HumanDuration = "60s",
     /// One log line per request.
-    access_log: bool,
+    access_log: bool = "true",
     /// `text` or `json`.
-    log_format: LogFormat,
+    log_format: LogFormat = "text",
     /// A tracing filter: `info`, `debug`, `sidecache=debug,info`, ...
-    log_level: String,
+    log_level: String = "info",
     /// Trust `X-Forwarded-*` headers from clients (set when behind a platform router).
-    trust_forwarded: bool,
+    trust_forwarded: bool = "false",
     /// Request headers removed before the app: ones apps honour that the cache key does not hold.
-    strip_request_headers: Vec<String>,
+    strip_request_headers: Vec<String> = DEFAULT_STRIP_REQUEST_HEADERS,
     /// How long past its freshness a stored object may stand in for a failing app.
-    stale_if_error: HumanDuration,
+    stale_if_error: HumanDuration = "1h",
     /// Heuristic freshness as a share of the time since `Last-Modified` (RFC 9111 §4.2.2).
-    heuristic_fraction: f64,
+    heuristic_fraction: f64 = "0.1",
     /// Upper bound of heuristic freshness.
-    heuristic_max: HumanDuration,
+    heuristic_max: HumanDuration = "1d",
     /// Freshness for fingerprinted file names that give none; 0 turns it off.
-    fingerprinted_ttl: HumanDuration,
+    fingerprinted_ttl: HumanDuration = "365d",
     /// Per-path rules: bypass, default TTL, forced TTL, strip Set-Cookie. First match wins.
-    rules: Vec<RawRule>,
+    rules: Vec<RawRule> = "[]",
     /// Which query parameters count in the cache key: all, none, {allow: [...]}, {deny: [...]}.
-    query: RawQueryKey,
+    query: RawQueryKey = "all",
     /// Base URLs `prime --from` may fill from (scheme, host and port exact, path a prefix);
     /// empty: none. A list, or one string of URLs separated by commas or spaces.
-    prime_sources: StringList,
-    /// Compressed variants: `false`, or {enabled, types, min_size, max_size, long_lived,
-    /// long_levels, short_levels, threads, queue}.
-    compress: crate::compress::RawCompress,
-    /// The shared tier in object storage: `s3://BUCKET/PREFIX`; unset: off. The endpoint,
+    prime_sources: StringList = "",
+    /// Compressed variants: `false`, `true`, or {enabled, types, min_size, max_size,
+    /// long_lived, long_levels, short_levels, threads, queue}. The defaults of those nested
+    /// keys are `compress::Settings::compile`'s, the one place they are set.
+    compress: crate::compress::RawCompress = "true",
+    /// The shared tier in object storage: `s3://BUCKET/PREFIX`; empty: off. The endpoint,
     /// region and credentials come from the standard `AWS_*` environment variables.
-    shared_tier: String,
+    shared_tier: String = "",
     /// Least freshness an object must have left to be uploaded to the shared tier.
-    shared_tier_min_fresh: HumanDuration,
+    shared_tier_min_fresh: HumanDuration = "1h",
     /// Time limit of one shared-tier read (waiting for a slot included) or upload.
-    shared_tier_timeout: HumanDuration,
+    shared_tier_timeout: HumanDuration = "2s",
     /// Shared-tier reads at once, and uploads at once.
-    shared_tier_concurrency: usize,
+    shared_tier_concurrency: usize = "16",
     /// Uploads waiting at most; past it an upload is dropped and counted.
-    shared_tier_queue: usize,
+    shared_tier_queue: usize = "1024",
     /// How long the shared tier is skipped after repeated failures before it is tried again.
-    shared_tier_cooldown: HumanDuration,
+    shared_tier_cooldown: HumanDuration = "30s",
     // Tags (issue 18): purge by what changed.
     /// Response header whose space-separated tokens tag the object (Fastly's); empty: none.
-    surrogate_key_header: String,
+    surrogate_key_header: String = "Surrogate-Key",
     /// Response header whose comma-separated values tag the object (Cloudflare's); empty: none.
-    cache_tag_header: String,
+    cache_tag_header: String = "Cache-Tag",
     /// Most distinct tags one object may carry; a response with more is not stored.
-    max_tags_per_object: u32,
+    max_tags_per_object: u32 = "32",
     /// Longest tag in bytes; a response with a longer one is not stored.
-    max_tag_length: u32,
-    /// Send the tag headers to clients (by default they are removed, as CDNs do).
-    tag_headers_to_clients: bool,
+    max_tag_length: u32 = "256",
+    /// Send the tag headers to clients (otherwise they are removed, as CDNs do).
+    tag_headers_to_clients: bool = "false",
 }
+
+/// The default `strip_request_headers` (a YAML list, as `SIDECACHE_STRIP_REQUEST_HEADERS`
+/// would give it): headers that apps, frameworks and their middleware honour (to rebuild the
+/// URL, the scheme, the host, the method or the client address) but that the cache key does
+/// not hold, so one client's value would shape the answer stored for everyone. With
+/// `trust_forwarded` on, only the router's `X-Forwarded-For`, `-Proto` and `-Port` are kept;
+/// `X-Forwarded-Host` is always set by sidecache from the keyed host.
+pub const DEFAULT_STRIP_REQUEST_HEADERS: &str = concat!(
+    "[",
+    // The URL or path the app should route (IIS, Symfony, Zend, Laminas, ...).
+    "x-original-url, x-rewrite-url, x-override-url, ",
+    // Another method than the request line's (Rails, Express method-override, Laravel, ...).
+    "x-http-method-override, x-http-method, x-method-override, ",
+    // The host, scheme, port or prefix the app builds absolute URLs from.
+    "forwarded, x-forwarded-host, x-forwarded-proto, x-forwarded-scheme, x-forwarded-port, ",
+    "x-forwarded-prefix, x-forwarded-ssl, x-forwarded-server, x-forwarded-uri, ",
+    "x-forwarded-path, x-host, x-original-host, x-url-scheme, front-end-https, ",
+    // The client address (rate limits, geo answers, allow-lists).
+    "x-real-ip, true-client-ip, x-client-ip, x-cluster-client-ip, x-proxyuser-ip, ",
+    "x-originating-ip, x-remote-ip, x-remote-addr",
+    "]",
+);
 
 /// Parses an environment value: as a plain string first (so tokens with `#` or `:` stay
 /// whole), then as YAML (numbers, booleans, lists).
@@ -589,35 +676,33 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         origin: source(key),
         message,
     };
+    let raw = raw.settle()?;
     let tags = tag_rules(&raw, &invalid)?;
 
-    let addr = |key: &'static str, v: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
-        let s = v.unwrap_or_else(|| default.to_owned());
+    let addr = |key: &'static str, s: &str| -> Result<SocketAddr, ConfigError> {
         s.parse()
             .map_err(|_| invalid(key, format!("`{s}` is not an address such as 127.0.0.1:8080")))
     };
-    let listen = addr("listen", raw.listen, "0.0.0.0:8080")?;
-    let admin_listen = addr("admin_listen", raw.admin_listen, "127.0.0.1:9090")?;
-    let upstream_str = raw.upstream.unwrap_or_else(|| "http://127.0.0.1:3000".into());
-    let upstream = Upstream::parse(&upstream_str).map_err(|m| invalid("upstream", m))?;
+    let listen = addr("listen", &raw.listen)?;
+    let admin_listen = addr("admin_listen", &raw.admin_listen)?;
+    let upstream = Upstream::parse(&raw.upstream).map_err(|m| invalid("upstream", m))?;
 
-    let dur = |v: Option<HumanDuration>, default: Duration| v.map(|d| d.0).unwrap_or(default);
-    let nonzero = |key: &'static str, d: Duration| -> Result<Duration, ConfigError> {
-        if d.is_zero() {
+    let nonzero = |key: &'static str, d: HumanDuration| -> Result<Duration, ConfigError> {
+        if d.0.is_zero() {
             Err(invalid(key, "must be greater than zero".into()))
         } else {
-            Ok(d)
+            Ok(d.0)
         }
     };
 
-    let max_size = raw.max_size.map(|s| s.0).unwrap_or(4_000_000_000);
+    let max_size = raw.max_size.0;
     // By default a quarter of a small budget, so one object never crowds out the rest.
     let max_object_size = raw
         .max_object_size
         .map(|s| s.0)
         .unwrap_or((256 << 20).min(max_size / 4));
-    let memory_size = raw.memory_size.map(|s| s.0).unwrap_or(32 << 20);
-    let memory_object_max = raw.memory_object_max.map(|s| s.0).unwrap_or(1 << 20);
+    let memory_size = raw.memory_size.0;
+    let memory_object_max = raw.memory_object_max.0;
     if raw.open_files.is_some_and(|n| n > 1 << 20) {
         return Err(invalid("open_files", "must be at most 1048576".into()));
     }
@@ -642,8 +727,8 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
             format!("must be between 1 and one per KiB of max_size ({})", max_size / 1024),
         ));
     }
-    let high_watermark = raw.high_watermark.unwrap_or(0.95);
-    let low_watermark = raw.low_watermark.unwrap_or(0.90);
+    let high_watermark = raw.high_watermark;
+    let low_watermark = raw.low_watermark;
     if !(0.1..=1.0).contains(&high_watermark) {
         return Err(invalid("high_watermark", "must be between 0.1 and 1.0".into()));
     }
@@ -653,15 +738,15 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
             "must be between 0.05 and high_watermark".into(),
         ));
     }
-    let heuristic_fraction = raw.heuristic_fraction.unwrap_or(0.1);
+    let heuristic_fraction = raw.heuristic_fraction;
     if !(0.0..=1.0).contains(&heuristic_fraction) {
         return Err(invalid("heuristic_fraction", "must be between 0.0 and 1.0".into()));
     }
-    let max_header_size = raw.max_header_size.map(|s| s.0).unwrap_or(64 << 10) as usize;
+    let max_header_size = raw.max_header_size.0 as usize;
     if !(8192..=1 << 24).contains(&max_header_size) {
         return Err(invalid("max_header_size", "must be between 8KiB and 16MiB".into()));
     }
-    let max_connections = raw.max_connections.unwrap_or(4096);
+    let max_connections = raw.max_connections;
     let workers = raw
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -671,11 +756,11 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     if max_connections == 0 {
         return Err(invalid("max_connections", "must be at least 1".into()));
     }
-    let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+    let log_level = raw.log_level;
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(invalid("log_level", format!("`{log_level}` is not a log filter")));
     }
-    let admin_token = raw.admin_token.filter(|t| !t.is_empty());
+    let admin_token = Some(raw.admin_token).filter(|t| !t.is_empty());
     // Fail closed: beyond loopback, whoever reaches the admin port could purge the cache or
     // have it filled from the prime sources; /purge and /prime then require the token.
     if admin_token.is_none() && !admin_listen.ip().is_loopback() {
@@ -688,10 +773,9 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
             ),
         ));
     }
-    let prime_sources =
-        PrimeSources::parse(&raw.prime_sources.unwrap_or_default().0).map_err(|m| invalid("prime_sources", m))?;
+    let prime_sources = PrimeSources::parse(&raw.prime_sources.0).map_err(|m| invalid("prime_sources", m))?;
     let mut rules = Vec::new();
-    for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
+    for (i, r) in raw.rules.into_iter().enumerate() {
         let mut rule = Rule::compile(r).map_err(|m| invalid("rules", format!("rule {}: {m}", i + 1)))?;
         if rule.name.is_empty() {
             rule.name = format!("rule-{}", i + 1);
@@ -706,40 +790,31 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     }
     let strip_request_headers =
         strip_request_headers(raw.strip_request_headers).map_err(|m| invalid("strip_request_headers", m))?;
-    let compress = crate::compress::Settings::compile(raw.compress).map_err(|m| invalid("compress", m))?;
-    let shared_tier = match raw.shared_tier.filter(|u| !u.trim().is_empty()) {
-        None => None,
-        Some(url) => {
-            let (bucket, prefix) = crate::shared::parse_url(url.trim()).map_err(|m| invalid("shared_tier", m))?;
-            let concurrency = raw.shared_tier_concurrency.unwrap_or(16);
+    let compress = crate::compress::Settings::compile(Some(raw.compress)).map_err(|m| invalid("compress", m))?;
+    let shared_tier = match raw.shared_tier.trim() {
+        "" => None,
+        url => {
+            let (bucket, prefix) = crate::shared::parse_url(url).map_err(|m| invalid("shared_tier", m))?;
+            let concurrency = raw.shared_tier_concurrency;
             if !(1..=1024).contains(&concurrency) {
                 return Err(invalid("shared_tier_concurrency", "must be 1-1024".into()));
             }
-            let queue = raw.shared_tier_queue.unwrap_or(1024);
+            let queue = raw.shared_tier_queue;
             if !(1..=1 << 20).contains(&queue) {
                 return Err(invalid("shared_tier_queue", "must be 1-1048576".into()));
             }
             Some(SharedTierConfig {
                 bucket,
                 prefix,
-                min_fresh: dur(raw.shared_tier_min_fresh, Duration::from_secs(3600)),
-                timeout: nonzero(
-                    "shared_tier_timeout",
-                    dur(raw.shared_tier_timeout, Duration::from_secs(2)),
-                )?,
+                min_fresh: raw.shared_tier_min_fresh.0,
+                timeout: nonzero("shared_tier_timeout", raw.shared_tier_timeout)?,
                 concurrency,
                 queue,
-                cooldown: nonzero(
-                    "shared_tier_cooldown",
-                    dur(raw.shared_tier_cooldown, Duration::from_secs(30)),
-                )?,
+                cooldown: nonzero("shared_tier_cooldown", raw.shared_tier_cooldown)?,
             })
         }
     };
-    let query = match raw.query {
-        Some(q) => q.compile().map_err(|m| invalid("query", m))?,
-        None => QueryKey::All,
-    };
+    let query = raw.query.compile().map_err(|m| invalid("query", m))?;
 
     Ok(Config {
         listen,
@@ -748,7 +823,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         admin_token,
         cache_dir: raw.cache_dir.unwrap_or_else(default_cache_dir),
         max_size,
-        min_free: raw.min_free.unwrap_or(MinFree::Percent(5.0)),
+        min_free: raw.min_free,
         max_objects,
         max_object_size,
         memory_size,
@@ -756,32 +831,26 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         open_files: raw.open_files,
         high_watermark,
         low_watermark,
-        evict_interval: nonzero("evict_interval", dur(raw.evict_interval, Duration::from_secs(10)))?,
-        coalesce_timeout: nonzero("coalesce_timeout", dur(raw.coalesce_timeout, Duration::from_secs(30)))?,
-        grace_period: dur(raw.grace_period, Duration::from_secs(25)),
-        upstream_connect_timeout: nonzero(
-            "upstream_connect_timeout",
-            dur(raw.upstream_connect_timeout, Duration::from_secs(5)),
-        )?,
-        upstream_timeout: nonzero("upstream_timeout", dur(raw.upstream_timeout, Duration::from_secs(60)))?,
-        client_header_timeout: nonzero(
-            "client_header_timeout",
-            dur(raw.client_header_timeout, Duration::from_secs(30)),
-        )?,
-        idle_timeout: nonzero("idle_timeout", dur(raw.idle_timeout, Duration::from_secs(120)))?,
+        evict_interval: nonzero("evict_interval", raw.evict_interval)?,
+        coalesce_timeout: nonzero("coalesce_timeout", raw.coalesce_timeout)?,
+        grace_period: raw.grace_period.0,
+        upstream_connect_timeout: nonzero("upstream_connect_timeout", raw.upstream_connect_timeout)?,
+        upstream_timeout: nonzero("upstream_timeout", raw.upstream_timeout)?,
+        client_header_timeout: nonzero("client_header_timeout", raw.client_header_timeout)?,
+        idle_timeout: nonzero("idle_timeout", raw.idle_timeout)?,
         max_header_size,
         max_connections,
         workers,
-        app_start_timeout: nonzero("app_start_timeout", dur(raw.app_start_timeout, Duration::from_secs(60)))?,
-        access_log: raw.access_log.unwrap_or(true),
-        log_format: raw.log_format.unwrap_or(LogFormat::Text),
+        app_start_timeout: nonzero("app_start_timeout", raw.app_start_timeout)?,
+        access_log: raw.access_log,
+        log_format: raw.log_format,
         log_level,
-        trust_forwarded: raw.trust_forwarded.unwrap_or(false),
+        trust_forwarded: raw.trust_forwarded,
         strip_request_headers,
-        stale_if_error: dur(raw.stale_if_error, Duration::from_secs(3600)),
+        stale_if_error: raw.stale_if_error.0,
         heuristic_fraction,
-        heuristic_max: dur(raw.heuristic_max, Duration::from_secs(86_400)),
-        fingerprinted_ttl: dur(raw.fingerprinted_ttl, Duration::from_secs(365 * 86_400)),
+        heuristic_max: raw.heuristic_max.0,
+        fingerprinted_ttl: raw.fingerprinted_ttl.0,
         rules,
         query,
         prime_sources,
@@ -793,92 +862,41 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
 
 /// The tag headers and bounds (`surrogate_key_header`, `cache_tag_header`,
 /// `max_tags_per_object`, `max_tag_length`, `tag_headers_to_clients`).
-fn tag_rules(
-    raw: &RawConfig,
-    invalid_key: &dyn Fn(&'static str, String) -> ConfigError,
-) -> Result<TagRules, ConfigError> {
-    let defaults = TagRules::default();
+fn tag_rules(raw: &Settled, invalid: &dyn Fn(&'static str, String) -> ConfigError) -> Result<TagRules, ConfigError> {
     let mut headers = Vec::new();
-    for (key, value, sep, default) in [
-        (
-            "surrogate_key_header",
-            &raw.surrogate_key_header,
-            Separator::Space,
-            "surrogate-key",
-        ),
-        ("cache_tag_header", &raw.cache_tag_header, Separator::Comma, "cache-tag"),
+    for (key, value, sep) in [
+        ("surrogate_key_header", &raw.surrogate_key_header, Separator::Space),
+        ("cache_tag_header", &raw.cache_tag_header, Separator::Comma),
     ] {
-        let name = value.as_deref().unwrap_or(default).trim();
+        let name = value.trim();
         if name.is_empty() {
             continue;
         }
         let parsed = http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| invalid_key(key, format!("`{name}` is not a header name")))?;
+            .map_err(|_| invalid(key, format!("`{name}` is not a header name")))?;
         if headers.iter().any(|(n, _)| *n == parsed) {
-            return Err(invalid_key(key, format!("`{name}` is already the other tag header")));
+            return Err(invalid(key, format!("`{name}` is already the other tag header")));
         }
         headers.push((parsed, sep));
     }
-    let max_per_object = raw.max_tags_per_object.map_or(defaults.max_per_object, |n| n as usize);
+    let max_per_object = raw.max_tags_per_object as usize;
     if !(1..=1024).contains(&max_per_object) {
-        return Err(invalid_key("max_tags_per_object", "must be 1-1024".into()));
+        return Err(invalid("max_tags_per_object", "must be 1-1024".into()));
     }
-    let max_length = raw.max_tag_length.map_or(defaults.max_length, |n| n as usize);
+    let max_length = raw.max_tag_length as usize;
     if !(1..=4096).contains(&max_length) {
-        return Err(invalid_key("max_tag_length", "must be 1-4096 bytes".into()));
+        return Err(invalid("max_tag_length", "must be 1-4096 bytes".into()));
     }
     Ok(TagRules {
         headers,
         max_per_object,
         max_length,
-        to_clients: raw.tag_headers_to_clients.unwrap_or(false),
+        to_clients: raw.tag_headers_to_clients,
     })
 }
 
-/// The default `strip_request_headers`: headers that apps, frameworks and their middleware
-/// honour (to rebuild the URL, the scheme, the host, the method or the client address) but
-/// that the cache key does not hold, so one client's value would shape the answer stored for
-/// everyone. With `trust_forwarded` on, only the router's `X-Forwarded-For`, `-Proto` and
-/// `-Port` are kept; `X-Forwarded-Host` is always set by sidecache from the keyed host.
-pub const DEFAULT_STRIP_REQUEST_HEADERS: &[&str] = &[
-    // The URL or path the app should route (IIS, Symfony, Zend, Laminas, ...).
-    "x-original-url",
-    "x-rewrite-url",
-    "x-override-url",
-    // Another method than the request line's (Rails, Express method-override, Laravel, ...).
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    // The host, scheme, port or prefix the app builds absolute URLs from.
-    "forwarded",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-scheme",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-ssl",
-    "x-forwarded-server",
-    "x-forwarded-uri",
-    "x-forwarded-path",
-    "x-host",
-    "x-original-host",
-    "x-url-scheme",
-    "front-end-https",
-    // The client address (rate limits, geo answers, allow-lists).
-    "x-real-ip",
-    "true-client-ip",
-    "x-client-ip",
-    "x-cluster-client-ip",
-    "x-proxyuser-ip",
-    "x-originating-ip",
-    "x-remote-ip",
-    "x-remote-addr",
-];
-
-/// Validates `strip_request_headers` (the default list when unset): header names, none that
-/// frames or routes the request.
-fn strip_request_headers(raw: Option<Vec<String>>) -> Result<Vec<http::HeaderName>, String> {
-    let names = raw.unwrap_or_else(|| DEFAULT_STRIP_REQUEST_HEADERS.iter().map(|n| n.to_string()).collect());
+/// Validates `strip_request_headers`: header names, none that frames or routes the request.
+fn strip_request_headers(names: Vec<String>) -> Result<Vec<http::HeaderName>, String> {
     let mut out = Vec::with_capacity(names.len());
     for name in names {
         let parsed = http::HeaderName::from_bytes(name.trim().as_bytes())
@@ -914,7 +932,7 @@ mod tests {
     #[test]
     fn strip_request_headers_defaults_and_overrides() {
         let c = Config::defaults();
-        assert_eq!(c.strip_request_headers.len(), DEFAULT_STRIP_REQUEST_HEADERS.len());
+        assert_eq!(c.strip_request_headers.len(), 28);
         assert!(c.strip_request_headers.iter().any(|n| n == "x-original-url"));
         let c = Loader::new(env(&[("SIDECACHE_STRIP_REQUEST_HEADERS", "[X-Custom, x-real-ip]")]))
             .load()
@@ -939,6 +957,61 @@ mod tests {
         assert_eq!(c.max_size, 4_000_000_000);
         assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.grace_period, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn every_default_in_the_table_parses() {
+        for (key, default) in RawConfig::DEFAULTS {
+            let parsed = RawConfig::default().set_from_env(key, default);
+            assert_eq!(parsed, Ok(true), "the default of `{key}`, `{default}`");
+        }
+        // Each key has its default in the table, or a derived one documented there.
+        let derived: Vec<&str> = RawConfig::KEYS
+            .iter()
+            .filter(|k| !RawConfig::DEFAULTS.iter().any(|(d, _)| d == *k))
+            .copied()
+            .collect();
+        assert_eq!(
+            derived,
+            ["cache_dir", "max_objects", "max_object_size", "open_files", "workers"]
+        );
+    }
+
+    #[test]
+    // A table of its own, of which only `settle` is used.
+    #[allow(dead_code)]
+    fn a_default_that_does_not_parse_is_a_config_error_from_the_default() {
+        config_keys! {
+            /// A key whose default is not a size.
+            size: ByteSize = "4XB",
+        }
+        let err = RawConfig::default().settle().unwrap_err().to_string();
+        assert!(err.contains("`size` from the default") && err.contains("4XB"), "{err}");
+    }
+
+    /// `config.example.yaml` sets every key that has a default in the table, and read as the
+    /// only layer it gives the default configuration: a default changed in the table (or in
+    /// `compress`, or a derivation) and not in the example fails here.
+    #[test]
+    fn config_example_shows_every_default() {
+        let text = include_str!("../config.example.yaml");
+        let layer = parse_yaml(text).expect("config.example.yaml parses");
+        let set = layer.set_keys();
+        for (key, _) in RawConfig::DEFAULTS {
+            assert!(set.contains(key), "config.example.yaml does not set `{key}`");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("example.yaml");
+        std::fs::write(&path, text).unwrap();
+        let mut example = Loader::new(std::iter::empty()).file(Some(path)).load().unwrap();
+        let defaults = Config::defaults();
+        // The example writes /tmp/sidecache; the default follows $TMPDIR.
+        example.cache_dir = defaults.cache_dir.clone();
+        let (example, defaults) = (format!("{example:#?}"), format!("{defaults:#?}"));
+        for (e, d) in example.lines().zip(defaults.lines()) {
+            assert_eq!(e, d, "config.example.yaml (left) and the defaults (right) differ");
+        }
+        assert_eq!(example, defaults);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::Loader;
+use crate::config::{Config, Loader};
 
 /// How `prime` and `purge` reach this instance's sidecar: its admin address and token, from
 /// the flags, else from the configuration the sidecar reads (file, `SIDECACHE_*`).
@@ -18,7 +18,8 @@ pub struct AdminAccess {
 }
 
 impl AdminAccess {
-    /// Flags first, then the configuration (file, `SIDECACHE_*`), then `127.0.0.1:9090`.
+    /// Flags first, then the configuration (file, `SIDECACHE_*`), then the default
+    /// `admin_listen` when that configuration does not load.
     pub fn resolve(target: Option<String>, token: Option<String>, config: Option<PathBuf>) -> AdminAccess {
         let token = token.filter(|t| !t.is_empty());
         let loaded = if target.is_some() && token.is_some() {
@@ -33,10 +34,9 @@ impl AdminAccess {
             }
         };
         let target = target.unwrap_or_else(|| {
-            let mut addr = loaded.as_ref().map_or_else(
-                || std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
-                |c| c.admin_listen,
-            );
+            let mut addr = loaded
+                .as_ref()
+                .map_or_else(|| Config::defaults().admin_listen, |c| c.admin_listen);
             // A wildcard listener is reached on loopback from this instance.
             if addr.ip().is_unspecified() {
                 addr.set_ip(match addr.ip() {

@@ -48,20 +48,6 @@ pub struct TagRules {
     pub to_clients: bool,
 }
 
-impl Default for TagRules {
-    fn default() -> TagRules {
-        TagRules {
-            headers: vec![
-                (HeaderName::from_static("surrogate-key"), Separator::Space),
-                (HeaderName::from_static("cache-tag"), Separator::Comma),
-            ],
-            max_per_object: 32,
-            max_length: 256,
-            to_clients: false,
-        }
-    }
-}
-
 /// Why a response's tags were refused (and so the response not stored); the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -253,6 +239,11 @@ impl TagIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rules of the default configuration (their defaults live in the config table).
+    fn default_rules() -> TagRules {
+        crate::config::Config::defaults().tags
+    }
     use http::HeaderValue;
 
     fn head(pairs: &[(&str, &[u8])]) -> HeaderMap {
@@ -276,7 +267,7 @@ mod tests {
 
     #[test]
     fn both_conventions_split_dedup_and_skip_empties() {
-        let rules = TagRules::default();
+        let rules = default_rules();
         let h = head(&[
             ("surrogate-key", b"  product-42   all\tp "),
             ("surrogate-key", b"all second-line"),
@@ -298,7 +289,7 @@ mod tests {
 
     #[test]
     fn hostile_tag_lists_are_refused_whole_not_truncated() {
-        let rules = TagRules::default();
+        let rules = default_rules();
         let max = rules.max_per_object;
         // One distinct tag past the bound.
         let many: String = (0..=max).map(|i| format!("t{i} ")).collect();
@@ -348,7 +339,7 @@ mod tests {
     fn configured_headers_are_the_only_ones_read_and_stripped() {
         let rules = TagRules {
             headers: vec![(HeaderName::from_static("x-tags"), Separator::Comma)],
-            ..TagRules::default()
+            ..default_rules()
         };
         let mut h = head(&[("x-tags", b"a,b"), ("surrogate-key", b"c")]);
         assert_eq!(names(&rules.parse(&h).unwrap()), vec!["a", "b"]);
