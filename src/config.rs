@@ -384,6 +384,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The app.
     pub upstream: Upstream,
+    /// Whether `upstream` is the default (no layer set it): `serve -- <app>` then gives the
+    /// app a free loopback port instead.
+    pub upstream_is_default: bool,
     /// Admin listener.
     pub admin_listen: SocketAddr,
     /// Admin bearer token.
@@ -819,6 +822,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     Ok(Config {
         listen,
         upstream,
+        upstream_is_default: !origins.contains_key("upstream"),
         admin_listen,
         admin_token,
         cache_dir: raw.cache_dir.unwrap_or_else(default_cache_dir),
@@ -1005,8 +1009,11 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let mut example = Loader::new(std::iter::empty()).file(Some(path)).load().unwrap();
         let defaults = Config::defaults();
-        // The example writes /tmp/sidecache; the default follows $TMPDIR.
+        // The example writes /tmp/sidecache; the default follows $TMPDIR. Its upstream is the
+        // default's value, but set.
         example.cache_dir = defaults.cache_dir.clone();
+        assert!(!example.upstream_is_default);
+        example.upstream_is_default = true;
         let (example, defaults) = (format!("{example:#?}"), format!("{defaults:#?}"));
         for (e, d) in example.lines().zip(defaults.lines()) {
             assert_eq!(e, d, "config.example.yaml (left) and the defaults (right) differ");
@@ -1235,6 +1242,19 @@ mod tests {
             let err = Loader::new(env(&vars)).load().unwrap_err().to_string();
             assert!(err.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn an_upstream_set_to_the_default_value_is_still_set() {
+        assert!(Config::defaults().upstream_is_default);
+        let set = Loader::new(env(&[("SIDECACHE_UPSTREAM", "http://127.0.0.1:3000")]))
+            .load()
+            .unwrap();
+        assert_eq!(set.upstream, Config::defaults().upstream);
+        assert!(
+            !set.upstream_is_default,
+            "set by the environment, to the default's value"
+        );
     }
 
     #[test]

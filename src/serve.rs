@@ -40,7 +40,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     let mut app = None;
     if !app_command.is_empty() {
         // With no explicit upstream port for the app, give it a free loopback port.
-        if config.upstream.port() == 3000 && std::env::var_os("SIDECACHE_UPSTREAM").is_none() {
+        if config.upstream_is_default {
             let port = supervise::free_port().context("failed to find a free port for the app")?;
             config.upstream =
                 crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
