@@ -24,6 +24,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use crate::cache::fileio::{mtime_ns, read_at};
+use crate::cache::store::ReadError;
 
 /// Maps the first `len` bytes of an object file of `file_len` bytes (its body) read-only and
 /// returns them as [`Bytes`] that own the mapping, with the file's modification time. Bodies
@@ -39,15 +40,14 @@ pub fn map_body(
     extra: u64,
     min_mmap: u64,
     nowait: bool,
-) -> std::io::Result<Option<(Bytes, u64)>> {
+) -> Result<Option<(Bytes, u64)>, ReadError> {
     let md = file.metadata()?;
     let mtime = mtime_ns(&md);
     let actual = md.len();
     if actual != file_len || len > file_len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("object file is {actual} bytes, the index says {file_len}"),
-        ));
+        return Err(ReadError::Corrupt(format!(
+            "object file is {actual} bytes, the index says {file_len}"
+        )));
     }
     if len < min_mmap || len == 0 {
         let want = (len + extra).min(file_len) as usize;

@@ -399,6 +399,7 @@ impl Cache {
                 let path = store.object_path(&hash, generation);
                 let read = tokio::task::spawn_blocking(move || {
                     fileio::open_for_read(&path)
+                        .map_err(store::ReadError::from)
                         .and_then(|file| store::read_record(&file, object.len, object.tail_len, false))
                         .map(|m| m.expect("a blocking read answers"))
                         .at("read", &path)

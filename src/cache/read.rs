@@ -87,7 +87,8 @@ pub(super) fn open_object(
 
 impl Cache {
     /// The value of a blocking storage step of a lookup; a storage error drops the entry (the
-    /// request then goes to the app) and reads as `None`.
+    /// request then goes to the app) and reads as `None`. A file found corrupt is counted as
+    /// such; other errors by their kind.
     pub(super) async fn or_drop<T>(
         &self,
         result: Result<Result<T, StoreError>, tokio::task::JoinError>,
@@ -96,6 +97,11 @@ impl Cache {
     ) -> Option<T> {
         match result {
             Ok(Ok(value)) => Some(value),
+            Ok(Err(StoreError::Corrupt { path, what })) => {
+                let why = format!("{what} ({})", path.display());
+                self.drop_corrupt(hash, generation, &why).await;
+                None
+            }
             Ok(Err(e)) => {
                 self.storage_error(&e);
                 // Out of descriptors or memory says nothing about the object: keep it.
@@ -142,7 +148,7 @@ impl Cache {
         }
     }
 
-    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, generation: u64, why: &'static str) {
+    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, generation: u64, why: &str) {
         metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
         warn!(key = %hash, reason = why, "corrupt object removed");
         self.drop_entry(hash, generation).await;

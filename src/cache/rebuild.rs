@@ -7,6 +7,7 @@
 //! indexed with it (read again from its stored headers), and the soft-purge marks of the
 //! versions found are restored.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -14,6 +15,7 @@ use std::time::Instant;
 use tracing::info;
 
 use crate::cache::index::Variant;
+use crate::cache::store::{ReadError, StoreError};
 use crate::cache::{Cache, fileio, store};
 use crate::metrics as m;
 
@@ -49,12 +51,15 @@ impl Cache {
                 continue;
             }
             let path = store.object_path(&f.id, f.generation);
-            let read = fileio::open_for_read(&path).and_then(|file| store::read_found(&file, f.len));
+            let read = fileio::open_for_read(&path)
+                .map_err(ReadError::from)
+                .and_then(|file| store::read_found(&file, f.len));
             let meta = match read {
                 Ok(meta) if meta.storage_hash() == f.id => meta,
-                _ => {
-                    // Torn, corrupt, foreign, or its body is not the length its record says.
-                    corrupt += 1;
+                other => {
+                    // Torn, corrupt, foreign, or its body is not the length its record says;
+                    // or it could not be read. Either way it cannot be indexed.
+                    corrupt += self.unreadable(other.err(), &path);
                     let _ = store.remove(&path);
                     self.lock_index().forget_unindexed(charged);
                     continue;
@@ -91,7 +96,9 @@ impl Cache {
                 self.lock_index().forget_unindexed_objects(1);
                 continue;
             }
-            let read = fileio::open_for_read(&path).and_then(|file| store::read_variant_found(&file, f.len));
+            let read = fileio::open_for_read(&path)
+                .map_err(ReadError::from)
+                .and_then(|file| store::read_variant_found(&file, f.len));
             let attached = match read {
                 Ok(record) if record.coding == coding => {
                     let variant = Variant {
@@ -106,8 +113,8 @@ impl Cache {
                     let made_from = (record.made_from.1, record.made_from.0);
                     self.lock_index().add_scanned_variant(&f.id, made_from, variant)
                 }
-                _ => {
-                    corrupt += 1;
+                other => {
+                    corrupt += self.unreadable(other.err(), &path);
                     false
                 }
             };
@@ -153,6 +160,18 @@ impl Cache {
         self.publish_gauges();
         info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
         self.evict_wakeup().notify_one();
+    }
+
+    /// 1 when a file found at startup is corrupt (no error: it read fine and is not what its
+    /// name says), 0 when it could not be read: a storage error, counted by its kind.
+    fn unreadable(&self, error: Option<ReadError>, path: &Path) -> u64 {
+        match error {
+            Some(ReadError::Io(source)) => {
+                self.storage_error(&StoreError::io("read", path, source));
+                0
+            }
+            Some(ReadError::Corrupt(_)) | None => 1,
+        }
     }
 }
 

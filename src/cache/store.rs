@@ -84,6 +84,14 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file read fine and does not hold what it should: torn, changed underneath, foreign.
+    #[error("{path} is corrupt: {what}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
     /// A file operation failed.
     #[error("failed to {op} {path}: {source}")]
     Io {
@@ -112,12 +120,12 @@ impl StoreError {
             StoreError::Prepare { source, .. } | StoreError::Io { source, .. } => source,
             StoreError::Locked { .. } => return "locked",
             StoreError::Unsafe { .. } => return "unsafe",
+            StoreError::Corrupt { .. } => return "corrupt",
         };
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => "no_space",
             Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => "permission",
             Some(libc::ENOENT) => "missing",
-            _ if source.kind() == std::io::ErrorKind::InvalidData => "corrupt",
             _ => "io",
         }
     }
@@ -144,6 +152,37 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, op: &'static str, path: &Path) -> Result<T, StoreError> {
         self.map_err(|source| StoreError::io(op, path, source))
+    }
+}
+
+/// Why a cache file could not be read as what it should hold: the file system failed, or the
+/// file was read and its contents are wrong. Only the path is missing to make it a
+/// [`StoreError`]: [`IoContext::at`] adds it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A read (or open, or stat) failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The bytes read are not a valid record, or not the length the record or the index says.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+impl ReadError {
+    fn corrupt(what: impl Into<String>) -> ReadError {
+        ReadError::Corrupt(what.into())
+    }
+}
+
+impl<T> IoContext<T> for Result<T, ReadError> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T, StoreError> {
+        self.map_err(|e| match e {
+            ReadError::Io(source) => StoreError::io(op, path, source),
+            ReadError::Corrupt(what) => StoreError::Corrupt {
+                path: path.to_owned(),
+                what,
+            },
+        })
     }
 }
 
@@ -240,15 +279,14 @@ pub fn tail_len(meta: &Meta) -> u64 {
 }
 
 /// Decodes the tail of an object file (record and footer, exactly), checking the footer.
-pub fn decode_tail(bytes: &[u8]) -> Result<Meta, std::io::Error> {
-    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+pub fn decode_tail(bytes: &[u8]) -> Result<Meta, ReadError> {
     let Some(record_len) = footer_record_len(bytes) else {
-        return Err(invalid("object footer missing".into()));
+        return Err(ReadError::corrupt("object footer missing"));
     };
     if record_len + FOOTER_LEN != bytes.len() as u64 {
-        return Err(invalid("object footer does not match its record".into()));
+        return Err(ReadError::corrupt("object footer does not match its record"));
     }
-    Meta::decode(&bytes[..record_len as usize]).map_err(|e| invalid(e.to_string()))
+    Meta::decode(&bytes[..record_len as usize]).map_err(|e| ReadError::corrupt(e.to_string()))
 }
 
 /// The record length a footer at the end of `bytes` states; `None` when there is none.
@@ -292,8 +330,8 @@ impl VariantRecord {
     }
 
     /// Decodes exactly one record, checking its magic and checksum.
-    pub fn decode(bytes: &[u8]) -> std::io::Result<VariantRecord> {
-        let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+    pub fn decode(bytes: &[u8]) -> Result<VariantRecord, ReadError> {
+        let invalid = ReadError::corrupt;
         if bytes.len() as u64 != VARIANT_TAIL || &bytes[..8] != VARIANT_MAGIC {
             return Err(invalid("variant record missing"));
         }
@@ -314,8 +352,8 @@ impl VariantRecord {
 
 /// Reads the record of a variant file of `len` bytes found at startup; its coded body must
 /// account for the rest of the file exactly.
-pub fn read_variant_found(file: &File, len: u64) -> std::io::Result<VariantRecord> {
-    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+pub fn read_variant_found(file: &File, len: u64) -> Result<VariantRecord, ReadError> {
+    let invalid = ReadError::corrupt;
     if len < VARIANT_TAIL {
         return Err(invalid("variant file too short"));
     }
@@ -729,9 +767,9 @@ impl Store {
 /// Reads the record at the end of an object file that the index says holds `body_len` bytes
 /// of body and `tail_len` of record and footer: `Ok(None)` with `nowait` when that would
 /// wait for the disk.
-pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> std::io::Result<Option<Meta>> {
+pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> Result<Option<Meta>, ReadError> {
     if tail_len > MAX_RECORD as u64 + FOOTER_LEN {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "record too large"));
+        return Err(ReadError::corrupt("record too large"));
     }
     let Some(bytes) = crate::cache::fileio::read_at(file, tail_len as usize, body_len, nowait)? else {
         return Ok(None);
@@ -742,8 +780,8 @@ pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> s
 /// Reads the record of an object file found at startup, of `len` bytes, from its end: the
 /// footer says where the record starts. The record's body length must account for the rest
 /// of the file exactly.
-pub fn read_found(file: &File, len: u64) -> std::io::Result<Meta> {
-    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+pub fn read_found(file: &File, len: u64) -> Result<Meta, ReadError> {
+    let invalid = ReadError::corrupt;
     let first = len.min(TAIL_READ);
     let bytes = crate::cache::fileio::read_at(file, first as usize, len - first, false)?.expect("a blocking read");
     let record_len = footer_record_len(&bytes).ok_or_else(|| invalid("object footer missing"))?;

@@ -124,6 +124,54 @@ async fn an_object_corrupted_while_down_is_detected_and_refetched() {
     );
 }
 
+/// A record that no longer decodes, found by a lookup (after a restart no record is cached),
+/// is a corrupt object: removed, refetched and counted as one, not as a failed read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_while_running_is_counted_as_a_corrupt_object() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/r.js",
+        Behaviour::Generated {
+            len: 200_000,
+            headers: owned(CACHEABLE),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bin, addr) = start_binary(&origin, dir.path()).await;
+    get(&format!("http://{addr}/r.js")).await;
+    assert!(hit_soon(&format!("http://{addr}/r.js")).await, "stored, then a hit");
+    bin.signal(libc::SIGTERM);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+
+    let (mut bin, addr) = start_binary(&origin, dir.path()).await;
+    let rebuilt = tokio::task::block_in_place(|| bin.wait_line("cache index rebuilt"));
+    assert!(rebuilt.contains("objects=1"), "{rebuilt}");
+    // The last byte of the record, before the 12-byte footer: its checksum no longer holds.
+    let files = object_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let at = bytes.len() - 13;
+    bytes[at] ^= 0xff;
+    std::fs::write(&files[0], &bytes).unwrap();
+
+    let (status, cs, body) = get(&format!("http://{addr}/r.js")).await;
+    assert_eq!(status, 200);
+    assert!(cs.contains("fwd=uri-miss"), "{cs}");
+    assert!(matches_pattern(0, &body) && body.len() == 200_000);
+    assert_eq!(origin.hits("/r.js"), 2);
+    let metrics = scrape(bin.admin_addr()).await;
+    assert_eq!(
+        metric(&metrics, "sidecache_corrupt_objects_total", &[]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "sidecache_storage_errors_total", &[]),
+        0.0,
+        "not a failed read"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_of_the_old_layout_is_removed_at_start_not_read() {
     let origin = Origin::start().await;
