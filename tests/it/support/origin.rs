@@ -153,8 +153,14 @@ impl Origin {
                 };
                 let o = o.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
+                    let flushes = Flushes::default();
+                    let stream = FlushCounting {
+                        inner: stream,
+                        flushes: flushes.clone(),
+                    };
+                    let service = service_fn(move |mut req: Request<Incoming>| {
                         let o = o.clone();
+                        req.extensions_mut().insert(flushes.clone());
                         async move { o.answer(req).await.ok_or("aborted") }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
@@ -292,15 +298,26 @@ impl Origin {
                     break resp;
                 }
                 Behaviour::Truncated { len, sent, headers } => {
-                    // Send part of the body, give it time to reach the wire, then break.
-                    let stream = futures_util::stream::unfold(0u8, move |step| async move {
-                        match step {
-                            0 => Some((Ok::<_, BoxError>(Frame::data(pattern_chunk(0, sent as usize))), 1)),
-                            1 => {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                Some((Err::<Frame<Bytes>, BoxError>("cut".into()), 2))
+                    // Send part of the body; once the connection has written it to the socket,
+                    // break (hyper drops what it still buffers when a body fails).
+                    let flushes = req.extensions().get::<Flushes>().cloned().expect("set per connection");
+                    let stream = futures_util::stream::unfold(Cut::Send, move |step| {
+                        let flushes = flushes.clone();
+                        async move {
+                            match step {
+                                Cut::Send => {
+                                    // Counted before the frame is handed over: hyper queues it
+                                    // in the same call, so a flush completed later wrote it.
+                                    let before = flushes.count();
+                                    let part = Frame::data(pattern_chunk(0, sent as usize));
+                                    Some((Ok::<_, BoxError>(part), Cut::Break(before)))
+                                }
+                                Cut::Break(before) => {
+                                    flushes.wait_past(before).await;
+                                    Some((Err::<Frame<Bytes>, BoxError>("cut".into()), Cut::Done))
+                                }
+                                Cut::Done => None,
                             }
-                            _ => None,
                         }
                     });
                     let mut resp = with_headers(Response::new(body::boxed(StreamBody::new(stream))), 200, &headers);
@@ -382,4 +399,94 @@ fn with_headers(mut resp: Response<ProxyBody>, status: u16, headers: &[(String, 
 /// Collects a body (test helper).
 pub async fn collect(body: Incoming) -> Bytes {
     body.collect().await.unwrap().to_bytes()
+}
+
+/// The steps of a [`Behaviour::Truncated`] body.
+enum Cut {
+    Send,
+    /// Break once the connection has completed a flush after this many.
+    Break(u64),
+    Done,
+}
+
+/// Flushes a connection has completed, for bodies that must know their bytes are on the wire.
+#[derive(Clone, Default)]
+struct Flushes(Arc<(std::sync::atomic::AtomicU64, Notify)>);
+
+impl Flushes {
+    fn count(&self) -> u64 {
+        self.0.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn completed(&self) {
+        self.0.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.1.notify_waiters();
+    }
+
+    /// Waits (bounded) until a flush completes after `before` had.
+    async fn wait_past(&self, before: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let flushed = self.0.1.notified();
+            if self.count() > before || tokio::time::timeout_at(deadline, flushed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A connection that counts its completed flushes.
+struct FlushCounting {
+    inner: tokio::net::TcpStream,
+    flushes: Flushes,
+}
+
+impl tokio::io::AsyncRead for FlushCounting {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for FlushCounting {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let done = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(done, std::task::Poll::Ready(Ok(()))) {
+            self.flushes.completed();
+        }
+        done
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
