@@ -653,11 +653,10 @@ mod tests {
             request_time: SystemTime::now(),
             response_time: SystemTime::now(),
         };
-        let started = Instant::now();
+        // (`offer` is not async: it cannot wait for room, only take it or drop.)
         assert!(tier.offer(upload("/a.js")));
         assert!(!tier.offer(upload("/b.js")), "dropped when full");
         assert!(!tier.offer(upload("/c.js")));
-        assert!(started.elapsed() < Duration::from_secs(1), "an offer never waits");
         // Keys are placed under the prefix and the format's directory.
         let hash = CacheKey::from_stored("http://app.example/a.js".into()).hash();
         assert_eq!(tier.object_path(&hash), format!("fleet/objects-v2/{}", hash.to_hex()));

@@ -539,26 +539,38 @@ mod tests {
         assert_eq!(b.stats(), (2, 400, 500));
     }
 
-    #[tokio::test]
+    /// On a paused clock (it jumps to the next timer when every task waits): the refusal
+    /// comes after exactly the time allowed, of virtual time.
+    #[tokio::test(start_paused = true)]
     async fn a_reservation_whose_room_is_not_made_in_time_is_refused_and_given_back() {
-        // Waiters wait 20 ms on a fill: it waits for its room no longer.
-        let mut l = limits(1000, 10);
-        l.coalesce_timeout = Duration::from_millis(20);
-        let b = Arc::new(Budget::new(l));
-        b.set_accounted();
-        store(&b, 0, 800);
-        let evictor = Arc::new(FakeEvictor::default());
-        assert_eq!(b.reserve_room(500, 1, &evictor).await.err(), Some("room"));
-        // The removal goes on; once it ends, what it granted is given back.
-        evictor.go.notify_one();
-        let settled = async {
+        for (coalesce_timeout, allowed) in [
+            (Duration::from_secs(30), ROOM_WAIT),
+            // Waiters wait this long on a fill: it waits for its room no longer.
+            (Duration::from_millis(300), Duration::from_millis(300)),
+        ] {
+            let mut l = limits(1000, 10);
+            l.coalesce_timeout = coalesce_timeout;
+            let b = Arc::new(Budget::new(l));
+            b.set_accounted();
+            store(&b, 0, 800);
+            let evictor = Arc::new(FakeEvictor::default());
+            let started = tokio::time::Instant::now();
+            assert_eq!(b.reserve_room(500, 1, &evictor).await.err(), Some("room"));
+            let waited = started.elapsed();
+            assert!(
+                waited >= allowed && waited < allowed + Duration::from_millis(100),
+                "{waited:?}"
+            );
+            // The removal goes on; once it ends, what it granted is given back. (Yields, not
+            // a timeout: a paused clock does not move while a task is ready to run.)
+            evictor.go.notify_one();
+            let mut yields = 0;
             while b.stats().2 != 0 || b.lock_index().objects() != 0 {
+                assert!(yields < 10_000, "never given back");
+                yields += 1;
                 tokio::task::yield_now().await;
             }
-        };
-        tokio::time::timeout(Duration::from_secs(1), settled)
-            .await
-            .expect("given back");
+        }
     }
 
     #[tokio::test]
@@ -580,12 +592,13 @@ mod tests {
         assert!(evictor.evicted.lock().unwrap().is_empty());
     }
 
-    #[tokio::test]
+    /// On a paused clock: "not woken" is checked over a whole minute of virtual time.
+    #[tokio::test(start_paused = true)]
     async fn passing_the_high_watermark_wakes_the_evictor() {
         let b = budget(1000, 100);
         let evictor = Arc::new(FakeEvictor::default());
         let _under = b.reserve_room(900, 1, &evictor).await.expect("fits");
-        let woken = tokio::time::timeout(Duration::from_millis(20), b.evict_wakeup().notified()).await;
+        let woken = tokio::time::timeout(Duration::from_secs(60), b.evict_wakeup().notified()).await;
         assert!(woken.is_err(), "woken under the watermark");
         // Usage is read after the reservation: 990 of 1000 is past 95%.
         let _over = b.reserve_room(90, 1, &evictor).await.expect("fits");

@@ -346,15 +346,20 @@ mod tests {
         assert!(flights.is_empty());
     }
 
-    #[tokio::test]
+    /// On a paused clock (it jumps to the next timer when every task waits): the wait takes
+    /// its whole limit of virtual time and no real time.
+    #[tokio::test(start_paused = true)]
     async fn a_wait_ends_at_its_limit() {
         let flights = Arc::new(Flights::new());
         let _permit = leader(flights.claim(hash("/a")));
         let flight = waiter(flights.claim(hash("/a")));
-        // A limit, not a sleep: the leader never settles while it runs.
-        let ended = flight.wait(Duration::from_millis(20)).await;
+        // The leader never settles while the waiter waits.
+        let started = tokio::time::Instant::now();
+        let ended = flight.wait(LIMIT).await;
         assert_eq!(ended.as_str(), "timed-out");
         assert!(!ended.retries());
+        let waited = started.elapsed();
+        assert!(waited >= LIMIT && waited < LIMIT + Duration::from_secs(1), "{waited:?}");
     }
 
     #[tokio::test]
