@@ -3,6 +3,10 @@
 file store and nginx serving the same files from disk, driven by wrk, in one run on this machine.
 
     python3 benches/load/run.py [--reps 3] [--duration 10] [--only hot,mixed,cold,herd,churn,startup]
+        [--targets sidecache,nginx-cache,varnish,nginx-direct] [--baseline NAME=BINARY ...]
+
+--baseline adds another sidecache binary (an earlier build) as a target beside the others, in the
+same run: before and after compared side by side (`sidecache-NAME` in the table).
 
 Starts (all on 127.0.0.1, ports picked by the kernel): the origin (loadtool origin), sidecache
 (release build, default settings), nginx proxy_cache (configured as below), Varnish (`-s file`,
@@ -28,8 +32,9 @@ import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 HERE = os.path.dirname(os.path.abspath(__file__))
-SIDECACHE = os.path.join(ROOT, "target", "release", "sidecache")
-LOADTOOL = os.path.join(ROOT, "target", "release", "examples", "loadtool")
+TARGET_DIR = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+SIDECACHE = os.path.join(TARGET_DIR, "release", "sidecache")
+LOADTOOL = os.path.join(TARGET_DIR, "release", "examples", "loadtool")
 CLK = os.sysconf("SC_CLK_TCK")
 MIXED_OBJECTS = 20000
 CHURN_OBJECTS = 30000
@@ -279,10 +284,10 @@ class Bench:
     def origin_count(self):
         return int(http_get(f"http://127.0.0.1:{self.origin_port}/__stats")[1])
 
-    def start_sidecache(self, name, budget="4GB"):
+    def start_sidecache(self, name, budget="4GB", binary=SIDECACHE):
         port, admin = free_port(), free_port()
         proc = self.spawn(name, [
-            SIDECACHE, "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+            binary, "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
             "--upstream", f"http://127.0.0.1:{self.origin_port}",
             "--cache-dir", os.path.join(self.work, f"{name}-cache"), "--max-size", budget,
         ], port, env={"SIDECACHE_ACCESS_LOG": "false", "SIDECACHE_MIN_FREE": "0"})
@@ -559,8 +564,14 @@ class Bench:
         subprocess.run([LOADTOOL, "gen", docroot, "hot", "0"], check=True)
         subprocess.run([LOADTOOL, "gen", docroot, "mixed", str(MIXED_OBJECTS)], check=True)
         self.start_origin()
-        targets = [self.start_sidecache("sidecache"), self.nginx_cache("nginx-cache"),
-                   self.start_varnish("varnish"), self.start_nginx("nginx-direct", NGINX_DIRECT)]
+        wanted = set(self.args.targets.split(","))
+        starts = [("sidecache", lambda: self.start_sidecache("sidecache"))]
+        for name, binary in (b.split("=", 1) for b in self.args.baseline):
+            starts.append((f"sidecache-{name}", lambda n=name, b=binary: self.start_sidecache(f"sidecache-{n}", binary=b)))
+        starts += [("nginx-cache", lambda: self.nginx_cache("nginx-cache")),
+                   ("varnish", lambda: self.start_varnish("varnish")),
+                   ("nginx-direct", lambda: self.start_nginx("nginx-direct", NGINX_DIRECT))]
+        targets = [start() for name, start in starts if name in wanted or name.startswith("sidecache")]
         if "hot" in only:
             self.hot(targets)
         if "mixed" in only:
@@ -734,6 +745,14 @@ def verdicts(rows):
         if parts:
             note = " (target: no worse than before)" if s.startswith(("hot", "herd")) else ""
             out.append(f"- {s}{note}: " + ", ".join(parts))
+    # Earlier builds run beside this one (--baseline): this build's throughput over theirs.
+    baselines = sorted({t for _, t, _ in rows if t.startswith("sidecache-") and not t.startswith(
+        ("sidecache-churn", "sidecache-js"))})
+    for b in baselines:
+        for s in ("hot 1KiB", "hot 128KiB", "hot 1MiB", "mixed"):
+            r = ratio(s, b=b)
+            if r is not None:
+                check(f"{s} req/s vs the build {b[len('sidecache-'):]}", f"{r:.2f}x", ">= 0.95x (no worse)", r >= 0.95)
     return "\n".join(out)
 
 
@@ -742,6 +761,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--only", default="hot,mixed,cold,herd,churn,startup,compress")
+    ap.add_argument("--targets", default="sidecache,nginx-cache,varnish,nginx-direct",
+                    help="which of the standard targets to run (sidecache always runs)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="NAME=BINARY",
+                    help="an earlier sidecache build to run beside this one (repeatable)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
