@@ -40,6 +40,9 @@
 //! - [`supervise`]: the child app of `serve -- <command>`: start, readiness, signals, status.
 //! - [`demo`]: a built-in sample origin and the `demo` subcommand.
 
+// `unsafe` only where a module says it may (one: `zerocopy`), under its written contract.
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod body;
 pub mod bucket;
@@ -64,6 +67,7 @@ pub mod sources;
 pub mod supervise;
 pub mod units;
 pub mod upstream;
+#[allow(unsafe_code)] // The one module allowed it, under its contract (see its doc).
 pub mod zerocopy;
 
 /// A builder for outgoing HTTP(S) clients (prime, purge, fills from another source): rustls

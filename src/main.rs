@@ -1,6 +1,8 @@
 //! The `sidecache` command: CLI dispatch. Configuration is loaded and validated before any port
 //! is bound; a bad configuration exits with status 64.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

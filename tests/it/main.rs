@@ -1,5 +1,7 @@
 //! One integration binary: real sockets, a real in-process origin, the real `sidecache` binary.
 
+#![forbid(unsafe_code)]
+
 mod support;
 
 mod cache;
