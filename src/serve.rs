@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
@@ -17,7 +16,7 @@ use crate::prime::warm::{Job, warm_all};
 use crate::prime::{self, Input};
 use crate::proxy::Proxy;
 use crate::sidecar::Sidecar;
-use crate::supervise::{self, App};
+use crate::supervise::{self, App, Termination};
 
 /// `serve --prime FILE --prime-host HOST`: what to warm once serving has begun.
 #[derive(Debug, Clone)]
@@ -37,6 +36,8 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
         Ok(_) => {}
         Err(e) => warn!(error = %e, "could not raise the descriptor limit"),
     }
+    // First: a signal that arrives from here on is held until it is received below.
+    let mut signals = Termination::install().context("failed to install the SIGTERM and SIGINT handlers")?;
     let mut app = None;
     if !app_command.is_empty() {
         // With no explicit upstream port for the app, give it a free loopback port.
@@ -45,7 +46,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
             config.upstream =
                 crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
         }
-        app = Some(App::spawn(&app_command, config.upstream.port())?);
+        app = Some(App::spawn(&app_command, config.upstream.port(), &signals)?);
     }
 
     let app_start_timeout = config.app_start_timeout;
@@ -54,8 +55,6 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     let sidecar = Sidecar::start(config)
         .await
         .context("failed to start the admin listener")?;
-    let signals = termination();
-    tokio::pin!(signals);
 
     if let Some(app) = app.as_mut() {
         tokio::select! {
@@ -69,8 +68,8 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
                 }
                 info!(port = upstream_port, "app ready");
             }
-            sig = &mut signals => {
-                app.signal(sig?);
+            sig = signals.recv() => {
+                app.signal(sig);
                 let status = app.wait().await?;
                 return Ok(supervise::exit_code(status) as u8);
             }
@@ -90,8 +89,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     let mut app_status = None;
     tokio::select! {
         _ = &mut serving => {}
-        sig = &mut signals => {
-            let sig = sig?;
+        sig = signals.recv() => {
             info!(signal = sig, "shutting down");
             if let Some(app) = app.as_ref() {
                 app.signal(sig);
@@ -129,16 +127,6 @@ async fn wait_app(app: &mut Option<App>) -> std::io::Result<std::process::ExitSt
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT, naming it.
-pub async fn termination() -> anyhow::Result<i32> {
-    let mut term = signal(SignalKind::terminate()).context("failed to install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("failed to install SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => libc::SIGTERM,
-        _ = int.recv() => libc::SIGINT,
-    })
-}
-
 /// `serve --prime`: warms the listed objects through the same loop as `POST /prime`, once
 /// serving has begun, and logs the tally.
 async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
@@ -166,8 +154,8 @@ async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
     let job = Job {
         host: host.unwrap_or_else(|| "localhost".into()),
         from: None,
-        concurrency: 8,
-        timeout: Duration::from_secs(30),
+        concurrency: prime::warm::CONCURRENCY,
+        timeout: prime::warm::OBJECT_TIMEOUT,
     };
     let mut lines = warm_all(proxy, urls, job);
     let (mut warmed, mut warm, mut failed) = (0, 0, 0);

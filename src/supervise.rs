@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 
 use rustix::process::{Resource, Rlimit, Signal, getppid, getrlimit, set_parent_process_death_signal, setrlimit};
 use tokio::process::{Child, Command};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{self as unix_signal, SignalKind, signal};
 use tracing::info;
 
 /// The first argument that makes the `sidecache` binary run as the app's launcher, [`launch`]
@@ -28,10 +29,16 @@ const CANNOT_RUN: u8 = 127;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The command could not be started.
-    #[error("failed to start app command `{command}`: {source}")]
+    #[error("failed to start app command `{command}`")]
     Spawn {
         /// The program.
         command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// This binary could not be started again as the app's launcher.
+    #[error("failed to start the app's launcher ({SELF_EXE}, this binary again)")]
+    Launcher {
         /// Why.
         source: std::io::Error,
     },
@@ -61,29 +68,29 @@ impl App {
     /// Starts `command` (program and arguments) with `PORT=port`, in its own process group so
     /// that a terminal's Ctrl-C reaches it only through us (once).
     ///
-    /// The app is started through [`launch`]: this binary again, as a short-lived launcher that
-    /// prepares the new process and then replaces itself with the app (same pid, same process
-    /// group). What must happen inside the child before the app runs is done there, with safe
-    /// calls in a process of its own, instead of in a `pre_exec` hook between `fork` and `exec`.
+    /// The app is started through [`launch`]: this binary again (its `main` must hand
+    /// [`LAUNCH`] to it, as `sidecache`'s does), as a short-lived launcher that prepares the new
+    /// process and then replaces itself with the app (same pid, same process group). What must
+    /// happen inside the child before the app runs is done there, with safe calls in a process
+    /// of its own, instead of in a `pre_exec` hook between `fork` and `exec`.
+    ///
+    /// `_handled` is the proof that sidecache's handlers for the signals it forwards are
+    /// installed: exec resets a handled signal to its default action, so the app gets the
+    /// default even when sidecache was started with the signal ignored (a background job of a
+    /// non-interactive shell ignores SIGINT), which exec would otherwise keep.
+    ///
     /// Must be called from a thread that lives as long as the app (the parent-death signal is
     /// tied to the thread that forked), within a Tokio runtime.
-    pub fn spawn(command: &[String], port: u16) -> Result<App, StartError> {
+    pub(crate) fn spawn(command: &[String], port: u16, _handled: &Termination) -> Result<App, StartError> {
         let program = command.first().ok_or_else(|| StartError::Spawn {
             command: String::new(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
         })?;
-        // The signals sidecache forwards must reach the app with their default action. One
-        // ignored when sidecache started (a background job of a non-interactive shell ignores
-        // SIGINT) would stay ignored through exec; one with a handler is reset to the default
-        // by exec. Installing sidecache's handlers (they stay for the life of the process)
-        // before the launcher is started is all it takes.
-        for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
-            // The handler stays installed when its stream is dropped.
-            drop(signal(kind).map_err(|source| StartError::Spawn {
-                command: program.clone(),
-                source,
-            })?);
-        }
+        // Found here, not by the launcher's exec: a wrong command fails at once, with its cause.
+        runnable(program).map_err(|source| StartError::Spawn {
+            command: program.clone(),
+            source,
+        })?;
         let mut launcher = Command::new(SELF_EXE);
         launcher
             .arg(LAUNCH)
@@ -93,10 +100,7 @@ impl App {
             .env("PORT", port.to_string())
             .process_group(0)
             .kill_on_drop(true);
-        let child = launcher.spawn().map_err(|source| StartError::Spawn {
-            command: program.clone(),
-            source,
-        })?;
+        let child = launcher.spawn().map_err(|source| StartError::Launcher { source })?;
         let pid = child.id();
         info!(pid, port, command = %program, "app started");
         Ok(App { child, pid })
@@ -139,6 +143,51 @@ impl App {
             }
         }
     }
+}
+
+/// sidecache's handlers for the signals it acts on and forwards, SIGTERM and SIGINT: installed
+/// once, first thing, so that none arriving while the sidecar starts is lost (a handled signal
+/// is held until it is received) and an app started afterwards gets their default action.
+pub struct Termination {
+    term: unix_signal::Signal,
+    int: unix_signal::Signal,
+}
+
+impl Termination {
+    /// Installs the handlers (they stay for the life of the process).
+    pub fn install() -> std::io::Result<Termination> {
+        Ok(Termination {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT, by number.
+    pub async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.int.recv() => libc::SIGINT,
+        }
+    }
+}
+
+/// Whether `program` names a file this process may execute: a path as given, or a name found
+/// in `PATH` (as `exec` would look it up).
+fn runnable(program: &str) -> std::io::Result<()> {
+    let executable = |path: &Path| path.is_file() && rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok();
+    if program.contains('/') {
+        let path = Path::new(program);
+        if executable(path) {
+            return Ok(());
+        }
+        rustix::fs::access(path, rustix::fs::Access::EXEC_OK)?;
+        return Err(std::io::Error::from_raw_os_error(libc::EACCES));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    if std::env::split_paths(&path).any(|dir| executable(&dir.join(program))) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::NotFound, "not found in PATH"))
 }
 
 fn kill(pid: u32, signal: i32) {

@@ -202,6 +202,36 @@ async fn the_app_does_not_outlive_a_killed_sidecache() {
     assert!(gone, "the app (pid {pid}) outlived sidecache");
 }
 
+/// A command that cannot run fails at once, before any port is bound, naming the command and
+/// why (it is looked up as exec would, not left to the launcher).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_cannot_run_is_refused_at_once_with_its_cause() {
+    for (command, cause) in [
+        ("/nonexistent/app", "No such file or directory"),
+        ("no-such-command-for-sidecache", "not found in PATH"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bin = spawn_supervised(dir.path(), &[command]);
+        let line = tokio::task::block_in_place(|| bin.wait_line("failed to start app command"));
+        assert!(line.contains(command) && line.contains(cause), "{line}");
+        let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+        assert_eq!(status.code(), Some(1));
+        assert!(!bin.seen.iter().any(|l| l.contains("listening")), "no port bound");
+    }
+}
+
+/// The app gets its arguments as given: spaces, empty ones and shell characters intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_its_arguments_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("args");
+    let script = format!("printf '%s|' \"$@\" > {}; exit 5", seen.display());
+    let mut bin = spawn_supervised(dir.path(), &["sh", "-c", &script, "sh", "a b", "", "$HOME", "--", "-x"]);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(5));
+    assert_eq!(std::fs::read_to_string(&seen).unwrap(), "a b||$HOME|--|-x|");
+}
+
 /// Whether `pid` is a live process (a zombie waiting for its new parent to reap it has ended).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
