@@ -54,7 +54,9 @@ pub fn map_body(
         if want == 0 {
             return Ok(Some((Bytes::new(), mtime)));
         }
-        return Ok(read_at(&file, want, 0, nowait)?.map(|buf| (Bytes::from(buf), mtime)));
+        return Ok(read_at(&file, want, 0, nowait)
+            .map_err(ReadError::of_read)?
+            .map(|buf| (Bytes::from(buf), mtime)));
     }
     // SAFETY: see the module contract: the file is immutable once placed and only unlinked.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file)? };

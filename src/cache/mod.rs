@@ -534,7 +534,14 @@ impl Cache {
         }
     }
 
+    /// Counts and logs a storage failure: a file found corrupt as a corrupt object (its caller
+    /// removes it), any other by its kind.
     fn storage_error(&self, e: &StoreError) {
+        if let StoreError::Corrupt { .. } = e {
+            metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
+            warn!(error = %e, "corrupt object removed; serving from the app");
+            return;
+        }
         metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
         warn!(error = %e, "storage error; serving from the app");
         if e.is_exhaustion() {

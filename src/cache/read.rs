@@ -97,11 +97,6 @@ impl Cache {
     ) -> Option<T> {
         match result {
             Ok(Ok(value)) => Some(value),
-            Ok(Err(StoreError::Corrupt { path, what })) => {
-                let why = format!("{what} ({})", path.display());
-                self.drop_corrupt(hash, generation, &why).await;
-                None
-            }
             Ok(Err(e)) => {
                 self.storage_error(&e);
                 // Out of descriptors or memory says nothing about the object: keep it.
@@ -148,7 +143,7 @@ impl Cache {
         }
     }
 
-    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, generation: u64, why: &str) {
+    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, generation: u64, why: &'static str) {
         metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
         warn!(key = %hash, reason = why, "corrupt object removed");
         self.drop_entry(hash, generation).await;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cache::index::Variant;
 use crate::cache::store::{ReadError, StoreError};
@@ -41,6 +41,7 @@ impl Cache {
         let (variants, found): (Vec<_>, Vec<_>) = found.into_iter().partition(|f| f.coding.is_some());
         let mut loaded = 0u64;
         let mut corrupt = 0u64;
+        let mut failed = FailedReads::default();
         for f in found {
             // From here it is indexed, removed, or counted by its own fill.
             self.lock_index().forget_unindexed_objects(1);
@@ -59,7 +60,7 @@ impl Cache {
                 other => {
                     // Torn, corrupt, foreign, or its body is not the length its record says;
                     // or it could not be read. Either way it cannot be indexed.
-                    corrupt += self.unreadable(other.err(), &path);
+                    corrupt += failed.note(other.err(), &path);
                     let _ = store.remove(&path);
                     self.lock_index().forget_unindexed(charged);
                     continue;
@@ -114,7 +115,7 @@ impl Cache {
                     self.lock_index().add_scanned_variant(&f.id, made_from, variant)
                 }
                 other => {
-                    corrupt += self.unreadable(other.err(), &path);
+                    corrupt += failed.note(other.err(), &path);
                     false
                 }
             };
@@ -159,15 +160,32 @@ impl Cache {
         metrics::gauge!(m::INDEX_READY).set(1.0);
         self.publish_gauges();
         info!(objects = loaded, corrupt, seconds = secs, "cache index rebuilt");
+        if let Some(first) = failed.first {
+            // One line for them all: a failing disk would otherwise log one for every file.
+            warn!(files = failed.count, first = %first, "files that could not be read at startup were removed");
+        }
         self.evict_wakeup().notify_one();
     }
+}
 
+/// Files the startup scan could not read (as opposed to corrupt ones): each counted as a
+/// storage error by its kind, logged once for all.
+#[derive(Default)]
+struct FailedReads {
+    count: u64,
+    first: Option<StoreError>,
+}
+
+impl FailedReads {
     /// 1 when a file found at startup is corrupt (no error: it read fine and is not what its
-    /// name says), 0 when it could not be read: a storage error, counted by its kind.
-    fn unreadable(&self, error: Option<ReadError>, path: &Path) -> u64 {
+    /// name says), 0 when it could not be read.
+    fn note(&mut self, error: Option<ReadError>, path: &Path) -> u64 {
         match error {
             Some(ReadError::Io(source)) => {
-                self.storage_error(&StoreError::io("read", path, source));
+                let e = StoreError::io("read", path, source);
+                metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
+                self.count += 1;
+                self.first.get_or_insert(e);
                 0
             }
             Some(ReadError::Corrupt(_)) | None => 1,

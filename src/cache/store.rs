@@ -172,6 +172,15 @@ impl ReadError {
     fn corrupt(what: impl Into<String>) -> ReadError {
         ReadError::Corrupt(what.into())
     }
+
+    /// A failed read of bytes the record or the index says are there: a file that ends
+    /// before them is corrupt (cut short), not a failed read.
+    pub fn of_read(e: std::io::Error) -> ReadError {
+        match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ReadError::corrupt("the file ends before the length it should have"),
+            _ => ReadError::Io(e),
+        }
+    }
 }
 
 impl<T> IoContext<T> for Result<T, ReadError> {
@@ -357,7 +366,8 @@ pub fn read_variant_found(file: &File, len: u64) -> Result<VariantRecord, ReadEr
     if len < VARIANT_TAIL {
         return Err(invalid("variant file too short"));
     }
-    let bytes = crate::cache::fileio::read_at(file, VARIANT_TAIL as usize, len - VARIANT_TAIL, false)?
+    let bytes = crate::cache::fileio::read_at(file, VARIANT_TAIL as usize, len - VARIANT_TAIL, false)
+        .map_err(ReadError::of_read)?
         .expect("a blocking read");
     let record = VariantRecord::decode(&bytes)?;
     if record.body_len + VARIANT_TAIL != len {
@@ -771,7 +781,9 @@ pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> R
     if tail_len > MAX_RECORD as u64 + FOOTER_LEN {
         return Err(ReadError::corrupt("record too large"));
     }
-    let Some(bytes) = crate::cache::fileio::read_at(file, tail_len as usize, body_len, nowait)? else {
+    let Some(bytes) =
+        crate::cache::fileio::read_at(file, tail_len as usize, body_len, nowait).map_err(ReadError::of_read)?
+    else {
         return Ok(None);
     };
     decode_tail(&bytes).map(Some)
@@ -783,7 +795,9 @@ pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> R
 pub fn read_found(file: &File, len: u64) -> Result<Meta, ReadError> {
     let invalid = ReadError::corrupt;
     let first = len.min(TAIL_READ);
-    let bytes = crate::cache::fileio::read_at(file, first as usize, len - first, false)?.expect("a blocking read");
+    let bytes = crate::cache::fileio::read_at(file, first as usize, len - first, false)
+        .map_err(ReadError::of_read)?
+        .expect("a blocking read");
     let record_len = footer_record_len(&bytes).ok_or_else(|| invalid("object footer missing"))?;
     let tail = record_len + FOOTER_LEN;
     if record_len > MAX_RECORD as u64 || tail > len {
@@ -792,7 +806,9 @@ pub fn read_found(file: &File, len: u64) -> Result<Meta, ReadError> {
     let meta = if tail <= first {
         decode_tail(&bytes[(first - tail) as usize..])?
     } else {
-        let bytes = crate::cache::fileio::read_at(file, tail as usize, len - tail, false)?.expect("a blocking read");
+        let bytes = crate::cache::fileio::read_at(file, tail as usize, len - tail, false)
+            .map_err(ReadError::of_read)?
+            .expect("a blocking read");
         decode_tail(&bytes)?
     };
     if meta.body_len + tail != len {
