@@ -179,17 +179,17 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Settings {
-        Settings::compile(None).expect("the defaults are valid")
+        Settings::compile(RawCompress::Switch(true)).expect("the defaults are valid")
     }
 }
 
 impl Settings {
-    /// The settings from `compress:` (absent: the defaults).
-    pub fn compile(raw: Option<RawCompress>) -> Result<Settings, String> {
+    /// The settings from `compress:` (`true`, the configuration's default, gives the defaults of
+    /// every nested key, which are written here).
+    pub fn compile(raw: RawCompress) -> Result<Settings, String> {
         let (enabled, keys) = match raw {
-            None => (true, RawCompressKeys::default()),
-            Some(RawCompress::Switch(on)) => (on, RawCompressKeys::default()),
-            Some(RawCompress::Keys(k)) => (k.enabled.unwrap_or(true), k),
+            RawCompress::Switch(on) => (on, RawCompressKeys::default()),
+            RawCompress::Keys(k) => (k.enabled.unwrap_or(true), k),
         };
         let types: Vec<String> = keys
             .types
@@ -382,7 +382,7 @@ mod tests {
         // `text/*` does not match `text/` alone, nor another type that starts alike.
         assert!(!s.compresses_type("text/"));
         assert!(!s.compresses_type("textual/x"));
-        let off = Settings::compile(Some(RawCompress::Switch(false))).expect("valid");
+        let off = Settings::compile(RawCompress::Switch(false)).expect("valid");
         assert!(!off.eligible(200, &js, 50_000));
     }
 
@@ -399,9 +399,9 @@ mod tests {
     #[test]
     fn compress_is_written_as_a_switch_or_a_map_and_a_wrong_key_is_named() {
         let parse = |yaml: &str| serde_saphyr::from_str::<RawCompress>(yaml).map_err(|e| e.to_string());
-        let off = Settings::compile(Some(parse("false").expect("a switch"))).expect("valid");
+        let off = Settings::compile(parse("false").expect("a switch")).expect("valid");
         assert!(!off.enabled);
-        let map = Settings::compile(Some(parse("{threads: 2, min_size: 4KiB}").expect("a map"))).expect("valid");
+        let map = Settings::compile(parse("{threads: 2, min_size: 4KiB}").expect("a map")).expect("valid");
         assert_eq!((map.enabled, map.threads, map.min_size), (true, 2, 4096));
         assert!(parse("{thread: 2}").expect_err("unknown key").contains("thread"));
         assert!(parse("bogus").expect_err("a string").contains("a map of"));
@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn settings_refuse_what_cannot_work() {
-        let keys = |k: RawCompressKeys| Settings::compile(Some(RawCompress::Keys(k)));
+        let keys = |k: RawCompressKeys| Settings::compile(RawCompress::Keys(k));
         assert!(
             keys(RawCompressKeys {
                 threads: Some(0),

@@ -793,7 +793,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     }
     let strip_request_headers =
         strip_request_headers(raw.strip_request_headers).map_err(|m| invalid("strip_request_headers", m))?;
-    let compress = crate::compress::Settings::compile(Some(raw.compress)).map_err(|m| invalid("compress", m))?;
+    let compress = crate::compress::Settings::compile(raw.compress).map_err(|m| invalid("compress", m))?;
     let shared_tier = match raw.shared_tier.trim() {
         "" => None,
         url => {

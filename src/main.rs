@@ -106,9 +106,9 @@ enum Command {
         /// Public address of the demo sidecar.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
-        /// Admin address of the demo sidecar.
-        #[arg(long, default_value = "127.0.0.1:9090")]
-        admin_listen: String,
+        /// Admin address of the demo sidecar [default: the configuration's admin_listen].
+        #[arg(long)]
+        admin_listen: Option<String>,
     },
 }
 
@@ -147,14 +147,14 @@ struct PrimeArgs {
     #[arg(long, value_name = "URL")]
     from: Option<String>,
     /// Objects the sidecar fetches at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = prime::warm::CONCURRENCY)]
     concurrency: usize,
     /// Extra rounds for failed objects (with backoff).
     #[arg(long, default_value_t = 3)]
     retries: u32,
     /// Time limit per object.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    #[arg(long, default_value_t = prime::warm::OBJECT_TIMEOUT.into())]
+    timeout: humantime::Duration,
     /// How long to wait for the sidecar to be ready.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     wait: Duration,
@@ -200,7 +200,7 @@ async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
         from: args.from,
         concurrency: args.concurrency.clamp(1, 64),
         retries: args.retries,
-        timeout: args.timeout,
+        timeout: args.timeout.into(),
         wait: args.wait,
         max_failures: args.max_failures,
         json: args.json,
@@ -351,7 +351,9 @@ fn main() -> ExitCode {
             run_async(client::inspect(access, url, host, json))
         }
         Command::Demo { listen, admin_listen } => {
-            let flags = vec![("listen", listen), ("admin_listen", admin_listen)];
+            // The demo's public port is on loopback (the configuration's listens on every address).
+            let mut flags = vec![("listen", listen)];
+            flags.extend(admin_listen.map(|a| ("admin_listen", a)));
             let config = match Loader::new(std::env::vars()).flags(flags).load() {
                 Ok(config) => config,
                 Err(e) => {

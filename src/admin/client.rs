@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::{Config, Loader};
+use crate::config::{Loader, RawConfig};
 
 /// How `prime` and `purge` reach this instance's sidecar: its admin address and token, from
 /// the flags, else from the configuration the sidecar reads (file, `SIDECACHE_*`).
@@ -34,9 +34,7 @@ impl AdminAccess {
             }
         };
         let target = target.unwrap_or_else(|| {
-            let mut addr = loaded
-                .as_ref()
-                .map_or_else(|| Config::defaults().admin_listen, |c| c.admin_listen);
+            let mut addr = loaded.as_ref().map_or_else(default_admin_listen, |c| c.admin_listen);
             // A wildcard listener is reached on loopback from this instance.
             if addr.ip().is_unspecified() {
                 addr.set_ip(match addr.ip() {
@@ -112,4 +110,14 @@ pub async fn inspect(access: AdminAccess, url: String, host: Option<String>, jso
         serde_json::from_str(&body).context("the admin port answered something other than a report")?;
     print!("{}", report.to_text());
     Ok(0)
+}
+
+/// The admin address by default, from the configuration table (not by validating a whole
+/// default configuration, which depends on the machine).
+fn default_admin_listen() -> std::net::SocketAddr {
+    RawConfig::DEFAULTS
+        .iter()
+        .find(|(key, _)| *key == "admin_listen")
+        .and_then(|(_, addr)| addr.parse().ok())
+        .expect("the table's admin_listen default is an address")
 }

@@ -14,6 +14,12 @@ use super::protocol::{Failure, Line, WarmResult};
 use crate::proxy::Proxy;
 use crate::sources::SourceUrl;
 
+/// Objects fetched at once by default (`prime --concurrency`, `serve --prime`).
+pub const CONCURRENCY: usize = 8;
+
+/// Time limit per object by default (`prime --timeout`, `serve --prime`).
+pub const OBJECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How to warm a list.
 #[derive(Debug, Clone)]
 pub struct Job {

@@ -410,6 +410,8 @@ enum Cut {
 }
 
 /// Flushes a connection has completed, for bodies that must know their bytes are on the wire.
+/// Meant for HTTP/1 (what sidecache speaks to the app): there a body's frame is queued in the
+/// connection's own task, before its next flush; an HTTP/2 body is polled in a task of its own.
 #[derive(Clone, Default)]
 struct Flushes(Arc<(std::sync::atomic::AtomicU64, Notify)>);
 
