@@ -187,11 +187,12 @@ pub fn is_rule_name(name: &str) -> bool {
 /// percent-decoded, path parameters (`;x`) dropped, empty and dot segments resolved (`/%61pi/me`,
 /// `//api/me`, `/api;x/me` and `/x/../api/me` are `/api/me` to many frameworks), and in any
 /// case (bypass globs match case-insensitively). A bypass must not be dodged by spelling.
-pub fn bypassed(rules: &[Rule], path: &str) -> bool {
+/// `matched` is [`position`]`(rules, path)`, which the request path works out once.
+pub fn bypassed(rules: &[Rule], path: &str, matched: Option<usize>) -> bool {
     if rules.is_empty() {
         return false;
     }
-    if find(rules, path).is_some_and(|r| r.bypass) {
+    if matched.is_some_and(|i| rules[i].bypass) {
         return true;
     }
     if !path.contains(['%', ';', '\\']) && !path.contains("//") && !path.contains("/.") {
@@ -656,10 +657,10 @@ mod tests {
             "/./api/me",
             "/x\\..\\api/me",
         ] {
-            assert!(bypassed(&rules, path), "{path}");
+            assert!(bypassed(&rules, path, position(&rules, path)), "{path}");
         }
-        assert!(!bypassed(&rules, "/assets/app.js"));
-        assert!(!bypassed(&[], "/api/me"));
+        assert!(!bypassed(&rules, "/assets/app.js", position(&rules, "/assets/app.js")));
+        assert!(!bypassed(&[], "/api/me", None));
     }
 
     #[test]

@@ -137,10 +137,12 @@ impl Proxy {
         let path_for_log = self.config.access_log.then(|| req.uri().path().to_owned());
         let version = req.version();
 
-        // The rule the path falls under, for the per-rule counts (`none`: the last row).
-        let rule = rules::position(&self.config.rules, req.uri().path()).unwrap_or(self.config.rules.len());
+        // The rule the path falls under, matched once: for the bypass check and the per-rule
+        // counts (`none`: the last row).
+        let matched = rules::position(&self.config.rules, req.uri().path());
+        let rule = matched.unwrap_or(self.config.rules.len());
 
-        let answer = self.route(req, client).await;
+        let answer = self.route(req, client, matched).await;
         let cache_status = answer.cache_status();
         let Answer {
             mut response, outcome, ..
@@ -182,7 +184,7 @@ impl Proxy {
         response
     }
 
-    async fn route(self: &Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Answer {
+    async fn route(self: &Arc<Self>, req: Request<Incoming>, client: SocketAddr, matched: Option<usize>) -> Answer {
         // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; ambiguity here is how
         // routing and cache keys get confused.
         if req.version() == http::Version::HTTP_11 && req.headers().get_all(header::HOST).iter().count() != 1 {
@@ -195,7 +197,7 @@ impl Proxy {
         if is_upgrade(&req) {
             return self.tunnel(req, client).await;
         }
-        self.serve(req.map(body::boxed), client).await
+        self.serve(req.map(body::boxed), client, matched).await
     }
 
     /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
@@ -256,7 +258,8 @@ impl Proxy {
         }
         let key = CacheKey::from_request(&req, self.scheme(&req), &self.config.query);
         let headers = req.headers().clone();
-        let answer = self.serve(req, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        let matched = rules::position(&self.config.rules, req.uri().path());
+        let answer = self.serve(req, SocketAddr::from(([127, 0, 0, 1], 0)), matched).await;
         let status = answer.response.status();
         let (outcome, stored) = (answer.outcome, answer.stored);
         let mut body = answer.response.into_body();
@@ -292,7 +295,8 @@ impl Proxy {
     }
 
     /// Serves a request through the cache (everything but upgrades).
-    async fn serve(self: &Arc<Self>, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
+    /// `matched`: the rule the request's path falls under ([`rules::position`]).
+    async fn serve(self: &Arc<Self>, req: Request<ProxyBody>, client: SocketAddr, matched: Option<usize>) -> Answer {
         if matches!(*req.method(), Method::GET | Method::HEAD) && !req.body().is_end_stream() {
             // A GET or HEAD with a body (Content-Length above 0, or chunked): RFC 9110 §9.3.1
             // gives it no meaning, yet an app may read it, and the key does not hold it. Its
@@ -312,7 +316,7 @@ impl Proxy {
         let Some(key) = CacheKey::from_request(&req, self.scheme(&req), &self.config.query) else {
             return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
         };
-        if rules::bypassed(&self.config.rules, req.uri().path()) {
+        if rules::bypassed(&self.config.rules, req.uri().path(), matched) {
             return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
         }
         // The app gets the query the key holds, no more: a parameter left out of the key
