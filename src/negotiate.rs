@@ -79,16 +79,22 @@ pub struct Accepts {
 const IDENTITY: usize = 4;
 const STAR: usize = 5;
 
+/// A coding token's slot in [`Accepts::q`], in any case (tokens are case-insensitive), without
+/// a lower-cased copy of it.
 fn slot(token: &str) -> Option<usize> {
-    match token {
-        "br" => Some(0),
-        "zstd" => Some(1),
-        "gzip" | "x-gzip" => Some(2),
-        "deflate" => Some(3),
-        "identity" => Some(IDENTITY),
-        "*" => Some(STAR),
-        _ => None,
-    }
+    const SLOTS: [(&str, usize); 7] = [
+        ("br", 0),
+        ("zstd", 1),
+        ("gzip", 2),
+        ("x-gzip", 2),
+        ("deflate", 3),
+        ("identity", IDENTITY),
+        ("*", STAR),
+    ];
+    SLOTS
+        .iter()
+        .find(|(name, _)| token.eq_ignore_ascii_case(name))
+        .map(|&(_, i)| i)
 }
 
 /// Parses a q-value (`0`, `0.5`, `1.000`) into thousandths; malformed reads as absent.
@@ -117,7 +123,7 @@ impl Accepts {
             q: [None; 6],
         };
         for (token, q) in elements(headers) {
-            if let Some(i) = slot(&token.to_ascii_lowercase()) {
+            if let Some(i) = slot(token) {
                 // Named twice: the higher weight stands (a lenient reading).
                 out.q[i] = Some(out.q[i].map_or(q, |old| old.max(q)));
             }
@@ -198,12 +204,12 @@ pub fn accepts_stored(req: &HeaderMap, content_encoding: Option<&HeaderValue>) -
     let Ok(text) = value.to_str() else { return false };
     let accepts = Accepts::parse(req);
     text.split(',')
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && t != "identity")
-        .all(|t| match slot(&t) {
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("identity"))
+        .all(|t| match slot(t) {
             Some(i) => accepts.weight(i) > 0,
             // A coding this module has no slot for: named with a weight above 0, else `*`'s.
-            None => named_weight(req, &t)
+            None => named_weight(req, t)
                 .or(accepts.q[STAR])
                 .is_some_and(|q| accepts.present && q > 0),
         })
