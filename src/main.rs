@@ -69,16 +69,8 @@ enum Command {
         /// the app, and they still stand in for it if it fails (stale-if-error).
         #[arg(long)]
         soft: bool,
-        /// The sidecar's admin address [default: the configuration's admin_listen].
-        #[arg(long)]
-        target: Option<String>,
-        /// Admin bearer token [default: SIDECACHE_ADMIN_TOKEN, else the configuration's].
-        #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// The sidecar's YAML configuration, for its admin address and token (also
-        /// SIDECACHE_CONFIG).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminOpts,
     },
     /// Show what is stored for a URL, and why a request would or would not be served from it.
     Inspect {
@@ -90,16 +82,8 @@ enum Command {
         /// Print the admin port's JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// The sidecar's admin address [default: the configuration's admin_listen].
-        #[arg(long)]
-        target: Option<String>,
-        /// Admin bearer token [default: SIDECACHE_ADMIN_TOKEN, else the configuration's].
-        #[arg(long, env = "SIDECACHE_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// The sidecar's YAML configuration, for its admin address and token (also
-        /// SIDECACHE_CONFIG).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminOpts,
     },
     /// Run a built-in sample origin with the sidecar in front of it.
     Demo {
@@ -112,9 +96,9 @@ enum Command {
     },
 }
 
-/// `sidecache prime` flags.
+/// How `prime`, `purge` and `inspect` reach the sidecar's admin port.
 #[derive(Args)]
-struct PrimeArgs {
+struct AdminOpts {
     /// The sidecar's admin address [default: the configuration's admin_listen].
     #[arg(long)]
     target: Option<String>,
@@ -125,6 +109,19 @@ struct PrimeArgs {
     /// SIDECACHE_CONFIG).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+impl AdminOpts {
+    fn resolve(self) -> AdminAccess {
+        AdminAccess::resolve(self.target, self.token, self.config)
+    }
+}
+
+/// `sidecache prime` flags.
+#[derive(Args)]
+struct PrimeArgs {
+    #[command(flatten)]
+    admin: AdminOpts,
     /// The public Host your users reach the app by (part of the cache key).
     #[arg(long)]
     host: Option<String>,
@@ -192,7 +189,7 @@ async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
     let Some(input) = args.input() else {
         anyhow::bail!("prime needs one of --urls, --dir, --manifest or --sitemap");
     };
-    let access = AdminAccess::resolve(args.target, args.token, args.config);
+    let access = args.admin.resolve();
     let opts = prime::Options {
         target: access.target,
         token: access.token,
@@ -319,9 +316,7 @@ fn main() -> ExitCode {
             tag,
             all,
             soft,
-            target,
-            token,
-            config,
+            admin,
         } => {
             let mut query = match (url, prefix, all) {
                 (Some(u), _, _) => vec![("url", u)],
@@ -336,18 +331,10 @@ fn main() -> ExitCode {
             if soft {
                 query.push(("soft", "true".to_owned()));
             }
-            let access = AdminAccess::resolve(target, token, config);
-            run_async(client::purge(access, query))
+            run_async(client::purge(admin.resolve(), query))
         }
-        Command::Inspect {
-            url,
-            host,
-            json,
-            target,
-            token,
-            config,
-        } => {
-            let access = AdminAccess::resolve(target, token, config);
+        Command::Inspect { url, host, json, admin } => {
+            let access = admin.resolve();
             run_async(client::inspect(access, url, host, json))
         }
         Command::Demo { listen, admin_listen } => {

@@ -49,31 +49,40 @@ impl AdminAccess {
     }
 }
 
+impl AdminAccess {
+    /// One request to the admin port (`path` with its query), with the token when there is
+    /// one: the answer's body, or an error saying `what` was refused and why.
+    async fn call(&self, method: reqwest::Method, path: &str, what: &str) -> anyhow::Result<String> {
+        let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
+        let url = format!("{}{path}", self.target.trim_end_matches('/'));
+        let mut req = client.request(method, &url);
+        if let Some(token) = self.token.as_deref().filter(|t| !t.is_empty()) {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("failed to reach the admin port at {}", self.target))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!("{what} refused ({status}): {}", body.trim());
+        }
+        Ok(body)
+    }
+}
+
 /// `sidecache purge`: asks the admin port at `access` to purge `query` (`url`, `prefix`, `tag`
 /// (repeated) or `all`, and `soft`) and prints its answer: how many objects were removed
 /// (`{"purged":N}`) or marked stale (`{"marked":N}`).
 pub async fn purge(access: AdminAccess, query: Vec<(&'static str, String)>) -> anyhow::Result<u8> {
-    let AdminAccess { target, token } = access;
-    let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
     let mut encoded = form_urlencoded::Serializer::new(String::new());
     for (k, v) in &query {
         encoded.append_pair(k, v);
     }
-    let encoded = encoded.finish();
-    let url = format!("{}/purge?{encoded}", target.trim_end_matches('/'));
-    let mut req = client.post(&url);
-    if let Some(token) = token.filter(|t| !t.is_empty()) {
-        req = req.bearer_auth(token);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("failed to reach the admin port at {target}"))?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!("purge refused ({status}): {}", body.trim());
-    }
+    let body = access
+        .call(reqwest::Method::POST, &format!("/purge?{}", encoded.finish()), "purge")
+        .await?;
     print!("{body}");
     Ok(0)
 }
@@ -81,27 +90,14 @@ pub async fn purge(access: AdminAccess, query: Vec<(&'static str, String)>) -> a
 /// `sidecache inspect`: asks the admin port at `access` what is stored for `url` (narrowed to
 /// `host`) and prints it: as text, or the admin port's JSON with `json`.
 pub async fn inspect(access: AdminAccess, url: String, host: Option<String>, json: bool) -> anyhow::Result<u8> {
-    let AdminAccess { target, token } = access;
-    let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("url", &url);
     if let Some(host) = &host {
         query.append_pair("host", host);
     }
-    let endpoint = format!("{}/objects?{}", target.trim_end_matches('/'), query.finish());
-    let mut req = client.get(&endpoint);
-    if let Some(token) = token.filter(|t| !t.is_empty()) {
-        req = req.bearer_auth(token);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("failed to reach the admin port at {target}"))?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    if !status.is_success() {
-        anyhow::bail!("inspect refused ({status}): {}", body.trim());
-    }
+    let body = access
+        .call(reqwest::Method::GET, &format!("/objects?{}", query.finish()), "inspect")
+        .await?;
     if json {
         print!("{body}");
         return Ok(0);
