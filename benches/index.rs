@@ -5,29 +5,11 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use sidecache::cache::index::{Entry, Index};
-use sidecache::cache::key::{Digest, KeyHash};
+mod common;
 
-fn key(i: u64) -> KeyHash {
-    KeyHash::of(&i.to_le_bytes())
-}
-
-fn entry(i: u64) -> Entry {
-    let mut d = [0u8; 32];
-    d[..8].copy_from_slice(&i.to_le_bytes());
-    Entry {
-        key: format!("http://app.example/assets/{i}.js").into(),
-        generation: i,
-        body_len: 20_000,
-        tail_len: 300,
-        digest: Digest(d),
-        verified: true,
-        mtime: 0,
-        variants: Box::default(),
-        tags: Box::default(),
-        hits: 0,
-    }
-}
+use common::{entry, key};
+use sidecache::cache::index::Index;
+use sidecache::cache::key::KeyHash;
 
 fn filled(n: u64) -> Index {
     let mut ix = Index::new();

@@ -21,32 +21,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sidecache::cache::index::{Entry, Index};
-use sidecache::cache::key::{Digest, KeyHash};
+mod common;
+
+use common::{entry, key};
+use sidecache::cache::index::Index;
 
 const N: u64 = 200_000;
 const HOT_EVERY: u64 = 20;
-
-fn key(i: u64) -> KeyHash {
-    KeyHash::of(&i.to_le_bytes())
-}
-
-fn entry(i: u64) -> Entry {
-    let mut d = [0u8; 32];
-    d[..8].copy_from_slice(&i.to_le_bytes());
-    Entry {
-        key: format!("http://app.example/assets/{i}.js").into(),
-        generation: i,
-        body_len: 20_000,
-        tail_len: 300,
-        digest: Digest(d),
-        verified: true,
-        mtime: 0,
-        variants: Box::default(),
-        tags: Box::default(),
-        hits: 0,
-    }
-}
 
 fn tags(i: u64) -> Vec<Box<str>> {
     let mut t: Vec<Box<str>> = vec![
