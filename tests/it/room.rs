@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -366,21 +366,7 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
     })
     .await;
     let dir = sc.dir.path().join("cache");
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (stop, peak, dir) = (stop.clone(), peak.clone(), dir.clone());
-        std::thread::spawn(move || {
-            let mut samples = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(disk_usage(&dir).0, Ordering::Relaxed);
-                samples += 1;
-                // A sampling interval, so the sampler does not take a whole core from the fills.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            samples
-        })
-    };
+    let sampler = crate::support::PeakDisk::start(dir.clone());
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..32)
         .map(|_| {
@@ -404,9 +390,7 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
         w.await.unwrap();
     }
     settle(&sc).await;
-    stop.store(true, Ordering::Relaxed);
-    let samples = sampler.join().unwrap();
-    let peak = peak.load(Ordering::Relaxed);
+    let (peak, samples) = sampler.stop();
     assert!(samples > 10, "sampled {samples} times");
     assert!(peak <= budget, "peak {peak} bytes on disk over a budget of {budget}");
     assert!(peak > budget / 2, "the cache was actually filled (peak {peak})");

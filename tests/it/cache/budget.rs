@@ -23,21 +23,7 @@ async fn bytes_on_disk_never_exceed_the_budget_under_concurrent_fills() {
     })
     .await;
     let dir = sc.dir.path().join("cache");
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (stop, peak, dir) = (stop.clone(), peak.clone(), dir.clone());
-        std::thread::spawn(move || {
-            let mut samples = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(crate::support::disk_usage(&dir).0, Ordering::Relaxed);
-                samples += 1;
-                // A sampling interval, so the sampler does not take a whole core from the fills.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            samples
-        })
-    };
+    let sampler = crate::support::PeakDisk::start(dir.clone());
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..32)
         .map(|_| {
@@ -61,9 +47,7 @@ async fn bytes_on_disk_never_exceed_the_budget_under_concurrent_fills() {
     for w in workers {
         w.await.unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
-    let samples = sampler.join().unwrap();
-    let peak = peak.load(Ordering::Relaxed);
+    let (peak, samples) = sampler.stop();
     assert!(samples > 10, "sampled {samples} times");
     assert!(peak <= budget, "peak {peak} bytes on disk over a budget of {budget}");
     // The budget also pays for the layout's directories (a unit for each of the up to 256

@@ -277,6 +277,36 @@ pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bo
     }
 }
 
+/// The peak disk use of a directory while something runs: sampled every millisecond on a
+/// thread of its own (the interval keeps it from taking a whole core from what it watches).
+pub struct PeakDisk {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl PeakDisk {
+    pub fn start(dir: PathBuf) -> PeakDisk {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut peak, mut samples) = (0u64, 0u64);
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(disk_usage(&dir).0);
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (peak, samples)
+        });
+        PeakDisk { stop, thread }
+    }
+
+    /// Stops sampling: (the peak in bytes, how many samples were taken).
+    pub fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the sampler ran")
+    }
+}
+
 /// What the files under `dir` spend on disk, as `du` counts it: allocated blocks of every file
 /// and directory (links not followed), the measure the budget keeps to; and how many files
 /// (not directories) there are. Bounded walk.
