@@ -112,15 +112,7 @@ async fn serve_10mib(origin: &Origin, dir: &Path) -> (Binary, std::net::SocketAd
         &[("SIDECACHE_ACCESS_LOG", "false")],
     );
     let (public, admin) = (bin.public_addr(), bin.admin_addr());
-    let ready = eventually(Duration::from_secs(10), async || {
-        crate::support::client()
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "sidecar never became ready");
+    crate::support::wait_ready(admin).await;
     (bin, public, admin)
 }
 

@@ -249,7 +249,6 @@ fn addr_field(line: &str) -> SocketAddr {
     rest[..end].parse().expect("socket address")
 }
 
-/// Retries `f` until it returns true, at most `limit` (readiness, not synchronisation by sleep).
 /// Waits (bounded) until the sidecar whose admin port is `admin` says it is ready (`/readyz`:
 /// its index rebuilt), and fails the test if it never does.
 pub async fn wait_ready(admin: SocketAddr) {
@@ -264,6 +263,7 @@ pub async fn wait_ready(admin: SocketAddr) {
     assert!(ready, "sidecar never became ready");
 }
 
+/// Retries `f` until it returns true, at most `limit` (readiness, not synchronisation by sleep).
 pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
