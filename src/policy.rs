@@ -177,7 +177,8 @@ pub enum NotStorable {
     Private,
     /// The request carries `Authorization` and the response does not allow sharing it.
     Authorization,
-    /// `Vary: *`.
+    /// `Vary: *`, or a `Vary` with something that is not a field name (not text, or not a
+    /// token): no request can be matched against it, so it is taken as `*`, never skipped.
     VaryStar,
     /// The response sets a cookie.
     SetCookie,
@@ -231,12 +232,17 @@ pub fn storable(
     if req_headers.contains_key(header::AUTHORIZATION) && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
         return Err(NotStorable::Authorization);
     }
-    if resp_headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|f| f.trim() == "*"))
-    {
+    // A field left out of the key would let one request's answer reach another that differs
+    // in it: what cannot be read as a field name is `*`.
+    let unmatchable = |line: &HeaderValue| match line.to_str() {
+        Err(_) => true,
+        Ok(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .any(|f| f == "*" || HeaderName::from_bytes(f.as_bytes()).is_err()),
+    };
+    if resp_headers.get_all(header::VARY).iter().any(unmatchable) {
         return Err(NotStorable::VaryStar);
     }
     // Safe by default: a cookie is one user's; never hand it to another.
@@ -674,6 +680,16 @@ mod tests {
         max: Duration::from_secs(86_400),
     };
 
+    /// A `Vary` line that is not text names no field anyone can match: taken as `*`.
+    #[test]
+    fn a_vary_that_is_not_text_is_taken_as_star() {
+        let mut resp = HeaderMap::new();
+        resp.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=60"));
+        resp.insert(header::VARY, HeaderValue::from_bytes(b"x-user-\xff").unwrap());
+        let got = storable(&Method::GET, &HeaderMap::new(), StatusCode::OK, &resp);
+        assert_eq!(got, Err(NotStorable::VaryStar));
+    }
+
     #[test]
     fn cache_control_parses_directives_case_insensitively_and_quoted() {
         let cc = CacheControl::parse(&headers(&[
@@ -764,6 +780,22 @@ mod tests {
                 200,
                 &[("cache-control", "max-age=60"), ("vary", "accept, *")],
                 Err(NotStorable::VaryStar),
+            ),
+            (
+                "§4.1 vary naming what is not a field: as star",
+                &get,
+                &none,
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "accept, user agent")],
+                Err(NotStorable::VaryStar),
+            ),
+            (
+                "§4.1 vary with an empty element",
+                &get,
+                &none,
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "accept-encoding, ")],
+                Ok(()),
             ),
             (
                 "set-cookie",

@@ -534,3 +534,39 @@ async fn a_malformed_chunked_body_is_the_clients_400_not_an_upstream_error() {
     assert_eq!(ok.status(), 200);
     drop(bin);
 }
+
+/// An app's `Vary` line that is not plain text (`x-user, cookié`: a non-ASCII byte) was
+/// skipped whole, `x-user` with it, and the answer stored for everyone: one user's answer
+/// served to the next. A `Vary` that cannot be read is `Vary: *`: not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vary_that_cannot_be_read_keeps_one_users_answer_from_another() {
+    let origin = Origin::start().await;
+    origin.route(
+        "/me",
+        Behaviour::Reflect {
+            headers: owned(&[
+                ("cache-control", "public, max-age=600"),
+                ("content-type", "text/plain"),
+                ("vary", "x-user, cookié"),
+            ]),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let as_user = |user: &'static str| {
+        let url = sc.url("/me");
+        async move {
+            let resp = app_client().get(url).header("x-user", user).send().await.unwrap();
+            resp.text().await.unwrap()
+        }
+    };
+    let victim = as_user("alice").await;
+    assert!(victim.contains("x-user: alice"), "{victim}");
+    let attacker = as_user("mallory").await;
+    assert!(
+        !attacker.contains("alice"),
+        "alice's answer reached mallory:\n{attacker}"
+    );
+    assert!(attacker.contains("x-user: mallory"), "{attacker}");
+    assert_eq!(origin.hits("/me"), 2, "neither was answered from the cache");
+    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "nothing stored");
+}
