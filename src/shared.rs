@@ -162,7 +162,10 @@ pub struct Breaker {
 struct BreakerState {
     failures: u32,
     open_until: Option<Instant>,
-    probing: bool,
+    /// When the half-open probe went out. A probe that never reports (its upload returned
+    /// early, its request was dropped with the client's) is lost after a cooldown, not held
+    /// out for ever: a new one may go.
+    probing: Option<Instant>,
 }
 
 impl Breaker {
@@ -186,9 +189,9 @@ impl Breaker {
         match s.open_until {
             None => true,
             Some(until) if now < until => false,
-            Some(_) if s.probing => false,
+            Some(_) if s.probing.is_some_and(|at| now < at + self.cooldown) => false,
             Some(_) => {
-                s.probing = true;
+                s.probing = Some(now);
                 true
             }
         }
@@ -203,9 +206,9 @@ impl Breaker {
     pub fn failure(&self, now: Instant) -> bool {
         let mut s = self.lock();
         s.failures = s.failures.saturating_add(1);
-        if s.probing || (s.open_until.is_none() && s.failures >= self.threshold) {
+        if s.probing.is_some() || (s.open_until.is_none() && s.failures >= self.threshold) {
             s.open_until = Some(now + self.cooldown);
-            s.probing = false;
+            s.probing = None;
             return true;
         }
         false
@@ -628,6 +631,22 @@ mod tests {
         b.success();
         assert!(!b.is_open());
         assert!(b.allow(t0 + 2 * cooldown));
+    }
+
+    /// A probe that never reports (an upload that gave up before its PUT, a lookup dropped
+    /// with its client) does not keep the tier off until a restart.
+    #[test]
+    fn a_probe_that_never_reports_is_lost_after_a_cooldown() {
+        let t0 = Instant::now();
+        let cooldown = Duration::from_secs(30);
+        let b = Breaker::new(1, cooldown);
+        assert!(b.failure(t0), "open");
+        assert!(b.allow(t0 + cooldown), "the probe goes");
+        // ... and is never heard of again.
+        assert!(!b.allow(t0 + cooldown + cooldown / 2), "still out");
+        assert!(b.allow(t0 + 2 * cooldown), "lost: another probe goes");
+        b.success();
+        assert!(!b.is_open());
     }
 
     fn config(queue: usize) -> SharedTierConfig {
