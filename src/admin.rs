@@ -123,7 +123,7 @@ impl Admin {
                     info!(objects = n, "soft-purged (marked stale)");
                     return json(StatusCode::OK, format!("{{\"marked\":{n}}}\n"));
                 }
-                let n = self.proxy.cache.purge(&what).await;
+                let n = self.proxy.purge(&what).await;
                 info!(objects = n, "purged");
                 json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
             }

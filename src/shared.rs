@@ -50,6 +50,7 @@
 //! few assignments, never across an `.await`). It never touches the index or the disk itself:
 //! reads and stores go through [`Cache`].
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -270,6 +271,56 @@ pub struct SharedTier {
     queue: mpsc::Sender<Upload>,
     /// Taken by [`SharedTier::run_uploads`].
     pending: Mutex<Option<mpsc::Receiver<Upload>>>,
+    /// What this instance purged or invalidated: the bucket keeps its copy, which must not
+    /// come back through a read-through.
+    purged: Purged,
+}
+
+/// Keys marked one by one (invalidations) before they fold into the mark for all keys.
+const PURGED_KEYS: usize = 65_536;
+
+/// Times (ms since the epoch) before which objects in the bucket are not taken: for every
+/// key (a purge), and for single keys (an unsafe request's invalidation). A std mutex, held
+/// for a map step, never across an `.await`; a leaf (no other lock is taken under it).
+#[derive(Debug, Default)]
+struct Purged {
+    all: std::sync::atomic::AtomicU64,
+    keys: Mutex<HashMap<KeyHash, u64>>,
+}
+
+impl Purged {
+    fn all(&self, at: SystemTime) {
+        self.all.fetch_max(millis(at), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn key(&self, key: KeyHash, at: SystemTime) {
+        let at = millis(at);
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= PURGED_KEYS {
+            // Bounded: every mark held so far becomes one for all keys (no later than `at`).
+            keys.clear();
+            drop(keys);
+            self.all.fetch_max(at, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let mark = keys.entry(key).or_default();
+        *mark = (*mark).max(at);
+    }
+
+    /// Whether an object of `key` the app answered at `answered` was purged since.
+    fn covers(&self, key: &KeyHash, answered: SystemTime) -> bool {
+        let answered = millis(answered);
+        if answered < self.all.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.get(key).is_some_and(|&mark| answered < mark)
+    }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl std::fmt::Debug for SharedTier {
@@ -333,6 +384,7 @@ impl SharedTier {
             breaker: Breaker::new(BREAKER_THRESHOLD, config.cooldown),
             queue,
             pending: Mutex::new(Some(pending)),
+            purged: Purged::default(),
             config,
         }))
     }
@@ -441,7 +493,23 @@ impl SharedTier {
             self.refused(ObjectRefused::NotShared);
             return Lookup::Miss;
         }
+        if self.purged.covers(&key.hash(), meta.response_time) {
+            Self::lookup_result("purged");
+            return Lookup::Miss;
+        }
         Lookup::Found(Box::new(meta), bytes)
+    }
+
+    /// This instance purged objects (by URL, prefix, tag or all) at `at`: no copy the app
+    /// answered before is taken from the bucket from now on. (The bucket is not told: another
+    /// instance, or a new one, still reads it there.)
+    pub fn purged_all(&self, at: SystemTime) {
+        self.purged.all(at);
+    }
+
+    /// An unsafe request invalidated `key` at `at`: the bucket's older copy of it is not taken.
+    pub fn purged_key(&self, key: KeyHash, at: SystemTime) {
+        self.purged.key(key, at);
     }
 
     fn refused(&self, why: ObjectRefused) {
@@ -631,6 +699,24 @@ mod tests {
         b.success();
         assert!(!b.is_open());
         assert!(b.allow(t0 + 2 * cooldown));
+    }
+
+    #[test]
+    fn invalidation_marks_are_bounded_and_fold_into_the_mark_for_all_keys() {
+        let purged = Purged::default();
+        let t0 = SystemTime::now();
+        let (before, after) = (t0 - Duration::from_secs(1), t0 + Duration::from_secs(1));
+        purged.key(KeyHash::of(b"a"), t0);
+        assert!(purged.covers(&KeyHash::of(b"a"), before));
+        assert!(!purged.covers(&KeyHash::of(b"a"), after), "answered since");
+        assert!(!purged.covers(&KeyHash::of(b"b"), before), "another key");
+        for i in 0..PURGED_KEYS as u64 {
+            purged.key(KeyHash::of(&i.to_le_bytes()), t0);
+        }
+        // Full: the marks became one for every key, none lost.
+        assert!(purged.covers(&KeyHash::of(b"a"), before));
+        assert!(purged.covers(&KeyHash::of(b"b"), before));
+        assert!(purged.keys.lock().unwrap().len() < PURGED_KEYS);
     }
 
     /// A probe that never reports (an upload that gave up before its PUT, a lookup dropped

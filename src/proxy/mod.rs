@@ -19,7 +19,7 @@ mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -469,7 +469,22 @@ impl Proxy {
             debug!("invalidation skipped: over the rate bound");
             return 0;
         }
-        self.cache.invalidate(key).await
+        let n = self.cache.invalidate(key).await;
+        // The bucket may hold a copy this instance never had: marked whatever `n` is.
+        if let Some(shared) = &self.shared {
+            shared.purged_key(key.hash(), SystemTime::now());
+        }
+        n
+    }
+
+    /// Purges (hard) what `what` selects: the objects and their variants go, and the shared
+    /// tier's copies the app answered before now are not read back. How many were removed.
+    pub async fn purge(&self, what: &crate::cache::Purge) -> usize {
+        let n = self.cache.purge(what).await;
+        if let Some(shared) = &self.shared {
+            shared.purged_all(SystemTime::now());
+        }
+        n
     }
 
     /// Forwards to the app and relays the answer without storing it.

@@ -591,3 +591,43 @@ async fn prime_fills_the_first_instance_from_the_app_and_the_next_from_the_bucke
         assert_eq!(body, body_of(path, 2000));
     }
 }
+
+/// A purge (by URL, by prefix) or an unsafe request's invalidation on an instance is not
+/// undone by its read-through: the bucket still holds the copy the app answered before, and
+/// it is not taken. (Before: the next request found nothing local, read the bucket and served
+/// the purged version again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purged_or_invalidated_object_is_not_brought_back_from_the_bucket() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    let paths = ["/url.js", "/pre/fix.js", "/posted.js"];
+    for path in paths {
+        origin.fixed(path, ASSET, "v1");
+    }
+    let member = Member::start(&origin, &s3, &[], &[]).await;
+    for path in paths {
+        assert_eq!(&member.get(path).await.2[..], b"v1");
+    }
+    member.wait_metric(UPLOADS, &[], paths.len() as f64).await;
+    for path in paths {
+        origin.fixed(path, ASSET, "v2");
+    }
+    let admin = |query: &str| format!("http://{}/purge?{query}", member.admin);
+    for query in ["url=/url.js", "prefix=/pre/"] {
+        let resp = app_client().post(admin(query)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+    }
+    // A POST the app answers 200 invalidates the URL (RFC 9111 §4.4).
+    let posted = app_client()
+        .post(format!("http://{}/posted.js", member.addr))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+    for path in paths {
+        let (_, cache_status, body) = member.get(path).await;
+        assert_eq!(&body[..], b"v2", "{path}: the purged copy came back: {cache_status}");
+    }
+    assert_eq!(member.metric(LOOKUPS, &["result=\"purged\""]).await, paths.len() as f64);
+}
