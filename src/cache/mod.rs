@@ -281,6 +281,8 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.vary.variant_of(key, req);
+        // Read before the index is locked: its length is the client's to choose.
+        let accepts = (!req.contains_key(http::header::RANGE)).then(|| Accepts::parse(req));
         let (object, variant, mark) = {
             let mut ix = self.lock_index();
             let e = ix.touch(&hash)?;
@@ -296,9 +298,10 @@ impl Cache {
                 mtime: e.mtime,
                 min_mmap: MIN_MMAP,
             };
-            let coding = match e.variants.is_empty() || req.contains_key(http::header::RANGE) {
-                true => None,
-                false => Accepts::parse(req).choose(e.variants.iter().map(|v| (v.coding, v.body_len)), e.body_len),
+            // A range gets the identity body: no variant.
+            let coding = match (&accepts, e.variants.is_empty()) {
+                (Some(accepts), false) => accepts.choose(e.variants.iter().map(|v| (v.coding, v.body_len)), e.body_len),
+                _ => None,
             };
             let variant = coding.and_then(|c| e.variant(c)).cloned();
             ((generation, object), variant, ix.mark_of(&hash, generation))
@@ -539,11 +542,12 @@ impl Cache {
     fn storage_error(&self, e: &StoreError) {
         if let StoreError::Corrupt { .. } = e {
             metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
-            warn!(error = %e, "corrupt object removed; serving from the app");
+            warn!(error = %e, "corrupt object removed");
             return;
         }
         metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
-        warn!(error = %e, "storage error; serving from the app");
+        // (The error names the step: a fill, a hit, a variant's write.)
+        warn!(error = %e, "storage error");
         if e.is_exhaustion() {
             self.relieve_descriptors();
         }

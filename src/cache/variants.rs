@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::cache::index::Variant;
 use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
-use crate::cache::store::{self, StoreError, VariantRecord};
+use crate::cache::store::{self, VariantRecord};
 use crate::cache::{Cache, fileio};
 use crate::compress::{self, Levels};
 use crate::metrics as m;
@@ -276,7 +276,7 @@ impl Cache {
         let mtime = match written {
             Ok(mtime) => mtime,
             Err(e) => {
-                self.variant_storage_error(&e);
+                self.storage_error(&e);
                 self.release_fill(reserved);
                 return false;
             }
@@ -300,11 +300,6 @@ impl Cache {
         }
         self.publish_gauges();
         true
-    }
-
-    fn variant_storage_error(&self, e: &StoreError) {
-        metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
-        warn!(error = %e, "storage error writing a compressed variant");
     }
 }
 
