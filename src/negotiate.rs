@@ -287,6 +287,10 @@ pub fn variant_head(headers: &mut HeaderMap, coding: Coding, len: u64) {
     }
     // A range of the coded bytes is not offered: ranges are served from the identity body.
     headers.remove(header::ACCEPT_RANGES);
+    // Digests of the identity bytes would be wrong for these.
+    for digest in ["content-md5", "content-digest", "repr-digest", "digest"] {
+        headers.remove(digest);
+    }
     vary_on_accept_encoding(headers);
 }
 
@@ -434,7 +438,10 @@ mod tests {
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(1000u64));
+        h.insert("content-digest", HeaderValue::from_static("sha-256=:AAAA:"));
+        h.insert("content-md5", HeaderValue::from_static("Q2hlY2sgSW50ZWdyaXR5IQ=="));
         variant_head(&mut h, Coding::Zstd, 321);
+        assert!(!h.contains_key("content-digest") && !h.contains_key("content-md5"));
         assert_eq!(h[header::CONTENT_ENCODING], "zstd");
         assert_eq!(h[header::CONTENT_LENGTH], "321");
         assert_eq!(h[header::ETAG], "\"abc-zstd\"");
