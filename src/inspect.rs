@@ -190,7 +190,7 @@ fn object(proxy: &Proxy, s: &Stored, now: SystemTime) -> Option<Object> {
         vary: meta
             .vary
             .iter()
-            .map(|(n, v)| (n.as_str().to_owned(), v.as_ref().map(|v| text(v.as_bytes()))))
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_ref().map(|v| shown(n, v))))
             .collect(),
         status: meta.status,
         headers: meta
@@ -299,5 +299,36 @@ impl Report {
             }
         }
         out
+    }
+}
+/// A request value a stored object varies on, as inspect shows it: a credential (a session
+/// cookie, a bearer token) is one user's and is not printed, only its length.
+fn shown(name: &http::HeaderName, value: &http::HeaderValue) -> String {
+    match name.as_str() {
+        "cookie" | "authorization" | "proxy-authorization" => format!("({} bytes, not shown)", value.len()),
+        _ => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_an_object_varies_on_are_not_shown() {
+        let value = http::HeaderValue::from_static("session=alice-secret");
+        for name in [
+            http::header::COOKIE,
+            http::header::AUTHORIZATION,
+            http::header::PROXY_AUTHORIZATION,
+        ] {
+            let text = shown(&name, &value);
+            assert!(!text.contains("alice"), "{name}: {text}");
+            assert_eq!(text, "(20 bytes, not shown)");
+        }
+        assert_eq!(
+            shown(&http::header::ACCEPT_LANGUAGE, &http::HeaderValue::from_static("de")),
+            "de"
+        );
     }
 }
