@@ -140,11 +140,6 @@ impl Accepts {
         self.q[i].or(self.q[STAR]).unwrap_or(0)
     }
 
-    /// Whether a response in this coding may be sent (weight above 0).
-    pub fn accepts(&self, coding: Coding) -> bool {
-        self.weight(coding as usize) > 0
-    }
-
     /// Which stored variant to send: of the codings accepted, the highest weight, then the
     /// smallest; `None` for the identity body. An identity the request names with a weight
     /// above every variant's wins; one it does not name is preferred less than any coding it

@@ -126,10 +126,7 @@ pub fn normalize_vary(name: &HeaderName, headers: &HeaderMap) -> Option<HeaderVa
         // Not text: compare the raw bytes of the first line, unnormalized.
         return Some(lines[0].clone());
     };
-    let lower = matches!(
-        name.as_str(),
-        "accept" | "accept-encoding" | "accept-language" | "accept-charset"
-    );
+    let lower = matches!(name.as_str(), "accept" | "accept-language" | "accept-charset");
     let parts: Vec<String> = texts
         .iter()
         .flat_map(|t| t.split(','))
