@@ -224,8 +224,9 @@ impl Breaker {
 /// What a shared-tier read found.
 #[derive(Debug)]
 pub enum Lookup {
-    /// A checked object: its record (boxed: it is large) and the whole object file.
-    Found(Box<Meta>, Bytes),
+    /// A checked object: its record (boxed: it is large), the whole object file, and its share
+    /// of [`MEMORY_BUDGET`], to hold until the bytes are stored or dropped.
+    Found(Box<Meta>, Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
     /// Nothing for this key (or nothing usable: refused, too large).
     Miss,
     /// Not asked: the breaker is open.
@@ -439,12 +440,12 @@ impl SharedTier {
             if got.meta.size > MAX_SHARED_OBJECT {
                 return Ok(None);
             }
-            let _held = self.memory.acquire_many(kib(got.meta.size)).await.ok();
-            got.bytes().await.map(Some)
+            let held = self.memory.clone().acquire_many_owned(kib(got.meta.size)).await.ok();
+            got.bytes().await.map(|bytes| Some((bytes, held)))
         })
         .await;
         metrics::histogram!(m::SHARED_DURATION, "op" => "get").record(started.elapsed().as_secs_f64());
-        let bytes = match read {
+        let (bytes, held) = match read {
             Err(_) => {
                 debug!("shared tier read timed out");
                 self.failed("get", "timeout");
@@ -467,7 +468,7 @@ impl SharedTier {
                 self.refused(ObjectRefused::Length);
                 return Lookup::Miss;
             }
-            Ok(Ok(Some(bytes))) => bytes,
+            Ok(Ok(Some(read))) => read,
         };
         self.succeeded();
         let checked = {
@@ -497,7 +498,7 @@ impl SharedTier {
             Self::lookup_result("purged");
             return Lookup::Miss;
         }
-        Lookup::Found(Box::new(meta), bytes)
+        Lookup::Found(Box::new(meta), bytes, held)
     }
 
     /// This instance purged objects (by URL, prefix, tag or all) at `at`: no copy the app

@@ -38,7 +38,8 @@ impl Proxy {
         req_cc: &CacheControl,
     ) -> Option<Answer> {
         let shared = self.shared.as_ref()?;
-        let Lookup::Found(meta, object) = shared.lookup(key).await else {
+        // `_held` counts the download against the tier's memory bound until it is stored.
+        let Lookup::Found(meta, object, _held) = shared.lookup(key).await else {
             return None;
         };
         let f = self.freshness(&meta);
