@@ -236,12 +236,13 @@ impl Settings {
 
     /// Whether a media type (a `Content-Type` value, parameters and all) is compressed.
     pub fn compresses_type(&self, content_type: &str) -> bool {
-        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        // (The configured types are lower case; compared in place, without a copy.)
+        let essence = content_type.split(';').next().unwrap_or("").trim();
         self.types.iter().any(|t| {
             if t.ends_with('/') {
-                essence.starts_with(t.as_str()) && essence.len() > t.len()
+                essence.len() > t.len() && essence.as_bytes()[..t.len()].eq_ignore_ascii_case(t.as_bytes())
             } else {
-                essence == *t
+                essence.eq_ignore_ascii_case(t)
             }
         })
     }
