@@ -537,14 +537,9 @@ impl Cache {
         }
     }
 
-    /// Counts and logs a storage failure: a file found corrupt as a corrupt object (its caller
-    /// removes it), any other by its kind.
+    /// Counts and logs a storage failure by its kind. A file found corrupt on a lookup is not
+    /// one: it is removed and counted once by [`Cache::drop_corrupt`].
     fn storage_error(&self, e: &StoreError) {
-        if let StoreError::Corrupt { .. } = e {
-            metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
-            warn!(error = %e, "corrupt object removed");
-            return;
-        }
         metrics::counter!(m::STORAGE_ERRORS, "kind" => e.kind()).increment(1);
         // (The error names the step: a fill, a hit, a variant's write.)
         warn!(error = %e, "storage error");

@@ -87,8 +87,8 @@ pub(super) fn open_object(
 
 impl Cache {
     /// The value of a blocking storage step of a lookup; a storage error drops the entry (the
-    /// request then goes to the app) and reads as `None`. A file found corrupt is counted as
-    /// such; other errors by their kind.
+    /// request then goes to the app) and reads as `None`. A file found corrupt is removed and
+    /// counted as such ([`Cache::drop_corrupt`]); other errors are counted by their kind.
     pub(super) async fn or_drop<T>(
         &self,
         result: Result<Result<T, StoreError>, tokio::task::JoinError>,
@@ -97,6 +97,10 @@ impl Cache {
     ) -> Option<T> {
         match result {
             Ok(Ok(value)) => Some(value),
+            Ok(Err(e @ StoreError::Corrupt { .. })) => {
+                self.drop_corrupt(hash, generation, &e).await;
+                None
+            }
             Ok(Err(e)) => {
                 self.storage_error(&e);
                 // Out of descriptors or memory says nothing about the object: keep it.
@@ -143,14 +147,19 @@ impl Cache {
         }
     }
 
-    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, generation: u64, why: &'static str) {
-        metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
-        warn!(key = %hash, reason = why, "corrupt object removed");
-        self.drop_entry(hash, generation).await;
+    /// Removes an entry whose file was found corrupt, if it is still the given version, and
+    /// counts it in `sidecache_corrupt_objects_total` ("objects found corrupt and removed"):
+    /// counted by whichever reader removed it, so two readers meeting the same corrupt file (a
+    /// lookup and the compressor, two lookups) count one object once.
+    pub(super) async fn drop_corrupt(&self, hash: &KeyHash, generation: u64, why: impl std::fmt::Display) {
+        if self.drop_entry(hash, generation).await {
+            metrics::counter!(m::CORRUPT_OBJECTS).increment(1);
+            warn!(key = %hash, reason = %why, "corrupt object removed");
+        }
     }
 
-    /// Removes a key's entry if it is still the given version.
-    pub(super) async fn drop_entry(&self, hash: &KeyHash, generation: u64) {
+    /// Removes a key's entry if it is still the given version; whether this call removed it.
+    pub(super) async fn drop_entry(&self, hash: &KeyHash, generation: u64) -> bool {
         let removed = {
             let mut ix = self.lock_index();
             match ix.peek(hash) {
@@ -159,8 +168,12 @@ impl Cache {
             }
         };
         self.tiers.forget(hash);
-        if let Some(r) = removed {
-            self.unlink(vec![r]).await;
+        match removed {
+            Some(r) => {
+                self.unlink(vec![r]).await;
+                true
+            }
+            None => false,
         }
     }
 }
