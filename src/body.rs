@@ -4,6 +4,8 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
+use crate::cache::fill::TeeMsg;
+
 /// The error type carried by every body in the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -144,25 +146,27 @@ async fn next_chunk(body: &mut ProxyBody) -> Option<Result<Bytes, BoxError>> {
 }
 
 /// Passes `body` through to the client and sends a copy of each chunk to `tx` (a cache fill
-/// of unknown length). The copy is dropped (never the client's bytes) when the writer falls
-/// behind or goes away; the writer learns of a clean end only through
-/// [`TeeMsg::End`](crate::cache::fill::TeeMsg::End).
-pub fn tee(body: ProxyBody, tx: tokio::sync::mpsc::Sender<crate::cache::fill::TeeMsg>) -> ProxyBody {
-    use crate::cache::fill::TeeMsg;
+/// of unknown length). The client is held back while the writer's queue is full, as nginx and
+/// Varnish pace a client by their cache's writes: a busy machine slows the copy, it does not
+/// lose it. The writer bounds that wait (it gives the copy up when the disk stalls, closing the
+/// queue); then, or when the writer goes away, the client's bytes go on alone. The writer
+/// learns of a clean end only through [`TeeMsg::Last`] or [`TeeMsg::End`].
+pub fn tee(body: ProxyBody, tx: tokio::sync::mpsc::Sender<TeeMsg>) -> ProxyBody {
     use http_body::Body;
     // An empty body may never be polled at all.
     let tx = if body.is_end_stream() {
         let _ = tx.try_send(TeeMsg::End);
         None
     } else {
-        Some(tx)
+        Some(tokio_util::sync::PollSender::new(tx))
     };
     UnsyncBoxBody::new(Tee { inner: body, tx })
 }
 
 struct Tee {
     inner: ProxyBody,
-    tx: Option<tokio::sync::mpsc::Sender<crate::cache::fill::TeeMsg>>,
+    /// The copy's queue; `None` once the copy ended or was given up.
+    tx: Option<tokio_util::sync::PollSender<TeeMsg>>,
 }
 
 impl http_body::Body for Tee {
@@ -173,32 +177,41 @@ impl http_body::Body for Tee {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        use crate::cache::fill::TeeMsg;
         use std::task::Poll;
+        // Room for the next message first: the frame read below is then always copied.
+        if let Some(tx) = &mut self.tx {
+            match tx.poll_reserve(cx) {
+                Poll::Ready(Ok(())) => {}
+                // The writer closed its queue (it gave the copy up) or is gone.
+                Poll::Ready(Err(_)) => self.tx = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         let poll = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &poll {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && let Some(tx) = &self.tx
-                    && tx.try_send(TeeMsg::Data(data.clone())).is_err()
-                {
-                    self.tx = None;
-                }
-                // A body of known length ends with its last byte: the connection writing it
-                // may never poll for the end, so the copy is completed here.
-                if self.inner.is_end_stream()
-                    && let Some(tx) = self.tx.take()
-                {
-                    let _ = tx.try_send(TeeMsg::End);
-                }
+        let end = self.inner.is_end_stream();
+        let msg = match &poll {
+            // A body of known length ends with its last byte: the connection writing it may
+            // never poll for the end, so the copy is completed with that byte.
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) if end => Some(TeeMsg::Last(data.clone())),
+                Some(data) => Some(TeeMsg::Data(data.clone())),
+                None => end.then_some(TeeMsg::End),
+            },
+            Poll::Ready(None) => Some(TeeMsg::End),
+            // A broken body is not complete: the writer sees its queue closed without an end.
+            Poll::Ready(Some(Err(_))) => {
+                self.tx = None;
+                None
             }
-            Poll::Ready(None) => {
-                if let Some(tx) = self.tx.take() {
-                    let _ = tx.try_send(TeeMsg::End);
-                }
+            Poll::Pending => None,
+        };
+        if let Some(msg) = msg
+            && let Some(tx) = &mut self.tx
+        {
+            let last = !matches!(msg, TeeMsg::Data(_));
+            if tx.send_item(msg).is_err() || last {
+                self.tx = None;
             }
-            Poll::Ready(Some(Err(_))) => self.tx = None,
-            Poll::Pending => {}
         }
         poll
     }
@@ -209,5 +222,82 @@ impl http_body::Body for Tee {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+    use http_body_util::StreamBody;
+    use std::task::{Context, Poll};
+
+    /// A body of `n` chunks of one byte each, with no length (as a chunked answer).
+    fn chunked(n: u8) -> ProxyBody {
+        let frames = (0..n).map(|i| Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![i]))));
+        boxed(StreamBody::new(futures_util::stream::iter(frames)))
+    }
+
+    fn poll(body: &mut ProxyBody) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(body).poll_frame(&mut cx)
+    }
+
+    /// The disk slower than the client: the client waits for the copy's queue instead of the
+    /// copy being lost (it was dropped at the first full queue), and every byte reaches both.
+    #[test]
+    fn a_copy_whose_writer_lags_holds_the_client_back_and_is_whole() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let mut body = tee(chunked(3), tx);
+        let (mut client, mut copy) = (Vec::new(), Vec::new());
+        while client.len() < 3 {
+            match poll(&mut body) {
+                Poll::Ready(Some(Ok(frame))) => client.extend_from_slice(frame.data_ref().expect("data")),
+                // Held back: the writer takes one message, then the client goes on.
+                Poll::Pending => match rx.try_recv().expect("the queue is full") {
+                    TeeMsg::Data(b) | TeeMsg::Last(b) => copy.extend_from_slice(&b),
+                    TeeMsg::End => panic!("ended early"),
+                },
+                other => panic!("unexpected {:?}", other.map(|o| o.map(|r| r.is_ok()))),
+            }
+        }
+        assert!(matches!(poll(&mut body), Poll::Pending | Poll::Ready(None)));
+        // The rest of the copy, then its clean end.
+        let mut ended = false;
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                TeeMsg::Data(b) => copy.extend_from_slice(&b),
+                TeeMsg::Last(b) => {
+                    copy.extend_from_slice(&b);
+                    ended = true;
+                }
+                TeeMsg::End => ended = true,
+            }
+            if !ended {
+                let _ = poll(&mut body);
+            }
+        }
+        assert_eq!(client, vec![0, 1, 2]);
+        assert_eq!(copy, client, "the copy is whole");
+        assert!(ended, "and told it ended cleanly");
+    }
+
+    /// A writer that gives the copy up (its queue closed) lets the client go on alone at once.
+    #[test]
+    fn a_copy_given_up_lets_the_client_go_on() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let mut body = tee(chunked(4), tx);
+        let mut client = Vec::new();
+        assert!(matches!(poll(&mut body), Poll::Ready(Some(Ok(_)))));
+        client.push(0);
+        rx.close();
+        loop {
+            match poll(&mut body) {
+                Poll::Ready(Some(Ok(frame))) => client.extend_from_slice(frame.data_ref().expect("data")),
+                Poll::Ready(None) => break,
+                _ => panic!("the client is not held back by a closed copy"),
+            }
+        }
+        assert_eq!(client, vec![0, 1, 2, 3]);
     }
 }

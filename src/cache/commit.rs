@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::cache::budget::Reservation;
-use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TeeMsg};
+use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TEE_STALL, TeeMsg};
 use crate::cache::index::Entry;
 use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::Meta;
@@ -374,8 +374,10 @@ impl Cache {
     }
 
     /// Fills `meta.key` from a body of unknown length that is streamed to one client, which
-    /// sends a copy of each chunk to the returned sender (`None`: the cache is off). The copy to
-    /// disk is dropped if it grows past `max_object_size`, falls behind, or the budget is full.
+    /// sends a copy of each chunk to the returned sender (`None`: the cache is off) and waits
+    /// while its queue is full. The copy to disk is given up (its queue closed, the client let
+    /// go on alone) if it grows past `max_object_size`, the budget refuses it, or one write
+    /// stalls for [`TEE_STALL`].
     pub fn tee_fill(self: &Arc<Self>, meta: Meta) -> Option<mpsc::Sender<TeeMsg>> {
         let store = self.store()?;
         let generation = store.next_gen();
@@ -384,8 +386,8 @@ impl Cache {
         tokio::spawn(async move {
             // Without an object to fill or a file, the receiver goes away and the client's
             // body is left alone. Bytes are reserved as they come, making room as a fill of a
-            // known length does; the client is not held back meanwhile (a copy that falls
-            // behind is dropped).
+            // known length does (bounded by the room wait; the client waits with it once the
+            // queue is full).
             let Some(mut reserved) = cache.reserve_fill(0).await else {
                 return;
             };
@@ -409,6 +411,10 @@ impl Cache {
                 while let Some(msg) = next.take() {
                     match msg {
                         TeeMsg::Data(c) => batch.push(c),
+                        TeeMsg::Last(c) => {
+                            batch.push(c);
+                            last = true;
+                        }
                         TeeMsg::End => last = true,
                     }
                     if !last && batch.len() < 64 {
@@ -431,10 +437,18 @@ impl Cache {
                         }
                     }
                 }
-                if let Err(source) = writer.write(batch).await {
-                    cache.storage_error(&StoreError::io("write", tmp.describe(), source));
-                    refused = Some("storage");
-                    break;
+                // The client waits while the queue is full: a write that stalls lets it go.
+                match tokio::time::timeout(TEE_STALL, writer.write(batch)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(source)) => {
+                        cache.storage_error(&StoreError::io("write", tmp.describe(), source));
+                        refused = Some("storage");
+                        break;
+                    }
+                    Err(_) => {
+                        refused = Some("stalled");
+                        break;
+                    }
                 }
                 if last {
                     // Only a clean end with every byte written makes the copy complete.
@@ -442,6 +456,8 @@ impl Cache {
                     break;
                 }
             }
+            // The client goes on alone at once when the copy is given up.
+            rx.close();
             let written = writer.written();
             let mut meta = meta;
             meta.body_len = written;

@@ -10,8 +10,10 @@
 //! is in: creation, write, hash and commit in one trip off the event loop.
 //!
 //! A response without a length is not shared: the proxy passes it straight to its one client
-//! and sends a copy of each chunk to the cache ([`TeeMsg`]), which gives up the copy (never
-//! the client) if it grows too large or falls behind.
+//! and sends a copy of each chunk to the cache ([`TeeMsg`]). The client is paced by the copy's
+//! queue (a busy disk slows it, as in nginx and Varnish, rather than losing the copy); the
+//! writer gives up the copy (never the client) if it grows too large, the budget refuses it,
+//! or one write stalls for [`TEE_STALL`].
 //!
 //! The boundary is bytes: a fill reads its body from a [`Source`] of byte chunks and gives its
 //! readers a [`Chunks`] stream; what HTTP body types they come from or go into is the proxy's
@@ -218,10 +220,16 @@ pub async fn read_at(file: Arc<File>, n: usize, offset: u64) -> std::io::Result<
     .map_err(std::io::Error::other)?
 }
 
+/// How long one write of a copy (a body without a length) may take before the copy is given
+/// up and its client let go on alone: a disk that stalls this long is failing, not busy.
+pub const TEE_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One message from a tee to its writer.
 pub enum TeeMsg {
     /// More body.
     Data(Bytes),
+    /// The last of the body: it ended cleanly with these bytes.
+    Last(Bytes),
     /// The body ended cleanly.
     End,
 }
