@@ -239,9 +239,23 @@ impl Upstream {
         &self.addr
     }
 
-    /// Rewrites a client request for the app: absolute URI at the app, hop-by-hop headers,
-    /// headers with `_` in their name and the `strip_request_headers` removed, `Host` and
-    /// `X-Forwarded-Host` set to the host the cache key holds, `X-Forwarded-For/Proto` set.
+    /// Cleans a client's request head once, before anything reads it: the cache keys its
+    /// variants (`Vary`) and reads its directives from exactly the fields the app will get,
+    /// never from one only the client sent. Removes hop-by-hop fields and those `Connection`
+    /// names (RFC 9110 §7.6.1: `Connection: close, Origin` removes `Origin`, so the answer is
+    /// the app's for no `Origin` and is keyed so), fields with `_` in their name and the
+    /// `strip_request_headers`; joins HTTP/2 cookie crumbs into one `Cookie` (RFC 9113
+    /// §8.2.3), as the app would read them.
+    pub fn clean(&self, headers: &mut HeaderMap) {
+        strip_hop_by_hop(headers);
+        strip_underscored(headers);
+        strip_unkeyed(headers, &self.strip, self.trust_forwarded);
+        join_cookies(headers);
+    }
+
+    /// Rewrites a cleaned client request (see [`Upstream::clean`]) for the app: absolute URI
+    /// at the app, `Host` and `X-Forwarded-Host` set to the host the cache key holds,
+    /// `X-Forwarded-For/Proto` set.
     pub fn prepare(&self, req: &mut Request<ProxyBody>, client: SocketAddr, upgrade: Option<HeaderValue>) {
         // The host the cache key uses; a host that cannot be keyed (never cached) goes as sent.
         let host = request_host(req)
@@ -259,9 +273,6 @@ impl Upstream {
         *req.version_mut() = http::Version::HTTP_11;
 
         let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
-        strip_underscored(headers);
-        strip_unkeyed(headers, &self.strip, self.trust_forwarded);
         if let Some(upgrade) = upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, upgrade);
@@ -375,7 +386,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`.
+/// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`. `Host` is never a
+/// connection option: it names the resource (RFC 9110 §7.2), and the key holds it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -383,6 +395,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| *name != header::HOST)
         .collect();
     for name in named {
         headers.remove(name);
@@ -436,6 +449,24 @@ fn strip_underscored(headers: &mut HeaderMap) {
         .collect();
     for name in underscored {
         headers.remove(name);
+    }
+}
+
+/// Joins several `Cookie` fields into one, separated by `; ` (RFC 9113 §8.2.3: an HTTP/2
+/// client may split its cookie into crumbs; the app, spoken to in HTTP/1.1, expects one line).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for crumb in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // (Each crumb was a valid value, and so is their join.)
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 

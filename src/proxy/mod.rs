@@ -296,7 +296,15 @@ impl Proxy {
 
     /// Serves a request through the cache (everything but upgrades).
     /// `matched`: the rule the request's path falls under ([`rules::position`]).
-    async fn serve(self: &Arc<Self>, req: Request<ProxyBody>, client: SocketAddr, matched: Option<usize>) -> Answer {
+    async fn serve(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+        client: SocketAddr,
+        matched: Option<usize>,
+    ) -> Answer {
+        // From here on, the head is what the app will get: the key, `Vary` and the directives
+        // are read from nothing else.
+        self.upstream.clean(req.headers_mut());
         if matches!(*req.method(), Method::GET | Method::HEAD) && !req.body().is_end_stream() {
             // A GET or HEAD with a body (Content-Length above 0, or chunked): RFC 9110 §9.3.1
             // gives it no meaning, yet an app may read it, and the key does not hold it. Its
@@ -321,7 +329,6 @@ impl Proxy {
         }
         // The app gets the query the key holds, no more: a parameter left out of the key
         // (`query: {deny: [utm_source]}`) must not change the answer stored under it.
-        let mut req = req;
         if let Some(kept) = req.uri().query().and_then(|q| rules::app_query(q, &self.config.query)) {
             let path = req.uri().path();
             let pq = if kept.is_empty() {

@@ -20,6 +20,7 @@ impl Proxy {
         let upgrade_header = req.headers().get(header::UPGRADE).cloned();
         let client_upgrade = hyper::upgrade::on(&mut req);
         let mut req = req.map(body::boxed);
+        self.upstream.clean(req.headers_mut());
         self.upstream.prepare(&mut req, client, upgrade_header);
         let mut resp = match self.upstream.send(req).await {
             Ok(resp) => resp,
