@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -255,7 +255,10 @@ impl Upstream {
 
     /// Rewrites a cleaned client request (see [`Upstream::clean`]) for the app: absolute URI
     /// at the app, `Host` and `X-Forwarded-Host` set to the host the cache key holds,
-    /// `X-Forwarded-For/Proto` set.
+    /// `X-Forwarded-For/Proto` set. A `GET` or `HEAD` with a body goes with `Connection:
+    /// close`: an app that does not read such a body would take it as the next request on a
+    /// pooled connection (CL.0 smuggling); on a connection closed after it, what the app
+    /// answers to it reaches no one.
     pub fn prepare(&self, req: &mut Request<ProxyBody>, client: SocketAddr, upgrade: Option<HeaderValue>) {
         // The host the cache key uses; a host that cannot be keyed (never cached) goes as sent.
         let host = request_host(req)
@@ -272,7 +275,11 @@ impl Upstream {
         // The app always speaks HTTP/1.1 to us, whatever the client spoke.
         *req.version_mut() = http::Version::HTTP_11;
 
+        let fat_get = matches!(*req.method(), Method::GET | Method::HEAD) && !req.body().is_end_stream();
         let headers = req.headers_mut();
+        if fat_get {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(upgrade) = upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, upgrade);
