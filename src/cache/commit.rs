@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::cache::budget::Reservation;
+use crate::cache::fence::{self, Verdict};
 use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TEE_STALL, TeeMsg};
 use crate::cache::index::Entry;
 use crate::cache::key::{Digest, KeyHash};
@@ -340,25 +341,49 @@ impl Cache {
     async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: u64) {
         let version = entry.generation;
         let tags = self.config.tags.parse(&meta.headers);
-        let (removed, refused, has) = {
+        let url_hash = meta.key.hash();
+        let committing = fence::Committing {
+            requested: super::millis(meta.request_time),
+            key: meta.key.as_str(),
+            hash: &hash,
+            url_hash: &url_hash,
+            tags: tags.as_deref().unwrap_or_default(),
+        };
+        let (removed, refused, marked, has) = {
             let mut ix = self.lock_index();
+            // Under the index lock: a purge raises its fence before it selects, so either it
+            // selects this entry or this commit sees its fence.
+            let verdict = self.fences.check(&committing);
             let removed = ix.insert_tagged(hash, entry, reserved, tags.as_deref().unwrap_or_default());
             // The object is indexed now: no longer a reservation.
             ix.release_object();
-            let refused = tags.is_err().then(|| ix.remove(&hash)).flatten();
+            let refused = (tags.is_err() || verdict == Verdict::Purged)
+                .then(|| ix.remove(&hash))
+                .flatten();
+            // Soft-purged while in flight: stored as if before the purge, marked stale.
+            let marked = match verdict {
+                Verdict::SoftPurged(at) => ix.mark_stale(&hash, at).is_some(),
+                _ => false,
+            };
             // The variants a refresh carried over.
             let has: Vec<_> = ix
                 .peek(&hash)
                 .map_or(Vec::new(), |e| e.variants.iter().map(|v| v.coding).collect());
-            (removed, refused, has)
+            (removed, refused, marked, has)
         };
         if let Some(refused) = refused {
-            if let Err(why) = tags {
-                metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+            match tags {
+                Err(why) => metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1),
+                // A purge made while it was in flight selected it: the app's answer from before.
+                Ok(_) => metrics::counter!(m::FILLS_ABORTED, "reason" => "purged").increment(1),
             }
             self.tiers.forget(&hash);
             self.unlink(removed.into_iter().chain([refused]).collect()).await;
             return;
+        }
+        if marked {
+            self.save_marks().await;
+            metrics::counter!(m::SOFT_PURGED_OBJECTS).increment(1);
         }
         self.vary.remember(&meta);
         if removed.is_some() {

@@ -19,6 +19,7 @@ pub mod budget;
 pub mod coalesce;
 mod commit;
 pub mod evict;
+pub mod fence;
 pub mod fileio;
 pub mod fill;
 pub mod index;
@@ -87,9 +88,9 @@ pub enum Purge {
 }
 
 impl Purge {
-    /// Whether an entry is one this purge selects by its key (tags are looked up instead).
-    fn matches_key(&self, e: &Entry) -> bool {
-        let full = &*e.key;
+    /// Whether a stored key (`scheme://host/path?query`) is one this purge selects by its key
+    /// (tags are looked up instead).
+    pub fn matches(&self, full: &str) -> bool {
         let pq = key::path_and_query(full);
         match self {
             Purge::All => true,
@@ -106,7 +107,7 @@ impl Purge {
     fn select(&self, ix: &Index) -> Vec<KeyHash> {
         match self {
             Purge::Tags(tags) => ix.keys_tagged(tags),
-            _ => ix.keys_where(|e| self.matches_key(e)),
+            _ => ix.keys_where(|e| self.matches(&e.key)),
         }
     }
 }
@@ -178,6 +179,8 @@ fn millis(t: SystemTime) -> u64 {
 /// - `specs`: a leaf.
 /// - `marks_file` (tokio, held across the write of the soft-purge marks) -> `index` (the
 ///   marks are copied out under it, then it is let go before the write).
+/// - `index` -> `fences` (`fence::Fences`, std, a leaf): a commit checks the purges made since
+///   its request left while it inserts; a purge raises its fence before it takes `index`.
 /// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
 ///   recorder's (counters are bumped under `map`, gauges set under `budget`).
 pub struct Cache {
@@ -198,6 +201,8 @@ pub struct Cache {
     /// Serializes writes of the soft-purge marks file, so the last one written holds the
     /// newest marks.
     marks_file: tokio::sync::Mutex<()>,
+    /// The purges a fill in flight must learn of when it commits.
+    fences: fence::Fences,
 }
 
 impl Cache {
@@ -216,6 +221,7 @@ impl Cache {
             loaded: AtomicBool::new(false),
             compressor,
             marks_file: tokio::sync::Mutex::new(()),
+            fences: fence::Fences::new(),
         });
         cache.start_compressor();
         cache.retry_open();
@@ -600,6 +606,8 @@ impl Cache {
         if self.varies(key) {
             return self.purge(&Purge::Url(key.as_str().to_owned())).await;
         }
+        // A fill of this key in flight commits the app's answer from before: not stored.
+        self.fences.invalidate(millis(SystemTime::now()), key.hash());
         let removed: Vec<Removed> = {
             let mut ix = self.lock_index();
             let hash = key.hash();
@@ -620,6 +628,8 @@ impl Cache {
     /// stall them for the whole of it (BENCHMARKS.md, issue 18). A key given a new version
     /// meanwhile is removed too: a purge says what it names has changed.
     pub async fn purge(&self, what: &Purge) -> usize {
+        // Fills in flight that it selects are not stored when they commit.
+        self.fences.purge(millis(SystemTime::now()), what, false);
         let keys = what.select(&self.lock_index());
         let mut removed: Vec<Removed> = Vec::with_capacity(keys.len());
         for batch in keys.chunks(PURGE_BATCH) {
@@ -637,6 +647,8 @@ impl Cache {
     /// it survives a restart. Returns how many objects are marked (marked before included).
     pub async fn soft_purge(&self, what: &Purge) -> usize {
         let at = millis(SystemTime::now());
+        // Fills in flight that it selects are stored marked, as if stored before it.
+        self.fences.purge(at, what, true);
         let keys = what.select(&self.lock_index());
         let (mut matched, mut newly) = (0, 0);
         // In batches, as `purge` removes: hits go on between them.

@@ -15,6 +15,7 @@ mod prometheus;
 mod proxy;
 mod room;
 mod safety_admin;
+mod safety_poison;
 mod safety_request;
 mod safety_rules;
 mod safety_store;

@@ -33,6 +33,9 @@ pub enum Behaviour {
     Echo,
     /// Wait, then answer with the inner behaviour.
     Delay(Duration, Box<Behaviour>),
+    /// Wait for a permit of the gate (the test adds one when it wants the answer to go; the
+    /// hit is counted on arrival), then answer with the inner behaviour.
+    Gated(std::sync::Arc<tokio::sync::Semaphore>, Box<Behaviour>),
     /// Announce `len` bytes, send `sent`, then drop the connection.
     Truncated {
         len: u64,
@@ -283,6 +286,10 @@ impl Origin {
                 }
                 Behaviour::Delay(d, inner) => {
                     tokio::time::sleep(d).await;
+                    behaviour = *inner;
+                }
+                Behaviour::Gated(gate, inner) => {
+                    gate.acquire().await.ok()?.forget();
                     behaviour = *inner;
                 }
                 Behaviour::Fixed { status, headers, body } => {
