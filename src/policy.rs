@@ -182,6 +182,9 @@ pub enum NotStorable {
     VaryStar,
     /// The response sets a cookie.
     SetCookie,
+    /// The request carries a `Cookie` and the app gave its answer no explicit freshness or
+    /// shareability: an answer built for one user's session is never guessed shareable.
+    Credentials,
     /// Neither explicit freshness, nor a validator, nor a heuristically cacheable status.
     NoFreshness,
     /// Its tags cannot all be indexed (too many, too long, not UTF-8): stored with some
@@ -200,6 +203,7 @@ impl NotStorable {
             NotStorable::Authorization => "authorization",
             NotStorable::VaryStar => "vary-star",
             NotStorable::SetCookie => "set-cookie",
+            NotStorable::Credentials => "credentials",
             NotStorable::NoFreshness => "no-freshness",
             NotStorable::Tags => "tags",
         }
@@ -251,10 +255,26 @@ pub fn storable(
     }
     let expires = !targeted && resp_headers.contains_key(header::EXPIRES);
     let explicit = cc.max_age.is_some() || cc.s_maxage.is_some() || expires;
-    if explicit || cc.public || is_heuristically_cacheable(status) {
+    if explicit || cc.public {
+        return Ok(());
+    }
+    // What follows is the cache's guess (heuristic freshness, §4.2.2, or a copy kept for its
+    // validator): never for a request that carried one user's session. (`Authorization` has
+    // its own rule above, §3.5.)
+    if req_headers.contains_key(header::COOKIE) {
+        return Err(NotStorable::Credentials);
+    }
+    if is_heuristically_cacheable(status) {
         return Ok(());
     }
     Err(NotStorable::NoFreshness)
+}
+
+/// Whether a request carries credentials (`Cookie`, `Authorization`): its answer may be one
+/// user's, so nothing but the app's explicit word makes it shareable; heuristics (the
+/// `Last-Modified` fraction, the fingerprinted-name lifetime) never apply to it.
+pub fn is_credentialed(req_headers: &HeaderMap) -> bool {
+    req_headers.contains_key(header::COOKIE) || req_headers.contains_key(header::AUTHORIZATION)
 }
 
 /// Parses an HTTP date; `None` for anything invalid (RFC 9110 §5.6.7).
@@ -1224,5 +1244,31 @@ mod tests {
             );
             assert!(!may_serve_stale_on_error(f, &p.cc, Duration::from_secs(3600)));
         }
+    }
+
+    /// Issue 25, item 8: an answer to a request with a `Cookie` is stored only on the app's
+    /// explicit word (a lifetime, `public`); the cache's guesses (the `Last-Modified`
+    /// heuristic, a copy kept for its validator) are never made for one user's session.
+    #[test]
+    fn a_cookie_request_is_stored_only_on_the_apps_explicit_word() {
+        let with_cookie = headers(&[("cookie", "session=alice")]);
+        let st = |req: &HeaderMap, h: &[(&str, &str)]| storable(&Method::GET, req, StatusCode::OK, &headers(h));
+        let guessed = [("last-modified", "Tue, 01 Jan 2019 00:00:00 GMT"), ("etag", "\"a\"")];
+        assert_eq!(
+            st(&HeaderMap::new(), &guessed),
+            Ok(()),
+            "without a cookie: as RFC 9111 allows"
+        );
+        assert_eq!(st(&with_cookie, &guessed), Err(NotStorable::Credentials));
+        for explicit in ["max-age=60", "s-maxage=60", "public"] {
+            assert_eq!(st(&with_cookie, &[("cache-control", explicit)]), Ok(()), "{explicit}");
+        }
+        assert_eq!(
+            st(&with_cookie, &[("sidecache-cache-control", "max-age=60")]),
+            Ok(()),
+            "a targeted lifetime is the app's (or a rule's) explicit word"
+        );
+        assert!(is_credentialed(&with_cookie) && is_credentialed(&headers(&[("authorization", "Bearer x")])));
+        assert!(!is_credentialed(&HeaderMap::new()));
     }
 }

@@ -412,15 +412,19 @@ fn restricts(cc: &CacheControl) -> bool {
 /// Adds the freshness a rule (or fingerprinting) gives to a response about to be stored, and
 /// strips `Set-Cookie` if the rule says so. Returns what was applied, for logs. Nothing is
 /// applied to an answer that is not already shareable or whose path or type does not match
-/// what its name says (see the module's documentation).
+/// what its name says (see the module's documentation). The fingerprint heuristic is a guess:
+/// never made for a request that carried credentials (`credentialed`, see
+/// [`policy::is_credentialed`]); an operator's rule is the operator's word for the path.
 pub fn apply(
     rule: Option<&Rule>,
     fingerprinted_ttl: Duration,
     path: &str,
     status: StatusCode,
     headers: &mut HeaderMap,
+    credentialed: bool,
 ) -> Option<&'static str> {
     let fingerprinted = rule.is_none_or(|r| r.ttl.is_none() && r.force_ttl.is_none())
+        && !credentialed
         && !fingerprinted_ttl.is_zero()
         && is_fingerprinted(path);
     if rule.is_none() && !fingerprinted {
@@ -708,7 +712,7 @@ mod tests {
         .unwrap();
         let mut h = headers(&[("set-cookie", "a=b"), ("content-type", "text/css")]);
         assert_eq!(
-            apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", OK, &mut h),
+            apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", OK, &mut h, false),
             Some("ttl")
         );
         assert_eq!(h["sidecache-cache-control"], "max-age=86400");
@@ -716,14 +720,24 @@ mod tests {
         // An explicit lifetime from the app wins over a default ttl.
         let mut h = headers(&[("cache-control", "max-age=5"), ("content-type", "text/css")]);
         assert_eq!(
-            apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", OK, &mut h),
+            apply(Some(&ttl_rule), Duration::ZERO, "/assets/a.css", OK, &mut h, false),
             None
         );
         // Fingerprinted names get the fingerprint TTL with no rule at all.
         let mut h = headers(&[("content-type", "text/javascript")]);
         assert_eq!(
-            apply(None, DAY, "/assets/app-3f2a9c81.js", OK, &mut h),
+            apply(None, DAY, "/assets/app-3f2a9c81.js", OK, &mut h, false),
             Some("fingerprinted")
+        );
+        // Issue 25, item 8: never for a request with credentials (a guess about one user's
+        // answer); an operator's rule for the path still applies.
+        let mut h = headers(&[("content-type", "text/javascript")]);
+        assert_eq!(apply(None, DAY, "/assets/app-3f2a9c81.js", OK, &mut h, true), None);
+        assert!(!h.contains_key("sidecache-cache-control"));
+        let mut h = headers(&[("content-type", "text/css")]);
+        assert_eq!(
+            apply(Some(&ttl_rule), DAY, "/assets/a-3f2a9c81.css", OK, &mut h, true),
+            Some("ttl")
         );
     }
 
@@ -806,7 +820,7 @@ mod tests {
             let mut h = headers(&pairs);
             let status = StatusCode::from_u16(status).unwrap();
             assert_eq!(
-                apply(rule, DAY, path, status, &mut h),
+                apply(rule, DAY, path, status, &mut h, false),
                 None,
                 "{path} {status} {pairs:?}"
             );
@@ -834,7 +848,7 @@ mod tests {
         ];
         for (rule, path, pairs) in allowed {
             let mut h = headers(&pairs);
-            assert!(apply(rule, DAY, path, OK, &mut h).is_some(), "{path} {pairs:?}");
+            assert!(apply(rule, DAY, path, OK, &mut h, false).is_some(), "{path} {pairs:?}");
         }
     }
 

@@ -199,6 +199,7 @@ impl Proxy {
             &path,
             parts.status,
             &mut parts.headers,
+            policy::is_credentialed(&req_headers),
         ) {
             debug!(rule = applied, "freshness from a static-asset rule");
         }
