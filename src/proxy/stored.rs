@@ -168,15 +168,33 @@ pub(super) fn answer_fill(req: &HeaderMap, meta: &Meta, body: ProxyBody, compres
     resp
 }
 
-/// A 304 for a stored response (RFC 9110 §15.4.5: the validator and caching fields, no body).
+/// The fields a 304 carries from the stored (or selected variant's) head: RFC 9110 §15.4.5
+/// lists Content-Location, Date, ETag, Vary, Cache-Control and Expires; Last-Modified guides
+/// a cache holding a representation without an `ETag`; the targeted caching fields are
+/// `Cache-Control` for the caches they name (RFC 9213). No other representation metadata: a
+/// client that holds the identity body must not read `Content-Encoding: br` (or a type, a
+/// length) from a 304 about the variant this request would be sent, and relabel its body.
+const NOT_MODIFIED_FIELDS: [&HeaderName; 8] = [
+    &header::CACHE_CONTROL,
+    &header::CONTENT_LOCATION,
+    &header::DATE,
+    &header::ETAG,
+    &header::EXPIRES,
+    &header::LAST_MODIFIED,
+    &header::VARY,
+    &policy::CDN_CACHE_CONTROL,
+];
+
+/// A 304 for a stored response: [`NOT_MODIFIED_FIELDS`] of its head, no body.
 fn not_modified(stored: &HeaderMap) -> Response<ProxyBody> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
-    let mut headers = stored.clone();
-    for name in [header::CONTENT_LENGTH, header::CONTENT_RANGE, header::TRANSFER_ENCODING] {
-        headers.remove(name);
+    let headers = resp.headers_mut();
+    for name in NOT_MODIFIED_FIELDS {
+        for value in stored.get_all(name) {
+            headers.append(name, value.clone());
+        }
     }
-    *resp.headers_mut() = headers;
     resp
 }
 
