@@ -269,8 +269,9 @@ config_keys! {
     /// empty: none. A list, or one string of URLs separated by commas or spaces.
     prime_sources: StringList = "",
     /// Compressed variants: `false`, `true`, or {enabled, types, min_size, max_size,
-    /// long_lived, long_levels, short_levels, threads, queue}. The defaults of those nested
-    /// keys are `compress::Settings::compile`'s, the one place they are set.
+    /// long_lived, long_levels, short_levels, threads, queue, cpu_share, cpu_burst}. The
+    /// defaults of those nested keys are `compress::Settings::compile`'s, the one place they
+    /// are set.
     compress: crate::compress::RawCompress = "true",
     /// The shared tier in object storage: `s3://BUCKET/PREFIX`; empty: off. The endpoint,
     /// region and credentials come from the standard `AWS_*` environment variables.

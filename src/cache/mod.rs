@@ -173,7 +173,7 @@ fn millis(t: SystemTime) -> u64 {
 ///   metas: leaves, no eviction listener calls back).
 /// - `map` -> a flight's own watch channel (read to skip a released flight). `claim` picks
 ///   the variant (taking and letting go of `specs`) before it.
-/// - `specs`: a leaf. So is the compressor's `pending` (`variants::Compressor`); its
+/// - `specs`: a leaf. So are the compressor's `state` and CPU `budget` (`variants::Compressor`); its
 ///   threads take the budget's and index's locks one step at a time, like a fill.
 /// - `specs`: a leaf.
 /// - `marks_file` (tokio, held across the write of the soft-purge marks) -> `index` (the
@@ -205,7 +205,7 @@ impl Cache {
     /// that cannot be used leaves the cache off (fail open); [`Cache::retry_open`] tries again.
     pub fn open(config: Arc<Config>) -> Arc<Cache> {
         let tiers = tiers::Tiers::from_config(&config);
-        let compressor = variants::Compressor::new(&config.compress, config.max_objects);
+        let compressor = variants::Compressor::new(&config.compress);
         let cache = Arc::new(Cache {
             budget: Arc::new(budget::Budget::new(budget::Limits::from_config(&config))),
             config,
