@@ -295,6 +295,9 @@ config_keys! {
     max_tags_per_object: u32 = "32",
     /// Longest tag in bytes; a response with a longer one is not stored.
     max_tag_length: u32 = "256",
+    /// Memory the tag index may hold (its names, once each, and references); a response whose
+    /// tags would take it past this is served but not stored.
+    max_tag_index_memory: ByteSize = "32MiB",
     /// Send the tag headers to clients (otherwise they are removed, as CDNs do).
     tag_headers_to_clients: bool = "false",
 }
@@ -464,6 +467,8 @@ pub struct Config {
     pub shared_tier: Option<SharedTierConfig>,
     /// Which headers tag a response, and the bounds on its tags.
     pub tags: TagRules,
+    /// Memory the tag index may hold (bytes).
+    pub max_tag_index_memory: u64,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -862,6 +867,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         compress,
         shared_tier,
         tags,
+        max_tag_index_memory: raw.max_tag_index_memory.0,
     })
 }
 

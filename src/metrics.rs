@@ -108,12 +108,15 @@ pub const SHARED_BREAKER_OPEN: &str = "sidecache_shared_tier_breaker_open";
 pub const BUILD_INFO: &str = "sidecache_build_info";
 // Issue 18: tags, soft purge, per-rule counts.
 /// Responses not stored because their tags could not all be indexed, by `reason` (count,
-/// length, invalid).
+/// length, invalid, memory).
 pub const TAGS_REFUSED: &str = "sidecache_tags_refused_total";
 /// Distinct tags in the index.
 pub const TAGS: &str = "sidecache_tags";
 /// (object, tag) references in the index.
 pub const TAG_REFERENCES: &str = "sidecache_tag_references";
+/// Memory the tag index holds (names and references), as counted against
+/// `max_tag_index_memory`.
+pub const TAG_INDEX_BYTES: &str = "sidecache_tag_index_bytes";
 /// Objects marked stale by soft purges.
 pub const SOFT_PURGED_OBJECTS: &str = "sidecache_soft_purged_objects_total";
 /// Requests answered, by `rule` (the configured rule's name, `none` when no rule matched)
@@ -280,6 +283,11 @@ fn describe() {
     );
     describe_gauge!(TAGS, Unit::Count, "Distinct tags in the index.");
     describe_gauge!(TAG_REFERENCES, Unit::Count, "Object-tag references in the index.");
+    describe_gauge!(
+        TAG_INDEX_BYTES,
+        Unit::Bytes,
+        "Memory the tag index holds (names once each, and references), bounded by max_tag_index_memory."
+    );
     describe_counter!(SOFT_PURGED_OBJECTS, "Objects marked stale by soft purges.");
     describe_counter!(
         RULE_REQUESTS,

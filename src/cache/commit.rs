@@ -342,20 +342,21 @@ impl Cache {
         let tags = self.config.tags.parse(&meta.headers);
         let (removed, refused, has) = {
             let mut ix = self.lock_index();
-            let removed = ix.insert_tagged(hash, entry, reserved, tags.as_deref().unwrap_or_default());
+            let inserted = ix.insert_tagged(hash, entry, reserved, tags.as_deref().unwrap_or_default());
+            let removed = inserted.removed;
             // The object is indexed now: no longer a reservation.
             ix.release_object();
-            let refused = tags.is_err().then(|| ix.remove(&hash)).flatten();
+            // Its tags could not all be indexed (read, or held in the tag index's memory).
+            let why = tags.as_ref().err().copied().or(inserted.refused);
+            let refused = why.and_then(|why| ix.remove(&hash).map(|r| (why, r)));
             // The variants a refresh carried over.
             let has: Vec<_> = ix
                 .peek(&hash)
                 .map_or(Vec::new(), |e| e.variants.iter().map(|v| v.coding).collect());
             (removed, refused, has)
         };
-        if let Some(refused) = refused {
-            if let Err(why) = tags {
-                metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
-            }
+        if let Some((why, refused)) = refused {
+            metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
             self.tiers.forget(&hash);
             self.unlink(removed.into_iter().chain([refused]).collect()).await;
             return;

@@ -756,7 +756,11 @@ impl Cache {
         metrics::gauge!(m::CACHE_OBJECTS).set(objects as f64);
         metrics::gauge!(m::CACHE_SIZE).set(used as f64);
         metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
-        let (tags, references) = self.lock_index().tag_stats();
+        let ((tags, references), tag_bytes) = {
+            let ix = self.lock_index();
+            (ix.tag_stats(), ix.tag_bytes())
+        };
+        metrics::gauge!(m::TAG_INDEX_BYTES).set(tag_bytes as f64);
         metrics::gauge!(m::TAGS).set(tags as f64);
         metrics::gauge!(m::TAG_REFERENCES).set(references as f64);
         self.tiers.publish_gauges();
