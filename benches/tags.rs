@@ -44,7 +44,7 @@ fn index(tagged: bool) -> Index {
     let mut ix = Index::new();
     for i in 0..N {
         if tagged {
-            ix.insert_tagged(key(i), entry(i), 0, &tags(i));
+            let _ = ix.insert_tagged(key(i), entry(i), 0, &tags(i));
         } else {
             ix.insert(key(i), entry(i), 0);
         }

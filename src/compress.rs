@@ -3,7 +3,7 @@
 //! and `flate2` crates). The pool that runs them and stores their output is
 //! `cache::variants`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
 use serde::Deserialize;
@@ -116,7 +116,7 @@ impl<'de> Deserialize<'de> for RawCompress {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = RawCompress;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("`false`, `true`, or a map of enabled, types, min_size, max_size, long_lived, long_levels, short_levels, threads, queue")
+                f.write_str("`false`, `true`, or a map of enabled, types, min_size, max_size, long_lived, long_levels, short_levels, threads, queue, cpu_share, cpu_burst")
             }
             fn visit_bool<E: serde::de::Error>(self, on: bool) -> Result<RawCompress, E> {
                 Ok(RawCompress::Switch(on))
@@ -149,9 +149,13 @@ pub struct RawCompressKeys {
     pub short_levels: Option<Levels>,
     /// Background threads compressing (each runs at a lower CPU priority).
     pub threads: Option<usize>,
-    /// Objects waiting for a thread; more are not compressed (counted). Default: `max_objects`
-    /// (every stored object can wait its turn).
+    /// Distinct bodies waiting for a thread (and for the CPU budget); more are not compressed
+    /// (counted). Default: 256.
     pub queue: Option<usize>,
+    /// Share of one core the compressing threads may use on average (0 < share <= threads).
+    pub cpu_share: Option<f64>,
+    /// CPU time they may use at once beyond that average (the token bucket's depth).
+    pub cpu_burst: Option<HumanDuration>,
 }
 
 /// The `compress:` settings in force.
@@ -173,8 +177,12 @@ pub struct Settings {
     pub short_levels: Levels,
     /// Compressing threads.
     pub threads: usize,
-    /// Queue length; `None`: `max_objects`.
-    pub queue: Option<usize>,
+    /// Distinct bodies that may wait for a thread.
+    pub queue: usize,
+    /// Average share of one core spent compressing, at most.
+    pub cpu_share: f64,
+    /// CPU time that may be spent at once beyond the average.
+    pub cpu_burst: Duration,
 }
 
 impl Default for Settings {
@@ -221,6 +229,16 @@ impl Settings {
         if max_size > 1 << 30 {
             return Err("max_size: at most 1 GiB (a body is compressed in memory)".into());
         }
+        let cpu_share = keys.cpu_share.unwrap_or(0.25);
+        if !(cpu_share > 0.0 && cpu_share <= threads as f64) {
+            return Err(format!(
+                "cpu_share {cpu_share}: above 0 and at most threads ({threads}) (turn compression off with enabled: false)"
+            ));
+        }
+        let cpu_burst = keys.cpu_burst.map_or(Duration::from_secs(30), |d| d.0);
+        if cpu_burst > Duration::from_secs(3600) {
+            return Err("cpu_burst: at most 1h".into());
+        }
         Ok(Settings {
             enabled,
             types,
@@ -230,7 +248,9 @@ impl Settings {
             long_levels,
             short_levels,
             threads,
-            queue: keys.queue.map(|q| q.max(1)),
+            queue: keys.queue.map_or(256, |q| q.clamp(1, 1 << 20)),
+            cpu_share,
+            cpu_burst,
         })
     }
 
@@ -283,6 +303,62 @@ impl Settings {
             levels
         }
     }
+}
+
+/// The compressing threads' CPU budget: a token bucket of CPU seconds, filled at `share`
+/// seconds a second up to `burst`. A thread waits until the bucket is not empty before it
+/// starts on a body, then spends what the body actually cost (its thread CPU time), so the
+/// bucket may go below zero by one body's compression. Over any span of `t` seconds the
+/// threads spend at most `burst + share * t` plus one body's cost per thread, whatever the
+/// requests: a flood of distinct bodies waits (and, its queue full, is dropped), it does not
+/// take the CPU the app shares.
+#[derive(Debug, Clone)]
+pub struct CpuBudget {
+    share: f64,
+    burst: f64,
+    /// Seconds available (negative: owed).
+    level: f64,
+    at: Instant,
+}
+
+impl CpuBudget {
+    /// A full bucket.
+    pub fn new(share: f64, burst: Duration, now: Instant) -> CpuBudget {
+        CpuBudget {
+            share,
+            burst: burst.as_secs_f64(),
+            level: burst.as_secs_f64(),
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + elapsed * self.share).min(self.burst);
+        self.at = self.at.max(now);
+    }
+
+    /// How long until work may start (zero: now).
+    pub fn wait(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.level > 0.0 || self.burst == 0.0 && self.level >= 0.0 {
+            return Duration::ZERO;
+        }
+        // The time for the bucket to reach just above zero.
+        Duration::from_secs_f64(-self.level / self.share + 0.001)
+    }
+
+    /// Records CPU time spent.
+    pub fn spend(&mut self, cpu: Duration, now: Instant) {
+        self.refill(now);
+        self.level -= cpu.as_secs_f64();
+    }
+}
+
+/// CPU time the calling thread has used so far.
+pub fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 /// Compresses `body` in `coding` at `level`.
@@ -395,6 +471,35 @@ mod tests {
         assert_eq!(s.levels(Duration::from_secs(60), true, 10_000), Levels::LONG);
         assert_eq!(s.levels(Duration::from_secs(60), false, 10_000), Levels::SHORT);
         assert_eq!(s.levels(day, false, 4 << 20), Levels::LARGE_CAP);
+    }
+
+    #[test]
+    fn the_cpu_budget_allows_its_burst_then_its_share() {
+        let t0 = Instant::now();
+        let mut b = CpuBudget::new(0.25, Duration::from_secs(2), t0);
+        assert_eq!(b.wait(t0), Duration::ZERO);
+        // A body that cost 3 s leaves the bucket 1 s in debt: 4 s at a quarter of a core.
+        b.spend(Duration::from_secs(3), t0);
+        let w = b.wait(t0);
+        assert!(w > Duration::from_secs(4) && w < Duration::from_millis(4010), "{w:?}");
+        assert_eq!(b.wait(t0 + w), Duration::ZERO);
+        // Idle time refills up to the burst only.
+        let later = t0 + Duration::from_secs(3600);
+        b.spend(Duration::from_millis(2100), later);
+        assert!(b.wait(later) > Duration::ZERO, "no more than the burst was saved up");
+        // Over a long run, spent <= burst + share * elapsed + one body.
+        let mut b = CpuBudget::new(0.5, Duration::from_secs(1), t0);
+        let (mut now, mut spent) = (t0, Duration::ZERO);
+        for _ in 0..1000 {
+            now += b.wait(now);
+            b.spend(Duration::from_millis(300), now);
+            spent += Duration::from_millis(300);
+        }
+        let elapsed = now.duration_since(t0).as_secs_f64();
+        assert!(
+            spent.as_secs_f64() <= 1.0 + 0.5 * elapsed + 0.3 + 1e-6,
+            "{spent:?} in {elapsed}"
+        );
     }
 
     #[test]

@@ -269,8 +269,9 @@ config_keys! {
     /// empty: none. A list, or one string of URLs separated by commas or spaces.
     prime_sources: StringList = "",
     /// Compressed variants: `false`, `true`, or {enabled, types, min_size, max_size,
-    /// long_lived, long_levels, short_levels, threads, queue}. The defaults of those nested
-    /// keys are `compress::Settings::compile`'s, the one place they are set.
+    /// long_lived, long_levels, short_levels, threads, queue, cpu_share, cpu_burst}. The
+    /// defaults of those nested keys are `compress::Settings::compile`'s, the one place they
+    /// are set.
     compress: crate::compress::RawCompress = "true",
     /// The shared tier in object storage: `s3://BUCKET/PREFIX`; empty: off. The endpoint,
     /// region and credentials come from the standard `AWS_*` environment variables.
@@ -294,6 +295,9 @@ config_keys! {
     max_tags_per_object: u32 = "32",
     /// Longest tag in bytes; a response with a longer one is not stored.
     max_tag_length: u32 = "256",
+    /// Memory the tag index may hold (its names, once each, and references); a response whose
+    /// tags would take it past this is served but not stored.
+    max_tag_index_memory: ByteSize = "32MiB",
     /// Send the tag headers to clients (otherwise they are removed, as CDNs do).
     tag_headers_to_clients: bool = "false",
 }
@@ -463,6 +467,8 @@ pub struct Config {
     pub shared_tier: Option<SharedTierConfig>,
     /// Which headers tag a response, and the bounds on its tags.
     pub tags: TagRules,
+    /// Memory the tag index may hold (bytes).
+    pub max_tag_index_memory: u64,
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -861,6 +867,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         compress,
         shared_tier,
         tags,
+        max_tag_index_memory: raw.max_tag_index_memory.0,
     })
 }
 

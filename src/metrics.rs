@@ -72,13 +72,17 @@ pub const PRIME_BYTES: &str = "sidecache_prime_bytes_total";
 pub const VARIANTS_MADE: &str = "sidecache_variants_made_total";
 /// Compressed versions not kept, by `encoding` (not smaller enough, or no room).
 pub const VARIANTS_SKIPPED: &str = "sidecache_variants_skipped_total";
-/// Objects not compressed because the queue was full.
+/// Objects not compressed, by `reason` (`queue_full`: the queue of bodies waiting for a
+/// thread and the CPU budget was full).
 pub const COMPRESS_DROPPED: &str = "sidecache_compress_dropped_total";
+/// Variants stored from another key's variants of the same body (not compressed again), by
+/// `encoding`.
+pub const VARIANTS_REUSED: &str = "sidecache_variants_reused_total";
 /// Identity bytes compressed, by `encoding`.
 pub const COMPRESS_INPUT_BYTES: &str = "sidecache_compress_input_bytes_total";
 /// Bytes of the variants stored, by `encoding`.
 pub const COMPRESS_OUTPUT_BYTES: &str = "sidecache_compress_output_bytes_total";
-/// Time compressing one body in one coding, by `encoding`.
+/// CPU time compressing one body in one coding (the compressing thread's), by `encoding`.
 pub const COMPRESS_SECONDS: &str = "sidecache_compress_seconds";
 /// Responses served from the cache, by `encoding` (identity, br, zstd, gzip).
 pub const SERVED_BY_ENCODING: &str = "sidecache_served_by_encoding_total";
@@ -104,12 +108,15 @@ pub const SHARED_BREAKER_OPEN: &str = "sidecache_shared_tier_breaker_open";
 pub const BUILD_INFO: &str = "sidecache_build_info";
 // Issue 18: tags, soft purge, per-rule counts.
 /// Responses not stored because their tags could not all be indexed, by `reason` (count,
-/// length, invalid).
+/// length, invalid, memory).
 pub const TAGS_REFUSED: &str = "sidecache_tags_refused_total";
 /// Distinct tags in the index.
 pub const TAGS: &str = "sidecache_tags";
 /// (object, tag) references in the index.
 pub const TAG_REFERENCES: &str = "sidecache_tag_references";
+/// Memory the tag index holds (names and references), as counted against
+/// `max_tag_index_memory`.
+pub const TAG_INDEX_BYTES: &str = "sidecache_tag_index_bytes";
 /// Objects marked stale by soft purges.
 pub const SOFT_PURGED_OBJECTS: &str = "sidecache_soft_purged_objects_total";
 /// Requests answered, by `rule` (the configured rule's name, `none` when no rule matched)
@@ -218,7 +225,15 @@ fn describe() {
         VARIANTS_SKIPPED,
         "Compressed versions not kept (under 1/16 smaller, or no room), by encoding."
     );
-    describe_counter!(COMPRESS_DROPPED, "Objects not compressed because the queue was full.");
+    describe_counter!(
+        COMPRESS_DROPPED,
+        "Objects not compressed, by reason (queue_full: the queue waiting for a thread and the CPU budget was full)."
+    );
+    describe_counter!(
+        VARIANTS_REUSED,
+        "Variants stored from another key's variants of the same body instead of compressing it again, by encoding."
+    );
+
     describe_counter!(
         COMPRESS_INPUT_BYTES,
         Unit::Bytes,
@@ -232,7 +247,7 @@ fn describe() {
     describe_histogram!(
         COMPRESS_SECONDS,
         Unit::Seconds,
-        "Time compressing one body in one encoding, by encoding."
+        "CPU time compressing one body in one encoding (the compressing thread's), by encoding."
     );
     describe_counter!(SERVED_BY_ENCODING, "Responses served from the cache, by encoding.");
     describe_counter!(
@@ -268,6 +283,11 @@ fn describe() {
     );
     describe_gauge!(TAGS, Unit::Count, "Distinct tags in the index.");
     describe_gauge!(TAG_REFERENCES, Unit::Count, "Object-tag references in the index.");
+    describe_gauge!(
+        TAG_INDEX_BYTES,
+        Unit::Bytes,
+        "Memory the tag index holds (names once each, and references), bounded by max_tag_index_memory."
+    );
     describe_counter!(SOFT_PURGED_OBJECTS, "Objects marked stale by soft purges.");
     describe_counter!(
         RULE_REQUESTS,

@@ -70,6 +70,8 @@ pub struct Limits {
     pub low_watermark: f64,
     /// How long waiters wait on a fill: a fill waits for its room no longer.
     pub coalesce_timeout: Duration,
+    /// Memory the index's tags may hold (`max_tag_index_memory`).
+    pub tag_memory: u64,
 }
 
 impl Limits {
@@ -82,6 +84,7 @@ impl Limits {
             high_watermark: config.high_watermark,
             low_watermark: config.low_watermark,
             coalesce_timeout: config.coalesce_timeout,
+            tag_memory: config.max_tag_index_memory,
         }
     }
 }
@@ -158,10 +161,12 @@ fn layout_overhead(unit: u64, max_objects: u64) -> u64 {
 impl Budget {
     /// A budget of `limits` over an empty index, with no disk yet.
     pub fn new(limits: Limits) -> Budget {
+        let mut index = Index::new();
+        index.set_tag_budget(limits.tag_memory);
         Budget {
             budget: Mutex::new((limits.max_size, limits.max_objects, None)),
             limits,
-            index: Mutex::new(Index::new()),
+            index: Mutex::new(index),
             accounted: AtomicBool::new(false),
             disk: OnceLock::new(),
             evict_wakeup: Notify::new(),
@@ -434,6 +439,7 @@ mod tests {
             high_watermark: 0.95,
             low_watermark: 0.9,
             coalesce_timeout: Duration::from_secs(30),
+            tag_memory: u64::MAX,
         }
     }
 

@@ -354,12 +354,17 @@ impl Cache {
             // Under the index lock: a purge raises its fence before it selects, so either it
             // selects this entry or this commit sees its fence.
             let verdict = self.fences.check(&committing);
-            let removed = ix.insert_tagged(hash, entry, reserved, tags.as_deref().unwrap_or_default());
+            let inserted = ix.insert_tagged(hash, entry, reserved, tags.as_deref().unwrap_or_default());
+            let removed = inserted.removed;
             // The object is indexed now: no longer a reservation.
             ix.release_object();
-            let refused = (tags.is_err() || verdict == Verdict::Purged)
+            // Its tags could not all be indexed (read, or held in the tag index's memory), or a
+            // purge made while it was in flight selected it (the app's answer from before).
+            let why = tags.as_ref().err().copied().or(inserted.refused);
+            let refused = (why.is_some() || verdict == Verdict::Purged)
                 .then(|| ix.remove(&hash))
-                .flatten();
+                .flatten()
+                .map(|r| (why, r));
             // Soft-purged while in flight: stored as if before the purge, marked stale.
             let marked = match verdict {
                 Verdict::SoftPurged(at) => ix.mark_stale(&hash, at).is_some(),
@@ -371,11 +376,10 @@ impl Cache {
                 .map_or(Vec::new(), |e| e.variants.iter().map(|v| v.coding).collect());
             (removed, refused, marked, has)
         };
-        if let Some(refused) = refused {
-            match tags {
-                Err(why) => metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1),
-                // A purge made while it was in flight selected it: the app's answer from before.
-                Ok(_) => metrics::counter!(m::FILLS_ABORTED, "reason" => "purged").increment(1),
+        if let Some((why, refused)) = refused {
+            match why {
+                Some(why) => metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1),
+                None => metrics::counter!(m::FILLS_ABORTED, "reason" => "purged").increment(1),
             }
             self.tiers.forget(&hash);
             self.unlink(removed.into_iter().chain([refused]).collect()).await;

@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use lru::LruCache;
 
 use crate::cache::key::{Digest, KeyHash};
-use crate::cache::tags::{TagId, TagIndex};
+use crate::cache::tags::{self, TagId, TagIndex};
 use crate::negotiate::Coding;
 
 /// One stored version of a key: its object file.
@@ -75,6 +75,17 @@ impl Entry {
     pub fn variant(&self, coding: Coding) -> Option<&Variant> {
         self.variants.iter().find(|v| v.coding == coding)
     }
+}
+
+/// What [`Index::insert_tagged`] did.
+#[derive(Debug)]
+#[must_use]
+pub struct Inserted {
+    /// The previous version of the key (or the found file, at startup), for removal.
+    pub removed: Option<Removed>,
+    /// Why the entry's tags were not indexed: it is in the index untagged, for the caller to
+    /// take out again in the same step.
+    pub refused: Option<tags::Refused>,
 }
 
 /// A compressed variant of an object: its own file (`<keyhash>.<generation>.<ext>`), made
@@ -422,18 +433,14 @@ impl Index {
     /// `variants` the previous version has (a refresh carries them over): they stay charged
     /// once, and are not removed with the previous version.
     pub fn insert(&mut self, key: KeyHash, entry: Entry, from_reserved: u64) -> Option<Removed> {
-        self.insert_tagged(key, entry, from_reserved, &[])
+        self.insert_tagged(key, entry, from_reserved, &[]).removed
     }
 
     /// [`Index::insert`] of an entry carrying `tags` (distinct): they are indexed with it, in
-    /// the same step.
-    pub fn insert_tagged(
-        &mut self,
-        key: KeyHash,
-        mut entry: Entry,
-        from_reserved: u64,
-        tags: &[Box<str>],
-    ) -> Option<Removed> {
+    /// the same step. Tags the tag index has no memory left for are refused whole: the entry
+    /// is then indexed without them, and the caller takes it out again under the same lock
+    /// ([`Inserted::refused`]; never left to be found by anything but that removal).
+    pub fn insert_tagged(&mut self, key: KeyHash, mut entry: Entry, from_reserved: u64, tags: &[Box<str>]) -> Inserted {
         self.release(from_reserved);
         entry.hits = 0;
         let old = self.take(&key);
@@ -450,7 +457,16 @@ impl Index {
         self.used += self.charge(entry.file_len());
         // The old version's tags go before the new one's are indexed: they may share some.
         let old = old.map(|(old, protected)| (self.account_removal(key, old, &entry.variants), protected));
-        entry.tags = self.tags.register(key, tags);
+        let refused = match self.tags.register(key, tags) {
+            Ok(ids) => {
+                entry.tags = ids;
+                None
+            }
+            Err(why) => {
+                entry.tags = Box::default();
+                Some(why)
+            }
+        };
         match old {
             Some((_, true)) => {
                 self.protected_bytes += self.weight(&entry);
@@ -460,7 +476,10 @@ impl Index {
                 self.probation.push(key, entry);
             }
         }
-        old.map(|(removed, _)| removed)
+        Inserted {
+            removed: old.map(|(removed, _)| removed),
+            refused,
+        }
     }
 
     /// Adds a variant to the entry of `key` if it is still the version `generation` and has
@@ -545,11 +564,12 @@ impl Index {
     /// index already holds a newer version of the key: then the found file is returned for
     /// removal.
     pub fn insert_scanned(&mut self, key: KeyHash, entry: Entry) -> Option<Removed> {
-        self.insert_scanned_tagged(key, entry, &[])
+        self.insert_scanned_tagged(key, entry, &[]).removed
     }
 
-    /// [`Index::insert_scanned`] of an entry carrying `tags`.
-    pub fn insert_scanned_tagged(&mut self, key: KeyHash, entry: Entry, tags: &[Box<str>]) -> Option<Removed> {
+    /// [`Index::insert_scanned`] of an entry carrying `tags` (refused as
+    /// [`Index::insert_tagged`] refuses them).
+    pub fn insert_scanned_tagged(&mut self, key: KeyHash, entry: Entry, tags: &[Box<str>]) -> Inserted {
         let bytes = self.weight(&entry);
         self.forget_unindexed(bytes);
         if let Some(existing) = self.peek(&key)
@@ -557,12 +577,16 @@ impl Index {
         {
             self.unlinking += bytes;
             self.unlinking_objects += 1;
-            return Some(Removed {
+            let removed = Removed {
                 key,
                 generation: entry.generation,
                 bytes,
                 variants: Vec::new(),
-            });
+            };
+            return Inserted {
+                removed: Some(removed),
+                refused: None,
+            };
         }
         self.insert_tagged(key, entry, 0, tags)
     }
@@ -639,6 +663,16 @@ impl Index {
     /// (distinct tags, (key, tag) references) indexed.
     pub fn tag_stats(&self) -> (usize, usize) {
         (self.tags.len(), self.tags.references())
+    }
+
+    /// Memory the tag index holds, as counted against its budget.
+    pub fn tag_bytes(&self) -> usize {
+        self.tags.bytes()
+    }
+
+    /// Sets the tag index's memory budget (`max_tag_index_memory`).
+    pub fn set_tag_budget(&mut self, bytes: u64) {
+        self.tags.set_budget(usize::try_from(bytes).unwrap_or(usize::MAX));
     }
 
     /// Marks a key's current version stale as of `at_ms` (soft purge); a version marked
@@ -1096,14 +1130,14 @@ mod tests {
     #[test]
     fn tags_follow_their_entries_through_replacement_eviction_and_removal() {
         let mut ix = Index::new();
-        ix.insert_tagged(kh(1), entry(1, 1, 100), 0, &tags(&["p1", "all"]));
-        ix.insert_tagged(kh(2), entry(2, 2, 100), 0, &tags(&["p2", "all"]));
+        let _ = ix.insert_tagged(kh(1), entry(1, 1, 100), 0, &tags(&["p1", "all"]));
+        let _ = ix.insert_tagged(kh(2), entry(2, 2, 100), 0, &tags(&["p2", "all"]));
         ix.insert(kh(3), entry(3, 3, 100), 0);
         assert_eq!(ix.keys_tagged(&["all".into()]).len(), 2);
         assert_eq!(ix.tag_stats(), (3, 4));
         // A new version of 1 carries other tags: the old ones go with the old version.
         let old = ix.insert_tagged(kh(1), entry(1, 9, 100), 0, &tags(&["p1-v2"]));
-        assert_eq!(old.map(|r| r.generation), Some(1));
+        assert_eq!(old.removed.map(|r| r.generation), Some(1));
         assert!(ix.keys_tagged(&["p1".into()]).is_empty());
         assert_eq!(ix.keys_tagged(&["all".into()]), vec![kh(2)]);
         assert_eq!(ix.tag_names(ix.peek(&kh(1)).unwrap()), vec!["p1-v2"]);
@@ -1113,12 +1147,33 @@ mod tests {
         assert_eq!(ix.tag_stats(), (0, 0));
         assert!(ix.keys_tagged(&["all".into(), "p1-v2".into()]).is_empty());
         // A scanned entry refused for an older version indexes no tags.
-        ix.insert_scanned_tagged(kh(5), entry(5, 50, 10), &tags(&["a"]));
+        let _ = ix.insert_scanned_tagged(kh(5), entry(5, 50, 10), &tags(&["a"]));
         assert!(
             ix.insert_scanned_tagged(kh(5), entry(5, 40, 10), &tags(&["b"]))
+                .removed
                 .is_some()
         );
         assert_eq!(ix.tag_stats(), (1, 1));
+    }
+
+    #[test]
+    fn tags_past_the_memory_budget_leave_the_entry_untagged_for_its_caller_to_remove() {
+        let mut ix = Index::new();
+        ix.set_tag_budget(600);
+        let first = ix.insert_tagged(kh(1), entry(1, 1, 100), 0, &tags(&["p1", "all"]));
+        assert!(first.refused.is_none());
+        let held = ix.tag_bytes();
+        let long = "x".repeat(400);
+        let over = ix.insert_tagged(kh(2), entry(2, 2, 100), 0, &tags(&["all", &long]));
+        assert_eq!(over.refused, Some(tags::Refused::Memory));
+        assert!(ix.peek(&kh(2)).is_some_and(|e| e.tags.is_empty()), "indexed untagged");
+        assert_eq!(ix.tag_bytes(), held, "none of its tags held");
+        assert_eq!(ix.keys_tagged(&["all".into()]), vec![kh(1)]);
+        assert!(ix.remove(&kh(2)).is_some());
+        // A new version's tags are weighed after the old version's are let go.
+        let again = ix.insert_tagged(kh(1), entry(1, 3, 100), 0, &tags(&["p1", "all"]));
+        assert!(again.refused.is_none() && again.removed.is_some());
+        assert_eq!(ix.tag_bytes(), held);
     }
 
     #[test]

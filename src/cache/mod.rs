@@ -174,7 +174,7 @@ fn millis(t: SystemTime) -> u64 {
 ///   metas: leaves, no eviction listener calls back).
 /// - `map` -> a flight's own watch channel (read to skip a released flight). `claim` picks
 ///   the variant (taking and letting go of `specs`) before it.
-/// - `specs`: a leaf. So is the compressor's `pending` (`variants::Compressor`); its
+/// - `specs`: a leaf. So are the compressor's `state` and CPU `budget` (`variants::Compressor`); its
 ///   threads take the budget's and index's locks one step at a time, like a fill.
 /// - `specs`: a leaf.
 /// - `marks_file` (tokio, held across the write of the soft-purge marks) -> `index` (the
@@ -210,7 +210,7 @@ impl Cache {
     /// that cannot be used leaves the cache off (fail open); [`Cache::retry_open`] tries again.
     pub fn open(config: Arc<Config>) -> Arc<Cache> {
         let tiers = tiers::Tiers::from_config(&config);
-        let compressor = variants::Compressor::new(&config.compress, config.max_objects);
+        let compressor = variants::Compressor::new(&config.compress);
         let cache = Arc::new(Cache {
             budget: Arc::new(budget::Budget::new(budget::Limits::from_config(&config))),
             config,
@@ -768,7 +768,11 @@ impl Cache {
         metrics::gauge!(m::CACHE_OBJECTS).set(objects as f64);
         metrics::gauge!(m::CACHE_SIZE).set(used as f64);
         metrics::gauge!(m::CACHE_RESERVED).set(reserved as f64);
-        let (tags, references) = self.lock_index().tag_stats();
+        let ((tags, references), tag_bytes) = {
+            let ix = self.lock_index();
+            (ix.tag_stats(), ix.tag_bytes())
+        };
+        metrics::gauge!(m::TAG_INDEX_BYTES).set(tag_bytes as f64);
         metrics::gauge!(m::TAGS).set(tags as f64);
         metrics::gauge!(m::TAG_REFERENCES).set(references as f64);
         self.tiers.publish_gauges();

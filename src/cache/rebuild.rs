@@ -78,8 +78,17 @@ impl Cache {
                 }
             };
             self.vary.remember(&meta);
-            let removed = self.lock_index().insert_scanned_tagged(f.id, entry, &tags);
-            if let Some(r) = removed {
+            let (removed, refused) = {
+                let mut ix = self.lock_index();
+                let inserted = ix.insert_scanned_tagged(f.id, entry, &tags);
+                // No memory left in the tag index for its tags: taken out again, whole.
+                let refused = inserted.refused.and_then(|why| ix.remove(&f.id).map(|r| (why, r)));
+                (inserted.removed, refused)
+            };
+            if let Some((why, _)) = &refused {
+                metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+            }
+            for r in removed.into_iter().chain(refused.map(|(_, r)| r)) {
                 super::evict::remove_removed(&store, &r);
                 self.lock_index().unlinked(r.bytes, r.files());
             }

@@ -13,7 +13,10 @@
 //!   (so a purge by tag and an insert never see one without the other). Tag names are
 //!   interned: an entry holds its tags as `u32` ids, and each name is stored once whatever
 //!   the number of objects carrying it. A name whose last object goes is forgotten and its id
-//!   reused, so the index holds only the tags of what is stored.
+//!   reused, so the index holds only the tags of what is stored. Its memory is budgeted
+//!   (`max_tag_index_memory`): it counts the bytes its names and references hold
+//!   ([`TagIndex::bytes`]), and an object whose tags would take it past the budget is refused
+//!   whole ([`Refused::Memory`]), never indexed with some of its tags.
 //!
 //! The tags are not stored separately: they stay in the record's headers (the tag headers are
 //! stored with the response, and removed on the way to clients unless configured), and the
@@ -57,6 +60,8 @@ pub enum Refused {
     Length,
     /// A tag header that is not UTF-8.
     Invalid,
+    /// Its tags would take the tag index past `max_tag_index_memory`.
+    Memory,
 }
 
 impl Refused {
@@ -66,6 +71,7 @@ impl Refused {
             Refused::Count => "count",
             Refused::Length => "length",
             Refused::Invalid => "invalid",
+            Refused::Memory => "memory",
         }
     }
 }
@@ -122,8 +128,17 @@ struct Slot {
     keys: HashSet<KeyHash>,
 }
 
+/// Memory one (key, tag) reference holds: its place in the tag's key set (a 16-byte key
+/// hash in a hash table, with its control byte and spare capacity; measured ~34 bytes,
+/// BENCHMARKS.md) and its 4-byte id in the entry.
+pub const REFERENCE_BYTES: usize = 38;
+
+/// Memory one interned name holds beside its bytes: its `Arc` header, its place in the name
+/// table (a fat pointer and an id, with spare capacity) and its slot (name and an empty set).
+pub const NAME_BYTES: usize = 112;
+
 /// The tag index: tag name -> id -> keys. Owned by the index, under its lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TagIndex {
     ids: HashMap<Arc<str>, TagId>,
     slots: Vec<Slot>,
@@ -131,19 +146,64 @@ pub struct TagIndex {
     free: Vec<TagId>,
     /// References: (key, tag) pairs held.
     references: usize,
+    /// Memory held by the names and references indexed ([`NAME_BYTES`] + length a name,
+    /// [`REFERENCE_BYTES`] a reference).
+    bytes: usize,
+    /// Most `bytes` may be.
+    budget: usize,
+}
+
+impl Default for TagIndex {
+    fn default() -> TagIndex {
+        TagIndex::new()
+    }
 }
 
 impl TagIndex {
-    /// An empty index.
+    /// An empty index without a memory budget.
     pub fn new() -> TagIndex {
-        TagIndex::default()
+        TagIndex::with_budget(usize::MAX)
+    }
+
+    /// An empty index whose names and references may hold at most `budget` bytes.
+    pub fn with_budget(budget: usize) -> TagIndex {
+        TagIndex {
+            ids: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            references: 0,
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// Sets the memory budget (applies to what is registered from now on).
+    pub fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
+    }
+
+    /// What registering `names` (distinct) for a key not carrying them yet would add.
+    fn cost(&self, names: &[Box<str>]) -> usize {
+        names
+            .iter()
+            .map(|n| match self.ids.contains_key(&**n) {
+                true => REFERENCE_BYTES,
+                false => REFERENCE_BYTES + NAME_BYTES + n.len(),
+            })
+            .sum()
     }
 
     /// Records that `key`'s entry carries `names` (distinct); returns their ids, for the
-    /// entry to hold and give back to [`TagIndex::unregister`] when it goes.
-    pub fn register(&mut self, key: KeyHash, names: &[Box<str>]) -> Box<[TagId]> {
+    /// entry to hold and give back to [`TagIndex::unregister`] when it goes. Refused whole
+    /// ([`Refused::Memory`], nothing registered) when they would take the index past its
+    /// budget: an object indexed with some of its tags would escape a purge by the others.
+    pub fn register(&mut self, key: KeyHash, names: &[Box<str>]) -> Result<Box<[TagId]>, Refused> {
         if names.is_empty() {
-            return Box::default();
+            return Ok(Box::default());
+        }
+        let cost = self.cost(names);
+        if self.bytes.saturating_add(cost) > self.budget {
+            return Err(Refused::Memory);
         }
         let mut ids = Vec::with_capacity(names.len());
         for name in names {
@@ -153,14 +213,16 @@ impl TagIndex {
             };
             if self.slots[id as usize].keys.insert(key) {
                 self.references += 1;
+                self.bytes += REFERENCE_BYTES;
                 ids.push(id);
             }
         }
-        ids.into_boxed_slice()
+        Ok(ids.into_boxed_slice())
     }
 
     fn intern(&mut self, name: &str) -> TagId {
         let name: Arc<str> = name.into();
+        self.bytes += NAME_BYTES + name.len();
         let slot = Slot {
             name: name.clone(),
             keys: HashSet::new(),
@@ -188,9 +250,11 @@ impl TagIndex {
             };
             if slot.keys.remove(key) {
                 self.references -= 1;
+                self.bytes -= REFERENCE_BYTES;
             }
             if slot.keys.is_empty() && !slot.name.is_empty() {
                 self.ids.remove(&slot.name);
+                self.bytes -= NAME_BYTES + slot.name.len();
                 // An emptied slot keeps no memory: its set's table and its name go.
                 *slot = Slot {
                     name: Arc::from(""),
@@ -233,6 +297,11 @@ impl TagIndex {
     /// (key, tag) references held.
     pub fn references(&self) -> usize {
         self.references
+    }
+
+    /// Memory its names and references hold (as counted against the budget).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -358,9 +427,9 @@ mod tests {
     fn the_index_finds_keys_by_any_tag_and_forgets_unused_names() {
         let mut ix = TagIndex::new();
         let t = |s: &[&str]| s.iter().map(|n| Box::<str>::from(*n)).collect::<Vec<_>>();
-        let a = ix.register(kh(1), &t(&["red", "big"]));
-        let b = ix.register(kh(2), &t(&["red"]));
-        let c = ix.register(kh(3), &t(&["blue"]));
+        let a = ix.register(kh(1), &t(&["red", "big"])).unwrap();
+        let b = ix.register(kh(2), &t(&["red"])).unwrap();
+        let c = ix.register(kh(3), &t(&["blue"])).unwrap();
         assert_eq!((ix.len(), ix.references()), (3, 4));
         let mut red = ix.keys_with_any(&["red".into()]);
         red.sort();
@@ -374,11 +443,48 @@ mod tests {
         // "big" and "blue" are carried by nothing now: forgotten, their ids free for reuse.
         assert_eq!((ix.len(), ix.references()), (1, 1));
         assert!(ix.keys_with_any(&["big".into()]).is_empty());
-        let d = ix.register(kh(4), &t(&["green"]));
+        let d = ix.register(kh(4), &t(&["green"])).unwrap();
         assert!(d[0] == a[1] || d[0] == c[0], "a freed id is reused");
         assert_eq!(ix.keys_with_any(&["green".into()]), vec![kh(4)]);
         ix.unregister(&kh(2), &b);
         ix.unregister(&kh(4), &d);
-        assert_eq!((ix.len(), ix.references()), (0, 0));
+        assert_eq!((ix.len(), ix.references(), ix.bytes()), (0, 0, 0));
+    }
+
+    #[test]
+    fn the_memory_budget_refuses_whole_tag_lists_and_counts_a_repeated_name_once() {
+        let t = |s: &[&str]| s.iter().map(|n| Box::<str>::from(*n)).collect::<Vec<_>>();
+        let long = |i: usize| format!("{i:0>200}");
+        // Room for two objects' four long names and forty references to them, not a third's.
+        let one = 4 * (NAME_BYTES + 200 + REFERENCE_BYTES);
+        let shared = 10 * 4 * REFERENCE_BYTES;
+        let mut ix = TagIndex::with_budget(2 * one + shared + one / 2);
+        let names = |o: usize| {
+            let owned: Vec<String> = (0..4).map(|j| long(o * 10 + j)).collect();
+            t(&owned.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let a = ix.register(kh(1), &names(1)).unwrap();
+        let b = ix.register(kh(2), &names(2)).unwrap();
+        assert_eq!(ix.bytes(), 2 * one);
+        // A name already held costs only its reference: the same four names for many keys.
+        for k in 10..20 {
+            ix.register(kh(k), &names(1)).unwrap();
+        }
+        assert_eq!(ix.bytes(), 2 * one + shared);
+        assert_eq!(ix.register(kh(3), &names(3)), Err(Refused::Memory));
+        assert_eq!(
+            (ix.len(), ix.references(), ix.bytes()),
+            (8, 48, 2 * one + shared),
+            "nothing of it held"
+        );
+        // Forgetting gives the memory back.
+        ix.unregister(&kh(2), &b);
+        ix.unregister(&kh(1), &a);
+        for k in 10..20 {
+            let ids: Vec<TagId> = (0..4).map(|j| ix.ids[&*long(10 + j)]).collect();
+            ix.unregister(&kh(k), &ids);
+        }
+        assert_eq!(ix.bytes(), 0);
+        assert!(ix.register(kh(3), &names(3)).is_ok());
     }
 }

@@ -1,13 +1,23 @@
-//! Compressed variants made once, off the request path: when an object is stored whose type
-//! compresses (`compress::Settings::eligible`), a job goes on a bounded queue; a small pool of
-//! threads of its own (`compress.threads`, each at a lower CPU priority, so serving always
-//! comes first) reads the stored body back, makes its brotli, zstd and gzip versions at the
-//! levels its lifetime calls for, and stores each one that is worth it as a variant file
-//! charged to the budget ([`index::Index::add_variant`]). Until then requests get the identity
-//! body: nothing ever waits on compression but `prime`, which asks to ([`Cache::variants_settled`]).
+//! Compressed variants made once per distinct body, off the request path: when an object is
+//! stored whose type compresses (`compress::Settings::eligible`), a job for it joins its body
+//! (identity digest and length): the first job of a body puts the body on a small bounded
+//! queue (`compress.queue` bodies), later ones wait beside it. A small pool of threads of its
+//! own (`compress.threads`, each at a lower CPU priority, so serving always comes first) takes
+//! a body, reads it back, makes its brotli, zstd and gzip versions at the levels its lifetime
+//! calls for, and stores each one worth it as a variant file of every key waiting on that body
+//! ([`index::Index::add_variant`]). A body compressed before, whose variants another key still
+//! holds, is not compressed again: those files' bytes are checked and stored for the new key.
+//! So a flood of keys for one body (cache-busting query strings) costs one compression.
 //!
-//! The compressor owns its queue and `pending` (a std mutex, a leaf: held to add or remove one
-//! key, never across an `.await`, never while another lock is taken).
+//! Compression is paced by a CPU budget ([`compress::CpuBudget`], `compress.cpu_share` of one
+//! core on average, `compress.cpu_burst` at once): a thread waits for it before it starts a
+//! body, so a flood of distinct bodies costs at most the budget; the bodies that do not fit
+//! the queue meanwhile are not compressed (`sidecache_compress_dropped_total{reason}`). Until
+//! its variants exist an object's requests get the identity body: nothing ever waits on
+//! compression but `prime`, which asks to ([`Cache::variants_settled`]).
+//!
+//! The compressor owns its queue and [`State`] (a std mutex, a leaf: held to add or take jobs,
+//! never across an `.await`, never while another lock is taken), and the budget (a leaf too).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -23,10 +33,17 @@ use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::store::{self, VariantRecord};
 use crate::cache::{Cache, fileio};
-use crate::compress::{self, Levels};
+use crate::compress::{self, CpuBudget, Levels};
 use crate::metrics as m;
 use crate::negotiate::Coding;
 use crate::policy::{CacheControl, Heuristic, Prepared};
+
+/// A body's identity: its digest and length (as a variant record's `made_from`).
+type Body = (Digest, u64);
+
+/// Bodies remembered as compressed (a hint of which key holds their variants). Past this many
+/// the hints start over: a forgotten one costs at most one compression more.
+const MADE_HINTS: usize = 4096;
 
 /// One stored object to make variants of.
 struct Job {
@@ -40,26 +57,73 @@ struct Job {
     has: Vec<Coding>,
 }
 
-/// The queue and the keys waiting on it.
-pub(super) struct Compressor {
-    /// `None` when compression is off. Bounded; its blocks are allocated as it fills, so a
-    /// bound of every object the cache may hold costs nothing until used.
-    queue: Option<Sender<Job>>,
-    /// Taken by the threads when they start.
-    receiver: Mutex<Option<Receiver<Job>>>,
+/// Why an object was not compressed; the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    /// The queue of bodies waiting for a thread (and the CPU budget) was full.
+    QueueFull,
+}
+
+impl Dropped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dropped::QueueFull => "queue_full",
+        }
+    }
+}
+
+/// What one body was found to give, in a thread's hands while it serves the body's jobs.
+#[derive(Default)]
+struct Coded {
+    /// The identity body, once read.
+    body: Option<Vec<u8>>,
+    /// Each coding's bytes (`None`: made, not worth keeping).
+    codings: HashMap<Coding, Option<Arc<[u8]>>>,
+    /// The fast probe found the body not worth compressing.
+    incompressible: bool,
+    /// Looked for another key's variants of the body already.
+    looked: bool,
+}
+
+/// What is known of a body compressed before.
+#[derive(Debug, Clone, Copy)]
+enum Made {
+    /// This key's entry held its variants.
+    By(KeyHash),
+    /// The probe found it not worth compressing.
+    Incompressible,
+}
+
+/// The jobs and bodies waiting.
+#[derive(Default)]
+struct State {
     /// Keys queued or being compressed, with how many of their jobs are (a newer version of a
     /// key may be queued behind an older one: each job compresses the version it was queued
     /// for, if that is still the one stored).
-    pending: Mutex<HashMap<KeyHash, u32>>,
+    pending: HashMap<KeyHash, u32>,
+    /// Bodies on the queue or being compressed, with the jobs not yet taken.
+    bodies: HashMap<Body, Vec<Job>>,
+    /// Bodies compressed before (bounded by [`MADE_HINTS`]).
+    made: HashMap<Body, Made>,
+}
+
+/// The queue, the jobs waiting and the CPU budget.
+pub(super) struct Compressor {
+    /// `None` when compression is off. Bounded: `compress.queue` bodies.
+    queue: Option<Sender<Body>>,
+    /// Taken by the threads when they start.
+    receiver: Mutex<Option<Receiver<Body>>>,
+    state: Mutex<State>,
+    /// Shared by the threads (a leaf lock).
+    budget: Arc<Mutex<CpuBudget>>,
     /// Woken whenever a key leaves `pending`.
     settled: Notify,
 }
 
 impl Compressor {
-    pub(super) fn new(settings: &compress::Settings, max_objects: u64) -> Compressor {
+    pub(super) fn new(settings: &compress::Settings) -> Compressor {
         let (queue, receiver) = if settings.enabled {
-            let bound = settings.queue.unwrap_or(max_objects.clamp(1, 1 << 24) as usize);
-            let (tx, rx) = tokio::sync::mpsc::channel(bound);
+            let (tx, rx) = tokio::sync::mpsc::channel(settings.queue.max(1));
             (Some(tx), Some(rx))
         } else {
             (None, None)
@@ -67,26 +131,99 @@ impl Compressor {
         Compressor {
             queue,
             receiver: Mutex::new(receiver),
-            pending: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
+            budget: Arc::new(Mutex::new(CpuBudget::new(
+                settings.cpu_share,
+                settings.cpu_burst,
+                Instant::now(),
+            ))),
             settled: Notify::new(),
         }
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<KeyHash, u32>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a job: to its body's waiting jobs, or with its body onto the queue.
+    fn offer(&self, queue: &Sender<Body>, job: Job) {
+        let body = (job.digest, job.body_len);
+        let hash = job.hash;
+        let mut state = self.lock_state();
+        *state.pending.entry(hash).or_insert(0) += 1;
+        if let Some(waiting) = state.bodies.get_mut(&body) {
+            waiting.push(job);
+            return;
+        }
+        match queue.try_send(body) {
+            Ok(()) => {
+                state.bodies.insert(body, vec![job]);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
+                drop(state);
+                metrics::counter!(m::COMPRESS_DROPPED, "reason" => Dropped::QueueFull.as_str()).increment(1);
+                self.done(&hash);
+            }
+        }
+    }
+
+    /// The jobs of `body` not yet taken; none left: the body leaves (later jobs queue it
+    /// again).
+    fn take(&self, body: &Body) -> Vec<Job> {
+        let mut state = self.lock_state();
+        match state.bodies.get_mut(body) {
+            Some(jobs) if !jobs.is_empty() => std::mem::take(jobs),
+            _ => {
+                state.bodies.remove(body);
+                Vec::new()
+            }
+        }
+    }
+
+    fn made(&self, body: &Body) -> Option<Made> {
+        self.lock_state().made.get(body).copied()
+    }
+
+    fn remember(&self, body: Body, made: Made) {
+        let mut state = self.lock_state();
+        if state.made.len() >= MADE_HINTS && !state.made.contains_key(&body) {
+            state.made.clear();
+        }
+        state.made.insert(body, made);
     }
 
     fn done(&self, hash: &KeyHash) {
         {
-            let mut pending = self.lock_pending();
-            if let Some(n) = pending.get_mut(hash) {
+            let mut state = self.lock_state();
+            if let Some(n) = state.pending.get_mut(hash) {
                 *n -= 1;
                 if *n == 0 {
-                    pending.remove(hash);
+                    state.pending.remove(hash);
                 }
             }
         }
         self.settled.notify_waiters();
+    }
+
+    fn is_pending(&self, hash: &KeyHash) -> bool {
+        self.lock_state().pending.contains_key(hash)
+    }
+}
+
+/// Waits (on a compressing thread) until the budget allows work; false if the cache went
+/// away meanwhile.
+fn pace(budget: &Mutex<CpuBudget>, cache: &Weak<Cache>) -> bool {
+    loop {
+        let wait = budget.lock().unwrap_or_else(|p| p.into_inner()).wait(Instant::now());
+        if wait.is_zero() {
+            return true;
+        }
+        // Rate limiting, not synchronisation: the bucket fills with time alone. In slices, so
+        // a cache dropped meanwhile ends the thread.
+        std::thread::sleep(wait.min(Duration::from_millis(250)));
+        if cache.strong_count() == 0 {
+            return false;
+        }
     }
 }
 
@@ -109,9 +246,10 @@ impl Cache {
         let receiver = Arc::new(Mutex::new(receiver));
         for i in 0..self.config.compress.threads {
             let (cache, receiver, runtime) = (Arc::downgrade(self), receiver.clone(), runtime.clone());
+            let budget = self.compressor.budget.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("sidecache-compress-{i}"))
-                .spawn(move || compress_loop(cache, receiver, runtime));
+                .spawn(move || compress_loop(cache, receiver, budget, runtime));
             if let Err(e) = spawned {
                 warn!(error = %e, "failed to start a compressing thread");
             }
@@ -147,14 +285,7 @@ impl Cache {
             levels: settings.levels(prepared.lifetime, immutable, meta.body_len),
             has: has.to_vec(),
         };
-        *self.compressor.lock_pending().entry(hash).or_insert(0) += 1;
-        match queue.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
-                metrics::counter!(m::COMPRESS_DROPPED).increment(1);
-                self.compressor.done(&hash);
-            }
-        }
+        self.compressor.offer(queue, job);
     }
 
     /// Waits (at most `limit`) until the variants of the object a request would get are made,
@@ -171,7 +302,7 @@ impl Cache {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let filling = self.flights.in_flight(&hash);
-            if !filling && !self.compressor.lock_pending().contains_key(&hash) {
+            if !filling && !self.compressor.is_pending(&hash) {
                 return;
             }
             let wake = async {
@@ -186,8 +317,9 @@ impl Cache {
         }
     }
 
-    /// Makes and stores the variants of one object (on a compressing thread).
-    fn make_variants(self: &Arc<Self>, job: &Job, runtime: &tokio::runtime::Handle) {
+    /// Makes and stores the variants of one object (on a compressing thread), from what
+    /// `coded` holds of its body, from another key's variants of it, or by compressing it.
+    fn make_variants(self: &Arc<Self>, job: &Job, coded: &mut Coded, runtime: &tokio::runtime::Handle) {
         let Some(store) = self.store() else { return };
         // Still the version the job is for? (Evicted, purged or replaced meanwhile: nothing.)
         let current = self
@@ -197,53 +329,135 @@ impl Cache {
         if !current {
             return;
         }
-        let path = store.object_path(&job.hash, job.generation);
-        let body = match fileio::open_for_read(&path).and_then(|f| fileio::read_at(&f, job.body_len as usize, 0, false))
-        {
-            Ok(Some(body)) => body,
-            Ok(None) | Err(_) => return,
-        };
-        // Compress only what the record says the body is: a changed file is the lookup's to
-        // find and drop.
-        if Digest::from(blake3::hash(&body)) != job.digest {
-            return;
-        }
-        // A fast probe first: a body that the quickest zstd level cannot shrink by 1/16 (minified
-        // and already dense, or binary) is not worth the best levels' CPU.
-        let probe = compress::encode(Coding::Zstd, 1, &body).map(|p| p.len() as u64);
-        if !probe.is_ok_and(|len| compress::worth_keeping(len, job.body_len)) {
-            for coding in Coding::ALL {
-                metrics::counter!(m::VARIANTS_SKIPPED, "encoding" => coding.token()).increment(1);
+        let body: Body = (job.digest, job.body_len);
+        if !coded.looked {
+            coded.looked = true;
+            match self.compressor.made(&body) {
+                Some(Made::Incompressible) => coded.incompressible = true,
+                Some(Made::By(other)) if other != job.hash => self.reuse_variants(&store, &other, body, coded),
+                _ => {}
             }
-            return;
         }
         for coding in Coding::ALL {
             if job.has.contains(&coding) {
                 continue;
             }
-            let level = job.levels.of(coding);
-            let started = Instant::now();
-            let coded = match compress::encode(coding, level, &body) {
-                Ok(coded) => coded,
-                Err(e) => {
-                    warn!(error = %e, coding = coding.token(), "compression failed");
-                    continue;
-                }
-            };
-            let took = started.elapsed();
             let labels = [("encoding", coding.token())];
-            metrics::histogram!(m::COMPRESS_SECONDS, &labels).record(took.as_secs_f64());
-            metrics::counter!(m::COMPRESS_INPUT_BYTES, &labels).increment(job.body_len);
-            if !compress::worth_keeping(coded.len() as u64, job.body_len) {
+            if coded.incompressible {
                 metrics::counter!(m::VARIANTS_SKIPPED, &labels).increment(1);
                 continue;
             }
-            let stored = runtime.block_on(self.store_variant(&store, job, coding, &coded));
-            if stored {
+            let (bytes, reused) = match coded.codings.get(&coding) {
+                Some(bytes) => (bytes.clone(), true),
+                None => {
+                    let Some(bytes) = self.encode(&store, job, coding, coded) else {
+                        if coded.incompressible {
+                            metrics::counter!(m::VARIANTS_SKIPPED, &labels).increment(1);
+                            self.compressor.remember(body, Made::Incompressible);
+                        }
+                        continue;
+                    };
+                    coded.codings.insert(coding, bytes.clone());
+                    (bytes, false)
+                }
+            };
+            let Some(bytes) = bytes else {
+                metrics::counter!(m::VARIANTS_SKIPPED, &labels).increment(1);
+                continue;
+            };
+            if runtime.block_on(self.store_variant(&store, job, coding, &bytes)) {
                 metrics::counter!(m::VARIANTS_MADE, &labels).increment(1);
-                metrics::counter!(m::COMPRESS_OUTPUT_BYTES, &labels).increment(coded.len() as u64);
+                if reused {
+                    metrics::counter!(m::VARIANTS_REUSED, &labels).increment(1);
+                } else {
+                    metrics::counter!(m::COMPRESS_OUTPUT_BYTES, &labels).increment(bytes.len() as u64);
+                }
+                self.compressor.remember(body, Made::By(job.hash));
             }
         }
+    }
+
+    /// Takes the variants another key (`other`) holds of `body` into `coded`: each file's
+    /// coded bytes, checked against its digest (a changed file is not copied).
+    fn reuse_variants(&self, store: &store::Store, other: &KeyHash, body: Body, coded: &mut Coded) {
+        let variants: Vec<Variant> = {
+            let ix = self.lock_index();
+            match ix.peek(other) {
+                Some(e) if (e.digest, e.body_len) == body => e.variants.to_vec(),
+                _ => return,
+            }
+        };
+        for v in variants {
+            let path = store.variant_path(other, v.generation, v.coding);
+            let Ok(Some(bytes)) =
+                fileio::open_for_read(&path).and_then(|f| fileio::read_at(&f, v.body_len as usize, 0, false))
+            else {
+                continue;
+            };
+            if Digest::from(blake3::hash(&bytes)) == v.digest {
+                coded.codings.insert(v.coding, Some(bytes.into()));
+            }
+        }
+    }
+
+    /// Compresses the job's body in `coding` (reading it, and probing it, first if not done
+    /// yet), spending its thread CPU time from the budget. `None`: it could not be read, did
+    /// not match its record, failed, or the probe found it incompressible (`coded` says so);
+    /// `Some(None)`: made, not worth keeping.
+    fn encode(&self, store: &store::Store, job: &Job, coding: Coding, coded: &mut Coded) -> Option<Option<Arc<[u8]>>> {
+        let cpu = compress::thread_cpu_time();
+        let result = self.encode_unpaced(store, job, coding, coded);
+        let spent = compress::thread_cpu_time().saturating_sub(cpu);
+        self.compressor
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spend(spent, Instant::now());
+        result
+    }
+
+    fn encode_unpaced(
+        &self,
+        store: &store::Store,
+        job: &Job,
+        coding: Coding,
+        coded: &mut Coded,
+    ) -> Option<Option<Arc<[u8]>>> {
+        if coded.body.is_none() {
+            let path = store.object_path(&job.hash, job.generation);
+            let body = fileio::open_for_read(&path)
+                .and_then(|f| fileio::read_at(&f, job.body_len as usize, 0, false))
+                .ok()
+                .flatten()?;
+            // Compress only what the record says the body is: a changed file is the lookup's
+            // to find and drop.
+            if Digest::from(blake3::hash(&body)) != job.digest {
+                return None;
+            }
+            // A fast probe first: a body that the quickest zstd level cannot shrink by 1/16
+            // (minified and already dense, or binary) is not worth the best levels' CPU.
+            let probe = compress::encode(Coding::Zstd, 1, &body).map(|p| p.len() as u64);
+            if !probe.is_ok_and(|len| compress::worth_keeping(len, job.body_len)) {
+                coded.incompressible = true;
+                return None;
+            }
+            coded.body = Some(body);
+        }
+        let body = coded.body.as_deref()?;
+        let level = job.levels.of(coding);
+        let started = compress::thread_cpu_time();
+        let bytes = match compress::encode(coding, level, body) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, coding = coding.token(), "compression failed");
+                return None;
+            }
+        };
+        let labels = [("encoding", coding.token())];
+        metrics::histogram!(m::COMPRESS_SECONDS, &labels)
+            .record(compress::thread_cpu_time().saturating_sub(started).as_secs_f64());
+        metrics::counter!(m::COMPRESS_INPUT_BYTES, &labels).increment(job.body_len);
+        Some(compress::worth_keeping(bytes.len() as u64, job.body_len).then(|| bytes.into()))
     }
 
     /// Stores one coded body as a variant of the job's object: room reserved, file written
@@ -303,25 +517,43 @@ impl Cache {
     }
 }
 
-/// A compressing thread: jobs until the cache is gone.
-fn compress_loop(cache: Weak<Cache>, receiver: Arc<Mutex<Receiver<Job>>>, runtime: tokio::runtime::Handle) {
+/// A compressing thread: bodies until the cache is gone. Each body waits for the CPU budget,
+/// then its jobs are served (those that join it meanwhile too) from one compression.
+fn compress_loop(
+    cache: Weak<Cache>,
+    receiver: Arc<Mutex<Receiver<Body>>>,
+    budget: Arc<Mutex<CpuBudget>>,
+    runtime: tokio::runtime::Handle,
+) {
     // Serving comes first: this thread yields the CPU to the event loops (nice 10; Linux keeps
     // a nice value per thread).
     if let Err(e) = rustix::process::setpriority_process(None, 10) {
         debug!(error = %e, "could not lower the compressing thread's priority");
     }
     loop {
-        let job = {
+        let body = {
             let mut rx = receiver.lock().unwrap_or_else(|p| p.into_inner());
             match rx.blocking_recv() {
-                Some(job) => job,
+                Some(body) => body,
                 None => return,
             }
         };
+        if !pace(&budget, &cache) {
+            return;
+        }
         let Some(cache) = cache.upgrade() else { return };
-        let started = SystemTime::now();
-        cache.make_variants(&job, &runtime);
-        cache.compressor.done(&job.hash);
-        debug!(key = %job.hash, took = ?started.elapsed().unwrap_or_default(), "variants made");
+        let mut coded = Coded::default();
+        loop {
+            let jobs = cache.compressor.take(&body);
+            if jobs.is_empty() {
+                break;
+            }
+            for job in jobs {
+                let started = SystemTime::now();
+                cache.make_variants(&job, &mut coded, &runtime);
+                cache.compressor.done(&job.hash);
+                debug!(key = %job.hash, took = ?started.elapsed().unwrap_or_default(), "variants made");
+            }
+        }
     }
 }

@@ -726,3 +726,149 @@ async fn a_version_stored_while_an_older_one_waits_for_compression_gets_its_vari
     assert_eq!(got.header("content-encoding"), Some("br"));
     assert!(got.body == v2, "the variant is of the version stored");
 }
+
+/// CPU time (user + system) a child process has used, from /proc (USER_HZ is 100 on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces, inside parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Starts the real binary with `env` added; returns it, its public and admin addresses.
+async fn start_bin(
+    origin: &Origin,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (Binary, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut all = vec![
+        ("SIDECACHE_ACCESS_LOG", "false"),
+        ("SIDECACHE_MIN_FREE", "0"),
+        ("SIDECACHE_MAX_SIZE", "512MiB"),
+    ];
+    all.extend_from_slice(env);
+    let mut bin = Binary::serve(&origin.url(), dir, &[], &all);
+    let (addr, admin) = (bin.public_addr(), bin.admin_addr());
+    crate::support::wait_ready(admin).await;
+    (bin, addr, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_busting_requests_for_one_script_compress_it_once() {
+    use crate::support::{metric, scrape};
+    let origin = Origin::start().await;
+    let body = script(1024);
+    origin.fixed("/app.js", SCRIPT, body.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, addr, admin) = start_bin(&origin, dir.path(), &[]).await;
+    let pid = bin.child.id();
+    let cpu_before = cpu_seconds(pid);
+    // 40 one-off keys for one body, all at once (a cache-busting flood).
+    let sends = (0..40).map(|i| served_coding_owned(format!("http://{addr}/app.js?q={i}")));
+    for coding in futures_util::future::join_all(sends).await {
+        assert_eq!(coding, "identity", "nothing waits for compression");
+    }
+    assert_eq!(origin.hits("/app.js"), 40);
+    // Every key gets its three variants...
+    let made = eventually(Duration::from_secs(120), async || {
+        metric(&scrape(admin).await, "sidecache_variants_made_total", &[]) == 120.0
+    })
+    .await;
+    let text = scrape(admin).await;
+    assert!(
+        made,
+        "variants made: {}",
+        metric(&text, "sidecache_variants_made_total", &[])
+    );
+    for (i, coding) in ["br", "zstd", "gzip"].into_iter().enumerate() {
+        let label = format!("encoding=\"{coding}\"");
+        // ... from one compression of the body in each coding; the others are its bytes.
+        assert_eq!(
+            metric(&text, "sidecache_compress_input_bytes_total", &[&label]),
+            body.len() as f64,
+            "{coding} compressed more than once"
+        );
+        assert_eq!(metric(&text, "sidecache_variants_reused_total", &[&label]), 39.0);
+        let url = format!("http://{addr}/app.js?q={}", 7 + i);
+        let got = curl(&url, &["--compressed", "-H", &format!("Accept-Encoding: {coding}")]).await;
+        assert_eq!(got.header("content-encoding"), Some(coding));
+        assert!(got.body == body, "a reused {coding} variant decodes to the app's bytes");
+    }
+    // The whole flood (40 MiB received, hashed, stored and answered, and one compression of
+    // each coding at the levels of a long-lived 1 MiB body) in a few seconds of CPU.
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let compressing = metric(&text, "sidecache_compress_seconds_sum", &[]);
+    assert!(compressing < 3.0, "compressing took {compressing:.2} s of CPU");
+    assert!(cpu < 3.0, "the flood cost {cpu:.2} s of CPU");
+    eprintln!("flood: {cpu:.2} s of CPU in all, {compressing:.2} s compressing");
+}
+
+/// [`served_coding`] of an owned URL, without `Accept-Encoding`.
+async fn served_coding_owned(url: String) -> String {
+    served_coding(&url, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_bodies_beyond_the_cpu_budget_wait_and_the_overflow_is_dropped_and_counted() {
+    use crate::support::{metric, scrape};
+    let origin = Origin::start().await;
+    const N: usize = 20;
+    for i in 0..N {
+        // Distinct bodies: each its own compression.
+        let mut body = format!("// build {i}\n").into_bytes();
+        body.extend(script(64));
+        origin.fixed(&format!("/b{i}.js"), SCRIPT, body);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Half a core, nothing saved up, two bodies may wait.
+    let share = 0.5;
+    let env = [("SIDECACHE_COMPRESS", "{cpu_share: 0.5, cpu_burst: 0s, queue: 2}")];
+    let (_bin, addr, admin) = start_bin(&origin, dir.path(), &env).await;
+    let started = std::time::Instant::now();
+    let sends = (0..N).map(|i| served_coding_owned(format!("http://{addr}/b{i}.js")));
+    futures_util::future::join_all(sends).await;
+    let dropped = eventually(Duration::from_secs(10), async || {
+        metric(
+            &scrape(admin).await,
+            "sidecache_compress_dropped_total",
+            &["reason=\"queue_full\""],
+        ) > 0.0
+    })
+    .await;
+    assert!(dropped, "bodies beyond the queue were not counted as dropped");
+    // What was queued is compressed, paced: wait until the queue has drained.
+    let settled = eventually(Duration::from_secs(60), async || {
+        let text = scrape(admin).await;
+        let dropped = metric(&text, "sidecache_compress_dropped_total", &[]);
+        let bodies = metric(&text, "sidecache_compress_seconds_count", &["encoding=\"br\""]);
+        bodies + dropped == N as f64
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let text = scrape(admin).await;
+    assert!(settled, "every body was either compressed or counted as dropped");
+    let dropped = metric(&text, "sidecache_compress_dropped_total", &[]);
+    let bodies = metric(&text, "sidecache_compress_seconds_count", &["encoding=\"br\""]);
+    let cpu = metric(&text, "sidecache_compress_seconds_sum", &[]);
+    // One thread took one body, two waited: the rest of the flood was not compressed.
+    assert!(
+        bodies <= 4.0 && dropped >= (N - 4) as f64,
+        "{bodies} compressed, {dropped} dropped"
+    );
+    // Within the budget: half a core over the span, plus the one body it may owe.
+    let per_body = cpu / bodies.max(1.0);
+    assert!(
+        cpu <= share * elapsed + per_body + 0.05,
+        "{cpu:.3} s of CPU compressing in {elapsed:.2} s ({per_body:.3} s a body)"
+    );
+    // The ones compressed are served in brotli, the dropped ones as the app sent them.
+    let mut in_br = 0;
+    for i in 0..N {
+        in_br += (served_coding(&format!("http://{addr}/b{i}.js"), Some("br")).await == "br") as usize;
+    }
+    assert_eq!(in_br as f64, bodies);
+    eprintln!("{bodies} compressed ({cpu:.3} s of CPU in {elapsed:.2} s), {dropped} dropped");
+}

@@ -499,3 +499,102 @@ async fn rule_counts_add_up_to_exactly_the_requests_sent() {
         "three GETs and a HEAD after the fill"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_past_the_index_memory_budget_are_served_not_stored_and_purge_still_finds_every_stored_one() {
+    const BUDGET: f64 = 40_960.0;
+    const N: usize = 10;
+    let origin = Origin::start().await;
+    // Each object: the shared tag `all` and 31 long tags of its own (as an app deriving tags
+    // from request data would make): ~11 KB of the tag index each, so three fit in 40 KiB.
+    for i in 0..N {
+        let own: Vec<String> = (0..31).map(|j| format!("o{i}-t{j}-{}", "x".repeat(190))).collect();
+        let header = format!("all {}", own.join(" "));
+        origin.route(
+            &format!("/o{i}.css"),
+            Behaviour::Fixed {
+                status: 200,
+                headers: owned(&[CACHEABLE])
+                    .into_iter()
+                    .chain([("surrogate-key".to_owned(), header)])
+                    .collect(),
+                body: Bytes::from(format!("object {i} ").repeat(100)),
+            },
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut bin = Binary::serve(
+        &origin.url(),
+        &cache,
+        &[],
+        &[
+            ("SIDECACHE_ACCESS_LOG", "false"),
+            ("SIDECACHE_ADMIN_TOKEN", TOKEN),
+            ("SIDECACHE_MIN_FREE", "0"),
+            ("SIDECACHE_MAX_TAG_INDEX_MEMORY", "40KiB"),
+        ],
+    );
+    let (addr, admin_addr) = (bin.public_addr(), bin.admin_addr());
+    crate::support::wait_ready(admin_addr).await;
+    let admin = format!("http://{admin_addr}");
+    for i in 0..N {
+        let resp = app_client()
+            .get(format!("http://{addr}/o{i}.css"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "served, stored or not");
+        assert_eq!(resp.text().await.unwrap(), format!("object {i} ").repeat(100));
+        let held = metric(&scrape(admin_addr).await, "sidecache_tag_index_bytes", &[]);
+        assert!(held <= BUDGET, "the tag index holds {held} bytes, over its budget");
+    }
+    let counted = eventually(Duration::from_secs(10), async || {
+        metric(
+            &scrape(admin_addr).await,
+            "sidecache_tags_refused_total",
+            &[r#"reason="memory""#],
+        ) == 7.0
+    })
+    .await;
+    let text = scrape(admin_addr).await;
+    assert!(
+        counted,
+        "refused for memory: {}",
+        metric(&text, "sidecache_tags_refused_total", &[])
+    );
+    assert_eq!(metric(&text, "sidecache_cache_objects", &[]), 3.0);
+    assert!(metric(&text, "sidecache_tag_index_bytes", &[]) > BUDGET * 0.75);
+    assert_eq!(object_files(&cache), 3, "a refused object leaves no file");
+    // The first three are hits; the others go to the app again (never stored, so never
+    // served past a purge of a tag they would have lost).
+    for i in 0..N {
+        let resp = app_client()
+            .get(format!("http://{addr}/o{i}.css"))
+            .send()
+            .await
+            .unwrap();
+        let cs = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+        assert_eq!(cs == "sidecache; hit", i < 3, "/o{i}.css: {cs}");
+    }
+    // Purge by the shared tag: every stored object carrying it goes.
+    let out = cli(&["purge", "--tag", "all", "--target", &admin, "--token", TOKEN]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"purged":3}"#);
+    assert!(eventually(Duration::from_secs(10), async || objects(&admin).await == 0.0).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            metric(&scrape(admin_addr).await, "sidecache_tag_index_bytes", &[]) == 0.0
+        })
+        .await,
+        "the purged objects' tags are let go"
+    );
+    for i in 0..N {
+        let resp = app_client()
+            .get(format!("http://{addr}/o{i}.css"))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.headers()["cache-status"].to_str().unwrap().contains("fwd="));
+    }
+}
