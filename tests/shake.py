@@ -35,15 +35,16 @@ FAILED = re.compile(r"^test (\S+) \.\.\. FAILED$")
 RESULT = re.compile(r"^test result: (\w+)\. (\d+) passed; (\d+) failed")
 
 
-def start_load(kind, scratch, deadline):
+def start_load(kind, scratch, deadline, keep_release=None):
     """Starts one load as a process group; returns the Popen."""
     if kind == "release":
         target = os.path.join(scratch, "release-target")
+        keep = f'cp "{target}/release/sidecache" "{keep_release}" 2>/dev/null; ' if keep_release else ""
         # Rebuilt from clean until stopped or the deadline: a steady build-shaped load.
         script = (
             f'while [ "$(date +%s)" -lt {int(deadline)} ]; do '
             f'rm -rf "{target}"; cargo build --release --quiet --target-dir "{target}" >/dev/null 2>&1; '
-            "done"
+            f"{keep}done"
         )
     elif kind == "cpu":
         n = os.cpu_count() or 2
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--load", action="append", default=[], help="release, cpu or disk (repeatable)")
     ap.add_argument("--max-minutes", type=float, default=120, help="stop starting runs after this long")
     ap.add_argument("--keep-logs", metavar="DIR", help="keep each run's output in DIR")
+    ap.add_argument("--keep-release", metavar="PATH", help="copy each finished release build's binary here")
     ap.add_argument("cargo_args", nargs="*", help="extra arguments for cargo test (after --)")
     args = ap.parse_args()
 
@@ -85,7 +87,7 @@ def main():
     subprocess.run(["cargo", "test", "--no-run", "--quiet", *args.cargo_args], cwd=ROOT, check=True)
 
     scratch = tempfile.mkdtemp(prefix="sidecache-shake-")
-    loads = [start_load(k, scratch, deadline) for k in args.load]
+    loads = [start_load(k, scratch, deadline, args.keep_release) for k in args.load]
     failures = collections.Counter()
     failed_runs, durations = 0, []
     try:
