@@ -30,7 +30,7 @@ use hyper::body::Frame;
 use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
 use crate::prime::warm::{Job, warm_all};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, PurgeMode, Purged};
 use crate::sources::SourceUrl;
 
 /// What the admin endpoints read.
@@ -60,7 +60,7 @@ impl Admin {
                         // back some it holds open.
                         warn!(error = %e, "admin accept failed");
                         if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                            self.proxy.cache.relieve_descriptors();
+                            self.proxy.cache().relieve_descriptors();
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -85,7 +85,7 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 // Size gauges are worked out when scraped, not on every fill.
-                self.proxy.cache.publish_gauges();
+                self.proxy.cache().publish_gauges();
                 let mut resp = text(StatusCode::OK, self.metrics.render());
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -95,9 +95,9 @@ impl Admin {
             }
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET, "/readyz") => {
-                if !self.proxy.upstream.is_reachable(Duration::from_secs(1)).await {
+                if !self.proxy.upstream().is_reachable(Duration::from_secs(1)).await {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready: app unreachable\n".into())
-                } else if !self.proxy.cache.is_loaded() {
+                } else if !self.proxy.cache().is_loaded() {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: cache index loading\n".into(),
@@ -118,14 +118,21 @@ impl Admin {
                             .into(),
                     );
                 };
-                if is_soft(query) {
-                    let n = self.proxy.cache.soft_purge(&what).await;
-                    info!(objects = n, "soft-purged (marked stale)");
-                    return json(StatusCode::OK, format!("{{\"marked\":{n}}}\n"));
+                let mode = if is_soft(query) {
+                    PurgeMode::Soft
+                } else {
+                    PurgeMode::Hard
+                };
+                match self.proxy.purge(&what, mode).await {
+                    Purged::Removed(n) => {
+                        info!(objects = n, "purged");
+                        json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
+                    }
+                    Purged::Marked(n) => {
+                        info!(objects = n, "soft-purged (marked stale)");
+                        json(StatusCode::OK, format!("{{\"marked\":{n}}}\n"))
+                    }
                 }
-                let n = self.proxy.purge(&what).await;
-                info!(objects = n, "purged");
-                json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
             }
             (&Method::GET, "/objects") => {
                 if let Some(denied) = self.authorize(&req) {
@@ -176,7 +183,7 @@ impl Admin {
                 "host" => host = v.into_owned(),
                 // Checked before anything is read or fetched: a source outside the allow-list
                 // refuses the whole prime.
-                "from" => match self.proxy.config.prime_sources.admit_base(&v) {
+                "from" => match self.proxy.config().prime_sources.admit_base(&v) {
                     Ok(base) => from = Some(base),
                     Err(e) => {
                         warn!(error = %e, "prime refused: source not allowed");
@@ -216,7 +223,7 @@ impl Admin {
     /// `None` when the request may go on; otherwise the refusal. Without a configured token
     /// the admin port relies on being bound to loopback.
     fn authorize(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-        let token = self.proxy.config.admin_token.as_deref()?;
+        let token = self.proxy.config().admin_token.as_deref()?;
         let given = req
             .headers()
             .get(header::AUTHORIZATION)

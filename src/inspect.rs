@@ -96,7 +96,7 @@ pub struct Object {
 
 /// Works out the report for what the cache holds for `url`.
 pub async fn report(proxy: &Proxy, url: &str, host: Option<&str>) -> Report {
-    let stored = proxy.cache.inspect(url, host).await;
+    let stored = proxy.cache().inspect(url, host).await;
     let now = SystemTime::now();
     Report {
         url: url.to_owned(),
@@ -118,11 +118,11 @@ fn object(proxy: &Proxy, s: &Stored, now: SystemTime) -> Option<Object> {
     };
     let cc = &prepared.cc;
     let usable = policy::usable(f, &CacheControl::default(), cc);
-    let may_stale = policy::may_serve_stale_on_error(f, cc, proxy.config.stale_if_error);
+    let may_stale = policy::may_serve_stale_on_error(f, cc, proxy.config().stale_if_error);
     let sie_window = if policy::forbids_stale(cc) {
         0
     } else {
-        cc.stale_if_error.unwrap_or(0).max(secs(proxy.config.stale_if_error))
+        cc.stale_if_error.unwrap_or(0).max(secs(proxy.config().stale_if_error))
     };
     let validators = ["etag", "last-modified"]
         .into_iter()

@@ -42,7 +42,7 @@ async fn prime(sc: &TestSidecar, from: &str, targets: &str) -> (StatusCode, Vec<
 /// Nothing is stored under `path`: no object in the cache, and a client is answered by the
 /// app, not from the cache.
 async fn assert_not_stored(sc: &TestSidecar, app: &Origin, path: &str) {
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "no object stored");
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0, "no object stored");
     let before = app.hits(path);
     let resp = app_client().get(sc.url(path)).send().await.unwrap();
     assert_ne!(resp.headers()["cache-status"], "sidecache; hit", "{path}");
@@ -259,7 +259,7 @@ async fn cli_prime_and_purge_send_the_token_from_the_configuration() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 1);
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 1);
 
     // purge: the token from SIDECACHE_CONFIG, as in a container that runs the sidecar with it.
     let out = tokio::task::block_in_place(|| {
@@ -271,7 +271,7 @@ async fn cli_prime_and_purge_send_the_token_from_the_configuration() {
     });
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"purged":1}"#);
-    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.stats().0 == 0).await);
+    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache().stats().0 == 0).await);
 
     // And from SIDECACHE_ADMIN_TOKEN, as the deploy examples set it.
     let out = tokio::task::block_in_place(|| {

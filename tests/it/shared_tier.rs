@@ -631,3 +631,46 @@ async fn a_purged_or_invalidated_object_is_not_brought_back_from_the_bucket() {
     }
     assert_eq!(member.metric(LOOKUPS, &["result=\"purged\""]).await, paths.len() as f64);
 }
+
+/// A soft purge on the admin port reaches the shared tier as a hard one does: an instance
+/// that never held the object (its local miss reads the bucket) does not take the copy the
+/// app answered before the purge. (Before: only the hard purge told the tier; the admin port
+/// soft-purged the local cache alone, and the next request served the bucket's old copy as
+/// a fresh hit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_soft_purge_on_the_admin_port_is_honoured_by_the_read_through_as_a_hard_one_is() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    let paths = ["/soft.js", "/hard.js"];
+    for path in paths {
+        origin.fixed(path, ASSET, "v1");
+    }
+    let fleet = [
+        Member::start(&origin, &s3, &[], &[]).await,
+        Member::start(&origin, &s3, &[], &[]).await,
+    ];
+    for path in paths {
+        assert_eq!(&fleet[0].get(path).await.2[..], b"v1");
+    }
+    fleet[0].wait_metric(UPLOADS, &[], paths.len() as f64).await;
+    for path in paths {
+        origin.fixed(path, ASSET, "v2");
+    }
+    // The other instance purges (soft first: a hard purge marks every key), then asks.
+    for (path, query) in [("/soft.js", "url=/soft.js&soft=true"), ("/hard.js", "url=/hard.js")] {
+        let resp = app_client()
+            .post(format!("http://{}/purge?{query}", fleet[1].admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+        let (_, cache_status, body) = fleet[1].get(path).await;
+        assert_eq!(
+            &body[..],
+            b"v2",
+            "{path}: the purged copy came from the bucket: {cache_status}"
+        );
+        assert!(!cache_status.contains("shared-tier"), "{path}: {cache_status}");
+    }
+    assert_eq!(fleet[1].metric(LOOKUPS, &["result=\"purged\""]).await, 2.0);
+}
