@@ -3,8 +3,11 @@
 //! [`crate::inspect`]), `POST /prime`. Never
 //! on the public port, where every path belongs to the app. Bound to loopback by default; with
 //! `admin_token` set, purge, objects and prime require `Authorization: Bearer <token>`, and the
-//! configuration refuses an admin port beyond loopback without a token. A prime's `from` must
-//! be inside `prime_sources`.
+//! configuration refuses an admin port beyond loopback without a token. Without a token,
+//! `GET /objects` (the one operation a plain GET reaches) requires [`ADMIN_HEADER`]: the app
+//! runs on the same loopback, and a URL it can be made to fetch (an SSRF: a GET with no header
+//! of the attacker's choosing) must not read every host's keys. A prime's `from` must be inside
+//! `prime_sources`.
 
 pub mod client;
 
@@ -32,6 +35,10 @@ use crate::cache::Purge;
 use crate::prime::warm::{Job, warm_all};
 use crate::proxy::{Proxy, PurgeMode, Purged};
 use crate::sources::SourceUrl;
+
+/// The request header (`X-Sidecache-Admin: 1`) an admin GET needs when no token is
+/// configured: a forged GET (a URL the app is made to fetch) cannot set it. The CLI sends it.
+pub const ADMIN_HEADER: &str = "x-sidecache-admin";
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -135,7 +142,7 @@ impl Admin {
                 }
             }
             (&Method::GET, "/objects") => {
-                if let Some(denied) = self.authorize(&req) {
+                if let Some(denied) = self.authorize_get(&req) {
                     return denied;
                 }
                 let (mut url, mut host) = (None, None);
@@ -238,6 +245,23 @@ impl Admin {
                 Some(resp)
             }
         }
+    }
+}
+
+impl Admin {
+    /// As [`Admin::authorize`], and without a token [`ADMIN_HEADER`] is required: a GET is
+    /// what an SSRF through the app reaches, a request with a header of its own is not.
+    fn authorize_get(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+        if self.proxy.config().admin_token.is_some() {
+            return self.authorize(req);
+        }
+        if req.headers().get(ADMIN_HEADER).is_some_and(|v| v.as_bytes() == b"1") {
+            return None;
+        }
+        Some(text(
+            StatusCode::FORBIDDEN,
+            "admin GETs need the header X-Sidecache-Admin: 1 (sidecache inspect sends it)\n".into(),
+        ))
     }
 }
 

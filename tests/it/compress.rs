@@ -177,6 +177,7 @@ async fn every_encoding_decodes_to_the_apps_bytes_with_its_own_head() {
     assert_eq!(variant_files(&sc.dir.path().join("cache")).len(), 3);
     let report = client()
         .get(sc.admin_url("/objects?url=/app.js"))
+        .header("x-sidecache-admin", "1")
         .send()
         .await
         .unwrap()
