@@ -420,7 +420,11 @@ async fn a_paused_then_stopped_bucket_is_never_a_client_error_and_opens_the_brea
         let (status, _, body) = member.get(&path).await;
         assert_eq!((status, body), (200, body_of(&path, 500)), "{path}");
     }
-    assert_eq!(member.metric(BREAKER, &[]).await, 1.0, "the breaker is open");
+    assert_eq!(
+        member.metric(BREAKER, &["op=\"get\""]).await,
+        1.0,
+        "the reads' breaker is open"
+    );
     assert!(member.metric(LOOKUPS, &["result=\"skipped\""]).await >= 1.0);
     let errors = member.metric(ERRORS, &[]).await;
     assert!(errors >= 5.0, "{errors} errors counted");
@@ -673,4 +677,176 @@ async fn a_soft_purge_on_the_admin_port_is_honoured_by_the_read_through_as_a_har
         assert!(!cache_status.contains("shared-tier"), "{path}: {cache_status}");
     }
     assert_eq!(fleet[1].metric(LOOKUPS, &["result=\"purged\""]).await, 2.0);
+}
+
+/// How a [`Relay`] meddles with the S3 server's traffic.
+#[derive(Clone, Copy)]
+enum Meddle {
+    /// Each answer waits this long before it is passed on: a bucket slow, but in time.
+    Delay(Duration),
+    /// Every PUT is answered `503` (reads pass): a bucket refusing uploads only.
+    FailPuts,
+}
+
+/// A TCP relay on 127.0.0.1 in front of the S3 server; stops when dropped.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Relay {
+    async fn start(s3: &S3, meddle: Meddle) -> Relay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = s3.port;
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let asked_up = asked.clone();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => return None,
+                                Ok(n) => n,
+                            };
+                            if matches!(meddle, Meddle::FailPuts) && buf[..n].starts_with(b"PUT ") {
+                                return Some(());
+                            }
+                            asked_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                            if server_tx.write_all(&buf[..n]).await.is_err() {
+                                return None;
+                            }
+                        }
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match server_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if let Meddle::Delay(d) = meddle
+                                && asked.swap(false, std::sync::atomic::Ordering::SeqCst)
+                            {
+                                tokio::time::sleep(d).await;
+                            }
+                            if client_tx.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        refused = up => {
+                            if refused.is_some() {
+                                let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                                let _ = client_tx.write_all(answer).await;
+                            }
+                        }
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A bucket that answers every read in time, but slower than half the timeout, opens the
+/// reads' breaker: misses stop paying for it. (Before: only failures counted, so a bucket just
+/// inside the timeout cost every miss that long, for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bucket_answering_slowly_but_in_time_opens_the_breaker() {
+    let s3 = S3::start();
+    let relay = Relay::start(&s3, Meddle::Delay(Duration::from_millis(700))).await;
+    let origin = Origin::start().await;
+    for i in 0..8 {
+        let path = format!("/slow/{i}.js");
+        origin.fixed(&path, ASSET, body_of(&path, 500));
+    }
+    let endpoint = relay.endpoint();
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("SIDECACHE_SHARED_TIER_TIMEOUT", "1s"),
+        ("SIDECACHE_SHARED_TIER_COOLDOWN", "60s"),
+    ];
+    let member = Member::start(&origin, &s3, &[], &env).await;
+    for i in 0..5 {
+        let path = format!("/slow/{i}.js");
+        let (status, _, body) = member.get(&path).await;
+        assert_eq!((status, body), (200, body_of(&path, 500)), "{path}");
+    }
+    assert!(member.metric(BREAKER, &[]).await >= 1.0, "the breaker stayed closed");
+    assert!(member.metric(ERRORS, &["op=\"get\"", "kind=\"slow\""]).await >= 5.0);
+    assert_eq!(
+        member.metric(LOOKUPS, &["result=\"error\""]).await,
+        0.0,
+        "none timed out"
+    );
+    assert_eq!(member.metric(BREAKER, &["op=\"get\""]).await, 1.0);
+    // The next miss does not wait for the bucket.
+    let started = Instant::now();
+    let (status, cache_status, _) = member.get("/slow/7.js").await;
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?} {cache_status}",
+        started.elapsed()
+    );
+    assert_eq!(member.metric(LOOKUPS, &["result=\"skipped\""]).await, 1.0);
+}
+
+/// Uploads that fail open the uploads' breaker even though every read between them succeeds,
+/// and reads still go. (Before: one breaker counted failures in a row over both, so each read's
+/// success hid the upload failure before it, and the breaker never opened.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_uploads_open_their_breaker_though_reads_succeed_between_them() {
+    let s3 = S3::start();
+    let relay = Relay::start(&s3, Meddle::FailPuts).await;
+    let origin = Origin::start().await;
+    for i in 0..8 {
+        let path = format!("/put/{i}.js");
+        origin.fixed(&path, ASSET, body_of(&path, 500));
+    }
+    let endpoint = relay.endpoint();
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("SIDECACHE_SHARED_TIER_COOLDOWN", "60s"),
+    ];
+    let member = Member::start(&origin, &s3, &[], &env).await;
+    // A read (a miss: success), then its upload (refused), then the next read, in turn.
+    for i in 0..5 {
+        let path = format!("/put/{i}.js");
+        let (status, _, _) = member.get(&path).await;
+        assert_eq!(status, 200, "{path}");
+        member.wait_metric(ERRORS, &["op=\"put\""], (i + 1) as f64).await;
+    }
+    assert_eq!(member.metric(LOOKUPS, &["result=\"miss\""]).await, 5.0);
+    assert!(member.metric(BREAKER, &[]).await >= 1.0, "the breaker stayed closed");
+    assert_eq!(member.metric(BREAKER, &["op=\"put\""]).await, 1.0);
+    assert_eq!(member.metric(BREAKER, &["op=\"get\""]).await, 0.0);
+    // Reads still go; the next upload is skipped, not tried.
+    member.get("/put/6.js").await;
+    assert_eq!(member.metric(LOOKUPS, &["result=\"miss\""]).await, 6.0);
+    member
+        .wait_metric("sidecache_shared_tier_upload_drops_total", &["reason=\"breaker\""], 1.0)
+        .await;
+    assert_eq!(member.metric(ERRORS, &["op=\"put\""]).await, 5.0);
 }
