@@ -517,8 +517,12 @@ impl SharedTier {
         }
         let path = ObjectPath::from(self.object_path(&key.hash()));
         let started = Instant::now();
+        // When the bucket was asked (a slot held): its slowness is the breaker's business, a
+        // queue of this instance's own misses waiting for slots is not.
+        let mut asked = started;
         let read = tokio::time::timeout(self.config.timeout, async {
             let _slot = self.reads.acquire().await.ok();
+            asked = Instant::now();
             let got = self.store.get(&path).await?;
             if got.meta.size > MAX_SHARED_OBJECT {
                 return Ok(None);
@@ -527,8 +531,8 @@ impl SharedTier {
             got.bytes().await.map(|bytes| Some((bytes, held)))
         })
         .await;
-        let took = started.elapsed();
-        metrics::histogram!(m::SHARED_DURATION, "op" => "get").record(took.as_secs_f64());
+        metrics::histogram!(m::SHARED_DURATION, "op" => "get").record(started.elapsed().as_secs_f64());
+        let took = asked.elapsed();
         let (bytes, held) = match read {
             Err(_) => {
                 debug!("shared tier read timed out");
