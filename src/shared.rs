@@ -29,6 +29,17 @@
 //! the wrong spec would find nothing at best). An object with `Vary` found in the bucket is
 //! refused. Compressed variant files are local only.
 //!
+//! # What an instance writes
+//!
+//! Keys are partly the client's choice (the query string, the `Host`), and each key of a
+//! shareable asset is one PUT of up to [`MAX_SHARED_OBJECT`] bytes. So what an instance uploads
+//! is bounded ([`UploadGate`]): at most `shared_tier_upload_budget` bytes per hour (a token
+//! bucket in bytes), and a body (by its digest) uploaded under one key in the last hour is not
+//! uploaded again under another: `/app.js?bust=1`, `?bust=2`, ... cost one upload, not one
+//! each. (The layout stays one object per key: content-addressed bodies would cost every
+//! read-through a second GET, and the bound is what the attack needs.) The other keys are
+//! simply not shared: their instances ask the app, as without the tier.
+//!
 //! # Failing open
 //!
 //! Every failure sends the request on to the app: a GET is bounded by `shared_tier_timeout`
@@ -66,8 +77,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bucket::TokenBucket;
 use crate::cache::Cache;
-use crate::cache::key::{CacheKey, KeyHash};
+use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::store::{self, ObjectRefused};
 use crate::metrics as m;
@@ -99,6 +111,8 @@ pub struct SharedTierConfig {
     pub queue: usize,
     /// How long the tier is skipped once the breaker opens.
     pub cooldown: Duration,
+    /// Bytes uploaded per hour at most ([`UploadGate`]).
+    pub upload_budget: u64,
 }
 
 impl SharedTierConfig {
@@ -275,6 +289,84 @@ impl Op {
     }
 }
 
+/// The window of the upload budget, and how long an uploaded body keeps other keys with the same
+/// body from being uploaded.
+pub const UPLOAD_WINDOW: Duration = Duration::from_secs(3600);
+/// Bodies [`UploadGate`] remembers at most.
+const RECENT_BODIES: usize = 65_536;
+
+/// Why an upload was not let through by the [`UploadGate`]; the `reason` label of the drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The same body went up under another key within [`UPLOAD_WINDOW`].
+    Duplicate,
+    /// The hour's byte budget is spent.
+    Budget,
+}
+
+impl Skip {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::Duplicate => "duplicate",
+            Skip::Budget => "budget",
+        }
+    }
+}
+
+/// Bounds what this instance writes to the bucket, whatever keys its clients make up: bytes per
+/// [`UPLOAD_WINDOW`] (a token bucket in bytes, starting full), and one upload per body per
+/// window. Lock order: `recent`, then the budget's own (a leaf); neither is held across an
+/// `.await`.
+#[derive(Debug)]
+pub struct UploadGate {
+    budget: TokenBucket,
+    /// Body digest -> the key it went up under, and when.
+    recent: Mutex<HashMap<Digest, (KeyHash, Instant)>>,
+}
+
+impl UploadGate {
+    /// At most `budget` bytes per [`UPLOAD_WINDOW`].
+    pub fn new(budget: u64) -> UploadGate {
+        UploadGate {
+            budget: TokenBucket::per_window(budget, UPLOAD_WINDOW),
+            recent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lets an upload of `bytes` (the object file) of `key`, whose body is `digest`, through at
+    /// `now`, or says why not. The same key again (a refreshed copy) is no duplicate.
+    pub fn admit(&self, key: KeyHash, digest: Digest, bytes: u64, now: Instant) -> Result<(), Skip> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(under, at)) = recent.get(&digest)
+            && under != key
+            && now.saturating_duration_since(at) < UPLOAD_WINDOW
+        {
+            return Err(Skip::Duplicate);
+        }
+        if !self.budget.try_take_many_at(bytes, now) {
+            return Err(Skip::Budget);
+        }
+        if recent.len() >= RECENT_BODIES {
+            recent.retain(|_, (_, at)| now.saturating_duration_since(*at) < UPLOAD_WINDOW);
+            if recent.len() >= RECENT_BODIES {
+                // Bounded: forgetting lets a body up once more, which the budget still bounds.
+                recent.clear();
+            }
+        }
+        recent.insert(digest, (key, now));
+        Ok(())
+    }
+
+    /// The upload of `key` with `digest` failed: another key with that body may go up.
+    pub fn forget(&self, key: KeyHash, digest: Digest) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.get(&digest).is_some_and(|&(under, _)| under == key) {
+            recent.remove(&digest);
+        }
+    }
+}
+
 /// What a shared-tier read found.
 #[derive(Debug)]
 pub enum Lookup {
@@ -326,6 +418,8 @@ pub struct SharedTier {
     get_breaker: Breaker,
     /// The uploads' breaker.
     put_breaker: Breaker,
+    /// Bounds what is uploaded.
+    gate: UploadGate,
     queue: mpsc::Sender<Upload>,
     /// Taken by [`SharedTier::run_uploads`].
     pending: Mutex<Option<mpsc::Receiver<Upload>>>,
@@ -443,6 +537,7 @@ impl SharedTier {
             memory: Arc::new(Semaphore::new(kib(MEMORY_BUDGET) as usize)),
             get_breaker: Breaker::new(BREAKER_THRESHOLD, config.cooldown, config.timeout / 2),
             put_breaker: Breaker::new(BREAKER_THRESHOLD, config.cooldown, config.timeout / 2),
+            gate: UploadGate::new(config.upload_budget),
             queue,
             pending: Mutex::new(Some(pending)),
             purged: Purged::default(),
@@ -685,14 +780,22 @@ impl SharedTier {
             tokio::task::spawn_blocking(move || store::check_object(&bytes)).await
         };
         let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).ok();
-        match same {
+        let digest = match same {
             Ok(Ok(meta))
                 if meta.key == upload.key
                     && ms(meta.request_time) == ms(upload.request_time)
-                    && ms(meta.response_time) == ms(upload.response_time) => {}
+                    && ms(meta.response_time) == ms(upload.response_time) =>
+            {
+                meta.digest
+            }
             _ => return drop("gone"),
+        };
+        let hash = upload.key.hash();
+        if let Err(skip) = self.gate.admit(hash, digest, file_len, Instant::now()) {
+            debug!(reason = skip.as_str(), "shared tier upload skipped");
+            return drop(skip.as_str());
         }
-        let path = ObjectPath::from(self.object_path(&upload.key.hash()));
+        let path = ObjectPath::from(self.object_path(&hash));
         let started = Instant::now();
         let put = tokio::time::timeout(self.config.timeout, self.store.put(&path, PutPayload::from(bytes))).await;
         let took = started.elapsed();
@@ -705,9 +808,13 @@ impl SharedTier {
             }
             Ok(Err(e)) => {
                 debug!(error = %e, "shared tier upload failed");
+                self.gate.forget(hash, digest);
                 self.failed(Op::Put, error_kind(&e));
             }
-            Err(_) => self.failed(Op::Put, "timeout"),
+            Err(_) => {
+                self.gate.forget(hash, digest);
+                self.failed(Op::Put, "timeout");
+            }
         }
     }
 }
@@ -882,7 +989,32 @@ mod tests {
             concurrency: 1,
             queue,
             cooldown: Duration::from_secs(30),
+            upload_budget: 1 << 30,
         }
+    }
+
+    #[test]
+    fn one_body_goes_up_once_per_window_and_bytes_stay_within_the_budget() {
+        let gate = UploadGate::new(10_000);
+        let t0 = Instant::now();
+        let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+        let key = |i: u8| KeyHash([i; 16]);
+        assert_eq!(gate.admit(key(1), a, 1000, t0), Ok(()));
+        // The same body under other keys (cache-busting query strings): not again.
+        for i in 2..100 {
+            assert_eq!(gate.admit(key(i), a, 1000, t0), Err(Skip::Duplicate));
+        }
+        // Its own key again (a refreshed copy) goes.
+        assert_eq!(gate.admit(key(1), a, 1000, t0), Ok(()));
+        // Other bodies: until the budget is spent, whole objects only.
+        assert_eq!(gate.admit(key(2), b, 7000, t0), Ok(()));
+        assert_eq!(gate.admit(key(3), Digest([3; 32]), 2000, t0), Err(Skip::Budget));
+        assert_eq!(gate.admit(key(3), Digest([3; 32]), 1000, t0), Ok(()));
+        // A failed upload lets another key with that body go up; after the window, any may.
+        gate.forget(key(2), b);
+        let later = t0 + UPLOAD_WINDOW;
+        assert_eq!(gate.admit(key(4), b, 100, later), Ok(()));
+        assert_eq!(gate.admit(key(5), a, 100, later), Ok(()));
     }
 
     #[test]

@@ -606,15 +606,16 @@ async fn a_purged_or_invalidated_object_is_not_brought_back_from_the_bucket() {
     let origin = Origin::start().await;
     let paths = ["/url.js", "/pre/fix.js", "/posted.js"];
     for path in paths {
-        origin.fixed(path, ASSET, "v1");
+        origin.fixed(path, ASSET, format!("v1 {path}"));
     }
     let member = Member::start(&origin, &s3, &[], &[]).await;
+    // (Bodies differ by path: one body goes up once, under one key.)
     for path in paths {
-        assert_eq!(&member.get(path).await.2[..], b"v1");
+        assert_eq!(&member.get(path).await.2[..], format!("v1 {path}").as_bytes());
     }
     member.wait_metric(UPLOADS, &[], paths.len() as f64).await;
     for path in paths {
-        origin.fixed(path, ASSET, "v2");
+        origin.fixed(path, ASSET, format!("v2 {path}"));
     }
     let admin = |query: &str| format!("http://{}/purge?{query}", member.admin);
     for query in ["url=/url.js", "prefix=/pre/"] {
@@ -631,7 +632,11 @@ async fn a_purged_or_invalidated_object_is_not_brought_back_from_the_bucket() {
     assert_eq!(posted.status(), 200);
     for path in paths {
         let (_, cache_status, body) = member.get(path).await;
-        assert_eq!(&body[..], b"v2", "{path}: the purged copy came back: {cache_status}");
+        assert_eq!(
+            &body[..],
+            format!("v2 {path}").as_bytes(),
+            "{path}: the purged copy came back: {cache_status}"
+        );
     }
     assert_eq!(member.metric(LOOKUPS, &["result=\"purged\""]).await, paths.len() as f64);
 }
@@ -647,18 +652,18 @@ async fn a_soft_purge_on_the_admin_port_is_honoured_by_the_read_through_as_a_har
     let origin = Origin::start().await;
     let paths = ["/soft.js", "/hard.js"];
     for path in paths {
-        origin.fixed(path, ASSET, "v1");
+        origin.fixed(path, ASSET, format!("v1 {path}"));
     }
     let fleet = [
         Member::start(&origin, &s3, &[], &[]).await,
         Member::start(&origin, &s3, &[], &[]).await,
     ];
     for path in paths {
-        assert_eq!(&fleet[0].get(path).await.2[..], b"v1");
+        assert_eq!(&fleet[0].get(path).await.2[..], format!("v1 {path}").as_bytes());
     }
     fleet[0].wait_metric(UPLOADS, &[], paths.len() as f64).await;
     for path in paths {
-        origin.fixed(path, ASSET, "v2");
+        origin.fixed(path, ASSET, format!("v2 {path}"));
     }
     // The other instance purges (soft first: a hard purge marks every key), then asks.
     for (path, query) in [("/soft.js", "url=/soft.js&soft=true"), ("/hard.js", "url=/hard.js")] {
@@ -671,7 +676,7 @@ async fn a_soft_purge_on_the_admin_port_is_honoured_by_the_read_through_as_a_har
         let (_, cache_status, body) = fleet[1].get(path).await;
         assert_eq!(
             &body[..],
-            b"v2",
+            format!("v2 {path}").as_bytes(),
             "{path}: the purged copy came from the bucket: {cache_status}"
         );
         assert!(!cache_status.contains("shared-tier"), "{path}: {cache_status}");
@@ -849,4 +854,50 @@ async fn failing_uploads_open_their_breaker_though_reads_succeed_between_them() 
         .wait_metric("sidecache_shared_tier_upload_drops_total", &["reason=\"breaker\""], 1.0)
         .await;
     assert_eq!(member.metric(ERRORS, &["op=\"put\""]).await, 5.0);
+}
+
+/// Issue 25, item 11: keys are partly the client's choice, and each key of a shareable asset
+/// was one PUT. A hundred cache-busting query strings of one asset now cost one upload (the
+/// same body is not uploaded again under another key), and distinct bodies stop at the hour's
+/// byte budget; what is skipped is counted by reason. (Before: a hundred uploads.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_busting_keys_cost_one_upload_and_bytes_stay_within_the_budget() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    origin.fixed("/app.js", ASSET, body_of("/app.js", 4000));
+    for i in 0..20 {
+        let path = format!("/big/{i}.js");
+        origin.fixed(&path, ASSET, body_of(&path, 100_000));
+    }
+    let env = [("SIDECACHE_SHARED_TIER_UPLOAD_BUDGET", "600KB")];
+    let member = Member::start(&origin, &s3, &[], &env).await;
+    let requests = (0..100).map(|n| {
+        let member = &member;
+        async move {
+            let (status, _, body) = member.get(&format!("/app.js?bust={n}")).await;
+            assert_eq!((status, body), (200, body_of("/app.js", 4000)));
+        }
+    });
+    futures_util::future::join_all(requests).await;
+    assert_eq!(origin.hits("/app.js"), 100, "a hundred keys");
+    const DROPS: &str = "sidecache_shared_tier_upload_drops_total";
+    member.wait_metric(DROPS, &["reason=\"duplicate\""], 99.0).await;
+    assert_eq!(member.metric(UPLOADS, &[]).await, 1.0);
+    assert_eq!(listing(&s3.bucket()).await.len(), 1);
+
+    // Distinct bodies: 600 kB an hour is five of these at most; the rest are not uploaded.
+    for i in 0..20 {
+        let (status, _, _) = member.get(&format!("/big/{i}.js")).await;
+        assert_eq!(status, 200);
+    }
+    let settled = eventually(Duration::from_secs(20), async || {
+        member.metric(UPLOADS, &[]).await + member.metric(DROPS, &["reason=\"budget\""]).await >= 21.0
+    })
+    .await;
+    assert!(settled, "every upload went or was counted");
+    let uploads = member.metric(UPLOADS, &[]).await;
+    assert!((2.0..=6.0).contains(&uploads), "{uploads} uploads");
+    assert!(member.metric(DROPS, &["reason=\"budget\""]).await >= 15.0);
+    assert_eq!(member.metric(DROPS, &["reason=\"full\""]).await, 0.0);
+    assert_eq!(listing(&s3.bucket()).await.len() as f64, uploads);
 }
