@@ -203,7 +203,7 @@ async fn part_sidecar() {
     let admin = sidecar.admin_addr();
     let s = sidecar.clone();
     tokio::spawn(async move { s.serve(listener).await });
-    let cache = sidecar.proxy.cache.clone();
+    let cache = sidecar.proxy.cache().clone();
     for _ in 0..1000 {
         if cache.is_loaded() {
             break;

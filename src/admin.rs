@@ -3,8 +3,11 @@
 //! [`crate::inspect`]), `POST /prime`. Never
 //! on the public port, where every path belongs to the app. Bound to loopback by default; with
 //! `admin_token` set, purge, objects and prime require `Authorization: Bearer <token>`, and the
-//! configuration refuses an admin port beyond loopback without a token. A prime's `from` must
-//! be inside `prime_sources`.
+//! configuration refuses an admin port beyond loopback without a token. Without a token,
+//! `GET /objects` (the one operation a plain GET reaches) requires [`ADMIN_HEADER`]: the app
+//! runs on the same loopback, and a URL it can be made to fetch (an SSRF: a GET with no header
+//! of the attacker's choosing) must not read every host's keys. A prime's `from` must be inside
+//! `prime_sources`.
 
 pub mod client;
 
@@ -30,8 +33,12 @@ use hyper::body::Frame;
 use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
 use crate::prime::warm::{Job, warm_all};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, PurgeMode, Purged};
 use crate::sources::SourceUrl;
+
+/// The request header (`X-Sidecache-Admin: 1`) an admin GET needs when no token is
+/// configured: a forged GET (a URL the app is made to fetch) cannot set it. The CLI sends it.
+pub const ADMIN_HEADER: &str = "x-sidecache-admin";
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -60,7 +67,7 @@ impl Admin {
                         // back some it holds open.
                         warn!(error = %e, "admin accept failed");
                         if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                            self.proxy.cache.relieve_descriptors();
+                            self.proxy.cache().relieve_descriptors();
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -85,7 +92,7 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 // Size gauges are worked out when scraped, not on every fill.
-                self.proxy.cache.publish_gauges();
+                self.proxy.cache().publish_gauges();
                 let mut resp = text(StatusCode::OK, self.metrics.render());
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -95,9 +102,9 @@ impl Admin {
             }
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET, "/readyz") => {
-                if !self.proxy.upstream.is_reachable(Duration::from_secs(1)).await {
+                if !self.proxy.upstream().is_reachable(Duration::from_secs(1)).await {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready: app unreachable\n".into())
-                } else if !self.proxy.cache.is_loaded() {
+                } else if !self.proxy.cache().is_loaded() {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: cache index loading\n".into(),
@@ -118,17 +125,24 @@ impl Admin {
                             .into(),
                     );
                 };
-                if is_soft(query) {
-                    let n = self.proxy.cache.soft_purge(&what).await;
-                    info!(objects = n, "soft-purged (marked stale)");
-                    return json(StatusCode::OK, format!("{{\"marked\":{n}}}\n"));
+                let mode = if is_soft(query) {
+                    PurgeMode::Soft
+                } else {
+                    PurgeMode::Hard
+                };
+                match self.proxy.purge(&what, mode).await {
+                    Purged::Removed(n) => {
+                        info!(objects = n, "purged");
+                        json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
+                    }
+                    Purged::Marked(n) => {
+                        info!(objects = n, "soft-purged (marked stale)");
+                        json(StatusCode::OK, format!("{{\"marked\":{n}}}\n"))
+                    }
                 }
-                let n = self.proxy.purge(&what).await;
-                info!(objects = n, "purged");
-                json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
             }
             (&Method::GET, "/objects") => {
-                if let Some(denied) = self.authorize(&req) {
+                if let Some(denied) = self.authorize_get(&req) {
                     return denied;
                 }
                 let (mut url, mut host) = (None, None);
@@ -176,7 +190,7 @@ impl Admin {
                 "host" => host = v.into_owned(),
                 // Checked before anything is read or fetched: a source outside the allow-list
                 // refuses the whole prime.
-                "from" => match self.proxy.config.prime_sources.admit_base(&v) {
+                "from" => match self.proxy.config().prime_sources.admit_base(&v) {
                     Ok(base) => from = Some(base),
                     Err(e) => {
                         warn!(error = %e, "prime refused: source not allowed");
@@ -216,7 +230,7 @@ impl Admin {
     /// `None` when the request may go on; otherwise the refusal. Without a configured token
     /// the admin port relies on being bound to loopback.
     fn authorize(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-        let token = self.proxy.config.admin_token.as_deref()?;
+        let token = self.proxy.config().admin_token.as_deref()?;
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -231,6 +245,23 @@ impl Admin {
                 Some(resp)
             }
         }
+    }
+}
+
+impl Admin {
+    /// As [`Admin::authorize`], and without a token [`ADMIN_HEADER`] is required: a GET is
+    /// what an SSRF through the app reaches, a request with a header of its own is not.
+    fn authorize_get(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+        if self.proxy.config().admin_token.is_some() {
+            return self.authorize(req);
+        }
+        if req.headers().get(ADMIN_HEADER).is_some_and(|v| v.as_bytes() == b"1") {
+            return None;
+        }
+        Some(text(
+            StatusCode::FORBIDDEN,
+            "admin GETs need the header X-Sidecache-Admin: 1 (sidecache inspect sends it)\n".into(),
+        ))
     }
 }
 

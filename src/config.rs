@@ -286,6 +286,10 @@ config_keys! {
     shared_tier_queue: usize = "1024",
     /// How long the shared tier is skipped after repeated failures before it is tried again.
     shared_tier_cooldown: HumanDuration = "30s",
+    /// Bytes this instance uploads to the shared tier per hour at most (a token bucket starting
+    /// full); past it an upload is dropped and counted. Client-chosen keys (query strings) must
+    /// not fill the bucket without bound.
+    shared_tier_upload_budget: ByteSize = "1GiB",
     // Tags (issue 18): purge by what changed.
     /// Response header whose space-separated tokens tag the object (Fastly's); empty: none.
     surrogate_key_header: String = "Surrogate-Key",
@@ -820,6 +824,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
                 concurrency,
                 queue,
                 cooldown: nonzero("shared_tier_cooldown", raw.shared_tier_cooldown)?,
+                upload_budget: raw.shared_tier_upload_budget.0,
             })
         }
     };

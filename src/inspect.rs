@@ -96,7 +96,7 @@ pub struct Object {
 
 /// Works out the report for what the cache holds for `url`.
 pub async fn report(proxy: &Proxy, url: &str, host: Option<&str>) -> Report {
-    let stored = proxy.cache.inspect(url, host).await;
+    let stored = proxy.cache().inspect(url, host).await;
     let now = SystemTime::now();
     Report {
         url: url.to_owned(),
@@ -118,11 +118,11 @@ fn object(proxy: &Proxy, s: &Stored, now: SystemTime) -> Option<Object> {
     };
     let cc = &prepared.cc;
     let usable = policy::usable(f, &CacheControl::default(), cc);
-    let may_stale = policy::may_serve_stale_on_error(f, cc, proxy.config.stale_if_error);
+    let may_stale = policy::may_serve_stale_on_error(f, cc, proxy.config().stale_if_error);
     let sie_window = if policy::forbids_stale(cc) {
         0
     } else {
-        cc.stale_if_error.unwrap_or(0).max(secs(proxy.config.stale_if_error))
+        cc.stale_if_error.unwrap_or(0).max(secs(proxy.config().stale_if_error))
     };
     let validators = ["etag", "last-modified"]
         .into_iter()
@@ -301,13 +301,60 @@ impl Report {
         out
     }
 }
-/// A request value a stored object varies on, as inspect shows it: a credential (a session
-/// cookie, a bearer token) is one user's and is not printed, only its length.
+/// Request fields whose values say how a client talks, never who it is: inspect shows what a
+/// variant was stored for in them as sent. Every other field a response varies on may carry a
+/// credential (`Cookie`, `Authorization`, but as well `X-Api-Key`, `X-Auth-Token`, a tenant's
+/// id or anything an app invents), so it is never shown: only its length and a short keyed
+/// digest (see [`fingerprint`]), enough to tell two variants apart.
+pub const SHOWN_VARY_FIELDS: &[&str] = &[
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+    "dpr",
+    "device-memory",
+    "origin",
+    "save-data",
+    "sec-ch-prefers-color-scheme",
+    "sec-ch-ua",
+    "sec-ch-ua-mobile",
+    "sec-ch-ua-platform",
+    "sec-fetch-dest",
+    "sec-fetch-mode",
+    "sec-fetch-site",
+    "viewport-width",
+    "width",
+    "x-forwarded-proto",
+    "x-requested-with",
+];
+
+/// A request value a stored object varies on, as inspect shows it: as sent for the fields of
+/// [`SHOWN_VARY_FIELDS`], otherwise its length and [`fingerprint`] only.
 fn shown(name: &http::HeaderName, value: &http::HeaderValue) -> String {
-    match name.as_str() {
-        "cookie" | "authorization" | "proxy-authorization" => format!("({} bytes, not shown)", value.len()),
-        _ => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+    if SHOWN_VARY_FIELDS.contains(&name.as_str()) {
+        return String::from_utf8_lossy(value.as_bytes()).into_owned();
     }
+    format!("({} bytes, {}, not shown)", value.len(), fingerprint(value.as_bytes()))
+}
+
+/// Eight hex digits of a blake3 hash keyed with a random key drawn once per process: equal
+/// values show equal within one run, and a short or guessable value (a 6-digit PIN) cannot be
+/// found by hashing guesses, since the key never leaves the process.
+fn fingerprint(value: &[u8]) -> String {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let mut key = [0u8; 32];
+        // Without the system's randomness (never seen on Linux) no digest is shown at all.
+        match rustix::rand::getrandom(&mut key, rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) if n == key.len() => key,
+            _ => [0u8; 32],
+        }
+    });
+    if key == &[0u8; 32] {
+        return "digest unavailable".to_owned();
+    }
+    let hash = blake3::keyed_hash(key, value);
+    format!("keyed digest {}", &hash.to_hex()[..8])
 }
 
 #[cfg(test)]
@@ -315,17 +362,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_an_object_varies_on_are_not_shown() {
+    fn only_fields_known_not_to_be_credentials_are_shown() {
         let value = http::HeaderValue::from_static("session=alice-secret");
         for name in [
-            http::header::COOKIE,
-            http::header::AUTHORIZATION,
-            http::header::PROXY_AUTHORIZATION,
+            "cookie",
+            "authorization",
+            "proxy-authorization",
+            "x-api-key",
+            "x-tenant",
         ] {
+            let name = http::HeaderName::from_static(name);
             let text = shown(&name, &value);
             assert!(!text.contains("alice"), "{name}: {text}");
-            assert_eq!(text, "(20 bytes, not shown)");
+            assert!(text.starts_with("(20 bytes, keyed digest "), "{text}");
+            assert_eq!(text, shown(&name, &value), "equal values show equal");
         }
+        let other = shown(
+            &http::HeaderName::from_static("x-api-key"),
+            &http::HeaderValue::from_static("bob"),
+        );
+        assert_ne!(other, shown(&http::HeaderName::from_static("x-api-key"), &value));
         assert_eq!(
             shown(&http::header::ACCEPT_LANGUAGE, &http::HeaderValue::from_static("de")),
             "de"

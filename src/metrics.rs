@@ -275,7 +275,7 @@ fn describe() {
     describe_histogram!(SHARED_DURATION, Unit::Seconds, "Shared-tier request time, by op.");
     describe_gauge!(
         SHARED_BREAKER_OPEN,
-        "1 while the shared tier is skipped after repeated failures."
+        "1 while the shared tier's reads or uploads (op) are skipped after repeated failures."
     );
     describe_counter!(
         TAGS_REFUSED,

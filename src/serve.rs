@@ -147,7 +147,7 @@ async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
         }
     };
     // Fills are accepted once the index has counted what is on disk.
-    while !proxy.cache.is_loaded() {
+    while !proxy.cache().is_loaded() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let started = std::time::Instant::now();

@@ -34,7 +34,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     limit: Arc<Semaphore>,
 ) -> bool {
-    let config = proxy.config.clone();
+    let config = proxy.config().clone();
     let builder = Arc::new(connection_builder(&config));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -52,7 +52,7 @@ pub async fn run(
                     // the cache gives back some it holds open.
                     warn!(error = %e, "accept failed");
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                        proxy.cache.relieve_descriptors();
+                        proxy.cache().relieve_descriptors();
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;

@@ -29,13 +29,28 @@
 //! the wrong spec would find nothing at best). An object with `Vary` found in the bucket is
 //! refused. Compressed variant files are local only.
 //!
+//! # What an instance writes
+//!
+//! Keys are partly the client's choice (the query string, the `Host`), and each key of a
+//! shareable asset is one PUT of up to [`MAX_SHARED_OBJECT`] bytes. So what an instance uploads
+//! is bounded ([`UploadGate`]): at most `shared_tier_upload_budget` bytes per hour (a token
+//! bucket in bytes), and a body (by its digest) uploaded under one key in the last hour is not
+//! uploaded again under another: `/app.js?bust=1`, `?bust=2`, ... cost one upload, not one
+//! each. (The layout stays one object per key: content-addressed bodies would cost every
+//! read-through a second GET, and the bound is what the attack needs.) The other keys are
+//! simply not shared: their instances ask the app, as without the tier.
+//!
 //! # Failing open
 //!
 //! Every failure sends the request on to the app: a GET is bounded by `shared_tier_timeout`
 //! (waiting for one of `shared_tier_concurrency` slots included), uploads wait in a queue of
 //! `shared_tier_queue` (full: dropped and counted, never waited for), and after
 //! [`BREAKER_THRESHOLD`] failures in a row the tier is skipped for `shared_tier_cooldown`, then
-//! one request probes it. Downloaded and uploaded bodies are held in memory, bounded by
+//! one request probes it. A call that succeeds but takes more than half the timeout counts as
+//! a failure there (`slow`): a bucket answering just inside the timeout would otherwise cost
+//! every miss that long, for ever. Reads and writes keep their own breakers ([`Op`]): a bucket
+//! that refuses uploads while it serves reads (or the other way round) has that path skipped,
+//! and the successes of one never hide the failures of the other. Downloaded and uploaded bodies are held in memory, bounded by
 //! [`MEMORY_BUDGET`] together.
 //!
 //! Trust: the checks catch corruption, truncation and misplaced objects, not a forger. Whoever
@@ -46,7 +61,7 @@
 //! Credentials come from the standard `AWS_*` environment (object_store's S3 client) and are
 //! never logged: the only description of the tier in logs is `s3://BUCKET/PREFIX`.
 //!
-//! Owns its client, its queue, its slots and its breaker (one std mutex, a leaf: held for a
+//! Owns its client, its queue, its slots and its breakers (one std mutex each, a leaf: held for a
 //! few assignments, never across an `.await`). It never touches the index or the disk itself:
 //! reads and stores go through [`Cache`].
 
@@ -62,8 +77,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bucket::TokenBucket;
 use crate::cache::Cache;
-use crate::cache::key::{CacheKey, KeyHash};
+use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::store::{self, ObjectRefused};
 use crate::metrics as m;
@@ -95,6 +111,8 @@ pub struct SharedTierConfig {
     pub queue: usize,
     /// How long the tier is skipped once the breaker opens.
     pub cooldown: Duration,
+    /// Bytes uploaded per hour at most ([`UploadGate`]).
+    pub upload_budget: u64,
 }
 
 impl SharedTierConfig {
@@ -150,13 +168,30 @@ pub fn shareable(meta: &Meta, request: &http::HeaderMap, set_cookie: bool) -> bo
 }
 
 /// The circuit breaker: closed (every call goes), open (calls are skipped until a time), then
-/// half-open (one probe goes; its success closes it, its failure opens it again). Pure state,
-/// clocked by its caller.
+/// half-open (one probe goes; its success closes it, its failure opens it again). A success
+/// slower than `slow` is a failure to it ([`Breaker::succeeded`]). Pure state, clocked by its
+/// caller.
 #[derive(Debug)]
 pub struct Breaker {
     threshold: u32,
     cooldown: Duration,
+    slow: Duration,
     state: Mutex<BreakerState>,
+}
+
+/// What a call that succeeded did to the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Succeeded {
+    /// In time: the breaker is closed.
+    InTime {
+        /// Whether this closed an open breaker.
+        reopened: bool,
+    },
+    /// Slower than the bound: counted as a failure.
+    Slow {
+        /// Whether this opened the breaker.
+        opened: bool,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -170,11 +205,13 @@ struct BreakerState {
 }
 
 impl Breaker {
-    /// Opens after `threshold` failures in a row, for `cooldown`.
-    pub fn new(threshold: u32, cooldown: Duration) -> Breaker {
+    /// Opens after `threshold` failures in a row (a success slower than `slow` is one), for
+    /// `cooldown`.
+    pub fn new(threshold: u32, cooldown: Duration, slow: Duration) -> Breaker {
         Breaker {
             threshold: threshold.max(1),
             cooldown,
+            slow,
             state: Mutex::new(BreakerState::default()),
         }
     }
@@ -203,6 +240,18 @@ impl Breaker {
         *self.lock() = BreakerState::default();
     }
 
+    /// A call succeeded after `took`: closed when in time; a failure when slower than the bound.
+    pub fn succeeded(&self, took: Duration, now: Instant) -> Succeeded {
+        if took > self.slow {
+            return Succeeded::Slow {
+                opened: self.failure(now),
+            };
+        }
+        let reopened = self.is_open();
+        self.success();
+        Succeeded::InTime { reopened }
+    }
+
     /// A call failed; true when this opened the breaker.
     pub fn failure(&self, now: Instant) -> bool {
         let mut s = self.lock();
@@ -218,6 +267,103 @@ impl Breaker {
     /// Whether calls are being skipped (open, or half-open with its probe out).
     pub fn is_open(&self) -> bool {
         self.lock().open_until.is_some()
+    }
+}
+
+/// A kind of call to the bucket, each with its own breaker; the `op` label of the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A read (GET).
+    Get,
+    /// An upload (PUT).
+    Put,
+}
+
+impl Op {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+        }
+    }
+}
+
+/// The window of the upload budget, and how long an uploaded body keeps other keys with the same
+/// body from being uploaded.
+pub const UPLOAD_WINDOW: Duration = Duration::from_secs(3600);
+/// Bodies [`UploadGate`] remembers at most.
+const RECENT_BODIES: usize = 65_536;
+
+/// Why an upload was not let through by the [`UploadGate`]; the `reason` label of the drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The same body went up under another key within [`UPLOAD_WINDOW`].
+    Duplicate,
+    /// The hour's byte budget is spent.
+    Budget,
+}
+
+impl Skip {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::Duplicate => "duplicate",
+            Skip::Budget => "budget",
+        }
+    }
+}
+
+/// Bounds what this instance writes to the bucket, whatever keys its clients make up: bytes per
+/// [`UPLOAD_WINDOW`] (a token bucket in bytes, starting full), and one upload per body per
+/// window. Lock order: `recent`, then the budget's own (a leaf); neither is held across an
+/// `.await`.
+#[derive(Debug)]
+pub struct UploadGate {
+    budget: TokenBucket,
+    /// Body digest -> the key it went up under, and when.
+    recent: Mutex<HashMap<Digest, (KeyHash, Instant)>>,
+}
+
+impl UploadGate {
+    /// At most `budget` bytes per [`UPLOAD_WINDOW`].
+    pub fn new(budget: u64) -> UploadGate {
+        UploadGate {
+            budget: TokenBucket::per_window(budget, UPLOAD_WINDOW),
+            recent: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lets an upload of `bytes` (the object file) of `key`, whose body is `digest`, through at
+    /// `now`, or says why not. The same key again (a refreshed copy) is no duplicate.
+    pub fn admit(&self, key: KeyHash, digest: Digest, bytes: u64, now: Instant) -> Result<(), Skip> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(under, at)) = recent.get(&digest)
+            && under != key
+            && now.saturating_duration_since(at) < UPLOAD_WINDOW
+        {
+            return Err(Skip::Duplicate);
+        }
+        if !self.budget.try_take_many_at(bytes, now) {
+            return Err(Skip::Budget);
+        }
+        if recent.len() >= RECENT_BODIES {
+            recent.retain(|_, (_, at)| now.saturating_duration_since(*at) < UPLOAD_WINDOW);
+            if recent.len() >= RECENT_BODIES {
+                // Bounded: forgetting lets a body up once more, which the budget still bounds.
+                recent.clear();
+            }
+        }
+        recent.insert(digest, (key, now));
+        Ok(())
+    }
+
+    /// The upload of `key` with `digest` failed: another key with that body may go up.
+    pub fn forget(&self, key: KeyHash, digest: Digest) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.get(&digest).is_some_and(|&(under, _)| under == key) {
+            recent.remove(&digest);
+        }
     }
 }
 
@@ -268,7 +414,12 @@ pub struct SharedTier {
     reads: Semaphore,
     writes: Arc<Semaphore>,
     memory: Arc<Semaphore>,
-    breaker: Breaker,
+    /// The reads' breaker.
+    get_breaker: Breaker,
+    /// The uploads' breaker.
+    put_breaker: Breaker,
+    /// Bounds what is uploaded.
+    gate: UploadGate,
     queue: mpsc::Sender<Upload>,
     /// Taken by [`SharedTier::run_uploads`].
     pending: Mutex<Option<mpsc::Receiver<Upload>>>,
@@ -373,7 +524,9 @@ impl SharedTier {
             format!("{}/{LAYOUT}", config.prefix)
         };
         // Present (closed) from the start, so dashboards and alerts see the series.
-        metrics::gauge!(m::SHARED_BREAKER_OPEN).set(0.0);
+        for op in [Op::Get, Op::Put] {
+            metrics::gauge!(m::SHARED_BREAKER_OPEN, "op" => op.as_str()).set(0.0);
+        }
         let (queue, pending) = mpsc::channel(config.queue.max(1));
         let concurrency = config.concurrency.max(1);
         Ok(Arc::new(SharedTier {
@@ -382,7 +535,9 @@ impl SharedTier {
             reads: Semaphore::new(concurrency),
             writes: Arc::new(Semaphore::new(concurrency)),
             memory: Arc::new(Semaphore::new(kib(MEMORY_BUDGET) as usize)),
-            breaker: Breaker::new(BREAKER_THRESHOLD, config.cooldown),
+            get_breaker: Breaker::new(BREAKER_THRESHOLD, config.cooldown, config.timeout / 2),
+            put_breaker: Breaker::new(BREAKER_THRESHOLD, config.cooldown, config.timeout / 2),
+            gate: UploadGate::new(config.upload_budget),
             queue,
             pending: Mutex::new(Some(pending)),
             purged: Purged::default(),
@@ -400,24 +555,47 @@ impl SharedTier {
         format!("{}/{}", self.root, hash.to_hex())
     }
 
-    fn failed(&self, op: &'static str, kind: &'static str) {
-        metrics::counter!(m::SHARED_ERRORS, "op" => op, "kind" => kind).increment(1);
-        if self.breaker.failure(Instant::now()) {
-            metrics::gauge!(m::SHARED_BREAKER_OPEN).set(1.0);
-            warn!(
-                at = %self.config.describe(),
-                cooldown_s = self.config.cooldown.as_secs(),
-                "shared tier failing: skipped for a while"
-            );
+    fn breaker(&self, op: Op) -> &Breaker {
+        match op {
+            Op::Get => &self.get_breaker,
+            Op::Put => &self.put_breaker,
         }
     }
 
-    fn succeeded(&self) {
-        if self.breaker.is_open() {
-            metrics::gauge!(m::SHARED_BREAKER_OPEN).set(0.0);
-            info!(at = %self.config.describe(), "shared tier answering again");
+    fn failed(&self, op: Op, kind: &'static str) {
+        metrics::counter!(m::SHARED_ERRORS, "op" => op.as_str(), "kind" => kind).increment(1);
+        if self.breaker(op).failure(Instant::now()) {
+            self.opened(op);
         }
-        self.breaker.success();
+    }
+
+    fn opened(&self, op: Op) {
+        metrics::gauge!(m::SHARED_BREAKER_OPEN, "op" => op.as_str()).set(1.0);
+        warn!(
+            at = %self.config.describe(),
+            op = op.as_str(),
+            cooldown_s = self.config.cooldown.as_secs(),
+            "shared tier failing: skipped for a while"
+        );
+    }
+
+    /// A call answered after `took`: in time, or slow (a failure to the breaker, counted as
+    /// an error of kind `slow`).
+    fn succeeded(&self, op: Op, took: Duration) {
+        match self.breaker(op).succeeded(took, Instant::now()) {
+            Succeeded::InTime { reopened: true } => {
+                metrics::gauge!(m::SHARED_BREAKER_OPEN, "op" => op.as_str()).set(0.0);
+                info!(at = %self.config.describe(), op = op.as_str(), "shared tier answering again");
+            }
+            Succeeded::InTime { reopened: false } => {}
+            Succeeded::Slow { opened } => {
+                debug!(op = op.as_str(), millis = took.as_millis() as u64, "shared tier slow");
+                metrics::counter!(m::SHARED_ERRORS, "op" => op.as_str(), "kind" => "slow").increment(1);
+                if opened {
+                    self.opened(op);
+                }
+            }
+        }
     }
 
     fn lookup_result(result: &'static str) {
@@ -428,14 +606,18 @@ impl SharedTier {
     /// bytes checked as a local object file is, its record naming this key, without `Vary`.
     /// Counts the result; never fails the request.
     pub async fn lookup(&self, key: &CacheKey) -> Lookup {
-        if !self.breaker.allow(Instant::now()) {
+        if !self.get_breaker.allow(Instant::now()) {
             Self::lookup_result("skipped");
             return Lookup::Skipped;
         }
         let path = ObjectPath::from(self.object_path(&key.hash()));
         let started = Instant::now();
+        // When the bucket was asked (a slot held): its slowness is the breaker's business, a
+        // queue of this instance's own misses waiting for slots is not.
+        let mut asked = started;
         let read = tokio::time::timeout(self.config.timeout, async {
             let _slot = self.reads.acquire().await.ok();
+            asked = Instant::now();
             let got = self.store.get(&path).await?;
             if got.meta.size > MAX_SHARED_OBJECT {
                 return Ok(None);
@@ -445,32 +627,33 @@ impl SharedTier {
         })
         .await;
         metrics::histogram!(m::SHARED_DURATION, "op" => "get").record(started.elapsed().as_secs_f64());
+        let took = asked.elapsed();
         let (bytes, held) = match read {
             Err(_) => {
                 debug!("shared tier read timed out");
-                self.failed("get", "timeout");
+                self.failed(Op::Get, "timeout");
                 Self::lookup_result("error");
                 return Lookup::Failed;
             }
             Ok(Err(object_store::Error::NotFound { .. })) => {
-                self.succeeded();
+                self.succeeded(Op::Get, took);
                 Self::lookup_result("miss");
                 return Lookup::Miss;
             }
             Ok(Err(e)) => {
                 debug!(error = %e, "shared tier read failed");
-                self.failed("get", error_kind(&e));
+                self.failed(Op::Get, error_kind(&e));
                 Self::lookup_result("error");
                 return Lookup::Failed;
             }
             Ok(Ok(None)) => {
-                self.succeeded();
+                self.succeeded(Op::Get, took);
                 self.refused(ObjectRefused::Length);
                 return Lookup::Miss;
             }
             Ok(Ok(Some(read))) => read,
         };
-        self.succeeded();
+        self.succeeded(Op::Get, took);
         let checked = {
             let bytes = bytes.clone();
             tokio::task::spawn_blocking(move || store::check_object(&bytes)).await
@@ -577,7 +760,7 @@ impl SharedTier {
     /// Uploads one committed object file, if it is still the one the fill committed.
     async fn upload(&self, cache: &Arc<Cache>, upload: Upload) {
         let drop = |reason: &'static str| metrics::counter!(m::SHARED_UPLOAD_DROPS, "reason" => reason).increment(1);
-        if !self.breaker.allow(Instant::now()) {
+        if !self.put_breaker.allow(Instant::now()) {
             return drop("breaker");
         }
         let Some(file_len) = cache.object_len(&upload.key) else {
@@ -597,28 +780,41 @@ impl SharedTier {
             tokio::task::spawn_blocking(move || store::check_object(&bytes)).await
         };
         let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).ok();
-        match same {
+        let digest = match same {
             Ok(Ok(meta))
                 if meta.key == upload.key
                     && ms(meta.request_time) == ms(upload.request_time)
-                    && ms(meta.response_time) == ms(upload.response_time) => {}
+                    && ms(meta.response_time) == ms(upload.response_time) =>
+            {
+                meta.digest
+            }
             _ => return drop("gone"),
+        };
+        let hash = upload.key.hash();
+        if let Err(skip) = self.gate.admit(hash, digest, file_len, Instant::now()) {
+            debug!(reason = skip.as_str(), "shared tier upload skipped");
+            return drop(skip.as_str());
         }
-        let path = ObjectPath::from(self.object_path(&upload.key.hash()));
+        let path = ObjectPath::from(self.object_path(&hash));
         let started = Instant::now();
         let put = tokio::time::timeout(self.config.timeout, self.store.put(&path, PutPayload::from(bytes))).await;
-        metrics::histogram!(m::SHARED_DURATION, "op" => "put").record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::histogram!(m::SHARED_DURATION, "op" => "put").record(took.as_secs_f64());
         match put {
             Ok(Ok(_)) => {
-                self.succeeded();
+                self.succeeded(Op::Put, took);
                 metrics::counter!(m::SHARED_UPLOADS).increment(1);
                 debug!("shared tier upload done");
             }
             Ok(Err(e)) => {
                 debug!(error = %e, "shared tier upload failed");
-                self.failed("put", error_kind(&e));
+                self.gate.forget(hash, digest);
+                self.failed(Op::Put, error_kind(&e));
             }
-            Err(_) => self.failed("put", "timeout"),
+            Err(_) => {
+                self.gate.forget(hash, digest);
+                self.failed(Op::Put, "timeout");
+            }
         }
     }
 }
@@ -679,7 +875,7 @@ mod tests {
     fn the_breaker_opens_after_failures_in_a_row_then_lets_one_probe_through() {
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
-        let b = Breaker::new(3, cooldown);
+        let b = Breaker::new(3, cooldown, Duration::from_secs(1));
         assert!(b.allow(t0));
         assert!(!b.failure(t0));
         b.success();
@@ -726,7 +922,7 @@ mod tests {
     fn a_probe_that_never_reports_is_lost_after_a_cooldown() {
         let t0 = Instant::now();
         let cooldown = Duration::from_secs(30);
-        let b = Breaker::new(1, cooldown);
+        let b = Breaker::new(1, cooldown, Duration::from_secs(1));
         assert!(b.failure(t0), "open");
         assert!(b.allow(t0 + cooldown), "the probe goes");
         // ... and is never heard of again.
@@ -734,6 +930,54 @@ mod tests {
         assert!(b.allow(t0 + 2 * cooldown), "lost: another probe goes");
         b.success();
         assert!(!b.is_open());
+    }
+
+    /// A bucket answering just inside the timeout opens the breaker as a failing one does: each
+    /// answer slower than the bound is a failure, and an answer in time resets the count.
+    #[test]
+    fn slow_answers_count_as_failures() {
+        let t0 = Instant::now();
+        let (cooldown, slow) = (Duration::from_secs(30), Duration::from_secs(1));
+        let b = Breaker::new(3, cooldown, slow);
+        let late = slow + Duration::from_millis(1);
+        assert_eq!(b.succeeded(late, t0), Succeeded::Slow { opened: false });
+        assert_eq!(
+            b.succeeded(slow, t0),
+            Succeeded::InTime { reopened: false },
+            "at the bound: in time"
+        );
+        assert_eq!(b.succeeded(late, t0), Succeeded::Slow { opened: false });
+        assert_eq!(b.succeeded(late, t0), Succeeded::Slow { opened: false });
+        assert_eq!(
+            b.succeeded(late, t0),
+            Succeeded::Slow { opened: true },
+            "three slow in a row"
+        );
+        assert!(!b.allow(t0 + cooldown / 2));
+        // The probe answers in time: closed again.
+        assert!(b.allow(t0 + cooldown));
+        assert_eq!(
+            b.succeeded(slow / 2, t0 + cooldown),
+            Succeeded::InTime { reopened: true }
+        );
+        assert!(!b.is_open());
+    }
+
+    /// Reads and uploads have their own breakers: failing uploads open the uploads' breaker
+    /// however many reads succeed between them, and reads still go.
+    #[test]
+    fn failing_uploads_are_not_hidden_by_reads_that_succeed() {
+        let env = [("AWS_ENDPOINT_URL", "http://127.0.0.1:9"), ("AWS_ALLOW_HTTP", "true")];
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let tier = SharedTier::open(config(1), env).expect("a client");
+        for _ in 0..BREAKER_THRESHOLD {
+            tier.succeeded(Op::Get, Duration::ZERO);
+            tier.failed(Op::Put, "request");
+        }
+        assert!(tier.put_breaker.is_open(), "the uploads' failures in a row");
+        assert!(!tier.get_breaker.is_open());
+        assert!(tier.get_breaker.allow(Instant::now()), "reads still go");
+        assert!(!tier.put_breaker.allow(Instant::now()));
     }
 
     fn config(queue: usize) -> SharedTierConfig {
@@ -745,7 +989,32 @@ mod tests {
             concurrency: 1,
             queue,
             cooldown: Duration::from_secs(30),
+            upload_budget: 1 << 30,
         }
+    }
+
+    #[test]
+    fn one_body_goes_up_once_per_window_and_bytes_stay_within_the_budget() {
+        let gate = UploadGate::new(10_000);
+        let t0 = Instant::now();
+        let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+        let key = |i: u8| KeyHash([i; 16]);
+        assert_eq!(gate.admit(key(1), a, 1000, t0), Ok(()));
+        // The same body under other keys (cache-busting query strings): not again.
+        for i in 2..100 {
+            assert_eq!(gate.admit(key(i), a, 1000, t0), Err(Skip::Duplicate));
+        }
+        // Its own key again (a refreshed copy) goes.
+        assert_eq!(gate.admit(key(1), a, 1000, t0), Ok(()));
+        // Other bodies: until the budget is spent, whole objects only.
+        assert_eq!(gate.admit(key(2), b, 7000, t0), Ok(()));
+        assert_eq!(gate.admit(key(3), Digest([3; 32]), 2000, t0), Err(Skip::Budget));
+        assert_eq!(gate.admit(key(3), Digest([3; 32]), 1000, t0), Ok(()));
+        // A failed upload lets another key with that body go up; after the window, any may.
+        gate.forget(key(2), b);
+        let later = t0 + UPLOAD_WINDOW;
+        assert_eq!(gate.admit(key(4), b, 100, later), Ok(()));
+        assert_eq!(gate.admit(key(5), a, 100, later), Ok(()));
     }
 
     #[test]

@@ -47,15 +47,13 @@ impl Sidecar {
             }
             None => None,
         };
-        let proxy = Arc::new(Proxy {
-            upstream: Upstream::new(&config, relief),
-            cache: cache.clone(),
+        let proxy = Arc::new(Proxy::new(
+            config.clone(),
+            cache.clone(),
+            Upstream::new(&config, relief),
             sources,
-            config: config.clone(),
-            invalidations: crate::proxy::invalidation_bucket(),
-            shared: shared.clone(),
-            rule_counts: crate::proxy::RuleCounts::new(&config.rules),
-        });
+            shared.clone(),
+        ));
         let admin_listener = TcpListener::bind(config.admin_listen).await?;
         let admin_addr = admin_listener.local_addr()?;
         let shutdown = CancellationToken::new();
@@ -83,12 +81,12 @@ impl Sidecar {
 
     /// Binds the public port.
     pub async fn bind_public(&self) -> std::io::Result<TcpListener> {
-        let listener = if self.proxy.config.workers > 1 {
-            reuseport_listener(self.proxy.config.listen)?
+        let listener = if self.proxy.config().workers > 1 {
+            reuseport_listener(self.proxy.config().listen)?
         } else {
-            TcpListener::bind(self.proxy.config.listen).await?
+            TcpListener::bind(self.proxy.config().listen).await?
         };
-        info!(addr = %listener.local_addr()?, upstream = %self.proxy.upstream.addr(), "proxy listening");
+        info!(addr = %listener.local_addr()?, upstream = %self.proxy.upstream().addr(), "proxy listening");
         Ok(listener)
     }
 
@@ -101,7 +99,7 @@ impl Sidecar {
     /// accepted it: no work-stealing wake-ups between threads on the request path. Everything
     /// else (the cache, the app's connection pool, fills) is shared.
     pub async fn serve(&self, listener: TcpListener) -> bool {
-        let limit = Arc::new(Semaphore::new(self.proxy.config.max_connections));
+        let limit = Arc::new(Semaphore::new(self.proxy.config().max_connections));
         let (listener, others) = match self.split(listener) {
             Ok(pair) => pair,
             Err(e) => {
@@ -121,7 +119,7 @@ impl Sidecar {
             let (proxy, shutdown, limit, released) =
                 (self.proxy.clone(), stop.clone(), limit.clone(), released.clone());
             let (done, result) = tokio::sync::oneshot::channel();
-            let blocking = blocking_threads(self.proxy.config.workers);
+            let blocking = blocking_threads(self.proxy.config().workers);
             let spawned = std::thread::Builder::new()
                 .name(format!("sidecache-worker-{}", i + 1))
                 .spawn(move || {
@@ -160,7 +158,7 @@ impl Sidecar {
     /// `SO_REUSEPORT` group: the kernel spreads new connections over the loops evenly. Fewer
     /// loops when that fails (a listener bound without the option, no descriptors left).
     fn split(&self, listener: TcpListener) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
-        let workers = self.proxy.config.workers;
+        let workers = self.proxy.config().workers;
         let addr = listener.local_addr()?;
         let mut others = Vec::with_capacity(workers.saturating_sub(1));
         for _ in 1..workers {

@@ -55,7 +55,8 @@ impl AdminAccess {
     async fn call(&self, method: reqwest::Method, path: &str, what: &str) -> anyhow::Result<String> {
         let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
         let url = format!("{}{path}", self.target.trim_end_matches('/'));
-        let mut req = client.request(method, &url);
+        // Marks the request as the operator's, not a URL fetch forged through the app.
+        let mut req = client.request(method, &url).header(super::ADMIN_HEADER, "1");
         if let Some(token) = self.token.as_deref().filter(|t| !t.is_empty()) {
             req = req.bearer_auth(token);
         }

@@ -52,24 +52,46 @@ const PRIME_ACCEPT_ENCODING: &str = "gzip, deflate, br, zstd";
 /// How long a prime waits for one object's variants to be made.
 const PRIME_COMPRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Everything the request path needs, shared by every connection.
+/// Everything the request path needs, shared by every connection. Its parts are private:
+/// callers reach the cache through whole operations ([`Proxy::handle`], [`Proxy::warm`],
+/// [`Proxy::purge`]), so a purge has one door that does everything a purge must (the local
+/// index, the soft marks, the shared tier's bookkeeping), never a second one that forgets a
+/// step.
 pub struct Proxy {
     /// The pooled client to the app.
-    pub upstream: Upstream,
+    upstream: Upstream,
     /// The disk cache.
-    pub cache: Arc<Cache>,
+    cache: Arc<Cache>,
     /// Client for filling from other sources (`prime --from`): CDNs, buckets, over HTTPS. Its
     /// redirect policy stays inside `prime_sources` (see [`crate::sources::PrimeSources::client`]).
-    pub sources: reqwest::Client,
+    sources: reqwest::Client,
     /// Configuration in force.
-    pub config: Arc<Config>,
+    config: Arc<Config>,
     /// Bounds invalidations by unsafe requests (see [`invalidation_bucket`]).
-    pub invalidations: TokenBucket,
+    invalidations: TokenBucket,
     /// The shared tier in object storage, when configured: read on a local miss, written
     /// behind a fill.
-    pub shared: Option<Arc<SharedTier>>,
+    shared: Option<Arc<SharedTier>>,
     /// Requests and bytes by rule and outcome.
-    pub rule_counts: RuleCounts,
+    rule_counts: RuleCounts,
+}
+
+/// How a purge treats what it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeMode {
+    /// Removed, with their variants.
+    Hard,
+    /// Marked stale as of now: the next request revalidates (see [`Cache::soft_purge`]).
+    Soft,
+}
+
+/// What a purge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purged {
+    /// A hard purge removed this many objects.
+    Removed(usize),
+    /// A soft purge marked this many objects stale.
+    Marked(usize),
 }
 
 /// The per-rule counters (`sidecache_rule_requests_total`, `sidecache_rule_sent_bytes_total`),
@@ -129,6 +151,41 @@ fn invalidates(method: &Method) -> bool {
 }
 
 impl Proxy {
+    /// The request path over these parts; invalidations are bounded by
+    /// [`invalidation_bucket`], rules counted by [`RuleCounts`].
+    pub fn new(
+        config: Arc<Config>,
+        cache: Arc<Cache>,
+        upstream: Upstream,
+        sources: reqwest::Client,
+        shared: Option<Arc<SharedTier>>,
+    ) -> Proxy {
+        Proxy {
+            upstream,
+            cache,
+            sources,
+            invalidations: invalidation_bucket(),
+            shared,
+            rule_counts: RuleCounts::new(&config.rules),
+            config,
+        }
+    }
+
+    /// The disk cache (to read: its stats, inspect, gauges; purges go through [`Proxy::purge`]).
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The client to the app.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     /// Answers one client request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
@@ -484,14 +541,20 @@ impl Proxy {
         n
     }
 
-    /// Purges (hard) what `what` selects: the objects and their variants go, and the shared
-    /// tier's copies the app answered before now are not read back. How many were removed.
-    pub async fn purge(&self, what: &crate::cache::Purge) -> usize {
-        let n = self.cache.purge(what).await;
+    /// Purges what `what` selects, the one way every caller purges: hard (removed) or soft
+    /// (marked stale). Either way the shared tier's copies the app answered before now are
+    /// not read back: a soft purge says the copy has changed as much as a hard one does, and
+    /// the bucket's copy, found on a local miss, would come back fresh without a revalidation.
+    pub async fn purge(&self, what: &crate::cache::Purge, mode: PurgeMode) -> Purged {
+        // Marked before the local step: a read-through racing the purge must not store the
+        // bucket's copy again once the local one is gone or marked.
         if let Some(shared) = &self.shared {
             shared.purged_all(SystemTime::now());
         }
-        n
+        match mode {
+            PurgeMode::Hard => Purged::Removed(self.cache.purge(what).await),
+            PurgeMode::Soft => Purged::Marked(self.cache.soft_purge(what).await),
+        }
     }
 
     /// Forwards to the app and relays the answer without storing it.

@@ -100,7 +100,7 @@ async fn variant_ready(url: &str, coding: &str) -> bool {
 
 /// Waits (bounded) until `n` objects are indexed.
 async fn stored(sc: &TestSidecar, n: usize) {
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     assert!(
         eventually(Duration::from_secs(10), async || cache.stats().0 == n).await,
         "expected {n} stored objects, have {:?}",
@@ -177,6 +177,7 @@ async fn every_encoding_decodes_to_the_apps_bytes_with_its_own_head() {
     assert_eq!(variant_files(&sc.dir.path().join("cache")).len(), 3);
     let report = client()
         .get(sc.admin_url("/objects?url=/app.js"))
+        .header("x-sidecache-admin", "1")
         .send()
         .await
         .unwrap()
@@ -469,18 +470,18 @@ async fn purge_and_eviction_remove_an_objects_variants_with_it() {
     }
     let all_made = eventually(Duration::from_secs(30), async || variant_files(&cache_dir).len() == 9).await;
     assert!(all_made, "{:?}", variant_files(&cache_dir));
-    let used_before = sc.sidecar.proxy.cache.stats().1;
+    let used_before = sc.sidecar.proxy.cache().stats().1;
     // Purge one URL: its object and its three variants go, bytes and files.
     let resp = client().post(sc.admin_url("/purge?url=/a.js")).send().await.unwrap();
     assert_eq!(resp.text().await.unwrap().trim(), r#"{"purged":1}"#);
     assert_eq!(variant_files(&cache_dir).len(), 6);
     assert_eq!(files(&cache_dir).len(), 8);
-    assert!(sc.sidecar.proxy.cache.stats().1 < used_before);
+    assert!(sc.sidecar.proxy.cache().stats().1 < used_before);
     assert_ne!(served_coding(&sc.url("/a.js"), Some("br")).await, "br");
     // (Refilled: its client has the whole body a little before the fill is committed.)
     stored(&sc, 3).await;
     // Eviction: a pass down to nothing takes the variants too.
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     let evicted = cache.purge(&sidecache::cache::Purge::All).await;
     assert!(evicted >= 2);
     let emptied = eventually(Duration::from_secs(10), async || files(&cache_dir).is_empty()).await;
@@ -516,11 +517,11 @@ async fn the_lru_loop_evicts_variants_with_their_object_and_keeps_the_budget() {
         assert!(
             variant_ready(&url, "gzip").await,
             "{i}: {:?} of {}",
-            sc.sidecar.proxy.cache.stats(),
-            sc.sidecar.proxy.cache.budget()
+            sc.sidecar.proxy.cache().stats(),
+            sc.sidecar.proxy.cache().budget()
         );
     }
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     let budget = cache.budget();
     let settled = eventually(Duration::from_secs(20), async || {
         let (_, used, reserved) = cache.stats();

@@ -164,7 +164,11 @@ async fn unkeyed_headers_cannot_poison_the_cache() {
         "the app never sees X-Original-URL"
     );
     assert!(!seen.contains_key("x-rewrite-url"), "the app never sees X-Rewrite-URL");
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // Another host is another key: a response stored for one host is never served to another.
     let other = app_client()
         .get(sc.url("/links.css"))
@@ -232,7 +236,11 @@ async fn absurd_ranges_are_answered_safely() {
         .bytes()
         .await
         .unwrap();
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     let many = (0..5000).map(|i| format!("{}-{}", i, i)).collect::<Vec<_>>().join(",");
     let cases = [
         (format!("bytes={many}"), 200),
@@ -302,5 +310,5 @@ async fn an_app_answering_garbage_gets_a_502_and_nothing_is_stored() {
         let resp = app_client().get(sc.url("/asset.js")).send().await.unwrap();
         assert_eq!(resp.status(), 502);
     }
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0);
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0);
 }

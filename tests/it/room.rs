@@ -58,7 +58,7 @@ fn is_hit(cs: &str) -> bool {
 
 /// Waits until no fill holds a reservation: the last one committed (or gave up).
 async fn settle(sc: &TestSidecar) {
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     assert!(
         eventually(Duration::from_secs(10), async || cache.stats().2 == 0).await,
         "a reservation was never given back"
@@ -405,7 +405,7 @@ async fn a_budget_lowered_by_min_free_still_makes_room() {
         c.memory_size = 0;
     })
     .await;
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     let mut lowest = u64::MAX;
     for i in 0..12 {
         let path = format!("/m/{i}");

@@ -42,7 +42,7 @@ async fn prime(sc: &TestSidecar, from: &str, targets: &str) -> (StatusCode, Vec<
 /// Nothing is stored under `path`: no object in the cache, and a client is answered by the
 /// app, not from the cache.
 async fn assert_not_stored(sc: &TestSidecar, app: &Origin, path: &str) {
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "no object stored");
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0, "no object stored");
     let before = app.hits(path);
     let resp = app_client().get(sc.url(path)).send().await.unwrap();
     assert_ne!(resp.headers()["cache-status"], "sidecache; hit", "{path}");
@@ -259,7 +259,7 @@ async fn cli_prime_and_purge_send_the_token_from_the_configuration() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 1);
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 1);
 
     // purge: the token from SIDECACHE_CONFIG, as in a container that runs the sidecar with it.
     let out = tokio::task::block_in_place(|| {
@@ -271,7 +271,7 @@ async fn cli_prime_and_purge_send_the_token_from_the_configuration() {
     });
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"purged":1}"#);
-    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache.stats().0 == 0).await);
+    assert!(eventually(Duration::from_secs(5), async || sc.sidecar.proxy.cache().stats().0 == 0).await);
 
     // And from SIDECACHE_ADMIN_TOKEN, as the deploy examples set it.
     let out = tokio::task::block_in_place(|| {
@@ -282,4 +282,74 @@ async fn cli_prime_and_purge_send_the_token_from_the_configuration() {
         )
     });
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Issue 25, item 12: inspect never shows a credential a variant was stored for (an
+/// `X-Api-Key` the app varies on, not only `Cookie` and `Authorization`): only fields known to
+/// be harmless are shown as sent. And without a token, `GET /objects` needs
+/// `X-Sidecache-Admin: 1`: a plain GET, which is all a URL the app is made to fetch on the same
+/// loopback sends, is refused. The CLI sends the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_hides_credentials_a_variant_varies_on_and_refuses_a_plain_get() {
+    const API_KEY: &str = "sk-live-alice-7c1e0d93b5a24f68";
+    let app = Origin::start().await;
+    app.fixed(
+        "/k.js",
+        &[
+            ("cache-control", "public, max-age=600"),
+            ("vary", "X-Api-Key, Accept-Language"),
+        ],
+        "for alice's key",
+    );
+    // No token: the admin port is on loopback, as by default.
+    let sc = TestSidecar::start(&app.url()).await;
+    let resp = app_client()
+        .get(sc.url("/k.js"))
+        .header("x-api-key", API_KEY)
+        .header("accept-language", "de-CH")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
+
+    // A plain GET, as an SSRF through the app would send it: refused, nothing listed.
+    let plain = client().get(sc.admin_url("/objects?url=/k.js")).send().await.unwrap();
+    assert_eq!(plain.status(), StatusCode::FORBIDDEN);
+    assert!(!plain.text().await.unwrap().contains("/k.js"));
+
+    let resp = client()
+        .get(sc.admin_url("/objects?url=/k.js"))
+        .header("x-sidecache-admin", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("alice"), "the key was shown: {text}");
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vary = &report["objects"][0]["vary"];
+    assert_eq!(vary[1], serde_json::json!(["accept-language", "de-ch"]), "{vary}");
+    let shown = vary[0][1].as_str().unwrap();
+    assert!(
+        shown.starts_with(&format!("({} bytes, keyed digest ", API_KEY.len())),
+        "{shown}"
+    );
+
+    // The real binary's CLI reaches it without a token, and prints no key either.
+    let admin = sc.admin_url("");
+    let out = tokio::task::block_in_place(|| {
+        Command::new(binary_path())
+            .args(["inspect", "/k.js", "--target", &admin])
+            .output()
+            .unwrap()
+    });
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(printed.contains("vary         x-api-key: (30 bytes"), "{printed}");
+    assert!(!printed.contains("alice"), "{printed}");
 }

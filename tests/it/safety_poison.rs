@@ -38,7 +38,7 @@ fn cache_status(resp: &reqwest::Response) -> String {
 
 /// Waits until no fill holds a reservation: the last one committed (or was dropped).
 async fn settle(sc: &TestSidecar) {
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     assert!(
         eventually(Duration::from_secs(10), async || cache.stats().2 == 0).await,
         "a fill never ended"

@@ -55,7 +55,7 @@ async fn plain_get(sc: &TestSidecar, path: &str) -> (String, String) {
 
 /// Waits until `n` objects are stored.
 async fn wait_stored(sc: &TestSidecar, n: usize) {
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     assert!(
         eventually(Duration::from_secs(10), async || cache.stats().0 == n).await,
         "never {n} objects stored (have {})",
@@ -97,7 +97,7 @@ async fn a_get_with_a_body_is_neither_answered_from_nor_stored_in_the_cache() {
     assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
     assert!(chunked.contains("fwd=bypass"), "{chunked}");
     assert_eq!(
-        sc.sidecar.proxy.cache.stats().0,
+        sc.sidecar.proxy.cache().stats().0,
         0,
         "nothing stored for a GET with a body"
     );
@@ -410,14 +410,14 @@ async fn safe_and_unknown_methods_never_invalidate_and_unsafe_ones_do() {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let resp = client.request(m, sc.url("/obj")).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{method}: the app answers 2xx");
-        assert_eq!(sc.sidecar.proxy.cache.stats().0, 1, "{method} evicted the object");
+        assert_eq!(sc.sidecar.proxy.cache().stats().0, 1, "{method} evicted the object");
         assert_eq!(plain_get(&sc, "/obj").await.0, "sidecache; hit", "after {method}");
     }
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let resp = client.request(m, sc.url("/obj")).send().await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "{method} invalidates");
+        assert_eq!(sc.sidecar.proxy.cache().stats().0, 0, "{method} invalidates");
         let (status, _) = plain_get(&sc, "/obj").await;
         assert!(
             status.contains("fwd=uri-miss") && status.contains("stored"),
@@ -568,5 +568,5 @@ async fn a_vary_that_cannot_be_read_keeps_one_users_answer_from_another() {
     );
     assert!(attacker.contains("x-user: mallory"), "{attacker}");
     assert_eq!(origin.hits("/me"), 2, "neither was answered from the cache");
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "nothing stored");
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0, "nothing stored");
 }

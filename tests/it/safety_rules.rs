@@ -338,7 +338,7 @@ async fn private_answers_under_fingerprinted_looking_names_are_never_shared() {
     ] {
         victim_then_attacker(&sc, target).await;
     }
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "nothing stored");
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0, "nothing stored");
     assert!(app.hits("/api/me") >= 15, "every request reached the app");
 }
 
@@ -368,7 +368,7 @@ async fn rules_never_store_private_no_store_or_deceptive_answers() {
     ] {
         victim_then_attacker(&sc, target).await;
     }
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0, "nothing stored");
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0, "nothing stored");
 }
 
 /// Finding 3: the backtracking glob matcher used over 40 s of CPU for one request with a long

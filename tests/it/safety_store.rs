@@ -42,7 +42,7 @@ async fn run_once(dir: tempfile::TempDir) -> tempfile::TempDir {
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.text().await.unwrap(), "body");
     }
-    let cache = sidecar.sidecar.proxy.cache.clone();
+    let cache = sidecar.sidecar.proxy.cache().clone();
     assert!(
         crate::support::eventually(Duration::from_secs(10), async || cache.stats().0 == 1).await,
         "the object was stored"
@@ -328,7 +328,7 @@ async fn tiny_objects_never_spend_more_disk_than_the_budget() {
     // 2,500 objects of 100 bytes: 250 KB of bodies and ~330 KB of records, but two files
     // (inodes, blocks) each: 20 MB on a 4 KiB-block filesystem.
     let (peak, _) = fill_tiny_objects(&sidecar, 2500, 8, max_size).await;
-    let cache = sidecar.sidecar.proxy.cache.clone();
+    let cache = sidecar.sidecar.proxy.cache().clone();
     let (objects, accounted, _) = cache.stats();
     let (bytes, files) = disk_usage(&cache_dir(sidecar.dir.path()));
     assert!(bytes <= max_size, "{bytes} bytes on disk over {max_size}");
@@ -352,13 +352,13 @@ async fn the_number_of_stored_objects_is_bounded() {
         c.memory_size = 0;
     })
     .await;
-    let max_size = sidecar.sidecar.proxy.cache.config().max_size;
+    let max_size = sidecar.sidecar.proxy.cache().config().max_size;
     let (_, peak_records) = fill_tiny_objects(&sidecar, 1000, 8, max_size).await;
     assert!(
         peak_records <= max_objects,
         "{peak_records} records on disk, over max_objects {max_objects}"
     );
-    let (objects, _, _) = sidecar.sidecar.proxy.cache.stats();
+    let (objects, _, _) = sidecar.sidecar.proxy.cache().stats();
     assert!(
         objects as u64 <= max_objects && objects > 100,
         "{objects} objects indexed"

@@ -36,9 +36,11 @@ async fn get(sc: &TestSidecar, path: &str) -> Got {
 
 async fn stored(sc: &TestSidecar, n: usize) {
     assert!(
-        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == n).await,
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == n)
+        .await,
         "expected {n} stored objects, have {:?}",
-        sc.sidecar.proxy.cache.stats()
+        sc.sidecar.proxy.cache().stats()
     );
 }
 
@@ -365,7 +367,7 @@ async fn unsafe_requests_invalidate_their_url_and_location() {
     origin.route("/items", Behaviour::Status(500));
     let failed = send(client().delete(sc.url("/items"))).await;
     assert_eq!(failed.status, 500);
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 2);
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 2);
     // Every stored variant of a URL goes, not only the one under the key's own hash.
     origin.fixed(
         "/v",
@@ -451,7 +453,7 @@ async fn vary_variants_are_stored_side_by_side() {
     assert_eq!(
         sc.sidecar
             .proxy
-            .cache
+            .cache()
             .purge(&sidecache::cache::Purge::Url("/v.js".into()))
             .await,
         3

@@ -420,7 +420,11 @@ async fn a_paused_then_stopped_bucket_is_never_a_client_error_and_opens_the_brea
         let (status, _, body) = member.get(&path).await;
         assert_eq!((status, body), (200, body_of(&path, 500)), "{path}");
     }
-    assert_eq!(member.metric(BREAKER, &[]).await, 1.0, "the breaker is open");
+    assert_eq!(
+        member.metric(BREAKER, &["op=\"get\""]).await,
+        1.0,
+        "the reads' breaker is open"
+    );
     assert!(member.metric(LOOKUPS, &["result=\"skipped\""]).await >= 1.0);
     let errors = member.metric(ERRORS, &[]).await;
     assert!(errors >= 5.0, "{errors} errors counted");
@@ -602,15 +606,16 @@ async fn a_purged_or_invalidated_object_is_not_brought_back_from_the_bucket() {
     let origin = Origin::start().await;
     let paths = ["/url.js", "/pre/fix.js", "/posted.js"];
     for path in paths {
-        origin.fixed(path, ASSET, "v1");
+        origin.fixed(path, ASSET, format!("v1 {path}"));
     }
     let member = Member::start(&origin, &s3, &[], &[]).await;
+    // (Bodies differ by path: one body goes up once, under one key.)
     for path in paths {
-        assert_eq!(&member.get(path).await.2[..], b"v1");
+        assert_eq!(&member.get(path).await.2[..], format!("v1 {path}").as_bytes());
     }
     member.wait_metric(UPLOADS, &[], paths.len() as f64).await;
     for path in paths {
-        origin.fixed(path, ASSET, "v2");
+        origin.fixed(path, ASSET, format!("v2 {path}"));
     }
     let admin = |query: &str| format!("http://{}/purge?{query}", member.admin);
     for query in ["url=/url.js", "prefix=/pre/"] {
@@ -627,7 +632,272 @@ async fn a_purged_or_invalidated_object_is_not_brought_back_from_the_bucket() {
     assert_eq!(posted.status(), 200);
     for path in paths {
         let (_, cache_status, body) = member.get(path).await;
-        assert_eq!(&body[..], b"v2", "{path}: the purged copy came back: {cache_status}");
+        assert_eq!(
+            &body[..],
+            format!("v2 {path}").as_bytes(),
+            "{path}: the purged copy came back: {cache_status}"
+        );
     }
     assert_eq!(member.metric(LOOKUPS, &["result=\"purged\""]).await, paths.len() as f64);
+}
+
+/// A soft purge on the admin port reaches the shared tier as a hard one does: an instance
+/// that never held the object (its local miss reads the bucket) does not take the copy the
+/// app answered before the purge. (Before: only the hard purge told the tier; the admin port
+/// soft-purged the local cache alone, and the next request served the bucket's old copy as
+/// a fresh hit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_soft_purge_on_the_admin_port_is_honoured_by_the_read_through_as_a_hard_one_is() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    let paths = ["/soft.js", "/hard.js"];
+    for path in paths {
+        origin.fixed(path, ASSET, format!("v1 {path}"));
+    }
+    let fleet = [
+        Member::start(&origin, &s3, &[], &[]).await,
+        Member::start(&origin, &s3, &[], &[]).await,
+    ];
+    for path in paths {
+        assert_eq!(&fleet[0].get(path).await.2[..], format!("v1 {path}").as_bytes());
+    }
+    fleet[0].wait_metric(UPLOADS, &[], paths.len() as f64).await;
+    for path in paths {
+        origin.fixed(path, ASSET, format!("v2 {path}"));
+    }
+    // The other instance purges (soft first: a hard purge marks every key), then asks.
+    for (path, query) in [("/soft.js", "url=/soft.js&soft=true"), ("/hard.js", "url=/hard.js")] {
+        let resp = app_client()
+            .post(format!("http://{}/purge?{query}", fleet[1].admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+        let (_, cache_status, body) = fleet[1].get(path).await;
+        assert_eq!(
+            &body[..],
+            format!("v2 {path}").as_bytes(),
+            "{path}: the purged copy came from the bucket: {cache_status}"
+        );
+        assert!(!cache_status.contains("shared-tier"), "{path}: {cache_status}");
+    }
+    assert_eq!(fleet[1].metric(LOOKUPS, &["result=\"purged\""]).await, 2.0);
+}
+
+/// How a [`Relay`] meddles with the S3 server's traffic.
+#[derive(Clone, Copy)]
+enum Meddle {
+    /// Each answer waits this long before it is passed on: a bucket slow, but in time.
+    Delay(Duration),
+    /// Every PUT is answered `503` (reads pass): a bucket refusing uploads only.
+    FailPuts,
+}
+
+/// A TCP relay on 127.0.0.1 in front of the S3 server; stops when dropped.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Relay {
+    async fn start(s3: &S3, meddle: Meddle) -> Relay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = s3.port;
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let asked_up = asked.clone();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => return None,
+                                Ok(n) => n,
+                            };
+                            if matches!(meddle, Meddle::FailPuts) && buf[..n].starts_with(b"PUT ") {
+                                return Some(());
+                            }
+                            asked_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                            if server_tx.write_all(&buf[..n]).await.is_err() {
+                                return None;
+                            }
+                        }
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match server_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if let Meddle::Delay(d) = meddle
+                                && asked.swap(false, std::sync::atomic::Ordering::SeqCst)
+                            {
+                                tokio::time::sleep(d).await;
+                            }
+                            if client_tx.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        refused = up => {
+                            if refused.is_some() {
+                                let answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                                let _ = client_tx.write_all(answer).await;
+                            }
+                        }
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A bucket that answers every read in time, but slower than half the timeout, opens the
+/// reads' breaker: misses stop paying for it. (Before: only failures counted, so a bucket just
+/// inside the timeout cost every miss that long, for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bucket_answering_slowly_but_in_time_opens_the_breaker() {
+    let s3 = S3::start();
+    let relay = Relay::start(&s3, Meddle::Delay(Duration::from_millis(700))).await;
+    let origin = Origin::start().await;
+    for i in 0..8 {
+        let path = format!("/slow/{i}.js");
+        origin.fixed(&path, ASSET, body_of(&path, 500));
+    }
+    let endpoint = relay.endpoint();
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("SIDECACHE_SHARED_TIER_TIMEOUT", "1s"),
+        ("SIDECACHE_SHARED_TIER_COOLDOWN", "60s"),
+    ];
+    let member = Member::start(&origin, &s3, &[], &env).await;
+    for i in 0..5 {
+        let path = format!("/slow/{i}.js");
+        let (status, _, body) = member.get(&path).await;
+        assert_eq!((status, body), (200, body_of(&path, 500)), "{path}");
+    }
+    assert!(member.metric(BREAKER, &[]).await >= 1.0, "the breaker stayed closed");
+    assert!(member.metric(ERRORS, &["op=\"get\"", "kind=\"slow\""]).await >= 5.0);
+    assert_eq!(
+        member.metric(LOOKUPS, &["result=\"error\""]).await,
+        0.0,
+        "none timed out"
+    );
+    assert_eq!(member.metric(BREAKER, &["op=\"get\""]).await, 1.0);
+    // The next miss does not wait for the bucket.
+    let started = Instant::now();
+    let (status, cache_status, _) = member.get("/slow/7.js").await;
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?} {cache_status}",
+        started.elapsed()
+    );
+    assert_eq!(member.metric(LOOKUPS, &["result=\"skipped\""]).await, 1.0);
+}
+
+/// Uploads that fail open the uploads' breaker even though every read between them succeeds,
+/// and reads still go. (Before: one breaker counted failures in a row over both, so each read's
+/// success hid the upload failure before it, and the breaker never opened.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_uploads_open_their_breaker_though_reads_succeed_between_them() {
+    let s3 = S3::start();
+    let relay = Relay::start(&s3, Meddle::FailPuts).await;
+    let origin = Origin::start().await;
+    for i in 0..8 {
+        let path = format!("/put/{i}.js");
+        origin.fixed(&path, ASSET, body_of(&path, 500));
+    }
+    let endpoint = relay.endpoint();
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("SIDECACHE_SHARED_TIER_COOLDOWN", "60s"),
+    ];
+    let member = Member::start(&origin, &s3, &[], &env).await;
+    // A read (a miss: success), then its upload (refused), then the next read, in turn.
+    for i in 0..5 {
+        let path = format!("/put/{i}.js");
+        let (status, _, _) = member.get(&path).await;
+        assert_eq!(status, 200, "{path}");
+        member.wait_metric(ERRORS, &["op=\"put\""], (i + 1) as f64).await;
+    }
+    assert_eq!(member.metric(LOOKUPS, &["result=\"miss\""]).await, 5.0);
+    assert!(member.metric(BREAKER, &[]).await >= 1.0, "the breaker stayed closed");
+    assert_eq!(member.metric(BREAKER, &["op=\"put\""]).await, 1.0);
+    assert_eq!(member.metric(BREAKER, &["op=\"get\""]).await, 0.0);
+    // Reads still go; the next upload is skipped, not tried.
+    member.get("/put/6.js").await;
+    assert_eq!(member.metric(LOOKUPS, &["result=\"miss\""]).await, 6.0);
+    member
+        .wait_metric("sidecache_shared_tier_upload_drops_total", &["reason=\"breaker\""], 1.0)
+        .await;
+    assert_eq!(member.metric(ERRORS, &["op=\"put\""]).await, 5.0);
+}
+
+/// Issue 25, item 11: keys are partly the client's choice, and each key of a shareable asset
+/// was one PUT. A hundred cache-busting query strings of one asset now cost one upload (the
+/// same body is not uploaded again under another key), and distinct bodies stop at the hour's
+/// byte budget; what is skipped is counted by reason. (Before: a hundred uploads.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_busting_keys_cost_one_upload_and_bytes_stay_within_the_budget() {
+    let s3 = S3::start();
+    let origin = Origin::start().await;
+    origin.fixed("/app.js", ASSET, body_of("/app.js", 4000));
+    for i in 0..20 {
+        let path = format!("/big/{i}.js");
+        origin.fixed(&path, ASSET, body_of(&path, 100_000));
+    }
+    let env = [("SIDECACHE_SHARED_TIER_UPLOAD_BUDGET", "600KB")];
+    let member = Member::start(&origin, &s3, &[], &env).await;
+    let requests = (0..100).map(|n| {
+        let member = &member;
+        async move {
+            let (status, _, body) = member.get(&format!("/app.js?bust={n}")).await;
+            assert_eq!((status, body), (200, body_of("/app.js", 4000)));
+        }
+    });
+    futures_util::future::join_all(requests).await;
+    assert_eq!(origin.hits("/app.js"), 100, "a hundred keys");
+    const DROPS: &str = "sidecache_shared_tier_upload_drops_total";
+    member.wait_metric(DROPS, &["reason=\"duplicate\""], 99.0).await;
+    assert_eq!(member.metric(UPLOADS, &[]).await, 1.0);
+    assert_eq!(listing(&s3.bucket()).await.len(), 1);
+
+    // Distinct bodies: 600 kB an hour is five of these at most; the rest are not uploaded.
+    for i in 0..20 {
+        let (status, _, _) = member.get(&format!("/big/{i}.js")).await;
+        assert_eq!(status, 200);
+    }
+    let settled = eventually(Duration::from_secs(20), async || {
+        member.metric(UPLOADS, &[]).await + member.metric(DROPS, &["reason=\"budget\""]).await >= 21.0
+    })
+    .await;
+    assert!(settled, "every upload went or was counted");
+    let uploads = member.metric(UPLOADS, &[]).await;
+    assert!((2.0..=6.0).contains(&uploads), "{uploads} uploads");
+    assert!(member.metric(DROPS, &["reason=\"budget\""]).await >= 15.0);
+    assert_eq!(member.metric(DROPS, &["reason=\"full\""]).await, 0.0);
+    assert_eq!(listing(&s3.bucket()).await.len() as f64, uploads);
 }

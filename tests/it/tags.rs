@@ -97,7 +97,12 @@ async fn purge_by_tag_through_admin_and_cli_removes_every_tagged_object_and_its_
             "tag headers reach the client on a miss: {headers:?}"
         );
     }
-    let stored = async |n| eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == n).await;
+    let stored = async |n| {
+        eventually(Duration::from_secs(10), async || {
+            sc.sidecar.proxy.cache().stats().0 == n
+        })
+        .await
+    };
     assert!(stored(5).await);
     let (_, cs, _, headers) = get(&sc.url("/p1.jpg")).await;
     assert_eq!(cs, "sidecache; hit");
@@ -127,7 +132,7 @@ async fn purge_by_tag_through_admin_and_cli_removes_every_tagged_object_and_its_
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"purged":4}"#);
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 1);
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 1);
     assert_eq!(get(&sc.url("/plain.js")).await.1, "sidecache; hit");
     for p in ["/p1.jpg", "/p2.jpg", "/t.js"] {
         assert!(get(&sc.url(p)).await.1.contains("fwd=uri-miss"), "{p}");
@@ -159,7 +164,11 @@ async fn tag_headers_can_be_kept_for_clients_and_hostile_tag_lists_are_not_store
     assert_eq!(origin.hits("/many.js"), 2);
     let (_, _, _, headers) = get(&sc.url("/kept.js")).await;
     assert_eq!(headers.get("surrogate-key").unwrap(), "k", "kept when configured");
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
 }
 
 /// Starts the binary on `dir` with the token and waits until its index is loaded.
@@ -235,13 +244,17 @@ async fn a_soft_purge_revalidates_conditionally_and_a_304_refreshes_the_copy() {
     );
     let sc = TestSidecar::start_with(&origin.url(), tweak).await;
     get(&sc.url("/v.js")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     assert_eq!(get(&sc.url("/v.js")).await.1, "sidecache; hit");
     assert_eq!(
         admin_post(&sc, "/purge?tag=bundle&soft=true").await,
         (200, r#"{"marked":1}"#.into())
     );
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 1, "marked, not removed");
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 1, "marked, not removed");
 
     let (status, cs, body, _) = get(&sc.url("/v.js")).await;
     assert_eq!((status, body.len()), (200, 300));
@@ -323,7 +336,11 @@ async fn inspect_shows_each_stored_fact_and_why_it_would_be_served() {
     );
     let sc = TestSidecar::start_with(&origin.url(), tweak).await;
     get(&sc.url("/i.js")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     for _ in 0..2 {
         assert_eq!(get(&sc.url("/i.js")).await.1, "sidecache; hit");
     }

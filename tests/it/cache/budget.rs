@@ -54,7 +54,7 @@ async fn bytes_on_disk_never_exceed_the_budget_under_concurrent_fills() {
     // fan-out directories 128 objects can make, and their names: 1.1 MiB here) and for 32
     // fills in flight at once.
     assert!(peak > budget / 8, "the cache was actually filled (peak {peak})");
-    let (objects, used, _) = sc.sidecar.proxy.cache.stats();
+    let (objects, used, _) = sc.sidecar.proxy.cache().stats();
     assert!(objects > 0 && used <= budget);
 }
 
@@ -88,7 +88,7 @@ async fn eviction_removes_exactly_the_least_recently_used() {
         c.low_watermark = 0.90;
     })
     .await;
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     assert!(eventually(Duration::from_secs(10), async || cache.is_loaded()).await);
     // Objects 0..9 fill ~88% of the budget.
     for i in 0..9 {
@@ -136,7 +136,10 @@ async fn purge_by_url_prefix_and_all_through_admin_and_cli() {
         for p in ["/assets/a.js", "/assets/b.js", "/img/c.png", "/img/d.png"] {
             get(&sc.url(p)).await;
         }
-        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 4).await
+        eventually(Duration::from_secs(10), async || {
+            sc.sidecar.proxy.cache().stats().0 == 4
+        })
+        .await
     };
     assert!(fill_all().await);
     let c = client();
@@ -177,5 +180,5 @@ async fn purge_by_url_prefix_and_all_through_admin_and_cli() {
         .await
         .unwrap();
     assert_eq!(resp.text().await.unwrap().trim(), r#"{"purged":4}"#);
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0);
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0);
 }

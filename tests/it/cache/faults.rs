@@ -8,7 +8,11 @@ async fn objects_deleted_underneath_are_refetched_not_errors() {
     origin.fixed("/gone.css", CACHEABLE, pattern_bytes(300_000));
     let sc = TestSidecar::start_with(&origin.url(), |c| c.memory_size = 0).await;
     get(&sc.url("/gone.css")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     for f in object_files(&sc.dir.path().join("cache")) {
         std::fs::remove_file(f).unwrap();
     }
@@ -259,7 +263,7 @@ async fn a_full_filesystem_keeps_serving_from_the_app_and_caching_resumes() {
         c.memory_size = 0;
     })
     .await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.is_loaded()).await);
+    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().is_loaded()).await);
     // Fill the filesystem with something else, leaving less than one object's room.
     let junk = fs.0.path().join("junk");
     let mut free = std::fs::File::create(&junk).unwrap();
@@ -299,14 +303,18 @@ async fn an_object_removed_while_a_client_reads_it_is_delivered_whole() {
     );
     let sc = TestSidecar::start_with(&origin.url(), |c| c.memory_size = 0).await;
     get(&sc.url("/video.mp4")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // A hit, read slowly: the body is a mapping of the file.
     let resp = client().get(sc.url("/video.mp4")).send().await.unwrap();
     assert_eq!(cache_status(&resp), "sidecache; hit");
     let mut stream = resp.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     // Remove it from the cache (the same unlink eviction does) while the client is mid-body.
-    assert_eq!(sc.sidecar.proxy.cache.purge(&sidecache::cache::Purge::All).await, 1);
+    assert_eq!(sc.sidecar.proxy.cache().purge(&sidecache::cache::Purge::All).await, 1);
     assert!(object_files(&sc.dir.path().join("cache")).is_empty(), "unlinked");
     let mut n = first.len() as u64;
     let mut ok = matches_pattern(0, &first);
@@ -336,7 +344,11 @@ async fn an_object_modified_in_place_while_running_is_detected_and_refetched() {
     })
     .await;
     get(&sc.url("/m.js")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // Two hits: the second puts it in the open tier, which must notice the change too.
     for _ in 0..2 {
         assert_eq!(get(&sc.url("/m.js")).await.1, "sidecache; hit");
@@ -378,7 +390,11 @@ async fn a_read_only_disk_keeps_serving_and_caching_resumes_when_writable() {
     })
     .await;
     get(&sc.url("/ro/0.js")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     let remount = |mode: &str| {
         let ok = std::process::Command::new("mount")
             .args(["-o", &format!("remount,{mode}"), fs.0.path().to_str().unwrap()])

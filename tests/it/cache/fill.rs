@@ -64,7 +64,7 @@ async fn readers_get_bytes_before_the_fill_completes() {
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
     // The origin needs ~2 s for the whole body; the first bytes arrive long before.
-    let (objects, _, _) = sc.sidecar.proxy.cache.stats();
+    let (objects, _, _) = sc.sidecar.proxy.cache().stats();
     assert_eq!(objects, 0, "first bytes were served while the fill was still running");
     let mut n = first.len() as u64;
     let mut ok = matches_pattern(0, &first);
@@ -97,7 +97,9 @@ async fn fill_finishes_for_others_when_the_first_client_leaves() {
         // Dropped here: the client goes away mid-body.
     }
     assert!(
-        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await,
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await,
         "the fill was committed without its client"
     );
     let (_, cs, body) = get(&sc.url("/leave.bin")).await;
@@ -171,7 +173,7 @@ async fn truncated_upstream_body_is_not_cached() {
         );
         assert_eq!(origin.hits("/cut.js"), round + 1, "never served from the cache");
     }
-    assert_eq!(sc.sidecar.proxy.cache.stats().0, 0);
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 0);
 }
 
 #[tokio::test]
@@ -213,7 +215,11 @@ async fn responses_without_a_length_are_stored_too() {
     assert!(cache_status(&resp).contains("stored"));
     let body = resp.bytes().await.unwrap();
     assert!(body.len() == 250_000 && matches_pattern(0, &body));
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     let (_, cs, body) = get(&sc.url("/chunked.css")).await;
     assert_eq!(cs, "sidecache; hit");
     assert!(body.len() == 250_000 && matches_pattern(0, &body));

@@ -8,7 +8,11 @@ async fn hot_tier_serves_small_objects_from_memory() {
     origin.fixed("/small.css", CACHEABLE, pattern_bytes(5000));
     let sc = TestSidecar::start(&origin.url()).await;
     get(&sc.url("/small.css")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // Two hits from disk: the second admits it to memory.
     assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
     assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
@@ -30,7 +34,11 @@ async fn large_hits_sent_from_the_file_are_whole_and_a_truncated_file_is_never_s
     origin.fixed("/big.bin", CACHEABLE, pattern_bytes(len as u64));
     let sc = TestSidecar::start_with(&origin.url(), |c| c.max_connections = 64).await;
     get(&sc.url("/big.bin")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // Hits of a mapped body go out with sendfile: from disk, then from the open tier's mapping.
     for _ in 0..3 {
         let (status, cs, body) = get(&sc.url("/big.bin")).await;
@@ -79,7 +87,11 @@ async fn the_open_tier_serves_hits_without_opening_the_file_and_never_a_removed_
     })
     .await;
     get(&sc.url("/open.js")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // Two hits from disk: the second admits it to the open tier.
     for _ in 0..2 {
         assert_eq!(get(&sc.url("/open.js")).await.1, "sidecache; hit");
@@ -118,7 +130,11 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
     let cache = sc.dir.path().join("cache");
     let record_of = |name: &str| object_of(&cache, name);
     get(&sc.url("/cut.js")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // Cut short underneath, into its record: the index knows the file's length, and the
     // object is fetched again, never served from a partial record.
     let cut = record_of("/cut.js");
@@ -136,7 +152,11 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
     assert_eq!(origin.hits("/cut.js"), 2);
 
     get(&sc.url("/kept.js")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 2).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 2)
+        .await
+    );
     // A hit from disk that leaves the body on disk keeps the record in memory: the next hit
     // does not read it again. Here it could not: its stored record is damaged (in place, same
     // length; the body is intact, which the changed file is hashed again to show).
@@ -169,7 +189,11 @@ async fn a_refetched_object_with_the_same_bytes_is_served_from_its_new_record() 
     .await;
     let url = sc.url("/short.js");
     get(&url).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     // A disk hit keeps its record in memory.
     assert_eq!(get(&url).await.1, "sidecache; hit");
     // Once stale it is fetched again; the same bytes come back, stored as a new version (a
@@ -318,7 +342,7 @@ async fn evicted_bodies_are_not_held_open_by_the_open_tier() {
         c.max_connections = 64;
     })
     .await;
-    let cache = sc.sidecar.proxy.cache.clone();
+    let cache = sc.sidecar.proxy.cache().clone();
     assert!(eventually(Duration::from_secs(10), async || cache.is_loaded()).await);
     // Each is stored, then hit twice (into the open tier); the budget holds about nine, so
     // the early ones are evicted while the tier holds them open.
@@ -346,7 +370,11 @@ async fn one_disk_hit_does_not_admit_an_object_to_memory() {
     origin.fixed("/once.css", CACHEABLE, pattern_bytes(5000));
     let sc = TestSidecar::start(&origin.url()).await;
     get(&sc.url("/once.css")).await;
-    assert!(eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache.stats().0 == 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || sc.sidecar.proxy.cache().stats().0
+            == 1)
+        .await
+    );
     assert_eq!(get(&sc.url("/once.css")).await.1, "sidecache; hit");
     // Only on disk: with its files gone it is fetched again.
     for f in object_files(&sc.dir.path().join("cache")) {

@@ -62,7 +62,7 @@ impl TestSidecar {
         let serving = tokio::spawn(async move { s.serve(listener).await });
         // Like a deployment waiting on /readyz: the startup index scan is done (fills are
         // refused until the files on disk are counted against the budget).
-        let cache = sidecar.proxy.cache.clone();
+        let cache = sidecar.proxy.cache().clone();
         assert!(
             eventually(Duration::from_secs(10), async || cache.is_loaded()).await,
             "cache index never loaded"
