@@ -216,7 +216,7 @@ impl Admin {
     /// `None` when the request may go on; otherwise the refusal. Without a configured token
     /// the admin port relies on being bound to loopback.
     fn authorize(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-        let token = self.proxy.config.admin_token.as_deref()?;
+        let token = self.proxy.config.admin_token.as_ref()?.expose();
         let given = req
             .headers()
             .get(header::AUTHORIZATION)

@@ -44,6 +44,30 @@ fn precedence_is_flag_then_env_then_file_then_default() {
     assert!(out.contains("0.0.0.0:5123"), "PORT sets the public listener: {out}");
 }
 
+/// `check-config` prints the configuration, never the admin token in it.
+#[test]
+fn check_config_never_prints_the_admin_token() {
+    let token = "tok-4f9a2c-do-not-print";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sidecache.yaml");
+    std::fs::write(&file, format!("admin_token: {token}-from-file\n")).unwrap();
+    for (args, env) in [
+        (vec![], vec![("SIDECACHE_ADMIN_TOKEN", token)]),
+        (vec!["--config", file.to_str().unwrap()], vec![]),
+    ] {
+        let (code, out, err) = check_config(&args, &env);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("configuration is valid") && out.contains("admin_token"),
+            "{out}"
+        );
+        assert!(
+            !out.contains(token) && !err.contains(token),
+            "the token was printed: {out}{err}"
+        );
+    }
+}
+
 #[test]
 fn unknown_key_is_refused_with_status_64_before_binding() {
     let dir = tempfile::tempdir().unwrap();
