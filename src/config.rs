@@ -497,6 +497,20 @@ pub struct Config {
     pub tags: TagRules,
 }
 
+impl Config {
+    /// The environment variables that hold sidecache's own secrets, withheld from a supervised
+    /// app: `SIDECACHE_ADMIN_TOKEN` always (it opens purge and prime), and the shared tier's
+    /// credentials ([`crate::shared::CREDENTIAL_VARIABLES`]) when the tier is on. Without a
+    /// shared tier sidecache does not use the `AWS_*` variables, and they are the app's.
+    pub fn secret_variables(&self) -> Vec<&'static str> {
+        let mut vars = vec!["SIDECACHE_ADMIN_TOKEN"];
+        if self.shared_tier.is_some() {
+            vars.extend_from_slice(crate::shared::CREDENTIAL_VARIABLES);
+        }
+        vars
+    }
+}
+
 /// The app's address: always plain HTTP on a local or private network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {

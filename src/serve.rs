@@ -46,7 +46,12 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
             config.upstream =
                 crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
         }
-        app = Some(App::spawn(&app_command, config.upstream.port(), &signals)?);
+        app = Some(App::spawn(
+            &app_command,
+            config.upstream.port(),
+            &config.secret_variables(),
+            &signals,
+        )?);
     }
 
     let app_start_timeout = config.app_start_timeout;

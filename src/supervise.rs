@@ -79,9 +79,18 @@ impl App {
     /// default even when sidecache was started with the signal ignored (a background job of a
     /// non-interactive shell ignores SIGINT), which exec would otherwise keep.
     ///
+    /// The variables named in `withheld` (sidecache's own secrets,
+    /// [`crate::config::Config::secret_variables`]) are removed from the environment the app
+    /// inherits.
+    ///
     /// Must be called from a thread that lives as long as the app (the parent-death signal is
     /// tied to the thread that forked), within a Tokio runtime.
-    pub(crate) fn spawn(command: &[String], port: u16, _handled: &Termination) -> Result<App, StartError> {
+    pub(crate) fn spawn(
+        command: &[String],
+        port: u16,
+        withheld: &[&str],
+        _handled: &Termination,
+    ) -> Result<App, StartError> {
         let program = command.first().ok_or_else(|| StartError::Spawn {
             command: String::new(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
@@ -100,6 +109,9 @@ impl App {
             .env("PORT", port.to_string())
             .process_group(0)
             .kill_on_drop(true);
+        for var in withheld {
+            launcher.env_remove(var);
+        }
         let child = launcher.spawn().map_err(|source| StartError::Launcher { source })?;
         let pid = child.id();
         info!(pid, port, command = %program, "app started");

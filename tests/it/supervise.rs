@@ -270,3 +270,77 @@ async fn a_descriptor_limit_too_low_for_the_open_tier_is_reported_and_max_connec
     assert!(line.contains("open_files=2744"), "{line}");
     assert!(!bin.seen.iter().any(|l| l.contains("open tier off")));
 }
+
+/// The environment a supervised app sees, written by the app (`env -0`) before it exits 6:
+/// `sidecache serve [extra] -- sh -c 'env -0 > FILE; exit 6'` with `env` added to ours.
+fn app_environment(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Vec<(String, String)> {
+    let seen = dir.join("environ");
+    let app = format!("env -0 > {}; exit 6", seen.display());
+    let cache = dir.join("cache");
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--", "sh", "-c", &app]);
+    let mut bin = Binary::spawn(&args, env);
+    let status = bin.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(6), "the app ran and its status is ours");
+    std::fs::read_to_string(&seen)
+        .unwrap()
+        .split('\0')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// sidecache's secrets stay sidecache's: the app does not inherit the admin token, nor the
+/// shared tier's credentials while the tier is on; everything else reaches it.
+#[test]
+fn the_app_does_not_inherit_sidecache_secrets() {
+    let secrets = [
+        ("SIDECACHE_ADMIN_TOKEN", "admin-secret-1"),
+        ("AWS_ACCESS_KEY_ID", "key-id-secret-2"),
+        ("AWS_SECRET_ACCESS_KEY", "secret-key-3"),
+        ("AWS_SESSION_TOKEN", "session-secret-4"),
+    ];
+    let ordinary = [("MY_APP_SETTING", "kept"), ("AWS_REGION", "eu-west-1")];
+    let env: Vec<(&str, &str)> = [("SIDECACHE_ACCESS_LOG", "false")]
+        .iter()
+        .chain(&secrets)
+        .chain(&ordinary)
+        .copied()
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = app_environment(dir.path(), &["--shared-tier", "s3://sc-test-bucket/app"], &env);
+    let value = |name: &str| seen.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    for (name, secret) in secrets {
+        assert_eq!(value(name), None, "{name} reached the app");
+        assert!(
+            seen.iter().all(|(_, v)| !v.contains(secret)),
+            "{name}'s value reached the app"
+        );
+    }
+    for (name, v) in ordinary {
+        assert_eq!(value(name), Some(v), "{name} must reach the app");
+    }
+    assert!(value("PATH").is_some_and(|p| !p.is_empty()), "PATH must reach the app");
+    assert!(value("PORT").is_some_and(|p| p.parse::<u16>().is_ok()), "PORT is set");
+
+    // Without a shared tier sidecache does not use the AWS credentials: they are the app's.
+    let dir = tempfile::tempdir().unwrap();
+    let seen = app_environment(dir.path(), &[], &env);
+    let value = |name: &str| seen.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    assert_eq!(
+        value("SIDECACHE_ADMIN_TOKEN"),
+        None,
+        "the admin token never reaches the app"
+    );
+    assert_eq!(value("AWS_SECRET_ACCESS_KEY"), Some("secret-key-3"));
+    assert_eq!(value("AWS_ACCESS_KEY_ID"), Some("key-id-secret-2"));
+}
