@@ -16,7 +16,7 @@ use crate::prime::warm::{Job, warm_all};
 use crate::prime::{self, Input};
 use crate::proxy::Proxy;
 use crate::sidecar::Sidecar;
-use crate::supervise::{self, App, Termination};
+use crate::supervise::{self, App, Reaper, Termination};
 
 /// `serve --prime FILE --prime-host HOST`: what to warm once serving has begun.
 #[derive(Debug, Clone)]
@@ -46,10 +46,13 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
             config.upstream =
                 crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
         }
+        // Before the app exists: every child it leaves behind is reaped (see `Reaper`).
+        let reaper = Reaper::start().context("failed to install the SIGCHLD handler")?;
         app = Some(App::spawn(
             &app_command,
             config.upstream.port(),
             &config.secret_variables(),
+            &reaper,
             &signals,
         )?);
     }

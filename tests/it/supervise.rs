@@ -232,6 +232,97 @@ async fn the_app_gets_its_arguments_unchanged() {
     assert_eq!(std::fs::read_to_string(&seen).unwrap(), "a b||$HOME|--|-x|");
 }
 
+/// Before serving, the stand-in app double-forks five grandchildren, as daemonising code and
+/// background commands do: each one's parent exits at once, the grandchild waits until it has
+/// been re-parented, writes `<pid> <new parent>` to the file named by argv[1], and exits.
+const DOUBLE_FORK: &str = r#"
+import os, sys, time
+out = open(sys.argv[1], "w")
+for _ in range(5):
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        me = os.getpid()
+        if os.fork() == 0:
+            deadline = time.time() + 10
+            while os.getppid() == me and time.time() < deadline:
+                time.sleep(0.005)
+            os.write(w, f"{os.getpid()} {os.getppid()}\n".encode())
+            os._exit(0)
+        os._exit(0)
+    os.close(w)
+    os.waitpid(child, 0)
+    out.write(os.read(r, 100).decode())
+    os.close(r)
+out.close()
+"#;
+
+/// The processes whose parent is `parent` and that are zombies (exited, not reaped), from
+/// /proc (`/proc/<pid>/task/*/children` is not in every kernel).
+fn zombie_children(parent: u32) -> Vec<u32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
+        if state == Some("Z") && ppid == Some(parent) {
+            zombies.push(pid);
+        }
+    }
+    zombies
+}
+
+/// As PID 1 in a container, sidecache inherits every process its app orphans: it must reap
+/// them (a zombie holds its pid for ever), and still report the app's own exit status. It is a
+/// child subreaper, so the orphans come to it here as they would to PID 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_of_the_app_are_adopted_and_reaped_and_the_app_status_is_still_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("orphaning_app.py");
+    std::fs::write(&script, format!("{DOUBLE_FORK}{APP}")).unwrap();
+    let adopted = dir.path().join("adopted");
+    let mut bin = spawn_supervised(
+        dir.path(),
+        &["python3", script.to_str().unwrap(), adopted.to_str().unwrap()],
+    );
+    let sidecache = bin.child.id();
+    let addr = bin.public_addr();
+    // The app serves once its grandchildren reported: all five were re-parented to sidecache.
+    let lines = std::fs::read_to_string(&adopted).unwrap();
+    let orphans: Vec<(u32, u32)> = lines
+        .lines()
+        .map(|l| {
+            let (pid, ppid) = l.split_once(' ').unwrap();
+            (pid.parse().unwrap(), ppid.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(orphans.len(), 5, "{lines}");
+    for (pid, parent) in &orphans {
+        assert_eq!(*parent, sidecache, "orphan {pid} went to {parent}, not to sidecache");
+    }
+    let reaped = crate::support::eventually(Duration::from_secs(10), async || {
+        zombie_children(sidecache).is_empty()
+            && orphans
+                .iter()
+                .all(|(pid, _)| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    })
+    .await;
+    assert!(reaped, "zombies left under sidecache: {:?}", zombie_children(sidecache));
+
+    let resp = client().get(format!("http://{addr}/exit/7")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(7), "the app's exit status is still sidecache's");
+}
+
 /// Whether `pid` is a live process (a zombie waiting for its new parent to reap it has ended).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
