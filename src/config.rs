@@ -225,7 +225,8 @@ config_keys! {
     evict_interval: HumanDuration = "10s",
     /// How long a request waits on another request's fill before going to the app itself.
     coalesce_timeout: HumanDuration = "30s",
-    /// Drain period on SIGTERM.
+    /// Drain period on SIGTERM; then, in supervision mode, how long the app has to exit on its
+    /// SIGTERM before it is killed.
     grace_period: HumanDuration = "25s",
     /// Timeout for connecting to the app.
     upstream_connect_timeout: HumanDuration = "5s",

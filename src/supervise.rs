@@ -1,7 +1,8 @@
 //! App supervision for one-process-per-instance platforms: `sidecache serve -- <app command>`
 //! runs the app as a child with `PORT` set to the upstream port, waits until it accepts
-//! connections, forwards SIGTERM/SIGINT, and reports the app's exit status. It reaps every
-//! child process, the orphans the app leaves too (as PID 1 in a container must).
+//! connections, stops it (SIGTERM or SIGINT, SIGKILL after the grace period), and reports the
+//! app's exit status. It reaps every child process, the orphans the app leaves too (as PID 1
+//! in a container must).
 
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -139,6 +140,18 @@ impl App {
         }
     }
 
+    /// Stops the app: `signal`, then SIGKILL if it has not exited within `grace` (an app that
+    /// ignores SIGTERM is not waited for for ever). Its exit status.
+    pub async fn stop(&mut self, signal: i32, grace: Duration) -> std::io::Result<ExitStatus> {
+        self.signal(signal);
+        if let Ok(status) = tokio::time::timeout(grace, self.wait()).await {
+            return status;
+        }
+        warn!(grace = ?grace, "the app did not exit within the grace period; killing it");
+        self.signal(libc::SIGKILL);
+        self.wait().await
+    }
+
     /// Waits for the app to exit.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         match self.exit.wait_for(Option::is_some).await {
@@ -274,12 +287,49 @@ fn reap(state: &Mutex<Reaped>) {
     }
 }
 
-/// sidecache's handlers for the signals it acts on and forwards, SIGTERM and SIGINT: installed
-/// once, first thing, so that none arriving while the sidecar starts is lost (a handled signal
-/// is held until it is received) and an app started afterwards gets their default action.
+/// A signal that stops sidecache: it stops accepting, drains, then stops the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: the platform's stop.
+    Term,
+    /// SIGINT: Ctrl-C.
+    Int,
+    /// SIGQUIT: a graceful stop as well (as SIGTERM), not a core dump.
+    Quit,
+}
+
+impl Stop {
+    /// The signal's name, for the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stop::Term => "SIGTERM",
+            Stop::Int => "SIGINT",
+            Stop::Quit => "SIGQUIT",
+        }
+    }
+
+    /// The signal the app gets: the same, but SIGTERM for SIGQUIT (whose default action in
+    /// the app would be a core dump, not a graceful stop).
+    pub fn forwarded(self) -> i32 {
+        match self {
+            Stop::Term | Stop::Quit => libc::SIGTERM,
+            Stop::Int => libc::SIGINT,
+        }
+    }
+}
+
+/// sidecache's handlers for the signals it acts on: SIGTERM, SIGINT and SIGQUIT stop it
+/// (gracefully); SIGHUP, SIGUSR1 and SIGUSR2 are logged and otherwise ignored (their default
+/// action would kill sidecache, and its app with it, without a drain). Installed once, first
+/// thing, so that none arriving while the sidecar starts is lost (a handled signal is held
+/// until it is received) and an app started afterwards gets their default action.
 pub struct Termination {
     term: unix_signal::Signal,
     int: unix_signal::Signal,
+    quit: unix_signal::Signal,
+    hup: unix_signal::Signal,
+    usr1: unix_signal::Signal,
+    usr2: unix_signal::Signal,
 }
 
 impl Termination {
@@ -288,14 +338,26 @@ impl Termination {
         Ok(Termination {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
-    /// The next SIGTERM or SIGINT, by number.
-    pub async fn recv(&mut self) -> i32 {
-        tokio::select! {
-            _ = self.term.recv() => libc::SIGTERM,
-            _ = self.int.recv() => libc::SIGINT,
+    /// The next signal that stops sidecache; the others are logged on the way.
+    pub async fn recv(&mut self) -> Stop {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return Stop::Term,
+                _ = self.int.recv() => return Stop::Int,
+                _ = self.quit.recv() => return Stop::Quit,
+                // Until the configuration can be reloaded, a SIGHUP (a terminal hanging up, a
+                // reload by habit) changes nothing, and is not fatal.
+                _ = self.hup.recv() => info!(signal = "SIGHUP", "reload is not supported yet; configuration unchanged"),
+                _ = self.usr1.recv() => info!(signal = "SIGUSR1", "signal ignored"),
+                _ = self.usr2.recv() => info!(signal = "SIGUSR2", "signal ignored"),
+            }
         }
     }
 }

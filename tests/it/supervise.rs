@@ -26,18 +26,24 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
 
 fn spawn_supervised(dir: &std::path::Path, app: &[&str]) -> Binary {
+    spawn_supervised_with(dir, "127.0.0.1:0", &[], app)
+}
+
+/// `sidecache serve --listen LISTEN [extra] -- APP` (the stand-in app when `app` is empty).
+fn spawn_supervised_with(dir: &std::path::Path, listen: &str, extra: &[&str], app: &[&str]) -> Binary {
     let script = dir.join("app.py");
     std::fs::write(&script, APP).unwrap();
     let cache = dir.join("cache");
     let mut args = vec![
         "serve",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--admin-listen",
         "127.0.0.1:0",
         "--cache-dir",
     ];
     args.push(cache.to_str().unwrap());
+    args.extend_from_slice(extra);
     args.push("--");
     let script = script.to_str().unwrap().to_owned();
     let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -321,6 +327,99 @@ async fn orphans_of_the_app_are_adopted_and_reaped_and_the_app_status_is_still_o
     assert_eq!(resp.status(), 200);
     let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
     assert_eq!(status.code(), Some(7), "the app's exit status is still sidecache's");
+}
+
+/// An app that ignores SIGTERM is not waited for for ever: SIGKILL follows after the grace
+/// period, and sidecache exits with the app's status (killed: 137).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("stubborn_app.py");
+    let stubborn = APP.replace(
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))",
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+    );
+    assert_ne!(stubborn, APP);
+    std::fs::write(&script, stubborn).unwrap();
+    let mut bin = spawn_supervised_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--grace-period", "1s"],
+        &["python3", script.to_str().unwrap()],
+    );
+    let _ = bin.public_addr();
+    bin.signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status:?}");
+    let line = bin.wait_line("killing it");
+    assert!(line.contains("grace period"), "{line}");
+}
+
+/// On SIGTERM the app is stopped only once sidecache has drained: a request in the app when
+/// the signal comes gets the app's answer, not a 502 because the app was stopped under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_sigterm_gets_the_app_answer_before_the_app_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("slow_app.py");
+    let started = dir.path().join("slow-started");
+    let slow = APP.replace(
+        "    def do_GET(self):\n",
+        "    def do_GET(self):\n        if self.path == '/slow':\n            open(sys.argv[1], 'w').close()\n            time.sleep(1.5)\n",
+    );
+    assert_ne!(slow, APP);
+    std::fs::write(&script, slow).unwrap();
+    let mut bin = spawn_supervised(
+        dir.path(),
+        &["python3", script.to_str().unwrap(), started.to_str().unwrap()],
+    );
+    let addr = bin.public_addr();
+    let in_flight = tokio::spawn(async move { client().get(format!("http://{addr}/slow")).send().await });
+    assert!(
+        crate::support::eventually(Duration::from_secs(10), async || started.exists()).await,
+        "the request never reached the app"
+    );
+    bin.signal(libc::SIGTERM);
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the app was stopped under a request in flight");
+    assert!(resp.text().await.unwrap().starts_with("app on "));
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(42), "then the app got SIGTERM");
+}
+
+/// `/readyz` says ready only once the public port accepts: a client sent there the moment it
+/// says 200 gets in (in supervision mode the app is up before the public port is bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_ready_only_once_the_public_port_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port of our own choosing, so the test can try it before sidecache logs it.
+    let public = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut bin = spawn_supervised_with(dir.path(), &public.to_string(), &[], &[]);
+    let admin = bin.admin_addr();
+    let http = client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut not_ready = 0;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        let status = match http.get(format!("http://{admin}/readyz")).send().await {
+            Ok(resp) => resp.status(),
+            Err(_) => continue,
+        };
+        if status == 200 {
+            break;
+        }
+        not_ready += 1;
+    }
+    let connected = tokio::net::TcpStream::connect(public).await;
+    assert!(
+        connected.is_ok(),
+        "/readyz said 200 but the public port refused: {connected:?}"
+    );
+    assert!(not_ready > 0, "/readyz was polled before the app was up");
+    bin.signal(libc::SIGTERM);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
 }
 
 /// Whether `pid` is a live process (a zombie waiting for its new parent to reap it has ended).
