@@ -13,6 +13,7 @@ pub mod client;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -23,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use bytes::Bytes;
@@ -46,6 +48,38 @@ pub struct Admin {
     pub proxy: Arc<Proxy>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Whether the public port accepts connections, for `/readyz`.
+    pub readiness: Arc<Readiness>,
+}
+
+/// Whether the public port accepts connections: from the moment it is bound (its backlog takes
+/// connections from then on) until draining begins. `/readyz` is not ready outside that span:
+/// ready means a client sent here now gets in, whatever else is up (in supervision mode the
+/// admin port is up, and the app may be, long before the public port is bound).
+#[derive(Debug)]
+pub struct Readiness {
+    bound: AtomicBool,
+    draining: CancellationToken,
+}
+
+impl Readiness {
+    /// Not accepting yet; accepting ends when `draining` is cancelled.
+    pub fn new(draining: CancellationToken) -> Readiness {
+        Readiness {
+            bound: AtomicBool::new(false),
+            draining,
+        }
+    }
+
+    /// The public port is bound and listening.
+    pub fn bound(&self) {
+        self.bound.store(true, Ordering::Release);
+    }
+
+    /// Whether the public port accepts connections now.
+    pub fn is_accepting(&self) -> bool {
+        self.bound.load(Ordering::Acquire) && !self.draining.is_cancelled()
+    }
 }
 
 impl Admin {
@@ -102,7 +136,12 @@ impl Admin {
             }
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET, "/readyz") => {
-                if !self.proxy.upstream().is_reachable(Duration::from_secs(1)).await {
+                if !self.readiness.is_accepting() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: public port not accepting\n".into(),
+                    )
+                } else if !self.proxy.upstream().is_reachable(Duration::from_secs(1)).await {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready: app unreachable\n".into())
                 } else if !self.proxy.cache().is_loaded() {
                     text(
@@ -230,7 +269,7 @@ impl Admin {
     /// `None` when the request may go on; otherwise the refusal. Without a configured token
     /// the admin port relies on being bound to loopback.
     fn authorize(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-        let token = self.proxy.config().admin_token.as_deref()?;
+        let token = self.proxy.config().admin_token.as_ref()?.expose();
         let given = req
             .headers()
             .get(header::AUTHORIZATION)

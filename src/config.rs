@@ -195,7 +195,7 @@ config_keys! {
     /// Admin listener address (metrics, health, purge, prime).
     admin_listen: String = "127.0.0.1:9090",
     /// Bearer token the admin port requires for purge and prime; empty: none.
-    admin_token: String = "",
+    admin_token: Secret = "",
     /// Directory holding the cache; nonpersistent, private to the instance. Default:
     /// `sidecache` in the system temp dir (`$TMPDIR/sidecache`).
     cache_dir: PathBuf,
@@ -225,7 +225,8 @@ config_keys! {
     evict_interval: HumanDuration = "10s",
     /// How long a request waits on another request's fill before going to the app itself.
     coalesce_timeout: HumanDuration = "30s",
-    /// Drain period on SIGTERM.
+    /// Drain period on SIGTERM; then, in supervision mode, how long the app has to exit on its
+    /// SIGTERM before it is killed.
     grace_period: HumanDuration = "25s",
     /// Timeout for connecting to the app.
     upstream_connect_timeout: HumanDuration = "5s",
@@ -342,6 +343,38 @@ fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! { strict_booleans: true }
 }
 
+/// A value that must never be printed (the admin token): its `Debug` and `Display` show
+/// `<redacted>`, so no dump of a configuration (`check-config`, a log line with `?config`)
+/// can leak it. [`Secret::expose`] is the one way to its text, for the code that uses it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's text, for comparing or sending it: never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Secret {
+        Secret(text.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// A list of strings, written as a YAML list or as one string separated by commas or
 /// whitespace (convenient in an environment variable).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -398,7 +431,7 @@ pub struct Config {
     /// Admin listener.
     pub admin_listen: SocketAddr,
     /// Admin bearer token.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Cache directory.
     pub cache_dir: PathBuf,
     /// Disk budget in bytes.
@@ -473,6 +506,20 @@ pub struct Config {
     pub tags: TagRules,
     /// Memory the tag index may hold (bytes).
     pub max_tag_index_memory: u64,
+}
+
+impl Config {
+    /// The environment variables that hold sidecache's own secrets, withheld from a supervised
+    /// app: `SIDECACHE_ADMIN_TOKEN` always (it opens purge and prime), and the shared tier's
+    /// credentials ([`crate::shared::CREDENTIAL_VARIABLES`]) when the tier is on. Without a
+    /// shared tier sidecache does not use the `AWS_*` variables, and they are the app's.
+    pub fn secret_variables(&self) -> Vec<&'static str> {
+        let mut vars = vec!["SIDECACHE_ADMIN_TOKEN"];
+        if self.shared_tier.is_some() {
+            vars.extend_from_slice(crate::shared::CREDENTIAL_VARIABLES);
+        }
+        vars
+    }
 }
 
 /// The app's address: always plain HTTP on a local or private network.
@@ -773,7 +820,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(invalid("log_level", format!("`{log_level}` is not a log filter")));
     }
-    let admin_token = Some(raw.admin_token).filter(|t| !t.is_empty());
+    let admin_token = Some(raw.admin_token).filter(|t| !t.expose().is_empty());
     // Fail closed: beyond loopback, whoever reaches the admin port could purge the cache or
     // have it filled from the prime sources; /purge and /prime then require the token.
     if admin_token.is_none() && !admin_listen.ip().is_loopback() {
@@ -1135,7 +1182,7 @@ mod tests {
         assert!(!c.access_log);
         assert_eq!(c.max_connections, 12);
         assert_eq!(c.grace_period, Duration::from_secs(3));
-        assert_eq!(c.admin_token.as_deref(), Some("a#b: c"));
+        assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("a#b: c"));
         assert_eq!(c.min_free, MinFree::Percent(10.0));
     }
 
@@ -1177,7 +1224,7 @@ mod tests {
         ]))
         .load()
         .unwrap();
-        assert_eq!(c.admin_token.as_deref(), Some("t"));
+        assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("t"));
         let empty = Loader::new(env(&[
             ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:9090"),
             ("SIDECACHE_ADMIN_TOKEN", ""),

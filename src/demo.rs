@@ -135,8 +135,7 @@ fn answer(assets: &[Asset], served: &AtomicU64, req: Request<Incoming>) -> Respo
 /// `sidecache demo`: this sample origin on a free loopback port with a sidecar in front of it,
 /// until SIGTERM or SIGINT.
 pub async fn run(mut config: crate::config::Config) -> anyhow::Result<u8> {
-    let mut signals =
-        crate::supervise::Termination::install().context("failed to install the SIGTERM and SIGINT handlers")?;
+    let mut signals = crate::supervise::Termination::install().context("failed to install the signal handlers")?;
     let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let origin_addr = origin.local_addr()?;
     config.upstream = crate::config::Upstream::parse(&format!("http://{origin_addr}")).map_err(anyhow::Error::msg)?;

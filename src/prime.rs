@@ -262,7 +262,7 @@ pub struct Options {
     /// The sidecar's admin address.
     pub target: String,
     /// Admin bearer token.
-    pub token: Option<String>,
+    pub token: Option<crate::config::Secret>,
     /// The public Host the app is reached by (part of the cache key).
     pub host: Option<String>,
     /// Fill from this base URL instead of the app.
@@ -431,7 +431,7 @@ async fn submit(
     let mut req = client
         .post(format!("{}/prime?{query}", opts.target.trim_end_matches('/')))
         .body(urls.join("\n"));
-    if let Some(token) = opts.token.as_deref().filter(|t| !t.is_empty()) {
+    if let Some(token) = opts.token.as_ref().map(|t| t.expose()).filter(|t| !t.is_empty()) {
         req = req.bearer_auth(token);
     }
     let resp = req.send().await.context("failed to reach the sidecar's admin port")?;

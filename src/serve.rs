@@ -1,7 +1,8 @@
 //! The `serve` subcommand, from a validated configuration to an exit status: start and supervise
 //! the app (`serve -- <command>`), start the sidecar, bind the public port once the app is
-//! ready, prime in the background (`--prime FILE`), and shut down on SIGTERM/SIGINT or when the
-//! app exits (its status becomes ours). `main` only parses the command line and calls [`run`].
+//! ready, prime in the background (`--prime FILE`), and shut down on SIGTERM/SIGINT/SIGQUIT
+//! (stop accepting, drain, then stop the app, killing it after `grace_period`) or when the app
+//! exits (its status becomes ours). `main` only parses the command line and calls [`run`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use crate::prime::warm::{Job, warm_all};
 use crate::prime::{self, Input};
 use crate::proxy::Proxy;
 use crate::sidecar::Sidecar;
-use crate::supervise::{self, App, Termination};
+use crate::supervise::{self, App, Reaper, Termination};
 
 /// `serve --prime FILE --prime-host HOST`: what to warm once serving has begun.
 #[derive(Debug, Clone)]
@@ -37,7 +38,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
         Err(e) => warn!(error = %e, "could not raise the descriptor limit"),
     }
     // First: a signal that arrives from here on is held until it is received below.
-    let mut signals = Termination::install().context("failed to install the SIGTERM and SIGINT handlers")?;
+    let mut signals = Termination::install().context("failed to install the signal handlers")?;
     let mut app = None;
     if !app_command.is_empty() {
         // With no explicit upstream port for the app, give it a free loopback port.
@@ -46,7 +47,15 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
             config.upstream =
                 crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).map_err(anyhow::Error::msg)?;
         }
-        app = Some(App::spawn(&app_command, config.upstream.port(), &signals)?);
+        // Before the app exists: every child it leaves behind is reaped (see `Reaper`).
+        let reaper = Reaper::start().context("failed to install the SIGCHLD handler")?;
+        app = Some(App::spawn(
+            &app_command,
+            config.upstream.port(),
+            &config.secret_variables(),
+            &reaper,
+            &signals,
+        )?);
     }
 
     let app_start_timeout = config.app_start_timeout;
@@ -56,6 +65,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
         .await
         .context("failed to start the admin listener")?;
 
+    let grace = sidecar.proxy.config().grace_period;
     if let Some(app) = app.as_mut() {
         tokio::select! {
             ready = app.wait_ready(&upstream_host, upstream_port, app_start_timeout) => {
@@ -68,9 +78,9 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
                 }
                 info!(port = upstream_port, "app ready");
             }
-            sig = signals.recv() => {
-                app.signal(sig);
-                let status = app.wait().await?;
+            stop = signals.recv() => {
+                info!(signal = stop.as_str(), "shutting down");
+                let status = app.stop(stop.forwarded(), grace).await?;
                 return Ok(supervise::exit_code(status) as u8);
             }
         }
@@ -87,13 +97,14 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     tokio::pin!(serving);
 
     let mut app_status = None;
+    let mut stop_signal = libc::SIGTERM;
     tokio::select! {
         _ = &mut serving => {}
-        sig = signals.recv() => {
-            info!(signal = sig, "shutting down");
-            if let Some(app) = app.as_ref() {
-                app.signal(sig);
-            }
+        stop = signals.recv() => {
+            info!(signal = stop.as_str(), "shutting down");
+            stop_signal = stop.forwarded();
+            // The app keeps running while the requests in flight finish: it is stopped below,
+            // once the drain is over (a request still in the app must not get a 502).
             sidecar.shutdown.cancel();
             let drained = serving.await;
             if !drained {
@@ -112,7 +123,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     if let Some(mut app) = app {
         let status = match app_status {
             Some(status) => status,
-            None => app.wait().await?,
+            None => app.stop(stop_signal, grace).await?,
         };
         info!(status = %status, "app exited");
         return Ok(supervise::exit_code(status).clamp(0, 255) as u8);

@@ -94,6 +94,17 @@ pub const BREAKER_THRESHOLD: u32 = 5;
 /// format's version (a new format moves both).
 const LAYOUT: &str = store::OBJECTS;
 
+/// The environment variables holding the credentials the shared tier signs with (read by
+/// [`SharedTier::open`] among the `AWS_*` ones): sidecache's own while the tier is on, so a
+/// supervised app does not inherit them.
+pub const CREDENTIAL_VARIABLES: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_TOKEN",
+    "AWS_SSE_CUSTOMER_KEY_BASE64",
+];
+
 /// The shared tier's settings (`shared_tier*` keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedTierConfig {

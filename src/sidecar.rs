@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Readiness};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::proxy::Proxy;
@@ -22,6 +22,7 @@ pub struct Sidecar {
     /// The request path's shared state.
     pub proxy: Arc<Proxy>,
     admin_addr: SocketAddr,
+    readiness: Arc<Readiness>,
     /// Cancelled to stop the sidecar: stop accepting, drain, return.
     pub shutdown: CancellationToken,
 }
@@ -61,15 +62,18 @@ impl Sidecar {
             tokio::spawn(tier.run_uploads(cache.clone(), shutdown.clone()));
         }
         tokio::spawn(crate::cache::evict::run(cache, shutdown.clone()));
+        let readiness = Arc::new(Readiness::new(shutdown.clone()));
         let admin = Arc::new(Admin {
             proxy: proxy.clone(),
             metrics,
+            readiness: readiness.clone(),
         });
         tokio::spawn(admin.run(admin_listener, shutdown.clone().cancelled_owned()));
         info!(addr = %admin_addr, "admin listening");
         Ok(Sidecar {
             proxy,
             admin_addr,
+            readiness,
             shutdown,
         })
     }
@@ -79,7 +83,7 @@ impl Sidecar {
         self.admin_addr
     }
 
-    /// Binds the public port.
+    /// Binds the public port; `/readyz` can say ready from then on.
     pub async fn bind_public(&self) -> std::io::Result<TcpListener> {
         let listener = if self.proxy.config().workers > 1 {
             reuseport_listener(self.proxy.config().listen)?
@@ -87,6 +91,7 @@ impl Sidecar {
             TcpListener::bind(self.proxy.config().listen).await?
         };
         info!(addr = %listener.local_addr()?, upstream = %self.proxy.upstream().addr(), "proxy listening");
+        self.readiness.bound();
         Ok(listener)
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::config::{Loader, RawConfig};
+use crate::config::{Loader, RawConfig, Secret};
 
 /// How `prime` and `purge` reach this instance's sidecar: its admin address and token, from
 /// the flags, else from the configuration the sidecar reads (file, `SIDECACHE_*`).
@@ -14,7 +14,7 @@ pub struct AdminAccess {
     /// The admin port's base URL, e.g. `http://127.0.0.1:9090`.
     pub target: String,
     /// The bearer token, if any.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 impl AdminAccess {
@@ -44,7 +44,9 @@ impl AdminAccess {
             }
             format!("http://{addr}")
         });
-        let token = token.or_else(|| loaded.and_then(|c| c.admin_token));
+        let token = token
+            .map(|t| Secret::from(t.as_str()))
+            .or_else(|| loaded.and_then(|c| c.admin_token));
         AdminAccess { target, token }
     }
 }
@@ -57,7 +59,7 @@ impl AdminAccess {
         let url = format!("{}{path}", self.target.trim_end_matches('/'));
         // Marks the request as the operator's, not a URL fetch forged through the app.
         let mut req = client.request(method, &url).header(super::ADMIN_HEADER, "1");
-        if let Some(token) = self.token.as_deref().filter(|t| !t.is_empty()) {
+        if let Some(token) = self.token.as_ref().map(Secret::expose).filter(|t| !t.is_empty()) {
             req = req.bearer_auth(token);
         }
         let resp = req

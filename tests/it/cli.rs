@@ -44,6 +44,30 @@ fn precedence_is_flag_then_env_then_file_then_default() {
     assert!(out.contains("0.0.0.0:5123"), "PORT sets the public listener: {out}");
 }
 
+/// `check-config` prints the configuration, never the admin token in it.
+#[test]
+fn check_config_never_prints_the_admin_token() {
+    let token = "tok-4f9a2c-do-not-print";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sidecache.yaml");
+    std::fs::write(&file, format!("admin_token: {token}-from-file\n")).unwrap();
+    for (args, env) in [
+        (vec![], vec![("SIDECACHE_ADMIN_TOKEN", token)]),
+        (vec!["--config", file.to_str().unwrap()], vec![]),
+    ] {
+        let (code, out, err) = check_config(&args, &env);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("configuration is valid") && out.contains("admin_token"),
+            "{out}"
+        );
+        assert!(
+            !out.contains(token) && !err.contains(token),
+            "the token was printed: {out}{err}"
+        );
+    }
+}
+
 #[test]
 fn unknown_key_is_refused_with_status_64_before_binding() {
     let dir = tempfile::tempdir().unwrap();
@@ -101,8 +125,8 @@ fn config_example_is_valid_and_documents_every_key() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_an_in_flight_request_then_exits_0() {
+/// `signal` stops accepting, lets an in-flight request finish, then exits 0.
+async fn drains_an_in_flight_request_then_exits_0(signal: i32) {
     let origin = Origin::start().await;
     origin.route(
         "/slow",
@@ -121,7 +145,7 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
     let in_flight = tokio::spawn(async move { client().get(format!("http://{addr}/slow")).send().await });
     origin.wait_hits("/slow", 1).await;
 
-    bin.signal(libc::SIGTERM);
+    bin.signal(signal);
     bin.wait_line("draining connections");
     // No new connections once draining.
     assert!(
@@ -129,11 +153,46 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
             .await
             .is_err())
         .await,
-        "still accepting after SIGTERM"
+        "still accepting after the signal"
     );
     let resp = in_flight.await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "finished");
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_in_flight_request_then_exits_0() {
+    drains_an_in_flight_request_then_exits_0(libc::SIGTERM).await;
+}
+
+/// SIGQUIT is a graceful stop too, not an exit without a drain (its default action).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_drains_an_in_flight_request_then_exits_0() {
+    drains_an_in_flight_request_then_exits_0(libc::SIGQUIT).await;
+}
+
+/// SIGHUP, SIGUSR1 and SIGUSR2 are logged and change nothing: sidecache keeps serving (their
+/// default action would end it at once, without a drain), and SIGTERM then stops it with 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_sigusr_are_logged_and_do_not_stop_sidecache() {
+    let origin = Origin::start().await;
+    origin.fixed("/a.js", &[("cache-control", "max-age=60")], "a");
+    let cache = tempfile::tempdir().unwrap();
+    let mut bin = Binary::serve(&origin.url(), cache.path(), &[], &[("SIDECACHE_ACCESS_LOG", "false")]);
+    let addr = bin.public_addr();
+    bin.signal(libc::SIGHUP);
+    tokio::task::block_in_place(|| bin.wait_line("reload is not supported yet"));
+    bin.signal(libc::SIGUSR1);
+    tokio::task::block_in_place(|| bin.wait_line("signal=\"SIGUSR1\""));
+    bin.signal(libc::SIGUSR2);
+    tokio::task::block_in_place(|| bin.wait_line("signal=\"SIGUSR2\""));
+    assert!(bin.child.try_wait().unwrap().is_none(), "sidecache exited");
+    let resp = client().get(format!("http://{addr}/a.js")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "still serving");
+    assert_eq!(resp.text().await.unwrap(), "a");
+    bin.signal(libc::SIGTERM);
     let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
     assert_eq!(status.code(), Some(0));
 }

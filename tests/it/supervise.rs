@@ -26,18 +26,24 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 "#;
 
 fn spawn_supervised(dir: &std::path::Path, app: &[&str]) -> Binary {
+    spawn_supervised_with(dir, "127.0.0.1:0", &[], app)
+}
+
+/// `sidecache serve --listen LISTEN [extra] -- APP` (the stand-in app when `app` is empty).
+fn spawn_supervised_with(dir: &std::path::Path, listen: &str, extra: &[&str], app: &[&str]) -> Binary {
     let script = dir.join("app.py");
     std::fs::write(&script, APP).unwrap();
     let cache = dir.join("cache");
     let mut args = vec![
         "serve",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--admin-listen",
         "127.0.0.1:0",
         "--cache-dir",
     ];
     args.push(cache.to_str().unwrap());
+    args.extend_from_slice(extra);
     args.push("--");
     let script = script.to_str().unwrap().to_owned();
     let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -232,6 +238,190 @@ async fn the_app_gets_its_arguments_unchanged() {
     assert_eq!(std::fs::read_to_string(&seen).unwrap(), "a b||$HOME|--|-x|");
 }
 
+/// Before serving, the stand-in app double-forks five grandchildren, as daemonising code and
+/// background commands do: each one's parent exits at once, the grandchild waits until it has
+/// been re-parented, writes `<pid> <new parent>` to the file named by argv[1], and exits.
+const DOUBLE_FORK: &str = r#"
+import os, sys, time
+out = open(sys.argv[1], "w")
+for _ in range(5):
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        me = os.getpid()
+        if os.fork() == 0:
+            deadline = time.time() + 10
+            while os.getppid() == me and time.time() < deadline:
+                time.sleep(0.005)
+            os.write(w, f"{os.getpid()} {os.getppid()}\n".encode())
+            os._exit(0)
+        os._exit(0)
+    os.close(w)
+    os.waitpid(child, 0)
+    out.write(os.read(r, 100).decode())
+    os.close(r)
+out.close()
+"#;
+
+/// The processes whose parent is `parent` and that are zombies (exited, not reaped), from
+/// /proc (`/proc/<pid>/task/*/children` is not in every kernel).
+fn zombie_children(parent: u32) -> Vec<u32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
+        if state == Some("Z") && ppid == Some(parent) {
+            zombies.push(pid);
+        }
+    }
+    zombies
+}
+
+/// As PID 1 in a container, sidecache inherits every process its app orphans: it must reap
+/// them (a zombie holds its pid for ever), and still report the app's own exit status. It is a
+/// child subreaper, so the orphans come to it here as they would to PID 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_of_the_app_are_adopted_and_reaped_and_the_app_status_is_still_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("orphaning_app.py");
+    std::fs::write(&script, format!("{DOUBLE_FORK}{APP}")).unwrap();
+    let adopted = dir.path().join("adopted");
+    let mut bin = spawn_supervised(
+        dir.path(),
+        &["python3", script.to_str().unwrap(), adopted.to_str().unwrap()],
+    );
+    let sidecache = bin.child.id();
+    let addr = bin.public_addr();
+    // The app serves once its grandchildren reported: all five were re-parented to sidecache.
+    let lines = std::fs::read_to_string(&adopted).unwrap();
+    let orphans: Vec<(u32, u32)> = lines
+        .lines()
+        .map(|l| {
+            let (pid, ppid) = l.split_once(' ').unwrap();
+            (pid.parse().unwrap(), ppid.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(orphans.len(), 5, "{lines}");
+    for (pid, parent) in &orphans {
+        assert_eq!(*parent, sidecache, "orphan {pid} went to {parent}, not to sidecache");
+    }
+    let reaped = crate::support::eventually(Duration::from_secs(10), async || {
+        zombie_children(sidecache).is_empty()
+            && orphans
+                .iter()
+                .all(|(pid, _)| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    })
+    .await;
+    assert!(reaped, "zombies left under sidecache: {:?}", zombie_children(sidecache));
+
+    let resp = client().get(format!("http://{addr}/exit/7")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(7), "the app's exit status is still sidecache's");
+}
+
+/// An app that ignores SIGTERM is not waited for for ever: SIGKILL follows after the grace
+/// period, and sidecache exits with the app's status (killed: 137).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("stubborn_app.py");
+    let stubborn = APP.replace(
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))",
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+    );
+    assert_ne!(stubborn, APP);
+    std::fs::write(&script, stubborn).unwrap();
+    let mut bin = spawn_supervised_with(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--grace-period", "1s"],
+        &["python3", script.to_str().unwrap()],
+    );
+    let _ = bin.public_addr();
+    bin.signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status:?}");
+    let line = bin.wait_line("killing it");
+    assert!(line.contains("grace period"), "{line}");
+}
+
+/// On SIGTERM the app is stopped only once sidecache has drained: a request in the app when
+/// the signal comes gets the app's answer, not a 502 because the app was stopped under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_sigterm_gets_the_app_answer_before_the_app_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("slow_app.py");
+    let started = dir.path().join("slow-started");
+    let slow = APP.replace(
+        "    def do_GET(self):\n",
+        "    def do_GET(self):\n        if self.path == '/slow':\n            open(sys.argv[1], 'w').close()\n            time.sleep(1.5)\n",
+    );
+    assert_ne!(slow, APP);
+    std::fs::write(&script, slow).unwrap();
+    let mut bin = spawn_supervised(
+        dir.path(),
+        &["python3", script.to_str().unwrap(), started.to_str().unwrap()],
+    );
+    let addr = bin.public_addr();
+    let in_flight = tokio::spawn(async move { client().get(format!("http://{addr}/slow")).send().await });
+    assert!(
+        crate::support::eventually(Duration::from_secs(10), async || started.exists()).await,
+        "the request never reached the app"
+    );
+    bin.signal(libc::SIGTERM);
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the app was stopped under a request in flight");
+    assert!(resp.text().await.unwrap().starts_with("app on "));
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(status.code(), Some(42), "then the app got SIGTERM");
+}
+
+/// `/readyz` says ready only once the public port accepts: a client sent there the moment it
+/// says 200 gets in (in supervision mode the app is up before the public port is bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_ready_only_once_the_public_port_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port of our own choosing, so the test can try it before sidecache logs it.
+    let public = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut bin = spawn_supervised_with(dir.path(), &public.to_string(), &[], &[]);
+    let admin = bin.admin_addr();
+    let http = client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut not_ready = 0;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        let status = match http.get(format!("http://{admin}/readyz")).send().await {
+            Ok(resp) => resp.status(),
+            Err(_) => continue,
+        };
+        if status == 200 {
+            break;
+        }
+        not_ready += 1;
+    }
+    let connected = tokio::net::TcpStream::connect(public).await;
+    assert!(
+        connected.is_ok(),
+        "/readyz said 200 but the public port refused: {connected:?}"
+    );
+    assert!(not_ready > 0, "/readyz was polled before the app was up");
+    bin.signal(libc::SIGTERM);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+}
+
 /// Whether `pid` is a live process (a zombie waiting for its new parent to reap it has ended).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -269,4 +459,78 @@ async fn a_descriptor_limit_too_low_for_the_open_tier_is_reported_and_max_connec
     let line = bin.wait_line("open tier sized");
     assert!(line.contains("open_files=2744"), "{line}");
     assert!(!bin.seen.iter().any(|l| l.contains("open tier off")));
+}
+
+/// The environment a supervised app sees, written by the app (`env -0`) before it exits 6:
+/// `sidecache serve [extra] -- sh -c 'env -0 > FILE; exit 6'` with `env` added to ours.
+fn app_environment(dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Vec<(String, String)> {
+    let seen = dir.join("environ");
+    let app = format!("env -0 > {}; exit 6", seen.display());
+    let cache = dir.join("cache");
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--", "sh", "-c", &app]);
+    let mut bin = Binary::spawn(&args, env);
+    let status = bin.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(6), "the app ran and its status is ours");
+    std::fs::read_to_string(&seen)
+        .unwrap()
+        .split('\0')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// sidecache's secrets stay sidecache's: the app does not inherit the admin token, nor the
+/// shared tier's credentials while the tier is on; everything else reaches it.
+#[test]
+fn the_app_does_not_inherit_sidecache_secrets() {
+    let secrets = [
+        ("SIDECACHE_ADMIN_TOKEN", "admin-secret-1"),
+        ("AWS_ACCESS_KEY_ID", "key-id-secret-2"),
+        ("AWS_SECRET_ACCESS_KEY", "secret-key-3"),
+        ("AWS_SESSION_TOKEN", "session-secret-4"),
+    ];
+    let ordinary = [("MY_APP_SETTING", "kept"), ("AWS_REGION", "eu-west-1")];
+    let env: Vec<(&str, &str)> = [("SIDECACHE_ACCESS_LOG", "false")]
+        .iter()
+        .chain(&secrets)
+        .chain(&ordinary)
+        .copied()
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = app_environment(dir.path(), &["--shared-tier", "s3://sc-test-bucket/app"], &env);
+    let value = |name: &str| seen.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    for (name, secret) in secrets {
+        assert_eq!(value(name), None, "{name} reached the app");
+        assert!(
+            seen.iter().all(|(_, v)| !v.contains(secret)),
+            "{name}'s value reached the app"
+        );
+    }
+    for (name, v) in ordinary {
+        assert_eq!(value(name), Some(v), "{name} must reach the app");
+    }
+    assert!(value("PATH").is_some_and(|p| !p.is_empty()), "PATH must reach the app");
+    assert!(value("PORT").is_some_and(|p| p.parse::<u16>().is_ok()), "PORT is set");
+
+    // Without a shared tier sidecache does not use the AWS credentials: they are the app's.
+    let dir = tempfile::tempdir().unwrap();
+    let seen = app_environment(dir.path(), &[], &env);
+    let value = |name: &str| seen.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    assert_eq!(
+        value("SIDECACHE_ADMIN_TOKEN"),
+        None,
+        "the admin token never reaches the app"
+    );
+    assert_eq!(value("AWS_SECRET_ACCESS_KEY"), Some("secret-key-3"));
+    assert_eq!(value("AWS_ACCESS_KEY_ID"), Some("key-id-secret-2"));
 }
