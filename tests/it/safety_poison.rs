@@ -10,24 +10,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::origin::owned;
-use crate::support::{Behaviour, Origin, TestSidecar, app_client, client, eventually};
+use crate::support::{Behaviour, Origin, TestSidecar, app_client, client, eventually, raw_until_close};
 
-/// Sends raw bytes and reads until the server closes (bounded).
-async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("no close within 10 s; read so far:\n{}", String::from_utf8_lossy(&out)),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 fn cache_status(resp: &reqwest::Response) -> String {
     resp.headers()
@@ -65,7 +49,7 @@ async fn a_vary_field_named_in_connection_cannot_poison_the_variant_of_its_value
     );
     let sc = TestSidecar::start(&origin.url()).await;
     for (field, value) in [("origin", "https://shop.example"), ("x-variant", "b")] {
-        let attack = raw(
+        let attack = raw_until_close(
             sc.addr,
             format!(
                 "GET /cors HTTP/1.1\r\nHost: app.example\r\n{field}: {value}\r\nConnection: close, {field}\r\n\r\n"
@@ -192,7 +176,7 @@ async fn a_get_body_the_app_does_not_read_never_answers_another_request() {
              GET /assets/key-{i}.js HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
             smuggled.len()
         );
-        let answers = raw(sc.addr, attack.as_bytes()).await;
+        let answers = raw_until_close(sc.addr, attack.as_bytes()).await;
         assert!(
             !answers.contains("served /assets/evil.js"),
             "the smuggled request's answer reached the attacker's connection:\n{answers}"

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::origin::owned;
-use crate::support::{Behaviour, Binary, Origin, TestSidecar, app_client, eventually, metric, scrape};
+use crate::support::{Behaviour, Binary, Origin, TestSidecar, app_client, eventually, metric, raw_until_close, scrape};
 
 /// A cacheable route that reflects the request.
 fn reflect(origin: &Origin, path: &str) {
@@ -20,23 +20,6 @@ fn reflect(origin: &Origin, path: &str) {
     );
 }
 
-/// Sends raw bytes and reads the answer until the server closes (bounded): the caller's
-/// request says `Connection: close`, or is HTTP/1.0.
-async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("no close within 10 s; read so far:\n{}", String::from_utf8_lossy(&out)),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 fn cache_status(resp: &reqwest::Response) -> String {
     resp.headers()
@@ -89,7 +72,7 @@ async fn a_get_with_a_body_is_neither_answered_from_nor_stored_in_the_cache() {
         "the app got the body"
     );
     // Attacker, chunked.
-    let chunked = raw(
+    let chunked = raw_until_close(
         sc.addr,
         b"GET /search HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\nd\r\nPOISON-CHUNKS\r\n0\r\n\r\n",
     )
@@ -324,7 +307,7 @@ async fn spoofed_forwarded_headers_never_reach_the_app_when_the_request_names_no
     let spoof = "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n";
 
     // HTTP/1.0 without Host.
-    let answer = raw(sc.addr, format!("GET /h10 HTTP/1.0\r\n{spoof}\r\n").as_bytes()).await;
+    let answer = raw_until_close(sc.addr, format!("GET /h10 HTTP/1.0\r\n{spoof}\r\n").as_bytes()).await;
     assert!(
         answer.starts_with("HTTP/1.") && answer[8..].starts_with(" 200"),
         "{answer}"
@@ -510,7 +493,7 @@ async fn a_malformed_chunked_body_is_the_clients_400_not_an_upstream_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut bin = Binary::serve(&origin.url(), &dir.path().join("cache"), &[], &[]);
     let (public, admin) = (bin.public_addr(), bin.admin_addr());
-    let answer = raw(
+    let answer = raw_until_close(
         public,
         b"POST /upload HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz-not-a-size\r\n\r\n",
     )

@@ -263,6 +263,25 @@ pub async fn wait_ready(admin: SocketAddr) {
     assert!(ready, "sidecar never became ready");
 }
 
+/// Sends raw bytes to `addr` and reads the answer until the server closes (bounded: 10 s): the
+/// caller's last request says `Connection: close`, or is HTTP/1.0.
+pub async fn raw_until_close(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no close within 10 s; read so far:\n{}", String::from_utf8_lossy(&out)),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Retries `f` until it returns true, at most `limit` (readiness, not synchronisation by sleep).
 pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
