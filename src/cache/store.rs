@@ -648,8 +648,12 @@ impl Store {
         PathBuf::from(path)
     }
 
-    /// Writes a whole variant file (`parts`: the coded body, then its record's encoding) under
-    /// its final name, as [`Store::write_object`] does an object; its modification time (ns).
+    /// Writes a whole variant file (`parts`: the coded body, then its record's encoding) aside
+    /// and links it into place whole; its modification time (ns). Variants are written by the
+    /// compressing threads, which a process exit (a graceful stop included) can end in the
+    /// middle of a write: written under its final name, such a file was torn and counted as a
+    /// corrupt object at the next start. Aside (an unnamed file, or one under `tmp/`), an
+    /// interrupted write leaves nothing under an object's name.
     pub fn write_variant(
         &self,
         key: &KeyHash,
@@ -657,7 +661,18 @@ impl Store {
         coding: Coding,
         parts: &[&[u8]],
     ) -> Result<u64, StoreError> {
-        self.write_new(self.variant_path(key, generation, coding), parts)
+        let tmp = self.create_tmp(generation, coding.ext(), false)?;
+        let written = crate::cache::fileio::write_all_at(&tmp.file, parts, 0)
+            .at("write", &tmp.describe())
+            .and_then(|()| self.place(&tmp, &self.variant_path(key, generation, coding)))
+            .and_then(|()| tmp.file.metadata().at("stat", &tmp.describe()));
+        match written {
+            Ok(md) => Ok(crate::cache::fileio::mtime_ns(&md)),
+            Err(e) => {
+                tmp.discard();
+                Err(e)
+            }
+        }
     }
 
     /// Removes a variant file; one already gone is not an error.
