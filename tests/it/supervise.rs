@@ -391,11 +391,9 @@ async fn a_request_in_flight_at_sigterm_gets_the_app_answer_before_the_app_is_st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_ready_only_once_the_public_port_accepts() {
     let dir = tempfile::tempdir().unwrap();
-    // A port of our own choosing, so the test can try it before sidecache logs it.
-    let public = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port of our own choosing, so the test can try it before sidecache logs it: outside
+    // the ephemeral range, or another test's bind to port 0 may take it meanwhile (it did).
+    let public = crate::support::port_outside_ephemeral_range();
     let mut bin = spawn_supervised_with(dir.path(), &public.to_string(), &[], &[]);
     let admin = bin.admin_addr();
     let http = client();

@@ -263,6 +263,28 @@ pub async fn wait_ready(admin: SocketAddr) {
     assert!(ready, "sidecar never became ready");
 }
 
+/// A free loopback address whose port lies below the kernel's ephemeral range
+/// (`ip_local_port_range`), for a test that must know a port before the process that binds it
+/// starts: no other test's `bind(127.0.0.1:0)` can be handed it in between (the kernel hands
+/// out only ports from that range), as it could a port found by binding to 0 and letting go.
+pub fn port_outside_ephemeral_range() -> SocketAddr {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    // Start somewhere that differs between concurrent tests and runs, then walk on.
+    let span = low.saturating_sub(1024).max(1) as u64;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let start = (u64::from(std::process::id()) << 20 ^ nanos) % span;
+    (0..span)
+        .map(|i| 1024 + ((start + i) % span) as u16)
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .find(|addr| std::net::TcpListener::bind(addr).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 /// Sends raw bytes to `addr` and reads the answer until the server closes (bounded: 10 s): the
 /// caller's last request says `Connection: close`, or is HTTP/1.0.
 pub async fn raw_until_close(addr: SocketAddr, bytes: &[u8]) -> String {
