@@ -12,7 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::support::origin::owned;
 use crate::support::{Behaviour, Origin, TestSidecar, app_client, client, eventually, raw_until_close};
 
-
 fn cache_status(resp: &reqwest::Response) -> String {
     resp.headers()
         .get("cache-status")

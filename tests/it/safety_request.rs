@@ -5,8 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::support::origin::owned;
 use crate::support::{Behaviour, Binary, Origin, TestSidecar, app_client, eventually, metric, raw_until_close, scrape};
 
@@ -19,7 +17,6 @@ fn reflect(origin: &Origin, path: &str) {
         },
     );
 }
-
 
 fn cache_status(resp: &reqwest::Response) -> String {
     resp.headers()
