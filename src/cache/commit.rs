@@ -277,7 +277,11 @@ impl Cache {
             return false;
         };
         let entry = entry_of(&meta, version, tail_len, true, mtime);
-        self.install(hash, meta, entry, reserved).await;
+        // Refused at the last step (its tags, or a purge made while it was in flight): counted
+        // as aborted there, not as completed too.
+        if !self.install(hash, meta, entry, reserved).await {
+            return false;
+        }
         metrics::counter!(m::FILLS_COMPLETED).increment(1);
         true
     }
@@ -337,8 +341,9 @@ impl Cache {
     /// Its tags are indexed with it. Tags that cannot all be indexed (the request path
     /// checks them before it stores, so only a head changed on the way, or a configuration
     /// lowered, gets here) leave it unstored: indexed and taken out again in the same step,
-    /// through the one removal path, so nothing is counted twice or left on the disk.
-    async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: u64) {
+    /// through the one removal path, so nothing is counted twice or left on the disk. So does
+    /// a purge made while its fill was in flight (see `fence`). Returns whether it is stored.
+    async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: u64) -> bool {
         let version = entry.generation;
         let tags = self.config.tags.parse(&meta.headers);
         let url_hash = meta.key.hash();
@@ -383,7 +388,7 @@ impl Cache {
             }
             self.tiers.forget(&hash);
             self.unlink(removed.into_iter().chain([refused]).collect()).await;
-            return;
+            return false;
         }
         if marked {
             self.save_marks().await;
@@ -400,6 +405,7 @@ impl Cache {
         if let Some(r) = removed {
             self.unlink(vec![r]).await;
         }
+        true
     }
 
     /// Fills `meta.key` from a body of unknown length that is streamed to one client, which
