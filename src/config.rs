@@ -221,6 +221,10 @@ config_keys! {
     high_watermark: f64 = "0.95",
     /// Eviction stops below this share of `max_size`.
     low_watermark: f64 = "0.9",
+    /// Once the cache is full (past `low_watermark`), a new object is stored only if it is
+    /// asked for at least as often as the object it would displace (TinyLFU's admission, as
+    /// nginx's `proxy_cache_min_uses` but relative); false stores every cacheable miss.
+    admission: bool = "true",
     /// How often the eviction loop checks usage when not woken.
     evict_interval: HumanDuration = "10s",
     /// How long a request waits on another request's fill before going to the app itself.
@@ -452,6 +456,8 @@ pub struct Config {
     pub high_watermark: f64,
     /// Eviction low watermark (share of `max_size`).
     pub low_watermark: f64,
+    /// A full cache admits new objects by how often they are asked for.
+    pub admission: bool,
     /// Eviction timer.
     pub evict_interval: Duration,
     /// Bound on waiting for another request's fill.
@@ -893,6 +899,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         open_files: raw.open_files,
         high_watermark,
         low_watermark,
+        admission: raw.admission,
         evict_interval: nonzero("evict_interval", raw.evict_interval)?,
         coalesce_timeout: nonzero("coalesce_timeout", raw.coalesce_timeout)?,
         grace_period: raw.grace_period.0,

@@ -50,6 +50,9 @@ pub const FILLS_STARTED: &str = "sidecache_fills_started_total";
 pub const FILLS_COMPLETED: &str = "sidecache_fills_completed_total";
 /// Fills abandoned, by `reason`.
 pub const FILLS_ABORTED: &str = "sidecache_fills_aborted_total";
+/// Misses not stored because the cache was full and what they would displace is asked for
+/// more often (admission).
+pub const FILLS_DECLINED: &str = "sidecache_fills_declined_total";
 /// Storage errors, by `kind`.
 pub const STORAGE_ERRORS: &str = "sidecache_storage_errors_total";
 /// Requests that waited on another request's fill.
@@ -207,6 +210,10 @@ fn describe() {
     describe_counter!(FILLS_STARTED, "Cache fills started.");
     describe_counter!(FILLS_COMPLETED, "Cache fills committed.");
     describe_counter!(FILLS_ABORTED, "Cache fills abandoned, by reason.");
+    describe_counter!(
+        FILLS_DECLINED,
+        "Misses not stored: the cache was full and the object next in line for eviction is asked for more often."
+    );
     describe_counter!(STORAGE_ERRORS, "Storage errors, by kind.");
     describe_counter!(COALESCED_WAITS, "Requests that waited on another request's fill.");
     describe_counter!(PURGED_OBJECTS, "Objects removed by purge.");

@@ -1,5 +1,7 @@
-//! Admission to the hot tier: an object enters memory on its second disk hit within a window,
-//! not its first (the "doorkeeper" of TinyLFU).
+//! Admission: to the hot tier, an object enters memory on its second disk hit within a window,
+//! not its first (the "doorkeeper" of TinyLFU, [`Doorkeeper`]); to the disk, once the cache is
+//! full, a fill is stored only if its key is asked for at least as often as the object it
+//! would displace (TinyLFU's admission, [`Frequency`]).
 //!
 //! Without it, every disk hit inserted into the hot tier, so a working set larger than memory
 //! (the usual case: memory holds megabytes, the disk gigabytes) turned each hit into an insert
@@ -52,6 +54,122 @@ impl Doorkeeper {
     }
 }
 
+/// Counters per word of the sketch (4 bits each).
+const PER_WORD: u64 = 16;
+/// A counter's largest value.
+const MAX_COUNT: u64 = 15;
+/// Counters per key (one per row of the count-min sketch).
+const ROWS: usize = 4;
+/// The smallest sketch, in words.
+const MIN_WORDS: u64 = 4096;
+
+/// How often each key was asked for recently: a count-min sketch of 4-bit counters (as
+/// Caffeine's `FrequencySketch`), halved every ten requests per object the cache can hold, so
+/// that what was popular long ago fades. About a word per object held: 1 MiB for the default
+/// object bound. Lock-free: a request counts its key with a few atomic adds, concurrent ones
+/// may lose a count (an estimate off by one is as good).
+///
+/// What it decides, by the index's eviction order (`budget::Budget::reserve_room`): a fill
+/// that finds the cache full (its usage past the low watermark) is stored only if its key's
+/// estimate is not below that of the object next in line for eviction. One-off keys (a crawl,
+/// cache-busting query strings) then stop displacing objects asked for again, and a fill
+/// declined is never written. It never refuses while the budget has room, and never decides
+/// what may be stored: `policy` does, before any of this.
+///
+/// The counters are indexed by the key's hash mixed with a seed drawn per process, so the
+/// keys whose counters collide cannot be worked out from the URLs alone.
+pub struct Frequency {
+    table: Box<[AtomicU64]>,
+    /// Index mask over the counters (`table.len() * PER_WORD - 1`).
+    mask: u64,
+    seeds: [u64; ROWS],
+    /// Counts since the last halving.
+    added: AtomicU64,
+    /// Counts between halvings.
+    sample: u64,
+}
+
+impl Frequency {
+    /// A sketch for a cache of up to `objects` objects.
+    pub fn new(objects: u64) -> Frequency {
+        // At least 4,096 words (32 KiB): a small cache's keys rarely share all four counters,
+        // so two keys asked for as often compare as equal (and a tie is admitted).
+        let words = objects.clamp(MIN_WORDS, 1 << 24).next_power_of_two();
+        let mut seeds = [0u64; ROWS];
+        for (i, s) in seeds.iter_mut().enumerate() {
+            let mut bytes = [0u8; 8];
+            // A per-process seed; a fixed one if the kernel will not give randomness.
+            if getrandom(&mut bytes).is_err() {
+                bytes = (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)).to_le_bytes();
+            }
+            *s = u64::from_le_bytes(bytes) | 1;
+        }
+        Frequency {
+            table: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            mask: words * PER_WORD - 1,
+            seeds,
+            added: AtomicU64::new(0),
+            sample: words.saturating_mul(10),
+        }
+    }
+
+    /// The counters of `hash`: (word, shift) for each row.
+    fn slots(&self, hash: &KeyHash) -> [(usize, u64); ROWS] {
+        let a = u64::from_le_bytes(hash.0[..8].try_into().expect("8 bytes"));
+        let b = u64::from_le_bytes(hash.0[8..].try_into().expect("8 bytes"));
+        let mut out = [(0, 0); ROWS];
+        for (row, slot) in out.iter_mut().enumerate() {
+            let h = (a ^ self.seeds[row]).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.rotate_left(17 * row as u32 + 7);
+            let h = (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let counter = (h ^ (h >> 32)) & self.mask;
+            *slot = ((counter / PER_WORD) as usize, (counter % PER_WORD) * 4);
+        }
+        out
+    }
+
+    /// Counts one request for `hash`.
+    pub fn record(&self, hash: &KeyHash) {
+        for (word, shift) in self.slots(hash) {
+            let cell = &self.table[word];
+            let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                ((w >> shift) & MAX_COUNT < MAX_COUNT).then(|| w + (1 << shift))
+            });
+        }
+        if self.added.fetch_add(1, Ordering::Relaxed) + 1 >= self.sample {
+            self.added.store(0, Ordering::Relaxed);
+            for cell in self.table.iter() {
+                let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                    Some((w >> 1) & 0x7777_7777_7777_7777)
+                });
+            }
+        }
+    }
+
+    /// How often `hash` was asked for recently (0 to 15).
+    pub fn estimate(&self, hash: &KeyHash) -> u8 {
+        self.slots(hash)
+            .iter()
+            .map(|&(word, shift)| (self.table[word].load(Ordering::Relaxed) >> shift) & MAX_COUNT)
+            .min()
+            .unwrap_or(0) as u8
+    }
+
+    /// Whether a fill of `candidate` may displace `victim`: unless it was asked for less often.
+    pub fn admits(&self, candidate: &KeyHash, victim: &KeyHash) -> bool {
+        self.estimate(candidate) >= self.estimate(victim)
+    }
+}
+
+fn getrandom(bytes: &mut [u8]) -> std::io::Result<()> {
+    let want = bytes.len();
+    let n = rustix::rand::getrandom(bytes, rustix::rand::GetRandomFlags::NONBLOCK)?;
+    if n == want {
+        Ok(())
+    } else {
+        Err(std::io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +212,59 @@ mod tests {
             }
         }
         assert!((3_000..15_000).contains(&admitted), "admitted {admitted} of 100000");
+    }
+
+    #[test]
+    fn a_key_asked_for_more_often_estimates_higher_and_is_admitted_over_a_rarer_one() {
+        let f = Frequency::new(10_000);
+        for _ in 0..5 {
+            f.record(&hash(1));
+        }
+        f.record(&hash(2));
+        assert_eq!(f.estimate(&hash(1)), 5);
+        assert_eq!(f.estimate(&hash(2)), 1);
+        assert_eq!(f.estimate(&hash(3)), 0);
+        assert!(
+            !f.admits(&hash(2), &hash(1)),
+            "a one-off key does not displace a key asked for five times"
+        );
+        assert!(f.admits(&hash(1), &hash(2)));
+        // Ties are admitted: a cache of one-off keys keeps turning over.
+        f.record(&hash(3));
+        assert!(f.admits(&hash(3), &hash(2)));
+    }
+
+    #[test]
+    fn counters_saturate_and_fade_with_the_halving() {
+        let f = Frequency::new(256);
+        for _ in 0..40 {
+            f.record(&hash(7));
+        }
+        assert_eq!(f.estimate(&hash(7)), 15, "4-bit counters saturate");
+        // Ten other requests per word halve every counter once.
+        let before = f.estimate(&hash(7));
+        for i in 0..f.sample {
+            f.record(&hash(1_000_000 + i));
+        }
+        let after = f.estimate(&hash(7));
+        assert!(after < before && after >= before / 2 - 1, "{before} -> {after}");
+    }
+
+    #[test]
+    fn estimates_of_many_keys_stay_close_to_their_counts() {
+        // 50,000 keys once each, 500 keys ten times each, in a sketch sized for 60,000: the
+        // frequent ones stay distinguishable from the one-offs (count-min overestimates only).
+        let f = Frequency::new(60_000);
+        for i in 0..50_000 {
+            f.record(&hash(i));
+        }
+        for _ in 0..10 {
+            for i in 100_000..100_500 {
+                f.record(&hash(i));
+            }
+        }
+        let over = (0..50_000).filter(|&i| f.estimate(&hash(i)) >= 5).count();
+        assert!(over < 500, "{over} one-off keys estimated at 5 or more");
+        assert!((100_000..100_500).all(|i| f.estimate(&hash(i)) >= 8));
     }
 }

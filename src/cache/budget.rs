@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::debug;
 
+use crate::cache::admit::Frequency;
 use crate::cache::index::{Index, Removed};
+use crate::cache::key::KeyHash;
 use crate::cache::store::{self, Space, Store};
 use crate::config::Config;
 use crate::metrics as m;
@@ -68,6 +70,8 @@ pub struct Limits {
     pub high_watermark: f64,
     /// Share of the budget the eviction loop evicts down to.
     pub low_watermark: f64,
+    /// Whether a full cache admits new objects by frequency ([`Budget::reserve_new`]).
+    pub admission: bool,
     /// How long waiters wait on a fill: a fill waits for its room no longer.
     pub coalesce_timeout: Duration,
     /// Memory the index's tags may hold (`max_tag_index_memory`).
@@ -83,6 +87,7 @@ impl Limits {
             min_free: config.min_free,
             high_watermark: config.high_watermark,
             low_watermark: config.low_watermark,
+            admission: config.admission,
             coalesce_timeout: config.coalesce_timeout,
             tag_memory: config.max_tag_index_memory,
         }
@@ -103,6 +108,9 @@ pub struct Budget {
     disk: OnceLock<Arc<dyn SpaceSource>>,
     /// Wakes the eviction loop.
     evict_wakeup: Notify,
+    /// How often each key is asked for: whether a new object may displace an old one once the
+    /// cache is full (lock-free, beside the index, never under its lock for long).
+    frequency: Frequency,
 }
 
 /// Bytes (as charged) and objects reserved for a fill, given back when dropped unless the
@@ -170,6 +178,7 @@ impl Budget {
             accounted: AtomicBool::new(false),
             disk: OnceLock::new(),
             evict_wakeup: Notify::new(),
+            frequency: Frequency::new(limits.max_objects),
         }
     }
 
@@ -278,18 +287,62 @@ impl Budget {
         objects: u64,
         evictor: &Arc<E>,
     ) -> Result<Reservation, &'static str> {
+        self.reserve(bytes, objects, None, evictor).await
+    }
+
+    /// Counts a request for `key` (a lookup): how often keys are asked for decides which new
+    /// objects a full cache admits ([`Budget::reserve_new`]).
+    pub fn note_request(&self, key: &KeyHash) {
+        self.frequency.record(key);
+    }
+
+    /// [`Budget::reserve_room`] for a new object of `key` (one object, `bytes`): once the
+    /// cache is full (what it would hold with this object is past the low watermark, so storing
+    /// it means evicting something, now or in the loop's next pass), it is admitted only if
+    /// `key` was asked for at least as often as the object next in line for eviction
+    /// (TinyLFU's admission; see [`Frequency`]). Declined (`"admission"`) otherwise, with
+    /// nothing evicted and nothing reserved.
+    pub async fn reserve_new<E: Evictor>(
+        self: &Arc<Self>,
+        bytes: u64,
+        key: &KeyHash,
+        evictor: &Arc<E>,
+    ) -> Result<Reservation, &'static str> {
+        self.reserve(bytes, 1, Some(key), evictor).await
+    }
+
+    async fn reserve<E: Evictor>(
+        self: &Arc<Self>,
+        bytes: u64,
+        objects: u64,
+        candidate: Option<&KeyHash>,
+        evictor: &Arc<E>,
+    ) -> Result<Reservation, &'static str> {
         if !self.accounted.load(Ordering::Acquire) {
             // The files found at startup are not counted yet: the room is not known.
             return Err("room");
         }
         let (budget, max_objects) = self.limits();
+        let low = self.limits.low_watermark;
         let (result, usage, count) = {
             let mut ix = self.lock_index();
-            (
-                ix.reserve_room(bytes, objects, budget, max_objects),
-                ix.usage(),
-                ix.objects(),
-            )
+            let (settled, settled_objects) = ix.settled();
+            let full = settled.saturating_add(bytes) as f64 > budget as f64 * low
+                || (settled_objects + objects) as f64 > max_objects as f64 * low;
+            let declined = full
+                && self.limits.admission
+                && candidate
+                    .zip(ix.next_victim())
+                    .is_some_and(|(key, victim)| !self.frequency.admits(key, victim));
+            let result = if declined {
+                Err(crate::cache::index::Refused {
+                    reason: "admission",
+                    victims: Vec::new(),
+                })
+            } else {
+                ix.reserve_room(bytes, objects, budget, max_objects)
+            };
+            (result, ix.usage(), ix.objects())
         };
         if usage as f64 > budget as f64 * self.limits.high_watermark
             || count as f64 > max_objects as f64 * self.limits.high_watermark
@@ -438,6 +491,7 @@ mod tests {
             min_free: MinFree::Bytes(0),
             high_watermark: 0.95,
             low_watermark: 0.9,
+            admission: true,
             coalesce_timeout: Duration::from_secs(30),
             tag_memory: u64::MAX,
         }
@@ -474,6 +528,41 @@ mod tests {
         assert_eq!((kept, b.stats().2), (300, 300));
         b.release_fill(kept);
         assert_eq!((b.stats().2, b.lock_index().objects()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_full_cache_admits_a_new_object_only_if_asked_for_as_often_as_its_victim() {
+        let b = budget(1000, 100);
+        let evictor = Arc::new(FakeEvictor::default());
+        // Below the low watermark (900 of 1000) every new object is admitted, asked for or not.
+        for i in 0..8 {
+            let r = b.reserve_new(100, &kh(i), &evictor).await.expect("room");
+            drop(r);
+            store(&b, i, 100);
+        }
+        // 800 used: the next victim is object 0. Asked for three times, it outweighs a key
+        // asked for once.
+        for _ in 0..3 {
+            b.note_request(&kh(0));
+        }
+        b.note_request(&kh(50));
+        assert_eq!(b.reserve_new(150, &kh(50), &evictor).await.err(), Some("admission"));
+        assert!(
+            evictor.evicted.lock().unwrap().is_empty(),
+            "a declined object evicts nothing"
+        );
+        assert_eq!(b.stats().2, 0, "and reserves nothing");
+        // Another object's victim asked for as often: admitted (ties turn the cache over).
+        for _ in 0..3 {
+            b.note_request(&kh(51));
+        }
+        let r = b.reserve_new(50, &kh(51), &evictor).await.expect("admitted");
+        drop(r);
+        // Room below the low watermark is never declined, however rare the key.
+        assert!(b.reserve_new(50, &kh(52), &evictor).await.is_ok());
+        // Reservations that are not new objects (a refresh, a variant, more of a tee) are not
+        // subject to admission.
+        assert!(b.reserve_room(150, 0, &evictor).await.is_ok());
     }
 
     #[test]

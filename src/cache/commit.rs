@@ -76,12 +76,17 @@ impl Staged {
 }
 
 impl Cache {
-    /// Reserves `bytes` and one object for a new fill; a refusal is counted by its reason
-    /// (`budget`, `objects` or `room`). The object is given back by the commit (or
+    /// Reserves `bytes` and one object for a new fill of `key`; a refusal is counted by its
+    /// reason (`budget`, `objects` or `room`), or as declined when a full cache does not admit
+    /// it (`budget::Budget::reserve_new`). The object is given back by the commit (or
     /// [`Cache::release_fill`]).
-    async fn reserve_fill(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
-        match self.reserve_room(bytes, 1).await {
+    async fn reserve_fill(self: &Arc<Self>, bytes: u64, key: &KeyHash) -> Option<Reservation> {
+        match self.budget.reserve_new(bytes, key, self).await {
             Ok(reservation) => Some(reservation),
+            Err("admission") => {
+                metrics::counter!(m::FILLS_DECLINED).increment(1);
+                None
+            }
             Err(reason) => {
                 metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
                 None
@@ -117,7 +122,7 @@ impl Cache {
             return Err((permit, body));
         }
         // Its waiters wait while it makes room: no longer than they wait for it.
-        let Some(reserved) = self.reserve_fill(reservation).await else {
+        let Some(reserved) = self.reserve_fill(reservation, &meta.storage_hash()).await else {
             return Err((permit, body));
         };
         let generation = store.next_gen();
@@ -315,8 +320,8 @@ impl Cache {
             metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
             return None;
         }
-        let reserved = self.reserve_fill(self.charge(file_len)).await?.keep();
         let hash = meta.storage_hash();
+        let reserved = self.reserve_fill(self.charge(file_len), &hash).await?.keep();
         let version = store.next_gen();
         let body = object.slice(..len as usize);
         let written = tokio::task::spawn_blocking(move || store.write_object(&hash, version, &[&object])).await;
@@ -423,7 +428,7 @@ impl Cache {
             // body is left alone. Bytes are reserved as they come, making room as a fill of a
             // known length does (bounded by the room wait; the client waits with it once the
             // queue is full).
-            let Some(mut reserved) = cache.reserve_fill(0).await else {
+            let Some(mut reserved) = cache.reserve_fill(0, &meta.storage_hash()).await else {
                 return;
             };
             let tmp = match create_tmp_object(store, generation, 0).await {
@@ -632,7 +637,11 @@ mod tests {
         let file_len = meta.body_len + store::tail_len(&meta);
         // (What the layout spends is counted as used from the start.)
         let layout = cache.stats().1;
-        let reserved = cache.reserve_fill(cache.charge(file_len)).await.expect("room").keep();
+        let reserved = cache
+            .reserve_fill(cache.charge(file_len), &meta.storage_hash())
+            .await
+            .expect("room")
+            .keep();
         let store = cache.store().expect("open");
         let committed = cache
             .commit(meta.clone(), Staged::Memory, vec![Bytes::from(body.clone())], reserved)

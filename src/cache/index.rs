@@ -150,7 +150,8 @@ pub struct Room {
 /// A reservation [`Index::reserve_room`] refused.
 #[derive(Debug)]
 pub struct Refused {
-    /// `"budget"`, `"objects"` (could never fit) or `"room"` (none could be made now).
+    /// `"budget"`, `"objects"` (could never fit), `"room"` (none could be made now) or
+    /// `"admission"` (a full cache declined a new object: `budget::Budget::reserve_new`).
     pub reason: &'static str,
     /// Entries evicted before the refusal showed: their files are the caller's to remove.
     pub victims: Vec<Removed>,
@@ -309,6 +310,14 @@ impl Index {
             self.probation.push(k, e);
         }
         self.peek(key)
+    }
+
+    /// The key next in line for eviction: probation's least recently used, else protected's.
+    pub fn next_victim(&self) -> Option<&KeyHash> {
+        self.probation
+            .peek_lru()
+            .or_else(|| self.protected.peek_lru())
+            .map(|(k, _)| k)
     }
 
     /// Looks up an entry without changing the LRU order.

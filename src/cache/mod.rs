@@ -287,6 +287,8 @@ impl Cache {
     pub async fn lookup(&self, key: &CacheKey, req: &http::HeaderMap) -> Option<Hit> {
         let store = self.store()?;
         let hash = self.vary.variant_of(key, req);
+        // Every request for the key counts, found or not: how often decides admission.
+        self.budget.note_request(&hash);
         // Read before the index is locked: its length is the client's to choose.
         let accepts = (!req.contains_key(http::header::RANGE)).then(|| Accepts::parse(req));
         let (object, variant, mark) = {

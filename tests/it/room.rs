@@ -182,6 +182,9 @@ async fn objects_of_a_growing_share_of_the_budget_are_each_stored() {
         let budget = 16 * MIB;
         let origin = Origin::start().await;
         let sc = TestSidecar::start_with(&origin.url(), |c| {
+            // These tests are about room: `store`'s polls are requests, which would make each
+            // victim outweigh the next new object (admission: `a_flood_of_one_off_urls_*`).
+            c.admission = false;
             // Budgets here are worked out for objects alone (variants: `compress`'s tests).
             c.compress.enabled = false;
             c.max_size = budget;
@@ -244,6 +247,9 @@ async fn a_fill_evicts_an_object_asked_for_once_before_one_asked_for_twice() {
     // Room for three such objects besides the layout: the fourth does not fit, yet the cache
     // is below its high watermark, so no eviction pass would run for it.
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // These tests are about room: `store`'s polls are requests, which would make each
+        // victim outweigh the next new object (admission: `a_flood_of_one_off_urls_*`).
+        c.admission = false;
         // Budgets here are worked out for objects alone (variants: `compress`'s tests).
         c.compress.enabled = false;
         c.max_size = 4 * MIB;
@@ -288,6 +294,9 @@ async fn readers_of_a_fill_that_makes_room_share_it_and_it_is_stored() {
         ),
     );
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // These tests are about room: `store`'s polls are requests, which would make each
+        // victim outweigh the next new object (admission: `a_flood_of_one_off_urls_*`).
+        c.admission = false;
         // Budgets here are worked out for objects alone (variants: `compress`'s tests).
         c.compress.enabled = false;
         c.max_size = 4 * MIB;
@@ -341,6 +350,9 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
         }
     }
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // These tests are about room: `store`'s polls are requests, which would make each
+        // victim outweigh the next new object (admission: `a_flood_of_one_off_urls_*`).
+        c.admission = false;
         // Budgets here are worked out for objects alone (variants: `compress`'s tests).
         c.compress.enabled = false;
         c.max_size = budget;
@@ -396,6 +408,9 @@ async fn a_budget_lowered_by_min_free_still_makes_room() {
         route(&origin, &format!("/m/{i}"), i, MIB);
     }
     let sc = TestSidecar::start_with(&origin.url(), |c| {
+        // These tests are about room: `store`'s polls are requests, which would make each
+        // victim outweigh the next new object (admission: `a_flood_of_one_off_urls_*`).
+        c.admission = false;
         // Budgets here are worked out for objects alone (variants: `compress`'s tests).
         c.compress.enabled = false;
         c.cache_dir = cache_dir.clone();
@@ -419,4 +434,90 @@ async fn a_budget_lowered_by_min_free_still_makes_room() {
     assert!(lowest <= 9 * MIB, "min_free lowered the budget (to {lowest})");
     assert!(is_hit(&get(&app_client(), &sc.url("/m/11")).await.0));
     sc.stop().await;
+}
+
+/// Issue 26: admission. A flood of one-off URLs (a crawler, an attacker's cache-busting query
+/// strings) into a full cache does not push out the objects its users ask for again, even
+/// those the segmented LRU has demoted to probation: the flood's objects are asked for once,
+/// the victims more often, so the full cache declines them (counted). With admission off the
+/// same flood evicts some of them: the test can fail.
+async fn one_off_flood(admission: bool) -> (Vec<String>, f64) {
+    const HOT: u64 = 10;
+    const KIB512: u64 = MIB / 2;
+    let origin = Origin::start().await;
+    for i in 0..HOT {
+        route(&origin, &format!("/hot/{i}"), i, KIB512);
+    }
+    for i in 0..30 {
+        route(&origin, &format!("/crawl/{i}"), 1000 + i, KIB512);
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.compress.enabled = false;
+        c.memory_size = 0;
+        c.max_size = 8 * MIB;
+        c.admission = admission;
+    })
+    .await;
+    let cache = sc.sidecar.proxy.cache().clone();
+    let c = app_client();
+    // The users' objects: five megabytes, each asked for four times (a miss and three hits);
+    // more than the protected segment's share, so some are back in probation.
+    for round in 0..4 {
+        for i in 0..HOT {
+            let path = format!("/hot/{i}");
+            if round == 0 {
+                store(&sc, &path).await;
+            } else {
+                assert!(is_hit(&get(&c, &sc.url(&path)).await.0), "{path} round {round}");
+            }
+        }
+    }
+    let declined_before = metric(&scrape(sc.admin).await, "sidecache_fills_declined_total", &[]);
+    // The flood: thirty one-off URLs of the same size, one after another, each fill settled
+    // before the next (a fill reserves its room before its answer starts).
+    for i in 0..30 {
+        let (cs, got) = get(&c, &sc.url(&format!("/crawl/{i}"))).await;
+        assert!(!is_hit(&cs) && got.len() as u64 == KIB512);
+        settle(&sc).await;
+        assert!(
+            disk_usage(&sc.dir.path().join("cache")).0 <= cache.budget(),
+            "over the budget"
+        );
+    }
+    let declined = metric(&scrape(sc.admin).await, "sidecache_fills_declined_total", &[]) - declined_before;
+    // Which of the users' objects the cache alone still answers (never asking the app).
+    let mut lost = Vec::new();
+    for i in 0..HOT {
+        let path = format!("/hot/{i}");
+        let resp = c
+            .get(sc.url(&path))
+            .header("cache-control", "only-if-cached")
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != 200 {
+            lost.push(path);
+        }
+    }
+    sc.stop().await;
+    (lost, declined)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_one_off_urls_does_not_push_out_objects_asked_for_again() {
+    let (lost, declined) = one_off_flood(true).await;
+    assert!(lost.is_empty(), "the flood pushed out {lost:?}");
+    assert!(
+        declined >= 1.0,
+        "the full cache declined none of the flood ({declined})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_one_off_urls_pushes_out_demoted_objects_without_admission() {
+    let (lost, _) = one_off_flood(false).await;
+    assert!(
+        !lost.is_empty(),
+        "without admission the segmented LRU kept every object: the test shows nothing"
+    );
 }
