@@ -396,7 +396,7 @@ impl Budget {
     /// ([`Index::room_made`]).
     pub async fn remove<E: Evictor>(&self, evictor: &E, removed: Vec<Removed>, held: (u64, u64)) {
         let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
-        let objects = removed.iter().map(Removed::files).sum();
+        let objects = removed.len() as u64;
         evictor.remove_files(removed).await;
         self.lock_index().room_made((bytes, objects), held);
     }

@@ -116,8 +116,8 @@ impl Variant {
     }
 }
 
-/// An object file an index change made unreachable: the caller unlinks it, then calls
-/// [`Index::unlinked`] with `bytes`.
+/// An object an index change made unreachable (its file and its variants' files): the caller
+/// unlinks them, then calls [`Index::unlinked`] with `bytes` and one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
     /// The key's hash.
@@ -128,13 +128,6 @@ pub struct Removed {
     pub bytes: u64,
     /// Its variants' files removed with it: coding and version.
     pub variants: Vec<(Coding, u64)>,
-}
-
-impl Removed {
-    /// Files it stands for: the object's and its variants'.
-    pub fn files(&self) -> u64 {
-        1 + self.variants.len() as u64
-    }
 }
 
 /// What [`Index::reserve_room`] granted: at once when `victims` is empty; otherwise once the
@@ -195,8 +188,6 @@ pub struct Index {
     unlinking_objects: u64,
     /// Objects (records) found at startup, not indexed yet.
     unindexed_objects: u64,
-    /// Variant files of indexed entries (each a file: counted as an object).
-    variant_files: u64,
     /// Bytes and objects reservations hold back until their victims are off the disk
     /// ([`Index::reserve_room`]).
     holding: (u64, u64),
@@ -230,7 +221,6 @@ impl Index {
             reserved_objects: 0,
             unlinking_objects: 0,
             unindexed_objects: 0,
-            variant_files: 0,
             holding: (0, 0),
             tags: TagIndex::new(),
             marks: HashMap::new(),
@@ -254,15 +244,13 @@ impl Index {
         self.charge(e.file_len()) + e.variants.iter().map(|v| self.charge(v.file_len())).sum::<u64>()
     }
 
-    /// Objects (files) the disk may hold right now: indexed with their variants, being
-    /// filled, being unlinked, and found at startup but not indexed yet.
+    /// Objects the disk may hold right now: indexed, being filled, being unlinked, and found
+    /// at startup but not indexed yet. An object's compressed variants are not counted here:
+    /// they are charged in bytes only, each file at least one allocation unit (so the bytes
+    /// bound their files too), and a compressible object with its three variants is one
+    /// object against `max_objects`, not four.
     pub fn objects(&self) -> u64 {
-        self.indexed_files() + self.reserved_objects + self.unlinking_objects + self.unindexed_objects
-    }
-
-    /// Files of indexed entries: the objects' and their variants'.
-    fn indexed_files(&self) -> u64 {
-        self.len() as u64 + self.variant_files
+        self.len() as u64 + self.reserved_objects + self.unlinking_objects + self.unindexed_objects
     }
 
     /// Objects indexed.
@@ -373,7 +361,7 @@ impl Index {
         let over = self.usage().saturating_add(bytes).saturating_sub(budget);
         let over_objects = (self.objects() + objects).saturating_sub(max_objects);
         // Evicting frees committed bytes and indexed objects, nothing else.
-        if over > self.used || over_objects > self.indexed_files() {
+        if over > self.used || over_objects > self.len() as u64 {
             return refuse("room");
         }
         let mut victims = Vec::new();
@@ -386,7 +374,7 @@ impl Index {
                 });
             };
             freed += r.bytes;
-            freed_objects += r.files();
+            freed_objects += 1;
             victims.push(r);
         }
         // The victims stay counted (as unlinking) until they are off the disk: until then the
@@ -493,18 +481,18 @@ impl Index {
 
     /// Adds a variant to the entry of `key` if it is still the version `generation` and has
     /// none in that coding yet, converting `from_reserved` reserved bytes (its file, as
-    /// charged; an object reserved for it becomes indexed). False otherwise: the caller
-    /// removes the file and releases the reservation.
+    /// charged). False otherwise, with the reserved bytes given back in the same step: the
+    /// caller removes the file.
     pub fn add_variant(&mut self, key: &KeyHash, generation: u64, variant: Variant, from_reserved: u64) -> bool {
         let bytes = self.charge(variant.file_len());
         let (entry, protected) = match self.protected.peek_mut(key) {
             Some(e) => (Some(e), true),
             None => (self.probation.peek_mut(key), false),
         };
-        let Some(entry) = entry else { return false };
-        if entry.generation != generation || entry.variant(variant.coding).is_some() {
+        let Some(entry) = entry.filter(|e| e.generation == generation && e.variant(variant.coding).is_none()) else {
+            self.release(from_reserved);
             return false;
-        }
+        };
         let mut variants = std::mem::take(&mut entry.variants).into_vec();
         variants.push(variant);
         entry.variants = variants.into_boxed_slice();
@@ -512,9 +500,7 @@ impl Index {
             self.protected_bytes += bytes;
         }
         self.release(from_reserved);
-        self.release_object();
         self.used += bytes;
-        self.variant_files += 1;
         true
     }
 
@@ -533,9 +519,7 @@ impl Index {
             self.charge(variant.file_len()),
         );
         self.forget_unindexed(bytes);
-        self.forget_unindexed_objects(1);
-        // Counted as a reservation of one object for `add_variant` to convert.
-        self.reserved_objects += 1;
+        // Counted as a reservation for `add_variant` to convert.
         self.reserved += bytes;
         self.add_variant(key, generation, variant, bytes)
     }
@@ -648,15 +632,13 @@ impl Index {
         }
         self.used -= bytes;
         self.unlinking += bytes;
-        self.variant_files -= variants.len() as u64;
-        let removed = Removed {
+        self.unlinking_objects += 1;
+        Removed {
             key,
             generation: old.generation,
             bytes,
             variants,
-        };
-        self.unlinking_objects += removed.files();
-        removed
+        }
     }
 
     /// Keys whose entries carry any of `tags`.
@@ -818,7 +800,7 @@ mod tests {
         assert_eq!((r.key, r.generation, r.bytes), (kh(1), 1, 1010));
         assert_eq!(ix.used(), 1010);
         assert_eq!(ix.usage(), 2020, "until unlinked");
-        ix.unlinked(r.bytes, r.files());
+        ix.unlinked(r.bytes, 1);
         assert_eq!((ix.usage(), ix.objects()), (1010, 1));
     }
 
@@ -849,12 +831,8 @@ mod tests {
     /// reserved first, then converted.
     fn add_variant(ix: &mut Index, key: u32, generation: u64, v: Variant) -> bool {
         let bytes = ix.charge(v.file_len());
-        ix.reserve_room(bytes, 1, u64::MAX, u64::MAX).expect("room");
-        let added = ix.add_variant(&kh(key), generation, v, bytes);
-        if !added {
-            ix.release_reservation(bytes, 1);
-        }
-        added
+        ix.reserve_room(bytes, 0, u64::MAX, u64::MAX).expect("room");
+        ix.add_variant(&kh(key), generation, v, bytes)
     }
 
     #[test]
@@ -867,13 +845,14 @@ mod tests {
         assert!(!add_variant(&mut ix, 1, 1, variant(Coding::Br, 52, 20)));
         assert!(!add_variant(&mut ix, 1, 7, variant(Coding::Zstd, 53, 20)));
         assert!(!add_variant(&mut ix, 2, 2, variant(Coding::Zstd, 54, 20)));
-        assert_eq!((ix.used(), ix.objects(), ix.reserved()), (110 + 30 + 50, 3, 0));
-        // Evicted whole: the object's file and both variants', bytes and files.
+        // Charged in bytes; one object with its variants (a refused variant gave its bytes back).
+        assert_eq!((ix.used(), ix.objects(), ix.reserved()), (110 + 30 + 50, 1, 0));
+        // Evicted whole: the object's file and both variants'.
         let r = ix.pop_lru().expect("an entry");
         assert_eq!(r.variants, vec![(Coding::Br, 50), (Coding::Gzip, 51)]);
-        assert_eq!((r.bytes, r.files()), (190, 3));
-        assert_eq!((ix.used(), ix.objects()), (0, 3));
-        ix.unlinked(r.bytes, r.files());
+        assert_eq!(r.bytes, 190);
+        assert_eq!((ix.used(), ix.objects()), (0, 1));
+        ix.unlinked(r.bytes, 1);
         assert_eq!(ix.objects(), 0);
     }
 
@@ -893,7 +872,7 @@ mod tests {
         assert_eq!(old.bytes, 110 + 40);
         let now = ix.peek(&kh(1)).expect("indexed");
         assert_eq!(now.variants.iter().map(|v| v.generation).collect::<Vec<_>>(), vec![50]);
-        assert_eq!((ix.used(), ix.objects()), (110 + 30, 2 + old.files()));
+        assert_eq!((ix.used(), ix.objects()), (110 + 30, 2));
         // A fill's new version (no variants named) lets every variant go.
         let old = ix.insert(kh(1), entry(1, 10, 100), 0).expect("the old version");
         assert_eq!(old.variants, vec![(Coding::Br, 50)]);
@@ -901,28 +880,41 @@ mod tests {
     }
 
     #[test]
-    fn making_room_counts_a_victims_variant_files() {
+    fn variants_count_bytes_not_objects_against_the_object_bound() {
         let mut ix = Index::new();
-        add(&mut ix, 1, 100);
-        assert!(add_variant(&mut ix, 1, 1, variant(Coding::Br, 50, 20)));
-        add(&mut ix, 2, 100);
-        // Three files indexed; a bound of three: one more file evicts key 1 and its variant.
-        let room = ix.reserve_room(10, 1, u64::MAX, 3).expect("room made");
+        // Three objects with three variants each under a bound of four objects: no eviction.
+        for key in 1..=3 {
+            add(&mut ix, key, 100);
+            for (i, coding) in [Coding::Br, Coding::Zstd, Coding::Gzip].into_iter().enumerate() {
+                assert!(add_variant(
+                    &mut ix,
+                    key,
+                    key as u64,
+                    variant(coding, 10 * key as u64 + i as u64, 20)
+                ));
+            }
+        }
+        assert_eq!(ix.objects(), 3);
+        let room = ix.reserve_room(10, 1, u64::MAX, 4).expect("room");
+        assert!(room.victims.is_empty(), "variants took an object's place");
+        // The bound reached, one more object evicts one object, its variants with it.
+        let room = ix.reserve_room(10, 1, u64::MAX, 4).expect("room made");
         assert_eq!(room.victims.len(), 1);
-        assert_eq!(room.victims[0].files(), 2);
+        assert_eq!(room.victims[0].variants.len(), 3);
     }
 
     #[test]
     fn a_variant_found_at_startup_attaches_to_the_body_it_was_made_from() {
         let mut ix = Index::new();
-        ix.add_unindexed(110 + 30, 2);
+        // The object's file and its variant's: one object, both charged.
+        ix.add_unindexed(110 + 30, 1);
         let e = entry(1, 3, 100);
         let made_from = (e.digest, e.body_len);
         assert!(ix.insert_scanned(kh(1), e).is_none());
         ix.forget_unindexed_objects(1);
         assert!(!ix.add_scanned_variant(&kh(1), (digest(99), 100), variant(Coding::Br, 50, 20)));
         assert!(ix.add_scanned_variant(&kh(1), made_from, variant(Coding::Br, 50, 20)));
-        assert_eq!((ix.usage(), ix.objects(), ix.reserved()), (140, 2, 0));
+        assert_eq!((ix.usage(), ix.objects(), ix.reserved()), (140, 1, 0));
     }
 
     /// Reserves without room to make (nothing is indexed to evict).
@@ -1105,7 +1097,7 @@ mod tests {
         );
         let r = ix.remove(&kh(1)).unwrap();
         assert_eq!(ix.objects(), 2, "removed, not yet unlinked");
-        ix.unlinked(r.bytes, r.files());
+        ix.unlinked(r.bytes, 1);
         assert_eq!(ix.objects(), 1);
         ix.release_reservation(10, 1);
         assert_eq!((ix.objects(), ix.usage()), (0, 0));
@@ -1243,7 +1235,7 @@ mod tests {
         let r = ix.pop_lru().unwrap();
         assert_eq!(r.bytes, 4096);
         assert_eq!(ix.usage(), 100_000 + 1000 * 4096, "until unlinked");
-        ix.unlinked(r.bytes, r.files());
+        ix.unlinked(r.bytes, 1);
         assert_eq!(ix.usage(), 100_000 + 999 * 4096);
     }
 }

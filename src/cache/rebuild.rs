@@ -32,7 +32,9 @@ impl Cache {
         }
         let mut found = store.scan_objects();
         let bytes: u64 = found.iter().map(|f| self.charge(f.len)).sum();
-        self.lock_index().add_unindexed(bytes, found.len() as u64);
+        // Variants are charged in bytes only: the objects are the files without a coding.
+        let objects = found.iter().filter(|f| f.coding.is_none()).count() as u64;
+        self.lock_index().add_unindexed(bytes, objects);
         self.budget.set_accounted();
 
         // Oldest first, so the most recently stored end up most recently used; variants after
@@ -90,7 +92,7 @@ impl Cache {
             }
             for r in removed.into_iter().chain(refused.map(|(_, r)| r)) {
                 super::evict::remove_removed(&store, &r);
-                self.lock_index().unlinked(r.bytes, r.files());
+                self.lock_index().unlinked(r.bytes, 1);
             }
             loaded += 1;
             if loaded.is_multiple_of(10_000) {
@@ -103,7 +105,6 @@ impl Cache {
             let path = store.variant_path(&f.id, f.generation, coding);
             if store.is_own(f.generation) {
                 self.lock_index().forget_unindexed(charged);
-                self.lock_index().forget_unindexed_objects(1);
                 continue;
             }
             let read = fileio::open_for_read(&path)
@@ -131,9 +132,7 @@ impl Cache {
             if !attached {
                 // Torn, corrupt, or made from a body no longer stored.
                 let _ = store.remove(&path);
-                let mut ix = self.lock_index();
-                ix.forget_unindexed(charged);
-                ix.forget_unindexed_objects(1);
+                self.lock_index().forget_unindexed(charged);
             }
         }
         {

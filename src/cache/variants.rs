@@ -479,19 +479,19 @@ impl Cache {
         .encode();
         let file_len = coded.len() as u64 + record.len() as u64;
         let charged = self.charge(file_len);
-        let Ok(reserved) = self.budget.reserve_room(charged, 1, self).await else {
+        // Bytes only: a variant is not an object against `max_objects`.
+        let Ok(reserved) = self.budget.reserve_room(charged, 0, self).await else {
             metrics::counter!(m::VARIANTS_SKIPPED, "encoding" => coding.token()).increment(1);
             return false;
         };
-        let reserved = reserved.keep();
         let generation = store.next_gen();
-        // (A compressing thread: blocking here stalls no event loop.)
+        // (A compressing thread: blocking here stalls no event loop.) A failed write drops the
+        // reservation, which gives it back.
         let written = store.write_variant(&job.hash, generation, coding, &[coded, &record]);
         let mtime = match written {
             Ok(mtime) => mtime,
             Err(e) => {
                 self.storage_error(&e);
-                self.release_fill(reserved);
                 return false;
             }
         };
@@ -504,12 +504,13 @@ impl Cache {
             verified: true,
             mtime,
         };
+        // Converted, or given back, by the index in one step.
+        let reserved = reserved.keep();
         let added = self
             .lock_index()
             .add_variant(&job.hash, job.generation, variant, reserved);
         if !added {
             let _ = store.remove_variant(&job.hash, generation, coding);
-            self.release_fill(reserved);
             return false;
         }
         self.publish_gauges();

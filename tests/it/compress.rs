@@ -878,3 +878,37 @@ async fn distinct_bodies_beyond_the_cpu_budget_wait_and_the_overflow_is_dropped_
     assert_eq!(in_br as f64, bodies);
     eprintln!("{bodies} compressed ({cpu:.3} s of CPU in {elapsed:.2} s), {dropped} dropped");
 }
+
+/// Issue 26: variants count bytes, not objects. Twenty-four compressible scripts under an
+/// object bound of thirty: each with its three variants is one object, so none is evicted
+/// (before, each object and its variants were four entries against the bound: 96 > 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_do_not_take_objects_places_under_the_object_bound() {
+    let origin = Origin::start().await;
+    let body = script(8);
+    for i in 0..24 {
+        origin.fixed(&format!("/s{i}.js"), SCRIPT, body.clone());
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.max_objects = 30;
+        c.memory_size = 0;
+    })
+    .await;
+    let cache_dir = sc.dir.path().join("cache");
+    for i in 0..24 {
+        assert_eq!(served_coding(&sc.url(&format!("/s{i}.js")), None).await, "identity");
+    }
+    let all_made = eventually(Duration::from_secs(30), async || variant_files(&cache_dir).len() == 72).await;
+    assert!(all_made, "{} variant files", variant_files(&cache_dir).len());
+    assert_eq!(
+        sc.sidecar.proxy.cache().stats().0,
+        24,
+        "objects evicted while the bound has room"
+    );
+    for i in 0..24 {
+        let path = format!("/s{i}.js");
+        assert_eq!(served_coding(&sc.url(&path), Some("br")).await, "br", "{path}");
+        assert_eq!(origin.hits(&path), 1, "{path} asked of the app again");
+    }
+    sc.stop().await;
+}
