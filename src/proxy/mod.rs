@@ -171,6 +171,14 @@ impl Proxy {
         }
     }
 
+    /// The same parts (cache, app client, sources, shared tier) under another configuration,
+    /// for a reload ([`crate::reload`]): its rules and their counters; requests in flight
+    /// finish on `self`.
+    pub fn reconfigured(&self, config: Arc<Config>) -> Proxy {
+        let (cache, upstream) = (self.cache.clone(), self.upstream.clone());
+        Proxy::new(config, cache, upstream, self.sources.clone(), self.shared.clone())
+    }
+
     /// The disk cache (to read: its stats, inspect, gauges; purges go through [`Proxy::purge`]).
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
