@@ -210,8 +210,15 @@ impl Proxy {
         let answer = self.route(req, client, matched).await;
         let cache_status = answer.cache_status();
         let Answer {
-            mut response, outcome, ..
+            mut response,
+            outcome,
+            stored,
+            ..
         } = answer;
+        if outcome == Outcome::Miss && !stored {
+            // Not a hit candidate: the hit ratio leaves it out (issue 28, item 5).
+            metrics::counter!(m::MISSES_NOT_STORED).increment(1);
+        }
         // Directives addressed to this cache are not for anyone downstream (RFC 9213).
         response.headers_mut().remove(&policy::SIDECACHE_CACHE_CONTROL);
         // Nor are the tags, unless configured: hits, misses, 304s and bypasses alike.

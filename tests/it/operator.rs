@@ -460,3 +460,66 @@ async fn a_second_sidecache_on_the_same_port_fails_to_bind_naming_the_address() 
     }
     assert!(first.child.try_wait().unwrap().is_none(), "the first one serves on");
 }
+
+/// Every counter and every known label value is exported at 0 from startup, so an alert on
+/// `rate`/`increase` sees the first error: `promtool test rules` over the real exporter's
+/// series (as scraped from a fresh sidecache), with one storage error after 4 minutes, fires
+/// `SidecacheStorageErrors`. A series missing at startup would be given to promtool as absent
+/// until the error (born at 1), and the alert would not fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_exist_at_zero_from_startup_and_the_storage_alert_fires_on_the_first_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bin = Binary::serve("http://127.0.0.1:9", &dir.path().join("cache"), &[], &[]);
+    let admin = bin.admin_addr();
+    let text = crate::support::scrape(admin).await;
+    for (name, labels) in sidecache::metrics::COUNTERS {
+        let first = labels.first().map(|(l, v)| format!("{l}=\"{}\"", v[0]));
+        let present = text.lines().any(|l| {
+            l.split(['{', ' ']).next() == Some(*name) && first.as_ref().is_none_or(|f| l.contains(f.as_str()))
+        });
+        assert!(present, "{name} is not exported at startup");
+    }
+    let io = "sidecache_storage_errors_total{kind=\"io\"}";
+    let mut series = String::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let Some((metric, _)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if !metric.starts_with("sidecache_") || metric.contains("_bucket") || metric.contains("le=") {
+            continue;
+        }
+        let labelled = match metric.split_once('{') {
+            Some((name, rest)) => format!("{name}{{job=\"sidecache\",instance=\"x:9901\",{rest}"),
+            None => format!("{metric}{{job=\"sidecache\",instance=\"x:9901\"}}"),
+        };
+        let values = if metric == io { "0x4 1x10" } else { "0x14" };
+        series.push_str(&format!("      - series: '{labelled}'\n        values: '{values}'\n"));
+    }
+    if !text.contains(io) {
+        // What an exporter without the zero gives: nothing, then 1.
+        series.push_str(
+            "      - series: 'sidecache_storage_errors_total{job=\"sidecache\",instance=\"x:9901\",kind=\"io\"}'\n        values: '_x4 1x10'\n",
+        );
+    }
+    let rules = repo("deploy/prometheus/alerts.yml");
+    let test = format!(
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    alert_rule_test:\n      - eval_time: 7m\n        alertname: SidecacheStorageErrors\n        exp_alerts:\n          - exp_labels: {{severity: warning, job: sidecache, instance: \"x:9901\", kind: io}}\n            exp_annotations: {{summary: \"sidecache storage errors (io) on x:9901\", description: \"x:9901 (job sidecache) is hitting storage errors of kind io at 3.333m/s (5m rate). Check the cache directory's free space, permissions and disk health; affected requests fall back to the app.\"}}\n      - eval_time: 8m\n        alertname: SidecacheHitRatioCollapse\n        exp_alerts: []\n",
+        rules.display()
+    );
+    let file = dir.path().join("real_exporter_test.yml");
+    std::fs::write(&file, test).unwrap();
+    let out = std::process::Command::new(crate::prometheus::tool("promtool", "prometheus"))
+        .args(["test", "rules", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool test rules on the real exporter's series: {said}"
+    );
+    drop(bin);
+}
