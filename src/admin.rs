@@ -36,6 +36,7 @@ use crate::body::{self, ProxyBody};
 use crate::cache::Purge;
 use crate::prime::warm::{Job, warm_all};
 use crate::proxy::{Proxy, PurgeMode, Purged};
+use crate::reload::LiveProxy;
 use crate::sources::SourceUrl;
 
 /// The request header (`X-Sidecache-Admin: 1`) an admin GET needs when no token is
@@ -44,8 +45,8 @@ pub const ADMIN_HEADER: &str = "x-sidecache-admin";
 
 /// What the admin endpoints read.
 pub struct Admin {
-    /// The request path's shared state.
-    pub proxy: Arc<Proxy>,
+    /// The request path in force (replaced by a reload).
+    pub live: Arc<LiveProxy>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// Whether the public port accepts connections, for `/readyz`.
@@ -83,6 +84,11 @@ impl Readiness {
 }
 
 impl Admin {
+    /// The proxy in force.
+    fn proxy(&self) -> Arc<Proxy> {
+        self.live.current()
+    }
+
     /// Serves the admin port until `shutdown` completes.
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -101,7 +107,7 @@ impl Admin {
                         // back some it holds open.
                         warn!(error = %e, "admin accept failed");
                         if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                            self.proxy.cache().relieve_descriptors();
+                            self.proxy().cache().relieve_descriptors();
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -126,7 +132,7 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 // Size gauges are worked out when scraped, not on every fill.
-                self.proxy.cache().publish_gauges();
+                self.proxy().cache().publish_gauges();
                 let mut resp = text(StatusCode::OK, self.metrics.render());
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -141,9 +147,9 @@ impl Admin {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: public port not accepting\n".into(),
                     )
-                } else if !self.proxy.upstream().is_reachable(Duration::from_secs(1)).await {
+                } else if !self.proxy().upstream().is_reachable(Duration::from_secs(1)).await {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready: app unreachable\n".into())
-                } else if !self.proxy.cache().is_loaded() {
+                } else if !self.proxy().cache().is_loaded() {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: cache index loading\n".into(),
@@ -169,7 +175,7 @@ impl Admin {
                 } else {
                     PurgeMode::Hard
                 };
-                match self.proxy.purge(&what, mode).await {
+                match self.proxy().purge(&what, mode).await {
                     Purged::Removed(n) => {
                         info!(objects = n, "purged");
                         json(StatusCode::OK, format!("{{\"purged\":{n}}}\n"))
@@ -198,7 +204,7 @@ impl Admin {
                         "objects needs ?url= (and &host= to narrow a path)\n".into(),
                     );
                 };
-                let report = crate::inspect::report(&self.proxy, &url, host.as_deref()).await;
+                let report = crate::inspect::report(&self.proxy(), &url, host.as_deref()).await;
                 match serde_json::to_string(&report) {
                     Ok(body) => json(StatusCode::OK, body + "\n"),
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
@@ -229,7 +235,7 @@ impl Admin {
                 "host" => host = v.into_owned(),
                 // Checked before anything is read or fetched: a source outside the allow-list
                 // refuses the whole prime.
-                "from" => match self.proxy.config().prime_sources.admit_base(&v) {
+                "from" => match self.proxy().config().prime_sources.admit_base(&v) {
                     Ok(base) => from = Some(base),
                     Err(e) => {
                         warn!(error = %e, "prime refused: source not allowed");
@@ -257,7 +263,7 @@ impl Admin {
             concurrency,
             timeout,
         };
-        let lines = warm_all(self.proxy.clone(), targets, job);
+        let lines = warm_all(self.proxy(), targets, job);
         let stream = tokio_stream_from(lines)
             .map(|line| Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from(line.to_ndjson()))));
         let mut resp = Response::new(body::boxed(StreamBody::new(stream)));
@@ -269,7 +275,8 @@ impl Admin {
     /// `None` when the request may go on; otherwise the refusal. Without a configured token
     /// the admin port relies on being bound to loopback.
     fn authorize(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-        let token = self.proxy.config().admin_token.as_ref()?.expose();
+        let proxy = self.proxy();
+        let token = proxy.config().admin_token.as_ref()?.expose();
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -291,7 +298,7 @@ impl Admin {
     /// As [`Admin::authorize`], and without a token [`ADMIN_HEADER`] is required: a GET is
     /// what an SSRF through the app reaches, a request with a header of its own is not.
     fn authorize_get(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-        if self.proxy.config().admin_token.is_some() {
+        if self.proxy().config().admin_token.is_some() {
             return self.authorize(req);
         }
         if req.headers().get(ADMIN_HEADER).is_some_and(|v| v.as_bytes() == b"1") {

@@ -33,6 +33,8 @@ pub enum Source {
     Env(String),
     /// A command-line flag.
     Flag(&'static str),
+    /// Derived from other keys or from the machine (no layer set it).
+    Derived,
 }
 
 impl fmt::Display for Source {
@@ -42,6 +44,7 @@ impl fmt::Display for Source {
             Source::File(path) => write!(f, "config file {}", path.display()),
             Source::Env(var) => write!(f, "environment variable {var}"),
             Source::Flag(key) => write!(f, "flag --{}", key.replace('_', "-")),
+            Source::Derived => f.write_str("derived (the default)"),
         }
     }
 }
@@ -66,14 +69,14 @@ pub enum ConfigError {
         message: String,
     },
     /// An environment variable names no key.
-    #[error("unknown key `{key}` in environment variable {var}; known keys: {known}")]
+    #[error("unknown key `{key}` in environment variable {var}{hint}")]
     UnknownEnv {
         /// The variable.
         var: String,
         /// The key derived from it.
         key: String,
-        /// The list of keys.
-        known: String,
+        /// ` (did you mean SIDECACHE_MAX_SIZE?)`, or a pointer to the list of keys.
+        hint: String,
     },
     /// A value is malformed or out of range.
     #[error("invalid value for `{key}` from {origin}: {message}")]
@@ -169,6 +172,16 @@ macro_rules! config_keys {
                 }
             }
 
+            /// How an environment or flag value (or a default) for `key` reads as YAML in
+            /// `check-config`: the string itself where the key's type takes a plain string
+            /// (as `parse_env_value` tries first), else the YAML it was parsed as.
+            fn text_node(key: &str, text: &str) -> Option<serde_json::Value> {
+                match key {
+                    $( stringify!($name) => Some(text_node::<$ty>(text)), )*
+                    _ => None,
+                }
+            }
+
             /// The merged layers with the table's defaults filled in.
             fn settle(self) -> Result<Settled, ConfigError> {
                 Ok(Settled {
@@ -257,7 +270,8 @@ config_keys! {
     /// Trust `X-Forwarded-*` headers from clients (set when behind a platform router).
     trust_forwarded: bool = "false",
     /// Request headers removed before the app: ones apps honour that the cache key does not hold.
-    strip_request_headers: Vec<String> = DEFAULT_STRIP_REQUEST_HEADERS,
+    /// A list, or one string separated by commas or spaces (in a file as in the environment).
+    strip_request_headers: StringList = DEFAULT_STRIP_REQUEST_HEADERS,
     /// How long past its freshness a stored object may stand in for a failing app.
     stale_if_error: HumanDuration = "1h",
     /// Heuristic freshness as a share of the time since `Last-Modified` (RFC 9111 §4.2.2).
@@ -339,8 +353,18 @@ fn parse_env_value<T: for<'de> Deserialize<'de>>(value: &str) -> Result<T, Strin
     let plain: Result<T, serde::de::value::Error> = T::deserialize(value.into_deserializer());
     match plain {
         Ok(v) => Ok(v),
-        Err(_) => serde_saphyr::from_str_with_options(value, yaml_options()).map_err(|e| e.to_string()),
+        Err(_) => serde_saphyr::from_str_with_options(value, yaml_options()).map_err(|e| humanize(&e.to_string())),
     }
+}
+
+/// See `RawConfig::text_node`.
+fn text_node<T: for<'de> Deserialize<'de>>(text: &str) -> serde_json::Value {
+    let plain: Result<T, serde::de::value::Error> = T::deserialize(text.into_deserializer());
+    if plain.is_ok() {
+        return serde_json::Value::String(text.to_owned());
+    }
+    serde_saphyr::from_str_with_options::<serde_json::Value>(text, yaml_options())
+        .unwrap_or_else(|_| serde_json::Value::String(text.to_owned()))
 }
 
 fn yaml_options() -> serde_saphyr::Options {
@@ -393,6 +417,13 @@ impl<'de> Deserialize<'de> for StringList {
                 f.write_str("a list of strings, or one string separated by commas or spaces")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringList, E> {
+                // A YAML flow list in a string (an environment variable): read as in a file.
+                let t = v.trim();
+                if t.starts_with('[') && t.ends_with(']') {
+                    return serde_saphyr::from_str_with_options::<Vec<String>>(t, yaml_options())
+                        .map(StringList)
+                        .map_err(|e| E::custom(humanize(&e.to_string())));
+                }
                 Ok(StringList(
                     v.split(|c: char| c == ',' || c.is_whitespace())
                         .filter(|s| !s.is_empty())
@@ -588,7 +619,7 @@ impl fmt::Display for Upstream {
 
 /// Reads and merges the layers, then validates. `env` is the process environment (passed in so
 /// tests can supply their own).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Loader {
     file: Option<PathBuf>,
     env: Vec<(String, String)>,
@@ -618,8 +649,16 @@ impl Loader {
 
     /// Merges all layers and validates the result.
     pub fn load(self) -> Result<Config, ConfigError> {
+        self.load_explained().map(|(config, _)| config)
+    }
+
+    /// [`Loader::load`], with the effective value of every key and where it came from (for
+    /// `check-config` and for telling what a reload changes).
+    pub fn load_explained(self) -> Result<(Config, Effective), ConfigError> {
         let mut origins: HashMap<&'static str, Source> = HashMap::new();
+        let mut nodes: HashMap<&'static str, serde_json::Value> = HashMap::new();
         let mut merged = RawConfig::default();
+        let known = |key: &str| RawConfig::KEYS.iter().find(|k| **k == key).copied();
 
         let file = self.file.clone().or_else(|| {
             self.env
@@ -628,9 +667,10 @@ impl Loader {
                 .map(|(_, v)| PathBuf::from(v))
         });
         if let Some(path) = file {
-            let layer = read_file(&path)?;
+            let (layer, mut values) = read_file(&path)?;
             for key in layer.set_keys() {
                 origins.insert(key, Source::File(path.clone()));
+                nodes.insert(key, values.remove(key).unwrap_or(serde_json::Value::Null));
             }
             merged.overlay(layer);
         }
@@ -645,6 +685,7 @@ impl Loader {
             })?;
             env_layer.listen = Some(format!("0.0.0.0:{port}"));
             origins.insert("listen", Source::Env("PORT".into()));
+            nodes.insert("listen", serde_json::Value::String(format!("0.0.0.0:{port}")));
         }
         let mut vars: Vec<&(String, String)> = self.env.iter().collect();
         vars.sort();
@@ -660,20 +701,24 @@ impl Loader {
             let key = suffix.to_ascii_lowercase();
             match env_layer.set_from_env(&key, value) {
                 Ok(true) => {
-                    let key = RawConfig::KEYS.iter().find(|k| **k == key).copied().unwrap_or("?");
+                    let key = known(&key).unwrap_or("?");
                     origins.insert(key, Source::Env(var.clone()));
+                    nodes.extend(RawConfig::text_node(key, value).map(|n| (key, n)));
                 }
                 Ok(false) => {
+                    let hint = match did_you_mean(&key, RawConfig::KEYS) {
+                        Some(k) => format!(" (did you mean SIDECACHE_{}?)", k.to_ascii_uppercase()),
+                        None => " (the keys are listed in config.example.yaml)".to_owned(),
+                    };
                     return Err(ConfigError::UnknownEnv {
                         var: var.clone(),
                         key,
-                        known: RawConfig::KEYS.join(", "),
+                        hint,
                     });
                 }
                 Err(message) => {
-                    let key = RawConfig::KEYS.iter().find(|k| **k == key).copied().unwrap_or("?");
                     return Err(ConfigError::Invalid {
-                        key,
+                        key: known(&key).unwrap_or("?"),
                         origin: Source::Env(var.clone()),
                         message,
                     });
@@ -688,6 +733,7 @@ impl Loader {
             match flag_layer.set_from_env(key, &value) {
                 Ok(true) => {
                     origins.insert(key, origin);
+                    nodes.extend(RawConfig::text_node(key, &value).map(|n| (key, n)));
                 }
                 Ok(false) => {
                     return Err(ConfigError::Invalid {
@@ -701,19 +747,205 @@ impl Loader {
         }
         merged.overlay(flag_layer);
 
-        validate(merged, &origins)
+        let config = validate(merged, &origins)?;
+        let effective = Effective::of(&config, &origins, nodes);
+        Ok((config, effective))
     }
 }
 
-fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
+/// The effective configuration: every key's value as YAML and where it came from, in the
+/// table's order. What `check-config` prints, and what a reload compares.
+#[derive(Debug, Clone)]
+pub struct Effective {
+    /// `(key, value, source)`; `None` for a key left unset whose value is decided at startup
+    /// (`open_files`).
+    pub settings: Vec<(&'static str, Option<serde_json::Value>, Source)>,
+}
+
+/// Keys whose value is never printed.
+const SECRET_KEYS: &[&str] = &["admin_token"];
+
+impl Effective {
+    fn of(
+        config: &Config,
+        origins: &HashMap<&'static str, Source>,
+        mut nodes: HashMap<&'static str, serde_json::Value>,
+    ) -> Effective {
+        let settings = RawConfig::KEYS
+            .iter()
+            .map(|&key| {
+                if let Some(node) = nodes.remove(key) {
+                    return (key, Some(node), origins.get(key).cloned().unwrap_or(Source::Default));
+                }
+                let default = RawConfig::DEFAULTS.iter().find(|(k, _)| *k == key);
+                if let Some((_, text)) = default {
+                    return (key, RawConfig::text_node(key, text), Source::Default);
+                }
+                let derived = match key {
+                    "cache_dir" => Some(serde_json::Value::String(config.cache_dir.display().to_string())),
+                    "max_objects" => Some(config.max_objects.into()),
+                    "max_object_size" => Some(config.max_object_size.into()),
+                    "workers" => Some(config.workers.into()),
+                    _ => None,
+                };
+                (key, derived, Source::Derived)
+            })
+            .collect();
+        Effective { settings }
+    }
+
+    /// The value of `key` as YAML (`None`: unset, or no such key).
+    pub fn value(&self, key: &str) -> Option<&serde_json::Value> {
+        self.settings
+            .iter()
+            .find(|(k, ..)| *k == key)
+            .and_then(|(_, v, _)| v.as_ref())
+    }
+
+    /// Takes `keys`' values and sources from `other` (what a reload put in force).
+    pub fn adopt(&mut self, other: &Effective, keys: &[&str]) {
+        for (key, value, source) in &mut self.settings {
+            if keys.contains(key)
+                && let Some((_, v, s)) = other.settings.iter().find(|(k, ..)| k == key)
+            {
+                *value = v.clone();
+                *source = s.clone();
+            }
+        }
+    }
+
+    /// Keys whose value differs between `self` and `other` (the sources aside).
+    pub fn changed(&self, other: &Effective) -> Vec<&'static str> {
+        self.settings
+            .iter()
+            .filter(|(key, value, _)| other.value(key) != value.as_ref())
+            .map(|(key, ..)| *key)
+            .collect()
+    }
+
+    /// The configuration as a YAML file that loads back, each value's source in a comment.
+    /// A secret is a comment (`<redacted>`), never its value: loaded back, it comes from where
+    /// it came from before (the environment, a secret file).
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::from(
+            "# sidecache effective configuration: every key, its value and where it came from\n\
+             # (default, config file, environment variable, flag, derived). Loads back as a\n\
+             # configuration file; secrets are redacted.\n",
+        );
+        for (key, value, source) in &self.settings {
+            let set = !matches!(source, Source::Default | Source::Derived);
+            match value {
+                Some(_) if SECRET_KEYS.contains(key) && set => {
+                    out.push_str(&format!("# {key}: <redacted>  # from {source}\n"));
+                }
+                Some(value) => {
+                    let text = serde_json::to_string(value).unwrap_or_else(|_| "null".into());
+                    out.push_str(&format!("{key}: {text}  # {source}\n"));
+                }
+                None => out.push_str(&format!(
+                    "# {key}: not set; decided when the cache opens (see config.example.yaml)\n"
+                )),
+            }
+        }
+        out
+    }
+}
+
+/// The known name closest to `given` (by edit distance, at most a third of its length), for
+/// "did you mean".
+pub fn did_you_mean<'a>(given: &str, known: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let here = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(here + 1);
+                prev = here;
+            }
+        }
+        row[b.len()]
+    }
+    known
+        .iter()
+        .map(|k| (distance(given, k), *k))
+        .filter(|(d, _)| *d <= (given.chars().count() / 3).max(2))
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// The YAML parser's messages in an operator's words: what was expected, not the parser's
+/// option names; an unknown key with the closest known one instead of the list of all.
+fn humanize(message: &str) -> String {
+    let mut out = message
+        .replace(
+            ", set DuplicateKeyPolicy in Options if acceptable",
+            " (a key may be set once)",
+        )
+        .replace("duplicate mapping key:", "duplicate key")
+        .replace(
+            "invalid boolean (strict mode expects true/false)",
+            "expected true or false (yes, no, on and off are not booleans here)",
+        )
+        .replace("invalid floating point", "expected a number such as 0.9")
+        .replace("invalid integer", "expected a whole number");
+    while let Some(at) = out.find("unknown field `") {
+        let rest = &out[at + "unknown field `".len()..];
+        let Some(end) = rest.find('`') else { break };
+        let field = rest[..end].to_owned();
+        let tail = &rest[end + 1..];
+        // `, expected one of `a`, `b`, ...` up to the end of the line.
+        let (list, after) = match tail.strip_prefix(", expected one of ") {
+            Some(l) => l.split_at(l.find('\n').unwrap_or(l.len())),
+            None => ("", tail),
+        };
+        let candidates: Vec<&str> = list.split(", ").map(|c| c.trim_matches('`')).collect();
+        let hint = match did_you_mean(&field, &candidates) {
+            Some(k) => format!(" (did you mean `{k}`?)"),
+            None if !list.is_empty() => " (the keys are listed in config.example.yaml)".to_owned(),
+            None => String::new(),
+        };
+        out = format!("{}unknown key `{field}`{hint}{after}", &out[..at]);
+    }
+    out
+}
+
+/// Whether `filter` is a log filter whose every directive names a level: `info`,
+/// `sidecache=debug,warn`; not `verbose` (which `EnvFilter` would take as a target name with
+/// no level, silencing everything).
+fn check_log_level(filter: &str) -> Result<(), String> {
+    const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` names no level: use one of trace, debug, info, warn, error, off, \
+                 or target=level (e.g. sidecache=debug,info)"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("`{filter}` is not a log filter: {e}"))?;
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<(RawConfig, serde_json::Map<String, serde_json::Value>), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse_yaml(&text).map_err(|message| ConfigError::Parse {
+    let parse = |message| ConfigError::Parse {
         path: path.to_owned(),
         message,
-    })
+    };
+    let layer = parse_yaml(&text).map_err(parse)?;
+    let values = if text.trim().is_empty() {
+        serde_json::Map::new()
+    } else {
+        serde_saphyr::from_str_with_options(&text, yaml_options()).map_err(|e| parse(humanize(&e.to_string())))?
+    };
+    Ok((layer, values))
 }
 
 /// Parses a YAML document as one configuration layer.
@@ -721,7 +953,7 @@ pub fn parse_yaml(text: &str) -> Result<RawConfig, String> {
     if text.trim().is_empty() {
         return Ok(RawConfig::default());
     }
-    serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| e.to_string())
+    serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| humanize(&e.to_string()))
 }
 
 /// By default one object may be stored per this many bytes of `max_size`: below the size of
@@ -823,9 +1055,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         return Err(invalid("max_connections", "must be at least 1".into()));
     }
     let log_level = raw.log_level;
-    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        return Err(invalid("log_level", format!("`{log_level}` is not a log filter")));
-    }
+    check_log_level(&log_level).map_err(|m| invalid("log_level", m))?;
     let admin_token = Some(raw.admin_token).filter(|t| !t.expose().is_empty());
     // Fail closed: beyond loopback, whoever reaches the admin port could purge the cache or
     // have it filled from the prime sources; /purge and /prime then require the token.
@@ -855,7 +1085,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         rules.push(rule);
     }
     let strip_request_headers =
-        strip_request_headers(raw.strip_request_headers).map_err(|m| invalid("strip_request_headers", m))?;
+        strip_request_headers(raw.strip_request_headers.0).map_err(|m| invalid("strip_request_headers", m))?;
     let compress = crate::compress::Settings::compile(raw.compress).map_err(|m| invalid("compress", m))?;
     let shared_tier = match raw.shared_tier.trim() {
         "" => None,

@@ -144,11 +144,8 @@ pub async fn run(mut config: crate::config::Config) -> anyhow::Result<u8> {
     tokio::spawn(run_origin(origin, stop.clone()));
     let sidecar = crate::sidecar::Sidecar::start(config)
         .await
-        .context("failed to start the admin listener")?;
-    let listener = sidecar
-        .bind_public()
-        .await
-        .context("failed to bind the public listener")?;
+        .context("failed to start the sidecar")?;
+    let listener = sidecar.bind_public().await?;
     let public = listener.local_addr()?;
     println!("\nsidecache demo: a sample app on {origin_addr}, the sidecar in front of it.");
     println!("  try:      curl -si http://{public}/assets/app-3f2a9c81.js | head -12   (twice: miss, then hit)");
@@ -162,7 +159,7 @@ pub async fn run(mut config: crate::config::Config) -> anyhow::Result<u8> {
     tokio::pin!(serving);
     tokio::select! {
         _ = &mut serving => {}
-        _ = signals.recv() => {
+        _ = signals.stop(|| tracing::info!("the demo does not reload")) => {
             sidecar.shutdown.cancel();
             serving.await;
         }

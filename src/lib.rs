@@ -35,6 +35,8 @@
 //! - [`units`]: byte sizes and durations as operators write them (leaf: imports nothing).
 //! - [`metrics`]: every metric name as a constant, described once.
 //! - [`sidecar`]: wires one sidecar together (state, admin port, public port, one shutdown).
+//! - [`reload`]: SIGHUP: the configuration read again, its live keys put in force (the
+//!   [`reload::LiveProxy`] each request takes), the rest waiting for a restart.
 //! - [`serve`]: the `serve` subcommand: supervised app, sidecar, priming, signals, exit status.
 //! - [`limits`]: the descriptor limit: raised for the sidecar, given back to the app.
 //! - [`supervise`]: the child app of `serve -- <command>`: start, readiness, signals, status.
@@ -57,6 +59,7 @@ pub mod negotiate;
 pub mod policy;
 pub mod prime;
 pub mod proxy;
+pub mod reload;
 pub mod rules;
 pub mod serve;
 pub mod server;

@@ -33,6 +33,9 @@ enum Command {
     Serve {
         #[command(flatten)]
         opts: ConfigOpts,
+        /// Check the configuration and exit, as `nginx -t` (the same as `check-config`).
+        #[arg(short = 't', long = "test")]
+        test: bool,
         /// Prime in the background once the app is ready: a manifest (.json) or a URL list.
         #[arg(long, value_name = "FILE")]
         prime: Option<PathBuf>,
@@ -45,17 +48,19 @@ enum Command {
     },
     /// Warm this instance's cache through the sidecar's admin port (from deploy hooks).
     Prime(PrimeArgs),
-    /// Validate the configuration (file, environment, flags) and print it.
+    /// Validate the configuration (file, environment, flags) and print the effective one as
+    /// YAML, each value's source beside it (also `serve -t`).
     CheckConfig {
         #[command(flatten)]
         opts: ConfigOpts,
     },
     /// Purge cached objects through the admin port: one URL, a prefix, tags, or everything.
     Purge {
-        /// One URL: a path (`/app.js?v=1`, any host) or a full `http://host/path` URL.
+        /// A URL: a path (`/app.js?v=1`, any host) or a full `http://host/path` URL; repeat
+        /// for several.
         #[arg(long, conflicts_with_all = ["prefix", "all", "tag"])]
-        url: Option<String>,
-        /// Every URL whose path (or full URL) starts with this.
+        url: Vec<String>,
+        /// Every URL whose path (or full URL) starts with this (`assets` means `/assets`).
         #[arg(long, conflicts_with_all = ["all", "tag"])]
         prefix: Option<String>,
         /// Every object carrying this tag (`Surrogate-Key`, `Cache-Tag`); repeat for any of
@@ -112,8 +117,11 @@ struct AdminOpts {
 }
 
 impl AdminOpts {
-    fn resolve(self) -> AdminAccess {
+    /// The admin address and token; `None` (reported) when `--target` is not an address.
+    fn resolve(self) -> Option<AdminAccess> {
         AdminAccess::resolve(self.target, self.token, self.config)
+            .map_err(|e| eprintln!("sidecache: {e}"))
+            .ok()
     }
 }
 
@@ -149,11 +157,12 @@ struct PrimeArgs {
     /// Extra rounds for failed objects (with backoff).
     #[arg(long, default_value_t = 3)]
     retries: u32,
-    /// Time limit per object.
-    #[arg(long, default_value_t = prime::warm::OBJECT_TIMEOUT.into())]
-    timeout: humantime::Duration,
-    /// How long to wait for the sidecar to be ready.
-    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    /// Time limit per object (`30s`, `2m`; a bare number is seconds).
+    #[arg(long, default_value = "30s", value_parser = seconds_or_duration)]
+    timeout: Duration,
+    /// How long to wait for the sidecar to be ready (`120s`, `2m`; a bare number is seconds,
+    /// as `grace_period: 3` is).
+    #[arg(long, default_value = "120s", value_parser = seconds_or_duration)]
     wait: Duration,
     /// Failures tolerated before the exit status is non-zero.
     #[arg(long, default_value_t = 0)]
@@ -185,11 +194,23 @@ impl PrimeArgs {
     }
 }
 
+/// A duration as the configuration writes one: `25s`, `2m`, or a bare number of seconds.
+fn seconds_or_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration such as 30s or 2m: {e}"))
+}
+
 async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
     let Some(input) = args.input() else {
-        anyhow::bail!("prime needs one of --urls, --dir, --manifest or --sitemap");
+        eprintln!("sidecache: prime needs one of --urls, --dir, --manifest or --sitemap");
+        return Ok(EXIT_CONFIG);
     };
-    let access = args.admin.resolve();
+    let Some(access) = args.admin.resolve() else {
+        return Ok(EXIT_CONFIG);
+    };
     let opts = prime::Options {
         target: access.target,
         token: access.token,
@@ -197,7 +218,7 @@ async fn prime_command(args: PrimeArgs) -> anyhow::Result<u8> {
         from: args.from,
         concurrency: args.concurrency.clamp(1, 64),
         retries: args.retries,
-        timeout: args.timeout.into(),
+        timeout: args.timeout,
         wait: args.wait,
         max_failures: args.max_failures,
         json: args.json,
@@ -247,7 +268,9 @@ struct ConfigOpts {
 }
 
 impl ConfigOpts {
-    fn load(self) -> Result<Config, sidecache::config::ConfigError> {
+    /// The loader over these flags, the file and the environment (kept by `serve` to load the
+    /// configuration again on SIGHUP).
+    fn loader(self) -> Loader {
         let flags = [
             ("listen", self.listen),
             ("upstream", self.upstream),
@@ -264,7 +287,37 @@ impl ConfigOpts {
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))
         .collect();
-        Loader::new(std::env::vars()).file(self.config).flags(flags).load()
+        Loader::new(std::env::vars()).file(self.config).flags(flags)
+    }
+}
+
+/// Prints `text` to standard output; a reader that went away (`check-config | head`) ends the
+/// output quietly instead of a panic.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sidecache: failed to write to standard output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `check-config` and `serve -t`: the effective configuration as YAML on standard output, the
+/// verdict on standard error (as `nginx -t`).
+fn check_config(opts: ConfigOpts) -> ExitCode {
+    match opts.loader().load_explained() {
+        Ok((_, effective)) => {
+            eprintln!("sidecache: configuration is valid");
+            print_out(&effective.to_yaml())
+        }
+        Err(e) => {
+            eprintln!("sidecache: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 
@@ -274,40 +327,43 @@ fn main() -> ExitCode {
     if args.nth(1).is_some_and(|first| first == supervise::LAUNCH) {
         return supervise::launch(args);
     }
-    let cli = Cli::parse();
+    // Bad usage exits 64 (EX_USAGE), as a bad configuration does; help and version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     match cli.command {
-        Command::CheckConfig { opts } => match opts.load() {
-            Ok(config) => {
-                println!("configuration is valid\n{config:#?}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("sidecache: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::CheckConfig { opts } => check_config(opts),
         Command::Prime(args) => run_async(prime_command(args)),
+        Command::Serve { opts, test: true, .. } => check_config(opts),
         Command::Serve {
             opts,
             app,
             prime,
             prime_host,
+            test: false,
         } => {
-            let config = match opts.load() {
-                Ok(config) => config,
+            let loader = opts.loader();
+            let (config, effective) = match loader.clone().load_explained() {
+                Ok(loaded) => loaded,
                 Err(e) => {
                     eprintln!("sidecache: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging(&config);
+            let log = init_logging(&config);
             let prime = prime.map(|file| serve::PrimeFile { file, host: prime_host });
             // This thread's loop is the first serving loop (see `Sidecar::serve`) and runs the
             // background work; the others get their own threads.
             let blocking = sidecache::sidecar::blocking_threads(config.workers);
-            run_on(
+            let reload = serve::Reload { loader, effective, log };
+            run_logged(
                 tokio::runtime::Builder::new_current_thread().max_blocking_threads(blocking),
-                serve::run(config, app, prime),
+                serve::run(config, app, prime, reload),
             )
         }
         Command::Purge {
@@ -318,23 +374,25 @@ fn main() -> ExitCode {
             soft,
             admin,
         } => {
-            let mut query = match (url, prefix, all) {
-                (Some(u), _, _) => vec![("url", u)],
-                (_, Some(p), _) => vec![("prefix", p)],
-                (_, _, true) => vec![("all", "true".to_owned())],
-                _ if !tag.is_empty() => tag.into_iter().map(|t| ("tag", t)).collect(),
+            let selectors: Vec<Vec<(&'static str, String)>> = match (url.is_empty(), prefix, all) {
+                (false, _, _) => url.into_iter().map(|u| vec![("url", u)]).collect(),
+                (_, Some(p), _) => vec![vec![("prefix", client::normalize_prefix(&p))]],
+                (_, _, true) => vec![vec![("all", "true".to_owned())]],
+                _ if !tag.is_empty() => vec![tag.into_iter().map(|t| ("tag", t)).collect()],
                 _ => {
                     eprintln!("sidecache: purge needs --url, --prefix, --tag or --all");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            if soft {
-                query.push(("soft", "true".to_owned()));
-            }
-            run_async(client::purge(admin.resolve(), query))
+            let Some(access) = admin.resolve() else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            run_async(client::purge(access, selectors, soft))
         }
         Command::Inspect { url, host, json, admin } => {
-            let access = admin.resolve();
+            let Some(access) = admin.resolve() else {
+                return ExitCode::from(EXIT_CONFIG);
+            };
             run_async(client::inspect(access, url, host, json))
         }
         Command::Demo { listen, admin_listen } => {
@@ -348,8 +406,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging(&config);
-            run_async(sidecache::demo::run(config))
+            let _log = init_logging(&config);
+            run_logged(
+                tokio::runtime::Builder::new_multi_thread().max_blocking_threads(64),
+                sidecache::demo::run(config),
+            )
         }
     }
 }
@@ -360,12 +421,23 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> Exit
     run_on(
         tokio::runtime::Builder::new_multi_thread().max_blocking_threads(64),
         fut,
+        false,
     )
+}
+
+/// [`run_on`] for a command that logs: its fatal error is one log line, not a log line and
+/// the same text on standard error.
+fn run_logged(
+    builder: &mut tokio::runtime::Builder,
+    fut: impl std::future::Future<Output = anyhow::Result<u8>>,
+) -> ExitCode {
+    run_on(builder, fut, true)
 }
 
 fn run_on(
     builder: &mut tokio::runtime::Builder,
     fut: impl std::future::Future<Output = anyhow::Result<u8>>,
+    logged: bool,
 ) -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -376,24 +448,35 @@ fn run_on(
     };
     match runtime.block_on(fut) {
         Ok(code) => ExitCode::from(code),
+        Err(e) if logged => {
+            error!(error = format!("{e:#}"), "fatal");
+            ExitCode::FAILURE
+        }
         Err(e) => {
-            error!("{e:#}");
             eprintln!("sidecache: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_logging(config: &Config) {
+/// Starts logging at the configured level; the handle changes the level on a reload.
+fn init_logging(config: &Config) -> serve::LogLevel {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stdout);
     match config.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(layer.json().flatten_event(true)).init(),
+        LogFormat::Text => registry.with(layer).init(),
     }
+    Box::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }

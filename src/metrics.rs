@@ -122,11 +122,155 @@ pub const TAG_REFERENCES: &str = "sidecache_tag_references";
 pub const TAG_INDEX_BYTES: &str = "sidecache_tag_index_bytes";
 /// Objects marked stale by soft purges.
 pub const SOFT_PURGED_OBJECTS: &str = "sidecache_soft_purged_objects_total";
+/// Misses whose answer was not stored (`private`, `no-store`, too large, not storable): answers
+/// that could never have been hits. The hit ratio's denominator leaves them out.
+pub const MISSES_NOT_STORED: &str = "sidecache_misses_not_stored_total";
 /// Requests answered, by `rule` (the configured rule's name, `none` when no rule matched)
 /// and `outcome`.
 pub const RULE_REQUESTS: &str = "sidecache_rule_requests_total";
 /// Body bytes sent to clients, by `rule` and `outcome`.
 pub const RULE_BYTES: &str = "sidecache_rule_sent_bytes_total";
+
+/// A label and its closed set of values.
+pub type Label = (&'static str, &'static [&'static str]);
+
+/// The three content codings variants are made in.
+const CODINGS: &[&str] = &["br", "zstd", "gzip"];
+
+/// Every counter with a fixed label set, and each label's closed set of values (as
+/// `docs/metrics.md` lists them): all registered at 0 when the recorder is installed, so that
+/// `increase(...)` and `rate(...)` see the first event (a series born at 1 has no increase).
+/// The per-rule counters are registered by the proxy (their `rule` values come from the
+/// configuration).
+pub const COUNTERS: &[(&str, &[Label])] = &[
+    (
+        REQUESTS,
+        &[
+            (
+                "outcome",
+                &["hit", "miss", "coalesced", "stale", "revalidated", "bypass", "error"],
+            ),
+            ("method", &["get", "head", "unsafe", "other"]),
+        ],
+    ),
+    (MISSES_NOT_STORED, &[]),
+    (
+        UPSTREAM_ERRORS,
+        &[(
+            "kind",
+            &[
+                "connect",
+                "connect_timeout",
+                "descriptors",
+                "timeout",
+                "protocol",
+                "source",
+                "client_body",
+            ],
+        )],
+    ),
+    (CLIENT_ERRORS, &[("kind", &["body"])]),
+    (INVALIDATIONS_SKIPPED, &[]),
+    (SERVED_CACHE_BYTES, &[]),
+    (UPSTREAM_BYTES, &[]),
+    (DESCRIPTOR_SHORTAGES, &[]),
+    (EVICTIONS, &[]),
+    (EVICTED_BYTES, &[]),
+    (FILLS_STARTED, &[]),
+    (FILLS_COMPLETED, &[]),
+    (
+        FILLS_ABORTED,
+        &[(
+            "reason",
+            &[
+                "budget",
+                "objects",
+                "room",
+                "storage",
+                "stalled",
+                "purged",
+                "upstream",
+                "truncated",
+                "incomplete",
+            ],
+        )],
+    ),
+    (FILLS_DECLINED, &[]),
+    (
+        STORAGE_ERRORS,
+        &[(
+            "kind",
+            &["no_space", "permission", "missing", "io", "locked", "unsafe", "corrupt"],
+        )],
+    ),
+    (COALESCED_WAITS, &[]),
+    (PURGED_OBJECTS, &[]),
+    (CORRUPT_OBJECTS, &[]),
+    (PRIME_OBJECTS, &[("result", &["warmed", "warm", "failed"])]),
+    (PRIME_BYTES, &[]),
+    (VARIANTS_MADE, &[("encoding", CODINGS)]),
+    (VARIANTS_SKIPPED, &[("encoding", CODINGS)]),
+    (VARIANTS_REUSED, &[("encoding", CODINGS)]),
+    (COMPRESS_DROPPED, &[("reason", &["queue_full"])]),
+    (COMPRESS_INPUT_BYTES, &[("encoding", CODINGS)]),
+    (COMPRESS_OUTPUT_BYTES, &[("encoding", CODINGS)]),
+    (SERVED_BY_ENCODING, &[("encoding", &["identity", "br", "zstd", "gzip"])]),
+    (
+        SERVED_BYTES_BY_ENCODING,
+        &[("encoding", &["identity", "br", "zstd", "gzip"])],
+    ),
+    (COMPRESS_SAVED_BYTES, &[]),
+    (
+        SHARED_LOOKUPS,
+        &[(
+            "result",
+            &["hit", "miss", "unused", "refused", "purged", "error", "skipped"],
+        )],
+    ),
+    (
+        SHARED_REFUSED,
+        &[("reason", &["footer", "record", "length", "digest", "key", "not_shared"])],
+    ),
+    (SHARED_UPLOADS, &[]),
+    (
+        SHARED_UPLOAD_DROPS,
+        &[(
+            "reason",
+            &["full", "breaker", "gone", "size", "closed", "duplicate", "budget"],
+        )],
+    ),
+    (
+        SHARED_ERRORS,
+        &[
+            ("op", &["get", "put"]),
+            ("kind", &["timeout", "denied", "request", "slow"]),
+        ],
+    ),
+    (TAGS_REFUSED, &[("reason", &["count", "length", "invalid", "memory"])]),
+    (SOFT_PURGED_OBJECTS, &[]),
+];
+
+/// Registers every series of [`COUNTERS`] (each combination of its labels' values) at 0.
+fn register_counters_at_zero() {
+    for (name, labels) in COUNTERS {
+        let mut combos: Vec<Vec<metrics::Label>> = vec![Vec::new()];
+        for (label, values) in labels.iter() {
+            combos = combos
+                .into_iter()
+                .flat_map(|combo| {
+                    values.iter().map(move |v| {
+                        let mut c = combo.clone();
+                        c.push(metrics::Label::new(*label, *v));
+                        c
+                    })
+                })
+                .collect();
+        }
+        for combo in combos {
+            metrics::counter!(*name, combo).increment(0);
+        }
+    }
+}
 
 /// Latency buckets in seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -147,6 +291,7 @@ pub fn install() -> PrometheusHandle {
             // Fails only if another recorder was installed first (an embedding program's).
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_counters_at_zero();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             let upkeep = handle.clone();
             // Histograms drain their buffers on upkeep; a plain thread keeps it off the runtime.
@@ -297,6 +442,10 @@ fn describe() {
     );
     describe_counter!(SOFT_PURGED_OBJECTS, "Objects marked stale by soft purges.");
     describe_counter!(
+        MISSES_NOT_STORED,
+        "Misses whose answer was not stored (private, no-store, too large): never hit candidates."
+    );
+    describe_counter!(
         RULE_REQUESTS,
         "Requests answered, by rule name (none: no rule) and outcome."
     );
@@ -305,4 +454,41 @@ fn describe() {
         Unit::Bytes,
         "Body bytes sent to clients, by rule name (none: no rule) and outcome."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every labelled value set here is the one `docs/metrics.md` lists for the counter (a
+    /// value added on one side only fails here), and every counter in the catalogue is here.
+    #[test]
+    fn the_zeroed_label_sets_match_the_catalogue() {
+        let doc = include_str!("../docs/metrics.md");
+        for (name, labels) in COUNTERS {
+            let row = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("{name} is not in docs/metrics.md"));
+            // "(same set)": the values are those of the row above that lists them.
+            if row.contains("same set") || row.contains("as above") {
+                continue;
+            }
+            for (label, values) in labels.iter() {
+                for value in values.iter() {
+                    assert!(
+                        row.contains(&format!("`{value}`")),
+                        "{name}{{{label}=\"{value}\"}} not in its row"
+                    );
+                }
+            }
+        }
+        for line in doc.lines().filter(|l| l.contains("| counter |")) {
+            let name = line.split('`').nth(1).unwrap_or_default();
+            if name.starts_with("sidecache_rule_") {
+                continue;
+            }
+            assert!(COUNTERS.iter().any(|(n, _)| *n == name), "{name} is not zeroed");
+        }
+    }
 }

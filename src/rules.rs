@@ -542,6 +542,14 @@ pub enum QueryKey {
 pub enum RawQueryKey {
     /// `all` or `none`.
     Word(String),
+    /// `{allow: [...], deny: [...]}`: refused (untagged, `Allow` would take it and drop
+    /// `deny` without a word).
+    Both {
+        /// Kept parameters.
+        allow: Vec<String>,
+        /// Dropped parameters.
+        deny: Vec<String>,
+    },
     /// `{allow: [...]}`.
     Allow {
         /// Kept parameters.
@@ -561,6 +569,11 @@ impl RawQueryKey {
             RawQueryKey::Word(w) if w == "all" => Ok(QueryKey::All),
             RawQueryKey::Word(w) if w == "none" => Ok(QueryKey::None),
             RawQueryKey::Word(w) => Err(format!("`{w}`: use all, none, {{allow: [...]}} or {{deny: [...]}}")),
+            RawQueryKey::Both { .. } => Err(
+                "both `allow` and `deny` given: use one (allow: only these parameters are kept; \
+                 deny: all but these)"
+                    .into(),
+            ),
             RawQueryKey::Allow { allow } => Ok(QueryKey::Allow(allow)),
             RawQueryKey::Deny { deny } => Ok(QueryKey::Deny(deny)),
         }

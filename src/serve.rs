@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Effective, Loader};
 use crate::prime::protocol::WarmResult;
 use crate::prime::warm::{Job, warm_all};
 use crate::prime::{self, Input};
@@ -28,9 +28,65 @@ pub struct PrimeFile {
     pub host: Option<String>,
 }
 
+/// Sets the log filter in force (`main`'s subscriber); an error says why the filter was not
+/// taken.
+pub type LogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What a SIGHUP needs: how the configuration was loaded (to load it again), its effective
+/// values in force, and the log filter's handle.
+pub struct Reload {
+    /// The same file, environment and flags as at startup.
+    pub loader: Loader,
+    /// The effective configuration in force.
+    pub effective: Effective,
+    /// Sets the log level.
+    pub log: LogLevel,
+}
+
+impl Reload {
+    /// Loads the configuration again and puts what can change live in force (see
+    /// [`crate::reload`]); logs what changed, what waits for a restart, or why the new
+    /// configuration was refused (the one in force is then kept whole).
+    fn run(&mut self, sidecar: &Sidecar) {
+        info!(signal = "SIGHUP", "reloading the configuration");
+        let (config, effective) = match self.loader.clone().load_explained() {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                error!(error = %e, "reload refused; the configuration in force is kept");
+                return;
+            }
+        };
+        let done = crate::reload::apply(&sidecar.live, &mut self.effective, &config, &effective);
+        for (key, from, to) in &done.applied {
+            info!(key, from = %from, to = %to, "reload: applied");
+            match *key {
+                "log_level" => {
+                    if let Err(e) = (self.log)(&config.log_level) {
+                        warn!(error = %e, "reload: log level not changed");
+                    }
+                }
+                "max_connections" => sidecar.resize_connection_limit(config.max_connections),
+                _ => {}
+            }
+        }
+        if !done.restart.is_empty() {
+            warn!(
+                keys = done.restart.join(", "),
+                "reload: these keys changed but take effect only at a restart; not applied"
+            );
+        }
+        info!(applied = done.applied.len(), "configuration reloaded");
+    }
+}
+
 /// Serves until a signal or the app's exit; returns the process's exit status (the app's, when
-/// there is one).
-pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<PrimeFile>) -> anyhow::Result<u8> {
+/// there is one). SIGHUP reloads the configuration through `reload`.
+pub async fn run(
+    mut config: Config,
+    app_command: Vec<String>,
+    prime: Option<PrimeFile>,
+    mut reload: Reload,
+) -> anyhow::Result<u8> {
     // Before the cache sizes its open tier from the limit.
     match crate::limits::raise_descriptor_limit() {
         Ok((before, after)) if before != after => info!(before, after, "raised the descriptor limit"),
@@ -61,11 +117,10 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     let app_start_timeout = config.app_start_timeout;
     let upstream_host = config.upstream.authority.host().to_owned();
     let upstream_port = config.upstream.port();
-    let sidecar = Sidecar::start(config)
-        .await
-        .context("failed to start the admin listener")?;
+    let sidecar = Sidecar::start(config).await.context("failed to start the sidecar")?;
 
-    let grace = sidecar.proxy.config().grace_period;
+    // The grace period in force when it is needed (a reload may change it).
+    let grace = || sidecar.live.current().config().grace_period;
     if let Some(app) = app.as_mut() {
         tokio::select! {
             ready = app.wait_ready(&upstream_host, upstream_port, app_start_timeout) => {
@@ -78,18 +133,15 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
                 }
                 info!(port = upstream_port, "app ready");
             }
-            stop = signals.recv() => {
+            stop = signals.stop(|| reload.run(&sidecar)) => {
                 info!(signal = stop.as_str(), "shutting down");
-                let status = app.stop(stop.forwarded(), grace).await?;
+                let status = app.stop(stop.forwarded(), grace()).await?;
                 return Ok(supervise::exit_code(status) as u8);
             }
         }
     }
 
-    let listener = sidecar
-        .bind_public()
-        .await
-        .context("failed to bind the public listener")?;
+    let listener = sidecar.bind_public().await?;
     if let Some(prime) = prime {
         tokio::spawn(prime_in_background(sidecar.proxy.clone(), prime));
     }
@@ -100,7 +152,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     let mut stop_signal = libc::SIGTERM;
     tokio::select! {
         _ = &mut serving => {}
-        stop = signals.recv() => {
+        stop = signals.stop(|| reload.run(&sidecar)) => {
             info!(signal = stop.as_str(), "shutting down");
             stop_signal = stop.forwarded();
             // The app keeps running while the requests in flight finish: it is stopped below,
@@ -123,7 +175,7 @@ pub async fn run(mut config: Config, app_command: Vec<String>, prime: Option<Pri
     if let Some(mut app) = app {
         let status = match app_status {
             Some(status) => status,
-            None => app.stop(stop_signal, grace).await?,
+            None => app.stop(stop_signal, grace()).await?,
         };
         info!(status = %status, "app exited");
         return Ok(supervise::exit_code(status).clamp(0, 255) as u8);

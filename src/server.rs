@@ -23,18 +23,20 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::proxy::Proxy;
+use crate::reload::LiveProxy;
 
 /// Serves the public port until `shutdown` completes, then drains in-flight requests for at
-/// most `config.grace_period`. Returns true when every connection finished in time.
-/// `limit` holds the connection slots, shared by every loop serving the port.
+/// most `grace_period` (as in force when the drain begins). Returns true when every connection
+/// finished in time. `limit` holds the connection slots, shared by every loop serving the port.
+/// Each request is answered by the proxy in force when it arrives (`live`, see
+/// [`crate::reload`]).
 pub async fn run(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    live: Arc<LiveProxy>,
     shutdown: impl Future<Output = ()>,
     limit: Arc<Semaphore>,
 ) -> bool {
-    let config = proxy.config().clone();
+    let config = live.current().config().clone();
     let builder = Arc::new(connection_builder(&config));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -52,7 +54,7 @@ pub async fn run(
                     // the cache gives back some it holds open.
                     warn!(error = %e, "accept failed");
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                        proxy.cache().relieve_descriptors();
+                        live.current().cache().relieve_descriptors();
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -64,21 +66,22 @@ pub async fn run(
             permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
+        let live = live.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let idle_timeout = config.idle_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
-            serve_connection(stream, peer, proxy, &builder, watcher, idle_timeout).await;
+            serve_connection(stream, peer, live, &builder, watcher, idle_timeout).await;
             metrics::gauge!(m::CONNECTIONS).decrement(1.0);
         });
     }
 
-    info!(grace = ?config.grace_period, open = graceful.count(), "draining connections");
+    let grace = live.current().config().grace_period;
+    info!(grace = ?grace, open = graceful.count(), "draining connections");
     drop(listener);
-    match tokio::time::timeout(config.grace_period, graceful.shutdown()).await {
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => {
             info!("all connections drained");
             true
@@ -111,7 +114,7 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    proxy: Arc<Proxy>,
+    live: Arc<LiveProxy>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     idle_timeout: Duration,
@@ -122,7 +125,7 @@ async fn serve_connection(
         activity: activity.clone(),
     });
     let service = service_fn(move |req| {
-        let proxy = proxy.clone();
+        let proxy = live.current();
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
     });
     let conn = builder.serve_connection_with_upgrades(io, service);

@@ -13,14 +13,22 @@ use crate::admin::{Admin, Readiness};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::proxy::Proxy;
+use crate::reload::LiveProxy;
 use crate::shared::SharedTier;
 use crate::upstream::Upstream;
 
 /// A sidecar whose state is built and whose admin port is bound; the public port is bound by
 /// [`Sidecar::serve`] (after a supervised app is ready).
 pub struct Sidecar {
-    /// The request path's shared state.
+    /// The request path's shared state as started (its cache, its parts; the configuration in
+    /// force after a reload is `live`'s).
     pub proxy: Arc<Proxy>,
+    /// The proxy in force, which each request takes; replaced by a reload.
+    pub live: Arc<LiveProxy>,
+    /// Connection slots, shared by every loop serving the port; resized by a reload.
+    limit: Arc<Semaphore>,
+    /// How many slots `limit` has in all (taken and free).
+    slots: std::sync::Mutex<usize>,
     admin_addr: SocketAddr,
     readiness: Arc<Readiness>,
     /// Cancelled to stop the sidecar: stop accepting, drain, return.
@@ -55,7 +63,12 @@ impl Sidecar {
             sources,
             shared.clone(),
         ));
-        let admin_listener = TcpListener::bind(config.admin_listen).await?;
+        let admin_listener = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("failed to bind the admin listener on {}: {e}", config.admin_listen),
+            )
+        })?;
         let admin_addr = admin_listener.local_addr()?;
         let shutdown = CancellationToken::new();
         if let Some(tier) = shared {
@@ -63,19 +76,42 @@ impl Sidecar {
         }
         tokio::spawn(crate::cache::evict::run(cache, shutdown.clone()));
         let readiness = Arc::new(Readiness::new(shutdown.clone()));
+        let live = Arc::new(LiveProxy::new(proxy.clone()));
         let admin = Arc::new(Admin {
-            proxy: proxy.clone(),
+            live: live.clone(),
             metrics,
             readiness: readiness.clone(),
         });
         tokio::spawn(admin.run(admin_listener, shutdown.clone().cancelled_owned()));
         info!(addr = %admin_addr, "admin listening");
+        let slots = config.max_connections;
         Ok(Sidecar {
             proxy,
+            live,
+            limit: Arc::new(Semaphore::new(slots)),
+            slots: std::sync::Mutex::new(slots),
             admin_addr,
             readiness,
             shutdown,
         })
+    }
+
+    /// Makes the connection slots `max_connections` (after a reload): more at once; fewer as
+    /// connections end (slots taken are not taken back from their connections).
+    pub fn resize_connection_limit(&self, max_connections: usize) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if max_connections > *slots {
+            self.limit.add_permits(max_connections - *slots);
+        } else if max_connections < *slots {
+            let fewer = u32::try_from(*slots - max_connections).unwrap_or(u32::MAX);
+            let limit = self.limit.clone();
+            tokio::spawn(async move {
+                if let Ok(permits) = limit.acquire_many_owned(fewer).await {
+                    permits.forget();
+                }
+            });
+        }
+        *slots = max_connections;
     }
 
     /// The admin listener's address.
@@ -83,14 +119,14 @@ impl Sidecar {
         self.admin_addr
     }
 
-    /// Binds the public port; `/readyz` can say ready from then on.
-    pub async fn bind_public(&self) -> std::io::Result<TcpListener> {
-        let listener = if self.proxy.config().workers > 1 {
-            reuseport_listener(self.proxy.config().listen)?
-        } else {
-            TcpListener::bind(self.proxy.config().listen).await?
-        };
-        info!(addr = %listener.local_addr()?, upstream = %self.proxy.upstream().addr(), "proxy listening");
+    /// Binds the public port; `/readyz` can say ready from then on. The error names the
+    /// address. The port is this process's alone: no `SO_REUSEPORT`, so a second sidecache (or
+    /// anything else) on the same port fails here instead of splitting its traffic.
+    pub async fn bind_public(&self) -> Result<TcpListener, BindError> {
+        let addr = self.proxy.config().listen;
+        let listener = exclusive_listener(addr).map_err(|source| BindError { addr, source })?;
+        let local = listener.local_addr().map_err(|source| BindError { addr, source })?;
+        info!(addr = %local, upstream = %self.proxy.upstream().addr(), "proxy listening");
         self.readiness.bound();
         Ok(listener)
     }
@@ -104,7 +140,7 @@ impl Sidecar {
     /// accepted it: no work-stealing wake-ups between threads on the request path. Everything
     /// else (the cache, the app's connection pool, fills) is shared.
     pub async fn serve(&self, listener: TcpListener) -> bool {
-        let limit = Arc::new(Semaphore::new(self.proxy.config().max_connections));
+        let limit = self.limit.clone();
         let (listener, others) = match self.split(listener) {
             Ok(pair) => pair,
             Err(e) => {
@@ -121,8 +157,7 @@ impl Sidecar {
         let _release_on_drop = released.clone().drop_guard();
         let mut drained = Vec::new();
         for (i, listener) in others.into_iter().enumerate() {
-            let (proxy, shutdown, limit, released) =
-                (self.proxy.clone(), stop.clone(), limit.clone(), released.clone());
+            let (live, shutdown, limit, released) = (self.live.clone(), stop.clone(), limit.clone(), released.clone());
             let (done, result) = tokio::sync::oneshot::channel();
             let blocking = blocking_threads(self.proxy.config().workers);
             let spawned = std::thread::Builder::new()
@@ -141,7 +176,7 @@ impl Sidecar {
                         let Ok(listener) = TcpListener::from_std(listener) else {
                             return;
                         };
-                        let ok = crate::server::run(listener, proxy, shutdown.cancelled_owned(), limit).await;
+                        let ok = crate::server::run(listener, live, shutdown.cancelled_owned(), limit).await;
                         let _ = done.send(ok);
                         released.cancelled().await;
                     });
@@ -151,7 +186,7 @@ impl Sidecar {
                 Err(e) => warn!(error = %e, "failed to start a worker thread"),
             }
         }
-        let mut all = crate::server::run(listener, self.proxy.clone(), stop.clone().cancelled_owned(), limit).await;
+        let mut all = crate::server::run(listener, self.live.clone(), stop.clone().cancelled_owned(), limit).await;
         for result in drained {
             all &= result.await.unwrap_or(false);
         }
@@ -159,15 +194,17 @@ impl Sidecar {
         all
     }
 
-    /// Adds a listening socket per other loop on the same address, in `listener`'s
-    /// `SO_REUSEPORT` group: the kernel spreads new connections over the loops evenly. Fewer
-    /// loops when that fails (a listener bound without the option, no descriptors left).
+    /// A duplicate of `listener`'s socket per other loop: every loop accepts from the one
+    /// queue (as nginx's workers share one listening socket without `reuseport`). Not
+    /// `SO_REUSEPORT`: its group is open to any process of the same user, so a second sidecache
+    /// started on the port would join it and take half the connections. Fewer loops when a
+    /// duplicate cannot be made (no descriptors left).
     fn split(&self, listener: TcpListener) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
         let workers = self.proxy.config().workers;
-        let addr = listener.local_addr()?;
+        let std_listener = listener.into_std()?;
         let mut others = Vec::with_capacity(workers.saturating_sub(1));
         for _ in 1..workers {
-            match reuseport_listener(addr).and_then(|l| l.into_std()) {
+            match std_listener.try_clone() {
                 Ok(l) => others.push(l),
                 Err(e) => {
                     warn!(error = %e, loops = others.len() + 1, "fewer serving loops than configured");
@@ -175,8 +212,18 @@ impl Sidecar {
                 }
             }
         }
-        Ok((listener, others))
+        Ok((TcpListener::from_std(std_listener)?, others))
     }
+}
+
+/// The public port could not be bound; names the address (issue 28).
+#[derive(Debug, thiserror::Error)]
+#[error("failed to bind the public listener on {addr}: {source}")]
+pub struct BindError {
+    /// The configured address.
+    pub addr: SocketAddr,
+    /// Why (`Address already in use`, `Permission denied`, ...).
+    pub source: std::io::Error,
 }
 
 /// Blocking-pool threads for each of `workers` serving loops: file steps are short, and a
@@ -186,15 +233,15 @@ pub fn blocking_threads(workers: usize) -> usize {
     (64 / workers.max(1)).max(8)
 }
 
-/// A listener on `addr` that other sockets of this user may join with `SO_REUSEPORT`.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listener on `addr` with `SO_REUSEADDR` (a restart may bind while old connections linger
+/// in TIME_WAIT; it never allows binding over another listener) and without `SO_REUSEPORT`.
+fn exclusive_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
 }

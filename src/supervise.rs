@@ -318,11 +318,21 @@ impl Stop {
     }
 }
 
+/// What a signal asks of sidecache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// Stop (gracefully).
+    Stop(Stop),
+    /// SIGHUP: read the configuration again (see [`crate::reload`]).
+    Reload,
+}
+
 /// sidecache's handlers for the signals it acts on: SIGTERM, SIGINT and SIGQUIT stop it
-/// (gracefully); SIGHUP, SIGUSR1 and SIGUSR2 are logged and otherwise ignored (their default
-/// action would kill sidecache, and its app with it, without a drain). Installed once, first
-/// thing, so that none arriving while the sidecar starts is lost (a handled signal is held
-/// until it is received) and an app started afterwards gets their default action.
+/// (gracefully); SIGHUP reloads the configuration (nginx's and Varnish's convention); SIGUSR1
+/// and SIGUSR2 are logged and otherwise ignored (their default action would kill sidecache, and
+/// its app with it, without a drain). Installed once, first thing, so that none arriving while
+/// the sidecar starts is lost (a handled signal is held until it is received) and an app
+/// started afterwards gets their default action.
 pub struct Termination {
     term: unix_signal::Signal,
     int: unix_signal::Signal,
@@ -345,18 +355,26 @@ impl Termination {
         })
     }
 
-    /// The next signal that stops sidecache; the others are logged on the way.
-    pub async fn recv(&mut self) -> Stop {
+    /// The next signal that asks for something; SIGUSR1/2 are logged on the way.
+    pub async fn recv(&mut self) -> Asked {
         loop {
             tokio::select! {
-                _ = self.term.recv() => return Stop::Term,
-                _ = self.int.recv() => return Stop::Int,
-                _ = self.quit.recv() => return Stop::Quit,
-                // Until the configuration can be reloaded, a SIGHUP (a terminal hanging up, a
-                // reload by habit) changes nothing, and is not fatal.
-                _ = self.hup.recv() => info!(signal = "SIGHUP", "reload is not supported yet; configuration unchanged"),
+                _ = self.term.recv() => return Asked::Stop(Stop::Term),
+                _ = self.int.recv() => return Asked::Stop(Stop::Int),
+                _ = self.quit.recv() => return Asked::Stop(Stop::Quit),
+                _ = self.hup.recv() => return Asked::Reload,
                 _ = self.usr1.recv() => info!(signal = "SIGUSR1", "signal ignored"),
                 _ = self.usr2.recv() => info!(signal = "SIGUSR2", "signal ignored"),
+            }
+        }
+    }
+
+    /// The next signal that stops sidecache; a SIGHUP meanwhile runs `reload`.
+    pub async fn stop(&mut self, mut reload: impl FnMut()) -> Stop {
+        loop {
+            match self.recv().await {
+                Asked::Stop(stop) => return stop,
+                Asked::Reload => reload(),
             }
         }
     }

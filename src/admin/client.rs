@@ -19,8 +19,14 @@ pub struct AdminAccess {
 
 impl AdminAccess {
     /// Flags first, then the configuration (file, `SIDECACHE_*`), then the default
-    /// `admin_listen` when that configuration does not load.
-    pub fn resolve(target: Option<String>, token: Option<String>, config: Option<PathBuf>) -> AdminAccess {
+    /// `admin_listen` when that configuration does not load. `--target` may be an address
+    /// (`127.0.0.1:9901`, as `admin_listen` is written) or a URL; anything else is refused.
+    pub fn resolve(
+        target: Option<String>,
+        token: Option<String>,
+        config: Option<PathBuf>,
+    ) -> Result<AdminAccess, String> {
+        let target = target.map(|t| admin_url(&t)).transpose()?;
         let token = token.filter(|t| !t.is_empty());
         let loaded = if target.is_some() && token.is_some() {
             None
@@ -47,7 +53,33 @@ impl AdminAccess {
         let token = token
             .map(|t| Secret::from(t.as_str()))
             .or_else(|| loaded.and_then(|c| c.admin_token));
-        AdminAccess { target, token }
+        Ok(AdminAccess { target, token })
+    }
+}
+
+/// `--target` as a base URL: `host:port` gets `http://`; a URL must be http(s) with a host.
+fn admin_url(target: &str) -> Result<String, String> {
+    let target = target.trim();
+    let url = if target.contains("://") {
+        target.to_owned()
+    } else {
+        format!("http://{target}")
+    };
+    match reqwest::Url::parse(&url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(url),
+        _ => Err(format!(
+            "--target `{target}` is not the admin address: give host:port (127.0.0.1:9901) or http://host:port"
+        )),
+    }
+}
+
+/// A purge prefix as the admin port matches it: a path starts with `/` (`assets` means
+/// `/assets`, which would otherwise match nothing); a full URL stays as it is.
+pub fn normalize_prefix(prefix: &str) -> String {
+    if prefix.starts_with('/') || prefix.contains("://") {
+        prefix.to_owned()
+    } else {
+        format!("/{prefix}")
     }
 }
 
@@ -75,18 +107,29 @@ impl AdminAccess {
     }
 }
 
-/// `sidecache purge`: asks the admin port at `access` to purge `query` (`url`, `prefix`, `tag`
-/// (repeated) or `all`, and `soft`) and prints its answer: how many objects were removed
-/// (`{"purged":N}`) or marked stale (`{"marked":N}`).
-pub async fn purge(access: AdminAccess, query: Vec<(&'static str, String)>) -> anyhow::Result<u8> {
-    let mut encoded = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in &query {
-        encoded.append_pair(k, v);
+/// `sidecache purge`: asks the admin port at `access` to purge each selector in turn (`url`
+/// (one request per `--url`), `prefix`, `tag` (repeated) or `all`), softly with `soft`, and
+/// prints the total: how many objects were removed (`{"purged":N}`) or marked stale
+/// (`{"marked":N}`).
+pub async fn purge(access: AdminAccess, selectors: Vec<Vec<(&'static str, String)>>, soft: bool) -> anyhow::Result<u8> {
+    let mut total = 0u64;
+    let field = if soft { "marked" } else { "purged" };
+    for selector in selectors {
+        let mut encoded = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &selector {
+            encoded.append_pair(k, v);
+        }
+        if soft {
+            encoded.append_pair("soft", "true");
+        }
+        let body = access
+            .call(reqwest::Method::POST, &format!("/purge?{}", encoded.finish()), "purge")
+            .await?;
+        let answer: serde_json::Value =
+            serde_json::from_str(&body).context("the admin port answered something other than a count")?;
+        total += answer.get(field).and_then(serde_json::Value::as_u64).unwrap_or(0);
     }
-    let body = access
-        .call(reqwest::Method::POST, &format!("/purge?{}", encoded.finish()), "purge")
-        .await?;
-    print!("{body}");
+    println!("{{\"{field}\":{total}}}");
     Ok(0)
 }
 

@@ -999,8 +999,12 @@ fn alloc_unit(dir: &OwnedFd) -> u64 {
 }
 
 /// Opens the cache directory, creating it (0700, with any missing parents) if it is missing.
-/// Refused: a symbolic link, anything but a directory, a directory owned by another user.
-/// One owned by this user that others may enter is made private (0700).
+/// Refused: anything but a directory, a directory owned by another user, and a symbolic link
+/// unless it resolves to a directory this user owns that no one else may enter (systemd's
+/// `DynamicUser=` with `CacheDirectory=` makes the configured path such a link, to
+/// `private/<name>`). One owned by this user that others may enter is made private (0700);
+/// through a link it is refused instead (its permissions are not ours to change). Links
+/// found *inside* the directory are never followed (see `layout_dir`, `open_lock`).
 fn open_root(root: &Path) -> Result<OwnedFd, StoreError> {
     let refuse = |reason: String| StoreError::Unsafe {
         path: root.to_owned(),
@@ -1011,9 +1015,7 @@ fn open_root(root: &Path) -> Result<OwnedFd, StoreError> {
         source,
     };
     match fs::symlink_metadata(root) {
-        Ok(md) if md.file_type().is_symlink() => {
-            return Err(refuse("it is a symbolic link; give the real directory".into()));
-        }
+        Ok(md) if md.file_type().is_symlink() => return open_linked_root(root),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::DirBuilder::new()
@@ -1053,6 +1055,42 @@ fn open_root(root: &Path) -> Result<OwnedFd, StoreError> {
         );
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(|e| prepare(e.into()))?;
     }
+    Ok(fd)
+}
+
+/// Opens the directory the configured cache path `root` (a symbolic link) resolves to, if this
+/// user owns it and it has no group or other access; refused otherwise, naming the target.
+fn open_linked_root(root: &Path) -> Result<OwnedFd, StoreError> {
+    let refuse = |reason: String| StoreError::Unsafe {
+        path: root.to_owned(),
+        reason,
+    };
+    let target =
+        fs::canonicalize(root).map_err(|e| refuse(format!("it is a symbolic link that does not resolve ({e})")))?;
+    let fd = rustix::fs::open(
+        &target,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        refuse(format!(
+            "it is a symbolic link to {}, which is not a directory that can be opened ({e})",
+            target.display()
+        ))
+    })?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| refuse(format!("fstat {}: {e}", target.display())))?;
+    let uid = rustix::process::geteuid().as_raw();
+    if st.st_uid != uid || st.st_mode & 0o077 != 0 {
+        return Err(refuse(format!(
+            "it is a symbolic link to {} (owner uid {}, mode {:o}); a linked cache directory \
+             must be owned by this process's uid {uid} with no group or other access (0700), \
+             or give the real directory",
+            target.display(),
+            st.st_uid,
+            st.st_mode & 0o7777
+        )));
+    }
+    tracing::info!(dir = %root.display(), target = %target.display(), "cache directory is a link to a private directory");
     Ok(fd)
 }
 

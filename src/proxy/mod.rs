@@ -171,6 +171,14 @@ impl Proxy {
         }
     }
 
+    /// The same parts (cache, app client, sources, shared tier) under another configuration,
+    /// for a reload ([`crate::reload`]): its rules and their counters; requests in flight
+    /// finish on `self`.
+    pub fn reconfigured(&self, config: Arc<Config>) -> Proxy {
+        let (cache, upstream) = (self.cache.clone(), self.upstream.clone());
+        Proxy::new(config, cache, upstream, self.sources.clone(), self.shared.clone())
+    }
+
     /// The disk cache (to read: its stats, inspect, gauges; purges go through [`Proxy::purge`]).
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
@@ -202,8 +210,15 @@ impl Proxy {
         let answer = self.route(req, client, matched).await;
         let cache_status = answer.cache_status();
         let Answer {
-            mut response, outcome, ..
+            mut response,
+            outcome,
+            stored,
+            ..
         } = answer;
+        if outcome == Outcome::Miss && !stored {
+            // Not a hit candidate: the hit ratio leaves it out (issue 28, item 5).
+            metrics::counter!(m::MISSES_NOT_STORED).increment(1);
+        }
         // Directives addressed to this cache are not for anyone downstream (RFC 9213).
         response.headers_mut().remove(&policy::SIDECACHE_CACHE_CONTROL);
         // Nor are the tags, unless configured: hits, misses, 304s and bypasses alike.

@@ -9,6 +9,7 @@ mod cli;
 mod compress;
 mod deploy;
 mod hostile;
+mod operator;
 mod prime;
 mod prime_house;
 mod prometheus;

@@ -188,6 +188,21 @@ impl Binary {
         }
     }
 
+    /// Waits (bounded) for the `n`-th log line (from 1) containing `needle`; returns it.
+    pub fn wait_nth_line(&mut self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(l) = self.seen.iter().filter(|l| l.contains(needle)).nth(n - 1) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no {n}th log line with {needle:?}; saw:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
     /// The address in the `listening` (public) log line.
     pub fn public_addr(&mut self) -> SocketAddr {
         addr_field(&self.wait_line("proxy listening"))
