@@ -60,7 +60,7 @@ fn main() {
             let mut file = body.into_bytes();
             file.extend_from_slice(&sidecache::cache::store::tail(&meta));
             std::io::Write::write_all(&mut &*tmp.file, &file).expect("write");
-            store.place_object(&tmp, &key.hash(), generation).expect("place");
+            store.place_object(tmp, &key.hash(), generation).expect("place");
         }
     }
     println!("wrote {n} objects in {:.1?}", started.elapsed());

@@ -113,9 +113,10 @@ pub struct Budget {
     frequency: Frequency,
 }
 
-/// Bytes (as charged) and objects reserved for a fill, given back when dropped unless the
-/// fill takes them over ([`Reservation::keep`]): a fill that stops while it waits for room or
-/// for its file leaves nothing reserved. Never dropped while the index is locked.
+/// Bytes (as charged) and objects reserved for a fill, given back when dropped unless handed
+/// to the index step that uses them ([`Reservation::hand_over`]): a fill that stops anywhere
+/// leaves nothing reserved, and no failure path gives room back by hand. Never dropped while
+/// the index is locked.
 pub struct Reservation {
     budget: Arc<Budget>,
     /// Bytes reserved, as charged.
@@ -124,16 +125,27 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// The fill takes over what is reserved (and gives it back itself); returns the bytes.
-    pub fn keep(mut self) -> u64 {
-        self.objects = 0;
+    /// Hands what is reserved to an index step, under the index lock the caller holds: the
+    /// objects are released (the object is indexed now, or refused and given back in that
+    /// step), and the bytes returned for the step to convert into its entry or give back.
+    pub fn hand_over(mut self, ix: &mut Index) -> u64 {
+        ix.release_reservation(0, std::mem::take(&mut self.objects));
         std::mem::take(&mut self.bytes)
     }
 
+    /// Nothing reserved, against the same budget (what a taken reservation leaves behind).
+    pub fn empty(of: &Reservation) -> Reservation {
+        Reservation {
+            budget: of.budget.clone(),
+            bytes: 0,
+            objects: 0,
+        }
+    }
+
     /// Adds another reservation's bytes and objects to this one.
-    pub fn absorb(&mut self, other: Reservation) {
-        self.objects += other.objects;
-        self.bytes += other.keep();
+    pub fn absorb(&mut self, mut other: Reservation) {
+        self.objects += std::mem::take(&mut other.objects);
+        self.bytes += std::mem::take(&mut other.bytes);
     }
 }
 
@@ -400,13 +412,6 @@ impl Budget {
         evictor.remove_files(removed).await;
         self.lock_index().room_made((bytes, objects), held);
     }
-
-    /// Gives back what a fill's reservations took for a fill that will not be committed.
-    pub fn release_fill(&self, bytes: u64) {
-        let mut ix = self.lock_index();
-        ix.release(bytes);
-        ix.release_object();
-    }
 }
 
 #[cfg(test)]
@@ -523,10 +528,16 @@ mod tests {
         drop(r);
         assert_eq!(b.stats().2, 0);
         assert_eq!(b.lock_index().objects(), 0);
-        // What a fill keeps, it gives back itself.
-        let kept = b.reserve_room(300, 1, &evictor).await.expect("fits").keep();
-        assert_eq!((kept, b.stats().2), (300, 300));
-        b.release_fill(kept);
+        // Handed over, the objects are released at once and the bytes left for the index step
+        // to convert.
+        let r = b.reserve_room(300, 1, &evictor).await.expect("fits");
+        let bytes = {
+            let mut ix = b.lock_index();
+            let bytes = r.hand_over(&mut ix);
+            ix.release(bytes);
+            bytes
+        };
+        assert_eq!(bytes, 300);
         assert_eq!((b.stats().2, b.lock_index().objects()), (0, 0));
     }
 

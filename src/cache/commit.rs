@@ -40,13 +40,9 @@ const TEE_STEP: u64 = 1 << 20;
 async fn create_tmp_object(store: Arc<Store>, generation: u64, len: u64) -> Result<store::Tmp, StoreError> {
     tokio::task::spawn_blocking(move || {
         let tmp = store.create_tmp_object(generation)?;
-        match fileio::preallocate(&tmp.file, len) {
-            Ok(()) => Ok(tmp),
-            Err(source) => {
-                tmp.discard();
-                Err(StoreError::io("allocate", tmp.describe(), source))
-            }
-        }
+        // (Dropped on failure, the file goes.)
+        fileio::preallocate(&tmp.file, len).map_err(|source| StoreError::io("allocate", tmp.describe(), source))?;
+        Ok(tmp)
     })
     .await
     .unwrap_or_else(|e| Err(StoreError::io("create", "(blocking task)", std::io::Error::other(e))))
@@ -67,10 +63,109 @@ impl Staged {
             Staged::Memory => "(in memory)".into(),
         }
     }
+}
 
-    fn discard(&self) {
-        if let Staged::File(tmp, _) = self {
-            tmp.discard();
+/// Why a fill ended before it was stored: the `reason` of `sidecache_fills_aborted_total`, a
+/// closed set (`metrics::COUNTERS` lists it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Abort {
+    /// It could never fit (`max_object_size`, or the budget less the layout).
+    Budget,
+    /// The object bound in force is below one.
+    Objects,
+    /// No room could be made in time.
+    Room,
+    /// The disk failed it.
+    Storage,
+    /// One write of a body without a length stalled.
+    Stalled,
+    /// The app's body failed.
+    Upstream,
+    /// The app's body ended short of its length.
+    Truncated,
+    /// A body without a length broke off, or its client left.
+    Incomplete,
+}
+
+impl Abort {
+    fn as_str(self) -> &'static str {
+        match self {
+            Abort::Budget => "budget",
+            Abort::Objects => "objects",
+            Abort::Room => "room",
+            Abort::Storage => "storage",
+            Abort::Stalled => "stalled",
+            Abort::Upstream => "upstream",
+            Abort::Truncated => "truncated",
+            Abort::Incomplete => "incomplete",
+        }
+    }
+
+    /// The abort for a reservation refused for `reason` (`budget::Budget::reserve_room`).
+    fn refused(reason: &str) -> Abort {
+        match reason {
+            "budget" => Abort::Budget,
+            "objects" => Abort::Objects,
+            _ => Abort::Room,
+        }
+    }
+}
+
+/// A fill in progress as a value (pingora's `HandleMiss`, cacache's `Writer`): the room it
+/// reserved, where its body is staged (a temporary file written and hashed as it comes, or
+/// memory), and why it stops if it ends unfinished. Dropped before it is stored, it gives its
+/// room back (its `Reservation`), its temporary file goes (`store::Tmp`), and its abort reason
+/// is counted, once. A failure path only says why ([`Filling::abort`]); none hands room or a
+/// temporary file back by hand. [`Filling::stored`] hands the reservation to the step that
+/// indexes the object, which counts what happens from there.
+struct Filling {
+    reservation: Reservation,
+    staged: Staged,
+    /// Counted when dropped unfinished.
+    reason: Abort,
+    finished: bool,
+}
+
+impl Filling {
+    fn new(reservation: Reservation, staged: Staged) -> Filling {
+        Filling {
+            reservation,
+            staged,
+            reason: Abort::Incomplete,
+            finished: false,
+        }
+    }
+
+    /// Ends it for `reason`: the room and the temporary file go back, the reason is counted.
+    fn abort(mut self, reason: Abort) {
+        self.reason = reason;
+    }
+
+    /// Its staged body, for the commit's blocking step (a failure there drops the file).
+    fn take_staged(&mut self) -> Staged {
+        std::mem::replace(&mut self.staged, Staged::Memory)
+    }
+
+    /// The writer of a body staged in a file.
+    fn writer(&mut self) -> Option<&mut HashingWriter> {
+        match &mut self.staged {
+            Staged::File(_, writer) => Some(writer),
+            Staged::Memory => None,
+        }
+    }
+
+    /// Its file is placed: the reservation goes to the index step that stores it.
+    fn stored(mut self) -> Reservation {
+        self.finished = true;
+        let empty = Reservation::empty(&self.reservation);
+        std::mem::replace(&mut self.reservation, empty)
+    }
+}
+
+impl Drop for Filling {
+    fn drop(&mut self) {
+        if !self.finished {
+            metrics::counter!(m::FILLS_ABORTED, "reason" => self.reason.as_str()).increment(1);
         }
     }
 }
@@ -78,8 +173,8 @@ impl Staged {
 impl Cache {
     /// Reserves `bytes` and one object for a new fill of `key`; a refusal is counted by its
     /// reason (`budget`, `objects` or `room`), or as declined when a full cache does not admit
-    /// it (`budget::Budget::reserve_new`). The object is given back by the commit (or
-    /// [`Cache::release_fill`]).
+    /// it (`budget::Budget::reserve_new`). The object is converted by the commit, or given back
+    /// when the reservation is dropped.
     async fn reserve_fill(self: &Arc<Self>, bytes: u64, key: &KeyHash) -> Option<Reservation> {
         match self.budget.reserve_new(bytes, key, self).await {
             Ok(reservation) => Some(reservation),
@@ -88,16 +183,27 @@ impl Cache {
                 None
             }
             Err(reason) => {
-                metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
+                metrics::counter!(m::FILLS_ABORTED, "reason" => Abort::refused(reason).as_str()).increment(1);
                 None
             }
         }
     }
 
-    /// Gives back what [`Cache::reserve_fill`] (and later reservations) took for a fill that
-    /// will not be committed.
-    pub(super) fn release_fill(&self, bytes: u64) {
-        self.budget.release_fill(bytes);
+    /// Grows a fill's reservation to what a file of `len` bytes is charged, by at least `step`
+    /// (a body without a length reserves as it comes, [`TEE_STEP`] at a time, and exactly
+    /// what its whole file needs at the end).
+    async fn reserve_more(self: &Arc<Self>, filling: &mut Filling, len: u64, step: u64) -> Result<(), Abort> {
+        let need = self.charge(len);
+        let have = filling.reservation.bytes;
+        if need <= have {
+            return Ok(());
+        }
+        let more = self
+            .reserve_room((need - have).max(step), 0)
+            .await
+            .map_err(Abort::refused)?;
+        filling.reservation.absorb(more);
+        Ok(())
     }
 
     /// Starts filling `meta.key` with `body` (exactly `meta.body_len` bytes). On success the
@@ -118,7 +224,7 @@ impl Cache {
         let file_len = len + store::tail_len(&meta);
         let reservation = self.charge(file_len);
         if len > self.config.max_object_size {
-            metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
+            metrics::counter!(m::FILLS_ABORTED, "reason" => Abort::Budget.as_str()).increment(1);
             return Err((permit, body));
         }
         // Its waiters wait while it makes room: no longer than they wait for it.
@@ -135,9 +241,8 @@ impl Cache {
                     Staged::File(tmp, writer)
                 }
                 Err(e) => {
-                    drop(reserved);
                     self.storage_error(&e);
-                    metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                    Filling::new(reserved, Staged::Memory).abort(Abort::Storage);
                     return Err((permit, body));
                 }
             }
@@ -151,9 +256,9 @@ impl Cache {
         permit.stream(fill.clone());
         let cache = self.clone();
         let task_fill = fill.clone();
-        let reservation = reserved.keep();
+        let filling = Filling::new(reserved, staged);
         tokio::spawn(async move {
-            let ok = cache.run_fill(&task_fill, body, staged, reservation).await;
+            let ok = cache.run_fill(&task_fill, body, filling).await;
             task_fill.finish(if ok { FillState::Complete } else { FillState::Failed });
             // Unpublishes the finished flight.
             drop(permit);
@@ -161,13 +266,7 @@ impl Cache {
         Ok(fill)
     }
 
-    async fn run_fill<S: Source>(
-        self: &Arc<Self>,
-        fill: &Arc<Fill>,
-        mut body: S,
-        mut staged: Staged,
-        reserved: u64,
-    ) -> bool {
+    async fn run_fill<S: Source>(self: &Arc<Self>, fill: &Arc<Fill>, mut body: S, mut filling: Filling) -> bool {
         let len = fill.meta.body_len;
         let mut failure = None;
         let mut received = 0u64;
@@ -177,13 +276,13 @@ impl Cache {
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    failure = Some(("upstream", e.to_string()));
+                    failure = Some((Abort::Upstream, e.to_string()));
                     break;
                 }
             };
             let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
             if received + size > len {
-                failure = Some(("upstream", "body longer than its Content-Length".to_owned()));
+                failure = Some((Abort::Upstream, "body longer than its Content-Length".to_owned()));
                 break;
             }
             received += size;
@@ -198,54 +297,50 @@ impl Cache {
                     break;
                 }
             }
-            let writer = match &mut staged {
-                Staged::File(_, writer) => writer,
-                Staged::Memory => {
-                    last.extend(batch);
-                    continue;
-                }
+            let Some(writer) = filling.writer() else {
+                last.extend(batch);
+                continue;
             };
             match writer.write(batch).await {
                 // Readers of a file-backed fill read the file: no chunks to hand over.
                 Ok(written) if !fill.is_shared() => fill.advance(written, &[]),
                 Ok(_) => {}
                 Err(source) => {
-                    let err = StoreError::io("write", staged.describe(), source);
+                    let err = StoreError::io("write", filling.staged.describe(), source);
                     self.storage_error(&err);
-                    failure = Some(("storage", err.to_string()));
+                    failure = Some((Abort::Storage, err.to_string()));
                     break;
                 }
             }
         }
         if failure.is_none() && received != len {
-            failure = Some(("truncated", format!("upstream body ended at {received} of {len} bytes")));
+            failure = Some((
+                Abort::Truncated,
+                format!("upstream body ended at {received} of {len} bytes"),
+            ));
         }
         if let Some((reason, detail)) = failure {
-            debug!(reason, detail = %detail, "fill discarded");
-            metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
-            staged.discard();
-            self.release_fill(reserved);
+            debug!(reason = reason.as_str(), detail = %detail, "fill discarded");
+            filling.abort(reason);
             return false;
         }
         let meta = (*fill.meta).clone();
-        self.commit(meta, staged, last, reserved).await
+        self.commit(meta, filling, last).await
     }
 
     /// Makes a finished object durable and visible, in one trip off the runtime: writes the
     /// `last` chunks after what was staged in a file, then the record and footer, and links the
     /// file into place; a body kept in memory is written whole under its final name.
-    async fn commit(self: &Arc<Self>, mut meta: Meta, staged: Staged, last: Vec<Bytes>, reserved: u64) -> bool {
+    async fn commit(self: &Arc<Self>, mut meta: Meta, mut filling: Filling, last: Vec<Bytes>) -> bool {
         let Some(store) = self.store() else {
-            staged.discard();
-            self.release_fill(reserved);
+            filling.abort(Abort::Storage);
             return false;
         };
-        let (tmp, mut hasher, at) = match staged {
+        let (tmp, mut hasher, at) = match filling.take_staged() {
             Staged::File(tmp, writer) => match writer.into_parts() {
                 Some((hasher, at)) => (Some(tmp), hasher, at),
                 None => {
-                    tmp.discard();
-                    self.release_fill(reserved);
+                    filling.abort(Abort::Storage);
                     return false;
                 }
             },
@@ -268,17 +363,14 @@ impl Cache {
                 let mtime = store.write_object(&hash, version, &parts)?;
                 return Ok((meta, tail.len() as u64, mtime));
             };
-            if let Err(source) = fileio::write_all_at(&tmp.file, &parts, at) {
-                tmp.discard();
-                return Err(StoreError::io("write", tmp.describe(), source));
-            }
-            let mtime = store
-                .place_object(&tmp, &hash, version)
-                .inspect_err(|_| tmp.discard())?;
+            // (The temporary file goes with `tmp` on any failure.)
+            fileio::write_all_at(&tmp.file, &parts, at)
+                .map_err(|source| StoreError::io("write", tmp.describe(), source))?;
+            let mtime = store.place_object(tmp, &hash, version)?;
             Ok((meta, tail.len() as u64, mtime))
         })
         .await;
-        let Some((meta, tail_len, mtime)) = self.stored(written, reserved) else {
+        let Some((reserved, (meta, tail_len, mtime))) = self.stored(written, filling) else {
             return false;
         };
         let entry = entry_of(&meta, version, tail_len, true, mtime);
@@ -291,17 +383,21 @@ impl Cache {
         true
     }
 
-    /// The value of a fill's blocking storage step. On failure the error is counted and
-    /// logged, the reservation given back and the fill counted as aborted for storage.
-    fn stored<T>(&self, written: Result<Result<T, StoreError>, tokio::task::JoinError>, reserved: u64) -> Option<T> {
+    /// The value of a fill's blocking storage step, with the fill's reservation for the step
+    /// that indexes it. On failure the error is counted and logged and the fill dropped
+    /// (counted as aborted for storage, its room given back).
+    fn stored<T>(
+        &self,
+        written: Result<Result<T, StoreError>, tokio::task::JoinError>,
+        filling: Filling,
+    ) -> Option<(Reservation, T)> {
         match written {
-            Ok(Ok(done)) => Some(done),
+            Ok(Ok(done)) => Some((filling.stored(), done)),
             failed => {
                 if let Ok(Err(e)) = failed {
                     self.storage_error(&e);
                 }
-                self.release_fill(reserved);
-                metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                filling.abort(Abort::Storage);
                 None
             }
         }
@@ -317,15 +413,15 @@ impl Cache {
         let len = meta.body_len;
         let file_len = object.len() as u64;
         if len > self.config.max_object_size || file_len < len {
-            metrics::counter!(m::FILLS_ABORTED, "reason" => "budget").increment(1);
+            metrics::counter!(m::FILLS_ABORTED, "reason" => Abort::Budget.as_str()).increment(1);
             return None;
         }
         let hash = meta.storage_hash();
-        let reserved = self.reserve_fill(self.charge(file_len), &hash).await?.keep();
+        let filling = Filling::new(self.reserve_fill(self.charge(file_len), &hash).await?, Staged::Memory);
         let version = store.next_gen();
         let body = object.slice(..len as usize);
         let written = tokio::task::spawn_blocking(move || store.write_object(&hash, version, &[&object])).await;
-        let mtime = self.stored(written, reserved)?;
+        let (reserved, mtime) = self.stored(written, filling)?;
         // Its digest was checked on the bytes written. (Variants are made here, not shared:
         // `install` queues them.)
         let entry = entry_of(&meta, version, file_len - len, true, mtime);
@@ -348,7 +444,7 @@ impl Cache {
     /// lowered, gets here) leave it unstored: indexed and taken out again in the same step,
     /// through the one removal path, so nothing is counted twice or left on the disk. So does
     /// a purge made while its fill was in flight (see `fence`). Returns whether it is stored.
-    async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: u64) -> bool {
+    async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: Reservation) -> bool {
         let version = entry.generation;
         let tags = self.config.tags.parse(&meta.headers);
         let url_hash = meta.key.hash();
@@ -364,10 +460,10 @@ impl Cache {
             // Under the index lock: a purge raises its fence before it selects, so either it
             // selects this entry or this commit sees its fence.
             let verdict = self.fences.check(&committing);
+            // The object is indexed now: no longer a reservation (its bytes are converted).
+            let reserved = reserved.hand_over(&mut ix);
             let inserted = ix.insert_tagged(hash, entry, reserved, tags.as_deref().unwrap_or_default());
             let removed = inserted.removed;
-            // The object is indexed now: no longer a reservation.
-            ix.release_object();
             // Its tags could not all be indexed (read, or held in the tag index's memory), or a
             // purge made while it was in flight selected it (the app's answer from before).
             let why = tags.as_ref().err().copied().or(inserted.refused);
@@ -428,7 +524,7 @@ impl Cache {
             // body is left alone. Bytes are reserved as they come, making room as a fill of a
             // known length does (bounded by the room wait; the client waits with it once the
             // queue is full).
-            let Some(mut reserved) = cache.reserve_fill(0, &meta.storage_hash()).await else {
+            let Some(reserved) = cache.reserve_fill(0, &meta.storage_hash()).await else {
                 return;
             };
             let tmp = match create_tmp_object(store, generation, 0).await {
@@ -436,12 +532,13 @@ impl Cache {
                 Err(e) => {
                     // Counted and logged like any storage failure; the client is unaffected.
                     cache.storage_error(&e);
-                    metrics::counter!(m::FILLS_ABORTED, "reason" => "storage").increment(1);
+                    Filling::new(reserved, Staged::Memory).abort(Abort::Storage);
                     return;
                 }
             };
             metrics::counter!(m::FILLS_STARTED).increment(1);
-            let mut writer = HashingWriter::new(tmp.file.clone());
+            let writer = Box::new(HashingWriter::new(tmp.file.clone()));
+            let mut filling = Filling::new(reserved, Staged::File(tmp, writer));
             let mut refused = None;
             let mut ended = false;
             while let Some(msg) = rx.recv().await {
@@ -462,31 +559,27 @@ impl Cache {
                     }
                 }
                 let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
-                if writer.written() + size > cache.config.max_object_size {
-                    refused = Some("budget");
+                let written = filling.writer().map_or(0, |w| w.written());
+                if written + size > cache.config.max_object_size {
+                    refused = Some(Abort::Budget);
                     break;
                 }
-                let need = cache.charge(writer.written() + size);
-                if need > reserved.bytes {
-                    let step = (need - reserved.bytes).max(TEE_STEP);
-                    match cache.reserve_room(step, 0).await {
-                        Ok(more) => reserved.absorb(more),
-                        Err(reason) => {
-                            refused = Some(reason);
-                            break;
-                        }
-                    }
+                if let Err(reason) = cache.reserve_more(&mut filling, written + size, TEE_STEP).await {
+                    refused = Some(reason);
+                    break;
                 }
                 // The client waits while the queue is full: a write that stalls lets it go.
+                let described = filling.staged.describe();
+                let Some(writer) = filling.writer() else { break };
                 match tokio::time::timeout(TEE_STALL, writer.write(batch)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(source)) => {
-                        cache.storage_error(&StoreError::io("write", tmp.describe(), source));
-                        refused = Some("storage");
+                        cache.storage_error(&StoreError::io("write", described, source));
+                        refused = Some(Abort::Storage);
                         break;
                     }
                     Err(_) => {
-                        refused = Some("stalled");
+                        refused = Some(Abort::Stalled);
                         break;
                     }
                 }
@@ -498,27 +591,18 @@ impl Cache {
             }
             // The client goes on alone at once when the copy is given up.
             rx.close();
-            let written = writer.written();
             let mut meta = meta;
-            meta.body_len = written;
-            let need = cache.charge(written + store::tail_len(&meta));
-            if ended && need > reserved.bytes {
-                match cache.reserve_room(need - reserved.bytes, 0).await {
-                    Ok(more) => reserved.absorb(more),
-                    Err(reason) => refused = Some(reason),
+            meta.body_len = filling.writer().map_or(0, |w| w.written());
+            if ended && refused.is_none() {
+                let whole = meta.body_len + store::tail_len(&meta);
+                refused = cache.reserve_more(&mut filling, whole, 0).await.err();
+            }
+            match (ended, refused) {
+                (true, None) => {
+                    cache.commit(meta, filling, Vec::new()).await;
                 }
+                (_, reason) => filling.abort(reason.unwrap_or(Abort::Incomplete)),
             }
-            if !ended || refused.is_some() {
-                let reason = refused.unwrap_or("incomplete");
-                metrics::counter!(m::FILLS_ABORTED, "reason" => reason).increment(1);
-                tmp.discard();
-                drop(reserved);
-                return;
-            }
-            let reserved = reserved.keep();
-            cache
-                .commit(meta, Staged::File(tmp, Box::new(writer)), Vec::new(), reserved)
-                .await;
         });
         Some(tx)
     }
@@ -532,20 +616,17 @@ impl Cache {
         let hash = meta.storage_hash();
         let tail = store::tail(&meta);
         let file_len = meta.body_len + tail.len() as u64;
+        // Given back when dropped, on any path that does not store it.
         let Ok(reserved) = self.reserve_room(self.charge(file_len), 1).await else {
             return false;
         };
-        let reserved = reserved.keep();
         let from = match self.lock_index().peek(&hash) {
             // The variants are carried over: the body they were made from is the same.
             Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => {
                 (e.generation, e.verified, e.variants.clone())
             }
             // Evicted or replaced meanwhile: nothing to refresh.
-            _ => {
-                self.release_fill(reserved);
-                return false;
-            }
+            _ => return false,
         };
         let version = store.next_gen();
         let blocking_store = store.clone();
@@ -553,16 +634,12 @@ impl Cache {
         let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
             let source = store.object_path(&hash, from.0);
             let old = fileio::open_for_read(&source).at("open", &source)?;
+            // (The temporary file goes with `tmp` on any failure.)
             let tmp = blocking_store.create_tmp_object(version)?;
-            let copied =
-                fileio::copy_range(&old, &tmp.file, len).and_then(|()| fileio::write_all_at(&tmp.file, &[&tail], len));
-            if let Err(e) = copied {
-                tmp.discard();
-                return Err(StoreError::io("copy", source, e));
-            }
-            blocking_store
-                .place_object(&tmp, &hash, version)
-                .inspect_err(|_| tmp.discard())
+            fileio::copy_range(&old, &tmp.file, len)
+                .and_then(|()| fileio::write_all_at(&tmp.file, &[&tail], len))
+                .map_err(|e| StoreError::io("copy", source, e))?;
+            blocking_store.place_object(tmp, &hash, version)
         })
         .await;
         let mtime = match written {
@@ -571,7 +648,6 @@ impl Cache {
                 if let Ok(Err(e)) = &failed {
                     self.storage_error(e);
                 }
-                self.release_fill(reserved);
                 return false;
             }
         };
@@ -620,6 +696,39 @@ mod tests {
         }
     }
 
+    /// A fill dropped unfinished, wherever it stops, gives its room and its object back and
+    /// leaves no file: nothing is handed back by hand.
+    #[tokio::test]
+    async fn a_fill_dropped_unfinished_gives_back_its_room_and_its_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = testing::open(dir.path()).await;
+        let store = cache.store().expect("open");
+        let meta = testing::meta("http://app.example/big.js", &[7u8; 300_000]);
+        let before = (cache.stats().2, cache.lock_index().objects());
+        let reserved = cache
+            .reserve_fill(cache.charge(400_000), &meta.storage_hash())
+            .await
+            .expect("room");
+        assert!(cache.stats().2 >= 400_000);
+        let tmp = create_tmp_object(store, 1, 400_000).await.expect("tmp");
+        let mut filling = Filling::new(
+            reserved,
+            Staged::File(
+                tmp,
+                Box::new(HashingWriter::new(Arc::new(
+                    std::fs::File::open("/dev/null").expect("a file"),
+                ))),
+            ),
+        );
+        cache
+            .reserve_more(&mut filling, 2_000_000, TEE_STEP)
+            .await
+            .expect("more room");
+        filling.abort(Abort::Stalled);
+        assert_eq!((cache.stats().2, cache.lock_index().objects()), before);
+        assert!(cache.store().expect("open").scan_objects().is_empty());
+    }
+
     fn leader(cache: &Cache, meta: &Meta) -> FillPermit {
         match cache.claim(&meta.key, &http::HeaderMap::new()) {
             Claim::Leader(permit) => permit,
@@ -640,11 +749,14 @@ mod tests {
         let reserved = cache
             .reserve_fill(cache.charge(file_len), &meta.storage_hash())
             .await
-            .expect("room")
-            .keep();
+            .expect("room");
         let store = cache.store().expect("open");
         let committed = cache
-            .commit(meta.clone(), Staged::Memory, vec![Bytes::from(body.clone())], reserved)
+            .commit(
+                meta.clone(),
+                Filling::new(reserved, Staged::Memory),
+                vec![Bytes::from(body.clone())],
+            )
             .await;
         assert!(committed);
         // Written whole under its final name: nothing was staged in `tmp/`.

@@ -388,13 +388,24 @@ enum TmpMode {
     Named,
 }
 
-/// A file being written: an unnamed one, or one under `tmp/`.
+/// A file being written: an unnamed one, or one under `tmp/`. It cleans up after itself:
+/// dropped before it is placed ([`Store::place_object`] takes it), a named one is removed and
+/// an unnamed one is freed when its last descriptor closes. No failure path gives a temporary
+/// file back by hand.
 #[derive(Debug)]
 pub struct Tmp {
     /// The open file.
     pub file: Arc<File>,
-    /// Its path under `tmp/` when it has one.
+    /// Its path under `tmp/` when it has one, until it is placed.
     name: Option<PathBuf>,
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            let _ = fs::remove_file(name);
+        }
+    }
 }
 
 impl Tmp {
@@ -403,14 +414,6 @@ impl Tmp {
         self.name
             .clone()
             .unwrap_or_else(|| PathBuf::from("(unnamed temporary file)"))
-    }
-
-    /// Gives it up: a named one is removed; an unnamed one is freed when its last descriptor
-    /// closes.
-    pub fn discard(&self) {
-        if let Some(name) = &self.name {
-            let _ = fs::remove_file(name);
-        }
     }
 }
 
@@ -601,13 +604,16 @@ impl Store {
         })
     }
 
-    /// Gives a finished file its final name. The fan-out directory is created on first use.
-    fn place(&self, tmp: &Tmp, to: &Path) -> Result<(), StoreError> {
+    /// Gives a finished file its final name (the fan-out directory is created on first use);
+    /// placed, it is no longer a temporary file to remove.
+    fn place(&self, tmp: &mut Tmp, to: &Path) -> Result<(), StoreError> {
         let put = || match &tmp.name {
             Some(name) => fs::rename(name, to),
             None => link_fd(&tmp.file, to),
         };
-        in_its_dir(to, "place", put)
+        in_its_dir(to, "place", put)?;
+        tmp.name = None;
+        Ok(())
     }
 
     /// Creates an object file to write, open for reading (by a fill's readers) and writing.
@@ -616,9 +622,9 @@ impl Store {
     }
 
     /// Moves a finished object file into place as version `generation` of `key`; its
-    /// modification time (ns) after.
-    pub fn place_object(&self, tmp: &Tmp, key: &KeyHash, generation: u64) -> Result<u64, StoreError> {
-        self.place(tmp, &self.object_path(key, generation))?;
+    /// modification time (ns) after. On failure the temporary file goes with `tmp`.
+    pub fn place_object(&self, mut tmp: Tmp, key: &KeyHash, generation: u64) -> Result<u64, StoreError> {
+        self.place(&mut tmp, &self.object_path(key, generation))?;
         Ok(tmp
             .file
             .metadata()
@@ -661,18 +667,12 @@ impl Store {
         coding: Coding,
         parts: &[&[u8]],
     ) -> Result<u64, StoreError> {
-        let tmp = self.create_tmp(generation, coding.ext(), false)?;
-        let written = crate::cache::fileio::write_all_at(&tmp.file, parts, 0)
-            .at("write", &tmp.describe())
-            .and_then(|()| self.place(&tmp, &self.variant_path(key, generation, coding)))
-            .and_then(|()| tmp.file.metadata().at("stat", &tmp.describe()));
-        match written {
-            Ok(md) => Ok(crate::cache::fileio::mtime_ns(&md)),
-            Err(e) => {
-                tmp.discard();
-                Err(e)
-            }
-        }
+        // Dropped on any failure, the temporary file goes.
+        let mut tmp = self.create_tmp(generation, coding.ext(), false)?;
+        crate::cache::fileio::write_all_at(&tmp.file, parts, 0).at("write", &tmp.describe())?;
+        self.place(&mut tmp, &self.variant_path(key, generation, coding))?;
+        let md = tmp.file.metadata().at("stat", &tmp.describe())?;
+        Ok(crate::cache::fileio::mtime_ns(&md))
     }
 
     /// Removes a variant file; one already gone is not an error.
@@ -1271,6 +1271,28 @@ mod tests {
         assert!(!name.exists());
     }
 
+    #[test]
+    fn a_temporary_file_dropped_unplaced_is_removed_and_a_placed_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.tmp_mode = TmpMode::Named;
+        let tmp_dir = dir.path().join("objects-v2/tmp");
+        let tmp = store.create_tmp_object(store.next_gen()).unwrap();
+        assert_eq!(fs::read_dir(&tmp_dir).unwrap().count(), 1);
+        drop(tmp);
+        assert_eq!(
+            fs::read_dir(&tmp_dir).unwrap().count(),
+            0,
+            "a dropped fill left its file"
+        );
+        let generation = store.next_gen();
+        let tmp = store.create_tmp_object(generation).unwrap();
+        let key = KeyHash::of(b"http://h/kept");
+        store.place_object(tmp, &key, generation).unwrap();
+        assert!(store.object_path(&key, generation).exists());
+        assert_eq!(fs::read_dir(&tmp_dir).unwrap().count(), 0);
+    }
+
     fn object(body: &[u8]) -> (crate::cache::meta::Meta, Vec<u8>) {
         let mut meta = crate::cache::meta::tests::sample();
         meta.body_len = body.len() as u64;
@@ -1293,7 +1315,7 @@ mod tests {
             let generation = store.next_gen();
             let tmp = store.create_tmp_object(generation).unwrap();
             (&*tmp.file).write_all(&bytes).unwrap();
-            let mtime = store.place_object(&tmp, &key, generation).unwrap();
+            let mtime = store.place_object(tmp, &key, generation).unwrap();
             assert!(mtime > 0);
             assert_eq!(fs::read(store.object_path(&key, generation)).unwrap(), bytes);
             assert_eq!(

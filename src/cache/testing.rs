@@ -83,7 +83,7 @@ pub fn write_object(store: &Store, meta: &Meta, body: &[u8], generation: u64, to
     file.truncate(file.len() - torn);
     std::io::Write::write_all(&mut &*tmp.file, &file).expect("write");
     store
-        .place_object(&tmp, &meta.storage_hash(), generation)
+        .place_object(tmp, &meta.storage_hash(), generation)
         .expect("place");
     Bytes::from(file)
 }

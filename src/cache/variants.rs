@@ -505,10 +505,11 @@ impl Cache {
             mtime,
         };
         // Converted, or given back, by the index in one step.
-        let reserved = reserved.keep();
-        let added = self
-            .lock_index()
-            .add_variant(&job.hash, job.generation, variant, reserved);
+        let added = {
+            let mut ix = self.lock_index();
+            let reserved = reserved.hand_over(&mut ix);
+            ix.add_variant(&job.hash, job.generation, variant, reserved)
+        };
         if !added {
             let _ = store.remove_variant(&job.hash, generation, coding);
             return false;
