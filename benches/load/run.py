@@ -124,6 +124,17 @@ class Proc:
             i += 1
         return pids
 
+    def written_bytes(self):
+        """Bytes the server's processes caused to be written to storage (/proc/PID/io)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/io") as f:
+                    total += next(int(l.split()[1]) for l in f if l.startswith("write_bytes:"))
+            except (OSError, StopIteration):
+                pass
+        return total
+
     def cpu_seconds(self):
         total = 0
         for pid in self.pids():
@@ -402,7 +413,7 @@ class Bench:
         print(f"  {scenario:10} {target:14} " + " ".join(
             f"{k}={merged[k]:.4g}" for k in ("req_s", "mb_s", "p50_ms", "p99_ms", "peak_rss_mib",
                                               "cpu_us_per_req", "errors", "origin_requests", "hit_ratio",
-                                              "disk_mib") if k in merged),
+                                              "disk_mib", "written_kib_per_req") if k in merged),
               flush=True)
         return merged
 
@@ -443,9 +454,17 @@ class Bench:
         total = sum(mixed_size(i) for i in range(CHURN_OBJECTS))
         budget_mib = total // 3 >> 20
         print(f"  churn: {CHURN_OBJECTS} objects, {total >> 20} MiB, budget {budget_mib} MiB", flush=True)
-        targets = [self.start_sidecache("sidecache-churn", f"{budget_mib}MiB"),
-                   self.nginx_cache("nginx-churn", f"{budget_mib}m"),
-                   self.start_varnish("varnish-churn", f"{budget_mib}m")]
+        wanted = set(self.args.targets.split(","))
+        names = {"sidecache-churn": "sidecache", "nginx-churn": "nginx-cache", "varnish-churn": "varnish"}
+        targets = [self.start_sidecache("sidecache-churn", f"{budget_mib}MiB")]
+        # Earlier builds (--baseline) at the same budget: the eviction policy before and after.
+        for name, binary in (b.split("=", 1) for b in self.args.baseline):
+            targets.append(self.start_sidecache(f"sidecache-{name}-churn", f"{budget_mib}MiB", binary=binary))
+            names[f"sidecache-{name}-churn"] = f"sidecache-{name}"
+        if "nginx-cache" in wanted:
+            targets.append(self.nginx_cache("nginx-churn", f"{budget_mib}m"))
+        if "varnish" in wanted:
+            targets.append(self.start_varnish("varnish-churn", f"{budget_mib}m"))
         env = {"OBJECTS": str(CHURN_OBJECTS), "DIST": "zipf", "PREFIX": "z"}
         for proc in targets:  # fill to the budget and into steady state
             self.wrk(proc, script="objects.lua", env=env, duration=self.args.duration * 3)
@@ -457,14 +476,15 @@ class Bench:
                 peak, stop = [0], threading.Event()
                 sampler = threading.Thread(target=self.sample_disk, args=(proc, peak, stop))
                 sampler.start()
+                written = proc.written_bytes()
                 r = self.wrk(proc, script="objects.lua", env=env)
+                r["written_kib_per_req"] = (proc.written_bytes() - written) / 1024 / max(r["requests"], 1)
                 stop.set()
                 sampler.join()
                 r["hit_ratio"] = 1 - r["origin_requests"] / max(r["requests"], 1)
                 r["disk_mib"] = peak[0] / 2 ** 20
                 r["budget_mib"] = budget_mib
                 runs[proc.name].append(r)
-        names = {"sidecache-churn": "sidecache", "nginx-churn": "nginx-cache", "varnish-churn": "varnish"}
         for proc in targets:
             self.record("churn", names[proc.name], runs[proc.name])
         for proc in targets:
@@ -667,7 +687,8 @@ def table(rows):
         if "hit_ratio" in m:
             # varnishd preallocates its `-s file`: its disk use is the file's size throughout.
             disk = ", its preallocated file" if t == "varnish" else ""
-            extra = f" (hit {m['hit_ratio'] * 100:.1f}%, peak disk {m['disk_mib']:.0f} MiB{disk})"
+            written = f", {m['written_kib_per_req']:.1f} KiB written/req" if "written_kib_per_req" in m else ""
+            extra = f" (hit {m['hit_ratio'] * 100:.1f}%, peak disk {m['disk_mib']:.0f} MiB{disk}{written})"
         lines.append(f"| {s} | {t}{extra} | {m['req_s']:.0f} | {m['mb_s']:.1f} | {m['p50_ms']:.2f} | "
                      f"{m['p99_ms']:.2f} | {m['peak_rss_mib']:.1f} | {m['cpu_us_per_req']:.1f} | "
                      f"{m['errors']:.0f} | {m['origin_requests']:.0f} | {ratio} |")
@@ -704,6 +725,15 @@ def verdicts(rows):
         check("churn sidecache peak disk", f"{a['disk_mib']:.0f} MiB of {a['budget_mib']:.0f} MiB",
               "within the budget", a["disk_mib"] <= a["budget_mib"])
         check("churn failed or cut-off responses", f"{a['errors']:.0f}", "0", a["errors"] == 0)
+    for (s, t), m in by.items():
+        # The eviction policy against an earlier build's at the same budget (issue 26).
+        if s == "churn" and t.startswith("sidecache-") and ("churn", "sidecache") in by:
+            a = by[("churn", "sidecache")]
+            fewer = 1 - (1 - a["hit_ratio"]) / max(1 - m["hit_ratio"], 1e-9)
+            check(f"churn misses vs the build {t[len('sidecache-'):]}",
+                  f"{fewer * 100:.1f}% fewer ({a['hit_ratio'] * 100:.1f}% vs {m['hit_ratio'] * 100:.1f}% hits), "
+                  f"{a.get('written_kib_per_req', 0):.1f} vs {m.get('written_kib_per_req', 0):.1f} KiB written/req",
+                  "fewer", fewer > 0)
     for level in ("1", "6"):
         r = ratio("js 128KiB gzip,br", a="sidecache-js", b=f"nginx-gzip{level}")
         if r is not None:
