@@ -74,6 +74,46 @@ pub struct Hit {
     pub soft_purged: Option<SystemTime>,
 }
 
+/// One stored body a lookup reads: an object's identity body (in its object file) or one of
+/// its compressed variants (a file of its own, with its own version).
+struct Span {
+    /// The variant's coding; `None` for the identity body.
+    coding: Option<Coding>,
+    /// The key it is held under in the hot and open tiers.
+    tier_key: KeyHash,
+    /// The variant's own version; 0 for the identity body (which has the object's).
+    version: u64,
+    /// What its file must hold.
+    expect: Expected,
+}
+
+impl Span {
+    fn identity(hash: KeyHash, object: &Expected) -> Span {
+        Span {
+            coding: None,
+            tier_key: hash,
+            version: 0,
+            expect: *object,
+        }
+    }
+
+    fn variant(hash: KeyHash, v: &Variant) -> Span {
+        Span {
+            coding: Some(v.coding),
+            tier_key: tiers::variant_key(&hash, v.coding),
+            version: v.generation,
+            expect: Expected {
+                len: v.body_len,
+                tail_len: v.tail_len,
+                digest: v.digest,
+                verified: v.verified,
+                mtime: v.mtime,
+                min_mmap: MIN_MMAP,
+            },
+        }
+    }
+}
+
 /// What to purge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Purge {
@@ -314,73 +354,102 @@ impl Cache {
             let variant = coding.and_then(|c| e.variant(c)).cloned();
             ((generation, object), variant, ix.mark_of(&hash, generation))
         };
-        let hit = match variant {
-            None => self.lookup_object(&store, key, hash, object).await,
-            Some(v) => self.lookup_variant(&store, key, hash, object, v).await,
-        }?;
+        let span = match &variant {
+            None => Span::identity(hash, &object.1),
+            Some(v) => Span::variant(hash, v),
+        };
+        let hit = self.lookup_span(&store, key, hash, object, span).await?;
         Some(Hit {
             soft_purged: mark.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
             ..hit
         })
     }
 
-    /// The identity body and record of version `generation` of `hash`, as `expect`ed.
-    async fn lookup_object(
+    /// The body a hit reads (`span`: the identity body of version `generation` of `hash`, as
+    /// `object` is expected, or one of its compressed variants) with the object's record: from
+    /// the tier its size belongs in, else from disk. One path for both: what differs is the
+    /// span's file and what is expected of it. The record is the cached one, else read from the
+    /// object's file (with the identity body, in the same open), and checked against the index.
+    /// Anything that does not match drops the object (the next request fills it again).
+    async fn lookup_span(
         &self,
         store: &Store,
         key: &CacheKey,
         hash: KeyHash,
-        (generation, expect): (u64, Expected),
+        (generation, object): (u64, Expected),
+        span: Span,
     ) -> Option<Hit> {
-        let (body_len, digest) = (expect.len, expect.digest);
-        let tier = self.tiers.tier_for(body_len);
-        if let Some(hit) = self.tier_hit(tier.as_ref(), &hash, key, generation, 0) {
+        let tier = self.tiers.tier_for(span.expect.len);
+        if let Some(hit) = self.tier_hit(tier.as_ref(), &span.tier_key, key, generation, span.version) {
             return Some(hit);
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
-        let tier = tier.filter(|t| t.doorkeeper.admit(&hash, t.weight) && self.tiers.has_room(t));
-        let cached = self.tiers.meta(&hash, generation);
-        let path = store.object_path(&hash, generation);
+        let tier = tier.filter(|t| t.doorkeeper.admit(&span.tier_key, t.weight) && self.tiers.has_room(t));
         let expect = Expected {
             min_mmap: tier.as_ref().map_or(MIN_MMAP, |t| t.map_from),
-            ..expect
+            ..span.expect
         };
-        let want_record = cached.is_none();
-        let opened = self.open_blocking(path, expect, want_record).await;
+        let mut meta = self.tiers.meta(&hash, generation);
+        if meta.is_none() && span.coding.is_some() {
+            // A variant's file holds no record: the object's file does.
+            let path = store.object_path(&hash, generation);
+            let read = tokio::task::spawn_blocking(move || {
+                fileio::open_for_read(&path)
+                    .map_err(store::ReadError::from)
+                    .and_then(|file| store::read_record(&file, object.len, object.tail_len, false))
+                    .map(|m| m.expect("a blocking read answers"))
+                    .at("read", &path)
+            })
+            .await;
+            let read = self.or_drop(read, &hash, generation).await?;
+            meta = Some(
+                self.checked_record(read, key, &hash, generation, &object, false)
+                    .await?,
+            );
+        }
+        let path = match span.coding {
+            None => store.object_path(&hash, generation),
+            Some(coding) => store.variant_path(&hash, span.version, coding),
+        };
+        let opened = self.open_blocking(path, expect, meta.is_none()).await;
         let opened = self.or_drop(opened, &hash, generation).await?;
-        let meta = match (cached, opened.record) {
+        let meta = match (meta, opened.record) {
             (Some(meta), _) => meta,
-            (None, Some(meta)) => {
-                if meta.key != *key || meta.digest != digest || meta.body_len != body_len {
-                    self.drop_corrupt(&hash, generation, "record does not match the index")
-                        .await;
-                    return None;
-                }
-                let meta = Arc::new(meta);
+            (None, Some(read)) => {
                 let held_open = tier.as_ref().is_some_and(|t| t.open);
-                self.tiers.remember_meta(hash, generation, &meta, held_open);
-                meta
+                self.checked_record(read, key, &hash, generation, &object, held_open)
+                    .await?
             }
             // (A record is read whenever none is cached.)
             (None, None) => return None,
         };
         if !opened.intact {
-            self.drop_corrupt(&hash, generation, "body hash mismatch").await;
+            // A variant's object goes with it: the next request fills both again.
+            let why = if span.coding.is_some() {
+                "variant body hash mismatch"
+            } else {
+                "body hash mismatch"
+            };
+            self.drop_corrupt(&hash, generation, why).await;
             return None;
         }
         if opened.mtime != expect.mtime || !expect.verified {
-            self.lock_index().mark_verified(&hash, generation, opened.mtime);
+            let mut ix = self.lock_index();
+            match span.coding {
+                None => ix.mark_verified(&hash, generation, opened.mtime),
+                Some(_) => ix.mark_variant_verified(&hash, span.version, opened.mtime),
+            }
         }
         let hit = Hit {
             meta,
             body: opened.body,
-            coding: None,
+            coding: span.coding,
             soft_purged: None,
         };
         self.tier_insert(
             tier.as_ref(),
-            (hash, hash),
-            (generation, 0),
+            (hash, span.tier_key),
+            (generation, span.version),
             &hit,
             expect.min_mmap,
             opened.mtime,
@@ -388,80 +457,25 @@ impl Cache {
         Some(hit)
     }
 
-    /// A compressed variant `v` of version `generation` of `hash`, served with the object's
-    /// record (read from the object's file when it is not cached).
-    async fn lookup_variant(
+    /// A record read from disk, if it is the one the index expects for version `generation`
+    /// of `hash` (else the object is dropped as corrupt); kept beside the index from then on.
+    async fn checked_record(
         &self,
-        store: &Store,
+        meta: Meta,
         key: &CacheKey,
-        hash: KeyHash,
-        (generation, object): (u64, Expected),
-        v: Variant,
-    ) -> Option<Hit> {
-        let tier_key = tiers::variant_key(&hash, v.coding);
-        let tier = self.tiers.tier_for(v.body_len);
-        if let Some(hit) = self.tier_hit(tier.as_ref(), &tier_key, key, generation, v.generation) {
-            return Some(hit);
-        }
-        let tier = tier.filter(|t| t.doorkeeper.admit(&tier_key, t.weight) && self.tiers.has_room(t));
-        let meta = match self.tiers.meta(&hash, generation) {
-            Some(meta) => meta,
-            None => {
-                let path = store.object_path(&hash, generation);
-                let read = tokio::task::spawn_blocking(move || {
-                    fileio::open_for_read(&path)
-                        .map_err(store::ReadError::from)
-                        .and_then(|file| store::read_record(&file, object.len, object.tail_len, false))
-                        .map(|m| m.expect("a blocking read answers"))
-                        .at("read", &path)
-                })
+        hash: &KeyHash,
+        generation: u64,
+        object: &Expected,
+        held_open: bool,
+    ) -> Option<Arc<Meta>> {
+        if meta.key != *key || meta.digest != object.digest || meta.body_len != object.len {
+            self.drop_corrupt(hash, generation, "record does not match the index")
                 .await;
-                let meta = self.or_drop(read, &hash, generation).await?;
-                if meta.key != *key || meta.digest != object.digest || meta.body_len != object.len {
-                    self.drop_corrupt(&hash, generation, "record does not match the index")
-                        .await;
-                    return None;
-                }
-                let meta = Arc::new(meta);
-                self.tiers.remember_meta(hash, generation, &meta, false);
-                meta
-            }
-        };
-        let expect = Expected {
-            len: v.body_len,
-            tail_len: v.tail_len,
-            digest: v.digest,
-            verified: v.verified,
-            mtime: v.mtime,
-            min_mmap: tier.as_ref().map_or(MIN_MMAP, |t| t.map_from),
-        };
-        let path = store.variant_path(&hash, v.generation, v.coding);
-        let opened = self.open_blocking(path, expect, false).await;
-        let opened = self.or_drop(opened, &hash, generation).await?;
-        if !opened.intact {
-            // The object goes with its variant: the next request fills both again.
-            self.drop_corrupt(&hash, generation, "variant body hash mismatch").await;
             return None;
         }
-        if opened.mtime != v.mtime || !v.verified {
-            self.lock_index()
-                .mark_variant_verified(&hash, v.generation, opened.mtime);
-        }
-        let hit = Hit {
-            meta,
-            body: opened.body,
-            coding: Some(v.coding),
-            soft_purged: None,
-        };
-        self.tier_insert(
-            tier.as_ref(),
-            (hash, tier_key),
-            (generation, v.generation),
-            &hit,
-            expect.min_mmap,
-            opened.mtime,
-        );
-        Some(hit)
+        let meta = Arc::new(meta);
+        self.tiers.remember_meta(*hash, generation, &meta, held_open);
+        Some(meta)
     }
 
     /// Opens a stored file for a hit: inline when the page cache has it and nothing needs
