@@ -1,0 +1,146 @@
+//! HTTP dates as a recipient reads them (RFC 9110 §5.6.7): the preferred IMF-fixdate and the
+//! two obsolete formats a recipient must accept (RFC 850 and asctime), in any letter case (a
+//! recipient compares the names case-insensitively), the day name not checked against the date
+//! (it says nothing the date does not). Pure.
+
+use std::time::{Duration, SystemTime};
+
+/// Parses an HTTP date; `None` for anything else.
+///
+/// - IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`
+/// - RFC 850: `Sunday, 06-Nov-94 08:49:37 GMT` (a two-digit year more than 50 years ahead is
+///   in the past century, §5.6.7)
+/// - asctime: `Sun Nov  6 08:49:37 1994`
+pub fn parse(text: &str) -> Option<SystemTime> {
+    let text = text.trim();
+    let (day_name, rest) = match text.split_once(',') {
+        Some((name, rest)) => (name, rest),
+        None => text.split_once(' ')?,
+    };
+    if !day_name.bytes().all(|b| b.is_ascii_alphabetic()) || day_name.len() < 3 {
+        return None;
+    }
+    let words: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let (year, month, day, time) = match words.as_slice() {
+        // IMF-fixdate: `06 Nov 1994 08:49:37 GMT`.
+        [day, month, year, time, gmt] if gmt.eq_ignore_ascii_case("GMT") && year.len() == 4 => {
+            (number(year)?, month_number(month)?, number(day)?, *time)
+        }
+        // RFC 850: `06-Nov-94 08:49:37 GMT`.
+        [date, time, gmt] if gmt.eq_ignore_ascii_case("GMT") => {
+            let mut parts = date.split('-');
+            let (day, month, year) = (parts.next()?, parts.next()?, parts.next()?);
+            if parts.next().is_some() || year.len() != 2 {
+                return None;
+            }
+            (two_digit_year(number(year)?), month_number(month)?, number(day)?, *time)
+        }
+        // asctime: `Nov  6 08:49:37 1994`.
+        [month, day, time, year] if year.len() == 4 => (number(year)?, month_number(month)?, number(day)?, *time),
+        _ => return None,
+    };
+    let mut hms = time.split(':');
+    let (h, m, s) = (hms.next()?, hms.next()?, hms.next()?);
+    if hms.next().is_some() || h.len() != 2 || m.len() != 2 || s.len() != 2 {
+        return None;
+    }
+    let (h, m, s) = (number(h)?, number(m)?, number(s)?);
+    // (60: a leap second, read as the next.)
+    if h > 23 || m > 59 || s > 60 || year < 1970 || day == 0 || day > days_in_month(year, month) {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + h * 3600 + m * 60 + s;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
+/// Digits only (at most 4), as a number.
+fn number(s: &str) -> Option<u64> {
+    (!s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+}
+
+/// RFC 9110 §5.6.7: a two-digit year that would be more than 50 years in the future is in the
+/// past century. Read against the year 2000 (70-99: 1900s), as common parsers do.
+fn two_digit_year(yy: u64) -> u64 {
+    if yy < 70 { 2000 + yy } else { 1900 + yy }
+}
+
+fn month_number(name: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    if name.len() != 3 {
+        return None;
+    }
+    MONTHS
+        .iter()
+        .position(|m| m.eq_ignore_ascii_case(name))
+        .map(|i| i as u64 + 1)
+}
+
+fn is_leap(year: u64) -> bool {
+    year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400))
+}
+
+fn days_in_month(year: u64, month: u64) -> u64 {
+    match month {
+        2 if is_leap(year) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a date on or after it (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOV_6_1994: u64 = 784_111_777;
+
+    /// RFC 9110 §5.6.7: the three formats, in any case, and nothing else.
+    #[test]
+    fn http_dates_are_read_in_all_three_formats_and_any_case() {
+        let at = |s| parse(s).map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
+        for ok in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "SUN, 06 NOV 1994 08:49:37 gmt",
+            "sun nov 6 08:49:37 1994",
+            // The day name is not checked against the date.
+            "Thu, 06 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(at(ok), Some(NOV_6_1994), "{ok}");
+        }
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "Sun, 06 Nov 1994 08:49:37",
+            "Sun, 06 Nov 1994 08:49:37 PST",
+            "Sun, 31 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+            "Sun, 06 Nov 94 08:49:37 GMT",
+            "Sun, 06 November 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 8:49:37 GMT",
+            "1994-11-06T08:49:37Z",
+        ] {
+            assert_eq!(at(bad), None, "{bad}");
+        }
+        assert_eq!(at("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(at("Tue, 29 Feb 2000 00:00:00 GMT"), Some(951_782_400));
+        assert_eq!(at("Wednesday, 01-Jan-25 00:00:00 GMT"), Some(1_735_689_600));
+        assert_eq!(at("Thu Aug  8 02:01:18 2050"), Some(2_543_536_878));
+    }
+}
