@@ -123,7 +123,7 @@ pub static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-co
 /// (`rules::apply`).
 pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
     for name in [&SIDECACHE_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
-        if headers.contains_key(name) {
+        if is_valid_targeted(headers, name) {
             let mut cc = CacheControl::parse_field(headers, name);
             if !cc.public {
                 cc.private |= CacheControl::parse(headers).private;
@@ -132,6 +132,29 @@ pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
         }
     }
     (CacheControl::parse(headers), false)
+}
+
+/// Whether a targeted field is present and usable (RFC 9213 §2.1): a Structured Field
+/// Dictionary whose lifetimes are integers. One that fails to parse, or gives a lifetime of
+/// another type, is ignored as if absent: the next field (down to `Cache-Control`) decides.
+fn is_valid_targeted(headers: &HeaderMap, name: &HeaderName) -> bool {
+    let mut lines = Vec::new();
+    for line in headers.get_all(name) {
+        let Ok(text) = line.to_str() else { return false };
+        lines.push(text);
+    }
+    if lines.is_empty() || !fields::is_dictionary(&lines.join(", ")) {
+        return false;
+    }
+    let integer = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    lines.iter().flat_map(|l| fields::split(l)).all(|member| {
+        let (key, value) = member.split_once('=').unwrap_or((member, ""));
+        let value = value.split(';').next().unwrap_or("");
+        !matches!(
+            key,
+            "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
+        ) || integer(value)
+    })
 }
 
 /// The directives a stored answer with this status is used under: `no-store` yields to
@@ -1261,6 +1284,19 @@ mod tests {
                 Err(NotStorable::Private),
                 "{lift}"
             );
+        }
+        // RFC 9213 §2.1: a targeted field that is no Structured Field Dictionary, or whose
+        // lifetime is not an integer, is ignored: Cache-Control decides (cache-tests
+        // `cdn-cc-invalid-sh-type-unknown`, `-wrong`).
+        for invalid in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "MaX-aGe=600",
+            "max-age =600",
+        ] {
+            let h = [("cache-control", "no-store"), ("cdn-cache-control", invalid)];
+            assert_eq!(st(&h), Err(NotStorable::NoStore), "{invalid}");
+            assert!(!response_directives(&headers(&h)).1, "{invalid}");
         }
         let (cc, _) = response_directives(&headers(&[
             ("cache-control", "no-cache"),

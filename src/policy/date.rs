@@ -5,7 +5,8 @@
 
 use std::time::{Duration, SystemTime};
 
-/// Parses an HTTP date; `None` for anything else.
+/// Parses an HTTP date; `None` for anything else. The layout is strict (single spaces, the
+/// comma, two-digit days and times); only the letter case of the names is free.
 ///
 /// - IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`
 /// - RFC 850: `Sunday, 06-Nov-94 08:49:37 GMT` (a two-digit year more than 50 years ahead is
@@ -13,31 +14,42 @@ use std::time::{Duration, SystemTime};
 /// - asctime: `Sun Nov  6 08:49:37 1994`
 pub fn parse(text: &str) -> Option<SystemTime> {
     let text = text.trim();
-    let (day_name, rest) = match text.split_once(',') {
-        Some((name, rest)) => (name, rest),
-        None => text.split_once(' ')?,
-    };
-    if !day_name.bytes().all(|b| b.is_ascii_alphabetic()) || day_name.len() < 3 {
-        return None;
-    }
-    let words: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let (year, month, day, time) = match words.as_slice() {
-        // IMF-fixdate: `06 Nov 1994 08:49:37 GMT`.
-        [day, month, year, time, gmt] if gmt.eq_ignore_ascii_case("GMT") && year.len() == 4 => {
-            (number(year)?, month_number(month)?, number(day)?, *time)
+    let (year, month, day, time) = match text.split_once(", ") {
+        Some((day_name, rest)) => {
+            let parts: Vec<&str> = rest.split(' ').collect();
+            match parts.as_slice() {
+                // IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
+                [day, month, year, time, gmt] if is_day_name(day_name, false) => {
+                    if !gmt.eq_ignore_ascii_case("GMT") || day.len() != 2 || year.len() != 4 {
+                        return None;
+                    }
+                    (number(year)?, month_number(month)?, number(day)?, *time)
+                }
+                // RFC 850: `Sunday, 06-Nov-94 08:49:37 GMT`.
+                [date, time, gmt] if is_day_name(day_name, true) => {
+                    let mut dmy = date.split('-');
+                    let (day, month, year) = (dmy.next()?, dmy.next()?, dmy.next()?);
+                    if dmy.next().is_some() || !gmt.eq_ignore_ascii_case("GMT") || day.len() != 2 || year.len() != 2 {
+                        return None;
+                    }
+                    (two_digit_year(number(year)?), month_number(month)?, number(day)?, *time)
+                }
+                _ => return None,
+            }
         }
-        // RFC 850: `06-Nov-94 08:49:37 GMT`.
-        [date, time, gmt] if gmt.eq_ignore_ascii_case("GMT") => {
-            let mut parts = date.split('-');
-            let (day, month, year) = (parts.next()?, parts.next()?, parts.next()?);
-            if parts.next().is_some() || year.len() != 2 {
+        // asctime: `Sun Nov  6 08:49:37 1994` (a day below 10 padded with a space).
+        None => {
+            let parts: Vec<&str> = text.split(' ').collect();
+            let (day_name, month, day, time, year) = match parts.as_slice() {
+                [w, m, "", d, t, y] if d.len() == 1 => (*w, *m, *d, *t, *y),
+                [w, m, d, t, y] if d.len() == 2 => (*w, *m, *d, *t, *y),
+                _ => return None,
+            };
+            if !is_day_name(day_name, false) || year.len() != 4 {
                 return None;
             }
-            (two_digit_year(number(year)?), month_number(month)?, number(day)?, *time)
+            (number(year)?, month_number(month)?, number(day)?, time)
         }
-        // asctime: `Nov  6 08:49:37 1994`.
-        [month, day, time, year] if year.len() == 4 => (number(year)?, month_number(month)?, number(day)?, *time),
-        _ => return None,
     };
     let mut hms = time.split(':');
     let (h, m, s) = (hms.next()?, hms.next()?, hms.next()?);
@@ -52,6 +64,27 @@ pub fn parse(text: &str) -> Option<SystemTime> {
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + h * 3600 + m * 60 + s;
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
+/// A day name in any case: the three-letter one, or (RFC 850) the full one. Whether it is the
+/// date's day is not checked: it says nothing the date does not.
+fn is_day_name(name: &str, full: bool) -> bool {
+    const DAYS: [&str; 7] = [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ];
+    DAYS.iter().any(|d| {
+        if full {
+            name.eq_ignore_ascii_case(d)
+        } else {
+            name.eq_ignore_ascii_case(&d[..3])
+        }
+    })
 }
 
 /// Digits only (at most 4), as a number.
@@ -116,8 +149,10 @@ mod tests {
             "Sun, 06 Nov 1994 08:49:37 GMT",
             "Sunday, 06-Nov-94 08:49:37 GMT",
             "Sun Nov  6 08:49:37 1994",
+            "Sun Nov 06 08:49:37 1994",
             "SUN, 06 NOV 1994 08:49:37 gmt",
-            "sun nov 6 08:49:37 1994",
+            "sun nov  6 08:49:37 1994",
+            "SUNDAY, 06-nov-94 08:49:37 GMT",
             // The day name is not checked against the date.
             "Thu, 06 Nov 1994 08:49:37 GMT",
         ] {
@@ -135,6 +170,17 @@ mod tests {
             "Sun, 06 November 1994 08:49:37 GMT",
             "Sun, 06 Nov 1994 8:49:37 GMT",
             "1994-11-06T08:49:37Z",
+            "Sun 06 Nov 1994 08:49:37 GMT",
+            "Sun, 06  Nov  1994 08:49:37 GMT",
+            "Sun, 06-Nov-1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08.49.37 GMT",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 6 Nov 1994 08:49:37 GMT",
+            "Sun Nov 6 08:49:37 1994",
+            "Sun Nov   6 08:49:37 1994",
+            "Sun, 06-Nov-94 08:49:37 GMT",
+            "Sunday, 06 Nov 1994 08:49:37 GMT",
+            "Xyz, 06 Nov 1994 08:49:37 GMT",
         ] {
             assert_eq!(at(bad), None, "{bad}");
         }

@@ -46,6 +46,146 @@ pub fn element_token(element: &str) -> &str {
     element.split(';').next().unwrap_or("").trim()
 }
 
+/// Whether a field value is a Structured Field Dictionary (RFC 8941 §3.2, §4.2.2), as a
+/// targeted cache-control field must be (RFC 9213 §2.1): members `key[=item][;param...]`
+/// separated by commas with optional whitespace, lower-case keys, items that are integers,
+/// decimals, strings, tokens, byte sequences, booleans or inner lists. Nothing else (no space
+/// around `=`, no upper-case key, no stray characters).
+pub fn is_dictionary(value: &str) -> bool {
+    let value = value.trim_matches(' ');
+    if value.is_empty() {
+        return false;
+    }
+    let mut rest = value.as_bytes();
+    loop {
+        let Some(after_key) = key(rest) else { return false };
+        rest = after_key;
+        if let Some(after_eq) = rest.strip_prefix(b"=") {
+            let item = if after_eq.first() == Some(&b'(') {
+                inner_list(after_eq)
+            } else {
+                bare_item(after_eq)
+            };
+            let Some(after_item) = item else { return false };
+            rest = after_item;
+        }
+        let Some(after_params) = parameters(rest) else {
+            return false;
+        };
+        rest = trim_ows(after_params);
+        match rest.split_first() {
+            None => return true,
+            Some((b',', after)) => {
+                rest = trim_ows(after);
+                if rest.is_empty() {
+                    return false;
+                }
+            }
+            Some(_) => return false,
+        }
+    }
+}
+
+fn trim_ows(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+    &s[n..]
+}
+
+/// An SF key: `( lcalpha / "*" ) *( lcalpha / DIGIT / "_" / "-" / "." / "*" )`.
+fn key(s: &[u8]) -> Option<&[u8]> {
+    let first = *s.first()?;
+    if !(first.is_ascii_lowercase() || first == b'*') {
+        return None;
+    }
+    let n = s
+        .iter()
+        .take_while(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.' | b'*'))
+        .count();
+    Some(&s[n..])
+}
+
+/// `*( ";" *SP key [ "=" bare-item ] )`.
+fn parameters(mut s: &[u8]) -> Option<&[u8]> {
+    while let Some(after) = s.strip_prefix(b";") {
+        s = key(trim_sp(after))?;
+        if let Some(after_eq) = s.strip_prefix(b"=") {
+            s = bare_item(after_eq)?;
+        }
+    }
+    Some(s)
+}
+
+fn trim_sp(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|b| **b == b' ').count();
+    &s[n..]
+}
+
+/// `"(" *SP [ sf-item *( 1*SP sf-item ) *SP ] ")" parameters`.
+fn inner_list(s: &[u8]) -> Option<&[u8]> {
+    let mut s = s.strip_prefix(b"(")?;
+    loop {
+        s = trim_sp(s);
+        if let Some(after) = s.strip_prefix(b")") {
+            return parameters(after);
+        }
+        s = parameters(bare_item(s)?)?;
+        if !matches!(s.first(), Some(b' ' | b')')) {
+            return None;
+        }
+    }
+}
+
+/// One bare item: integer, decimal, string, token, byte sequence or boolean (RFC 8941 §3.3).
+fn bare_item(s: &[u8]) -> Option<&[u8]> {
+    match *s.first()? {
+        b'-' | b'0'..=b'9' => {
+            let body = s.strip_prefix(b"-").unwrap_or(s);
+            let int = body.iter().take_while(|b| b.is_ascii_digit()).count();
+            if int == 0 || int > 15 {
+                return None;
+            }
+            let after = &body[int..];
+            match after.strip_prefix(b".") {
+                Some(frac) => {
+                    let n = frac.iter().take_while(|b| b.is_ascii_digit()).count();
+                    (int <= 12 && (1..=3).contains(&n)).then_some(&frac[n..])
+                }
+                None => Some(after),
+            }
+        }
+        b'"' => {
+            let mut i = 1;
+            while i < s.len() {
+                match s[i] {
+                    b'\\' if matches!(s.get(i + 1), Some(b'"' | b'\\')) => i += 2,
+                    b'"' => return Some(&s[i + 1..]),
+                    0x20..=0x7e if s[i] != b'\\' => i += 1,
+                    _ => return None,
+                }
+            }
+            None
+        }
+        b'?' => match s.get(1) {
+            Some(b'0' | b'1') => Some(&s[2..]),
+            _ => None,
+        },
+        b':' => {
+            let body = &s[1..];
+            let n = body
+                .iter()
+                .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+                .count();
+            body[n..].strip_prefix(b":")
+        }
+        c if c.is_ascii_alphabetic() || c == b'*' => {
+            let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(b);
+            let n = 1 + s[1..].iter().take_while(|b| tchar(b)).count();
+            Some(&s[n..])
+        }
+        _ => None,
+    }
+}
+
 /// Iterator over a line's elements (see [`split`]).
 #[derive(Debug, Clone)]
 pub struct Elements<'a> {
@@ -118,6 +258,36 @@ mod tests {
         assert!(contains_token(&h, &name, "B"));
         assert!(!contains_token(&h, &name, "d"));
         assert_eq!(element_token(" gzip ;q=0.5"), "gzip");
+    }
+
+    /// RFC 8941 §4.2.2 dictionaries, as RFC 9213 §2.1 requires of targeted fields.
+    #[test]
+    fn structured_dictionaries_are_told_from_other_text() {
+        for ok in [
+            "max-age=3600",
+            "public, max-age=600",
+            "no-store",
+            "foobar, max-age=3600",
+            "max-age=99999999999",
+            "a=?1, b=\"x,y\", c=tok/en:1, d=:aGk=:, e=1.5, f=(x y);p=1, g;q=2",
+            " max-age=1 ,\tno-cache ",
+        ] {
+            assert!(is_dictionary(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "max-age=10000, &&&&&",
+            "max-age =100",
+            "max-age= 100",
+            "MaX-aGe=3600",
+            "max-age=1,",
+            "max-age=1 no-store",
+            "a=\"unterminated",
+            "a=1234567890123456",
+            "a=1.2345",
+        ] {
+            assert!(!is_dictionary(bad), "{bad}");
+        }
     }
 
     #[test]
