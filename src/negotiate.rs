@@ -6,6 +6,8 @@
 
 use http::header::{self, HeaderMap, HeaderValue};
 
+use crate::policy::{Vary, fields};
+
 /// A content coding sidecache makes variants in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Coding {
@@ -98,7 +100,7 @@ fn slot(token: &str) -> Option<usize> {
 }
 
 /// Parses a q-value (`0`, `0.5`, `1.000`) into thousandths; malformed reads as absent.
-fn qvalue(s: &str) -> Option<u16> {
+pub(crate) fn qvalue(s: &str) -> Option<u16> {
     let s = s.trim();
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
     if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
@@ -198,9 +200,8 @@ pub fn accepts_stored(req: &HeaderMap, content_encoding: Option<&HeaderValue>) -
     let Some(value) = content_encoding else { return true };
     let Ok(text) = value.to_str() else { return false };
     let accepts = Accepts::parse(req);
-    text.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("identity"))
+    fields::split(text)
+        .filter(|t| !t.eq_ignore_ascii_case("identity"))
         .all(|t| match slot(t) {
             Some(i) => accepts.weight(i) > 0,
             // A coding this module has no slot for: named with a weight above 0, else `*`'s.
@@ -208,6 +209,17 @@ pub fn accepts_stored(req: &HeaderMap, content_encoding: Option<&HeaderValue>) -
                 .or(accepts.q[STAR])
                 .is_some_and(|q| accepts.present && q > 0),
         })
+}
+
+/// Whether a `Content-Encoding` uses a coding clients negotiate with `Accept-Encoding`
+/// (`gzip`, `br`, `zstd`, `deflate`, `compress` and their aliases), or cannot be read. An app's
+/// own coding (`aes128gcm`, ...) is not chosen by `Accept-Encoding`: no browser names it.
+pub fn is_negotiated(content_encoding: &HeaderValue) -> bool {
+    const NEGOTIATED: [&str; 7] = ["br", "zstd", "gzip", "x-gzip", "deflate", "compress", "x-compress"];
+    let Ok(text) = content_encoding.to_str() else {
+        return true;
+    };
+    fields::split(text).any(|t| NEGOTIATED.iter().any(|n| t.eq_ignore_ascii_case(n)))
 }
 
 /// The weight a request's `Accept-Encoding` gives a coding token by name (the highest, when
@@ -223,10 +235,7 @@ fn named_weight(req: &HeaderMap, token: &str) -> Option<u16> {
 /// [`MAX_ELEMENTS`] are looked at, so a hostile header costs a bounded parse. An element with a
 /// malformed weight is void (left out) rather than acceptable.
 fn elements(req: &HeaderMap) -> impl Iterator<Item = (&str, u16)> {
-    req.get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|line| line.to_str().ok())
-        .flat_map(|text| text.split(','))
+    fields::elements(req, &header::ACCEPT_ENCODING)
         .take(MAX_ELEMENTS)
         .filter_map(|element| {
             let mut parts = element.split(';');
@@ -258,13 +267,10 @@ pub fn variant_etag(etag: &HeaderValue, coding: Coding) -> Option<HeaderValue> {
 
 /// Adds `Accept-Encoding` to a response's `Vary` unless it is there (or `Vary: *`).
 pub fn vary_on_accept_encoding(headers: &mut HeaderMap) {
-    let listed = headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|n| n == "*" || n.eq_ignore_ascii_case("accept-encoding"));
+    let listed = match Vary::parse(headers) {
+        Vary::Star => true,
+        vary => vary.names().contains(&header::ACCEPT_ENCODING),
+    };
     if !listed {
         headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }

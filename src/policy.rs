@@ -6,6 +6,13 @@ use std::time::{Duration, SystemTime};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
+pub mod date;
+pub mod fields;
+pub mod validation;
+pub mod vary;
+
+pub use vary::Vary;
+
 /// Parsed `Cache-Control` directives (RFC 9111 §5.2). Unknown directives are ignored.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CacheControl {
@@ -39,6 +46,9 @@ pub struct CacheControl {
     pub stale_while_revalidate: Option<u64>,
     /// `stale-if-error=N` (RFC 5861).
     pub stale_if_error: Option<u64>,
+    /// `must-understand` (§5.2.2.3): `no-store` yields to it for a status this cache
+    /// understands.
+    pub must_understand: bool,
 }
 
 /// Delta-seconds as RFC 9111 §1.2.2 reads them: digits only; overflow saturates.
@@ -61,7 +71,7 @@ impl CacheControl {
         let mut cc = CacheControl::default();
         for value in headers.get_all(name) {
             let Ok(value) = value.to_str() else { continue };
-            for directive in split_directives(value) {
+            for directive in fields::split(value) {
                 let (name, arg) = match directive.split_once('=') {
                     Some((n, a)) => (n.trim(), Some(a.trim())),
                     None => (directive.trim(), None),
@@ -84,6 +94,7 @@ impl CacheControl {
                     "only-if-cached" => cc.only_if_cached = true,
                     "stale-while-revalidate" => cc.stale_while_revalidate = arg.and_then(delta_seconds),
                     "stale-if-error" => cc.stale_if_error = arg.and_then(delta_seconds),
+                    "must-understand" => cc.must_understand = true,
                     _ => {}
                 }
             }
@@ -99,23 +110,23 @@ pub static CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-co
 
 /// The response directives this cache obeys: the most specific targeted field present
 /// (`Sidecache-Cache-Control`, then `CDN-Cache-Control`), else `Cache-Control` (RFC 9213 §2.2).
-/// `true` when a targeted field was used, in which case `Expires` is ignored too.
+/// `true` when a targeted field was used, in which case `Cache-Control` and `Expires` are
+/// ignored (RFC 9213 §2.1): a targeted field is the app speaking to this cache, so
+/// `CDN-Cache-Control: max-age=600` stores an answer that says `Cache-Control: no-store` to
+/// browsers.
 ///
-/// Every field is seen: a targeted field may set the lifetime, but `private`, `no-store` and
-/// `no-cache` in `Cache-Control` still hold unless the targeted field itself says `public`.
-/// This is
-/// stricter than RFC 9213 §2.2, which would have `CDN-Cache-Control: max-age=600` override
-/// `Cache-Control: private`: a middleware that adds a CDN lifetime to every answer must not
-/// make one user's page another's.
+/// One exception, stricter than RFC 9213: `private` in `Cache-Control` still holds unless the
+/// targeted field itself says `public`. A middleware that adds a CDN lifetime to every answer
+/// must not make one user's page another's. (And [`storable`] keeps `no-store` too for a
+/// request with credentials.) The lifetimes sidecache adds itself (rules, fingerprinted names)
+/// are written as a targeted field, but never to an answer whose `Cache-Control` restricts it
+/// (`rules::apply`).
 pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
     for name in [&SIDECACHE_CACHE_CONTROL, &CDN_CACHE_CONTROL] {
-        if headers.contains_key(name) {
+        if is_valid_targeted(headers, name) {
             let mut cc = CacheControl::parse_field(headers, name);
             if !cc.public {
-                let plain = CacheControl::parse(headers);
-                cc.private |= plain.private;
-                cc.no_store |= plain.no_store;
-                cc.no_cache |= plain.no_cache;
+                cc.private |= CacheControl::parse(headers).private;
             }
             return (cc, true);
         }
@@ -123,26 +134,69 @@ pub fn response_directives(headers: &HeaderMap) -> (CacheControl, bool) {
     (CacheControl::parse(headers), false)
 }
 
-/// Splits a directive list on commas outside quoted strings.
-fn split_directives(value: &str) -> impl Iterator<Item = &str> {
-    let mut parts = Vec::new();
-    let mut start = 0;
-    let mut quoted = false;
-    let mut escaped = false;
-    for (i, b) in value.bytes().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b',' if !quoted => {
-                parts.push(&value[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
+/// Whether a targeted field is present and usable (RFC 9213 §2.1): a Structured Field
+/// Dictionary whose lifetimes are integers. One that fails to parse, or gives a lifetime of
+/// another type, is ignored as if absent: the next field (down to `Cache-Control`) decides.
+fn is_valid_targeted(headers: &HeaderMap, name: &HeaderName) -> bool {
+    let mut lines = Vec::new();
+    for line in headers.get_all(name) {
+        let Ok(text) = line.to_str() else { return false };
+        lines.push(text);
     }
-    parts.push(&value[start..]);
-    parts.into_iter().map(str::trim).filter(|p| !p.is_empty())
+    if lines.is_empty() || !fields::is_dictionary(&lines.join(", ")) {
+        return false;
+    }
+    let integer = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    lines.iter().flat_map(|l| fields::split(l)).all(|member| {
+        let (key, value) = member.split_once('=').unwrap_or((member, ""));
+        let value = value.split(';').next().unwrap_or("");
+        !matches!(
+            key,
+            "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
+        ) || integer(value)
+    })
+}
+
+/// The directives a stored answer with this status is used under: `no-store` yields to
+/// `must-understand` when this cache understands the status's caching rules (RFC 9111
+/// §5.2.2.3).
+pub fn stored_directives(status: StatusCode, headers: &HeaderMap) -> (CacheControl, bool) {
+    let (mut cc, targeted) = response_directives(headers);
+    if cc.must_understand && understands(status) {
+        cc.no_store = false;
+    }
+    (cc, targeted)
+}
+
+/// Statuses whose caching requirements this cache implements (RFC 9111 §5.2.2.3, RFC 9110
+/// §15): the final ones it may store. (206 is not stored: partial content is not combined.)
+pub fn understands(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 302 | 303 | 307 | 308 | 404 | 405 | 410 | 414 | 451 | 501
+    )
+}
+
+/// The request's directives (RFC 9111 §5.2.1), with `Pragma: no-cache` read as
+/// `Cache-Control: no-cache` when the request has no `Cache-Control` (§5.4).
+pub fn request_directives(headers: &HeaderMap) -> CacheControl {
+    let mut cc = CacheControl::parse(headers);
+    if !headers.contains_key(header::CACHE_CONTROL) && fields::contains_token(headers, &header::PRAGMA, "no-cache") {
+        cc.no_cache = true;
+    }
+    cc
+}
+
+/// Whether a non-error answer to this method invalidates what is stored for its URL (RFC 9111
+/// §4.4): every method but the ones known to be safe (RFC 9110 §9.2.1: GET, HEAD, OPTIONS,
+/// TRACE; and the safe WebDAV and QUERY methods). A method whose safety is unknown (an
+/// extension such as `M-SEARCH`, or `get` in lower case, which is not GET: methods are
+/// case-sensitive) invalidates, as an unsafe one does.
+pub fn invalidates(method: &Method) -> bool {
+    !matches!(
+        method.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PROPFIND" | "SEARCH" | "REPORT" | "QUERY"
+    )
 }
 
 /// Whether a request may be answered from the cache or fill it. Only GET and HEAD do
@@ -182,8 +236,10 @@ pub enum NotStorable {
     VaryStar,
     /// The response sets a cookie.
     SetCookie,
-    /// The request carries a `Cookie` and the app gave its answer no explicit freshness or
-    /// shareability: an answer built for one user's session is never guessed shareable.
+    /// The request carries credentials and the app gave its answer no explicit freshness or
+    /// shareability (a `Cookie` and only the heuristic; or a targeted lifetime beside a
+    /// `Cache-Control` of `no-store` or `no-cache`): an answer built for one user's session is
+    /// never guessed shareable.
     Credentials,
     /// Neither explicit freshness, nor a validator, nor a heuristically cacheable status.
     NoFreshness,
@@ -225,28 +281,36 @@ pub fn storable(
         return Err(NotStorable::Status);
     }
     let req_cc = CacheControl::parse(req_headers);
-    let (cc, targeted) = response_directives(resp_headers);
+    // `must-understand` lifts `no-store` (§5.2.2.3), but not for a request with credentials,
+    // whose answer may be one user's: the app's `no-store` then holds.
+    let (cc, targeted) = if is_credentialed(req_headers) {
+        response_directives(resp_headers)
+    } else {
+        stored_directives(status, resp_headers)
+    };
     if req_cc.no_store || cc.no_store {
         return Err(NotStorable::NoStore);
     }
     if cc.private {
         return Err(NotStorable::Private);
     }
+    // A targeted field replaces `Cache-Control` (RFC 9213 §2.1), but for a request with
+    // credentials, whose answer may be one user's, a `Cache-Control` that keeps it from being
+    // reused as it is (`no-store`, `no-cache`) still holds unless the targeted field says
+    // `public` (`private` always does: see `response_directives`).
+    if targeted && is_credentialed(req_headers) && !cc.public {
+        let plain = CacheControl::parse(resp_headers);
+        if plain.no_store || plain.no_cache {
+            return Err(NotStorable::Credentials);
+        }
+    }
     // §3.5: a response to a request with Authorization is shared only when it says so.
     if req_headers.contains_key(header::AUTHORIZATION) && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
         return Err(NotStorable::Authorization);
     }
-    // A field left out of the key would let one request's answer reach another that differs
-    // in it: what cannot be read as a field name is `*`.
-    let unmatchable = |line: &HeaderValue| match line.to_str() {
-        Err(_) => true,
-        Ok(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-            .any(|f| f == "*" || HeaderName::from_bytes(f.as_bytes()).is_err()),
-    };
-    if resp_headers.get_all(header::VARY).iter().any(unmatchable) {
+    // §4.1: a field left out of the key would let one request's answer reach another that
+    // differs in it: what cannot be read as a field name is `*`.
+    if Vary::parse(resp_headers).is_star() {
         return Err(NotStorable::VaryStar);
     }
     // Safe by default: a cookie is one user's; never hand it to another.
@@ -279,10 +343,7 @@ pub fn is_credentialed(req_headers: &HeaderMap) -> bool {
 
 /// Parses an HTTP date; `None` for anything invalid (RFC 9110 §5.6.7).
 pub fn parse_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| httpdate::parse_http_date(s.trim()).ok())
+    headers.get(name).and_then(|v| v.to_str().ok()).and_then(date::parse)
 }
 
 /// Knobs for heuristic freshness.
@@ -336,14 +397,17 @@ pub fn current_age(
     initial_age(headers, request_time, response_time).saturating_add(resident_time)
 }
 
+/// The `Age` a response arrived with (RFC 9111 §5.1): the first value of the field (its first
+/// line, or the first element of a line holding a list, so `7200, 0` is 7200), parameters
+/// left aside; `None` when absent or not delta-seconds (then it is ignored).
+pub fn age(headers: &HeaderMap) -> Option<u64> {
+    let first = fields::elements(headers, &header::AGE).next()?;
+    delta_seconds(fields::element_token(first))
+}
+
 /// RFC 9111 §4.2.3: `corrected_initial_age`, the response's age when it arrived.
 pub fn initial_age(headers: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Duration {
-    let age_value = headers
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(delta_seconds)
-        .map(Duration::from_secs)
-        .unwrap_or_default();
+    let age_value = age(headers).map(Duration::from_secs).unwrap_or_default();
     let date = parse_date(headers, &header::DATE).unwrap_or(response_time);
     let apparent_age = response_time.duration_since(date).unwrap_or_default();
     let response_delay = response_time.duration_since(request_time).unwrap_or_default();
@@ -388,7 +452,7 @@ impl Prepared {
         // A slot for the per-answer `Age`, so that setting it replaces in place instead of
         // growing the copied map on every hit.
         head.insert(header::AGE, HeaderValue::from_static("0"));
-        let (mut cc, targeted) = response_directives(headers);
+        let (mut cc, targeted) = stored_directives(status, headers);
         let lifetime = freshness_lifetime(status, headers, response_time, heuristic);
         let explicit =
             cc.max_age.is_some() || cc.s_maxage.is_some() || !targeted && headers.contains_key(header::EXPIRES);
@@ -568,7 +632,7 @@ pub fn if_none_match(req: &HeaderMap, stored: &HeaderMap) -> Option<bool> {
         .and_then(parse_etag);
     let mut any = false;
     for list in values {
-        for candidate in list.split(',') {
+        for candidate in fields::split(list) {
             any = true;
             // "*" matches any current representation, and a stored one exists.
             if candidate.trim() == "*" {
@@ -1183,22 +1247,37 @@ mod tests {
             ]),
             Ok(())
         );
-        // Issue 15, finding 1: a targeted lifetime alone does not lift a restriction.
-        for (restriction, why) in [("no-store", NotStorable::NoStore), ("private", NotStorable::Private)] {
-            for targeted in ["sidecache-cache-control", "cdn-cache-control"] {
+        // RFC 9213 §2.1: Cache-Control is ignored beside a targeted field: the app's word
+        // to this cache (issue 27; cache-tests `cdn-fresh-cc-nostore`). For a request with
+        // credentials `no-store` still holds unless the targeted field says `public`, and
+        // `private` always does: a middleware's blanket CDN lifetime must not share one
+        // user's page (issue 15, finding 1).
+        for targeted in ["sidecache-cache-control", "cdn-cache-control"] {
+            let no_store = [("cache-control", "no-store"), (targeted, "max-age=60")];
+            assert_eq!(st(&no_store), Ok(()), "no-store + {targeted}");
+            let private = [("cache-control", "private"), (targeted, "max-age=60")];
+            assert_eq!(st(&private), Err(NotStorable::Private), "private + {targeted}");
+            let public = [("cache-control", "private, no-store"), (targeted, "public, max-age=60")];
+            assert_eq!(st(&public), Ok(()), "public {targeted}");
+            for credential in [("cookie", "session=a"), ("authorization", "Bearer a")] {
+                let req = headers(&[credential]);
+                let st = |h: &[(&str, &str)]| storable(&Method::GET, &req, StatusCode::OK, &headers(h));
                 assert_eq!(
-                    st(&[("cache-control", restriction), (targeted, "max-age=60")]),
-                    Err(why),
-                    "{restriction} + {targeted}"
+                    st(&no_store),
+                    Err(NotStorable::Credentials),
+                    "{targeted} {credential:?}"
                 );
+                let no_cache = [("cache-control", "no-cache"), (targeted, "max-age=60")];
+                assert_eq!(
+                    st(&no_cache),
+                    Err(NotStorable::Credentials),
+                    "{targeted} {credential:?}"
+                );
+                assert_eq!(st(&private), Err(NotStorable::Private), "{targeted} {credential:?}");
+                assert_eq!(st(&public), Ok(()), "{targeted} {credential:?}");
             }
         }
-        let (cc, _) = response_directives(&headers(&[
-            ("cache-control", "no-cache"),
-            ("sidecache-cache-control", "max-age=60"),
-        ]));
-        assert!(cc.no_cache, "no-cache still means revalidate");
-        // Only `public` lifts a restriction; must-revalidate and s-maxage do not.
+        // Only `public` lifts `private`; must-revalidate and s-maxage do not.
         for lift in ["max-age=600, must-revalidate", "s-maxage=600"] {
             assert_eq!(
                 st(&[("cache-control", "private"), ("cdn-cache-control", lift)]),
@@ -1206,10 +1285,134 @@ mod tests {
                 "{lift}"
             );
         }
+        // RFC 9213 §2.1: a targeted field that is no Structured Field Dictionary, or whose
+        // lifetime is not an integer, is ignored: Cache-Control decides (cache-tests
+        // `cdn-cc-invalid-sh-type-unknown`, `-wrong`).
+        for invalid in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "MaX-aGe=600",
+            "max-age =600",
+        ] {
+            let h = [("cache-control", "no-store"), ("cdn-cache-control", invalid)];
+            assert_eq!(st(&h), Err(NotStorable::NoStore), "{invalid}");
+            assert!(!response_directives(&headers(&h)).1, "{invalid}");
+        }
+        let (cc, _) = response_directives(&headers(&[
+            ("cache-control", "no-cache"),
+            ("sidecache-cache-control", "max-age=60"),
+        ]));
+        assert!(!cc.no_cache, "RFC 9213 §2.1: the targeted field replaces Cache-Control");
         assert_eq!(
             st(&[("cache-control", "max-age=60"), ("sidecache-cache-control", "no-store")]),
             Err(NotStorable::NoStore)
         );
+    }
+
+    /// RFC 9111 §5.2.2.3: `must-understand` lets a cache that understands the status store
+    /// despite `no-store`; one that does not (206 here) must not.
+    #[test]
+    fn must_understand_overrides_no_store_for_understood_statuses() {
+        let resp = headers(&[("cache-control", "max-age=3600, no-store, must-understand")]);
+        let st = |status| storable(&Method::GET, &HeaderMap::new(), status, &resp);
+        assert_eq!(st(StatusCode::OK), Ok(()));
+        assert_eq!(st(StatusCode::NOT_FOUND), Ok(()));
+        assert_eq!(st(StatusCode::PARTIAL_CONTENT), Err(NotStorable::Status));
+        assert_eq!(
+            st(StatusCode::from_u16(299).unwrap()),
+            Err(NotStorable::NoStore),
+            "a status not understood"
+        );
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let p = Prepared::new(StatusCode::OK, &resp, (now, now), 1, H);
+        assert_eq!(usable(p.freshness(now), &CacheControl::default(), &p.cc), Usable::Fresh);
+        let private = headers(&[("cache-control", "max-age=3600, private, must-understand")]);
+        assert_eq!(
+            storable(&Method::GET, &HeaderMap::new(), StatusCode::OK, &private),
+            Err(NotStorable::Private),
+            "must-understand lifts no-store only"
+        );
+        assert_eq!(
+            storable(
+                &Method::GET,
+                &headers(&[("cache-control", "no-store")]),
+                StatusCode::OK,
+                &resp
+            ),
+            Err(NotStorable::NoStore),
+            "nor the request's no-store"
+        );
+        assert_eq!(
+            storable(&Method::GET, &headers(&[("cookie", "a=1")]), StatusCode::OK, &resp),
+            Err(NotStorable::NoStore),
+            "nor for a request with credentials"
+        );
+    }
+
+    /// RFC 9111 §5.1: `Age` is the first value; a list on one line is read by its first
+    /// element (`7200, 0` is old); what is not delta-seconds is ignored.
+    #[test]
+    fn age_is_the_first_value_of_the_field() {
+        let age_of = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(header::AGE, HeaderValue::from_str(l).unwrap());
+            }
+            age(&h)
+        };
+        assert_eq!(age_of(&["7200, 0"]), Some(7200));
+        assert_eq!(age_of(&["0, 7200"]), Some(0));
+        assert_eq!(age_of(&["7200", "0"]), Some(7200));
+        assert_eq!(age_of(&["7200;foo=bar"]), Some(7200));
+        for ignored in ["abc", "-7200", "7200.0", ""] {
+            assert_eq!(age_of(&[ignored]), None, "{ignored}");
+        }
+        assert_eq!(age_of(&[]), None);
+    }
+
+    /// RFC 9111 §5.4: `Pragma: no-cache` is `Cache-Control: no-cache` when the latter is absent.
+    #[test]
+    fn pragma_no_cache_counts_only_without_cache_control() {
+        assert!(request_directives(&headers(&[("pragma", "no-cache")])).no_cache);
+        assert!(request_directives(&headers(&[("pragma", "foo, No-Cache")])).no_cache);
+        assert!(!request_directives(&headers(&[("pragma", "foo")])).no_cache);
+        assert!(!request_directives(&headers(&[("pragma", "no-cache"), ("cache-control", "max-age=5")])).no_cache);
+        assert!(request_directives(&headers(&[("cache-control", "no-cache")])).no_cache);
+    }
+
+    /// RFC 9111 §4.4, RFC 9110 §9.2.1: unsafe methods and those of unknown safety invalidate;
+    /// the known safe ones do not.
+    #[test]
+    fn methods_not_known_to_be_safe_invalidate() {
+        for safe in [
+            "GET", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "SEARCH", "REPORT", "QUERY",
+        ] {
+            assert!(!invalidates(&Method::from_bytes(safe.as_bytes()).unwrap()), "{safe}");
+        }
+        for other in ["POST", "PUT", "DELETE", "PATCH", "M-SEARCH", "BREW", "get", "post"] {
+            assert!(invalidates(&Method::from_bytes(other.as_bytes()).unwrap()), "{other}");
+        }
+    }
+
+    /// RFC 9110 §5.6.7: `Expires` in the obsolete formats and in any case is read, not taken as
+    /// already expired.
+    #[test]
+    fn expires_in_obsolete_formats_and_any_case_gives_a_lifetime() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let date = httpdate::fmt_http_date(now);
+        for expires in [
+            "Thu Aug  8 02:01:18 2050",
+            "THU, 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 AUG 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:18 gMT",
+            "Thursday, 18-Aug-50 02:01:18 GMT",
+        ] {
+            let h = headers(&[("date", &date), ("expires", expires)]);
+            assert!(
+                freshness_lifetime(StatusCode::OK, &h, now, H).as_secs() > 0,
+                "{expires}"
+            );
+        }
     }
 
     /// An answer stored for its validator alone is validated on every use and never served

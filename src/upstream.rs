@@ -272,6 +272,8 @@ impl Upstream {
             .build()
             .unwrap_or_else(|_| Uri::from_static("/"));
         *req.uri_mut() = uri;
+        let received = req.version();
+        add_via(req.headers_mut(), received);
         // The app always speaks HTTP/1.1 to us, whatever the client spoke.
         *req.version_mut() = http::Version::HTTP_11;
 
@@ -396,12 +398,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`. `Host` is never a
 /// connection option: it names the resource (RFC 9110 §7.2), and the key holds it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = crate::policy::fields::elements(headers, &header::CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .filter(|name| *name != header::HOST)
         .collect();
     for name in named {
@@ -535,9 +533,37 @@ fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderVa
     };
 }
 
+/// RFC 9110 §7.6.3: a gateway adds itself to `Via` in every request it forwards, after the
+/// entries the request came with: the protocol version it received and a pseudonym (never the
+/// host name: it tells the app nothing it needs and would leak it onward).
+fn add_via(headers: &mut HeaderMap, received: http::Version) {
+    let via = match received {
+        http::Version::HTTP_09 => "0.9 sidecache",
+        http::Version::HTTP_10 => "1.0 sidecache",
+        http::Version::HTTP_2 => "2 sidecache",
+        http::Version::HTTP_3 => "3 sidecache",
+        _ => "1.1 sidecache",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(via));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 9110 §7.6.3: `Via` names the received protocol and this gateway, after any entry
+    /// the request already had.
+    #[test]
+    fn via_is_appended_with_the_received_protocol() {
+        let mut h = HeaderMap::new();
+        add_via(&mut h, http::Version::HTTP_11);
+        assert_eq!(h[header::VIA], "1.1 sidecache");
+        let mut h = HeaderMap::new();
+        h.insert(header::VIA, HeaderValue::from_static("1.1 router"));
+        add_via(&mut h, http::Version::HTTP_2);
+        let via: Vec<_> = h.get_all(header::VIA).iter().collect();
+        assert_eq!(via, ["1.1 router", "2 sidecache"]);
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {

@@ -5,9 +5,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use sidecache::policy::{self, CacheControl, RangeAnswer};
 
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 12] = [
     "cache-control", "range", "if-range", "if-none-match", "if-modified-since", "etag",
-    "last-modified", "accept-encoding", "sidecache-cache-control",
+    "last-modified", "accept-encoding", "sidecache-cache-control", "vary", "age",
+    "accept-language",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -21,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = CacheControl::parse(&headers);
     let _ = policy::response_directives(&headers);
     let _ = policy::answers_not_modified(&headers, &headers);
-    let _ = sidecache::cache::key::normalize_vary(&http::header::ACCEPT_ENCODING, &headers);
+    let _ = policy::vary::normalize(&http::header::ACCEPT_ENCODING, &headers);
+    let _ = policy::Vary::parse(&headers).values(&headers);
+    let _ = policy::vary::normalize(&http::header::ACCEPT_LANGUAGE, &headers);
+    let _ = policy::age(&headers);
     let len = u64::from(len_byte) * 97;
     match policy::range(&headers, &headers, len) {
         RangeAnswer::Partial(start, end) => assert!(start <= end && end < len, "{start}-{end} of {len}"),

@@ -6,7 +6,7 @@ use std::fmt;
 use http::Request;
 
 use crate::rules::{QueryKey, key_query};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 
 /// The cache key of a request: scheme, host (lower-cased, default port dropped), path and
 /// query. GET and HEAD share a key (HEAD is answered from a stored GET).
@@ -109,59 +109,8 @@ fn checked_host(raw: &str) -> Option<&str> {
     (!host.is_empty() && !host.contains(smuggles)).then_some(host)
 }
 
-/// The normalized value of one `Vary`-named request header (RFC 9111 §4.1): field lines
-/// combined, list whitespace folded, `Accept-*` lower-cased; `Accept-Encoding` reduced to the
-/// common codings it accepts, so its many spellings make a few variants, not one each.
-/// `None` when the request lacks the header (or, for `Accept-Encoding`, accepts none of them).
-pub fn normalize_vary(name: &HeaderName, headers: &HeaderMap) -> Option<HeaderValue> {
-    if name == header::ACCEPT_ENCODING {
-        // Reduced to what decides an app's coded answer (`negotiate::Accepts::reduced`).
-        return crate::negotiate::Accepts::parse(headers).reduced();
-    }
-    let lines: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
-    if lines.is_empty() {
-        return None;
-    }
-    let Ok(texts) = lines.iter().map(|v| v.to_str()).collect::<Result<Vec<&str>, _>>() else {
-        // Not text: compare the raw bytes of the first line, unnormalized.
-        return Some(lines[0].clone());
-    };
-    let lower = matches!(name.as_str(), "accept" | "accept-language" | "accept-charset");
-    let parts: Vec<String> = texts
-        .iter()
-        .flat_map(|t| t.split(','))
-        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|p| !p.is_empty())
-        .map(|p| if lower { p.to_ascii_lowercase() } else { p })
-        .collect();
-    HeaderValue::from_str(&parts.join(",")).ok()
-}
-
-/// The hash a variant is stored under: the key's own hash when the response does not vary,
-/// else the key plus the normalized values of the headers it varies on.
-pub fn variant_hash(key: &CacheKey, vary: &[(HeaderName, Option<HeaderValue>)]) -> KeyHash {
-    if vary.is_empty() {
-        return key.hash();
-    }
-    let mut h = blake3::Hasher::new();
-    h.update(key.as_str().as_bytes());
-    for (name, value) in vary {
-        h.update(b"\n");
-        h.update(name.as_str().as_bytes());
-        match value {
-            Some(v) => {
-                h.update(b"=");
-                h.update(v.as_bytes());
-            }
-            None => {
-                h.update(b"!");
-            }
-        }
-    }
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    KeyHash(out)
-}
+/// The hash a variant is stored under; its home is `Vary`'s ([`crate::policy::vary`]).
+pub use crate::policy::vary::variant_hash;
 
 /// The path and query of a key string (`scheme://host/path?query`).
 pub fn path_and_query(key: &str) -> &str {
@@ -325,24 +274,6 @@ mod tests {
         );
         assert!(k.same_host("http://evil.example/a").is_none());
         assert!(k.same_host("//evil.example/a").is_none());
-    }
-
-    #[test]
-    fn vary_values_are_normalized_before_keying() {
-        let mut a = HeaderMap::new();
-        a.insert("accept-encoding", HeaderValue::from_static("GZIP,  br"));
-        let mut b = HeaderMap::new();
-        b.append("accept-encoding", HeaderValue::from_static("br"));
-        b.append("accept-encoding", HeaderValue::from_static("gzip"));
-        let ae = header::ACCEPT_ENCODING;
-        assert_eq!(normalize_vary(&ae, &a), normalize_vary(&ae, &b));
-        assert_eq!(normalize_vary(&ae, &HeaderMap::new()), None);
-        let k = CacheKey::from_stored("http://h/a".into());
-        let va = variant_hash(&k, &[(ae.clone(), normalize_vary(&ae, &a))]);
-        let none = variant_hash(&k, &[(ae.clone(), None)]);
-        assert_ne!(va, none);
-        assert_ne!(va, k.hash());
-        assert_eq!(variant_hash(&k, &[]), k.hash());
     }
 
     #[test]

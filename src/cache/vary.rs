@@ -1,6 +1,7 @@
 //! The vary specs: for each URL whose responses vary, the request headers that pick the
 //! variant (RFC 9111 §4.1), as the app last said in `Vary`. Variants are stored side by side,
-//! each under a hash of the key and those headers' normalized values.
+//! each under a hash of the key and those headers' normalized values; what `Vary` means
+//! (parsing, normalizing, matching, the hash) is [`crate::policy::vary`]'s.
 //!
 //! Owns that map and nothing else: it learns a spec from each stored record (at a commit and
 //! at the startup rebuild) and never reads the index or the disk.
@@ -10,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, HeaderName};
 
-use crate::cache::key::{self, CacheKey, KeyHash};
+use crate::cache::key::{CacheKey, KeyHash};
 use crate::cache::meta::Meta;
+use crate::policy::vary;
 
 /// The request headers each varying URL's responses vary on, by the URL's own hash.
 ///
@@ -41,10 +43,7 @@ impl VarySpecs {
         let spec = self.lock().get(&primary).cloned();
         match spec {
             None => primary,
-            Some(names) => {
-                let values: Vec<_> = names.iter().map(|n| (n.clone(), key::normalize_vary(n, req))).collect();
-                key::variant_hash(key, &values)
-            }
+            Some(names) => vary::variant_hash(key, &vary::values_of(&names, req)),
         }
     }
 

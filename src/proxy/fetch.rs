@@ -6,24 +6,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use crate::body::{self, ProxyBody};
 use crate::cache::fill::{Fill, FillState};
-use crate::cache::key::{CacheKey, Digest, normalize_vary};
+use crate::cache::key::{CacheKey, Digest};
 use crate::cache::meta::Meta;
 use crate::cache::{Claim, FillPermit, Hit};
 use crate::metrics as m;
-use crate::policy::{self, CacheControl, Freshness, Usable};
+use crate::policy::{self, CacheControl, Freshness, Usable, Vary};
+use crate::proxy::exchange::Exchange;
 use crate::proxy::outcome::{Answer, Fwd, Outcome};
 use crate::proxy::stored::answer_fill;
 use crate::proxy::{FillFrom, Proxy};
 use crate::rules;
 use crate::shared::{self, Lookup, Upload};
-use crate::upstream::strip_hop_by_hop;
+use crate::upstream::{UpstreamError, strip_hop_by_hop};
 
 impl Proxy {
     /// Reads a local miss through the shared tier: an object found there, checked, and fresh
@@ -84,198 +85,242 @@ impl Proxy {
         });
     }
 
-    /// The leader's fetch: ask the app (conditionally, when a stale copy has validators), then
-    /// refresh, store while streaming, fall back to the stale copy, or relay.
+    /// The leader's fetch, as steps: ask the app (conditionally, when a stale copy has
+    /// validators); then freshen the stored copy with a 304, stand in with it for an error, or
+    /// store the answer while relaying it (or only relay it).
     pub(super) async fn fetch(
         &self,
-        mut req: Request<ProxyBody>,
-        client: SocketAddr,
-        key: CacheKey,
+        ex: Exchange,
         permit: FillPermit,
         fwd: Fwd,
         stored: Option<(Hit, Freshness)>,
     ) -> Answer {
-        let method = req.method().clone();
+        let (asked, sent) = self
+            .ask_app(ex, stored.as_ref().map(|(hit, _)| &hit.meta.headers))
+            .await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(err) => return self.app_failed(&asked, err, permit, fwd, &stored),
+        };
+        let response_time = SystemTime::now();
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if asked.validating
+            && parts.status == StatusCode::NOT_MODIFIED
+            && let Some((hit, _)) = stored
+        {
+            return self
+                .freshen(&asked, parts.headers, response_time, hit, permit, fwd)
+                .await;
+        }
+        if parts.status.is_server_error()
+            && let Some(answer) = self.stale_for_error(&asked.client_headers, &asked.method, &stored)
+        {
+            permit.release(false);
+            return answer;
+        }
+        self.store_or_relay(asked, parts, body, response_time, permit, fwd)
+            .await
+    }
+
+    /// Sends the leader's request: to the app, or to the source a prime fills from. The
+    /// client's conditionals are answered from what is stored; the app is asked with the
+    /// stored validators instead (RFC 9111 §4.3.1).
+    async fn ask_app(
+        &self,
+        ex: Exchange,
+        stored: Option<&HeaderMap>,
+    ) -> (Asked, Result<Response<ProxyBody>, UpstreamError>) {
+        let (client, key, rule) = (ex.client, ex.key.clone(), ex.rule);
+        let mut req = ex.into_request();
         let client_headers = req.headers().clone();
-        let path = req.uri().path().to_owned();
-        // The client's own conditionals are answered by us from what we hold; the app is asked
-        // with our validators instead (RFC 9111 §4.3.1).
-        for name in [
-            header::IF_NONE_MATCH,
-            header::IF_MODIFIED_SINCE,
-            header::IF_MATCH,
-            header::IF_UNMODIFIED_SINCE,
-        ] {
-            req.headers_mut().remove(name);
-        }
-        let mut validating = false;
-        if let Some((hit, _)) = &stored {
-            if let Some(etag) = hit.meta.headers.get(header::ETAG) {
-                req.headers_mut().insert(header::IF_NONE_MATCH, etag.clone());
-                validating = true;
-            }
-            if let Some(lm) = hit.meta.headers.get(header::LAST_MODIFIED) {
-                req.headers_mut().insert(header::IF_MODIFIED_SINCE, lm.clone());
-                validating = true;
-            }
-        }
-        let req_headers = req.headers().clone();
-        let request_time = SystemTime::now();
+        let validating = policy::validation::conditional_request(req.headers_mut(), stored);
+        let asked = Asked {
+            key,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            rule,
+            client_headers,
+            sent_headers: req.headers().clone(),
+            validating,
+            request_time: SystemTime::now(),
+        };
         let sent = match req.extensions().get::<FillFrom>().cloned() {
-            Some(from) => self.upstream.send_to(&self.sources, &from.0, &req_headers).await,
+            Some(from) => self.upstream.send_to(&self.sources, &from.0, &asked.sent_headers).await,
             None => {
                 self.upstream.prepare(&mut req, client, None);
                 self.upstream.send(req).await.map(|r| r.map(body::boxed))
             }
         };
-        let resp = match sent {
-            Ok(resp) => resp,
-            Err(err) => {
-                warn!(error = %err, "upstream request failed");
-                if let Some(answer) = self.stale_for_error(&client_headers, &method, &stored) {
-                    permit.release(false);
-                    return answer;
-                }
-                drop(permit);
-                return Answer::new(err.response(), Outcome::Error, Some(fwd));
-            }
-        };
-        let response_time = SystemTime::now();
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        (asked, sent)
+    }
 
-        if validating
-            && parts.status == StatusCode::NOT_MODIFIED
-            && let Some((hit, _)) = stored
-        {
-            // §4.3.4: freshen the stored response with the 304's headers, serve the stored body.
-            // A cookie the 304 sets is this client's alone: it goes to this client, never into
-            // the shared copy. An update that makes the copy unshareable (`private`,
-            // `no-store`, ...) removes it instead: the 304 answers this client only.
-            let mut update = parts.headers.clone();
-            let cookies: Vec<HeaderValue> = update.get_all(header::SET_COOKIE).iter().cloned().collect();
-            update.remove(header::SET_COOKIE);
-            let meta = refreshed(&hit.meta, &update, request_time, response_time);
-            let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
-            let shareable = policy::storable(&method, &req_headers, status, &meta.headers).is_ok()
-                && self.config.tags.parse(&meta.headers).is_ok();
-            let refreshed_hit = Hit {
-                meta: Arc::new(meta.clone()),
-                body: hit.body.clone(),
-                coding: hit.coding,
-                // Revalidated now: whatever mark the stored version had is answered.
-                soft_purged: None,
-            };
-            if shareable {
-                self.cache.refresh(meta).await;
-                permit.release(true);
-            } else {
-                debug!("a 304 made the stored copy unshareable: removed");
-                self.cache.invalidate(&key).await;
-                permit.release(false);
-            }
-            let f = self.freshness(&refreshed_hit.meta);
-            // Unshareable, the merged head still answers this client (it was validated for it).
-            let mut response = self.serve_stored(&method, &client_headers, &refreshed_hit, f);
-            for cookie in cookies {
-                response.headers_mut().append(header::SET_COOKIE, cookie);
-            }
-            let mut answer = Answer::new(response, Outcome::Revalidated, Some(fwd));
-            answer.detail = Some("fwd-status=304");
-            return answer;
-        }
-        if parts.status.is_server_error()
-            && let Some(answer) = self.stale_for_error(&client_headers, &method, &stored)
-        {
+    /// No answer from the app: the stale copy stands in if it may (RFC 9111 §4.2.4), else the
+    /// error's 502 or 504.
+    fn app_failed(
+        &self,
+        asked: &Asked,
+        err: UpstreamError,
+        permit: FillPermit,
+        fwd: Fwd,
+        stored: &Option<(Hit, Freshness)>,
+    ) -> Answer {
+        warn!(error = %err, "upstream request failed");
+        if let Some(answer) = self.stale_for_error(&asked.client_headers, &asked.method, stored) {
             permit.release(false);
             return answer;
         }
+        drop(permit);
+        Answer::new(err.response(), Outcome::Error, Some(fwd))
+    }
+
+    /// §4.3.4: a 304 freshens the stored copy with its fields and the stored body answers. A
+    /// cookie the 304 sets is this client's alone: it goes to this client, never into the
+    /// shared copy. An update that makes the copy unshareable (`private`, `no-store`, ...)
+    /// removes it instead: the merged head answers this client only (it was validated for it).
+    async fn freshen(
+        &self,
+        asked: &Asked,
+        mut update: HeaderMap,
+        response_time: SystemTime,
+        hit: Hit,
+        permit: FillPermit,
+        fwd: Fwd,
+    ) -> Answer {
+        let cookies: Vec<HeaderValue> = update.get_all(header::SET_COOKIE).iter().cloned().collect();
+        update.remove(header::SET_COOKIE);
+        let meta = Meta {
+            headers: policy::validation::merge_not_modified(&hit.meta.headers, &detached(&update)),
+            request_time: asked.request_time,
+            response_time,
+            ..(*hit.meta).clone()
+        };
+        let status = StatusCode::from_u16(meta.status).unwrap_or(StatusCode::OK);
+        let shareable = policy::storable(&asked.method, &asked.sent_headers, status, &meta.headers).is_ok()
+            && self.config.tags.parse(&meta.headers).is_ok();
+        // Revalidated now: whatever mark the stored version had is answered.
+        let refreshed = Hit {
+            meta: Arc::new(meta.clone()),
+            soft_purged: None,
+            ..hit
+        };
+        if shareable {
+            self.cache.refresh(meta).await;
+            permit.release(true);
+        } else {
+            debug!("a 304 made the stored copy unshareable: removed");
+            self.cache.invalidate(&asked.key).await;
+            permit.release(false);
+        }
+        let f = self.freshness(&refreshed.meta);
+        let mut response = self.serve_stored(&asked.method, &asked.client_headers, &refreshed, f);
+        for cookie in cookies {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        let mut answer = Answer::new(response, Outcome::Revalidated, Some(fwd));
+        answer.detail = Some("fwd-status=304");
+        answer
+    }
+
+    /// A full answer from the app: the path's rule applied, then stored while it is relayed if
+    /// it may be (RFC 9111 §3), else only relayed.
+    async fn store_or_relay(
+        &self,
+        asked: Asked,
+        mut parts: http::response::Parts,
+        body: ProxyBody,
+        response_time: SystemTime,
+        permit: FillPermit,
+        fwd: Fwd,
+    ) -> Answer {
         // Before a rule may strip it: an answer that set a cookie is never shared beyond here.
         let set_cookie = parts.headers.contains_key(header::SET_COOKIE);
-        let rule = rules::find(&self.config.rules, &path);
-        if let Some(applied) = rules::apply(
-            rule,
-            self.config.fingerprinted_ttl,
-            &path,
-            parts.status,
-            &mut parts.headers,
-            policy::is_credentialed(&req_headers),
-        ) {
-            debug!(rule = applied, "freshness from a static-asset rule");
-        }
-        let storable = policy::storable(&method, &req_headers, parts.status, &parts.headers).and_then(|()| {
-            self.config.tags.parse(&parts.headers).map(drop).map_err(|why| {
-                metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
-                policy::NotStorable::Tags
-            })
-        });
+        self.apply_rule(&asked, &mut parts);
         let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, self.heuristic());
-        if let Err(why) = storable {
-            debug!(reason = why.as_str(), "response not stored");
-        }
-        if storable.is_err() || lifetime.is_zero() && !has_validator(&parts.headers) {
+        let keep = self
+            .storable(&asked, &parts)
+            .map(|()| !lifetime.is_zero() || has_validator(&parts.headers));
+        if !keep.is_ok_and(|keep| keep) {
             permit.release(false);
-            return Answer::new(
-                Response::from_parts(parts, from_upstream(body)),
-                Outcome::Miss,
-                Some(fwd),
-            );
+            let response = Response::from_parts(parts, from_upstream(body));
+            return Answer::new(response, Outcome::Miss, Some(fwd));
         }
-        let meta = Meta {
-            key,
-            status: parts.status.as_u16(),
-            headers: detached(&parts.headers),
-            request_time,
-            response_time,
-            body_len: 0,
-            digest: Digest([0; 32]),
-            vary: vary_values(&parts.headers, &req_headers)
-                .into_iter()
-                .map(|(name, value)| (name, value.map(|v| detach(&v))))
-                .collect(),
-            prepared: Default::default(),
-        };
-        let length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
         // Waiters for this fill get its bytes only if the answer may be reused without asking
         // the app: fresh, and not `no-cache`. Another user's `no-cache` page, or an answer
         // stored for its validator alone, is stored, but each waiter asks the app for its own.
-        let reusable = !lifetime.is_zero() && !policy::response_directives(&parts.headers).0.no_cache;
-        match length {
-            Some(len) if reusable => match self
-                .cache
-                .start_fill(permit, Meta { body_len: len, ..meta }, body)
-                .await
-            {
-                Ok(fill) => {
-                    self.share_when_committed(&fill, &req_headers, set_cookie);
-                    let reader = body::sized(fill.reader(), fill.meta.body_len);
-                    let response = answer_fill(&client_headers, &fill.meta, reader, self.compressible(&fill.meta));
-                    let mut answer = Answer::new(response, Outcome::Miss, Some(fwd));
-                    answer.stored = true;
-                    answer
-                }
-                Err((permit, body)) => {
-                    permit.release(false);
-                    Answer::new(
-                        Response::from_parts(parts, from_upstream(body)),
-                        Outcome::Miss,
-                        Some(fwd),
-                    )
-                }
-            },
+        let reusable = !lifetime.is_zero() && !policy::stored_directives(parts.status, &parts.headers).0.no_cache;
+        let meta = record(&asked, &parts, response_time);
+        let mut answer = match content_length(&parts.headers) {
+            Some(len) if reusable => {
+                let meta = Meta { body_len: len, ..meta };
+                self.fill(&asked, parts, body, meta, permit, set_cookie).await
+            }
             _ => {
+                // Of unknown length, or for its validator alone: stored as it is relayed.
                 permit.release(false);
                 let body = match self.cache.tee_fill(meta) {
                     Some(copy) => body::tee(from_upstream(body), copy),
                     None => from_upstream(body),
                 };
-                let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
+                let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, None);
                 answer.stored = true;
                 answer
+            }
+        };
+        answer.fwd = Some(fwd);
+        answer
+    }
+
+    /// The freshness the path's rule (matched once, at the door) or a fingerprinted name gives
+    /// an answer about to be stored ([`rules::apply`]: never to one that is not already
+    /// shareable).
+    fn apply_rule(&self, asked: &Asked, parts: &mut http::response::Parts) {
+        let rule = asked.rule.and_then(|i| self.config.rules.get(i));
+        let credentialed = policy::is_credentialed(&asked.sent_headers);
+        let (ttl, path, status) = (self.config.fingerprinted_ttl, &asked.path, parts.status);
+        if let Some(applied) = rules::apply(rule, ttl, path, status, &mut parts.headers, credentialed) {
+            debug!(rule = applied, "freshness from a static-asset rule");
+        }
+    }
+
+    /// RFC 9111 §3, and the tags: whether this answer may be stored, logged when not.
+    fn storable(&self, asked: &Asked, parts: &http::response::Parts) -> Result<(), policy::NotStorable> {
+        let storable =
+            policy::storable(&asked.method, &asked.sent_headers, parts.status, &parts.headers).and_then(|()| {
+                self.config.tags.parse(&parts.headers).map(drop).map_err(|why| {
+                    metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+                    policy::NotStorable::Tags
+                })
+            });
+        if let Err(why) = storable {
+            debug!(reason = why.as_str(), "response not stored");
+        }
+        storable
+    }
+
+    /// Stores an answer of known length while streaming it: the client and the key's waiters
+    /// read the fill as it is written. Relayed unstored if the fill cannot start.
+    async fn fill(
+        &self,
+        asked: &Asked,
+        parts: http::response::Parts,
+        body: ProxyBody,
+        meta: Meta,
+        permit: FillPermit,
+        set_cookie: bool,
+    ) -> Answer {
+        match self.cache.start_fill(permit, meta, body).await {
+            Ok(fill) => {
+                self.share_when_committed(&fill, &asked.sent_headers, set_cookie);
+                let reader = body::sized(fill.reader(), fill.meta.body_len);
+                let response = answer_fill(&asked.client_headers, &fill.meta, reader, self.compressible(&fill.meta));
+                let mut answer = Answer::new(response, Outcome::Miss, None);
+                answer.stored = true;
+                answer
+            }
+            Err((permit, body)) => {
+                permit.release(false);
+                Answer::new(Response::from_parts(parts, from_upstream(body)), Outcome::Miss, None)
             }
         }
     }
@@ -283,17 +328,18 @@ impl Proxy {
     /// RFC 5861 §3: serve stale now, revalidate once in the background.
     pub(super) fn refresh_in_background(
         self: &Arc<Self>,
-        req: &Request<ProxyBody>,
+        req: &http::request::Parts,
         key: CacheKey,
+        rule: Option<usize>,
         hit: &Hit,
         f: Freshness,
     ) {
-        let Claim::Leader(permit) = self.cache.claim(&key, req.headers()) else {
+        let Claim::Leader(permit) = self.cache.claim(&key, &req.headers) else {
             return;
         };
-        let mut bg = Request::new(body::empty());
-        *bg.uri_mut() = req.uri().clone();
-        *bg.headers_mut() = req.headers().clone();
+        let mut bg = Request::new(());
+        *bg.uri_mut() = req.uri.clone();
+        *bg.headers_mut() = req.headers.clone();
         bg.headers_mut().remove(header::RANGE);
         bg.headers_mut().remove(header::IF_RANGE);
         let stored = Some((
@@ -305,37 +351,21 @@ impl Proxy {
             },
             f,
         ));
+        let ex = Exchange {
+            cc: policy::request_directives(bg.headers()),
+            req: bg.into_parts().0,
+            client: SocketAddr::from(([127, 0, 0, 1], 0)),
+            key,
+            rule,
+        };
         let proxy = self.clone();
-        let client = SocketAddr::from(([127, 0, 0, 1], 0));
         tokio::spawn(async move {
-            let answer = proxy.fetch(bg, client, key, permit, Fwd::Stale, stored).await;
+            let answer = proxy.fetch(ex, permit, Fwd::Stale, stored).await;
             // Drain a stored fill so it completes; nobody reads this response.
             let mut body = answer.response.into_body();
             while http_body_util::BodyExt::frame(&mut body).await.is_some() {}
         });
     }
-}
-
-/// The stored head freshened by a 304 (RFC 9111 §3.2, §4.3.4): the 304's fields replace the
-/// stored ones, except those describing the body, which the 304 has none of.
-fn refreshed(stored: &Meta, update: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Meta {
-    let mut meta = stored.clone();
-    let mut seen = std::collections::HashSet::new();
-    for (name, value) in update {
-        if matches!(
-            *name,
-            header::CONTENT_LENGTH | header::CONTENT_RANGE | header::TRANSFER_ENCODING
-        ) {
-            continue;
-        }
-        if seen.insert(name.clone()) {
-            meta.headers.remove(name);
-        }
-        meta.headers.append(name.clone(), detach(value));
-    }
-    meta.request_time = request_time;
-    meta.response_time = response_time;
-    meta
 }
 
 /// A copy of `headers` in allocations of its own. Values parsed by hyper share the buffer the
@@ -362,19 +392,53 @@ fn has_validator(headers: &HeaderMap) -> bool {
     headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
-/// For each header a response's `Vary` names, the value this request had (RFC 9111 §4.1).
-fn vary_values(resp_headers: &HeaderMap, req_headers: &HeaderMap) -> Vec<(HeaderName, Option<HeaderValue>)> {
-    resp_headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .map(|name| {
-            let value = normalize_vary(&name, req_headers);
-            (name, value)
-        })
-        .collect()
+/// The record of an answer about to be stored (its length and digest still to come): the
+/// normalized values of the request fields its `Vary` names pick its variant (RFC 9111 §4.1).
+fn record(asked: &Asked, parts: &http::response::Parts, response_time: SystemTime) -> Meta {
+    Meta {
+        key: asked.key.clone(),
+        status: parts.status.as_u16(),
+        headers: detached(&parts.headers),
+        request_time: asked.request_time,
+        response_time,
+        body_len: 0,
+        digest: Digest([0; 32]),
+        vary: Vary::parse(&parts.headers)
+            .values(&asked.sent_headers)
+            .into_iter()
+            .map(|(name, value)| (name, value.map(|v| detach(&v))))
+            .collect(),
+        prepared: Default::default(),
+    }
+}
+
+/// A `Content-Length` that parses.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The leader's request as it was sent to the app, and when: what the steps after it read.
+struct Asked {
+    /// The key the answer is stored under.
+    key: CacheKey,
+    /// GET (HEAD and others never fill).
+    method: Method,
+    /// The request's path (for the rule).
+    path: String,
+    /// The rule its path falls under ([`Exchange::rule`]).
+    rule: Option<usize>,
+    /// The client's head: its conditionals are answered from the new answer or stored copy.
+    client_headers: HeaderMap,
+    /// The head the app got (the cache's validators instead of the client's), before the
+    /// forwarding fields: storability and `Vary` are judged on it.
+    sent_headers: HeaderMap,
+    /// Whether it carried the stored copy's validators.
+    validating: bool,
+    /// When it was sent (RFC 9111 §4.2.3).
+    request_time: SystemTime,
 }
 
 /// An app response made ready for the client: hop-by-hop headers removed, body streamed.

@@ -4,14 +4,19 @@
 //! request metric and writes the access-log line from one [`Outcome`]. Upgrades (WebSocket) are
 //! tunnelled to the app untouched.
 //!
-//! This file is the concept: [`Proxy`], the route every request takes, warming for a prime,
-//! invalidation by unsafe requests, and forwarding without storing. Its side jobs each have a
-//! file: `outcome` (what the cache did: [`Outcome`], [`Fwd`], the [`Answer`] and its
-//! `Cache-Status`, the per-request metric handles), `stored` (answering from a stored object:
+//! This file is the concept: [`Proxy`], the route every request takes as named steps (admit,
+//! look up, lead or follow a fill, forward), warming for a prime, invalidation by unsafe
+//! requests, and forwarding without storing. It sequences; `crate::policy` decides (what may
+//! be stored, reused, validated, invalidated). Its side jobs each have a file: `exchange` (the
+//! door: a request classified once, and the per-request context every later step reads:
+//! key, matched rule, directives, client), `outcome` (what the cache did: [`Outcome`], [`Fwd`],
+//! the [`Answer`] and its `Cache-Status`, the per-request metric handles), `stored` (answering
+//! from a stored object:
 //! freshness, 304s, ranges, variants, stale-if-error), `fetch` (fetching from the app and
 //! refreshing: the leader's fetch, revalidation, stale-while-revalidate, the shared tier read
 //! through and written behind, relaying) and `upgrade` (tunnelling upgrades).
 
+mod exchange;
 mod fetch;
 mod outcome;
 mod stored;
@@ -29,18 +34,20 @@ use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
 use crate::bucket::TokenBucket;
+use crate::cache::fill::Fill;
 use crate::cache::key::CacheKey;
-use crate::cache::{Cache, Claim, Hit, Waited};
+use crate::cache::{Cache, Claim, FillPermit, Hit, Waited};
 use crate::config::Config;
 use crate::metrics as m;
-use crate::policy::{self, CacheControl, Freshness, Usable};
+use crate::policy::{self, Freshness, Usable};
 use crate::prime::protocol::Failure;
 use crate::rules;
 use crate::shared::SharedTier;
 use crate::sources::SourceUrl;
 use crate::upstream::{Upstream, error_response};
+use exchange::{Admission, Exchange};
 use outcome::{handles, method_class};
-use stored::{answer_fill, reusable_for};
+use stored::{answer_fill, reusable};
 use upgrade::is_upgrade;
 
 pub use fetch::relay_response;
@@ -138,16 +145,6 @@ pub const INVALIDATION_RATE: u32 = 32;
 /// The bucket bounding invalidations by unsafe requests.
 pub fn invalidation_bucket() -> TokenBucket {
     TokenBucket::new(INVALIDATION_BURST, INVALIDATION_RATE)
-}
-
-/// Whether a method's non-error answer invalidates what is stored for its URL: the unsafe
-/// methods RFC 9111 §4.4 means. Safe methods (GET, HEAD, OPTIONS, TRACE, PROPFIND, SEARCH,
-/// REPORT, ...) change nothing by definition (RFC 9110 §9.2.1). §4.4 also lets unknown methods
-/// invalidate; sidecache does not, deliberately: a method it cannot classify (an extension,
-/// or `get` in lower case, which is not GET: methods are case-sensitive) would let anyone
-/// evict anything.
-fn invalidates(method: &Method) -> bool {
-    matches!(*method, Method::POST | Method::PUT | Method::DELETE | Method::PATCH)
 }
 
 impl Proxy {
@@ -377,127 +374,127 @@ impl Proxy {
         // From here on, the head is what the app will get: the key, `Vary` and the directives
         // are read from nothing else.
         self.upstream.clean(req.headers_mut());
-        if matches!(*req.method(), Method::GET | Method::HEAD) && !req.body().is_end_stream() {
-            // A GET or HEAD with a body (Content-Length above 0, or chunked): RFC 9110 §9.3.1
-            // gives it no meaning, yet an app may read it, and the key does not hold it. Its
-            // answer is neither taken from nor stored in the cache, and it invalidates nothing.
-            let mut answer = self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
-            if answer.outcome == Outcome::Bypass {
-                answer.detail = Some("detail=request-body");
-            }
-            return answer;
+        match self.admit(req, client, matched) {
+            Admission::Cache(ex) => self.through_cache(ex).await,
+            Admission::Pass(req, fwd, detail) => self.pass(req, client, fwd, detail).await,
+            Admission::Method(req) => self.forward_unsafe(req, client).await,
         }
-        if !policy::is_cacheable_request(req.method(), req.headers()) {
-            if matches!(*req.method(), Method::GET | Method::HEAD) {
-                return self.forward(req, client, Outcome::Bypass, Fwd::Request).await;
-            }
-            return self.forward_unsafe(req, client).await;
-        }
-        let Some(key) = CacheKey::from_request(&req, self.scheme(&req), &self.config.query) else {
-            return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
-        };
-        if rules::bypassed(&self.config.rules, req.uri().path(), matched) {
-            return self.forward(req, client, Outcome::Bypass, Fwd::Bypass).await;
-        }
-        // The app gets the query the key holds, no more: a parameter left out of the key
-        // (`query: {deny: [utm_source]}`) must not change the answer stored under it.
-        if let Some(kept) = req.uri().query().and_then(|q| rules::app_query(q, &self.config.query)) {
-            let path = req.uri().path();
-            let pq = if kept.is_empty() {
-                path.to_owned()
-            } else {
-                format!("{path}?{kept}")
-            };
-            let mut parts = req.uri().clone().into_parts();
-            parts.path_and_query = pq.parse().ok();
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-            }
-        }
-        let mut req_cc = CacheControl::parse(req.headers());
-        // RFC 9111 §5.4: Pragma: no-cache means Cache-Control: no-cache when the latter is absent.
-        if !req.headers().contains_key(header::CACHE_CONTROL)
-            && req
-                .headers()
-                .get(header::PRAGMA)
-                .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"))
-        {
-            req_cc.no_cache = true;
-        }
-        let reload = req_cc.no_cache;
-        let mut fwd = if reload { Fwd::Request } else { Fwd::UriMiss };
+    }
+
+    /// A cacheable request: answered from what is stored when it may be (fresh, or stale
+    /// within `stale-while-revalidate`); else by the key's one leader asking the app (the
+    /// shared tier first); else from the leader's fill as it streams in; else forwarded.
+    async fn through_cache(self: &Arc<Self>, ex: Exchange) -> Answer {
+        let client = ex.client;
+        let mut fwd = if ex.cc.no_cache { Fwd::Request } else { Fwd::UriMiss };
         let mut stored: Option<(Hit, Freshness)> = None;
         // A released waiter retries the cache; bounded so a flapping app cannot loop us.
         for _ in 0..3 {
-            if let Some(hit) = self.cache.lookup(&key, req.headers()).await {
-                if !reusable_for(&hit.meta, req.headers()) {
-                    fwd = Fwd::VaryMiss;
-                } else {
-                    let f = self.hit_freshness(&hit);
-                    match policy::usable(f, &req_cc, &self.prepared(&hit.meta).cc) {
-                        Usable::Fresh => {
-                            let response = self.serve_stored(req.method(), req.headers(), &hit, f);
-                            return Answer::new(response, Outcome::Hit, None);
-                        }
-                        Usable::StaleWhileRevalidate => {
-                            self.refresh_in_background(&req, key.clone(), &hit, f);
-                            let response = self.serve_stored(req.method(), req.headers(), &hit, f);
-                            let mut answer = Answer::new(response, Outcome::Stale, None);
-                            answer.detail = Some("stale-while-revalidate");
-                            return answer;
-                        }
-                        Usable::Revalidate => {
-                            if !reload {
-                                fwd = Fwd::Stale;
-                            }
-                            stored = Some((hit, f));
-                        }
+            match self.look_up(&ex).await {
+                Found::Answer(answer) => return answer,
+                Found::Validate(hit, f) => {
+                    if !ex.cc.no_cache {
+                        fwd = Fwd::Stale;
                     }
+                    stored = Some((hit, f));
                 }
+                Found::OtherVariant => fwd = Fwd::VaryMiss,
+                Found::Nothing => {}
             }
-            if fwd == Fwd::UriMiss && self.cache.varies(&key) {
+            if fwd == Fwd::UriMiss && self.cache.varies(&ex.key) {
                 fwd = Fwd::VaryMiss;
             }
             // §5.2.1.7: only-if-cached and nothing usable is stored.
-            if req_cc.only_if_cached {
+            if ex.cc.only_if_cached {
                 let response = error_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout: not cached\n");
                 return Answer::new(response, Outcome::Miss, Some(fwd));
             }
-            if req.method() == Method::HEAD || req.headers().contains_key(header::RANGE) {
+            if ex.req.method == Method::HEAD || ex.req.headers.contains_key(header::RANGE) {
                 // Nothing to store from a HEAD or a partial answer: ask the app directly.
-                return self.forward(req, client, Outcome::Miss, fwd).await;
+                return self.forward(ex.into_request(), client, Outcome::Miss, fwd).await;
             }
-            match self.cache.claim(&key, req.headers()) {
-                Claim::Leader(permit) => {
-                    // Nothing stored here for the URL: the shared tier first, still as the
-                    // key's one leader (its waiters retry the local cache once it is stored).
-                    if stored.is_none()
-                        && fwd == Fwd::UriMiss
-                        && let Some(answer) = self.read_through(req.method(), req.headers(), &key, &req_cc).await
-                    {
-                        permit.release(true);
-                        return answer;
-                    }
-                    return self.fetch(req, client, key, permit, fwd, stored).await;
-                }
+            match self.cache.claim(&ex.key, &ex.req.headers) {
+                Claim::Leader(permit) => return self.lead(ex, permit, fwd, stored).await,
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
-                    Waited::Streaming(fill) if reusable_for(&fill.meta, req.headers()) => {
-                        // These bytes come from the cache: the app sent them once, for the leader.
-                        let reader = body::sized(fill.reader(), fill.meta.body_len);
-                        let reader = body::counted(reader, handles().served_cache_bytes.clone());
-                        let response = answer_fill(req.headers(), &fill.meta, reader, self.compressible(&fill.meta));
-                        return Answer::new(response, Outcome::Coalesced, Some(fwd));
+                    Waited::Streaming(fill) if reusable(&fill.meta, &ex.req.headers) => {
+                        return self.follow(&ex, &fill, fwd);
                     }
                     ended if ended.retries() => continue,
                     // Not shareable, another variant, or the leader is too slow: go alone.
                     ended => {
                         debug!(wait = ended.as_str(), "coalesced wait ended without a body");
-                        return self.forward(req, client, Outcome::Miss, fwd).await;
+                        return self.forward(ex.into_request(), client, Outcome::Miss, fwd).await;
                     }
                 },
             }
         }
-        self.forward(req, client, Outcome::Miss, fwd).await
+        self.forward(ex.into_request(), client, Outcome::Miss, fwd).await
+    }
+
+    /// What is stored for a request, and whether it may answer it (RFC 9111 §4): fresh, or
+    /// stale within `stale-while-revalidate` (then refreshed in the background), answers now.
+    async fn look_up(self: &Arc<Self>, ex: &Exchange) -> Found {
+        let Some(hit) = self.cache.lookup(&ex.key, &ex.req.headers).await else {
+            return Found::Nothing;
+        };
+        if !reusable(&hit.meta, &ex.req.headers) {
+            return Found::OtherVariant;
+        }
+        let f = self.hit_freshness(&hit);
+        let (method, headers) = (&ex.req.method, &ex.req.headers);
+        match policy::usable(f, &ex.cc, &self.prepared(&hit.meta).cc) {
+            Usable::Fresh => Found::Answer(Answer::new(
+                self.serve_stored(method, headers, &hit, f),
+                Outcome::Hit,
+                None,
+            )),
+            Usable::StaleWhileRevalidate => {
+                self.refresh_in_background(&ex.req, ex.key.clone(), ex.rule, &hit, f);
+                let mut answer = Answer::new(self.serve_stored(method, headers, &hit, f), Outcome::Stale, None);
+                answer.detail = Some("stale-while-revalidate");
+                Found::Answer(answer)
+            }
+            Usable::Revalidate => Found::Validate(hit, f),
+        }
+    }
+
+    /// The key's one leader: nothing stored here for the URL, the shared tier first (its
+    /// waiters retry the local cache once it is stored); else the app.
+    async fn lead(&self, ex: Exchange, permit: FillPermit, fwd: Fwd, stored: Option<(Hit, Freshness)>) -> Answer {
+        if stored.is_none()
+            && fwd == Fwd::UriMiss
+            && let Some(answer) = self
+                .read_through(&ex.req.method, &ex.req.headers, &ex.key, &ex.cc)
+                .await
+        {
+            permit.release(true);
+            return answer;
+        }
+        self.fetch(ex, permit, fwd, stored).await
+    }
+
+    /// A waiter answered from the leader's fill as it is written: these bytes come from the
+    /// cache (the app sent them once, for the leader).
+    fn follow(&self, ex: &Exchange, fill: &Arc<Fill>, fwd: Fwd) -> Answer {
+        let reader = body::sized(fill.reader(), fill.meta.body_len);
+        let reader = body::counted(reader, handles().served_cache_bytes.clone());
+        let response = answer_fill(&ex.req.headers, &fill.meta, reader, self.compressible(&fill.meta));
+        Answer::new(response, Outcome::Coalesced, Some(fwd))
+    }
+
+    /// A GET or HEAD passed to the app without the cache (see [`Admission::Pass`]).
+    async fn pass(
+        &self,
+        req: Request<ProxyBody>,
+        client: SocketAddr,
+        fwd: Fwd,
+        detail: Option<&'static str>,
+    ) -> Answer {
+        let mut answer = self.forward(req, client, Outcome::Bypass, fwd).await;
+        if answer.outcome == Outcome::Bypass && detail.is_some() {
+            answer.detail = detail;
+        }
+        answer
     }
 
     /// The scheme the client used, for the cache key.
@@ -510,12 +507,12 @@ impl Proxy {
         if https { "https" } else { "http" }
     }
 
-    /// Forwards a request of any other method than GET and HEAD. A non-error answer to an
-    /// unsafe method (see [`invalidates`]) invalidates what is stored for its URL and for the
+    /// Forwards a request of any other method than GET and HEAD. A non-error answer to a
+    /// method not known to be safe ([`policy::invalidates`]) invalidates what is stored for its URL and for the
     /// URLs in `Location` and `Content-Location` on the same host (RFC 9111 §4.4), within the
     /// bound of [`INVALIDATION_BURST`].
     async fn forward_unsafe(&self, req: Request<ProxyBody>, client: SocketAddr) -> Answer {
-        let key = invalidates(req.method())
+        let key = policy::invalidates(req.method())
             .then(|| CacheKey::from_request(&req, self.scheme(&req), &self.config.query))
             .flatten();
         let answer = self.forward(req, client, Outcome::Bypass, Fwd::Method).await;
@@ -591,6 +588,18 @@ impl Proxy {
             }
         }
     }
+}
+
+/// What is stored for a cacheable request, as [`Proxy::look_up`] found it.
+enum Found {
+    /// It answers the request now.
+    Answer(Answer),
+    /// It must be validated with the app first (stale, or `no-cache`).
+    Validate(Hit, Freshness),
+    /// A variant is stored, but not this request's.
+    OtherVariant,
+    /// Nothing.
+    Nothing,
 }
 
 /// Request extension: fill this request's miss from this URL (inside `prime_sources`) instead

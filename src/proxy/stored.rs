@@ -9,7 +9,6 @@ use http::{Method, Response, StatusCode};
 
 use crate::body::{self, ProxyBody};
 use crate::cache::Hit;
-use crate::cache::key::normalize_vary;
 use crate::cache::meta::Meta;
 use crate::negotiate;
 use crate::policy::{self, Freshness, Heuristic, Prepared, RangeAnswer};
@@ -198,27 +197,8 @@ fn not_modified(stored: &HeaderMap) -> Response<ProxyBody> {
     resp
 }
 
-/// Whether a stored response may answer a request: it has the values the response's `Vary`
-/// recorded, and a body the app coded goes only to requests that accept its coding (the key
-/// holds `Accept-Encoding` reduced to the common codings: one the app used outside them must
-/// still be checked; and an app that codes without saying `Vary` must not hand one client's
-/// coding to another that refuses it).
-pub(super) fn reusable_for(meta: &Meta, req_headers: &HeaderMap) -> bool {
-    if !vary_matches(&meta.vary, req_headers) {
-        return false;
-    }
-    let varies_on_coding = meta.vary.iter().any(|(name, _)| name == header::ACCEPT_ENCODING);
-    // (A request without `Accept-Encoding` takes any coding, RFC 9110 §12.5.3, from an app
-    // that does not vary on it: the app answers it the same.)
-    if !varies_on_coding && !req_headers.contains_key(header::ACCEPT_ENCODING) {
-        return true;
-    }
-    negotiate::accepts_stored(req_headers, meta.headers.get(header::CONTENT_ENCODING))
-}
-
-/// Whether a request has the values a stored response's `Vary` recorded.
-fn vary_matches(stored: &[(HeaderName, Option<HeaderValue>)], req_headers: &HeaderMap) -> bool {
-    stored
-        .iter()
-        .all(|(name, value)| normalize_vary(name, req_headers).as_ref() == value.as_ref())
+/// Whether a stored response may answer a request ([`policy::vary::reusable`]: its variant,
+/// and a coding the request accepts).
+pub(super) fn reusable(meta: &Meta, req_headers: &HeaderMap) -> bool {
+    policy::vary::reusable(&meta.vary, &meta.headers, req_headers)
 }

@@ -58,12 +58,7 @@ impl Proxy {
 pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == http::Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        && crate::policy::fields::contains_token(req.headers(), &header::CONNECTION, "upgrade")
         // h2c upgrade is deprecated (RFC 9113 §3.1) and hop-by-hop: serve it as HTTP/1.1.
         && !req.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"h2c"))
 }

@@ -7,6 +7,7 @@ mod support;
 mod cache;
 mod cli;
 mod compress;
+mod conformance;
 mod deploy;
 mod hostile;
 mod operator;

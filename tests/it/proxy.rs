@@ -86,6 +86,7 @@ async fn hop_by_hop_headers_are_removed_and_forwarded_headers_set() {
         .header("proxy-authorization", "Basic Zm9vOmJhcg==")
         .header("x-forwarded-for", "6.6.6.6")
         .header("x-forwarded-host", "evil.example")
+        .header("via", "1.1 edge")
         .send()
         .await
         .unwrap();
@@ -107,6 +108,9 @@ async fn hop_by_hop_headers_are_removed_and_forwarded_headers_set() {
     );
     assert_eq!(seen["x-forwarded-host"], "shop.example");
     assert_eq!(seen["x-forwarded-proto"], "http");
+    // RFC 9110 §7.6.3: a gateway adds itself to `Via` after what the request came with.
+    let via: Vec<_> = seen.get_all("via").iter().map(|v| v.to_str().unwrap()).collect();
+    assert_eq!(via.join(", "), "1.1 edge, 1.1 sidecache");
 }
 
 #[tokio::test]

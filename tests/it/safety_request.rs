@@ -376,24 +376,25 @@ async fn the_app_gets_the_normalised_host_the_key_uses() {
 
 // Finding 12.
 
+/// RFC 9111 §4.4, RFC 9110 §9.2.1: a non-error answer to a method known to be safe never
+/// invalidates (so no GET-like request evicts); one to an unsafe method, or to one whose safety
+/// is unknown (an extension such as `M-SEARCH`, or `get`, which is not `GET`), does.
 #[tokio::test]
-async fn safe_and_unknown_methods_never_invalidate_and_unsafe_ones_do() {
+async fn safe_methods_never_invalidate_and_unsafe_or_unknown_ones_do() {
     let origin = Origin::start().await;
     origin.fixed("/obj", &[("cache-control", "max-age=600")], "stored");
     let sc = TestSidecar::start(&origin.url()).await;
     let client = app_client();
     assert!(plain_get(&sc, "/obj").await.0.contains("stored"));
     wait_stored(&sc, 1).await;
-    for method in [
-        "OPTIONS", "TRACE", "PROPFIND", "SEARCH", "REPORT", "get", "BREW", "post",
-    ] {
+    for method in ["OPTIONS", "TRACE", "PROPFIND", "SEARCH", "REPORT"] {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let resp = client.request(m, sc.url("/obj")).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{method}: the app answers 2xx");
         assert_eq!(sc.sidecar.proxy.cache().stats().0, 1, "{method} evicted the object");
         assert_eq!(plain_get(&sc, "/obj").await.0, "sidecache; hit", "after {method}");
     }
-    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+    for method in ["POST", "PUT", "DELETE", "PATCH", "M-SEARCH", "BREW", "get", "post"] {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let resp = client.request(m, sc.url("/obj")).send().await.unwrap();
         assert_eq!(resp.status(), 200);
