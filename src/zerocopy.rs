@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
-use crate::cache::fileio::{mtime_ns, read_at};
+use crate::cache::fileio::{mtime_ns, read_at, read_cached_at};
 use crate::cache::store::ReadError;
 
 /// Maps the first `len` bytes of an object file of `file_len` bytes (its body) read-only and
@@ -32,8 +32,24 @@ use crate::cache::store::ReadError;
 /// with the `extra` bytes that follow them, in the same read: the returned bytes are then
 /// `len + extra` long.
 ///
-/// With `nowait`, `Ok(None)` instead of waiting for the disk: the caller retries off the runtime.
-pub fn map_body(
+/// Blocking: off the runtime ([`map_body_cached`] on it).
+pub fn map_body(file: File, len: u64, file_len: u64, extra: u64, min_mmap: u64) -> Result<(Bytes, u64), ReadError> {
+    map_with(file, len, file_len, extra, min_mmap, false).map(|m| m.expect("a blocking read always answers"))
+}
+
+/// [`map_body`] without waiting for the disk: `Ok(None)` where a read would, for the caller
+/// to retry off the runtime.
+pub fn map_body_cached(
+    file: File,
+    len: u64,
+    file_len: u64,
+    extra: u64,
+    min_mmap: u64,
+) -> Result<Option<(Bytes, u64)>, ReadError> {
+    map_with(file, len, file_len, extra, min_mmap, true)
+}
+
+fn map_with(
     file: File,
     len: u64,
     file_len: u64,
@@ -54,9 +70,12 @@ pub fn map_body(
         if want == 0 {
             return Ok(Some((Bytes::new(), mtime)));
         }
-        return Ok(read_at(&file, want, 0, nowait)
-            .map_err(ReadError::of_read)?
-            .map(|buf| (Bytes::from(buf), mtime)));
+        let read = if nowait {
+            read_cached_at(&file, want, 0)
+        } else {
+            read_at(&file, want, 0).map(Some)
+        };
+        return Ok(read.map_err(ReadError::of_read)?.map(|buf| (Bytes::from(buf), mtime)));
     }
     // SAFETY: see the module contract: the file is immutable once placed and only unlinked.
     let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file)? };

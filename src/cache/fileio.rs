@@ -13,12 +13,20 @@ pub fn mtime_ns(md: &std::fs::Metadata) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads exactly `len` bytes at `offset` into a new buffer. With `nowait`, only if that needs
-/// no disk I/O: the pages are in the page cache (`preadv2` with `RWF_NOWAIT`), and `Ok(None)`
-/// means it would block (or the kernel cannot tell): read off the runtime instead. Hits and
-/// read-while-write readers use this to skip a hand-off to the blocking pool for what is,
-/// nearly always, a memory copy.
-pub fn read_at(file: &File, len: usize, offset: u64, nowait: bool) -> std::io::Result<Option<Vec<u8>>> {
+/// Reads exactly `len` bytes at `offset` into a new buffer (blocking: off the runtime).
+pub fn read_at(file: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    pread_all(file, len, offset, false).map(|read| read.expect("a blocking read always answers"))
+}
+
+/// [`read_at`] only if that needs no disk I/O: the pages are in the page cache (`preadv2` with
+/// `RWF_NOWAIT`); `Ok(None)` means it would block (or the kernel cannot tell): read off the
+/// runtime instead. Hits and read-while-write readers use this to skip a hand-off to the
+/// blocking pool for what is, nearly always, a memory copy.
+pub fn read_cached_at(file: &File, len: usize, offset: u64) -> std::io::Result<Option<Vec<u8>>> {
+    pread_all(file, len, offset, true)
+}
+
+fn pread_all(file: &File, len: usize, offset: u64, nowait: bool) -> std::io::Result<Option<Vec<u8>>> {
     use rustix::io::{Errno, ReadWriteFlags};
     let flags = if nowait {
         ReadWriteFlags::NOWAIT
@@ -110,7 +118,7 @@ pub fn copy_range(from: &File, to: &File, len: u64) -> std::io::Result<()> {
                 | rustix::io::Errno::OPNOTSUPP
                 | rustix::io::Errno::INVAL,
             ) => {
-                let rest = read_at(from, (len - off_in) as usize, off_in, false)?.expect("a blocking read");
+                let rest = read_at(from, (len - off_in) as usize, off_in)?;
                 return write_all_at(to, &[&rest], off_out);
             }
             Err(e) => return Err(e.into()),
@@ -140,8 +148,8 @@ mod tests {
         assert!(bytes[7..100_007].iter().all(|&b| b == 7));
         assert_eq!(&bytes[100_007..], b"tail");
         // Read back exactly, and a read past the end is an error, not a short buffer.
-        assert_eq!(read_at(&file, 4, 100_007, false).unwrap().unwrap(), b"tail");
-        assert!(read_at(&file, 5, 100_007, false).is_err());
+        assert_eq!(read_at(&file, 4, 100_007).unwrap(), b"tail");
+        assert!(read_at(&file, 5, 100_007).is_err());
     }
 
     #[test]

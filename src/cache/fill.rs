@@ -209,11 +209,11 @@ impl Fill {
 /// nearly always), else on the blocking pool.
 pub async fn read_at(file: Arc<File>, n: usize, offset: u64) -> std::io::Result<Bytes> {
     use crate::cache::fileio;
-    if let Some(buf) = fileio::read_at(&file, n, offset, true)? {
+    if let Some(buf) = fileio::read_cached_at(&file, n, offset)? {
         return Ok(Bytes::from(buf));
     }
     tokio::task::spawn_blocking(move || {
-        let buf = fileio::read_at(&file, n, offset, false)?.expect("a blocking read always answers");
+        let buf = fileio::read_at(&file, n, offset)?;
         Ok(Bytes::from(buf))
     })
     .await

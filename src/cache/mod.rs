@@ -50,7 +50,7 @@ use budget::Reservation;
 use index::{Entry, Index, Removed, Variant};
 use key::{CacheKey, KeyHash};
 use meta::Meta;
-use read::{Expected, open_object};
+use read::{Expected, open_object, open_object_cached};
 use store::{IoContext, Store, StoreError};
 use tiers::{HotObject, Tier};
 
@@ -396,8 +396,7 @@ impl Cache {
             let read = tokio::task::spawn_blocking(move || {
                 fileio::open_for_read(&path)
                     .map_err(store::ReadError::from)
-                    .and_then(|file| store::read_record(&file, object.len, object.tail_len, false))
-                    .map(|m| m.expect("a blocking read answers"))
+                    .and_then(|file| store::read_record(&file, object.len, object.tail_len))
                     .at("read", &path)
             })
             .await;
@@ -486,14 +485,10 @@ impl Cache {
         expect: Expected,
         want_record: bool,
     ) -> Result<Result<read::Opened, StoreError>, tokio::task::JoinError> {
-        match open_object(&path, expect, want_record, true) {
-            Ok(None) => {
-                tokio::task::spawn_blocking(move || {
-                    open_object(&path, expect, want_record, false).map(|o| o.expect("a blocking open always answers"))
-                })
-                .await
-            }
-            other => Ok(other.map(|o| o.expect("answered"))),
+        match open_object_cached(&path, expect, want_record) {
+            Ok(None) => tokio::task::spawn_blocking(move || open_object(&path, expect, want_record)).await,
+            Ok(Some(opened)) => Ok(Ok(opened)),
+            Err(e) => Ok(Err(e)),
         }
     }
 
@@ -749,7 +744,7 @@ impl Cache {
                     let (body_len, tail_len) = (e.body_len, e.tail_len);
                     tokio::task::spawn_blocking(move || {
                         let file = fileio::open_for_read(&path).ok()?;
-                        store::read_record(&file, body_len, tail_len, false).ok().flatten()
+                        store::read_record(&file, body_len, tail_len).ok()
                     })
                     .await
                     .ok()

@@ -39,9 +39,22 @@ pub(super) struct Opened {
 
 /// Opens an object: its body (read, or mapped from `min_mmap` bytes), its record when
 /// `want_record` (read in the same `pread` as a body that is read), whether the body is intact,
-/// and the file's mtime. With `nowait`, `Ok(None)` when that would wait for the disk or needs
-/// hashing.
-pub(super) fn open_object(
+/// and the file's mtime. Blocking: off the runtime ([`open_object_cached`] on it).
+pub(super) fn open_object(path: &std::path::Path, expect: Expected, want_record: bool) -> Result<Opened, StoreError> {
+    open_with(path, expect, want_record, false).map(|o| o.expect("a blocking open always answers"))
+}
+
+/// [`open_object`] on the event loop, only if that needs no disk I/O and no hashing:
+/// `Ok(None)` otherwise, for the caller to open it off the runtime.
+pub(super) fn open_object_cached(
+    path: &std::path::Path,
+    expect: Expected,
+    want_record: bool,
+) -> Result<Option<Opened>, StoreError> {
+    open_with(path, expect, want_record, true)
+}
+
+fn open_with(
     path: &std::path::Path,
     expect: Expected,
     want_record: bool,
@@ -51,17 +64,21 @@ pub(super) fn open_object(
     let file_len = expect.len + expect.tail_len;
     let mapped = expect.len > 0 && expect.len >= expect.min_mmap;
     // A mapped body's record is read on its own, before the mapping is made.
-    let mut record = match want_record && mapped {
-        true => match store::read_record(&file, expect.len, expect.tail_len, nowait).at("read", path)? {
+    let mut record = match (want_record && mapped, nowait) {
+        (true, true) => match store::read_record_cached(&file, expect.len, expect.tail_len).at("read", path)? {
             Some(meta) => Some(meta),
             None => return Ok(None),
         },
-        false => None,
+        (true, false) => Some(store::read_record(&file, expect.len, expect.tail_len).at("read", path)?),
+        (false, _) => None,
     };
     let extra = if want_record { expect.tail_len } else { 0 };
-    let Some((mut body, mtime)) =
-        crate::zerocopy::map_body(file, expect.len, file_len, extra, expect.min_mmap, nowait).at("map", path)?
-    else {
+    let body = if nowait {
+        crate::zerocopy::map_body_cached(file, expect.len, file_len, extra, expect.min_mmap)
+    } else {
+        crate::zerocopy::map_body(file, expect.len, file_len, extra, expect.min_mmap).map(Some)
+    };
+    let Some((mut body, mtime)) = body.at("map", path)? else {
         return Ok(None);
     };
     if want_record && !mapped {
@@ -136,13 +153,13 @@ impl Cache {
             (e.generation, e.body_len + e.tail_len)
         };
         let path = store.object_path(&hash, generation);
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Bytes>> {
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
             let file = fileio::open_for_read(&path)?;
-            Ok(fileio::read_at(&file, len as usize, 0, false)?.map(Bytes::from))
+            Ok(Bytes::from(fileio::read_at(&file, len as usize, 0)?))
         })
         .await;
         match read {
-            Ok(Ok(Some(bytes))) if bytes.len() as u64 == len => Some(bytes),
+            Ok(Ok(bytes)) if bytes.len() as u64 == len => Some(bytes),
             _ => None,
         }
     }
@@ -206,32 +223,23 @@ mod tests {
         let path = store.object_path(&meta.storage_hash(), generation);
         for min_mmap in [u64::MAX, 1] {
             // Read, then mapped: the same body and record either way, hashed (not verified yet).
-            let opened = open_object(&path, expect(&meta, 0, false, min_mmap), true, false)
-                .expect("opens")
-                .expect("a blocking open answers");
+            let opened = open_object(&path, expect(&meta, 0, false, min_mmap), true).expect("opens");
             assert_eq!(&opened.body[..], &body[..]);
             assert_eq!(opened.record.expect("asked for").key, meta.key);
             assert!(opened.intact);
             // Verified at this mtime: not hashed again, and not read inline only if it must be.
             let known = expect(&meta, opened.mtime, true, min_mmap);
-            assert!(
-                open_object(&path, known, false, false)
-                    .expect("opens")
-                    .expect("answers")
-                    .intact
-            );
+            assert!(open_object(&path, known, false).expect("opens").intact);
         }
         // A body whose bytes are not what its digest says.
         let mut other = meta.clone();
         other.digest = Digest::from(blake3::hash(b"something else"));
-        let opened = open_object(&path, expect(&other, 0, false, u64::MAX), false, false)
-            .expect("opens")
-            .expect("answers");
+        let opened = open_object(&path, expect(&other, 0, false, u64::MAX), false).expect("opens");
         assert!(!opened.intact);
         assert!(opened.record.is_none());
         // Hashing would be needed: an inline open declines.
         assert!(
-            open_object(&path, expect(&meta, 0, false, u64::MAX), false, true)
+            open_object_cached(&path, expect(&meta, 0, false, u64::MAX), false)
                 .expect("opens")
                 .is_none()
         );

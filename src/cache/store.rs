@@ -366,9 +366,8 @@ pub fn read_variant_found(file: &File, len: u64) -> Result<VariantRecord, ReadEr
     if len < VARIANT_TAIL {
         return Err(invalid("variant file too short"));
     }
-    let bytes = crate::cache::fileio::read_at(file, VARIANT_TAIL as usize, len - VARIANT_TAIL, false)
-        .map_err(ReadError::of_read)?
-        .expect("a blocking read");
+    let bytes =
+        crate::cache::fileio::read_at(file, VARIANT_TAIL as usize, len - VARIANT_TAIL).map_err(ReadError::of_read)?;
     let record = VariantRecord::decode(&bytes)?;
     if record.body_len + VARIANT_TAIL != len {
         return Err(invalid("variant file length does not match its record"));
@@ -790,18 +789,27 @@ impl Store {
 }
 
 /// Reads the record at the end of an object file that the index says holds `body_len` bytes
-/// of body and `tail_len` of record and footer: `Ok(None)` with `nowait` when that would
-/// wait for the disk.
-pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> Result<Option<Meta>, ReadError> {
+/// of body and `tail_len` of record and footer (blocking: off the runtime).
+pub fn read_record(file: &File, body_len: u64, tail_len: u64) -> Result<Meta, ReadError> {
+    check_tail_len(tail_len)?;
+    let bytes = crate::cache::fileio::read_at(file, tail_len as usize, body_len).map_err(ReadError::of_read)?;
+    decode_tail(&bytes)
+}
+
+/// [`read_record`] only if that needs no disk I/O; `Ok(None)` when it would wait for the disk.
+pub fn read_record_cached(file: &File, body_len: u64, tail_len: u64) -> Result<Option<Meta>, ReadError> {
+    check_tail_len(tail_len)?;
+    crate::cache::fileio::read_cached_at(file, tail_len as usize, body_len)
+        .map_err(ReadError::of_read)?
+        .map(|bytes| decode_tail(&bytes))
+        .transpose()
+}
+
+fn check_tail_len(tail_len: u64) -> Result<(), ReadError> {
     if tail_len > MAX_RECORD as u64 + FOOTER_LEN {
         return Err(ReadError::corrupt("record too large"));
     }
-    let Some(bytes) =
-        crate::cache::fileio::read_at(file, tail_len as usize, body_len, nowait).map_err(ReadError::of_read)?
-    else {
-        return Ok(None);
-    };
-    decode_tail(&bytes).map(Some)
+    Ok(())
 }
 
 /// Reads the record of an object file found at startup, of `len` bytes, from its end: the
@@ -810,9 +818,7 @@ pub fn read_record(file: &File, body_len: u64, tail_len: u64, nowait: bool) -> R
 pub fn read_found(file: &File, len: u64) -> Result<Meta, ReadError> {
     let invalid = ReadError::corrupt;
     let first = len.min(TAIL_READ);
-    let bytes = crate::cache::fileio::read_at(file, first as usize, len - first, false)
-        .map_err(ReadError::of_read)?
-        .expect("a blocking read");
+    let bytes = crate::cache::fileio::read_at(file, first as usize, len - first).map_err(ReadError::of_read)?;
     let record_len = footer_record_len(&bytes).ok_or_else(|| invalid("object footer missing"))?;
     let tail = record_len + FOOTER_LEN;
     if record_len > MAX_RECORD as u64 || tail > len {
@@ -821,9 +827,7 @@ pub fn read_found(file: &File, len: u64) -> Result<Meta, ReadError> {
     let meta = if tail <= first {
         decode_tail(&bytes[(first - tail) as usize..])?
     } else {
-        let bytes = crate::cache::fileio::read_at(file, tail as usize, len - tail, false)
-            .map_err(ReadError::of_read)?
-            .expect("a blocking read");
+        let bytes = crate::cache::fileio::read_at(file, tail as usize, len - tail).map_err(ReadError::of_read)?;
         decode_tail(&bytes)?
     };
     if meta.body_len + tail != len {
@@ -1366,12 +1370,7 @@ mod tests {
             fs::write(&path, &bytes).unwrap();
             let file = File::open(&path).unwrap();
             assert_eq!(read_found(&file, bytes.len() as u64).unwrap(), meta);
-            assert_eq!(
-                read_record(&file, meta.body_len, tail_len(&meta), false)
-                    .unwrap()
-                    .unwrap(),
-                meta
-            );
+            assert_eq!(read_record(&file, meta.body_len, tail_len(&meta)).unwrap(), meta);
             assert_eq!(&bytes[..body.len()], body);
             // Cut short anywhere, or with a byte changed, it is not an object.
             for cut in [1, 5, FOOTER_LEN as usize, bytes.len() / 2] {

@@ -389,8 +389,7 @@ impl Cache {
         };
         for v in variants {
             let path = store.variant_path(other, v.generation, v.coding);
-            let Ok(Some(bytes)) =
-                fileio::open_for_read(&path).and_then(|f| fileio::read_at(&f, v.body_len as usize, 0, false))
+            let Ok(bytes) = fileio::open_for_read(&path).and_then(|f| fileio::read_at(&f, v.body_len as usize, 0))
             else {
                 continue;
             };
@@ -426,9 +425,8 @@ impl Cache {
         if coded.body.is_none() {
             let path = store.object_path(&job.hash, job.generation);
             let body = fileio::open_for_read(&path)
-                .and_then(|f| fileio::read_at(&f, job.body_len as usize, 0, false))
-                .ok()
-                .flatten()?;
+                .and_then(|f| fileio::read_at(&f, job.body_len as usize, 0))
+                .ok()?;
             // Compress only what the record says the body is: a changed file is the lookup's
             // to find and drop.
             if Digest::from(blake3::hash(&body)) != job.digest {
