@@ -25,7 +25,7 @@ pub struct PrimeFile {
     /// A manifest (`.json`, format detected) or a URL list.
     pub file: PathBuf,
     /// The public Host for paths in it [default: `localhost`].
-    pub host: Option<String>,
+    pub host: Option<prime::PublicHost>,
 }
 
 /// Sets the log filter in force (`main`'s subscriber); an error says why the filter was not
@@ -202,8 +202,11 @@ async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
     } else {
         Input::Urls(file.clone())
     };
-    let urls = match async { prime::collect(&input, &crate::http_client().build()?).await }.await {
-        Ok(urls) => urls,
+    let urls = match prime::collect(&input) {
+        Ok(urls) => match &host {
+            Some(host) => urls.iter().map(|u| host.target(u)).collect(),
+            None => urls,
+        },
         Err(e) => {
             warn!(error = format!("{e:#}"), file = %file.display(), "priming skipped");
             return;
@@ -215,7 +218,7 @@ async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
     }
     let started = std::time::Instant::now();
     let job = Job {
-        host: host.unwrap_or_else(|| "localhost".into()),
+        host: host.map_or_else(|| "localhost".into(), |h| h.authority),
         from: None,
         concurrency: prime::warm::CONCURRENCY,
         timeout: prime::warm::OBJECT_TIMEOUT,

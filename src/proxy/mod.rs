@@ -272,17 +272,13 @@ impl Proxy {
         self.serve(req.map(body::boxed), client, matched).await
     }
 
-    /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
-    /// A fresh stored copy is not fetched again. With `from`, a miss is filled from that base
-    /// URL (a CDN or bucket holding the built assets, admitted by `prime_sources`) instead of
-    /// the app; the URL fetched must be inside `prime_sources` too.
-    ///
-    /// `target` may be an absolute URL: its host, not `host`, is then the key's. Either is the
-    /// caller's choice; the admin port takes it only with the token beyond loopback.
-    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&SourceUrl>) -> WarmResult {
+    /// The GET a prime sends through the cache for `target` (see [`Proxy::warm`]): `host` (or
+    /// the target's own authority) as Host, the browsers' Accept-Encoding, and the scheme as
+    /// `X-Forwarded-Proto` when that is part of the key.
+    fn prime_request(&self, host: &str, target: &str, from: Option<&SourceUrl>) -> Result<Request<ProxyBody>, Failure> {
         let mut req = Request::new(body::empty());
         let Ok(uri) = target.parse::<http::Uri>() else {
-            return WarmResult::Failed(Failure::BadTarget {
+            return Err(Failure::BadTarget {
                 detail: "not a URL or path".into(),
             });
         };
@@ -294,7 +290,7 @@ impl Proxy {
             .path_and_query(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
             .build()
         else {
-            return WarmResult::Failed(Failure::BadTarget {
+            return Err(Failure::BadTarget {
                 detail: "not a URL or path".into(),
             });
         };
@@ -303,14 +299,14 @@ impl Proxy {
             let pq = path.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             match self.config.prime_sources.join(from, pq) {
                 Ok(url) => req.extensions_mut().insert(FillFrom(Arc::new(url))),
-                Err(e) => return WarmResult::Failed(Failure::SourceRefused { detail: e.to_string() }),
+                Err(e) => return Err(Failure::SourceRefused { detail: e.to_string() }),
             };
         }
         *req.uri_mut() = path;
         match HeaderValue::from_str(&host) {
             Ok(h) => req.headers_mut().insert(header::HOST, h),
             Err(_) => {
-                return WarmResult::Failed(Failure::BadTarget {
+                return Err(Failure::BadTarget {
                     detail: "bad host".into(),
                 });
             }
@@ -328,6 +324,35 @@ impl Proxy {
             let proto = HeaderValue::from_static(if https { "https" } else { "http" });
             req.headers_mut().insert("x-forwarded-proto", proto);
         }
+        Ok(req)
+    }
+
+    /// Gets one document through the cache as a prime sees it (same Host and scheme as
+    /// [`Proxy::warm`], uncompressed), for the prime command to read: a sitemap is fetched
+    /// from this instance's app, under the public Host, not from the public URL.
+    pub async fn fetch_document(self: &Arc<Self>, host: &str, target: &str) -> Result<Response<ProxyBody>, Failure> {
+        let mut req = self.prime_request(host, target, None)?;
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        let matched = rules::position(&self.config.rules, req.uri().path());
+        Ok(self
+            .serve(req, SocketAddr::from(([127, 0, 0, 1], 0)), matched)
+            .await
+            .response)
+    }
+
+    /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
+    /// A fresh stored copy is not fetched again. With `from`, a miss is filled from that base
+    /// URL (a CDN or bucket holding the built assets, admitted by `prime_sources`) instead of
+    /// the app; the URL fetched must be inside `prime_sources` too.
+    ///
+    /// `target` may be an absolute URL: its host, not `host`, is then the key's. Either is the
+    /// caller's choice; the admin port takes it only with the token beyond loopback.
+    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&SourceUrl>) -> WarmResult {
+        let req = match self.prime_request(host, target, from) {
+            Ok(req) => req,
+            Err(why) => return WarmResult::Failed(why),
+        };
         let key = CacheKey::from_request(&req, self.scheme(&req), &self.config.query);
         let headers = req.headers().clone();
         let matched = rules::position(&self.config.rules, req.uri().path());
