@@ -25,8 +25,9 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use crate::access;
 use crate::body::{self, ProxyBody};
 use crate::bucket::TokenBucket;
 use crate::cache::key::CacheKey;
@@ -195,11 +196,14 @@ impl Proxy {
     }
 
     /// Answers one client request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
         // Only the path (never the query) is logged, and only when logging is on.
         let path_for_log = self.config.access_log.then(|| req.uri().path().to_owned());
+        let host_for_log = self.config.access_log.then(|| access::host(&req));
+        // The client's (or router's) id, or a new one the app gets too.
+        let request_id = access::request_id(req.headers_mut());
         let version = req.version();
 
         // The rule the path falls under, matched once: for the bypass check and the per-rule
@@ -207,7 +211,7 @@ impl Proxy {
         let matched = rules::position(&self.config.rules, req.uri().path());
         let rule = matched.unwrap_or(self.config.rules.len());
 
-        let answer = self.route(req, client, matched).await;
+        let (answer, upstream_wait) = access::measured(self.route(req, client, matched)).await;
         let cache_status = answer.cache_status();
         let Answer {
             mut response,
@@ -238,20 +242,24 @@ impl Proxy {
         let handles = handles();
         handles.requests[outcome as usize][method_class(&method)].increment(1);
         handles.durations[outcome as usize].record(elapsed.as_secs_f64());
-        if self.config.access_log {
-            // The path only: query strings may carry secrets; cookies and credentials never logged.
-            info!(
-                target: "sidecache::access",
-                method = %method,
-                path = path_for_log.as_deref().unwrap_or(""),
-                version = ?version,
-                status = response.status().as_u16(),
-                outcome = outcome.as_str(),
-                cache_status = cache_status.to_str().unwrap_or_default(),
-                micros = elapsed.as_micros() as u64,
-                client = %client.ip(),
-                "request"
-            );
+        if let (Some(path), Some(host)) = (path_for_log, host_for_log) {
+            // The path only: query strings may carry secrets; cookies and credentials never
+            // logged. Written once the body is sent, with the bytes sent.
+            let entry = access::Entry {
+                method,
+                host,
+                path,
+                version,
+                status: response.status().as_u16(),
+                outcome: outcome.as_str(),
+                cache_status,
+                elapsed,
+                upstream: upstream_wait,
+                client,
+                request_id,
+                started,
+            };
+            return response.map(|b| entry.log_after(b));
         }
         response
     }
