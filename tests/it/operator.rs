@@ -523,3 +523,33 @@ async fn counters_exist_at_zero_from_startup_and_the_storage_alert_fires_on_the_
     );
     drop(bin);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_line_names_the_version_and_the_limits_in_force() {
+    let origin = crate::support::Origin::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut bin = crate::support::Binary::serve(
+        &origin.url(),
+        cache.path(),
+        &["--max-size", "3MiB"],
+        &[("SIDECACHE_MAX_CONNECTIONS", "77"), ("SIDECACHE_GRACE_PERIOD", "7s")],
+    );
+    let line = bin.wait_line("sidecache starting");
+    for field in [
+        format!("version={}", env!("CARGO_PKG_VERSION")),
+        "max_size=3145728".to_owned(),
+        "min_free=5%".to_owned(),
+        "max_connections=77".to_owned(),
+        "grace_period=7s".to_owned(),
+        "descriptors=".to_owned(),
+        "max_object_size=".to_owned(),
+    ] {
+        assert!(line.contains(&field), "{field} missing: {line}");
+    }
+    bin.public_addr();
+    assert!(
+        bin.seen.iter().position(|l| l.contains("sidecache starting"))
+            < bin.seen.iter().position(|l| l.contains("proxy listening")),
+        "the limits come first"
+    );
+}
