@@ -314,3 +314,30 @@ async fn access_log_names_host_bytes_app_time_and_a_request_id_the_app_gets_too(
     let line = bin.wait_line("\"request_id\":\"head-1\"");
     assert_eq!(field(&line, "bytes"), 0, "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_removes_its_cache_directory_when_it_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().to_str().unwrap();
+    let mut bin = Binary::spawn(
+        &["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[("TMPDIR", tmpdir), ("SIDECACHE_ACCESS_LOG", "false")],
+    );
+    let addr = bin.public_addr();
+    let c = crate::support::app_client();
+    for _ in 0..2 {
+        let resp = c
+            .get(format!("http://{addr}/assets/app-3f2a9c81.js"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    let dir = tmp.path().join(format!("sidecache-demo-{}", bin.child.id()));
+    assert!(dir.is_dir(), "the demo caches in {}", dir.display());
+    bin.signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(30)));
+    assert_eq!(status.code(), Some(0));
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
