@@ -1,6 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `POST /purge` (by URL, prefix, tag or
 //! all; `soft=true` marks stale instead), `GET /objects` (what is stored for a URL, see
-//! [`crate::inspect`]), `POST /prime`. Never
+//! [`crate::inspect`]), `POST /prime`, `POST /prime/sitemap` (a sitemap read through the cache). Never
 //! on the public port, where every path belongs to the app. Bound to loopback by default; with
 //! `admin_token` set, purge, objects and prime require `Authorization: Bearer <token>`, and the
 //! configuration refuses an admin port beyond loopback without a token. Without a token,
@@ -216,6 +216,12 @@ impl Admin {
                 }
                 self.prime(req).await
             }
+            (&Method::POST, "/prime/sitemap") => {
+                if let Some(denied) = self.authorize(&req) {
+                    return denied;
+                }
+                self.sitemap(req).await
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }
@@ -270,6 +276,36 @@ impl Admin {
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
         resp
+    }
+
+    /// `POST /prime/sitemap?url=U&host=H`: the document at `U` (a path under the Host `H`, or
+    /// an absolute URL) as this instance's app serves it, through the cache, for `sidecache
+    /// prime --sitemap` to read. A POST, as `/prime` is: a URL the app can be made to fetch
+    /// must not read pages through the admin port. The app's refusal comes back as 502,
+    /// naming its status.
+    async fn sitemap(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (mut url, mut host) = (None, String::from("localhost"));
+        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            match &*k {
+                "url" if !v.is_empty() => url = Some(v.into_owned()),
+                "host" if !v.is_empty() => host = v.into_owned(),
+                _ => {}
+            }
+        }
+        let Some(url) = url else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "prime/sitemap needs ?url= (and &host=)\n".into(),
+            );
+        };
+        match self.proxy().fetch_document(&host, &url).await {
+            Ok(resp) if resp.status().is_success() => resp,
+            Ok(resp) => text(
+                StatusCode::BAD_GATEWAY,
+                format!("the app answered {} for the sitemap\n", resp.status().as_u16()),
+            ),
+            Err(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+        }
     }
 
     /// `None` when the request may go on; otherwise the refusal. Without a configured token

@@ -206,7 +206,7 @@ config_keys! {
     /// The app's base URL (`http://host:port`).
     upstream: String = "http://127.0.0.1:3000",
     /// Admin listener address (metrics, health, purge, prime).
-    admin_listen: String = "127.0.0.1:9090",
+    admin_listen: String = "127.0.0.1:6083",
     /// Bearer token the admin port requires for purge and prime; empty: none.
     admin_token: Secret = "",
     /// Directory holding the cache; nonpersistent, private to the instance. Default:
@@ -1255,7 +1255,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = Config::defaults();
         assert_eq!(c.max_size, 4_000_000_000);
-        assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:6083".parse().unwrap());
         assert_eq!(c.grace_period, Duration::from_secs(25));
     }
 
@@ -1441,7 +1441,7 @@ mod tests {
 
     #[test]
     fn admin_beyond_loopback_requires_the_token() {
-        for addr in ["0.0.0.0:9090", "[::]:9090", "10.1.2.3:9090", "[::ffff:127.0.0.1]:9090"] {
+        for addr in ["0.0.0.0:6083", "[::]:6083", "10.1.2.3:6083", "[::ffff:127.0.0.1]:6083"] {
             let err = Loader::new(env(&[("SIDECACHE_ADMIN_LISTEN", addr)]))
                 .load()
                 .unwrap_err()
@@ -1451,19 +1451,19 @@ mod tests {
                 "{addr}: {err}"
             );
         }
-        for addr in ["127.0.0.1:9090", "127.8.9.10:0", "[::1]:9090"] {
+        for addr in ["127.0.0.1:6083", "127.8.9.10:0", "[::1]:6083"] {
             let c = Loader::new(env(&[("SIDECACHE_ADMIN_LISTEN", addr)])).load();
             assert!(c.is_ok(), "{addr}: {:?}", c.err());
         }
         let c = Loader::new(env(&[
-            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:9090"),
+            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:6083"),
             ("SIDECACHE_ADMIN_TOKEN", "t"),
         ]))
         .load()
         .unwrap();
         assert_eq!(c.admin_token.as_ref().map(Secret::expose), Some("t"));
         let empty = Loader::new(env(&[
-            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:9090"),
+            ("SIDECACHE_ADMIN_LISTEN", "0.0.0.0:6083"),
             ("SIDECACHE_ADMIN_TOKEN", ""),
         ]))
         .load();

@@ -133,13 +133,27 @@ fn answer(assets: &[Asset], served: &AtomicU64, req: Request<Incoming>) -> Respo
 }
 
 /// `sidecache demo`: this sample origin on a free loopback port with a sidecar in front of it,
-/// until SIGTERM or SIGINT.
+/// until SIGTERM or SIGINT. Its cache lives in a directory of its own under the system temp
+/// dir, removed when the demo ends.
 pub async fn run(mut config: crate::config::Config) -> anyhow::Result<u8> {
+    let dir = std::env::temp_dir().join(format!("sidecache-demo-{}", std::process::id()));
+    config.cache_dir = dir.clone();
+    let result = serve(config).await;
+    // The sidecar and its tasks are gone: nothing writes there any more.
+    match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove the demo's cache directory"),
+        Err(e) => tracing::warn!(error = %e, "could not remove the demo's cache directory"),
+    }
+    result
+}
+
+async fn serve(mut config: crate::config::Config) -> anyhow::Result<u8> {
     let mut signals = crate::supervise::Termination::install().context("failed to install the signal handlers")?;
     let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let origin_addr = origin.local_addr()?;
     config.upstream = crate::config::Upstream::parse(&format!("http://{origin_addr}")).map_err(anyhow::Error::msg)?;
-    config.cache_dir = std::env::temp_dir().join(format!("sidecache-demo-{}", std::process::id()));
     let stop = CancellationToken::new();
     tokio::spawn(run_origin(origin, stop.clone()));
     let sidecar = crate::sidecar::Sidecar::start(config)

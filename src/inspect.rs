@@ -24,6 +24,10 @@ pub struct Report {
     pub url: String,
     /// Every stored variant (at most [`crate::cache::MAX_INSPECTED`]).
     pub objects: Vec<Object>,
+    /// When nothing is stored: what can be said about why, one reason a line (empty when
+    /// something is).
+    #[serde(default)]
+    pub nothing_stored_because: Vec<String>,
 }
 
 /// A compressed variant of a stored object.
@@ -98,10 +102,57 @@ pub struct Object {
 pub async fn report(proxy: &Proxy, url: &str, host: Option<&str>) -> Report {
     let stored = proxy.cache().inspect(url, host).await;
     let now = SystemTime::now();
+    let objects: Vec<Object> = stored.iter().filter_map(|s| object(proxy, s, now)).collect();
+    let nothing_stored_because = if objects.is_empty() {
+        absent(proxy, url, host)
+    } else {
+        Vec::new()
+    };
     Report {
         url: url.to_owned(),
-        objects: stored.iter().filter_map(|s| object(proxy, s, now)).collect(),
+        objects,
+        nothing_stored_because,
     }
+}
+
+/// Why nothing is stored for `url`, as far as can be said: what the configuration decides is
+/// certain; for the rest the cache keeps no record of what it did not store (a miss whose
+/// answer might not be stored, one declined by admission, an eviction or a purge leave no
+/// trace per URL), so those are named as the possibilities, with where to look.
+fn absent(proxy: &Proxy, url: &str, host: Option<&str>) -> Vec<String> {
+    let config = proxy.config();
+    let path = url
+        .parse::<http::Uri>()
+        .ok()
+        .map(|u| u.path().to_owned())
+        .unwrap_or_else(|| url.to_owned());
+    if let Some(i) = crate::rules::position(&config.rules, &path)
+        && config.rules[i].bypass
+    {
+        return vec![format!(
+            "the path is under rule `{}`, which bypasses the cache: it is never stored",
+            config.rules[i].name
+        )];
+    }
+    let mut why = Vec::new();
+    if !proxy.cache().is_loaded() {
+        why.push("the cache index is still loading at startup: ask again when /readyz is 200".to_owned());
+    }
+    if url.starts_with('/') && host.is_none() {
+        why.push(
+            "a path was given without --host: it was looked up under every host; the key holds the Host clients send"
+                .to_owned(),
+        );
+    }
+    why.push(
+        "not recorded per URL, so one of: never requested since this process started (the cache starts empty on \
+         every instance); its answer may not be stored (no-store, private, Set-Cookie, Vary: *, an error status, \
+         too large: the access log shows outcome=miss for it and sidecache_misses_not_stored_total counts them); \
+         declined by admission while the cache is full (sidecache_fills_declined_total); evicted \
+         (sidecache_evictions_total) or purged"
+            .to_owned(),
+    );
+    why
 }
 
 fn secs(d: Duration) -> u64 {
@@ -238,6 +289,9 @@ impl Report {
         let mut out = String::new();
         if self.objects.is_empty() {
             let _ = writeln!(out, "nothing stored for {}", self.url);
+            for line in &self.nothing_stored_because {
+                let _ = writeln!(out, "  why: {line}");
+            }
             return out;
         }
         for (i, o) in self.objects.iter().enumerate() {

@@ -21,6 +21,7 @@
 //! - [`compress`]: the `compress:` settings, which objects get variants, the encoders.
 //! - [`shared`]: the shared tier in object storage behind every instance's disk: read on a
 //!   local miss, written behind a fill, failing open.
+//! - [`access`]: the access log line (written once the body is sent) and the request id.
 //! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
 //! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
@@ -45,6 +46,7 @@
 // `unsafe` only where a module says it may (one: `zerocopy`), under its written contract.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod body;
 pub mod bucket;

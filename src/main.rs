@@ -40,8 +40,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         prime: Option<PathBuf>,
         /// The public Host for --prime (part of the cache key).
-        #[arg(long, value_name = "HOST", requires = "prime")]
-        prime_host: Option<String>,
+        #[arg(long, value_name = "HOST", requires = "prime", value_parser = prime::PublicHost::parse)]
+        prime_host: Option<prime::PublicHost>,
         /// The app to start and supervise (gets PORT set to the upstream port).
         #[arg(last = true)]
         app: Vec<String>,
@@ -130,9 +130,10 @@ impl AdminOpts {
 struct PrimeArgs {
     #[command(flatten)]
     admin: AdminOpts,
-    /// The public Host your users reach the app by (part of the cache key).
-    #[arg(long)]
-    host: Option<String>,
+    /// The public Host your users reach the app by (part of the cache key): www.example.com,
+    /// or https://www.example.com to key by that scheme too.
+    #[arg(long, value_parser = prime::PublicHost::parse)]
+    host: Option<prime::PublicHost>,
     /// One URL or path a line; `-` for standard input.
     #[arg(long, value_name = "FILE", group = "input")]
     urls: Option<PathBuf>,

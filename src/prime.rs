@@ -132,14 +132,19 @@ fn join(prefix: &str, path: &str) -> String {
     format!("{}/{}", prefix.trim_end_matches('/'), path.trim_start_matches("./"))
 }
 
-/// Every file under `dir`, as URLs under `prefix` (precompressed `.gz`/`.br` twins skipped:
-/// clients ask for the plain name).
+/// Every file under `dir`, as URLs under `prefix`. Skipped: precompressed `.gz`/`.br` twins
+/// (clients ask for the plain name) and every file or folder whose name starts with a dot:
+/// build tools keep their own files there (Vite's `.vite/manifest.json`, `.DS_Store`), which
+/// the app does not serve; list such a URL with `--urls` to prime it.
 pub fn walk_dir(dir: &Path, prefix: &str) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("failed to read {}", d.display()))? {
             let entry = entry?;
+            if entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue;
+            }
             let path = entry.path();
             if entry.file_type()?.is_dir() {
                 stack.push(path);
@@ -256,6 +261,53 @@ pub fn parse_sitemap(xml: &str) -> anyhow::Result<Sitemap> {
     }
 }
 
+/// The public address users reach the app by (`--host`): a host name with an optional port,
+/// and the scheme when one was given. `https://www.example.com` is the Host
+/// `www.example.com` reached over https, never a Host header of that spelling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicHost {
+    /// `https` or `http` when `--host` named one.
+    pub scheme: Option<&'static str>,
+    /// Host name and optional port: the Host header and the cache key's host.
+    pub authority: String,
+}
+
+impl PublicHost {
+    /// Reads `www.example.com`, `www.example.com:8443` or `https://www.example.com` (a trailing
+    /// `/` allowed); a path, query, user or another scheme is refused, naming what to give.
+    pub fn parse(text: &str) -> Result<PublicHost, String> {
+        let text = text.trim();
+        let refuse = || {
+            format!(
+                "--host `{text}` is not a host: give the name users reach the app by (www.example.com) or a scheme and that name (https://www.example.com)"
+            )
+        };
+        let (scheme, rest) = match text.split_once("://") {
+            Some((s, rest)) if s.eq_ignore_ascii_case("https") => (Some("https"), rest),
+            Some((s, rest)) if s.eq_ignore_ascii_case("http") => (Some("http"), rest),
+            Some(_) => return Err(refuse()),
+            None => (None, text),
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        match rest.parse::<http::uri::Authority>() {
+            Ok(a) if !rest.is_empty() && !rest.contains(['@', '/', '?', '#']) => Ok(PublicHost {
+                scheme,
+                authority: a.as_str().to_ascii_lowercase(),
+            }),
+            _ => Err(refuse()),
+        }
+    }
+
+    /// A line of a list as the sidecar is to fetch it: a path becomes an absolute URL when
+    /// the scheme is known (the sidecar keys it by that scheme); an absolute URL is kept.
+    pub fn target(&self, line: &str) -> String {
+        match self.scheme {
+            Some(scheme) if line.starts_with('/') => format!("{scheme}://{}{line}", self.authority),
+            _ => line.to_owned(),
+        }
+    }
+}
+
 /// Settings of one prime run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -264,7 +316,7 @@ pub struct Options {
     /// Admin bearer token.
     pub token: Option<crate::config::Secret>,
     /// The public Host the app is reached by (part of the cache key).
-    pub host: Option<String>,
+    pub host: Option<PublicHost>,
     /// Fill from this base URL instead of the app.
     pub from: Option<String>,
     /// Objects the sidecar fetches at once.
@@ -296,8 +348,9 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// Lists the URLs of an input.
-pub async fn collect(input: &Input, client: &reqwest::Client) -> anyhow::Result<Vec<String>> {
+/// Lists the URLs of a file input (a list, a folder, a manifest). A sitemap is read through
+/// the sidecar by [`command`], not here.
+pub fn collect(input: &Input) -> anyhow::Result<Vec<String>> {
     match input {
         Input::Urls(path) => {
             let text = if path.as_os_str() == "-" {
@@ -320,31 +373,97 @@ pub async fn collect(input: &Input, client: &reqwest::Client) -> anyhow::Result<
                 .with_context(|| format!("failed to read manifest {}", path.display()))?;
             Ok(urls)
         }
-        Input::Sitemap(url) => {
-            let mut urls = Vec::new();
-            let mut queue = vec![url.clone()];
-            let mut fetched = 0;
-            while let Some(u) = queue.pop() {
-                fetched += 1;
-                if fetched > 50 {
-                    bail!("sitemap index names more than 50 sitemaps");
-                }
-                let xml = client.get(&u).send().await?.error_for_status()?.text().await?;
-                match parse_sitemap(&xml).with_context(|| format!("failed to read sitemap {u}"))? {
-                    Sitemap::Index(locs) => queue.extend(locs),
-                    Sitemap::Urls(locs) => urls.extend(locs),
-                }
-            }
-            Ok(urls)
+        Input::Sitemap(_) => bail!("a sitemap is read through the sidecar (sidecache prime --sitemap)"),
+    }
+}
+
+/// Most sitemaps one run reads (an index and the sitemaps it names).
+const MAX_SITEMAPS: usize = 50;
+
+/// Largest sitemap document read (the sitemaps.org limit, uncompressed).
+const MAX_SITEMAP_BYTES: usize = 50 << 20;
+
+/// The pages a sitemap (or sitemap index) lists, each document fetched through the sidecar
+/// (`POST /prime/sitemap`) as this instance's app serves it under the public Host: during a
+/// deploy the public URL may still be served by the previous release, or not be reachable
+/// from here at all.
+async fn read_sitemap(client: &reqwest::Client, opts: &Options, url: &str) -> anyhow::Result<Vec<String>> {
+    let target = match &opts.host {
+        Some(host) => host.target(url),
+        None if url.starts_with('/') => {
+            bail!("--host is required for a sitemap path: it is the Host your users reach the app by")
+        }
+        None => url.to_owned(),
+    };
+    let mut urls = Vec::new();
+    let mut queue = vec![target];
+    let mut fetched = 0;
+    while let Some(u) = queue.pop() {
+        fetched += 1;
+        if fetched > MAX_SITEMAPS {
+            bail!("sitemap index names more than {MAX_SITEMAPS} sitemaps");
+        }
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.append_pair("url", &u);
+        if let Some(host) = &opts.host {
+            query.append_pair("host", &host.authority);
+        }
+        let mut req = client.post(format!(
+            "{}/prime/sitemap?{}",
+            opts.target.trim_end_matches('/'),
+            query.finish()
+        ));
+        if let Some(token) = opts.token.as_ref().map(|t| t.expose()).filter(|t| !t.is_empty()) {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("failed to read sitemap {u} through the sidecar at {}", opts.target))?;
+        let status = resp.status();
+        let body = read_limited(resp, MAX_SITEMAP_BYTES)
+            .await
+            .with_context(|| format!("failed to read sitemap {u}"))?;
+        if !status.is_success() {
+            bail!(
+                "failed to read sitemap {u} through the sidecar ({status}): {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+        }
+        let xml = String::from_utf8(body).with_context(|| format!("sitemap {u} is not UTF-8"))?;
+        match parse_sitemap(&xml).with_context(|| format!("failed to read sitemap {u}"))? {
+            Sitemap::Index(locs) => queue.extend(locs),
+            Sitemap::Urls(locs) => urls.extend(locs),
         }
     }
+    Ok(urls)
+}
+
+/// A response's body, refused beyond `limit` bytes.
+async fn read_limited(resp: reqwest::Response, limit: usize) -> anyhow::Result<Vec<u8>> {
+    use futures_util::StreamExt as _;
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk?);
+        if body.len() > limit {
+            bail!("larger than {} MiB", limit >> 20);
+        }
+    }
+    Ok(body)
 }
 
 /// The `prime` subcommand: lists the input's URLs, primes them through the sidecar, prints the
 /// summary and each failure; the exit status (1 when more than `max_failures` failed).
 pub async fn command(input: &Input, opts: &Options) -> anyhow::Result<u8> {
-    let client = crate::http_client().timeout(Duration::from_secs(30)).build()?;
-    let urls = collect(input, &client).await?;
+    let urls = match input {
+        Input::Sitemap(url) => {
+            let client = crate::http_client().timeout(Duration::from_secs(60)).build()?;
+            wait_ready(&client, opts).await?;
+            read_sitemap(&client, opts, url).await?
+        }
+        _ => collect(input)?,
+    };
     let summary = run(urls, opts).await?;
     if opts.json {
         println!("{}", summary.json());
@@ -367,7 +486,10 @@ pub async fn run(urls: Vec<String>, opts: &Options) -> anyhow::Result<Summary> {
     wait_ready(&client, opts).await?;
     let progress = Progress::new(urls.len(), opts.json);
     let mut summary = Summary::default();
-    let mut pending = urls;
+    let mut pending: Vec<String> = match &opts.host {
+        Some(host) => urls.iter().map(|u| host.target(u)).collect(),
+        None => urls,
+    };
     for round in 0..=opts.retries {
         if pending.is_empty() {
             break;
@@ -421,7 +543,7 @@ async fn submit(
 ) -> anyhow::Result<Vec<(String, Failure)>> {
     let mut query = form_urlencoded::Serializer::new(String::new());
     query
-        .append_pair("host", opts.host.as_deref().unwrap_or("localhost"))
+        .append_pair("host", opts.host.as_ref().map_or("localhost", |h| h.authority.as_str()))
         .append_pair("concurrency", &opts.concurrency.to_string())
         .append_pair("timeout", &opts.timeout.as_secs().max(1).to_string());
     if let Some(from) = &opts.from {
@@ -461,15 +583,15 @@ async fn submit(
                 WarmResult::Warmed { bytes } => {
                     summary.warmed += 1;
                     summary.bytes += bytes;
-                    progress.advance();
+                    progress.advance(false);
                 }
                 WarmResult::AlreadyWarm { .. } => {
                     summary.warm += 1;
-                    progress.advance();
+                    progress.advance(false);
                 }
                 WarmResult::Failed(why) => {
                     if last || why.is_final() {
-                        progress.advance();
+                        progress.advance(true);
                         summary.failed.push((line.url.clone(), why.to_string()));
                     }
                     failed.push((line.url, why));
@@ -488,6 +610,7 @@ struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: usize,
     done: std::sync::atomic::AtomicUsize,
+    failed: std::sync::atomic::AtomicUsize,
     last_line: std::sync::Mutex<Instant>,
     quiet: bool,
 }
@@ -496,7 +619,7 @@ impl Progress {
     fn new(total: usize, quiet: bool) -> Progress {
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template("priming {bar:40} {pos}/{len} {elapsed}") {
+            if let Ok(style) = indicatif::ProgressStyle::with_template("priming {bar:40} {pos}/{len} done {elapsed}") {
                 bar.set_style(style);
             }
             bar
@@ -505,13 +628,17 @@ impl Progress {
             bar,
             total,
             done: Default::default(),
+            failed: Default::default(),
             last_line: std::sync::Mutex::new(Instant::now()),
             quiet,
         }
     }
 
-    fn advance(&self) {
-        let done = self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    /// One URL settled: warmed or warm, or (`failed`) failed for good.
+    fn advance(&self, failed: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let done = self.done.fetch_add(1, Relaxed) + 1;
+        let failed = self.failed.fetch_add(usize::from(failed), Relaxed) + usize::from(failed);
         if let Some(bar) = &self.bar {
             bar.inc(1);
             return;
@@ -521,7 +648,8 @@ impl Progress {
         }
         let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
         if last.elapsed() >= Duration::from_secs(2) || done == self.total {
-            eprintln!("primed {done}/{}", self.total);
+            // What is settled, not what is primed: failures are among the `done`.
+            eprintln!("prime: {done}/{} done, {failed} failed", self.total);
             *last = Instant::now();
         }
     }
@@ -537,7 +665,8 @@ impl Summary {
     /// The human summary line.
     pub fn line(&self) -> String {
         format!(
-            "primed {} objects: {} warmed, {} already warm, {} failed, {} bytes in {:.1} s",
+            "primed {} of {} objects: {} warmed, {} already warm, {} failed, {} bytes in {:.1} s",
+            self.warmed + self.warm,
             self.warmed + self.warm + self.failed.len(),
             self.warmed,
             self.warm,
@@ -621,6 +750,48 @@ mod tests {
         assert_eq!(custom, vec!["/s/a.1.css"]);
         assert!(parse_manifest("m.json", "[1,2]", None).is_err());
         assert!(parse_manifest("m.json", r#"{"a": 1}"#, None).is_err());
+    }
+
+    #[test]
+    fn a_host_is_a_name_with_an_optional_scheme_and_port() {
+        let host = |s| PublicHost::parse(s);
+        let https = host("https://WWW.example.com/").unwrap();
+        assert_eq!(https.scheme, Some("https"));
+        assert_eq!(https.authority, "www.example.com");
+        assert_eq!(https.target("/a.js?v=1"), "https://www.example.com/a.js?v=1");
+        assert_eq!(https.target("http://cdn.example/a.js"), "http://cdn.example/a.js");
+        let bare = host("www.example.com:8443").unwrap();
+        assert_eq!((bare.scheme, bare.authority.as_str()), (None, "www.example.com:8443"));
+        assert_eq!(bare.target("/a.js"), "/a.js", "the sidecar keys a path by its default");
+        assert_eq!(host("http://localhost").unwrap().scheme, Some("http"));
+        for bad in [
+            "",
+            "https://",
+            "https://www.example.com/app",
+            "ftp://x.example",
+            "u@x.example",
+            "x.example?q",
+        ] {
+            assert!(host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_folder_walk_skips_dot_files_and_compressed_twins() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "a.js",
+            "a.js.br",
+            ".vite/manifest.json",
+            "img/.DS_Store",
+            "img/logo.svg",
+            ".well-known/x",
+        ] {
+            let path = dir.path().join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+        assert_eq!(walk_dir(dir.path(), "/s/").unwrap(), vec!["/s/a.js", "/s/img/logo.svg"]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct PrimeFile {
     /// A manifest (`.json`, format detected) or a URL list.
     pub file: PathBuf,
     /// The public Host for paths in it [default: `localhost`].
-    pub host: Option<String>,
+    pub host: Option<prime::PublicHost>,
 }
 
 /// Sets the log filter in force (`main`'s subscriber); an error says why the filter was not
@@ -88,11 +88,19 @@ pub async fn run(
     mut reload: Reload,
 ) -> anyhow::Result<u8> {
     // Before the cache sizes its open tier from the limit.
-    match crate::limits::raise_descriptor_limit() {
-        Ok((before, after)) if before != after => info!(before, after, "raised the descriptor limit"),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "could not raise the descriptor limit"),
-    }
+    let descriptors = match crate::limits::raise_descriptor_limit() {
+        Ok((before, after)) => {
+            if before != after {
+                info!(before, after, "raised the descriptor limit");
+            }
+            Some(after)
+        }
+        Err(e) => {
+            warn!(error = %e, "could not raise the descriptor limit");
+            None
+        }
+    };
+    log_start(&config, descriptors);
     // First: a signal that arrives from here on is held until it is received below.
     let mut signals = Termination::install().context("failed to install the signal handlers")?;
     let mut app = None;
@@ -183,6 +191,31 @@ pub async fn run(
     Ok(0)
 }
 
+/// The first line of a run: the version and the limits in force, so a log shows what this
+/// process was allowed (sizes in bytes, durations as configured).
+fn log_start(config: &Config, descriptors: Option<u64>) {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let min_free = match config.min_free {
+        crate::units::MinFree::Bytes(b) => b.to_string(),
+        crate::units::MinFree::Percent(p) => format!("{p}%"),
+    };
+    info!(
+        version = %env!("CARGO_PKG_VERSION"),
+        max_size = config.max_size,
+        min_free = %min_free,
+        max_objects = config.max_objects,
+        max_object_size = config.max_object_size,
+        memory_size = config.memory_size,
+        max_connections = config.max_connections,
+        workers = config.workers,
+        descriptors = %descriptors.map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
+        grace_period = %human(config.grace_period),
+        upstream_timeout = %human(config.upstream_timeout),
+        max_header_size = config.max_header_size,
+        "sidecache starting"
+    );
+}
+
 async fn wait_app(app: &mut Option<App>) -> std::io::Result<std::process::ExitStatus> {
     match app {
         Some(app) => app.wait().await,
@@ -202,8 +235,11 @@ async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
     } else {
         Input::Urls(file.clone())
     };
-    let urls = match async { prime::collect(&input, &crate::http_client().build()?).await }.await {
-        Ok(urls) => urls,
+    let urls = match prime::collect(&input) {
+        Ok(urls) => match &host {
+            Some(host) => urls.iter().map(|u| host.target(u)).collect(),
+            None => urls,
+        },
         Err(e) => {
             warn!(error = format!("{e:#}"), file = %file.display(), "priming skipped");
             return;
@@ -215,7 +251,7 @@ async fn prime_in_background(proxy: Arc<Proxy>, prime: PrimeFile) {
     }
     let started = std::time::Instant::now();
     let job = Job {
-        host: host.unwrap_or_else(|| "localhost".into()),
+        host: host.map_or_else(|| "localhost".into(), |h| h.authority),
         from: None,
         concurrency: prime::warm::CONCURRENCY,
         timeout: prime::warm::OBJECT_TIMEOUT,

@@ -314,6 +314,7 @@ impl Upstream {
         };
         let result = tokio::time::timeout(self.timeout, client.request(req)).await;
         metrics::histogram!(m::UPSTREAM_DURATION).record(started.elapsed().as_secs_f64());
+        crate::access::record_upstream(started.elapsed());
         let err = match result {
             Ok(Ok(resp)) => return Ok(resp),
             Ok(Err(source)) if client_body_failed.is_some_and(|f| f.load(Ordering::Acquire)) => {

@@ -11,7 +11,7 @@ use crate::config::{Loader, RawConfig, Secret};
 /// How `prime` and `purge` reach this instance's sidecar: its admin address and token, from
 /// the flags, else from the configuration the sidecar reads (file, `SIDECACHE_*`).
 pub struct AdminAccess {
-    /// The admin port's base URL, e.g. `http://127.0.0.1:9090`.
+    /// The admin port's base URL, e.g. `http://127.0.0.1:6083`.
     pub target: String,
     /// The bearer token, if any.
     pub token: Option<Secret>,
@@ -20,7 +20,7 @@ pub struct AdminAccess {
 impl AdminAccess {
     /// Flags first, then the configuration (file, `SIDECACHE_*`), then the default
     /// `admin_listen` when that configuration does not load. `--target` may be an address
-    /// (`127.0.0.1:9901`, as `admin_listen` is written) or a URL; anything else is refused.
+    /// (`127.0.0.1:6083`, as `admin_listen` is written) or a URL; anything else is refused.
     pub fn resolve(
         target: Option<String>,
         token: Option<String>,
@@ -68,7 +68,7 @@ fn admin_url(target: &str) -> Result<String, String> {
     match reqwest::Url::parse(&url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(url),
         _ => Err(format!(
-            "--target `{target}` is not the admin address: give host:port (127.0.0.1:9901) or http://host:port"
+            "--target `{target}` is not the admin address: give host:port (127.0.0.1:6083) or http://host:port"
         )),
     }
 }

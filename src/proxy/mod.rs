@@ -30,8 +30,9 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use crate::access;
 use crate::body::{self, ProxyBody};
 use crate::bucket::TokenBucket;
 use crate::cache::fill::Fill;
@@ -192,11 +193,14 @@ impl Proxy {
     }
 
     /// Answers one client request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
         // Only the path (never the query) is logged, and only when logging is on.
         let path_for_log = self.config.access_log.then(|| req.uri().path().to_owned());
+        let host_for_log = self.config.access_log.then(|| access::host(&req));
+        // The client's (or router's) id, or a new one the app gets too.
+        let request_id = access::request_id(req.headers_mut());
         let version = req.version();
 
         // The rule the path falls under, matched once: for the bypass check and the per-rule
@@ -204,7 +208,7 @@ impl Proxy {
         let matched = rules::position(&self.config.rules, req.uri().path());
         let rule = matched.unwrap_or(self.config.rules.len());
 
-        let answer = self.route(req, client, matched).await;
+        let (answer, upstream_wait) = access::measured(self.route(req, client, matched)).await;
         let cache_status = answer.cache_status();
         let Answer {
             mut response,
@@ -235,20 +239,24 @@ impl Proxy {
         let handles = handles();
         handles.requests[outcome as usize][method_class(&method)].increment(1);
         handles.durations[outcome as usize].record(elapsed.as_secs_f64());
-        if self.config.access_log {
-            // The path only: query strings may carry secrets; cookies and credentials never logged.
-            info!(
-                target: "sidecache::access",
-                method = %method,
-                path = path_for_log.as_deref().unwrap_or(""),
-                version = ?version,
-                status = response.status().as_u16(),
-                outcome = outcome.as_str(),
-                cache_status = cache_status.to_str().unwrap_or_default(),
-                micros = elapsed.as_micros() as u64,
-                client = %client.ip(),
-                "request"
-            );
+        if let (Some(path), Some(host)) = (path_for_log, host_for_log) {
+            // The path only: query strings may carry secrets; cookies and credentials never
+            // logged. Written once the body is sent, with the bytes sent.
+            let entry = access::Entry {
+                method,
+                host,
+                path,
+                version,
+                status: response.status().as_u16(),
+                outcome: outcome.as_str(),
+                cache_status,
+                elapsed,
+                upstream: upstream_wait,
+                client,
+                request_id,
+                started,
+            };
+            return response.map(|b| entry.log_after(b));
         }
         response
     }
@@ -269,17 +277,13 @@ impl Proxy {
         self.serve(req.map(body::boxed), client, matched).await
     }
 
-    /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
-    /// A fresh stored copy is not fetched again. With `from`, a miss is filled from that base
-    /// URL (a CDN or bucket holding the built assets, admitted by `prime_sources`) instead of
-    /// the app; the URL fetched must be inside `prime_sources` too.
-    ///
-    /// `target` may be an absolute URL: its host, not `host`, is then the key's. Either is the
-    /// caller's choice; the admin port takes it only with the token beyond loopback.
-    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&SourceUrl>) -> WarmResult {
+    /// The GET a prime sends through the cache for `target` (see [`Proxy::warm`]): `host` (or
+    /// the target's own authority) as Host, the browsers' Accept-Encoding, and the scheme as
+    /// `X-Forwarded-Proto` when that is part of the key.
+    fn prime_request(&self, host: &str, target: &str, from: Option<&SourceUrl>) -> Result<Request<ProxyBody>, Failure> {
         let mut req = Request::new(body::empty());
         let Ok(uri) = target.parse::<http::Uri>() else {
-            return WarmResult::Failed(Failure::BadTarget {
+            return Err(Failure::BadTarget {
                 detail: "not a URL or path".into(),
             });
         };
@@ -291,7 +295,7 @@ impl Proxy {
             .path_and_query(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
             .build()
         else {
-            return WarmResult::Failed(Failure::BadTarget {
+            return Err(Failure::BadTarget {
                 detail: "not a URL or path".into(),
             });
         };
@@ -300,14 +304,14 @@ impl Proxy {
             let pq = path.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             match self.config.prime_sources.join(from, pq) {
                 Ok(url) => req.extensions_mut().insert(FillFrom(Arc::new(url))),
-                Err(e) => return WarmResult::Failed(Failure::SourceRefused { detail: e.to_string() }),
+                Err(e) => return Err(Failure::SourceRefused { detail: e.to_string() }),
             };
         }
         *req.uri_mut() = path;
         match HeaderValue::from_str(&host) {
             Ok(h) => req.headers_mut().insert(header::HOST, h),
             Err(_) => {
-                return WarmResult::Failed(Failure::BadTarget {
+                return Err(Failure::BadTarget {
                     detail: "bad host".into(),
                 });
             }
@@ -325,6 +329,35 @@ impl Proxy {
             let proto = HeaderValue::from_static(if https { "https" } else { "http" });
             req.headers_mut().insert("x-forwarded-proto", proto);
         }
+        Ok(req)
+    }
+
+    /// Gets one document through the cache as a prime sees it (same Host and scheme as
+    /// [`Proxy::warm`], uncompressed), for the prime command to read: a sitemap is fetched
+    /// from this instance's app, under the public Host, not from the public URL.
+    pub async fn fetch_document(self: &Arc<Self>, host: &str, target: &str) -> Result<Response<ProxyBody>, Failure> {
+        let mut req = self.prime_request(host, target, None)?;
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        let matched = rules::position(&self.config.rules, req.uri().path());
+        Ok(self
+            .serve(req, SocketAddr::from(([127, 0, 0, 1], 0)), matched)
+            .await
+            .response)
+    }
+
+    /// Warms one URL for the prime command: a GET through the cache whose body goes nowhere.
+    /// A fresh stored copy is not fetched again. With `from`, a miss is filled from that base
+    /// URL (a CDN or bucket holding the built assets, admitted by `prime_sources`) instead of
+    /// the app; the URL fetched must be inside `prime_sources` too.
+    ///
+    /// `target` may be an absolute URL: its host, not `host`, is then the key's. Either is the
+    /// caller's choice; the admin port takes it only with the token beyond loopback.
+    pub async fn warm(self: &Arc<Self>, host: &str, target: &str, from: Option<&SourceUrl>) -> WarmResult {
+        let req = match self.prime_request(host, target, from) {
+            Ok(req) => req,
+            Err(why) => return WarmResult::Failed(why),
+        };
         let key = CacheKey::from_request(&req, self.scheme(&req), &self.config.query);
         let headers = req.headers().clone();
         let matched = rules::position(&self.config.rules, req.uri().path());

@@ -241,3 +241,103 @@ async fn json_access_log_ties_outcome_to_cache_status_and_hides_secrets() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_names_host_bytes_app_time_and_a_request_id_the_app_gets_too() {
+    let origin = Origin::start().await;
+    origin.fixed("/r.js", &[("cache-control", "public, max-age=60")], "r".repeat(1000));
+    let cache = tempfile::tempdir().unwrap();
+    let mut bin = Binary::serve(&origin.url(), cache.path(), &["--log-format", "json"], &[]);
+    let addr = bin.public_addr();
+    let c = crate::support::app_client();
+    let field = |line: &str, name: &str| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["fields"]
+            .get(name)
+            .or_else(|| v.get(name))
+            .cloned()
+            .unwrap_or_default()
+    };
+
+    // A miss without an id: one is made, the app gets it, the line names it.
+    let miss = c.get(format!("http://{addr}/r.js")).send().await.unwrap();
+    assert_eq!(miss.bytes().await.unwrap().len(), 1000);
+    let line = bin.wait_nth_line("\"request\"", 1);
+    let id = field(&line, "request_id");
+    let id = id.as_str().unwrap_or_else(|| panic!("no request_id: {line}"));
+    assert_eq!(id.len(), 32, "{line}");
+    assert_eq!(
+        origin.last_headers("/r.js").unwrap()["x-request-id"],
+        id,
+        "the app logs the same id"
+    );
+    assert_eq!(field(&line, "host"), "app.example", "{line}");
+    assert_eq!(field(&line, "bytes"), 1000, "{line}");
+    assert!(
+        field(&line, "upstream_micros").as_u64().is_some(),
+        "the app was asked: {line}"
+    );
+
+    // A hit with the router's id: that id, and no time on the app. (Asked again, each time
+    // with its own id, while the fill is still being committed: bounded.)
+    let mut id = String::new();
+    for attempt in 0..100 {
+        id = format!("router-7f3e-{attempt}");
+        let hit = c
+            .get(format!("http://{addr}/r.js"))
+            .header("x-request-id", &id)
+            .send()
+            .await
+            .unwrap();
+        let status = hit.headers()["cache-status"].to_str().unwrap().to_owned();
+        assert_eq!(hit.bytes().await.unwrap().len(), 1000);
+        if status == "sidecache; hit" {
+            break;
+        }
+    }
+    let line = bin.wait_line(&format!("\"request_id\":\"{id}\""));
+    assert!(line.contains("\"cache_status\":\"sidecache; hit\""), "{line}");
+    assert_eq!(field(&line, "bytes"), 1000, "{line}");
+    assert!(
+        field(&line, "upstream_micros").is_null(),
+        "a hit does not ask the app: {line}"
+    );
+
+    // A HEAD: no body, the line is written at once.
+    let head = c
+        .head(format!("http://{addr}/r.js"))
+        .header("x-request-id", "head-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    let line = bin.wait_line("\"request_id\":\"head-1\"");
+    assert_eq!(field(&line, "bytes"), 0, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_removes_its_cache_directory_when_it_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().to_str().unwrap();
+    let mut bin = Binary::spawn(
+        &["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[("TMPDIR", tmpdir), ("SIDECACHE_ACCESS_LOG", "false")],
+    );
+    let addr = bin.public_addr();
+    let c = crate::support::app_client();
+    for _ in 0..2 {
+        let resp = c
+            .get(format!("http://{addr}/assets/app-3f2a9c81.js"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    let dir = tmp.path().join(format!("sidecache-demo-{}", bin.child.id()));
+    assert!(dir.is_dir(), "the demo caches in {}", dir.display());
+    bin.signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(30)));
+    assert_eq!(status.code(), Some(0));
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}

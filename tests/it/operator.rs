@@ -489,8 +489,8 @@ async fn counters_exist_at_zero_from_startup_and_the_storage_alert_fires_on_the_
             continue;
         }
         let labelled = match metric.split_once('{') {
-            Some((name, rest)) => format!("{name}{{job=\"sidecache\",instance=\"x:9901\",{rest}"),
-            None => format!("{metric}{{job=\"sidecache\",instance=\"x:9901\"}}"),
+            Some((name, rest)) => format!("{name}{{job=\"sidecache\",instance=\"x:6083\",{rest}"),
+            None => format!("{metric}{{job=\"sidecache\",instance=\"x:6083\"}}"),
         };
         let values = if metric == io { "0x4 1x10" } else { "0x14" };
         series.push_str(&format!("      - series: '{labelled}'\n        values: '{values}'\n"));
@@ -498,12 +498,12 @@ async fn counters_exist_at_zero_from_startup_and_the_storage_alert_fires_on_the_
     if !text.contains(io) {
         // What an exporter without the zero gives: nothing, then 1.
         series.push_str(
-            "      - series: 'sidecache_storage_errors_total{job=\"sidecache\",instance=\"x:9901\",kind=\"io\"}'\n        values: '_x4 1x10'\n",
+            "      - series: 'sidecache_storage_errors_total{job=\"sidecache\",instance=\"x:6083\",kind=\"io\"}'\n        values: '_x4 1x10'\n",
         );
     }
     let rules = repo("deploy/prometheus/alerts.yml");
     let test = format!(
-        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    alert_rule_test:\n      - eval_time: 7m\n        alertname: SidecacheStorageErrors\n        exp_alerts:\n          - exp_labels: {{severity: warning, job: sidecache, instance: \"x:9901\", kind: io}}\n            exp_annotations: {{summary: \"sidecache storage errors (io) on x:9901\", description: \"x:9901 (job sidecache) is hitting storage errors of kind io at 3.333m/s (5m rate). Check the cache directory's free space, permissions and disk health; affected requests fall back to the app.\"}}\n      - eval_time: 8m\n        alertname: SidecacheHitRatioCollapse\n        exp_alerts: []\n",
+        "rule_files:\n  - {}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    alert_rule_test:\n      - eval_time: 7m\n        alertname: SidecacheStorageErrors\n        exp_alerts:\n          - exp_labels: {{severity: warning, job: sidecache, instance: \"x:6083\", kind: io}}\n            exp_annotations: {{summary: \"sidecache storage errors (io) on x:6083\", description: \"x:6083 (job sidecache) is hitting storage errors of kind io at 3.333m/s (5m rate). Check the cache directory's free space, permissions and disk health; affected requests fall back to the app.\"}}\n      - eval_time: 8m\n        alertname: SidecacheHitRatioCollapse\n        exp_alerts: []\n",
         rules.display()
     );
     let file = dir.path().join("real_exporter_test.yml");
@@ -522,4 +522,34 @@ async fn counters_exist_at_zero_from_startup_and_the_storage_alert_fires_on_the_
         "promtool test rules on the real exporter's series: {said}"
     );
     drop(bin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_line_names_the_version_and_the_limits_in_force() {
+    let origin = crate::support::Origin::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let mut bin = crate::support::Binary::serve(
+        &origin.url(),
+        cache.path(),
+        &["--max-size", "3MiB"],
+        &[("SIDECACHE_MAX_CONNECTIONS", "77"), ("SIDECACHE_GRACE_PERIOD", "7s")],
+    );
+    let line = bin.wait_line("sidecache starting");
+    for field in [
+        format!("version={}", env!("CARGO_PKG_VERSION")),
+        "max_size=3145728".to_owned(),
+        "min_free=5%".to_owned(),
+        "max_connections=77".to_owned(),
+        "grace_period=7s".to_owned(),
+        "descriptors=".to_owned(),
+        "max_object_size=".to_owned(),
+    ] {
+        assert!(line.contains(&field), "{field} missing: {line}");
+    }
+    bin.public_addr();
+    assert!(
+        bin.seen.iter().position(|l| l.contains("sidecache starting"))
+            < bin.seen.iter().position(|l| l.contains("proxy listening")),
+        "the limits come first"
+    );
 }

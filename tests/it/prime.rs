@@ -15,9 +15,14 @@ pub(crate) struct Run {
 }
 
 pub(crate) async fn prime(admin: &str, args: &[&str], stdin: Option<&str>) -> Run {
+    prime_as(admin, "app.example", args, stdin).await
+}
+
+/// `sidecache prime --host HOST ...` against the admin port `admin`.
+pub(crate) async fn prime_as(admin: &str, host: &str, args: &[&str], stdin: Option<&str>) -> Run {
     let mut cmd = tokio::process::Command::new(binary_path());
     cmd.arg("prime")
-        .args(["--target", admin, "--host", "app.example", "--retries", "1"])
+        .args(["--target", admin, "--host", host, "--retries", "1"])
         .args(args);
     cmd.stdin(if stdin.is_some() {
         std::process::Stdio::piped()
@@ -142,6 +147,9 @@ async fn urls_on_stdin_a_folder_and_a_sitemap_are_primed() {
     write(public.path(), "img/logo.png", "png");
     write(public.path(), "app.js", "js");
     write(public.path(), "app.js.gz", "gz twin, not requested by clients");
+    // A build tool's own files, which the app does not serve (a 404 each if asked).
+    write(public.path(), ".vite/manifest.json", "{}");
+    write(public.path(), "img/.DS_Store", "finder");
     serve_assets(&origin, &["/static/img/logo.png", "/static/app.js"]);
     let run = prime(
         &admin,
@@ -150,15 +158,87 @@ async fn urls_on_stdin_a_folder_and_a_sitemap_are_primed() {
     )
     .await;
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stdout.contains("2 warmed"), "{}", run.stdout);
+    assert!(run.stdout.contains("primed 2 of 2 objects: 2 warmed"), "{}", run.stdout);
+    assert_eq!(origin.total_hits(), 4, "no dot-file was asked for");
     assert_all_hits(&sc, &origin, &["/static/img/logo.png", "/static/app.js"]).await;
 
+    // The sitemap's public URL does not resolve from here (`.example` is reserved): it is read
+    // through the sidecar, from its app, under the Host it names.
     serve_assets(&origin, &["/page-a", "/page-b"]);
     let sitemap = "<urlset><url><loc>http://app.example/page-a</loc></url><url><loc>http://app.example/page-b</loc></url></urlset>";
     origin.fixed("/sitemap.xml", &[("content-type", "application/xml")], sitemap);
-    let run = prime(&admin, &["--sitemap", &format!("{}/sitemap.xml", origin.url())], None).await;
+    let run = prime(&admin, &["--sitemap", "http://app.example/sitemap.xml"], None).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(origin.hits("/sitemap.xml"), 1);
+    assert_eq!(origin.last_headers("/sitemap.xml").unwrap()["host"], "app.example");
     assert_all_hits(&sc, &origin, &["/page-a", "/page-b"]).await;
+
+    // A sitemap path is read under --host.
+    origin.fixed("/other-sitemap.xml", &[("content-type", "application/xml")], sitemap);
+    let run = prime_as(
+        &admin,
+        "https://www.example.com",
+        &["--sitemap", "/other-sitemap.xml"],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        origin.last_headers("/other-sitemap.xml").unwrap()["host"],
+        "www.example.com"
+    );
+    assert!(
+        run.stdout.contains("0 warmed, 2 already warm, 0 failed"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_scheme_is_a_host_reached_over_that_scheme() {
+    let origin = Origin::start().await;
+    serve_assets(&origin, &["/s.js", "/p.js"]);
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.trust_forwarded = true).await;
+    let admin = sc.admin_url("");
+    let run = prime_as(&admin, "https://www.example.com/", &["--urls", "-"], Some("/s.js\n")).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("primed 1 of 1 objects: 1 warmed"), "{}", run.stdout);
+    let sent = origin.last_headers("/s.js").unwrap();
+    assert_eq!(sent["host"], "www.example.com", "the scheme is not part of the Host");
+    let https = crate::support::app_client_for("www.example.com")
+        .get(sc.url("/s.js"))
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(https.headers()["cache-status"], "sidecache; hit");
+
+    // http:// keys by http: the https key stays cold.
+    let run = prime_as(&admin, "http://www.example.com", &["--urls", "-"], Some("/p.js\n")).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let get = async |proto: &str| {
+        let resp = crate::support::app_client_for("www.example.com")
+            .get(sc.url("/p.js"))
+            .header("x-forwarded-proto", proto)
+            .send()
+            .await
+            .unwrap();
+        resp.headers()["cache-status"].to_str().unwrap().to_owned()
+    };
+    assert_eq!(get("http").await, "sidecache; hit");
+    assert_ne!(get("https").await, "sidecache; hit");
+    assert_eq!(origin.hits("/s.js"), 1);
+
+    for bad in [
+        "https://www.example.com/app",
+        "ftp://www.example.com",
+        "user@www.example.com",
+        "",
+    ] {
+        let run = prime_as(&admin, bad, &["--urls", "-"], Some("/s.js\n")).await;
+        assert_eq!(run.code, 64, "--host `{bad}`: {}", run.stderr);
+        assert!(run.stderr.contains("is not a host"), "{}", run.stderr);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,10 +254,14 @@ async fn missing_assets_are_named_and_fail_the_exit_status() {
         run.stderr
     );
     assert!(
-        run.stdout.contains("1 warmed, 0 already warm, 1 failed"),
+        run.stdout
+            .contains("primed 1 of 2 objects: 1 warmed, 0 already warm, 1 failed"),
         "{}",
         run.stdout
     );
+    // The progress says what is settled, failures included, never "primed 2/2".
+    assert!(run.stderr.contains("prime: 2/2 done, 1 failed"), "{}", run.stderr);
+    assert!(!run.stderr.contains("primed 2/2"), "{}", run.stderr);
     assert_eq!(origin.hits("/missing-1.js"), 1, "a 404 is not retried");
     let tolerant = prime(
         &sc.admin_url(""),

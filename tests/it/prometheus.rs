@@ -256,3 +256,33 @@ async fn a_real_prometheus_scrapes_exact_hit_and_miss_counts() {
     assert_eq!(query(&prom, "sum(sidecache_build_info)").await, Some(1.0));
     assert_eq!(origin.total_hits(), MISSES);
 }
+
+#[test]
+fn the_dashboard_shows_priming_and_descriptor_shortages() {
+    let text = std::fs::read_to_string(repo("deploy/grafana/sidecache-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    for metric in [
+        "sidecache_prime_objects_total",
+        "sidecache_prime_bytes_total",
+        "sidecache_descriptor_shortages_total",
+    ] {
+        assert!(exprs.iter().any(|e| e.contains(metric)), "no panel queries {metric}");
+    }
+    let mut ids: Vec<u64> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "panel ids are unique");
+}

@@ -183,7 +183,7 @@ fn admin_beyond_loopback_without_a_token_is_refused_at_startup() {
         (&["--admin-listen", "0.0.0.0:0"][..], &[][..]),
         (&[][..], &[("SIDECACHE_ADMIN_LISTEN", "[::]:0")][..]),
         (
-            &["--admin-listen", "10.0.0.1:9090"][..],
+            &["--admin-listen", "10.0.0.1:6083"][..],
             &[("SIDECACHE_ADMIN_TOKEN", "")][..],
         ),
     ] {

@@ -432,7 +432,60 @@ async fn inspect_shows_each_stored_fact_and_why_it_would_be_served() {
         "--token",
         TOKEN,
     ]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "nothing stored for /i.js");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("nothing stored for /i.js\n"), "{text}");
+    assert!(text.contains("  why: not recorded per URL"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_says_what_can_be_said_about_why_nothing_is_stored() {
+    use sidecache::rules::{RawRule, Rule};
+    let origin = Origin::start().await;
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.rules = vec![
+            Rule::compile(RawRule {
+                name: Some("api".into()),
+                pattern: "/api/**".into(),
+                bypass: true,
+                ttl: None,
+                force_ttl: None,
+                strip_set_cookie: false,
+            })
+            .unwrap(),
+        ];
+    })
+    .await;
+    let proxy = &sc.sidecar.proxy;
+    let bypassed = sidecache::inspect::report(proxy, "/api/feed", Some("app.example")).await;
+    assert!(bypassed.objects.is_empty());
+    assert_eq!(
+        bypassed.nothing_stored_because,
+        ["the path is under rule `api`, which bypasses the cache: it is never stored"]
+    );
+    let unknown = sidecache::inspect::report(proxy, "/never.js", None).await;
+    let why = unknown.nothing_stored_because.join("\n");
+    assert!(why.contains("without --host"), "{why}");
+    assert!(
+        why.contains("never requested") && why.contains("may not be stored"),
+        "{why}"
+    );
+    // Something stored: no excuses.
+    origin.fixed("/kept.js", &[("cache-control", "max-age=60")], "kept");
+    let resp = crate::support::app_client()
+        .get(sc.url("/kept.js"))
+        .send()
+        .await
+        .unwrap();
+    resp.bytes().await.unwrap();
+    let stored = async || {
+        !sidecache::inspect::report(proxy, "/kept.js", None)
+            .await
+            .objects
+            .is_empty()
+    };
+    assert!(crate::support::eventually(Duration::from_secs(10), stored).await);
+    let kept = sidecache::inspect::report(proxy, "/kept.js", None).await;
+    assert!(kept.nothing_stored_because.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
