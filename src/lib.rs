@@ -32,6 +32,7 @@
 //! - [`sources`]: the `prime_sources` allow-list a prime may fill from instead of the app.
 //! - [`bucket`]: a token bucket bounding a rate (invalidations).
 //! - [`config`]: configuration layers (file, environment, flags) validated into [`config::Config`].
+//! - [`error`]: [`error::BoxError`], the error every body carries (leaf: imports nothing).
 //! - [`units`]: byte sizes and durations as operators write them (leaf: imports nothing).
 //! - [`metrics`]: every metric name as a constant, described once.
 //! - [`sidecar`]: wires one sidecar together (state, admin port, public port, one shutdown).
@@ -52,6 +53,7 @@ pub mod cache;
 pub mod compress;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod inspect;
 pub mod limits;
 pub mod metrics;

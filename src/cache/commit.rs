@@ -683,9 +683,9 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
-    use crate::body::BoxError;
     use crate::cache::Claim;
     use crate::cache::testing;
+    use crate::error::BoxError;
 
     /// A body that yields its chunks one at a time.
     struct Chunked(VecDeque<Bytes>);
