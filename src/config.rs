@@ -546,6 +546,31 @@ pub struct Config {
 }
 
 impl Config {
+    /// What the cache reads: the settings it is opened with ([`Cache::open`](crate::cache::Cache::open)).
+    pub fn cache_settings(&self) -> crate::cache::Settings {
+        crate::cache::Settings {
+            cache_dir: self.cache_dir.clone(),
+            max_size: self.max_size,
+            min_free: self.min_free,
+            max_objects: self.max_objects,
+            max_object_size: self.max_object_size,
+            memory_size: self.memory_size,
+            memory_object_max: self.memory_object_max,
+            open_files: self.open_files,
+            max_connections: self.max_connections,
+            high_watermark: self.high_watermark,
+            low_watermark: self.low_watermark,
+            admission: self.admission,
+            evict_interval: self.evict_interval,
+            coalesce_timeout: self.coalesce_timeout,
+            max_tag_index_memory: self.max_tag_index_memory,
+            tags: self.tags.clone(),
+            compress: self.compress.clone(),
+            heuristic_fraction: self.heuristic_fraction,
+            heuristic_max: self.heuristic_max,
+        }
+    }
+
     /// The environment variables that hold sidecache's own secrets, withheld from a supervised
     /// app: `SIDECACHE_ADMIN_TOKEN` always (it opens purge and prime), and the shared tier's
     /// credentials ([`crate::shared::CREDENTIAL_VARIABLES`]) when the tier is on. Without a
