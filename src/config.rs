@@ -18,7 +18,7 @@ use serde::de::IntoDeserializer;
 
 use crate::cache::tags::{Separator, TagRules};
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
-use crate::shared::SharedTierConfig;
+use crate::shared_tier::SharedTierConfig;
 use crate::sources::PrimeSources;
 use crate::units::{ByteSize, HumanDuration, MinFree};
 
@@ -573,12 +573,12 @@ impl Config {
 
     /// The environment variables that hold sidecache's own secrets, withheld from a supervised
     /// app: `SIDECACHE_ADMIN_TOKEN` always (it opens purge and prime), and the shared tier's
-    /// credentials ([`crate::shared::CREDENTIAL_VARIABLES`]) when the tier is on. Without a
+    /// credentials ([`crate::shared_tier::CREDENTIAL_VARIABLES`]) when the tier is on. Without a
     /// shared tier sidecache does not use the `AWS_*` variables, and they are the app's.
     pub fn secret_variables(&self) -> Vec<&'static str> {
         let mut vars = vec!["SIDECACHE_ADMIN_TOKEN"];
         if self.shared_tier.is_some() {
-            vars.extend_from_slice(crate::shared::CREDENTIAL_VARIABLES);
+            vars.extend_from_slice(crate::shared_tier::CREDENTIAL_VARIABLES);
         }
         vars
     }
@@ -1115,7 +1115,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     let shared_tier = match raw.shared_tier.trim() {
         "" => None,
         url => {
-            let (bucket, prefix) = crate::shared::parse_url(url).map_err(|m| invalid("shared_tier", m))?;
+            let (bucket, prefix) = crate::shared_tier::parse_url(url).map_err(|m| invalid("shared_tier", m))?;
             let concurrency = raw.shared_tier_concurrency;
             if !(1..=1024).contains(&concurrency) {
                 return Err(invalid("shared_tier_concurrency", "must be 1-1024".into()));

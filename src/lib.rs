@@ -21,6 +21,7 @@
 //! - [`compress`]: the `compress:` settings, which objects get variants, the encoders.
 //! - [`shared`]: the shared tier in object storage behind every instance's disk: read on a
 //!   local miss, written behind a fill, failing open.
+//! - [`shared_tier`]: the shared tier's settings and `s3://` URL, below both `config` and `shared`.
 //! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
 //! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
@@ -66,6 +67,7 @@ pub mod rules;
 pub mod serve;
 pub mod server;
 pub mod shared;
+pub mod shared_tier;
 pub mod sidecar;
 
 pub mod sources;
