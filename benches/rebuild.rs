@@ -2,7 +2,6 @@
 //! then times a fresh `Cache::open` until the index is rebuilt, and reports the process's
 //! resident memory. Run: `cargo bench --bench rebuild [-- N] [--dir PATH]`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use sidecache::cache::Cache;
@@ -78,7 +77,7 @@ fn main() {
         let config: Config = Loader::new(std::iter::empty()).flags(flags).load().expect("config");
         let before = rss_kib("VmRSS:");
         let started = Instant::now();
-        let cache = Cache::open(Arc::new(config));
+        let cache = Cache::open(config.cache_settings());
         while !cache.is_loaded() {
             tokio::time::sleep(Duration::from_millis(5)).await;
             assert!(

@@ -17,7 +17,8 @@ use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 use tracing::info;
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::ProxyBody;
+use crate::error::BoxError;
 
 /// The request id field: Heroku's router, nginx (`$request_id`) and most frameworks use it.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

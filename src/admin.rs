@@ -271,7 +271,7 @@ impl Admin {
         };
         let lines = warm_all(self.proxy(), targets, job);
         let stream = tokio_stream_from(lines)
-            .map(|line| Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from(line.to_ndjson()))));
+            .map(|line| Ok::<_, crate::error::BoxError>(Frame::data(Bytes::from(line.to_ndjson()))));
         let mut resp = Response::new(body::boxed(StreamBody::new(stream)));
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));

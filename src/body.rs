@@ -5,9 +5,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
 use crate::cache::fill::TeeMsg;
-
-/// The error type carried by every body in the proxy.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::error::BoxError;
 
 /// The one body type the proxy returns: streamed from the app, the disk, or memory.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;

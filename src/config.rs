@@ -18,7 +18,7 @@ use serde::de::IntoDeserializer;
 
 use crate::cache::tags::{Separator, TagRules};
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
-use crate::shared::SharedTierConfig;
+use crate::shared_tier::SharedTierConfig;
 use crate::sources::PrimeSources;
 use crate::units::{ByteSize, HumanDuration, MinFree};
 
@@ -546,14 +546,39 @@ pub struct Config {
 }
 
 impl Config {
+    /// What the cache reads: the settings it is opened with ([`Cache::open`](crate::cache::Cache::open)).
+    pub fn cache_settings(&self) -> crate::cache::Settings {
+        crate::cache::Settings {
+            cache_dir: self.cache_dir.clone(),
+            max_size: self.max_size,
+            min_free: self.min_free,
+            max_objects: self.max_objects,
+            max_object_size: self.max_object_size,
+            memory_size: self.memory_size,
+            memory_object_max: self.memory_object_max,
+            open_files: self.open_files,
+            max_connections: self.max_connections,
+            high_watermark: self.high_watermark,
+            low_watermark: self.low_watermark,
+            admission: self.admission,
+            evict_interval: self.evict_interval,
+            coalesce_timeout: self.coalesce_timeout,
+            max_tag_index_memory: self.max_tag_index_memory,
+            tags: self.tags.clone(),
+            compress: self.compress.clone(),
+            heuristic_fraction: self.heuristic_fraction,
+            heuristic_max: self.heuristic_max,
+        }
+    }
+
     /// The environment variables that hold sidecache's own secrets, withheld from a supervised
     /// app: `SIDECACHE_ADMIN_TOKEN` always (it opens purge and prime), and the shared tier's
-    /// credentials ([`crate::shared::CREDENTIAL_VARIABLES`]) when the tier is on. Without a
+    /// credentials ([`crate::shared_tier::CREDENTIAL_VARIABLES`]) when the tier is on. Without a
     /// shared tier sidecache does not use the `AWS_*` variables, and they are the app's.
     pub fn secret_variables(&self) -> Vec<&'static str> {
         let mut vars = vec!["SIDECACHE_ADMIN_TOKEN"];
         if self.shared_tier.is_some() {
-            vars.extend_from_slice(crate::shared::CREDENTIAL_VARIABLES);
+            vars.extend_from_slice(crate::shared_tier::CREDENTIAL_VARIABLES);
         }
         vars
     }
@@ -1090,7 +1115,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
     let shared_tier = match raw.shared_tier.trim() {
         "" => None,
         url => {
-            let (bucket, prefix) = crate::shared::parse_url(url).map_err(|m| invalid("shared_tier", m))?;
+            let (bucket, prefix) = crate::shared_tier::parse_url(url).map_err(|m| invalid("shared_tier", m))?;
             let concurrency = raw.shared_tier_concurrency;
             if !(1..=1024).contains(&concurrency) {
                 return Err(invalid("shared_tier_concurrency", "must be 1-1024".into()));

@@ -22,6 +22,7 @@
 //! - [`shared`]: the shared tier in object storage behind every instance's disk: read on a
 //!   local miss, written behind a fill, failing open.
 //! - [`access`]: the access log line (written once the body is sent) and the request id.
+//! - [`shared_tier`]: the shared tier's settings and `s3://` URL, below both `config` and `shared`.
 //! - [`upstream`]: the pooled client to the app: hop-by-hop headers, timeouts, 502/504.
 //! - [`body`]: the body types shared by the proxy, the cache and the admin port.
 //! - [`zerocopy`]: stored bodies mapped into memory and sent from their files; the only
@@ -33,6 +34,7 @@
 //! - [`sources`]: the `prime_sources` allow-list a prime may fill from instead of the app.
 //! - [`bucket`]: a token bucket bounding a rate (invalidations).
 //! - [`config`]: configuration layers (file, environment, flags) validated into [`config::Config`].
+//! - [`error`]: [`error::BoxError`], the error every body carries (leaf: imports nothing).
 //! - [`units`]: byte sizes and durations as operators write them (leaf: imports nothing).
 //! - [`metrics`]: every metric name as a constant, described once.
 //! - [`sidecar`]: wires one sidecar together (state, admin port, public port, one shutdown).
@@ -54,6 +56,7 @@ pub mod cache;
 pub mod compress;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod inspect;
 pub mod limits;
 pub mod metrics;
@@ -66,6 +69,7 @@ pub mod rules;
 pub mod serve;
 pub mod server;
 pub mod shared;
+pub mod shared_tier;
 pub mod sidecar;
 
 pub mod sources;

@@ -40,7 +40,7 @@ impl Sidecar {
     pub async fn start(config: Config) -> std::io::Result<Sidecar> {
         let config = Arc::new(config);
         let metrics = crate::metrics::install();
-        let cache = Cache::open(config.clone());
+        let cache = Cache::open(config.cache_settings());
         let sources = config.prime_sources.client().map_err(std::io::Error::other)?;
         let relief_cache = cache.clone();
         let relief: crate::upstream::Relief = Arc::new(move || {

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::body::{self, ProxyBody};
 use crate::cache::key::request_host;
 use crate::config::{Config, Upstream as UpstreamAddr};
+use crate::error::BoxError;
 use crate::metrics as m;
 use crate::sources::SourceUrl;
 
@@ -420,12 +421,12 @@ struct WatchedBody {
 
 impl http_body::Body for WatchedBody {
     type Data = bytes::Bytes;
-    type Error = body::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, body::BoxError>>> {
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
         let poll = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Err(_))) = &poll {
             self.failed.store(true, Ordering::Release);

@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::debug;
 
+use crate::cache::Settings;
 use crate::cache::admit::Frequency;
 use crate::cache::index::{Index, Removed};
 use crate::cache::key::KeyHash;
 use crate::cache::store::{self, Space, Store};
-use crate::config::Config;
 use crate::metrics as m;
 use crate::units::MinFree;
 
@@ -79,17 +79,17 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits a configuration sets.
-    pub fn from_config(config: &Config) -> Limits {
+    /// The limits the cache's settings set.
+    pub fn from_settings(settings: &Settings) -> Limits {
         Limits {
-            max_size: config.max_size,
-            max_objects: config.max_objects,
-            min_free: config.min_free,
-            high_watermark: config.high_watermark,
-            low_watermark: config.low_watermark,
-            admission: config.admission,
-            coalesce_timeout: config.coalesce_timeout,
-            tag_memory: config.max_tag_index_memory,
+            max_size: settings.max_size,
+            max_objects: settings.max_objects,
+            min_free: settings.min_free,
+            high_watermark: settings.high_watermark,
+            low_watermark: settings.low_watermark,
+            admission: settings.admission,
+            coalesce_timeout: settings.coalesce_timeout,
+            tag_memory: settings.max_tag_index_memory,
         }
     }
 }

@@ -223,7 +223,7 @@ impl Cache {
         // on the body have a fixed width).
         let file_len = len + store::tail_len(&meta);
         let reservation = self.charge(file_len);
-        if len > self.config.max_object_size {
+        if len > self.settings.max_object_size {
             metrics::counter!(m::FILLS_ABORTED, "reason" => Abort::Budget.as_str()).increment(1);
             return Err((permit, body));
         }
@@ -412,7 +412,7 @@ impl Cache {
         let store = self.store()?;
         let len = meta.body_len;
         let file_len = object.len() as u64;
-        if len > self.config.max_object_size || file_len < len {
+        if len > self.settings.max_object_size || file_len < len {
             metrics::counter!(m::FILLS_ABORTED, "reason" => Abort::Budget.as_str()).increment(1);
             return None;
         }
@@ -446,7 +446,7 @@ impl Cache {
     /// a purge made while its fill was in flight (see `fence`). Returns whether it is stored.
     async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: Reservation) -> bool {
         let version = entry.generation;
-        let tags = self.config.tags.parse(&meta.headers);
+        let tags = self.settings.tags.parse(&meta.headers);
         let url_hash = meta.key.hash();
         let committing = fence::Committing {
             requested: super::millis(meta.request_time),
@@ -560,7 +560,7 @@ impl Cache {
                 }
                 let size: u64 = batch.iter().map(|c| c.len() as u64).sum();
                 let written = filling.writer().map_or(0, |w| w.written());
-                if written + size > cache.config.max_object_size {
+                if written + size > cache.settings.max_object_size {
                     refused = Some(Abort::Budget);
                     break;
                 }
@@ -683,9 +683,9 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
-    use crate::body::BoxError;
     use crate::cache::Claim;
     use crate::cache::testing;
+    use crate::error::BoxError;
 
     /// A body that yields its chunks one at a time.
     struct Chunked(VecDeque<Bytes>);

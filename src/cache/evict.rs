@@ -47,7 +47,7 @@ pub async fn run(cache: Arc<Cache>, cancel: CancellationToken) {
 }
 
 fn cache_interval(cache: &Cache) -> std::time::Duration {
-    cache.config().evict_interval
+    cache.settings().evict_interval
 }
 
 /// Takes the least recently used entries out of the index until what is left is under the low
@@ -106,9 +106,10 @@ impl Cache {
     /// (objects, bytes) evicted.
     pub async fn evict_pass(&self) -> (usize, u64) {
         let limits = self.limits();
+        let (high, low) = (self.settings.high_watermark, self.settings.low_watermark);
         let removed: Vec<Removed> = {
             let mut ix = self.lock_index();
-            match select_victims(&mut ix, limits, self.config.high_watermark, self.config.low_watermark) {
+            match select_victims(&mut ix, limits, high, low) {
                 Some(victims) => victims,
                 None => return (0, 0),
             }

@@ -29,8 +29,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::watch;
 
-use crate::body::BoxError;
 use crate::cache::meta::Meta;
+use crate::error::BoxError;
 
 /// Where a fill's body comes from: byte chunks, in order, in batches.
 pub trait Source: Send + 'static {

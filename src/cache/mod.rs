@@ -27,6 +27,7 @@ pub mod key;
 pub mod meta;
 mod read;
 mod rebuild;
+mod settings;
 pub mod store;
 pub mod tags;
 #[cfg(test)]
@@ -43,7 +44,6 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::config::Config;
 use crate::metrics as m;
 use crate::negotiate::{Accepts, Coding};
 use budget::Reservation;
@@ -55,6 +55,7 @@ use store::{IoContext, Store, StoreError};
 use tiers::{HotObject, Tier};
 
 pub use coalesce::{Claim, FillPermit, InFlight, Waited};
+pub use settings::Settings;
 
 /// Bodies smaller than this are read into memory; larger ones are mapped, and the mapping is
 /// never read on the way out: connections send its slices from the file with `sendfile`.
@@ -224,7 +225,7 @@ fn millis(t: SystemTime) -> u64 {
 /// - A fill's own locks (`fill::Fill`'s chunks and progress) are leaves, as are the metrics
 ///   recorder's (counters are bumped under `map`, gauges set under `budget`).
 pub struct Cache {
-    config: Arc<Config>,
+    settings: Settings,
     store: OnceLock<Arc<Store>>,
     /// The budget and the index that counts it (their locks: `budget` -> `index`).
     budget: Arc<budget::Budget>,
@@ -248,12 +249,12 @@ pub struct Cache {
 impl Cache {
     /// Opens the cache directory and starts the background rebuild of the index. A directory
     /// that cannot be used leaves the cache off (fail open); [`Cache::retry_open`] tries again.
-    pub fn open(config: Arc<Config>) -> Arc<Cache> {
-        let tiers = tiers::Tiers::from_config(&config);
-        let compressor = variants::Compressor::new(&config.compress);
+    pub fn open(settings: Settings) -> Arc<Cache> {
+        let tiers = tiers::Tiers::from_settings(&settings);
+        let compressor = variants::Compressor::new(&settings.compress);
         let cache = Arc::new(Cache {
-            budget: Arc::new(budget::Budget::new(budget::Limits::from_config(&config))),
-            config,
+            budget: Arc::new(budget::Budget::new(budget::Limits::from_settings(&settings))),
+            settings,
             store: OnceLock::new(),
             tiers,
             flights: Arc::new(coalesce::Flights::new()),
@@ -273,14 +274,14 @@ impl Cache {
         if self.store.get().is_some() {
             return;
         }
-        match Store::open(&self.config.cache_dir) {
+        match Store::open(&self.settings.cache_dir) {
             Ok(store) => {
                 // Before anything is found or reserved: every size is charged in this unit.
                 self.budget.set_unit(store.unit());
                 let store = Arc::new(store);
                 if self.store.set(store.clone()).is_ok() {
                     self.budget.set_disk(store);
-                    info!(dir = %self.config.cache_dir.display(), "cache directory ready");
+                    info!(dir = %self.settings.cache_dir.display(), "cache directory ready");
                     let cache = self.clone();
                     tokio::task::spawn_blocking(move || cache.rebuild());
                 }
@@ -292,9 +293,9 @@ impl Cache {
         }
     }
 
-    /// The configuration the cache runs on.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The settings the cache runs on.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     fn store(&self) -> Option<Arc<Store>> {
@@ -793,6 +794,40 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cache is below the configuration: it is opened with [`Settings`] and imports nothing
+    /// from `config` (but for `testing.rs`, whose helpers take the defaults from there).
+    #[test]
+    fn the_cache_imports_nothing_from_config() {
+        let files = [
+            ("admit.rs", include_str!("admit.rs")),
+            ("budget.rs", include_str!("budget.rs")),
+            ("coalesce.rs", include_str!("coalesce.rs")),
+            ("commit.rs", include_str!("commit.rs")),
+            ("evict.rs", include_str!("evict.rs")),
+            ("fence.rs", include_str!("fence.rs")),
+            ("fileio.rs", include_str!("fileio.rs")),
+            ("fill.rs", include_str!("fill.rs")),
+            ("index.rs", include_str!("index.rs")),
+            ("key.rs", include_str!("key.rs")),
+            ("meta.rs", include_str!("meta.rs")),
+            ("mod.rs", include_str!("mod.rs")),
+            ("read.rs", include_str!("read.rs")),
+            ("rebuild.rs", include_str!("rebuild.rs")),
+            ("settings.rs", include_str!("settings.rs")),
+            ("store.rs", include_str!("store.rs")),
+            ("tags.rs", include_str!("tags.rs")),
+            ("tiers.rs", include_str!("tiers.rs")),
+            ("variants.rs", include_str!("variants.rs")),
+            ("vary.rs", include_str!("vary.rs")),
+        ];
+        for (name, text) in files {
+            assert!(
+                !text.contains(concat!("crate::", "config")),
+                "src/cache/{name} imports config"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_purge_by_tag_larger_than_a_batch_removes_every_tagged_object_and_file() {

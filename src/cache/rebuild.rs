@@ -69,7 +69,7 @@ impl Cache {
                 }
             };
             let entry = super::commit::entry_of(&meta, f.generation, f.len - meta.body_len, false, 0);
-            let tags = match self.config.tags.parse(&meta.headers) {
+            let tags = match self.settings.tags.parse(&meta.headers) {
                 Ok(tags) => tags,
                 Err(why) => {
                     // Stored under bounds since lowered: its tags cannot all be indexed.

@@ -311,7 +311,7 @@ mod tests {
 
     /// The rules of the default configuration (their defaults live in the config table).
     fn default_rules() -> TagRules {
-        crate::config::Config::defaults().tags
+        crate::cache::testing::defaults().tags
     }
     use http::HeaderValue;
 

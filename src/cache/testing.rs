@@ -6,21 +6,32 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use crate::cache::Cache;
 use crate::cache::key::{CacheKey, Digest};
 use crate::cache::meta::Meta;
 use crate::cache::store::{self, Store};
+use crate::cache::{Cache, Settings};
 use crate::config::{Config, Loader};
 
-/// A configuration with its cache under `dir` (no free space kept: the tests' disk is shared).
-pub fn config(dir: &std::path::Path) -> Arc<Config> {
+/// The settings of the default configuration. The only import of `config` under `cache/`:
+/// the tests take the defaults from where they are defined.
+pub fn defaults() -> Settings {
+    Config::defaults().cache_settings()
+}
+
+/// The default settings with the cache under `dir` (no free space kept: the tests' disk is
+/// shared). Built by the configuration, so the defaults are the configuration's.
+pub fn settings(dir: &std::path::Path) -> Settings {
     let flags = vec![("cache_dir", dir.display().to_string()), ("min_free", "0".to_owned())];
-    Arc::new(Loader::new(std::iter::empty()).flags(flags).load().expect("config"))
+    Loader::new(std::iter::empty())
+        .flags(flags)
+        .load()
+        .expect("config")
+        .cache_settings()
 }
 
 /// Opens a cache on `dir` and waits (bounded) for its startup rebuild.
 pub async fn open(dir: &std::path::Path) -> Arc<Cache> {
-    let cache = Cache::open(config(dir));
+    let cache = Cache::open(settings(dir));
     let started = Instant::now();
     while !cache.is_loaded() {
         assert!(started.elapsed() < Duration::from_secs(10), "rebuild took over 10 s");

@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use crate::cache::MIN_MMAP;
 use crate::cache::admit;
 use crate::cache::key::KeyHash;
 use crate::cache::meta::Meta;
-use crate::config::Config;
+use crate::cache::{MIN_MMAP, Settings};
 use crate::metrics as m;
 use crate::negotiate::Coding;
 
@@ -132,7 +131,7 @@ fn close_in_background(
 /// written: these come out of the spare, and when they exhaust it the open tier gives half
 /// its descriptors back ([`Tiers::relieve_descriptors`]) rather than sit on room reserved for
 /// a worst case that rarely comes.
-fn open_files(config: &Config) -> usize {
+fn open_files(config: &Settings) -> usize {
     let spare = config.max_connections as u64 + 256;
     let room = crate::limits::descriptor_limit()
         .saturating_sub(spare)
@@ -185,7 +184,7 @@ pub(super) struct Tiers {
 
 impl Tiers {
     /// The tiers `config` asks for, the open tier sized by the descriptor limit.
-    pub(super) fn from_config(config: &Config) -> Tiers {
+    pub(super) fn from_settings(config: &Settings) -> Tiers {
         let open_files = open_files(config);
         if open_files > 0 {
             info!(open_files, "open tier sized");

@@ -244,7 +244,7 @@ impl Cache {
             return;
         };
         let receiver = Arc::new(Mutex::new(receiver));
-        for i in 0..self.config.compress.threads {
+        for i in 0..self.settings.compress.threads {
             let (cache, receiver, runtime) = (Arc::downgrade(self), receiver.clone(), runtime.clone());
             let budget = self.compressor.budget.clone();
             let spawned = std::thread::Builder::new()
@@ -261,13 +261,13 @@ impl Cache {
     /// (counted).
     pub(super) fn queue_variants(&self, hash: KeyHash, generation: u64, meta: &Meta, has: &[Coding]) {
         let Some(queue) = &self.compressor.queue else { return };
-        let settings = &self.config.compress;
+        let settings = &self.settings.compress;
         if has.len() == Coding::ALL.len() || !settings.eligible(meta.status, &meta.headers, meta.body_len) {
             return;
         }
         let heuristic = Heuristic {
-            fraction: self.config.heuristic_fraction,
-            max: self.config.heuristic_max,
+            fraction: self.settings.heuristic_fraction,
+            max: self.settings.heuristic_max,
         };
         let prepared = Prepared::new(
             http::StatusCode::OK,

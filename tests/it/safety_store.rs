@@ -352,7 +352,7 @@ async fn the_number_of_stored_objects_is_bounded() {
         c.memory_size = 0;
     })
     .await;
-    let max_size = sidecar.sidecar.proxy.cache().config().max_size;
+    let max_size = sidecar.sidecar.proxy.cache().settings().max_size;
     let (_, peak_records) = fill_tiny_objects(&sidecar, 1000, 8, max_size).await;
     assert!(
         peak_records <= max_objects,

@@ -14,7 +14,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use sidecache::body::{self, BoxError, ProxyBody};
+use sidecache::body::{self, ProxyBody};
+use sidecache::error::BoxError;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
