@@ -71,7 +71,13 @@ fn new_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     let mut bytes = [0u8; 16];
     if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::NONBLOCK).is_ok_and(|n| n == 16) {
-        return bytes.iter().map(|b| format!("{b:02x}")).collect();
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(32);
+        for b in bytes {
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+        return out;
     }
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let pid = u64::from(std::process::id());

@@ -296,8 +296,10 @@ impl Upstream {
     }
 
     /// Sends a prepared request; waits at most the response-header timeout.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(&self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
         let started = Instant::now();
+        // The app gets the request's id: the client's, the one the access log made, or a new one.
+        crate::access::request_id(req.headers_mut());
         let client = &self.clients[SERVING_LOOP.get() % self.clients.len()];
         // A body that fails while being sent is the client's doing (malformed chunked framing,
         // a client gone mid-upload); the flag tells that apart from the app failing.

@@ -199,8 +199,10 @@ impl Proxy {
         // Only the path (never the query) is logged, and only when logging is on.
         let path_for_log = self.config.access_log.then(|| req.uri().path().to_owned());
         let host_for_log = self.config.access_log.then(|| access::host(&req));
-        // The client's (or router's) id, or a new one the app gets too.
-        let request_id = access::request_id(req.headers_mut());
+        // The client's (or router's) id, or a new one the app gets too: made here only for the
+        // log; a request the app is asked gets one on its way (`Upstream::send`), and a hit
+        // with the log off needs none.
+        let request_id = self.config.access_log.then(|| access::request_id(req.headers_mut()));
         let version = req.version();
 
         // The rule the path falls under, matched once: for the bypass check and the per-rule
@@ -208,7 +210,11 @@ impl Proxy {
         let matched = rules::position(&self.config.rules, req.uri().path());
         let rule = matched.unwrap_or(self.config.rules.len());
 
-        let (answer, upstream_wait) = access::measured(self.route(req, client, matched)).await;
+        let (answer, upstream_wait) = if self.config.access_log {
+            access::measured(self.route(req, client, matched)).await
+        } else {
+            (self.route(req, client, matched).await, None)
+        };
         let cache_status = answer.cache_status();
         let Answer {
             mut response,
@@ -239,7 +245,7 @@ impl Proxy {
         let handles = handles();
         handles.requests[outcome as usize][method_class(&method)].increment(1);
         handles.durations[outcome as usize].record(elapsed.as_secs_f64());
-        if let (Some(path), Some(host)) = (path_for_log, host_for_log) {
+        if let (Some(path), Some(host), Some(request_id)) = (path_for_log, host_for_log, request_id) {
             // The path only: query strings may carry secrets; cookies and credentials never
             // logged. Written once the body is sent, with the bytes sent.
             let entry = access::Entry {
