@@ -143,43 +143,25 @@ impl Entry {
         let cache_status = self.cache_status.to_str().unwrap_or_default();
         let request_id = self.request_id.to_str().unwrap_or_default();
         let total_micros = self.started.elapsed().as_micros() as u64;
-        // Two shapes rather than a made-up number: no `upstream_micros` when the app was not
-        // asked (a hit), as nginx logs `-`.
-        match self.upstream {
-            Some(waited) => info!(
-                target: "sidecache::access",
-                method = %self.method,
-                host = %self.host,
-                path = %self.path,
-                version = ?self.version,
-                status = self.status,
-                outcome = self.outcome,
-                cache_status,
-                bytes,
-                micros = self.elapsed.as_micros() as u64,
-                total_micros,
-                upstream_micros = waited.as_micros() as u64,
-                client = %self.client.ip(),
-                request_id,
-                "request"
-            ),
-            None => info!(
-                target: "sidecache::access",
-                method = %self.method,
-                host = %self.host,
-                path = %self.path,
-                version = ?self.version,
-                status = self.status,
-                outcome = self.outcome,
-                cache_status,
-                bytes,
-                micros = self.elapsed.as_micros() as u64,
-                total_micros,
-                client = %self.client.ip(),
-                request_id,
-                "request"
-            ),
-        }
+        // No `upstream_micros` when the app was not asked (a hit), rather than a made-up
+        // number, as nginx logs `-`: an `Option` field is recorded only when it is `Some`.
+        info!(
+            target: "sidecache::access",
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            version = ?self.version,
+            status = self.status,
+            outcome = self.outcome,
+            cache_status,
+            bytes,
+            micros = self.elapsed.as_micros() as u64,
+            total_micros,
+            upstream_micros = self.upstream.map(|waited| waited.as_micros() as u64),
+            client = %self.client.ip(),
+            request_id,
+            "request"
+        );
     }
 }
 
