@@ -6,17 +6,7 @@ use std::time::Duration;
 use crate::support::{Behaviour, Binary, Origin, binary_path, client};
 
 fn check_config(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(binary_path());
-    cmd.arg("check-config").args(args).env_clear();
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::support::run_binary(&[&["check-config"], args].concat(), env)
 }
 
 #[test]

@@ -539,11 +539,7 @@ fn systemd_unit_passes_systemd_analyze_verify_with_nothing_to_say() {
         .arg(&path)
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = crate::support::said(&out);
     // It exits 0 on `Unknown key ...` too: a clean unit is one it has nothing to say about.
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
@@ -563,10 +559,6 @@ fn dockerfile_passes_hadolint() {
         .arg(repo("deploy/Dockerfile"))
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = crate::support::said(&out);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }

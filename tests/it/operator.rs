@@ -90,19 +90,7 @@ fn a_link_to_a_directory_others_may_enter_is_refused() {
     );
 }
 
-fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(crate::support::binary_path());
-    cmd.args(args).env_clear();
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::run_binary as run;
 
 /// The configuration a reload test starts from and changes: a rule, the log level, a limit.
 fn reload_config(bypass_b: bool, log_level: &str, max_connections: u32) -> String {
@@ -512,11 +500,7 @@ async fn counters_exist_at_zero_from_startup_and_the_storage_alert_fires_on_the_
         .args(["test", "rules", file.to_str().unwrap()])
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = crate::support::said(&out);
     assert!(
         out.status.success(),
         "promtool test rules on the real exporter's series: {said}"
