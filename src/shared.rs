@@ -91,9 +91,8 @@ pub const MAX_SHARED_OBJECT: u64 = 32 << 20;
 pub const MEMORY_BUDGET: u64 = 64 << 20;
 /// Failures in a row that open the breaker.
 pub const BREAKER_THRESHOLD: u32 = 5;
-/// The directory under the prefix: the local layout's, whose number is the object file
-/// format's version (a new format moves both).
-const LAYOUT: &str = store::OBJECTS;
+/// The directory under the prefix: the object image format's version (a new format moves it).
+const LAYOUT: &str = store::IMAGE_FORMAT;
 
 /// Whether a fill may be shared with the fleet: a `200` without `Vary`, neither `private` nor
 /// `no-store`, whose answer set no cookie (`set_cookie`: even one a rule strips) and whose

@@ -5,7 +5,10 @@
 //! complete and indexed (written whole under its name, or linked into place whole), and from
 //! then on never modified, only unlinked (a
 //! refreshed head is a new file). Unlinking leaves a live mapping valid until it is dropped,
-//! so eviction runs while readers hold mappings. A fill's file is mapped while it is written:
+//! so eviction runs while readers hold mappings. A slot of a segment (small objects) is mapped
+//! the same way: its range is written once, before it is indexed, never written again, and
+//! punched only when its last holder lets go; a mapping holds its slot ([`Backing::Slot`]),
+//! so eviction runs while readers hold those too. A fill's file is mapped while it is written:
 //! its readers are only given ranges already written, which are never written again. What no
 //! process can prevent is another actor truncating a file underneath (that would fault a
 //! reader of the mapping): the file's length is checked against the index when it is opened,
@@ -24,63 +27,118 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use crate::cache::fileio::{mtime_ns, read_at, read_cached_at};
+use crate::cache::segments::Slot;
 use crate::cache::store::ReadError;
 
-/// Maps the first `len` bytes of an object file of `file_len` bytes (its body) read-only and
+/// What a mapped body is mapped from: an object file of its own, or a slot of a segment
+/// (held while mapped: a discarded slot's range is not punched until the mapping goes).
+#[derive(Clone)]
+pub enum Backing {
+    /// A whole file: the body at its start.
+    File(Arc<File>),
+    /// A slot: the body at its base.
+    Slot(Arc<Slot>),
+}
+
+impl Backing {
+    fn file(&self) -> &File {
+        match self {
+            Backing::File(f) => f,
+            Backing::Slot(s) => s.file(),
+        }
+    }
+
+    /// Its file and where the image starts in it, for reads.
+    pub fn parts(&self) -> (&File, u64) {
+        (self.file(), self.base())
+    }
+
+    /// Where the image starts in the file.
+    fn base(&self) -> u64 {
+        match self {
+            Backing::File(_) => 0,
+            Backing::Slot(s) => s.base(),
+        }
+    }
+}
+
+/// Maps the first `len` bytes of an object image of `file_len` bytes (its body) read-only and
 /// returns them as [`Bytes`] that own the mapping, with the file's modification time. Bodies
 /// under `min_mmap` bytes are read instead (a mapping costs more than a copy there), together
 /// with the `extra` bytes that follow them, in the same read: the returned bytes are then
-/// `len + extra` long.
+/// `len + extra` long. A file of its own is checked with one `fstat` (its length against the
+/// index's); a slot is not (its segment grows with every append): its modification time reads
+/// as 0.
 ///
 /// Blocking: off the runtime ([`map_body_cached`] on it).
-pub fn map_body(file: File, len: u64, file_len: u64, extra: u64, min_mmap: u64) -> Result<(Bytes, u64), ReadError> {
-    map_with(file, len, file_len, extra, min_mmap, false).map(|m| m.expect("a blocking read always answers"))
+pub fn map_body(from: Backing, len: u64, file_len: u64, extra: u64, min_mmap: u64) -> Result<(Bytes, u64), ReadError> {
+    map_with(from, len, file_len, extra, min_mmap, false).map(|m| m.expect("a blocking read always answers"))
 }
 
 /// [`map_body`] without waiting for the disk: `Ok(None)` where a read would, for the caller
 /// to retry off the runtime.
 pub fn map_body_cached(
-    file: File,
+    from: Backing,
     len: u64,
     file_len: u64,
     extra: u64,
     min_mmap: u64,
 ) -> Result<Option<(Bytes, u64)>, ReadError> {
-    map_with(file, len, file_len, extra, min_mmap, true)
+    map_with(from, len, file_len, extra, min_mmap, true)
 }
 
 fn map_with(
-    file: File,
+    from: Backing,
     len: u64,
     file_len: u64,
     extra: u64,
     min_mmap: u64,
     nowait: bool,
 ) -> Result<Option<(Bytes, u64)>, ReadError> {
-    let md = file.metadata()?;
-    let mtime = mtime_ns(&md);
-    let actual = md.len();
-    if actual != file_len || len > file_len {
-        return Err(ReadError::Corrupt(format!(
-            "object file is {actual} bytes, the index says {file_len}"
-        )));
-    }
+    let mtime = match &from {
+        Backing::File(file) => {
+            let md = file.metadata()?;
+            let actual = md.len();
+            if actual != file_len || len > file_len {
+                return Err(ReadError::Corrupt(format!(
+                    "object file is {actual} bytes, the index says {file_len}"
+                )));
+            }
+            mtime_ns(&md)
+        }
+        Backing::Slot(_) if len > file_len => {
+            return Err(ReadError::Corrupt("slot shorter than its body".into()));
+        }
+        Backing::Slot(_) => 0,
+    };
+    let base = from.base();
     if len < min_mmap || len == 0 {
         let want = (len + extra).min(file_len) as usize;
         if want == 0 {
             return Ok(Some((Bytes::new(), mtime)));
         }
         let read = if nowait {
-            read_cached_at(&file, want, 0)
+            read_cached_at(from.file(), want, base)
         } else {
-            read_at(&file, want, 0).map(Some)
+            read_at(from.file(), want, base).map(Some)
         };
         return Ok(read.map_err(ReadError::of_read)?.map(|buf| (Bytes::from(buf), mtime)));
     }
-    // SAFETY: see the module contract: the file is immutable once placed and only unlinked.
-    let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map(&file)? };
+    // SAFETY: see the module contract: a placed file is immutable and only unlinked; a slot's
+    // range is written once, before it is indexed, and punched only when its last holder (this
+    // mapping among them) lets go.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(base)
+            .len(len as usize)
+            .map(from.file())?
+    };
+    let file_len = match &from {
+        Backing::File(_) => file_len,
+        Backing::Slot(_) => 0,
+    };
     Ok(Some((
-        Bytes::from_owner(MappedBody::new(map, Arc::new(file), file_len)),
+        Bytes::from_owner(MappedBody::new(map, from, base, file_len)),
         mtime,
     )))
 }
@@ -94,7 +152,7 @@ pub fn map_fill(file: Arc<File>, len: u64) -> std::io::Result<Bytes> {
     // the module contract); readers are only given ranges the fill has written.
     let map = unsafe { memmap2::MmapOptions::new().len(len).map(&*file)? };
     // (Its file grows past the body when the record is written: its length is not checked.)
-    Ok(Bytes::from_owner(MappedBody::new(map, file, 0)))
+    Ok(Bytes::from_owner(MappedBody::new(map, Backing::File(file), 0, 0)))
 }
 
 /// Mapped bodies by start address, with their files: a connection that is asked to write a
@@ -103,9 +161,13 @@ static MAPPED: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
 
 struct Region {
     len: usize,
-    /// The length its file must have (0: not known, for a file still being written).
+    /// The length its file must have (0: not known, for a file still being written, or a
+    /// segment, which grows).
     file_len: u64,
-    file: Arc<File>,
+    /// What it maps, held while it is mapped.
+    from: Backing,
+    /// The file offset its first byte is at.
+    base: u64,
     /// `sendfile` found the file shorter than the mapping: truncated underneath.
     truncated: AtomicBool,
 }
@@ -116,11 +178,12 @@ struct MappedBody {
 }
 
 impl MappedBody {
-    fn new(map: memmap2::Mmap, file: Arc<File>, file_len: u64) -> MappedBody {
+    fn new(map: memmap2::Mmap, from: Backing, base: u64, file_len: u64) -> MappedBody {
         let region = Region {
             len: map.len(),
             file_len,
-            file,
+            from,
+            base,
             truncated: AtomicBool::new(false),
         };
         MAPPED
@@ -149,9 +212,12 @@ impl Drop for MappedBody {
 }
 
 /// The file and offset that `bytes` were mapped from, when they lie inside one mapped body.
-fn mapped_file(bytes: &[u8]) -> Option<(Arc<File>, u64)> {
+fn mapped_file(bytes: &[u8]) -> Option<(Backing, u64)> {
     with_region(bytes, |start, region| {
-        (region.file.clone(), (bytes.as_ptr() as usize - start) as u64)
+        (
+            region.from.clone(),
+            region.base + (bytes.as_ptr() as usize - start) as u64,
+        )
     })
 }
 
@@ -163,18 +229,24 @@ fn mark_truncated(bytes: &[u8]) {
 /// False when `bytes` are a mapped body whose file changed since it was checked at `mtime`:
 /// `sendfile` found it truncated, or its length or modification time differs from the
 /// object's, or it was removed. Serving it again could send other bytes or fail, so the cache drops it. One
-/// `fstat` on the open descriptor; true for bytes that are not mapped.
+/// `fstat` on the open descriptor of a file of its own (a segment grows and changes with every
+/// append: only a truncation found by `sendfile` tells); true for bytes that are not mapped.
 pub fn unchanged(bytes: &[u8], mtime: u64) -> bool {
     use std::os::unix::fs::MetadataExt;
     // The descriptor is cloned out so that the `fstat` is not made under the table's lock.
     let Some(found) = with_region(bytes, |_, region| {
-        (!region.truncated.load(Ordering::Relaxed))
-            .then(|| (region.file.clone(), region.file_len.max(region.len as u64)))
+        (!region.truncated.load(Ordering::Relaxed)).then(|| match &region.from {
+            Backing::File(file) => Some((file.clone(), region.file_len.max(region.len as u64))),
+            Backing::Slot(_) => None,
+        })
     }) else {
         return true;
     };
-    let Some((file, len)) = found else {
+    let Some(found) = found else {
         return false;
+    };
+    let Some((file, len)) = found else {
+        return true;
     };
     file.metadata()
         .is_ok_and(|md| md.len() == len && mtime_ns(&md) == mtime && md.nlink() > 0)
@@ -203,8 +275,8 @@ pub fn poll_write(stream: &mut TcpStream, cx: &mut Context<'_>, bufs: &[io::IoSl
         .and_then(|i| Some((i, mapped_file(&bufs[i])?)));
     match mapped {
         None => tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(stream), cx, bufs),
-        Some((0, (file, offset))) => {
-            let sent = poll_sendfile(stream, cx, &file, offset, bufs[0].len());
+        Some((0, (from, offset))) => {
+            let sent = poll_sendfile(stream, cx, from.file(), offset, bufs[0].len());
             if matches!(&sent, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof) {
                 mark_truncated(&bufs[0]);
             }

@@ -17,6 +17,7 @@ pub fn entry(i: u64) -> Entry {
         generation: i,
         body_len: 20_000,
         tail_len: 300,
+        place: sidecache::cache::index::Place::File,
         digest: Digest(d),
         verified: true,
         mtime: 0,

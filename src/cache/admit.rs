@@ -99,7 +99,7 @@ impl Frequency {
         for (i, s) in seeds.iter_mut().enumerate() {
             let mut bytes = [0u8; 8];
             // A per-process seed; a fixed one if the kernel will not give randomness.
-            if getrandom(&mut bytes).is_err() {
+            if crate::cache::fileio::random(&mut bytes).is_err() {
                 bytes = (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)).to_le_bytes();
             }
             *s = u64::from_le_bytes(bytes) | 1;
@@ -157,16 +157,6 @@ impl Frequency {
     /// Whether a fill of `candidate` may displace `victim`: unless it was asked for less often.
     pub fn admits(&self, candidate: &KeyHash, victim: &KeyHash) -> bool {
         self.estimate(candidate) >= self.estimate(victim)
-    }
-}
-
-fn getrandom(bytes: &mut [u8]) -> std::io::Result<()> {
-    let want = bytes.len();
-    let n = rustix::rand::getrandom(bytes, rustix::rand::GetRandomFlags::NONBLOCK)?;
-    if n == want {
-        Ok(())
-    } else {
-        Err(std::io::ErrorKind::UnexpectedEof.into())
     }
 }
 

@@ -171,11 +171,11 @@ fn object_limit(max_objects: u64, our_objects: u64, space: &Space, keep: u64) ->
 }
 
 /// What the layout spends on disk whatever is stored, charged up front: a unit for each of
-/// its fixed entries and fan-out directories (only as many as `max_objects` can make), and a
-/// name per object it may hold, for directories never shrink.
-fn layout_overhead(unit: u64, max_objects: u64) -> u64 {
-    let fanout = max_objects.min(store::FANOUT_DIRS);
-    (store::LAYOUT_FIXED + fanout) * unit + max_objects * store::NAME_COST
+/// its fixed entries and fan-out directories (only as many as `max_files` can make), and a
+/// name per file it may hold, for directories never shrink.
+fn layout_overhead(unit: u64, max_files: u64) -> u64 {
+    let fanout = max_files.min(store::FANOUT_DIRS);
+    (store::LAYOUT_FIXED + fanout) * unit + max_files * store::NAME_COST
 }
 
 impl Budget {
@@ -195,9 +195,15 @@ impl Budget {
     }
 
     /// Sets the disk's allocation unit (every size is charged in it) and charges the layout's
-    /// overhead. Before anything is found or reserved.
-    pub fn set_unit(&self, unit: u64) {
-        let overhead = layout_overhead(unit, self.limits.max_objects);
+    /// overhead, with names for the files it may hold: every object's, or (`files_from` > 0,
+    /// smaller images packed into segments) only those of `files_from` bytes and more, of which
+    /// the budget holds at most `max_size / files_from`. Before anything is found or reserved.
+    pub fn set_unit(&self, unit: u64, files_from: u64) {
+        let max_files = match files_from {
+            0 => self.limits.max_objects,
+            from => self.limits.max_objects.min(self.limits.max_size / from),
+        };
+        let overhead = layout_overhead(unit, max_files);
         self.lock_index().set_disk(unit, overhead);
     }
 
@@ -440,9 +446,9 @@ mod tests {
     #[test]
     fn the_layout_is_charged_for_the_directories_its_objects_can_make() {
         // Two objects can make two fan-out directories, beside the five fixed entries.
-        assert_eq!(layout_overhead(4096, 2), (5 + 2) * 4096 + 2 * 256);
+        assert_eq!(layout_overhead(4096, 2), (7 + 2) * 4096 + 2 * 256);
         // Never more than the 256 fan-out directories there are.
-        assert_eq!(layout_overhead(4096, 100_000), 261 * 4096 + 100_000 * 256);
+        assert_eq!(layout_overhead(4096, 100_000), 263 * 4096 + 100_000 * 256);
     }
 
     /// A filesystem whose free space the test sets.

@@ -25,6 +25,8 @@ use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TEE_STALL, TeeM
 use crate::cache::index::Entry;
 use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::Meta;
+use crate::cache::read::Source as Stored;
+use crate::cache::segments::{self, Kind, Place, Segments};
 use crate::cache::store::{self, IoContext, Store, StoreError};
 use crate::cache::{Cache, FillPermit, Hit, fileio};
 use crate::metrics as m;
@@ -54,13 +56,15 @@ enum Staged {
     File(store::Tmp, Box<HashingWriter>),
     /// In memory (a small body, shared with its readers): the commit creates the file.
     Memory,
+    /// In memory, for a slot: the commit appends it to a segment.
+    Slot(Arc<Segments>),
 }
 
 impl Staged {
     fn describe(&self) -> std::path::PathBuf {
         match self {
             Staged::File(tmp, _) => tmp.describe(),
-            Staged::Memory => "(in memory)".into(),
+            Staged::Memory | Staged::Slot(_) => "(in memory)".into(),
         }
     }
 }
@@ -150,7 +154,7 @@ impl Filling {
     fn writer(&mut self) -> Option<&mut HashingWriter> {
         match &mut self.staged {
             Staged::File(_, writer) => Some(writer),
-            Staged::Memory => None,
+            Staged::Memory | Staged::Slot(_) => None,
         }
     }
 
@@ -222,7 +226,9 @@ impl Cache {
         // The whole file: the record's length is known from the head (its fields that depend
         // on the body have a fixed width).
         let file_len = len + store::tail_len(&meta);
-        let reservation = self.charge(file_len);
+        // A small body goes to a slot, which spends its prefix too.
+        let slotted = self.slotted(len).cloned();
+        let reservation = self.charge(file_len + slotted.as_ref().map_or(0, |_| segments::PREFIX_LEN));
         if len > self.settings.max_object_size {
             metrics::counter!(m::FILLS_ABORTED, "reason" => Abort::Budget.as_str()).increment(1);
             return Err((permit, body));
@@ -232,7 +238,9 @@ impl Cache {
             return Err((permit, body));
         };
         let generation = store.next_gen();
-        let staged = if Fill::deferred(len) {
+        let staged = if let Some(segments) = slotted {
+            Staged::Slot(segments)
+        } else if Fill::deferred(len) {
             Staged::Memory
         } else {
             match create_tmp_object(store, generation, file_len).await {
@@ -250,7 +258,7 @@ impl Cache {
         metrics::counter!(m::FILLS_STARTED).increment(1);
         let file = match &staged {
             Staged::File(tmp, _) => Some(tmp.file.clone()),
-            Staged::Memory => None,
+            Staged::Memory | Staged::Slot(_) => None,
         };
         let fill = Fill::new(Arc::new(meta), file);
         permit.stream(fill.clone());
@@ -328,15 +336,39 @@ impl Cache {
         self.commit(meta, filling, last).await
     }
 
-    /// Makes a finished object durable and visible, in one trip off the runtime: writes the
-    /// `last` chunks after what was staged in a file, then the record and footer, and links the
-    /// file into place; a body kept in memory is written whole under its final name.
+    /// Makes a finished object durable and visible: a small body kept in memory is hashed here
+    /// and appended to a segment by its writer (batched with other fills, no trip to the
+    /// blocking pool); otherwise, in one trip off the runtime, the `last` chunks are written
+    /// after what was staged in a file, then the record and footer, and the file is linked into
+    /// place (a body kept in memory without segments is written whole under its final name).
     async fn commit(self: &Arc<Self>, mut meta: Meta, mut filling: Filling, last: Vec<Bytes>) -> bool {
         let Some(store) = self.store() else {
             filling.abort(Abort::Storage);
             return false;
         };
-        let (tmp, mut hasher, at) = match filling.take_staged() {
+        let hash = meta.storage_hash();
+        // Versions are taken at commit: of two fills of a key, the one committed last is the
+        // newest, now and after a restart.
+        let version = store.next_gen();
+        let staged = filling.take_staged();
+        if let Staged::Slot(segments) = staged {
+            let mut hasher = blake3::Hasher::new();
+            for chunk in &last {
+                hasher.update(chunk);
+            }
+            meta.digest = Digest::from(hasher.finalize());
+            let tail = Bytes::from(store::tail(&meta));
+            let tail_len = tail.len() as u64;
+            let mut parts = last;
+            parts.push(tail);
+            let written = segments.write(Kind::Object, hash, version, parts).await;
+            let Some((reserved, slot)) = self.stored(Ok(written), filling) else {
+                return false;
+            };
+            let entry = entry_of(&meta, version, tail_len, true, 0, Place::Slot(slot));
+            return self.installed(hash, meta, entry, reserved).await;
+        }
+        let (tmp, mut hasher, at) = match staged {
             Staged::File(tmp, writer) => match writer.into_parts() {
                 Some((hasher, at)) => (Some(tmp), hasher, at),
                 None => {
@@ -344,12 +376,8 @@ impl Cache {
                     return false;
                 }
             },
-            Staged::Memory => (None, blake3::Hasher::new(), 0),
+            Staged::Memory | Staged::Slot(_) => (None, blake3::Hasher::new(), 0),
         };
-        let hash = meta.storage_hash();
-        // Versions are taken at commit: of two fills of a key, the one committed last is the
-        // newest, now and after a restart.
-        let version = store.next_gen();
         let written = tokio::task::spawn_blocking(move || -> Result<(Meta, u64, u64), StoreError> {
             for chunk in &last {
                 hasher.update(chunk);
@@ -373,7 +401,12 @@ impl Cache {
         let Some((reserved, (meta, tail_len, mtime))) = self.stored(written, filling) else {
             return false;
         };
-        let entry = entry_of(&meta, version, tail_len, true, mtime);
+        let entry = entry_of(&meta, version, tail_len, true, mtime, Place::File);
+        self.installed(hash, meta, entry, reserved).await
+    }
+
+    /// [`Cache::install`] of a fill's object, counted as completed when it is stored.
+    async fn installed(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: Reservation) -> bool {
         // Refused at the last step (its tags, or a purge made while it was in flight): counted
         // as aborted there, not as completed too.
         if !self.install(hash, meta, entry, reserved).await {
@@ -417,14 +450,27 @@ impl Cache {
             return None;
         }
         let hash = meta.storage_hash();
-        let filling = Filling::new(self.reserve_fill(self.charge(file_len), &hash).await?, Staged::Memory);
+        let slotted = self.slotted(len).cloned();
+        let stored_len = file_len + slotted.as_ref().map_or(0, |_| segments::PREFIX_LEN);
+        let filling = Filling::new(self.reserve_fill(self.charge(stored_len), &hash).await?, Staged::Memory);
         let version = store.next_gen();
         let body = object.slice(..len as usize);
-        let written = tokio::task::spawn_blocking(move || store.write_object(&hash, version, &[&object])).await;
-        let (reserved, mtime) = self.stored(written, filling)?;
+        let written = match slotted {
+            Some(segments) => Ok(segments
+                .write(Kind::Object, hash, version, vec![object])
+                .await
+                .map(|slot| (Place::Slot(slot), 0))),
+            None => {
+                tokio::task::spawn_blocking(move || {
+                    store.write_object(&hash, version, &[&object]).map(|m| (Place::File, m))
+                })
+                .await
+            }
+        };
+        let (reserved, (place, mtime)) = self.stored(written, filling)?;
         // Its digest was checked on the bytes written. (Variants are made here, not shared:
         // `install` queues them.)
-        let entry = entry_of(&meta, version, file_len - len, true, mtime);
+        let entry = entry_of(&meta, version, file_len - len, true, mtime, place);
         let hit = Hit {
             meta: Arc::new(meta.clone()),
             body,
@@ -616,34 +662,59 @@ impl Cache {
         let hash = meta.storage_hash();
         let tail = store::tail(&meta);
         let file_len = meta.body_len + tail.len() as u64;
+        let slotted = self.slotted(meta.body_len).cloned();
+        let stored_len = file_len + slotted.as_ref().map_or(0, |_| segments::PREFIX_LEN);
         // Given back when dropped, on any path that does not store it.
-        let Ok(reserved) = self.reserve_room(self.charge(file_len), 1).await else {
+        let Ok(reserved) = self.reserve_room(self.charge(stored_len), 1).await else {
             return false;
         };
-        let from = match self.lock_index().peek(&hash) {
+        let (from, source) = match self.lock_index().peek(&hash) {
             // The variants are carried over: the body they were made from is the same.
-            Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => {
-                (e.generation, e.verified, e.variants.clone())
-            }
+            Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => (
+                (e.verified, e.variants.clone()),
+                Stored::of(&store, &hash, e.generation, None, &e.place),
+            ),
             // Evicted or replaced meanwhile: nothing to refresh.
             _ => return false,
         };
         let version = store.next_gen();
-        let blocking_store = store.clone();
         let len = meta.body_len;
-        let written = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
-            let source = store.object_path(&hash, from.0);
-            let old = fileio::open_for_read(&source).at("open", &source)?;
-            // (The temporary file goes with `tmp` on any failure.)
-            let tmp = blocking_store.create_tmp_object(version)?;
-            fileio::copy_range(&old, &tmp.file, len)
-                .and_then(|()| fileio::write_all_at(&tmp.file, &[&tail], len))
-                .map_err(|e| StoreError::io("copy", source, e))?;
-            blocking_store.place_object(tmp, &hash, version)
-        })
-        .await;
-        let mtime = match written {
-            Ok(Ok(mtime)) => mtime,
+        let written = match (slotted, source) {
+            (None, Stored::Path(source)) => {
+                tokio::task::spawn_blocking(move || -> Result<(Place, u64), StoreError> {
+                    let old = fileio::open_for_read(&source).at("open", &source)?;
+                    // (The temporary file goes with `tmp` on any failure.)
+                    let tmp = store.create_tmp_object(version)?;
+                    fileio::copy_range(&old, &tmp.file, len)
+                        .and_then(|()| fileio::write_all_at(&tmp.file, &[&tail], len))
+                        .map_err(|e| StoreError::io("copy", source, e))?;
+                    Ok((Place::File, store.place_object(tmp, &hash, version)?))
+                })
+                .await
+            }
+            // A small body: read (from its slot, most often) and written with its new record.
+            (slotted, source) => {
+                let body = tokio::task::spawn_blocking(move || source.read(len, 0)).await;
+                match (body, slotted) {
+                    (Ok(Ok(body)), Some(segments)) => Ok(segments
+                        .write(Kind::Object, hash, version, vec![Bytes::from(body), Bytes::from(tail)])
+                        .await
+                        .map(|slot| (Place::Slot(slot), 0))),
+                    (Ok(Ok(body)), None) => {
+                        tokio::task::spawn_blocking(move || {
+                            store
+                                .write_object(&hash, version, &[&body, &tail])
+                                .map(|m| (Place::File, m))
+                        })
+                        .await
+                    }
+                    (Ok(Err(e)), _) => Ok(Err(e)),
+                    (Err(e), _) => Err(e),
+                }
+            }
+        };
+        let (place, mtime) = match written {
+            Ok(Ok(done)) => done,
             failed => {
                 if let Ok(Err(e)) = &failed {
                     self.storage_error(e);
@@ -653,22 +724,23 @@ impl Cache {
         };
         // The copy is what the source was: checked only if that was. Its variants carry over.
         let entry = Entry {
-            variants: from.2,
-            ..entry_of(&meta, version, file_len - meta.body_len, from.1, mtime)
+            variants: from.1,
+            ..entry_of(&meta, version, file_len - meta.body_len, from.0, mtime, place)
         };
         self.install(hash, meta, entry, reserved).await;
         true
     }
 }
 
-/// The index entry of version `generation` of the object `meta` describes, its file's record
-/// and footer `tail_len` bytes; no variants, tags or hits yet.
-pub(super) fn entry_of(meta: &Meta, generation: u64, tail_len: u64, verified: bool, mtime: u64) -> Entry {
+/// The index entry of version `generation` of the object `meta` describes, its image's record
+/// and footer `tail_len` bytes, at `place`; no variants, tags or hits yet.
+pub(super) fn entry_of(meta: &Meta, generation: u64, tail_len: u64, verified: bool, mtime: u64, place: Place) -> Entry {
     Entry {
         key: meta.key.as_str().into(),
         generation,
         body_len: meta.body_len,
         tail_len,
+        place,
         digest: meta.digest,
         verified,
         mtime,
@@ -761,7 +833,7 @@ mod tests {
         assert!(committed);
         // Written whole under its final name: nothing was staged in `tmp/`.
         assert_eq!(
-            std::fs::read_dir(dir.path().join("objects-v2/tmp"))
+            std::fs::read_dir(dir.path().join("objects-v3/tmp"))
                 .expect("tmp")
                 .count(),
             0
@@ -773,7 +845,7 @@ mod tests {
         assert_eq!((found[0].id, found[0].len), (meta.storage_hash(), file_len));
         let path = store.object_path(&found[0].id, found[0].generation);
         let file = fileio::open_for_read(&path).expect("open");
-        let read = store::read_found(&file, found[0].len).expect("a whole object");
+        let read = store::read_found(&file, 0, found[0].len).expect("a whole object");
         assert_eq!(read.key, meta.key);
         assert_eq!(read.body_len, meta.body_len);
         assert_eq!(read.digest, Digest::from(blake3::hash(&body)));
@@ -801,7 +873,7 @@ mod tests {
         assert_eq!(cache.lock_index().objects(), 0);
         let store = cache.store().expect("open");
         assert!(store.scan_objects().is_empty());
-        let tmp = dir.path().join("objects-v2").join("tmp");
+        let tmp = dir.path().join("objects-v3").join("tmp");
         assert_eq!(std::fs::read_dir(tmp).expect("tmp dir").count(), 0);
     }
 }

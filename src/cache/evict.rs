@@ -22,6 +22,7 @@ use tracing::debug;
 use crate::cache::Cache;
 use crate::cache::budget::Evictor;
 use crate::cache::index::{Index, Removed};
+use crate::cache::segments::Place;
 use crate::metrics as m;
 
 /// Runs until `cancel` fires.
@@ -107,12 +108,20 @@ impl Cache {
     pub async fn evict_pass(&self) -> (usize, u64) {
         let limits = self.limits();
         let (high, low) = (self.settings.high_watermark, self.settings.low_watermark);
+        // A segment past the most there may be is reclaimed whole: what it still holds goes.
+        let reclaim = self.segments().and_then(|s| s.sparsest());
         let removed: Vec<Removed> = {
             let mut ix = self.lock_index();
-            match select_victims(&mut ix, limits, high, low) {
-                Some(victims) => victims,
-                None => return (0, 0),
+            let mut removed = select_victims(&mut ix, limits, high, low).unwrap_or_default();
+            if let Some(id) = reclaim {
+                let in_it = |p: &Place| p.slot().is_some_and(|s| s.segment_id() == id);
+                let keys = ix.keys_where(|e| in_it(&e.place) || e.variants.iter().any(|v| in_it(&v.place)));
+                removed.extend(keys.iter().filter_map(|k| ix.remove(k)));
             }
+            if removed.is_empty() {
+                return (0, 0);
+            }
+            removed
         };
         for r in &removed {
             self.tiers.forget(&r.key);
@@ -142,15 +151,22 @@ impl Evictor for Cache {
         // (There is always a store when something was indexed.)
         if let Some(store) = self.store() {
             let tiers = self.tiers.handles();
+            let segments = self.segments().cloned();
             let _ = tokio::task::spawn_blocking(move || {
                 for r in &removed {
                     remove_removed(&store, r);
                 }
                 // The tiers drop what was invalidated now, not at their next housekeeping:
                 // until then a mapped body's descriptor would keep a removed file's blocks
-                // allocated.
+                // allocated (a mapped slot, its range).
                 for tier in tiers.iter().flatten() {
                     tier.run_pending_tasks();
+                }
+                // Slots no reader holds are punched when let go: off the disk once the
+                // segments' writer has done what is queued.
+                drop(removed);
+                if let Some(segments) = segments {
+                    segments.settle_blocking();
                 }
             })
             .await;
@@ -158,11 +174,22 @@ impl Evictor for Cache {
     }
 }
 
-/// Removes the files an index removal names: the object's and its variants'.
+/// Removes what an index removal names: the object's image and its variants', each a file
+/// to unlink or a slot to give back (punched once no reader holds it).
 pub(super) fn remove_removed(store: &crate::cache::store::Store, r: &Removed) {
-    let _ = store.remove_object(&r.key, r.generation);
-    for &(coding, generation) in &r.variants {
-        let _ = store.remove_variant(&r.key, generation, coding);
+    match &r.place {
+        Place::File => {
+            let _ = store.remove_object(&r.key, r.generation);
+        }
+        slot => slot.discard(),
+    }
+    for (coding, generation, place) in &r.variants {
+        match place {
+            Place::File => {
+                let _ = store.remove_variant(&r.key, *generation, *coding);
+            }
+            slot => slot.discard(),
+        }
     }
 }
 

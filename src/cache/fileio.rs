@@ -48,6 +48,18 @@ fn pread_all(file: &File, len: usize, offset: u64, nowait: bool) -> std::io::Res
     Ok(Some(buf))
 }
 
+/// Fills `bytes` from the kernel's random source without waiting for it to be seeded
+/// (`getrandom` with `GRND_NONBLOCK`); an error when it is not, or gives fewer bytes.
+pub fn random(bytes: &mut [u8]) -> std::io::Result<()> {
+    let want = bytes.len();
+    let n = rustix::rand::getrandom(bytes, rustix::rand::GetRandomFlags::NONBLOCK)?;
+    if n == want {
+        Ok(())
+    } else {
+        Err(std::io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
 /// Opens a stored file for reading without updating its access time: reading a cached object
 /// must not write its inode. Falls back to a plain open where `O_NOATIME` is refused (a file
 /// this user does not own).

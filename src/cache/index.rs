@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use lru::LruCache;
 
 use crate::cache::key::{Digest, KeyHash};
+pub use crate::cache::segments::Place;
 use crate::cache::tags::{self, TagId, TagIndex};
 use crate::negotiate::Coding;
 
@@ -48,6 +49,8 @@ pub struct Entry {
     pub body_len: u64,
     /// Length of the record and footer after the body.
     pub tail_len: u64,
+    /// Where its image is: a file of its own, or a slot in a segment.
+    pub place: Place,
     /// The body's content hash.
     pub digest: Digest,
     /// The body's hash has been checked since this process started.
@@ -66,9 +69,14 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The object file's length.
+    /// The object image's length (its file's, when it has one).
     pub fn file_len(&self) -> u64 {
         self.body_len + self.tail_len
+    }
+
+    /// What its place stores: the image, and a slot's prefix.
+    pub fn stored_len(&self) -> u64 {
+        self.file_len() + self.place.overhead()
     }
 
     /// The variant in `coding`, if one is stored.
@@ -101,6 +109,8 @@ pub struct Variant {
     pub body_len: u64,
     /// Length of its record and footer.
     pub tail_len: u64,
+    /// Where its image is.
+    pub place: Place,
     /// Hash of the coded body.
     pub digest: Digest,
     /// Hashed since startup (at `mtime`).
@@ -110,9 +120,14 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// The variant file's length.
+    /// The variant image's length.
     pub fn file_len(&self) -> u64 {
         self.body_len + self.tail_len
+    }
+
+    /// What its place stores: the image, and a slot's prefix.
+    pub fn stored_len(&self) -> u64 {
+        self.file_len() + self.place.overhead()
     }
 }
 
@@ -124,10 +139,12 @@ pub struct Removed {
     pub key: KeyHash,
     /// The object's version.
     pub generation: u64,
+    /// Where its image was.
+    pub place: Place,
     /// Bytes its files are charged.
     pub bytes: u64,
-    /// Its variants' files removed with it: coding and version.
-    pub variants: Vec<(Coding, u64)>,
+    /// Its variants removed with it: coding, version and place.
+    pub variants: Vec<(Coding, u64, Place)>,
 }
 
 /// What [`Index::reserve_room`] granted: at once when `victims` is empty; otherwise once the
@@ -241,7 +258,7 @@ impl Index {
 
     /// The bytes an entry stands for: its file and its variants' files, as charged.
     fn weight(&self, e: &Entry) -> u64 {
-        self.charge(e.file_len()) + e.variants.iter().map(|v| self.charge(v.file_len())).sum::<u64>()
+        self.charge(e.stored_len()) + e.variants.iter().map(|v| self.charge(v.stored_len())).sum::<u64>()
     }
 
     /// Objects the disk may hold right now: indexed, being filled, being unlinked, and found
@@ -451,7 +468,7 @@ impl Index {
             entry.variants = entry.variants.iter().filter_map(carried).collect();
         }
         // (Carried variants stay charged: the old version's removal leaves them out.)
-        self.used += self.charge(entry.file_len());
+        self.used += self.charge(entry.stored_len());
         // The old version's tags go before the new one's are indexed: they may share some.
         let old = old.map(|(old, protected)| (self.account_removal(key, old, &entry.variants), protected));
         let refused = match self.tags.register(key, tags) {
@@ -484,7 +501,7 @@ impl Index {
     /// charged). False otherwise, with the reserved bytes given back in the same step: the
     /// caller removes the file.
     pub fn add_variant(&mut self, key: &KeyHash, generation: u64, variant: Variant, from_reserved: u64) -> bool {
-        let bytes = self.charge(variant.file_len());
+        let bytes = self.charge(variant.stored_len());
         let (entry, protected) = match self.protected.peek_mut(key) {
             Some(e) => (Some(e), true),
             None => (self.probation.peek_mut(key), false),
@@ -516,7 +533,7 @@ impl Index {
         }
         let (generation, bytes) = (
             self.peek(key).map_or(0, |e| e.generation),
-            self.charge(variant.file_len()),
+            self.charge(variant.stored_len()),
         );
         self.forget_unindexed(bytes);
         // Counted as a reservation for `add_variant` to convert.
@@ -573,6 +590,7 @@ impl Index {
             let removed = Removed {
                 key,
                 generation: entry.generation,
+                place: entry.place.clone(),
                 bytes,
                 variants: Vec::new(),
             };
@@ -621,14 +639,14 @@ impl Index {
         if !self.marks.is_empty() && self.marks.get(&key).is_some_and(|m| m.0 == old.generation) {
             self.marks.remove(&key);
         }
-        let mut bytes = self.charge(old.file_len());
+        let mut bytes = self.charge(old.stored_len());
         let mut variants = Vec::new();
         for v in old.variants.iter() {
             if kept.iter().any(|k| k.generation == v.generation) {
                 continue;
             }
-            bytes += self.charge(v.file_len());
-            variants.push((v.coding, v.generation));
+            bytes += self.charge(v.stored_len());
+            variants.push((v.coding, v.generation, v.place.clone()));
         }
         self.used -= bytes;
         self.unlinking += bytes;
@@ -636,6 +654,7 @@ impl Index {
         Removed {
             key,
             generation: old.generation,
+            place: old.place.clone(),
             bytes,
             variants,
         }
@@ -731,6 +750,7 @@ mod tests {
             generation,
             body_len: len,
             tail_len: 10,
+            place: Place::File,
             digest: digest(key),
             verified: true,
             mtime: 0,
@@ -821,6 +841,7 @@ mod tests {
             generation,
             body_len: len,
             tail_len: 10,
+            place: Place::File,
             digest: digest(generation as u32),
             verified: true,
             mtime: 0,
@@ -849,7 +870,10 @@ mod tests {
         assert_eq!((ix.used(), ix.objects(), ix.reserved()), (110 + 30 + 50, 1, 0));
         // Evicted whole: the object's file and both variants'.
         let r = ix.pop_lru().expect("an entry");
-        assert_eq!(r.variants, vec![(Coding::Br, 50), (Coding::Gzip, 51)]);
+        assert_eq!(
+            r.variants,
+            vec![(Coding::Br, 50, Place::File), (Coding::Gzip, 51, Place::File)]
+        );
         assert_eq!(r.bytes, 190);
         assert_eq!((ix.used(), ix.objects()), (0, 1));
         ix.unlinked(r.bytes, 1);
@@ -868,14 +892,14 @@ mod tests {
         refreshed.variants = vec![variant(Coding::Br, 50, 20), variant(Coding::Gzip, 77, 5)].into();
         let old = ix.insert(kh(1), refreshed, 0).expect("the old version");
         // The old version's file and its zstd go; br stays, charged once.
-        assert_eq!(old.variants, vec![(Coding::Zstd, 51)]);
+        assert_eq!(old.variants, vec![(Coding::Zstd, 51, Place::File)]);
         assert_eq!(old.bytes, 110 + 40);
         let now = ix.peek(&kh(1)).expect("indexed");
         assert_eq!(now.variants.iter().map(|v| v.generation).collect::<Vec<_>>(), vec![50]);
         assert_eq!((ix.used(), ix.objects()), (110 + 30, 2));
         // A fill's new version (no variants named) lets every variant go.
         let old = ix.insert(kh(1), entry(1, 10, 100), 0).expect("the old version");
-        assert_eq!(old.variants, vec![(Coding::Br, 50)]);
+        assert_eq!(old.variants, vec![(Coding::Br, 50, Place::File)]);
         assert_eq!(ix.used(), 110);
     }
 

@@ -6,7 +6,9 @@
 //! Parts that own their state and its lock: [`budget`] (the index and the limits in force;
 //! reservations and room made on demand), [`coalesce`] (the fill lock), [`tiers`] (the hot
 //! and open tiers, descriptor relief, records beside the index) and [`vary`] (the headers each
-//! URL varies on) and `variants` (the compressing queue and threads). Steps that own no state: `commit` (fill and commit, refresh, tee),
+//! URL varies on), `variants` (the compressing queue and threads) and [`segments`] (the
+//! segment files small objects are packed into, and the one thread that writes them). Steps
+//! that own no state: `commit` (fill and commit, refresh, tee),
 //! [`evict`] (the loop, its pass, the unlinking of what the index let go), `read` (the disk
 //! side of a lookup) and `rebuild` (the startup rebuild). Beneath them: [`index`] (LRU order
 //! and accounting), [`store`] (the layout, `body | record | footer` per object file),
@@ -27,6 +29,7 @@ pub mod key;
 pub mod meta;
 mod read;
 mod rebuild;
+pub mod segments;
 mod settings;
 pub mod store;
 pub mod tags;
@@ -50,8 +53,9 @@ use budget::Reservation;
 use index::{Entry, Index, Removed, Variant};
 use key::{CacheKey, KeyHash};
 use meta::Meta;
-use read::{Expected, open_object, open_object_cached};
-use store::{IoContext, Store, StoreError};
+use read::{Expected, Source, open_object, open_object_cached};
+use segments::{Place, Segments};
+use store::{Store, StoreError};
 use tiers::{HotObject, Tier};
 
 pub use coalesce::{Claim, FillPermit, InFlight, Waited};
@@ -86,15 +90,18 @@ struct Span {
     version: u64,
     /// What its file must hold.
     expect: Expected,
+    /// Where it is.
+    place: Place,
 }
 
 impl Span {
-    fn identity(hash: KeyHash, object: &Expected) -> Span {
+    fn identity(hash: KeyHash, object: &Expected, place: Place) -> Span {
         Span {
             coding: None,
             tier_key: hash,
             version: 0,
             expect: *object,
+            place,
         }
     }
 
@@ -103,6 +110,7 @@ impl Span {
             coding: Some(v.coding),
             tier_key: tiers::variant_key(&hash, v.coding),
             version: v.generation,
+            place: v.place.clone(),
             expect: Expected {
                 len: v.body_len,
                 tail_len: v.tail_len,
@@ -215,6 +223,10 @@ fn millis(t: SystemTime) -> u64 {
 ///   metas: leaves, no eviction listener calls back).
 /// - `map` -> a flight's own watch channel (read to skip a released flight). `claim` picks
 ///   the variant (taking and letting go of `specs`) before it.
+/// - `segments::Segments` owns `ops` (its writer's queue) and `table` (its segment files):
+///   std mutexes, each a leaf, never held across an `.await` nor while another lock is taken.
+///   Its writer thread takes no lock of any other part; a slot let go is punched by it, so
+///   dropping a slot (under `index`, or anywhere) only queues a message.
 /// - `specs`: a leaf. So are the compressor's `state` and CPU `budget` (`variants::Compressor`); its
 ///   threads take the budget's and index's locks one step at a time, like a fill.
 /// - `specs`: a leaf.
@@ -227,6 +239,9 @@ fn millis(t: SystemTime) -> u64 {
 pub struct Cache {
     settings: Settings,
     store: OnceLock<Arc<Store>>,
+    /// Where small objects are packed, once the store is open (absent where the filesystem
+    /// cannot punch holes: every object then has a file).
+    segments: OnceLock<Option<Arc<Segments>>>,
     /// The budget and the index that counts it (their locks: `budget` -> `index`).
     budget: Arc<budget::Budget>,
     /// The hot and open tiers and the records cached beside the index.
@@ -256,6 +271,7 @@ impl Cache {
             budget: Arc::new(budget::Budget::new(budget::Limits::from_settings(&settings))),
             settings,
             store: OnceLock::new(),
+            segments: OnceLock::new(),
             tiers,
             flights: Arc::new(coalesce::Flights::new()),
             vary: vary::VarySpecs::new(),
@@ -276,9 +292,19 @@ impl Cache {
         }
         match Store::open(&self.settings.cache_dir) {
             Ok(store) => {
-                // Before anything is found or reserved: every size is charged in this unit.
-                self.budget.set_unit(store.unit());
                 let store = Arc::new(store);
+                let segments = match Segments::open(&store, self.settings.max_size) {
+                    Ok(segments) => segments.map(Arc::new),
+                    Err(e) => {
+                        self.storage_error(&e);
+                        None
+                    }
+                };
+                // Before anything is found or reserved: every size is charged in this unit,
+                // and names in directories only for the images that get a file.
+                let files_from = if segments.is_some() { MIN_MMAP } else { 0 };
+                self.budget.set_unit(store.unit(), files_from);
+                let _ = self.segments.set(segments);
                 if self.store.set(store.clone()).is_ok() {
                     self.budget.set_disk(store);
                     info!(dir = %self.settings.cache_dir.display(), "cache directory ready");
@@ -300,6 +326,19 @@ impl Cache {
 
     fn store(&self) -> Option<Arc<Store>> {
         self.store.get().cloned()
+    }
+
+    /// The segments small objects are packed into, when there are.
+    fn segments(&self) -> Option<&Arc<Segments>> {
+        self.segments.get().and_then(Option::as_ref)
+    }
+
+    /// The segments an image with a body of `body_len` bytes goes to: a body small enough to
+    /// be received whole in memory ([`fill::Fill::deferred`], under [`MIN_MMAP`]), when there
+    /// are segments. A larger one gets a file of its own, mapped and sent with `sendfile`,
+    /// where a file's own cost is small against its size.
+    fn slotted(&self, body_len: u64) -> Option<&Arc<Segments>> {
+        self.segments().filter(|_| fill::Fill::deferred(body_len))
     }
 
     /// True once the startup index rebuild is complete.
@@ -353,10 +392,14 @@ impl Cache {
                 _ => None,
             };
             let variant = coding.and_then(|c| e.variant(c)).cloned();
-            ((generation, object), variant, ix.mark_of(&hash, generation))
+            (
+                (generation, object, e.place.clone()),
+                variant,
+                ix.mark_of(&hash, generation),
+            )
         };
         let span = match &variant {
-            None => Span::identity(hash, &object.1),
+            None => Span::identity(hash, &object.1, object.2.clone()),
             Some(v) => Span::variant(hash, v),
         };
         let hit = self.lookup_span(&store, key, hash, object, span).await?;
@@ -377,7 +420,7 @@ impl Cache {
         store: &Store,
         key: &CacheKey,
         hash: KeyHash,
-        (generation, object): (u64, Expected),
+        (generation, object, object_place): (u64, Expected, Place),
         span: Span,
     ) -> Option<Hit> {
         let tier = self.tiers.tier_for(span.expect.len);
@@ -392,26 +435,21 @@ impl Cache {
         };
         let mut meta = self.tiers.meta(&hash, generation);
         if meta.is_none() && span.coding.is_some() {
-            // A variant's file holds no record: the object's file does.
-            let path = store.object_path(&hash, generation);
-            let read = tokio::task::spawn_blocking(move || {
-                fileio::open_for_read(&path)
-                    .map_err(store::ReadError::from)
-                    .and_then(|file| store::read_record(&file, object.len, object.tail_len))
-                    .at("read", &path)
-            })
-            .await;
+            // A variant's image holds no record: the object's does.
+            let source = Source::of(store, &hash, generation, None, &object_place);
+            let read = tokio::task::spawn_blocking(move || source.read_record(object.len, object.tail_len)).await;
             let read = self.or_drop(read, &hash, generation).await?;
             meta = Some(
                 self.checked_record(read, key, &hash, generation, &object, false)
                     .await?,
             );
         }
-        let path = match span.coding {
-            None => store.object_path(&hash, generation),
-            Some(coding) => store.variant_path(&hash, span.version, coding),
+        let version = match span.coding {
+            None => generation,
+            Some(_) => span.version,
         };
-        let opened = self.open_blocking(path, expect, meta.is_none()).await;
+        let source = Source::of(store, &hash, version, span.coding, &span.place);
+        let opened = self.open_blocking(source, expect, meta.is_none()).await;
         let opened = self.or_drop(opened, &hash, generation).await?;
         let meta = match (meta, opened.record) {
             (Some(meta), _) => meta,
@@ -482,12 +520,12 @@ impl Cache {
     /// hashing, else off the runtime.
     async fn open_blocking(
         &self,
-        path: std::path::PathBuf,
+        source: Source,
         expect: Expected,
         want_record: bool,
     ) -> Result<Result<read::Opened, StoreError>, tokio::task::JoinError> {
-        match open_object_cached(&path, expect, want_record) {
-            Ok(None) => tokio::task::spawn_blocking(move || open_object(&path, expect, want_record)).await,
+        match open_object_cached(&source, expect, want_record) {
+            Ok(None) => tokio::task::spawn_blocking(move || open_object(&source, expect, want_record)).await,
             Ok(Some(opened)) => Ok(Ok(opened)),
             Err(e) => Ok(Err(e)),
         }
@@ -741,16 +779,13 @@ impl Cache {
             let meta = match self.tiers.meta(&hash, e.generation) {
                 Some(meta) => Some(meta),
                 None => {
-                    let path = store.object_path(&hash, e.generation);
+                    let source = Source::of(&store, &hash, e.generation, None, &e.place);
                     let (body_len, tail_len) = (e.body_len, e.tail_len);
-                    tokio::task::spawn_blocking(move || {
-                        let file = fileio::open_for_read(&path).ok()?;
-                        store::read_record(&file, body_len, tail_len).ok()
-                    })
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(Arc::new)
+                    tokio::task::spawn_blocking(move || source.read_record(body_len, tail_len).ok())
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(Arc::new)
                 }
             };
             out.push(Stored {
@@ -758,7 +793,7 @@ impl Cache {
                 generation: e.generation,
                 body_len: e.body_len,
                 file_len: e.file_len(),
-                charged: self.charge(e.file_len()),
+                charged: self.charge(e.stored_len()),
                 tier,
                 tags,
                 hits: e.hits,
@@ -766,7 +801,7 @@ impl Cache {
                 variants: e
                     .variants
                     .iter()
-                    .map(|v| (v.coding, v.body_len, self.charge(v.file_len())))
+                    .map(|v| (v.coding, v.body_len, self.charge(v.stored_len())))
                     .collect(),
                 meta,
             });

@@ -4,11 +4,17 @@
 //! `open_object` is plain file work (called inline only when it would not wait for the disk),
 //! and dropping an entry takes the budget's `index` for one step, then the tiers, then unlinks.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
-use crate::cache::store::{self, IoContext, StoreError};
+use crate::cache::segments::{Place, Slot};
+use crate::cache::store::{self, IoContext, ReadError, Store, StoreError};
 use crate::cache::{Cache, fileio};
 use crate::metrics as m;
+use crate::negotiate::Coding;
+use crate::zerocopy::Backing;
 use bytes::Bytes;
 use tracing::warn;
 
@@ -37,52 +43,137 @@ pub(super) struct Opened {
     pub(super) mtime: u64,
 }
 
+/// Where a lookup reads a stored image: a file of its own, opened by its path, or a slot of
+/// a segment (its file already open: no `open`, no `fstat`).
+pub(super) enum Source {
+    Path(PathBuf),
+    Slot(Arc<Slot>),
+}
+
+impl Source {
+    /// The image of version `version` of `hash` (in `coding`, for a variant) at `place`.
+    pub(super) fn of(store: &Store, hash: &KeyHash, version: u64, coding: Option<Coding>, place: &Place) -> Source {
+        match (place, coding) {
+            (Place::Slot(slot), _) => Source::Slot(slot.clone()),
+            (Place::File, None) => Source::Path(store.object_path(hash, version)),
+            (Place::File, Some(coding)) => Source::Path(store.variant_path(hash, version, coding)),
+        }
+    }
+
+    /// Opens it: its file and where the image starts in it.
+    fn backing(&self) -> std::io::Result<Backing> {
+        match self {
+            Source::Path(path) => Ok(Backing::File(Arc::new(fileio::open_for_read(path)?))),
+            Source::Slot(slot) => Ok(Backing::Slot(slot.clone())),
+        }
+    }
+
+    /// [`Source::backing`], an error naming it.
+    fn open(&self) -> Result<Backing, StoreError> {
+        self.backing().map_err(|e| StoreError::io("open", self.describe(), e))
+    }
+
+    /// What it is, for errors.
+    pub(super) fn describe(&self) -> PathBuf {
+        match self {
+            Source::Path(path) => path.clone(),
+            Source::Slot(slot) => slot.describe(),
+        }
+    }
+
+    /// Reads `len` bytes of the image from `offset` (blocking).
+    pub(super) fn read(&self, len: u64, offset: u64) -> Result<Vec<u8>, StoreError> {
+        // (Not `[u8]`: a `Vec`, which `Bytes` takes without a copy.)
+        let from = self.open()?;
+        let (file, base) = from.parts();
+        fileio::read_at(file, len as usize, base + offset).map_err(|e| StoreError::io("read", self.describe(), e))
+    }
+
+    /// Reads the record of an object image of `len` bytes found at startup (blocking):
+    /// [`store::read_found`].
+    pub(super) fn found(&self, len: u64) -> Result<Meta, ReadError> {
+        let from = self.backing()?;
+        let (file, base) = from.parts();
+        store::read_found(file, base, len)
+    }
+
+    /// Reads the record of a variant image of `len` bytes found at startup (blocking).
+    pub(super) fn variant_found(&self, len: u64) -> Result<store::VariantRecord, ReadError> {
+        let from = self.backing()?;
+        let (file, base) = from.parts();
+        store::read_variant_found(file, base, len)
+    }
+
+    /// Reads the record of an object image of `body_len` and `tail_len` bytes (blocking).
+    pub(super) fn read_record(&self, body_len: u64, tail_len: u64) -> Result<Meta, StoreError> {
+        let from = self.open()?;
+        let (file, base) = from.parts();
+        in_context(store::read_record(file, base, body_len, tail_len), "read", self)
+    }
+}
+
+/// A read's error, naming what was read only when there is one.
+fn in_context<T>(r: Result<T, ReadError>, op: &'static str, source: &Source) -> Result<T, StoreError> {
+    match r {
+        Ok(value) => Ok(value),
+        Err(e) => Err(e).at(op, &source.describe()),
+    }
+}
+
 /// Opens an object: its body (read, or mapped from `min_mmap` bytes), its record when
 /// `want_record` (read in the same `pread` as a body that is read), whether the body is intact,
 /// and the file's mtime. Blocking: off the runtime ([`open_object_cached`] on it).
-pub(super) fn open_object(path: &std::path::Path, expect: Expected, want_record: bool) -> Result<Opened, StoreError> {
-    open_with(path, expect, want_record, false).map(|o| o.expect("a blocking open always answers"))
+pub(super) fn open_object(source: &Source, expect: Expected, want_record: bool) -> Result<Opened, StoreError> {
+    open_with(source, expect, want_record, false).map(|o| o.expect("a blocking open always answers"))
 }
 
 /// [`open_object`] on the event loop, only if that needs no disk I/O and no hashing:
 /// `Ok(None)` otherwise, for the caller to open it off the runtime.
 pub(super) fn open_object_cached(
-    path: &std::path::Path,
+    source: &Source,
     expect: Expected,
     want_record: bool,
 ) -> Result<Option<Opened>, StoreError> {
-    open_with(path, expect, want_record, true)
+    open_with(source, expect, want_record, true)
 }
 
-fn open_with(
-    path: &std::path::Path,
-    expect: Expected,
-    want_record: bool,
-    nowait: bool,
-) -> Result<Option<Opened>, StoreError> {
-    let file = fileio::open_for_read(path).at("open", path)?;
+fn open_with(source: &Source, expect: Expected, want_record: bool, nowait: bool) -> Result<Option<Opened>, StoreError> {
+    let from = source.open()?;
+    let (file, base) = from.parts();
     let file_len = expect.len + expect.tail_len;
     let mapped = expect.len > 0 && expect.len >= expect.min_mmap;
     // A mapped body's record is read on its own, before the mapping is made.
     let mut record = match (want_record && mapped, nowait) {
-        (true, true) => match store::read_record_cached(&file, expect.len, expect.tail_len).at("read", path)? {
+        (true, true) => match in_context(
+            store::read_record_cached(file, base, expect.len, expect.tail_len),
+            "read",
+            source,
+        )? {
             Some(meta) => Some(meta),
             None => return Ok(None),
         },
-        (true, false) => Some(store::read_record(&file, expect.len, expect.tail_len).at("read", path)?),
+        (true, false) => Some(in_context(
+            store::read_record(file, base, expect.len, expect.tail_len),
+            "read",
+            source,
+        )?),
         (false, _) => None,
     };
     let extra = if want_record { expect.tail_len } else { 0 };
     let body = if nowait {
-        crate::zerocopy::map_body_cached(file, expect.len, file_len, extra, expect.min_mmap)
+        crate::zerocopy::map_body_cached(from, expect.len, file_len, extra, expect.min_mmap)
     } else {
-        crate::zerocopy::map_body(file, expect.len, file_len, extra, expect.min_mmap).map(Some)
+        crate::zerocopy::map_body(from, expect.len, file_len, extra, expect.min_mmap).map(Some)
     };
-    let Some((mut body, mtime)) = body.at("map", path)? else {
+    let Some((mut body, mtime)) = in_context(body, "map", source)? else {
         return Ok(None);
     };
     if want_record && !mapped {
-        record = Some(store::decode_tail(&body[expect.len as usize..]).at("decode", path)?);
+        record = Some(in_context(
+            store::decode_tail(&body[expect.len as usize..]),
+            "decode",
+            source,
+        )?);
         body.truncate(expect.len as usize);
     }
     // Hashed before it is served when it is from before a restart, or when its file changed
@@ -144,20 +235,15 @@ impl Cache {
     pub async fn read_object(&self, key: &CacheKey) -> Option<Bytes> {
         let store = self.store()?;
         let hash = key.hash();
-        let (generation, len) = {
+        let (source, len) = {
             let ix = self.lock_index();
             let e = ix.peek(&hash)?;
             if *e.key != *key.as_str() {
                 return None;
             }
-            (e.generation, e.body_len + e.tail_len)
+            (Source::of(&store, &hash, e.generation, None, &e.place), e.file_len())
         };
-        let path = store.object_path(&hash, generation);
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-            let file = fileio::open_for_read(&path)?;
-            Ok(Bytes::from(fileio::read_at(&file, len as usize, 0)?))
-        })
-        .await;
+        let read = tokio::task::spawn_blocking(move || source.read(len, 0).map(Bytes::from)).await;
         match read {
             Ok(Ok(bytes)) if bytes.len() as u64 == len => Some(bytes),
             _ => None,
@@ -223,23 +309,29 @@ mod tests {
         let path = store.object_path(&meta.storage_hash(), generation);
         for min_mmap in [u64::MAX, 1] {
             // Read, then mapped: the same body and record either way, hashed (not verified yet).
-            let opened = open_object(&path, expect(&meta, 0, false, min_mmap), true).expect("opens");
+            let opened =
+                open_object(&Source::Path(path.clone()), expect(&meta, 0, false, min_mmap), true).expect("opens");
             assert_eq!(&opened.body[..], &body[..]);
             assert_eq!(opened.record.expect("asked for").key, meta.key);
             assert!(opened.intact);
             // Verified at this mtime: not hashed again, and not read inline only if it must be.
             let known = expect(&meta, opened.mtime, true, min_mmap);
-            assert!(open_object(&path, known, false).expect("opens").intact);
+            assert!(
+                open_object(&Source::Path(path.clone()), known, false)
+                    .expect("opens")
+                    .intact
+            );
         }
         // A body whose bytes are not what its digest says.
         let mut other = meta.clone();
         other.digest = Digest::from(blake3::hash(b"something else"));
-        let opened = open_object(&path, expect(&other, 0, false, u64::MAX), false).expect("opens");
+        let opened =
+            open_object(&Source::Path(path.clone()), expect(&other, 0, false, u64::MAX), false).expect("opens");
         assert!(!opened.intact);
         assert!(opened.record.is_none());
         // Hashing would be needed: an inline open declines.
         assert!(
-            open_object_cached(&path, expect(&meta, 0, false, u64::MAX), false)
+            open_object_cached(&Source::Path(path.clone()), expect(&meta, 0, false, u64::MAX), false)
                 .expect("opens")
                 .is_none()
         );

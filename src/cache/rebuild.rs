@@ -15,9 +15,13 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use crate::cache::index::Variant;
-use crate::cache::store::{ReadError, StoreError};
-use crate::cache::{Cache, fileio, store};
+use crate::cache::key::KeyHash;
+use crate::cache::read::Source;
+use crate::cache::segments::{Kind, Place};
+use crate::cache::store::{ReadError, Store, StoreError};
+use crate::cache::{Cache, store};
 use crate::metrics as m;
+use crate::negotiate::Coding;
 
 impl Cache {
     /// Rebuilds the index from disk (blocking; runs on a blocking thread at startup): every
@@ -30,8 +34,34 @@ impl Cache {
         if store.remove_old_layouts() > 0 {
             info!("cache directory of an earlier layout version removed");
         }
-        let mut found = store.scan_objects();
-        let bytes: u64 = found.iter().map(|f| self.charge(f.len)).sum();
+        // Images in files of their own, and in segments' slots (segments of this run are
+        // its fills', not found).
+        let (slots, torn) = self
+            .segments()
+            .map(|s| s.scan(|id| store.is_own(id)))
+            .unwrap_or_default();
+        let mut found: Vec<Image> = store
+            .scan_objects()
+            .into_iter()
+            .map(|f| Image {
+                id: f.id,
+                generation: f.generation,
+                len: f.len,
+                coding: f.coding,
+                place: Place::File,
+            })
+            .chain(slots.into_iter().map(|s| Image {
+                id: s.key,
+                generation: s.generation,
+                len: s.slot.len(),
+                coding: match s.kind {
+                    Kind::Object => None,
+                    Kind::Variant(coding) => Some(coding),
+                },
+                place: Place::Slot(s.slot),
+            }))
+            .collect();
+        let bytes: u64 = found.iter().map(|f| self.charge(f.stored_len())).sum();
         // Variants are charged in bytes only: the objects are the files without a coding.
         let objects = found.iter().filter(|f| f.coding.is_none()).count() as u64;
         self.lock_index().add_unindexed(bytes, objects);
@@ -42,39 +72,38 @@ impl Cache {
         found.sort_by_key(|f| f.generation);
         let (variants, found): (Vec<_>, Vec<_>) = found.into_iter().partition(|f| f.coding.is_some());
         let mut loaded = 0u64;
-        let mut corrupt = 0u64;
+        // A torn slot is a corrupt object as a torn file is.
+        let mut corrupt = torn;
         let mut failed = FailedReads::default();
         for f in found {
             // From here it is indexed, removed, or counted by its own fill.
             self.lock_index().forget_unindexed_objects(1);
-            let charged = self.charge(f.len);
+            let charged = self.charge(f.stored_len());
             if store.is_own(f.generation) {
                 // Written since startup: indexed by its fill.
                 self.lock_index().forget_unindexed(charged);
                 continue;
             }
-            let path = store.object_path(&f.id, f.generation);
-            let read = fileio::open_for_read(&path)
-                .map_err(ReadError::from)
-                .and_then(|file| store::read_found(&file, f.len));
+            let source = Source::of(&store, &f.id, f.generation, None, &f.place);
+            let read = source.found(f.len);
             let meta = match read {
                 Ok(meta) if meta.storage_hash() == f.id => meta,
                 other => {
                     // Torn, corrupt, foreign, or its body is not the length its record says;
                     // or it could not be read. Either way it cannot be indexed.
-                    corrupt += failed.note(other.err(), &path);
-                    let _ = store.remove(&path);
+                    corrupt += failed.note(other.err(), &source.describe());
+                    f.remove(&store);
                     self.lock_index().forget_unindexed(charged);
                     continue;
                 }
             };
-            let entry = super::commit::entry_of(&meta, f.generation, f.len - meta.body_len, false, 0);
+            let entry = super::commit::entry_of(&meta, f.generation, f.len - meta.body_len, false, 0, f.place.clone());
             let tags = match self.settings.tags.parse(&meta.headers) {
                 Ok(tags) => tags,
                 Err(why) => {
                     // Stored under bounds since lowered: its tags cannot all be indexed.
                     metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
-                    let _ = store.remove(&path);
+                    f.remove(&store);
                     self.lock_index().forget_unindexed(charged);
                     continue;
                 }
@@ -101,22 +130,20 @@ impl Cache {
         }
         for f in variants {
             let Some(coding) = f.coding else { continue };
-            let charged = self.charge(f.len);
-            let path = store.variant_path(&f.id, f.generation, coding);
+            let charged = self.charge(f.stored_len());
             if store.is_own(f.generation) {
                 self.lock_index().forget_unindexed(charged);
                 continue;
             }
-            let read = fileio::open_for_read(&path)
-                .map_err(ReadError::from)
-                .and_then(|file| store::read_variant_found(&file, f.len));
-            let attached = match read {
+            let source = Source::of(&store, &f.id, f.generation, Some(coding), &f.place);
+            let attached = match source.variant_found(f.len) {
                 Ok(record) if record.coding == coding => {
                     let variant = Variant {
                         coding,
                         generation: f.generation,
                         body_len: record.body_len,
                         tail_len: store::VARIANT_TAIL,
+                        place: f.place.clone(),
                         digest: record.digest,
                         verified: false,
                         mtime: 0,
@@ -125,13 +152,13 @@ impl Cache {
                     self.lock_index().add_scanned_variant(&f.id, made_from, variant)
                 }
                 other => {
-                    corrupt += failed.note(other.err(), &path);
+                    corrupt += failed.note(other.err(), &source.describe());
                     false
                 }
             };
             if !attached {
                 // Torn, corrupt, or made from a body no longer stored.
-                let _ = store.remove(&path);
+                f.remove(&store);
                 self.lock_index().forget_unindexed(charged);
             }
         }
@@ -173,6 +200,35 @@ impl Cache {
             warn!(files = failed.count, first = %first, "files that could not be read at startup were removed");
         }
         self.evict_wakeup().notify_one();
+    }
+}
+
+/// An image found at startup: a file of its own, or a slot.
+struct Image {
+    id: KeyHash,
+    generation: u64,
+    len: u64,
+    coding: Option<Coding>,
+    place: Place,
+}
+
+impl Image {
+    /// What it stores: its image, and a slot's prefix.
+    fn stored_len(&self) -> u64 {
+        self.len + self.place.overhead()
+    }
+
+    /// Removes it: its file, or its slot (punched).
+    fn remove(&self, store: &Store) {
+        match (&self.place, self.coding) {
+            (Place::File, None) => {
+                let _ = store.remove_object(&self.id, self.generation);
+            }
+            (Place::File, Some(coding)) => {
+                let _ = store.remove_variant(&self.id, self.generation, coding);
+            }
+            (slot, _) => slot.discard(),
+        }
     }
 }
 
@@ -232,7 +288,7 @@ mod tests {
         // A damaged marks file is ignored, never fatal.
         let store = cache.store().expect("open");
         drop(cache);
-        let marks = root.join("objects-v2").join("soft-purged");
+        let marks = root.join("objects-v3").join("soft-purged");
         std::fs::write(&marks, b"not ours").expect("write");
         assert!(store.read_marks().is_empty());
         std::fs::write(&marks, b"SCMARK01 torn").expect("write");

@@ -2,36 +2,44 @@
 //! one that knows how an object file is laid out.
 //!
 //! ```text
-//! <cache_dir>/objects-v2/tmp/<gen>.obj              being written; swept at startup
+//! <cache_dir>/objects-v3/segments/<id>.seg          small objects and variants, packed
+//!                                                   (`cache::segments`: slots of images)
+//! <cache_dir>/objects-v3/tmp/<gen>.obj              being written; swept at startup
 //!                                                   (unnamed `O_TMPFILE`s instead where the
 //!                                                   filesystem has them: nothing to sweep)
-//! <cache_dir>/objects-v2/<kh:2>/<keyhash>.<gen>     one file per stored version of a key
-//! <cache_dir>/objects-v2/<kh:2>/<keyhash>.<gen>.br  a compressed variant of a key's body
+//! <cache_dir>/objects-v3/<kh:2>/<keyhash>.<gen>     a large object's file, one per version
+//! <cache_dir>/objects-v3/<kh:2>/<keyhash>.<gen>.br  a compressed variant of a key's body
 //!                                                   (`.zst`, `.gz`), versioned on its own
-//! <cache_dir>/objects-v2/generations                where the next run's versions start
-//! <cache_dir>/objects-v2/soft-purged                soft-purge marks: (key, version, when)
+//! <cache_dir>/objects-v3/generations                where the next run's versions start
+//! <cache_dir>/objects-v3/soft-purged                soft-purge marks: (key, version, when)
 //! <cache_dir>/lock                                  held (flock) while a process uses the dir
 //! ```
 //!
-//! One object, one file, one inode: `body | record | footer`. The body comes first, at offset
-//! 0, so a mapping of the file is a mapping of the body and `sendfile` sends it with the file's
-//! own offsets; the record ([`Meta`], checksummed, holding the body's length and blake3
-//! digest) follows it, and the 12-byte footer (`u32 record length | "SCOBJ002"`) ends the
-//! file, so the startup scan finds the record from the file's length alone. A large body's
-//! file is written unnamed (or under `tmp/`) while its clients read it and linked into place
-//! whole; a small body's is written under its final name in one `pwritev` ([`Store::write_object`])
-//! before the index learns of it. Either way a name in a fan-out directory is a complete
-//! object, or a torn one a crash cut short, which its footer and record checksum reveal. A body's digest is checked before its first use after a restart.
+//! An object's *image* is `body | record | footer`, the same in a file of its own and in a
+//! segment's slot. The body comes first, at the image's offset 0, so a mapping of it is a
+//! mapping of the body and `sendfile` sends it with the image's own offsets; the record
+//! ([`Meta`], checksummed, holding the body's length and blake3 digest) follows it, and the
+//! 12-byte footer (`u32 record length | "SCOBJ002"`) ends the image, so the startup scan finds
+//! the record from the image's length alone. Readers take a `base` (0 for a file of its own, a
+//! slot's offset in its segment). Bodies under 64 KiB go to segments (no inode, no name, no
+//! `open` per hit: `cache::segments`); a large body's file is written unnamed (or under
+//! `tmp/`) while its clients read it and linked into place whole. Where the filesystem cannot
+//! punch holes (no segments), a small body's file is written under its final name in one
+//! `pwritev` ([`Store::write_object`]) before the index learns of it. Either way a name in a
+//! fan-out directory is a complete object, or a torn one a crash cut short, which its footer
+//! and record checksum reveal. A body's digest is checked before its first use after a
+//! restart.
 //!
-//! A compressed variant is a file of its own: `coded body | variant record` (fixed length:
-//! magic, coding, the coded body's length and blake3 digest, the length and digest of the body
-//! it was made from, a checksum). Its name holds the key's hash and its own version; the
-//! startup scan attaches it to the key's indexed object when that object's body is the one it
-//! was made from, and removes it otherwise.
+//! A compressed variant's image is `coded body | variant record` (fixed length: magic,
+//! coding, the coded body's length and blake3 digest, the length and digest of the body it was
+//! made from, a checksum), in a slot or a file of its own named by the key's hash and its own
+//! version; the startup scan attaches it to the key's indexed object when that object's body
+//! is the one it was made from, and removes it otherwise.
 //!
-//! Every stored file has a version (`gen`) in its name: a new version never lands on the path
-//! of one being evicted, so an unlink can only ever remove the version it meant to. A layout
-//! of an earlier version (`objects-v1`) is removed whole at startup, never read.
+//! Every stored image has a version (`gen`): a new version never lands on the path (or the
+//! slot) of one being evicted, so an unlink can only ever remove the version it meant to.
+//! Layouts of earlier versions (`objects-v1`, `objects-v2`: one file per object) are removed
+//! whole at startup, never read.
 //!
 //! Nothing here follows a symbolic link planted in the directory. The cache directory itself
 //! must be a real directory owned by this process's user (else it is refused, naming the
@@ -228,7 +236,7 @@ pub struct Store {
     /// Held (flocked) while this process uses the directory; also how the filesystem is asked
     /// for its free space.
     lock: File,
-    /// `objects-v2/`, for the layout's own files (the soft-purge marks).
+    /// `objects-v3/`, for the layout's own files (the soft-purge marks).
     objects_fd: OwnedFd,
 }
 
@@ -246,10 +254,10 @@ pub struct Space {
 }
 
 /// Fixed entries of the layout, charged one allocation unit each whatever is stored: the
-/// cache directory, `objects-v2`, `tmp`, `lock` and `generations`.
-pub const LAYOUT_FIXED: u64 = 5;
+/// cache directory, `objects-v3`, `tmp`, `segments` and its `key`, `lock` and `generations`.
+pub const LAYOUT_FIXED: u64 = 7;
 
-/// Fan-out directories there can be under `objects-v2` (the first byte of a key's hash).
+/// Fan-out directories there can be under `objects-v3` (the first byte of a key's hash).
 pub const FANOUT_DIRS: u64 = 256;
 
 /// What one name costs in a directory, conservatively: ext4 spends 92 bytes on an object's
@@ -257,12 +265,15 @@ pub const FANOUT_DIRS: u64 = 256;
 /// shrink, so the layout is charged this for every object it may hold (one name each).
 pub const NAME_COST: u64 = 256;
 
-/// The layout's directory under the cache directory; the number is the format's version. The
-/// shared tier names its objects' directory after it too, so a new format is never read from
-/// a bucket written in the old one.
-pub const OBJECTS: &str = "objects-v2";
+/// The layout's directory under the cache directory; the number is the layout's version.
+pub const OBJECTS: &str = "objects-v3";
+/// The version of an object image (`body | record | footer`), whether in a file or a slot:
+/// the shared tier names its objects' directory after it, so a new image format is never read
+/// from a bucket written in the old one. (The local layout moved to `objects-v3` for segments;
+/// the image inside did not change.)
+pub const IMAGE_FORMAT: &str = "objects-v2";
 /// Layouts of earlier versions: removed at startup, never read.
-const OLD_LAYOUTS: &[&str] = &["objects-v1"];
+const OLD_LAYOUTS: &[&str] = &["objects-v1", "objects-v2"];
 
 /// Bytes at the end of every object file: `u32 record length | FOOTER_MAGIC`.
 pub const FOOTER_LEN: u64 = 12;
@@ -359,15 +370,16 @@ impl VariantRecord {
     }
 }
 
-/// Reads the record of a variant file of `len` bytes found at startup; its coded body must
+/// Reads the record of a variant image of `len` bytes found at startup (at `base`, as
+/// [`read_record`]); its coded body must
 /// account for the rest of the file exactly.
-pub fn read_variant_found(file: &File, len: u64) -> Result<VariantRecord, ReadError> {
+pub fn read_variant_found(file: &File, base: u64, len: u64) -> Result<VariantRecord, ReadError> {
     let invalid = ReadError::corrupt;
     if len < VARIANT_TAIL {
         return Err(invalid("variant file too short"));
     }
-    let bytes =
-        crate::cache::fileio::read_at(file, VARIANT_TAIL as usize, len - VARIANT_TAIL).map_err(ReadError::of_read)?;
+    let bytes = crate::cache::fileio::read_at(file, VARIANT_TAIL as usize, base + len - VARIANT_TAIL)
+        .map_err(ReadError::of_read)?;
     let record = VariantRecord::decode(&bytes)?;
     if record.body_len + VARIANT_TAIL != len {
         return Err(invalid("variant file length does not match its record"));
@@ -431,9 +443,13 @@ pub struct Found<T> {
     pub coding: Option<Coding>,
 }
 
-/// The file under `objects-v2/` holding the first version the next run may hand out.
+/// The directory of the segment files, under `objects-v3/` ([`crate::cache::segments`]).
+const SEGMENTS: &str = "segments";
+/// Its key file.
+const SEGMENTS_KEY: &str = "key";
+/// The file under `objects-v3/` holding the first version the next run may hand out.
 const GENERATIONS: &str = "generations";
-/// The file under `objects-v2/` holding the soft-purge marks: `MARKS_MAGIC`, then one
+/// The file under `objects-v3/` holding the soft-purge marks: `MARKS_MAGIC`, then one
 /// 32-byte record per mark, `[16] key hash | u64 version | u64 ms since the epoch`
 /// (big-endian). Replaced whole (written aside, renamed over), so it is never torn. A mark
 /// only ever makes an object stale sooner, so a damaged file cannot make anything be served
@@ -504,6 +520,38 @@ impl Store {
         Ok(store)
     }
 
+    /// The directory of the segment files (`objects-v3/segments`, created 0700 if missing),
+    /// with its path.
+    pub fn segments_dir(&self) -> Result<(OwnedFd, PathBuf), StoreError> {
+        let fd = layout_dir(&self.objects_fd, SEGMENTS).at("prepare", &self.objects.join(SEGMENTS))?;
+        Ok((fd, self.objects.join(SEGMENTS)))
+    }
+
+    /// The key that authenticates this directory's segment slots: made at random the first
+    /// time, then read back (a 0600 file under `segments/`, replaced whole).
+    pub fn segments_key(&self) -> Result<[u8; 32], StoreError> {
+        let (dir, path) = self.segments_dir()?;
+        let parse = |s: String| -> Option<[u8; 32]> {
+            let s = s.trim();
+            let mut key = [0u8; 32];
+            if s.len() != 64 {
+                return None;
+            }
+            for (i, b) in key.iter_mut().enumerate() {
+                *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            Some(key)
+        };
+        if let Some(key) = read_small(&dir, SEGMENTS_KEY).and_then(parse) {
+            return Ok(key);
+        }
+        let mut key = [0u8; 32];
+        crate::cache::fileio::random(&mut key).at("make", &path.join(SEGMENTS_KEY))?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        write_replace(&dir, SEGMENTS_KEY, hex.as_bytes()).at("write", &path.join(SEGMENTS_KEY))?;
+        Ok(key)
+    }
+
     /// The cache directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -541,7 +589,7 @@ impl Store {
         self.objects.join("tmp").join(format!("{generation:016x}.{kind}"))
     }
 
-    /// Where a version of a key's object lives: `objects-v2/<first hex byte>/<hex>.<generation
+    /// Where a version of a key's object lives: `objects-v3/<first hex byte>/<hex>.<generation
     /// as 16 hex digits>`, built in one allocation (disk hits compute it on every request).
     pub fn object_path(&self, key: &KeyHash, generation: u64) -> PathBuf {
         const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -788,18 +836,19 @@ impl Store {
     }
 }
 
-/// Reads the record at the end of an object file that the index says holds `body_len` bytes
-/// of body and `tail_len` of record and footer (blocking: off the runtime).
-pub fn read_record(file: &File, body_len: u64, tail_len: u64) -> Result<Meta, ReadError> {
+/// Reads the record at the end of an object image (at `base` in `file`: 0 for a file of its
+/// own, a slot's base in a segment) that the index says holds `body_len` bytes of body and
+/// `tail_len` of record and footer (blocking: off the runtime).
+pub fn read_record(file: &File, base: u64, body_len: u64, tail_len: u64) -> Result<Meta, ReadError> {
     check_tail_len(tail_len)?;
-    let bytes = crate::cache::fileio::read_at(file, tail_len as usize, body_len).map_err(ReadError::of_read)?;
+    let bytes = crate::cache::fileio::read_at(file, tail_len as usize, base + body_len).map_err(ReadError::of_read)?;
     decode_tail(&bytes)
 }
 
 /// [`read_record`] only if that needs no disk I/O; `Ok(None)` when it would wait for the disk.
-pub fn read_record_cached(file: &File, body_len: u64, tail_len: u64) -> Result<Option<Meta>, ReadError> {
+pub fn read_record_cached(file: &File, base: u64, body_len: u64, tail_len: u64) -> Result<Option<Meta>, ReadError> {
     check_tail_len(tail_len)?;
-    crate::cache::fileio::read_cached_at(file, tail_len as usize, body_len)
+    crate::cache::fileio::read_cached_at(file, tail_len as usize, base + body_len)
         .map_err(ReadError::of_read)?
         .map(|bytes| decode_tail(&bytes))
         .transpose()
@@ -812,13 +861,14 @@ fn check_tail_len(tail_len: u64) -> Result<(), ReadError> {
     Ok(())
 }
 
-/// Reads the record of an object file found at startup, of `len` bytes, from its end: the
+/// Reads the record of an object image found at startup (at `base`, as [`read_record`]), of
+/// `len` bytes, from its end: the
 /// footer says where the record starts. The record's body length must account for the rest
 /// of the file exactly.
-pub fn read_found(file: &File, len: u64) -> Result<Meta, ReadError> {
+pub fn read_found(file: &File, base: u64, len: u64) -> Result<Meta, ReadError> {
     let invalid = ReadError::corrupt;
     let first = len.min(TAIL_READ);
-    let bytes = crate::cache::fileio::read_at(file, first as usize, len - first).map_err(ReadError::of_read)?;
+    let bytes = crate::cache::fileio::read_at(file, first as usize, base + len - first).map_err(ReadError::of_read)?;
     let record_len = footer_record_len(&bytes).ok_or_else(|| invalid("object footer missing"))?;
     let tail = record_len + FOOTER_LEN;
     if record_len > MAX_RECORD as u64 || tail > len {
@@ -827,7 +877,8 @@ pub fn read_found(file: &File, len: u64) -> Result<Meta, ReadError> {
     let meta = if tail <= first {
         decode_tail(&bytes[(first - tail) as usize..])?
     } else {
-        let bytes = crate::cache::fileio::read_at(file, tail as usize, len - tail).map_err(ReadError::of_read)?;
+        let bytes =
+            crate::cache::fileio::read_at(file, tail as usize, base + len - tail).map_err(ReadError::of_read)?;
         decode_tail(&bytes)?
     };
     if meta.body_len + tail != len {
@@ -965,7 +1016,7 @@ fn scan<T>(dir: &Path, parse: fn(&str) -> Option<T>) -> Vec<Found<T>> {
     out
 }
 
-/// Whether a name in `objects-v2` is a fan-out directory's: two lower-case hex digits.
+/// Whether a name in `objects-v3` is a fan-out directory's: two lower-case hex digits.
 fn is_fanout_name(name: &[u8]) -> bool {
     name.len() == 2 && name.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
@@ -1280,7 +1331,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         store.tmp_mode = TmpMode::Named;
-        let tmp_dir = dir.path().join("objects-v2/tmp");
+        let tmp_dir = dir.path().join("objects-v3/tmp");
         let tmp = store.create_tmp_object(store.next_gen()).unwrap();
         assert_eq!(fs::read_dir(&tmp_dir).unwrap().count(), 1);
         drop(tmp);
@@ -1323,7 +1374,7 @@ mod tests {
             assert!(mtime > 0);
             assert_eq!(fs::read(store.object_path(&key, generation)).unwrap(), bytes);
             assert_eq!(
-                fs::read_dir(dir.path().join("objects-v2/tmp")).unwrap().count(),
+                fs::read_dir(dir.path().join("objects-v3/tmp")).unwrap().count(),
                 0,
                 "{mode:?}"
             );
@@ -1346,7 +1397,7 @@ mod tests {
         let path = store.object_path(&key, generation);
         assert_eq!(fs::read(&path).unwrap(), bytes);
         assert_eq!(
-            read_found(&File::open(&path).unwrap(), bytes.len() as u64).unwrap(),
+            read_found(&File::open(&path).unwrap(), 0, bytes.len() as u64).unwrap(),
             meta
         );
         // A name is used once: the same version is never written over.
@@ -1369,27 +1420,27 @@ mod tests {
             let path = dir.path().join("obj");
             fs::write(&path, &bytes).unwrap();
             let file = File::open(&path).unwrap();
-            assert_eq!(read_found(&file, bytes.len() as u64).unwrap(), meta);
-            assert_eq!(read_record(&file, meta.body_len, tail_len(&meta)).unwrap(), meta);
+            assert_eq!(read_found(&file, 0, bytes.len() as u64).unwrap(), meta);
+            assert_eq!(read_record(&file, 0, meta.body_len, tail_len(&meta)).unwrap(), meta);
             assert_eq!(&bytes[..body.len()], body);
             // Cut short anywhere, or with a byte changed, it is not an object.
             for cut in [1, 5, FOOTER_LEN as usize, bytes.len() / 2] {
                 fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
                 let file = File::open(&path).unwrap();
-                assert!(read_found(&file, (bytes.len() - cut) as u64).is_err(), "cut {cut}");
+                assert!(read_found(&file, 0, (bytes.len() - cut) as u64).is_err(), "cut {cut}");
             }
             let mut flipped = bytes.clone();
             let at = body.len() + 20;
             flipped[at] ^= 1;
             fs::write(&path, &flipped).unwrap();
-            assert!(read_found(&File::open(&path).unwrap(), flipped.len() as u64).is_err());
+            assert!(read_found(&File::open(&path).unwrap(), 0, flipped.len() as u64).is_err());
         }
         // A body whose length disagrees with the record: appended bytes move the footer away.
         let (_, mut bytes) = object(b"abc");
         bytes.insert(0, b'x');
         let path = dir.path().join("obj");
         fs::write(&path, &bytes).unwrap();
-        assert!(read_found(&File::open(&path).unwrap(), bytes.len() as u64).is_err());
+        assert!(read_found(&File::open(&path).unwrap(), 0, bytes.len() as u64).is_err());
     }
 
     #[test]
@@ -1438,14 +1489,14 @@ mod tests {
         let len = found[0].len;
         assert_eq!(len, coded.len() as u64 + VARIANT_TAIL);
         let file = File::open(&path).expect("open");
-        assert_eq!(read_variant_found(&file, len).expect("whole"), record);
+        assert_eq!(read_variant_found(&file, 0, len).expect("whole"), record);
         // Every cut, and a flipped byte in the record, is refused.
         let bytes = std::fs::read(&path).expect("read");
         for cut in [1, 10, VARIANT_TAIL as usize, bytes.len() - 1] {
             std::fs::write(&path, &bytes[..bytes.len() - cut]).expect("cut");
             let file = File::open(&path).expect("open");
             assert!(
-                read_variant_found(&file, (bytes.len() - cut) as u64).is_err(),
+                read_variant_found(&file, 0, (bytes.len() - cut) as u64).is_err(),
                 "cut {cut}"
             );
         }
@@ -1454,7 +1505,7 @@ mod tests {
         flipped[at] ^= 1;
         std::fs::write(&path, &flipped).expect("flip");
         let file = File::open(&path).expect("open");
-        assert!(read_variant_found(&file, flipped.len() as u64).is_err());
+        assert!(read_variant_found(&file, 0, flipped.len() as u64).is_err());
         // A name with an unknown suffix is not ours: removed by the scan.
         std::fs::write(path.with_extension("xz"), b"x").expect("write");
         assert_eq!(store.scan_objects().len(), 1);

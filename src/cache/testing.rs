@@ -59,6 +59,7 @@ pub fn entry(i: u32, len: u64) -> crate::cache::index::Entry {
         generation: u64::from(i),
         body_len: len,
         tail_len: 0,
+        place: crate::cache::segments::Place::File,
         digest: Digest::from(blake3::hash(&i.to_be_bytes())),
         verified: true,
         mtime: 0,

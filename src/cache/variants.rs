@@ -23,16 +23,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{Receiver, Sender};
 use tracing::{debug, warn};
 
+use crate::cache::Cache;
 use crate::cache::index::Variant;
 use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
+use crate::cache::read::Source;
+use crate::cache::segments::{self, Kind, Place};
 use crate::cache::store::{self, VariantRecord};
-use crate::cache::{Cache, fileio};
 use crate::compress::{self, CpuBudget, Levels};
 use crate::metrics as m;
 use crate::negotiate::Coding;
@@ -388,9 +391,8 @@ impl Cache {
             }
         };
         for v in variants {
-            let path = store.variant_path(other, v.generation, v.coding);
-            let Ok(bytes) = fileio::open_for_read(&path).and_then(|f| fileio::read_at(&f, v.body_len as usize, 0))
-            else {
+            let source = Source::of(store, other, v.generation, Some(v.coding), &v.place);
+            let Ok(bytes) = source.read(v.body_len, 0) else {
                 continue;
             };
             if Digest::from(blake3::hash(&bytes)) == v.digest {
@@ -423,9 +425,13 @@ impl Cache {
         coded: &mut Coded,
     ) -> Option<Option<Arc<[u8]>>> {
         if coded.body.is_none() {
-            let path = store.object_path(&job.hash, job.generation);
-            let body = fileio::open_for_read(&path)
-                .and_then(|f| fileio::read_at(&f, job.body_len as usize, 0))
+            // Where the version is (gone from the index: nothing to make).
+            let place = match self.lock_index().peek(&job.hash) {
+                Some(e) if e.generation == job.generation => e.place.clone(),
+                _ => return None,
+            };
+            let body = Source::of(store, &job.hash, job.generation, None, &place)
+                .read(job.body_len, 0)
                 .ok()?;
             // Compress only what the record says the body is: a changed file is the lookup's
             // to find and drop.
@@ -476,7 +482,8 @@ impl Cache {
         }
         .encode();
         let file_len = coded.len() as u64 + record.len() as u64;
-        let charged = self.charge(file_len);
+        let slotted = self.slotted(coded.len() as u64).cloned();
+        let charged = self.charge(file_len + slotted.as_ref().map_or(0, |_| segments::PREFIX_LEN));
         // Bytes only: a variant is not an object against `max_objects`.
         let Ok(reserved) = self.budget.reserve_room(charged, 0, self).await else {
             metrics::counter!(m::VARIANTS_SKIPPED, "encoding" => coding.token()).increment(1);
@@ -485,9 +492,21 @@ impl Cache {
         let generation = store.next_gen();
         // (A compressing thread: blocking here stalls no event loop.) A failed write drops the
         // reservation, which gives it back.
-        let written = store.write_variant(&job.hash, generation, coding, &[coded, &record]);
-        let mtime = match written {
-            Ok(mtime) => mtime,
+        let tail_len = record.len() as u64;
+        let written = match slotted {
+            Some(segments) => {
+                let parts = vec![Bytes::copy_from_slice(coded), Bytes::from(record)];
+                segments
+                    .write(Kind::Variant(coding), job.hash, generation, parts)
+                    .await
+                    .map(|slot| (Place::Slot(slot), 0))
+            }
+            None => store
+                .write_variant(&job.hash, generation, coding, &[coded, &record])
+                .map(|mtime| (Place::File, mtime)),
+        };
+        let (place, mtime) = match written {
+            Ok(done) => done,
             Err(e) => {
                 self.storage_error(&e);
                 return false;
@@ -497,7 +516,8 @@ impl Cache {
             coding,
             generation,
             body_len: coded.len() as u64,
-            tail_len: record.len() as u64,
+            tail_len,
+            place: place.clone(),
             digest,
             verified: true,
             mtime,
@@ -509,7 +529,12 @@ impl Cache {
             ix.add_variant(&job.hash, job.generation, variant, reserved)
         };
         if !added {
-            let _ = store.remove_variant(&job.hash, generation, coding);
+            match place {
+                Place::File => {
+                    let _ = store.remove_variant(&job.hash, generation, coding);
+                }
+                slot => slot.discard(),
+            }
             return false;
         }
         self.publish_gauges();

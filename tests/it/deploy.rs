@@ -156,7 +156,7 @@ async fn boxfile_exec_and_deploy_hooks_run_as_written() {
     let out = out.await.unwrap();
     assert!(out.contains("3 warmed"), "{out}");
     assert!(
-        app.join("tmp/sidecache/objects-v2").is_dir(),
+        app.join("tmp/sidecache/objects-v3").is_dir(),
         "the cache lives in the nonpersistent dir"
     );
     assert_warm(addr, "www.example.com").await;

@@ -55,12 +55,12 @@ async fn run_once(dir: tempfile::TempDir) -> tempfile::TempDir {
 async fn a_symlinked_tmp_dir_is_replaced_not_swept_through() {
     let dir = tempfile::tempdir().unwrap();
     let (outside, canary) = canary_dir(dir.path());
-    let objects = cache_dir(dir.path()).join("objects-v2");
+    let objects = cache_dir(dir.path()).join("objects-v3");
     std::fs::create_dir_all(&objects).unwrap();
     symlink(&outside, objects.join("tmp")).unwrap();
 
     let dir = run_once(dir).await;
-    let objects = cache_dir(dir.path()).join("objects-v2");
+    let objects = cache_dir(dir.path()).join("objects-v3");
     assert_eq!(
         std::fs::read(&canary).unwrap(),
         b"precious",
@@ -74,7 +74,7 @@ async fn a_symlinked_tmp_dir_is_replaced_not_swept_through() {
 async fn a_symlinked_fanout_dir_is_removed_not_swept_through() {
     let dir = tempfile::tempdir().unwrap();
     let (outside, canary) = canary_dir(dir.path());
-    let objects = cache_dir(dir.path()).join("objects-v2");
+    let objects = cache_dir(dir.path()).join("objects-v3");
     std::fs::create_dir_all(&objects).unwrap();
     // A name the startup scan would remove as "not ours" if it looked inside.
     symlink(&outside, objects.join("ab")).unwrap();
@@ -85,7 +85,7 @@ async fn a_symlinked_fanout_dir_is_removed_not_swept_through() {
         b"precious",
         "the scan followed the link"
     );
-    let objects = cache_dir(dir.path()).join("objects-v2");
+    let objects = cache_dir(dir.path()).join("objects-v3");
     assert!(
         std::fs::symlink_metadata(objects.join("ab")).is_err(),
         "the planted link is removed"
@@ -96,7 +96,7 @@ async fn a_symlinked_fanout_dir_is_removed_not_swept_through() {
 async fn a_symlink_at_generations_new_does_not_redirect_the_write() {
     let dir = tempfile::tempdir().unwrap();
     let (_, canary) = canary_dir(dir.path());
-    let objects = cache_dir(dir.path()).join("objects-v2");
+    let objects = cache_dir(dir.path()).join("objects-v3");
     std::fs::create_dir_all(&objects).unwrap();
     symlink(&canary, objects.join("generations.new")).unwrap();
 
@@ -106,7 +106,7 @@ async fn a_symlink_at_generations_new_does_not_redirect_the_write() {
         b"precious",
         "the write followed the link"
     );
-    let generations = cache_dir(dir.path()).join("objects-v2/generations");
+    let generations = cache_dir(dir.path()).join("objects-v3/generations");
     let md = std::fs::symlink_metadata(&generations).unwrap();
     assert!(md.is_file(), "generations is a regular file of ours");
     assert!(
@@ -156,7 +156,7 @@ async fn created_directories_are_private() {
         }
         i += 1;
     }
-    // The root, objects-v2, tmp and a fan-out directory.
+    // The root, objects-v3, tmp and a fan-out directory.
     assert!(dirs.len() >= 4, "{dirs:?}");
     for d in &dirs {
         let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
@@ -243,18 +243,10 @@ fn a_symlinked_cache_dir_is_refused_by_the_binary() {
     );
 }
 
-/// Object files (one per stored object) under the cache directory.
+/// Objects' images (one per stored object: a file, or a slot of a segment) under the cache
+/// directory.
 fn records(cache: &Path) -> u64 {
-    let objects = cache.join("objects-v2");
-    std::fs::read_dir(objects)
-        .map(|d| {
-            d.flatten()
-                .filter(|fanout| fanout.file_name().len() == 2)
-                .filter_map(|fanout| std::fs::read_dir(fanout.path()).ok())
-                .map(|files| files.count() as u64)
-                .sum()
-        })
-        .unwrap_or(0)
+    crate::support::object_images(cache).len() as u64
 }
 
 /// Fills `/tiny/0.js` .. `/tiny/<n-1>.js` (a distinct 100-byte cacheable body each, so no
@@ -321,12 +313,13 @@ async fn tiny_objects_never_spend_more_disk_than_the_budget() {
     let max_size: u64 = 8 << 20;
     let sidecar = TestSidecar::start_with(&origin.url(), |c| {
         c.max_size = max_size;
-        c.max_objects = 1000;
+        c.max_objects = 2000;
         c.memory_size = 0;
     })
     .await;
-    // 2,500 objects of 100 bytes: 250 KB of bodies and ~330 KB of records, but two files
-    // (inodes, blocks) each: 20 MB on a 4 KiB-block filesystem.
+    // 2,500 objects of 100 bytes: 250 KB of bodies and ~330 KB of records, but a slot of a
+    // whole allocation unit each (its range is punched alone when it goes): 10 MB on a
+    // 4 KiB-block filesystem.
     let (peak, _) = fill_tiny_objects(&sidecar, 2500, 8, max_size).await;
     let cache = sidecar.sidecar.proxy.cache().clone();
     let (objects, accounted, _) = cache.stats();
@@ -338,7 +331,7 @@ async fn tiny_objects_never_spend_more_disk_than_the_budget() {
         "the cache says it uses {accounted} bytes, the disk holds {bytes} in {files} files"
     );
     // Not vacuous: the budget, not the object bound, is what stopped it, close to full.
-    assert!(objects > 400 && objects < 1000, "{objects} objects stored");
+    assert!(objects > 400 && objects < 2000, "{objects} objects stored");
     assert!(peak > max_size / 2, "peak {peak}");
     assert_eq!(origin.total_hits(), 2500);
 }
@@ -370,4 +363,116 @@ async fn the_number_of_stored_objects_is_bounded() {
     let resp = app_client().get(sidecar.url("/tiny/999.js")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(origin.total_hits(), 1000, "the most recent object was kept");
+}
+
+/// Issue 26: small objects share segment files, so one object's bytes lie beside another's
+/// slot. An attacker's cached body that spells a whole slot for a victim's URL (a prefix, then
+/// an image with a good record and digest) is never read as one, even when a crash tears the
+/// attacker's own slot so that the startup scan resumes inside the attacker's body. The
+/// control run gives the forged slot the directory's real MAC (read from its key file, which
+/// an attacker never sees): then it is read and served, which shows the forgery is otherwise
+/// perfect and that this test can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_spelling_a_slot_for_another_url_is_never_read_as_one_after_a_crash() {
+    let legit = crate::support::pattern_bytes(5000);
+    let evil = b"evil".repeat(1250);
+    assert_eq!(
+        forge_and_restart(true, &evil).await,
+        evil,
+        "control: a slot with the key's MAC is read"
+    );
+    assert_eq!(
+        forge_and_restart(false, &evil).await,
+        legit,
+        "the victim got the attacker's bytes"
+    );
+}
+
+/// Stores the victim, then the attacker's body spelling a newer slot of the victim's key; stops;
+/// tears the attacker's slot's prefix; restarts; returns what the victim's URL then serves.
+async fn forge_and_restart(with_mac: bool, evil: &[u8]) -> Vec<u8> {
+    use sidecache::cache::key::Digest;
+    use sidecache::cache::store;
+    const CACHEABLE: &[(&str, &str)] = &[
+        ("cache-control", "public, max-age=3600"),
+        ("content-type", "text/plain"),
+    ];
+    let origin = Origin::start().await;
+    origin.fixed("/victim.txt", CACHEABLE, crate::support::pattern_bytes(5000));
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("SIDECACHE_ACCESS_LOG", "false"),
+        ("SIDECACHE_COMPRESS", "{enabled: false}"),
+        ("SIDECACHE_MEMORY_SIZE", "0"),
+    ];
+    let mut bin = Binary::serve(&origin.url(), dir.path(), &[], &env);
+    crate::support::wait_ready(bin.admin_addr()).await;
+    let get = async |addr: std::net::SocketAddr, path: &str| {
+        let resp = app_client().get(format!("http://{addr}{path}")).send().await.unwrap();
+        let hit = resp
+            .headers()
+            .get("cache-status")
+            .is_some_and(|v| v == "sidecache; hit");
+        (hit, resp.bytes().await.unwrap().to_vec())
+    };
+    let addr = bin.public_addr();
+    get(addr, "/victim.txt").await;
+    assert!(crate::support::eventually(Duration::from_secs(10), async || get(addr, "/victim.txt").await.0).await);
+
+    // The victim's slot: the first of the first segment.
+    let images = crate::support::object_images(dir.path());
+    assert_eq!(images.len(), 1);
+    let victim = &images[0];
+    assert!(victim.in_segment() && victim.offset == 64, "{victim:?}");
+    let segment = std::fs::read(&victim.path).unwrap();
+    let generation = u64::from_be_bytes(segment[32..40].try_into().unwrap());
+    // The attacker knows the format: the victim's record with its own body's length and digest.
+    let bytes = victim.read();
+    let mut meta = store::decode_tail(&bytes[5000..]).expect("the victim's record");
+    meta.body_len = evil.len() as u64;
+    meta.digest = Digest::from(blake3::hash(evil));
+    let image = [evil, &store::tail(&meta)].concat();
+    // The attacker's slot comes next, on the unit after the victim's; its body starts after its
+    // 64-byte prefix, and the forged slot is placed on the unit after that.
+    let attacker_slot = (64 + victim.len).div_ceil(4096) * 4096;
+    let forged_at = attacker_slot + 4096;
+    let mut prefix = vec![0u8; 64];
+    prefix[..8].copy_from_slice(b"SCSEG001");
+    prefix[16..32].copy_from_slice(&meta.storage_hash().0);
+    prefix[32..40].copy_from_slice(&(generation + 1).to_be_bytes());
+    prefix[40..48].copy_from_slice(&(image.len() as u64).to_be_bytes());
+    if with_mac {
+        let hex = std::fs::read_to_string(dir.path().join("objects-v3/segments/key")).unwrap();
+        let key: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&hex.trim()[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let id = u64::from_str_radix(victim.path.file_stem().unwrap().to_str().unwrap(), 16).unwrap();
+        let mut h = blake3::Hasher::new_keyed(&key.try_into().unwrap());
+        h.update(&id.to_be_bytes());
+        h.update(&forged_at.to_be_bytes());
+        h.update(&prefix[..48]);
+        prefix[48..].copy_from_slice(&h.finalize().as_bytes()[..16]);
+    }
+    let mut attack = vec![b'x'; (forged_at - attacker_slot - 64) as usize];
+    attack.extend_from_slice(&prefix);
+    attack.extend_from_slice(&image);
+    attack.resize(attack.len() + 3000, b'y');
+    origin.fixed("/attack.txt", CACHEABLE, attack);
+    get(addr, "/attack.txt").await;
+    assert!(crate::support::eventually(Duration::from_secs(10), async || get(addr, "/attack.txt").await.0).await);
+    let placed = crate::support::object_images(dir.path())
+        .into_iter()
+        .any(|i| i.path == victim.path && i.offset == attacker_slot + 64);
+    assert!(placed, "the attacker's slot is where the test expects it");
+    bin.signal(libc::SIGTERM);
+    tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
+
+    // A crash tore the attacker's slot: its prefix never reached the disk.
+    let f = std::fs::OpenOptions::new().write(true).open(&victim.path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 64], attacker_slot).unwrap();
+    drop(f);
+    let mut bin = Binary::serve(&origin.url(), dir.path(), &[], &env);
+    crate::support::wait_ready(bin.admin_addr()).await;
+    let (_, body) = get(bin.public_addr(), "/victim.txt").await;
+    body
 }

@@ -182,3 +182,59 @@ async fn purge_by_url_prefix_and_all_through_admin_and_cli() {
     assert_eq!(resp.text().await.unwrap().trim(), r#"{"purged":4}"#);
     assert_eq!(sc.sidecar.proxy.cache().stats().0, 0);
 }
+
+/// Issue 26: small objects are packed into segment files. 2,000 scripts of 1 to 48 KiB (the
+/// load benchmark's sizes) fill fewer than 64 files, nothing is evicted while the budget has
+/// room, and every one of them is then a hit from disk (no memory tier) with its own bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_small_objects_fill_fewer_than_64_files_and_are_all_hits() {
+    const N: u64 = 2000;
+    let len = |i: u64| 1024 * (1 + (i * 7919) % 48) as usize;
+    let origin = Origin::start().await;
+    for i in 0..N {
+        origin.fixed(&format!("/p/{i}.js"), CACHEABLE, pattern_chunk(i * 7919, len(i)));
+    }
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.memory_size = 0;
+        c.compress.enabled = false;
+    })
+    .await;
+    // One client for all (making one per request costs more than the request).
+    let c = client();
+    let fetch_all = async || {
+        futures_util::stream::iter(0..N)
+            .map(|i| {
+                let url = sc.url(&format!("/p/{i}.js"));
+                let c = c.clone();
+                async move {
+                    let resp = c.get(url).send().await.unwrap();
+                    let hit = cache_status(&resp) == "sidecache; hit";
+                    let body = resp.bytes().await.unwrap();
+                    assert!(body.len() == len(i) && matches_pattern(i * 7919, &body), "/p/{i}.js");
+                    hit
+                }
+            })
+            .buffer_unordered(16)
+            .filter(|hit| std::future::ready(*hit))
+            .count()
+            .await
+    };
+    fetch_all().await;
+    let cache = sc.sidecar.proxy.cache().clone();
+    assert!(
+        eventually(Duration::from_secs(20), async || cache.stats().0 == N as usize).await,
+        "stored {:?}",
+        cache.stats()
+    );
+    let (_, files) = crate::support::disk_usage(&sc.dir.path().join("cache"));
+    assert!(files < 64, "{files} files for {N} objects");
+    assert_eq!(
+        crate::support::object_images(&sc.dir.path().join("cache")).len() as u64,
+        N
+    );
+    assert_eq!(fetch_all().await as u64, N, "every one a hit");
+    // Nothing evicted (the metrics are this test process's, shared): all still indexed, none
+    // asked of the app again.
+    assert_eq!(cache.stats().0, N as usize);
+    assert_eq!(origin.total_hits(), N);
+}

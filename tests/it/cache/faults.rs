@@ -14,7 +14,7 @@ async fn objects_deleted_underneath_are_refetched_not_errors() {
         .await
     );
     for f in object_files(&sc.dir.path().join("cache")) {
-        std::fs::remove_file(f).unwrap();
+        destroy(&f);
     }
     let (status, _, body) = get(&sc.url("/gone.css")).await;
     assert_eq!(status, 200);
@@ -73,7 +73,7 @@ async fn sigkill_mid_fill_then_restart_serves_correct_bytes() {
     drop(stream);
 
     let (_bin, addr) = start_binary(&origin, dir.path()).await;
-    let tmp = dir.path().join("objects-v2/tmp");
+    let tmp = dir.path().join("objects-v3/tmp");
     assert_eq!(
         std::fs::read_dir(&tmp).unwrap().count(),
         0,
@@ -108,9 +108,8 @@ async fn an_object_corrupted_while_down_is_detected_and_refetched() {
     // Flip one byte in the middle of the stored body (same length: only the hash can tell).
     let bodies = object_files(dir.path());
     assert_eq!(bodies.len(), 1);
-    let mut bytes = std::fs::read(&bodies[0]).unwrap();
-    bytes[100_000] ^= 0xff;
-    std::fs::write(&bodies[0], &bytes).unwrap();
+    let bytes = bodies[0].read();
+    bodies[0].write_at(100_000, &[bytes[100_000] ^ 0xff]);
 
     let (_bin, addr) = start_binary(&origin, dir.path()).await;
     let (status, cs, body) = get(&format!("http://{addr}/c.js")).await;
@@ -157,10 +156,9 @@ async fn a_record_corrupted_while_running_is_counted_as_a_corrupt_object() {
     // The last byte of the record, before the 12-byte footer: its checksum no longer holds.
     let files = object_files(dir.path());
     assert_eq!(files.len(), 1);
-    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let bytes = files[0].read();
     let at = bytes.len() - 13;
-    bytes[at] ^= 0xff;
-    std::fs::write(&files[0], &bytes).unwrap();
+    files[0].write_at(at as u64, &[bytes[at] ^ 0xff]);
 
     // Eight readers meet the corrupt file at once: each gets the app's bytes, and the one
     // object is counted once, by the reader that removed it.
@@ -224,25 +222,28 @@ async fn a_record_torn_by_a_crash_is_removed_at_startup_and_refetched() {
     bin.signal(libc::SIGKILL);
     tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
 
-    // A crash (of the machine: the file is linked into place whole, but its blocks may not
-    // all have reached the disk) can leave an object file cut short.
+    // A crash (of the machine: the slot is appended whole, but its blocks may not all have
+    // reached the disk) can leave the segment cut short in the middle of its last slot.
     let records = object_files(dir.path());
     assert_eq!(records.len(), 1);
-    let len = std::fs::metadata(&records[0]).unwrap().len();
+    assert!(records[0].in_segment(), "a small object is packed into a segment");
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&records[0])
+        .open(&records[0].path)
         .unwrap()
-        .set_len(len / 2)
+        .set_len(records[0].offset + records[0].len / 2)
         .unwrap();
 
-    let (_bin, addr) = start_binary(&origin, dir.path()).await;
+    let (mut bin, addr) = start_binary(&origin, dir.path()).await;
     let (status, cs, body) = get(&format!("http://{addr}/torn.css")).await;
     assert_eq!(status, 200);
     assert!(cs.contains("fwd=uri-miss"), "{cs}");
     assert_eq!(body, Bytes::from(pattern_bytes(5000)));
     assert_eq!(origin.hits("/torn.css"), 2);
-    assert!(!records[0].exists(), "the torn object was removed");
+    // Its segment held nothing else: removed with it.
+    assert!(!records[0].path.exists(), "the torn object was removed");
+    let rebuilt_corrupt = metric(&scrape(bin.admin_addr()).await, "sidecache_corrupt_objects_total", &[]);
+    assert_eq!(rebuilt_corrupt, 1.0, "counted as a corrupt object");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,7 +360,7 @@ async fn an_object_modified_in_place_while_running_is_detected_and_refetched() {
     // Someone rewrites the stored body in place: same length, other bytes.
     let bodies = object_files(&sc.dir.path().join("cache"));
     assert_eq!(bodies.len(), 1);
-    let f = std::fs::OpenOptions::new().write(true).open(&bodies[0]).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&bodies[0].path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1000], 100_000).unwrap();
     drop(f);
     let (status, cs, body) = get(&sc.url("/m.js")).await;
@@ -543,7 +544,7 @@ async fn sigkill_at_random_points_under_load_never_serves_corrupt_bytes() {
         assert_eq!(body, expected(i), "object {i} after restart");
     }
     assert_eq!(
-        std::fs::read_dir(dir.path().join("objects-v2/tmp")).unwrap().count(),
+        std::fs::read_dir(dir.path().join("objects-v3/tmp")).unwrap().count(),
         0,
         "nothing half-written survives a restart"
     );

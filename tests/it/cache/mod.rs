@@ -23,8 +23,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::support::{
-    Behaviour, Binary, Origin, TestSidecar, Tmpfs, app_client as client, binary_path, eventually, matches_pattern,
-    metric, origin::owned, pattern_bytes, pattern_chunk, scrape,
+    Behaviour, Binary, Image, Origin, TestSidecar, Tmpfs, app_client as client, binary_path, eventually,
+    matches_pattern, metric, object_images, origin::owned, pattern_bytes, pattern_chunk, scrape,
 };
 
 const CACHEABLE: &[(&str, &str)] = &[
@@ -39,44 +39,25 @@ fn cache_status(resp: &reqwest::Response) -> String {
         .unwrap_or_default()
 }
 
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        if e.path().is_dir() {
-            out.extend(files_under(&e.path()));
-        } else {
-            out.push(e.path());
-        }
+/// The objects' images (body, record, footer) under a cache directory, in files of their own
+/// or slots of segments; not their compressed variants'.
+fn object_files(cache: &Path) -> Vec<Image> {
+    object_images(cache)
+}
+
+/// Destroys a stored image underneath the cache: a file of its own is removed; a segment is
+/// cut short at the slot (its descriptor, held open, then reads nothing there).
+fn destroy(image: &Image) {
+    if image.in_segment() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image.path)
+            .unwrap()
+            .set_len(image.offset - 64)
+            .unwrap();
+    } else {
+        std::fs::remove_file(&image.path).unwrap();
     }
-    out
-}
-
-/// The object files (one per stored object: body, record, footer) under a cache directory,
-/// not its compressed variants' files.
-fn object_files(cache: &Path) -> Vec<std::path::PathBuf> {
-    all_files(cache)
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().matches('.').count() == 1)
-        })
-        .collect()
-}
-
-/// Every object file and variant file under a cache directory.
-fn all_files(cache: &Path) -> Vec<std::path::PathBuf> {
-    let objects = cache.join("objects-v2");
-    let Ok(entries) = std::fs::read_dir(&objects) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().len() == 2 && e.path().is_dir())
-        .flat_map(|fanout| files_under(&fanout.path()))
-        .collect()
 }
 
 /// Whether a request for `url` is a hit within a bounded wait: a client has the whole body
@@ -86,17 +67,12 @@ async fn hit_soon(url: &str) -> bool {
     eventually(Duration::from_secs(10), async || get(url).await.1 == "sidecache; hit").await
 }
 
-/// The object file whose record holds `name`.
-fn object_of(cache: &Path, name: &str) -> std::path::PathBuf {
+/// The object image whose record holds `name`.
+fn object_of(cache: &Path, name: &str) -> Image {
     object_files(cache)
         .into_iter()
-        .find(|f| {
-            std::fs::read(f)
-                .unwrap()
-                .windows(name.len())
-                .any(|w| w == name.as_bytes())
-        })
-        .expect("the object file")
+        .find(|f| f.read().windows(name.len()).any(|w| w == name.as_bytes()))
+        .expect("the object's image")
 }
 
 async fn get(url: &str) -> (reqwest::StatusCode, String, Bytes) {

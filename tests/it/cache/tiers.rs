@@ -18,7 +18,7 @@ async fn hot_tier_serves_small_objects_from_memory() {
     assert_eq!(get(&sc.url("/small.css")).await.1, "sidecache; hit");
     // Remove the files underneath: the hot tier still has the object.
     for f in object_files(&sc.dir.path().join("cache")) {
-        std::fs::remove_file(f).unwrap();
+        destroy(&f);
     }
     let (_, cs, body) = get(&sc.url("/small.css")).await;
     assert_eq!(cs, "sidecache; hit");
@@ -58,7 +58,7 @@ async fn large_hits_sent_from_the_file_are_whole_and_a_truncated_file_is_never_s
     let body_file = object_of(&sc.dir.path().join("cache"), "/big.bin");
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&body_file)
+        .open(&body_file.path)
         .unwrap()
         .set_len(1000)
         .unwrap();
@@ -101,7 +101,7 @@ async fn the_open_tier_serves_hits_without_opening_the_file_and_never_a_removed_
     let bodies = object_files(&sc.dir.path().join("cache"));
     assert_eq!(bodies.len(), 1);
     let moved = sc.dir.path().join("moved-away");
-    std::fs::rename(&bodies[0], &moved).unwrap();
+    std::fs::rename(&bodies[0].path, &moved).unwrap();
     let (status, cs, body) = get(&sc.url("/open.js")).await;
     assert_eq!((status.as_u16(), cs.as_str()), (200, "sidecache; hit"));
     assert!(body.len() == 100_000 && matches_pattern(0, &body));
@@ -138,10 +138,10 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
     // Cut short underneath, into its record: the index knows the file's length, and the
     // object is fetched again, never served from a partial record.
     let cut = record_of("/cut.js");
-    let len = std::fs::metadata(&cut).unwrap().len();
+    let len = std::fs::metadata(&cut.path).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&cut)
+        .open(&cut.path)
         .unwrap()
         .set_len(len / 2)
         .unwrap();
@@ -162,7 +162,7 @@ async fn a_record_is_read_from_disk_once_and_a_damaged_one_is_refetched() {
     // length; the body is intact, which the changed file is hashed again to show).
     assert_eq!(get(&sc.url("/kept.js")).await.1, "sidecache; hit");
     let kept = record_of("/kept.js");
-    let f = std::fs::OpenOptions::new().write(true).open(&kept).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&kept.path).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"XXXX", 100_000 + 40).unwrap();
     drop(f);
     for _ in 0..2 {
@@ -219,7 +219,9 @@ async fn running_out_of_descriptors_fails_no_request_and_the_open_tier_gives_hal
     const HELD: usize = LIMIT as usize - CONNECTIONS - 256;
     let origin = Origin::start().await;
     for i in 0..HELD {
-        origin.fixed(&format!("/held/{i}"), CACHEABLE, pattern_chunk(i as u64, 20_000));
+        // Large enough for a file of its own (and a descriptor in the tier): smaller bodies
+        // are slots of segments, held open once per segment.
+        origin.fixed(&format!("/held/{i}"), CACHEABLE, pattern_chunk(i as u64, 100_000));
     }
     for i in 0..2 * CONNECTIONS {
         // Long enough for every request of a burst to be in flight at once.
@@ -378,7 +380,7 @@ async fn one_disk_hit_does_not_admit_an_object_to_memory() {
     assert_eq!(get(&sc.url("/once.css")).await.1, "sidecache; hit");
     // Only on disk: with its files gone it is fetched again.
     for f in object_files(&sc.dir.path().join("cache")) {
-        std::fs::remove_file(f).unwrap();
+        destroy(&f);
     }
     let (status, _, body) = get(&sc.url("/once.css")).await;
     assert_eq!(status, 200);

@@ -467,3 +467,109 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// An image stored under a cache directory: an object's (`body | record | footer`) or a
+/// compressed variant's (`coded body | record`), in a file of its own or in a slot of a
+/// segment (`objects-v3/segments/*.seg`, read here from each slot's prefix: `"SCSEG001"`,
+/// the kind (0: an object, else the coding's id), the image's length at byte 40).
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The file it is in.
+    pub path: PathBuf,
+    /// Where it starts in that file.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// For a variant: its coding's file suffix (`br`, `zst`, `gz`).
+    pub coding: Option<String>,
+    /// Its key's hash, in hex.
+    pub key: String,
+}
+
+impl Image {
+    /// Its bytes.
+    pub fn read(&self) -> Vec<u8> {
+        let all = std::fs::read(&self.path).unwrap();
+        all[self.offset as usize..(self.offset + self.len) as usize].to_vec()
+    }
+
+    /// Overwrites bytes of it in place, from `at` in the image (same length).
+    pub fn write_at(&self, at: u64, bytes: &[u8]) {
+        let f = std::fs::OpenOptions::new().write(true).open(&self.path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, self.offset + at).unwrap();
+    }
+
+    /// Whether it is still stored where it was (a slot given back reads as zeros).
+    pub fn exists(&self) -> bool {
+        images(self.path.parent().unwrap().parent().unwrap().parent().unwrap())
+            .iter()
+            .any(|i| i.path == self.path && i.offset == self.offset)
+    }
+
+    /// Whether it is in a segment rather than a file of its own.
+    pub fn in_segment(&self) -> bool {
+        self.path.extension().is_some_and(|e| e == "seg")
+    }
+}
+
+/// Every image under a cache directory: files in the fan-out directories, slots in segments.
+pub fn images(cache: &Path) -> Vec<Image> {
+    let objects = cache.join("objects-v3");
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&objects) else {
+        return out;
+    };
+    for fanout in entries.flatten().filter(|e| e.file_name().len() == 2) {
+        for f in std::fs::read_dir(fanout.path()).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            out.push(Image {
+                path: f.path(),
+                offset: 0,
+                len: f.metadata().map(|m| m.len()).unwrap_or(0),
+                coding: name.splitn(3, '.').nth(2).map(str::to_owned),
+                key: name.split('.').next().unwrap_or_default().to_owned(),
+            });
+        }
+    }
+    for seg in std::fs::read_dir(objects.join("segments"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if seg.path().extension().is_none_or(|e| e != "seg") {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(seg.path()) else { continue };
+        let mut at = 0;
+        while at + 64 <= bytes.len() {
+            if &bytes[at..at + 8] == b"SCSEG001" {
+                let len = u64::from_be_bytes(bytes[at + 40..at + 48].try_into().unwrap());
+                let coding = match bytes[at + 8] {
+                    0 => None,
+                    1 => Some("br".to_owned()),
+                    2 => Some("zst".to_owned()),
+                    _ => Some("gz".to_owned()),
+                };
+                out.push(Image {
+                    path: seg.path(),
+                    offset: at as u64 + 64,
+                    len,
+                    coding,
+                    key: bytes[at + 16..at + 32].iter().map(|b| format!("{b:02x}")).collect(),
+                });
+            }
+            at += 4096;
+        }
+    }
+    out
+}
+
+/// The objects' images under a cache directory (not their variants').
+pub fn object_images(cache: &Path) -> Vec<Image> {
+    images(cache).into_iter().filter(|i| i.coding.is_none()).collect()
+}
+
+/// The compressed variants' images under a cache directory.
+pub fn variant_images(cache: &Path) -> Vec<Image> {
+    images(cache).into_iter().filter(|i| i.coding.is_some()).collect()
+}
