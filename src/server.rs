@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ pub async fn run(
     live: Arc<LiveProxy>,
     shutdown: impl Future<Output = ()>,
     limit: Arc<Semaphore>,
+    seat: Seat,
 ) -> bool {
     let config = live.current().config().clone();
     let builder = Arc::new(connection_builder(&config));
@@ -42,6 +43,11 @@ pub async fn run(
     tokio::pin!(shutdown);
 
     loop {
+        // This loop's turn to accept (not while it holds more connections than the others).
+        tokio::select! {
+            _ = &mut shutdown => break,
+            () = seat.turn() => {}
+        }
         // Accept, then wait for a slot: with several loops sharing the slots, a loop that took
         // a slot before accepting could hold it while the waiting connection sits in another
         // loop's queue. Each loop holds at most one accepted connection waiting for a slot.
@@ -70,8 +76,10 @@ pub async fn run(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let idle_timeout = config.idle_timeout;
+        let seated = seat.opened();
         tokio::spawn(async move {
             let _permit = permit;
+            let _seated = seated;
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
             serve_connection(stream, peer, live, &builder, watcher, idle_timeout).await;
             metrics::gauge!(m::CONNECTIONS).decrement(1.0);
@@ -90,6 +98,100 @@ pub async fn run(
             warn!("grace period ended with connections still open");
             false
         }
+    }
+}
+
+/// A loop more than this many connections ahead of the least loaded loop waits before it
+/// accepts again...
+const SHARE_SLACK: usize = 1;
+/// ...for at most this long (a loop that is slow to accept does not hold the others back).
+const SHARE_WAIT: Duration = Duration::from_millis(5);
+
+/// How the loops serving one port share its connections. They accept from one socket (not
+/// `SO_REUSEPORT`, see `Sidecar::split`), and a loop woken for a connection accepts every
+/// connection queued: a burst (a load balancer opening its pool, a benchmark's clients) would
+/// all land on whichever loop woke first, leaving the other cores idle (measured: 64
+/// connections on one of two loops). So each loop counts its open connections here, and one
+/// more than [`SHARE_SLACK`] ahead of the least loaded loop leaves the queue to the others.
+pub struct Share {
+    open: Box<[AtomicUsize]>,
+    changed: tokio::sync::Notify,
+}
+
+impl Share {
+    /// The share of `loops` loops.
+    pub fn new(loops: usize) -> Arc<Share> {
+        Arc::new(Share {
+            open: (0..loops.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Loop `index`'s seat.
+    pub fn seat(self: &Arc<Share>, index: usize) -> Seat {
+        Seat {
+            share: self.clone(),
+            index,
+        }
+    }
+}
+
+/// One loop's place in a [`Share`].
+pub struct Seat {
+    share: Arc<Share>,
+    index: usize,
+}
+
+impl Seat {
+    /// This loop does not serve after all (its thread or runtime could not start): the others
+    /// stop waiting for it.
+    pub fn retire(self) {
+        self.share.open[self.index].store(usize::MAX / 2, Ordering::Release);
+        self.share.changed.notify_waiters();
+    }
+
+    fn ahead(&self) -> bool {
+        let open = &self.share.open;
+        let mine = open[self.index].load(Ordering::Acquire);
+        let least = open.iter().map(|n| n.load(Ordering::Acquire)).min().unwrap_or(0);
+        mine > least + SHARE_SLACK
+    }
+
+    /// Returns when this loop may accept: at once unless it is ahead of the others, else once
+    /// they catch up (or a connection of its own ends), or after [`SHARE_WAIT`].
+    async fn turn(&self) {
+        if self.share.open.len() < 2 {
+            return;
+        }
+        let changed = self.share.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if self.ahead() {
+            let _ = tokio::time::timeout(SHARE_WAIT, changed).await;
+        }
+    }
+
+    /// Counts a connection this loop accepted, until the returned value is dropped.
+    fn opened(&self) -> Seated {
+        self.share.open[self.index].fetch_add(1, Ordering::AcqRel);
+        self.share.changed.notify_waiters();
+        Seated {
+            share: self.share.clone(),
+            index: self.index,
+        }
+    }
+}
+
+/// An open connection counted in its loop's seat.
+struct Seated {
+    share: Arc<Share>,
+    index: usize,
+}
+
+impl Drop for Seated {
+    fn drop(&mut self) {
+        self.share.open[self.index].fetch_sub(1, Ordering::AcqRel);
+        self.share.changed.notify_waiters();
     }
 }
 
@@ -228,5 +330,51 @@ impl AsyncWrite for IdleIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_more_than_one_connection_ahead_leaves_the_queue_to_the_others() {
+        let share = Share::new(3);
+        let (a, b, c) = (share.seat(0), share.seat(1), share.seat(2));
+        let first = a.opened();
+        assert!(!a.ahead(), "one ahead is within the slack");
+        let second = a.opened();
+        assert!(a.ahead(), "two ahead of the least loaded");
+        assert!(!b.ahead() && !c.ahead());
+        // The others catch up: its turn again.
+        let (_b1, _c1) = (b.opened(), c.opened());
+        assert!(!a.ahead());
+        // Its connections end: never ahead.
+        drop((first, second));
+        assert!(!a.ahead());
+        // A loop that never started is not waited for.
+        let _more = (a.opened(), a.opened(), a.opened());
+        assert!(a.ahead());
+        b.retire();
+        assert!(a.ahead(), "c still has fewer");
+        let _c2 = (c.opened(), c.opened());
+        assert!(!a.ahead());
+    }
+
+    #[tokio::test]
+    async fn a_loop_ahead_waits_for_its_turn_at_most_the_bounded_wait() {
+        let share = Share::new(2);
+        let a = share.seat(0);
+        let _open = (a.opened(), a.opened(), a.opened());
+        use futures_util::FutureExt;
+        // No other loop accepts: it waits, then accepts anyway.
+        assert!(a.turn().now_or_never().is_none(), "ahead: not at once");
+        let started = std::time::Instant::now();
+        a.turn().await;
+        assert!(started.elapsed() >= SHARE_WAIT);
+        // Not ahead: no wait at all.
+        let b = share.seat(1);
+        let _caught_up = (b.opened(), b.opened());
+        assert!(a.turn().now_or_never().is_some(), "its turn at once");
     }
 }

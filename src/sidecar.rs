@@ -156,8 +156,11 @@ impl Sidecar {
         let released = CancellationToken::new();
         let _release_on_drop = released.clone().drop_guard();
         let mut drained = Vec::new();
+        let share = crate::server::Share::new(others.len() + 1);
         for (i, listener) in others.into_iter().enumerate() {
             let (live, shutdown, limit, released) = (self.live.clone(), stop.clone(), limit.clone(), released.clone());
+            let seat = share.seat(i + 1);
+            let unseat = share.seat(i + 1);
             let (done, result) = tokio::sync::oneshot::channel();
             let blocking = blocking_threads(self.proxy.config().workers);
             let spawned = std::thread::Builder::new()
@@ -170,23 +173,30 @@ impl Sidecar {
                         .build()
                     {
                         Ok(rt) => rt,
-                        Err(e) => return warn!(error = %e, "failed to start a worker loop"),
+                        Err(e) => {
+                            seat.retire();
+                            return warn!(error = %e, "failed to start a worker loop");
+                        }
                     };
                     runtime.block_on(async move {
                         let Ok(listener) = TcpListener::from_std(listener) else {
-                            return;
+                            return seat.retire();
                         };
-                        let ok = crate::server::run(listener, live, shutdown.cancelled_owned(), limit).await;
+                        let ok = crate::server::run(listener, live, shutdown.cancelled_owned(), limit, seat).await;
                         let _ = done.send(ok);
                         released.cancelled().await;
                     });
                 });
             match spawned {
                 Ok(_) => drained.push(result),
-                Err(e) => warn!(error = %e, "failed to start a worker thread"),
+                Err(e) => {
+                    unseat.retire();
+                    warn!(error = %e, "failed to start a worker thread");
+                }
             }
         }
-        let mut all = crate::server::run(listener, self.live.clone(), stop.clone().cancelled_owned(), limit).await;
+        let seat = share.seat(0);
+        let mut all = crate::server::run(listener, self.live.clone(), stop.clone().cancelled_owned(), limit, seat).await;
         for result in drained {
             all &= result.await.unwrap_or(false);
         }
