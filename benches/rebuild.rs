@@ -1,12 +1,14 @@
-//! Startup with a warm cache directory: writes N objects (default 100,000) through the store,
-//! then times a fresh `Cache::open` until the index is rebuilt, and reports the process's
-//! resident memory. Run: `cargo bench --bench rebuild [-- N] [--dir PATH]`.
+//! Startup with a warm cache directory: writes N small objects (default 100,000) as the cache
+//! stores them (slots of segment files, appended by the segments' writer), then times a fresh
+//! `Cache::open` until the index is rebuilt, and reports the process's resident memory. Run:
+//! `cargo bench --bench rebuild [-- N] [--dir PATH]`.
 
 use std::time::{Duration, Instant, SystemTime};
 
 use sidecache::cache::Cache;
 use sidecache::cache::key::{CacheKey, Digest};
 use sidecache::cache::meta::Meta;
+use sidecache::cache::segments::{Kind, Segments};
 use sidecache::cache::store::Store;
 use sidecache::config::{Config, Loader};
 
@@ -32,17 +34,20 @@ fn main() {
 
     let started = Instant::now();
     {
-        let store = Store::open(&cache_dir).expect("open store");
+        let store = std::sync::Arc::new(Store::open(&cache_dir).expect("open store"));
+        let segments = Segments::open(&store, 8 << 30)
+            .expect("segments")
+            .expect("a filesystem that punches holes");
         let mut headers = http::HeaderMap::new();
         headers.insert("content-type", http::HeaderValue::from_static("application/javascript"));
         headers.insert(
             "cache-control",
             http::HeaderValue::from_static("public, max-age=31536000"),
         );
+        let mut answers = Vec::with_capacity(n as usize);
         for i in 0..n {
             let body = format!("console.log({i});\n").repeat(8);
             let generation = store.next_gen();
-            let tmp = store.create_tmp_object(generation).expect("tmp");
             let digest = Digest::from(blake3::hash(body.as_bytes()));
             let key = CacheKey::from_stored(format!("http://app.example/assets/{i}.js"));
             let meta = Meta {
@@ -56,10 +61,13 @@ fn main() {
                 vary: vec![],
                 prepared: Default::default(),
             };
-            let mut file = body.into_bytes();
-            file.extend_from_slice(&sidecache::cache::store::tail(&meta));
-            std::io::Write::write_all(&mut &*tmp.file, &file).expect("write");
-            store.place_object(tmp, &key.hash(), generation).expect("place");
+            let tail = sidecache::cache::store::tail(&meta);
+            let parts = vec![bytes::Bytes::from(body), bytes::Bytes::from(tail)];
+            answers.push(segments.append(Kind::Object, key.hash(), generation, parts));
+        }
+        for answer in answers {
+            // Kept: as the index holds what it stored when the process stops.
+            std::mem::forget(answer.blocking_recv().expect("answered").expect("written"));
         }
     }
     println!("wrote {n} objects in {:.1?}", started.elapsed());
