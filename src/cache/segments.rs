@@ -53,6 +53,8 @@ use crate::negotiate::Coding;
 /// Bytes before every slot's image.
 pub const PREFIX_LEN: u64 = 64;
 const MAGIC: &[u8; 8] = b"SCSEG001";
+/// The kind byte of a discarded slot's prefix (a tombstone).
+const DEAD: u8 = 0xFF;
 /// Most segments kept: past it the sparsest is reclaimed whole. Bounds the descriptors held
 /// (one per segment) whatever pattern of evictions leaves a few live slots in many segments.
 pub const MAX_SEGMENTS: usize = 256;
@@ -151,9 +153,17 @@ impl Slot {
         self.segment.id
     }
 
-    /// The index let go of it: once no reader holds it, its range is punched.
+    /// The index let go of it: its prefix is marked dead at once (a restart, even a crash
+    /// right after, never finds it again: a purge sticks), and its range is punched once no
+    /// reader holds it (readers read the image, never the prefix).
     pub fn discard(&self) {
-        self.discarded.store(true, Ordering::Release);
+        if !self.discarded.swap(true, Ordering::AcqRel) {
+            self.segment.shared.send(Op::Bury {
+                segment: self.segment.clone(),
+                offset: self.offset,
+                len: self.len,
+            });
+        }
     }
 
     /// A description for errors.
@@ -171,18 +181,11 @@ impl Drop for Slot {
         if self.discarded.load(Ordering::Acquire) {
             // To the writer, which owns every change to the segment files: a holder letting
             // go may be an event loop.
-            let punch = Op::Punch {
+            self.segment.shared.send(Op::Punch {
                 segment: self.segment.clone(),
                 offset: self.offset,
                 len: self.span(),
-            };
-            let _ = self
-                .segment
-                .shared
-                .ops
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(punch);
+            });
         }
     }
 }
@@ -237,6 +240,13 @@ impl Place {
 /// What the segments' writer is asked to do.
 enum Op {
     Append(Append),
+    /// A discarded slot's prefix is marked dead (`len`: its image's).
+    Bury {
+        segment: Arc<Segment>,
+        offset: u64,
+        len: u64,
+    },
+    /// A discarded slot no one holds: its range goes back to the filesystem.
     Punch {
         segment: Arc<Segment>,
         offset: u64,
@@ -322,19 +332,33 @@ impl Shared {
         p
     }
 
-    /// A prefix read at `offset` of segment `id`, if it is one this directory wrote.
-    fn parse(&self, id: u64, offset: u64, p: &[u8]) -> Option<(Kind, KeyHash, u64, u64)> {
+    /// The prefix of a discarded slot: no key, no version, the dead kind, its length.
+    fn tombstone(&self, id: u64, offset: u64, len: u64) -> [u8; 64] {
+        let mut p = self.prefix(id, offset, Kind::Object, &KeyHash([0; 16]), 0, len);
+        p[8] = DEAD;
+        let mac = self.mac(id, offset, &p[..48]);
+        p[48..].copy_from_slice(&mac);
+        p
+    }
+
+    /// A prefix read at `offset` of segment `id`, if it is one this directory wrote: a slot's
+    /// `(kind, key, version, image length)`, or `Err(length)` for a discarded one's.
+    #[allow(clippy::type_complexity)]
+    fn parse(&self, id: u64, offset: u64, p: &[u8]) -> Option<Result<(Kind, KeyHash, u64, u64), u64>> {
         if p.len() < 64 || &p[..8] != MAGIC || p[9..16].iter().any(|&b| b != 0) {
             return None;
         }
         if !constant_time_eq(&self.mac(id, offset, &p[..48]), &p[48..64]) {
             return None;
         }
+        let len = u64::from_be_bytes(p[40..48].try_into().ok()?);
+        if p[8] == DEAD {
+            return Some(Err(len));
+        }
         let kind = Kind::from_byte(p[8])?;
         let key = KeyHash(p[16..32].try_into().ok()?);
         let generation = u64::from_be_bytes(p[32..40].try_into().ok()?);
-        let len = u64::from_be_bytes(p[40..48].try_into().ok()?);
-        Some((kind, key, generation, len))
+        Some(Ok((kind, key, generation, len)))
     }
 }
 
@@ -610,7 +634,17 @@ fn scan_segment(segment: &Arc<Segment>, file_len: u64) -> (Vec<FoundSlot>, u64) 
             _ => None,
         };
         match parsed {
-            Some((kind, key, generation, len)) if offset + PREFIX_LEN + len <= file_len => {
+            // Discarded, not punched yet (the process stopped first): its range goes now.
+            Some(Err(len)) => {
+                if let Some(from) = bad_from.take() {
+                    cut(from, Some(offset - from));
+                    bad_ranges += 1;
+                }
+                let gone = span(PREFIX_LEN + len, unit);
+                cut(offset, Some(gone));
+                offset += gone;
+            }
+            Some(Ok((kind, key, generation, len))) if offset + PREFIX_LEN + len <= file_len => {
                 if let Some(from) = bad_from.take() {
                     cut(from, Some(offset - from));
                     bad_ranges += 1;
@@ -688,6 +722,7 @@ impl Writer {
         let mut stopped = false;
         while !stopped && let Ok(first) = ops.recv() {
             let mut appends = Vec::new();
+            let mut upkeep = Vec::new();
             let mut bytes = 0;
             let mut next = Some(first);
             while let Some(op) = next.take() {
@@ -696,10 +731,11 @@ impl Writer {
                         bytes += a.len();
                         appends.push(a);
                     }
-                    Op::Punch { segment, offset, len } => self.punch(&segment, offset, len),
+                    op @ (Op::Bury { .. } | Op::Punch { .. }) => upkeep.push(op),
                     Op::Barrier(done) => {
-                        // Appends queued before it are written before it is answered.
+                        // What was queued before it is done before it is answered.
                         self.write(std::mem::take(&mut appends));
+                        self.upkeep(std::mem::take(&mut upkeep));
                         let _ = done.send(());
                     }
                     Op::Stop => stopped = true,
@@ -708,19 +744,39 @@ impl Writer {
                     next = ops.try_recv().ok();
                 }
             }
-            if !appends.is_empty() {
-                self.write(appends);
-            }
+            self.write(appends);
+            self.upkeep(upkeep);
         }
     }
 
-    fn punch(&mut self, segment: &Arc<Segment>, offset: u64, len: u64) {
-        if let Ok(w) = self.shared.writable(segment.id) {
-            punch(&w, offset, len);
-        }
-        let left = segment.live.fetch_sub(1, Ordering::AcqRel) - 1;
-        if left == 0 && segment.sealed.load(Ordering::Acquire) {
-            self.remove(segment);
+    /// Marks discarded slots dead and punches those no one holds, with one write descriptor
+    /// per segment for the batch.
+    fn upkeep(&mut self, ops: Vec<Op>) {
+        let mut writable: std::collections::HashMap<u64, Option<File>> = std::collections::HashMap::new();
+        for op in ops {
+            let (Op::Bury { segment, offset, len } | Op::Punch { segment, offset, len }) = &op else {
+                continue;
+            };
+            let w = writable
+                .entry(segment.id)
+                .or_insert_with(|| self.shared.writable(segment.id).ok());
+            match op {
+                Op::Bury { .. } => {
+                    if let Some(w) = w {
+                        let dead = self.shared.tombstone(segment.id, *offset, *len);
+                        let _ = crate::cache::fileio::write_all_at(w, &[&dead], *offset);
+                    }
+                }
+                _ => {
+                    if let Some(w) = w {
+                        punch(w, *offset, *len);
+                    }
+                    let left = segment.live.fetch_sub(1, Ordering::AcqRel) - 1;
+                    if left == 0 && segment.sealed.load(Ordering::Acquire) {
+                        self.remove(segment);
+                    }
+                }
+            }
         }
     }
 
@@ -967,6 +1023,33 @@ mod tests {
         // The other slot is untouched.
         let got = crate::cache::fileio::read_at(b.file(), 40_000, b.base()).unwrap();
         assert_eq!(got, image(2, 40_000));
+    }
+
+    /// A purge must stick: a slot let go while a reader still holds it is marked dead at once,
+    /// so a process that stops before the reader lets go (and so before the punch) does not
+    /// find it again at the next start, nor counts it as corrupt.
+    #[test]
+    fn a_slot_let_go_under_a_reader_is_not_found_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_store, segments) = open(dir.path(), 64 << 20);
+            let kept = write(&segments, Kind::Object, kh(1), 1, image(1, 6000));
+            let purged = write(&segments, Kind::Object, kh(2), 2, image(2, 6000));
+            let reader = purged.clone();
+            purged.discard();
+            drop(purged);
+            segments.settle_blocking();
+            // Still readable by its reader.
+            let got = crate::cache::fileio::read_at(reader.file(), 6000, reader.base()).unwrap();
+            assert_eq!(got, image(2, 6000));
+            // The process stops with both still held.
+            std::mem::forget((kept, reader));
+        }
+        let (store, segments) = open(dir.path(), 64 << 20);
+        let (found, torn) = segments.scan(|id| store.is_own(id));
+        let keys: Vec<_> = found.iter().map(|f| f.key).collect();
+        assert_eq!(keys, vec![kh(1)], "the purged slot came back");
+        assert_eq!(torn, 0, "a dead slot is not a corrupt one");
     }
 
     #[test]
