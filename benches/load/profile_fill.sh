@@ -4,6 +4,7 @@
 # recorded with `perf record -g` on the sidecache process only, then grouped by job.
 #
 #     sudo benches/load/profile_fill.sh            # or: ROUNDS=5 OUT=/tmp/x benches/load/profile_fill.sh
+#     SIDECACHE=/tmp/old-sidecache benches/load/profile_fill.sh    # an earlier build, not rebuilt
 #
 # Steps: builds the release binary and loadtool; starts the origin and sidecache on 127.0.0.1
 # (free ports) with a new cache directory under $OUT (so on the same filesystem as run.py's,
@@ -26,11 +27,15 @@ ROUNDS=${ROUNDS:-5}
 WARMUP=${WARMUP:-4000}
 CONCURRENCY=${CONCURRENCY:-64}
 FREQ=${FREQ:-2999}
-SIDECACHE="$ROOT/target/release/sidecache"
-LOADTOOL="$ROOT/target/release/examples/loadtool"
+# SIDECACHE=/path/to/an/earlier/build profiles that binary instead (nothing is built then).
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+LOADTOOL="$TARGET_DIR/release/examples/loadtool"
 mkdir -p "$OUT"
 
-(cd "$ROOT" && cargo build --release --quiet --bin sidecache --example loadtool)
+if [ -z "${SIDECACHE:-}" ]; then
+    SIDECACHE="$TARGET_DIR/release/sidecache"
+    (cd "$ROOT" && cargo build --release --quiet --bin sidecache --example loadtool)
+fi
 if [ "$(cat /proc/sys/kernel/perf_event_paranoid)" -gt -1 ]; then
     sysctl -q kernel.perf_event_paranoid=-1 || echo "perf_event_paranoid > -1: kernel frames may be missing" >&2
 fi
@@ -105,7 +110,7 @@ perf script -i "$OUT/perf.data" -F period,ip,sym,dso 2>/dev/null \
 {
     echo "# sidecache fill profile"
     echo
-    echo "commit $(git -C "$ROOT" describe --always --dirty), $(uname -r), $(nproc) CPUs, $(perf --version)"
+    echo "binary $SIDECACHE, tree at $(git -C "$ROOT" describe --always --dirty), $(uname -r), $(nproc) CPUs, $(perf --version)"
     echo "cache dir on: $(df -T "$OUT" | awk 'NR == 2 { print $1, $2 }')"
     echo "$ROUNDS x $COUNT fills, $CONCURRENCY clients, after $WARMUP warm-up fills"
     echo

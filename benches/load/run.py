@@ -681,7 +681,9 @@ class Bench:
     def sample_disk(self, proc, peak, stop):
         cache_dir = os.path.join(self.work, f"{proc.name}-cache")
         while not stop.wait(0.5):
-            used = subprocess.run(["du", "-sb", cache_dir], capture_output=True, text=True).stdout.split()
+            # Allocated blocks (what the budget bounds), not apparent sizes: sidecache's segment
+            # files are sparse (a slot let go is punched out), Varnish's file is allocated whole.
+            used = subprocess.run(["du", "-s", "-B1", cache_dir], capture_output=True, text=True).stdout.split()
             if used:
                 peak[0] = max(peak[0], int(used[0]))
 
