@@ -65,23 +65,35 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     id
 }
 
-/// 128 random bits as hex; a process-wide counter after a random start if the kernel has no
-/// randomness to give (never seen on Linux).
+/// 128 bits as hex: a process-wide counter under a keyed blake3, the key drawn from the kernel
+/// once (a request id is made for every request to the app: no system call each time, as a
+/// `getrandom` per id was). Unpredictable without the key, and never the same twice in a
+/// process. Without randomness from the kernel (never seen on Linux) the key is made from the
+/// process id and the clock.
 fn new_id() -> String {
+    use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
-    let mut bytes = [0u8; 16];
-    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::NONBLOCK).is_ok_and(|n| n == 16) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(32);
-        for b in bytes {
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 15)] as char);
-        }
-        return out;
-    }
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let pid = u64::from(std::process::id());
-    format!("{pid:016x}{:016x}", NEXT.fetch_add(1, Ordering::Relaxed))
+    let key = KEY.get_or_init(|| {
+        let mut key = [0u8; 32];
+        if !rustix::rand::getrandom(&mut key, rustix::rand::GetRandomFlags::NONBLOCK).is_ok_and(|n| n == 32) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            key = *blake3::hash(format!("{}:{now}", std::process::id()).as_bytes()).as_bytes();
+        }
+        key
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let bits = blake3::keyed_hash(key, &n.to_le_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(32);
+    for &b in &bits.as_bytes()[..16] {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 /// The host a request names (`Host`, or the HTTP/2 `:authority`), as logged.
@@ -242,5 +254,18 @@ mod tests {
         let id = request_id(&mut two);
         assert_eq!(two.get_all(&REQUEST_ID).iter().count(), 1);
         assert_ne!(id, request_id(&mut HeaderMap::new()), "ids differ");
+    }
+
+    #[test]
+    fn new_ids_are_distinct_hex_and_not_a_visible_counter() {
+        let ids: Vec<String> = (0..1000).map(|_| new_id()).collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(
+            ids.iter()
+                .all(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
+        // Consecutive ids share no long prefix (a bare counter would).
+        assert!(ids.windows(2).all(|w| w[0][..8] != w[1][..8]));
     }
 }
