@@ -196,7 +196,8 @@ impl Sidecar {
             }
         }
         let seat = share.seat(0);
-        let mut all = crate::server::run(listener, self.live.clone(), stop.clone().cancelled_owned(), limit, seat).await;
+        let mut all =
+            crate::server::run(listener, self.live.clone(), stop.clone().cancelled_owned(), limit, seat).await;
         for result in drained {
             all &= result.await.unwrap_or(false);
         }
