@@ -112,17 +112,43 @@ fn map_with(
         Backing::Slot(_) => 0,
     };
     let base = from.base();
+    // A slot is read with its prefix, which must still be the slot's (its MAC, its length):
+    // a segment cut short or punched underneath, then extended again by an append, reads as
+    // zeros there, never as a body.
+    let prefix = match &from {
+        Backing::Slot(slot) => slot.prefix_len(),
+        Backing::File(_) => 0,
+    };
+    let read = |want: usize, at: u64| {
+        let read = if nowait {
+            read_cached_at(from.file(), want, at)
+        } else {
+            read_at(from.file(), want, at).map(Some)
+        };
+        read.map_err(ReadError::of_read)
+    };
+    let intact = |head: &[u8]| match &from {
+        Backing::Slot(slot) if !slot.intact(head) => {
+            Err(ReadError::Corrupt("slot prefix does not match its slot".into()))
+        }
+        _ => Ok(()),
+    };
     if len < min_mmap || len == 0 {
-        let want = (len + extra).min(file_len) as usize;
+        let want = (len + extra).min(file_len) as usize + prefix as usize;
         if want == 0 {
             return Ok(Some((Bytes::new(), mtime)));
         }
-        let read = if nowait {
-            read_cached_at(from.file(), want, base)
-        } else {
-            read_at(from.file(), want, base).map(Some)
+        let Some(buf) = read(want, base - prefix)? else {
+            return Ok(None);
         };
-        return Ok(read.map_err(ReadError::of_read)?.map(|buf| (Bytes::from(buf), mtime)));
+        intact(&buf[..prefix as usize])?;
+        return Ok(Some((Bytes::from(buf).slice(prefix as usize..), mtime)));
+    }
+    if prefix > 0 {
+        let Some(head) = read(prefix as usize, base - prefix)? else {
+            return Ok(None);
+        };
+        intact(&head)?;
     }
     // SAFETY: see the module contract: a placed file is immutable and only unlinked; a slot's
     // range is written once, before it is indexed, and punched only when its last holder (this

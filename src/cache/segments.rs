@@ -166,6 +166,19 @@ impl Slot {
         }
     }
 
+    /// The bytes before its image: its prefix.
+    pub fn prefix_len(&self) -> u64 {
+        PREFIX_LEN
+    }
+
+    /// Whether `prefix` (read just before its image) is still this slot's: a prefix under the
+    /// directory's MAC for this segment and offset (so written by this process for this very
+    /// slot: offsets are never reused), of this length, not a tombstone.
+    pub fn intact(&self, prefix: &[u8]) -> bool {
+        let shared = &self.segment.shared;
+        matches!(shared.parse(self.segment.id, self.offset, prefix), Some(Ok((_, _, _, len))) if len == self.len)
+    }
+
     /// A description for errors.
     pub fn describe(&self) -> PathBuf {
         self.segment.shared.path(self.segment.id)
@@ -1050,6 +1063,38 @@ mod tests {
         let keys: Vec<_> = found.iter().map(|f| f.key).collect();
         assert_eq!(keys, vec![kh(1)], "the purged slot came back");
         assert_eq!(torn, 0, "a dead slot is not a corrupt one");
+    }
+
+    /// A hit reads a slot with its prefix and checks it: a segment cut short underneath and
+    /// extended again (a later append) reads as zeros over the cut, which must never be served.
+    #[test]
+    fn a_slot_cut_underneath_reads_as_corrupt_not_as_zeros() {
+        use crate::zerocopy::{Backing, map_body};
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, segments) = open(dir.path(), 64 << 20);
+        let small = write(&segments, Kind::Object, kh(1), 1, image(1, 6000));
+        let large = write(&segments, Kind::Object, kh(2), 2, image(2, 40_000));
+        // Intact: read (under the mapping size) and mapped, each the image's first bytes.
+        let (body, _) = map_body(Backing::Slot(small.clone()), 5000, 6000, 0, u64::MAX).expect("read");
+        assert_eq!(&body[..], &image(1, 6000)[..5000]);
+        let (body, _) = map_body(Backing::Slot(large.clone()), 30_000, 40_000, 0, 16 << 10).expect("mapped");
+        assert_eq!(&body[..], &image(2, 40_000)[..30_000]);
+        // Someone cuts the segment at the first slot; an append extends it again.
+        let path = segment_files(dir.path()).remove(0);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let _later = write(&segments, Kind::Object, kh(3), 3, image(3, 100));
+        for (slot, len, min_mmap) in [(&small, 5000, u64::MAX), (&large, 30_000, 16 << 10)] {
+            let read = map_body(Backing::Slot(slot.clone()), len, slot.len(), 0, min_mmap);
+            assert!(
+                matches!(read, Err(crate::cache::store::ReadError::Corrupt(_))),
+                "zeros served as a body"
+            );
+        }
     }
 
     #[test]
