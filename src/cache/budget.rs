@@ -171,10 +171,11 @@ fn object_limit(max_objects: u64, our_objects: u64, space: &Space, keep: u64) ->
 }
 
 /// What the layout spends on disk whatever is stored, charged up front: a unit for each of
-/// its fixed entries and fan-out directories (only as many as `max_files` can make), and a
-/// name per file it may hold, for directories never shrink.
-fn layout_overhead(unit: u64, max_files: u64) -> u64 {
-    let fanout = max_files.min(store::FANOUT_DIRS);
+/// its fixed entries and fan-out directories, and a name per file it may hold at once, for
+/// directories never shrink. Fan-out directories are never removed either, so the files made
+/// over time, not those held at once, make them: as many as `max_objects` objects can make.
+fn layout_overhead(unit: u64, max_objects: u64, max_files: u64) -> u64 {
+    let fanout = max_objects.min(store::FANOUT_DIRS);
     (store::LAYOUT_FIXED + fanout) * unit + max_files * store::NAME_COST
 }
 
@@ -203,7 +204,7 @@ impl Budget {
             0 => self.limits.max_objects,
             from => self.limits.max_objects.min(self.limits.max_size / from),
         };
-        let overhead = layout_overhead(unit, max_files);
+        let overhead = layout_overhead(unit, self.limits.max_objects, max_files);
         self.lock_index().set_disk(unit, overhead);
     }
 
@@ -446,9 +447,12 @@ mod tests {
     #[test]
     fn the_layout_is_charged_for_the_directories_its_objects_can_make() {
         // Two objects can make two fan-out directories, beside the five fixed entries.
-        assert_eq!(layout_overhead(4096, 2), (7 + 2) * 4096 + 2 * 256);
+        assert_eq!(layout_overhead(4096, 2, 2), (7 + 2) * 4096 + 2 * 256);
         // Never more than the 256 fan-out directories there are.
-        assert_eq!(layout_overhead(4096, 100_000), 263 * 4096 + 100_000 * 256);
+        assert_eq!(layout_overhead(4096, 100_000, 100_000), 263 * 4096 + 100_000 * 256);
+        // Names only for the files (large objects) when small ones are packed into segments;
+        // the directories for every object the bound lets be made over time.
+        assert_eq!(layout_overhead(4096, 100_000, 64), 263 * 4096 + 64 * 256);
     }
 
     /// A filesystem whose free space the test sets.
