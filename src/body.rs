@@ -149,7 +149,11 @@ async fn next_chunk(body: &mut ProxyBody) -> Option<Result<Bytes, BoxError>> {
 /// lose it. The writer bounds that wait (it gives the copy up when the disk stalls, closing the
 /// queue); then, or when the writer goes away, the client's bytes go on alone. The writer
 /// learns of a clean end only through [`TeeMsg::Last`] or [`TeeMsg::End`].
-pub fn tee(body: ProxyBody, tx: tokio::sync::mpsc::Sender<TeeMsg>) -> ProxyBody {
+pub fn tee(
+    body: ProxyBody,
+    tx: tokio::sync::mpsc::Sender<TeeMsg>,
+    copied: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> ProxyBody {
     use http_body::Body;
     // An empty body may never be polled at all.
     let tx = if body.is_end_stream() {
@@ -158,13 +162,43 @@ pub fn tee(body: ProxyBody, tx: tokio::sync::mpsc::Sender<TeeMsg>) -> ProxyBody 
     } else {
         Some(tokio_util::sync::PollSender::new(tx))
     };
-    UnsyncBoxBody::new(Tee { inner: body, tx })
+    UnsyncBoxBody::new(Tee {
+        inner: body,
+        tx,
+        copied,
+        held: None,
+    })
 }
+
+/// How long a tee's last frame waits for its copy to be over.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+type Polled = Option<Result<http_body::Frame<Bytes>, BoxError>>;
 
 struct Tee {
     inner: ProxyBody,
     /// The copy's queue; `None` once the copy ended or was given up.
     tx: Option<tokio_util::sync::PollSender<TeeMsg>>,
+    /// Resolves once the copy is over (committed or given up).
+    copied: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The body's last frame (or its end), held until the copy is over or [`HOLD_LIMIT`].
+    held: Option<(Polled, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Tee {
+    /// Whether the held frame may go: the copy is over, or the wait reached its bound.
+    fn release(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        use std::future::Future;
+        let over = self
+            .copied
+            .as_mut()
+            .is_none_or(|rx| std::pin::Pin::new(rx).poll(cx).is_ready());
+        let late = self
+            .held
+            .as_mut()
+            .is_some_and(|(_, limit)| limit.as_mut().poll(cx).is_ready());
+        over || late
+    }
 }
 
 impl http_body::Body for Tee {
@@ -176,6 +210,14 @@ impl http_body::Body for Tee {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         use std::task::Poll;
+        if self.held.is_some() {
+            if !self.release(cx) {
+                return Poll::Pending;
+            }
+            self.copied = None;
+            let (polled, _) = self.held.take().expect("held");
+            return Poll::Ready(polled);
+        }
         // Room for the next message first: the frame read below is then always copied.
         if let Some(tx) = &mut self.tx {
             match tx.poll_reserve(cx) {
@@ -207,8 +249,18 @@ impl http_body::Body for Tee {
             && let Some(tx) = &mut self.tx
         {
             let last = !matches!(msg, TeeMsg::Data(_));
-            if tx.send_item(msg).is_err() || last {
+            let sent = tx.send_item(msg).is_ok();
+            if !sent || last {
                 self.tx = None;
+            }
+            // The copy has the whole body: the client's last frame waits for it to be stored.
+            if sent && last && self.copied.is_some() {
+                let polled = match poll {
+                    Poll::Ready(polled) => polled,
+                    Poll::Pending => unreachable!("a last message comes from a ready frame"),
+                };
+                self.held = Some((polled, Box::pin(tokio::time::sleep(HOLD_LIMIT))));
+                return self.poll_frame(cx);
             }
         }
         poll
@@ -246,7 +298,7 @@ mod tests {
     #[test]
     fn a_copy_whose_writer_lags_holds_the_client_back_and_is_whole() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        let mut body = tee(chunked(3), tx);
+        let mut body = tee(chunked(3), tx, None);
         let (mut client, mut copy) = (Vec::new(), Vec::new());
         while client.len() < 3 {
             match poll(&mut body) {
@@ -284,7 +336,7 @@ mod tests {
     #[test]
     fn a_copy_given_up_lets_the_client_go_on() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        let mut body = tee(chunked(4), tx);
+        let mut body = tee(chunked(4), tx, None);
         let mut client = Vec::new();
         assert!(matches!(poll(&mut body), Poll::Ready(Some(Ok(_)))));
         client.push(0);

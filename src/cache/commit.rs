@@ -560,12 +560,24 @@ impl Cache {
     /// while its queue is full. The copy to disk is given up (its queue closed, the client let
     /// go on alone) if it grows past `max_object_size`, the budget refuses it, or one write
     /// stalls for [`TEE_STALL`].
-    pub fn tee_fill(self: &Arc<Self>, meta: Meta) -> Option<mpsc::Sender<TeeMsg>> {
+    ///
+    /// The second value resolves once the copy is over (committed, or given up): the client's
+    /// body holds its last frame until then (`body::tee`, bounded), so a request sent once the
+    /// answer is complete finds it stored. (A `no-cache` answer, stored through here, is then
+    /// revalidated by the next request instead of being asked for plain past a copy still in
+    /// flight.)
+    pub fn tee_fill(
+        self: &Arc<Self>,
+        meta: Meta,
+    ) -> Option<(mpsc::Sender<TeeMsg>, tokio::sync::oneshot::Receiver<()>)> {
         let store = self.store()?;
         let generation = store.next_gen();
         let (tx, mut rx) = mpsc::channel::<TeeMsg>(256);
+        let (over, copied) = tokio::sync::oneshot::channel::<()>();
         let cache = self.clone();
         tokio::spawn(async move {
+            // Dropped when this task ends, however it ends: the client's last frame goes.
+            let _over = over;
             // Without an object to fill or a file, the receiver goes away and the client's
             // body is left alone. Bytes are reserved as they come, making room as a fill of a
             // known length does (bounded by the room wait; the client waits with it once the
@@ -650,7 +662,7 @@ impl Cache {
                 (_, reason) => filling.abort(reason.unwrap_or(Abort::Incomplete)),
             }
         });
-        Some(tx)
+        Some((tx, copied))
     }
 
     /// Stores a revalidated response's refreshed head (RFC 9111 §4.3.4): a new version of the

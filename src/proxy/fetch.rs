@@ -259,7 +259,7 @@ impl Proxy {
                 // Of unknown length, or for its validator alone: stored as it is relayed.
                 permit.release(false);
                 let body = match self.cache.tee_fill(meta) {
-                    Some(copy) => body::tee(from_upstream(body), copy),
+                    Some((copy, copied)) => body::tee(from_upstream(body), copy, Some(copied)),
                     None => from_upstream(body),
                 };
                 let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, None);

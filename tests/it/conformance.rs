@@ -111,3 +111,41 @@ async fn private_beside_a_cdn_lifetime_is_never_stored() {
     assert_eq!(sc.sidecar.proxy.cache().stats().0, 0);
     assert_eq!(origin.hits("/p"), 3);
 }
+
+/// An answer stored as it is relayed (a `no-cache` one, or one without a length) is stored
+/// before its client has its last byte: a request sent once the answer is complete finds it,
+/// and revalidates it with the stored validator (cache-tests `cc-resp-no-cache-revalidate*`)
+/// instead of asking the app plain past a copy still in flight. Twenty URLs, each asked twice
+/// back to back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_right_after_a_complete_answer_finds_it_stored() {
+    let origin = Origin::start().await;
+    let headers = [
+        ("cache-control", "max-age=10000, no-cache"),
+        ("etag", "\"v1\""),
+        ("content-type", "text/plain"),
+    ];
+    for i in 0..20 {
+        origin.fixed(&format!("/nc/{i}"), &headers, format!("body {i}").repeat(50));
+    }
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = client();
+    let mut plain = Vec::new();
+    for i in 0..20 {
+        let path = format!("/nc/{i}");
+        for _ in 0..2 {
+            let resp = c.get(sc.url(&path)).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.bytes().await.unwrap().len(), format!("body {i}").len() * 50);
+        }
+        let sent = origin.last_headers(&path).unwrap();
+        if sent.get("if-none-match").is_none_or(|v| v != "\"v1\"") {
+            plain.push(path.clone());
+        }
+        assert_eq!(origin.hits(&path), 2, "revalidated, as no-cache asks");
+    }
+    assert!(
+        plain.is_empty(),
+        "asked of the app without the stored validator: {plain:?}"
+    );
+}
