@@ -116,7 +116,7 @@ fn map_with(
     // a segment cut short or punched underneath, then extended again by an append, reads as
     // zeros there, never as a body.
     let prefix = match &from {
-        Backing::Slot(slot) => slot.prefix_len(),
+        Backing::Slot(_) => crate::cache::segments::PREFIX_LEN,
         Backing::File(_) => 0,
     };
     let read = |want: usize, at: u64| {

@@ -166,11 +166,6 @@ impl Slot {
         }
     }
 
-    /// The bytes before its image: its prefix.
-    pub fn prefix_len(&self) -> u64 {
-        PREFIX_LEN
-    }
-
     /// Whether `prefix` (read just before its image) is still this slot's: a prefix under the
     /// directory's MAC for this segment and offset (so written by this process for this very
     /// slot: offsets are never reused), of this length, not a tombstone.
@@ -334,9 +329,14 @@ impl Shared {
     }
 
     fn prefix(&self, id: u64, offset: u64, kind: Kind, key: &KeyHash, generation: u64, len: u64) -> [u8; 64] {
+        self.head(id, offset, kind.byte(), key, generation, len)
+    }
+
+    /// A prefix with kind byte `kind`, under the MAC.
+    fn head(&self, id: u64, offset: u64, kind: u8, key: &KeyHash, generation: u64, len: u64) -> [u8; 64] {
         let mut p = [0u8; 64];
         p[..8].copy_from_slice(MAGIC);
-        p[8] = kind.byte();
+        p[8] = kind;
         p[16..32].copy_from_slice(&key.0);
         p[32..40].copy_from_slice(&generation.to_be_bytes());
         p[40..48].copy_from_slice(&len.to_be_bytes());
@@ -347,17 +347,12 @@ impl Shared {
 
     /// The prefix of a discarded slot: no key, no version, the dead kind, its length.
     fn tombstone(&self, id: u64, offset: u64, len: u64) -> [u8; 64] {
-        let mut p = self.prefix(id, offset, Kind::Object, &KeyHash([0; 16]), 0, len);
-        p[8] = DEAD;
-        let mac = self.mac(id, offset, &p[..48]);
-        p[48..].copy_from_slice(&mac);
-        p
+        self.head(id, offset, DEAD, &KeyHash([0; 16]), 0, len)
     }
 
     /// A prefix read at `offset` of segment `id`, if it is one this directory wrote: a slot's
     /// `(kind, key, version, image length)`, or `Err(length)` for a discarded one's.
-    #[allow(clippy::type_complexity)]
-    fn parse(&self, id: u64, offset: u64, p: &[u8]) -> Option<Result<(Kind, KeyHash, u64, u64), u64>> {
+    fn parse(&self, id: u64, offset: u64, p: &[u8]) -> Option<Result<Head, u64>> {
         if p.len() < 64 || &p[..8] != MAGIC || p[9..16].iter().any(|&b| b != 0) {
             return None;
         }
@@ -387,6 +382,9 @@ fn name(id: u64) -> String {
 fn span(len: u64, unit: u64) -> u64 {
     len.div_ceil(unit).max(1) * unit
 }
+
+/// What a live slot's prefix says: its kind, key, version and image length.
+type Head = (Kind, KeyHash, u64, u64);
 
 /// A slot found by the startup scan.
 #[derive(Debug)]
