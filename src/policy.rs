@@ -8,6 +8,7 @@ use http::{Method, StatusCode};
 
 pub mod date;
 pub mod fields;
+pub mod partial;
 pub mod validation;
 pub mod vary;
 
@@ -246,6 +247,9 @@ pub enum NotStorable {
     /// Its tags cannot all be indexed (too many, too long, not UTF-8): stored with some
     /// dropped, a purge by one of those would miss it.
     Tags,
+    /// A 206 that is not one answered byte range of a known length, its body exactly that
+    /// range (see [`partial::storable`]).
+    Partial,
 }
 
 impl NotStorable {
@@ -262,6 +266,7 @@ impl NotStorable {
             NotStorable::Credentials => "credentials",
             NotStorable::NoFreshness => "no-freshness",
             NotStorable::Tags => "tags",
+            NotStorable::Partial => "partial",
         }
     }
 }
@@ -273,12 +278,25 @@ pub fn storable(
     status: StatusCode,
     resp_headers: &HeaderMap,
 ) -> Result<(), NotStorable> {
-    if method != Method::GET {
-        return Err(NotStorable::Method);
-    }
-    // Final statuses only; 206 needs range-aware storage (§3.3/§3.4), not attempted.
+    // Final statuses only; a 206 is stored as a span of its representation, by
+    // `partial::storable` (§3.3), never as a whole answer.
     if status.is_informational() || status == StatusCode::PARTIAL_CONTENT || status.as_u16() >= 600 {
         return Err(NotStorable::Status);
+    }
+    storable_status(method, req_headers, status, resp_headers)
+}
+
+/// RFC 9111 §3 once the status is one that may be stored: the method, the directives of the
+/// request and the response, credentials, `Vary`, cookies and freshness. Shared by whole
+/// answers ([`storable`]) and spans ([`partial::storable`]).
+fn storable_status(
+    method: &Method,
+    req_headers: &HeaderMap,
+    status: StatusCode,
+    resp_headers: &HeaderMap,
+) -> Result<(), NotStorable> {
+    if method != Method::GET {
+        return Err(NotStorable::Method);
     }
     let req_cc = CacheControl::parse(req_headers);
     // `must-understand` lifts `no-store` (§5.2.2.3), but not for a request with credentials,
@@ -748,7 +766,8 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    /// A head of these fields, in order (repeated names appended).
+    pub(crate) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
             h.append(

@@ -1,14 +1,15 @@
-//! Cache-Control, Range/If-Range, conditional and Vary parsing over arbitrary header values:
-//! never a panic, and a partial range always lies inside the body.
+//! Cache-Control, Range/If-Range, Content-Range, conditional and Vary parsing over arbitrary
+//! header values: never a panic, a partial range always lies inside the body, and what a
+//! stored span answers always lies inside what it holds.
 #![no_main]
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use sidecache::policy::{self, CacheControl, RangeAnswer};
 
-const NAMES: [&str; 12] = [
+const NAMES: [&str; 13] = [
     "cache-control", "range", "if-range", "if-none-match", "if-modified-since", "etag",
     "last-modified", "accept-encoding", "sidecache-cache-control", "vary", "age",
-    "accept-language",
+    "accept-language", "content-range",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -30,5 +31,11 @@ fuzz_target!(|data: &[u8]| {
     match policy::range(&headers, &headers, len) {
         RangeAnswer::Partial(start, end) => assert!(start <= end && end < len, "{start}-{end} of {len}"),
         RangeAnswer::Full | RangeAnswer::Unsatisfiable => {}
+    }
+    if let Some(held) = policy::partial::Span::of(&headers).and_then(|s| s.holding(len)) {
+        assert!(held.first <= held.last && held.last < held.complete && held.length() == len);
+        if let Some((first, last)) = held.answers(&headers, &headers) {
+            assert!(held.first <= first && first <= last && last <= held.last, "{first}-{last} of {held:?}");
+        }
     }
 });

@@ -271,6 +271,51 @@ impl Proxy {
         answer
     }
 
+    /// A range of a URL the cache holds nothing usable for: asked of the app as it is. A 206
+    /// holding one range of a known length, storable as any answer is and fresh
+    /// ([`policy::partial::storable`]), is stored as a span while it is relayed, and answers
+    /// later ranges inside it (RFC 9111 §3.3); anything else is only relayed. No rule lends a
+    /// span freshness: the app's own word, or the heuristic, decides.
+    pub(super) async fn fetch_range(&self, ex: Exchange, fwd: Fwd) -> Answer {
+        let (client, key, rule) = (ex.client, ex.key.clone(), ex.rule);
+        let req = ex.into_request();
+        let asked = Asked {
+            key,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            rule,
+            client_headers: req.headers().clone(),
+            sent_headers: req.headers().clone(),
+            validating: false,
+            request_time: SystemTime::now(),
+        };
+        let resp = match self.send(req, client, fwd).await {
+            Ok(resp) => resp,
+            Err(answer) => return answer,
+        };
+        let response_time = SystemTime::now();
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = from_upstream(body::boxed(body));
+        let span = policy::partial::storable(&asked.method, &asked.sent_headers, parts.status, &parts.headers);
+        let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, self.heuristic());
+        let copy = match self.tagged(span, &parts.headers) {
+            Ok(span) if !lifetime.is_zero() => self.cache.tee_fill(Meta {
+                body_len: span.length(),
+                ..record(&asked, &parts, response_time)
+            }),
+            _ => None,
+        };
+        let stored = copy.is_some();
+        let body = match copy {
+            Some((copy, copied)) => body::tee(body, copy, Some(copied)),
+            None => body,
+        };
+        let mut answer = Answer::new(Response::from_parts(parts, body), Outcome::Miss, Some(fwd));
+        answer.stored = stored;
+        answer
+    }
+
     /// The freshness the path's rule (matched once, at the door) or a fingerprinted name gives
     /// an answer about to be stored ([`rules::apply`]: never to one that is not already
     /// shareable).
@@ -285,14 +330,24 @@ impl Proxy {
 
     /// RFC 9111 §3, and the tags: whether this answer may be stored, logged when not.
     fn storable(&self, asked: &Asked, parts: &http::response::Parts) -> Result<(), policy::NotStorable> {
-        let storable =
-            policy::storable(&asked.method, &asked.sent_headers, parts.status, &parts.headers).and_then(|()| {
-                self.config.tags.parse(&parts.headers).map(drop).map_err(|why| {
-                    metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
-                    policy::NotStorable::Tags
-                })
-            });
-        if let Err(why) = storable {
+        let storable = policy::storable(&asked.method, &asked.sent_headers, parts.status, &parts.headers);
+        self.tagged(storable, &parts.headers)
+    }
+
+    /// What policy said of an answer, and then whether its tags can all be indexed (a purge
+    /// by a tag dropped would miss it); logged when it is not stored.
+    fn tagged<T>(
+        &self,
+        storable: Result<T, policy::NotStorable>,
+        headers: &HeaderMap,
+    ) -> Result<T, policy::NotStorable> {
+        let storable = storable.and_then(|ok| {
+            self.config.tags.parse(headers).map(|_| ok).map_err(|why| {
+                metrics::counter!(m::TAGS_REFUSED, "reason" => why.as_str()).increment(1);
+                policy::NotStorable::Tags
+            })
+        });
+        if let Err(why) = &storable {
             debug!(reason = why.as_str(), "response not stored");
         }
         storable

@@ -48,7 +48,7 @@ use crate::sources::SourceUrl;
 use crate::upstream::{Upstream, error_response};
 use exchange::{Admission, Exchange};
 use outcome::{handles, method_class};
-use stored::{answer_fill, reusable};
+use stored::{answer_fill, reusable, span_answer};
 use upgrade::is_upgrade;
 
 pub use fetch::relay_response;
@@ -448,9 +448,17 @@ impl Proxy {
                 let response = error_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout: not cached\n");
                 return Answer::new(response, Outcome::Miss, Some(fwd));
             }
-            if ex.req.method == Method::HEAD || ex.req.headers.contains_key(header::RANGE) {
-                // Nothing to store from a HEAD or a partial answer: ask the app directly.
+            if ex.req.method == Method::HEAD {
+                // Nothing to store from a HEAD: ask the app directly.
                 return self.forward(ex.into_request(), client, Outcome::Miss, fwd).await;
+            }
+            if ex.req.headers.contains_key(header::RANGE) {
+                // A range of nothing stored may be stored as a span; one of a stored answer
+                // that must be validated first is only relayed (the span would replace it).
+                if stored.is_some() {
+                    return self.forward(ex.into_request(), client, Outcome::Miss, fwd).await;
+                }
+                return self.fetch_range(ex, fwd).await;
             }
             match self.cache.claim(&ex.key, &ex.req.headers) {
                 Claim::Leader(permit) => return self.lead(ex, permit, fwd, stored).await,
@@ -479,14 +487,22 @@ impl Proxy {
         if !reusable(&hit.meta, &ex.req.headers) {
             return Found::OtherVariant;
         }
-        let f = self.hit_freshness(&hit);
         let (method, headers) = (&ex.req.method, &ex.req.headers);
+        // A stored span (a 206) answers a GET for a range inside it, while fresh, and nothing
+        // else: for any other request it is as if nothing were stored, and the app's answer
+        // replaces it (RFC 9111 §3.4). It is never revalidated or served stale.
+        let span = hit.meta.status == StatusCode::PARTIAL_CONTENT.as_u16();
+        if span && (*method != Method::GET || span_answer(&hit.meta, headers, hit.body.len() as u64).is_none()) {
+            return Found::Nothing;
+        }
+        let f = self.hit_freshness(&hit);
         match policy::usable(f, &ex.cc, &self.prepared(&hit.meta).cc) {
             Usable::Fresh => Found::Answer(Answer::new(
                 self.serve_stored(method, headers, &hit, f),
                 Outcome::Hit,
                 None,
             )),
+            _ if span => Found::Nothing,
             Usable::StaleWhileRevalidate => {
                 self.refresh_in_background(&ex.req, ex.key.clone(), ex.rule, &hit, f);
                 let mut answer = Answer::new(self.serve_stored(method, headers, &hit, f), Outcome::Stale, None);
@@ -609,21 +625,36 @@ impl Proxy {
     }
 
     /// Forwards to the app and relays the answer without storing it.
-    pub async fn forward(&self, mut req: Request<ProxyBody>, client: SocketAddr, outcome: Outcome, fwd: Fwd) -> Answer {
+    pub async fn forward(&self, req: Request<ProxyBody>, client: SocketAddr, outcome: Outcome, fwd: Fwd) -> Answer {
+        match self.send(req, client, fwd).await {
+            Ok(resp) => Answer::new(relay_response(resp), outcome, Some(fwd)),
+            Err(answer) => answer,
+        }
+    }
+
+    /// Sends a request to the app as it is (with the forwarding fields): its answer, or the
+    /// answer to give the client when there is none (a broken client body's 400, the error's
+    /// 502 or 504).
+    async fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+        client: SocketAddr,
+        fwd: Fwd,
+    ) -> Result<Response<Incoming>, Answer> {
         self.upstream.prepare(&mut req, client, None);
         match self.upstream.send(req).await {
-            Ok(resp) => Answer::new(relay_response(resp), outcome, Some(fwd)),
+            Ok(resp) => Ok(resp),
             Err(err) if err.is_client() => {
                 // The client's body broke (malformed chunked framing, gone mid-upload): its
                 // 400, counted as a client error, never as the app's.
                 debug!(error = %err, "client request body failed");
                 let mut answer = Answer::new(err.response(), Outcome::Bypass, Some(fwd));
                 answer.detail = Some("detail=client-error");
-                answer
+                Err(answer)
             }
             Err(err) => {
                 warn!(error = %err, "upstream request failed");
-                Answer::new(err.response(), Outcome::Error, Some(fwd))
+                Err(Answer::new(err.response(), Outcome::Error, Some(fwd)))
             }
         }
     }

@@ -6,14 +6,17 @@ use std::time::SystemTime;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
+use tracing::warn;
 
 use crate::body::{self, ProxyBody};
 use crate::cache::Hit;
 use crate::cache::meta::Meta;
 use crate::negotiate;
+use crate::policy::partial::Span;
 use crate::policy::{self, Freshness, Heuristic, Prepared, RangeAnswer};
 use crate::proxy::Proxy;
 use crate::proxy::outcome::{Answer, Fwd, Outcome, encoding_slot, handles};
+use crate::upstream::error_response;
 
 impl Proxy {
     pub(super) fn heuristic(&self) -> Heuristic {
@@ -58,7 +61,8 @@ impl Proxy {
     }
 
     /// Answers a request from a stored response: 304 for a satisfied conditional, 206 or 416
-    /// for a range, else the whole body; `Age` per RFC 9111 §4.2.3 and §5.1.
+    /// for a range, else the whole body; `Age` per RFC 9111 §4.2.3 and §5.1. A stored 206
+    /// answers only with the part of its span asked for (RFC 9111 §3.4).
     /// A compressed variant is sent with its own head (`negotiate::variant_head`): its
     /// validator is the one conditionals are evaluated against, and it is never ranged.
     pub(super) fn serve_stored(
@@ -77,31 +81,43 @@ impl Proxy {
         if let Some(coding) = hit.coding {
             negotiate::variant_head(&mut headers, coding, len);
         }
-        if status == StatusCode::OK && policy::answers_not_modified(req, &headers) {
+        // A 200's validators, or those of the representation a stored span is part of.
+        let validated = matches!(status, StatusCode::OK | StatusCode::PARTIAL_CONTENT);
+        if validated && policy::answers_not_modified(req, &headers) {
             let mut resp = not_modified(&headers);
             resp.headers_mut().insert(header::AGE, age);
             return resp;
         }
-        let range = if status == StatusCode::OK && hit.coding.is_none() {
-            policy::range(req, &meta.headers, len)
-        } else {
-            RangeAnswer::Full
+        // Ranges: of a whole identity body, or of the span a stored 206 holds (which
+        // `look_up` lets answer only the ranges inside it).
+        let (offset, complete, range) = match (status, hit.coding) {
+            (StatusCode::OK, None) => (0, len, policy::range(req, &meta.headers, len)),
+            (StatusCode::PARTIAL_CONTENT, _) => match span_answer(meta, req, len) {
+                Some((span, first, last)) => (span.first, span.complete, RangeAnswer::Partial(first, last)),
+                None => {
+                    // Never the span as if it were the whole representation.
+                    warn!("a stored span was asked for bytes it does not hold");
+                    return error_response(StatusCode::BAD_GATEWAY, "502 Bad Gateway: partial content\n");
+                }
+            },
+            _ => (0, len, RangeAnswer::Full),
         };
         let (status, body) = match range {
             RangeAnswer::Full => (status, hit.body.clone()),
             RangeAnswer::Partial(start, end) => {
-                let content_range = HeaderValue::try_from(format!("bytes {start}-{end}/{len}"));
-                headers.extend(content_range.map(|v| (header::CONTENT_RANGE, v)));
+                // (Replaces the stored 206's own: digits always make a value.)
+                if let Ok(v) = HeaderValue::try_from(format!("bytes {start}-{end}/{complete}")) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
                 headers.remove(header::ACCEPT_RANGES);
-                (
-                    StatusCode::PARTIAL_CONTENT,
-                    hit.body.slice(start as usize..=end as usize),
-                )
+                let (start, end) = ((start - offset) as usize, (end - offset) as usize);
+                (StatusCode::PARTIAL_CONTENT, hit.body.slice(start..=end))
             }
             RangeAnswer::Unsatisfiable => {
-                let content_range = HeaderValue::try_from(format!("bytes */{len}"));
-                headers.extend(content_range.map(|v| (header::CONTENT_RANGE, v)));
+                if let Ok(v) = HeaderValue::try_from(format!("bytes */{complete}")) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
                 headers.remove(header::ACCEPT_RANGES);
                 (StatusCode::RANGE_NOT_SATISFIABLE, bytes::Bytes::new())
@@ -195,6 +211,18 @@ fn not_modified(stored: &HeaderMap) -> Response<ProxyBody> {
         }
     }
     resp
+}
+
+/// The bytes of a stored 206 a request asks for, `(span, first, last)` in the
+/// representation's positions ([`policy::partial::Span::answers`] over what its body holds,
+/// [`policy::partial::Span::holding`]).
+pub(super) fn span_answer(meta: &Meta, req: &HeaderMap, body_len: u64) -> Option<(Span, u64, u64)> {
+    if meta.status != StatusCode::PARTIAL_CONTENT.as_u16() {
+        return None;
+    }
+    let span = Span::of(&meta.headers)?.holding(body_len)?;
+    let (first, last) = span.answers(req, &meta.headers)?;
+    Some((span, first, last))
 }
 
 /// Whether a stored response may answer a request ([`policy::vary::reusable`]: its variant,

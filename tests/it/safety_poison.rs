@@ -362,3 +362,201 @@ async fn a_304_carries_no_representation_fields_that_would_relabel_the_clients_b
     assert_eq!(h["last-modified"], lm);
     assert!(h.contains_key("cache-control") && h.contains_key("vary"), "{h:?}");
 }
+
+// Partial content (issue 27): a 206 stored as a span.
+
+/// An attacker's range is stored as a span of the representation; it must never answer a
+/// victim who asks for the whole body (GET or HEAD), nor a range it does not hold, nor a
+/// request with several ranges: each gets the app's own answer, whole and unclipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_an_attacker_stored_never_answers_for_the_whole_body() {
+    let origin = Origin::start().await;
+    let whole: bytes::Bytes = (0..40_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+    origin.route(
+        "/app.js",
+        Behaviour::Ranged {
+            headers: owned(&[
+                ("cache-control", "public, max-age=600"),
+                ("content-type", "text/javascript"),
+            ]),
+            body: whole.clone(),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = app_client();
+    let attack = c
+        .get(sc.url("/app.js"))
+        .header("range", "bytes=0-0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(attack.status(), 206);
+    assert!(cache_status(&attack).contains("stored"), "{}", cache_status(&attack));
+    assert_eq!(attack.bytes().await.unwrap().len(), 1);
+    settle(&sc).await;
+    assert_eq!(sc.sidecar.proxy.cache().stats().0, 1, "the span is stored");
+    let hits = origin.hits("/app.js");
+
+    let victim = c.get(sc.url("/app.js")).send().await.unwrap();
+    assert_eq!(victim.status(), 200);
+    assert!(!cache_status(&victim).contains("hit"), "{}", cache_status(&victim));
+    assert_eq!(victim.bytes().await.unwrap(), whole, "the whole body, from the app");
+    assert_eq!(origin.hits("/app.js"), hits + 1);
+    settle(&sc).await;
+
+    // Once the whole body replaced the span, a HEAD and a range agree with it.
+    let head = c.head(sc.url("/app.js")).send().await.unwrap();
+    assert_eq!(head.headers()["content-length"], "40000");
+    let two = c
+        .get(sc.url("/app.js"))
+        .header("range", "bytes=0-0,5-6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (two.status(), two.bytes().await.unwrap()),
+        (reqwest::StatusCode::OK, whole.clone())
+    );
+
+    // A fresh sidecar: the span first, then a HEAD and a range it does not hold.
+    let sc = TestSidecar::start(&origin.url()).await;
+    let attack = c
+        .get(sc.url("/app.js"))
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(attack.status(), 206);
+    attack.bytes().await.unwrap();
+    settle(&sc).await;
+    let hits = origin.hits("/app.js");
+    let head = c.head(sc.url("/app.js")).send().await.unwrap();
+    assert_eq!(
+        (head.status().as_u16(), &head.headers()["content-length"]),
+        (200, &"40000".parse().unwrap())
+    );
+    let outside = c
+        .get(sc.url("/app.js"))
+        .header("range", "bytes=150-250")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outside.status(), 206);
+    assert_eq!(outside.headers()["content-range"], "bytes 150-250/40000");
+    assert_eq!(outside.bytes().await.unwrap(), whole.slice(150..=250));
+    assert_eq!(
+        origin.hits("/app.js"),
+        hits + 2,
+        "the HEAD and the range outside went to the app"
+    );
+}
+
+/// What the app says of a 206 holds as of any answer, and a 206 whose body is not the range
+/// it names is not stored: a victim asking the same range later gets the app's answer, not
+/// the attacker's (`private`, a cookie, a guessed lifetime for an answer to a session, a body longer than the
+/// range its `Content-Range` names, an unknown complete length, two `Content-Range` fields).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_answer_is_shared_only_when_any_answer_would_be_and_names_its_bytes() {
+    let origin = Origin::start().await;
+    let partial = |headers: &[(&str, &str)], body: &'static [u8]| Behaviour::Fixed {
+        status: 206,
+        headers: owned(headers),
+        body: bytes::Bytes::from_static(body),
+    };
+    let cases: [(&str, Behaviour, Option<&str>); 6] = [
+        (
+            "/private",
+            partial(
+                &[
+                    ("cache-control", "private, max-age=600"),
+                    ("content-range", "bytes 0-4/10"),
+                ],
+                b"01234",
+            ),
+            None,
+        ),
+        (
+            "/cookie",
+            partial(
+                &[
+                    ("cache-control", "max-age=600"),
+                    ("content-range", "bytes 0-4/10"),
+                    ("set-cookie", "s=1"),
+                ],
+                b"01234",
+            ),
+            None,
+        ),
+        (
+            "/session",
+            partial(
+                &[
+                    ("last-modified", "Sat, 01 Jan 2022 00:00:00 GMT"),
+                    ("content-range", "bytes 0-4/10"),
+                ],
+                b"01234",
+            ),
+            Some("s=attacker"),
+        ),
+        (
+            "/long",
+            partial(
+                &[("cache-control", "max-age=600"), ("content-range", "bytes 0-1/10")],
+                b"01234",
+            ),
+            None,
+        ),
+        (
+            "/unknown",
+            partial(
+                &[("cache-control", "max-age=600"), ("content-range", "bytes 0-4/*")],
+                b"01234",
+            ),
+            None,
+        ),
+        (
+            "/two",
+            partial(
+                &[
+                    ("cache-control", "max-age=600"),
+                    ("content-range", "bytes 0-4/10"),
+                    ("content-range", "bytes 5-9/10"),
+                ],
+                b"01234",
+            ),
+            None,
+        ),
+    ];
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = app_client();
+    for (path, behaviour, cookie) in cases {
+        origin.route(path, behaviour);
+        let mut attack = c.get(sc.url(path)).header("range", "bytes=0-4");
+        if let Some(cookie) = cookie {
+            attack = attack.header("cookie", cookie);
+        }
+        let attack = attack.send().await.unwrap();
+        assert_eq!(attack.status(), 206, "{path}");
+        assert!(
+            !cache_status(&attack).contains("stored"),
+            "{path}: {}",
+            cache_status(&attack)
+        );
+        attack.bytes().await.ok();
+        settle(&sc).await;
+        let victim = c.get(sc.url(path)).header("range", "bytes=0-4").send().await.unwrap();
+        assert!(
+            !cache_status(&victim).contains("hit"),
+            "{path}: {}",
+            cache_status(&victim)
+        );
+        victim.bytes().await.ok();
+        assert_eq!(origin.hits(path), 2, "{path}: the victim's range went to the app");
+    }
+    // Only the victim's own answer at `/session`: asked without a cookie, its guess is shared.
+    assert_eq!(
+        sc.sidecar.proxy.cache().stats().0,
+        1,
+        "nothing of the attacker's stored"
+    );
+}

@@ -182,6 +182,100 @@ async fn ranges_are_served_from_the_stored_full_object() {
     assert_eq!(origin.hits("/video.mp4"), 1);
 }
 
+/// RFC 9111 §3.3 and §3.4: a 206 the app sends for one range is stored as a span of its
+/// representation and answers later ranges inside it (206, the right bytes and
+/// `Content-Range` against the whole length) without the app; a range reaching outside it and
+/// a request for the whole body go to the app, whose full answer then replaces the span.
+#[tokio::test]
+async fn a_stored_partial_answer_serves_the_ranges_inside_it_and_nothing_else() {
+    let origin = Origin::start().await;
+    let body = pattern_chunk(0, 50_000);
+    origin.route(
+        "/movie.mp4",
+        Behaviour::Ranged {
+            headers: owned(&[("cache-control", "max-age=3600"), ("etag", "\"m1\"")]),
+            body: body.clone(),
+        },
+    );
+    let sc = TestSidecar::start(&origin.url()).await;
+    let c = client();
+    let range = async |r: &str| send(c.get(sc.url("/movie.mp4")).header("range", r)).await;
+
+    let first = range("bytes=10000-19999").await;
+    assert_eq!((first.status, first.body.clone()), (206, body.slice(10_000..20_000)));
+    assert!(first.cache_status.contains("stored"), "{}", first.cache_status);
+    stored(&sc, 1).await;
+    assert_eq!(origin.hits("/movie.mp4"), 1);
+
+    for (asked, from, to) in [
+        ("bytes=12000-12999", 12_000, 12_999),
+        ("bytes=10000-19999", 10_000, 19_999),
+        ("bytes=19990-19999", 19_990, 19_999),
+    ] {
+        let part = range(asked).await;
+        assert_eq!(part.status, 206, "{asked}");
+        assert!(part.cache_status.contains("hit"), "{asked}: {}", part.cache_status);
+        assert_eq!(part.headers["content-range"], format!("bytes {from}-{to}/50000"));
+        assert_eq!(part.headers["content-length"], (to - from + 1).to_string());
+        assert_eq!(part.body, body.slice(from as usize..=to as usize), "{asked}");
+    }
+    // If-Range: the stored validator answers.
+    let matching = send(
+        c.get(sc.url("/movie.mp4"))
+            .header("range", "bytes=15000-15009")
+            .header("if-range", "\"m1\""),
+    )
+    .await;
+    assert_eq!(
+        (matching.status, matching.body.clone()),
+        (206, body.slice(15_000..15_010))
+    );
+    assert_eq!(origin.hits("/movie.mp4"), 1, "every range inside the span came from it");
+
+    // An open range starting inside the span gets the rest of the span: a 206 may hold less
+    // than was asked, and says what it holds (RFC 9110 §15.3.7).
+    let open = range("bytes=19000-").await;
+    assert_eq!((open.status, open.body.clone()), (206, body.slice(19_000..20_000)));
+    assert_eq!(open.headers["content-range"], "bytes 19000-19999/50000");
+    assert!(open.cache_status.contains("hit"), "{}", open.cache_status);
+    assert_eq!(origin.hits("/movie.mp4"), 1);
+
+    // Another validator, and a range reaching past the span: the app answers.
+    let other = send(
+        c.get(sc.url("/movie.mp4"))
+            .header("range", "bytes=15000-15009")
+            .header("if-range", "\"m0\""),
+    )
+    .await;
+    assert_eq!(
+        (other.status, other.body.clone()),
+        (200, body.clone()),
+        "the app's whole body"
+    );
+    let rest = range("bytes=19990-20009").await;
+    assert_eq!((rest.status, rest.body.clone()), (206, body.slice(19_990..20_010)));
+    assert_eq!(rest.headers["content-range"], "bytes 19990-20009/50000");
+    assert_eq!(origin.hits("/movie.mp4"), 3);
+
+    // The whole body is never the span: the app's full answer is served, and stored.
+    let whole = get(&sc, "/movie.mp4").await;
+    assert_eq!((whole.status, whole.body.len()), (200, 50_000));
+    assert_eq!(whole.body, body);
+    assert_eq!(origin.hits("/movie.mp4"), 4);
+    stored(&sc, 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), async || get(&sc, "/movie.mp4")
+            .await
+            .cache_status
+            .contains("hit"))
+        .await,
+        "the full answer replaced the span"
+    );
+    let any = range("bytes=0-99").await;
+    assert_eq!((any.status, any.body.clone()), (206, body.slice(0..100)));
+    assert_eq!(origin.hits("/movie.mp4"), 4, "ranges now come from the whole body");
+}
+
 /// RFC 9111 §4.2.4 and RFC 5861 §4: a stale object stands in for a failing app, unless the
 /// response forbids serving it stale.
 #[tokio::test]
