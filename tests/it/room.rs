@@ -370,26 +370,35 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
             let base = sc.url("/f/");
             tokio::spawn(async move {
                 let c = app_client();
+                // Bytes of known length whose fill got its room (`stored`).
+                let mut stored = 0;
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= count {
-                        return;
+                        return stored;
                     }
-                    let (_, got) = get(&c, &format!("{base}{i}")).await;
+                    let (cs, got) = get(&c, &format!("{base}{i}")).await;
                     let seed = if i % 8 == 7 { 0 } else { i * 7919 };
                     assert!(got.len() as u64 == len_of(i) && matches_pattern(seed, &got), "/f/{i}");
+                    if i % 8 != 7 && cs.contains("stored") {
+                        stored += got.len() as u64;
+                    }
                 }
             })
         })
         .collect();
+    let mut stored = 0;
     for w in workers {
-        w.await.unwrap();
+        stored += w.await.unwrap();
     }
     settle(&sc).await;
     let (peak, samples) = sampler.stop();
     assert!(samples > 10, "sampled {samples} times");
     assert!(peak <= budget, "peak {peak} bytes on disk over a budget of {budget}");
-    assert!(peak > budget / 2, "the cache was actually filled (peak {peak})");
+    // The budget was pressed: fills were given room for more than it holds, so room was made
+    // for them. (Not the disk's peak: under load, room reserved for fills still writing keeps
+    // what is on the disk well below the budget at every sample.)
+    assert!(stored > 2 * budget, "fills given room: {stored} bytes, budget {budget}");
     // Nothing leaked: room is still made, for the largest share, once the flood is over.
     route(&origin, "/after", 999, budget * 40 / 100);
     store(&sc, "/after").await;
