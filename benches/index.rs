@@ -39,7 +39,7 @@ fn bench(c: &mut Criterion) {
             let mut i = 0;
             b.iter(|| {
                 i = (i + 1) % keys.len();
-                black_box(ix.touch(&keys[i]).map(|e| e.body_len))
+                black_box(ix.touch(&keys[i]).map(|e| e.image.body_len))
             })
         });
         g.bench_with_input(BenchmarkId::new("insert_replace", n), &n, |b, _| {

@@ -108,7 +108,7 @@ fn part_index() {
         assert_eq!(removed as u64, N / HOT_EVERY);
         // The same count by a scan (a purge by prefix matching 1 in 20 keys).
         let started = Instant::now();
-        let keys = ix.keys_where(|e| e.key.ends_with("0.js") && e.generation % 2 == 0);
+        let keys = ix.keys_where(|e| e.key.ends_with("0.js") && e.image.generation % 2 == 0);
         let removed = keys.iter().filter_map(|k| ix.remove(k)).count();
         prefix_runs.push(started.elapsed());
         std::hint::black_box(removed);

@@ -14,13 +14,15 @@ pub fn entry(i: u64) -> Entry {
     d[..8].copy_from_slice(&i.to_le_bytes());
     Entry {
         key: format!("http://app.example/assets/{i}.js").into(),
-        generation: i,
-        body_len: 20_000,
-        tail_len: 300,
-        place: sidecache::cache::index::Place::File,
-        digest: Digest(d),
-        verified: true,
-        mtime: 0,
+        image: sidecache::cache::index::Image {
+            generation: i,
+            body_len: 20_000,
+            tail_len: 300,
+            place: sidecache::cache::index::Place::File,
+            digest: Digest(d),
+            verified: true,
+            mtime: 0,
+        },
         variants: Box::default(),
         tags: Box::default(),
         hits: 0,

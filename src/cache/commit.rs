@@ -22,7 +22,7 @@ use tracing::debug;
 use crate::cache::budget::Reservation;
 use crate::cache::fence::{self, Verdict};
 use crate::cache::fill::{Fill, FillState, HashingWriter, Source, TEE_STALL, TeeMsg};
-use crate::cache::index::Entry;
+use crate::cache::index::{Entry, Image};
 use crate::cache::key::{Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::read::Source as Stored;
@@ -491,7 +491,7 @@ impl Cache {
     /// through the one removal path, so nothing is counted twice or left on the disk. So does
     /// a purge made while its fill was in flight (see `fence`). Returns whether it is stored.
     async fn install(&self, hash: KeyHash, meta: Meta, entry: Entry, reserved: Reservation) -> bool {
-        let version = entry.generation;
+        let version = entry.image.generation;
         let tags = self.settings.tags.parse(&meta.headers);
         let url_hash = meta.key.hash();
         let committing = fence::Committing {
@@ -682,9 +682,9 @@ impl Cache {
         };
         let (from, source) = match self.lock_index().peek(&hash) {
             // The variants are carried over: the body they were made from is the same.
-            Some(e) if e.digest == meta.digest && e.body_len == meta.body_len => (
-                (e.verified, e.variants.clone()),
-                Stored::of(&store, &hash, e.generation, None, &e.place),
+            Some(e) if e.image.digest == meta.digest && e.image.body_len == meta.body_len => (
+                (e.image.verified, e.variants.clone()),
+                Stored::of(&store, &hash, e.image.generation, None, &e.image.place),
             ),
             // Evicted or replaced meanwhile: nothing to refresh.
             _ => return false,
@@ -749,13 +749,15 @@ impl Cache {
 pub(super) fn entry_of(meta: &Meta, generation: u64, tail_len: u64, verified: bool, mtime: u64, place: Place) -> Entry {
     Entry {
         key: meta.key.as_str().into(),
-        generation,
-        body_len: meta.body_len,
-        tail_len,
-        place,
-        digest: meta.digest,
-        verified,
-        mtime,
+        image: Image {
+            generation,
+            body_len: meta.body_len,
+            tail_len,
+            place,
+            digest: meta.digest,
+            verified,
+            mtime,
+        },
         variants: Box::default(),
         tags: Box::default(),
         hits: 0,

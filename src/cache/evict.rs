@@ -115,7 +115,7 @@ impl Cache {
             let mut removed = select_victims(&mut ix, limits, high, low).unwrap_or_default();
             if let Some(id) = reclaim {
                 let in_it = |p: &Place| p.slot().is_some_and(|s| s.segment_id() == id);
-                let keys = ix.keys_where(|e| in_it(&e.place) || e.variants.iter().any(|v| in_it(&v.place)));
+                let keys = ix.keys_where(|e| in_it(&e.image.place) || e.variants.iter().any(|v| in_it(&v.image.place)));
                 removed.extend(keys.iter().filter_map(|k| ix.remove(k)));
             }
             if removed.is_empty() {

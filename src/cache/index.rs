@@ -38,28 +38,49 @@ pub use crate::cache::segments::Place;
 use crate::cache::tags::{self, TagId, TagIndex};
 use crate::negotiate::Coding;
 
-/// One stored version of a key: its object file.
+/// One stored image: a body and what follows it (an object's record and footer; a variant's
+/// footer), where it is, and what its bytes must be. An object's and each of its compressed
+/// variants' are one type: every read, check, charge and removal takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// Its version: the object's, or the variant's own (a 304 refresh carries a variant over
+    /// to the object's new version unchanged).
+    pub generation: u64,
+    /// Body length: the body is the image's first bytes.
+    pub body_len: u64,
+    /// Length of what follows the body.
+    pub tail_len: u64,
+    /// Where it is: a file of its own, or a slot in a segment.
+    pub place: Place,
+    /// The body's content hash.
+    pub digest: Digest,
+    /// The body's hash has been checked since this process started (at `mtime`).
+    pub verified: bool,
+    /// The file's modification time (ns) when it was written or last checked: images are
+    /// never written after they are placed, so a different one means someone else changed it.
+    pub mtime: u64,
+}
+
+impl Image {
+    /// The image's length (its file's, when it has one).
+    pub fn file_len(&self) -> u64 {
+        self.body_len + self.tail_len
+    }
+
+    /// What its place stores: the image, and a slot's prefix.
+    pub fn stored_len(&self) -> u64 {
+        self.file_len() + self.place.overhead()
+    }
+}
+
+/// One stored version of a key: its object's image, its variants, its tags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The full key (for purge by path or prefix, and collision checks).
     pub key: Box<str>,
-    /// Version of the object file.
-    pub generation: u64,
-    /// Body length: the body is the file's first bytes.
-    pub body_len: u64,
-    /// Length of the record and footer after the body.
-    pub tail_len: u64,
-    /// Where its image is: a file of its own, or a slot in a segment.
-    pub place: Place,
-    /// The body's content hash.
-    pub digest: Digest,
-    /// The body's hash has been checked since this process started.
-    pub verified: bool,
-    /// The file's modification time (ns) when it was written or last checked: object files
-    /// are never written after they are placed, so a different one means someone else changed
-    /// it.
-    pub mtime: u64,
-    /// Its compressed variants: files of their own, charged, evicted and purged with it.
+    /// The object's image (body and record).
+    pub image: Image,
+    /// Its compressed variants: images of their own, charged, evicted and purged with it.
     pub variants: Box<[Variant]>,
     /// Its tags' ids in the index's [`TagIndex`]: set by [`Index::insert_tagged`], whatever
     /// an entry is built with.
@@ -69,20 +90,24 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The object image's length (its file's, when it has one).
-    pub fn file_len(&self) -> u64 {
-        self.body_len + self.tail_len
-    }
-
-    /// What its place stores: the image, and a slot's prefix.
-    pub fn stored_len(&self) -> u64 {
-        self.file_len() + self.place.overhead()
-    }
-
     /// The variant in `coding`, if one is stored.
     pub fn variant(&self, coding: Coding) -> Option<&Variant> {
         self.variants.iter().find(|v| v.coding == coding)
     }
+}
+
+/// A copy of one entry as it is now, with its tags' names and its soft-purge mark (what
+/// `inspect` reports): [`Index::snapshot`].
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The key's hash.
+    pub key: KeyHash,
+    /// Its entry.
+    pub entry: Entry,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// When its version was soft-purged (ms since the epoch), if it was.
+    pub mark: Option<u64>,
 }
 
 /// What [`Index::insert_tagged`] did.
@@ -96,39 +121,14 @@ pub struct Inserted {
     pub refused: Option<tags::Refused>,
 }
 
-/// A compressed variant of an object: its own file (`<keyhash>.<generation>.<ext>`), made
-/// from the object's body once it was stored. Its generation is its own: a 304 refresh
-/// carries the variant over to the object's new version unchanged.
+/// A compressed variant of an object (`<keyhash>.<generation>.<ext>` in a file of its own, or a
+/// slot), made from the object's body once it was stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Variant {
     /// Its content coding.
     pub coding: Coding,
-    /// Version of its file.
-    pub generation: u64,
-    /// Length of the coded body: the file's first bytes.
-    pub body_len: u64,
-    /// Length of its record and footer.
-    pub tail_len: u64,
-    /// Where its image is.
-    pub place: Place,
-    /// Hash of the coded body.
-    pub digest: Digest,
-    /// Hashed since startup (at `mtime`).
-    pub verified: bool,
-    /// Its file's modification time when written or last checked.
-    pub mtime: u64,
-}
-
-impl Variant {
-    /// The variant image's length.
-    pub fn file_len(&self) -> u64 {
-        self.body_len + self.tail_len
-    }
-
-    /// What its place stores: the image, and a slot's prefix.
-    pub fn stored_len(&self) -> u64 {
-        self.file_len() + self.place.overhead()
-    }
+    /// Its image (the coded body).
+    pub image: Image,
 }
 
 /// An object an index change made unreachable (its file and its variants' files): the caller
@@ -258,7 +258,11 @@ impl Index {
 
     /// The bytes an entry stands for: its file and its variants' files, as charged.
     fn weight(&self, e: &Entry) -> u64 {
-        self.charge(e.stored_len()) + e.variants.iter().map(|v| self.charge(v.stored_len())).sum::<u64>()
+        self.charge(e.image.stored_len())
+            + e.variants
+                .iter()
+                .map(|v| self.charge(v.image.stored_len()))
+                .sum::<u64>()
     }
 
     /// Objects the disk may hold right now: indexed, being filled, being unlinked, and found
@@ -317,6 +321,51 @@ impl Index {
         self.peek(key)
     }
 
+    /// A hit on `key`'s entry stored for the full key `full` (a hash names one key; a collision
+    /// is a miss): marked used ([`Index::touch`]), and what the read needs: the object's
+    /// image, the variant `choose` picks among the stored ones, and its soft-purge mark.
+    pub fn hit(
+        &mut self,
+        key: &KeyHash,
+        full: &str,
+        choose: impl FnOnce(&Entry) -> Option<Coding>,
+    ) -> Option<(Image, Option<Variant>, Option<u64>)> {
+        let e = self.touch(key)?;
+        if &*e.key != full {
+            return None;
+        }
+        let variant = choose(e).and_then(|c| e.variant(c)).cloned();
+        let object = e.image.clone();
+        let mark = self.mark_of(key, object.generation);
+        Some((object, variant, mark))
+    }
+
+    /// Copies of the first `max` of these keys' entries (those still stored) that `keep`
+    /// keeps, without changing the LRU order.
+    pub fn snapshot(&self, keys: &[KeyHash], keep: impl Fn(&Entry) -> bool, max: usize) -> Vec<Snapshot> {
+        keys.iter()
+            .filter_map(|k| {
+                let e = self.peek(k).filter(|e| keep(e))?;
+                Some(Snapshot {
+                    key: *k,
+                    entry: e.clone(),
+                    tags: self.tag_names(e),
+                    mark: self.mark_of(k, e.image.generation),
+                })
+            })
+            .take(max)
+            .collect()
+    }
+
+    /// Whether `key` still holds version `generation` (and, unless `variant` is 0, the variant
+    /// of that version): a tier must not keep what was evicted, purged or replaced meanwhile.
+    pub fn holds(&self, key: &KeyHash, generation: u64, variant: u64) -> bool {
+        self.peek(key).is_some_and(|e| {
+            e.image.generation == generation
+                && (variant == 0 || e.variants.iter().any(|v| v.image.generation == variant))
+        })
+    }
+
     /// The key next in line for eviction: probation's least recently used, else protected's.
     pub fn next_victim(&self) -> Option<&KeyHash> {
         self.probation
@@ -342,10 +391,10 @@ impl Index {
     /// Records that an entry's body hash was checked, with the file's modification time then.
     pub fn mark_verified(&mut self, key: &KeyHash, generation: u64, mtime: u64) {
         if let Some(e) = self.protected.peek_mut(key).or_else(|| self.probation.peek_mut(key))
-            && e.generation == generation
+            && e.image.generation == generation
         {
-            e.verified = true;
-            e.mtime = mtime;
+            e.image.verified = true;
+            e.image.mtime = mtime;
         }
     }
 
@@ -462,13 +511,13 @@ impl Index {
             // As the previous version has them now (checked since, perhaps).
             let carried = |v: &Variant| {
                 old.as_ref()
-                    .and_then(|(o, _)| o.variants.iter().find(|x| x.generation == v.generation))
+                    .and_then(|(o, _)| o.variants.iter().find(|x| x.image.generation == v.image.generation))
                     .cloned()
             };
             entry.variants = entry.variants.iter().filter_map(carried).collect();
         }
         // (Carried variants stay charged: the old version's removal leaves them out.)
-        self.used += self.charge(entry.stored_len());
+        self.used += self.charge(entry.image.stored_len());
         // The old version's tags go before the new one's are indexed: they may share some.
         let old = old.map(|(old, protected)| (self.account_removal(key, old, &entry.variants), protected));
         let refused = match self.tags.register(key, tags) {
@@ -501,12 +550,13 @@ impl Index {
     /// charged). False otherwise, with the reserved bytes given back in the same step: the
     /// caller removes the file.
     pub fn add_variant(&mut self, key: &KeyHash, generation: u64, variant: Variant, from_reserved: u64) -> bool {
-        let bytes = self.charge(variant.stored_len());
+        let bytes = self.charge(variant.image.stored_len());
         let (entry, protected) = match self.protected.peek_mut(key) {
             Some(e) => (Some(e), true),
             None => (self.probation.peek_mut(key), false),
         };
-        let Some(entry) = entry.filter(|e| e.generation == generation && e.variant(variant.coding).is_none()) else {
+        let Some(entry) = entry.filter(|e| e.image.generation == generation && e.variant(variant.coding).is_none())
+        else {
             self.release(from_reserved);
             return false;
         };
@@ -527,13 +577,13 @@ impl Index {
     pub fn add_scanned_variant(&mut self, key: &KeyHash, made_from: (Digest, u64), variant: Variant) -> bool {
         let matches = self
             .peek(key)
-            .is_some_and(|e| (e.digest, e.body_len) == made_from && e.variant(variant.coding).is_none());
+            .is_some_and(|e| (e.image.digest, e.image.body_len) == made_from && e.variant(variant.coding).is_none());
         if !matches {
             return false;
         }
         let (generation, bytes) = (
-            self.peek(key).map_or(0, |e| e.generation),
-            self.charge(variant.stored_len()),
+            self.peek(key).map_or(0, |e| e.image.generation),
+            self.charge(variant.image.stored_len()),
         );
         self.forget_unindexed(bytes);
         // Counted as a reservation for `add_variant` to convert.
@@ -545,9 +595,9 @@ impl Index {
     pub fn mark_variant_verified(&mut self, key: &KeyHash, variant_generation: u64, mtime: u64) {
         if let Some(e) = self.protected.peek_mut(key).or_else(|| self.probation.peek_mut(key)) {
             let mut variants = std::mem::take(&mut e.variants).into_vec();
-            for v in variants.iter_mut().filter(|v| v.generation == variant_generation) {
-                v.verified = true;
-                v.mtime = mtime;
+            for v in variants.iter_mut().filter(|v| v.image.generation == variant_generation) {
+                v.image.verified = true;
+                v.image.mtime = mtime;
             }
             e.variants = variants.into_boxed_slice();
         }
@@ -583,14 +633,14 @@ impl Index {
         let bytes = self.weight(&entry);
         self.forget_unindexed(bytes);
         if let Some(existing) = self.peek(&key)
-            && existing.generation >= entry.generation
+            && existing.image.generation >= entry.image.generation
         {
             self.unlinking += bytes;
             self.unlinking_objects += 1;
             let removed = Removed {
                 key,
-                generation: entry.generation,
-                place: entry.place.clone(),
+                generation: entry.image.generation,
+                place: entry.image.place.clone(),
                 bytes,
                 variants: Vec::new(),
             };
@@ -606,6 +656,20 @@ impl Index {
     pub fn remove(&mut self, key: &KeyHash) -> Option<Removed> {
         let (old, _) = self.take(key)?;
         Some(self.account_removal(*key, old, &[]))
+    }
+
+    /// Removes `key`'s entry if it is stored for the full key `full` (a hash that is the key's
+    /// own, not a variant's, may still collide).
+    pub fn remove_named(&mut self, key: &KeyHash, full: &str) -> Option<Removed> {
+        if self.peek(key).is_none_or(|e| *e.key != *full) {
+            return None;
+        }
+        self.remove(key)
+    }
+
+    /// Removes the entries of these keys (those still stored).
+    pub fn remove_all(&mut self, keys: &[KeyHash]) -> Vec<Removed> {
+        keys.iter().filter_map(|k| self.remove(k)).collect()
     }
 
     /// Removes the next entry to evict: probation's least recently used, else protected's.
@@ -636,25 +700,25 @@ impl Index {
     /// `kept` (carried over to its next version).
     fn account_removal(&mut self, key: KeyHash, old: Entry, kept: &[Variant]) -> Removed {
         self.tags.unregister(&key, &old.tags);
-        if !self.marks.is_empty() && self.marks.get(&key).is_some_and(|m| m.0 == old.generation) {
+        if !self.marks.is_empty() && self.marks.get(&key).is_some_and(|m| m.0 == old.image.generation) {
             self.marks.remove(&key);
         }
-        let mut bytes = self.charge(old.stored_len());
+        let mut bytes = self.charge(old.image.stored_len());
         let mut variants = Vec::new();
         for v in old.variants.iter() {
-            if kept.iter().any(|k| k.generation == v.generation) {
+            if kept.iter().any(|k| k.image.generation == v.image.generation) {
                 continue;
             }
-            bytes += self.charge(v.stored_len());
-            variants.push((v.coding, v.generation, v.place.clone()));
+            bytes += self.charge(v.image.stored_len());
+            variants.push((v.coding, v.image.generation, v.image.place.clone()));
         }
         self.used -= bytes;
         self.unlinking += bytes;
         self.unlinking_objects += 1;
         Removed {
             key,
-            generation: old.generation,
-            place: old.place.clone(),
+            generation: old.image.generation,
+            place: old.image.place.clone(),
             bytes,
             variants,
         }
@@ -689,7 +753,7 @@ impl Index {
     /// already keeps its earlier mark. Returns the generation marked when it is newly so,
     /// `None` when there is no entry or it was marked already.
     pub fn mark_stale(&mut self, key: &KeyHash, at_ms: u64) -> Option<u64> {
-        let generation = self.peek(key)?.generation;
+        let generation = self.peek(key)?.image.generation;
         match self.marks.get(key) {
             Some(&(marked, _)) if marked == generation => None,
             _ => {
@@ -699,10 +763,22 @@ impl Index {
         }
     }
 
+    /// Marks these keys' entries stale as of `at_ms` ([`Index::mark_stale`]): how many are
+    /// stored, and how many of those were not marked before.
+    pub fn mark_all_stale(&mut self, keys: &[KeyHash], at_ms: u64) -> (usize, usize) {
+        keys.iter().fold((0, 0), |(matched, newly), k| {
+            let stored = self.peek(k).is_some();
+            (
+                matched + usize::from(stored),
+                newly + usize::from(self.mark_stale(k, at_ms).is_some()),
+            )
+        })
+    }
+
     /// Restores a mark read back at startup: when the key's current version is `generation`
     /// (else the mark was for a version gone since). Returns whether it holds.
     pub fn restore_mark(&mut self, key: &KeyHash, generation: u64, at_ms: u64) -> bool {
-        if self.peek(key).is_none_or(|e| e.generation != generation) {
+        if self.peek(key).is_none_or(|e| e.image.generation != generation) {
             return false;
         }
         self.marks.insert(*key, (generation, at_ms));
@@ -747,13 +823,15 @@ mod tests {
     fn entry(key: u32, generation: u64, len: u64) -> Entry {
         Entry {
             key: format!("http://h/{key}").into(),
-            generation,
-            body_len: len,
-            tail_len: 10,
-            place: Place::File,
-            digest: digest(key),
-            verified: true,
-            mtime: 0,
+            image: Image {
+                generation,
+                body_len: len,
+                tail_len: 10,
+                place: Place::File,
+                digest: digest(key),
+                verified: true,
+                mtime: 0,
+            },
             variants: Box::default(),
             tags: Box::default(),
             hits: 0,
@@ -790,7 +868,7 @@ mod tests {
         }
         let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).take(9).collect();
         assert_eq!(order, (1..10).map(kh).collect::<Vec<_>>(), "0 was used again");
-        assert_eq!(ix.peek(&kh(0)).map(|e| e.generation), Some(0));
+        assert_eq!(ix.peek(&kh(0)).map(|e| e.image.generation), Some(0));
     }
 
     #[test]
@@ -832,26 +910,28 @@ mod tests {
         assert_eq!((old.key, old.generation, old.bytes), (kh(1), 1, 110));
         assert_eq!(ix.used(), 60);
         assert_eq!(ix.len(), 1);
-        assert_eq!(ix.peek(&kh(1)).unwrap().generation, 5000);
+        assert_eq!(ix.peek(&kh(1)).unwrap().image.generation, 5000);
     }
 
     fn variant(coding: Coding, generation: u64, len: u64) -> Variant {
         Variant {
             coding,
-            generation,
-            body_len: len,
-            tail_len: 10,
-            place: Place::File,
-            digest: digest(generation as u32),
-            verified: true,
-            mtime: 0,
+            image: Image {
+                generation,
+                body_len: len,
+                tail_len: 10,
+                place: Place::File,
+                digest: digest(generation as u32),
+                verified: true,
+                mtime: 0,
+            },
         }
     }
 
     /// Adds a variant to key `key` (version `generation`) as a compressing thread does: room
     /// reserved first, then converted.
     fn add_variant(ix: &mut Index, key: u32, generation: u64, v: Variant) -> bool {
-        let bytes = ix.charge(v.file_len());
+        let bytes = ix.charge(v.image.file_len());
         ix.reserve_room(bytes, 0, u64::MAX, u64::MAX).expect("room");
         ix.add_variant(&kh(key), generation, v, bytes)
     }
@@ -880,6 +960,41 @@ mod tests {
         assert_eq!(ix.objects(), 0);
     }
 
+    /// The whole operations the cache's facade asks for, each in one hold of the lock: a hit
+    /// (named key, chosen variant, mark), whether a version is still held, a named removal
+    /// (a colliding hash is not this key's), batches removed and marked.
+    #[test]
+    fn whole_operations_check_the_key_and_report_what_they_did() {
+        let mut ix = Index::new();
+        add(&mut ix, 1, 100);
+        add(&mut ix, 2, 100);
+        assert!(add_variant(&mut ix, 1, 1, variant(Coding::Br, 50, 20)));
+        let (object, chosen, mark) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Br)).expect("a hit");
+        assert_eq!(
+            (object.generation, chosen.map(|v| v.image.generation), mark),
+            (1, Some(50), None)
+        );
+        let (_, none, _) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Gzip)).expect("a hit");
+        assert!(none.is_none(), "no gzip variant stored");
+        assert!(
+            ix.hit(&kh(1), "http://h/other", |_| None).is_none(),
+            "another key's hash"
+        );
+
+        assert!(ix.holds(&kh(1), 1, 0) && ix.holds(&kh(1), 1, 50));
+        assert!(!ix.holds(&kh(1), 1, 51) && !ix.holds(&kh(1), 2, 0) && !ix.holds(&kh(3), 3, 0));
+
+        assert_eq!(ix.mark_all_stale(&[kh(1), kh(2), kh(3)], 7), (2, 2));
+        assert_eq!(ix.mark_all_stale(&[kh(1), kh(2)], 8), (2, 0), "marked before");
+        assert_eq!(ix.hit(&kh(1), "http://h/1", |_| None).unwrap().2, Some(7));
+
+        assert!(ix.remove_named(&kh(1), "http://h/other").is_none());
+        assert_eq!(ix.remove_named(&kh(1), "http://h/1").map(|r| r.generation), Some(1));
+        let removed = ix.remove_all(&[kh(1), kh(2), kh(3)]);
+        assert_eq!(removed.iter().map(|r| r.key).collect::<Vec<_>>(), vec![kh(2)]);
+        assert!(ix.is_empty());
+    }
+
     #[test]
     fn a_new_version_carries_over_only_the_variants_the_old_one_has() {
         let mut ix = Index::new();
@@ -895,7 +1010,10 @@ mod tests {
         assert_eq!(old.variants, vec![(Coding::Zstd, 51, Place::File)]);
         assert_eq!(old.bytes, 110 + 40);
         let now = ix.peek(&kh(1)).expect("indexed");
-        assert_eq!(now.variants.iter().map(|v| v.generation).collect::<Vec<_>>(), vec![50]);
+        assert_eq!(
+            now.variants.iter().map(|v| v.image.generation).collect::<Vec<_>>(),
+            vec![50]
+        );
         assert_eq!((ix.used(), ix.objects()), (110 + 30, 2));
         // A fill's new version (no variants named) lets every variant go.
         let old = ix.insert(kh(1), entry(1, 10, 100), 0).expect("the old version");
@@ -933,7 +1051,7 @@ mod tests {
         // The object's file and its variant's: one object, both charged.
         ix.add_unindexed(110 + 30, 1);
         let e = entry(1, 3, 100);
-        let made_from = (e.digest, e.body_len);
+        let made_from = (e.image.digest, e.image.body_len);
         assert!(ix.insert_scanned(kh(1), e).is_none());
         ix.forget_unindexed_objects(1);
         assert!(!ix.add_scanned_variant(&kh(1), (digest(99), 100), variant(Coding::Br, 50, 20)));
@@ -1140,7 +1258,7 @@ mod tests {
         ix.forget_unindexed_objects(1);
         let replaced = ix.insert_scanned(kh(1), entry(1, 9, 100)).unwrap();
         assert_eq!((replaced.key, replaced.generation), (kh(1), 5));
-        assert_eq!(ix.peek(&kh(1)).unwrap().generation, 9);
+        assert_eq!(ix.peek(&kh(1)).unwrap().image.generation, 9);
         assert_eq!(ix.used(), 110);
         // Every found file is indexed (110) or being removed (2 x 110); none is unindexed.
         assert_eq!(ix.usage(), 330);

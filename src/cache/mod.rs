@@ -50,11 +50,11 @@ use tracing::{info, warn};
 use crate::metrics as m;
 use crate::negotiate::{Accepts, Coding};
 use budget::Reservation;
-use index::{Entry, Index, Removed, Variant};
+use index::{Entry, Image, Index, Removed, Variant};
 use key::{CacheKey, KeyHash};
 use meta::Meta;
 use read::{Expected, Source, open_object, open_object_cached};
-use segments::{Place, Segments};
+use segments::Segments;
 use store::{Store, StoreError};
 use tiers::{HotObject, Tier};
 
@@ -79,29 +79,23 @@ pub struct Hit {
     pub soft_purged: Option<SystemTime>,
 }
 
-/// One stored body a lookup reads: an object's identity body (in its object file) or one of
-/// its compressed variants (a file of its own, with its own version).
+/// One stored body a lookup reads: an object's identity body or one of its compressed
+/// variants, each an [`Image`] of its own.
 struct Span {
     /// The variant's coding; `None` for the identity body.
     coding: Option<Coding>,
     /// The key it is held under in the hot and open tiers.
     tier_key: KeyHash,
-    /// The variant's own version; 0 for the identity body (which has the object's).
-    version: u64,
-    /// What its file must hold.
-    expect: Expected,
-    /// Where it is.
-    place: Place,
+    /// Its image: the object's, or the variant's (with its own version).
+    image: Image,
 }
 
 impl Span {
-    fn identity(hash: KeyHash, object: &Expected, place: Place) -> Span {
+    fn identity(hash: KeyHash, object: &Image) -> Span {
         Span {
             coding: None,
             tier_key: hash,
-            version: 0,
-            expect: *object,
-            place,
+            image: object.clone(),
         }
     }
 
@@ -109,17 +103,13 @@ impl Span {
         Span {
             coding: Some(v.coding),
             tier_key: tiers::variant_key(&hash, v.coding),
-            version: v.generation,
-            place: v.place.clone(),
-            expect: Expected {
-                len: v.body_len,
-                tail_len: v.tail_len,
-                digest: v.digest,
-                verified: v.verified,
-                mtime: v.mtime,
-                min_mmap: MIN_MMAP,
-            },
+            image: v.image.clone(),
         }
+    }
+
+    /// The variant's own version; 0 for the identity body (which has the object's).
+    fn variant_version(&self) -> u64 {
+        self.coding.map_or(0, |_| self.image.generation)
     }
 }
 
@@ -371,35 +361,17 @@ impl Cache {
         self.budget.note_request(&hash);
         // Read before the index is locked: its length is the client's to choose.
         let accepts = (!req.contains_key(http::header::RANGE)).then(|| Accepts::parse(req));
-        let (object, variant, mark) = {
-            let mut ix = self.lock_index();
-            let e = ix.touch(&hash)?;
-            if &*e.key != key.as_str() {
-                return None;
-            }
-            let generation = e.generation;
-            let object = Expected {
-                len: e.body_len,
-                tail_len: e.tail_len,
-                digest: e.digest,
-                verified: e.verified,
-                mtime: e.mtime,
-                min_mmap: MIN_MMAP,
-            };
-            // A range gets the identity body: no variant.
-            let coding = match (&accepts, e.variants.is_empty()) {
-                (Some(accepts), false) => accepts.choose(e.variants.iter().map(|v| (v.coding, v.body_len)), e.body_len),
-                _ => None,
-            };
-            let variant = coding.and_then(|c| e.variant(c)).cloned();
-            (
-                (generation, object, e.place.clone()),
-                variant,
-                ix.mark_of(&hash, generation),
+        // A range gets the identity body: no variant.
+        let choose = |e: &Entry| {
+            let accepts = accepts.as_ref().filter(|_| !e.variants.is_empty())?;
+            accepts.choose(
+                e.variants.iter().map(|v| (v.coding, v.image.body_len)),
+                e.image.body_len,
             )
         };
+        let (object, variant, mark) = self.lock_index().hit(&hash, key.as_str(), choose)?;
         let span = match &variant {
-            None => Span::identity(hash, &object.1, object.2.clone()),
+            None => Span::identity(hash, &object),
             Some(v) => Span::variant(hash, v),
         };
         let hit = self.lookup_span(&store, key, hash, object, span).await?;
@@ -409,8 +381,8 @@ impl Cache {
         })
     }
 
-    /// The body a hit reads (`span`: the identity body of version `generation` of `hash`, as
-    /// `object` is expected, or one of its compressed variants) with the object's record: from
+    /// The body a hit reads (`span`: the identity body of `hash`'s `object` image, or one of
+    /// its compressed variants) with the object's record: from
     /// the tier its size belongs in, else from disk. One path for both: what differs is the
     /// span's file and what is expected of it. The record is the cached one, else read from the
     /// object's file (with the identity body, in the same open), and checked against the index.
@@ -420,35 +392,30 @@ impl Cache {
         store: &Store,
         key: &CacheKey,
         hash: KeyHash,
-        (generation, object, object_place): (u64, Expected, Place),
+        object: Image,
         span: Span,
     ) -> Option<Hit> {
-        let tier = self.tiers.tier_for(span.expect.len);
-        if let Some(hit) = self.tier_hit(tier.as_ref(), &span.tier_key, key, generation, span.version) {
+        let generation = object.generation;
+        let tier = self.tiers.tier_for(span.image.body_len);
+        if let Some(hit) = self.tier_hit(tier.as_ref(), &span.tier_key, key, generation, span.variant_version()) {
             return Some(hit);
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
         let tier = tier.filter(|t| t.doorkeeper.admit(&span.tier_key, t.weight) && self.tiers.has_room(t));
-        let expect = Expected {
-            min_mmap: tier.as_ref().map_or(MIN_MMAP, |t| t.map_from),
-            ..span.expect
-        };
+        let expect = Expected::of(&span.image, tier.as_ref().map_or(MIN_MMAP, |t| t.map_from));
         let mut meta = self.tiers.meta(&hash, generation);
         if meta.is_none() && span.coding.is_some() {
             // A variant's image holds no record: the object's does.
-            let source = Source::of(store, &hash, generation, None, &object_place);
-            let read = tokio::task::spawn_blocking(move || source.read_record(object.len, object.tail_len)).await;
+            let source = Source::of(store, &hash, generation, None, &object.place);
+            let (len, tail_len) = (object.body_len, object.tail_len);
+            let read = tokio::task::spawn_blocking(move || source.read_record(len, tail_len)).await;
             let read = self.or_drop(read, &hash, generation).await?;
             meta = Some(
                 self.checked_record(read, key, &hash, generation, &object, false)
                     .await?,
             );
         }
-        let version = match span.coding {
-            None => generation,
-            Some(_) => span.version,
-        };
-        let source = Source::of(store, &hash, version, span.coding, &span.place);
+        let source = Source::of(store, &hash, span.image.generation, span.coding, &span.image.place);
         let opened = self.open_blocking(source, expect, meta.is_none()).await;
         let opened = self.or_drop(opened, &hash, generation).await?;
         let meta = match (meta, opened.record) {
@@ -475,7 +442,7 @@ impl Cache {
             let mut ix = self.lock_index();
             match span.coding {
                 None => ix.mark_verified(&hash, generation, opened.mtime),
-                Some(_) => ix.mark_variant_verified(&hash, span.version, opened.mtime),
+                Some(_) => ix.mark_variant_verified(&hash, span.image.generation, opened.mtime),
             }
         }
         let hit = Hit {
@@ -487,7 +454,7 @@ impl Cache {
         self.tier_insert(
             tier.as_ref(),
             (hash, span.tier_key),
-            (generation, span.version),
+            (generation, span.variant_version()),
             &hit,
             expect.min_mmap,
             opened.mtime,
@@ -503,10 +470,10 @@ impl Cache {
         key: &CacheKey,
         hash: &KeyHash,
         generation: u64,
-        object: &Expected,
+        object: &Image,
         held_open: bool,
     ) -> Option<Arc<Meta>> {
-        if meta.key != *key || meta.digest != object.digest || meta.body_len != object.len {
+        if meta.key != *key || meta.digest != object.digest || meta.body_len != object.body_len {
             self.drop_corrupt(hash, generation, "record does not match the index")
                 .await;
             return None;
@@ -585,10 +552,7 @@ impl Cache {
         );
         // Evicted, purged or replaced while this lookup read it: `forget` may have run before
         // the insert. A tier must not keep it (nor its descriptor).
-        let still = self.lock_index().peek(&hash).is_some_and(|e| {
-            e.generation == generation && (variant == 0 || e.variants.iter().any(|v| v.generation == variant))
-        });
-        if !still {
+        if !self.lock_index().holds(&hash, generation, variant) {
             tier.invalidate(&tier_key);
         }
     }
@@ -658,15 +622,12 @@ impl Cache {
         }
         // A fill of this key in flight commits the app's answer from before: not stored.
         self.fences.invalidate(millis(SystemTime::now()), key.hash());
-        let removed: Vec<Removed> = {
-            let mut ix = self.lock_index();
-            let hash = key.hash();
-            // The hash is the key's own (not a variant's): check it names this key.
-            match ix.peek(&hash) {
-                Some(e) if *e.key == *key.as_str() => ix.remove(&hash).into_iter().collect(),
-                _ => Vec::new(),
-            }
-        };
+        // The hash is the key's own (not a variant's): it must name this key.
+        let removed: Vec<Removed> = self
+            .lock_index()
+            .remove_named(&key.hash(), key.as_str())
+            .into_iter()
+            .collect();
         self.finish_purge(removed).await
     }
 
@@ -683,8 +644,7 @@ impl Cache {
         let keys = what.select(&self.lock_index());
         let mut removed: Vec<Removed> = Vec::with_capacity(keys.len());
         for batch in keys.chunks(PURGE_BATCH) {
-            let mut ix = self.lock_index();
-            removed.extend(batch.iter().filter_map(|k| ix.remove(k)));
+            removed.extend(self.lock_index().remove_all(batch));
         }
         self.finish_purge(removed).await
     }
@@ -703,12 +663,9 @@ impl Cache {
         let (mut matched, mut newly) = (0, 0);
         // In batches, as `purge` removes: hits go on between them.
         for batch in keys.chunks(PURGE_BATCH) {
-            let mut ix = self.lock_index();
-            for k in batch {
-                // (One removed since the selection is not counted.)
-                matched += usize::from(ix.peek(k).is_some());
-                newly += usize::from(ix.mark_stale(k, at).is_some());
-            }
+            // (One removed since the selection is not counted.)
+            let (m, n) = self.lock_index().mark_all_stale(batch, at);
+            (matched, newly) = (matched + m, newly + n);
         }
         if newly > 0 {
             self.save_marks().await;
@@ -748,26 +705,19 @@ impl Cache {
         };
         let host = host.and_then(key::normalize_host);
         let what = Purge::Url(url.to_owned());
-        let found: Vec<(KeyHash, Entry, Vec<String>, Option<u64>)> = {
-            let ix = self.lock_index();
-            what.select(&ix)
-                .into_iter()
-                .filter_map(|k| {
-                    let e = ix.peek(&k)?;
-                    if let Some(h) = &host
-                        && key::host_of(&e.key) != Some(h.as_str())
-                    {
-                        return None;
-                    }
-                    Some((k, e.clone(), ix.tag_names(e), ix.mark_of(&k, e.generation)))
-                })
-                .take(MAX_INSPECTED)
-                .collect()
-        };
+        let selected = what.select(&self.lock_index());
+        let on_host = |e: &Entry| host.as_ref().is_none_or(|h| key::host_of(&e.key) == Some(h.as_str()));
+        let found = self.lock_index().snapshot(&selected, on_host, MAX_INSPECTED);
         let mut out = Vec::with_capacity(found.len());
-        for (hash, e, tags, mark) in found {
-            let tier = match self.tiers.tier_for(e.body_len) {
-                Some(t) if t.objects.get(&hash).is_some_and(|o| o.generation == e.generation) => {
+        for index::Snapshot {
+            key: hash,
+            entry: e,
+            tags,
+            mark,
+        } in found
+        {
+            let tier = match self.tiers.tier_for(e.image.body_len) {
+                Some(t) if t.objects.get(&hash).is_some_and(|o| o.generation == e.image.generation) => {
                     if t.open {
                         "open"
                     } else {
@@ -776,11 +726,11 @@ impl Cache {
                 }
                 _ => "disk",
             };
-            let meta = match self.tiers.meta(&hash, e.generation) {
+            let meta = match self.tiers.meta(&hash, e.image.generation) {
                 Some(meta) => Some(meta),
                 None => {
-                    let source = Source::of(&store, &hash, e.generation, None, &e.place);
-                    let (body_len, tail_len) = (e.body_len, e.tail_len);
+                    let source = Source::of(&store, &hash, e.image.generation, None, &e.image.place);
+                    let (body_len, tail_len) = (e.image.body_len, e.image.tail_len);
                     tokio::task::spawn_blocking(move || source.read_record(body_len, tail_len).ok())
                         .await
                         .ok()
@@ -790,10 +740,10 @@ impl Cache {
             };
             out.push(Stored {
                 key: e.key.to_string(),
-                generation: e.generation,
-                body_len: e.body_len,
-                file_len: e.file_len(),
-                charged: self.charge(e.stored_len()),
+                generation: e.image.generation,
+                body_len: e.image.body_len,
+                file_len: e.image.file_len(),
+                charged: self.charge(e.image.stored_len()),
                 tier,
                 tags,
                 hits: e.hits,
@@ -801,7 +751,7 @@ impl Cache {
                 variants: e
                     .variants
                     .iter()
-                    .map(|v| (v.coding, v.body_len, self.charge(v.stored_len())))
+                    .map(|v| (v.coding, v.image.body_len, self.charge(v.image.stored_len())))
                     .collect(),
                 meta,
             });

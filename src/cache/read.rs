@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::cache::index::Image;
 use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::segments::{Place, Slot};
@@ -18,7 +19,8 @@ use crate::zerocopy::Backing;
 use bytes::Bytes;
 use tracing::warn;
 
-/// What the index says an object file holds.
+/// What a read checks an image against: what the index says it holds ([`Image`]), and from
+/// what size its body is mapped.
 #[derive(Clone, Copy)]
 pub(super) struct Expected {
     /// Body length: the file's first bytes.
@@ -31,6 +33,20 @@ pub(super) struct Expected {
     pub(super) mtime: u64,
     /// Mapped from this size, read below it.
     pub(super) min_mmap: u64,
+}
+
+impl Expected {
+    /// What `image` must hold, its body mapped from `min_mmap` bytes.
+    pub(super) fn of(image: &Image, min_mmap: u64) -> Expected {
+        Expected {
+            len: image.body_len,
+            tail_len: image.tail_len,
+            digest: image.digest,
+            verified: image.verified,
+            mtime: image.mtime,
+            min_mmap,
+        }
+    }
 }
 
 /// An object file opened for a hit.
@@ -226,7 +242,7 @@ impl Cache {
     pub fn object_len(&self, key: &CacheKey) -> Option<u64> {
         let ix = self.lock_index();
         let e = ix.peek(&key.hash())?;
-        (*e.key == *key.as_str()).then_some(e.body_len + e.tail_len)
+        (*e.key == *key.as_str()).then_some(e.image.body_len + e.image.tail_len)
     }
 
     /// The whole object file indexed under `key`'s own hash, as it is on disk (`body | record
@@ -241,7 +257,10 @@ impl Cache {
             if *e.key != *key.as_str() {
                 return None;
             }
-            (Source::of(&store, &hash, e.generation, None, &e.place), e.file_len())
+            (
+                Source::of(&store, &hash, e.image.generation, None, &e.image.place),
+                e.image.file_len(),
+            )
         };
         let read = tokio::task::spawn_blocking(move || source.read(len, 0).map(Bytes::from)).await;
         match read {
@@ -266,7 +285,7 @@ impl Cache {
         let removed = {
             let mut ix = self.lock_index();
             match ix.peek(hash) {
-                Some(e) if e.generation == generation => ix.remove(hash),
+                Some(e) if e.image.generation == generation => ix.remove(hash),
                 _ => None,
             }
         };

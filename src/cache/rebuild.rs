@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
-use crate::cache::index::Variant;
+use crate::cache::index::{Image, Variant};
 use crate::cache::key::KeyHash;
 use crate::cache::read::Source;
 use crate::cache::segments::{Kind, Place};
@@ -40,17 +40,17 @@ impl Cache {
             .segments()
             .map(|s| s.scan(|id| store.is_own(id)))
             .unwrap_or_default();
-        let mut found: Vec<Image> = store
+        let mut found: Vec<Scanned> = store
             .scan_objects()
             .into_iter()
-            .map(|f| Image {
+            .map(|f| Scanned {
                 id: f.id,
                 generation: f.generation,
                 len: f.len,
                 coding: f.coding,
                 place: Place::File,
             })
-            .chain(slots.into_iter().map(|s| Image {
+            .chain(slots.into_iter().map(|s| Scanned {
                 id: s.key,
                 generation: s.generation,
                 len: s.slot.len(),
@@ -140,13 +140,15 @@ impl Cache {
                 Ok(record) if record.coding == coding => {
                     let variant = Variant {
                         coding,
-                        generation: f.generation,
-                        body_len: record.body_len,
-                        tail_len: store::VARIANT_TAIL,
-                        place: f.place.clone(),
-                        digest: record.digest,
-                        verified: false,
-                        mtime: 0,
+                        image: Image {
+                            generation: f.generation,
+                            body_len: record.body_len,
+                            tail_len: store::VARIANT_TAIL,
+                            place: f.place.clone(),
+                            digest: record.digest,
+                            verified: false,
+                            mtime: 0,
+                        },
                     };
                     let made_from = (record.made_from.1, record.made_from.0);
                     self.lock_index().add_scanned_variant(&f.id, made_from, variant)
@@ -204,7 +206,7 @@ impl Cache {
 }
 
 /// An image found at startup: a file of its own, or a slot.
-struct Image {
+struct Scanned {
     id: KeyHash,
     generation: u64,
     len: u64,
@@ -212,7 +214,7 @@ struct Image {
     place: Place,
 }
 
-impl Image {
+impl Scanned {
     /// What it stores: its image, and a slot's prefix.
     fn stored_len(&self) -> u64 {
         self.len + self.place.overhead()

@@ -56,13 +56,15 @@ pub async fn eventually(mut done: impl FnMut() -> bool) -> bool {
 pub fn entry(i: u32, len: u64) -> crate::cache::index::Entry {
     crate::cache::index::Entry {
         key: format!("http://h/{i}").into(),
-        generation: u64::from(i),
-        body_len: len,
-        tail_len: 0,
-        place: crate::cache::segments::Place::File,
-        digest: Digest::from(blake3::hash(&i.to_be_bytes())),
-        verified: true,
-        mtime: 0,
+        image: crate::cache::index::Image {
+            generation: u64::from(i),
+            body_len: len,
+            tail_len: 0,
+            place: crate::cache::segments::Place::File,
+            digest: Digest::from(blake3::hash(&i.to_be_bytes())),
+            verified: true,
+            mtime: 0,
+        },
         variants: Box::default(),
         tags: Box::default(),
         hits: 0,

@@ -30,7 +30,7 @@ use tokio::sync::mpsc::{Receiver, Sender};
 use tracing::{debug, warn};
 
 use crate::cache::Cache;
-use crate::cache::index::Variant;
+use crate::cache::index::{Image, Variant};
 use crate::cache::key::{CacheKey, Digest, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::read::Source;
@@ -328,7 +328,7 @@ impl Cache {
         let current = self
             .lock_index()
             .peek(&job.hash)
-            .is_some_and(|e| e.generation == job.generation);
+            .is_some_and(|e| e.image.generation == job.generation);
         if !current {
             return;
         }
@@ -386,16 +386,16 @@ impl Cache {
         let variants: Vec<Variant> = {
             let ix = self.lock_index();
             match ix.peek(other) {
-                Some(e) if (e.digest, e.body_len) == body => e.variants.to_vec(),
+                Some(e) if (e.image.digest, e.image.body_len) == body => e.variants.to_vec(),
                 _ => return,
             }
         };
         for v in variants {
-            let source = Source::of(store, other, v.generation, Some(v.coding), &v.place);
-            let Ok(bytes) = source.read(v.body_len, 0) else {
+            let source = Source::of(store, other, v.image.generation, Some(v.coding), &v.image.place);
+            let Ok(bytes) = source.read(v.image.body_len, 0) else {
                 continue;
             };
-            if Digest::from(blake3::hash(&bytes)) == v.digest {
+            if Digest::from(blake3::hash(&bytes)) == v.image.digest {
                 coded.codings.insert(v.coding, Some(bytes.into()));
             }
         }
@@ -427,7 +427,7 @@ impl Cache {
         if coded.body.is_none() {
             // Where the version is (gone from the index: nothing to make).
             let place = match self.lock_index().peek(&job.hash) {
-                Some(e) if e.generation == job.generation => e.place.clone(),
+                Some(e) if e.image.generation == job.generation => e.image.place.clone(),
                 _ => return None,
             };
             let body = Source::of(store, &job.hash, job.generation, None, &place)
@@ -514,13 +514,15 @@ impl Cache {
         };
         let variant = Variant {
             coding,
-            generation,
-            body_len: coded.len() as u64,
-            tail_len,
-            place: place.clone(),
-            digest,
-            verified: true,
-            mtime,
+            image: Image {
+                generation,
+                body_len: coded.len() as u64,
+                tail_len,
+                place: place.clone(),
+                digest,
+                verified: true,
+                mtime,
+            },
         };
         // Converted, or given back, by the index in one step.
         let added = {
