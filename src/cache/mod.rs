@@ -56,7 +56,7 @@ use meta::Meta;
 use read::{Expected, Source, open_object, open_object_cached};
 use segments::Segments;
 use store::{Store, StoreError};
-use tiers::{HotObject, Tier};
+use tiers::Tier;
 
 pub use coalesce::{Claim, FillPermit, InFlight, Waited};
 pub use settings::Settings;
@@ -397,7 +397,10 @@ impl Cache {
     ) -> Option<Hit> {
         let generation = object.generation;
         let tier = self.tiers.tier_for(span.image.body_len);
-        if let Some(hit) = self.tier_hit(tier.as_ref(), &span.tier_key, key, generation, span.variant_version()) {
+        if let Some(hit) = tier
+            .as_ref()
+            .and_then(|t| t.get(&span.tier_key, key, generation, span.variant_version()))
+        {
             return Some(hit);
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
@@ -498,32 +501,6 @@ impl Cache {
         }
     }
 
-    /// A hit from the tier a body of its size belongs in, if it holds version `generation`
-    /// (and `variant`) of the key, still valid.
-    fn tier_hit(
-        &self,
-        tier: Option<&Tier<'_>>,
-        tier_key: &KeyHash,
-        key: &CacheKey,
-        generation: u64,
-        variant: u64,
-    ) -> Option<Hit> {
-        let tier = tier?.objects;
-        let obj = tier.get(tier_key)?;
-        if obj.generation == generation && obj.variant == variant && obj.meta.key == *key && obj.still_valid() {
-            return Some(Hit {
-                meta: obj.meta.clone(),
-                body: obj.body.clone(),
-                coding: (variant != 0).then(|| obj.coding).flatten(),
-                soft_purged: None,
-            });
-        }
-        // Another version of the key (one that raced a replacement in), or changed
-        // underneath: the disk path checks the file again (and drops it).
-        tier.invalidate(tier_key);
-        None
-    }
-
     /// Keeps a hit's body in its tier (when it was admitted) under `tier_key`, unless the key
     /// `hash` was evicted, purged or replaced meanwhile. `(generation, variant)`: the versions of
     /// the object and of the variant (0: the identity body).
@@ -536,24 +513,12 @@ impl Cache {
         min_mmap: u64,
         mtime: u64,
     ) {
-        let Some(Tier { objects: tier, .. }) = tier else { return };
-        let len = hit.body.len() as u64;
-        tier.insert(
-            tier_key,
-            Arc::new(HotObject {
-                meta: hit.meta.clone(),
-                generation,
-                variant,
-                coding: hit.coding,
-                body: hit.body.clone(),
-                // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
-                mapped_mtime: (len > 0 && len >= min_mmap).then_some(mtime),
-            }),
-        );
+        let Some(tier) = tier else { return };
+        tier.offer(tier_key, hit, (generation, variant), min_mmap, mtime);
         // Evicted, purged or replaced while this lookup read it: `forget` may have run before
         // the insert. A tier must not keep it (nor its descriptor).
         if !self.lock_index().holds(&hash, generation, variant) {
-            tier.invalidate(&tier_key);
+            tier.forget(&tier_key);
         }
     }
 
@@ -717,7 +682,7 @@ impl Cache {
         } in found
         {
             let tier = match self.tiers.tier_for(e.image.body_len) {
-                Some(t) if t.objects.get(&hash).is_some_and(|o| o.generation == e.image.generation) => {
+                Some(t) if t.holds(&hash, e.image.generation) => {
                     if t.open {
                         "open"
                     } else {

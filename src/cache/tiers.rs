@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use crate::cache::Hit;
 use crate::cache::admit;
-use crate::cache::key::KeyHash;
+use crate::cache::key::{CacheKey, KeyHash};
 use crate::cache::meta::Meta;
 use crate::cache::{MIN_MMAP, Settings};
 use crate::metrics as m;
@@ -101,6 +102,62 @@ pub(super) struct Tier<'a> {
     /// The open tier: it holds its objects' records, and keeps to a reduced size after a
     /// shortage of descriptors.
     pub(super) open: bool,
+}
+
+impl Tier<'_> {
+    /// The body held under `tier_key`, if it is version `generation` (and, unless `variant` is
+    /// 0, that variant's) of `key` and still what was checked. Anything else held there (a
+    /// version that raced a replacement in, or a mapping whose file changed underneath) is
+    /// dropped: the disk path checks the file again.
+    pub(super) fn get(&self, tier_key: &KeyHash, key: &CacheKey, generation: u64, variant: u64) -> Option<Hit> {
+        let obj = self.objects.get(tier_key)?;
+        if obj.generation == generation && obj.variant == variant && obj.meta.key == *key && obj.still_valid() {
+            return Some(Hit {
+                meta: obj.meta.clone(),
+                body: obj.body.clone(),
+                coding: (variant != 0).then_some(obj.coding).flatten(),
+                soft_purged: None,
+            });
+        }
+        self.objects.invalidate(tier_key);
+        None
+    }
+
+    /// Holds a hit's body under `tier_key`: version `generation` of its key and `variant`
+    /// (0: the identity body), mapped when it is `min_mmap` bytes or more (its file's
+    /// modification time then `mtime`).
+    pub(super) fn offer(
+        &self,
+        tier_key: KeyHash,
+        hit: &Hit,
+        (generation, variant): (u64, u64),
+        min_mmap: u64,
+        mtime: u64,
+    ) {
+        let len = hit.body.len() as u64;
+        self.objects.insert(
+            tier_key,
+            Arc::new(HotObject {
+                meta: hit.meta.clone(),
+                generation,
+                variant,
+                coding: hit.coding,
+                body: hit.body.clone(),
+                // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
+                mapped_mtime: (len > 0 && len >= min_mmap).then_some(mtime),
+            }),
+        );
+    }
+
+    /// Whether version `generation` of a key is held under `tier_key` (for `inspect`).
+    pub(super) fn holds(&self, tier_key: &KeyHash, generation: u64) -> bool {
+        self.objects.get(tier_key).is_some_and(|o| o.generation == generation)
+    }
+
+    /// Lets go of what is held under `tier_key`.
+    pub(super) fn forget(&self, tier_key: &KeyHash) {
+        self.objects.invalidate(tier_key);
+    }
 }
 
 /// Drops `closing` (unmapping and closing thousands of files takes a while) on a thread of
