@@ -1,8 +1,9 @@
--- wrk script: GETs over /<KIND>/<size>/<PREFIX><i> (KIND: a, the default, or js), i < OBJECTS,
+-- wrk script: GETs over /<KIND>/<size>/<NAME_PREFIX><i> (KIND: a, the default, or js), i < OBJECTS,
 -- sizes 1-48 KiB (loadtool's mixed_size); ACCEPT_ENCODING, when set, is sent with each. DIST=uniform (default) picks i uniformly; DIST=zipf draws P(k) ~ 1/k by
 -- inverse-CDF sampling, k = floor(OBJECTS^u), i = k - 1.
 local n = tonumber(os.getenv("OBJECTS") or "20000")
-local prefix = os.getenv("PREFIX") or "m"
+-- (NAME_PREFIX, not PREFIX: `perf record -- wrk` sets PREFIX=/usr in its child's environment.)
+local prefix = os.getenv("NAME_PREFIX") or "m"
 local zipf = os.getenv("DIST") == "zipf"
 local kind = os.getenv("KIND") or "a"
 local headers = {}

@@ -598,7 +598,7 @@ class Bench:
             targets.append(self.nginx_cache("nginx-churn", f"{budget_mib}m"))
         if "varnish" in wanted:
             targets.append(self.start_varnish("varnish-churn", f"{budget_mib}m"))
-        env = {"OBJECTS": str(CHURN_OBJECTS), "DIST": "zipf", "PREFIX": "z"}
+        env = {"OBJECTS": str(CHURN_OBJECTS), "DIST": "zipf", "NAME_PREFIX": "z"}
         for proc in targets:  # fill to the budget and into steady state
             self.wrk(proc, script="objects.lua", env=env, duration=self.args.duration * 3)
         runs = {p.name: [] for p in targets}
@@ -656,7 +656,7 @@ class Bench:
         # The mixed set as scripts: fill, then hits while the variants are made, then after.
         proc = self.start_sidecache("sidecache-variants")
         admin = proc.admin
-        env = {"OBJECTS": str(MIXED_OBJECTS), "KIND": "js", "PREFIX": "v"}
+        env = {"OBJECTS": str(MIXED_OBJECTS), "KIND": "js", "NAME_PREFIX": "v"}
         self.loadtool(proc, "fetch", f"127.0.0.1:{proc.port}", "js:v", str(MIXED_OBJECTS), "64")
         started, cpu0 = time.monotonic(), compress_cpu(proc)
         during = self.wrk(proc, script="objects.lua", env=env)

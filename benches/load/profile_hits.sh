@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# A profile of sidecache's hits: run.py's mixed scenario (20,000 objects of 1 to 48 KiB, mean
+# 24.5 KiB, stored first, then asked for uniformly by wrk's 64 connections through a sidecache
+# with its default settings), recorded with `perf record -g` on the sidecache process only,
+# then grouped by job.
+#
+#     sudo benches/load/profile_hits.sh            # or: SECONDS_EACH=20 OUT=/tmp/x benches/load/profile_hits.sh
+#     SIDECACHE=/tmp/old-sidecache benches/load/profile_hits.sh    # an earlier build, not rebuilt
+#
+# Steps: builds the release binary and loadtool; starts the origin and sidecache on 127.0.0.1
+# (free ports) with a new cache directory under $OUT; stores the $OBJECTS objects
+# (`loadtool fetch`); warms for 5 s with wrk; measures req/s and CPU per request over
+# $SECONDS_EACH s without perf; records as long again under `perf record -g -F $FREQ -p PID`
+# while wrk runs beside it (wrk is not perf's child: perf sets PREFIX=/usr in its child's
+# environment); checks that the origin saw no request meanwhile (every request a hit); prints
+# the top symbols by self time and the self time grouped by job (profile_groups.py).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+HERE="$ROOT/benches/load"
+OUT=${OUT:-$(mktemp -d /tmp/sidecache-profile-hits.XXXXXX)}
+OBJECTS=${OBJECTS:-20000}
+SECONDS_EACH=${SECONDS_EACH:-10}
+FREQ=${FREQ:-2999}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+LOADTOOL="$TARGET_DIR/release/examples/loadtool"
+mkdir -p "$OUT"
+
+if [ -z "${SIDECACHE:-}" ]; then
+    SIDECACHE="$TARGET_DIR/release/sidecache"
+    (cd "$ROOT" && cargo build --release --quiet --bin sidecache --example loadtool)
+fi
+if [ "$(cat /proc/sys/kernel/perf_event_paranoid)" -gt -1 ]; then
+    sysctl -q kernel.perf_event_paranoid=-1 || echo "perf_event_paranoid > -1: kernel frames may be missing" >&2
+fi
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+wait_for() { # URL: until it answers 200, at most 60 s
+    for _ in $(seq 600); do
+        if curl -fs -o /dev/null "$1"; then return 0; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2
+    exit 1
+}
+hits() { # DURATION OUTPUT: wrk over the stored objects
+    NAME_PREFIX=m OBJECTS="$OBJECTS" wrk -t2 -c64 -d"$1"s --latency -s "$HERE/objects.lua" \
+        "http://127.0.0.1:$PORT/" >"$2"
+}
+origin_count() { curl -fs "http://127.0.0.1:$ORIGIN_PORT/__stats"; }
+
+ORIGIN_PORT=$(free_port)
+PORT=$(free_port)
+ADMIN=$(free_port)
+"$LOADTOOL" origin "$ORIGIN_PORT" >"$OUT/origin.log" 2>&1 &
+ORIGIN_PID=$!
+SIDECACHE_ACCESS_LOG=false SIDECACHE_MIN_FREE=0 "$SIDECACHE" serve \
+    --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN" \
+    --upstream "http://127.0.0.1:$ORIGIN_PORT" --cache-dir "$OUT/cache" --max-size 4GB \
+    >"$OUT/sidecache.log" 2>&1 &
+PID=$!
+trap 'kill $PID $ORIGIN_PID 2>/dev/null; wait $PID $ORIGIN_PID 2>/dev/null || true; rm -rf "$OUT/cache"' EXIT
+wait_for "http://127.0.0.1:$ORIGIN_PORT/__stats"
+wait_for "http://127.0.0.1:$ADMIN/readyz"
+
+"$LOADTOOL" fetch "127.0.0.1:$PORT" m "$OBJECTS" 64 >"$OUT/fill.json"
+hits 5 /dev/null
+stored=$(origin_count)
+
+CLK=$(getconf CLK_TCK)
+before=$(cpu_ticks $PID)
+hits "$SECONDS_EACH" "$OUT/wrk-plain.txt"
+requests=$(awk '/requests in/ { print $1 }' "$OUT/wrk-plain.txt")
+plain_us=$(echo "($(cpu_ticks $PID) - $before) * 1000000 / $CLK / $requests" | bc)
+
+hits "$SECONDS_EACH" "$OUT/wrk-perf.txt" &
+WRK=$!
+perf record -g -F "$FREQ" -p "$PID" -o "$OUT/perf.data" -- sleep "$SECONDS_EACH" 2>"$OUT/perf-record.log"
+wait "$WRK"
+if [ "$(origin_count)" != "$stored" ]; then
+    echo "the origin was asked during the profile: not every request was a hit" >&2
+    exit 1
+fi
+
+perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.3 \
+    >"$OUT/report-flat.txt" 2>/dev/null
+perf script -i "$OUT/perf.data" -F period,ip,sym,dso 2>/dev/null \
+    | python3 "$HERE/profile_groups.py" --top 25 >"$OUT/groups.md"
+
+{
+    echo "# sidecache hit profile"
+    echo
+    echo "binary $SIDECACHE, tree at $(git -C "$ROOT" describe --always --dirty), $(uname -r), $(nproc) CPUs, $(perf --version)"
+    echo "$OBJECTS stored objects asked for uniformly by 64 connections; every request a hit"
+    echo
+    echo "- without perf: $(awk '/Requests\/sec/ { print $2 }' "$OUT/wrk-plain.txt") req/s, $plain_us µs of CPU per request"
+    echo "- under perf: $(awk '/Requests\/sec/ { print $2 }' "$OUT/wrk-perf.txt") req/s"
+    echo
+    cat "$OUT/groups.md"
+} | tee "$OUT/summary.md"
+echo
+echo "perf.data, report-flat.txt and summary.md are in $OUT"
