@@ -448,17 +448,8 @@ impl Proxy {
                 let response = error_response(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout: not cached\n");
                 return Answer::new(response, Outcome::Miss, Some(fwd));
             }
-            if ex.req.method == Method::HEAD {
-                // Nothing to store from a HEAD: ask the app directly.
-                return self.forward(ex.into_request(), client, Outcome::Miss, fwd).await;
-            }
-            if ex.req.headers.contains_key(header::RANGE) {
-                // A range of nothing stored may be stored as a span; one of a stored answer
-                // that must be validated first is only relayed (the span would replace it).
-                if stored.is_some() {
-                    return self.forward(ex.into_request(), client, Outcome::Miss, fwd).await;
-                }
-                return self.fetch_range(ex, fwd).await;
+            if ex.req.method == Method::HEAD || ex.req.headers.contains_key(header::RANGE) {
+                return self.head_or_range(ex, fwd, stored.is_some()).await;
             }
             match self.cache.claim(&ex.key, &ex.req.headers) {
                 Claim::Leader(permit) => return self.lead(ex, permit, fwd, stored).await,
@@ -476,6 +467,18 @@ impl Proxy {
             }
         }
         self.forward(ex.into_request(), client, Outcome::Miss, fwd).await
+    }
+
+    /// A HEAD or a range nothing stored answered: neither leads a fill. A HEAD is asked of the
+    /// app directly (nothing to store from it); so is a range of a stored answer that must be
+    /// validated first (a span would replace it); a range of nothing stored may be stored as
+    /// a span ([`Proxy::fetch_range`]).
+    async fn head_or_range(&self, ex: Exchange, fwd: Fwd, validating: bool) -> Answer {
+        if ex.req.method == Method::HEAD || validating {
+            let client = ex.client;
+            return self.forward(ex.into_request(), client, Outcome::Miss, fwd).await;
+        }
+        self.fetch_range(ex, fwd).await
     }
 
     /// What is stored for a request, and whether it may answer it (RFC 9111 §4): fresh, or
