@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::support::{Behaviour, Origin, TestSidecar, app_client as client, eventually, origin::owned, pattern_chunk};
+use crate::support::{
+    Behaviour, Binary, Origin, TestSidecar, app_client as client, eventually, metric, origin::owned, pattern_chunk,
+    scrape,
+};
 
 struct Got {
     status: u16,
@@ -274,6 +277,77 @@ async fn a_stored_partial_answer_serves_the_ranges_inside_it_and_nothing_else() 
     let any = range("bytes=0-99").await;
     assert_eq!((any.status, any.body.clone()), (206, body.slice(0..100)));
     assert_eq!(origin.hits("/movie.mp4"), 4, "ranges now come from the whole body");
+}
+
+/// A span is stored like any object: the real binary restarted over its cache directory
+/// finds it (its record says 206 and its `Content-Range`), and it still answers only the
+/// ranges it holds, never the whole body, whose answer replaces it; a purge of the URL
+/// removes what is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_span_survives_a_restart_and_still_answers_only_its_ranges() {
+    let origin = Origin::start().await;
+    let body = pattern_chunk(0, 30_000);
+    origin.route(
+        "/clip.webm",
+        Behaviour::Ranged {
+            headers: owned(&[("cache-control", "max-age=3600")]),
+            body: body.clone(),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let env = [("SIDECACHE_ACCESS_LOG", "false"), ("SIDECACHE_MIN_FREE", "0")];
+    let start = || async {
+        let mut bin = Binary::serve(&origin.url(), &cache, &[], &env);
+        let (addr, admin) = (bin.public_addr(), bin.admin_addr());
+        crate::support::wait_ready(admin).await;
+        (bin, addr, admin)
+    };
+    let c = client();
+    let range = |addr: std::net::SocketAddr, r: &'static str| {
+        send(c.get(format!("http://{addr}/clip.webm")).header("range", r))
+    };
+    let (mut bin, addr, admin) = start().await;
+    let first = range(addr, "bytes=1000-8999").await;
+    assert_eq!((first.status, first.body.clone()), (206, body.slice(1000..9000)));
+    let objects = async || metric(&scrape(admin).await, "sidecache_cache_objects", &[]);
+    assert!(
+        eventually(Duration::from_secs(10), async || objects().await == 1.0).await,
+        "the span is stored"
+    );
+    let inside = range(addr, "bytes=2000-2099").await;
+    assert!(inside.cache_status.contains("hit"), "{}", inside.cache_status);
+    bin.signal(libc::SIGTERM);
+    assert!(bin.wait_exit(Duration::from_secs(30)).success());
+    assert_eq!(origin.hits("/clip.webm"), 1);
+
+    let (_bin, addr, admin) = start().await;
+    let part = range(addr, "bytes=4000-4999").await;
+    assert_eq!((part.status, part.body.clone()), (206, body.slice(4000..5000)));
+    assert!(part.cache_status.contains("hit"), "{}", part.cache_status);
+    assert_eq!(part.headers["content-range"], "bytes 4000-4999/30000");
+    assert_eq!(origin.hits("/clip.webm"), 1, "answered from the span after the restart");
+    let whole = send(c.get(format!("http://{addr}/clip.webm"))).await;
+    assert_eq!(
+        (whole.status, whole.body.clone()),
+        (200, body.clone()),
+        "the whole body, from the app"
+    );
+    assert_eq!(origin.hits("/clip.webm"), 2);
+
+    // The whole body replaced the span; a purge of the URL removes what is stored: the next
+    // range goes to the app.
+    let again = range(addr, "bytes=100-199").await;
+    assert!(again.cache_status.contains("hit"), "{}", again.cache_status);
+    let purged = c
+        .post(format!("http://{admin}/purge?url=/clip.webm"))
+        .send()
+        .await
+        .unwrap();
+    assert!(purged.status().is_success(), "{}", purged.status());
+    let after = range(addr, "bytes=100-199").await;
+    assert!(!after.cache_status.contains("hit"), "{}", after.cache_status);
+    assert_eq!(after.body, body.slice(100..200));
 }
 
 /// RFC 9111 §4.2.4 and RFC 5861 §4: a stale object stands in for a failing app, unless the
