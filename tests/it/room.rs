@@ -397,8 +397,9 @@ async fn the_budget_is_never_exceeded_while_32_clients_make_room_at_once() {
     assert!(peak <= budget, "peak {peak} bytes on disk over a budget of {budget}");
     // The budget was pressed: fills were given room for more than it holds, so room was made
     // for them. (Not the disk's peak: under load, room reserved for fills still writing keeps
-    // what is on the disk well below the budget at every sample.)
-    assert!(stored > 2 * budget, "fills given room: {stored} bytes, budget {budget}");
+    // what is on the disk well below the budget at every sample. 42 MB alone, 15.5 MB in a
+    // full-suite run, where more of the fills' waits for room run out.)
+    assert!(stored > budget, "fills given room: {stored} bytes, budget {budget}");
     // Nothing leaked: room is still made, for the largest share, once the flood is over.
     route(&origin, "/after", 999, budget * 40 / 100);
     store(&sc, "/after").await;
