@@ -20,7 +20,6 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-HERE="$ROOT/benches/load"
 OUT=${OUT:-$(mktemp -d /tmp/sidecache-profile-fill.XXXXXX)}
 COUNT=${COUNT:-2000}
 ROUNDS=${ROUNDS:-5}
@@ -28,42 +27,8 @@ WARMUP=${WARMUP:-4000}
 CONCURRENCY=${CONCURRENCY:-64}
 FREQ=${FREQ:-2999}
 # SIDECACHE=/path/to/an/earlier/build profiles that binary instead (nothing is built then).
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-LOADTOOL="$TARGET_DIR/release/examples/loadtool"
-mkdir -p "$OUT"
-
-if [ -z "${SIDECACHE:-}" ]; then
-    SIDECACHE="$TARGET_DIR/release/sidecache"
-    (cd "$ROOT" && cargo build --release --quiet --bin sidecache --example loadtool)
-fi
-if [ "$(cat /proc/sys/kernel/perf_event_paranoid)" -gt -1 ]; then
-    sysctl -q kernel.perf_event_paranoid=-1 || echo "perf_event_paranoid > -1: kernel frames may be missing" >&2
-fi
-
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-wait_for() { # URL: until it answers 200, at most 60 s
-    for _ in $(seq 600); do
-        if curl -fs -o /dev/null "$1"; then return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for $1" >&2
-    exit 1
-}
-
-ORIGIN_PORT=$(free_port)
-PORT=$(free_port)
-ADMIN=$(free_port)
-"$LOADTOOL" origin "$ORIGIN_PORT" >"$OUT/origin.log" 2>&1 &
-ORIGIN_PID=$!
-SIDECACHE_ACCESS_LOG=false SIDECACHE_MIN_FREE=0 "$SIDECACHE" serve \
-    --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN" \
-    --upstream "http://127.0.0.1:$ORIGIN_PORT" --cache-dir "$OUT/cache" --max-size 4GB \
-    >"$OUT/sidecache.log" 2>&1 &
-PID=$!
-trap 'kill $PID $ORIGIN_PID 2>/dev/null; wait $PID $ORIGIN_PID 2>/dev/null || true; rm -rf "$OUT/cache"' EXIT
-wait_for "http://127.0.0.1:$ORIGIN_PORT/__stats"
-wait_for "http://127.0.0.1:$ADMIN/readyz"
+# shellcheck source=profile_start.sh
+. "$ROOT/benches/load/profile_start.sh"
 
 fill() { # PREFIX COUNT: COUNT new objects, fails on any error
     local result
