@@ -249,7 +249,12 @@ impl Proxy {
         // the app: fresh, and not `no-cache`. Another user's `no-cache` page, or an answer
         // stored for its validator alone, is stored, but each waiter asks the app for its own.
         let reusable = !lifetime.is_zero() && !policy::stored_directives(parts.status, &parts.headers).0.no_cache;
-        let meta = record(&asked, &parts, response_time);
+        let meta = record(
+            &asked.key,
+            &asked.sent_headers,
+            &parts,
+            (asked.request_time, response_time),
+        );
         let mut answer = match content_length(&parts.headers) {
             Some(len) if reusable => {
                 let meta = Meta { body_len: len, ..meta };
@@ -277,18 +282,10 @@ impl Proxy {
     /// later ranges inside it (RFC 9111 §3.3); anything else is only relayed. No rule lends a
     /// span freshness: the app's own word, or the heuristic, decides.
     pub(super) async fn fetch_range(&self, ex: Exchange, fwd: Fwd) -> Answer {
-        let (client, key, rule) = (ex.client, ex.key.clone(), ex.rule);
+        let (client, key) = (ex.client, ex.key.clone());
         let req = ex.into_request();
-        let asked = Asked {
-            key,
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            rule,
-            client_headers: req.headers().clone(),
-            sent_headers: req.headers().clone(),
-            validating: false,
-            request_time: SystemTime::now(),
-        };
+        let (method, sent) = (req.method().clone(), req.headers().clone());
+        let request_time = SystemTime::now();
         let resp = match self.send(req, client, fwd).await {
             Ok(resp) => resp,
             Err(answer) => return answer,
@@ -297,12 +294,12 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = from_upstream(body::boxed(body));
-        let span = policy::partial::storable(&asked.method, &asked.sent_headers, parts.status, &parts.headers);
+        let span = policy::partial::storable(&method, &sent, parts.status, &parts.headers);
         let lifetime = policy::freshness_lifetime(parts.status, &parts.headers, response_time, self.heuristic());
         let copy = match self.tagged(span, &parts.headers) {
             Ok(span) if !lifetime.is_zero() => self.cache.tee_fill(Meta {
                 body_len: span.length(),
-                ..record(&asked, &parts, response_time)
+                ..record(&key, &sent, &parts, (request_time, response_time))
             }),
             _ => None,
         };
@@ -447,19 +444,21 @@ fn has_validator(headers: &HeaderMap) -> bool {
     headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
 }
 
-/// The record of an answer about to be stored (its length and digest still to come): the
-/// normalized values of the request fields its `Vary` names pick its variant (RFC 9111 §4.1).
-fn record(asked: &Asked, parts: &http::response::Parts, response_time: SystemTime) -> Meta {
+/// The record of an answer about to be stored under `key` (its length and digest still to
+/// come): the normalized values of the fields of `sent` (the head the app got) its `Vary`
+/// names pick its variant (RFC 9111 §4.1); `times`: when it was asked and answered.
+fn record(key: &CacheKey, sent: &HeaderMap, parts: &http::response::Parts, times: (SystemTime, SystemTime)) -> Meta {
+    let (request_time, response_time) = times;
     Meta {
-        key: asked.key.clone(),
+        key: key.clone(),
         status: parts.status.as_u16(),
         headers: detached(&parts.headers),
-        request_time: asked.request_time,
+        request_time,
         response_time,
         body_len: 0,
         digest: Digest([0; 32]),
         vary: Vary::parse(&parts.headers)
-            .values(&asked.sent_headers)
+            .values(sent)
             .into_iter()
             .map(|(name, value)| (name, value.map(|v| detach(&v))))
             .collect(),
