@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sidecache::cache::Cache;
 use sidecache::cache::key::{CacheKey, Digest};
 use sidecache::cache::meta::Meta;
-use sidecache::cache::segments::{Kind, Segments};
+use sidecache::cache::segments::{Geometry, Kind, Segments};
 use sidecache::cache::store::Store;
 use sidecache::config::{Config, Loader};
 
@@ -35,7 +35,7 @@ fn main() {
     let started = Instant::now();
     {
         let store = std::sync::Arc::new(Store::open(&cache_dir).expect("open store"));
-        let segments = Segments::open(&store, 8 << 30)
+        let segments = Segments::open(&store, Geometry::for_budget(8 << 30))
             .expect("segments")
             .expect("a filesystem that punches holes");
         let mut headers = http::HeaderMap::new();

@@ -568,6 +568,7 @@ impl Config {
             compress: self.compress.clone(),
             heuristic_fraction: self.heuristic_fraction,
             heuristic_max: self.heuristic_max,
+            segments: crate::cache::segments::Geometry::for_budget(self.max_size),
         }
     }
 

@@ -14,6 +14,7 @@
 //! It owns no lock: it takes the budget's `index` for the choice only, and lets go before the
 //! tiers forget the victims and before any `.await`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -108,13 +109,18 @@ impl Cache {
     pub async fn evict_pass(&self) -> (usize, u64) {
         let limits = self.limits();
         let (high, low) = (self.settings.high_watermark, self.settings.low_watermark);
-        // A segment past the most there may be is reclaimed whole: what it still holds goes.
-        let reclaim = self.segments().and_then(|s| s.sparsest());
+        // Segments past the most there may be are reclaimed whole: what they still hold goes.
+        let reclaim: HashSet<u64> = self
+            .segments()
+            .map(|s| s.excess())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let removed: Vec<Removed> = {
             let mut ix = self.lock_index();
             let mut removed = select_victims(&mut ix, limits, high, low).unwrap_or_default();
-            if let Some(id) = reclaim {
-                let in_it = |p: &Place| p.slot().is_some_and(|s| s.segment_id() == id);
+            if !reclaim.is_empty() {
+                let in_it = |p: &Place| p.slot().is_some_and(|s| reclaim.contains(&s.segment_id()));
                 let keys = ix.keys_where(|e| in_it(&e.image.place) || e.variants.iter().any(|v| in_it(&v.image.place)));
                 removed.extend(keys.iter().filter_map(|k| ix.remove(k)));
             }

@@ -283,7 +283,7 @@ impl Cache {
         match Store::open(&self.settings.cache_dir) {
             Ok(store) => {
                 let store = Arc::new(store);
-                let segments = match Segments::open(&store, self.settings.max_size) {
+                let segments = match Segments::open(&store, self.settings.segments) {
                     Ok(segments) => segments.map(Arc::new),
                     Err(e) => {
                         self.storage_error(&e);
@@ -743,6 +743,8 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
 
     /// The cache is below the configuration: it is opened with [`Settings`] and imports nothing
@@ -803,5 +805,152 @@ mod tests {
         let store = cache.store().expect("open");
         assert_eq!(store.scan_objects().len(), n - tagged, "their files are gone");
         assert_eq!(cache.lock_index().tag_stats(), (1, n - tagged));
+    }
+
+    /// The ids of the segment files on disk under the cache directory `root`.
+    fn segment_files(root: &std::path::Path) -> BTreeSet<u64> {
+        std::fs::read_dir(root.join(store::OBJECTS).join("segments"))
+            .expect("the segments directory")
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                u64::from_str_radix(name.strip_suffix(".seg")?, 16).ok()
+            })
+            .collect()
+    }
+
+    /// Past the most segment files the geometry allows, the eviction pass reclaims the
+    /// sparsest whole, in one pass: every object with an image in one (its own, or a
+    /// compressed variant's) goes (out of the index, off the disk, no longer charged), every
+    /// other object is still a hit with its own bytes, now and after a restart.
+    #[tokio::test]
+    async fn segments_past_the_bound_are_reclaimed_whole_with_the_objects_they_hold() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("cache");
+        let geometry = segments::Geometry {
+            segment_bytes: 64 << 10,
+            max_segments: 4,
+        };
+        let mut settings = testing::settings(&root);
+        settings.segments = geometry;
+        // Nothing declined, bodies read from their segments.
+        settings.admission = false;
+        settings.memory_size = 0;
+        let cache = testing::open_with(settings.clone()).await;
+        let layout = cache.stats().1;
+        let none = http::HeaderMap::new();
+        let body = |i: usize| (0..6000).map(|b| (b * 31 + i * 7) as u8).collect::<Vec<u8>>();
+        // Small objects (slots of about 8 KiB) until three segments more than the bound
+        // exist, the last one open. The first has a type that compresses: its variants are
+        // made (in its segment) before the next is stored; the others have none.
+        let mut stored: Vec<(Meta, Vec<u8>)> = Vec::new();
+        while segment_files(&root).len() < geometry.max_segments + 3 {
+            assert!(stored.len() < 1000, "the segments never filled");
+            let i = stored.len();
+            let body = body(i);
+            assert!(fill::Fill::deferred(body.len() as u64), "small enough for a slot");
+            let mut meta = testing::meta(&format!("http://app.example/{i}.js"), &body);
+            if i == 0 {
+                let js = http::HeaderValue::from_static("application/javascript");
+                meta.headers.insert(http::header::CONTENT_TYPE, js);
+            }
+            let mut object = body.clone();
+            object.extend_from_slice(&store::tail(&meta));
+            assert!(
+                cache.import(meta.clone(), Bytes::from(object)).await.is_some(),
+                "stored"
+            );
+            if i == 0 {
+                cache.variants_settled(&meta.key, &none, Duration::from_secs(10)).await;
+            }
+            stored.push((meta, body));
+        }
+        // Where each object's images are (its own first), and what they are charged.
+        let (images, charged): (Vec<Vec<u64>>, Vec<u64>) = {
+            let ix = cache.lock_index();
+            stored
+                .iter()
+                .map(|(meta, _)| {
+                    let e = ix.peek(&meta.storage_hash()).expect("indexed");
+                    let all = std::iter::once(&e.image).chain(e.variants.iter().map(|v| &v.image));
+                    let place = |im: &Image| im.place.slot().expect("in a slot").segment_id();
+                    let charged: u64 = all.clone().map(|im| ix.charge(im.stored_len())).sum();
+                    (all.map(place).collect(), charged)
+                })
+                .unzip()
+        };
+        assert!(images[0].len() > 1, "no variants made");
+        assert!(
+            images[0].iter().all(|&id| id == images[0][0]),
+            "variants in another segment"
+        );
+        let mut by_segment: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, images) in images.iter().enumerate() {
+            by_segment.entry(images[0]).or_default().push(i);
+        }
+        // The first segment keeps the object with variants (a few slots), the others 4 to 6
+        // of their objects (never none: a segment would go on its own); the rest are purged.
+        let mut kept: Vec<usize> = Vec::new();
+        for (k, objects) in by_segment.values().enumerate() {
+            let keep = if k == 0 { 1 } else { 4 + k % 3 };
+            let (keep, purge) = objects.split_at(objects.len().min(keep));
+            kept.extend(keep);
+            for &i in purge {
+                assert_eq!(cache.invalidate(&stored[i].0.key).await, 1);
+            }
+        }
+        let live_in = |id: u64| kept.iter().flat_map(|&i| &images[i]).filter(|&&s| s == id).count();
+        let before = segment_files(&root);
+        assert!(before.len() > geometry.max_segments, "{} segment files", before.len());
+        assert_eq!(before, by_segment.keys().copied().collect(), "none went on its own");
+        assert_eq!(cache.segments().expect("segments").count(), before.len());
+
+        // One pass takes out all that is too many (the loop runs one a tick when under the
+        // budget); the files go once the writer has given back their last slots.
+        cache.evict_pass().await;
+        let within = testing::eventually(|| segment_files(&root).len() <= geometry.max_segments).await;
+        assert!(within, "{} segment files after a pass", segment_files(&root).len());
+        let after = segment_files(&root);
+        assert_eq!(after.len(), geometry.max_segments, "more reclaimed than too many");
+        assert_eq!(cache.segments().expect("segments").count(), after.len());
+        let reclaimed: Vec<u64> = before.difference(&after).copied().collect();
+        // The sparsest went (the one with variants among them): none reclaimed held more
+        // live slots than a sealed one kept.
+        assert!(reclaimed.contains(&images[0][0]));
+        let newest = *before.last().expect("segments");
+        let most_reclaimed = reclaimed.iter().map(|&id| live_in(id)).max().unwrap_or(0);
+        let sealed_kept = after.iter().filter(|&&id| id != newest);
+        assert!(sealed_kept.map(|&id| live_in(id)).all(|n| n >= most_reclaimed));
+        // What they held is gone; everything else reads back byte for byte.
+        let survivors: Vec<usize> = kept
+            .iter()
+            .copied()
+            .filter(|&i| images[i].iter().all(|id| after.contains(id)))
+            .collect();
+        assert!(survivors.len() < kept.len());
+        let check = async |cache: &Cache| {
+            for &i in &kept {
+                let (meta, body) = &stored[i];
+                let hit = cache.lookup(&meta.key, &none).await;
+                if survivors.contains(&i) {
+                    let hit = hit.unwrap_or_else(|| panic!("object {i} lost"));
+                    assert_eq!(&hit.body[..], &body[..], "object {i}");
+                } else {
+                    assert!(hit.is_none(), "object {i} outlived its segment");
+                }
+            }
+        };
+        check(&cache).await;
+        // Only what is left is charged: no slot of a reclaimed segment, nothing unlinking.
+        let left = layout + survivors.iter().map(|&i| charged[i]).sum::<u64>();
+        assert_eq!(cache.stats(), (survivors.len(), left, 0));
+        assert_eq!(cache.lock_index().usage(), left);
+        drop(cache);
+
+        // A restart finds the survivors and nothing of the reclaimed.
+        let cache = testing::open_with(settings).await;
+        assert_eq!(segment_files(&root), after);
+        assert_eq!(cache.stats(), (survivors.len(), left, 0));
+        check(&cache).await;
     }
 }

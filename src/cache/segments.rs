@@ -29,8 +29,9 @@
 //! is given back to the filesystem with `fallocate(PUNCH_HOLE)` once the last reader holding
 //! it lets go (a slot is reference-counted: a hit's mapped body holds it), so a reader never
 //! sees a range punched underneath; a sealed segment whose slots are all gone is unlinked.
-//! Segments are reclaimed whole when there are more than [`MAX_SEGMENTS`]: the eviction pass
-//! takes the sparsest one's remaining objects out ([`Segments::sparsest`]).
+//! Segments are reclaimed whole when there are more than the [`Geometry`] allows: the eviction
+//! pass takes the remaining objects of as many of the sparsest as there are too many out
+//! ([`Segments::excess`]), so that one pass brings them back within the bound.
 //!
 //! Where the filesystem cannot punch holes (tried once at open), there are no segments: every
 //! object gets a file of its own, as before.
@@ -55,15 +56,38 @@ pub const PREFIX_LEN: u64 = 64;
 const MAGIC: &[u8; 8] = b"SCSEG001";
 /// The kind byte of a discarded slot's prefix (a tombstone).
 const DEAD: u8 = 0xFF;
-/// Most segments kept: past it the sparsest is reclaimed whole. Bounds the descriptors held
-/// (one per segment) whatever pattern of evictions leaves a few live slots in many segments.
-pub const MAX_SEGMENTS: usize = 256;
+/// Most segments a budget's [`Geometry`] keeps.
+const MAX_SEGMENTS: usize = 256;
 /// Segment sizes: the budget spread over a quarter of [`MAX_SEGMENTS`], within these bounds.
 const SEGMENT_MIN: u64 = 1 << 20;
 const SEGMENT_MAX: u64 = 64 << 20;
 /// Most appends and bytes one batch writes.
 const BATCH_APPENDS: usize = 256;
 const BATCH_BYTES: u64 = 8 << 20;
+
+/// How large segments grow and how many there may be. Derived from the budget
+/// ([`Geometry::for_budget`]), not configured; a test sets a small one to reach the bound with
+/// a few appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes at which a segment is sealed (rounded up to whole allocation units at open).
+    pub segment_bytes: u64,
+    /// Most segment files kept: past it the sparsest are reclaimed whole. Bounds the
+    /// descriptors held (one per segment) whatever pattern of evictions leaves a few live
+    /// slots in many segments.
+    pub max_segments: usize,
+}
+
+impl Geometry {
+    /// The geometry for a budget of `budget` bytes: the budget spread over a quarter of the
+    /// most segments, each within 1 MiB and 64 MiB.
+    pub fn for_budget(budget: u64) -> Geometry {
+        Geometry {
+            segment_bytes: (budget / (MAX_SEGMENTS as u64 / 4)).clamp(SEGMENT_MIN, SEGMENT_MAX),
+            max_segments: MAX_SEGMENTS,
+        }
+    }
+}
 
 /// What a slot holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +311,8 @@ struct Shared {
     dir_path: PathBuf,
     key: [u8; 32],
     unit: u64,
-    segment_bytes: u64,
+    /// Its segment size (in whole units) and bound.
+    geometry: Geometry,
     /// The writer's queue (a mutex: `Sender` is `Sync` on recent std, but clones per slot
     /// would cost more than an uncontended lock).
     ops: Mutex<mpsc::Sender<Op>>,
@@ -413,9 +438,9 @@ impl Drop for Segments {
 }
 
 impl Segments {
-    /// Opens the segments of `store` for a budget of `budget` bytes and starts the writer.
+    /// Opens the segments of `store` laid out as `geometry` says and starts the writer.
     /// `None` where the filesystem cannot punch holes (every object then has a file).
-    pub fn open(store: &Arc<Store>, budget: u64) -> Result<Option<Segments>, StoreError> {
+    pub fn open(store: &Arc<Store>, geometry: Geometry) -> Result<Option<Segments>, StoreError> {
         let (dir, dir_path) = store.segments_dir()?;
         let key = store.segments_key()?;
         let unit = store.unit();
@@ -427,14 +452,16 @@ impl Segments {
             return Ok(None);
         }
         let (tx, rx) = mpsc::channel();
-        let segment_bytes = (budget / (MAX_SEGMENTS as u64 / 4)).clamp(SEGMENT_MIN, SEGMENT_MAX);
-        let segment_bytes = span(segment_bytes, unit);
+        let geometry = Geometry {
+            segment_bytes: span(geometry.segment_bytes, unit),
+            ..geometry
+        };
         let shared = Arc::new(Shared {
             dir,
             dir_path,
             key,
             unit,
-            segment_bytes,
+            geometry,
             ops: Mutex::new(tx),
             table: Mutex::new(BTreeMap::new()),
         });
@@ -506,18 +533,23 @@ impl Segments {
         self.shared.table.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// When there are more than [`MAX_SEGMENTS`]: the sealed segment with the fewest live
-    /// slots, for its objects to be taken out so it can be reclaimed whole.
-    pub fn sparsest(&self) -> Option<u64> {
+    /// The segments past the geometry's most: as many sealed segments as there are too many,
+    /// those with the fewest live slots, for their objects to be taken out so they are
+    /// reclaimed whole. All of them at once: the eviction loop may run a pass only once a
+    /// tick, and one segment a pass would fall behind fills that seal segments faster.
+    pub fn excess(&self) -> Vec<u64> {
         let table = self.shared.table.lock().unwrap_or_else(|p| p.into_inner());
-        if table.len() <= MAX_SEGMENTS {
-            return None;
-        }
-        table
+        let Some(over) = table.len().checked_sub(self.shared.geometry.max_segments) else {
+            return Vec::new();
+        };
+        let mut sealed: Vec<(u64, u64)> = table
             .values()
             .filter(|s| s.sealed.load(Ordering::Acquire))
-            .min_by_key(|s| s.live.load(Ordering::Acquire))
-            .map(|s| s.id)
+            .map(|s| (s.live.load(Ordering::Acquire), s.id))
+            .collect();
+        // Fewest live slots first; of as many, the oldest.
+        sealed.sort_unstable();
+        sealed.into_iter().take(over).map(|(_, id)| id).collect()
     }
 
     /// Every slot in the segments on disk (blocking: the startup scan), in the order written.
@@ -848,7 +880,7 @@ impl Writer {
             let fits = self
                 .open
                 .as_ref()
-                .is_some_and(|s| s.end.load(Ordering::Relaxed) + need <= self.shared.segment_bytes);
+                .is_some_and(|s| s.end.load(Ordering::Relaxed) + need <= self.shared.geometry.segment_bytes);
             if !fits {
                 self.flush(std::mem::take(&mut run));
                 self.seal();
@@ -955,7 +987,9 @@ mod tests {
 
     fn open(dir: &std::path::Path, budget: u64) -> (Arc<Store>, Segments) {
         let store = Arc::new(Store::open(dir).expect("store"));
-        let segments = Segments::open(&store, budget).expect("open").expect("holes punch here");
+        let segments = Segments::open(&store, Geometry::for_budget(budget))
+            .expect("open")
+            .expect("holes punch here");
         (store, segments)
     }
 

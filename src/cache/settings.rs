@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cache::segments::Geometry;
 use crate::cache::tags::TagRules;
 use crate::units::MinFree;
 
-/// The cache's settings, each named and meant as the configuration key of the same name.
+/// The cache's settings, each named and meant as the configuration key of the same name (but
+/// for `segments`, derived from one).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Cache directory.
@@ -48,4 +50,7 @@ pub struct Settings {
     pub heuristic_fraction: f64,
     /// Heuristic freshness cap.
     pub heuristic_max: Duration,
+    /// Segment size and the most segment files: derived from the budget
+    /// ([`Geometry::for_budget`]), not a configuration key.
+    pub segments: Geometry,
 }

@@ -31,7 +31,12 @@ pub fn settings(dir: &std::path::Path) -> Settings {
 
 /// Opens a cache on `dir` and waits (bounded) for its startup rebuild.
 pub async fn open(dir: &std::path::Path) -> Arc<Cache> {
-    let cache = Cache::open(settings(dir));
+    open_with(settings(dir)).await
+}
+
+/// Opens a cache with `settings` and waits (bounded) for its startup rebuild.
+pub async fn open_with(settings: Settings) -> Arc<Cache> {
+    let cache = Cache::open(settings);
     let started = Instant::now();
     while !cache.is_loaded() {
         assert!(started.elapsed() < Duration::from_secs(10), "rebuild took over 10 s");
