@@ -10,7 +10,7 @@
 # (free ports) with a new cache directory under $OUT (so on the same filesystem as run.py's,
 # /tmp by default); fills $WARMUP objects to warm connections and pools; fills $ROUNDS x $COUNT
 # new objects without perf to measure CPU per fill (user + system time of the sidecache process
-# from /proc, divided by the fills); fills as many again under `perf record -g -F $FREQ -p PID`;
+# from /proc, divided by the fills); fills as many again under `perf record --call-graph $CALL_GRAPH -F $FREQ -p PID`;
 # prints the top symbols by self time and the self time grouped by job (profile_groups.py), and
 # the system calls per fill, counted by `strace -f -c` over one more round (SYSCALLS=0: not).
 # Leaves perf.data, the reports and the logs in $OUT (the cache directory is removed at exit).
@@ -26,6 +26,9 @@ ROUNDS=${ROUNDS:-5}
 WARMUP=${WARMUP:-4000}
 CONCURRENCY=${CONCURRENCY:-64}
 FREQ=${FREQ:-2999}
+# How perf unwinds: fp (frame pointers, the default: cheap, but Rust frames without them are
+# cut short) or dwarf (whole call chains, to find who calls a symbol; record a few seconds).
+CALL_GRAPH=${CALL_GRAPH:-fp}
 # SIDECACHE=/path/to/an/earlier/build profiles that binary instead (nothing is built then).
 # shellcheck source=profile_start.sh
 . "$ROOT/benches/load/profile_start.sh"
@@ -50,7 +53,7 @@ plain_us=$(echo "($(cpu_ticks $PID) - $before) * 1000000 / $CLK / ($ROUNDS * $CO
 export -f fill
 export LOADTOOL PORT CONCURRENCY OUT
 before=$(cpu_ticks $PID)
-perf record -g -F "$FREQ" -p "$PID" -o "$OUT/perf.data" -- \
+perf record --call-graph "$CALL_GRAPH" -F "$FREQ" -p "$PID" -o "$OUT/perf.data" -- \
     bash -c 'for r in $(seq '"$ROUNDS"'); do fill "perf$r-" '"$COUNT"'; done' 2>"$OUT/perf-record.log"
 perf_us=$(echo "($(cpu_ticks $PID) - $before) * 1000000 / $CLK / ($ROUNDS * $COUNT)" | bc)
 
@@ -81,7 +84,7 @@ perf script -i "$OUT/perf.data" -F period,ip,sym,dso 2>/dev/null \
     echo
     echo "- CPU per fill without perf: $plain_us µs ($ROUNDS x $COUNT fills in ${elapsed} s)"
     echo "- CPU per fill under perf: $perf_us µs"
-    echo "- recorded with: perf record -g -F $FREQ -p <sidecache pid> -- <the fills>"
+    echo "- recorded with: perf record --call-graph $CALL_GRAPH -F $FREQ -p <sidecache pid> -- <the fills>"
     echo
     cat "$OUT/groups.md"
     if [ -s "$OUT/syscalls.txt" ]; then

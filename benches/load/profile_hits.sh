@@ -10,7 +10,7 @@
 # Steps: builds the release binary and loadtool; starts the origin and sidecache on 127.0.0.1
 # (free ports) with a new cache directory under $OUT; stores the $OBJECTS objects
 # (`loadtool fetch`); warms for 5 s with wrk; measures req/s and CPU per request over
-# $SECONDS_EACH s without perf; records as long again under `perf record -g -F $FREQ -p PID`
+# $SECONDS_EACH s without perf; records as long again under `perf record --call-graph $CALL_GRAPH -F $FREQ -p PID`
 # while wrk runs beside it (wrk is not perf's child: perf sets PREFIX=/usr in its child's
 # environment); checks that the origin saw no request meanwhile (every request a hit); prints
 # the top symbols by self time and the self time grouped by job (profile_groups.py).
@@ -21,6 +21,9 @@ OUT=${OUT:-$(mktemp -d /tmp/sidecache-profile-hits.XXXXXX)}
 OBJECTS=${OBJECTS:-20000}
 SECONDS_EACH=${SECONDS_EACH:-10}
 FREQ=${FREQ:-2999}
+# How perf unwinds: fp (frame pointers, the default: cheap, but Rust frames without them are
+# cut short) or dwarf (whole call chains, to find who calls a symbol; record a few seconds).
+CALL_GRAPH=${CALL_GRAPH:-fp}
 hits() { # DURATION OUTPUT: wrk over the stored objects
     NAME_PREFIX=m OBJECTS="$OBJECTS" wrk -t2 -c64 -d"$1"s --latency -s "$HERE/objects.lua" \
         "http://127.0.0.1:$PORT/" >"$2"
@@ -41,7 +44,7 @@ plain_us=$(echo "($(cpu_ticks $PID) - $before) * 1000000 / $CLK / $requests" | b
 
 hits "$SECONDS_EACH" "$OUT/wrk-perf.txt" &
 WRK=$!
-perf record -g -F "$FREQ" -p "$PID" -o "$OUT/perf.data" -- sleep "$SECONDS_EACH" 2>"$OUT/perf-record.log"
+perf record --call-graph "$CALL_GRAPH" -F "$FREQ" -p "$PID" -o "$OUT/perf.data" -- sleep "$SECONDS_EACH" 2>"$OUT/perf-record.log"
 wait "$WRK"
 if [ "$(origin_count)" != "$stored" ]; then
     echo "the origin was asked during the profile: not every request was a hit" >&2
