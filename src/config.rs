@@ -238,6 +238,9 @@ config_keys! {
     /// asked for at least as often as the object it would displace (TinyLFU's admission, as
     /// nginx's `proxy_cache_min_uses` but relative); false stores every cacheable miss.
     admission: bool = "true",
+    /// The order objects are evicted in: `segmented-lru` (objects hit since they were stored go
+    /// after those asked for once) or `lru` (plain LRU, to compare with).
+    eviction: Eviction = "segmented-lru",
     /// How often the eviction loop checks usage when not woken.
     evict_interval: HumanDuration = "10s",
     /// How long a request waits on another request's fill before going to the app itself.
@@ -443,6 +446,26 @@ impl<'de> Deserialize<'de> for StringList {
     }
 }
 
+/// The order objects are evicted in (`eviction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Eviction {
+    /// Segmented LRU (the default).
+    SegmentedLru,
+    /// Plain LRU.
+    Lru,
+}
+
+impl Eviction {
+    /// The index's order for it.
+    pub fn order(self) -> crate::cache::index::Order {
+        match self {
+            Eviction::SegmentedLru => crate::cache::index::Order::Segmented,
+            Eviction::Lru => crate::cache::index::Order::Lru,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -489,6 +512,8 @@ pub struct Config {
     pub low_watermark: f64,
     /// A full cache admits new objects by how often they are asked for.
     pub admission: bool,
+    /// The order objects are evicted in.
+    pub eviction: Eviction,
     /// Eviction timer.
     pub evict_interval: Duration,
     /// Bound on waiting for another request's fill.
@@ -561,6 +586,7 @@ impl Config {
             high_watermark: self.high_watermark,
             low_watermark: self.low_watermark,
             admission: self.admission,
+            eviction: self.eviction.order(),
             evict_interval: self.evict_interval,
             coalesce_timeout: self.coalesce_timeout,
             max_tag_index_memory: self.max_tag_index_memory,
@@ -1156,6 +1182,7 @@ fn validate(raw: RawConfig, origins: &HashMap<&'static str, Source>) -> Result<C
         high_watermark,
         low_watermark,
         admission: raw.admission,
+        eviction: raw.eviction,
         evict_interval: nonzero("evict_interval", raw.evict_interval)?,
         coalesce_timeout: nonzero("coalesce_timeout", raw.coalesce_timeout)?,
         grace_period: raw.grace_period.0,
@@ -1439,9 +1466,12 @@ mod tests {
             ("SIDECACHE_GRACE_PERIOD", "3s"),
             ("SIDECACHE_ADMIN_TOKEN", "a#b: c"),
             ("SIDECACHE_MIN_FREE", "10%"),
+            ("SIDECACHE_EVICTION", "lru"),
         ]))
         .load()
         .unwrap();
+        assert_eq!(c.eviction, Eviction::Lru);
+        assert_eq!(c.cache_settings().eviction, crate::cache::index::Order::Lru);
         assert!(!c.access_log);
         assert_eq!(c.max_connections, 12);
         assert_eq!(c.grace_period, Duration::from_secs(3));
@@ -1463,6 +1493,8 @@ mod tests {
     fn strict_booleans_refuse_yes() {
         let err = parse_yaml("access_log: yes\n").unwrap_err();
         assert!(err.contains("access_log") || err.contains("bool"), "{err}");
+        let err = parse_yaml("eviction: lfu\n").unwrap_err();
+        assert!(err.contains("eviction"), "{err}");
     }
 
     #[test]

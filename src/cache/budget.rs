@@ -25,7 +25,7 @@ use tracing::debug;
 
 use crate::cache::Settings;
 use crate::cache::admit::Frequency;
-use crate::cache::index::{Index, Removed};
+use crate::cache::index::{Index, Order, Removed};
 use crate::cache::key::KeyHash;
 use crate::cache::store::{self, Space, Store};
 use crate::metrics as m;
@@ -72,6 +72,8 @@ pub struct Limits {
     pub low_watermark: f64,
     /// Whether a full cache admits new objects by frequency ([`Budget::reserve_new`]).
     pub admission: bool,
+    /// The index's eviction order.
+    pub order: Order,
     /// How long waiters wait on a fill: a fill waits for its room no longer.
     pub coalesce_timeout: Duration,
     /// Memory the index's tags may hold (`max_tag_index_memory`).
@@ -88,6 +90,7 @@ impl Limits {
             high_watermark: settings.high_watermark,
             low_watermark: settings.low_watermark,
             admission: settings.admission,
+            order: settings.eviction,
             coalesce_timeout: settings.coalesce_timeout,
             tag_memory: settings.max_tag_index_memory,
         }
@@ -184,6 +187,7 @@ impl Budget {
     pub fn new(limits: Limits) -> Budget {
         let mut index = Index::new();
         index.set_tag_budget(limits.tag_memory);
+        index.set_order(limits.order);
         Budget {
             budget: Mutex::new((limits.max_size, limits.max_objects, None)),
             limits,
@@ -507,6 +511,7 @@ mod tests {
             high_watermark: 0.95,
             low_watermark: 0.9,
             admission: true,
+            order: Order::Segmented,
             coalesce_timeout: Duration::from_secs(30),
             tag_memory: u64::MAX,
         }

@@ -170,6 +170,17 @@ pub struct Refused {
 /// Most of the indexed bytes the protected segment holds.
 const PROTECTED_SHARE: f64 = 0.8;
 
+/// The order entries are evicted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// Segmented LRU: what was hit since it was stored goes after what was not.
+    #[default]
+    Segmented,
+    /// Plain LRU, one list: a hit makes an entry the most recently used, nothing more. The
+    /// order before issue 26, kept to measure the segmented one against on the real store.
+    Lru,
+}
+
 /// Past this many bytes a file is charged one more unit per as many bytes: room for the block
 /// map of large files (ext4 needs an extent block beyond four extents of up to 128 MiB).
 const MAP_EVERY: u64 = 32 << 20;
@@ -214,6 +225,8 @@ pub struct Index {
     /// holds for that version only: a new version of the key (a refresh, a fill) is not
     /// marked, and the mark goes with the entry.
     marks: HashMap<KeyHash, (u64, u64)>,
+    /// What a hit does to the order ([`Index::touch`]).
+    order: Order,
 }
 
 impl Default for Index {
@@ -241,7 +254,13 @@ impl Index {
             holding: (0, 0),
             tags: TagIndex::new(),
             marks: HashMap::new(),
+            order: Order::Segmented,
         }
+    }
+
+    /// Sets the eviction order (before anything is indexed: entries stay where they are).
+    pub fn set_order(&mut self, order: Order) {
+        self.order = order;
     }
 
     /// Sets the allocation unit files are charged in and the layout's fixed overhead (bytes).
@@ -301,8 +320,14 @@ impl Index {
     }
 
     /// Looks up an entry and marks it most recently used (a hit counts as a use): a hit in
-    /// probation moves it to the protected segment.
+    /// probation moves it to the protected segment (in plain LRU order, to probation's most
+    /// recently used end: nothing is ever protected).
     pub fn touch(&mut self, key: &KeyHash) -> Option<&Entry> {
+        if self.order == Order::Lru {
+            let e = self.probation.get_mut(key)?;
+            e.hits = e.hits.saturating_add(1);
+            return Some(e);
+        }
         if self.protected.contains(key) {
             let e = self.protected.get_mut(key)?;
             e.hits = e.hits.saturating_add(1);
@@ -869,6 +894,25 @@ mod tests {
         let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).take(9).collect();
         assert_eq!(order, (1..10).map(kh).collect::<Vec<_>>(), "0 was used again");
         assert_eq!(ix.peek(&kh(0)).map(|e| e.image.generation), Some(0));
+    }
+
+    #[test]
+    fn in_plain_lru_order_a_burst_of_one_off_objects_evicts_an_object_used_again() {
+        // The same steps as above, in the order kept for comparison: only recency counts.
+        let mut ix = Index::new();
+        ix.set_order(Order::Lru);
+        for k in 0..5 {
+            add(&mut ix, k, 100);
+        }
+        ix.touch(&kh(0));
+        ix.touch(&kh(3));
+        for k in 5..10 {
+            add(&mut ix, k, 100);
+        }
+        let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).collect();
+        let expect: Vec<KeyHash> = [1, 2, 4, 0, 3, 5, 6, 7, 8, 9].into_iter().map(kh).collect();
+        assert_eq!(order, expect);
+        assert_eq!((ix.used(), ix.protected_bytes), (0, 0), "nothing was ever protected");
     }
 
     #[test]

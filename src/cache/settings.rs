@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cache::index::Order;
 use crate::cache::segments::Geometry;
 use crate::cache::tags::TagRules;
 use crate::units::MinFree;
@@ -36,6 +37,8 @@ pub struct Settings {
     pub low_watermark: f64,
     /// A full cache admits new objects by how often they are asked for.
     pub admission: bool,
+    /// The order objects are evicted in.
+    pub eviction: Order,
     /// Eviction timer.
     pub evict_interval: Duration,
     /// Bound on waiting for another request's fill.
