@@ -35,7 +35,7 @@ fn main() {
     let started = Instant::now();
     {
         let store = std::sync::Arc::new(Store::open(&cache_dir).expect("open store"));
-        let segments = Segments::open(&store, Geometry::for_budget(8 << 30))
+        let segments = Segments::open(&store, Geometry::for_budget(8 << 30), Default::default())
             .expect("segments")
             .expect("a filesystem that punches holes");
         let mut headers = http::HeaderMap::new();

@@ -110,7 +110,7 @@ pub struct Budget {
     /// The filesystem's free space, once the store is open.
     disk: OnceLock<Arc<dyn SpaceSource>>,
     /// Wakes the eviction loop.
-    evict_wakeup: Notify,
+    evict_wakeup: Arc<Notify>,
     /// How often each key is asked for: whether a new object may displace an old one once the
     /// cache is full (lock-free, beside the index, never under its lock for long).
     frequency: Frequency,
@@ -194,7 +194,7 @@ impl Budget {
             index: Mutex::new(index),
             accounted: AtomicBool::new(false),
             disk: OnceLock::new(),
-            evict_wakeup: Notify::new(),
+            evict_wakeup: Arc::new(Notify::new()),
             frequency: Frequency::new(limits.max_objects),
         }
     }
@@ -223,7 +223,7 @@ impl Budget {
     }
 
     /// What wakes the eviction loop.
-    pub fn evict_wakeup(&self) -> &Notify {
+    pub fn evict_wakeup(&self) -> &Arc<Notify> {
         &self.evict_wakeup
     }
 

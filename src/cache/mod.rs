@@ -283,7 +283,8 @@ impl Cache {
         match Store::open(&self.settings.cache_dir) {
             Ok(store) => {
                 let store = Arc::new(store);
-                let segments = match Segments::open(&store, self.settings.segments) {
+                let past_bound = self.budget.evict_wakeup().clone();
+                let segments = match Segments::open(&store, self.settings.segments, past_bound) {
                     Ok(segments) => segments.map(Arc::new),
                     Err(e) => {
                         self.storage_error(&e);
@@ -952,5 +953,42 @@ mod tests {
         assert_eq!(segment_files(&root), after);
         assert_eq!(cache.stats(), (survivors.len(), left, 0));
         check(&cache).await;
+    }
+
+    /// The eviction loop is woken when a new segment takes the count past the bound: with
+    /// its timer an hour away and the budget far from full, the excess is still reclaimed.
+    #[tokio::test]
+    async fn a_segment_past_the_bound_wakes_the_eviction_loop() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("cache");
+        let geometry = segments::Geometry {
+            segment_bytes: 64 << 10,
+            max_segments: 4,
+        };
+        let mut settings = testing::settings(&root);
+        settings.segments = geometry;
+        settings.admission = false;
+        settings.memory_size = 0;
+        settings.evict_interval = Duration::from_secs(3600);
+        let cache = testing::open_with(settings).await;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let evictor = tokio::spawn(evict::run(cache.clone(), cancel.clone()));
+        // About seven slots of 8 KiB a segment: more than the bound holds, all live.
+        let mut objects = 0;
+        for i in 0..(geometry.max_segments + 3) * 8 {
+            let body: Vec<u8> = (0..6000).map(|b| (b * 31 + i * 7) as u8).collect();
+            let meta = testing::meta(&format!("http://app.example/{i}.css"), &body);
+            let mut object = body;
+            object.extend_from_slice(&store::tail(&meta));
+            assert!(cache.import(meta, Bytes::from(object)).await.is_some(), "stored");
+            objects += 1;
+        }
+        let used = cache.stats().1;
+        assert!(used < cache.budget() / 2, "far from the watermarks: {used}");
+        let within = testing::eventually(|| segment_files(&root).len() <= geometry.max_segments).await;
+        assert!(within, "{} segment files, none reclaimed", segment_files(&root).len());
+        assert!(cache.stats().0 < objects, "the reclaimed segments' objects went");
+        cancel.cancel();
+        evictor.await.expect("the loop ends");
     }
 }

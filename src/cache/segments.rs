@@ -318,6 +318,9 @@ struct Shared {
     ops: Mutex<mpsc::Sender<Op>>,
     /// Every segment file there is, by id (the writer adds and removes them).
     table: Mutex<BTreeMap<u64, Arc<Segment>>>,
+    /// Told when a new segment takes the count past the bound: the eviction loop, which
+    /// reclaims the excess ([`Segments::excess`]) at once rather than at its next tick.
+    past_bound: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -438,9 +441,14 @@ impl Drop for Segments {
 }
 
 impl Segments {
-    /// Opens the segments of `store` laid out as `geometry` says and starts the writer.
+    /// Opens the segments of `store` laid out as `geometry` says and starts the writer, which
+    /// tells `past_bound` whenever a new segment makes more than the geometry allows.
     /// `None` where the filesystem cannot punch holes (every object then has a file).
-    pub fn open(store: &Arc<Store>, geometry: Geometry) -> Result<Option<Segments>, StoreError> {
+    pub fn open(
+        store: &Arc<Store>,
+        geometry: Geometry,
+        past_bound: Arc<tokio::sync::Notify>,
+    ) -> Result<Option<Segments>, StoreError> {
         let (dir, dir_path) = store.segments_dir()?;
         let key = store.segments_key()?;
         let unit = store.unit();
@@ -464,6 +472,7 @@ impl Segments {
             geometry,
             ops: Mutex::new(tx),
             table: Mutex::new(BTreeMap::new()),
+            past_bound,
         });
         let writer = Writer {
             shared: shared.clone(),
@@ -860,11 +869,14 @@ impl Writer {
             end: AtomicU64::new(0),
             shared: self.shared.clone(),
         });
-        self.shared
-            .table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, segment.clone());
+        let count = {
+            let mut table = self.shared.table.lock().unwrap_or_else(|p| p.into_inner());
+            table.insert(id, segment.clone());
+            table.len()
+        };
+        if count > self.shared.geometry.max_segments {
+            self.shared.past_bound.notify_one();
+        }
         Ok(segment)
     }
 
@@ -987,7 +999,7 @@ mod tests {
 
     fn open(dir: &std::path::Path, budget: u64) -> (Arc<Store>, Segments) {
         let store = Arc::new(Store::open(dir).expect("store"));
-        let segments = Segments::open(&store, Geometry::for_budget(budget))
+        let segments = Segments::open(&store, Geometry::for_budget(budget), Default::default())
             .expect("open")
             .expect("holes punch here");
         (store, segments)
