@@ -820,6 +820,20 @@ mod tests {
             .collect()
     }
 
+    /// Settings for a cache at `root` whose segments reach their bound in a few appends: 64 KiB
+    /// segments, at most 4; nothing declined, and bodies read from their segments (no memory
+    /// tier).
+    fn small_segments(root: &std::path::Path) -> Settings {
+        let mut settings = testing::settings(root);
+        settings.segments = segments::Geometry {
+            segment_bytes: 64 << 10,
+            max_segments: 4,
+        };
+        settings.admission = false;
+        settings.memory_size = 0;
+        settings
+    }
+
     /// Past the most segment files the geometry allows, the eviction pass reclaims the
     /// sparsest whole, in one pass: every object with an image in one (its own, or a
     /// compressed variant's) goes (out of the index, off the disk, no longer charged), every
@@ -828,15 +842,8 @@ mod tests {
     async fn segments_past_the_bound_are_reclaimed_whole_with_the_objects_they_hold() {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("cache");
-        let geometry = segments::Geometry {
-            segment_bytes: 64 << 10,
-            max_segments: 4,
-        };
-        let mut settings = testing::settings(&root);
-        settings.segments = geometry;
-        // Nothing declined, bodies read from their segments.
-        settings.admission = false;
-        settings.memory_size = 0;
+        let settings = small_segments(&root);
+        let geometry = settings.segments;
         let cache = testing::open_with(settings.clone()).await;
         let layout = cache.stats().1;
         let none = http::HeaderMap::new();
@@ -961,14 +968,8 @@ mod tests {
     async fn a_segment_past_the_bound_wakes_the_eviction_loop() {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("cache");
-        let geometry = segments::Geometry {
-            segment_bytes: 64 << 10,
-            max_segments: 4,
-        };
-        let mut settings = testing::settings(&root);
-        settings.segments = geometry;
-        settings.admission = false;
-        settings.memory_size = 0;
+        let mut settings = small_segments(&root);
+        let geometry = settings.segments;
         settings.evict_interval = Duration::from_secs(3600);
         let cache = testing::open_with(settings).await;
         let cancel = tokio_util::sync::CancellationToken::new();
