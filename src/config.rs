@@ -16,6 +16,7 @@ use http::uri::{Authority, Scheme};
 use serde::Deserialize;
 use serde::de::IntoDeserializer;
 
+use crate::cache::index::Order;
 use crate::cache::tags::{Separator, TagRules};
 use crate::rules::{QueryKey, RawQueryKey, RawRule, Rule};
 use crate::shared_tier::SharedTierConfig;
@@ -240,7 +241,7 @@ config_keys! {
     admission: bool = "true",
     /// The order objects are evicted in: `segmented-lru` (objects hit since they were stored go
     /// after those asked for once) or `lru` (plain LRU, to compare with).
-    eviction: Eviction = "segmented-lru",
+    eviction: Order = "segmented-lru",
     /// How often the eviction loop checks usage when not woken.
     evict_interval: HumanDuration = "10s",
     /// How long a request waits on another request's fill before going to the app itself.
@@ -446,26 +447,6 @@ impl<'de> Deserialize<'de> for StringList {
     }
 }
 
-/// The order objects are evicted in (`eviction`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Eviction {
-    /// Segmented LRU (the default).
-    SegmentedLru,
-    /// Plain LRU.
-    Lru,
-}
-
-impl Eviction {
-    /// The index's order for it.
-    pub fn order(self) -> crate::cache::index::Order {
-        match self {
-            Eviction::SegmentedLru => crate::cache::index::Order::Segmented,
-            Eviction::Lru => crate::cache::index::Order::Lru,
-        }
-    }
-}
-
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -513,7 +494,7 @@ pub struct Config {
     /// A full cache admits new objects by how often they are asked for.
     pub admission: bool,
     /// The order objects are evicted in.
-    pub eviction: Eviction,
+    pub eviction: Order,
     /// Eviction timer.
     pub evict_interval: Duration,
     /// Bound on waiting for another request's fill.
@@ -586,7 +567,7 @@ impl Config {
             high_watermark: self.high_watermark,
             low_watermark: self.low_watermark,
             admission: self.admission,
-            eviction: self.eviction.order(),
+            eviction: self.eviction,
             evict_interval: self.evict_interval,
             coalesce_timeout: self.coalesce_timeout,
             max_tag_index_memory: self.max_tag_index_memory,
@@ -1470,8 +1451,8 @@ mod tests {
         ]))
         .load()
         .unwrap();
-        assert_eq!(c.eviction, Eviction::Lru);
-        assert_eq!(c.cache_settings().eviction, crate::cache::index::Order::Lru);
+        assert_eq!(c.eviction, Order::Lru);
+        assert_eq!(c.cache_settings().eviction, Order::Lru);
         assert!(!c.access_log);
         assert_eq!(c.max_connections, 12);
         assert_eq!(c.grace_period, Duration::from_secs(3));

@@ -170,11 +170,13 @@ pub struct Refused {
 /// Most of the indexed bytes the protected segment holds.
 const PROTECTED_SHARE: f64 = 0.8;
 
-/// The order entries are evicted in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The order entries are evicted in (the configuration's `eviction`: `segmented-lru`, `lru`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Order {
     /// Segmented LRU: what was hit since it was stored goes after what was not.
     #[default]
+    #[serde(rename = "segmented-lru")]
     Segmented,
     /// Plain LRU, one list: a hit makes an entry the most recently used, nothing more. The
     /// order before issue 26, kept to measure the segmented one against on the real store.
