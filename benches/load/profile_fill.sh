@@ -70,10 +70,7 @@ if [ "${SYSCALLS:-1}" = 1 ] && command -v strace >/dev/null; then
     wait "$STRACE_PID" || true
 fi
 
-perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.3 \
-    >"$OUT/report-flat.txt" 2>/dev/null
-perf script -i "$OUT/perf.data" -F period,ip,sym,dso 2>/dev/null \
-    | python3 "$HERE/profile_groups.py" --top 20 >"$OUT/groups.md"
+perf_reports 20
 
 {
     echo "# sidecache fill profile"

@@ -51,10 +51,7 @@ if [ "$(origin_count)" != "$stored" ]; then
     exit 1
 fi
 
-perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.3 \
-    >"$OUT/report-flat.txt" 2>/dev/null
-perf script -i "$OUT/perf.data" -F period,ip,sym,dso 2>/dev/null \
-    | python3 "$HERE/profile_groups.py" --top 25 >"$OUT/groups.md"
+perf_reports 25
 
 {
     echo "# sidecache hit profile"

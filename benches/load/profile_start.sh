@@ -4,8 +4,8 @@
 # under $OUT; stops both and removes the cache directory at exit.
 #
 # Expects ROOT and OUT. Sets HERE, LOADTOOL, SIDECACHE, ORIGIN_PORT, PORT, ADMIN, ORIGIN_PID,
-# PID, and the functions free_port, cpu_ticks (user + system ticks of a process) and wait_for
-# (a URL, until it answers 200, at most 60 s).
+# PID, and the functions free_port, cpu_ticks (user + system ticks of a process), wait_for (a
+# URL, until it answers 200, at most 60 s) and perf_reports (the reports of $OUT/perf.data).
 
 HERE="$ROOT/benches/load"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -20,6 +20,14 @@ if [ "$(cat /proc/sys/kernel/perf_event_paranoid)" -gt -1 ]; then
     sysctl -q kernel.perf_event_paranoid=-1 || echo "perf_event_paranoid > -1: kernel frames may be missing" >&2
 fi
 
+# Writes $OUT/report-flat.txt (symbols by self time) and $OUT/groups.md (self time by job, the
+# top $1 symbols) from $OUT/perf.data.
+perf_reports() {
+    perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none --percent-limit 0.3 \
+        >"$OUT/report-flat.txt" 2>/dev/null
+    perf script -i "$OUT/perf.data" -F period,ip,sym,dso 2>/dev/null \
+        | python3 "$HERE/profile_groups.py" --top "$1" >"$OUT/groups.md"
+}
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 wait_for() {
