@@ -236,8 +236,9 @@ config_keys! {
     /// Eviction stops below this share of `max_size`.
     low_watermark: f64 = "0.9",
     /// Once the cache is full (past `low_watermark`), a new object is stored only if it is
-    /// asked for at least as often as the object it would displace (TinyLFU's admission, as
-    /// nginx's `proxy_cache_min_uses` but relative); false stores every cacheable miss.
+    /// asked for at least as often, per byte, as the objects it would displace (TinyLFU's
+    /// admission weighed by size, as nginx's `proxy_cache_min_uses` but relative); false
+    /// stores every cacheable miss.
     admission: bool = "true",
     /// The order objects are evicted in: `segmented-lru` (objects hit since they were stored go
     /// after those asked for once) or `lru` (plain LRU, to compare with).

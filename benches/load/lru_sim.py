@@ -7,8 +7,9 @@ Policies: plain LRU; the segmented LRU sidecache used until issue 26 (probation/
 80% protected); S3-FIFO (Yang et al., SOSP '23: a small FIFO of 10% of the bytes, a main FIFO
 with a 2-bit frequency and reinsertion, a ghost of keys recently let go from the small FIFO);
 SIEVE (Zhang et al., NSDI '24); W-TinyLFU (Einziger et al.: a 1% LRU window, a segmented main
-LRU, admission by a count-min sketch with periodic halving); and sidecache's since issue 26,
-the segmented LRU with TinyLFU's admission at the door (no window).
+LRU, admission by a count-min sketch with periodic halving); sidecache's from issue 26, the
+segmented LRU with TinyLFU's admission at the door (no window); and sidecache's now, that
+admission weighed by size (requests per byte against the victims the fill would displace).
 
 Workloads:
 - churn: the churn scenario of run.py (objects.lua with DIST=zipf: P(k) ~ 1/k over 30,000
@@ -295,7 +296,30 @@ class AdmittedSegmentedLru(TinyLfu):
         m.put(k, size)
 
 
-POLICIES = [Lru, SegmentedLru, S3Fifo, Sieve, TinyLfu, AdmittedSegmentedLru]
+class SizedAdmittedSegmentedLru(AdmittedSegmentedLru):
+    """sidecache's policy since the admission weighs size: a fill that would evict is stored
+    only if its key was asked for at least as often per byte as the victims its size would
+    displace (the first 64 in eviction order at most), so a byte of the budget goes to what
+    answers the most requests."""
+    name = "SLRU+sized"
+
+    def put(self, k, size):
+        m = self.main
+        if m.used + size > m.cap:
+            asked = held = n = 0
+            for q in (m.probation, m.protected):
+                for kk, vv in q.items():
+                    if held >= size or n >= 64:
+                        break
+                    asked += self.freq(kk)
+                    held += vv
+                    n += 1
+            if self.freq(k) * held < asked * size:
+                return False
+        m.put(k, size)
+
+
+POLICIES = [Lru, SegmentedLru, S3Fifo, Sieve, TinyLfu, AdmittedSegmentedLru, SizedAdmittedSegmentedLru]
 
 
 def run(policy, workload, capacity, requests):

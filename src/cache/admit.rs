@@ -71,9 +71,11 @@ const MIN_WORDS: u64 = 4096;
 ///
 /// What it decides, by the index's eviction order (`budget::Budget::reserve_room`): a fill
 /// that finds the cache full (its usage past the low watermark) is stored only if its key's
-/// estimate is not below that of the object next in line for eviction. One-off keys (a crawl,
-/// cache-busting query strings) then stop displacing objects asked for again, and a fill
-/// declined is never written. It never refuses while the budget has room, and never decides
+/// estimate per byte is not below that of the objects next in line for eviction, as many as
+/// its size would displace ([`Frequency::admits`]). One-off keys (a crawl, cache-busting query
+/// strings) then stop displacing objects asked for again, a large object asked for as often
+/// as the small ones it would displace stops taking the room that answers more requests, and a
+/// fill declined is never written. It never refuses while the budget has room, and never decides
 /// what may be stored: `policy` does, before any of this.
 ///
 /// The counters are indexed by the key's hash mixed with a seed drawn per process, so the
@@ -154,9 +156,17 @@ impl Frequency {
             .unwrap_or(0) as u8
     }
 
-    /// Whether a fill of `candidate` may displace `victim`: unless it was asked for less often.
-    pub fn admits(&self, candidate: &KeyHash, victim: &KeyHash) -> bool {
-        self.estimate(candidate) >= self.estimate(victim)
+    /// Whether a fill of `candidate`, `bytes` long, may displace `victims` (the objects next
+    /// in line for eviction, with their bytes): unless it is asked for less often per byte
+    /// than they are together. Every miss costs the app a request whatever its size, so a byte
+    /// of the budget is worth the requests it answers: an object twice the size of another
+    /// must be asked for twice as often to take its room. Between objects of one size this is
+    /// TinyLFU's rule (not asked for less often than the victim); ties are admitted.
+    pub fn admits(&self, candidate: &KeyHash, bytes: u64, victims: &[(KeyHash, u64)]) -> bool {
+        let (asked, held) = victims.iter().fold((0u128, 0u128), |(asked, held), (key, len)| {
+            (asked + u128::from(self.estimate(key)), held + u128::from(*len))
+        });
+        u128::from(self.estimate(candidate)) * held >= asked * u128::from(bytes)
     }
 }
 
@@ -214,14 +224,40 @@ mod tests {
         assert_eq!(f.estimate(&hash(1)), 5);
         assert_eq!(f.estimate(&hash(2)), 1);
         assert_eq!(f.estimate(&hash(3)), 0);
+        let one = |i: u64| [(hash(i), 1000)];
         assert!(
-            !f.admits(&hash(2), &hash(1)),
+            !f.admits(&hash(2), 1000, &one(1)),
             "a one-off key does not displace a key asked for five times"
         );
-        assert!(f.admits(&hash(1), &hash(2)));
+        assert!(f.admits(&hash(1), 1000, &one(2)));
         // Ties are admitted: a cache of one-off keys keeps turning over.
         f.record(&hash(3));
-        assert!(f.admits(&hash(3), &hash(2)));
+        assert!(f.admits(&hash(3), 1000, &one(2)));
+        // Nothing to displace: admitted.
+        assert!(f.admits(&hash(4), 1000, &[]));
+    }
+
+    #[test]
+    fn a_larger_object_must_be_asked_for_more_often_to_take_the_room_of_smaller_ones() {
+        let f = Frequency::new(10_000);
+        let asked = |i: u64, n: usize| (0..n).for_each(|_| f.record(&hash(i)));
+        // Four small objects asked for twice each, in line for eviction.
+        (10..14).for_each(|i| asked(i, 2));
+        let small: Vec<(KeyHash, u64)> = (10..14).map(|i| (hash(i), 1000)).collect();
+        // A candidate of their four kilobytes together, asked for twice: half as many requests
+        // per byte as they answer. Declined.
+        asked(1, 2);
+        assert!(!f.admits(&hash(1), 4000, &small));
+        // Asked for as often as the four together: admitted.
+        asked(1, 6);
+        assert!(f.admits(&hash(1), 4000, &small));
+        // A small candidate asked for twice takes one small victim's room.
+        asked(2, 2);
+        assert!(f.admits(&hash(2), 1000, &small[..1]));
+        // A small candidate asked for once takes the room of a large object asked for twice
+        // that is ten times its size: it answers five times the requests per byte.
+        asked(3, 1);
+        assert!(f.admits(&hash(3), 1000, &[(hash(10), 10_000)]));
     }
 
     #[test]

@@ -31,6 +31,10 @@ use crate::cache::store::{self, Space, Store};
 use crate::metrics as m;
 use crate::units::MinFree;
 
+/// Most objects in line for eviction that admission weighs a fill against: a large fill is
+/// judged by the rate of the first of them (the walk is made under the index's lock).
+const ADMISSION_VICTIMS: usize = 64;
+
 /// Longest a fill waits for the files evicted to make its room to be removed; past it the
 /// response is relayed uncached.
 const ROOM_WAIT: Duration = Duration::from_secs(2);
@@ -322,9 +326,10 @@ impl Budget {
     /// [`Budget::reserve_room`] for a new object of `key` (one object, `bytes`): once the
     /// cache is full (what it would hold with this object is past the low watermark, so storing
     /// it means evicting something, now or in the loop's next pass), it is admitted only if
-    /// `key` was asked for at least as often as the object next in line for eviction
-    /// (TinyLFU's admission; see [`Frequency`]). Declined (`"admission"`) otherwise, with
-    /// nothing evicted and nothing reserved.
+    /// `key` was asked for at least as often per byte as the objects next in line for eviction
+    /// that its size would displace (TinyLFU's admission, weighed by size; see
+    /// [`Frequency::admits`]). Declined (`"admission"`) otherwise, with nothing evicted and
+    /// nothing reserved.
     pub async fn reserve_new<E: Evictor>(
         self: &Arc<Self>,
         bytes: u64,
@@ -354,9 +359,11 @@ impl Budget {
                 || (settled_objects + objects) as f64 > max_objects as f64 * low;
             let declined = full
                 && self.limits.admission
-                && candidate
-                    .zip(ix.next_victim())
-                    .is_some_and(|(key, victim)| !self.frequency.admits(key, victim));
+                && candidate.is_some_and(|key| {
+                    !self
+                        .frequency
+                        .admits(key, bytes, &ix.next_victims(bytes, ADMISSION_VICTIMS))
+                });
             let result = if declined {
                 Err(crate::cache::index::Refused {
                     reason: "admission",

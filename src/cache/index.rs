@@ -393,12 +393,20 @@ impl Index {
         })
     }
 
-    /// The key next in line for eviction: probation's least recently used, else protected's.
-    pub fn next_victim(&self) -> Option<&KeyHash> {
-        self.probation
-            .peek_lru()
-            .or_else(|| self.protected.peek_lru())
-            .map(|(k, _)| k)
+    /// The keys next in line for eviction, in that order, with the bytes each stands for:
+    /// enough of them to cover `bytes`, and never more than `most`.
+    pub fn next_victims(&self, bytes: u64, most: usize) -> Vec<(KeyHash, u64)> {
+        let mut victims = Vec::new();
+        let mut covered = 0u64;
+        for (key, e) in self.probation.iter().rev().chain(self.protected.iter().rev()) {
+            if covered >= bytes || victims.len() >= most {
+                break;
+            }
+            let weight = self.weight(e);
+            covered = covered.saturating_add(weight);
+            victims.push((*key, weight));
+        }
+        victims
     }
 
     /// Looks up an entry without changing the LRU order.

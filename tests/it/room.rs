@@ -531,3 +531,93 @@ async fn a_flood_of_one_off_urls_pushes_out_demoted_objects_without_admission() 
         "without admission the segmented LRU kept every object: the test shows nothing"
     );
 }
+
+/// Whether the cache alone answers `path` (`only-if-cached`: never a request to the app).
+async fn held(sc: &TestSidecar, path: &str) -> bool {
+    let resp = app_client()
+        .get(sc.url(path))
+        .header("cache-control", "only-if-cached")
+        .send()
+        .await
+        .unwrap();
+    resp.status() == 200
+}
+
+/// Admission weighs size: a byte of the budget goes to what answers the most requests. A full
+/// cache of small objects (256 KiB) each asked for a few times; an attacker asks for one large object
+/// over and over (as often as the sketch can count) to push them out. Its eight-fold size
+/// needs eight times their requests per byte, which it never has: every fill of it is
+/// declined and every small object stays. A small newcomer asked for as often as the
+/// objects it would displace is admitted (admission still lets the cache turn over). With the
+/// rule before (the large object against the first victim's count alone), the large object
+/// is admitted and pushes eight small ones out: the test can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_does_not_take_the_room_of_small_ones_asked_for_as_often() {
+    const KIB256: u64 = MIB / 4;
+    let origin = Origin::start().await;
+    for i in 0..40 {
+        route(&origin, &format!("/small/{i}"), i, KIB256);
+    }
+    route(&origin, "/large", 500, 2 * MIB);
+    route(&origin, "/newcomer", 501, KIB256);
+    let sc = TestSidecar::start_with(&origin.url(), |c| {
+        c.compress.enabled = false;
+        c.memory_size = 0;
+        c.max_size = 8 * MIB;
+        c.admission = true;
+    })
+    .await;
+    let c = app_client();
+    // Small objects until the cache is full: the first one admission declines (a fill now
+    // takes the cache past its low watermark). Each stored one is asked for twice more.
+    let mut small = Vec::new();
+    for i in 0..40 {
+        let path = format!("/small/{i}");
+        assert!(!is_hit(&get(&c, &sc.url(&path)).await.0), "{path}");
+        settle(&sc).await;
+        if !held(&sc, &path).await {
+            break;
+        }
+        small.push(path);
+    }
+    assert!((16..40).contains(&small.len()), "{} small objects stored", small.len());
+    for _ in 0..2 {
+        for path in &small {
+            assert!(is_hit(&get(&c, &sc.url(path)).await.0), "{path}");
+        }
+    }
+    let declined = async || metric(&scrape(sc.admin).await, "sidecache_fills_declined_total", &[]);
+    let before = declined().await;
+    // The attacker's large object, asked for sixteen times: the sketch's counter saturates
+    // at fifteen, well above any one small object's count.
+    for _ in 0..16 {
+        let (cs, got) = get(&c, &sc.url("/large")).await;
+        assert!(!is_hit(&cs) && got.len() as u64 == 2 * MIB, "/large: {cs}");
+        settle(&sc).await;
+    }
+    assert_eq!(
+        declined().await - before,
+        16.0,
+        "a fill of the large object was admitted"
+    );
+    assert!(!held(&sc, "/large").await);
+    for path in &small {
+        assert!(held(&sc, path).await, "{path} was pushed out");
+    }
+    // The newcomer, of the small objects' size: declined while asked for less often than the
+    // first of them, admitted once asked for as often.
+    let before = declined().await;
+    let mut asked = 0;
+    while !held(&sc, "/newcomer").await && asked < 16 {
+        let (cs, _) = get(&c, &sc.url("/newcomer")).await;
+        assert!(!is_hit(&cs), "/newcomer: {cs}");
+        settle(&sc).await;
+        asked += 1;
+    }
+    assert!(held(&sc, "/newcomer").await, "the newcomer was never admitted");
+    assert!(
+        declined().await - before >= 1.0,
+        "the newcomer was admitted at once: the cache was not full"
+    );
+    sc.stop().await;
+}
