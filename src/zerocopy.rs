@@ -194,8 +194,9 @@ struct Region {
     from: Backing,
     /// The file offset its first byte is at.
     base: u64,
-    /// `sendfile` found the file shorter than the mapping: truncated underneath.
-    truncated: AtomicBool,
+    /// `sendfile` found the file shorter than the mapping: truncated underneath (shared with
+    /// the [`Watch`] of a body held in a tier).
+    truncated: Arc<AtomicBool>,
 }
 
 /// A mapped body, registered in [`MAPPED`] while it lives.
@@ -210,7 +211,7 @@ impl MappedBody {
             file_len,
             from,
             base,
-            truncated: AtomicBool::new(false),
+            truncated: Arc::new(AtomicBool::new(false)),
         };
         MAPPED
             .write()
@@ -252,30 +253,53 @@ fn mark_truncated(bytes: &[u8]) {
     with_region(bytes, |_, region| region.truncated.store(true, Ordering::Relaxed));
 }
 
-/// False when `bytes` are a mapped body whose file changed since it was checked at `mtime`:
-/// `sendfile` found it truncated, or its length or modification time differs from the
-/// object's, or it was removed. Serving it again could send other bytes or fail, so the cache drops it. One
-/// `fstat` on the open descriptor of a file of its own (a segment grows and changes with every
-/// append: only a truncation found by `sendfile` tells); true for bytes that are not mapped.
-pub fn unchanged(bytes: &[u8], mtime: u64) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // The descriptor is cloned out so that the `fstat` is not made under the table's lock.
-    let Some(found) = with_region(bytes, |_, region| {
-        (!region.truncated.load(Ordering::Relaxed)).then(|| match &region.from {
-            Backing::File(file) => Some((file.clone(), region.file_len.max(region.len as u64))),
-            Backing::Slot(_) => None,
-        })
-    }) else {
-        return true;
-    };
-    let Some(found) = found else {
-        return false;
-    };
-    let Some((file, len)) = found else {
-        return true;
-    };
-    file.metadata()
-        .is_ok_and(|md| md.len() == len && mtime_ns(&md) == mtime && md.nlink() > 0)
+/// How a body held in a tier is checked before each hit on it: resolved once, when the tier
+/// takes it ([`watch`]), so that a hit does not look its mapping up again.
+pub enum Watch {
+    /// Bytes in memory: nothing can change them.
+    Copy,
+    /// A slot of a segment: only a truncation found by `sendfile` tells (a segment grows and
+    /// changes with every append).
+    Slot(Arc<AtomicBool>),
+    /// A file of its own, which must keep `len` bytes (and the modification time checked).
+    File {
+        file: Arc<File>,
+        len: u64,
+        truncated: Arc<AtomicBool>,
+    },
+}
+
+/// The [`Watch`] of `bytes`: of the mapped body they lie in, else of a copy.
+pub fn watch(bytes: &[u8]) -> Watch {
+    with_region(bytes, |_, region| match &region.from {
+        Backing::File(file) => Watch::File {
+            file: file.clone(),
+            len: region.file_len.max(region.len as u64),
+            truncated: region.truncated.clone(),
+        },
+        Backing::Slot(_) => Watch::Slot(region.truncated.clone()),
+    })
+    .unwrap_or(Watch::Copy)
+}
+
+impl Watch {
+    /// False when the body's file changed since it was checked at `mtime`: `sendfile` found it
+    /// truncated, or (a file of its own, one `fstat` on its open descriptor) its length or
+    /// modification time differs from the object's, or it was removed. Serving it again could
+    /// send other bytes or fail, so the cache drops it.
+    pub fn unchanged(&self, mtime: u64) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Watch::Copy => true,
+            Watch::Slot(truncated) => !truncated.load(Ordering::Relaxed),
+            Watch::File { file, len, truncated } => {
+                !truncated.load(Ordering::Relaxed)
+                    && file
+                        .metadata()
+                        .is_ok_and(|md| md.len() == *len && mtime_ns(&md) == mtime && md.nlink() > 0)
+            }
+        }
+    }
 }
 
 fn with_region<T>(bytes: &[u8], f: impl FnOnce(usize, &Region) -> T) -> Option<T> {

@@ -114,8 +114,9 @@ pub struct HotObject {
     /// The variant's coding.
     pub(super) coding: Option<Coding>,
     pub(super) body: Bytes,
-    /// For a mapped body: its file's modification time when the body was checked.
-    pub(super) mapped_mtime: Option<u64>,
+    /// For a mapped body: its file's modification time when the body was checked, and how
+    /// to tell it changed since.
+    pub(super) mapped: Option<(u64, crate::zerocopy::Watch)>,
 }
 
 impl HotObject {
@@ -123,8 +124,9 @@ impl HotObject {
     /// its file has not been truncated, rewritten or removed underneath (one `fstat`, no path
     /// walk).
     pub(super) fn still_valid(&self) -> bool {
-        self.mapped_mtime
-            .is_none_or(|mtime| crate::zerocopy::unchanged(&self.body, mtime))
+        self.mapped
+            .as_ref()
+            .is_none_or(|(mtime, watch)| watch.unchanged(*mtime))
     }
 }
 
@@ -181,7 +183,7 @@ impl Tier<'_> {
                 coding: hit.coding,
                 body: hit.body.clone(),
                 // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
-                mapped_mtime: (len > 0 && len >= min_mmap).then_some(mtime),
+                mapped: (len > 0 && len >= min_mmap).then(|| (mtime, crate::zerocopy::watch(&hit.body))),
             }),
         );
     }
@@ -504,7 +506,7 @@ mod tests {
             variant: 0,
             coding: None,
             body: Bytes::new(),
-            mapped_mtime: None,
+            mapped: None,
         })
     }
 
