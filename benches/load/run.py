@@ -131,6 +131,22 @@ def versions():
     }
 
 
+def new_page_writes(directory, mib=256):
+    """MB/s of writing `mib` MiB to a new file in `directory` (deleted after): how dear the first
+    touch of a page-cache page is on this machine right now. On a VM whose host takes free pages
+    back (virtio-balloon free page reporting) it swings between about 100 MB/s and several GB/s,
+    and every server pays it per byte a fill writes: fill figures move with it (BENCHMARKS.md)."""
+    path = os.path.join(directory, "new-page-writes.bin")
+    chunk = b"\0" * (1 << 20)
+    started = time.monotonic()
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(chunk)
+    elapsed = time.monotonic() - started
+    os.remove(path)
+    return mib * (1 << 20) / elapsed / 1e6
+
+
 class Proc:
     """A server under test: its processes, for CPU time and peak memory."""
 
@@ -1027,8 +1043,12 @@ def main():
     bench = Bench(args)
     info = versions()
     print("# " + ", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    before = new_page_writes(bench.work)
+    print(f"# writes into new page-cache pages: {before:,.0f} MB/s", flush=True)
     try:
         bench.run()
+        after = new_page_writes(bench.work)
+        print(f"# writes into new page-cache pages after the run: {after:,.0f} MB/s", flush=True)
     finally:
         bench.cleanup()
     print()
