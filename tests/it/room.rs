@@ -446,6 +446,18 @@ async fn a_budget_lowered_by_min_free_still_makes_room() {
     sc.stop().await;
 }
 
+/// A sidecache of 8 MiB on disk and no memory tier, compression off, `admission` as given: the
+/// budget the admission tests fill.
+async fn admission_sidecar(origin: &Origin, admission: bool) -> TestSidecar {
+    TestSidecar::start_with(&origin.url(), |c| {
+        c.compress.enabled = false;
+        c.memory_size = 0;
+        c.max_size = 8 * MIB;
+        c.admission = admission;
+    })
+    .await
+}
+
 /// Issue 26: admission. A flood of one-off URLs (a crawler, an attacker's cache-busting query
 /// strings) into a full cache does not push out the objects its users ask for again, even
 /// those the segmented LRU has demoted to probation: the flood's objects are asked for once,
@@ -461,13 +473,7 @@ async fn one_off_flood(admission: bool) -> (Vec<String>, f64) {
     for i in 0..30 {
         route(&origin, &format!("/crawl/{i}"), 1000 + i, KIB512);
     }
-    let sc = TestSidecar::start_with(&origin.url(), |c| {
-        c.compress.enabled = false;
-        c.memory_size = 0;
-        c.max_size = 8 * MIB;
-        c.admission = admission;
-    })
-    .await;
+    let sc = admission_sidecar(&origin, admission).await;
     let cache = sc.sidecar.proxy.cache().clone();
     let c = app_client();
     // The users' objects: five megabytes, each asked for four times (a miss and three hits);
@@ -499,13 +505,7 @@ async fn one_off_flood(admission: bool) -> (Vec<String>, f64) {
     let mut lost = Vec::new();
     for i in 0..HOT {
         let path = format!("/hot/{i}");
-        let resp = c
-            .get(sc.url(&path))
-            .header("cache-control", "only-if-cached")
-            .send()
-            .await
-            .unwrap();
-        if resp.status() != 200 {
+        if !held(&sc, &path).await {
             lost.push(path);
         }
     }
@@ -560,13 +560,7 @@ async fn a_large_object_does_not_take_the_room_of_small_ones_asked_for_as_often(
     }
     route(&origin, "/large", 500, 2 * MIB);
     route(&origin, "/newcomer", 501, KIB256);
-    let sc = TestSidecar::start_with(&origin.url(), |c| {
-        c.compress.enabled = false;
-        c.memory_size = 0;
-        c.max_size = 8 * MIB;
-        c.admission = true;
-    })
-    .await;
+    let sc = admission_sidecar(&origin, true).await;
     let c = app_client();
     // Small objects until the cache is full: the first one admission declines (a fill now
     // takes the cache past its low watermark). Each stored one is asked for twice more.
