@@ -65,6 +65,17 @@ async fn settle(sc: &TestSidecar) {
     );
 }
 
+/// Whether the cache alone answers `path` (`only-if-cached`: never a request to the app).
+async fn held(sc: &TestSidecar, path: &str) -> bool {
+    let resp = app_client()
+        .get(sc.url(path))
+        .header("cache-control", "only-if-cached")
+        .send()
+        .await
+        .unwrap();
+    resp.status() == 200
+}
+
 /// GETs `path` (a miss), then asks the cache alone (`only-if-cached`: a `504` while it is not
 /// stored, never a request to the app) until it answers: it was stored at its first fill (a
 /// fill without a length holds its client back while the disk catches up, rather than give up
@@ -73,16 +84,7 @@ async fn store(sc: &TestSidecar, path: &str) -> Bytes {
     let c = app_client();
     let (cs, first) = get(&c, &sc.url(path)).await;
     assert!(!is_hit(&cs), "{path} was not stored yet: {cs}");
-    let stored = eventually(Duration::from_secs(10), async || {
-        let resp = c
-            .get(sc.url(path))
-            .header("cache-control", "only-if-cached")
-            .send()
-            .await
-            .unwrap();
-        resp.status() == 200
-    })
-    .await;
+    let stored = eventually(Duration::from_secs(10), async || held(sc, path).await).await;
     if stored {
         return first;
     }
@@ -530,17 +532,6 @@ async fn a_flood_of_one_off_urls_pushes_out_demoted_objects_without_admission() 
         !lost.is_empty(),
         "without admission the segmented LRU kept every object: the test shows nothing"
     );
-}
-
-/// Whether the cache alone answers `path` (`only-if-cached`: never a request to the app).
-async fn held(sc: &TestSidecar, path: &str) -> bool {
-    let resp = app_client()
-        .get(sc.url(path))
-        .header("cache-control", "only-if-cached")
-        .send()
-        .await
-        .unwrap();
-    resp.status() == 200
 }
 
 /// Admission weighs size: a byte of the budget goes to what answers the most requests. A full
