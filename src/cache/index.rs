@@ -906,6 +906,32 @@ mod tests {
         assert_eq!(ix.peek(&kh(0)).map(|e| e.image.generation), Some(0));
     }
 
+    /// What admission weighs a fill against: the entries in eviction order (probation's least
+    /// recently used first, then protected's), as many as cover the fill's bytes, at most
+    /// `most`, each with the bytes it stands for.
+    #[test]
+    fn the_next_victims_are_in_eviction_order_and_cover_the_bytes_asked_within_the_cap() {
+        let mut ix = Index::new();
+        for k in 0..5 {
+            add(&mut ix, k, 100);
+        }
+        // 0 and 2 hit: protected, evicted after the rest.
+        ix.touch(&kh(0));
+        ix.touch(&kh(2));
+        let weight = ix.peek(&kh(1)).map(|e| ix.weight(e)).expect("indexed");
+        let keys = |v: Vec<(KeyHash, u64)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(ix.next_victims(1, 64), vec![(kh(1), weight)]);
+        assert_eq!(keys(ix.next_victims(2 * weight, 64)), [kh(1), kh(3)]);
+        assert_eq!(keys(ix.next_victims(2 * weight + 1, 64)), [kh(1), kh(3), kh(4)]);
+        assert_eq!(keys(ix.next_victims(u64::MAX, 64)), [kh(1), kh(3), kh(4), kh(0), kh(2)]);
+        assert_eq!(
+            keys(ix.next_victims(u64::MAX, 2)),
+            [kh(1), kh(3)],
+            "never more than asked"
+        );
+        assert!(ix.next_victims(0, 64).is_empty());
+    }
+
     #[test]
     fn in_plain_lru_order_a_burst_of_one_off_objects_evicts_an_object_used_again() {
         // The same steps as above, in the order kept for comparison: only recency counts.
