@@ -483,7 +483,11 @@ class Bench:
         runs = {p.name: [] for p in targets}
         for rep in range(self.args.reps):
             for proc in targets:
-                runs[proc.name].append(run_one(proc, rep))
+                r = run_one(proc, rep)
+                runs[proc.name].append(r)
+                # Each repetition too: on a shared machine the spread says what a median means.
+                print(f"    {label} rep {rep + 1} {proc.name}: {r.get('req_s', 0):.0f} req/s, "
+                      f"{r.get('cpu_us_per_req', 0):.1f} us CPU per request", flush=True)
         for proc in targets:
             self.record(label, proc.name, runs[proc.name])
 
