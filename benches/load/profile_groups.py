@@ -44,7 +44,7 @@ GROUPS = [
     ("hyper / http1 (parse, encode, body)", lambda s, k, st: not k and re.search(r"hyper|httparse|\bhttp::|h2::", s)),
     ("tokio (scheduler, blocking pool, I/O driver)", lambda s, k, st: not k and re.search(
         r"tokio|mio::|parking_lot|std::thread|std::sys::.*(futex|thread)|crossbeam", s)),
-    ("moka (index, tiers)", lambda s, k, st: not k and "moka" in s),
+    ("quick_cache (tiers, records)", lambda s, k, st: not k and "quick_cache" in s),
     ("sidecache's own code", lambda s, k, st: not k and "sidecache" in s),
     ("other user space (libc, std, deps)", lambda s, k, st: not k),
     # Before files: a socket's read and write pass through vfs_read/vfs_write too, and softirq work

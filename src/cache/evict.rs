@@ -156,18 +156,13 @@ impl Evictor for Cache {
     async fn remove_files(&self, removed: Vec<Removed>) {
         // (There is always a store when something was indexed.)
         if let Some(store) = self.store() {
-            let tiers = self.tiers.handles();
             let segments = self.segments().cloned();
             let _ = tokio::task::spawn_blocking(move || {
                 for r in &removed {
                     remove_removed(&store, r);
                 }
-                // The tiers drop what was invalidated now, not at their next housekeeping:
-                // until then a mapped body's descriptor would keep a removed file's blocks
-                // allocated (a mapped slot, its range).
-                for tier in tiers.iter().flatten() {
-                    tier.run_pending_tasks();
-                }
+                // (The tiers let go of these objects' bodies when they were forgotten, so no
+                // mapped body's descriptor keeps a removed file's blocks allocated.)
                 // Slots no reader holds are punched when let go: off the disk once the
                 // segments' writer has done what is queued.
                 drop(removed);

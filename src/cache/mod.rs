@@ -196,8 +196,8 @@ fn millis(t: SystemTime) -> u64 {
 ///
 /// Who owns which lock: `budget::Budget` owns `budget` (the limits in force) and `index`
 /// (std mutexes); `tiers::Tiers` owns `relieving` (tokio) and `open_shortage` (std), beside
-/// the moka caches; `coalesce::Flights` owns `map` (std); `vary::VarySpecs` owns `specs`
-/// (std). `commit`, `evict`, `read` and `rebuild` own none: they take the parts' locks one
+/// the tiers' and the records' shard locks (quick_cache); `coalesce::Flights` owns `map`
+/// (std); `vary::VarySpecs` owns `specs` (std). `commit`, `evict`, `read` and `rebuild` own none: they take the parts' locks one
 /// step at a time. No std lock is held across an `.await`; the one lock held across an
 /// `.await` is `relieving`, for the length of a relief. The only nestings ("held -> taken
 /// meanwhile"), none ever the other way round, so there is no cycle:
@@ -209,8 +209,8 @@ fn millis(t: SystemTime) -> u64 {
 ///   tier insert; the victims a reservation or a pass takes out are forgotten by the tiers and
 ///   unlinked after it is let go. A `Reservation` locks it when dropped, as does
 ///   `Budget::charge`: neither happens while it is held (a std mutex is not reentrant).
-/// - `relieving` (tokio) -> `open_shortage` -> the moka caches' internal locks (hot, open,
-///   metas: leaves, no eviction listener calls back).
+/// - `relieving` (tokio) -> `open_shortage` -> the tiers' and the records' shard locks (hot,
+///   open, metas): leaves, no eviction listener calls back.
 /// - `map` -> a flight's own watch channel (read to skip a released flight). `claim` picks
 ///   the variant (taking and letting go of `specs`) before it.
 /// - `segments::Segments` owns `ops` (its writer's queue) and `table` (its segment files):

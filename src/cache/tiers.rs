@@ -34,7 +34,59 @@ const SHORTAGE_STEP: Duration = Duration::from_secs(1);
 /// Memory for records cached beside the index, so a disk hit need not read its record.
 const METAS_MEMORY: u64 = 16 << 20;
 
-type Objects = moka::sync::Cache<KeyHash, Arc<HotObject>>;
+/// A tier's objects by key. Not moka: a hit on a tier is the most frequent operation of a busy
+/// cache, and moka's `get` logs every read for its policy and applies the log on the reader's
+/// thread (9.5% of a disk-hit load's CPU, and its inserts cost more when a tier turns over;
+/// profiled and measured in `BENCHMARKS.md`), where quick_cache's takes a shard's read lock
+/// and marks the entry (S3-FIFO-like: the mark decides eviction, no list is reordered on a
+/// hit). The records beside the index are held the same way, for the same reason: every disk
+/// hit reads one.
+type Objects = quick_cache::sync::Cache<KeyHash, Arc<HotObject>, Weight>;
+
+/// What an object weighs in its tier: its bytes in memory (the hot tier), or one descriptor
+/// (the open tier).
+#[derive(Clone, Copy)]
+pub(super) struct Weight {
+    per_object: bool,
+}
+
+impl quick_cache::Weighter<KeyHash, Arc<HotObject>> for Weight {
+    fn weight(&self, _: &KeyHash, v: &Arc<HotObject>) -> u64 {
+        if self.per_object {
+            1
+        } else {
+            v.body.len() as u64 + u64::from(meta_weight(&v.meta))
+        }
+    }
+}
+
+/// A tier of `capacity` (in [`Weight`]'s unit) for about `estimated` objects, in shards of at
+/// least `shard_min` each (each shard holds its share of the capacity, so a shard must hold
+/// several of the largest objects), at most 16.
+fn objects(capacity: u64, estimated: u64, shard_min: u64, weight: Weight) -> Objects {
+    let fit = (capacity / shard_min.max(1)).clamp(1, 16);
+    let shards = 1usize << (63 - fit.leading_zeros());
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(estimated.max(1) as usize)
+        .weight_capacity(capacity)
+        .shards(shards)
+        .build()
+        .expect("valid tier options");
+    Objects::with_options(options, weight, Default::default(), Default::default())
+}
+
+/// Records cached beside the index, by key, with their version.
+type Metas = quick_cache::sync::Cache<KeyHash, (u64, Arc<Meta>), MetaWeight>;
+
+/// What a cached record weighs: about what it takes in memory ([`meta_weight`]).
+#[derive(Clone, Copy)]
+pub(super) struct MetaWeight;
+
+impl quick_cache::Weighter<KeyHash, (u64, Arc<Meta>)> for MetaWeight {
+    fn weight(&self, _: &KeyHash, (_, meta): &(u64, Arc<Meta>)) -> u64 {
+        u64::from(meta_weight(meta))
+    }
+}
 
 /// The open tier's state after running short of descriptors.
 #[derive(Clone, Copy)]
@@ -121,7 +173,7 @@ impl Tier<'_> {
                 soft_purged: None,
             });
         }
-        self.objects.invalidate(tier_key);
+        self.objects.remove(tier_key);
         None
     }
 
@@ -151,14 +203,15 @@ impl Tier<'_> {
         );
     }
 
-    /// Whether version `generation` of a key is held under `tier_key` (for `inspect`).
+    /// Whether version `generation` of a key is held under `tier_key` (for `inspect`: not a
+    /// hit, so not marked).
     pub(super) fn holds(&self, tier_key: &KeyHash, generation: u64) -> bool {
-        self.objects.get(tier_key).is_some_and(|o| o.generation == generation)
+        self.objects.peek(tier_key).is_some_and(|o| o.generation == generation)
     }
 
     /// Lets go of what is held under `tier_key`.
     pub(super) fn forget(&self, tier_key: &KeyHash) {
-        self.objects.invalidate(tier_key);
+        self.objects.remove(tier_key);
     }
 }
 
@@ -219,8 +272,10 @@ fn open_files(config: &Settings) -> usize {
 /// Locks, in the order they may be taken (each only while holding those before it):
 /// `relieving` (a tokio mutex, held for a whole relief, across the wait for its files to be
 /// closed) -> `open_shortage` (a std mutex, held for a few comparisons, never across an
-/// `.await`) -> the moka caches' own internal locks (leaves: `has_room` reads the open tier's
-/// size while holding `open_shortage`). Nothing here takes a lock of the facade's.
+/// `.await`) -> the tiers' and the records' shard locks (leaves: `has_room` reads
+/// the open tier's size while holding `open_shortage`). Nothing here takes a lock of the
+/// facade's. What a tier lets go of (evicted, removed) is dropped on the calling thread
+/// once the shard's lock is released: a mapped body's file is closed then.
 pub(super) struct Tiers {
     /// Largest body the hot tier holds.
     memory_object_max: u64,
@@ -238,7 +293,7 @@ pub(super) struct Tiers {
     relieving: Arc<tokio::sync::Mutex<()>>,
     /// Records of stored objects, by key, with their version: one is used only while the
     /// index holds that version.
-    metas: moka::sync::Cache<KeyHash, (u64, Arc<Meta>)>,
+    metas: Metas,
 }
 
 impl Tiers {
@@ -255,18 +310,26 @@ impl Tiers {
     /// open tier of `open_files` bodies (either off at 0).
     pub(super) fn new(memory_size: u64, memory_object_max: u64, open_files: usize) -> Tiers {
         let hot = (memory_size > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(memory_size)
-                .weigher(|_, v: &Arc<HotObject>| {
-                    (v.body.len() as u64 + u64::from(meta_weight(&v.meta))).min(u32::MAX as u64) as u32
-                })
-                .build()
+            // (An average body of 16 KiB, for the estimate; four of the largest per shard.)
+            let estimated = memory_size / (16 << 10);
+            objects(
+                memory_size,
+                estimated,
+                4 * memory_object_max,
+                Weight { per_object: false },
+            )
         });
-        let metas = moka::sync::Cache::builder()
-            .max_capacity(METAS_MEMORY)
-            .weigher(|_, (_, meta): &(u64, Arc<Meta>)| meta_weight(meta))
-            .build();
-        let open = (open_files > 0).then(|| moka::sync::Cache::builder().max_capacity(open_files as u64).build());
+        // (About 2 KiB a record, for the estimate.)
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity((METAS_MEMORY / 2048) as usize)
+            .weight_capacity(METAS_MEMORY)
+            .build()
+            .expect("valid record cache options");
+        let metas = Metas::with_options(options, MetaWeight, Default::default(), Default::default());
+        let open = (open_files > 0).then(|| {
+            let files = open_files as u64;
+            objects(files, files, 64, Weight { per_object: true })
+        });
         Tiers {
             memory_object_max,
             hot,
@@ -317,12 +380,12 @@ impl Tiers {
         // (`changed` is set with every relief, so it is the later of the two.)
         if now.saturating_duration_since(s.changed) >= SHORTAGE_HOLD {
             // A hold without a shortage: a quarter of the full size back, up to all of it.
-            let full = tier.objects.policy().max_capacity().unwrap_or(u64::MAX) as usize;
+            let full = tier.objects.capacity() as usize;
             s.room = s.room.saturating_add(full.div_ceil(4));
             s.changed = now;
             *shortage = (s.room < full).then_some(s);
         }
-        shortage.is_none_or(|s| (tier.objects.entry_count() as usize) < s.room)
+        shortage.is_none_or(|s| tier.objects.len() < s.room)
     }
 
     fn lock_shortage(&self) -> std::sync::MutexGuard<'_, Option<Shortage>> {
@@ -372,15 +435,12 @@ impl Tiers {
                 changed: now,
             });
         }
-        open.run_pending_tasks();
-        let held = open.entry_count() as usize;
+        let held = open.len();
         if let Some(s) = self.lock_shortage().as_mut() {
             s.room = s.room.min(held / 2);
         }
-        let hashes: Vec<KeyHash> = open.iter().take(held - held / 2).map(|(k, _)| *k).collect();
-        let closing: Vec<Arc<HotObject>> = hashes.iter().filter_map(|h| open.remove(h)).collect();
-        // The tier lets go of them.
-        open.run_pending_tasks();
+        let hashes: Vec<KeyHash> = open.iter().take(held - held / 2).map(|(k, _)| k).collect();
+        let closing: Vec<Arc<HotObject>> = hashes.iter().filter_map(|h| open.remove(h).map(|(_, o)| o)).collect();
         metrics::counter!(m::DESCRIPTOR_SHORTAGES).increment(1);
         warn!(
             held,
@@ -404,7 +464,7 @@ impl Tiers {
     /// them needs.
     pub(super) fn remember_meta(&self, hash: KeyHash, generation: u64, meta: &Arc<Meta>, held_open: bool) {
         if held_open {
-            self.metas.invalidate(&hash);
+            self.metas.remove(&hash);
         } else {
             self.metas.insert(hash, (generation, meta.clone()));
         }
@@ -419,35 +479,27 @@ impl Tiers {
     /// Forgets a key: its object in either tier and its cached record.
     pub(super) fn forget(&self, hash: &KeyHash) {
         self.forget_tiers(hash);
-        self.metas.invalidate(hash);
+        self.metas.remove(hash);
     }
 
     /// Forgets a key's object in either tier, its compressed variants' bodies too (its cached
     /// record stays).
     pub(super) fn forget_tiers(&self, hash: &KeyHash) {
         for tier in [&self.hot, &self.open].into_iter().flatten() {
-            tier.invalidate(hash);
+            tier.remove(hash);
             for coding in Coding::ALL {
-                tier.invalidate(&variant_key(hash, coding));
+                tier.remove(&variant_key(hash, coding));
             }
         }
-    }
-
-    /// Handles on both tiers, for dropping what was forgotten off the runtime
-    /// (`run_pending_tasks`): until then a mapped body's descriptor would keep a removed
-    /// file's blocks allocated.
-    pub(super) fn handles(&self) -> [Option<Objects>; 2] {
-        [self.hot.clone(), self.open.clone()]
     }
 
     /// Updates the tiers' gauges.
     pub(super) fn publish_gauges(&self) {
         if let Some(hot) = &self.hot {
-            metrics::gauge!(m::HOT_SIZE).set(hot.weighted_size() as f64);
+            metrics::gauge!(m::HOT_SIZE).set(hot.weight() as f64);
         }
         if let Some(open) = &self.open {
-            open.run_pending_tasks();
-            metrics::gauge!(m::OPEN_FILES).set(open.entry_count() as f64);
+            metrics::gauge!(m::OPEN_FILES).set(open.len() as f64);
         }
     }
 }
@@ -483,14 +535,11 @@ mod tests {
         for i in 0..held {
             open.insert(hash(i), object(i));
         }
-        open.run_pending_tasks();
         tiers
     }
 
     fn held_open(tiers: &Tiers) -> usize {
-        let open = tiers.open.as_ref().expect("an open tier");
-        open.run_pending_tasks();
-        open.entry_count() as usize
+        tiers.open.as_ref().expect("an open tier").len()
     }
 
     fn open_tier(tiers: &Tiers) -> Tier<'_> {
@@ -535,8 +584,7 @@ mod tests {
         // One fewer held: room for one.
         let open = tiers.open.as_ref().expect("an open tier");
         let (kept, _) = open.iter().next().expect("one held");
-        open.invalidate(&*kept);
-        open.run_pending_tasks();
+        open.remove(&kept);
         assert!(tiers.has_room_at(&open_tier(&tiers), t0));
         // The hot tier is never held back.
         assert!(tiers.has_room_at(&tiers.tier_for(1024).expect("hot"), t0));
@@ -579,15 +627,10 @@ mod tests {
         let objects: Vec<_> = open.iter().map(|(_, v)| Arc::downgrade(&v)).collect();
         tiers.relieve_descriptors_now().await;
         assert_eq!(held_open(&tiers), 5);
-        // The half taken out is dropped (its files closed): by the relief's thread before it
-        // returns, but for a copy moka may still hold in a log it has not applied yet (seen on
-        // a loaded machine), which its next housekeeping lets go. Bounded wait, no sleep.
-        let closed = crate::cache::testing::eventually(|| {
-            open.run_pending_tasks();
-            objects.iter().filter(|o| o.upgrade().is_none()).count() == 5
-        })
-        .await;
-        assert!(closed, "the half given back is still held");
+        // The half taken out is dropped (its files closed) by the relief's thread before it
+        // returns.
+        let closed = objects.iter().filter(|o| o.upgrade().is_none()).count();
+        assert_eq!(closed, 5, "the half given back is still held");
         // And its turn is free for the next one.
         assert!(tiers.relieving.try_lock().is_ok());
     }
