@@ -1,5 +1,5 @@
-//! Index and eviction cost per operation at 10k, 100k and 1M objects: lookup (a hit's
-//! `touch`), insert-with-replace, and eviction selection (`pop_lru`). Flat from 10k to 1M is the
+//! Index and eviction cost per operation at 10k, 100k and 1M objects: lookup (a hit:
+//! `Index::hit`, which marks the entry used), insert-with-replace, and eviction selection (`pop_lru`). Flat from 10k to 1M is the
 //! target: every operation is O(1).
 
 use std::hint::black_box;
@@ -22,7 +22,12 @@ fn filled(n: u64) -> Index {
 fn bench(c: &mut Criterion) {
     for n in [10_000u64, 100_000, 1_000_000] {
         let mut ix = filled(n);
-        let keys: Vec<KeyHash> = (0..4096).map(|i| key(i * 7919 % n)).collect();
+        let keys: Vec<(KeyHash, String)> = (0..4096)
+            .map(|i| {
+                let i = i * 7919 % n;
+                (key(i), entry(i).key.to_string())
+            })
+            .collect();
         let mut g = c.benchmark_group("index");
         // Baseline: a bare std HashMap lookup at the same size and access pattern. What the
         // index costs above it is the structure; what both grow by is the memory hierarchy.
@@ -31,7 +36,7 @@ fn bench(c: &mut Criterion) {
             let mut i = 0;
             b.iter(|| {
                 i = (i + 1) % keys.len();
-                black_box(map.get(&keys[i]))
+                black_box(map.get(&keys[i].0))
             })
         });
         drop(map);
@@ -39,7 +44,8 @@ fn bench(c: &mut Criterion) {
             let mut i = 0;
             b.iter(|| {
                 i = (i + 1) % keys.len();
-                black_box(ix.touch(&keys[i]).map(|e| e.image.body_len))
+                let (hash, full) = &keys[i];
+                black_box(ix.hit(hash, full, |_| None).map(|(image, _, _)| image.body_len))
             })
         });
         g.bench_with_input(BenchmarkId::new("insert_replace", n), &n, |b, _| {

@@ -323,20 +323,29 @@ impl Index {
 
     /// Looks up an entry and marks it most recently used (a hit counts as a use): a hit in
     /// probation moves it to the protected segment (in plain LRU order, to probation's most
-    /// recently used end: nothing is ever protected).
-    pub fn touch(&mut self, key: &KeyHash) -> Option<&Entry> {
-        if self.order == Order::Lru {
-            let e = self.probation.get_mut(key)?;
+    /// recently used end: nothing is ever protected). Returns whether it was found.
+    pub fn touch(&mut self, key: &KeyHash) -> bool {
+        self.touch_with(key, |_| ()).is_some()
+    }
+
+    /// [`Index::touch`], giving what `read` takes from the entry (in its new place). A hit in
+    /// the protected segment is one lookup; one in probation moves the entry without looking
+    /// it up again.
+    fn touch_with<R>(&mut self, key: &KeyHash, read: impl FnOnce(&Entry) -> R) -> Option<R> {
+        let segment = match self.order {
+            Order::Lru => &mut self.probation,
+            Order::Segmented => &mut self.protected,
+        };
+        if let Some(e) = segment.get_mut(key) {
             e.hits = e.hits.saturating_add(1);
-            return Some(e);
+            return Some(read(e));
         }
-        if self.protected.contains(key) {
-            let e = self.protected.get_mut(key)?;
-            e.hits = e.hits.saturating_add(1);
-            return Some(e);
+        if self.order == Order::Lru {
+            return None;
         }
         let mut entry = self.probation.pop(key)?;
         entry.hits = entry.hits.saturating_add(1);
+        let found = read(&entry);
         self.protected_bytes += self.weight(&entry);
         self.protected.push(*key, entry);
         let cap = (self.used as f64 * PROTECTED_SHARE) as u64;
@@ -345,7 +354,7 @@ impl Index {
             self.protected_bytes -= self.weight(&e);
             self.probation.push(k, e);
         }
-        self.peek(key)
+        Some(found)
     }
 
     /// A hit on `key`'s entry stored for the full key `full` (a hash names one key; a collision
@@ -357,12 +366,11 @@ impl Index {
         full: &str,
         choose: impl FnOnce(&Entry) -> Option<Coding>,
     ) -> Option<(Image, Option<Variant>, Option<u64>)> {
-        let e = self.touch(key)?;
-        if &*e.key != full {
-            return None;
-        }
-        let variant = choose(e).and_then(|c| e.variant(c)).cloned();
-        let object = e.image.clone();
+        let (object, variant) = self
+            .touch_with(key, |e| {
+                (&*e.key == full).then(|| (e.image.clone(), choose(e).and_then(|c| e.variant(c)).cloned()))
+            })
+            .flatten()?;
         let mark = self.mark_of(key, object.generation);
         Some((object, variant, mark))
     }
