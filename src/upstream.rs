@@ -1,6 +1,7 @@
 //! The pooled HTTP/1.1 client to the app: hop-by-hop header removal, `X-Forwarded-*`,
 //! timeouts, and errors classified as 502 (unreachable, broken) or 504 (too slow).
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -203,8 +204,8 @@ pub struct Upstream {
     addr: UpstreamAddr,
     timeout: Duration,
     trust_forwarded: bool,
-    /// Request headers removed before the app (`strip_request_headers`).
-    strip: Arc<[HeaderName]>,
+    /// What [`Upstream::clean`] removes from every request.
+    removals: Arc<Removals>,
 }
 
 impl Upstream {
@@ -231,7 +232,7 @@ impl Upstream {
             addr: config.upstream.clone(),
             timeout: config.upstream_timeout,
             trust_forwarded: config.trust_forwarded,
-            strip: config.strip_request_headers.clone().into(),
+            removals: Arc::new(Removals::new(&config.strip_request_headers, config.trust_forwarded)),
         }
     }
 
@@ -248,9 +249,7 @@ impl Upstream {
     /// `strip_request_headers`; joins HTTP/2 cookie crumbs into one `Cookie` (RFC 9113
     /// §8.2.3), as the app would read them.
     pub fn clean(&self, headers: &mut HeaderMap) {
-        strip_hop_by_hop(headers);
-        strip_underscored(headers);
-        strip_unkeyed(headers, &self.strip, self.trust_forwarded);
+        self.removals.apply(headers);
         join_cookies(headers);
     }
 
@@ -402,17 +401,21 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`. `Host` is never a
 /// connection option: it names the resource (RFC 9110 §7.2), and the key holds it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = crate::policy::fields::elements(headers, &header::CONNECTION)
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .filter(|name| *name != header::HOST)
-        .collect();
-    for name in named {
+    for name in connection_named(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP.iter() {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// The fields a `Connection` field names, but `Host`.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    crate::policy::fields::elements(headers, &header::CONNECTION)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .filter(|name| *name != header::HOST)
+        .collect()
 }
 
 /// A client's request body on its way to the app; records whether it failed.
@@ -445,19 +448,48 @@ impl http_body::Body for WatchedBody {
     }
 }
 
-/// Removes every header whose name contains `_`, as nginx does by default
-/// (`underscores_in_headers off`): CGI-style servers (uWSGI, gunicorn before 22, Unicorn, Puma
-/// before 6.4.3) map `X_Forwarded_Host` to the same variable as `X-Forwarded-Host`, so an
-/// underscore spelling would slip any name past `strip_request_headers` and the forwarding
-/// rules below.
-fn strip_underscored(headers: &mut HeaderMap) {
-    let underscored: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in underscored {
-        headers.remove(name);
+/// What a client's request loses before anything reads it ([`Upstream::clean`]), in one pass
+/// over the names it carries (a handful) against one set made from the lists below, instead
+/// of a removal per listed name (about 40):
+/// - hop-by-hop fields, `Upgrade` and the fields `Connection` names (as [`strip_hop_by_hop`]);
+/// - every field whose name contains `_`, as nginx does by default (`underscores_in_headers
+///   off`): CGI-style servers (uWSGI, gunicorn before 22, Unicorn, Puma before 6.4.3) map
+///   `X_Forwarded_Host` to the same variable as `X-Forwarded-Host`, so an underscore spelling
+///   would slip any name past `strip_request_headers` and the forwarding rules;
+/// - the request headers apps and frameworks honour but the cache key does not hold
+///   (`strip_request_headers`). Behind a trusted router (`trust_forwarded`) only the ones it is
+///   trusted to set are kept (see [`ROUTER_SET`]); any other, `X-Forwarded-Host`, `-Prefix` or
+///   `Forwarded` included, is a client's (a router such as Heroku's passes them through) and
+///   is removed all the same.
+#[derive(Debug)]
+struct Removals {
+    names: HashSet<HeaderName>,
+}
+
+impl Removals {
+    fn new(strip: &[HeaderName], trust_forwarded: bool) -> Removals {
+        let unkeyed = strip
+            .iter()
+            .filter(|name| !(trust_forwarded && ROUTER_SET.contains(name)));
+        let names = HOP_BY_HOP
+            .iter()
+            .chain([&header::UPGRADE])
+            .chain(unkeyed)
+            .cloned()
+            .collect();
+        Removals { names }
+    }
+
+    fn apply(&self, headers: &mut HeaderMap) {
+        let named: Vec<HeaderName> = connection_named(headers);
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.names.contains(*name) || name.as_str().contains('_') || named.contains(name))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
     }
 }
 
@@ -476,20 +508,6 @@ fn join_cookies(headers: &mut HeaderMap) {
     // (Each crumb was a valid value, and so is their join.)
     if let Ok(value) = HeaderValue::from_bytes(&joined) {
         headers.insert(header::COOKIE, value);
-    }
-}
-
-/// Removes the request headers apps and frameworks honour but the cache key does not hold
-/// (`strip_request_headers`). Behind a trusted router (`trust_forwarded`) only the ones it
-/// is trusted to set are kept (see [`ROUTER_SET`]); any other, `X-Forwarded-Host`, `-Prefix`
-/// or `Forwarded` included, is a client's (a router such as Heroku's passes them through)
-/// and is removed all the same.
-fn strip_unkeyed(headers: &mut HeaderMap, strip: &[HeaderName], trust_forwarded: bool) {
-    for name in strip {
-        if trust_forwarded && ROUTER_SET.contains(name) {
-            continue;
-        }
-        headers.remove(name);
     }
 }
 
@@ -627,12 +645,12 @@ mod tests {
             h
         };
         let mut h = sent();
-        strip_unkeyed(&mut h, &strip, false);
+        Removals::new(&strip, false).apply(&mut h);
         let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         kept.sort();
         assert_eq!(kept, ["accept", "x-forwarded-for"], "for is set by set_forwarded");
         let mut h = sent();
-        strip_unkeyed(&mut h, &strip, true);
+        Removals::new(&strip, true).apply(&mut h);
         let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         kept.sort();
         assert_eq!(
@@ -640,6 +658,31 @@ mod tests {
             ["accept", "x-forwarded-for", "x-forwarded-port", "x-forwarded-proto"],
             "only what the router sets; its host, prefix, Forwarded are a client's"
         );
+    }
+
+    #[test]
+    fn a_request_loses_every_kind_of_field_in_one_pass_and_keeps_its_host() {
+        let removals = Removals::new(&[HeaderName::from_static("x-original-url")], false);
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("x-secret, host"));
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        for n in [
+            "x-secret",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "x_real_ip",
+            "x-original-url",
+            "accept",
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static("v"));
+        }
+        h.insert(header::HOST, HeaderValue::from_static("app.example"));
+        removals.apply(&mut h);
+        let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["accept", "host"], "Host is never a connection option");
+        assert_eq!(h.len(), 2);
     }
 
     #[test]
@@ -663,7 +706,7 @@ mod tests {
             HeaderName::from_static("x_forwarded_for"),
             HeaderValue::from_static("2"),
         );
-        strip_underscored(&mut h);
+        Removals::new(&[], false).apply(&mut h);
         let mut kept: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         kept.sort();
         assert_eq!(kept, ["accept", "x-forwarded-host"]);
