@@ -451,6 +451,29 @@ pub struct Prepared {
     pub headers: HeaderMap,
 }
 
+/// `head` with all its values in one buffer: every answer copies the prepared head, and a copy
+/// takes a reference on each value's buffer. Held in one, the references of a copy all count
+/// on one cache line instead of one each (and a stored object is cold in the CPU's caches by
+/// the time a hit on it comes).
+fn packed(head: &HeaderMap) -> HeaderMap {
+    let mut buf = bytes::BytesMut::with_capacity(head.values().map(HeaderValue::len).sum());
+    for value in head.values() {
+        buf.extend_from_slice(value.as_bytes());
+    }
+    let buf = buf.freeze();
+    let mut out = HeaderMap::with_capacity(head.len());
+    let mut at = 0;
+    for (name, value) in head {
+        let len = value.len();
+        // (The bytes of a valid value make a valid value.)
+        let mut one = HeaderValue::from_maybe_shared(buf.slice(at..at + len)).unwrap_or_else(|_| value.clone());
+        one.set_sensitive(value.is_sensitive());
+        out.append(name.clone(), one);
+        at += len;
+    }
+    out
+}
+
 impl Prepared {
     /// Works it out from the stored status, head, times and body length.
     pub fn new(
@@ -486,7 +509,7 @@ impl Prepared {
             lifetime,
             initial_age: initial_age(headers, request_time, response_time),
             response_time,
-            headers: head,
+            headers: packed(&head),
         }
     }
 
