@@ -808,6 +808,51 @@ mod tests {
 
     /// A `Vary` line that is not text names no field anyone can match: taken as `*`.
     #[test]
+    fn the_prepared_head_is_the_stored_one_with_its_values_in_one_buffer() {
+        let mut stored = headers(&[
+            ("content-type", "text/css"),
+            ("link", "</a.css>; rel=preload"),
+            ("etag", "\"v1\""),
+            ("link", "</b.js>; rel=preload"),
+            ("sidecache-cache-control", "max-age=60"),
+        ]);
+        let mut secret = HeaderValue::from_static("token");
+        secret.set_sensitive(true);
+        stored.append("x-secret", secret);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let p = Prepared::new(StatusCode::OK, &stored, (now, now), 42, H);
+        let got: Vec<(&str, &str)> = p
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("content-type", "text/css"),
+                ("link", "</a.css>; rel=preload"),
+                ("link", "</b.js>; rel=preload"),
+                ("etag", "\"v1\""),
+                ("x-secret", "token"),
+                ("content-length", "42"),
+                ("accept-ranges", "bytes"),
+                ("age", "0"),
+            ],
+            "every value, in order, none addressed to this cache"
+        );
+        assert!(
+            p.headers["x-secret"].is_sensitive(),
+            "a sensitive value stays sensitive"
+        );
+        // One buffer: each value lies right after the one before it.
+        let values: Vec<&HeaderValue> = p.headers.values().collect();
+        for pair in values.windows(2) {
+            let end = pair[0].as_bytes().as_ptr() as usize + pair[0].len();
+            assert_eq!(end, pair[1].as_bytes().as_ptr() as usize);
+        }
+    }
+
+    #[test]
     fn a_vary_that_is_not_text_is_taken_as_star() {
         let mut resp = HeaderMap::new();
         resp.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=60"));
