@@ -324,6 +324,7 @@ impl Index {
     /// Looks up an entry and marks it most recently used (a hit counts as a use): a hit in
     /// probation moves it to the protected segment (in plain LRU order, to probation's most
     /// recently used end: nothing is ever protected). Returns whether it was found.
+    #[cfg(test)]
     pub fn touch(&mut self, key: &KeyHash) -> bool {
         self.touch_with(key, |_| ()).is_some()
     }
