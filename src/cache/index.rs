@@ -886,12 +886,18 @@ mod tests {
         ix.insert(kh(key), entry(key, u64::from(key), len), 0)
     }
 
-    #[test]
-    fn eviction_follows_exact_lru_order_and_hits_count_as_use() {
+    /// An index of the keys `0..n`, 100 bytes each, stored in that order.
+    fn indexed(n: u32) -> Index {
         let mut ix = Index::new();
-        for k in 0..5 {
+        for k in 0..n {
             add(&mut ix, k, 100);
         }
+        ix
+    }
+
+    #[test]
+    fn eviction_follows_exact_lru_order_and_hits_count_as_use() {
+        let mut ix = indexed(5);
         ix.touch(&kh(0));
         ix.touch(&kh(2));
         let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).collect();
@@ -901,10 +907,7 @@ mod tests {
 
     #[test]
     fn objects_used_once_are_evicted_before_objects_used_again() {
-        let mut ix = Index::new();
-        for k in 0..5 {
-            add(&mut ix, k, 100);
-        }
+        let mut ix = indexed(5);
         ix.touch(&kh(0));
         // A burst of one-off objects, all more recent than the last use of 0.
         for k in 5..10 {
@@ -920,10 +923,7 @@ mod tests {
     /// `most`, each with the bytes it stands for.
     #[test]
     fn the_next_victims_are_in_eviction_order_and_cover_the_bytes_asked_within_the_cap() {
-        let mut ix = Index::new();
-        for k in 0..5 {
-            add(&mut ix, k, 100);
-        }
+        let mut ix = indexed(5);
         // 0 and 2 hit: protected, evicted after the rest.
         ix.touch(&kh(0));
         ix.touch(&kh(2));
@@ -962,10 +962,7 @@ mod tests {
 
     #[test]
     fn the_protected_segment_keeps_to_its_share_and_demotes_in_lru_order() {
-        let mut ix = Index::new();
-        for k in 0..10 {
-            add(&mut ix, k, 100);
-        }
+        let mut ix = indexed(10);
         // All used again: at most 80% of the bytes stay protected. The least recently used
         // are demoted to probation, so eviction still follows the order of use.
         for k in 0..10 {
@@ -1200,10 +1197,7 @@ mod tests {
 
     #[test]
     fn the_room_is_granted_only_once_the_victims_are_off_the_disk() {
-        let mut ix = Index::new();
-        for k in 0..10 {
-            add(&mut ix, k, 100);
-        }
+        let mut ix = indexed(10);
         let room = ix.reserve_room(500, 1, 1200, 100).unwrap();
         // 400 short: four victims, still on the disk. What they hold is held back.
         assert_eq!(room.victims.len(), 4);
@@ -1228,10 +1222,7 @@ mod tests {
 
     #[test]
     fn the_object_bound_makes_room_too() {
-        let mut ix = Index::new();
-        for k in 0..5 {
-            add(&mut ix, k, 100);
-        }
+        let mut ix = indexed(5);
         // Five objects, a bound of five: the sixth evicts one, and its object is held until
         // that one is off the disk.
         let room = ix.reserve_room(10, 1, 1_000_000, 5).unwrap();
