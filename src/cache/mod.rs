@@ -400,7 +400,7 @@ impl Cache {
         let tier = self.tiers.tier_for(span.image.body_len);
         if let Some(hit) = tier
             .as_ref()
-            .and_then(|t| t.get(&span.tier_key, key, generation, span.variant_version()))
+            .and_then(|t| t.get(&span.tier_key, generation, span.variant_version()))
         {
             return Some(hit);
         }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::cache::Hit;
 use crate::cache::admit;
-use crate::cache::key::{CacheKey, KeyHash};
+use crate::cache::key::KeyHash;
 use crate::cache::meta::Meta;
 use crate::cache::{MIN_MMAP, Settings};
 use crate::metrics as m;
@@ -163,9 +163,14 @@ impl Tier<'_> {
     /// 0, that variant's) of `key` and still what was checked. Anything else held there (a
     /// version that raced a replacement in, or a mapping whose file changed underneath) is
     /// dropped: the disk path checks the file again.
-    pub(super) fn get(&self, tier_key: &KeyHash, key: &CacheKey, generation: u64, variant: u64) -> Option<Hit> {
+    ///
+    /// The key itself is not compared: the index matched the full key to `generation`, and a
+    /// generation is given out once ([`crate::cache::store::Store::next_gen`]), so an object
+    /// held at that generation is that key's (comparing would read the key's string, a cache
+    /// miss on every hit).
+    pub(super) fn get(&self, tier_key: &KeyHash, generation: u64, variant: u64) -> Option<Hit> {
         let obj = self.objects.get(tier_key)?;
-        if obj.generation == generation && obj.variant == variant && obj.meta.key == *key && obj.still_valid() {
+        if obj.generation == generation && obj.variant == variant && obj.still_valid() {
             return Some(Hit {
                 meta: obj.meta.clone(),
                 body: obj.body.clone(),
