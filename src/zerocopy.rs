@@ -459,3 +459,46 @@ fn poll_write_with(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of `len` bytes, mapped whole as a body.
+    fn mapped(len: usize) -> (tempfile::TempDir, Bytes) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("body");
+        std::fs::write(&path, vec![7u8; len]).expect("write");
+        let file = Arc::new(File::open(&path).expect("open"));
+        let (body, _) = map_body(Backing::File(file), len as u64, len as u64, 0, 1).expect("map");
+        (dir, body)
+    }
+
+    #[test]
+    fn a_mapped_body_finds_its_file_from_its_start_and_from_inside_and_not_once_unmapped() {
+        let (_a_dir, a) = mapped(64 << 10);
+        let (_b_dir, b) = mapped(32 << 10);
+        // Whole, from the first byte: the exact-start shard.
+        assert_eq!(mapped_file(&a).map(|(_, at)| at), Some(0));
+        assert_eq!(mapped_file(&b).map(|(_, at)| at), Some(0));
+        // The rest after a short write, and a slice in the middle: the ordered map.
+        assert_eq!(mapped_file(&a[1000..]).map(|(_, at)| at), Some(1000));
+        assert_eq!(mapped_file(&b[5..100]).map(|(_, at)| at), Some(5));
+        // The first bytes only: found at the start, shorter than the region.
+        assert_eq!(mapped_file(&a[..10]).map(|(_, at)| at), Some(0));
+        // The files are told apart.
+        let (from, _) = mapped_file(&b).expect("b is mapped");
+        let (file, _) = from.parts();
+        assert_eq!(file.metadata().expect("stat").len(), 32 << 10);
+        // A copy is not mapped.
+        let copy = a.to_vec();
+        assert!(mapped_file(&copy).is_none());
+        // Once its last holder lets go, both maps let go of its file (each holds it).
+        let Some((Backing::File(file), _)) = mapped_file(&a) else {
+            panic!("a is a file of its own")
+        };
+        assert_eq!(Arc::strong_count(&file), 3, "ours and one per map");
+        drop(a);
+        assert_eq!(Arc::strong_count(&file), 1, "only ours");
+    }
+}
