@@ -133,7 +133,7 @@ impl Admin {
             (&Method::GET, "/metrics") => {
                 // Size gauges are worked out when scraped, not on every fill.
                 self.proxy().cache().publish_gauges();
-                let mut resp = text(StatusCode::OK, self.metrics.render());
+                let mut resp = text(StatusCode::OK, crate::metrics::render(&self.metrics));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

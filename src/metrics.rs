@@ -1,6 +1,10 @@
 //! Every metric name, as a constant, described once. Labels come only from closed enums.
+//! The counters every request bumps are [`hot`]: sharded by serving loop, folded into the
+//! exporter when `/metrics` renders ([`render`]).
 
-use std::sync::OnceLock;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -272,6 +276,103 @@ fn register_counters_at_zero() {
     }
 }
 
+/// Shards of a [`hot`] counter: one per serving loop (a loop past the eighth shares one).
+const HOT_SHARDS: usize = 8;
+
+std::thread_local! {
+    /// The serving loop this thread runs: its shard of the hot counters (0 for the first loop
+    /// and any other thread).
+    static SERVING_LOOP: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks this thread as running serving loop `index`: it counts in that loop's shard.
+pub fn set_serving_loop(index: usize) {
+    SERVING_LOOP.set(index);
+}
+
+/// An atomic on a cache line of its own.
+#[derive(Default)]
+#[repr(align(64))]
+struct Line(AtomicU64);
+
+/// A counter every request bumps, in shards by serving loop: each loop adds on a line of its
+/// own, where one counter shared by the loops moved its cache line between the cores on every
+/// request (and the exporter's counters are two atomics each: value and generation).
+struct Sharded {
+    shards: [Line; HOT_SHARDS],
+    /// What has been added to `target` so far.
+    folded: AtomicU64,
+    /// The exporter's counter.
+    target: metrics::Counter,
+}
+
+impl metrics::CounterFn for Sharded {
+    fn increment(&self, value: u64) {
+        self.shards[SERVING_LOOP.get() % HOT_SHARDS]
+            .0
+            .fetch_add(value, Ordering::Relaxed);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.target.absolute(value);
+    }
+}
+
+impl Sharded {
+    /// Adds what was counted since the last fold to the exporter's counter. Concurrent folds
+    /// add each count once: each shard only grows, so a later sum is never below an earlier
+    /// one, and only the fold that raises `folded` adds the difference.
+    fn fold(&self) {
+        let sum = self
+            .shards
+            .iter()
+            .map(|line| line.0.load(Ordering::Relaxed))
+            .fold(0u64, u64::wrapping_add);
+        let before = self.folded.fetch_max(sum, Ordering::Relaxed);
+        if sum > before {
+            self.target.increment(sum - before);
+        }
+    }
+}
+
+impl Drop for Sharded {
+    /// A handle let go of (a reload's old rule counters) hands in what it counted last.
+    fn drop(&mut self) {
+        self.fold();
+    }
+}
+
+/// Every hot counter still held, for [`render`] to fold.
+static HOT: Mutex<Vec<Weak<Sharded>>> = Mutex::new(Vec::new());
+
+/// The handle of counter `name` with `labels`, sharded by serving loop ([`Sharded`]); what it
+/// counts reaches the exporter when `/metrics` renders ([`render`]), or when it is dropped.
+/// For the counters every request bumps; the others are plain `metrics::counter!`s.
+pub fn hot(name: &'static str, labels: Vec<metrics::Label>) -> metrics::Counter {
+    let sharded = Arc::new(Sharded {
+        shards: Default::default(),
+        folded: AtomicU64::new(0),
+        target: metrics::counter!(name, labels),
+    });
+    HOT.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Arc::downgrade(&sharded));
+    metrics::Counter::from_arc(sharded)
+}
+
+/// Folds every hot counter still held, and forgets those let go of.
+fn fold() {
+    HOT.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|counter| counter.upgrade().inspect(|c| c.fold()).is_some());
+}
+
+/// The text `/metrics` serves: `handle`'s metrics, the hot counters folded in first.
+pub fn render(handle: &PrometheusHandle) -> String {
+    fold();
+    handle.render()
+}
+
 /// Latency buckets in seconds: 100 µs to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -459,6 +560,51 @@ fn describe() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hot_counter_renders_the_sum_of_every_loops_shard() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let labels = vec![metrics::Label::new("outcome", "hit")];
+            let counter = hot("sidecache_test_hot_total", labels.clone());
+            // Loops 0 to 9 (two share shards with others), each on a thread of its own.
+            std::thread::scope(|s| {
+                for index in 0..10 {
+                    let counter = counter.clone();
+                    s.spawn(move || {
+                        set_serving_loop(index);
+                        for _ in 0..1000 {
+                            counter.increment(1);
+                        }
+                    });
+                }
+            });
+            let line = |text: &str| {
+                text.lines()
+                    .find(|l| l.starts_with("sidecache_test_hot_total{"))
+                    .map(str::to_owned)
+            };
+            assert_eq!(
+                line(&render(&handle)).as_deref(),
+                Some("sidecache_test_hot_total{outcome=\"hit\"} 10000")
+            );
+            // A second handle for the series counts into it too; a fold adds only what is new;
+            // a handle dropped hands in its count.
+            let second = hot("sidecache_test_hot_total", labels.clone());
+            second.increment(2);
+            hot("sidecache_test_hot_total", labels).increment(3);
+            counter.increment(1);
+            assert_eq!(
+                line(&render(&handle)).as_deref(),
+                Some("sidecache_test_hot_total{outcome=\"hit\"} 10006")
+            );
+            assert_eq!(
+                line(&render(&handle)).as_deref(),
+                Some("sidecache_test_hot_total{outcome=\"hit\"} 10006")
+            );
+        });
+    }
 
     /// Every labelled value set here is the one `docs/metrics.md` lists for the counter (a
     /// value added on one side only fails here), and every counter in the catalogue is here.

@@ -167,6 +167,7 @@ impl Sidecar {
                 .name(format!("sidecache-worker-{}", i + 1))
                 .spawn(move || {
                     crate::upstream::set_serving_loop(i + 1);
+                    crate::metrics::set_serving_loop(i + 1);
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .max_blocking_threads(blocking)
                         .enable_all()

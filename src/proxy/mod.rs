@@ -127,7 +127,13 @@ impl RuleCounts {
             .chain(["none".to_owned()])
             .collect();
         let row = |metric: &'static str, name: &str| {
-            Outcome::ALL.map(|o| metrics::counter!(metric, "rule" => name.to_owned(), "outcome" => o.as_str()))
+            Outcome::ALL.map(|o| {
+                let labels = vec![
+                    metrics::Label::new("rule", name.to_owned()),
+                    metrics::Label::new("outcome", o.as_str()),
+                ];
+                m::hot(metric, labels)
+            })
         };
         RuleCounts {
             requests: names.iter().map(|n| row(m::RULE_REQUESTS, n)).collect(),

@@ -92,6 +92,11 @@ pub(super) fn encoding_slot(coding: Option<Coding>) -> usize {
     }
 }
 
+/// Static labels for [`m::hot`].
+pub(super) fn labels<const N: usize>(pairs: [(&'static str, &'static str); N]) -> Vec<metrics::Label> {
+    pairs.into_iter().map(|(k, v)| metrics::Label::new(k, v)).collect()
+}
+
 /// The handles, registered on first use: after the recorder is installed, which happens
 /// before anything is served.
 pub(super) fn handles() -> &'static Handles {
@@ -99,20 +104,20 @@ pub(super) fn handles() -> &'static Handles {
     HANDLES.get_or_init(|| Handles {
         requests: Outcome::ALL
             .iter()
-            .map(|o| METHOD_CLASSES.map(|c| metrics::counter!(m::REQUESTS, "outcome" => o.as_str(), "method" => c)))
+            .map(|o| METHOD_CLASSES.map(|c| m::hot(m::REQUESTS, labels([("outcome", o.as_str()), ("method", c)]))))
             .collect(),
         durations: Outcome::ALL
             .iter()
             .map(|o| metrics::histogram!(m::REQUEST_DURATION, "outcome" => o.as_str()))
             .collect(),
-        served_cache_bytes: metrics::counter!(m::SERVED_CACHE_BYTES),
+        served_cache_bytes: m::hot(m::SERVED_CACHE_BYTES, Vec::new()),
         by_encoding: ENCODINGS.map(|e| {
             (
-                metrics::counter!(m::SERVED_BY_ENCODING, "encoding" => e),
-                metrics::counter!(m::SERVED_BYTES_BY_ENCODING, "encoding" => e),
+                m::hot(m::SERVED_BY_ENCODING, labels([("encoding", e)])),
+                m::hot(m::SERVED_BYTES_BY_ENCODING, labels([("encoding", e)])),
             )
         }),
-        compress_saved: metrics::counter!(m::COMPRESS_SAVED_BYTES),
+        compress_saved: m::hot(m::COMPRESS_SAVED_BYTES, Vec::new()),
     })
 }
 
