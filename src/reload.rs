@@ -12,7 +12,8 @@
 //! Not here: which signal means reload ([`crate::supervise::Termination`]), the log level's
 //! filter (`main`'s subscriber, reached through [`crate::serve::LogLevel`]).
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::{Config, Effective};
 use crate::proxy::Proxy;
@@ -35,6 +36,8 @@ pub const LIVE_KEYS: &[&str] = &[
 pub struct LiveProxy {
     // A std lock: held only to clone or swap the `Arc`, never across an await.
     current: RwLock<Arc<Proxy>>,
+    /// Raised by each replacement, after it (for [`LoopProxy`] to notice).
+    version: AtomicU64,
 }
 
 impl LiveProxy {
@@ -42,6 +45,7 @@ impl LiveProxy {
     pub fn new(proxy: Arc<Proxy>) -> LiveProxy {
         LiveProxy {
             current: RwLock::new(proxy),
+            version: AtomicU64::new(0),
         }
     }
 
@@ -55,7 +59,40 @@ impl LiveProxy {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let next = Arc::new(current.reconfigured(Arc::new(config)));
         *current = next.clone();
+        self.version.fetch_add(1, Ordering::Release);
         next
+    }
+}
+
+/// One serving loop's view of the [`LiveProxy`]: the proxy in force, as a replica of its own
+/// ([`Proxy::replica`]), made again when a reload replaces it. Each request takes a reference
+/// on the proxy that answers it: on the replica that count's cache line stays with the loop's
+/// core, where on the shared proxy (and its lock) it moved between the cores on every request.
+/// The lock here is taken only by this loop's tasks.
+pub struct LoopProxy {
+    live: Arc<LiveProxy>,
+    /// The version of the live proxy the replica was made of, and the replica.
+    own: Mutex<(u64, Arc<Proxy>)>,
+}
+
+impl LoopProxy {
+    /// A view of `live` for one serving loop.
+    pub fn new(live: Arc<LiveProxy>) -> LoopProxy {
+        let version = live.version.load(Ordering::Acquire);
+        let own = Mutex::new((version, Arc::new(live.current().replica())));
+        LoopProxy { live, own }
+    }
+
+    /// The proxy in force now: what [`LiveProxy::current`] answers, as this loop's replica.
+    pub fn current(&self) -> Arc<Proxy> {
+        // (Read before the proxy: a replacement between the two makes the next call replicate
+        // again, never keeps an old proxy under the new version.)
+        let version = self.live.version.load(Ordering::Acquire);
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if own.0 != version {
+            *own = (version, Arc::new(self.live.current().replica()));
+        }
+        own.1.clone()
     }
 }
 

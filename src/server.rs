@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::reload::LiveProxy;
+use crate::reload::{LiveProxy, LoopProxy};
 
 /// Serves the public port until `shutdown` completes, then drains in-flight requests for at
 /// most `grace_period` (as in force when the drain begins). Returns true when every connection
@@ -38,6 +38,7 @@ pub async fn run(
     seat: Seat,
 ) -> bool {
     let config = live.current().config().clone();
+    let live = Arc::new(LoopProxy::new(live));
     let builder = Arc::new(connection_builder(&config));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -216,7 +217,7 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    live: Arc<LiveProxy>,
+    live: Arc<LoopProxy>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     idle_timeout: Duration,

@@ -76,7 +76,7 @@ pub struct Proxy {
     /// Configuration in force.
     config: Arc<Config>,
     /// Bounds invalidations by unsafe requests (see [`invalidation_bucket`]).
-    invalidations: TokenBucket,
+    invalidations: Arc<TokenBucket>,
     /// The shared tier in object storage, when configured: read on a local miss, written
     /// behind a fill.
     shared: Option<Arc<SharedTier>>,
@@ -105,6 +105,7 @@ pub enum Purged {
 /// The per-rule counters (`sidecache_rule_requests_total`, `sidecache_rule_sent_bytes_total`),
 /// registered once: one row per configured rule, in order, then `none` (no rule matched),
 /// each by outcome. The label's values are the configured names: bounded by the configuration.
+#[derive(Clone)]
 pub struct RuleCounts {
     requests: Vec<[metrics::Counter; 7]>,
     bytes: Vec<[metrics::Counter; 7]>,
@@ -168,7 +169,7 @@ impl Proxy {
             upstream,
             cache,
             sources,
-            invalidations: invalidation_bucket(),
+            invalidations: Arc::new(invalidation_bucket()),
             shared,
             rule_counts: RuleCounts::new(&config.rules),
             config,
@@ -181,6 +182,22 @@ impl Proxy {
     pub fn reconfigured(&self, config: Arc<Config>) -> Proxy {
         let (cache, upstream) = (self.cache.clone(), self.upstream.clone());
         Proxy::new(config, cache, upstream, self.sources.clone(), self.shared.clone())
+    }
+
+    /// The same proxy as a new value: every part shared (the cache, the app client, the
+    /// invalidation bucket, the counters), for a serving loop to hold its own
+    /// ([`crate::reload::LoopProxy`]): each request takes a reference on the proxy, and one
+    /// shared by the loops moved its count's cache line between the cores on every request.
+    pub fn replica(&self) -> Proxy {
+        Proxy {
+            upstream: self.upstream.clone(),
+            cache: self.cache.clone(),
+            sources: self.sources.clone(),
+            config: self.config.clone(),
+            invalidations: self.invalidations.clone(),
+            shared: self.shared.clone(),
+            rule_counts: self.rule_counts.clone(),
+        }
     }
 
     /// The disk cache (to read: its stats, inspect, gauges; purges go through [`Proxy::purge`]).
