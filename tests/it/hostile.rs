@@ -128,6 +128,69 @@ async fn hundreds_of_slow_clients_do_not_starve_normal_ones() {
     );
 }
 
+/// The header timeout (1 s here) bounds the wait for a request head and nothing else: on one
+/// keep-alive connection, an app that takes longer than it to answer and a body that takes
+/// longer than it to stream are answered whole, and the connection is closed once it has
+/// waited that long for the next head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timeout_bounds_the_wait_for_a_head_not_a_slow_answer() {
+    use http_body_util::{BodyExt, Empty};
+    let origin = Origin::start().await;
+    let no_store = owned(&[("cache-control", "no-store")]);
+    let late = Behaviour::Fixed {
+        status: 200,
+        headers: no_store.clone(),
+        body: Bytes::from_static(b"late"),
+    };
+    origin.route("/late", Behaviour::Delay(Duration::from_millis(2500), Box::new(late)));
+    let drip = Behaviour::Slow {
+        len: 5 * 1024,
+        chunk: 1024,
+        pause: Duration::from_millis(600),
+        headers: no_store,
+    };
+    origin.route("/drip", drip);
+    let sc = TestSidecar::start_with(&origin.url(), |c| c.client_header_timeout = Duration::from_secs(1)).await;
+
+    let stream = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(path)
+            .header("host", "app.example")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let started = Instant::now();
+    let resp = sender
+        .send_request(get("/late"))
+        .await
+        .expect("a slow app is waited for");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"late");
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+
+    sender.ready().await.expect("kept alive after a slow answer");
+    let started = Instant::now();
+    let resp = sender.send_request(get("/drip")).await.expect("the same connection");
+    let body = resp.into_body().collect().await.expect("streamed whole").to_bytes();
+    assert_eq!(body.len(), 5 * 1024);
+    assert!(
+        started.elapsed() >= Duration::from_millis(2400),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Now waiting for a head: closed after the timeout, not before.
+    let idle = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut conn).await;
+    assert!(ended.is_ok(), "still open 10 s after the answer");
+    let waited = idle.elapsed();
+    assert!(waited >= Duration::from_millis(900), "closed after {waited:?}");
+}
+
 #[tokio::test]
 async fn unkeyed_headers_cannot_poison_the_cache() {
     let origin = Origin::start().await;
