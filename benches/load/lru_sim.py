@@ -8,8 +8,10 @@ Policies: plain LRU; the segmented LRU sidecache used until issue 26 (probation/
 with a 2-bit frequency and reinsertion, a ghost of keys recently let go from the small FIFO);
 SIEVE (Zhang et al., NSDI '24); W-TinyLFU (Einziger et al.: a 1% LRU window, a segmented main
 LRU, admission by a count-min sketch with periodic halving); sidecache's from issue 26, the
-segmented LRU with TinyLFU's admission at the door (no window); and sidecache's now, that
-admission weighed by size (requests per byte against the victims the fill would displace).
+segmented LRU with TinyLFU's admission at the door (no window); sidecache's now, that
+admission weighed by size (requests per byte against the victims the fill would displace); and
+the same over lazily promoted segments (a hit only marks its entry, as CLOCK: no list is
+reordered on the hit path).
 
 Workloads:
 - churn: the churn scenario of run.py (objects.lua with DIST=zipf: P(k) ~ 1/k over 30,000
@@ -319,7 +321,100 @@ class SizedAdmittedSegmentedLru(AdmittedSegmentedLru):
         m.put(k, size)
 
 
-POLICIES = [Lru, SegmentedLru, S3Fifo, Sieve, TinyLfu, AdmittedSegmentedLru, SizedAdmittedSegmentedLru]
+class LazySegmentedLru:
+    """The segmented LRU with lazy promotion (as CLOCK, and S3-FIFO's main queue): a hit only
+    marks its entry; what was marked is moved when room is made. A probation entry found
+    marked at the eviction end goes to protected (unmarked) instead of out; protected past its
+    share demotes its least recently promoted, a marked one getting a second turn instead. The
+    same segments and shares as `SegmentedLru`; a hit reorders no list."""
+
+    def __init__(self, capacity, protected_share=0.8):
+        self.cap, self.share = capacity, protected_share
+        self.probation, self.protected = OrderedDict(), OrderedDict()  # key -> [size, marked]
+        self.used = self.protected_bytes = 0
+
+    def get(self, k):
+        e = self.protected.get(k) or self.probation.get(k)
+        if e is None:
+            return False
+        e[1] = True
+        return True
+
+    def _demote(self):
+        while self.protected_bytes > self.used * self.share and len(self.protected) > 1:
+            kk, ee = self.protected.popitem(last=False)
+            if ee[1]:
+                ee[1] = False
+                self.protected[kk] = ee
+                continue
+            self.protected_bytes -= ee[0]
+            self.probation[kk] = ee
+
+    def next_victim(self):
+        """The next entry to evict, after promoting or turning over the marked ones before it."""
+        while True:
+            if self.probation:
+                k, e = next(iter(self.probation.items()))
+                if not e[1]:
+                    return k
+                del self.probation[k]
+                e[1] = False
+                self.protected[k] = e
+                self.protected_bytes += e[0]
+                self._demote()
+            elif self.protected:
+                k, e = next(iter(self.protected.items()))
+                if not e[1]:
+                    return k
+                e[1] = False
+                self.protected.move_to_end(k)
+            else:
+                return None
+
+    def put(self, k, size):
+        self.probation[k] = [size, False]
+        self.used += size
+        while self.used > self.cap:
+            victim = self.next_victim()
+            if victim is None:
+                break
+            if victim in self.probation:
+                size_out = self.probation.pop(victim)[0]
+            else:
+                size_out = self.protected.pop(victim)[0]
+                self.protected_bytes -= size_out
+            self.used -= size_out
+
+
+class LazySizedAdmittedSegmentedLru(SizedAdmittedSegmentedLru):
+    """`SLRU+sized` over the lazily promoted segments: the same admission, against the victims
+    in the order eviction would take them (marked entries would be promoted, not evicted)."""
+    name = "SLRU+sized+lazy"
+
+    def __init__(self, capacity):
+        super().__init__(capacity)
+        self.main = LazySegmentedLru(capacity)
+
+    def put(self, k, size):
+        m = self.main
+        if m.used + size > m.cap:
+            asked = held = n = 0
+            for q in (m.probation, m.protected):
+                for kk, (vv, marked) in q.items():
+                    if held >= size or n >= 64:
+                        break
+                    if marked:
+                        continue
+                    asked += self.freq(kk)
+                    held += vv
+                    n += 1
+            if self.freq(k) * held < asked * size:
+                return False
+        m.put(k, size)
+
+
+POLICIES = [Lru, SegmentedLru, S3Fifo, Sieve, TinyLfu, AdmittedSegmentedLru, SizedAdmittedSegmentedLru,
+            LazySizedAdmittedSegmentedLru]
 
 
 def run(policy, workload, capacity, requests):
