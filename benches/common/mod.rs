@@ -26,5 +26,6 @@ pub fn entry(i: u64) -> Entry {
         variants: Box::default(),
         tags: Box::default(),
         hits: 0,
+        marked: false,
     }
 }

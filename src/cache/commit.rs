@@ -761,6 +761,7 @@ pub(super) fn entry_of(meta: &Meta, generation: u64, tail_len: u64, verified: bo
         variants: Box::default(),
         tags: Box::default(),
         hits: 0,
+        marked: false,
     }
 }
 

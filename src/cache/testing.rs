@@ -73,6 +73,7 @@ pub fn entry(i: u32, len: u64) -> crate::cache::index::Entry {
         variants: Box::default(),
         tags: Box::default(),
         hits: 0,
+        marked: false,
     }
 }
 
