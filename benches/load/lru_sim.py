@@ -305,17 +305,21 @@ class SizedAdmittedSegmentedLru(AdmittedSegmentedLru):
     answers the most requests."""
     name = "SLRU+sized"
 
+    def victims(self):
+        """(key, size) in the order eviction would take them."""
+        for q in (self.main.probation, self.main.protected):
+            yield from q.items()
+
     def put(self, k, size):
         m = self.main
         if m.used + size > m.cap:
             asked = held = n = 0
-            for q in (m.probation, m.protected):
-                for kk, vv in q.items():
-                    if held >= size or n >= 64:
-                        break
-                    asked += self.freq(kk)
-                    held += vv
-                    n += 1
+            for kk, vv in self.victims():
+                if held >= size or n >= 64:
+                    break
+                asked += self.freq(kk)
+                held += vv
+                n += 1
             if self.freq(k) * held < asked * size:
                 return False
         m.put(k, size)
@@ -395,22 +399,10 @@ class LazySizedAdmittedSegmentedLru(SizedAdmittedSegmentedLru):
         super().__init__(capacity)
         self.main = LazySegmentedLru(capacity)
 
-    def put(self, k, size):
-        m = self.main
-        if m.used + size > m.cap:
-            asked = held = n = 0
-            for q in (m.probation, m.protected):
-                for kk, (vv, marked) in q.items():
-                    if held >= size or n >= 64:
-                        break
-                    if marked:
-                        continue
-                    asked += self.freq(kk)
-                    held += vv
-                    n += 1
-            if self.freq(k) * held < asked * size:
-                return False
-        m.put(k, size)
+    def victims(self):
+        """The unmarked entries in order (a marked one would be promoted or turned over)."""
+        for q in (self.main.probation, self.main.protected):
+            yield from ((k, size) for k, (size, marked) in q.items() if not marked)
 
 
 POLICIES = [Lru, SegmentedLru, S3Fifo, Sieve, TinyLfu, AdmittedSegmentedLru, SizedAdmittedSegmentedLru,
