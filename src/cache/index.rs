@@ -337,12 +337,14 @@ impl Index {
     /// used (nothing is ever protected). Returns whether it was found.
     #[cfg(test)]
     pub fn touch(&mut self, key: &KeyHash) -> bool {
-        self.touch_with(key, |_| ()).is_some()
+        self.touch_with(key, |_| Some(())).is_some()
     }
 
-    /// [`Index::touch`], giving what `read` takes from the entry. In segmented order a hit is
-    /// one lookup that reorders nothing (the promotion waits for eviction: [`Index::pop_lru`]).
-    fn touch_with<R>(&mut self, key: &KeyHash, read: impl FnOnce(&Entry) -> R) -> Option<R> {
+    /// [`Index::touch`] when `read` takes something from the entry (`None`: not a use, such as
+    /// a collision, and nothing is marked or counted). In segmented order a hit is one lookup
+    /// that reorders nothing (the promotion waits for eviction: [`Index::pop_lru`]); in plain
+    /// LRU order the entry moves to the front either way.
+    fn touch_with<R>(&mut self, key: &KeyHash, read: impl FnOnce(&Entry) -> Option<R>) -> Option<R> {
         let entry = match self.order {
             Order::Lru => self.probation.get_mut(key)?,
             Order::Segmented => match self.protected.peek_mut(key) {
@@ -350,9 +352,10 @@ impl Index {
                 None => self.probation.peek_mut(key)?,
             },
         };
+        let found = read(entry)?;
         entry.hits = entry.hits.saturating_add(1);
         entry.marked = self.order == Order::Segmented;
-        Some(read(entry))
+        Some(found)
     }
 
     /// Moves protected's least recently promoted entries back to probation while the segment
@@ -380,11 +383,9 @@ impl Index {
         full: &str,
         choose: impl FnOnce(&Entry) -> Option<Coding>,
     ) -> Option<(Image, Option<Variant>, Option<u64>)> {
-        let (object, variant) = self
-            .touch_with(key, |e| {
-                (&*e.key == full).then(|| (e.image.clone(), choose(e).and_then(|c| e.variant(c)).cloned()))
-            })
-            .flatten()?;
+        let (object, variant) = self.touch_with(key, |e| {
+            (&*e.key == full).then(|| (e.image.clone(), choose(e).and_then(|c| e.variant(c)).cloned()))
+        })?;
         let mark = self.mark_of(key, object.generation);
         Some((object, variant, mark))
     }
@@ -1026,6 +1027,23 @@ mod tests {
         let order: Vec<KeyHash> = std::iter::from_fn(|| ix.pop_lru().map(|r| r.key)).collect();
         assert_eq!(order, [kh(4), kh(2), kh(0)]);
         assert_eq!((ix.used(), ix.protected_bytes), (0, 0));
+    }
+
+    /// The one place a hit checks the full key: a hash that names another key's entry (a
+    /// collision) is a miss, and leaves the entry unmarked. The tiers are asked only after
+    /// this, for the generation it returns, so they need not compare keys again.
+    #[test]
+    fn a_hash_naming_another_keys_entry_is_a_miss() {
+        let mut ix = indexed(3);
+        let none = |_: &Entry| None;
+        assert!(
+            ix.hit(&kh(1), "http://h/2", none).is_none(),
+            "key 2 asked under key 1's hash"
+        );
+        assert!(ix.peek(&kh(1)).is_some_and(|e| !e.marked && e.hits == 0));
+        let (image, _, _) = ix.hit(&kh(1), "http://h/1", none).expect("its own key");
+        assert_eq!(image.generation, 1);
+        assert!(ix.peek(&kh(1)).is_some_and(|e| e.marked && e.hits == 1));
     }
 
     #[test]
