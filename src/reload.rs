@@ -65,7 +65,7 @@ impl LiveProxy {
 }
 
 /// One serving loop's view of the [`LiveProxy`]: the proxy in force, as a replica of its own
-/// ([`Proxy::replica`]), made again when a reload replaces it. Each request takes a reference
+/// (a clone: every part shared), made again when a reload replaces it. Each request takes a reference
 /// on the proxy that answers it: on the replica that count's cache line stays with the loop's
 /// core, where on the shared proxy (and its lock) it moved between the cores on every request.
 /// The lock here is taken only by this loop's tasks.
@@ -79,7 +79,7 @@ impl LoopProxy {
     /// A view of `live` for one serving loop.
     pub fn new(live: Arc<LiveProxy>) -> LoopProxy {
         let version = live.version.load(Ordering::Acquire);
-        let own = Mutex::new((version, Arc::new(live.current().replica())));
+        let own = Mutex::new((version, Arc::new(Proxy::clone(&live.current()))));
         LoopProxy { live, own }
     }
 
@@ -90,7 +90,7 @@ impl LoopProxy {
         let version = self.live.version.load(Ordering::Acquire);
         let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
         if own.0 != version {
-            *own = (version, Arc::new(self.live.current().replica()));
+            *own = (version, Arc::new(Proxy::clone(&self.live.current())));
         }
         own.1.clone()
     }

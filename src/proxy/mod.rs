@@ -65,6 +65,13 @@ const PRIME_COMPRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(
 /// [`Proxy::purge`]), so a purge has one door that does everything a purge must (the local
 /// index, the soft marks, the shared tier's bookkeeping), never a second one that forgets a
 /// step.
+///
+/// A clone shares every part (the cache, the app client, the invalidation bucket, the
+/// counters): it is how a serving loop holds a replica of its own
+/// ([`crate::reload::LoopProxy`]), since each request takes a reference on the proxy that
+/// answers it, and one proxy shared by the loops moved that count's cache line between the
+/// cores on every request.
+#[derive(Clone)]
 pub struct Proxy {
     /// The pooled client to the app.
     upstream: Upstream,
@@ -182,22 +189,6 @@ impl Proxy {
     pub fn reconfigured(&self, config: Arc<Config>) -> Proxy {
         let (cache, upstream) = (self.cache.clone(), self.upstream.clone());
         Proxy::new(config, cache, upstream, self.sources.clone(), self.shared.clone())
-    }
-
-    /// The same proxy as a new value: every part shared (the cache, the app client, the
-    /// invalidation bucket, the counters), for a serving loop to hold its own
-    /// ([`crate::reload::LoopProxy`]): each request takes a reference on the proxy, and one
-    /// shared by the loops moved its count's cache line between the cores on every request.
-    pub fn replica(&self) -> Proxy {
-        Proxy {
-            upstream: self.upstream.clone(),
-            cache: self.cache.clone(),
-            sources: self.sources.clone(),
-            config: self.config.clone(),
-            invalidations: self.invalidations.clone(),
-            shared: self.shared.clone(),
-            rule_counts: self.rule_counts.clone(),
-        }
     }
 
     /// The disk cache (to read: its stats, inspect, gauges; purges go through [`Proxy::purge`]).
