@@ -65,9 +65,10 @@ impl LiveProxy {
 }
 
 /// One serving loop's view of the [`LiveProxy`]: the proxy in force, as a replica of its own
-/// (a clone: every part shared), made again when a reload replaces it. Each request takes a reference
-/// on the proxy that answers it: on the replica that count's cache line stays with the loop's
-/// core, where on the shared proxy (and its lock) it moved between the cores on every request.
+/// (a clone: every part shared), made again when a reload replaces it. Each request takes a
+/// reference on the proxy that answers it: on the replica that count's cache line stays with
+/// the loop's core, where on the shared proxy (and its lock) it moved between the cores on
+/// every request.
 /// The lock here is taken only by this loop's tasks.
 pub struct LoopProxy {
     live: Arc<LiveProxy>,
