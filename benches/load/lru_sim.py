@@ -280,9 +280,12 @@ class AdmittedSegmentedLru(TinyLfu):
     the victim's, by a count-min sketch of all requests): one-off keys stop displacing objects
     asked for again, and a fill refused is never written."""
     name = "SLRU+TinyLFU"
+    # sidecache's sketch halves every 40 requests per object it can hold (admit.rs's
+    # SAMPLE_PER_WORD), W-TinyLFU's (Caffeine's) every 10.
+    sample_per_object = 40
 
     def __init__(self, capacity):
-        super().__init__(capacity)
+        super().__init__(capacity, sample_per_object=self.sample_per_object)
         self.main = SegmentedLru(capacity)
 
     def get(self, k):
