@@ -257,7 +257,7 @@ fn check_config_prints_yaml_that_loads_back_with_sources() {
         "access_log: false  # environment variable SIDECACHE_ACCESS_LOG",
         "grace_period: \"3\"  # flag --grace-period",
         "listen: \"0.0.0.0:8080\"  # the default",
-        "max_objects: 40690  # derived",
+        "max_objects: 61035  # derived",
         "# admin_token: <redacted>  # from environment variable SIDECACHE_ADMIN_TOKEN",
     ] {
         assert!(out.contains(want), "{want}:\n{out}");
