@@ -76,11 +76,11 @@ struct Block([AtomicU64; BLOCK_WORDS]);
 
 /// How often each key was asked for recently: a count-min sketch of 4-bit counters (as
 /// Caffeine's `FrequencySketch`), halved every [`SAMPLE_PER_WORD`] requests per object the
-/// cache can hold, so that what was popular long ago fades. About a word per object held: 1 MiB for the default
-/// object bound. Lock-free: a request counts its key with a few atomic adds, concurrent ones
-/// may lose a count (an estimate off by one is as good). A key's four counters lie in one
-/// block of 64 bytes (as Caffeine's, since 3.0), each row in a word of its own: counting a
-/// request touches one cache line, not four (every request counts its key).
+/// cache can hold, so that what was popular long ago fades. About a word per object held: 2 MiB
+/// for the default object bound. Lock-free: a request counts its key with a few atomic adds,
+/// concurrent ones may lose a count (an estimate off by one is as good). A key's four counters
+/// lie in one block of 64 bytes (as Caffeine's, since 3.0), each row in a word of its own:
+/// counting a request touches one cache line, not four (every request counts its key).
 ///
 /// What it decides, by the index's eviction order (`budget::Budget::reserve_room`): a fill
 /// that finds the cache full (its usage past the low watermark) is stored only if its key's
