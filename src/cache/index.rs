@@ -177,6 +177,10 @@ pub struct Refused {
     pub victims: Vec<Removed>,
 }
 
+/// Entries [`Index::next_victims`] looks at, per victim it may name: when that many are mostly
+/// marked, admission weighs the fill against the marked ones it met.
+const VICTIM_SCAN: usize = 8;
+
 /// Most of the indexed bytes the protected segment holds.
 const PROTECTED_SHARE: f64 = 0.8;
 
@@ -418,21 +422,37 @@ impl Index {
 
     /// The keys next in line for eviction, in that order, with the bytes each stands for:
     /// enough of them to cover `bytes`, and never more than `most`.
+    ///
+    /// Marked entries would be promoted or turned over, not evicted: the unmarked ones come
+    /// first, in order, then (only if they do not cover it) the marked ones met on the way.
+    /// One pass, of at most [`VICTIM_SCAN`] times `most` entries: this runs under the lock
+    /// every hit takes, and a cache whose entries are nearly all marked must not be walked
+    /// whole for each fill.
     pub fn next_victims(&self, bytes: u64, most: usize) -> Vec<(KeyHash, u64)> {
-        // Marked entries would be promoted or turned over, not evicted: the unmarked ones in
-        // order first, then (only if they do not cover it) the marked ones.
         let mut victims = Vec::new();
+        let mut marked = Vec::new();
         let mut covered = 0u64;
-        for marked in [false, true] {
-            let order = self.probation.iter().rev().chain(self.protected.iter().rev());
-            for (key, e) in order.filter(|(_, e)| e.marked == marked) {
-                if covered >= bytes || victims.len() >= most {
-                    return victims;
-                }
-                let weight = self.weight(e);
-                covered = covered.saturating_add(weight);
-                victims.push((*key, weight));
+        let order = self.probation.iter().rev().chain(self.protected.iter().rev());
+        for (key, e) in order.take(most.saturating_mul(VICTIM_SCAN)) {
+            if covered >= bytes || victims.len() >= most {
+                return victims;
             }
+            let weight = self.weight(e);
+            if e.marked {
+                if marked.len() < most {
+                    marked.push((*key, weight));
+                }
+                continue;
+            }
+            covered = covered.saturating_add(weight);
+            victims.push((*key, weight));
+        }
+        for (key, weight) in marked {
+            if covered >= bytes || victims.len() >= most {
+                break;
+            }
+            covered = covered.saturating_add(weight);
+            victims.push((key, weight));
         }
         victims
     }
@@ -972,6 +992,22 @@ mod tests {
             "never more than asked"
         );
         assert!(ix.next_victims(0, 64).is_empty());
+    }
+
+    /// The walk is bounded: with every entry marked, it looks at `most * VICTIM_SCAN` of them
+    /// and names the first marked ones it met, not the whole index.
+    #[test]
+    fn the_next_victims_walk_stops_among_marked_entries() {
+        let mut ix = indexed(100);
+        for i in 0..99 {
+            ix.touch(&kh(i));
+        }
+        let keys = |v: Vec<(KeyHash, u64)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        // 99 is the only unmarked entry, the most recent of all (the walk's last): out of reach
+        // of a walk of 16.
+        assert_eq!(keys(ix.next_victims(u64::MAX, 2)), [kh(0), kh(1)]);
+        // Within reach of one of 800, it comes first.
+        assert_eq!(keys(ix.next_victims(u64::MAX, 100))[0], kh(99));
     }
 
     #[test]
