@@ -217,8 +217,8 @@ config_keys! {
     max_size: ByteSize = "4GB",
     /// Room to keep free on the cache's filesystem: bytes or a percentage.
     min_free: MinFree = "5%",
-    /// Most objects the cache holds (one file each: an inode, and index memory);
-    /// default: one per 16 KiB of `max_size`.
+    /// Most objects the cache holds (index memory each; one of 64 KiB or more is a file of
+    /// its own: an inode); default: one per 16 KiB of `max_size`.
     max_objects: u64,
     /// Largest object kept; larger ones are served but not stored. Default: a quarter of
     /// `max_size`, at most 256 MiB.
