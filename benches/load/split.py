@@ -11,8 +11,11 @@ environment). Every target is filled with the 20,000 objects, warmed 3 s, then m
 interleaved repetitions of wrk (2 threads, 64 connections) over objects.lua; per repetition it
 prints req/s, user and system µs per request (from every thread's /proc stat) and voluntary and
 involuntary context switches per request; then the medians. --strace counts system calls per
-request over 4 s more of each (run.py's strace_counts). Needs the release build and loadtool
-(as run.py --no-build).
+request over 4 s more of each (run.py's strace_counts). --objects N stores and asks for N
+objects of the mixed set instead of 20,000: with 1,000 (about 25 MB, every object's records warm
+in the CPU's caches) beside the 20,000, what a hit pays for touching cold per-object memory
+shows apart from the rest of its path. Needs the release build and loadtool (as run.py
+--no-build).
 """
 import argparse
 import os
@@ -55,13 +58,15 @@ def main():
     ap.add_argument("--duration", type=int, default=6)
     ap.add_argument("--origin", action="store_true", help="measure loadtool's origin too")
     ap.add_argument("--strace", action="store_true")
+    ap.add_argument("--objects", type=int, default=R.MIXED_OBJECTS, help="objects of the mixed set (default 20,000)")
     a = ap.parse_args()
+    objects = str(a.objects)
 
     class Args:
         duration, reps = a.duration, a.reps
 
     bench = R.Bench(Args())
-    subprocess.run([R.LOADTOOL, "gen", os.path.join(bench.work, "docroot"), "mixed", str(R.MIXED_OBJECTS)],
+    subprocess.run([R.LOADTOOL, "gen", os.path.join(bench.work, "docroot"), "mixed", objects],
                    check=True)
     bench.start_origin()
     targets = []
@@ -73,11 +78,11 @@ def main():
             env = dict(kv.split("=", 1) for kv in extra.split(","))
         targets.append(bench.start_sidecache(name, binary=binary, env=env))
     for proc in targets:
-        bench.loadtool(proc, "fetch", f"127.0.0.1:{proc.port}", "m", str(R.MIXED_OBJECTS), "64")
+        bench.loadtool(proc, "fetch", f"127.0.0.1:{proc.port}", "m", objects, "64")
     targets.append(bench.start_nginx("nginx-direct", R.NGINX_DIRECT))
     if a.origin:
         targets.append(bench.origin)
-    env = {"OBJECTS": str(R.MIXED_OBJECTS), "NAME_PREFIX": "m"}
+    env = {"OBJECTS": objects, "NAME_PREFIX": "m"}
     for proc in targets:
         bench.wrk(proc, script="objects.lua", env=env, duration=3)
     rows = {p.name: [] for p in targets}
