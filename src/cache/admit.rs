@@ -8,7 +8,14 @@
 //! plus an eviction of something else that was just as likely to be asked for. With it, an object
 //! is admitted when it is asked for again before a hot tier's worth of bytes has been seen: one
 //! that a tier of that size would have kept.
+//!
+//! The doorkeeper alone still lets a tier churn when the objects asked for again are more than
+//! it holds (a working set over its size, asked for evenly: each is hit again long before a
+//! window of first sightings passes). Once a tier is full, an object it would take must also be
+//! asked for more often than one the tier let go of lately ([`Victims`]); else it stays on disk
+//! and the tier keeps what it holds.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cache::key::KeyHash;
@@ -51,6 +58,78 @@ impl Doorkeeper {
             }
         }
         false
+    }
+}
+
+/// Victims a tier remembers.
+const VICTIMS: usize = 8;
+
+/// The objects a full tier let go of lately, to weigh an object it would take against
+/// (TinyLFU's admission). A tier's cache does not say which object it would evict next, so the
+/// candidate is weighed against one it evicted lately, each in turn: the same kind of object
+/// its order picks. Between objects asked for as often, the tier keeps what it holds (a tie is
+/// refused): an insert and an eviction for an object no more likely to be asked for again is
+/// work for nothing. A victim that is no longer asked for fades with the sketch's halving, so a
+/// new favourite gets in.
+///
+/// One lock, a leaf: held for a few copies, never while another is taken.
+pub struct Victims {
+    recent: Mutex<Ring>,
+}
+
+/// The last [`VICTIMS`] victims, and which one the next candidate is weighed against.
+struct Ring {
+    keys: [KeyHash; VICTIMS],
+    held: usize,
+    /// Where the next victim is written.
+    write: usize,
+    /// Which held victim the next candidate is weighed against.
+    read: usize,
+}
+
+impl Default for Victims {
+    fn default() -> Victims {
+        Victims {
+            recent: Mutex::new(Ring {
+                keys: [KeyHash([0; 16]); VICTIMS],
+                held: 0,
+                write: 0,
+                read: 0,
+            }),
+        }
+    }
+}
+
+impl Victims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // Every update leaves a whole ring: poisoning is ignored.
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that the tier let go of `key` (the key as the frequency sketch counts it) to
+    /// take another object.
+    pub fn note(&self, key: KeyHash) {
+        let mut ring = self.lock();
+        let at = ring.write;
+        ring.keys[at] = key;
+        ring.write = (at + 1) % VICTIMS;
+        ring.held = (ring.held + 1).min(VICTIMS);
+    }
+
+    /// Whether a tier takes an object asked for `candidate` times (the sketch's estimate):
+    /// yes if it let go of nothing yet or is not `full` now, else only if the candidate is
+    /// asked for more often than the next victim in turn now is (`estimate`).
+    pub fn admits(&self, candidate: u8, full: impl FnOnce() -> bool, estimate: impl FnOnce(&KeyHash) -> u8) -> bool {
+        let victim = {
+            let mut ring = self.lock();
+            if ring.held == 0 {
+                return true;
+            }
+            let at = ring.read % ring.held;
+            ring.read = (at + 1) % ring.held;
+            ring.keys[at]
+        };
+        !full() || candidate > estimate(&victim)
     }
 }
 

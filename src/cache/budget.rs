@@ -323,6 +323,12 @@ impl Budget {
         self.frequency.record(key);
     }
 
+    /// How often `key` was asked for recently ([`Frequency::estimate`]): what the memory tiers
+    /// weigh a new object by once they are full.
+    pub fn estimate(&self, key: &KeyHash) -> u8 {
+        self.frequency.estimate(key)
+    }
+
     /// [`Budget::reserve_room`] for a new object of `key` (one object, `bytes`): once the
     /// cache is full (what it would hold with this object is past the low watermark, so storing
     /// it means evicting something, now or in the loop's next pass), it is admitted only if

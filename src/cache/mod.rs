@@ -405,7 +405,8 @@ impl Cache {
             return Some(hit);
         }
         // Whether its tier takes it after this hit, and so from what size it is mapped.
-        let tier = tier.filter(|t| t.doorkeeper.admit(&span.tier_key, t.weight) && self.tiers.has_room(t));
+        let estimate = |h: &KeyHash| self.budget.estimate(h);
+        let tier = tier.filter(|t| t.admits(&span.tier_key, &hash, estimate) && self.tiers.has_room(t));
         let expect = Expected::of(&span.image, tier.as_ref().map_or(MIN_MMAP, |t| t.map_from));
         let mut meta = self.tiers.meta(&hash, generation);
         if meta.is_none() && span.coding.is_some() {
@@ -515,7 +516,7 @@ impl Cache {
         mtime: u64,
     ) {
         let Some(tier) = tier else { return };
-        tier.offer(tier_key, hit, (generation, variant), min_mmap, mtime);
+        tier.offer((hash, tier_key), hit, (generation, variant), min_mmap, mtime);
         // Evicted, purged or replaced while this lookup read it: `forget` may have run before
         // the insert. A tier must not keep it (nor its descriptor).
         if !self.lock_index().holds(&hash, generation, variant) {

@@ -31,6 +31,8 @@ const OPEN_FILES_MAX: usize = 16384;
 const SHORTAGE_HOLD: Duration = Duration::from_secs(300);
 /// ...and halves again at most this often (one shortage fails many calls at once).
 const SHORTAGE_STEP: Duration = Duration::from_secs(1);
+/// A tier is full for admission ([`Tier::admits`]) within this fraction (1/n) of its capacity.
+const FULL_MARGIN: u64 = 16;
 /// Memory for records cached beside the index, so a disk hit need not read its record.
 const METAS_MEMORY: u64 = 16 << 20;
 
@@ -122,6 +124,8 @@ pub(super) fn variant_key(hash: &KeyHash, coding: Coding) -> KeyHash {
 /// A hot-tier or open-tier object: the metadata and the whole body, in memory or mapped.
 pub struct HotObject {
     pub(super) meta: Arc<Meta>,
+    /// Its key's hash as the frequency sketch counts it (the object's, for a variant's body).
+    pub(super) hash: KeyHash,
     /// The version of the key it is (its object file's generation).
     pub(super) generation: u64,
     /// For a compressed variant's body: the variant file's version (0: the identity body).
@@ -149,6 +153,8 @@ impl HotObject {
 pub(super) struct Tier<'a> {
     pub(super) objects: &'a Objects,
     pub(super) doorkeeper: &'a admit::Doorkeeper,
+    /// What the tier let go of lately, for admission once it is full.
+    pub(super) victims: &'a admit::Victims,
     /// What one admission counts in the doorkeeper's window: bytes (hot) or objects (open).
     pub(super) weight: u64,
     /// Bodies from this size are held mapped, smaller ones as copies.
@@ -182,22 +188,42 @@ impl Tier<'_> {
         None
     }
 
-    /// Holds a hit's body under `tier_key`: version `generation` of its key and `variant`
-    /// (0: the identity body), mapped when it is `min_mmap` bytes or more (its file's
-    /// modification time then `mtime`).
+    /// Whether the tier takes a body held under `tier_key` after this disk hit on it: on the
+    /// doorkeeper's second sighting ([`admit::Doorkeeper`]), and once the tier is full only
+    /// if its key (`hash`, as the sketch counts it: `estimate`) is asked for more often than
+    /// what the tier let go of lately ([`admit::Victims`]).
+    ///
+    /// Full is within [`FULL_MARGIN`] of its capacity: each shard evicts to fit its own share,
+    /// so a full tier's weight stays short of its capacity by up to an object per shard.
+    pub(super) fn admits(&self, tier_key: &KeyHash, hash: &KeyHash, estimate: impl Fn(&KeyHash) -> u8) -> bool {
+        let full = || {
+            let capacity = self.objects.capacity();
+            self.objects.weight().saturating_add(self.weight) > capacity - capacity / FULL_MARGIN
+        };
+        self.doorkeeper.admit(tier_key, self.weight) && self.victims.admits(estimate(hash), full, &estimate)
+    }
+
+    /// Holds a hit's body under `tier_key`: version `generation` of its key (`hash`, as the
+    /// frequency sketch counts it) and `variant` (0: the identity body), mapped when it is
+    /// `min_mmap` bytes or more (its file's modification time then `mtime`). What the tier lets
+    /// go of to take it is remembered for its admission from then on.
     pub(super) fn offer(
         &self,
-        tier_key: KeyHash,
+        (hash, tier_key): (KeyHash, KeyHash),
         hit: &Hit,
         (generation, variant): (u64, u64),
         min_mmap: u64,
         mtime: u64,
     ) {
         let len = hit.body.len() as u64;
-        self.objects.insert(
+        // (quick_cache's default lifecycle hands back up to two of the objects an insert
+        // evicts, dropped with it once the shard's lock is released.)
+        let mut evicted: [Option<(KeyHash, Arc<HotObject>)>; 2] = Default::default();
+        self.objects.insert_with_lifecycle(
             tier_key,
             Arc::new(HotObject {
                 meta: hit.meta.clone(),
+                hash,
                 generation,
                 variant,
                 coding: hit.coding,
@@ -205,7 +231,11 @@ impl Tier<'_> {
                 // `map_body` maps exactly the non-empty bodies of `min_mmap` bytes and more.
                 mapped: (len > 0 && len >= min_mmap).then(|| (mtime, crate::zerocopy::watch(&hit.body))),
             }),
+            &mut evicted,
         );
+        for (_, object) in evicted.iter().flatten() {
+            self.victims.note(object.hash);
+        }
     }
 
     /// Whether version `generation` of a key is held under `tier_key` (for `inspect`: not a
@@ -285,13 +315,17 @@ pub(super) struct Tiers {
     /// Largest body the hot tier holds.
     memory_object_max: u64,
     hot: Option<Objects>,
-    /// Decides which disk hits go into the hot tier.
+    /// Decides which disk hits go into the hot tier...
     doorkeeper: admit::Doorkeeper,
+    /// ...with what it let go of lately.
+    victims: admit::Victims,
     /// The open tier: bodies of [`OPEN_MIN`] bytes and more, kept open and mapped. A hit on one
     /// makes no `open`, `read` or `close`, and its body goes out with `sendfile`.
     open: Option<Objects>,
-    /// Decides which disk hits go into the open tier.
+    /// Decides which disk hits go into the open tier...
     open_doorkeeper: admit::Doorkeeper,
+    /// ...with what it let go of lately.
+    open_victims: admit::Victims,
     /// The open tier's reduced size after descriptors ran short (`None`: its full size).
     open_shortage: Mutex<Option<Shortage>>,
     /// Held for the whole of a relief, until its files are closed.
@@ -339,9 +373,11 @@ impl Tiers {
             memory_object_max,
             hot,
             doorkeeper: admit::Doorkeeper::new(memory_size),
+            victims: admit::Victims::default(),
             open,
             // Its window counts objects, not bytes: each takes one descriptor whatever its size.
             open_doorkeeper: admit::Doorkeeper::new(open_files as u64),
+            open_victims: admit::Victims::default(),
             open_shortage: Mutex::new(None),
             relieving: Arc::new(tokio::sync::Mutex::new(())),
             metas,
@@ -354,6 +390,7 @@ impl Tiers {
             (Some(open), _) if len >= OPEN_MIN => Some(Tier {
                 objects: open,
                 doorkeeper: &self.open_doorkeeper,
+                victims: &self.open_victims,
                 weight: 1,
                 map_from: OPEN_MIN,
                 open: true,
@@ -361,6 +398,7 @@ impl Tiers {
             (_, Some(hot)) if len <= self.memory_object_max => Some(Tier {
                 objects: hot,
                 doorkeeper: &self.doorkeeper,
+                victims: &self.victims,
                 weight: len,
                 map_from: MIN_MMAP,
                 open: false,
@@ -525,6 +563,7 @@ mod tests {
     fn object(i: usize) -> Arc<HotObject> {
         Arc::new(HotObject {
             meta: meta(i),
+            hash: hash(i),
             generation: 1,
             variant: 0,
             coding: None,
@@ -638,6 +677,57 @@ mod tests {
         assert_eq!(closed, 5, "the half given back is still held");
         // And its turn is free for the next one.
         assert!(tiers.relieving.try_lock().is_ok());
+    }
+
+    /// A hit on object `i` with a body of `len` bytes.
+    fn hit(i: usize, len: usize) -> Hit {
+        Hit {
+            meta: meta(i),
+            body: Bytes::from(vec![b'x'; len]),
+            coding: None,
+            soft_purged: None,
+        }
+    }
+
+    #[test]
+    fn a_full_tier_takes_an_object_only_if_asked_for_more_often_than_what_it_let_go_of() {
+        // A hot tier of 64 KiB (one shard) and bodies of 8 KiB: it holds a few.
+        let tiers = Tiers::new(64 << 10, 16 << 10, 0);
+        let tier = tiers.tier_for(8 << 10).expect("hot");
+        let counts = std::sync::Mutex::new(std::collections::HashMap::<KeyHash, u8>::new());
+        let estimate = |h: &KeyHash| counts.lock().unwrap().get(h).copied().unwrap_or(0);
+        let set = |i: usize, n: u8| counts.lock().unwrap().insert(hash(i), n);
+        // Sighted up to three times (the doorkeeper admits a second sighting within its
+        // window, which may start anew between two).
+        let admits = |i: usize| (0..3).any(|_| tier.admits(&hash(i), &hash(i), estimate));
+        // Before it let go of anything, a tier takes what the doorkeeper admits.
+        set(0, 3);
+        assert!(admits(0), "an empty tier refused an object");
+        for i in 0..20 {
+            set(i, 3);
+            tier.offer((hash(i), hash(i)), &hit(i, 8 << 10), (1, 0), MIN_MMAP, 0);
+        }
+        let held = tiers.hot.as_ref().expect("hot").len();
+        assert!(held < 20, "the tier let go of none of 20 objects ({held} held)");
+
+        // Full: an object asked for as often as what it let go of stays on disk...
+        set(100, 3);
+        assert!(!admits(100), "a tie displaced a held object");
+        // ...one asked for more often gets in.
+        set(101, 4);
+        assert!(admits(101), "a more frequent object was refused");
+        // A victim no longer asked for (the sketch halved) is displaced by a tie of before.
+        for i in 0..20 {
+            set(i, 1);
+        }
+        assert!(admits(100), "a faded victim kept a more frequent object out");
+
+        // With room (what it held is gone), a tie is taken again.
+        for i in 0..20 {
+            set(i, 3);
+            tiers.forget(&hash(i));
+        }
+        assert!(admits(102), "a tier with room refused an object");
     }
 
     #[test]
