@@ -468,7 +468,13 @@ impl Proxy {
             match self.cache.claim(&ex.key, &ex.req.headers) {
                 Claim::Leader(permit) => return self.lead(ex, permit, fwd, stored).await,
                 Claim::Wait(flight) => match flight.wait(self.config.coalesce_timeout).await {
-                    Waited::Streaming(fill) if reusable(&fill.meta, &ex.req.headers) => {
+                    Waited::Streaming(fill)
+                        if reusable(
+                            &fill.meta,
+                            fill.meta.headers.get(header::CONTENT_ENCODING),
+                            &ex.req.headers,
+                        ) =>
+                    {
                         return self.follow(&ex, &fill, fwd);
                     }
                     ended if ended.retries() => continue,
@@ -501,7 +507,8 @@ impl Proxy {
         let Some(hit) = self.cache.lookup(&ex.key, &ex.req.headers).await else {
             return Found::Nothing;
         };
-        if !reusable(&hit.meta, &ex.req.headers) {
+        // (Its coding from the prepared head, which the answer reads next anyway.)
+        if !reusable(&hit.meta, self.prepared(&hit.meta).coding.as_ref(), &ex.req.headers) {
             return Found::OtherVariant;
         }
         let (method, headers) = (&ex.req.method, &ex.req.headers);

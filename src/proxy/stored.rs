@@ -226,7 +226,7 @@ pub(super) fn span_answer(meta: &Meta, req: &HeaderMap, body_len: u64) -> Option
 }
 
 /// Whether a stored response may answer a request ([`policy::vary::reusable`]: its variant,
-/// and a coding the request accepts).
-pub(super) fn reusable(meta: &Meta, req_headers: &HeaderMap) -> bool {
-    policy::vary::reusable(&meta.vary, &meta.headers, req_headers)
+/// and a coding the request accepts), `coding` its `Content-Encoding`.
+pub(super) fn reusable(meta: &Meta, coding: Option<&HeaderValue>, req_headers: &HeaderMap) -> bool {
+    policy::vary::reusable(&meta.vary, coding, req_headers)
 }
