@@ -15,12 +15,16 @@
 //! the body's hash before its first use, and hits check the open file again (`unchanged`).
 //! On HTTP/1 the mapping is not even read: a connection sends a mapped slice from its file
 //! with `sendfile` ([`poll_write`]), which comes up short, not faulting, on a truncated file.
+//! It sends from the descriptor its mapping's region recorded, borrowed for the one call: the
+//! region holds its file open for as long as the mapping lives, and the slice being sent is
+//! part of that mapping.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::task::{Context, Poll};
 
@@ -278,10 +282,17 @@ struct Region {
     from: Backing,
     /// The file offset its first byte is at.
     base: u64,
+    /// `from`'s descriptor, open while the region is registered (`from` holds it): what a
+    /// connection sends a slice from, without reaching through `from` to its file.
+    fd: RawFd,
     /// `sendfile` found the file shorter than the mapping: truncated underneath (shared with
-    /// the [`Watch`] of a body held in a tier).
+    /// the [`Watch`] of a file's body held in a tier).
     truncated: Arc<AtomicBool>,
 }
+
+/// How many times `sendfile` found a mapped file shorter than its mapping since startup: a
+/// slot's [`Watch`] is the count when it was taken.
+static TRUNCATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// A mapped body, registered in [`MAPPED`] while it lives.
 struct MappedBody {
@@ -293,6 +304,7 @@ impl MappedBody {
         let region = Region {
             len: map.len(),
             file_len,
+            fd: from.file().as_raw_fd(),
             from,
             base,
             truncated: Arc::new(AtomicBool::new(false)),
@@ -316,19 +328,22 @@ impl Drop for MappedBody {
     }
 }
 
-/// The file and offset that `bytes` were mapped from, when they lie inside one mapped body.
-fn mapped_file(bytes: &[u8]) -> Option<(Backing, u64)> {
+/// The descriptor of the file `bytes` were mapped from, and their offset in it, when they lie
+/// inside one mapped body. The descriptor stays open while `bytes` do: their mapping's region
+/// holds its file until the mapping is dropped, and no other mapping can take their address
+/// before then.
+fn mapped_file(bytes: &[u8]) -> Option<(RawFd, u64)> {
     with_region(bytes, |start, region| {
-        (
-            region.from.clone(),
-            region.base + (bytes.as_ptr() as usize - start) as u64,
-        )
+        (region.fd, region.base + (bytes.as_ptr() as usize - start) as u64)
     })
 }
 
 /// Records that the file `bytes` were mapped from turned out shorter than its mapping.
 fn mark_truncated(bytes: &[u8]) {
-    with_region(bytes, |_, region| region.truncated.store(true, Ordering::Relaxed));
+    with_region(bytes, |_, region| {
+        region.truncated.store(true, Ordering::Release);
+        TRUNCATIONS.fetch_add(1, Ordering::Release);
+    });
 }
 
 /// How a body held in a tier is checked before each hit on it: resolved once, when the tier
@@ -337,8 +352,10 @@ pub enum Watch {
     /// Bytes in memory: nothing can change them.
     Copy,
     /// A slot of a segment: only a truncation found by `sendfile` tells (a segment grows and
-    /// changes with every append).
-    Slot(Arc<AtomicBool>),
+    /// changes with every append). Any truncation found since the count it holds was taken,
+    /// of whatever file, drops it: the disk path checks it again. A truncation is a rare
+    /// event, and a hit then reads no memory of the slot's own to check it.
+    Slot(u64),
     /// A file of its own, which must keep `len` bytes (and the modification time checked).
     File {
         file: Arc<File>,
@@ -355,7 +372,16 @@ pub fn watch(bytes: &[u8]) -> Watch {
             len: region.file_len.max(region.len as u64),
             truncated: region.truncated.clone(),
         },
-        Backing::Slot(_) => Watch::Slot(region.truncated.clone()),
+        Backing::Slot(_) => {
+            // The count first: a truncation marked after it changes the count; one marked
+            // before shows in the region's flag (set before the count is raised).
+            let seen = TRUNCATIONS.load(Ordering::Acquire);
+            Watch::Slot(if region.truncated.load(Ordering::Acquire) {
+                u64::MAX
+            } else {
+                seen
+            })
+        }
     })
     .unwrap_or(Watch::Copy)
 }
@@ -369,7 +395,7 @@ impl Watch {
         use std::os::unix::fs::MetadataExt;
         match self {
             Watch::Copy => true,
-            Watch::Slot(truncated) => !truncated.load(Ordering::Relaxed),
+            Watch::Slot(seen) => TRUNCATIONS.load(Ordering::Relaxed) == *seen,
             Watch::File { file, len, truncated } => {
                 !truncated.load(Ordering::Relaxed)
                     && file
@@ -400,8 +426,11 @@ pub fn poll_write(stream: &mut TcpStream, cx: &mut Context<'_>, bufs: &[io::IoSl
         .and_then(|i| Some((i, mapped_file(&bufs[i])?)));
     match mapped {
         None => tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(stream), cx, bufs),
-        Some((0, (from, offset))) => {
-            let sent = poll_sendfile(stream, cx, from.file(), offset, bufs[0].len());
+        Some((0, (fd, offset))) => {
+            // SAFETY: `fd` is the descriptor of the file `bufs[0]` was mapped from, which
+            // stays open while those bytes live ([`mapped_file`]); they live through this call.
+            let file = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sent = poll_sendfile(stream, cx, file, offset, bufs[0].len());
             if matches!(&sent, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof) {
                 mark_truncated(&bufs[0]);
             }
@@ -415,7 +444,7 @@ pub fn poll_write(stream: &mut TcpStream, cx: &mut Context<'_>, bufs: &[io::IoSl
 fn poll_sendfile(
     stream: &TcpStream,
     cx: &mut Context<'_>,
-    file: &File,
+    file: BorrowedFd<'_>,
     offset: u64,
     len: usize,
 ) -> Poll<io::Result<usize>> {
@@ -486,15 +515,16 @@ mod tests {
         assert_eq!(mapped_file(&b[5..100]).map(|(_, at)| at), Some(5));
         // The first bytes only: found at the start, shorter than the region.
         assert_eq!(mapped_file(&a[..10]).map(|(_, at)| at), Some(0));
-        // The files are told apart.
-        let (from, _) = mapped_file(&b).expect("b is mapped");
-        let (file, _) = from.parts();
-        assert_eq!(file.metadata().expect("stat").len(), 32 << 10);
+        // The files are told apart, by the descriptors the regions hold.
+        let (fd, _) = mapped_file(&b).expect("b is mapped");
+        // SAFETY: `b` lives: its region holds the file open.
+        let stat = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).expect("stat");
+        assert_eq!(stat.st_size, 32 << 10);
         // A copy is not mapped.
         let copy = a.to_vec();
         assert!(mapped_file(&copy).is_none());
         // Once its last holder lets go, both maps let go of its file (each holds it).
-        let Some((Backing::File(file), _)) = mapped_file(&a) else {
+        let Some(Backing::File(file)) = with_region(&a, |_, region| region.from.clone()) else {
             panic!("a is a file of its own")
         };
         assert_eq!(Arc::strong_count(&file), 3, "ours and one per map");

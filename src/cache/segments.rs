@@ -1141,6 +1141,45 @@ mod tests {
         }
     }
 
+    /// A slot held mapped in a tier is checked before each hit by its watch: once `sendfile`
+    /// (over a real socket) finds its segment cut short underneath, the watch says changed, so
+    /// the tier drops it and the disk path checks the slot again.
+    #[test]
+    fn a_slot_found_cut_short_by_sendfile_fails_its_watch() {
+        use crate::zerocopy::{Backing, map_body, poll_write, watch};
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, segments) = open(dir.path(), 64 << 20);
+        let large = write(&segments, Kind::Object, kh(2), 2, image(2, 40_000));
+        let (body, _) = map_body(Backing::Slot(large.clone()), 30_000, 40_000, 0, 16 << 10).expect("mapped");
+        let held = watch(&body);
+        assert!(held.unchanged(0), "an intact slot fails its watch");
+        let path = segment_files(dir.path()).remove(0);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sent = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let (mut client, _peer) = (client.unwrap(), accepted.unwrap());
+            std::future::poll_fn(|cx| poll_write(&mut client, cx, &[std::io::IoSlice::new(&body)])).await
+        });
+        assert_eq!(
+            sent.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::UnexpectedEof),
+            "sendfile sent a slot cut short"
+        );
+        assert!(!held.unchanged(0), "a slot found cut short passes its watch");
+        assert!(!watch(&body).unchanged(0), "a new watch of it passes");
+    }
+
     #[test]
     fn a_full_segment_is_sealed_and_unlinked_once_its_slots_are_gone() {
         let dir = tempfile::tempdir().unwrap();
