@@ -141,6 +141,25 @@ pub struct Variant {
     pub image: Image,
 }
 
+/// What a hit found ([`Index::hit`]): the versions and length a tier's lookup needs, and not
+/// where the images are. Copying that (a reference on a segment's slot) would touch the slot's
+/// memory, cold in the CPU's caches, under the lock every hit takes, for a body a tier holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    /// The object's version.
+    pub generation: u64,
+    /// The body to read: its coding (`None`: the identity body), its image's version (the
+    /// object's, or the variant's own) and its length.
+    pub span: (Option<Coding>, u64, u64),
+}
+
+impl Found {
+    /// The variant's own version; 0 for the identity body (which has the object's).
+    pub fn variant_version(&self) -> u64 {
+        self.span.0.map_or(0, |_| self.span.1)
+    }
+}
+
 /// An object an index change made unreachable (its file and its variants' files): the caller
 /// unlinks them, then calls [`Index::unlinked`] with `bytes` and one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,19 +398,43 @@ impl Index {
     }
 
     /// A hit on `key`'s entry stored for the full key `full` (a hash names one key; a collision
-    /// is a miss): marked used ([`Index::touch`]), and what the read needs: the object's
-    /// image, the variant `choose` picks among the stored ones, and its soft-purge mark.
+    /// is a miss): marked used ([`Index::touch`]), and what a tier's lookup needs ([`Found`]:
+    /// the object's version, and the variant `choose` picks among the stored ones), with its
+    /// soft-purge mark. Where the images are is left for [`Index::images`], asked only when no
+    /// tier holds the body.
     pub fn hit(
         &mut self,
         key: &KeyHash,
         full: &str,
         choose: impl FnOnce(&Entry) -> Option<Coding>,
-    ) -> Option<(Image, Option<Variant>, Option<u64>)> {
-        let (object, variant) = self.touch_with(key, |e| {
-            (&*e.key == full).then(|| (e.image.clone(), choose(e).and_then(|c| e.variant(c)).cloned()))
+    ) -> Option<(Found, Option<u64>)> {
+        let found = self.touch_with(key, |e| {
+            (&*e.key == full).then(|| {
+                let variant = choose(e).and_then(|c| e.variant(c));
+                Found {
+                    generation: e.image.generation,
+                    span: match variant {
+                        None => (None, e.image.generation, e.image.body_len),
+                        Some(v) => (Some(v.coding), v.image.generation, v.image.body_len),
+                    },
+                }
+            })
         })?;
-        let mark = self.mark_of(key, object.generation);
-        Some((object, variant, mark))
+        let mark = self.mark_of(key, found.generation);
+        Some((found, mark))
+    }
+
+    /// The images of what a hit found (the object's, and the variant's when it found one),
+    /// with where they are, if `key` still holds those versions (not a hit: not marked again).
+    pub fn images(&self, key: &KeyHash, found: &Found) -> Option<(Image, Option<Variant>)> {
+        let e = self.peek(key).filter(|e| e.image.generation == found.generation)?;
+        let variant = match found.span {
+            (None, ..) => None,
+            (Some(coding), generation, _) => {
+                Some(e.variant(coding).filter(|v| v.image.generation == generation)?.clone())
+            }
+        };
+        Some((e.image.clone(), variant))
     }
 
     /// Copies of the first `max` of these keys' entries (those still stored) that `keep`
@@ -1077,8 +1120,8 @@ mod tests {
             "key 2 asked under key 1's hash"
         );
         assert!(ix.peek(&kh(1)).is_some_and(|e| !e.marked && e.hits == 0));
-        let (image, _, _) = ix.hit(&kh(1), "http://h/1", none).expect("its own key");
-        assert_eq!(image.generation, 1);
+        let (found, _) = ix.hit(&kh(1), "http://h/1", none).expect("its own key");
+        assert_eq!(found.generation, 1);
         assert!(ix.peek(&kh(1)).is_some_and(|e| e.marked && e.hits == 1));
     }
 
@@ -1163,13 +1206,21 @@ mod tests {
         add(&mut ix, 1, 100);
         add(&mut ix, 2, 100);
         assert!(add_variant(&mut ix, 1, 1, variant(Coding::Br, 50, 20)));
-        let (object, chosen, mark) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Br)).expect("a hit");
+        let (found, mark) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Br)).expect("a hit");
         assert_eq!(
-            (object.generation, chosen.map(|v| v.image.generation), mark),
-            (1, Some(50), None)
+            (found.generation, found.span.0, found.span.1, mark),
+            (1, Some(Coding::Br), 50, None)
         );
-        let (_, none, _) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Gzip)).expect("a hit");
-        assert!(none.is_none(), "no gzip variant stored");
+        // Its images, with where they are, while the index holds those versions.
+        let (object, chosen) = ix.images(&kh(1), &found).expect("held");
+        assert_eq!((object.generation, chosen.map(|v| v.image.generation)), (1, Some(50)));
+        let gone = Found {
+            span: (Some(Coding::Br), 51, 20),
+            ..found
+        };
+        assert!(ix.images(&kh(1), &gone).is_none(), "another variant's version");
+        let (none, _) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Gzip)).expect("a hit");
+        assert_eq!(none.span.0, None, "no gzip variant stored: the identity body");
         assert!(
             ix.hit(&kh(1), "http://h/other", |_| None).is_none(),
             "another key's hash"
@@ -1180,7 +1231,7 @@ mod tests {
 
         assert_eq!(ix.mark_all_stale(&[kh(1), kh(2), kh(3)], 7), (2, 2));
         assert_eq!(ix.mark_all_stale(&[kh(1), kh(2)], 8), (2, 0), "marked before");
-        assert_eq!(ix.hit(&kh(1), "http://h/1", |_| None).unwrap().2, Some(7));
+        assert_eq!(ix.hit(&kh(1), "http://h/1", |_| None).unwrap().1, Some(7));
 
         assert!(ix.remove_named(&kh(1), "http://h/other").is_none());
         assert_eq!(ix.remove_named(&kh(1), "http://h/1").map(|r| r.generation), Some(1));

@@ -50,7 +50,7 @@ use tracing::{info, warn};
 use crate::metrics as m;
 use crate::negotiate::{Accepts, Coding};
 use budget::Reservation;
-use index::{Entry, Image, Index, Removed, Variant};
+use index::{Entry, Found, Image, Index, Removed};
 use key::{CacheKey, KeyHash};
 use meta::Meta;
 use read::{Expected, Source, open_object, open_object_cached};
@@ -90,27 +90,10 @@ struct Span {
     image: Image,
 }
 
-impl Span {
-    fn identity(hash: KeyHash, object: &Image) -> Span {
-        Span {
-            coding: None,
-            tier_key: hash,
-            image: object.clone(),
-        }
-    }
-
-    fn variant(hash: KeyHash, v: &Variant) -> Span {
-        Span {
-            coding: Some(v.coding),
-            tier_key: tiers::variant_key(&hash, v.coding),
-            image: v.image.clone(),
-        }
-    }
-
-    /// The variant's own version; 0 for the identity body (which has the object's).
-    fn variant_version(&self) -> u64 {
-        self.coding.map_or(0, |_| self.image.generation)
-    }
+/// The key a body is held under in the hot and open tiers: the key's hash (`hash`) for the
+/// identity body, else one of its and the variant's `coding`.
+fn tier_key(hash: KeyHash, coding: Option<Coding>) -> KeyHash {
+    coding.map_or(hash, |c| tiers::variant_key(&hash, c))
 }
 
 /// What to purge.
@@ -370,40 +353,38 @@ impl Cache {
                 e.image.body_len,
             )
         };
-        let (object, variant, mark) = self.lock_index().hit(&hash, key.as_str(), choose)?;
-        let span = match &variant {
-            None => Span::identity(hash, &object),
-            Some(v) => Span::variant(hash, v),
-        };
-        let hit = self.lookup_span(&store, key, hash, object, span).await?;
+        let (found, mark) = self.lock_index().hit(&hash, key.as_str(), choose)?;
+        let hit = self.lookup_span(&store, key, hash, found).await?;
         Some(Hit {
             soft_purged: mark.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
             ..hit
         })
     }
 
-    /// The body a hit reads (`span`: the identity body of `hash`'s `object` image, or one of
-    /// its compressed variants) with the object's record: from
-    /// the tier its size belongs in, else from disk. One path for both: what differs is the
-    /// span's file and what is expected of it. The record is the cached one, else read from the
+    /// The body a hit reads (what the index `found`: the identity body of `hash`'s object, or
+    /// one of its compressed variants) with the object's record: from the tier its size
+    /// belongs in, else from disk. One path for both: what differs is the span's file and what
+    /// is expected of it. The record is the cached one, else read from the
     /// object's file (with the identity body, in the same open), and checked against the index.
     /// Anything that does not match drops the object (the next request fills it again).
-    async fn lookup_span(
-        &self,
-        store: &Store,
-        key: &CacheKey,
-        hash: KeyHash,
-        object: Image,
-        span: Span,
-    ) -> Option<Hit> {
-        let generation = object.generation;
-        let tier = self.tiers.tier_for(span.image.body_len);
+    async fn lookup_span(&self, store: &Store, key: &CacheKey, hash: KeyHash, found: Found) -> Option<Hit> {
+        let generation = found.generation;
+        let tier_key = tier_key(hash, found.span.0);
+        let tier = self.tiers.tier_for(found.span.2);
         if let Some(hit) = tier
             .as_ref()
-            .and_then(|t| t.get(&span.tier_key, generation, span.variant_version()))
+            .and_then(|t| t.get(&tier_key, generation, found.variant_version()))
         {
             return Some(hit);
         }
+        // No tier holds it: where its images are, if the index still holds those versions
+        // (else it was replaced or let go of since: a miss).
+        let (object, variant) = self.lock_index().images(&hash, &found)?;
+        let span = Span {
+            coding: found.span.0,
+            tier_key,
+            image: variant.map_or_else(|| object.clone(), |v| v.image),
+        };
         // Whether its tier takes it after this hit, and so from what size it is mapped.
         let estimate = |h: &KeyHash| self.budget.estimate(h);
         let tier = tier.filter(|t| t.admits(&span.tier_key, &hash, estimate) && self.tiers.has_room(t));
@@ -459,7 +440,7 @@ impl Cache {
         self.tier_insert(
             tier.as_ref(),
             (hash, span.tier_key),
-            (generation, span.variant_version()),
+            (generation, found.variant_version()),
             &hit,
             expect.min_mmap,
             opened.mtime,
