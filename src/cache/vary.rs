@@ -7,6 +7,7 @@
 //! at the startup rebuild) and never reads the index or the disk.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, HeaderName};
@@ -15,20 +16,49 @@ use crate::cache::key::{CacheKey, KeyHash};
 use crate::cache::meta::Meta;
 use crate::policy::vary;
 
+/// Bits of the filter of URLs that may vary (8 KiB).
+const FILTER_BITS: usize = 1 << 16;
+
 /// The request headers each varying URL's responses vary on, by the URL's own hash.
 ///
 /// Lock: `specs` is a std mutex, held only to read or replace one spec (never across an
 /// `.await`, never while taking another lock; the spec is cloned out before the variant is
 /// hashed). A leaf: callers hold no other cache lock when they take it.
-#[derive(Default)]
+///
+/// Every request asks for its URL's spec, and most URLs have none: `may_vary` (one bit per
+/// URL hash, set before a spec is inserted, never cleared) answers those without the lock,
+/// whose cache line would otherwise move between the cores on every request. A set bit (a
+/// varying URL, one that no longer varies, or another URL's) only means asking the map.
 pub(super) struct VarySpecs {
     specs: Mutex<HashMap<KeyHash, Arc<[HeaderName]>>>,
+    may_vary: Box<[AtomicU64]>,
+}
+
+impl Default for VarySpecs {
+    fn default() -> VarySpecs {
+        VarySpecs {
+            specs: Mutex::default(),
+            may_vary: (0..FILTER_BITS / 64).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl VarySpecs {
     /// No URL known to vary.
     pub(super) fn new() -> VarySpecs {
         VarySpecs::default()
+    }
+
+    /// The filter's word and bit for a URL's hash.
+    fn bit(&self, primary: &KeyHash) -> (&AtomicU64, u64) {
+        let at = u64::from_le_bytes(primary.0[8..].try_into().expect("8 bytes")) as usize % FILTER_BITS;
+        (&self.may_vary[at / 64], 1 << (at % 64))
+    }
+
+    /// False when no spec was ever inserted for this URL (nor for any URL sharing its bit).
+    fn may_vary(&self, primary: &KeyHash) -> bool {
+        let (word, bit) = self.bit(primary);
+        word.load(Ordering::Acquire) & bit != 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyHash, Arc<[HeaderName]>>> {
@@ -40,6 +70,9 @@ impl VarySpecs {
     /// on for this URL pick the variant (RFC 9111 §4.1); the key's own hash when it does not.
     pub(super) fn variant_of(&self, key: &CacheKey, req: &HeaderMap) -> KeyHash {
         let primary = key.hash();
+        if !self.may_vary(&primary) {
+            return primary;
+        }
         let spec = self.lock().get(&primary).cloned();
         match spec {
             None => primary,
@@ -49,7 +82,8 @@ impl VarySpecs {
 
     /// Whether responses for this URL vary (some variant may be stored).
     pub(super) fn varies(&self, key: &CacheKey) -> bool {
-        self.lock().contains_key(&key.hash())
+        let primary = key.hash();
+        self.may_vary(&primary) && self.lock().contains_key(&primary)
     }
 
     /// Learns the spec of a stored response: the headers its `Vary` names, or none.
@@ -58,7 +92,11 @@ impl VarySpecs {
         if meta.vary.is_empty() {
             specs.remove(&meta.key.hash());
         } else {
-            specs.insert(meta.key.hash(), meta.vary.iter().map(|(n, _)| n.clone()).collect());
+            let primary = meta.key.hash();
+            // Before the spec is in the map: whoever finds it there finds the bit set.
+            let (word, bit) = self.bit(&primary);
+            word.fetch_or(bit, Ordering::Release);
+            specs.insert(primary, meta.vary.iter().map(|(n, _)| n.clone()).collect());
         }
     }
 }
