@@ -149,6 +149,14 @@ const MIN_WORDS: u64 = 4096;
 /// 80, and its CDN shape (popularity that renews itself) 54.3%, 54.6% and 54.6% at 10, 20, 40.
 const SAMPLE_PER_WORD: u64 = 40;
 
+/// Shards of [`Frequency`]'s count of requests since the last halving.
+const ADDED_SHARDS: usize = 8;
+
+/// A count on a cache line of its own.
+#[repr(align(64))]
+#[derive(Default)]
+struct Shard(AtomicU64);
+
 /// A block of the sketch: 8 words of 16 counters, on one cache line.
 #[repr(align(64))]
 struct Block([AtomicU64; BLOCK_WORDS]);
@@ -178,8 +186,10 @@ pub struct Frequency {
     mask: u64,
     /// For the block, then for the counters in it.
     seeds: [u64; 2],
-    /// Counts since the last halving.
-    added: AtomicU64,
+    /// Counts since the last halving, in shards (by the key's hash) each on a cache line of
+    /// its own: one counter that every request adds to would move between the cores on every
+    /// request. A shard that reaches its share of `sample` halves the sketch.
+    added: [Shard; ADDED_SHARDS],
     /// Counts between halvings.
     sample: u64,
 }
@@ -206,7 +216,7 @@ impl Frequency {
                 .collect(),
             mask: blocks - 1,
             seeds,
-            added: AtomicU64::new(0),
+            added: Default::default(),
             sample: words.saturating_mul(SAMPLE_PER_WORD),
         }
     }
@@ -239,8 +249,11 @@ impl Frequency {
                 ((w >> shift) & MAX_COUNT < MAX_COUNT).then(|| w + (1 << shift))
             });
         }
-        if self.added.fetch_add(1, Ordering::Relaxed) + 1 >= self.sample {
-            self.added.store(0, Ordering::Relaxed);
+        let added = &self.added[usize::from(hash.0[15]) % ADDED_SHARDS].0;
+        if added.fetch_add(1, Ordering::Relaxed) + 1 >= self.sample / ADDED_SHARDS as u64 {
+            for shard in &self.added {
+                shard.0.store(0, Ordering::Relaxed);
+            }
             for cell in self.blocks.iter().flat_map(|b| b.0.iter()) {
                 let _ = cell.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
                     Some((w >> 1) & 0x7777_7777_7777_7777)
