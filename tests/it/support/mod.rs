@@ -25,9 +25,13 @@ pub struct TestSidecar {
     serving: tokio::task::JoinHandle<bool>,
 }
 
-/// A config for tests: loopback, port 0, a fresh temp cache dir, quiet.
+/// A config for tests: loopback, port 0, a fresh temp cache dir, quiet, and no free space kept
+/// on the filesystem (`min_free` 0): how full the test machine's disk is must not decide what
+/// a test stores (the default 5% shrank every budget to nothing while a build filled a
+/// 94%-used disk beside the suite). A test about `min_free` sets it.
 pub fn test_config(upstream: &str, dir: &Path) -> Config {
     let flags = vec![
+        ("min_free", "0".to_owned()),
         ("listen", "127.0.0.1:0".to_owned()),
         ("admin_listen", "127.0.0.1:0".to_owned()),
         ("upstream", upstream.to_owned()),
