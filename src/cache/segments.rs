@@ -1019,6 +1019,17 @@ mod tests {
         Bytes::from((0..len).map(|b| (b as u32 ^ i) as u8).collect::<Vec<u8>>())
     }
 
+    /// Another actor cuts the first segment file to nothing underneath.
+    fn cut_first_segment(dir: &std::path::Path) {
+        let path = segment_files(dir).remove(0);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+
     fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         std::fs::read_dir(dir.join(crate::cache::store::OBJECTS).join("segments"))
             .unwrap()
@@ -1124,13 +1135,7 @@ mod tests {
         let (body, _) = map_body(Backing::Slot(large.clone()), 30_000, 40_000, 0, 16 << 10).expect("mapped");
         assert_eq!(&body[..], &image(2, 40_000)[..30_000]);
         // Someone cuts the segment at the first slot; an append extends it again.
-        let path = segment_files(dir.path()).remove(0);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        cut_first_segment(dir.path());
         let _later = write(&segments, Kind::Object, kh(3), 3, image(3, 100));
         for (slot, len, min_mmap) in [(&small, 5000, u64::MAX), (&large, 30_000, 16 << 10)] {
             let read = map_body(Backing::Slot(slot.clone()), len, slot.len(), 0, min_mmap);
@@ -1153,13 +1158,7 @@ mod tests {
         let (body, _) = map_body(Backing::Slot(large.clone()), 30_000, 40_000, 0, 16 << 10).expect("mapped");
         let held = watch(&body);
         assert!(held.unchanged(0), "an intact slot fails its watch");
-        let path = segment_files(dir.path()).remove(0);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        cut_first_segment(dir.path());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
