@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 i = (i + 1) % keys.len();
                 let (hash, full) = &keys[i];
-                black_box(ix.hit(hash, full, |_| None).map(|(found, _)| found.span.2))
+                black_box(ix.hit(hash, full, |_| None).map(|(found, _)| found.body_len))
             })
         });
         g.bench_with_input(BenchmarkId::new("insert_replace", n), &n, |b, _| {

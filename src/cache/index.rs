@@ -148,15 +148,18 @@ pub struct Variant {
 pub struct Found {
     /// The object's version.
     pub generation: u64,
-    /// The body to read: its coding (`None`: the identity body), its image's version (the
-    /// object's, or the variant's own) and its length.
-    pub span: (Option<Coding>, u64, u64),
+    /// The body to read: a variant's coding, or `None` for the identity body...
+    pub coding: Option<Coding>,
+    /// ...its image's version (the object's, or the variant's own)...
+    pub span_generation: u64,
+    /// ...and its length.
+    pub body_len: u64,
 }
 
 impl Found {
     /// The variant's own version; 0 for the identity body (which has the object's).
     pub fn variant_version(&self) -> u64 {
-        self.span.0.map_or(0, |_| self.span.1)
+        self.coding.map_or(0, |_| self.span_generation)
     }
 }
 
@@ -411,12 +414,12 @@ impl Index {
         let found = self.touch_with(key, |e| {
             (&*e.key == full).then(|| {
                 let variant = choose(e).and_then(|c| e.variant(c));
+                let image = variant.map_or(&e.image, |v| &v.image);
                 Found {
                     generation: e.image.generation,
-                    span: match variant {
-                        None => (None, e.image.generation, e.image.body_len),
-                        Some(v) => (Some(v.coding), v.image.generation, v.image.body_len),
-                    },
+                    coding: variant.map(|v| v.coding),
+                    span_generation: image.generation,
+                    body_len: image.body_len,
                 }
             })
         })?;
@@ -428,11 +431,13 @@ impl Index {
     /// with where they are, if `key` still holds those versions (not a hit: not marked again).
     pub fn images(&self, key: &KeyHash, found: &Found) -> Option<(Image, Option<Variant>)> {
         let e = self.peek(key).filter(|e| e.image.generation == found.generation)?;
-        let variant = match found.span {
-            (None, ..) => None,
-            (Some(coding), generation, _) => {
-                Some(e.variant(coding).filter(|v| v.image.generation == generation)?.clone())
-            }
+        let variant = match found.coding {
+            None => None,
+            Some(coding) => Some(
+                e.variant(coding)
+                    .filter(|v| v.image.generation == found.span_generation)?
+                    .clone(),
+            ),
         };
         Some((e.image.clone(), variant))
     }
@@ -1208,19 +1213,19 @@ mod tests {
         assert!(add_variant(&mut ix, 1, 1, variant(Coding::Br, 50, 20)));
         let (found, mark) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Br)).expect("a hit");
         assert_eq!(
-            (found.generation, found.span.0, found.span.1, mark),
+            (found.generation, found.coding, found.span_generation, mark),
             (1, Some(Coding::Br), 50, None)
         );
         // Its images, with where they are, while the index holds those versions.
         let (object, chosen) = ix.images(&kh(1), &found).expect("held");
         assert_eq!((object.generation, chosen.map(|v| v.image.generation)), (1, Some(50)));
         let gone = Found {
-            span: (Some(Coding::Br), 51, 20),
+            span_generation: 51,
             ..found
         };
         assert!(ix.images(&kh(1), &gone).is_none(), "another variant's version");
         let (none, _) = ix.hit(&kh(1), "http://h/1", |_| Some(Coding::Gzip)).expect("a hit");
-        assert_eq!(none.span.0, None, "no gzip variant stored: the identity body");
+        assert_eq!(none.coding, None, "no gzip variant stored: the identity body");
         assert!(
             ix.hit(&kh(1), "http://h/other", |_| None).is_none(),
             "another key's hash"

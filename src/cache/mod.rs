@@ -369,8 +369,8 @@ impl Cache {
     /// Anything that does not match drops the object (the next request fills it again).
     async fn lookup_span(&self, store: &Store, key: &CacheKey, hash: KeyHash, found: Found) -> Option<Hit> {
         let generation = found.generation;
-        let tier_key = tier_key(hash, found.span.0);
-        let tier = self.tiers.tier_for(found.span.2);
+        let tier_key = tier_key(hash, found.coding);
+        let tier = self.tiers.tier_for(found.body_len);
         if let Some(hit) = tier
             .as_ref()
             .and_then(|t| t.get(&tier_key, generation, found.variant_version()))
@@ -381,7 +381,7 @@ impl Cache {
         // (else it was replaced or let go of since: a miss).
         let (object, variant) = self.lock_index().images(&hash, &found)?;
         let span = Span {
-            coding: found.span.0,
+            coding: found.coding,
             tier_key,
             image: variant.map_or_else(|| object.clone(), |v| v.image),
         };
